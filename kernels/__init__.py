@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers. Imports torch and triton only, never the engine's higher layers."""

@@ -1,0 +1,273 @@
+"""Fused LoRA linear: y = x W0^T + bias + s * dropout(x) A^T B^T, forward and backward kernels.
+
+Three kernels, each reused by forward and backward through strides:
+- shrink:      xa = c * dropout(x) @ A^T                 (T, r) in fp32; also g = c * dy @ B in backward.
+- matmul:      y = x @ W^T + xa @ B^T (+ bias)           the base GEMM with the LoRA expand as extra K steps,
+                                                          so the d_out-wide LoRA product never touches memory;
+                                                          also dx = dy @ W0 + mask * (g @ A) in backward.
+- weight grad: out = sum_t dropout(G)[t, :]^T H[t, :]    (N, r) in fp32: dB = dy^T xa, dA^T = dropout(x)^T g.
+The matmul has a decode path (small T: skinny tiles, many programs along N, memory-bound) and a prefill path
+(tensor-core tiles, grouped order); both are autotuned per T bucket, shape, rank and dtype.
+
+Dropout uses Philox keyed by a seed read from device memory and the element's logical index t * d_in + k, so
+backward regenerates the forward's mask without storing it, and CUDA-graph replays draw new masks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (DECODE_MAX_T, decode_matmul_configs, prefill_matmul_configs,
+                                         shrink_configs, t_bucket, weight_grad_configs)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _keep_mask(seed_ptr, offsets, dropout_p):
+    seed = tl.load(seed_ptr).to(tl.int32)
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+# ---------------------------------------------------------------------------------------------------- shrink
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr, seed_ptr,
+    T, K, R, T_BUCKET,
+    stride_xt, stride_xk, stride_ar, stride_ak, stride_ot, stride_or,
+    scale, dropout_p,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x_mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        if HAS_DROPOUT:
+            keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], dropout_p)
+            x = tl.where(keep, x, 0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
+        if FP32_DOT:
+            acc = tl.dot(x, a, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, a, acc)
+    acc = acc * scale
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
+    out_mask = (offs_t[:, None] < T) & (offs_r[None, :] < R)
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def _shrink_split_configs():
+    return [triton.Config({**c.kwargs, "SPLIT_K": s}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in shrink_configs() for s in ((1,) if len(shrink_configs()) == 1 else (1, 4, 16))]
+
+
+_lora_shrink = triton.autotune(_shrink_split_configs(), key=["T_BUCKET", "K", "R", "HAS_DROPOUT"],
+                               reset_to_zero=["out_ptr"])(_lora_shrink_kernel)
+
+
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch.Tensor | None = None,
+                dropout: float = 0.0) -> torch.Tensor:
+    """xa = scale / (1 - p) * (keep * x) @ lora_A^T in fp32.   x (T, K), lora_A (r, K) -> (T, r)."""
+    T, K = x.shape
+    R = lora_A.shape[0]
+    out = torch.zeros((T, R), device=x.device, dtype=torch.float32)  # zeroed: split-K adds into it
+    if T == 0:
+        return out
+    has_dropout = dropout > 0.0
+    block_r = max(16, min(triton.next_power_of_2(R), 64))
+    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(R, block_r), meta["SPLIT_K"])
+    _lora_shrink[grid](
+        x, lora_A, out, seed if has_dropout else out,
+        T, K, R, t_bucket(T),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
+        scale / (1.0 - dropout), dropout,
+        HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return out
+
+
+@triton.jit
+def _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_xam, stride_xar, stride_bn, stride_br,
+                 FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += xa[offs_m, :] @ B[offs_n, :]^T: the LoRA expand as r more K steps on the base GEMM's tile.
+
+    xa stays fp32 (the r-wide intermediate loses accuracy in half precision); B is upcast to match.
+    """
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0)              # (BLOCK_M, BLOCK_R)
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
+        if FP32_DOT:
+            acc = tl.dot(xa, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xa, b, acc, input_precision="tf32")
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+@triton.jit
+def _lora_matmul_kernel(
+    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
+    M, N, K, R, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    dropout_p,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row blocks sweep the same W column blocks while those sit in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
+        if FP32_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+
+    if HAS_DROPOUT:
+        # backward dx: the LoRA branch's gradient passes the forward's dropout mask (logical index m * N + n)
+        lora = _lora_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R,
+                            stride_xam, stride_xar, stride_bn, stride_br, FP32_DOT, BLOCK_R)
+        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
+    else:
+        acc = _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R,
+                           stride_xam, stride_xar, stride_bn, stride_br, FP32_DOT, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_DROPOUT"]
+_lora_matmul_decode = triton.autotune(decode_matmul_configs(), key=_MATMUL_KEY)(_lora_matmul_kernel)
+_lora_matmul_prefill = triton.autotune(prefill_matmul_configs(), key=_MATMUL_KEY)(_lora_matmul_kernel)
+
+
+def lora_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
+                bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                dropout: float = 0.0) -> torch.Tensor:
+    """y = x @ weight^T + keep * (xa @ lora_B^T) + bias.
+
+    x (M, K); weight (N, K) any strides; xa (M, r) fp32; lora_B (N, r); bias (N,) or None. With dropout > 0
+    the LoRA term is masked by the Philox mask of (seed, m * N + n) — the backward of a dropped-out input.
+    """
+    M, K = x.shape
+    N, R = weight.shape[0], xa.shape[1]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y
+    has_dropout = dropout > 0.0
+    kernel = _lora_matmul_decode if M <= DECODE_MAX_T else _lora_matmul_prefill
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    kernel[grid](
+        x, weight, xa, lora_B, bias if bias is not None else y, y, seed if has_dropout else y,
+        M, N, K, R, t_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        dropout,
+        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_R=max(16, min(triton.next_power_of_2(R), 64)),
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- weight grad
+@triton.jit
+def _lora_weight_grad_kernel(
+    g_ptr, h_ptr, out_ptr, seed_ptr,
+    T, N, R, T_BUCKET,
+    stride_gt, stride_gn, stride_ht, stride_hr, stride_on, stride_or,
+    dropout_p,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for t0 in range(pid_t * BLOCK_T, T, SPLIT_T * BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        g = tl.load(g_ptr + offs_t[None, :] * stride_gt + offs_n[:, None] * stride_gn,
+                    mask=(offs_t[None, :] < T) & (offs_n[:, None] < N), other=0.0)           # (BLOCK_N, BLOCK_T)
+        if HAS_DROPOUT:
+            g = tl.where(_keep_mask(seed_ptr, offs_t[None, :] * N + offs_n[:, None], dropout_p), g, 0.0)
+        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr,
+                    mask=(offs_t[:, None] < T) & (offs_r[None, :] < R), other=0.0)           # (BLOCK_T, BLOCK_R)
+        if FP32_DOT:
+            acc = tl.dot(g.to(tl.float32), h, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(g.to(tl.float32), h, acc, input_precision="tf32")
+    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
+    out_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
+    if SPLIT_T == 1:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+def _weight_grad_split_configs():
+    return [triton.Config({**c.kwargs, "SPLIT_T": s}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in weight_grad_configs() for s in ((1,) if len(weight_grad_configs()) == 1 else (1, 8, 32))]
+
+
+_lora_weight_grad = triton.autotune(_weight_grad_split_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"],
+                                    reset_to_zero=["out_ptr"])(_lora_weight_grad_kernel)
+
+
+def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None = None,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """out = sum_t (keep * g)[t, :]^T h[t, :] in fp32.   g (T, N), h (T, r) fp32 -> (N, r).
+
+    The mask is the Philox mask of (seed, t * N + n), the forward's dropout mask over x.
+    """
+    T, N = g.shape
+    R = h.shape[1]
+    out = torch.zeros((N, R), device=g.device, dtype=torch.float32)
+    if T == 0:
+        return out
+    has_dropout = dropout > 0.0
+    block_r = max(16, min(triton.next_power_of_2(R), 64))
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(R, block_r), meta["SPLIT_T"])
+    _lora_weight_grad[grid](
+        g, h, out, seed if has_dropout else out,
+        T, N, R, t_bucket(T),
+        g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
+        dropout,
+        HAS_DROPOUT=has_dropout, FP32_DOT=g.dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return out

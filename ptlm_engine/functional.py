@@ -1,0 +1,17 @@
+"""Public functional calls: one per op, dispatching to the Triton kernels or the PyTorch reference."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ptlm_engine.ops.lora import lora_linear_op
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                scale: float = 1.0, dropout: float = 0.0, fan_in_fan_out: bool = False) -> Tensor:
+    """y = x W0^T + bias + scale * dropout(x) A^T B^T, fused.
+
+    x (..., d_in); weight (d_out, d_in) — or (d_in, d_out) with fan_in_fan_out=True (GPT-2's Conv1D);
+    bias (d_out,) or None; lora_A (r, d_in); lora_B (d_out, r). Dropout (probability `dropout`) applies to
+    the LoRA branch only; pass dropout=0.0 outside training, as PEFT does in eval mode.
+    """
+    return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout, fan_in_fan_out)

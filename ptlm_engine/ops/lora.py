@@ -1,0 +1,153 @@
+"""Fused LoRA linear as torch.library custom ops with autograd, dispatching to Triton or the reference.
+
+Chain of names: kernels.lora (Triton kernels + launchers) -> ptlm::lora_linear_fwd / _bwd (custom ops, with
+fake implementations for torch.compile and CUDA graphs) -> lora_linear_op (validation, backend choice) ->
+layers.lora.LoraLinear -> functional.lora_linear.
+
+Backward saves x and the r-wide xa = s * dropout(x) A^T only (never a d_out-wide intermediate or the dropout
+mask: the kernels regenerate it from the seed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ptlm_engine import reference
+
+try:  # Triton is a Linux-only dependency; without it every op runs the reference.
+    from ptlm_engine.kernels import lora as lora_kernels
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    lora_kernels = None
+    _HAVE_TRITON = False
+
+
+def triton_enabled(x: Tensor) -> bool:
+    """PTLM_BACKEND=reference|triton forces a backend; unset, Triton runs where it can (CUDA, or the CPU
+    interpreter under TRITON_INTERPRET=1) and the PyTorch reference runs elsewhere."""
+    backend = os.environ.get("PTLM_BACKEND", "")
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        if not _HAVE_TRITON:
+            raise RuntimeError("PTLM_BACKEND=triton, but triton is not installed")
+        return True
+    if backend:
+        raise ValueError(f"PTLM_BACKEND must be 'reference' or 'triton', got {backend!r}")
+    return _HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("ptlm::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                    scale: float, dropout: float, seed: Optional[Tensor],
+                    fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    """x (T, d_in) -> y (T, d_out), xa (T, r) fp32 = scale * dropout(x) A^T (saved for backward)."""
+    w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
+    xa = lora_kernels.lora_shrink(x, lora_A, scale, seed, dropout)
+    y = lora_kernels.lora_matmul(x, w, xa, lora_B, bias)
+    return y, xa
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out):
+    d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ptlm::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    scale: float, dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
+                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of the LoRA linear for x, lora_A and lora_B.
+
+    g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa.
+    """
+    g = lora_kernels.lora_shrink(dy, lora_B.t(), scale / (1.0 - dropout))
+    if need_dx:
+        w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
+        dx = lora_kernels.lora_matmul(dy, w_t, g, lora_A.t(), None, seed, dropout)
+    else:
+        dx = dy.new_empty((0,))
+    d_a = lora_kernels.lora_weight_grad(x, g, seed, dropout).t().to(lora_A.dtype)
+    d_b = lora_kernels.lora_weight_grad(dy, xa).to(lora_B.dtype)
+    return dx, d_a, d_b
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, xa, weight, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, seed)
+    ctx.scale, ctx.dropout, ctx.fan_in_fan_out = scale, dropout, fan_in_fan_out
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy, _dxa):
+    x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, d_a, d_b = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed,
+                                   ctx.fan_in_fan_out, need[0])
+    # The frozen base gets gradients only when the user made W0 or the bias trainable.
+    d_w = None
+    if need[1]:
+        d_w = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
+    d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
+    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
+
+
+torch.library.register_autograd("ptlm::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+           fan_in_fan_out: bool, dropout: float) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
+    d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
+    if x.dim() < 1 or x.shape[-1] != d_in:
+        raise ValueError(f"x: expected shape (..., {d_in}) to match weight, got {tuple(x.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[0] < 1 or lora_A.shape[1] != d_in:
+        raise ValueError(f"lora_A: expected shape (r, {d_in}) with r >= 1, got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if lora_B.dim() != 2 or tuple(lora_B.shape) != (d_out, r):
+        raise ValueError(f"lora_B: expected shape ({d_out}, {r}), got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+    named = {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
+
+
+def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                   scale: float, dropout: float, fan_in_fan_out: bool) -> Tensor:
+    _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out, dropout)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, d_in)                                                        # (T, d_in), a view if it can
+    use_triton = triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES
+    if not use_triton:
+        keep = None
+        if dropout > 0.0:
+            keep = torch.rand_like(x2d) >= dropout
+        y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, keep, dropout, fan_in_fan_out)
+        return y.reshape(*lead, y.shape[-1])
+    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
+    y, _ = lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed,
+                           fan_in_fan_out)
+    return y.reshape(*lead, y.shape[-1])
