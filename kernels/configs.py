@@ -1,7 +1,8 @@
-"""Autotune config generators and shape buckets shared by the kernels.
+"""Autotune config generators, pruning rules and shape buckets shared by the kernels.
 
-Under TRITON_INTERPRET=1 (CPU tests) every generator yields one small config: the interpreter is slow and
-autotuning there would only multiply the test time.
+Lists are short on purpose: every (shape bucket, dtype) key benchmarks each surviving config once, and a
+benchmark grid touches hundreds of keys. Under TRITON_INTERPRET=1 (CPU tests) every generator yields one
+small config: the interpreter is slow and autotuning there would only multiply the test time.
 """
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ import os
 
 import triton
 
+# Triton decides at decoration time whether a kernel is compiled or interpreted, so read the flag once.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DECODE_MAX_T = 64  # at or below this many tokens a linear layer is memory-bound: GEMV-like tiles
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def t_bucket(t: int) -> int:
@@ -21,58 +20,54 @@ def t_bucket(t: int) -> int:
     return min(triton.next_power_of_2(max(t, 1)), 16384)
 
 
-def _config(bm, bn, bk, warps, stages, **extra):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, **extra},
-                         num_warps=warps, num_stages=stages)
+def tune_bench(fn, quantiles):
+    """Short autotuning runs (ms): the candidates differ by far more than the noise of a 20 ms run."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _cfg(warps, stages, **meta):
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
 def decode_matmul_configs():
     """Skinny-M tiles for small T: many programs along N, long K steps, deep pipelines to keep HBM busy."""
-    if interpreting():
-        return [_config(16, 32, 32, 4, 1, GROUP_M=1)]
-    return [_config(bm, bn, bk, w, s, GROUP_M=1)
-            for bm in (16, 64)
-            for bn in (16, 32, 64)
-            for bk in (128, 256)
-            for w in (4,)
-            for s in (3, 4, 6)
-            if bn * bk <= 64 * 256]
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
+    return [_cfg(4, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1)
+            for bm in (16, 32, 64) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128)) for s in (4,)]
 
 
 def prefill_matmul_configs():
     """Tensor-core tiles for large T, grouped launch order so W0 tiles stay in L2."""
-    if interpreting():
-        return [_config(32, 32, 32, 4, 1, GROUP_M=2)]
-    return [
-        _config(128, 256, 64, 8, 3, GROUP_M=8),
-        _config(256, 128, 64, 8, 3, GROUP_M=8),
-        _config(128, 128, 64, 8, 4, GROUP_M=8),
-        _config(128, 128, 64, 4, 4, GROUP_M=8),
-        _config(128, 256, 64, 8, 4, GROUP_M=8),
-        _config(64, 256, 64, 4, 4, GROUP_M=8),
-        _config(128, 64, 64, 4, 4, GROUP_M=8),
-        _config(64, 128, 64, 4, 4, GROUP_M=8),
-    ]
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
+        (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (128, 128, 4, 4),
+        (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))]
 
 
 def shrink_configs():
-    """x (T, K) @ A^T (K, r): tiny N, so split K across programs when T is small."""
-    if interpreting():
-        return [triton.Config({"BLOCK_T": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_T": bt, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bt in (16, 64, 128)
-            for bk in (64, 128, 256)
-            for w in (4, 8)
-            for s in (2, 4)
-            if bt * bk <= 128 * 128]
+    """x (T, K) @ A^T (K, r): r is tiny, so small T splits K across programs (atomics) to fill the GPU."""
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_T=16, BLOCK_K=32, SPLIT_K=1)]
+    decode = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=s) for bt in (16, 64) for s in (1, 8, 32)]
+    prefill = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=bk, SPLIT_K=1) for bt in (64, 128) for bk in (64, 128)]
+    return decode + prefill
 
 
 def weight_grad_configs():
-    """sum_t G[t, n] H[t, r]: programs over (N, split of T)."""
-    if interpreting():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_T": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_T": bt}, num_warps=w, num_stages=s)
-            for bn in (64, 128)
-            for bt in (64, 128)
-            for w in (4, 8)
-            for s in (2, 4)]
+    """sum_t G[t, n] H[t, r]: programs over N, and over splits of T when N alone leaves SMs idle."""
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_N=32, BLOCK_T=32, SPLIT_T=1)]
+    return [_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
+            for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)]
+
+
+def prune_by_t(row_block: str, split: str | None = None):
+    """Drop configs whose row tile is far larger than T, and K/T-splits that would leave programs empty."""
+    def prune(configs, named_args, **kwargs):
+        t = named_args["T_BUCKET"]
+        kept = [c for c in configs if c.kwargs[row_block] <= max(16, t)
+                and (split is None or c.kwargs[split] == 1 or t <= 1024)]
+        return kept or configs[:1]
+    return {"early_config_prune": prune}

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (DECODE_MAX_T, decode_matmul_configs, prefill_matmul_configs,
-                                         shrink_configs, t_bucket, weight_grad_configs)
+from .configs import (DECODE_MAX_T, INTERPRETED, decode_matmul_configs, prefill_matmul_configs,  # noqa: F401
+                      prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -68,13 +68,9 @@ def _lora_shrink_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
-def _shrink_split_configs():
-    return [triton.Config({**c.kwargs, "SPLIT_K": s}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in shrink_configs() for s in ((1,) if len(shrink_configs()) == 1 else (1, 4, 16))]
-
-
-_lora_shrink = triton.autotune(_shrink_split_configs(), key=["T_BUCKET", "K", "R", "HAS_DROPOUT"],
-                               reset_to_zero=["out_ptr"])(_lora_shrink_kernel)
+_lora_shrink = triton.autotune(shrink_configs(), key=["T_BUCKET", "K", "R", "HAS_DROPOUT"],
+                               prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
+                               do_bench=tune_bench)(_lora_shrink_kernel)
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch.Tensor | None = None,
@@ -172,21 +168,24 @@ def _lora_matmul_kernel(
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_DROPOUT"]
-_lora_matmul_decode = triton.autotune(decode_matmul_configs(), key=_MATMUL_KEY)(_lora_matmul_kernel)
-_lora_matmul_prefill = triton.autotune(prefill_matmul_configs(), key=_MATMUL_KEY)(_lora_matmul_kernel)
+_lora_matmul_decode = triton.autotune(decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
+                                     do_bench=tune_bench)(_lora_matmul_kernel)
+_lora_matmul_prefill = triton.autotune(prefill_matmul_configs(), key=_MATMUL_KEY,
+                                      do_bench=tune_bench)(_lora_matmul_kernel)
 
 
 def lora_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
                 bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
-                dropout: float = 0.0) -> torch.Tensor:
+                dropout: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight^T + keep * (xa @ lora_B^T) + bias.
 
     x (M, K); weight (N, K) any strides; xa (M, r) fp32; lora_B (N, r); bias (N,) or None. With dropout > 0
     the LoRA term is masked by the Philox mask of (seed, m * N + n) — the backward of a dropped-out input.
+    `out` (M, N), if given, receives y.
     """
     M, K = x.shape
     N, R = weight.shape[0], xa.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
         return y
     has_dropout = dropout > 0.0
@@ -240,13 +239,8 @@ def _lora_weight_grad_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
-def _weight_grad_split_configs():
-    return [triton.Config({**c.kwargs, "SPLIT_T": s}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in weight_grad_configs() for s in ((1,) if len(weight_grad_configs()) == 1 else (1, 8, 32))]
-
-
-_lora_weight_grad = triton.autotune(_weight_grad_split_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"],
-                                    reset_to_zero=["out_ptr"])(_lora_weight_grad_kernel)
+_lora_weight_grad = triton.autotune(weight_grad_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"],
+                                    reset_to_zero=["out_ptr"], do_bench=tune_bench)(_lora_weight_grad_kernel)
 
 
 def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None = None,

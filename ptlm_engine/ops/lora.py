@@ -27,7 +27,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 def triton_enabled(x: Tensor) -> bool:
     """PTLM_BACKEND=reference|triton forces a backend; unset, Triton runs where it can (CUDA, or the CPU
-    interpreter under TRITON_INTERPRET=1) and the PyTorch reference runs elsewhere."""
+    interpreter, when TRITON_INTERPRET=1 was set before the kernels were imported) and the PyTorch
+    reference runs elsewhere."""
     backend = os.environ.get("PTLM_BACKEND", "")
     if backend == "reference":
         return False
@@ -37,35 +38,22 @@ def triton_enabled(x: Tensor) -> bool:
         return True
     if backend:
         raise ValueError(f"PTLM_BACKEND must be 'reference' or 'triton', got {backend!r}")
-    return _HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    return _HAVE_TRITON and (x.is_cuda or lora_kernels.INTERPRETED)
 
 
-# ------------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("ptlm::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                    scale: float, dropout: float, seed: Optional[Tensor],
-                    fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+# ------------------------------------------------------------------------------------------ implementations
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scale: float,
+             dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     """x (T, d_in) -> y (T, d_out), xa (T, r) fp32 = scale * dropout(x) A^T (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     xa = lora_kernels.lora_shrink(x, lora_A, scale, seed, dropout)
-    y = lora_kernels.lora_matmul(x, w, xa, lora_B, bias)
-    return y, xa
+    return lora_kernels.lora_matmul(x, w, xa, lora_B, bias), xa
 
 
-@lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out):
-    d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("ptlm::lora_linear_bwd", mutates_args=())
-def lora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
-                    scale: float, dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
-                    need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of the LoRA linear for x, lora_A and lora_B.
-
-    g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa.
-    """
+def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+              dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
+              need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa."""
     g = lora_kernels.lora_shrink(dy, lora_B.t(), scale / (1.0 - dropout))
     if need_dx:
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
@@ -75,6 +63,26 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: T
     d_a = lora_kernels.lora_weight_grad(x, g, seed, dropout).t().to(lora_A.dtype)
     d_b = lora_kernels.lora_weight_grad(dy, xa).to(lora_B.dtype)
     return dx, d_a, d_b
+
+
+def _base_grads(need, dy: Tensor, x: Tensor, fan_in_fan_out: bool, has_bias: bool):
+    """The frozen base gets gradients only when the user made W0 or the bias trainable."""
+    d_w = (x.t() @ dy if fan_in_fan_out else dy.t() @ x) if need[1] else None
+    d_bias = dy.sum(0) if has_bias and need[2] else None
+    return d_w, d_bias
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+# torch.compile and other tracers see these opaque ops (with fake implementations); eager calls take the
+# cheaper autograd.Function below, which runs the same implementations with less host overhead per launch.
+lora_linear_fwd = torch.library.custom_op("ptlm::lora_linear_fwd", _forward, mutates_args=())
+lora_linear_bwd = torch.library.custom_op("ptlm::lora_linear_bwd", _backward, mutates_args=())
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out):
+    d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
 
 @lora_linear_bwd.register_fake
@@ -90,20 +98,35 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, dy, _dxa):
+def _custom_op_backward(ctx, dy, _dxa):
     x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, d_a, d_b = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed,
                                    ctx.fan_in_fan_out, need[0])
-    # The frozen base gets gradients only when the user made W0 or the bias trainable.
-    d_w = None
-    if need[1]:
-        d_w = x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x
-    d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
+    d_w, d_bias = _base_grads(need, dy, x, ctx.fan_in_fan_out, ctx.has_bias)
     return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
 
 
-torch.library.register_autograd("ptlm::lora_linear_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("ptlm::lora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Eager autograd path over the same implementations as the custom ops."""
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out):
+        return _forward(x, weight, bias, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, _dxa):
+        x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, d_a, d_b = _backward(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed,
+                                 ctx.fan_in_fan_out, need[0])
+        d_w, d_bias = _base_grads(need, dy, x, ctx.fan_in_fan_out, ctx.has_bias)
+        return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -148,6 +171,11 @@ def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, keep, dropout, fan_in_fan_out)
         return y.reshape(*lead, y.shape[-1])
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
-    y, _ = lora_linear_fwd(x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed,
-                           fan_in_fan_out)
+    args = (x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed, fan_in_fan_out)
+    if torch.compiler.is_compiling():
+        y, _ = lora_linear_fwd(*args)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+        y, _ = LoraLinearFunction.apply(*args)
+    else:  # inference: no autograd bookkeeping at all
+        y, _ = _forward(*args)
     return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,168 @@
+"""The LoRA op (custom ops + autograd) against a float64 reference: values and gradients, any leading dims,
+strided inputs, Conv1D layout, dropout, trainable base weights, bad input, backends, torch.library checks."""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.functional import lora_linear
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.ops.lora import lora_linear_fwd, triton_enabled
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _inputs(lead, d_in, d_out, r, dtype, fan_in_fan_out=False, bias=True, train_base=False):
+    g = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    x = g(*lead, d_in).requires_grad_()
+    w = g(d_in, d_out, scale=d_in ** -0.5) if fan_in_fan_out else g(d_out, d_in, scale=d_in ** -0.5)
+    w.requires_grad_(train_base)
+    b = g(d_out).requires_grad_(train_base) if bias else None
+    a = g(r, d_in, scale=d_in ** -0.5).requires_grad_()
+    bb = g(d_out, r, scale=r ** -0.5).requires_grad_()
+    return x, w, b, a, bb
+
+
+def _run(fn, tensors, dy, **kw):
+    y = fn(*tensors, **kw)
+    y.backward(dy)
+    return y, [t.grad if t is not None and t.requires_grad else None for t in tensors]
+
+
+def _leaf64(t):
+    return None if t is None else t.detach().double().requires_grad_(t.requires_grad)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [
+    dict(lead=(3, 7), d_in=33, d_out=45, r=4),
+    dict(lead=(29,), d_in=40, d_out=24, r=1, bias=False),
+    dict(lead=(2, 3, 5), d_in=24, d_out=37, r=9, fan_in_fan_out=True),
+    dict(lead=(17,), d_in=31, d_out=19, r=3, train_base=True),
+])
+def test_forward_backward_matches_float64(case, dtype):
+    torch.manual_seed(sum(case["lead"]) + case["r"])
+    fif = case.get("fan_in_fan_out", False)
+    ts = _inputs(dtype=dtype, **case)
+    dy = torch.randn(*case["lead"], case["d_out"], device=DEVICE, dtype=dtype)
+    y, grads = _run(lora_linear, ts, dy, scale=1.5, fan_in_fan_out=fif)
+    ts64 = [_leaf64(t) for t in ts]
+    y64, grads64 = _run(reference.lora_linear, ts64, dy.double(), scale=1.5, fan_in_fan_out=fif)
+    ts_lp = [_leaf64(t) for t in ts]
+    ts_lp = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts_lp]
+    y_lp, grads_lp = _run(reference.lora_linear, ts_lp, dy, scale=1.5, fan_in_fan_out=fif)
+    assert y.shape == y64.shape and y.dtype == dtype
+    assert_matches(y, y64, y_lp, dtype, "y")
+    for name, g, g64, g_lp in zip(["dx", "dW", "dbias", "dA", "dB"], grads, grads64, grads_lp):
+        assert (g is None) == (g64 is None), name
+        if g is not None:
+            assert g.shape == g64.shape and g.dtype == dtype, name
+            assert_matches(g, g64, g_lp, dtype, name)
+
+
+@needs_triton
+def test_non_contiguous_input():
+    torch.manual_seed(5)
+    x, w, b, a, bb = _inputs((6, 22), 18, 26, 2, torch.float32)
+    xt = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # (6, 22, 18) strided
+    assert not xt.is_contiguous()
+    y = lora_linear(xt, w, b, a, bb, scale=0.5)
+    y64 = reference.lora_linear(xt.double(), w.double(), b.double(), a.double(), bb.double(), 0.5)
+    assert_matches(y, y64, None, torch.float32, "y")
+
+
+@needs_triton
+def test_dropout_uses_one_mask_for_forward_and_backward():
+    torch.manual_seed(11)
+    p = 0.4
+    x, w, b, a, bb = _inputs((21,), 26, 34, 3, torch.float32)
+    dy = torch.randn(21, 34, device=DEVICE)
+    state = torch.random.get_rng_state() if not CUDA else torch.cuda.get_rng_state()
+    y, grads = _run(lora_linear, (x, w, b, a, bb), dy, scale=2.0, dropout=p)
+    # The op draws its Philox seed from the default generator: replay it to recover the mask it used.
+    if CUDA:
+        torch.cuda.set_rng_state(state)
+    else:
+        torch.random.set_rng_state(state)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE)
+    keep = K.lora_shrink(torch.ones(21, 26, device=DEVICE), torch.eye(26, device=DEVICE), 1.0, seed, p) * (1 - p) > .5
+    assert 0 < keep.float().mean() < 1
+    ts64 = [_leaf64(t) for t in (x, w, b, a, bb)]
+    y64, grads64 = _run(reference.lora_linear, ts64, dy.double(), scale=2.0, keep_mask=keep.double(), dropout=p)
+    assert_matches(y, y64, None, torch.float32, "y")
+    for name, g, g64 in zip(["dx", "dW", "dbias", "dA", "dB"], grads, grads64):
+        if g is not None:
+            assert_matches(g, g64, None, torch.float32, name)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(x=(5, 9)), r"x: expected shape \(\.\.\., 8\)"),
+    (dict(a=(0, 8)), r"lora_A: expected shape \(r, 8\) with r >= 1"),
+    (dict(a=(3, 7)), r"lora_A: expected shape \(r, 8\)"),
+    (dict(b=(6, 2)), r"lora_B: expected shape \(6, 3\)"),
+    (dict(bias=(5,)), r"bias: expected shape \(6,\)"),
+    (dict(w=(6, 8, 1)), r"weight: expected a 2-D tensor"),
+])
+def test_bad_shapes_raise_value_error(bad, message):
+    shapes = dict(x=(5, 8), w=(6, 8), bias=(6,), a=(3, 8), b=(6, 3)) | bad
+    t = {k: torch.randn(*s, device=DEVICE) for k, s in shapes.items()}
+    with pytest.raises(ValueError, match=message):
+        lora_linear(t["x"], t["w"], t["bias"], t["a"], t["b"])
+
+
+def test_bad_dtype_device_and_dropout_raise_value_error():
+    x, w, a, b = (torch.randn(*s, device=DEVICE) for s in [(5, 8), (6, 8), (3, 8), (6, 3)])
+    with pytest.raises(ValueError, match=r"lora_B: expected dtype torch.float32"):
+        lora_linear(x, w, None, a, b.half())
+    with pytest.raises(ValueError, match=r"dropout"):
+        lora_linear(x, w, None, a, b, dropout=1.0)
+    if CUDA:
+        with pytest.raises(ValueError, match=r"lora_A: expected device"):
+            lora_linear(x, w, None, a.cpu(), b)
+
+
+def test_backend_env(monkeypatch):
+    x = torch.randn(3, 4, device=DEVICE)
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    assert not triton_enabled(x)
+    monkeypatch.setenv("PTLM_BACKEND", "triton")
+    assert triton_enabled(x)
+    monkeypatch.setenv("PTLM_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="PTLM_BACKEND"):
+        triton_enabled(x)
+    monkeypatch.delenv("PTLM_BACKEND")
+    assert triton_enabled(x) == (CUDA or K.INTERPRETED)
+
+
+def test_reference_backend_matches_float64(monkeypatch):
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    torch.manual_seed(2)
+    ts = _inputs((4, 5), 12, 10, 2, torch.float32)
+    y = lora_linear(*ts, scale=3.0)
+    y64 = reference.lora_linear(*[t.double() for t in ts], 3.0)
+    assert_matches(y, y64, None, torch.float32, "y")
+
+
+@needs_triton
+def test_custom_op_passes_opcheck():
+    torch.manual_seed(4)
+    x, w, b, a, bb = _inputs((9,), 20, 12, 2, torch.float32)
+    for seed, p in [(None, 0.0), (torch.tensor([7], device=DEVICE), 0.25)]:
+        torch.library.opcheck(lora_linear_fwd, (x, w, b, a, bb, 1.5, p, seed, False),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_triton
+def test_torch_compile_fullgraph():
+    torch.manual_seed(6)
+    ts = _inputs((2, 7), 16, 24, 4, torch.float32)
+    compiled = torch.compile(lambda *t: lora_linear(*t, scale=2.0), backend="aot_eager", fullgraph=True)
+    y = compiled(*ts)
+    y.sum().backward()
+    y64 = reference.lora_linear(*[t.double() for t in ts], 2.0)
+    assert_matches(y, y64, None, torch.float32, "compiled y")
+    assert ts[3].grad is not None and ts[4].grad is not None
