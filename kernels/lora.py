@@ -30,6 +30,14 @@ def _keep_mask(seed_ptr, offsets, dropout_p):
     return tl.rand(seed, offsets) >= dropout_p
 
 
+@triton.jit
+def _dot_fp32(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc += a @ b for fp32 operands: exact for fp32 layers, tf32 tensor cores for the LoRA term of half ones."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision="tf32")
+
+
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _lora_shrink_kernel(
@@ -94,35 +102,16 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
     return out
 
 
-@triton.jit
-def _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R, stride_xam, stride_xar, stride_bn, stride_br,
-                 FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """acc += xa[offs_m, :] @ B[offs_n, :]^T: the LoRA expand as r more K steps on the base GEMM's tile.
-
-    xa stays fp32 (the r-wide intermediate loses accuracy in half precision); B is upcast to match.
-    """
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=mask_m[:, None] & (offs_r[None, :] < R), other=0.0)              # (BLOCK_M, BLOCK_R)
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                    mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
-        if FP32_DOT:
-            acc = tl.dot(xa, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xa, b, acc, input_precision="tf32")
-    return acc
-
-
 # ---------------------------------------------------------------------------------------------------- matmul
 @triton.jit
 def _lora_matmul_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
+    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
     M, N, K, R, T_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    dropout_p,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    shrink_scale, dropout_p,
+    FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row blocks sweep the same W column blocks while those sit in L2.
@@ -137,10 +126,12 @@ def _lora_matmul_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -152,55 +143,99 @@ def _lora_matmul_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w, acc)
+        if FUSE_SHRINK:
+            # the shrink rides along the base K loop: x is already on chip, A (r, K) is small and L2-resident
+            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                        mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0)            # (BLOCK_K, BLOCK_R)
+            if X_DROPOUT:
+                x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+            if FP32_DOT:
+                xa = tl.dot(x, a, xa, input_precision="ieee")
+            else:
+                xa = tl.dot(x, a, xa)
 
-    if HAS_DROPOUT:
+    # LoRA expand: xa (fp32: the r-wide intermediate loses accuracy in half precision) @ B^T as r more K steps.
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
+    if FUSE_SHRINK:
+        xa = xa * shrink_scale
+        if pid_n == 0:  # every column block computed the same xa; one stores it for backward
+            tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
+                     mask=mask_m[:, None] & (offs_r[None, :] < R))
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)                # (BLOCK_R, BLOCK_N)
+        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            offs_rr = r0 + offs_r
+            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
+                         mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)         # (BLOCK_M, BLOCK_R)
+            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                        mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
+            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    if OUT_DROPOUT:
         # backward dx: the LoRA branch's gradient passes the forward's dropout mask (logical index m * N + n)
-        lora = _lora_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R,
-                            stride_xam, stride_xar, stride_bn, stride_br, FP32_DOT, BLOCK_R)
         acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
     else:
-        acc = _lora_expand(acc, xa_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, R,
-                           stride_xam, stride_xar, stride_bn, stride_br, FP32_DOT, BLOCK_R)
+        acc = lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "HAS_BIAS", "HAS_DROPOUT"]
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS"]
 _lora_matmul_decode = triton.autotune(decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
                                      do_bench=tune_bench)(_lora_matmul_kernel)
 _lora_matmul_prefill = triton.autotune(prefill_matmul_configs(), key=_MATMUL_KEY,
                                       do_bench=tune_bench)(_lora_matmul_kernel)
+MAX_FUSED_RANK = 64  # the matmul holds the whole r-wide xa tile on chip
 
 
-def lora_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
-                bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
-                dropout: float = 0.0, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ weight^T + keep * (xa @ lora_B^T) + bias.
+def fuse_shrink_default(T: int, R: int) -> bool:
+    """Recomputing xa in every column block costs r/BLOCK_N more tensor-core work: free while memory-bound
+    (decode), a real cost at prefill, where a separate shrink pass over x is cheaper for all but tiny r."""
+    return R <= (MAX_FUSED_RANK if T <= DECODE_MAX_T else 16)
 
-    x (M, K); weight (N, K) any strides; xa (M, r) fp32; lora_B (N, r); bias (N,) or None. With dropout > 0
-    the LoRA term is masked by the Philox mask of (seed, m * N + n) — the backward of a dropped-out input.
+
+def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                scale: float, bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                x_dropout: float = 0.0, out_dropout: float = 0.0, fuse_shrink: bool | None = None,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias, with xa = scale / (1 - p) * (keep_x * x) @ lora_A^T.
+
+    x (M, K); weight (N, K) any strides; lora_A (r, K); lora_B (N, r); bias (N,) or None. Returns y (M, N)
+    and xa (M, r) fp32. keep_x is the Philox mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
+    that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
+    shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
     `out` (M, N), if given, receives y.
     """
     M, K = x.shape
-    N, R = weight.shape[0], xa.shape[1]
+    N, R = weight.shape[0], lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
+    if fuse_shrink is None:
+        fuse_shrink = fuse_shrink_default(M, R)
+    if fuse_shrink and R > MAX_FUSED_RANK:
+        raise ValueError(f"fuse_shrink needs r <= {MAX_FUSED_RANK}, got r={R}")
+    if fuse_shrink:
+        xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
+    else:
+        xa = lora_shrink(x, lora_A, scale, seed, x_dropout)
     if M == 0:
-        return y
-    has_dropout = dropout > 0.0
+        return y, xa
     kernel = _lora_matmul_decode if M <= DECODE_MAX_T else _lora_matmul_prefill
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel[grid](
-        x, weight, xa, lora_B, bias if bias is not None else y, y, seed if has_dropout else y,
+        x, weight, lora_A, xa, lora_B, bias if bias is not None else y, y,
+        seed if (x_dropout > 0.0 or out_dropout > 0.0) else y,
         M, N, K, R, t_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        dropout,
-        HAS_BIAS=bias is not None, HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_R=max(16, min(triton.next_power_of_2(R), 64)),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
+        FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
+        HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_R=max(16, min(triton.next_power_of_2(R), MAX_FUSED_RANK)),
     )
-    return y
+    return y, xa
 
 
 # ----------------------------------------------------------------------------------------------- weight grad
@@ -227,10 +262,7 @@ def _lora_weight_grad_kernel(
             g = tl.where(_keep_mask(seed_ptr, offs_t[None, :] * N + offs_n[:, None], dropout_p), g, 0.0)
         h = tl.load(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                     mask=(offs_t[:, None] < T) & (offs_r[None, :] < R), other=0.0)           # (BLOCK_T, BLOCK_R)
-        if FP32_DOT:
-            acc = tl.dot(g.to(tl.float32), h, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(g.to(tl.float32), h, acc, input_precision="tf32")
+        acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
     out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
     out_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
     if SPLIT_T == 1:

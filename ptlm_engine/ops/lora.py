@@ -46,19 +46,20 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
              dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     """x (T, d_in) -> y (T, d_out), xa (T, r) fp32 = scale * dropout(x) A^T (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
-    xa = lora_kernels.lora_shrink(x, lora_A, scale, seed, dropout)
-    return lora_kernels.lora_matmul(x, w, xa, lora_B, bias), xa
+    return lora_kernels.lora_matmul(x, w, lora_A, lora_B, scale, bias, seed, x_dropout=dropout)
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
               dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa."""
-    g = lora_kernels.lora_shrink(dy, lora_B.t(), scale / (1.0 - dropout))
-    if need_dx:
+    g_scale = scale / (1.0 - dropout)
+    if need_dx:  # dx and g in one pass: dy's shrink by B rides along the dy @ W0 K loop
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
-        dx = lora_kernels.lora_matmul(dy, w_t, g, lora_A.t(), None, seed, dropout)
+        dx, g = lora_kernels.lora_matmul(dy, w_t, lora_B.t(), lora_A.t(), g_scale, None, seed,
+                                         out_dropout=dropout)
     else:
+        g = lora_kernels.lora_shrink(dy, lora_B.t(), g_scale)
         dx = dy.new_empty((0,))
     d_a = lora_kernels.lora_weight_grad(x, g, seed, dropout).t().to(lora_A.dtype)
     d_b = lora_kernels.lora_weight_grad(dy, xa).to(lora_B.dtype)

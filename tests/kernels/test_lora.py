@@ -20,7 +20,7 @@ def _rand(*shape, dtype, scale=1.0):
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
 
-def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided_x=False):
+def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided_x=False, fuse_shrink=None):
     x = _rand(T, d_in, dtype=dtype)
     if strided_x:  # a non-contiguous view: every other column of a wider buffer
         x = _rand(T, 2 * d_in, dtype=dtype)[:, ::2]
@@ -37,10 +37,12 @@ def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided
     assert_matches(xa, xa64, scale * (x @ a.t()), dtype, "shrink")
 
     y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)    # poisoned: every element must be written
-    K.lora_matmul(x, w, xa, b, bvec, out=y)
-    y64 = x.double() @ w.double().t() + xa64 @ b.double().t() + (bvec.double() if bias else 0)
-    y_torch = x @ w.t() + (xa.to(dtype) @ b.t()) + (bvec if bias else 0)
-    assert_matches(y, y64, y_torch, dtype, "matmul")
+    if fuse_shrink is None or r <= K.MAX_FUSED_RANK:
+        _, xa_m = K.lora_matmul(x, w, a, b, scale, bvec, fuse_shrink=fuse_shrink, out=y)
+        y64 = x.double() @ w.double().t() + xa64 @ b.double().t() + (bvec.double() if bias else 0)
+        y_torch = x @ w.t() + (xa.to(dtype) @ b.t()) + (bvec if bias else 0)
+        assert_matches(y, y64, y_torch, dtype, "matmul")
+        assert_matches(xa_m, xa64, scale * (x @ a.t()), dtype, "matmul's xa")
 
     g = _rand(T, d_out, dtype=dtype)
     db = K.lora_weight_grad(g, xa)
@@ -48,11 +50,13 @@ def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided
     assert_matches(db, db64, g.t() @ xa.to(dtype), dtype, "weight grad")
 
 
+@pytest.mark.parametrize("fuse_shrink", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,d_in,d_out,r", [(1, 37, 29, 1), (13, 45, 53, 5), (70, 33, 47, 17), (5, 19, 21, 40)])
-def test_kernels_odd_shapes(T, d_in, d_out, r, dtype):
+@pytest.mark.parametrize("T,d_in,d_out,r", [(1, 37, 29, 1), (13, 45, 53, 5), (70, 33, 47, 17), (5, 19, 21, 40),
+                                            (3, 21, 18, 90)])
+def test_kernels_odd_shapes(T, d_in, d_out, r, dtype, fuse_shrink):
     torch.manual_seed(T * 1000 + r)
-    _check_case(T, d_in, d_out, r, dtype)
+    _check_case(T, d_in, d_out, r, dtype, fuse_shrink=fuse_shrink)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32])
@@ -64,8 +68,9 @@ def test_kernels_strided_and_transposed(dtype):
 def test_empty_token_dimension():
     x = torch.empty(0, 16, device=DEVICE)
     a, b, w = torch.randn(4, 16, device=DEVICE), torch.randn(8, 4, device=DEVICE), torch.randn(8, 16, device=DEVICE)
-    xa = K.lora_shrink(x, a, 1.0)
-    assert K.lora_matmul(x, w, xa, b).shape == (0, 8)
+    assert K.lora_shrink(x, a, 1.0).shape == (0, 4)
+    y, xa = K.lora_matmul(x, w, a, b, 1.0)
+    assert y.shape == (0, 8) and xa.shape == (0, 4)
 
 
 def _keep_mask(T, n, seed, p):
@@ -86,17 +91,24 @@ def test_dropout_mask_shared_by_forward_and_backward():
 
     x, g = _rand(T, d_in, dtype=torch.float32), _rand(T, r, dtype=torch.float32)
     a = _rand(r, d_in, dtype=torch.float32)
-    x_drop64 = x.double() * keep / (1 - p)
-    xa = K.lora_shrink(x, a, 2.0, seed, p)
-    assert_matches(xa, 2.0 * x_drop64 @ a.double().t(), None, torch.float32, "shrink with dropout")
-    # backward dA^T = (keep * x)^T g  and  dx's LoRA part = keep * (g A)
+    b = _rand(d_out, r, dtype=torch.float32)
+    w0 = _rand(d_out, d_in, dtype=torch.float32)
+    xa64 = 2.0 * (x.double() * keep / (1 - p)) @ a.double().t()
+    assert_matches(K.lora_shrink(x, a, 2.0, seed, p), xa64, None, torch.float32, "shrink with dropout")
+    for fuse in (True, False):
+        y, xa = K.lora_matmul(x, w0, a, b, 2.0, None, seed, x_dropout=p, fuse_shrink=fuse)
+        assert_matches(xa, xa64, None, torch.float32, f"forward xa with dropout, fused={fuse}")
+        assert_matches(y, x.double() @ w0.double().t() + xa64 @ b.double().t(), None, torch.float32, "y")
+    # backward dA^T = (keep * x)^T g  and  dx's LoRA part = keep * (g A), with g = c * dy B from the same pass
     da_t = K.lora_weight_grad(x, g, seed, p)
     assert_matches(da_t, (x.double() * keep).t() @ g.double(), None, torch.float32, "weight grad with dropout")
-    w = _rand(d_in, d_out, dtype=torch.float32)  # as (N=d_in, K=d_out): the dx = dy @ W0 layout
     dy = _rand(T, d_out, dtype=torch.float32)
-    dx = K.lora_matmul(dy, w, g, a.t(), None, seed, p)
-    dx64 = dy.double() @ w.double().t() + keep * (g.double() @ a.double())
-    assert_matches(dx, dx64, None, torch.float32, "dx with dropout")
+    for fuse in (True, False):
+        dx, g2 = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=fuse)
+        g64 = 3.0 * dy.double() @ b.double()
+        assert_matches(g2, g64, None, torch.float32, "g")
+        dx64 = dy.double() @ w0.double() + keep * (g64 @ a.double())
+        assert_matches(dx, dx64, None, torch.float32, f"dx with dropout, fused={fuse}")
 
 
 @pytest.mark.gpu
