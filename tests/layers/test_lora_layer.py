@@ -1,0 +1,204 @@
+"""LoraLinear and ModulesToSave on their own: parameters and keys, forward and gradients against plain PyTorch,
+merging, dtypes, dropout, several adapters, and the Triton kernels through the layer."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.layers import LoraLinear, ModulesToSave
+
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
+                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
+
+
+def _layer(kind="linear", bias=True, d_in=24, d_out=40, r=4, seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(d_in, d_out, bias=bias) if kind == "linear" else Conv1D(d_out, d_in)
+    layer = LoraLinear(base, fan_in_fan_out=kind == "conv1d")
+    layer.add_adapter("a", r=r, scale=2.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    return base, layer
+
+
+def _expected(layer, x, name="a"):
+    """Plain PyTorch: x W0ᵀ + b + scale · x Aᵀ Bᵀ."""
+    w = layer.weight.t() if layer.fan_in_fan_out else layer.weight                  # (d_out, d_in)
+    y = x @ w.t() + (0 if layer.bias is None else layer.bias)
+    return y + layer.scale[name] * (x @ layer.lora_A[name].weight.t()) @ layer.lora_B[name].weight.t()
+
+
+@pytest.fixture(autouse=True)
+def _reference(reference_backend):
+    pass
+
+
+def test_holds_base_parameters_under_their_own_names():
+    base, layer = _layer()
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.original_module is base and base not in list(layer.modules())
+    assert sorted(layer.state_dict()) == ["bias", "lora_A.a.weight", "lora_B.a.weight", "weight"]
+    assert layer.lora_A["a"].weight.shape == (4, 24) and layer.lora_B["a"].weight.shape == (40, 4)
+
+
+def test_new_adapter_is_identity_with_peft_init():
+    base, layer = _layer()
+    layer.add_adapter("b", r=8, scale=1.0, dropout=0.0)
+    layer.active_adapter = "b"
+    assert torch.count_nonzero(layer.lora_B["b"].weight) == 0
+    bound = 1 / math.sqrt(24)   # kaiming_uniform(a=sqrt(5)) on fan_in 24
+    a = layer.lora_A["b"].weight
+    assert a.abs().max() <= bound and a.std() > 0.2 * bound
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True)])
+def test_forward_and_grads_match_plain_pytorch(kind, bias):
+    _, layer = _layer(kind, bias)
+    layer.active_adapter = "a"
+    layer.weight.requires_grad_(False)
+    x = torch.randn(2, 5, 24, requires_grad=True)                                   # (B, T, d_in)
+    y = layer(x)
+    assert y.shape == (2, 5, 40)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, layer.lora_A["a"].weight, layer.lora_B["a"].weight], dy)
+    y_ref = _expected(layer, x)
+    grads_ref = torch.autograd.grad(y_ref, [x, layer.lora_A["a"].weight, layer.lora_B["a"].weight], dy)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_no_active_adapter_or_disabled_is_the_base_layer():
+    base, layer = _layer("conv1d")
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), base(x))                                    # none active
+    layer.active_adapter = "a"
+    layer.adapters_enabled = False
+    torch.testing.assert_close(layer(x), base(x))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_merge_then_unmerge(kind):
+    base, layer = _layer(kind)
+    layer.active_adapter = "a"
+    x = torch.randn(3, 24)
+    w0 = base.weight.detach().clone()
+    y = layer(x)
+    layer.merge("a")
+    assert layer.merged_adapter == "a"
+    torch.testing.assert_close(base(x), y)                                           # the base weight itself holds it
+    torch.testing.assert_close(layer(x), y)
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge("a")
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, w0)
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_bf16_base_with_fp32_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40).to(torch.bfloat16)
+    layer = LoraLinear(base, fan_in_fan_out=False)
+    layer.add_adapter("a", r=4, scale=2.0, dropout=0.0)
+    layer.active_adapter = "a"
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    assert a.dtype == b.dtype == torch.float32                                       # full-precision trainables
+    with torch.no_grad():
+        b.normal_()
+    x = torch.randn(3, 24, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16                                                 # what the base returns
+    y.float().sum().backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+    y64 = _expected(layer.double(), x.double())
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    _, layer = _layer()
+    layer.active_adapter = "a"
+    x = torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), _expected(layer, x), rtol=3e-2, atol=3e-2)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(24, 40), fan_in_fan_out=False)
+    layer.add_adapter("a", r=4, scale=2.0, dropout=0.5)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    x = torch.randn(16, 24)
+    layer.eval()
+    torch.testing.assert_close(layer(x), _expected(layer, x))
+    layer.train()
+    assert not torch.allclose(layer(x), _expected(layer, x))
+
+
+def test_several_adapters_one_active():
+    base, layer = _layer()
+    layer.add_adapter("b", r=2, scale=0.5, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_B["b"].weight.normal_()
+    x = torch.randn(3, 24)
+    for name in ("a", "b"):
+        layer.active_adapter = name
+        torch.testing.assert_close(layer(x), _expected(layer, x, name))
+    layer.remove_adapter("b")
+    assert layer.active_adapter is None and list(layer.lora_A) == ["a"] and "b" not in layer.scale
+    torch.testing.assert_close(layer(x), base(x))
+
+
+def test_modules_to_save_keeps_keys_and_switches_copies():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    wrapper = ModulesToSave(original)
+    assert wrapper.state_dict().keys() == original.state_dict().keys()
+    wrapper.add_adapter("a")
+    assert "modules_to_save.a.0.weight" in wrapper.state_dict()
+    with torch.no_grad():
+        wrapper.modules_to_save["a"][0].weight.add_(1.0)
+    wrapper.eval()
+    assert not original.training and not original[1].training
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(wrapper(x), original(x))                              # none active
+    wrapper.active_adapter = "a"
+    torch.testing.assert_close(wrapper(x), wrapper.modules_to_save["a"](x))
+    assert not torch.allclose(wrapper(x), original(x))
+
+
+def test_modules_to_save_original_follows_dtype_changes():
+    """model.to() replaces buffers; the original module (run when no adapter is active) must see them."""
+    original = nn.BatchNorm1d(8).eval()
+    wrapper = ModulesToSave(original)
+    wrapper.add_adapter("a")
+    wrapper.to(torch.float64)
+    assert original.running_mean.dtype == original.weight.dtype == torch.float64
+    wrapper(torch.randn(4, 8, dtype=torch.float64))
+    assert wrapper.num_features == 8                                                 # attributes of the original
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_triton_kernels_through_the_layer(kind, monkeypatch):
+    _, layer = _layer(kind, d_in=40, d_out=24)
+    layer.active_adapter = "a"
+    x = torch.randn(6, 40, requires_grad=True)
+    params = [x, layer.lora_A["a"].weight, layer.lora_B["a"].weight]
+    monkeypatch.setenv("PTLM_BACKEND", "triton")
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), params)
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    y_ref = layer(x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), params)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
