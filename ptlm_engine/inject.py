@@ -1,0 +1,190 @@
+"""Finding the modules an adapter config names, and swapping adapter layers in and out of their parents in place.
+
+Nothing here keeps per-model state or copies model code: the model's own modules are wrapped where they sit,
+and the wrappers keep the original module objects so that `restore` puts back exactly what was there.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ptlm_engine.config import ALL_LINEAR, LoraConfig
+from ptlm_engine.layers import LoraLinear, ModulesToSave
+
+# Dispatcher, first match wins: base-layer type -> builder of the LoRA layer that wraps it.
+LORA_LAYER_BUILDERS: list[tuple[type[nn.Module], Callable[[nn.Module], LoraLinear]]] = [
+    (nn.Linear, lambda module: LoraLinear(module, fan_in_fan_out=False)),
+    (Conv1D, lambda module: LoraLinear(module, fan_in_fan_out=True)),   # GPT-2: weight stored (d_in, d_out)
+]
+
+# Targets used when LoraConfig.target_modules is None, by `model.config.model_type`: the attention query and
+# value projections, by the names each architecture gives them (the choice of the LoRA paper and of PEFT).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "stablelm", "opt", "gptj", "gpt_neo", "bart"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["gpt2", "gpt_bigcode"], ["c_attn"]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
+    **dict.fromkeys(["gpt_neox", "bloom", "falcon"], ["query_key_value"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+    "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+}
+
+# The layer index of a module inside a stack of blocks: model.layers.N (Llama), transformer.h.N (GPT-2),
+# encoder.layer.N (BERT); the first such index in the name counts.
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------------------------------- walking
+def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module of the model except those inside adapter layers (lora_A/lora_B, modules_to_save copies,
+    the shared children of a ModulesToSave); the adapter layers themselves are included."""
+    inside = None   # named_modules() is depth-first, so an adapter layer's subtree directly follows it
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        yield name, module
+        if isinstance(module, (LoraLinear, ModulesToSave)):
+            inside = name + "."
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
+    return [(name, m) for name, m in _walk(model) if isinstance(m, LoraLinear)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(name, m) for name, m in _walk(model) if isinstance(m, ModulesToSave)]
+
+
+def base_modules(model: nn.Module, skip: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """Modules holding base parameters of their own: everything but adapter layers' insides and modules_to_save
+    (whose original parameters never run while their adapter is active), nor the modules named in `skip` and
+    their children."""
+    for name, module in _walk(model):
+        if isinstance(module, ModulesToSave) or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        yield name, module
+
+
+# ------------------------------------------------------------------------------------------------ matching
+def _matches_names(name: str, names: list[str]) -> bool:
+    """PEFT's rule for a list: the dotted module name equals an entry or ends with "." + entry."""
+    return any(name == n or name.endswith("." + n) for n in names)
+
+
+def _within_any(name: str, names: list[str]) -> bool:
+    """The module is one of `names` (matched as above) or lies inside one."""
+    return any(re.match(rf"(?:^|.*\.){re.escape(n)}(?:$|\..*)", name) for n in names)
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_INDEX.search(name)
+    return None if match is None else int(match.group(1))
+
+
+def _builder(module: nn.Module) -> Callable[[nn.Module], LoraLinear] | None:
+    return next((build for base_type, build in LORA_LAYER_BUILDERS if isinstance(module, base_type)), None)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"LoraConfig.target_modules is None and there is no default for model_type "
+                         f"{model_type!r}; pass target_modules (names, a regex, or 'all-linear')")
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules that get this adapter's LoRA layers (the modules_to_save and what they contain
+    excluded, as in PEFT). Raises ValueError when nothing matches or a match cannot carry LoRA."""
+    spec = default_target_modules(model) if config.target_modules is None else config.target_modules
+    head = _output_head(model)
+    layers = config.layers_to_transform
+    layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
+    targets = []
+    for name, module in _walk(model):
+        if not name or isinstance(module, ModulesToSave) or _within_any(name, config.modules_to_save or []):
+            continue
+        if spec == ALL_LINEAR:
+            is_head = module is head or name == "lm_head" or name.endswith(".lm_head")
+            hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
+        elif isinstance(spec, str):
+            hit = re.fullmatch(spec, name) is not None
+        else:
+            hit = _matches_names(name, spec)
+        if not hit or (layers is not None and layer_index(name) not in layers):
+            continue
+        if not isinstance(module, LoraLinear) and _builder(module) is None:
+            supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA supports {supported}")
+        targets.append(name)
+    if not targets:
+        where = "" if layers is None else f" in layers {sorted(layers)}"
+        raise ValueError(f"target_modules {spec!r} matched no module of {type(model).__name__}{where}")
+    return targets
+
+
+def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Names of the modules that get a trainable copy per adapter; a module inside another match is covered
+    by that match. Raises ValueError when no name matches, or a match already carries LoRA."""
+    if not names:
+        return []
+    found: list[str] = []
+    for name, module in _walk(model):
+        if not name or not _matches_names(name, names) or any(name.startswith(f + ".") for f in found):
+            continue
+        if isinstance(module, LoraLinear):
+            raise ValueError(f"modules_to_save: {name!r} already carries LoRA adapters")
+        found.append(name)
+    if not found:
+        raise ValueError(f"modules_to_save {names!r} matched no module of {type(model).__name__}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- replacing
+def as_lora_layer(module: nn.Module) -> LoraLinear:
+    """The module itself if it already is a LoraLinear, else a new one wrapping it (not yet installed)."""
+    return module if isinstance(module, LoraLinear) else _builder(module)(module)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, new)
+
+
+def wrap_for_lora(model: nn.Module, name: str) -> LoraLinear:
+    module = model.get_submodule(name)
+    layer = as_lora_layer(module)
+    if layer is not module:
+        _replace(model, name, layer)
+    return layer
+
+
+def wrap_for_saving(model: nn.Module, name: str) -> ModulesToSave:
+    module = model.get_submodule(name)
+    if isinstance(module, ModulesToSave):
+        return module
+    wrapper = ModulesToSave(module)
+    _replace(model, name, wrapper)
+    return wrapper
+
+
+def restore(model: nn.Module, name: str) -> None:
+    """Put the original module back in place of the adapter layer `name`."""
+    layer = model.get_submodule(name)
+    original = layer.original_module
+    if isinstance(layer, LoraLinear):
+        # The layer's Parameters may have been replaced (load_state_dict(assign=True)): hand back the current ones.
+        original.weight, original.bias = layer.weight, layer.bias
+    original.train(layer.training)
+    _replace(model, name, original)
