@@ -1,2 +1,9 @@
 """ptlm_engine: fused-kernel parameter-efficient transfer of pre-trained language models."""
+from ptlm_engine.api import (active_adapter, adapter_configs, add_adapter, disable_adapters, merge_adapter,
+                             remove_adapter, set_active_adapter, unload, unmerge_adapter)
+from ptlm_engine.config import LoraConfig
+
 __version__ = "0.1.0"
+
+__all__ = ["LoraConfig", "add_adapter", "set_active_adapter", "active_adapter", "adapter_configs",
+           "merge_adapter", "unmerge_adapter", "disable_adapters", "remove_adapter", "unload"]

@@ -1,0 +1,248 @@
+"""The adapter lifecycle on any nn.Module: add, activate, merge, disable, remove, unload.
+
+Per-model state (the adapters' configs, which one is active or merged, the base's requires_grad flags from
+before the first adapter) lives in one AdapterRegistry on the model; per-layer state lives in the layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from ptlm_engine import inject
+from ptlm_engine.config import LoraConfig
+
+_REGISTRY = "ptlm_adapters"
+
+
+@dataclasses.dataclass
+class AdapterRegistry:
+    configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
+    active: str | None = None
+    merged: str | None = None
+    base_requires_grad: list[tuple[nn.Parameter, bool]] = dataclasses.field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, also when torch.compile has wrapped it (its OptimizedModule keeps it in _orig_mod)."""
+    return getattr(model, "_orig_mod", model)
+
+
+def registry(model: nn.Module) -> AdapterRegistry:
+    reg = getattr(unwrap(model), _REGISTRY, None)
+    if reg is None:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no adapters (add one with add_adapter)")
+    return reg
+
+
+def _known(reg: AdapterRegistry, name: str) -> None:
+    if name not in reg.configs:
+        raise ValueError(f"no adapter named {name!r}; the model has {sorted(reg.configs)}")
+
+
+def check_new_name(model: nn.Module, name: str) -> None:
+    # Adapter names become ModuleDict keys, so they must be valid attribute names there.
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"adapter name must be a non-empty string without '.' that is not a Module attribute, "
+                         f"got {name!r}")
+    reg = getattr(model, _REGISTRY, None)
+    if reg is not None and name in reg.configs:
+        raise ValueError(f"the model already has an adapter named {name!r} (remove_adapter it first)")
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The adapters on the model, by name (empty when there are none)."""
+    reg = getattr(unwrap(model), _REGISTRY, None)
+    return {} if reg is None else dict(reg.configs)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    reg = getattr(unwrap(model), _REGISTRY, None)
+    return None if reg is None else reg.active
+
+
+def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
+    """Wrap the modules `config` targets (in place) and give them a new adapter `name`, the identity at first.
+
+    The first adapter on a model becomes active (the base freezes, it trains); later ones stay inactive and
+    frozen until set_active_adapter. Everything is validated before the model changes.
+    """
+    model = unwrap(model)
+    check_new_name(model, name)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"config must be a LoraConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)   # our own copy, validated again
+    targets = inject.find_lora_targets(model, config)
+    saved = inject.find_modules_to_save(model, config.modules_to_save)
+
+    reg = getattr(model, _REGISTRY, None)
+    if reg is None:
+        reg = AdapterRegistry(base_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+        setattr(model, _REGISTRY, reg)
+    for target in targets:
+        inject.wrap_for_lora(model, target).add_adapter(name, config.r, config.scale, config.dropout)
+    for target in saved:
+        inject.wrap_for_saving(model, target).add_adapter(name)
+    reg.configs[name] = config
+    if len(reg.configs) == 1:
+        set_active_adapter(model, name)
+    else:
+        _set_trainable(model, reg)
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Make `name` the adapter every layer runs (None: none does). Freezes every base parameter and every
+    other adapter; this adapter's LoRA weights, its modules_to_save copies and the biases its `bias` mode names
+    become trainable."""
+    model = unwrap(model)
+    reg = registry(model)
+    if name is not None:
+        _known(reg, name)
+    if reg.merged is not None and reg.merged != name:
+        raise ValueError(f"adapter {reg.merged!r} is merged into the base weights; unmerge_adapter it first")
+    reg.active = name
+    for _, layer in inject.lora_layers(model) + inject.saved_modules(model):
+        layer.active_adapter = name
+    _set_trainable(model, reg)
+
+
+def _set_trainable(model: nn.Module, reg: AdapterRegistry) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    name = reg.active
+    if name is None:
+        return
+    bias_mode = reg.configs[name].bias
+    for _, layer in inject.lora_layers(model):
+        if name in layer.lora_A:
+            layer.lora_A[name].requires_grad_(True)
+            layer.lora_B[name].requires_grad_(True)
+            if bias_mode == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    for _, wrapper in inject.saved_modules(model):
+        if name in wrapper.modules_to_save:
+            wrapper.modules_to_save[name].requires_grad_(True)
+    if bias_mode == "all":
+        for _, module in inject.base_modules(model):
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                bias.requires_grad_(True)
+
+
+def merge_adapter(model: nn.Module, name: str) -> None:
+    """Fold the active adapter into the base weights (W0 += scale · B A): the same outputs without the LoRA
+    branch's cost. Its LoRA weights stop receiving gradients until unmerge_adapter."""
+    model = unwrap(model)
+    reg = registry(model)
+    _known(reg, name)
+    if reg.merged is not None:
+        raise ValueError(f"adapter {reg.merged!r} is already merged")
+    if reg.active != name:
+        raise ValueError(f"only the active adapter can be merged: {name!r} is not active ({reg.active!r}); "
+                         "call set_active_adapter first")
+    _merge(model, reg, name)
+
+
+def unmerge_adapter(model: nn.Module, name: str) -> None:
+    """Take a merged adapter back out of the base weights (W0 -= scale · B A)."""
+    model = unwrap(model)
+    reg = registry(model)
+    _known(reg, name)
+    if reg.merged != name:
+        raise ValueError(f"adapter {name!r} is not merged")
+    _unmerge(model, reg)
+
+
+def _merge(model: nn.Module, reg: AdapterRegistry, name: str) -> None:
+    for _, layer in inject.lora_layers(model):
+        if name in layer.lora_A:
+            layer.merge(name)
+    reg.merged = name
+
+
+def _unmerge(model: nn.Module, reg: AdapterRegistry) -> None:
+    for _, layer in inject.lora_layers(model):
+        if layer.merged_adapter is not None:
+            layer.unmerge()
+    reg.merged = None
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes its base outputs: LoRA branches and modules_to_save copies are
+    skipped, and a merged adapter is taken out of the weights (and put back on exit). Biases trained under
+    bias "all" / "lora_only" are the base model's own and keep their trained values, as in PEFT."""
+    model = unwrap(model)
+    reg = registry(model)
+    merged = reg.merged
+    if merged is not None:
+        _unmerge(model, reg)
+    layers = [layer for _, layer in inject.lora_layers(model) + inject.saved_modules(model)]
+    was_enabled = [layer.adapters_enabled for layer in layers]
+    for layer in layers:
+        layer.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for layer, enabled in zip(layers, was_enabled):
+            layer.adapters_enabled = enabled
+        if merged is not None:
+            _merge(model, reg, merged)
+
+
+def remove_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter `name` (unmerging it first). Layers left without adapters become their original modules
+    again; after the last adapter the base parameters get back the requires_grad they had before the first."""
+    model = unwrap(model)
+    reg = registry(model)
+    _known(reg, name)
+    if reg.merged == name:
+        _unmerge(model, reg)
+    for path, layer in inject.lora_layers(model):
+        if name in layer.lora_A:
+            layer.remove_adapter(name)
+            if not layer.lora_A:
+                inject.restore(model, path)
+    for path, wrapper in inject.saved_modules(model):
+        if name in wrapper.modules_to_save:
+            wrapper.remove_adapter(name)
+            if not wrapper.modules_to_save:
+                inject.restore(model, path)
+    del reg.configs[name]
+    if reg.active == name:
+        reg.active = None
+    if reg.configs:
+        _set_trainable(model, reg)
+    else:
+        _release(model, reg)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Remove every adapter and put all original modules back; returns the (same) model.
+
+    merge=False: merged adapters are unmerged first, so the base weights are the base model's again.
+    merge=True: the active adapter is merged into the base weights and its modules_to_save copies' values are
+    written into the original modules, leaving a plain model that computes what the adapted model did.
+    """
+    model = unwrap(model)
+    reg = registry(model)
+    if merge and reg.active is not None:
+        if reg.merged is None:
+            _merge(model, reg, reg.active)
+        for _, wrapper in inject.saved_modules(model):
+            if reg.active in wrapper.modules_to_save:
+                wrapper.original_module.load_state_dict(wrapper.modules_to_save[reg.active].state_dict())
+    elif reg.merged is not None:
+        _unmerge(model, reg)
+    for path, _ in inject.lora_layers(model) + inject.saved_modules(model):
+        inject.restore(model, path)
+    _release(model, reg)
+    return model
+
+
+def _release(model: nn.Module, reg: AdapterRegistry) -> None:
+    for p, requires_grad in reg.base_requires_grad:
+        p.requires_grad_(requires_grad)
+    delattr(model, _REGISTRY)

@@ -1,0 +1,219 @@
+"""The public lifecycle on tiny HF models: add / activate / train flags / merge / disable / remove / unload,
+config validation, torch.compile."""
+import pytest
+import torch
+
+import ptlm_engine as pe
+from ptlm_engine.layers import LoraLinear, ModulesToSave
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"r": 0}, "r must be a positive integer"),
+    ({"r": 2.0}, "r must be a positive integer"),
+    ({"dropout": 1.0}, "dropout must be a probability"),
+    ({"dropout": -0.1}, "dropout must be a probability"),
+    ({"bias": "some"}, "bias must be one of"),
+    ({"target_modules": []}, "must not be an empty list"),
+    ({"target_modules": "q_proj", "layers_to_transform": 0}, "cannot be combined with a regex"),
+    ({"layers_to_transform": [-1]}, "layers_to_transform must be"),
+    ({"modules_to_save": "classifier"}, "must be a list of module names"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        pe.LoraConfig(**kw)
+
+
+def test_scale():
+    assert pe.LoraConfig(r=8, alpha=16).scale == 2.0
+    assert pe.LoraConfig(r=16, alpha=16, use_rslora=True).scale == 4.0
+
+
+def test_first_adapter_is_active_and_alone_trainable(tiny, ids, output):
+    llama = tiny("llama")
+    y0 = output(llama, ids)
+    pe.add_adapter(llama, "sst2", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert pe.active_adapter(llama) == "sst2"
+    assert _trainable(llama) == sorted(f"model.layers.{i}.self_attn.{p}_proj.lora_{ab}.sst2.weight"
+                                       for i in range(2) for p in "qv" for ab in "AB")
+    torch.testing.assert_close(output(llama, ids), y0, rtol=0, atol=0)            # B = 0: the identity
+
+    pe.add_adapter(llama, "mnli", pe.LoraConfig(r=2, target_modules=["k_proj"]))
+    assert pe.active_adapter(llama) == "sst2" and all("sst2" in n for n in _trainable(llama))
+    pe.set_active_adapter(llama, "mnli")
+    assert _trainable(llama) and all(".k_proj.lora_" in n and "mnli" in n for n in _trainable(llama))
+    pe.set_active_adapter(llama, None)
+    assert _trainable(llama) == []
+
+
+def test_adapters_switch_outputs(tiny, ids, output, randomize_adapters):
+    llama = tiny("llama")
+    y0 = output(llama, ids)
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["v_proj", "o_proj"]))
+    for name, seed in (("a", 0), ("b", 1)):
+        pe.set_active_adapter(llama, name)
+        randomize_adapters(llama, seed)
+    y_b = output(llama, ids)
+    pe.set_active_adapter(llama, "a")
+    y_a = output(llama, ids)
+    assert not torch.allclose(y_a, y0) and not torch.allclose(y_b, y0) and not torch.allclose(y_a, y_b)
+    pe.set_active_adapter(llama, "b")
+    torch.testing.assert_close(output(llama, ids), y_b)
+
+
+@pytest.mark.parametrize("mode", ["none", "all", "lora_only"])
+def test_bias_modes(tiny, mode):
+    gpt2 = tiny("gpt2")
+    pe.add_adapter(gpt2, "a", pe.LoraConfig(r=2, target_modules=["c_attn"], bias=mode))
+    biases = [n for n in _trainable(gpt2) if n.endswith(".bias")]
+    all_biases = [n for n, _ in gpt2.named_parameters() if n.endswith(".bias")]
+    expected = {"none": [], "all": sorted(all_biases),
+                "lora_only": [f"transformer.h.{i}.attn.c_attn.bias" for i in range(2)]}[mode]
+    assert biases == expected
+
+
+def test_modules_to_save(tiny, ids, output):
+    bert = tiny("bert_cls")
+    keys = list(bert.state_dict())
+    classifier = bert.classifier
+    y0 = output(bert, ids)
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    assert isinstance(bert.classifier, ModulesToSave) and bert.classifier.original_module is classifier
+    assert {"classifier.modules_to_save.a.weight", "classifier.modules_to_save.a.bias"} <= set(_trainable(bert))
+    assert not classifier.weight.requires_grad
+    assert set(keys) <= set(bert.state_dict())                                       # base keys unchanged
+    with torch.no_grad():
+        bert.classifier.modules_to_save["a"].bias.add_(1.0)
+    torch.testing.assert_close(output(bert, ids), y0 + 1.0)
+    pe.add_adapter(bert, "b", pe.LoraConfig(r=2, target_modules=["value"], modules_to_save=["classifier"]))
+    pe.set_active_adapter(bert, "b")
+    torch.testing.assert_close(output(bert, ids), y0)                                # b's own, untouched copy
+    with pe.disable_adapters(bert):
+        pe.set_active_adapter(bert, "a")
+        torch.testing.assert_close(output(bert, ids), y0)
+    pe.remove_adapter(bert, "a")
+    assert isinstance(bert.classifier, ModulesToSave) and list(bert.classifier.modules_to_save) == ["b"]
+    pe.unload(bert)
+    assert bert.classifier is classifier and list(bert.state_dict()) == keys
+
+
+def test_merge_disable_unmerge(tiny, ids, output, randomize_adapters):
+    gpt2 = tiny("gpt2")
+    y0 = output(gpt2, ids)
+    pe.add_adapter(gpt2, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    randomize_adapters(gpt2)
+    y = output(gpt2, ids)
+    pe.merge_adapter(gpt2, "a")
+    torch.testing.assert_close(output(gpt2, ids), y)
+    with pe.disable_adapters(gpt2):
+        torch.testing.assert_close(output(gpt2, ids), y0)
+        with pe.disable_adapters(gpt2):
+            pass
+        torch.testing.assert_close(output(gpt2, ids), y0)                          # still disabled after nesting
+    torch.testing.assert_close(output(gpt2, ids), y)
+    with pytest.raises(ValueError, match="already merged"):
+        pe.merge_adapter(gpt2, "a")
+    pe.add_adapter(gpt2, "b", pe.LoraConfig(r=2, target_modules=["c_proj"]))
+    with pytest.raises(ValueError, match="unmerge_adapter it first"):
+        pe.set_active_adapter(gpt2, "b")
+    pe.unmerge_adapter(gpt2, "a")
+    torch.testing.assert_close(output(gpt2, ids), y)
+    with pytest.raises(ValueError, match="not merged"):
+        pe.unmerge_adapter(gpt2, "a")
+    with pytest.raises(ValueError, match="only the active adapter can be merged"):
+        pe.merge_adapter(gpt2, "b")
+
+
+def test_remove_restores_modules_keys_and_flags(tiny, ids, output, randomize_adapters):
+    llama = tiny("llama")
+    llama.model.embed_tokens.weight.requires_grad_(False)                           # a user's own choice
+    flags = {n: p.requires_grad for n, p in llama.named_parameters()}
+    keys = list(llama.state_dict())
+    q_proj = llama.model.layers[0].self_attn.q_proj
+    y0 = output(llama, ids)
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(llama)
+    pe.merge_adapter(llama, "a")
+    pe.remove_adapter(llama, "a")                                                    # unmerges first
+    assert pe.active_adapter(llama) is None and list(pe.adapter_configs(llama)) == ["b"]
+    assert isinstance(llama.model.layers[0].self_attn.q_proj, LoraLinear)           # still carries b
+    assert not isinstance(llama.model.layers[0].self_attn.v_proj, LoraLinear)
+    pe.remove_adapter(llama, "b")
+    assert llama.model.layers[0].self_attn.q_proj is q_proj
+    assert list(llama.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in llama.named_parameters()} == flags
+    assert pe.adapter_configs(llama) == {} and not hasattr(llama, "ptlm_adapters")
+    torch.testing.assert_close(output(llama, ids), y0)
+
+
+def test_unload_with_merge_keeps_the_adapted_function(tiny, ids, output, randomize_adapters):
+    bert = tiny("bert_cls")
+    keys = list(bert.state_dict())
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules="all-linear", modules_to_save=["classifier"]))
+    randomize_adapters(bert)
+    y = output(bert, ids)
+    assert pe.unload(bert, merge=True) is bert
+    assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in bert.modules())
+    assert list(bert.state_dict()) == keys
+    torch.testing.assert_close(output(bert, ids), y)
+
+
+def test_errors_leave_the_model_unchanged(tiny):
+    llama = tiny("llama")
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    for name, config in [("a", pe.LoraConfig(target_modules=["nope"])),
+                         ("a", pe.LoraConfig(target_modules=["embed_tokens"])),
+                         ("a", pe.LoraConfig(target_modules=["q_proj"], modules_to_save=["nope"])),
+                         ("a.b", pe.LoraConfig()), ("", pe.LoraConfig()), ("keys", pe.LoraConfig())]:
+        with pytest.raises(ValueError):
+            pe.add_adapter(llama, name, config)
+    with pytest.raises(ValueError, match="has no adapters"):
+        pe.set_active_adapter(llama, "a")
+    assert not any(isinstance(m, LoraLinear) for m in llama.modules()) and not hasattr(llama, "ptlm_adapters")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        pe.add_adapter(llama, "a", pe.LoraConfig(r=2))
+    with pytest.raises(ValueError, match="no adapter named 'x'"):
+        pe.set_active_adapter(llama, "x")
+    pe.unload(llama)
+    assert all(torch.equal(v, state[k]) for k, v in llama.state_dict().items())
+
+
+def test_torch_compile(tiny, ids, output, randomize_adapters):
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], dropout=0.1))
+    randomize_adapters(llama)
+    y = output(llama, ids)
+    compiled = torch.compile(llama, backend="aot_eager")
+    y_compiled = output(compiled, ids)
+    y_compiled.sum().backward()
+    torch.testing.assert_close(y_compiled, y)
+    assert all(p.grad is not None for n, p in llama.named_parameters() if p.requires_grad)
+    with pe.disable_adapters(compiled):                                              # the API sees through it
+        y0 = output(compiled, ids)
+    assert not torch.allclose(y0, y)
+
+
+def test_hf_trainer_trains_only_the_adapter(tiny, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    bert = tiny("bert_cls")
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    before = {n: p.detach().clone() for n, p in bert.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (8,), generator=gen), "labels": torch.tensor(i % 3)}
+            for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=bert, args=args, train_dataset=data).train()
+    changed = {n for n, p in bert.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {n for n, p in bert.named_parameters() if p.requires_grad}
+    assert any(".lora_B.a." in n for n in changed) and "classifier.modules_to_save.a.weight" in changed
