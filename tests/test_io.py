@@ -1,0 +1,168 @@
+"""Adapter files: PEFT layout, round trips, and bad files that must fail clearly without touching the model."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ptlm_engine as pe
+from ptlm_engine import io
+from ptlm_engine.layers import LoraLinear
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+@pytest.fixture
+def saved(tiny, tmp_path, randomize_adapters):
+    """saved(kind="gpt2", **config) -> (a tiny model with a random adapter 'a', the directory it is in)."""
+    def save(kind="gpt2", **kw):
+        model = tiny(kind)
+        pe.add_adapter(model, "a", pe.LoraConfig(**{"r": 4, "alpha": 8, **kw}))
+        randomize_adapters(model)
+        pe.save_adapter(model, "a", tmp_path / "a")
+        return model, tmp_path / "a"
+    return save
+
+
+def test_peft_layout(saved):
+    _, path = saved(target_modules=["c_attn"], bias="lora_only", dropout=0.1, use_rslora=True)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out",
+                                   "bias", "target_modules", "task_type", "modules_to_save")} == {
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "use_rslora": True,
+        "fan_in_fan_out": True, "bias": "lora_only", "target_modules": ["c_attn"], "task_type": None,
+        "modules_to_save": None}
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert sorted(tensors) == sorted(f"base_model.model.transformer.h.{i}.attn.c_attn.{leaf}"
+                                     for i in range(2) for leaf in ("lora_A.weight", "lora_B.weight",
+                                                                    "base_layer.bias"))
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 64)
+    assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (192, 4)
+
+
+def test_all_linear_is_saved_as_the_resolved_names(saved):
+    _, path = saved("llama", target_modules="all-linear", layers_to_transform=1)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 7 and all(".layers.1." in n for n in config["target_modules"])
+
+
+@pytest.mark.parametrize("kind,kw", [
+    ("gpt2", {"target_modules": ["c_attn", "c_proj"], "bias": "all"}),
+    ("llama", {"target_modules": r"model\.layers\.\d\.mlp\.(up|down)_proj", "use_rslora": True}),
+    ("bert_cls", {"target_modules": ["query"], "modules_to_save": ["classifier"], "bias": "lora_only"}),
+])
+def test_round_trip(tiny, saved, ids, kind, kw, output):
+    model, path = saved(kind, **kw)
+    y = output(model, ids)
+    fresh = tiny(kind)
+    assert pe.load_adapter(fresh, path, name="b") == "b"
+    assert pe.active_adapter(fresh) == "b" and pe.adapter_configs(fresh)["b"] == pe.adapter_configs(model)["a"]
+    torch.testing.assert_close(output(fresh, ids), y)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, state, adapters=()):
+    assert list(pe.adapter_configs(model)) == list(adapters)
+    assert sorted(model.state_dict()) == sorted(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_missing_files(tiny, saved, tmp_path):
+    gpt2, path = saved(target_modules=["c_attn"])
+    fresh = tiny("gpt2")
+    state = _state(fresh)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
+        pe.load_adapter(fresh, tmp_path / "nowhere")
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="only safetensors"):
+        pe.load_adapter(fresh, path)
+    _assert_unchanged(fresh, state)
+
+
+def _corrupt(path, what):
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    config, tensors = json.loads(config_file.read_text()), load_file(weights_file)
+    key = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
+    if what == "json":
+        config_file.write_text("{not json")
+    elif what == "safetensors":
+        weights_file.write_bytes(weights_file.read_bytes()[:100])
+    elif what == "peft_type":
+        config["peft_type"] = "IA3"
+    elif what == "dora":
+        config["use_dora"] = True
+    elif what == "rank":
+        config["r"] = 0
+    elif what == "shape":
+        tensors[key] = tensors[key][:, :2].contiguous()
+    elif what == "missing":
+        del tensors[key]
+    elif what == "extra":
+        tensors["base_model.model.transformer.h.1.attn.c_proj.lora_A.weight"] = tensors[key].clone()
+    elif what == "targets":
+        config["target_modules"] = ["c_fc"]
+    if what not in ("json", "safetensors"):
+        config_file.write_text(json.dumps(config))
+        save_file(tensors, weights_file)
+
+
+@pytest.mark.parametrize("what,match", [
+    ("json", "not a readable JSON file"),
+    ("safetensors", "not a readable safetensors file"),
+    ("peft_type", "peft_type 'IA3' is not supported"),
+    ("dora", "use_dora=True asks for a PEFT feature"),
+    ("rank", "r must be a positive integer"),
+    ("shape", r"lora_B.weight: shape \(192, 2\), the model needs \(192, 4\)"),
+    ("missing", r"missing base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"),
+    ("extra", "unexpected base_model.model.transformer.h.1.attn.c_proj.lora_A.weight"),
+    ("targets", "missing .*c_fc.lora_A.weight"),
+])
+def test_bad_files_fail_clearly_and_change_nothing(tiny, saved, what, match):
+    _, path = saved(target_modules=["c_attn"], bias="all")
+    fresh = tiny("gpt2")
+    pe.add_adapter(fresh, "other", pe.LoraConfig(r=2, target_modules=["c_proj"]))
+    state = _state(fresh)
+    _corrupt(path, what)
+    with pytest.raises(ValueError, match=match):
+        pe.load_adapter(fresh, path, name="a")
+    _assert_unchanged(fresh, state, adapters=["other"])
+    assert not isinstance(fresh.transformer.h[0].attn.c_attn, LoraLinear)
+
+
+def test_failure_while_copying_rolls_back(tiny, saved, monkeypatch):
+    _, path = saved("bert_cls", target_modules=["query"], modules_to_save=["classifier"], bias="all")
+    fresh = tiny("bert_cls")
+    state = _state(fresh)
+    flags = {n: p.requires_grad for n, p in fresh.named_parameters()}
+    copies, real_copy = [], torch.Tensor.copy_
+
+    def copy_failing_once(self, src, *args, **kwargs):
+        copies.append(self)
+        if len(copies) == 9:   # 4 LoRA weights, 2 classifier tensors, then 2 base biases already overwritten
+            raise RuntimeError("device lost")
+        return real_copy(self, src, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_failing_once)
+    with pytest.raises(RuntimeError, match="device lost"):
+        pe.load_adapter(fresh, path, name="a")
+    monkeypatch.undo()
+    _assert_unchanged(fresh, state)
+    assert {n: p.requires_grad for n, p in fresh.named_parameters()} == flags
+
+
+def test_name_taken(saved):
+    gpt2, path = saved(target_modules=["c_attn"])
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        pe.load_adapter(gpt2, path, name="a")
+
+
+def test_read_config_maps_peft_fields(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj"],
+        "layers_to_transform": [0, 1], "layers_pattern": "layers", "bias": "none", "use_dora": False,
+        "rank_pattern": {}, "task_type": "CAUSAL_LM", "megatron_core": "megatron.core"}))
+    assert io.read_config(tmp_path) == pe.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj"],
+                                                     layers_to_transform=[0, 1])
