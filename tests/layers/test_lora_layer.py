@@ -202,3 +202,14 @@ def test_triton_kernels_through_the_layer(kind, monkeypatch):
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compiles_without_graph_breaks():
+    _, layer = _layer("conv1d")
+    layer.active_adapter = "a"
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    torch.testing.assert_close(y, _expected(layer, x))
+    y.sum().backward()
+    assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
