@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .configs import (DECODE_MAX_T, INTERPRETED, decode_matmul_configs, prefill_matmul_configs,  # noqa: F401
-                      prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
+                      TunedLauncher, cdiv, next_pow2, prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,9 +76,9 @@ def _lora_shrink_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
-_lora_shrink = triton.autotune(shrink_configs(), key=["T_BUCKET", "K", "R", "HAS_DROPOUT"],
-                               prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
-                               do_bench=tune_bench)(_lora_shrink_kernel)
+_lora_shrink = TunedLauncher(triton.autotune(
+    shrink_configs(), key=["T_BUCKET", "K", "R", "HAS_DROPOUT"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
+    reset_to_zero=["out_ptr"], do_bench=tune_bench)(_lora_shrink_kernel))
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch.Tensor | None = None,
@@ -90,9 +90,10 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
     if T == 0:
         return out
     has_dropout = dropout > 0.0
-    block_r = max(16, min(triton.next_power_of_2(R), 64))
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(R, block_r), meta["SPLIT_K"])
-    _lora_shrink[grid](
+    block_r = max(16, min(next_pow2(R), 64))
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(R, block_r), meta["SPLIT_K"])
+    key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
+    _lora_shrink.launch(key, grid,
         x, lora_A, out, seed if has_dropout else out,
         T, K, R, t_bucket(T),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
@@ -184,10 +185,11 @@ def _lora_matmul_kernel(
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS"]
-_lora_matmul_decode = triton.autotune(decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
-                                     do_bench=tune_bench)(_lora_matmul_kernel)
-_lora_matmul_prefill = triton.autotune(prefill_matmul_configs(), key=_MATMUL_KEY,
-                                      do_bench=tune_bench)(_lora_matmul_kernel)
+_lora_matmul_decode = TunedLauncher(triton.autotune(
+    decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
+    do_bench=tune_bench)(_lora_matmul_kernel))
+_lora_matmul_prefill = TunedLauncher(triton.autotune(
+    prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_lora_matmul_kernel))
 MAX_FUSED_RANK = 64  # the matmul holds the whole r-wide xa tile on chip
 
 
@@ -223,8 +225,10 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     if M == 0:
         return y, xa
     kernel = _lora_matmul_decode if M <= DECODE_MAX_T else _lora_matmul_prefill
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    kernel[grid](
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    key = (t_bucket(M), N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None,
+           x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
+    kernel.launch(key, grid,
         x, weight, lora_A, xa, lora_B, bias if bias is not None else y, y,
         seed if (x_dropout > 0.0 or out_dropout > 0.0) else y,
         M, N, K, R, t_bucket(M),
@@ -233,7 +237,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
         FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
         HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_R=max(16, min(triton.next_power_of_2(R), MAX_FUSED_RANK)),
+        BLOCK_R=max(16, min(next_pow2(R), MAX_FUSED_RANK)),
     )
     return y, xa
 
@@ -271,8 +275,9 @@ def _lora_weight_grad_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
-_lora_weight_grad = triton.autotune(weight_grad_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"],
-                                    reset_to_zero=["out_ptr"], do_bench=tune_bench)(_lora_weight_grad_kernel)
+_lora_weight_grad = TunedLauncher(triton.autotune(
+    weight_grad_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"], reset_to_zero=["out_ptr"],
+    do_bench=tune_bench)(_lora_weight_grad_kernel))
 
 
 def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None = None,
@@ -287,9 +292,10 @@ def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None
     if T == 0:
         return out
     has_dropout = dropout > 0.0
-    block_r = max(16, min(triton.next_power_of_2(R), 64))
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(R, block_r), meta["SPLIT_T"])
-    _lora_weight_grad[grid](
+    block_r = max(16, min(next_pow2(R), 64))
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
+    key = (t_bucket(T), N, R, has_dropout, g.dtype)
+    _lora_weight_grad.launch(key, grid,
         g, h, out, seed if has_dropout else out,
         T, N, R, t_bucket(T),
         g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
