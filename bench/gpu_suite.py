@@ -1,0 +1,135 @@
+"""The whole GPU benchmark in one call: about 270 s on an H100 (half of it ptlm's autotuning), 400 s at most.
+
+    python -u -m bench.gpu_suite OUT_DIR [--budget-s 400] [--no-graph] [--no-model] [--gradient-checkpointing]
+    PTLM_BACKEND=reference python -m bench.gpu_suite OUT_DIR --smoke      # tiny shapes on CPU
+
+Phases, in order of importance; each one saves the results so far, so even a killed run leaves its files:
+  1. the card's ceilings (copy bandwidth, bf16 GEMM)
+  2. LoRA layer, r=16: the three layer shapes x all T x fwd, fwd+bwd x floor, cuBLAS, eager, PEFT, ptlm;
+     CUDA-graph timings too at T <= 256, where plain launches are launch-bound
+  3. the model training step: HF PEFT, then ptlm
+  4. LoRA layer, r=8 and r=64 at T=16 and T=4096: floor, cuBLAS, eager, ptlm
+Phase 2 stops starting new cases when only --model-reserve-s of the budget is left; phase 4 uses what remains.
+
+Writes OUT_DIR/results.json, results.csv, results.md and results.png (4 files) and prints a summary of at
+most 60 lines.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from bench import harness, lora, model_train, report
+
+GRAPH_MAX_T = 256
+EXTRA_RANKS, EXTRA_TOKENS = [8, 64], [16, 4096]
+EXTRA_PROVIDERS = ["floor", "cublas", "eager", "ptlm"]
+
+log = functools.partial(print, flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="output directory (at most 4 files are written)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and model on CPU")
+    p.add_argument("--budget-s", type=float, default=400.0, help="no new case starts after this many seconds")
+    p.add_argument("--model-reserve-s", type=float, default=150.0, help="seconds phase 2 leaves for phase 3")
+    p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--no-model", action="store_true", help="skip the model training step")
+    p.add_argument("--warmup-ms", type=float, default=25.0)
+    p.add_argument("--rep-ms", type=float, default=50.0)
+    model_train.add_arguments(p)
+    args = p.parse_args(argv)
+    model_train.resolve(args)
+    return args
+
+
+def lora_phases(args, device: torch.device, start: float):
+    """(name, grid, graph timings?, deadline) for phases 2 and 4."""
+    shapes = lora.SMOKE_SHAPES if args.smoke else lora.LAYER_SHAPES
+    tokens = lora.SMOKE_TOKENS if args.smoke else lora.TOKENS
+    extra_tokens = tokens[:1] if args.smoke else EXTRA_TOKENS
+    graph = not args.no_graph and device.type == "cuda"
+    main_deadline = start + args.budget_s - (0 if args.no_model else args.model_reserve_s)
+
+    def grid(ranks, tok, providers):
+        return lora.grid(shapes, tok, ranks, providers, lora.MODES, device)
+    small = [t for t in tokens if t <= GRAPH_MAX_T]
+    large = [t for t in tokens if t > GRAPH_MAX_T]
+    main = [("LoRA r=16, T<=256", grid([16], small, lora.PROVIDERS), graph, main_deadline),
+            ("LoRA r=16, T>256", grid([16], large, lora.PROVIDERS), False, main_deadline)]
+    extra = [("LoRA r=8/64", grid(EXTRA_RANKS, extra_tokens, EXTRA_PROVIDERS), False, start + args.budget_s)]
+    return main, extra
+
+
+def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path, wall_s: float) -> list[str]:
+    m, c = results.meta, results.ceilings
+    lines = [f"ptlm_engine GPU suite on {m['card']}: torch {m['torch']}, triton {m['triton']}, "
+             f"transformers {m['transformers']}, peft {m['peft']}, ptlm backend {m['ptlm_backend']}",
+             f"ceilings: copy {c['copy_GBps'] / 1e3:.2f} TB/s (read+write), {c['gemm_dtype']} GEMM "
+             f"{c['gemm_TFLOPs']:.4g} TFLOP/s", ""]
+    lines += lora.compact_table(rows, 16) + [""]
+    graph_lines = lora.ratio_lines(rows, [16], "graph")
+    if graph_lines:
+        lines += ["CUDA-graph replay, r=16: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)"] + graph_lines + [""]
+    extra_lines = lora.ratio_lines(rows, EXTRA_RANKS, "plain")
+    if extra_lines:
+        lines += ["Other ranks, plain launches: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)"] + extra_lines + [""]
+    lines += ["Targets:"] + lora.target_checks(rows) + [""]
+    lines += model_train.summary(rows) + [""]
+    failed = sum(1 for r in rows if r.get("ms") is None)
+    lines.append(f"{len(rows)} rows, {failed} failed, {skipped} cases skipped for the budget; {wall_s:.0f} s; "
+                 f"files in {out}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> harness.Results:
+    args = parse_args(argv)
+    start = time.monotonic()
+    device = harness.pick_device(args.smoke)
+    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
+    meta = {**harness.environment(device), "ptlm_backend": lora.ptlm_backend(probe), "smoke": args.smoke}
+    if device.type == "cuda" and meta["ptlm_backend"] != "triton":
+        log("WARNING: ptlm_engine would run its PyTorch reference, not Triton: its rows will fail. Install the "
+            "package (pip install --no-build-isolation -e .) and leave PTLM_BACKEND unset.")
+    log(f"[{time.monotonic() - start:5.0f} s] ceilings")
+    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
+    results = harness.Results(meta, ceilings, [], tables={lora.OP: lora.TABLE, model_train.OP: model_train.TABLE})
+    rows, skipped = results.rows, 0
+
+    def save():
+        results.meta["wall_s"] = time.monotonic() - start
+        results.meta["skipped_cases"] = skipped
+        results.notes = lora.target_checks(rows) + model_train.summary(rows)
+        harness.save(results, args.out, "results")
+
+    def run_lora(phases):
+        nonlocal skipped
+        for name, grid, graph, deadline in phases:
+            log(f"[{time.monotonic() - start:5.0f} s] {name}: {len(grid.shapes)} shape points")
+            opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, graph, deadline, log)
+            new_rows, n_skipped = harness.run_grid(grid, ceilings, opt)
+            rows.extend(new_rows)
+            skipped += n_skipped
+            save()
+
+    main_phases, extra_phases = lora_phases(args, device, start)
+    run_lora(main_phases)
+    if not args.no_model:
+        log(f"[{time.monotonic() - start:5.0f} s] model training step")
+        rows.extend(model_train.run(args, device, log))
+        save()
+    run_lora(extra_phases)
+    report.plot(results, args.out / "results.png")
+    wall_s = time.monotonic() - start
+    save()
+    log("\n".join(summary(results, rows, skipped, args.out, wall_s)))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Model-level LoRA training step: a Llama-shaped decoder, HF PEFT against ptlm_engine.
+
+The decoder of the design notes (hidden 2048, 16 layers, 32 heads / 8 KV heads, FFN 5632, vocab 32000, random
+bf16 weights, SDPA attention), LoRA r=16 alpha=32 dropout=0.05 on q, k, v, o, gate, up and down, batch 8 x 1024
+random tokens, causal-LM loss, AdamW on the LoRA parameters. Each provider gets a fresh model built from the
+same seed; the bench freezes the base before adding adapters, so both train exactly the LoRA parameters (the
+row's `trainable` count is checked against r·(d_in+d_out) summed over the targeted layers).
+
+Per provider: median seconds per step (forward, backward, optimizer step, zero_grad; each step between two
+device synchronizations) after warm-up steps — ptlm's kernels autotune in the first — and the peak memory
+allocated (torch.cuda.max_memory_allocated, reset after the warm-up, so it covers steady-state steps with the
+optimizer state in place).
+
+    python -m bench.model_train --out DIR [--providers peft,ptlm] [--steps 10] [--gradient-checkpointing]
+    python -m bench.model_train --smoke --out DIR      # a tiny decoder on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import harness
+
+OP = "llama_train_step"
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROVIDERS = ["peft", "ptlm"]
+RANK, ALPHA, DROPOUT = 16, 32, 0.05
+# The PEFT step measured on the project's H100 (shared/anchors/h100-model-2026-11-25.json) and the goal.
+BASELINE_PEFT_S, BASELINE_PEFT_GB = 0.131, 16.1
+TARGET_SPEEDUP = 1.3
+
+TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "seq", "r"], values=["ms", "peak_gb"],
+                           ratios=[("ptlm", "peft", "ms"), ("ptlm", "peft", "peak_gb")])
+
+
+def llama_config(smoke: bool):
+    from transformers import LlamaConfig
+    size = (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=256) if smoke else
+            dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                 intermediate_size=5632, vocab_size=32000))
+    return LlamaConfig(**size, max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
+
+
+def build_model(config, device: torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(dtype)
+    model.requires_grad_(False)  # the frozen base: only the adapters train
+    return model.train()
+
+
+def expected_lora_params(model: nn.Module, rank: int) -> int:
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGET_MODULES)
+
+
+def add_lora(model: nn.Module, provider: str, rank: int, alpha: int, dropout: float,
+             peft_fp32_adapters: bool = False) -> nn.Module:
+    if provider == "peft":
+        from peft import LoraConfig, get_peft_model
+        # PEFT by default upcasts bf16 adapters to fp32, which casts every LoRA input to an fp32 copy (measured
+        # on the H100: 0.216 s/step and 26 GB instead of ~0.13 s / 16 GB). Kept in the model's dtype unless
+        # asked, like ptlm's adapters: the comparison is between implementations, not precisions.
+        return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                target_modules=TARGET_MODULES, task_type="CAUSAL_LM"),
+                              autocast_adapter_dtype=peft_fp32_adapters)
+    if provider == "ptlm":
+        import ptlm_engine as pe
+        missing = [n for n in ("add_adapter", "set_active_adapter", "LoraConfig") if not hasattr(pe, n)]
+        if missing:
+            raise RuntimeError(f"ptlm_engine has no {', '.join(missing)}: the adapter API "
+                               "(pe.add_adapter / pe.LoraConfig / pe.set_active_adapter) is not in this checkout")
+        pe.add_adapter(model, "a", pe.LoraConfig(r=rank, alpha=alpha, dropout=dropout,
+                                                 target_modules=TARGET_MODULES))
+        pe.set_active_adapter(model, "a")
+        return model
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def measure(provider: str, args, device: torch.device) -> dict:
+    """One provider's row: build a fresh model, add LoRA, warm up, time steps, free everything."""
+    config = llama_config(args.smoke)
+    shape = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "batch": args.batch,
+             "seq": args.seq, "r": args.rank}
+    mode = "train+ckpt" if args.gradient_checkpointing else "train"
+    row = {"op": OP, "provider": provider, "mode": mode, "timing": "plain", **shape}
+    model = opt = None
+    try:
+        model = build_model(config, device, torch.bfloat16)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        expected = expected_lora_params(model, args.rank)
+        model = add_lora(model, provider, args.rank, args.alpha, args.dropout, args.peft_fp32_adapters)
+        params = [p for p in model.parameters() if p.requires_grad]
+        row["trainable"] = sum(p.numel() for p in params)
+        row["adapter_dtype"] = ",".join(sorted({str(p.dtype).removeprefix("torch.") for p in params}))
+        if row["trainable"] != expected:
+            row["note"] = f"trainable {row['trainable']} != expected LoRA params {expected}"
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
+
+        def step() -> torch.Tensor:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        harness.sync(device)
+        row["first_call_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.steps):
+            harness.sync(device)
+            t0 = time.perf_counter()
+            loss = step()
+            harness.sync(device)
+            times.append(time.perf_counter() - t0)
+        row["ms"] = statistics.median(times) * 1e3
+        row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
+        row["loss"] = float(loss)
+        if device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        if not math.isfinite(row["loss"]):
+            row["note"] = f"non-finite loss {row['loss']}"
+    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
+        row["ms"] = None
+        row["note"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        del model, opt
+        harness.free_memory()
+    return row
+
+
+def run(args, device: torch.device, log=print) -> list[dict]:
+    rows = []
+    for provider in args.providers:
+        row = measure(provider, args, device)
+        rows.append(row)
+        if row["ms"] is None:
+            log(f"  {OP} {provider}: FAILED {row['note']}")
+        else:
+            log(f"  {OP} {provider}: {row['ms'] / 1e3:.4f} s/step, {row['tok_s']:,.0f} tok/s, "
+                f"peak {row.get('peak_gb') or 0:.2f} GB, trainable {row['trainable']:,} {row['adapter_dtype']}, "
+                f"warm-up {row['first_call_s']:.1f} s" + (f"  [{row['note']}]" if row.get("note") else ""))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    by = {r["provider"]: r for r in rows if r["op"] == OP and r.get("ms")}
+    lines = [f"PEFT baseline of the design notes (H100): {BASELINE_PEFT_S:.3f} s/step, {BASELINE_PEFT_GB} GB peak"]
+    for provider, r in by.items():
+        lines.append(f"{provider:5s} {r['mode']}: {r['ms'] / 1e3:.4f} s/step  {r['tok_s']:>9,.0f} tok/s  "
+                     f"peak {r.get('peak_gb') or 0:6.2f} GB  loss {r['loss']:.3f}")
+    if "ptlm" in by and "peft" in by:
+        speedup = by["peft"]["ms"] / by["ptlm"]["ms"]
+        peaks = by["ptlm"].get("peak_gb"), by["peft"].get("peak_gb")
+        memory = "n/a" if None in peaks else "PASS" if peaks[0] <= peaks[1] else "FAIL"
+        lines.append(f"ptlm vs PEFT: {speedup:.2f}x faster (target >= {TARGET_SPEEDUP}x: "
+                     f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}), memory {memory} "
+                     f"(target: no more than PEFT)")
+    return lines
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (ptlm autotunes in the first)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step (8; smoke: 2)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (1024; smoke: 32)")
+    p.add_argument("--rank", type=int, default=RANK)
+    p.add_argument("--alpha", type=int, default=ALPHA)
+    p.add_argument("--dropout", type=float, default=DROPOUT)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--peft-fp32-adapters", action="store_true",
+                   help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters stay bf16, as ptlm's)")
+
+
+def resolve(args) -> None:
+    """Fill the sizes that depend on --smoke."""
+    args.batch = args.batch or (2 if args.smoke else 8)
+    args.seq = args.seq or (32 if args.smoke else 1024)
+
+
+def main(argv: list[str] | None = None) -> harness.Results:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for model_train.json / .csv / .md")
+    p.add_argument("--smoke", action="store_true", help="tiny decoder on CPU")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    resolve(args)
+    start = time.monotonic()
+    device = harness.pick_device(args.smoke)
+    meta = {**harness.environment(device), "smoke": args.smoke}
+    rows = run(args, device)
+    meta["wall_s"] = time.monotonic() - start
+    results = harness.Results(meta, {}, rows, tables={OP: TABLE}, notes=summary(rows))
+    harness.save(results, args.out, "model_train")
+    print("\n".join(results.notes))
+    return results
+
+
+if __name__ == "__main__":
+    main()
