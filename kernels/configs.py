@@ -39,10 +39,15 @@ def _cfg(warps, stages, **meta):
 
 
 def decode_matmul_configs():
-    """Skinny-M tiles for small T: many programs along N, long K steps, deep pipelines to keep HBM busy."""
+    """Skinny-M tiles for small T: many programs along N, long K steps, deep pipelines to keep HBM busy.
+
+    GROUP_M=8 spans every row block at T <= 64, so the programs sharing a W0 tile run side by side and W0
+    streams from HBM once (with GROUP_M=1 each row block swept all of W0 in turn: measured 2.5x cuBLAS at
+    4096x4096, T=64, against 1.1x at T <= 16 where one row block covers T).
+    """
     if INTERPRETED:
-        return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1)]
-    return [_cfg(4, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1)
+        return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)]
+    return [_cfg(4, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
             for bm in (16, 32, 64) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128)) for s in (4,)]
 
 

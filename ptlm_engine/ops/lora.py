@@ -159,24 +159,28 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_
         raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scale: float, dropout: float, fan_in_fan_out: bool) -> Tensor:
     _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out, dropout)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    x2d = x.reshape(-1, d_in)                                                        # (T, d_in), a view if it can
-    use_triton = triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES
-    if not use_triton:
+    # At decode the whole op is a few microseconds of GPU time, so the host path avoids needless views.
+    flat = x.dim() != 2
+    x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in), a view if it can
+    if not (triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES):
         keep = None
         if dropout > 0.0:
             keep = torch.rand_like(x2d) >= dropout
         y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, keep, dropout, fan_in_fan_out)
-        return y.reshape(*lead, y.shape[-1])
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
-    args = (x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed, fan_in_fan_out)
-    if torch.compiler.is_compiling():
-        y, _ = lora_linear_fwd(*args)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-        y, _ = LoraLinearFunction.apply(*args)
-    else:  # inference: no autograd bookkeeping at all
-        y, _ = _forward(*args)
-    return y.reshape(*lead, y.shape[-1])
+    else:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
+        args = (x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed, fan_in_fan_out)
+        if torch.compiler.is_compiling():
+            y, _ = lora_linear_fwd(*args)
+        elif _needs_grad(x, weight, bias, lora_A, lora_B):
+            y, _ = LoraLinearFunction.apply(*args)
+        else:  # inference: no autograd bookkeeping at all
+            y, _ = _forward(*args)
+    return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
