@@ -51,7 +51,7 @@ def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided
 
 
 @pytest.mark.parametrize("fuse_shrink", [True, False])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,d_in,d_out,r", [(1, 37, 29, 1), (13, 45, 53, 5), (70, 33, 47, 17), (5, 19, 21, 40),
                                             (3, 21, 18, 90)])
 def test_kernels_odd_shapes(T, d_in, d_out, r, dtype, fuse_shrink):
@@ -59,7 +59,7 @@ def test_kernels_odd_shapes(T, d_in, d_out, r, dtype, fuse_shrink):
     _check_case(T, d_in, d_out, r, dtype, fuse_shrink=fuse_shrink)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
 def test_kernels_strided_and_transposed(dtype):
     torch.manual_seed(1)
     _check_case(23, 31, 27, 3, dtype, bias=False, transposed_w=True, strided_x=True)
@@ -113,7 +113,7 @@ def test_dropout_mask_shared_by_forward_and_backward():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", [1, 61, 2049])
 @pytest.mark.parametrize("d_in,d_out,r", [(4096, 4096, 16), (1000, 3001, 256)])
 def test_kernels_realistic_shapes(T, d_in, d_out, r, dtype):

@@ -37,7 +37,7 @@ def _leaf64(t):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [
     dict(lead=(3, 7), d_in=33, d_out=45, r=4),
     dict(lead=(29,), d_in=40, d_out=24, r=1, bias=False),
