@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ptlm_engine.ops.lora import lora_linear_op
+from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -15,3 +16,13 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     the LoRA branch only; pass dropout=0.0 outside training, as PEFT does in eval mode.
     """
     return lora_linear_op(x, weight, bias, lora_A, lora_B, scale, dropout, fan_in_fan_out)
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots,
+                      adapter_index: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """Every token with its own adapter: y[t] = x[t] W0^T + bias + s_a x[t] A_a^T B_a^T, a = adapter_index[t].
+
+    x (..., d_in); slots: the layer's stacked adapters (see LoraSlots); adapter_index (...) integer slot per
+    token, -1 for the base model alone. Gradients reach each slot's A and B from its own tokens only.
+    """
+    return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out)

@@ -32,3 +32,20 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if bias is not None:
         y = y + bias
     return y + scale * ((x_lora @ lora_A.t()) @ lora_B.t())
+
+
+def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                      scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+    """Each token t with its own adapter a = adapter_index[t]: y[t] = x[t] W0^T + bias + s_a x[t] A_a^T B_a^T.
+
+    x (T, d_in); lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max), stacked slots zero beyond each slot's
+    rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone.
+    """
+    w = weight.t() if fan_in_fan_out else weight
+    y = x @ w.t()
+    if bias is not None:
+        y = y + bias
+    has = adapter_index >= 0
+    slot = adapter_index.clamp_min(0).long()
+    xa = torch.einsum("ti,tri->tr", x, lora_A[slot]) * (scales[slot] * has).to(x.dtype)[:, None]   # (T, r_max)
+    return y + torch.einsum("tr,tor->to", xa, lora_B[slot])
