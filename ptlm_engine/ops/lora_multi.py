@@ -5,12 +5,18 @@ lora_linear_multi_op -> LoraLinear with a per-row mapping -> functional.lora_lin
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.lora import lora_kernels, triton_enabled
+
+try:
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    multi_kernels = None
 
 
 class LoraSlots(NamedTuple):
@@ -56,12 +62,102 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
 
 
+# ------------------------------------------------------------------------------------------ implementations
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
+             scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a x A_a^T per token (saved for backward)."""
+    w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
+    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales)
+    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias), xa
+
+
+def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
+              scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool,
+              need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """g = s_a dy B_a (T, r_pad); dx = dy W0 + g A_a; dA_a = sum_{t in a} g^T x; dB_a = sum_{t in a} dy^T xa."""
+    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales)
+    if need_dx:
+        w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
+        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks)
+    else:
+        dx = dy.new_empty((0,))
+    order, bounds = multi_kernels.token_segments(adapter_index, lora_A.shape[0])
+    r_max = lora_A.shape[1]
+    d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max).transpose(1, 2)
+    d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)
+    return dx, d_a.to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+lora_linear_multi_fwd = torch.library.custom_op("ptlm::lora_linear_multi_fwd", _forward, mutates_args=())
+lora_linear_multi_bwd = torch.library.custom_op("ptlm::lora_linear_multi_bwd", _backward, mutates_args=())
+
+
+@lora_linear_multi_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out):
+    d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    width = multi_kernels.padded_rank(lora_A.shape[1])
+    return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], width), dtype=torch.float32)
+
+
+@lora_linear_multi_bwd.register_fake
+def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out, need_dx):
+    dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
+    return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index)
+    ctx.fan_in_fan_out, ctx.has_bias = fan_in_fan_out, bias is not None
+
+
+def _grads(ctx, dy, bwd):
+    x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, ctx.fan_in_fan_out,
+                       need[0])
+    d_w = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x) if need[1] else None
+    d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
+    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
+
+
+torch.library.register_autograd("ptlm::lora_linear_multi_fwd",
+                                lambda ctx, dy, _dxa: _grads(ctx, dy, lora_linear_multi_bwd),
+                                setup_context=_setup_context)
+
+
+class LoraLinearMultiFunction(torch.autograd.Function):
+    """Eager autograd path over the same implementations as the custom ops."""
+
+    @staticmethod
+    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out):
+        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, _dxa):
+        return _grads(ctx, dy, _backward)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
 def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots,
                          adapter_index: Tensor, fan_in_fan_out: bool) -> Tensor:
     _check(x, weight, bias, slots, adapter_index, fan_in_fan_out)
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
     index = adapter_index.reshape(-1)                                               # (T,)
-    y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
-                                    fan_in_fan_out)
+    if not (triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES):
+        y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
+                                        fan_in_fan_out)
+    else:
+        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, slots.ranks.to(torch.int32),
+                slots.scales.to(torch.float32), index.to(torch.int32), fan_in_fan_out)
+        if torch.compiler.is_compiling():
+            y, _ = lora_linear_multi_fwd(*args)
+        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+            y, _ = LoraLinearMultiFunction.apply(*args)
+        else:  # inference: no autograd bookkeeping at all
+            y, _ = _forward(*args)
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

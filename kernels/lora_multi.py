@@ -1,0 +1,285 @@
+"""Multi-adapter LoRA linear: each token t picks slot a = idx[t] (or -1, none) of stacked adapters.
+
+    y[t] = x[t] W^T + bias + xa[t] B_a^T,   xa[t] = s_a x[t] A_a^T   (fp32, r_max wide, zero beyond rank_a)
+
+Three kernels, as for the single-adapter op, each reused by backward through strides:
+- shrink:      xa = per-row s_a x A_a^T (T, r_max) fp32; also g = s_a dy B_a in backward (BGMV-like gather).
+- matmul:      the base GEMM with every row block's distinct adapters expanded in its epilogue: no d_out-wide
+               LoRA product in memory; also dx = dy W0 + g A_a in backward.
+- weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
+               device-sorted segments so the work is one pass over the tokens whatever the number of slots.
+A row block handles each distinct slot among its rows once ("leader" rows), looping only over that slot's
+own rank in steps of 16: mixed ranks cost no padding compute, and rows with no adapter cost only the base
+GEMM. Nothing reads the mapping on the host, so a CUDA graph can replay with a new mapping in the same buffers.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
+                      shrink_configs, t_bucket, tune_bench, weight_grad_configs)
+from .lora import _dot_fp32
+
+BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
+
+
+@triton.jit
+def _block_leaders(slot, BLOCK: tl.constexpr):
+    """For a row block's slots (BLOCK,): True where a row is the first of its slot (and the slot is >= 0)."""
+    rows = tl.arange(0, BLOCK)
+    same = slot[:, None] == slot[None, :]
+    earlier = rows[None, :] < rows[:, None]
+    return (tl.sum((same & earlier).to(tl.int32), axis=1) == 0) & (slot >= 0)
+
+
+@triton.jit
+def _pick(values, i, BLOCK: tl.constexpr):
+    """values[i] as a scalar (values is a (BLOCK,) int tensor)."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == i, values, 0), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------------- shrink
+@triton.jit
+def _multi_shrink_kernel(
+    x_ptr, a_ptr, idx_ptr, ranks_ptr, scales_ptr, out_ptr,
+    T, K, T_BUCKET,
+    stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
+    FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_t = offs_t < T
+    slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
+    leaders = _block_leaders(slot, BLOCK_T).to(tl.int32)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for i in range(BLOCK_T):
+        s = _pick(slot, i, BLOCK_T)
+        rank = tl.load(ranks_ptr + tl.maximum(s, 0))
+        if (_pick(leaders, i, BLOCK_T) > 0) & (pid_r * BLOCK_R < rank):
+            rows = mask_t & (slot == s)
+            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                            mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)        # (BLOCK_T, BLOCK_K)
+                a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                            mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
+                if FP32_DOT:
+                    acc = tl.dot(x, a, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, a, acc)
+    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+    acc = acc * scale[:, None]
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc, mask=mask_t[:, None])
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask_t[:, None])
+
+
+_multi_shrink = TunedLauncher(triton.autotune(
+    shrink_configs(), key=["T_BUCKET", "K"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
+    reset_to_zero=["out_ptr"], do_bench=tune_bench)(_multi_shrink_kernel))
+
+
+def padded_rank(r_max: int) -> int:
+    """xa's width: r_max rounded up to the rank granularity, so every kernel tile stays in bounds."""
+    return cdiv(r_max, BLOCK_R) * BLOCK_R
+
+
+def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torch.Tensor, ranks: torch.Tensor,
+                      scales: torch.Tensor) -> torch.Tensor:
+    """xa[t] = scales[a] * x[t] @ lora_A[a]^T with a = adapter_index[t] (0 where a = -1), fp32.
+
+    x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32.
+    Returns (T, padded_rank(r_max)), zero beyond each token's rank.
+    """
+    T, K = x.shape
+    width = padded_rank(lora_A.shape[1])
+    out = torch.zeros((T, width), device=x.device, dtype=torch.float32)  # zeroed: split-K adds into it
+    if T == 0:
+        return out
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"])
+    _multi_shrink.launch(
+        (t_bucket(T), K, x.dtype, lora_A.dtype), grid,
+        x, lora_A, adapter_index, ranks, scales, out,
+        T, K, t_bucket(T),
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
+        out.stride(0), out.stride(1),
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+@triton.jit
+def _multi_matmul_kernel(
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, ranks_ptr, bias_ptr, y_ptr,
+    M, N, K, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_n = (pid % group_size) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
+        if FP32_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+
+    # Epilogue: each distinct slot among the block's rows expands its own rows, over its own rank only.
+    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+    leaders = _block_leaders(slot, BLOCK_M).to(tl.int32)
+    offs_r = tl.arange(0, BLOCK_R)
+    for i in range(BLOCK_M):
+        s = _pick(slot, i, BLOCK_M)
+        if _pick(leaders, i, BLOCK_M) > 0:
+            rows = mask_m & (slot == s)
+            rank = tl.load(ranks_ptr + s)
+            for r0 in range(0, rank, BLOCK_R):
+                offs_rr = r0 + offs_r
+                xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
+                             mask=rows[:, None], other=0.0)                                  # (BLOCK_M, BLOCK_R)
+                b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                            mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)    # (BLOCK_R, BLOCK_N)
+                acc = _dot_fp32(xa, b.to(tl.float32), acc, FP32_DOT)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_BIAS"]
+_multi_matmul_decode = TunedLauncher(triton.autotune(
+    decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
+    do_bench=tune_bench)(_multi_matmul_kernel))
+_multi_matmul_prefill = TunedLauncher(triton.autotune(
+    prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_multi_matmul_kernel))
+
+
+def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
+                      adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[t] = x[t] @ weight^T + xa[t, :r_a] @ lora_B[a, :, :r_a]^T + bias, with a = adapter_index[t] (-1: none).
+
+    x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
+    any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None. `out` (M, N), if given,
+    receives y.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
+    if M == 0:
+        return y
+    kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    kernel.launch(
+        (t_bucket(M), N, K, bias is None, x.dtype, weight.dtype, lora_B.dtype), grid,
+        x, weight, xa, lora_B, adapter_index, ranks, bias if bias is not None else y, y,
+        M, N, K, t_bucket(M),
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
+        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+    )
+    return y
+
+
+# ----------------------------------------------------------------------------------------------- weight grad
+@triton.jit
+def _multi_weight_grad_kernel(
+    g_ptr, h_ptr, order_ptr, seg_ptr, ranks_ptr, out_ptr,
+    N, T_BUCKET,
+    stride_gt, stride_gn, stride_ht, stride_hr, stride_os, stride_on, stride_or,
+    FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    s = tl.program_id(0)
+    pid_nr = tl.program_id(1)
+    pid_t = tl.program_id(2)
+    num_r = tl.num_programs(1) // tl.cdiv(N, BLOCK_N)
+    pid_n = pid_nr // num_r
+    pid_r = pid_nr % num_r
+    rank = tl.load(ranks_ptr + s)
+    if pid_r * BLOCK_R < rank:
+        start = tl.load(seg_ptr + s)
+        end = tl.load(seg_ptr + s + 1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for t0 in range(start + pid_t * BLOCK_T, end, SPLIT_T * BLOCK_T):
+            pos = t0 + tl.arange(0, BLOCK_T)
+            rows = tl.load(order_ptr + pos, mask=pos < end, other=0)                      # this slot's tokens
+            live = pos < end
+            g = tl.load(g_ptr + rows[None, :] * stride_gt + offs_n[:, None] * stride_gn,
+                        mask=live[None, :] & (offs_n[:, None] < N), other=0.0)             # (BLOCK_N, BLOCK_T)
+            h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr,
+                        mask=live[:, None], other=0.0)                                     # (BLOCK_T, BLOCK_R)
+            acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
+        out_ptrs = out_ptr + s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
+        out_mask = (offs_n[:, None] < N) & (offs_r[None, :] < rank)
+        if SPLIT_T == 1:
+            tl.store(out_ptrs, acc, mask=out_mask)
+        else:
+            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+_multi_weight_grad = TunedLauncher(triton.autotune(
+    weight_grad_configs(), key=["T_BUCKET", "N"], reset_to_zero=["out_ptr"],
+    do_bench=tune_bench)(_multi_weight_grad_kernel))
+
+
+def token_segments(adapter_index: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens grouped by slot, on the device with no host sync: (order (T,), bounds (S + 1,)) such that
+    order[bounds[a]:bounds[a + 1]] are slot a's tokens; tokens with no adapter (-1) sort before all."""
+    order = torch.argsort(adapter_index, stable=True).to(torch.int32)
+    counts = torch.zeros(num_slots + 1, device=adapter_index.device, dtype=torch.int32)
+    counts.scatter_add_(0, (adapter_index + 1).long(), torch.ones_like(adapter_index, dtype=torch.int32))
+    return order, torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def lora_multi_weight_grad(g: torch.Tensor, h: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
+                           ranks: torch.Tensor, r_max: int) -> torch.Tensor:
+    """out[a] = sum over slot a's tokens t of g[t, :]^T h[t, :r_max], fp32, zero beyond rank a.
+
+    g (T, N); h (T, >= r_max) fp32; order, bounds from token_segments; ranks (S,) int32 -> (S, N, r_max).
+    """
+    T, N = g.shape
+    S = ranks.shape[0]
+    out = torch.zeros((S, N, padded_rank(r_max)), device=g.device, dtype=torch.float32)
+    if T > 0 and S > 0:
+        num_r = padded_rank(r_max) // BLOCK_R
+        grid = lambda meta: (S, cdiv(N, meta["BLOCK_N"]) * num_r, meta["SPLIT_T"])
+        _multi_weight_grad.launch(
+            (t_bucket(T), N, g.dtype), grid,
+            g, h, order, bounds, ranks, out,
+            N, t_bucket(T),
+            g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            FP32_DOT=g.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        )
+    return out[:, :, :r_max]

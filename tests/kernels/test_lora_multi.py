@@ -1,0 +1,98 @@
+"""Multi-adapter LoRA kernels against float64 references: random mappings with -1 rows, one adapter owning
+every row, every row a different adapter, slots with no tokens, mixed ranks, odd shapes, poisoned outputs."""
+import pytest
+import torch
+
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.kernels import lora_multi as M
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _slots(S, r_max, d_in, d_out, ranks, dtype):
+    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
+    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
+    for s, r in enumerate(ranks):  # the pool's layout: zeros beyond each slot's rank
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    ranks = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
+    scales = torch.rand(S, dtype=torch.float32, device=DEVICE) + 0.5
+    return a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks, scales
+
+
+def _mapping(kind, T, S):
+    if kind == "random":
+        return torch.randint(-1, S, (T,), device=DEVICE, dtype=torch.int32)
+    if kind == "one":
+        return torch.full((T,), S - 1, device=DEVICE, dtype=torch.int32)
+    if kind == "none":
+        return torch.full((T,), -1, device=DEVICE, dtype=torch.int32)
+    return (torch.arange(T, device=DEVICE, dtype=torch.int32) % (S + 1)) - 1   # "each": rows cycle through slots
+
+
+def _check(T, d_in, d_out, ranks, dtype, kind):
+    S, r_max = len(ranks), max(ranks)
+    a, b, rk, scales = _slots(S, r_max, d_in, d_out, ranks, dtype)
+    idx = _mapping(kind, T, S)
+    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float64) * d_in ** -0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE, dtype=dtype)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales)
+    assert xa.shape == (T, M.padded_rank(r_max)) and xa.dtype == torch.float32
+    assert not xa[:, r_max:].any()
+    assert_matches(xa[:, :r_max], xa64, None, dtype, "multi shrink")
+
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)   # poisoned
+    M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, out=y)
+    y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+    y_torch = x @ w.t() + bias + torch.einsum("tr,tor->to", xa[:, :r_max].to(dtype), b[slot])
+    assert_matches(y, y64, y_torch, dtype, "multi matmul")
+
+    g = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
+    order, bounds = M.token_segments(idx, S)
+    db = M.lora_multi_weight_grad(g, xa, order, bounds, rk, r_max)
+    db64 = torch.zeros(S, d_out, r_max, dtype=torch.float64, device=DEVICE)
+    db64.index_add_(0, slot[has], torch.einsum("to,tr->tor", g.double()[has], xa64[has]))
+    assert db.shape == (S, d_out, r_max)
+    if db64.norm() > 0:
+        assert_matches(db, db64, None, dtype, "multi weight grad")
+    else:
+        assert not db.any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "one", "each", "none"])
+def test_multi_kernels_mappings(kind, dtype):
+    torch.manual_seed(7)
+    _check(29, 37, 41, [16, 4, 9, 1], dtype, kind)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,ranks", [(1, 20, 24, [8, 3]), (70, 33, 19, [40, 17, 2])])
+def test_multi_kernels_shapes_and_ranks(T, d_in, d_out, ranks):
+    torch.manual_seed(T)
+    _check(T, d_in, d_out, ranks, torch.float32, "random")
+
+
+def test_token_segments_group_tokens_by_slot():
+    idx = torch.tensor([2, -1, 0, 2, 2, -1, 0], device=DEVICE, dtype=torch.int32)
+    order, bounds = M.token_segments(idx, 4)
+    assert bounds.tolist() == [2, 4, 4, 7, 7]                   # slot 1 and slot 3 own no tokens
+    assert sorted(order[bounds[2]:bounds[3]].tolist()) == [0, 3, 4]
+    assert sorted(order[bounds[0]:bounds[1]].tolist()) == [2, 6]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 64, 1000])
+@pytest.mark.parametrize("kind", ["random", "each"])
+def test_multi_kernels_realistic_shapes(T, kind, dtype):
+    torch.manual_seed(T)
+    _check(T, 4096, 4096, [8, 16, 64, 128] * 8, dtype, kind)

@@ -1,0 +1,108 @@
+"""The multi-adapter LoRA op (custom ops + autograd) against float64 references and against the
+single-adapter op run row by row: values, per-slot gradients, leading dims, bad input, torch.library checks."""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out=False):
+    S, r_max = len(ranks), max(ranks)
+    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
+    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    w = torch.randn(d_out, d_in, dtype=torch.float64) * d_in ** -0.5
+    w = w.t().contiguous() if fan_in_fan_out else w
+    to = lambda t: t.to(DEVICE, dtype)
+    x = to(torch.randn(*lead, d_in, dtype=torch.float64)).requires_grad_()
+    slots = LoraSlots(to(a).requires_grad_(), to(b).requires_grad_(),
+                      torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
+                      torch.rand(S, device=DEVICE) + 0.5)
+    index = torch.randint(-1, S, lead, device=DEVICE)
+    return x, to(w), to(torch.randn(d_out, dtype=torch.float64)), slots, index
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out):
+    torch.manual_seed(3)
+    x, w, bias, slots, index = _inputs((3, 9), 26, 30, [8, 3, 16], dtype, fan_in_fan_out)
+    y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaf = lambda t: t.detach().double().requires_grad_()
+    x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
+    y64 = reference.lora_linear_multi(x64.reshape(-1, 26), w.double(), bias.double(), a64, b64,
+                                      slots.scales.double(), index.reshape(-1), fan_in_fan_out)
+    y64.backward(dy.double().reshape(-1, 30))
+    assert_matches(y, y64.reshape(y.shape), None, dtype, "y")
+    assert_matches(x.grad, x64.grad, None, dtype, "dx")
+    assert_matches(slots.lora_A.grad, a64.grad, None, dtype, "dA")
+    assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
+    for s, r in enumerate([8, 3, 16]):  # padding beyond each rank gets no gradient
+        assert not slots.lora_A.grad[s, r:].any() and not slots.lora_B.grad[s, :, r:].any()
+
+
+@needs_triton
+def test_mixed_batch_equals_each_row_with_its_own_adapter():
+    torch.manual_seed(5)
+    ranks = [4, 12]
+    x, w, bias, slots, index = _inputs((11,), 20, 18, ranks, torch.float32)
+    y = lora_linear_multi(x, w, bias, slots, index)
+    for t in range(11):
+        s = int(index[t])
+        if s < 0:
+            row = torch.nn.functional.linear(x[t:t + 1], w, bias)
+        else:
+            r = ranks[s]
+            row = lora_linear(x[t:t + 1], w, bias, slots.lora_A[s, :r], slots.lora_B[s, :, :r],
+                              scale=float(slots.scales[s]))
+        torch.testing.assert_close(y[t:t + 1], row, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_bad_input_raises_value_error():
+    x, w, bias, slots, index = _inputs((5,), 8, 6, [2, 3], torch.float32)
+    with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
+        lora_linear_multi(x, w, bias, slots, index[:4])
+    with pytest.raises(ValueError, match=r"lora_B: expected stacked slots \(2, 6, 3\)"):
+        lora_linear_multi(x, w, bias, slots._replace(lora_B=slots.lora_B[:, :, :2]), index)
+    with pytest.raises(ValueError, match=r"ranks and scales: expected shape \(2,\)"):
+        lora_linear_multi(x, w, bias, slots._replace(scales=slots.scales[:1]), index)
+    with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 8\)"):
+        lora_linear_multi(x[:, :7], w, bias, slots, index)
+
+
+@needs_triton
+def test_multi_custom_op_passes_opcheck():
+    torch.manual_seed(8)
+    x, w, bias, slots, index = _inputs((7,), 16, 12, [4, 8], torch.float32)
+    args = (x, w, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scales, index.to(torch.int32), False)
+    torch.library.opcheck(lora_linear_multi_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_triton
+def test_multi_torch_compile_fullgraph():
+    torch.manual_seed(9)
+    x, w, bias, slots, index = _inputs((2, 5), 16, 12, [4, 8], torch.float32)
+    compiled = torch.compile(lambda x, i: lora_linear_multi(x, w, bias, slots, i), backend="aot_eager",
+                             fullgraph=True)
+    y = compiled(x, index)
+    y.sum().backward()
+    y64 = reference.lora_linear_multi(x.double().reshape(-1, 16), w.double(), bias.double(),
+                                      slots.lora_A.double(), slots.lora_B.double(), slots.scales.double(),
+                                      index.reshape(-1))
+    assert_matches(y, y64.reshape(y.shape), None, torch.float32, "compiled y")
+    assert slots.lora_A.grad is not None
