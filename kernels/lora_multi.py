@@ -35,6 +35,17 @@ def _block_leaders(slot, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_tokens(order_ptr, pid, T, HAS_ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """The tokens of row block `pid`: positions pid*BLOCK.. of the slot-sorted order when there is one (so a
+    block holds few distinct slots), else of the batch as it comes. Returns (tokens, in-range mask)."""
+    pos = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = pos < T
+    if HAS_ORDER:
+        return tl.load(order_ptr + pos, mask=mask, other=0), mask
+    return pos, mask
+
+
+@triton.jit
 def _pick(values, i, BLOCK: tl.constexpr):
     """values[i] as a scalar (values is a (BLOCK,) int tensor)."""
     return tl.sum(tl.where(tl.arange(0, BLOCK) == i, values, 0), axis=0)
@@ -43,18 +54,17 @@ def _pick(values, i, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _multi_shrink_kernel(
-    x_ptr, a_ptr, idx_ptr, ranks_ptr, scales_ptr, out_ptr,
+    x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, out_ptr,
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-    FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_ORDER: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_t = offs_t < T
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     leaders = _block_leaders(slot, BLOCK_T).to(tl.int32)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -83,7 +93,7 @@ def _multi_shrink_kernel(
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
+    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
     reset_to_zero=["out_ptr"], do_bench=tune_bench)(_multi_shrink_kernel))
 
 
@@ -93,10 +103,11 @@ def padded_rank(r_max: int) -> int:
 
 
 def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torch.Tensor, ranks: torch.Tensor,
-                      scales: torch.Tensor) -> torch.Tensor:
+                      scales: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """xa[t] = scales[a] * x[t] @ lora_A[a]^T with a = adapter_index[t] (0 where a = -1), fp32.
 
-    x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32.
+    x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32;
+    order (T,) int32, the tokens sorted by slot (token_segments), or None to take them as they come.
     Returns (T, padded_rank(r_max)), zero beyond each token's rank.
     """
     T, K = x.shape
@@ -106,12 +117,12 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         return out
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"])
     _multi_shrink.launch(
-        (t_bucket(T), K, x.dtype, lora_A.dtype), grid,
-        x, lora_A, adapter_index, ranks, scales, out,
+        (t_bucket(T), K, order is None, x.dtype, lora_A.dtype), grid,
+        x, lora_A, adapter_index, adapter_index if order is None else order, ranks, scales, out,
         T, K, t_bucket(T),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
         out.stride(0), out.stride(1),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        HAS_ORDER=order is not None, FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -119,11 +130,11 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
 # ---------------------------------------------------------------------------------------------------- matmul
 @triton.jit
 def _multi_matmul_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, ranks_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, bias_ptr, y_ptr,
     M, N, K, T_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -135,9 +146,8 @@ def _multi_matmul_kernel(
     pid_m = first_m + (pid % group_size) % group_m
     pid_n = (pid % group_size) // group_m
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -175,7 +185,7 @@ def _multi_matmul_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_BIAS"]
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "HAS_BIAS"]
 _multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_multi_matmul_kernel))
@@ -185,12 +195,12 @@ _multi_matmul_prefill = TunedLauncher(triton.autotune(
 
 def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      order: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """y[t] = x[t] @ weight^T + xa[t, :r_a] @ lora_B[a, :, :r_a]^T + bias, with a = adapter_index[t] (-1: none).
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
-    any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None. `out` (M, N), if given,
-    receives y.
+    any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None; order as for the shrink.
+    `out` (M, N), if given, receives y.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -200,12 +210,14 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     kernel.launch(
-        (t_bucket(M), N, K, bias is None, x.dtype, weight.dtype, lora_B.dtype), grid,
-        x, weight, xa, lora_B, adapter_index, ranks, bias if bias is not None else y, y,
+        (t_bucket(M), N, K, order is None, bias is None, x.dtype, weight.dtype, lora_B.dtype), grid,
+        x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
+        bias if bias is not None else y, y,
         M, N, K, t_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        HAS_ORDER=order is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_R=BLOCK_R,
     )
     return y
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ptlm_engine.ops.lora import lora_linear_op
-from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op
+from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -19,10 +19,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots,
-                      adapter_index: Tensor, fan_in_fan_out: bool = False) -> Tensor:
+                      adapter_index: Tensor, fan_in_fan_out: bool = False,
+                      segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Every token with its own adapter: y[t] = x[t] W0^T + bias + s_a x[t] A_a^T B_a^T, a = adapter_index[t].
 
     x (..., d_in); slots: the layer's stacked adapters (see LoraSlots); adapter_index (...) integer slot per
-    token, -1 for the base model alone. Gradients reach each slot's A and B from its own tokens only.
+    token, -1 for the base model alone; segments: token_segments(adapter_index, S), shared by every layer of
+    one batch (computed here when None). Gradients reach each slot's A and B from its own tokens only.
     """
-    return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out)
+    return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out, segments)

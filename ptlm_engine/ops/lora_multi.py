@@ -63,25 +63,33 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
 
 
 # ------------------------------------------------------------------------------------------ implementations
+def _row_order(order: Tensor, T: int) -> Optional[Tensor]:
+    """Row blocks walk the slot-sorted order at prefill, where a block of unsorted tokens would hold many slots;
+    at decode a block holds at most a few dozen tokens and the sort would cost more than it saves."""
+    return order if T > multi_kernels.DECODE_MAX_T else None
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
-             scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+             scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor,
+             fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a x A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
-    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales)
-    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias), xa
+    rows = _row_order(order, x.shape[0])
+    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, rows)
+    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, rows), xa
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
-              scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool,
+              scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, fan_in_fan_out: bool,
               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """g = s_a dy B_a (T, r_pad); dx = dy W0 + g A_a; dA_a = sum_{t in a} g^T x; dB_a = sum_{t in a} dy^T xa."""
-    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales)
+    rows = _row_order(order, dy.shape[0])
+    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, rows)
     if need_dx:
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
-        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks)
+        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, rows)
     else:
         dx = dy.new_empty((0,))
-    order, bounds = multi_kernels.token_segments(adapter_index, lora_A.shape[0])
     r_max = lora_A.shape[1]
     d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max).transpose(1, 2)
     d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)
@@ -94,32 +102,32 @@ lora_linear_multi_bwd = torch.library.custom_op("ptlm::lora_linear_multi_bwd", _
 
 
 @lora_linear_multi_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out):
+def _(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out):
     d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     width = multi_kernels.padded_rank(lora_A.shape[1])
     return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], width), dtype=torch.float32)
 
 
 @lora_linear_multi_bwd.register_fake
-def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out, need_dx):
+def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index)
+    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds)
     ctx.fan_in_fan_out, ctx.has_bias = fan_in_fan_out, bias is not None
 
 
 def _grads(ctx, dy, bwd):
-    x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index = ctx.saved_tensors
+    x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, ctx.fan_in_fan_out,
-                       need[0])
+    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
+                       ctx.fan_in_fan_out, need[0])
     d_w = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x) if need[1] else None
     d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
-    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
+    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ptlm::lora_linear_multi_fwd",
@@ -131,8 +139,9 @@ class LoraLinearMultiFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops."""
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out):
-        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, fan_in_fan_out)
+    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out):
+        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
+                        fan_in_fan_out)
 
     setup_context = staticmethod(_setup_context)
 
@@ -142,8 +151,18 @@ class LoraLinearMultiFunction(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+def token_segments(adapter_index: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+    """(order, bounds): the tokens sorted by slot and each slot's range in that order, computed on the device.
+
+    Every layer of a model sees the same mapping: compute this once per batch and pass it to every call as
+    `segments`, instead of letting each call sort the tokens again.
+    """
+    return multi_kernels.token_segments(adapter_index.reshape(-1).to(torch.int32), num_slots)
+
+
 def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots,
-                         adapter_index: Tensor, fan_in_fan_out: bool) -> Tensor:
+                         adapter_index: Tensor, fan_in_fan_out: bool,
+                         segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(x, weight, bias, slots, adapter_index, fan_in_fan_out)
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
@@ -152,8 +171,10 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
                                         fan_in_fan_out)
     else:
+        index = index.to(torch.int32)
+        order, bounds = token_segments(index, slots.lora_A.shape[0]) if segments is None else segments
         args = (x2d, weight, bias, slots.lora_A, slots.lora_B, slots.ranks.to(torch.int32),
-                slots.scales.to(torch.float32), index.to(torch.int32), fan_in_fan_out)
+                slots.scales.to(torch.float32), index, order, bounds, fan_in_fan_out)
         if torch.compiler.is_compiling():
             y, _ = lora_linear_multi_fwd(*args)
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):

@@ -44,19 +44,20 @@ def _check(T, d_in, d_out, ranks, dtype, kind):
     has, slot = idx >= 0, idx.clamp_min(0).long()
     xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
 
-    xa = M.lora_multi_shrink(x, a, idx, rk, scales)
-    assert xa.shape == (T, M.padded_rank(r_max)) and xa.dtype == torch.float32
-    assert not xa[:, r_max:].any()
-    assert_matches(xa[:, :r_max], xa64, None, dtype, "multi shrink")
+    order, bounds = M.token_segments(idx, S)
+    for rows in (None, order):  # tokens as they come, and walked in slot-sorted order
+        xa = M.lora_multi_shrink(x, a, idx, rk, scales, rows)
+        assert xa.shape == (T, M.padded_rank(r_max)) and xa.dtype == torch.float32
+        assert not xa[:, r_max:].any()
+        assert_matches(xa[:, :r_max], xa64, None, dtype, "multi shrink")
 
-    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)   # poisoned
-    M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, out=y)
-    y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
-    y_torch = x @ w.t() + bias + torch.einsum("tr,tor->to", xa[:, :r_max].to(dtype), b[slot])
-    assert_matches(y, y64, y_torch, dtype, "multi matmul")
+        y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)   # poisoned
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, rows, out=y)
+        y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+        y_torch = x @ w.t() + bias + torch.einsum("tr,tor->to", xa[:, :r_max].to(dtype), b[slot])
+        assert_matches(y, y64, y_torch, dtype, "multi matmul")
 
     g = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
-    order, bounds = M.token_segments(idx, S)
     db = M.lora_multi_weight_grad(g, xa, order, bounds, rk, r_max)
     db64 = torch.zeros(S, d_out, r_max, dtype=torch.float64, device=DEVICE)
     db64.index_add_(0, slot[has], torch.einsum("to,tr->tor", g.double()[has], xa64[has]))

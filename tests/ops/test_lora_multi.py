@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ptlm_engine import reference
-from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi
+from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, token_segments
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
 from tests.helpers import assert_matches
@@ -35,10 +35,11 @@ def _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out=False):
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out):
+@pytest.mark.parametrize("fan_in_fan_out,lead", [(False, (3, 9)), (True, (3, 9)), (False, (2, 37))])
+def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out, lead):
+    """(2, 37): 74 tokens, past the decode bound, so row blocks walk the slot-sorted order."""
     torch.manual_seed(3)
-    x, w, bias, slots, index = _inputs((3, 9), 26, 30, [8, 3, 16], dtype, fan_in_fan_out)
+    x, w, bias, slots, index = _inputs(lead, 26, 30, [8, 3, 16], dtype, fan_in_fan_out)
     y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -88,7 +89,9 @@ def test_multi_bad_input_raises_value_error():
 def test_multi_custom_op_passes_opcheck():
     torch.manual_seed(8)
     x, w, bias, slots, index = _inputs((7,), 16, 12, [4, 8], torch.float32)
-    args = (x, w, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scales, index.to(torch.int32), False)
+    index = index.to(torch.int32)
+    order, bounds = token_segments(index, 2)
+    args = (x, w, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scales, index, order, bounds, False)
     torch.library.opcheck(lora_linear_multi_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
