@@ -109,3 +109,30 @@ def test_multi_torch_compile_fullgraph():
                                       index.reshape(-1))
     assert_matches(y, y64.reshape(y.shape), None, torch.float32, "compiled y")
     assert slots.lora_A.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_multi_forward_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_mapping():
+    torch.manual_seed(10)
+    for T in (16, 300):  # the decode path and the sorted prefill path
+        x, w, bias, slots, index = _inputs((T,), 512, 384, [8, 16, 64, 128], torch.bfloat16)
+        x, slots = x.detach(), LoraSlots(slots.lora_A.detach(), slots.lora_B.detach(), slots.ranks, slots.scales)
+        index = index.to(torch.int32)
+        run = lambda: lora_linear_multi(x, w, bias, slots, index)
+        run()                                                   # autotunes (synchronizes) on its first call
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = run()
+        for _ in range(2):  # the same graph, a different row -> adapter mapping written into the same buffer
+            index.copy_(torch.randint(-1, 4, (T,), device=DEVICE, dtype=torch.int32))
+            graph.replay()
+            expected = reference.lora_linear_multi(x.double(), w.double(), bias.double(), slots.lora_A.double(),
+                                                   slots.lora_B.double(), slots.scales.double(), index)
+            assert_matches(y, expected, None, torch.bfloat16, f"graph replay, T={T}")
