@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import _dot_fp32
+from .lora import _dot_fp32, _keep_mask
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
@@ -54,11 +54,11 @@ def _pick(values, i, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _multi_shrink_kernel(
-    x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, out_ptr,
+    x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, out_ptr,
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
-    HAS_ORDER: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -77,6 +77,9 @@ def _multi_shrink_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                             mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)        # (BLOCK_T, BLOCK_K)
+                if MASK_X:  # this slot's LoRA dropout, on the element's logical index t * K + k
+                    keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s))
+                    x = tl.where(keep, x, 0.0)
                 a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                             mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
                 if FP32_DOT:
@@ -84,6 +87,8 @@ def _multi_shrink_kernel(
                 else:
                     acc = tl.dot(x, a, acc)
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+    if DIV_KEEP:
+        scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
     acc = acc * scale[:, None]
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
     if SPLIT_K == 1:
@@ -93,7 +98,7 @@ def _multi_shrink_kernel(
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
+    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
     reset_to_zero=["out_ptr"], do_bench=tune_bench)(_multi_shrink_kernel))
 
 
@@ -103,12 +108,15 @@ def padded_rank(r_max: int) -> int:
 
 
 def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torch.Tensor, ranks: torch.Tensor,
-                      scales: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
-    """xa[t] = scales[a] * x[t] @ lora_A[a]^T with a = adapter_index[t] (0 where a = -1), fp32.
+                      scales: torch.Tensor, order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
+                      seed: torch.Tensor | None = None, mask_x: bool = True) -> torch.Tensor:
+    """xa[t] = scales[a] / (1 - p_a) * (keep * x[t]) @ lora_A[a]^T with a = adapter_index[t] (0 where a = -1).
 
     x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32;
-    order (T,) int32, the tokens sorted by slot (token_segments), or None to take them as they come.
-    Returns (T, padded_rank(r_max)), zero beyond each token's rank.
+    order (T,) int32, the tokens sorted by slot (token_segments), or None to take them as they come;
+    dropouts (S,) fp32 per-slot LoRA dropout p_a with seed (1,) int64, or None: keep is the Philox mask of
+    (seed, t * K + k) when mask_x, else only the 1 / (1 - p_a) factor applies (the backward's g = s dy B).
+    Returns (T, padded_rank(r_max)) fp32, zero beyond each token's rank.
     """
     T, K = x.shape
     width = padded_rank(lora_A.shape[1])
@@ -117,12 +125,14 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         return out
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"])
     _multi_shrink.launch(
-        (t_bucket(T), K, order is None, x.dtype, lora_A.dtype), grid,
-        x, lora_A, adapter_index, adapter_index if order is None else order, ranks, scales, out,
+        (t_bucket(T), K, order is None, dropouts is None, mask_x, x.dtype, lora_A.dtype), grid,
+        x, lora_A, adapter_index, adapter_index if order is None else order, ranks, scales,
+        scales if dropouts is None else dropouts, adapter_index if seed is None else seed, out,
         T, K, t_bucket(T),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
         out.stride(0), out.stride(1),
-        HAS_ORDER=order is not None, FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -130,11 +140,12 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
 # ---------------------------------------------------------------------------------------------------- matmul
 @triton.jit
 def _multi_matmul_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
     M, N, K, T_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -167,6 +178,7 @@ def _multi_matmul_kernel(
     slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
     leaders = _block_leaders(slot, BLOCK_M).to(tl.int32)
     offs_r = tl.arange(0, BLOCK_R)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
     for i in range(BLOCK_M):
         s = _pick(slot, i, BLOCK_M)
         if _pick(leaders, i, BLOCK_M) > 0:
@@ -178,14 +190,21 @@ def _multi_matmul_kernel(
                              mask=rows[:, None], other=0.0)                                  # (BLOCK_M, BLOCK_R)
                 b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
                             mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)    # (BLOCK_R, BLOCK_N)
-                acc = _dot_fp32(xa, b.to(tl.float32), acc, FP32_DOT)
+                lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    if OUT_DROPOUT:
+        # backward dx: each row's LoRA gradient passes its slot's forward dropout mask (index t * N + n)
+        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+        keep = tl.rand(tl.load(seed_ptr).to(tl.int32), offs_m[:, None] * N + offs_n[None, :]) >= p[:, None]
+        acc += tl.where(keep, lora, 0.0)
+    else:
+        acc = lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "HAS_BIAS"]
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"]
 _multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_multi_matmul_kernel))
@@ -195,12 +214,14 @@ _multi_matmul_prefill = TunedLauncher(triton.autotune(
 
 def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
-                      order: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y[t] = x[t] @ weight^T + xa[t, :r_a] @ lora_B[a, :, :r_a]^T + bias, with a = adapter_index[t] (-1: none).
+                      order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
+                      seed: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y[t] = x[t] @ weight^T + keep * (xa[t, :r_a] @ lora_B[a, :, :r_a]^T) + bias, a = adapter_index[t] (-1: none).
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
     any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None; order as for the shrink.
-    `out` (M, N), if given, receives y.
+    With dropouts (S,) and seed, keep is the Philox mask of (seed, t * N + n) against p_a: the backward of a
+    dropped-out input. `out` (M, N), if given, receives y.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -210,14 +231,16 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     kernel.launch(
-        (t_bucket(M), N, K, order is None, bias is None, x.dtype, weight.dtype, lora_B.dtype), grid,
+        (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype),
+        grid,
         x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
+        xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
         bias if bias is not None else y, y,
         M, N, K, t_bucket(M),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
-        HAS_ORDER=order is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_R=BLOCK_R,
+        HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
     return y
 
@@ -225,10 +248,10 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
 # ----------------------------------------------------------------------------------------------- weight grad
 @triton.jit
 def _multi_weight_grad_kernel(
-    g_ptr, h_ptr, order_ptr, seg_ptr, ranks_ptr, out_ptr,
+    g_ptr, h_ptr, order_ptr, seg_ptr, ranks_ptr, dropouts_ptr, seed_ptr, out_ptr,
     N, T_BUCKET,
     stride_gt, stride_gn, stride_ht, stride_hr, stride_os, stride_on, stride_or,
-    FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    MASK_G: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -250,6 +273,9 @@ def _multi_weight_grad_kernel(
             live = pos < end
             g = tl.load(g_ptr + rows[None, :] * stride_gt + offs_n[:, None] * stride_gn,
                         mask=live[None, :] & (offs_n[:, None] < N), other=0.0)             # (BLOCK_N, BLOCK_T)
+            if MASK_G:  # dA: the forward's dropout mask over x (index t * N + n, N = d_in)
+                keep = _keep_mask(seed_ptr, rows[None, :] * N + offs_n[:, None], tl.load(dropouts_ptr + s))
+                g = tl.where(keep, g, 0.0)
             h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                         mask=live[:, None], other=0.0)                                     # (BLOCK_T, BLOCK_R)
             acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
@@ -262,7 +288,7 @@ def _multi_weight_grad_kernel(
 
 
 _multi_weight_grad = TunedLauncher(triton.autotune(
-    weight_grad_configs(), key=["T_BUCKET", "N"], reset_to_zero=["out_ptr"],
+    weight_grad_configs(), key=["T_BUCKET", "N", "MASK_G"], reset_to_zero=["out_ptr"],
     do_bench=tune_bench)(_multi_weight_grad_kernel))
 
 
@@ -276,10 +302,12 @@ def token_segments(adapter_index: torch.Tensor, num_slots: int) -> tuple[torch.T
 
 
 def lora_multi_weight_grad(g: torch.Tensor, h: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
-                           ranks: torch.Tensor, r_max: int) -> torch.Tensor:
-    """out[a] = sum over slot a's tokens t of g[t, :]^T h[t, :r_max], fp32, zero beyond rank a.
+                           ranks: torch.Tensor, r_max: int, dropouts: torch.Tensor | None = None,
+                           seed: torch.Tensor | None = None) -> torch.Tensor:
+    """out[a] = sum over slot a's tokens t of (keep * g)[t, :]^T h[t, :r_max], fp32, zero beyond rank a.
 
     g (T, N); h (T, >= r_max) fp32; order, bounds from token_segments; ranks (S,) int32 -> (S, N, r_max).
+    With dropouts (S,) and seed, keep is the forward's Philox mask of (seed, t * N + n) against p_a.
     """
     T, N = g.shape
     S = ranks.shape[0]
@@ -288,10 +316,10 @@ def lora_multi_weight_grad(g: torch.Tensor, h: torch.Tensor, order: torch.Tensor
         num_r = padded_rank(r_max) // BLOCK_R
         grid = lambda meta: (S, cdiv(N, meta["BLOCK_N"]) * num_r, meta["SPLIT_T"])
         _multi_weight_grad.launch(
-            (t_bucket(T), N, g.dtype), grid,
-            g, h, order, bounds, ranks, out,
+            (t_bucket(T), N, dropouts is None, g.dtype), grid,
+            g, h, order, bounds, ranks, h if dropouts is None else dropouts, order if seed is None else seed, out,
             N, t_bucket(T),
             g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            FP32_DOT=g.dtype == torch.float32, BLOCK_R=BLOCK_R,
+            MASK_G=dropouts is not None, FP32_DOT=g.dtype == torch.float32, BLOCK_R=BLOCK_R,
         )
     return out[:, :, :r_max]

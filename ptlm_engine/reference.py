@@ -35,11 +35,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                      scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool = False) -> Tensor:
-    """Each token t with its own adapter a = adapter_index[t]: y[t] = x[t] W0^T + bias + s_a x[t] A_a^T B_a^T.
+                      scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool = False,
+                      dropouts: Tensor | None = None, keep_mask: Tensor | None = None) -> Tensor:
+    """Each token t with its own adapter a = adapter_index[t]:
+    y[t] = x[t] W0^T + bias + s_a dropout_a(x[t]) A_a^T B_a^T.
 
     x (T, d_in); lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max), stacked slots zero beyond each slot's
-    rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone.
+    rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone; dropouts (S,)
+    per-slot LoRA dropout with keep_mask (T, d_in) its keep mask, or None.
     """
     w = weight.t() if fan_in_fan_out else weight
     y = x @ w.t()
@@ -47,5 +50,10 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
         y = y + bias
     has = adapter_index >= 0
     slot = adapter_index.clamp_min(0).long()
-    xa = torch.einsum("ti,tri->tr", x, lora_A[slot]) * (scales[slot] * has).to(x.dtype)[:, None]   # (T, r_max)
+    coef = scales[slot] * has                                                                      # (T,)
+    x_lora = x
+    if keep_mask is not None:
+        x_lora = x * keep_mask
+        coef = coef / (1.0 - dropouts[slot])
+    xa = torch.einsum("ti,tri->tr", x_lora, lora_A[slot]) * coef.to(x.dtype)[:, None]             # (T, r_max)
     return y + torch.einsum("tr,tor->to", xa, lora_B[slot])

@@ -24,12 +24,14 @@ class LoraSlots(NamedTuple):
 
     lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max) hold slot s's A and B in their first ranks[s] rows /
     columns and zeros beyond; ranks (S,) int32 and scales (S,) float32 live on the same device. Kernels loop
-    only over each slot's own rank, so mixed ranks cost no padding compute.
+    only over each slot's own rank, so mixed ranks cost no padding compute. dropouts (S,) float32, the per-slot
+    LoRA dropout probability, or None for none (pass it in training mode only, as PEFT applies dropout).
     """
     lora_A: Tensor
     lora_B: Tensor
     ranks: Tensor
     scales: Tensor
+    dropouts: Optional[Tensor] = None
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, adapter_index: Tensor,
@@ -48,6 +50,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
     if tuple(slots.ranks.shape) != (S,) or tuple(slots.scales.shape) != (S,):
         raise ValueError(f"ranks and scales: expected shape ({S},), got {tuple(slots.ranks.shape)} and "
                          f"{tuple(slots.scales.shape)}")
+    if slots.dropouts is not None and tuple(slots.dropouts.shape) != (S,):
+        raise ValueError(f"dropouts: expected shape ({S},), got {tuple(slots.dropouts.shape)}")
     if bias is not None and tuple(bias.shape) != (d_out,):
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]) or adapter_index.dtype.is_floating_point:
@@ -57,7 +61,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
         if t is not None and t.dtype != x.dtype:
             raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
     for name, t in {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": slots.ranks,
-                    "scales": slots.scales, "adapter_index": adapter_index}.items():
+                    "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index}.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
 
@@ -70,28 +74,31 @@ def _row_order(order: Tensor, T: int) -> Optional[Tensor]:
 
 
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
-             scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor,
-             fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
-    """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a x A_a^T per token (saved for backward)."""
+             scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, dropouts: Optional[Tensor],
+             seed: Optional[Tensor], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
+    """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a dropout_a(x) A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     rows = _row_order(order, x.shape[0])
-    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, rows)
+    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, rows, dropouts, seed)
     return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, rows), xa
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
-              scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, fan_in_fan_out: bool,
-              need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """g = s_a dy B_a (T, r_pad); dx = dy W0 + g A_a; dA_a = sum_{t in a} g^T x; dB_a = sum_{t in a} dy^T xa."""
+              scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, dropouts: Optional[Tensor],
+              seed: Optional[Tensor], fan_in_fan_out: bool, need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """g = s_a/(1-p_a) dy B_a (T, r_pad); dx = dy W0 + keep * (g A_a); dA_a = sum_{t in a} g^T (keep * x);
+    dB_a = sum_{t in a} dy^T xa. keep: the forward's dropout mask, regenerated from the seed."""
     rows = _row_order(order, dy.shape[0])
-    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, rows)
+    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, rows, dropouts,
+                                        seed, mask_x=False)
     if need_dx:
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
-        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, rows)
+        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, rows,
+                                             dropouts, seed)
     else:
         dx = dy.new_empty((0,))
     r_max = lora_A.shape[1]
-    d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max).transpose(1, 2)
+    d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max, dropouts, seed).transpose(1, 2)
     d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)
     return dx, d_a.to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype)
 
@@ -102,32 +109,34 @@ lora_linear_multi_bwd = torch.library.custom_op("ptlm::lora_linear_multi_bwd", _
 
 
 @lora_linear_multi_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out):
+def _(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed, fan_in_fan_out):
     d_out = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     width = multi_kernels.padded_rank(lora_A.shape[1])
     return x.new_empty((x.shape[0], d_out)), x.new_empty((x.shape[0], width), dtype=torch.float32)
 
 
 @lora_linear_multi_bwd.register_fake
-def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out, need_dx):
+def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed,
+      fan_in_fan_out, need_dx):
     dx = x.new_empty(x.shape) if need_dx else dy.new_empty((0,))
     return dx, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out = inputs
-    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds)
+    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed, fan_in_fan_out = inputs
+    ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
+                          dropouts, seed)
     ctx.fan_in_fan_out, ctx.has_bias = fan_in_fan_out, bias is not None
 
 
 def _grads(ctx, dy, bwd):
-    x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds = ctx.saved_tensors
+    x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
-                       ctx.fan_in_fan_out, need[0])
+    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts,
+                       seed, ctx.fan_in_fan_out, need[0])
     d_w = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x) if need[1] else None
     d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
-    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None, None, None
+    return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("ptlm::lora_linear_multi_fwd",
@@ -139,9 +148,10 @@ class LoraLinearMultiFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops."""
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, fan_in_fan_out):
-        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
-                        fan_in_fan_out)
+    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed,
+                fan_in_fan_out):
+        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts,
+                        seed, fan_in_fan_out)
 
     setup_context = staticmethod(_setup_context)
 
@@ -167,14 +177,22 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
     index = adapter_index.reshape(-1)                                               # (T,)
+    dropouts = slots.dropouts
     if not (triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES):
+        keep = None
+        if dropouts is not None:
+            keep = torch.rand_like(x2d) >= dropouts[index.clamp_min(0).long()][:, None]
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
-                                        fan_in_fan_out)
+                                        fan_in_fan_out, dropouts, keep)
     else:
         index = index.to(torch.int32)
         order, bounds = token_segments(index, slots.lora_A.shape[0]) if segments is None else segments
+        seed = None
+        if dropouts is not None:
+            dropouts = dropouts.to(torch.float32)
+            seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
         args = (x2d, weight, bias, slots.lora_A, slots.lora_B, slots.ranks.to(torch.int32),
-                slots.scales.to(torch.float32), index, order, bounds, fan_in_fan_out)
+                slots.scales.to(torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
         if torch.compiler.is_compiling():
             y, _ = lora_linear_multi_fwd(*args)
         elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):

@@ -6,6 +6,7 @@ import torch
 from ptlm_engine import reference
 from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, token_segments
 from ptlm_engine.kernels import lora as K
+from ptlm_engine.kernels import lora_multi as M
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
 from tests.helpers import assert_matches
 
@@ -91,7 +92,8 @@ def test_multi_custom_op_passes_opcheck():
     x, w, bias, slots, index = _inputs((7,), 16, 12, [4, 8], torch.float32)
     index = index.to(torch.int32)
     order, bounds = token_segments(index, 2)
-    args = (x, w, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scales, index, order, bounds, False)
+    args = (x, w, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scales, index, order, bounds, None, None,
+            False)
     torch.library.opcheck(lora_linear_multi_fwd, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -136,3 +138,38 @@ def test_multi_forward_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_m
             expected = reference.lora_linear_multi(x.double(), w.double(), bias.double(), slots.lora_A.double(),
                                                    slots.lora_B.double(), slots.scales.double(), index)
             assert_matches(y, expected, None, torch.bfloat16, f"graph replay, T={T}")
+
+
+@needs_triton
+@pytest.mark.parametrize("lead", [(23,), (70,)])
+def test_multi_dropout_uses_one_mask_per_slot_for_forward_and_backward(lead):
+    torch.manual_seed(12)
+    d_in, ranks = 24, [4, 8, 2]
+    x, w, bias, slots, index = _inputs(lead, d_in, 20, ranks, torch.float32)
+    dropouts = torch.tensor([0.3, 0.0, 0.6], device=DEVICE)
+    slots = slots._replace(dropouts=dropouts)
+    dy = torch.randn(*lead, 20, device=DEVICE)
+    state = torch.cuda.get_rng_state() if CUDA else torch.random.get_rng_state()
+    y = lora_linear_multi(x, w, bias, slots, index)
+    y.backward(dy)
+    # Replay the op's seed draw, then read its mask back through the shrink kernel: ones @ I^T per slot.
+    (torch.cuda.set_rng_state if CUDA else torch.random.set_rng_state)(state)
+    seed = torch.randint(0, 2**31 - 1, (1,), device=DEVICE)
+    T = index.numel()
+    eye = torch.eye(d_in, device=DEVICE).expand(3, d_in, d_in)
+    idx = index.reshape(-1).to(torch.int32)
+    ones = torch.ones(T, d_in, device=DEVICE)
+    full = torch.full((3,), d_in, dtype=torch.int32, device=DEVICE)
+    keep = M.lora_multi_shrink(ones, eye, idx, full, torch.ones(3, device=DEVICE), None, dropouts, seed)
+    keep = keep[:, :d_in] * (1 - dropouts[idx.clamp_min(0).long()])[:, None] > 0.5
+    dropped = ~keep[idx == 0]
+    assert 0 < dropped.float().mean() < 0.6 and not (~keep[idx == 1]).any()
+    leaf = lambda t: t.detach().double().requires_grad_()
+    x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
+    y64 = reference.lora_linear_multi(x64.reshape(T, d_in), w.double(), bias.double(), a64, b64,
+                                      slots.scales.double(), idx, False, dropouts.double(), keep.double())
+    y64.backward(dy.double().reshape(T, 20))
+    assert_matches(y, y64.reshape(y.shape), None, torch.float32, "y")
+    assert_matches(x.grad, x64.grad, None, torch.float32, "dx")
+    assert_matches(slots.lora_A.grad, a64.grad, None, torch.float32, "dA")
+    assert_matches(slots.lora_B.grad, b64.grad, None, torch.float32, "dB")
