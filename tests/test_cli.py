@@ -29,7 +29,9 @@ def table_row(text: str, label: str) -> list[str]:
 
 def test_demo_trains_saves_reloads_and_prints_the_table(capsys, tmp_path):
     out = tmp_path / "adapter"
+    threads = torch.get_num_threads()
     assert cli.main(["demo", "--steps", "12", "--out", str(out), "--device", "cpu"]) == 0
+    assert torch.get_num_threads() == threads   # the demo's single-thread setting does not leak
     text = capsys.readouterr().out
     assert "backend  reference (PyTorch)" in text
     assert re.search(r"params\s+16,384 trainable of 98,624", text)   # r=8 on 7 projections x 2 layers
