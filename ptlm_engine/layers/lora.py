@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptlm_engine import functional
+from ptlm_engine.ops.lora_multi import LoraSlots
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -40,7 +42,12 @@ class LoraLinear(nn.Module):
     `original_module`, outside the module tree, so that removing the last adapter puts back that very object.
     Adapters live in `lora_A` / `lora_B` (ModuleDicts of bias-free nn.Linear keyed by adapter name: parameters
     `...q_proj.lora_A.<name>.weight`), with their rank, scale and dropout in plain dicts keyed the same way, so
-    a per-row adapter mapping can later pick any of them inside one call. One adapter is active at a time.
+    a per-row adapter mapping can pick any of them inside one call.
+
+    One adapter is active at a time, unless a mixed batch is set (`set_batch`, done by pe.adapter_batch): then
+    each row runs its own adapter through the multi-adapter op. Each adapter has a slot id (`slot`, model-wide
+    when added through the API) and a copy in `pool`, the stacked LoraSlots the op reads when serving. When
+    gradients reach an adapter, its Parameters are stacked on the fly instead, so each one gets its own.
     """
 
     def __init__(self, base: nn.Module, fan_in_fan_out: bool):
@@ -56,13 +63,21 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.slot: dict[str, int] = {}
+        self.pool = AdapterPool(d_in, d_out, self.weight.device, self.weight.dtype)
         self.active_adapter: str | None = None
         self.adapters_enabled = True
         self.merged_adapter: str | None = None
+        self.batch: AdapterBatch | None = None
+        self.batch_adapters: dict[int, str] = {}          # slot id -> name, for the batch's adapters this layer has
+        self.batch_ranks: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
+        self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32, for the stacked path
+        self.batch_dropouts: Tensor | None = None          # (batch.num_slots,) float32, or None: no dropout
         self.training = base.training
 
-    def add_adapter(self, name: str, r: int, scale: float, dropout: float) -> None:
-        """A new adapter is the identity: A kaiming-uniform (a=sqrt(5), as PEFT), B zero."""
+    def add_adapter(self, name: str, r: int, scale: float, dropout: float, slot: int | None = None) -> None:
+        """A new adapter is the identity: A kaiming-uniform (a=sqrt(5), as PEFT), B zero. `slot` is its slot id
+        (the model's, through the API), by default the lowest one free in this layer."""
         factory = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
         lora_A = nn.Linear(self.in_features, r, bias=False, **factory)       # weight (r, d_in)
         lora_B = nn.Linear(r, self.out_features, bias=False, **factory)      # weight (d_out, r)
@@ -70,24 +85,104 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(lora_B.weight)
         self.lora_A[name], self.lora_B[name] = lora_A, lora_B
         self.r[name], self.scale[name], self.dropout[name] = r, scale, dropout
+        self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
+        self.pool.put(self.slot[name], lora_A.weight, lora_B.weight, scale)
 
     def remove_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
         if self.active_adapter == name:
             self.active_adapter = None
+        self.pool.clear(self.slot[name])
         del self.lora_A[name], self.lora_B[name], self.r[name], self.scale[name], self.dropout[name]
+        del self.slot[name]
+
+    @torch.inference_mode(False)   # its tensors are kept across calls (see AdapterPool)
+    def set_batch(self, batch: AdapterBatch | None) -> None:
+        """Run the per-row mapping `batch` (None: back to the active adapter). The pool gets room for every slot
+        id the batch indexes, so that rows of an adapter this layer lacks read an empty slot: the base output."""
+        self.batch = batch
+        if batch is None:
+            self.batch_adapters, self.batch_ranks, self.batch_scales, self.batch_dropouts = {}, None, None, None
+            return
+        self.batch_adapters = {slot: name for name, slot in batch.adapters.items() if name in self.lora_A}
+        if batch.num_slots:
+            self.pool.reserve(batch.num_slots - 1)
+        # Per slot 0 … num_slots-1, built once here: ranks and scales for the stacked path (0 where this layer
+        # lacks the slot's adapter), dropout probabilities for both paths (None when all are 0).
+        here = [self.batch_adapters.get(slot) for slot in range(batch.num_slots)]
+        device = self.weight.device
+        self.batch_ranks = torch.tensor([0 if n is None else self.r[n] for n in here], dtype=torch.int32,
+                                        device=device)
+        self.batch_scales = torch.tensor([0.0 if n is None else self.scale[n] for n in here], dtype=torch.float32,
+                                         device=device)
+        dropouts = [0.0 if n is None else self.dropout[n] for n in here]
+        self.batch_dropouts = torch.tensor(dropouts, dtype=torch.float32, device=device) if any(dropouts) else None
+
+    def _base_forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.batch is not None and self.adapters_enabled:
+            return self._batch_forward(x)
         name = self.active_adapter
         if not self.adapters_enabled or self.merged_adapter is not None or name not in self.lora_A:
-            return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+            return self._base_forward(x)
         dtype = compute_dtype(x, self.weight)
         bias = None if self.bias is None else self.bias.to(dtype)
         return functional.lora_linear(
             x.to(dtype), self.weight.to(dtype), bias,
             self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
             self.scale[name], self.dropout[name] if self.training else 0.0, self.fan_in_fan_out)
+
+    def _batch_forward(self, x: Tensor) -> Tensor:
+        index, segments = self.batch.tokens(x)             # (...) slot per token; checks the batch size first
+        if not self.batch_adapters:                        # no row's adapter is in this layer
+            return self._base_forward(x)
+        dtype = compute_dtype(x, self.weight)
+        trains = torch.is_grad_enabled() and any(
+            self.lora_A[name].weight.requires_grad or self.lora_B[name].weight.requires_grad
+            for name in self.batch_adapters.values())
+        # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
+        slots = self._stacked_slots(dtype) if trains or torch.compiler.is_compiling() else self._pooled_slots(dtype)
+        if self.training:                                  # LoRA dropout applies in training mode only, as in PEFT
+            slots = slots._replace(dropouts=self.batch_dropouts)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return functional.lora_linear_multi(x.to(dtype), self.weight.to(dtype), bias, slots, index,
+                                            self.fan_in_fan_out, segments)
+
+    def _pooled_slots(self, dtype: torch.dtype) -> LoraSlots:
+        """The cached stack, with the batch's adapters copied in again where their Parameters changed."""
+        if self.pool.dtype != dtype or self.pool.device != self.weight.device:
+            self.pool.move(self.weight.device, dtype)
+        for slot, name in self.batch_adapters.items():
+            self.pool.sync(slot, self.lora_A[name].weight, self.lora_B[name].weight)
+        return self.pool.slots(self.batch.num_slots)
+
+    def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
+        """The batch's adapters' own Parameters stacked, zero-padded to their largest rank, so that autograd
+        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros."""
+        r_max = max(self.r[name] for name in self.batch_adapters.values())
+        blank_A = self.weight.new_zeros(r_max, self.in_features, dtype=dtype)
+        blank_B = self.weight.new_zeros(self.out_features, r_max, dtype=dtype)
+        stack_A, stack_B = [], []
+        for slot in range(self.batch.num_slots):
+            name = self.batch_adapters.get(slot)
+            if name is None:
+                stack_A.append(blank_A)
+                stack_B.append(blank_B)
+                continue
+            pad = r_max - self.r[name]
+            stack_A.append(F.pad(self.lora_A[name].weight.to(dtype), (0, 0, 0, pad)))     # (r_max, d_in)
+            stack_B.append(F.pad(self.lora_B[name].weight.to(dtype), (0, pad)))           # (d_out, r_max)
+        return LoraSlots(torch.stack(stack_A), torch.stack(stack_B), self.batch_ranks, self.batch_scales)
+
+    def _apply(self, fn, recurse=True):
+        # model.to() / .half() / .cuda() convert the Parameters; the pool follows, refilled by the next sync.
+        super()._apply(fn, recurse)
+        self.pool.move(self.weight.device, self.weight.dtype)
+        self.set_batch(self.batch)                         # its per-slot tensors to the new device
+        return self
 
     def delta_weight(self, name: str) -> Tensor:
         """scale · B A in float32, laid out like `weight`."""

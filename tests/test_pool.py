@@ -1,0 +1,147 @@
+"""The adapter pool and slot numbering: model-wide slot ids, capacity doubling, rank growth, slot reuse, lazy
+refresh from the Parameters, moves; the per-row mapping and its expansion; a LoraLinear running a mixed batch."""
+import pytest
+import torch
+from torch import nn
+
+from ptlm_engine.layers import LoraLinear
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+def _adapter(r, d_in=6, d_out=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return nn.Parameter(torch.randn(r, d_in, generator=gen)), nn.Parameter(torch.randn(d_out, r, generator=gen))
+
+
+def _pool():
+    return AdapterPool(6, 5, torch.device("cpu"), torch.float32)
+
+
+def test_free_slot_is_the_lowest_unused():
+    assert free_slot([]) == 0 and free_slot([0, 1]) == 2 and free_slot([0, 2, 3]) == 1 and free_slot([1]) == 0
+
+
+def test_capacity_doubles_and_rank_grows_only_for_a_larger_one():
+    pool = _pool()
+    shapes = []
+    for slot, r in enumerate([4, 2, 8, 8, 1]):
+        pool.put(slot, *_adapter(r, seed=slot), scale=slot + 0.5)
+        shapes.append((pool.capacity, pool.r_max))
+    assert shapes == [(1, 4), (2, 4), (4, 8), (4, 8), (8, 8)]
+    assert pool.ranks.tolist() == [4, 2, 8, 8, 1, 0, 0, 0] and pool.ranks.dtype == torch.int32
+    assert pool.scales.tolist() == [0.5, 1.5, 2.5, 3.5, 4.5, 0, 0, 0] and pool.scales.dtype == torch.float32
+    for slot, r in enumerate([4, 2, 8, 8, 1]):                                      # kept through the growths
+        lora_A, lora_B = _adapter(r, seed=slot)
+        assert torch.equal(pool.lora_A[slot, :r], lora_A) and torch.equal(pool.lora_B[slot, :, :r], lora_B)
+        assert not pool.lora_A[slot, r:].any() and not pool.lora_B[slot, :, r:].any()
+    assert not pool.lora_A[5:].any()
+    first = pool.slots(3)                                                            # views of the first slots
+    assert first.lora_A.shape == (3, 8, 6) and first.lora_B.shape == (3, 5, 8) and first.ranks.tolist() == [4, 2, 8]
+    assert first.lora_A.data_ptr() == pool.lora_A.data_ptr() and pool.slots().lora_A.shape[0] == 8
+
+
+def test_removal_zeroes_the_slot_and_reuse_touches_nothing_else():
+    pool = _pool()
+    for slot, r in enumerate([4, 8, 2]):
+        pool.put(slot, *_adapter(r, seed=slot), scale=1.0)
+    storage = pool.lora_A.data_ptr(), pool.lora_B.data_ptr()
+    others = pool.lora_A[[0, 2]].clone()
+    pool.clear(1)
+    assert not pool.lora_A[1].any() and not pool.lora_B[1].any() and pool.ranks[1] == 0 and pool.scales[1] == 0
+    pool.put(1, *_adapter(3, seed=9), scale=2.0)                                    # a smaller rank in the old slot
+    assert (pool.lora_A.data_ptr(), pool.lora_B.data_ptr()) == storage
+    assert torch.equal(pool.lora_A[[0, 2]], others) and not pool.lora_A[1, 3:].any() and pool.ranks[1] == 3
+
+
+def test_sync_copies_only_what_changed():
+    pool = _pool()
+    lora_A, lora_B = _adapter(4)
+    pool.put(0, lora_A, lora_B, scale=1.0)
+    with torch.no_grad():
+        pool.lora_A[0].fill_(7.0)          # a marker: an unchanged adapter must not be copied again
+    pool.sync(0, lora_A, lora_B)
+    assert (pool.lora_A[0] == 7.0).all()
+    with torch.no_grad():
+        lora_B.mul_(2)                                                               # bumps the version counter
+    pool.sync(0, lora_A, lora_B)
+    assert torch.equal(pool.lora_A[0], lora_A) and torch.equal(pool.lora_B[0], lora_B)
+    lora_A.data = lora_A.data + 1                                                    # new storage, same object
+    pool.sync(0, lora_A, lora_B)
+    assert torch.equal(pool.lora_A[0], lora_A)
+    other_A = nn.Parameter(lora_A.detach() - 1)                                     # another object
+    pool.sync(0, other_A, lora_B)
+    assert torch.equal(pool.lora_A[0], other_A)
+
+
+def test_move_reallocates_and_refills_on_sync():
+    pool = _pool()
+    lora_A, lora_B = _adapter(4)
+    pool.put(0, lora_A, lora_B, scale=3.0)
+    pool.move(torch.device("cpu"), torch.float64)
+    assert pool.dtype == torch.float64 and not pool.lora_A.any() and pool.ranks.tolist() == [4]
+    pool.sync(0, lora_A, lora_B)
+    assert torch.equal(pool.lora_A[0], lora_A.double()) and pool.scales.tolist() == [3.0]
+
+
+def test_row_and_token_index():
+    batch = AdapterBatch(["x", None, "y", "x"], {"x": 2, "y": 0}, [torch.device("cpu")])
+    assert batch.adapters == {"x": 2, "y": 0} and batch.num_slots == 3
+    x = torch.zeros(4, 3, 8)
+    index, segments = batch.tokens(x)
+    assert index.tolist() == [[2] * 3, [-1] * 3, [0] * 3, [2] * 3] and index.dtype == torch.int32
+    assert segments is None                                   # the reference backend does not group tokens
+    assert batch.tokens(torch.ones(4, 3, 8))[0] is index                             # once per input shape
+    with pytest.raises(ValueError, match="must be equal to the number of names"):
+        batch.tokens(torch.zeros(8, 3, 8))
+    batch.expanding = True                                                           # as inside generate
+    assert batch.tokens(torch.zeros(8, 1, 8))[0].tolist() == [[2], [2], [-1], [-1], [0], [0], [2], [2]]
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        batch.tokens(torch.zeros(6, 1, 8))
+    batch.expanding = False                                   # the cached shape is checked again
+    with pytest.raises(ValueError, match="must be equal to the number of names"):
+        batch.tokens(torch.zeros(8, 1, 8))
+    assert AdapterBatch([None, None], {}, []).num_slots == 0
+
+
+def _layer_with_two_adapters():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = LoraLinear(base, fan_in_fan_out=False)
+    layer.add_adapter("a", r=2, scale=2.0, dropout=0.0)
+    layer.add_adapter("b", r=4, scale=0.5, dropout=0.0)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            layer.lora_B[name].weight.normal_()
+    return layer
+
+
+def test_layer_mixed_rows_on_2d_and_3d_inputs():
+    layer = _layer_with_two_adapters()
+    batch = AdapterBatch(["b", None, "a"], dict(layer.slot), [torch.device("cpu")])
+
+    def expected(x, name):
+        y = x @ layer.weight.t() + layer.bias
+        if name is not None:
+            y = y + layer.scale[name] * x @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t()
+        return y
+
+    layer.set_batch(batch)
+    for x in (torch.randn(3, 6), torch.randn(3, 4, 6)):
+        with torch.no_grad():
+            y = layer(x)
+        for row, name in enumerate(batch.names):
+            torch.testing.assert_close(y[row], expected(x[row], name))
+
+
+def test_layer_under_autocast_rebuilds_the_pool_in_the_compute_dtype():
+    layer = _layer_with_two_adapters()
+    layer.set_batch(AdapterBatch(["a", "b"], dict(layer.slot), [torch.device("cpu")]))
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad():
+        y32 = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y16 = layer(x)
+    assert layer.pool.dtype == torch.bfloat16 and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
