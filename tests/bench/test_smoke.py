@@ -8,10 +8,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
+import torch
 
-from bench import gpu_suite, harness, lora, model_train, report
+from bench import gpu_suite, harness, lora, lora_multi, model_train, report
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -98,3 +100,81 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert len(summary) <= 60
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["op"] for r in rows} == {lora.OP, model_train.OP}
+
+
+def test_lora_multi_selection_files_and_budget(tmp_path):
+    base = ["--smoke", "--out", str(tmp_path), "--providers", "floor,cublas", "--modes", "fwd", *FAST]
+    rows = lora_multi.main(base + ["--adapters", "4", "--tokens", "16"]).rows
+    assert [(r["provider"], r["adapters"], r["T"]) for r in rows] == [("floor", 4, 16), ("cublas", 4, 16)]
+    assert json.loads((tmp_path / "lora_multi.json").read_text())["rows"] == rows
+    with open(tmp_path / "lora_multi.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert "| 64 | 96 | 4 | uniform | 16 | 0 | 16 | fwd | plain |" in (tmp_path / "lora_multi.md").read_text()
+    results = lora_multi.main(base + ["--budget-s", "0"])
+    assert results.rows == [] and results.meta["skipped_cases"] > 0
+
+
+def test_lora_multi_batch_and_floor():
+    shape = lora_multi.point(4096, 4096, 16)                      # 32 adapters, uniform: 16 rows, 16 adapters
+    rows = lora_multi.row_adapters(shape)
+    assert sorted(rows.tolist()) == list(range(16)) and torch.equal(rows, lora_multi.row_adapters(shape))
+    nbytes, flops = lora_multi.cost(shape, "fwd")
+    assert nbytes == 2 * (4096 * 4096 + 16 * 16 * 8192 + 16 * 8192)
+    assert flops == 2 * 16 * 4096 * 4096 + 2 * 16 * 16 * 8192
+    half = lora_multi.point(4096, 4096, 16, base_pct=50)         # 8 base-only rows: 8 adapters, 8 rows at r=16
+    assert (lora_multi.row_adapters(half) < 0).sum() == 8
+    nbytes, flops = lora_multi.cost(half, "fwd+bwd")
+    assert nbytes == 2 * (2 * 4096 * 4096 + 3 * 8 * 16 * 8192 + 16 * (3 * 4096 + 2 * 4096))
+    assert flops == 4 * 16 * 4096 * 4096 + 6 * 8 * 16 * 8192
+    mixed = lora_multi.point(64, 96, 256, adapters=32, assign="zipf", r="mixed")
+    ranks, rows = lora_multi.adapter_ranks(mixed), lora_multi.row_adapters(mixed)
+    assert set(ranks) <= set(lora_multi.MIXED_RANKS) and len(set(ranks)) > 1
+    assert (rows == 0).sum() > (rows == 31).sum()                # Zipf: adapter 0 is the popular one
+    assert lora_multi.mean_rank(mixed) == round(sum(ranks[a] for a in rows.tolist()) / 256)
+
+
+def test_lora_multi_providers_compute_the_same_layer():
+    torch.manual_seed(0)
+    shape = lora_multi.point(64, 96, 24, adapters=4, assign="zipf", r="mixed", base_pct=50)
+    (s,) = lora_multi.make_sets(shape, 1, torch.device("cpu"), torch.float32)
+    forwards = {p: lora_multi._forward(p, s) for p in ("ptlm", "gather_bmm", "peft")}
+    with torch.no_grad():
+        y = {p: fwd() for p, (fwd, _) in forwards.items()}
+        a, b = s.slots.lora_A.double(), s.slots.lora_B.double()
+        expected = s.x.double() @ s.w.double().T
+        for t, i in enumerate(s.index.tolist()):
+            if i >= 0:
+                expected[t] += lora_multi.SCALE * (b[i] @ (a[i] @ s.x[t].double()))
+    for p, out in y.items():
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4, msg=p)
+    grads = {p: torch.autograd.grad(forwards[p][0](), forwards[p][1], s.dy) for p in ("ptlm", "gather_bmm")}
+    for g_ptlm, g_gather in zip(*grads.values()):
+        torch.testing.assert_close(g_ptlm, g_gather, rtol=1e-4, atol=1e-4)
+    assert s.mean_rank_slots.ranks.unique().tolist() == [lora_multi.mean_rank(shape)]
+
+
+def test_lora_multi_target_checks():
+    def row(provider, ms, timing="plain", **point):
+        return {"op": lora_multi.OP, "provider": provider, "mode": "fwd", "timing": timing,
+                **lora_multi.point(8, 8, **{"t": 256, **point}), "ms": ms}
+    rows = [row("cublas", 1.0), row("ptlm", 1.05), row("peft", 200.0), row("floor", 0.5),
+            row("cublas", 1.0, t=16), row("ptlm", 1.5, t=16),
+            row("ptlm", 1.0, adapters=4), row("floor", 0.5, adapters=4),
+            row("ptlm", 1.2, adapters=128), row("floor", 1.0, adapters=128),
+            row("ptlm", 1.0, r="mixed"), row("ptlm_mean_rank", 1.0, r="mixed")]
+    lines = lora_multi.target_checks(rows)
+    assert len(lines) == 4
+    assert "ptlm/cuBLAS" in lines[0] and "1/2 pass; worst 1.50 at 8x8 T=16 A=32" in lines[0]
+    assert "PEFT/ptlm" in lines[1] and "1/1 pass" in lines[1]
+    assert "A=4..128" in lines[2] and "worst 1.20 (the floor's own max/min 2.00)" in lines[2]
+    assert "0/1 pass" in lines[2] and "at 8x8 T=256 A=4..128" in lines[2]
+    assert "mean rank" in lines[3] and "1/1 pass" in lines[3] and "r=mixed" in lines[3]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+def test_lora_multi_smoke_through_interpreted_triton(tmp_path, monkeypatch):
+    monkeypatch.delenv("PTLM_BACKEND")
+    results = lora_multi.main(["--smoke", "--out", str(tmp_path), "--adapters", "4", "--tokens", "16",
+                               "--providers", "floor,ptlm", "--modes", "fwd", *FAST])
+    assert results.meta["ptlm_backend"] == "triton"
+    assert [(r["provider"], r["ms"] > 0) for r in results.rows] == [("floor", True), ("ptlm", True)]
