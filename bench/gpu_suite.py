@@ -1,6 +1,7 @@
-"""The whole GPU benchmark in one call: about 270 s on an H100 (half of it ptlm's autotuning), 400 s at most.
+"""The whole GPU benchmark in one call: about 420 s on an H100 (half of it ptlm's autotuning), 520 s at most.
 
-    python -u -m bench.gpu_suite OUT_DIR [--budget-s 400] [--no-graph] [--no-model] [--gradient-checkpointing]
+    python -u -m bench.gpu_suite OUT_DIR [--budget-s 520] [--no-graph] [--no-model] [--no-multi]
+        [--gradient-checkpointing]
     PTLM_BACKEND=reference python -m bench.gpu_suite OUT_DIR --smoke      # tiny shapes on CPU
 
 Phases, in order of importance; each one saves the results so far, so even a killed run leaves its files:
@@ -9,10 +10,14 @@ Phases, in order of importance; each one saves the results so far, so even a kil
      CUDA-graph timings too at T <= 256, where plain launches are launch-bound
   3. the model training step: HF PEFT, then ptlm
   4. LoRA layer, r=8 and r=64 at T=16 and T=4096: floor, cuBLAS, eager, ptlm
-Phase 2 stops starting new cases when only --model-reserve-s of the budget is left; phase 4 uses what remains.
+  5. multi-adapter LoRA layer, bench/lora_multi.py's default grid: 32 rank-16 adapters at every T on both
+     layers, then A = 1, 4, 128, Zipf rows, mixed ranks and 50% base-only rows on 4096x4096, fwd, and fwd+bwd
+     at T = 256 and 4096; CUDA-graph timings too at every T (PEFT's mixed batch, plain only, A <= 32, T <= 1024)
+Phase 2 stops starting new cases when only --model-reserve-s + --multi-reserve-s of the budget are left,
+phase 4 when --multi-reserve-s are left; phase 5 uses what remains.
 
 Writes OUT_DIR/results.json, results.csv, results.md and results.png (4 files) and prints a summary of at
-most 60 lines.
+most 90 lines (under 12,000 characters).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench import harness, lora, model_train, report
+from bench import harness, lora, lora_multi, model_train, report
 
 GRAPH_MAX_T = 256
 EXTRA_RANKS, EXTRA_TOKENS = [8, 64], [16, 4096]
@@ -36,10 +41,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="output directory (at most 4 files are written)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and model on CPU")
-    p.add_argument("--budget-s", type=float, default=400.0, help="no new case starts after this many seconds")
+    p.add_argument("--budget-s", type=float, default=520.0, help="no new case starts after this many seconds")
     p.add_argument("--model-reserve-s", type=float, default=150.0, help="seconds phase 2 leaves for phase 3")
+    p.add_argument("--multi-reserve-s", type=float, default=120.0, help="seconds phases 2-4 leave for phase 5")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--no-model", action="store_true", help="skip the model training step")
+    p.add_argument("--no-multi", action="store_true", help="skip the multi-adapter layer")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     model_train.add_arguments(p)
@@ -54,7 +61,8 @@ def lora_phases(args, device: torch.device, start: float):
     tokens = lora.SMOKE_TOKENS if args.smoke else lora.TOKENS
     extra_tokens = tokens[:1] if args.smoke else EXTRA_TOKENS
     graph = not args.no_graph and device.type == "cuda"
-    main_deadline = start + args.budget_s - (0 if args.no_model else args.model_reserve_s)
+    extra_deadline = start + args.budget_s - (0 if args.no_multi else args.multi_reserve_s)
+    main_deadline = extra_deadline - (0 if args.no_model else args.model_reserve_s)
 
     def grid(ranks, tok, providers):
         return lora.grid(shapes, tok, ranks, providers, lora.MODES, device)
@@ -62,8 +70,16 @@ def lora_phases(args, device: torch.device, start: float):
     large = [t for t in tokens if t > GRAPH_MAX_T]
     main = [("LoRA r=16, T<=256", grid([16], small, lora.PROVIDERS), graph, main_deadline),
             ("LoRA r=16, T>256", grid([16], large, lora.PROVIDERS), False, main_deadline)]
-    extra = [("LoRA r=8/64", grid(EXTRA_RANKS, extra_tokens, EXTRA_PROVIDERS), False, start + args.budget_s)]
+    extra = [("LoRA r=8/64", grid(EXTRA_RANKS, extra_tokens, EXTRA_PROVIDERS), False, extra_deadline)]
     return main, extra
+
+
+def multi_phases(args, device: torch.device, start: float):
+    """(name, grid, graph timings?, deadline) for phase 5."""
+    graph = not args.no_graph and device.type == "cuda"
+    points = lora_multi.points_by_mode(args.smoke, False, lora_multi.MODES)
+    return [(name, grid, timed_graph, start + args.budget_s) for name, grid, timed_graph in
+            lora_multi.phases(points, lora_multi.PROVIDERS, device, graph, lora_multi.layer_dtype(device))]
 
 
 def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path, wall_s: float) -> list[str]:
@@ -81,6 +97,9 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
         lines += ["Other ranks, plain launches: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)"] + extra_lines + [""]
     lines += ["Targets:"] + lora.target_checks(rows) + [""]
     lines += model_train.summary(rows) + [""]
+    multi_lines = lora_multi.summary(rows)
+    if multi_lines:
+        lines += multi_lines + [""]
     failed = sum(1 for r in rows if r.get("ms") is None)
     lines.append(f"{len(rows)} rows, {failed} failed, {skipped} cases skipped for the budget; {wall_s:.0f} s; "
                  f"files in {out}")
@@ -98,13 +117,14 @@ def main(argv: list[str] | None = None) -> harness.Results:
             "package (pip install --no-build-isolation -e .) and leave PTLM_BACKEND unset.")
     log(f"[{time.monotonic() - start:5.0f} s] ceilings")
     ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    results = harness.Results(meta, ceilings, [], tables={lora.OP: lora.TABLE, model_train.OP: model_train.TABLE})
+    results = harness.Results(meta, ceilings, [], tables={lora.OP: lora.TABLE, model_train.OP: model_train.TABLE,
+                                                          lora_multi.OP: lora_multi.TABLE})
     rows, skipped = results.rows, 0
 
     def save():
         results.meta["wall_s"] = time.monotonic() - start
         results.meta["skipped_cases"] = skipped
-        results.notes = lora.target_checks(rows) + model_train.summary(rows)
+        results.notes = lora.target_checks(rows) + model_train.summary(rows) + lora_multi.target_checks(rows)
         harness.save(results, args.out, "results")
 
     def run_lora(phases):
@@ -124,6 +144,8 @@ def main(argv: list[str] | None = None) -> harness.Results:
         rows.extend(model_train.run(args, device, log))
         save()
     run_lora(extra_phases)
+    if not args.no_multi:
+        run_lora(multi_phases(args, device, start))
     report.plot(results, args.out / "results.png")
     wall_s = time.monotonic() - start
     save()

@@ -96,10 +96,26 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= 6 and {"results.json", "results.csv", "results.md"} <= set(files)
     out = capsys.readouterr().out
-    summary = out[out.index("ptlm_engine GPU suite on"):].strip().splitlines()
-    assert len(summary) <= 60
+    summary = out[out.index("ptlm_engine GPU suite on"):].strip()
+    assert len(summary.splitlines()) <= 90 and len(summary) < 12_000
+    assert "Multi-adapter LoRA fwd, 32 rank-16 adapters" in summary and "Multi-adapter targets:" in summary
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["op"] for r in rows} == {lora.OP, model_train.OP}
+    assert {r["op"] for r in rows} == {lora.OP, model_train.OP, lora_multi.OP}
+    # the multi-adapter phase: every provider where it applies, at every point of the smoke grid
+    multi = [r for r in rows if r["op"] == lora_multi.OP]
+    for r in multi:
+        assert r["ms"] > 0 and math.isclose(r["x_floor"], r["ms"] / r["floor_ms"]), r
+    for mode, points in lora_multi.points_by_mode(True, False, lora_multi.MODES).items():
+        for p in points:
+            have = {r["provider"] for r in multi if r["mode"] == mode and all(r[k] == v for k, v in p.items())}
+            want = {"floor", "cublas", "ptlm", "gather_bmm"}
+            want |= {"ptlm_mean_rank"} if p["r"] == "mixed" else set()
+            want |= {"peft"} if lora_multi.peft_applies(p, mode) else set()
+            assert have == want, (mode, p)
+    md = (tmp_path / "results.md").read_text()
+    assert "| d_in | d_out | adapters | assign | r | base_pct | T | mode | timing | floor | cublas | ptlm |" in md
+    assert "multi fwd     A=32 r=16     ptlm/cuBLAS    <= 1.10 [plain]:" in md
+    assert "multi fwd+bwd mixed ranks   ptlm/mean rank <= 1.10 [plain]:" in md
 
 
 def test_lora_multi_selection_files_and_budget(tmp_path):
