@@ -1,18 +1,23 @@
-"""The adapter lifecycle on any nn.Module: add, activate, merge, disable, remove, unload.
+"""The adapter lifecycle on any nn.Module: add, activate, merge, disable, remove, unload, and mixed batches
+(one adapter per row).
 
-Per-model state (the adapters' configs, which one is active or merged, the base's requires_grad flags from
-before the first adapter) lives in one AdapterRegistry on the model; per-layer state lives in the layers.
+Per-model state (the adapters' configs, slot ids and targeted modules, which one is active or merged, the
+mixed batch in progress, the base's requires_grad flags from before the first adapter) lives in one
+AdapterRegistry on the model; per-layer state lives in the layers.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import LoraConfig
+from ptlm_engine.layers import LoraLinear
+from ptlm_engine.pool import AdapterBatch, free_slot
 
 _REGISTRY = "ptlm_adapters"
 
@@ -20,8 +25,12 @@ _REGISTRY = "ptlm_adapters"
 @dataclasses.dataclass
 class AdapterRegistry:
     configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
+    # Each adapter's slot id, the same in every layer's pool, so one per-token index serves every layer.
+    slots: dict[str, int] = dataclasses.field(default_factory=dict)
+    targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # the LoRA layers each one got
     active: str | None = None
     merged: str | None = None
+    batch: AdapterBatch | None = None                                         # inside adapter_batch
     base_requires_grad: list[tuple[nn.Parameter, bool]] = dataclasses.field(default_factory=list)
 
 
@@ -42,12 +51,19 @@ def _known(reg: AdapterRegistry, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(reg.configs)}")
 
 
+def _not_in_batch(reg: AdapterRegistry | None, what: str) -> None:
+    # The layers of a mixed batch hold its mapping and slot layout, which a lifecycle change would invalidate.
+    if reg is not None and reg.batch is not None:
+        raise ValueError(f"cannot {what} inside adapter_batch; leave the block first")
+
+
 def check_new_name(model: nn.Module, name: str) -> None:
     # Adapter names become ModuleDict keys, so they must be valid attribute names there.
     if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
         raise ValueError(f"adapter name must be a non-empty string without '.' that is not a Module attribute, "
                          f"got {name!r}")
     reg = getattr(model, _REGISTRY, None)
+    _not_in_batch(reg, "add an adapter")
     if reg is not None and name in reg.configs:
         raise ValueError(f"the model already has an adapter named {name!r} (remove_adapter it first)")
 
@@ -81,11 +97,12 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
     if reg is None:
         reg = AdapterRegistry(base_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
         setattr(model, _REGISTRY, reg)
+    slot = free_slot(reg.slots.values())
     for target in targets:
-        inject.wrap_for_lora(model, target).add_adapter(name, config.r, config.scale, config.dropout)
+        inject.wrap_for_lora(model, target).add_adapter(name, config.r, config.scale, config.dropout, slot)
     for target in saved:
         inject.wrap_for_saving(model, target).add_adapter(name)
-    reg.configs[name] = config
+    reg.configs[name], reg.slots[name], reg.targets[name] = config, slot, targets
     if len(reg.configs) == 1:
         set_active_adapter(model, name)
     else:
@@ -98,6 +115,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     become trainable."""
     model = unwrap(model)
     reg = registry(model)
+    _not_in_batch(reg, "change the active adapter")
     if name is not None:
         _known(reg, name)
     if reg.merged is not None and reg.merged != name:
@@ -136,6 +154,7 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     branch's cost. Its LoRA weights stop receiving gradients until unmerge_adapter."""
     model = unwrap(model)
     reg = registry(model)
+    _not_in_batch(reg, "merge an adapter")
     _known(reg, name)
     if reg.merged is not None:
         raise ValueError(f"adapter {reg.merged!r} is already merged")
@@ -149,6 +168,7 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
     """Take a merged adapter back out of the base weights (W0 -= scale · B A)."""
     model = unwrap(model)
     reg = registry(model)
+    _not_in_batch(reg, "unmerge an adapter")
     _known(reg, name)
     if reg.merged != name:
         raise ValueError(f"adapter {name!r} is not merged")
@@ -192,11 +212,117 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             _merge(model, reg, merged)
 
 
+@contextmanager
+def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of the model's input runs adapter names[i] (None: the base model alone); every
+    LoRA layer computes all rows in one multi-adapter op.
+
+    The batch size must equal len(names), except inside model.generate, whose beam search and
+    num_return_sequences repeat each row in place (row i -> rows i·k … i·k+k-1): the mapping is repeated the
+    same way. An adapter leaves the layers its config did not target to the base model for its rows, as running
+    that row alone with the adapter active does. Inside disable_adapters every row gets the base outputs.
+
+    Training: in the block the mapped adapters' LoRA weights are the model's trainable parameters (everything
+    else frozen, base biases too: every row shares them), and each adapter gets the gradient of its own rows
+    alone. In train mode each row's LoRA branch gets its own adapter's dropout.
+
+    Serving: when no gradient reaches an adapter, a layer reads its pool, a stacked copy of its adapters that is
+    copied again lazily, per adapter, when that adapter's Parameters changed since the last copy (another
+    object, another storage, or a bumped version counter: optimizer steps, copy_ and load_state_dict all bump
+    it). In-place writes through `.data` bypass the version counter and are not seen. With gradients, or inside
+    torch.compile, a layer stacks the Parameters themselves on the fly instead.
+
+    On exit the active adapter, the requires_grad flags and the layers are as before. Raises ValueError, before
+    anything changes, for an empty mapping, a name that is neither a string nor None, an unknown adapter, a
+    merged adapter (mixed batches need unmerged weights), or an adapter missing from a layer its config
+    targeted; NotImplementedError for an adapter with modules_to_save copies.
+    """
+    model = unwrap(model)
+    reg = registry(model)
+    _not_in_batch(reg, "open another adapter_batch")
+    _check_mapping(model, reg, names)
+    layers = [layer for _, layer in inject.lora_layers(model)]
+    wrappers = [wrapper for _, wrapper in inject.saved_modules(model)]
+    batch = AdapterBatch(names, reg.slots, {layer.weight.device for layer in layers})
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrappers_active = [wrapper.active_adapter for wrapper in wrappers]
+    own_generate = model.__dict__.get("generate")   # an instance attribute of the user's own, put back on exit
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in layers:
+        for name in batch.adapters:
+            if name in layer.lora_A:
+                layer.lora_A[name].requires_grad_(True)
+                layer.lora_B[name].requires_grad_(True)
+        layer.set_batch(batch)
+    for wrapper in wrappers:   # no mapped adapter has copies (checked): every row runs the original
+        wrapper.active_adapter = None
+    if callable(getattr(model, "generate", None)):
+        model.generate = _expanding(model.generate, batch)
+    reg.batch = batch
+    try:
+        yield model
+    finally:
+        reg.batch = None
+        for layer in layers:
+            layer.set_batch(None)
+        for wrapper, active in zip(wrappers, wrappers_active):
+            wrapper.active_adapter = active
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        if own_generate is None:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = own_generate
+
+
+def _check_mapping(model: nn.Module, reg: AdapterRegistry, names: Sequence[str | None]) -> None:
+    if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
+        raise ValueError(f"adapter_batch needs a non-empty list with one adapter name (or None) per row, "
+                         f"got {names!r}")
+    for name in names:
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"adapter_batch: each row's adapter must be a name or None, got {name!r}")
+    mapped = [name for name in dict.fromkeys(names) if name is not None]
+    for name in mapped:
+        _known(reg, name)
+    if reg.merged is not None:
+        raise ValueError(f"adapter {reg.merged!r} is merged into the base weights, which every row would get; "
+                         f"mixed batches need unmerged weights (unmerge_adapter it first)")
+    for name in mapped:
+        if reg.configs[name].modules_to_save:
+            raise NotImplementedError(f"adapter {name!r} has modules_to_save copies, which mixed batches do not "
+                                      "run per row yet")
+        slot = reg.slots[name]
+        for path in reg.targets[name]:
+            try:
+                layer = model.get_submodule(path)
+            except AttributeError:
+                layer = None
+            if not isinstance(layer, LoraLinear) or name not in layer.lora_A or layer.slot.get(name) != slot:
+                raise ValueError(f"adapter {name!r} is missing from {path!r}, a layer its config targets (expected "
+                                 f"in slot {slot}); the model was changed outside ptlm_engine's API")
+
+
+def _expanding(generate, batch: AdapterBatch):
+    """model.generate, during which each mapped row may appear several times in place (beams, sequences)."""
+    @functools.wraps(generate)
+    def generate_mixed(*args, **kwargs):
+        batch.expanding = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            batch.expanding = False
+    return generate_mixed
+
+
 def remove_adapter(model: nn.Module, name: str) -> None:
     """Delete adapter `name` (unmerging it first). Layers left without adapters become their original modules
     again; after the last adapter the base parameters get back the requires_grad they had before the first."""
     model = unwrap(model)
     reg = registry(model)
+    _not_in_batch(reg, "remove an adapter")
     _known(reg, name)
     if reg.merged == name:
         _unmerge(model, reg)
@@ -210,7 +336,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             wrapper.remove_adapter(name)
             if not wrapper.modules_to_save:
                 inject.restore(model, path)
-    del reg.configs[name]
+    del reg.configs[name], reg.slots[name], reg.targets[name]
     if reg.active == name:
         reg.active = None
     if reg.configs:
@@ -228,6 +354,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     model = unwrap(model)
     reg = registry(model)
+    _not_in_batch(reg, "unload")
     if merge and reg.active is not None:
         if reg.merged is None:
             _merge(model, reg, reg.active)

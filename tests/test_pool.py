@@ -1,9 +1,14 @@
 """The adapter pool and slot numbering: model-wide slot ids, capacity doubling, rank growth, slot reuse, lazy
 refresh from the Parameters, moves; the per-row mapping and its expansion; a LoraLinear running a mixed batch."""
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
 
+import ptlm_engine as pe
+from ptlm_engine import api, inject
 from ptlm_engine.layers import LoraLinear
 from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
 
@@ -103,6 +108,59 @@ def test_row_and_token_index():
     with pytest.raises(ValueError, match="must be equal to the number of names"):
         batch.tokens(torch.zeros(8, 1, 8))
     assert AdapterBatch([None, None], {}, []).num_slots == 0
+
+
+def test_slot_ids_are_model_wide_and_reused(tiny):
+    llama = tiny("llama")
+    targets = {"a": ["q_proj", "v_proj"], "b": ["v_proj"], "c": ["q_proj", "o_proj"]}
+    for name, modules in targets.items():
+        pe.add_adapter(llama, name, pe.LoraConfig(r=4, target_modules=modules))
+    reg = api.registry(llama)
+    assert reg.slots == {"a": 0, "b": 1, "c": 2}
+    layers = dict(inject.lora_layers(llama))
+    q, v, o = (layers[f"model.layers.0.self_attn.{p}_proj"] for p in "qvo")
+    assert q.slot == {"a": 0, "c": 2} and v.slot == {"a": 0, "b": 1} and o.slot == {"c": 2}
+    assert (q.pool.capacity, v.pool.capacity, o.pool.capacity) == (4, 2, 4)          # doubling up to the id
+    v_storage = v.pool.lora_A.data_ptr()
+
+    pe.remove_adapter(llama, "b")
+    assert not v.pool.lora_A[1].any() and v.pool.ranks[1] == 0
+    pe.add_adapter(llama, "d", pe.LoraConfig(r=2, target_modules=["v_proj", "o_proj"]))
+    assert reg.slots["d"] == 1 and v.slot == {"a": 0, "d": 1} and o.slot == {"c": 2, "d": 1}
+    assert v.pool.lora_A.data_ptr() == v_storage and v.pool.ranks.tolist() == [4, 2]   # reused in place
+    with pe.adapter_batch(llama, ["c", None]):
+        assert v.pool.capacity == 4                           # room for slot 2, which v lacks: an empty slot
+        assert v.batch_adapters == {} and q.batch_adapters == {2: "c"}
+
+
+def test_pool_follows_the_model_to_float64(tiny, output, randomize_adapters):
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=8, target_modules=["q_proj"]))
+    for name in ("b", "a"):
+        pe.set_active_adapter(llama, name)
+        randomize_adapters(llama, seed=len(name))
+    llama.double()
+    ids = torch.randint(0, 128, (2, 5))
+    with torch.no_grad(), pe.adapter_batch(llama, ["b", "a"]):
+        mixed = output(llama, ids)
+    layer = inject.lora_layers(llama)[0][1]
+    assert layer.pool.dtype == torch.float64 and mixed.dtype == torch.float64
+    torch.testing.assert_close(mixed[1], output(llama, ids[1:])[0])
+
+
+def test_model_with_a_pool_copies_and_pickles(tiny, output, randomize_adapters):
+    gpt2 = tiny("gpt2")
+    pe.add_adapter(gpt2, "a", pe.LoraConfig(r=4, target_modules=["c_attn"]))
+    randomize_adapters(gpt2)
+    buffer = io.BytesIO()
+    torch.save(gpt2, buffer)
+    buffer.seek(0)
+    ids = torch.randint(0, 128, (2, 5))
+    for clone in (copy.deepcopy(gpt2), torch.load(buffer, weights_only=False)):
+        with torch.no_grad(), pe.adapter_batch(clone, ["a", None]):
+            mixed = output(clone, ids)
+        torch.testing.assert_close(mixed[0], output(gpt2, ids[:1])[0])
 
 
 def _layer_with_two_adapters():

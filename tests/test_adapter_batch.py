@@ -1,0 +1,362 @@
+"""pe.adapter_batch on tiny HF models: one adapter per row, checked against each row run alone with its adapter
+active and against HF PEFT's `adapter_names=`; generation (greedy, sampled sequences, beams), gradients of
+several adapters trained at once, bad mappings, and the state around the block."""
+import zlib
+
+import peft
+import pytest
+import torch
+
+import ptlm_engine as pe
+from ptlm_engine import api, inject
+from ptlm_engine.kernels import lora as K
+
+pytestmark = [pytest.mark.usefixtures("reference_backend"),
+              pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+# Per model: adapters with different ranks, scales and (overlapping) targets.
+ADAPTERS = {
+    "llama": {"a": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+              "b": dict(r=16, alpha=16, target_modules=["v_proj", "o_proj", "down_proj"]),
+              "c": dict(r=8, alpha=32, use_rslora=True, target_modules=["q_proj", "up_proj"])},
+    "gpt2": {"a": dict(r=4, alpha=8, target_modules=["c_attn"]),
+             "b": dict(r=8, alpha=8, target_modules=["c_attn", "c_fc"])},
+    "bert": {"a": dict(r=4, alpha=8, target_modules=["query", "value"]),
+             "b": dict(r=8, alpha=4, target_modules=["value", "key"])},
+}
+MAPPING = ["a", "b", None, "a"]
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
+                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
+
+
+def _ids(rows, length=6):
+    return torch.randint(0, 128, (rows, length), generator=torch.Generator().manual_seed(3))
+
+
+def _randomize_lora(model):
+    """Seeded random values in every adapter's A and B (B starts at zero: a fresh adapter changes nothing)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def _with_adapters(tiny, kind, names=None):
+    model = tiny(kind)
+    for name, kw in ADAPTERS[kind].items():
+        if names is None or name in names:
+            pe.add_adapter(model, name, pe.LoraConfig(**kw))
+    _randomize_lora(model)
+    return model
+
+
+def _alone(model, name, run):
+    """run() with only adapter `name` active (None: the base model), the previous active adapter restored."""
+    before = pe.active_adapter(model)
+    pe.set_active_adapter(model, name)
+    try:
+        return run()
+    finally:
+        pe.set_active_adapter(model, before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_rows_match_each_adapter_alone(tiny, kind, output):
+    model = _with_adapters(tiny, kind)
+    ids = _ids(len(MAPPING))
+    with torch.no_grad(), pe.adapter_batch(model, MAPPING):
+        mixed = output(model, ids)
+    for row, name in enumerate(MAPPING):
+        alone = _alone(model, name, lambda: output(model, ids[row:row + 1]))
+        torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
+    assert not torch.allclose(mixed[0], mixed[2])                                   # the adapters do act
+
+
+def test_mixed_ranks_and_grad_mode_agree(tiny, output):
+    """Ranks 4, 16, 8 in one batch; the pooled copy (no grad) and the stacked Parameters (grad) agree."""
+    llama = _with_adapters(tiny, "llama")
+    mapping, ids = ["c", "b", "a", None, "c"], _ids(5)
+    with pe.adapter_batch(llama, mapping):
+        with torch.no_grad():
+            pooled = output(llama, ids)
+        stacked = output(llama, ids)
+    assert stacked.requires_grad
+    torch.testing.assert_close(pooled, stacked.detach())
+    for row, name in enumerate(mapping):
+        torch.testing.assert_close(pooled[row], _alone(llama, name, lambda: output(llama, ids[row:row + 1]))[0])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_matches_peft_adapter_names(tiny, kind, output):
+    ours = _with_adapters(tiny, kind, ["a", "b"])
+    names = {"alpha": "lora_alpha"}
+    configs = {name: peft.LoraConfig(**{names.get(k, k): v for k, v in kw.items()})
+               for name, kw in ADAPTERS[kind].items() if name in ("a", "b")}
+    theirs = peft.get_peft_model(tiny(kind), configs["a"], adapter_name="a")
+    theirs.add_adapter("b", configs["b"])
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if ".lora_" in name:
+                p.copy_(mine[name.removeprefix("base_model.model.").replace(".base_layer.", ".")])
+    ids = _ids(len(MAPPING))
+    with torch.no_grad(), pe.adapter_batch(ours, MAPPING):
+        y = output(ours, ids)
+    y_peft = theirs.eval()(input_ids=ids, adapter_names=[n or "__base__" for n in MAPPING]).logits
+    torch.testing.assert_close(y, y_peft)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("how", [dict(), dict(do_sample=True, top_k=1, num_return_sequences=2), dict(num_beams=2),
+                                 dict(num_beams=2, num_return_sequences=2)],
+                         ids=["greedy", "sampled_x2", "beams", "beams_x2"])
+def test_generate_keeps_each_row_on_its_adapter(tiny, kind, how):
+    model = _with_adapters(tiny, kind, ["a", "b"])
+    ids = _ids(len(MAPPING), length=5)
+    kw = dict(max_new_tokens=5, min_new_tokens=5, use_cache=True, pad_token_id=0, **how)
+    per_row = how.get("num_return_sequences", 1)
+    with pe.adapter_batch(model, MAPPING):
+        mixed = model.generate(ids, **kw)
+    assert mixed.shape == (len(MAPPING) * per_row, 10)
+    for row, name in enumerate(MAPPING):
+        alone = _alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
+        torch.testing.assert_close(mixed[row * per_row:(row + 1) * per_row], alone, rtol=0, atol=0,
+                                   msg=f"row {row} ({name})")
+
+
+def test_gradients_match_each_adapter_trained_alone(tiny):
+    """A mixed batch in train mode trains several adapters at once: each gets the gradient of its own rows."""
+    llama = _with_adapters(tiny, "llama").train()
+    mapping, ids = ["c", "a", None, "b", "a", "c"], _ids(6)
+
+    def loss(model, rows):
+        return model(input_ids=rows, labels=rows).logits.square().mean(dim=(1, 2)).sum()   # a sum of row losses
+
+    with pe.adapter_batch(llama, mapping):
+        trainable = {n for n, p in llama.named_parameters() if p.requires_grad}
+        loss(llama, ids).backward()
+    assert trainable == {n for n, _ in llama.named_parameters() if ".lora_" in n}
+    mixed = {n: p.grad.clone() for n, p in llama.named_parameters() if p.grad is not None}
+    assert mixed.keys() == trainable
+    llama.zero_grad(set_to_none=True)
+    for name in ("a", "b", "c"):
+        rows = ids[[i for i, n in enumerate(mapping) if n == name]]
+        _alone(llama, name, lambda: loss(llama, rows).backward())
+    alone = {n: p.grad for n, p in llama.named_parameters() if p.grad is not None}
+    assert alone.keys() == mixed.keys()
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], alone[n], msg=n)
+
+
+def test_training_steps_then_serving_sees_new_weights(tiny, output):
+    """Optimizer steps inside the block bump the Parameters' versions: the pooled copy follows."""
+    llama = _with_adapters(tiny, "llama", ["a", "b"]).train()
+    ids = _ids(3)
+    with pe.adapter_batch(llama, ["a", "b", None]):
+        optimizer = torch.optim.SGD([p for p in llama.parameters() if p.requires_grad], lr=0.5)
+        with torch.no_grad():
+            before = output(llama, ids)
+        for _ in range(2):
+            llama(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            after = output(llama, ids)
+        stacked = output(llama, ids).detach()                                       # from the Parameters
+    assert not torch.allclose(before[:2], after[:2])
+    torch.testing.assert_close(before[2], after[2])                                  # the base row
+    torch.testing.assert_close(after, stacked)
+    for _, layer in inject.lora_layers(llama):
+        for name, slot in layer.slot.items():
+            r = layer.r[name]
+            assert torch.equal(layer.pool.lora_A[slot, :r], layer.lora_A[name].weight)
+            assert torch.equal(layer.pool.lora_B[slot, :, :r], layer.lora_B[name].weight)
+
+
+def test_inference_mode_leaves_no_inference_tensors_behind(tiny, output):
+    """Pools grown and indexes cached under torch.inference_mode stay writable and usable for training."""
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    ids = _ids(2)
+    with torch.inference_mode(), pe.adapter_batch(llama, ["b", "a"]):
+        served = output(llama, ids)
+    with pe.adapter_batch(llama, ["b", "a"]):
+        with torch.inference_mode():
+            torch.testing.assert_close(output(llama, ids), served)
+        output(llama, ids).sum().backward()                                          # the same cached index
+    pe.add_adapter(llama, "c", pe.LoraConfig(r=32, target_modules=["q_proj"]))      # writes into those pools
+    assert all(not layer.pool.lora_A.is_inference() for _, layer in inject.lora_layers(llama))
+
+
+def test_one_adapter_model(tiny, output):
+    gpt2 = _with_adapters(tiny, "gpt2", ["a"])
+    ids = _ids(3)
+    with torch.no_grad(), pe.adapter_batch(gpt2, [None, "a", None]):
+        mixed = output(gpt2, ids)
+    torch.testing.assert_close(mixed[1], output(gpt2, ids[1:2])[0])
+    with pe.disable_adapters(gpt2):
+        torch.testing.assert_close(mixed[[0, 2]], output(gpt2, ids[[0, 2]]))
+
+
+def test_torch_compile_inside_the_block(tiny, output):
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    ids = _ids(len(MAPPING))
+    compiled = torch.compile(llama, backend="aot_eager")
+    with pe.adapter_batch(compiled, MAPPING):
+        eager = output(llama, ids)
+        y = output(compiled, ids)
+        y.square().sum().backward()
+    torch.testing.assert_close(y, eager)
+    grads = {n: p.grad for n, p in llama.named_parameters() if ".lora_" in n}
+    assert all(g is not None for n, g in grads.items() if ".lora_B.a." in n or ".lora_B.b." in n)
+
+
+@needs_triton
+def test_triton_kernels_through_the_layers(tiny, output, monkeypatch):
+    """The multi-adapter kernels with the token grouping shared by all layers: as the reference, with grads."""
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    ids = _ids(3, length=5)
+    results = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("PTLM_BACKEND", backend)
+        with pe.adapter_batch(llama, ["b", None, "a"]) as model:
+            with torch.no_grad():
+                pooled = output(model, ids)
+            y = output(model, ids)
+            y.square().sum().backward()
+            assert (api.registry(llama).batch._last[3] is not None) == (backend == "triton")
+        results.append((pooled, y.detach(), {n: p.grad for n, p in llama.named_parameters() if p.grad is not None}))
+        llama.zero_grad(set_to_none=True)
+    (pooled, y, grads), (pooled_t, y_t, grads_t) = results
+    torch.testing.assert_close(pooled_t, pooled, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y_t, y, rtol=1e-4, atol=1e-4)
+    assert grads_t.keys() == grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads_t[n], grads[n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def _state(model):
+    """Everything adapter_batch could change: values, flags, layer and pool state, the registry."""
+    reg = api.registry(model)
+    return {
+        "params": {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
+        "layers": [(layer.batch, dict(layer.slot), layer.pool.lora_A.clone(), layer.pool.lora_B.clone(),
+                    layer.pool.ranks.clone(), layer.pool.scales.clone(), layer.active_adapter)
+                   for _, layer in inject.lora_layers(model)],
+        "registry": (reg.active, reg.merged, reg.batch, dict(reg.slots)),
+        "generate": "generate" in model.__dict__,
+    }
+
+
+def _assert_same_state(model, before):
+    after = _state(model)
+    assert after["registry"] == before["registry"] and after["generate"] == before["generate"]
+    assert after["params"].keys() == before["params"].keys()
+    for n, (value, flag) in before["params"].items():
+        assert torch.equal(after["params"][n][0], value) and after["params"][n][1] == flag, n
+    for old, new in zip(before["layers"], after["layers"]):
+        assert old[0] is new[0] and old[1] == new[1] and old[6] == new[6]
+        assert all(torch.equal(a, b) for a, b in zip(old[2:6], new[2:6]))
+
+
+@pytest.mark.parametrize("mapping,match", [
+    (["a", "zz"], "no adapter named 'zz'"),
+    ([], "non-empty list"),
+    ("a", "non-empty list"),
+    (["a", 1], "must be a name or None"),
+])
+def test_bad_mappings_raise_before_any_change(tiny, mapping, match):
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    before = _state(llama)
+    with pytest.raises(ValueError, match=match):
+        with pe.adapter_batch(llama, mapping):
+            pytest.fail("entered the block")
+    _assert_same_state(llama, before)
+
+
+@pytest.mark.parametrize("rows", [3, 1, 8])
+def test_batch_size_must_equal_the_mapping(tiny, rows):
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    before = _state(llama)
+    with pe.adapter_batch(llama, ["a", "b"]):   # (entering gives the layers without 'b' room for its slot)
+        inside = _state(llama)
+        with pytest.raises(ValueError, match="must be equal to the number of names"), torch.no_grad():
+            llama(_ids(rows))
+        _assert_same_state(llama, inside)                                           # pools untouched
+    after = _state(llama)
+    assert after["registry"] == before["registry"] and not after["generate"]
+    assert all(layer.batch is None for _, layer in inject.lora_layers(llama))
+
+
+def test_adapter_missing_from_a_targeted_layer(tiny):
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    llama.model.layers[1].self_attn.v_proj.remove_adapter("b")                      # behind the API's back
+    before = _state(llama)
+    with pytest.raises(ValueError, match=r"'b' is missing from 'model.layers.1.self_attn.v_proj'"):
+        with pe.adapter_batch(llama, ["a", "b"]):
+            pass
+    _assert_same_state(llama, before)
+    with pe.adapter_batch(llama, ["a", None]):                                      # 'a' is whole: fine
+        pass
+
+
+def test_merged_adapter_is_refused(tiny):
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    pe.merge_adapter(llama, "a")
+    before = _state(llama)
+    with pytest.raises(ValueError, match="'a' is merged .* mixed batches need unmerged weights"):
+        with pe.adapter_batch(llama, ["b", None]):
+            pass
+    _assert_same_state(llama, before)
+
+
+def test_modules_to_save_not_yet(tiny):
+    bert = tiny("bert_cls")
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    with pytest.raises(NotImplementedError, match="modules_to_save"):
+        with pe.adapter_batch(bert, ["a"]):
+            pass
+
+
+def test_dropout_per_row_in_training_only(tiny, output):
+    """Train mode: rows of an adapter with dropout get a random mask, rows of one without are exact; eval: none."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomize_lora(llama)
+    ids = _ids(3)
+    with pe.adapter_batch(llama, ["a", "b", None]):
+        with torch.no_grad():
+            exact = output(llama, ids)
+            llama.train()
+            pooled = output(llama, ids)
+        stacked = output(llama, ids)
+        stacked.sum().backward()
+    for y in (pooled, stacked.detach()):
+        assert not torch.allclose(y[0], exact[0])
+        torch.testing.assert_close(y[1:], exact[1:])
+    assert all(p.grad is not None for n, p in llama.named_parameters() if ".lora_B." in n)
+
+
+def test_state_around_the_block(tiny, output):
+    """disable_adapters inside gives base outputs; the lifecycle is locked inside; everything comes back."""
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    pe.set_active_adapter(llama, "b")
+    ids = _ids(2)
+    before = _state(llama)
+    base = _alone(llama, None, lambda: output(llama, ids))
+    with torch.no_grad(), pe.adapter_batch(llama, ["a", "a"]) as model:
+        assert model is llama and "generate" in llama.__dict__
+        assert {n for n, p in llama.named_parameters() if p.requires_grad} == \
+            {n for n, _ in llama.named_parameters() if ".lora_A.a." in n or ".lora_B.a." in n}
+        with pe.disable_adapters(llama):
+            torch.testing.assert_close(output(llama, ids), base)
+        for call in (lambda: pe.set_active_adapter(llama, "a"), lambda: pe.remove_adapter(llama, "b"),
+                     lambda: pe.add_adapter(llama, "d", pe.LoraConfig(target_modules=["q_proj"])),
+                     lambda: pe.merge_adapter(llama, "b"), lambda: pe.adapter_batch(llama, ["a"]).__enter__()):
+            with pytest.raises(ValueError, match="inside adapter_batch"):
+                call()
+    _assert_same_state(llama, before)
+    with pe.disable_adapters(llama), pe.adapter_batch(llama, ["a", "b"]):
+        torch.testing.assert_close(output(llama, ids), base)
