@@ -31,11 +31,30 @@ def _keep_mask(seed_ptr, offsets, dropout_p):
 
 
 @triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc += a @ b in the operands' dtype: exact (ieee) for fp32 layers, as PyTorch's fp32 matmul."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _dot_fp32(a, b, acc, FP32_DOT: tl.constexpr):
     """acc += a @ b for fp32 operands: exact for fp32 layers, tf32 tensor cores for the LoRA term of half ones."""
     if FP32_DOT:
         return tl.dot(a, b, acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision="tf32")
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of program `pid` in grouped launch order: GROUP_M row blocks sweep the same
+    W column blocks while those sit in L2 (at decode, all row blocks of one W tile run side by side)."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    group_size = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
 
 
 # ---------------------------------------------------------------------------------------------------- shrink
@@ -63,10 +82,7 @@ def _lora_shrink_kernel(
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
-        if FP32_DOT:
-            acc = tl.dot(x, a, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, a, acc)
+        acc = _dot(x, a, acc, FP32_DOT)
     acc = acc * scale
     out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
     out_mask = (offs_t[:, None] < T) & (offs_r[None, :] < R)
@@ -115,15 +131,7 @@ def _lora_matmul_kernel(
     FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row blocks sweep the same W column blocks while those sit in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -140,20 +148,14 @@ def _lora_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
-        if FP32_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = _dot(x, w, acc, FP32_DOT)
         if FUSE_SHRINK:
             # the shrink rides along the base K loop: x is already on chip, A (r, K) is small and L2-resident
             a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                         mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0)            # (BLOCK_K, BLOCK_R)
             if X_DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
-            if FP32_DOT:
-                xa = tl.dot(x, a, xa, input_precision="ieee")
-            else:
-                xa = tl.dot(x, a, xa)
+            xa = _dot(x, a, xa, FP32_DOT)
 
     # LoRA expand: xa (fp32: the r-wide intermediate loses accuracy in half precision) @ B^T as r more K steps.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc

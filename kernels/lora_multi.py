@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import _dot_fp32, _keep_mask
+from .lora import _dot, _dot_fp32, _keep_mask, grouped_tile
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
@@ -82,10 +82,7 @@ def _multi_shrink_kernel(
                     x = tl.where(keep, x, 0.0)
                 a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                             mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
-                if FP32_DOT:
-                    acc = tl.dot(x, a, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, a, acc)
+                acc = _dot(x, a, acc, FP32_DOT)
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
@@ -148,14 +145,7 @@ def _multi_matmul_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -169,10 +159,7 @@ def _multi_matmul_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
-        if FP32_DOT:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w, acc)
+        acc = _dot(x, w, acc, FP32_DOT)
 
     # Epilogue: each distinct slot among the block's rows expands its own rows, over its own rank only.
     slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)

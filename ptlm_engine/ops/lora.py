@@ -99,16 +99,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _custom_op_backward(ctx, dy, _dxa):
+def _grads(ctx, dy, bwd):
+    """The op's input gradients, with `bwd` the custom op (traced) or its implementation (eager)."""
     x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, d_a, d_b = lora_linear_bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed,
-                                   ctx.fan_in_fan_out, need[0])
+    dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed, ctx.fan_in_fan_out,
+                       need[0])
     d_w, d_bias = _base_grads(need, dy, x, ctx.fan_in_fan_out, ctx.has_bias)
     return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
 
 
-torch.library.register_autograd("ptlm::lora_linear_fwd", _custom_op_backward, setup_context=_setup_context)
+torch.library.register_autograd("ptlm::lora_linear_fwd", lambda ctx, dy, _dxa: _grads(ctx, dy, lora_linear_bwd),
+                                setup_context=_setup_context)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -122,12 +124,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dxa):
-        x, xa, weight, lora_A, lora_B, seed = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dx, d_a, d_b = _backward(dy, x, xa, weight, lora_A, lora_B, ctx.scale, ctx.dropout, seed,
-                                 ctx.fan_in_fan_out, need[0])
-        d_w, d_bias = _base_grads(need, dy, x, ctx.fan_in_fan_out, ctx.has_bias)
-        return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None
+        return _grads(ctx, dy, _backward)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

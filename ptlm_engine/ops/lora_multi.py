@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.lora import lora_kernels, triton_enabled
+from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
 
 try:
     from ptlm_engine.kernels import lora_multi as multi_kernels
@@ -130,12 +130,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _grads(ctx, dy, bwd):
+    """The op's input gradients, with `bwd` the custom op (traced) or its implementation (eager)."""
     x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, d_a, d_b = bwd(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts,
                        seed, ctx.fan_in_fan_out, need[0])
-    d_w = (x.t() @ dy if ctx.fan_in_fan_out else dy.t() @ x) if need[1] else None
-    d_bias = dy.sum(0) if ctx.has_bias and need[2] else None
+    d_w, d_bias = _base_grads(need, dy, x, ctx.fan_in_fan_out, ctx.has_bias)
     return (dx if need[0] else None), d_w, d_bias, d_a, d_b, None, None, None, None, None, None, None, None
 
 
