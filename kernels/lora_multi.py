@@ -8,7 +8,7 @@ Three kernels, as for the single-adapter op, each reused by backward through str
                LoRA product in memory; also dx = dy W0 + g A_a in backward.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
-A row block handles each distinct slot among its rows once ("leader" rows), looping only over that slot's
+A row block visits each distinct slot among its rows once (ascending slot ids), looping only over that slot's
 own rank in steps of 16: mixed ranks cost no padding compute, and rows with no adapter cost only the base
 GEMM. Nothing reads the mapping on the host, so a CUDA graph can replay with a new mapping in the same buffers.
 """
@@ -25,13 +25,14 @@ from .lora import _dot, _dot_fp32, _keep_mask, grouped_tile
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
 
+NO_SLOT = 2**30  # past every slot id: "no further slot in this block"
+
+
 @triton.jit
-def _block_leaders(slot, BLOCK: tl.constexpr):
-    """For a row block's slots (BLOCK,): True where a row is the first of its slot (and the slot is >= 0)."""
-    rows = tl.arange(0, BLOCK)
-    same = slot[:, None] == slot[None, :]
-    earlier = rows[None, :] < rows[:, None]
-    return (tl.sum((same & earlier).to(tl.int32), axis=1) == 0) & (slot >= 0)
+def _next_slot(slot, after):
+    """The smallest slot id among a block's rows that is greater than `after` (NO_SLOT when none is): a block
+    visits each distinct slot once, in as many steps as it has distinct slots (one or two once sorted)."""
+    return tl.min(tl.where(slot > after, slot, NO_SLOT), axis=0)
 
 
 @triton.jit
@@ -43,12 +44,6 @@ def _block_tokens(order_ptr, pid, T, HAS_ORDER: tl.constexpr, BLOCK: tl.constexp
     if HAS_ORDER:
         return tl.load(order_ptr + pos, mask=mask, other=0), mask
     return pos, mask
-
-
-@triton.jit
-def _pick(values, i, BLOCK: tl.constexpr):
-    """values[i] as a scalar (values is a (BLOCK,) int tensor)."""
-    return tl.sum(tl.where(tl.arange(0, BLOCK) == i, values, 0), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------- shrink
@@ -66,12 +61,11 @@ def _multi_shrink_kernel(
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
-    leaders = _block_leaders(slot, BLOCK_T).to(tl.int32)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for i in range(BLOCK_T):
-        s = _pick(slot, i, BLOCK_T)
-        rank = tl.load(ranks_ptr + tl.maximum(s, 0))
-        if (_pick(leaders, i, BLOCK_T) > 0) & (pid_r * BLOCK_R < rank):
+    s = _next_slot(slot, -1)
+    while s < NO_SLOT:
+        rank = tl.load(ranks_ptr + s)
+        if pid_r * BLOCK_R < rank:  # this program's 16 ranks hold some of slot s's
             rows = mask_t & (slot == s)
             for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -83,6 +77,7 @@ def _multi_shrink_kernel(
                 a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                             mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
                 acc = _dot(x, a, acc, FP32_DOT)
+        s = _next_slot(slot, s)
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
@@ -163,21 +158,20 @@ def _multi_matmul_kernel(
 
     # Epilogue: each distinct slot among the block's rows expands its own rows, over its own rank only.
     slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
-    leaders = _block_leaders(slot, BLOCK_M).to(tl.int32)
     offs_r = tl.arange(0, BLOCK_R)
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
-    for i in range(BLOCK_M):
-        s = _pick(slot, i, BLOCK_M)
-        if _pick(leaders, i, BLOCK_M) > 0:
-            rows = mask_m & (slot == s)
-            rank = tl.load(ranks_ptr + s)
-            for r0 in range(0, rank, BLOCK_R):
-                offs_rr = r0 + offs_r
-                xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
-                             mask=rows[:, None], other=0.0)                                  # (BLOCK_M, BLOCK_R)
-                b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
-                            mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)    # (BLOCK_R, BLOCK_N)
-                lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    s = _next_slot(slot, -1)
+    while s < NO_SLOT:
+        rows = mask_m & (slot == s)
+        rank = tl.load(ranks_ptr + s)
+        for r0 in range(0, rank, BLOCK_R):
+            offs_rr = r0 + offs_r
+            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
+                         mask=rows[:, None], other=0.0)                                      # (BLOCK_M, BLOCK_R)
+            b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                        mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)        # (BLOCK_R, BLOCK_N)
+            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+        s = _next_slot(slot, s)
     if OUT_DROPOUT:
         # backward dx: each row's LoRA gradient passes its slot's forward dropout mask (index t * N + n)
         p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
