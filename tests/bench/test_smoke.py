@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from bench import gpu_suite, harness, lora, lora_multi, model_train, report
+from bench import gpu_suite, harness, lora, lora_multi, model_generate, model_multi_train, model_train, report
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -100,7 +100,9 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert len(summary.splitlines()) <= 90 and len(summary) < 12_000
     assert "Multi-adapter LoRA fwd, 32 rank-16 adapters" in summary and "Multi-adapter targets:" in summary
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["op"] for r in rows} == {lora.OP, model_train.OP, lora_multi.OP}
+    assert {r["op"] for r in rows} == {lora.OP, model_train.OP, lora_multi.OP, model_generate.OP,
+                                       model_multi_train.OP}
+    assert "Generation tok/s" in summary and "ptlm_mixed/ptlm_sequential" in summary
     # the multi-adapter phase: every provider where it applies, at every point of the smoke grid
     multi = [r for r in rows if r["op"] == lora_multi.OP]
     for r in multi:
@@ -194,3 +196,40 @@ def test_lora_multi_smoke_through_interpreted_triton(tmp_path, monkeypatch):
                                "--providers", "floor,ptlm", "--modes", "fwd", *FAST])
     assert results.meta["ptlm_backend"] == "triton"
     assert [(r["provider"], r["ms"] > 0) for r in results.rows] == [("floor", True), ("ptlm", True)]
+
+
+def test_model_generate_smoke_loops_and_checks(tmp_path):
+    results = model_generate.main(["--smoke", "--out", str(tmp_path)])
+    by = {(r["provider"], r["timing"]): r for r in results.rows}
+    # every provider in both loops; on the CPU the graph loop runs its static cache without capture
+    assert set(by) == {(p, t) for p in model_generate.PROVIDERS for t in ("eager", "static")}
+    assert by["peft_mixed", "static"]["ms"] is None and "not capturable" in by["peft_mixed", "static"]["note"]
+    for key, r in by.items():
+        if key != ("peft_mixed", "static"):
+            assert r["ms"] > 0 and r["tok_s"] > 0 and r["prefill_ms"] > 0 and r["step_ms"] > 0, r
+    assert by["peft_mixed", "eager"]["timed_new_tokens"] == 3 < by["peft_mixed", "eager"]["new_tokens"] == 4
+    assert by["ptlm_mixed", "eager"]["adapters"] == 4 and by["ptlm_one", "eager"]["adapters"] == 1
+    # mixed rows decode as each row alone with its adapter (and not as the base), in both loops
+    mixed = by["ptlm_mixed", "eager"]
+    assert mixed["mismatch_vs_alone"] == 0 and mixed["differ_from_base"] > 0 and mixed["checked_tokens"] == 8
+    assert by["ptlm_mixed", "static"]["mismatch_vs_eager"] == 0
+    assert "ptlm_mixed/base" in "\n".join(results.notes)
+    assert json.loads((tmp_path / "model_generate.json").read_text())["rows"] == results.rows
+    assert "| layers | hidden | batch | prompt | new_tokens | r | adapters | mode | timing |" in \
+        (tmp_path / "model_generate.md").read_text()
+
+
+def test_model_generate_budget_skips_rows(tmp_path):
+    rows = model_generate.main(["--smoke", "--out", str(tmp_path), "--providers", "base,ptlm_mixed",
+                                "--budget-s", "0"]).rows
+    assert len(rows) == 4 and all(r["ms"] is None and "time budget" in r["note"] for r in rows)
+
+
+def test_model_multi_train_smoke(tmp_path):
+    results = model_multi_train.main(["--smoke", "--out", str(tmp_path), "--steps", "1", "--warmup", "1"])
+    by = {r["provider"]: r for r in results.rows}
+    assert set(by) == set(model_multi_train.PROVIDERS)
+    for r in by.values():
+        # 4 adapters of r=16 on 2 layers of hidden 64 (32768 LoRA parameters each, as in the model step test)
+        assert r["ms"] > 0 and math.isfinite(r["loss"]) and r["trainable"] == 4 * 32768 and "note" not in r, r
+    assert "ptlm_mixed/ptlm_sequential" in "\n".join(results.notes)

@@ -1,0 +1,194 @@
+"""Training several adapters at once: one mixed-batch step against one step per adapter, on the Llama-shaped decoder.
+
+The decoder and LoRA of bench/model_train.py (r=16, alpha=32, dropout 0.05 on q, k, v, o, gate, up, down) with
+4 ptlm adapters, batch 8 x 1024 random tokens split over them (2 rows each), causal-LM loss, one AdamW over all
+4 adapters' parameters. Providers:
+
+  ptlm_mixed       one step on the whole batch inside `pe.adapter_batch(model, names)` (each row its adapter;
+                   the block is entered per step, as a trainer with a new mapping per batch would)
+  ptlm_sequential  the 4 adapters one after another: `pe.set_active_adapter`, then a step on its 2 rows
+
+Per provider: median seconds per step (the 8 rows: the 4 sub-steps together for ptlm_sequential), each between
+two device synchronizations, after warm-up steps (ptlm's kernels autotune in the first), tokens/s, and the peak
+memory allocated (reset after the warm-up: steady state, optimizer state in place).
+
+    python -m bench.model_multi_train --out DIR [--providers ptlm_mixed,ptlm_sequential] [--steps 5]
+    python -m bench.model_multi_train --smoke --out DIR      # a tiny decoder on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench import harness, model_train
+
+OP = "llama_multi_train_step"
+PROVIDERS = ["ptlm_mixed", "ptlm_sequential"]
+ADAPTERS = 4
+
+TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "seq", "r", "adapters"], values=["tok_s", "peak_gb"],
+                           ratios=[("ptlm_mixed", "ptlm_sequential", "tok_s"),
+                                   ("ptlm_mixed", "ptlm_sequential", "peak_gb")])
+
+
+def measure(provider: str, args, device: torch.device) -> dict:
+    """One provider's row: a fresh model with the adapters, warm-up steps, timed steps, everything freed."""
+    import ptlm_engine as pe
+    config = model_train.llama_config(args.smoke)
+    row = {"op": OP, "provider": provider, "mode": "train", "timing": "plain", "layers": config.num_hidden_layers,
+           "hidden": config.hidden_size, "batch": args.batch, "seq": args.seq, "r": args.rank,
+           "adapters": args.adapters}
+    model = opt = None
+    try:
+        model = model_train.build_model(config, device, torch.bfloat16)
+        expected = args.adapters * model_train.expected_lora_params(model, args.rank)
+        names = [f"a{i}" for i in range(args.adapters)]
+        for name in names:
+            pe.add_adapter(model, name, pe.LoraConfig(r=args.rank, alpha=args.alpha, dropout=args.dropout,
+                                                      target_modules=model_train.TARGET_MODULES))
+        params = [p for name, p in model.named_parameters() if ".lora_" in name]
+        row["trainable"] = sum(p.numel() for p in params)
+        if row["trainable"] != expected:
+            row["note"] = f"LoRA params {row['trainable']} != expected {expected}"
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
+        rows_per_adapter = args.batch // args.adapters
+        row_names = [names[i // rows_per_adapter] for i in range(args.batch)]
+
+        def train_on(batch_ids: torch.Tensor) -> torch.Tensor:
+            loss = model(input_ids=batch_ids, labels=batch_ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        def step() -> torch.Tensor:
+            if provider == "ptlm_mixed":
+                with pe.adapter_batch(model, row_names):
+                    return train_on(ids)
+            losses = []
+            for i, name in enumerate(names):
+                pe.set_active_adapter(model, name)
+                losses.append(train_on(ids[i * rows_per_adapter:(i + 1) * rows_per_adapter]))
+            return torch.stack(losses).mean()
+
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        harness.sync(device)
+        row["first_call_s"] = time.perf_counter() - t0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(args.steps):
+            harness.sync(device)
+            t0 = time.perf_counter()
+            loss = step()
+            harness.sync(device)
+            times.append(time.perf_counter() - t0)
+        row["ms"] = statistics.median(times) * 1e3
+        row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
+        row["loss"] = float(loss)
+        if device.type == "cuda":
+            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        if not math.isfinite(row["loss"]):
+            row["note"] = f"non-finite loss {row['loss']}"
+    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
+        row["ms"] = None
+        row["note"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        del model, opt
+        harness.free_memory()
+    return row
+
+
+def run(args, device: torch.device, log=print) -> list[dict]:
+    rows = []
+    for provider in args.providers:
+        if time.monotonic() > args.deadline:
+            rows.append({"op": OP, "provider": provider, "mode": "train", "timing": "plain", "batch": args.batch,
+                         "seq": args.seq, "r": args.rank, "adapters": args.adapters, "ms": None,
+                         "note": "skipped for the time budget"})
+        else:
+            rows.append(measure(provider, args, device))
+        r = rows[-1]
+        if r["ms"] is None:
+            log(f"  {OP} {provider}: not timed: {r['note']}")
+        else:
+            log(f"  {OP} {provider:15s} {r['ms'] / 1e3:.4f} s/step, {r['tok_s']:,.0f} tok/s, peak "
+                f"{r.get('peak_gb') or 0:.2f} GB, loss {r['loss']:.3f}, warm-up {r['first_call_s']:.1f} s"
+                + (f"  [{r['note']}]" if r.get("note") else ""))
+    return rows
+
+
+def summary(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["op"] == OP]
+    if not rows:
+        return []
+    r0 = rows[0]
+    by = {r["provider"]: r for r in rows if r.get("ms")}
+    cells = [f"{p} {r['ms'] / 1e3:.4f} s/step {r['tok_s']:,.0f} tok/s peak {r.get('peak_gb') or 0:.2f} GB "
+             f"loss {r['loss']:.3f}" for p, r in by.items()]
+    lines = [f"Training {r0['adapters']} adapters, batch {r0['batch']} x {r0['seq']} "
+             f"({r0['batch'] // r0['adapters']} rows each), r={r0['r']}: " + "; ".join(cells)]
+    if "ptlm_mixed" in by and "ptlm_sequential" in by:
+        mixed, seq = by["ptlm_mixed"], by["ptlm_sequential"]
+        peaks = mixed.get("peak_gb"), seq.get("peak_gb")
+        memory = "" if None in peaks else f", {peaks[0] / peaks[1]:.2f}x the peak memory"
+        lines.append(f"  ptlm_mixed/ptlm_sequential: {mixed['tok_s'] / seq['tok_s']:.2f}x the tokens/s{memory}")
+    failed = [f"{r['provider']} {r['note'][:100]}" for r in rows if not r.get("ms")]
+    if failed:
+        lines.append("  not timed: " + "; ".join(failed))
+    return lines
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (ptlm autotunes in the first)")
+    p.add_argument("--adapters", type=int, default=ADAPTERS)
+    p.add_argument("--batch", type=int, default=8, help="sequences per step, split evenly over the adapters")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (1024; smoke: 16)")
+    p.add_argument("--rank", type=int, default=model_train.RANK)
+    p.add_argument("--alpha", type=int, default=model_train.ALPHA)
+    p.add_argument("--dropout", type=float, default=model_train.DROPOUT)
+    p.add_argument("--budget-s", type=float, default=120.0, help="no new provider starts after this many seconds")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="directory for model_multi_train.json / .csv / .md")
+    p.add_argument("--smoke", action="store_true", help="tiny decoder on CPU")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.seq = args.seq or (16 if args.smoke else 1024)
+    if args.batch % args.adapters:
+        p.error(f"--batch {args.batch} does not split evenly over {args.adapters} adapters")
+    unknown = set(args.providers) - set(PROVIDERS)
+    if unknown:
+        p.error(f"unknown providers: {sorted(unknown)}")
+    args.deadline = time.monotonic() + args.budget_s
+    return args
+
+
+def main(argv: list[str] | None = None) -> harness.Results:
+    args = parse_args(argv)
+    start = time.monotonic()
+    device = harness.pick_device(args.smoke)
+    meta = {**harness.environment(device), "smoke": args.smoke}
+    rows = run(args, device)
+    meta["wall_s"] = time.monotonic() - start
+    results = harness.Results(meta, {}, rows, tables={OP: TABLE}, notes=summary(rows))
+    harness.save(results, args.out, "model_multi_train")
+    print("\n".join(results.notes))
+    return results
+
+
+if __name__ == "__main__":
+    main()
