@@ -221,13 +221,6 @@ class StaticGreedy:
         return out, t_prefill - t0, time.perf_counter() - t0
 
 
-def pin_decode_index(model: nn.Module, batch: int, device: torch.device):
-    """The token index a mixed batch's layers read at the decode shape, held for as long as a captured graph
-    reads it: adapter_batch caches it for the last input shape only, so the next prefill would free it."""
-    from ptlm_engine.api import registry
-    return registry(model).batch.tokens(torch.empty(batch, 1, 1, device=device))
-
-
 # --------------------------------------------------------------------------------------------------- measure
 def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Tensor, args,
             device: torch.device) -> tuple[dict, torch.Tensor | None]:
@@ -237,7 +230,7 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
            "adapters": 0 if provider == "base" else 1 if provider.endswith("_one") else args.adapters}
     steps = args.peft_mixed_tokens if provider == "peft_mixed" and loop == "eager" else args.new_tokens
     steps = max(2, min(steps, args.new_tokens))
-    tokens = runner = pinned = None
+    tokens = runner = None
     try:
         if loop == "graph" and provider == "peft_mixed":
             raise NotImplementedError("PEFT's mixed batch is not capturable: it builds index tensors from "
@@ -251,8 +244,6 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
                                       device)
                 if device.type == "cuda":
                     runner.capture(prompt)
-                if provider == "ptlm_mixed":
-                    pinned = pin_decode_index(model, args.batch, device)
             runner.generate(prompt, min(steps, 4))   # warm-up (and, without a graph, ptlm's autotuning)
             row["first_call_s"] = time.perf_counter() - t0
             if device.type == "cuda":
@@ -285,7 +276,7 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
         row["note"] = f"{type(e).__name__}: {e}"[:300]
         tokens = None
     finally:
-        del runner, pinned
+        del runner
         harness.free_memory()
     return row, tokens
 

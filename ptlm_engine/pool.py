@@ -164,7 +164,10 @@ class AdapterBatch:
         # The slot ids this batch indexes are 0 … num_slots-1: every layer passes that many slots to the op.
         self.num_slots = max(self.slot_ids) + 1
         self._rows = {device: self._row_tensor(device) for device in devices}
-        self._last: tuple | None = None             # (device, token shape, index, segments) of the last input
+        # (device, token shape) -> (index, segments): one entry per input shape seen (a prefill and a decode step
+        # in generate), kept for the block's lifetime so a CUDA graph captured on one stays valid while the
+        # other runs eagerly.
+        self._tokens: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
         self.expanding = False
 
     @torch.inference_mode(False)   # kept across calls: see AdapterPool
@@ -191,15 +194,16 @@ class AdapterBatch:
         """For x (..., d_in): (index, segments). index (...) int32 is each token's slot id (its row's);
         segments are the tokens grouped by slot (functional.token_segments over num_slots), which the Triton
         kernels need: made once here for all layers rather than sorted again in each one (None where the
-        reference runs, which does not group tokens). Both are kept for the last input shape seen;
+        reference runs, which does not group tokens). Both are kept per input shape for the block's lifetime;
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
         if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
             return self.row_index(x).view(-1, *[1] * (len(shape) - 1)).expand(shape), None
         self._check(x)                      # also on a hit: whether a shape is allowed depends on `expanding`
-        if self._last is None or self._last[:2] != (x.device, shape):
+        key = (x.device, shape)
+        if key not in self._tokens:
             with torch.inference_mode(False):                                       # kept across calls
                 index = self.row_index(x).view(-1, *[1] * (len(shape) - 1)).expand(shape).clone()
                 segments = functional.token_segments(index, self.num_slots) if triton_enabled(x) else None
-            self._last = (x.device, shape, index, segments)
-        return self._last[2], self._last[3]
+            self._tokens[key] = (index, segments)
+        return self._tokens[key]
