@@ -18,8 +18,6 @@ memory allocated (reset after the warm-up: steady state, optimizer state in plac
 from __future__ import annotations
 
 import argparse
-import math
-import statistics
 import time
 from pathlib import Path
 
@@ -78,27 +76,7 @@ def measure(provider: str, args, device: torch.device) -> dict:
                 losses.append(train_on(ids[i * rows_per_adapter:(i + 1) * rows_per_adapter]))
             return torch.stack(losses).mean()
 
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        harness.sync(device)
-        row["first_call_s"] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(args.steps):
-            harness.sync(device)
-            t0 = time.perf_counter()
-            loss = step()
-            harness.sync(device)
-            times.append(time.perf_counter() - t0)
-        row["ms"] = statistics.median(times) * 1e3
-        row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
-        row["loss"] = float(loss)
-        if device.type == "cuda":
-            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        if not math.isfinite(row["loss"]):
-            row["note"] = f"non-finite loss {row['loss']}"
+        model_train.time_steps(step, row, args, device)
     except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
         row["ms"] = None
         row["note"] = f"{type(e).__name__}: {e}"[:300]

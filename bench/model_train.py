@@ -86,6 +86,32 @@ def add_lora(model: nn.Module, provider: str, rank: int, alpha: int, dropout: fl
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def time_steps(step, row: dict, args, device: torch.device) -> None:
+    """Time `step` (one training step returning its loss) into `row`: --warmup untimed steps (ptlm autotunes in
+    the first), then the median of --steps, each between device synchronizations; tokens/s, loss, peak memory."""
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    harness.sync(device)
+    row["first_call_s"] = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(args.steps):
+        harness.sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        harness.sync(device)
+        times.append(time.perf_counter() - t0)
+    row["ms"] = statistics.median(times) * 1e3
+    row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
+    row["loss"] = float(loss)
+    if device.type == "cuda":
+        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    if not math.isfinite(row["loss"]):
+        row["note"] = f"non-finite loss {row['loss']}"
+
+
 def measure(provider: str, args, device: torch.device) -> dict:
     """One provider's row: build a fresh model, add LoRA, warm up, time steps, free everything."""
     config = llama_config(args.smoke)
@@ -116,27 +142,7 @@ def measure(provider: str, args, device: torch.device) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            step()
-        harness.sync(device)
-        row["first_call_s"] = time.perf_counter() - t0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(args.steps):
-            harness.sync(device)
-            t0 = time.perf_counter()
-            loss = step()
-            harness.sync(device)
-            times.append(time.perf_counter() - t0)
-        row["ms"] = statistics.median(times) * 1e3
-        row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
-        row["loss"] = float(loss)
-        if device.type == "cuda":
-            row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-        if not math.isfinite(row["loss"]):
-            row["note"] = f"non-finite loss {row['loss']}"
+        time_steps(step, row, args, device)
     except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
         row["ms"] = None
         row["note"] = f"{type(e).__name__}: {e}"[:300]
