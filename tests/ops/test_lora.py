@@ -166,3 +166,36 @@ def test_torch_compile_fullgraph():
     y64 = reference.lora_linear(*[t.double() for t in ts], 2.0)
     assert_matches(y, y64, None, torch.float32, "compiled y")
     assert ts[3].grad is not None and ts[4].grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T", [8, 300])
+def test_forward_backward_have_no_host_sync_and_replay_in_a_cuda_graph(T):
+    torch.manual_seed(T)
+    x, w, b, a, bb = _inputs((T,), 512, 384, 16, torch.bfloat16)
+    dy = torch.randn(T, 384, device=DEVICE, dtype=torch.bfloat16)
+
+    def step():
+        y = lora_linear(x, w, b, a, bb, scale=2.0, dropout=0.1)
+        y.backward(dy)
+        return y
+
+    step()                                                       # autotunes (synchronizes) on its first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():
+        x_in = x.detach().clone()
+        graph = torch.cuda.CUDAGraph()
+        run = lambda: lora_linear(x_in, w, b, a.detach(), bb.detach(), scale=2.0)
+        run()
+        with torch.cuda.graph(graph):
+            y = run()
+        x_in.copy_(torch.randn_like(x_in))                        # new inputs in the same buffer
+        graph.replay()
+        y64 = reference.lora_linear(x_in.double(), w.double(), b.double(), a.double(), bb.double(), 2.0)
+        assert_matches(y, y64, None, torch.bfloat16, "graph replay")
