@@ -193,6 +193,29 @@ def test_layer_mixed_rows_on_2d_and_3d_inputs():
             torch.testing.assert_close(y[row], expected(x[row], name))
 
 
+def test_layer_serves_edited_and_replaced_adapter_parameters():
+    """The layer's one-stamp check sees in-place edits, new storage and new Parameter objects."""
+    layer = _layer_with_two_adapters()
+    layer.set_batch(AdapterBatch(["a", "b"], dict(layer.slot), [torch.device("cpu")]))
+    x = torch.randn(2, 6)
+
+    def check():
+        with torch.no_grad():
+            y = layer(x)
+        for row, name in enumerate(["a", "b"]):
+            delta = layer.scale[name] * x[row] @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t()
+            torch.testing.assert_close(y[row], x[row] @ layer.weight.t() + layer.bias + delta)
+
+    check()
+    with torch.no_grad():
+        layer.lora_B["a"].weight.mul_(3.0)                                      # in place: a version bump
+    check()
+    layer.lora_A["b"].weight.data = layer.lora_A["b"].weight.data * 2          # new storage, same object
+    check()
+    layer.lora_B["b"].weight = nn.Parameter(torch.randn(5, layer.r["b"]))     # another object
+    check()
+
+
 def test_layer_under_autocast_rebuilds_the_pool_in_the_compute_dtype():
     layer = _layer_with_two_adapters()
     layer.set_batch(AdapterBatch(["a", "b"], dict(layer.slot), [torch.device("cpu")]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +70,7 @@ class LoraLinear(nn.Module):
         self.adapters_enabled = True
         self.merged_adapter: str | None = None
         self.batch: AdapterBatch | None = None
+        self.batch_stamp: tuple | None = None             # (Parameters, their versions and storage) at the last sync
         self.batch_adapters: dict[int, str] = {}          # slot id -> name, for the batch's adapters this layer has
         self.batch_ranks: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
         self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32, for the stacked path
@@ -101,7 +103,7 @@ class LoraLinear(nn.Module):
     def set_batch(self, batch: AdapterBatch | None) -> None:
         """Run the per-row mapping `batch` (None: back to the active adapter). The pool gets room for every slot
         id the batch indexes, so that rows of an adapter this layer lacks read an empty slot: the base output."""
-        self.batch = batch
+        self.batch, self.batch_stamp = batch, None
         if batch is None:
             self.batch_adapters, self.batch_ranks, self.batch_scales, self.batch_dropouts = {}, None, None, None
             return
@@ -152,11 +154,24 @@ class LoraLinear(nn.Module):
                                             self.fan_in_fan_out, segments)
 
     def _pooled_slots(self, dtype: torch.dtype) -> LoraSlots:
-        """The cached stack, with the batch's adapters copied in again where their Parameters changed."""
+        """The cached stack, with the batch's adapters copied in again where their Parameters changed.
+
+        Serving reaches this in every layer at every step, so one flat stamp of all the batch's Parameters
+        (the objects, their storage and version counters, read through plain dicts rather than Module attribute
+        lookup) decides whether any slot needs its own check: with 32 adapters, ~40 us per layer call on the
+        dev CPU against 140-180 us for the per-slot checks alone."""
         if self.pool.dtype != dtype or self.pool.device != self.weight.device:
             self.pool.move(self.weight.device, dtype)
-        for slot, name in self.batch_adapters.items():
-            self.pool.sync(slot, self.lora_A[name].weight, self.lora_B[name].weight)
+            self.batch_stamp = None
+        modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
+        params = [p for name in self.batch_adapters.values()
+                  for p in (modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])]
+        state = (*(p._version for p in params), *(p.data_ptr() for p in params))
+        stamp = self.batch_stamp                 # holds the Parameters themselves, so `is` compares live objects
+        if stamp is None or stamp[1] != state or not all(map(operator.is_, params, stamp[0])):
+            for slot, name in self.batch_adapters.items():
+                self.pool.sync(slot, modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])
+            self.batch_stamp = (params, state)
         return self.pool.slots(self.batch.num_slots)
 
     def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
