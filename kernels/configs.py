@@ -47,8 +47,12 @@ def decode_matmul_configs():
     """
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=8)]
-    return [_cfg(4, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
-            for bm in (16, 32, 64) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128)) for s in (4,)]
+    tiles = [_cfg(4, 4, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+             for bm in (16, 32, 64) for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 128))]
+    # More bytes in flight per SM for T <= 16, where the v3 kernel sat 7-18% behind cuBLAS (not yet measured).
+    deeper = [_cfg(w, s, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+              for bn, bk, w, s in ((16, 512, 4, 3), (32, 512, 4, 3), (32, 256, 8, 6), (64, 256, 8, 4))]
+    return tiles + deeper
 
 
 def prefill_matmul_configs():
