@@ -132,10 +132,27 @@ class LoraLinear(nn.Module):
             return self._base_forward(x)
         dtype = compute_dtype(x, self.weight)
         bias = None if self.bias is None else self.bias.to(dtype)
+        lora_A, lora_B = self._adapter_weights(name, dtype)
         return functional.lora_linear(
-            x.to(dtype), self.weight.to(dtype), bias,
-            self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+            x.to(dtype), self.weight.to(dtype), bias, lora_A, lora_B,
             self.scale[name], self.dropout[name] if self.training else 0.0, self.fan_in_fan_out)
+
+    def _adapter_weights(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The adapter's A (r, d_in) and B (d_out, r) in the compute dtype.
+
+        Serving a float32 adapter on a half-precision base reads the pool's copy, already cast and checked
+        against the Parameters' stamps, instead of launching two casts in every layer at every step; with
+        gradients (or under a tracer) the casts stay in the graph, so the gradients reach the Parameters."""
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        if (lora_A.dtype == dtype and lora_B.dtype == dtype) or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)):
+            return lora_A.to(dtype), lora_B.to(dtype)
+        if self.pool.dtype != dtype or self.pool.device != self.weight.device:
+            self.pool.move(self.weight.device, dtype)
+            self.batch_stamp = None
+        slot, r = self.slot[name], self.r[name]
+        self.pool.sync(slot, lora_A, lora_B)
+        return self.pool.lora_A[slot, :r], self.pool.lora_B[slot, :, :r]
 
     def _batch_forward(self, x: Tensor) -> Tensor:
         index, segments = self.batch.tokens(x)             # (...) slot per token; checks the batch size first

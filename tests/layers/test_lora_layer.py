@@ -213,3 +213,28 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(y, _expected(layer, x))
     y.sum().backward()
     assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_serving_a_float32_adapter_on_a_half_base_reads_the_pool_copy(dtype, monkeypatch):
+    """Without gradients the layer reads the adapter from its pool (already in the compute dtype) rather than
+    casting it at every call; the output matches the cast path's and follows edits of the Parameters."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    torch.manual_seed(3)
+    base = nn.Linear(24, 40).to(dtype)
+    layer = LoraLinear(base, fan_in_fan_out=False)
+    layer.add_adapter("a", r=4, scale=2.0, dropout=0.0)
+    layer.active_adapter = "a"
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    x = torch.randn(5, 24, dtype=dtype)
+    for _ in range(2):
+        with torch.no_grad():
+            served = layer(x)
+        traced = layer(x)                                    # gradients enabled: the casts run in the graph
+        assert traced.requires_grad and not served.requires_grad
+        torch.testing.assert_close(served, traced.detach(), rtol=0, atol=0)
+        with torch.no_grad():
+            layer.lora_B["a"].weight.mul_(-2.0)                # an edit the next served call must see
+    assert layer.pool.dtype == dtype
