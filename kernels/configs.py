@@ -12,6 +12,8 @@ import triton
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so read the flag once.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# PTLM_AUTOTUNE=0 keeps each list's first config: no tuning runs (quick GPU test sessions, debugging).
+AUTOTUNE = os.environ.get("PTLM_AUTOTUNE", "1") != "0"
 DECODE_MAX_T = 64  # at or below this many tokens a linear layer is memory-bound: GEMV-like tiles
 
 
@@ -38,6 +40,10 @@ def _cfg(warps, stages, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages)
 
 
+def _tuned(configs: list) -> list:
+    return configs if AUTOTUNE else configs[:1]
+
+
 def decode_matmul_configs():
     """Skinny-M tiles for small T: many programs along N, long K steps, deep pipelines to keep HBM busy.
 
@@ -52,16 +58,16 @@ def decode_matmul_configs():
     # More bytes in flight per SM for T <= 16, where the v3 kernel sat 7-18% behind cuBLAS (not yet measured).
     deeper = [_cfg(w, s, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
               for bn, bk, w, s in ((16, 512, 4, 3), (32, 512, 4, 3), (32, 256, 8, 6), (64, 256, 8, 4))]
-    return tiles + deeper
+    return _tuned(tiles + deeper)
 
 
 def prefill_matmul_configs():
     """Tensor-core tiles for large T, grouped launch order so W0 tiles stay in L2."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
-    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
+    return _tuned([_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
         (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (128, 128, 4, 4),
-        (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))]
+        (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))])
 
 
 def shrink_configs():
@@ -70,15 +76,15 @@ def shrink_configs():
         return [_cfg(4, 1, BLOCK_T=16, BLOCK_K=32, SPLIT_K=1)]
     decode = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=s) for bt in (16, 64) for s in (1, 8, 32)]
     prefill = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=bk, SPLIT_K=1) for bt in (64, 128) for bk in (64, 128)]
-    return decode + prefill
+    return _tuned(decode + prefill)
 
 
 def weight_grad_configs():
     """sum_t G[t, n] H[t, r]: programs over N, and over splits of T when N alone leaves SMs idle."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_N=32, BLOCK_T=32, SPLIT_T=1)]
-    return [_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
-            for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)]
+    return _tuned([_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
+                   for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)])
 
 
 def prune_by_t(row_block: str, split: str | None = None):
