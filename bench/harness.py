@@ -198,6 +198,22 @@ def floor_ms(nbytes: float, flops: float, ceilings: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ grids
+def mode_calls(forwards: list[tuple[Callable[[], Any], list, Any]], mode: str) -> list[Callable[[], Any]]:
+    """One zero-argument call per input set from (forward, tensors to differentiate, output gradient) triples:
+    the forward under no_grad for mode "fwd", else forward plus the gradients of those tensors."""
+    calls = []
+    for fwd, wrt, dy in forwards:
+        if mode == "fwd":
+            def call(fwd=fwd):
+                with torch.no_grad():
+                    return fwd()
+        else:
+            def call(fwd=fwd, wrt=wrt, dy=dy):
+                return torch.autograd.grad(fwd(), wrt, dy)
+        calls.append(call)
+    return calls
+
+
 @dataclass
 class Grid:
     """shapes x providers x modes of one op.
@@ -413,6 +429,21 @@ def markdown(results: Results) -> str:
     if results.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in results.notes] + [""]
     return "\n".join(out)
+
+
+def run_model_bench(args, run: Callable, summary: Callable, op: str, table: dict, stem: str,
+                    **meta: Any) -> Results:
+    """A model-level script's main: run its rows on the chosen device, save `stem`.json/.csv/.md under
+    args.out with the environment (and `meta`), print the summary lines."""
+    start = time.monotonic()
+    device = pick_device(args.smoke)
+    info = {**environment(device), "smoke": args.smoke, **meta}
+    rows = run(args, device)
+    info["wall_s"] = time.monotonic() - start
+    results = Results(info, {}, rows, tables={op: table}, notes=summary(rows))
+    save(results, args.out, stem)
+    print("\n".join(results.notes))
+    return results
 
 
 def save(results: Results, out_dir: Path, stem: str) -> list[Path]:

@@ -138,18 +138,7 @@ def _forward(provider: str, s: LoraSet, r: int):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[LoraSet]):
-    calls = []
-    for s in sets:
-        fwd, wrt = _forward(provider, s, shape["r"])
-        if mode == "fwd":
-            def call(fwd=fwd):
-                with torch.no_grad():
-                    return fwd()
-        else:
-            def call(fwd=fwd, wrt=wrt, dy=s.dy):
-                return torch.autograd.grad(fwd(), wrt, dy)
-        calls.append(call)
-    return calls
+    return harness.mode_calls([(*_forward(provider, s, shape["r"]), s.dy) for s in sets], mode)
 
 
 def grid(layer_shapes, tokens, ranks, providers, modes, device: torch.device,

@@ -245,18 +245,7 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
-    calls = []
-    for s in sets:
-        fwd, wrt = _forward(provider, s)
-        if mode == "fwd":
-            def call(fwd=fwd):
-                with torch.no_grad():
-                    return fwd()
-        else:
-            def call(fwd=fwd, wrt=wrt, dy=s.dy):
-                return torch.autograd.grad(fwd(), wrt, dy)
-        calls.append(call)
-    return calls
+    return harness.mode_calls([(*_forward(provider, s), s.dy) for s in sets], mode)
 
 
 def grid(points: list[dict], providers, modes, device: torch.device,

@@ -157,15 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> harness.Results:
     args = parse_args(argv)
-    start = time.monotonic()
-    device = harness.pick_device(args.smoke)
-    meta = {**harness.environment(device), "smoke": args.smoke}
-    rows = run(args, device)
-    meta["wall_s"] = time.monotonic() - start
-    results = harness.Results(meta, {}, rows, tables={OP: TABLE}, notes=summary(rows))
-    harness.save(results, args.out, "model_multi_train")
-    print("\n".join(results.notes))
-    return results
+    return harness.run_model_bench(args, run, summary, OP, TABLE, "model_multi_train")
 
 
 if __name__ == "__main__":
