@@ -25,7 +25,8 @@ from .lora import _dot, _dot_fp32, _keep_mask, grouped_tile
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
 
-NO_SLOT = 2**30  # past every slot id: "no further slot in this block"
+# Past every slot id: "no further slot in this block" (jit code may read only constexpr globals).
+NO_SLOT = tl.constexpr(2**30)
 
 
 @triton.jit
