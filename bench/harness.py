@@ -198,6 +198,17 @@ def floor_ms(nbytes: float, flops: float, ceilings: dict) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ grids
+def add_grid_arguments(p, providers: list[str], modes: list[str]) -> None:
+    """The options every layer benchmark's grid takes: which providers and modes, graph timing, do_bench
+    warm-up and repetitions (ms), and the time budget."""
+    p.add_argument("--providers", type=lambda s: s.split(","), default=providers, help=",".join(providers))
+    p.add_argument("--modes", type=lambda s: s.split(","), default=modes, help=",".join(modes))
+    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
+    p.add_argument("--warmup-ms", type=float, default=10.0)
+    p.add_argument("--rep-ms", type=float, default=50.0)
+    p.add_argument("--budget-s", type=float, default=math.inf, help="start no new case after this many seconds")
+
+
 def mode_calls(forwards: list[tuple[Callable[[], Any], list, Any]], mode: str) -> list[Callable[[], Any]]:
     """One zero-argument call per input set from (forward, tensors to differentiate, output gradient) triples:
     the forward under no_grad for mode "fwd", else forward plus the gradients of those tensors."""

@@ -25,7 +25,6 @@ The r-wide fp32 intermediate x Aᵀ (T·r) is left out of the bytes: under 1% at
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,12 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", type=parse_shapes, help="d_inxd_out list, e.g. 4096x4096,4096x11008")
     p.add_argument("--tokens", type=parse_ints, help="T list, e.g. 1,16,4096")
     p.add_argument("--ranks", type=parse_ints, help="r list, e.g. 8,16")
-    p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS, help=",".join(PROVIDERS))
-    p.add_argument("--modes", type=lambda s: s.split(","), default=MODES, help=",".join(MODES))
-    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays")
-    p.add_argument("--warmup-ms", type=float, default=10.0)
-    p.add_argument("--rep-ms", type=float, default=50.0)
-    p.add_argument("--budget-s", type=float, default=math.inf, help="start no new case after this many seconds")
+    harness.add_grid_arguments(p, PROVIDERS, MODES)
 
 
 def main(argv: list[str] | None = None) -> harness.Results:
