@@ -5,6 +5,7 @@ from torch import Tensor
 
 from ptlm_engine.ops.lora import lora_linear_op
 from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
+from ptlm_engine.ops.prefix_attention import prefix_attention_op
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -28,3 +29,20 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Lor
     one batch (computed here when None). Gradients reach each slot's A and B from its own tokens only.
     """
     return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out, segments)
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
+                     prefix_lengths: Tensor | None = None, *, causal: bool = True,
+                     key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Attention over [prefix ; sequence] in one flash pass (prefix tuning), never concatenating the prefix.
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Lk >= Lq (a KV cache: query i sits at sequence position
+    Lk - Lq + i) and Hq % Hkv == 0 (q head h reads kv head h // (Hq / Hkv)); any strides. prefix_k, prefix_v
+    (B, Hkv, P, D) or None: P keys / values every query of a row sees (no causal mask, no rotary), possibly an
+    expanded view of one shared prefix (batch stride 0, never copied); prefix_lengths (B,) int32 or None: row
+    b sees only its first prefix_lengths[b] prefix entries (0: none; None: all P). causal: query i sees
+    sequence keys j <= Lk - Lq + i; key_padding_mask (B, Lk) bool, True = real key, masks the sequence part
+    only. scale defaults to D ** -0.5. A query that sees no key at all outputs 0 (gradient 0).
+    Returns (B, Hq, Lq, D), contiguous, in q's dtype.
+    """
+    return prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_lengths, causal, key_padding_mask, scale)

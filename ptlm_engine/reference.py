@@ -57,3 +57,42 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
         coef = coef / (1.0 - dropouts[slot])
     xa = torch.einsum("ti,tri->tr", x_lora, lora_A[slot]) * coef.to(x.dtype)[:, None]             # (T, r_max)
     return y + torch.einsum("tr,tor->to", xa, lora_B[slot])
+
+
+def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
+                     prefix_v: Tensor | None = None, prefix_lengths: Tensor | None = None, *, causal: bool = True,
+                     key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """softmax(q [prefix_k ; k]^T * scale, masked) [prefix_v ; v], by concatenation and an explicit mask.
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D), Lk >= Lq, query i at sequence position Lk - Lq + i; q head h reads
+    kv head h // (Hq / Hkv). prefix_k, prefix_v (B, Hkv, P, D) or None: seen by every query of the row, unmasked
+    except that row b sees only its first prefix_lengths[b] (B,) entries (None: all P). causal: query i sees
+    sequence keys j <= Lk - Lq + i; key_padding_mask (B, Lk) bool, True = real key, masks the sequence only.
+    A query that sees no key at all outputs 0. Returns (B, Hq, Lq, D) contiguous in q's dtype.
+    """
+    batch, hq, lq, d = q.shape
+    lk = k.shape[2]
+    group = hq // k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    allowed = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=q.device)                     # (B, 1, Lq, Lk)
+    if causal:
+        pos_q = torch.arange(lk - lq, lk, device=q.device)
+        allowed = allowed & (torch.arange(lk, device=q.device)[None, :] <= pos_q[:, None])
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    if prefix_k is not None:
+        p = prefix_k.shape[2]
+        seen = torch.ones(batch, p, dtype=torch.bool, device=q.device)                                   # (B, P)
+        if prefix_lengths is not None:
+            seen = torch.arange(p, device=q.device)[None, :] < prefix_lengths.to(q.device)[:, None]
+        allowed = torch.cat([seen[:, None, None, :].expand(batch, 1, lq, p), allowed], dim=-1)
+        k = torch.cat([prefix_k, k], dim=2)
+        v = torch.cat([prefix_v, v], dim=2)
+    k = k.repeat_interleave(group, dim=1)                                                # (B, Hq, P + Lk, D)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale                                          # (B, Hq, Lq, P + Lk)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # A row with no allowed key would softmax to NaN: give it finite scores, then zero its probabilities.
+    sees_any = allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~sees_any, 0.0), dim=-1).masked_fill(~allowed, 0.0)
+    return (probs @ v).contiguous()
