@@ -16,7 +16,7 @@ from torch import nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import LoraConfig
-from ptlm_engine.layers import LoraLinear
+from ptlm_engine.layers import AdapterLayer, LoraLinear
 from ptlm_engine.pool import AdapterBatch, free_slot
 
 _REGISTRY = "ptlm_adapters"
@@ -24,10 +24,10 @@ _REGISTRY = "ptlm_adapters"
 
 @dataclasses.dataclass
 class AdapterRegistry:
-    configs: dict[str, LoraConfig] = dataclasses.field(default_factory=dict)
+    configs: dict[str, object] = dataclasses.field(default_factory=dict)   # LoraConfig, BottleneckConfig, ...
     # Each adapter's slot id, the same in every layer's pool, so one per-token index serves every layer.
     slots: dict[str, int] = dataclasses.field(default_factory=dict)
-    targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # the LoRA layers each one got
+    targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # the adapter layers each one got
     active: str | None = None
     merged: str | None = None
     batch: AdapterBatch | None = None                                         # inside adapter_batch
@@ -68,7 +68,7 @@ def check_new_name(model: nn.Module, name: str) -> None:
         raise ValueError(f"the model already has an adapter named {name!r} (remove_adapter it first)")
 
 
-def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+def adapter_configs(model: nn.Module) -> dict[str, object]:
     """The adapters on the model, by name (empty when there are none)."""
     reg = getattr(unwrap(model), _REGISTRY, None)
     return {} if reg is None else dict(reg.configs)
@@ -79,19 +79,20 @@ def active_adapter(model: nn.Module) -> str | None:
     return None if reg is None else reg.active
 
 
-def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
-    """Wrap the modules `config` targets (in place) and give them a new adapter `name`, the identity at first.
+def add_adapter(model: nn.Module, name: str, config) -> None:
+    """Give the places `config` targets a new adapter `name`, the identity at first: LoRA layers wrap the
+    targeted modules in place, other methods add their modules (the method follows the config's type, see
+    inject.METHODS).
 
     The first adapter on a model becomes active (the base freezes, it trains); later ones stay inactive and
     frozen until set_active_adapter. Everything is validated before the model changes.
     """
     model = unwrap(model)
     check_new_name(model, name)
-    if not isinstance(config, LoraConfig):
-        raise ValueError(f"config must be a LoraConfig, got {type(config).__name__}")
+    method = inject.method_for(config)
     config = dataclasses.replace(config)   # our own copy, validated again
-    targets = inject.find_lora_targets(model, config)
-    saved = inject.find_modules_to_save(model, config.modules_to_save)
+    targets = method.find_targets(model, config)
+    saved = inject.find_modules_to_save(model, getattr(config, "modules_to_save", None))
 
     reg = getattr(model, _REGISTRY, None)
     if reg is None:
@@ -99,7 +100,7 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
         setattr(model, _REGISTRY, reg)
     slot = free_slot(reg.slots.values())
     for target in targets:
-        inject.wrap_for_lora(model, target).add_adapter(name, config.r, config.scale, config.dropout, slot)
+        method.attach(model, target, name, config, slot)
     for target in saved:
         inject.wrap_for_saving(model, target).add_adapter(name)
     reg.configs[name], reg.slots[name], reg.targets[name] = config, slot, targets
@@ -111,8 +112,8 @@ def add_adapter(model: nn.Module, name: str, config: LoraConfig) -> None:
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Make `name` the adapter every layer runs (None: none does). Freezes every base parameter and every
-    other adapter; this adapter's LoRA weights, its modules_to_save copies and the biases its `bias` mode names
-    become trainable."""
+    other adapter; this adapter's own parameters (LoRA weights, bottleneck / prefix / prompt parameters,
+    modules_to_save copies) and the biases its `bias` mode names become trainable."""
     model = unwrap(model)
     reg = registry(model)
     _not_in_batch(reg, "change the active adapter")
@@ -121,7 +122,7 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     if reg.merged is not None and reg.merged != name:
         raise ValueError(f"adapter {reg.merged!r} is merged into the base weights; unmerge_adapter it first")
     reg.active = name
-    for _, layer in inject.lora_layers(model) + inject.saved_modules(model):
+    for _, layer in inject.adapter_layers(model):
         layer.active_adapter = name
     _set_trainable(model, reg)
 
@@ -132,16 +133,13 @@ def _set_trainable(model: nn.Module, reg: AdapterRegistry) -> None:
     name = reg.active
     if name is None:
         return
-    bias_mode = reg.configs[name].bias
-    for _, layer in inject.lora_layers(model):
-        if name in layer.lora_A:
-            layer.lora_A[name].requires_grad_(True)
-            layer.lora_B[name].requires_grad_(True)
-            if bias_mode == "lora_only" and layer.bias is not None:
+    bias_mode = getattr(reg.configs[name], "bias", "none")
+    for _, layer in inject.adapter_layers(model):
+        if name in layer.adapter_names():
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
+            if bias_mode == "lora_only" and isinstance(layer, LoraLinear) and layer.bias is not None:
                 layer.bias.requires_grad_(True)
-    for _, wrapper in inject.saved_modules(model):
-        if name in wrapper.modules_to_save:
-            wrapper.modules_to_save[name].requires_grad_(True)
     if bias_mode == "all":
         for _, module in inject.base_modules(model):
             bias = module._parameters.get("bias")
@@ -156,6 +154,9 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     reg = registry(model)
     _not_in_batch(reg, "merge an adapter")
     _known(reg, name)
+    if not isinstance(reg.configs[name], LoraConfig):
+        raise ValueError(f"adapter {name!r} is a {type(reg.configs[name]).__name__}: only LoRA adapters merge "
+                         "into the base weights")
     if reg.merged is not None:
         raise ValueError(f"adapter {reg.merged!r} is already merged")
     if reg.active != name:
@@ -191,15 +192,15 @@ def _unmerge(model: nn.Module, reg: AdapterRegistry) -> None:
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block the model computes its base outputs: LoRA branches and modules_to_save copies are
-    skipped, and a merged adapter is taken out of the weights (and put back on exit). Biases trained under
+    """Inside the block the model computes its base outputs: every adapter layer (LoRA branches, bottleneck,
+    prefix and prompt adapters, modules_to_save copies) is skipped, and a merged adapter is taken out of the weights (and put back on exit). Biases trained under
     bias "all" / "lora_only" are the base model's own and keep their trained values, as in PEFT."""
     model = unwrap(model)
     reg = registry(model)
     merged = reg.merged
     if merged is not None:
         _unmerge(model, reg)
-    layers = [layer for _, layer in inject.lora_layers(model) + inject.saved_modules(model)]
+    layers = [layer for _, layer in inject.adapter_layers(model)]
     was_enabled = [layer.adapters_enabled for layer in layers]
     for layer in layers:
         layer.adapters_enabled = False
@@ -215,14 +216,15 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Inside the block, row i of the model's input runs adapter names[i] (None: the base model alone); every
-    LoRA layer computes all rows in one multi-adapter op.
+    adapter layer computes all rows in one pass (LoRA layers in one multi-adapter op; a modules_to_save module
+    runs its original on every row and each mapped adapter's copy on that adapter's rows).
 
     The batch size must equal len(names), except inside model.generate, whose beam search and
     num_return_sequences repeat each row in place (row i -> rows i·k … i·k+k-1): the mapping is repeated the
     same way. An adapter leaves the layers its config did not target to the base model for its rows, as running
     that row alone with the adapter active does. Inside disable_adapters every row gets the base outputs.
 
-    Training: in the block the mapped adapters' LoRA weights are the model's trainable parameters (everything
+    Training: in the block the mapped adapters' parameters are the model's trainable parameters (everything
     else frozen, base biases too: every row shares them), and each adapter gets the gradient of its own rows
     alone. In train mode each row's LoRA branch gets its own adapter's dropout.
 
@@ -235,29 +237,25 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     On exit the active adapter, the requires_grad flags and the layers are as before. Raises ValueError, before
     anything changes, for an empty mapping, a name that is neither a string nor None, an unknown adapter, a
     merged adapter (mixed batches need unmerged weights), or an adapter missing from a layer its config
-    targeted; NotImplementedError for an adapter with modules_to_save copies.
+    targeted.
     """
     model = unwrap(model)
     reg = registry(model)
     _not_in_batch(reg, "open another adapter_batch")
     _check_mapping(model, reg, names)
-    layers = [layer for _, layer in inject.lora_layers(model)]
-    wrappers = [wrapper for _, wrapper in inject.saved_modules(model)]
-    batch = AdapterBatch(names, reg.slots, {layer.weight.device for layer in layers})
+    layers = [layer for _, layer in inject.adapter_layers(model)]
+    batch = AdapterBatch(names, reg.slots, {p.device for p in model.parameters()})
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    wrappers_active = [wrapper.active_adapter for wrapper in wrappers]
     own_generate = model.__dict__.get("generate")   # an instance attribute of the user's own, put back on exit
 
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in layers:
         for name in batch.adapters:
-            if name in layer.lora_A:
-                layer.lora_A[name].requires_grad_(True)
-                layer.lora_B[name].requires_grad_(True)
+            if name in layer.adapter_names():
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(True)
         layer.set_batch(batch)
-    for wrapper in wrappers:   # no mapped adapter has copies (checked): every row runs the original
-        wrapper.active_adapter = None
     if callable(getattr(model, "generate", None)):
         model.generate = _expanding(model.generate, batch)
     reg.batch = batch
@@ -267,8 +265,6 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
         reg.batch = None
         for layer in layers:
             layer.set_batch(None)
-        for wrapper, active in zip(wrappers, wrappers_active):
-            wrapper.active_adapter = active
         for p, flag in requires_grad:
             p.requires_grad_(flag)
         if own_generate is None:
@@ -291,16 +287,14 @@ def _check_mapping(model: nn.Module, reg: AdapterRegistry, names: Sequence[str |
         raise ValueError(f"adapter {reg.merged!r} is merged into the base weights, which every row would get; "
                          f"mixed batches need unmerged weights (unmerge_adapter it first)")
     for name in mapped:
-        if reg.configs[name].modules_to_save:
-            raise NotImplementedError(f"adapter {name!r} has modules_to_save copies, which mixed batches do not "
-                                      "run per row yet")
         slot = reg.slots[name]
         for path in reg.targets[name]:
             try:
                 layer = model.get_submodule(path)
             except AttributeError:
                 layer = None
-            if not isinstance(layer, LoraLinear) or name not in layer.lora_A or layer.slot.get(name) != slot:
+            if not isinstance(layer, AdapterLayer) or name not in layer.adapter_names() \
+                    or layer.slot.get(name) != slot:
                 raise ValueError(f"adapter {name!r} is missing from {path!r}, a layer its config targets (expected "
                                  f"in slot {slot}); the model was changed outside ptlm_engine's API")
 
@@ -326,15 +320,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     _known(reg, name)
     if reg.merged == name:
         _unmerge(model, reg)
-    for path, layer in inject.lora_layers(model):
-        if name in layer.lora_A:
+    for path, layer in inject.adapter_layers(model):
+        if name in layer.adapter_names():
             layer.remove_adapter(name)
-            if not layer.lora_A:
-                inject.restore(model, path)
-    for path, wrapper in inject.saved_modules(model):
-        if name in wrapper.modules_to_save:
-            wrapper.remove_adapter(name)
-            if not wrapper.modules_to_save:
+            if not layer.adapter_names():
                 inject.restore(model, path)
     del reg.configs[name], reg.slots[name], reg.targets[name]
     if reg.active == name:
@@ -363,7 +352,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 wrapper.original_module.load_state_dict(wrapper.modules_to_save[reg.active].state_dict())
     elif reg.merged is not None:
         _unmerge(model, reg)
-    for path, _ in inject.lora_layers(model) + inject.saved_modules(model):
+    for path, _ in inject.adapter_layers(model):
         inject.restore(model, path)
     _release(model, reg)
     return model

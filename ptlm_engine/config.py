@@ -47,11 +47,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
-        self.target_modules = _names_or_pattern("target_modules", self.target_modules)
+        self.target_modules = _names_or_pattern("LoraConfig.target_modules", self.target_modules)
         if isinstance(self.modules_to_save, str):
             raise ValueError("LoraConfig.modules_to_save must be a list of module names, not a string")
-        self.modules_to_save = _names_or_pattern("modules_to_save", self.modules_to_save)
-        self.layers_to_transform = _layer_indices(self.layers_to_transform)
+        self.modules_to_save = _names_or_pattern("LoraConfig.modules_to_save", self.modules_to_save)
+        self.layers_to_transform = _layer_indices(self.layers_to_transform, "LoraConfig")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
                 and self.target_modules != ALL_LINEAR:
             raise ValueError("LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
@@ -67,24 +67,126 @@ def _names_or_pattern(what: str, value):
     """None, a string (kept as is), or a list of non-empty names (tuples and sets become sorted lists)."""
     if value is None or isinstance(value, str):
         if value == "":
-            raise ValueError(f"LoraConfig.{what} must not be an empty string")
+            raise ValueError(f"{what} must not be an empty string")
         return value
     if isinstance(value, (set, frozenset)):
         value = sorted(value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) and n for n in value):
-        raise ValueError(f"LoraConfig.{what} must be a list of module names, a regex string or None, "
+        raise ValueError(f"{what} must be a list of module names, a regex string or None, "
                          f"got {value!r}")
     if not value:
-        raise ValueError(f"LoraConfig.{what} must not be an empty list (use None)")
+        raise ValueError(f"{what} must not be an empty list (use None)")
     return list(value)
 
 
-def _layer_indices(value):
+def _layer_indices(value, owner: str):
     if value is None:
         return None
     items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(items, (list, tuple)) or not items \
             or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-        raise ValueError(f"LoraConfig.layers_to_transform must be a non-negative int or a non-empty list of them, "
+        raise ValueError(f"{owner}.layers_to_transform must be a non-negative int or a non-empty list of them, "
                          f"got {value!r}")
     return value if isinstance(value, int) else list(value)
+
+
+BOTTLENECK_PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+BOTTLENECK_ACTS = ("relu", "gelu", "silu")
+
+
+@dataclass
+class BottleneckConfig:
+    """A bottleneck adapter (Houlsby et al., 2019): h <- h + scale · up(act(down(h))), down d -> m, up m -> d,
+    both with biases; `up` starts at zero, so a new adapter changes nothing. 2·m·d + d + m parameters per
+    adapter module.
+
+    placement: "houlsby" — after the attention block's output projection and after the FFN's, before each
+      residual add / LayerNorm; "pfeiffer" — after the FFN's only; "parallel" — alongside the attention and FFN
+      sub-layers (He et al., 2022): the adapter reads the sub-layer's input and its output, times `scale`, is
+      added to the sub-layer's output.
+    scale: the factor on the adapter's output (1 for the sequential placements in the papers; He et al. use 4
+      for parallel adapters).
+    layers_to_transform: only the blocks with these indices.
+    modules_to_save: as in LoraConfig.
+    """
+    bottleneck: int = 64
+    placement: str = "houlsby"
+    act: str = "relu"
+    scale: float = 1.0
+    layers_to_transform: int | list[int] | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
+            raise ValueError(f"BottleneckConfig.bottleneck must be a positive integer, got {self.bottleneck!r}")
+        if self.placement not in BOTTLENECK_PLACEMENTS:
+            raise ValueError(f"BottleneckConfig.placement must be one of {BOTTLENECK_PLACEMENTS}, "
+                             f"got {self.placement!r}")
+        if self.act not in BOTTLENECK_ACTS:
+            raise ValueError(f"BottleneckConfig.act must be one of {BOTTLENECK_ACTS}, got {self.act!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"BottleneckConfig.scale must be a finite number, got {self.scale!r}")
+        self.layers_to_transform = _layer_indices(self.layers_to_transform, "BottleneckConfig")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError("BottleneckConfig.modules_to_save must be a list of module names, not a string")
+        self.modules_to_save = _names_or_pattern("BottleneckConfig.modules_to_save", self.modules_to_save)
+
+
+@dataclass
+class PrefixConfig:
+    """Prefix tuning (Li & Liang, 2021): per layer, num_virtual_tokens trainable key and value vectors that
+    every query attends to, as HF PEFT's PrefixTuningConfig.
+
+    projection: reparameterise the prefix through an MLP while training (PEFT's prefix_projection): an
+      embedding (P, hidden) -> Linear(hidden, encoder_hidden_size) -> tanh -> Linear(..., layers · 2 · kv_dim);
+      the MLP's output is what inference uses (computed once and kept).
+    encoder_hidden_size: the MLP's width (None: the model's hidden size).
+    """
+    num_virtual_tokens: int = 20
+    projection: bool = False
+    encoder_hidden_size: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self):
+        _positive("PrefixConfig.num_virtual_tokens", self.num_virtual_tokens)
+        if not isinstance(self.projection, bool):
+            raise ValueError(f"PrefixConfig.projection must be a bool, got {self.projection!r}")
+        if self.encoder_hidden_size is not None:
+            _positive("PrefixConfig.encoder_hidden_size", self.encoder_hidden_size)
+        if isinstance(self.modules_to_save, str):
+            raise ValueError("PrefixConfig.modules_to_save must be a list of module names, not a string")
+        self.modules_to_save = _names_or_pattern("PrefixConfig.modules_to_save", self.modules_to_save)
+
+
+PROMPT_INITS = ("random", "vocab", "text")
+
+
+@dataclass
+class PromptConfig:
+    """Prompt tuning (Lester et al., 2021): num_virtual_tokens trainable embeddings prepended to the input
+    embeddings, as HF PEFT's PromptTuningConfig.
+
+    init: "random" (normal, the embedding matrix's std), "vocab" (rows of the input embedding matrix sampled at
+      random), or "text" (the embeddings of init_text's tokens, repeated / cut to num_virtual_tokens; needs
+      `tokenizer`, a tokenizer object or a name/path for transformers.AutoTokenizer).
+    """
+    num_virtual_tokens: int = 20
+    init: str = "random"
+    init_text: str | None = None
+    tokenizer: object = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self):
+        _positive("PromptConfig.num_virtual_tokens", self.num_virtual_tokens)
+        if self.init not in PROMPT_INITS:
+            raise ValueError(f"PromptConfig.init must be one of {PROMPT_INITS}, got {self.init!r}")
+        if self.init == "text" and (not self.init_text or self.tokenizer is None):
+            raise ValueError("PromptConfig.init='text' needs init_text and a tokenizer")
+        if isinstance(self.modules_to_save, str):
+            raise ValueError("PromptConfig.modules_to_save must be a list of module names, not a string")
+        self.modules_to_save = _names_or_pattern("PromptConfig.modules_to_save", self.modules_to_save)
+
+
+def _positive(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")

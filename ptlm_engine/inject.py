@@ -5,14 +5,16 @@ and the wrappers keep the original module objects so that `restore` puts back ex
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
-from ptlm_engine.layers import LoraLinear, ModulesToSave
+from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
 
 # Dispatcher, first match wins: base-layer type -> builder of the LoRA layer that wraps it.
 LORA_LAYER_BUILDERS: list[tuple[type[nn.Module], Callable[[nn.Module], LoraLinear]]] = [
@@ -42,15 +44,21 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
 # ------------------------------------------------------------------------------------------------- walking
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every module of the model except those inside adapter layers (lora_A/lora_B, modules_to_save copies,
-    the shared children of a ModulesToSave); the adapter layers themselves are included."""
+    the shared children of a ModulesToSave, an adapter's own modules); the adapter layers themselves are
+    included."""
     inside = None   # named_modules() is depth-first, so an adapter layer's subtree directly follows it
     for name, module in model.named_modules():
         if inside is not None and name.startswith(inside):
             continue
         inside = None
         yield name, module
-        if isinstance(module, (LoraLinear, ModulesToSave)):
+        if isinstance(module, AdapterLayer):
             inside = name + "."
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Every module carrying adapters, of any method, by dotted name."""
+    return [(name, m) for name, m in _walk(model) if isinstance(m, AdapterLayer)]
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLinear]]:
@@ -62,11 +70,11 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
 
 
 def base_modules(model: nn.Module, skip: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
-    """Modules holding base parameters of their own: everything but adapter layers' insides and modules_to_save
-    (whose original parameters never run while their adapter is active), nor the modules named in `skip` and
-    their children."""
+    """Modules holding base parameters of their own: everything but adapter layers' insides, modules_to_save
+    (whose original parameters never run while their adapter is active) and adapter modules added to the model,
+    nor the modules named in `skip` and their children."""
     for name, module in _walk(model):
-        if isinstance(module, ModulesToSave) or any(name == s or name.startswith(s + ".") for s in skip):
+        if isinstance(module, AdapterLayer) and not isinstance(module, LoraLinear) or any(name == s or name.startswith(s + ".") for s in skip):
             continue
         yield name, module
 
@@ -180,11 +188,41 @@ def wrap_for_saving(model: nn.Module, name: str) -> ModulesToSave:
 
 
 def restore(model: nn.Module, name: str) -> None:
-    """Put the original module back in place of the adapter layer `name`."""
+    """Put the original module back in place of the adapter layer `name` (or delete the layer where it was
+    added to the model rather than wrapping a module)."""
     layer = model.get_submodule(name)
-    original = layer.original_module
-    if isinstance(layer, LoraLinear):
-        # The layer's Parameters may have been replaced (load_state_dict(assign=True)): hand back the current ones.
-        original.weight, original.bias = layer.weight, layer.bias
+    original = layer.release()
+    if original is None:
+        parent_name, _, child_name = name.rpartition(".")
+        delattr(model.get_submodule(parent_name), child_name)
+        return
     original.train(layer.training)
     _replace(model, name, original)
+
+
+# ------------------------------------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """How one adapter method gets into a model: `find_targets(model, config)` names the places (module paths)
+    that get the adapter, validating everything before the model changes; `attach(model, path, name, config,
+    slot)` installs (or reuses) the AdapterLayer at `path` and adds adapter `name` to it with slot id `slot`."""
+    find_targets: Callable[[nn.Module, Any], list[str]]
+    attach: Callable[[nn.Module, str, str, Any, int], None]
+
+
+def _attach_lora(model: nn.Module, path: str, name: str, config: LoraConfig, slot: int) -> None:
+    wrap_for_lora(model, path).add_adapter(name, config.r, config.scale, config.dropout, slot)
+
+
+# Dispatcher by config type: one entry per adapter method.
+METHODS: dict[type, Method] = {
+    LoraConfig: Method(find_lora_targets, _attach_lora),
+}
+
+
+def method_for(config: Any) -> Method:
+    method = METHODS.get(type(config))
+    if method is None:
+        known = ", ".join(t.__name__ for t in METHODS)
+        raise ValueError(f"config must be one of {known}, got {type(config).__name__}")
+    return method

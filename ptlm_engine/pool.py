@@ -181,6 +181,15 @@ class AdapterBatch:
             raise ValueError(f"adapter_batch maps {rows} rows, but a layer got input of shape {tuple(x.shape)}: "
                              f"its batch size (dim 0) must be {shape} the number of names")
 
+    def row_slots(self, n: int) -> list[int]:
+        """The slot id (-1: none) of each of n rows, on the host; ValueError if n does not fit the mapping."""
+        rows = len(self.names)
+        if n != rows and not (self.expanding and n > 0 and n % rows == 0):
+            shape = "a multiple of" if self.expanding else "equal to"
+            raise ValueError(f"adapter_batch maps {rows} rows, but a layer got a batch of {n}: its batch size "
+                             f"(dim 0) must be {shape} the number of names")
+        return [s for s in self.slot_ids for _ in range(n // rows)]
+
     def row_index(self, x: Tensor) -> Tensor:
         """(N,) slot id of each row of x (batch-first, N = x.shape[0]); ValueError if N does not fit."""
         self._check(x)

@@ -312,12 +312,59 @@ def test_merged_adapter_is_refused(tiny):
     _assert_same_state(llama, before)
 
 
-def test_modules_to_save_not_yet(tiny):
-    bert = tiny("bert_cls")
+def _randomize_copies(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".modules_to_save." in name:
+                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+def test_modules_to_save_run_per_row_and_train_per_adapter(tiny):
+    """Each row gets its own adapter's copy of the classifier (None and copy-less rows the original one), and
+    each copy's gradient comes from its own rows alone."""
+    bert = tiny("bert_cls").train()
     pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
-    with pytest.raises(NotImplementedError, match="modules_to_save"):
-        with pe.adapter_batch(bert, ["a"]):
-            pass
+    pe.add_adapter(bert, "b", pe.LoraConfig(r=4, target_modules=["value"], modules_to_save=["classifier"]))
+    pe.add_adapter(bert, "c", pe.LoraConfig(r=4, target_modules=["value"]))
+    _randomize_lora(bert)
+    _randomize_copies(bert)
+    mapping, ids = ["b", None, "a", "c", "b"], _ids(5)
+    with pe.adapter_batch(bert, mapping):
+        mixed = bert(input_ids=ids).logits
+        mixed.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in bert.named_parameters() if p.grad is not None}
+    assert {n for n in grads if "modules_to_save" in n} == {f"classifier.modules_to_save.{a}.{w}"
+                                                            for a in "ab" for w in ("weight", "bias")}
+    bert.zero_grad()
+    for name in ("a", "b"):
+        rows = [i for i, n in enumerate(mapping) if n == name]
+        pe.set_active_adapter(bert, name)
+        bert(input_ids=ids[rows]).logits.square().sum().backward()
+        for w in ("weight", "bias"):
+            key = f"classifier.modules_to_save.{name}.{w}"
+            torch.testing.assert_close(grads[key], bert.get_parameter(key).grad, msg=key)
+    with torch.no_grad():
+        for row, name in enumerate(mapping):
+            alone = _alone(bert, name, lambda: bert(input_ids=ids[row:row + 1]).logits)
+            torch.testing.assert_close(mixed[row].detach(), alone[0], msg=f"row {row} ({name})")
+
+
+def test_generate_with_a_saved_embedding_copy_per_row(tiny):
+    """A copy of the input embeddings (and beams expanding the rows) in a mixed batch: each row generates what
+    it generates alone."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["v_proj"]))
+    _randomize_lora(llama)
+    _randomize_copies(llama)
+    ids = _ids(3, length=5)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, num_beams=2)
+    with pe.adapter_batch(llama, ["a", None, "b"]):
+        mixed = llama.generate(ids, **kw)
+    for row, name in enumerate(["a", None, "b"]):
+        alone = _alone(llama, name, lambda: llama.generate(ids[row:row + 1], **kw))
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=0, atol=0, msg=f"row {row} ({name})")
 
 
 def test_dropout_per_row_in_training_only(tiny, output):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptlm_engine import functional
+from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.ops.lora_multi import LoraSlots
 from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
 
@@ -34,7 +35,7 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(AdapterLayer):
     """y = x W0ᵀ + bias + scale · dropout(x) Aᵀ Bᵀ with the active adapter; the base layer's x W0ᵀ + bias
     when no adapter is active, adapters are disabled, or the active one is merged into W0.
 
@@ -64,10 +65,7 @@ class LoraLinear(nn.Module):
         self.r: dict[str, int] = {}
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.slot: dict[str, int] = {}
         self.pool = AdapterPool(d_in, d_out, self.weight.device, self.weight.dtype)
-        self.active_adapter: str | None = None
-        self.adapters_enabled = True
         self.merged_adapter: str | None = None
         self.batch: AdapterBatch | None = None
         self.batch_stamp: tuple | None = None             # (Parameters, their versions and storage) at the last sync
@@ -89,6 +87,18 @@ class LoraLinear(nn.Module):
         self.r[name], self.scale[name], self.dropout[name] = r, scale, dropout
         self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
         self.pool.put(self.slot[name], lora_A.weight, lora_B.weight, scale)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [self.lora_A[name].weight, self.lora_B[name].weight]
+
+    def release(self) -> nn.Module:
+        # The layer's Parameters may have been replaced (load_state_dict(assign=True)): hand back the current ones.
+        original = self.original_module
+        original.weight, original.bias = self.weight, self.bias
+        return original
 
     def remove_adapter(self, name: str) -> None:
         if self.merged_adapter == name:

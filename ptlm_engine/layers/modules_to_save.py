@@ -1,13 +1,17 @@
 """ModulesToSave: a module of which each adapter trains (and saves) its own full copy, as PEFT's
-ModulesToSaveWrapper; the original module stays and runs whenever no adapter with a copy is active."""
+ModulesToSaveWrapper; the original module stays and runs whenever no adapter with a copy is active, and in a
+mixed batch each row runs its own adapter's copy."""
 from __future__ import annotations
 
 import copy
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from ptlm_engine.layers.base import AdapterLayer
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(AdapterLayer):
     """Runs the active adapter's copy (`modules_to_save[<name>]`), else the original module.
 
     The original's parameters, buffers and children appear under their own names (state-dict keys such as
@@ -17,6 +21,8 @@ class ModulesToSave(nn.Module):
 
     def __init__(self, original: nn.Module):
         super().__init__()
+        self.batch = None                                # a mixed batch's mapping (pool.AdapterBatch), or None
+        self._batch_rows: dict[tuple, dict[str, Tensor]] = {}
         # Share the original's parameter and buffer tables rather than copying entries: whatever replaces a
         # tensor here (model.to() swaps buffers, load_state_dict(assign=True) swaps parameters) then also
         # reaches the original module, which is the one forward() runs.
@@ -27,12 +33,22 @@ class ModulesToSave(nn.Module):
             self.add_module(child_name, child)
         self.__dict__["original_module"] = original   # last: __getattr__ falls back to it
         self.modules_to_save = nn.ModuleDict()
-        self.active_adapter: str | None = None
-        self.adapters_enabled = True
         self.training = original.training
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters())
+
+    def release(self) -> nn.Module:
+        return self.original_module
+
+    def set_batch(self, batch) -> None:
+        self.batch, self._batch_rows = batch, {}
 
     def remove_adapter(self, name: str) -> None:
         if self.active_adapter == name:
@@ -40,10 +56,46 @@ class ModulesToSave(nn.Module):
         del self.modules_to_save[name]
 
     def forward(self, *args, **kwargs):
+        if self.batch is not None:
+            return self._batch_forward(args, kwargs)
         name = self.active_adapter
         if self.adapters_enabled and name in self.modules_to_save:
             return self.modules_to_save[name](*args, **kwargs)
         return self.original_module(*args, **kwargs)
+
+    def _batch_forward(self, args: tuple, kwargs: dict):
+        """The original on every row, then each mapped adapter's copy on its own rows only (the batch dimension
+        of the tensor arguments is dim 0), its output written over those rows: rows without a copy keep the
+        original's output, and gradients reach each copy from its rows alone."""
+        out = self.original_module(*args, **kwargs)
+        if not self.adapters_enabled:
+            return out
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 1), None)
+        if first is None:
+            return out
+        for name, rows in self._rows(first).items():
+            if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != first.shape[0]:
+                raise NotImplementedError(f"{type(self.original_module).__name__} returns "
+                                          f"{type(out).__name__}: a module_to_save in a mixed batch must return "
+                                          "one tensor with the batch in dim 0")
+            pick = [a.index_select(0, rows) if isinstance(a, Tensor) and a.dim() >= 1 else a for a in args]
+            kw = {k: v.index_select(0, rows) if isinstance(v, Tensor) and v.dim() >= 1 else v
+                  for k, v in kwargs.items()}
+            out = out.index_copy(0, rows, self.modules_to_save[name](*pick, **kw).to(out.dtype))
+        return out
+
+    def _rows(self, first: Tensor) -> dict[str, Tensor]:
+        """Adapter name -> (rows,) indices of its rows in an input whose batch is first.shape[0], built on the host
+        from the mapping (no device sync) once per (device, batch size)."""
+        key = (first.device, first.shape[0])
+        if key not in self._batch_rows:
+            slots = self.batch.row_slots(first.shape[0])                            # checks the batch size
+            with torch.inference_mode(False):   # kept across calls (see pool.AdapterPool)
+                self._batch_rows[key] = {
+                    name: torch.tensor([i for i, s in enumerate(slots) if s == self.batch.adapters[name]],
+                                       dtype=torch.long, device=first.device)
+                    for name in self.modules_to_save if name in self.batch.adapters}
+        return self._batch_rows[key]
 
     def train(self, mode: bool = True):
         # The original module is outside the tree, so model.train()/eval() would not reach its own flag.

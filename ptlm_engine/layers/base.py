@@ -1,0 +1,47 @@
+"""AdapterLayer: what every module that carries named adapters offers the API, whatever the method.
+
+LoRA layers, modules_to_save wrappers, bottleneck adapters and the model-level prefix / prompt modules all
+derive from it, so that activation, disabling, mixed batches, trainability and removal are written once in
+`ptlm_engine.api` and never per method.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """A module holding adapters by name.
+
+    State the API drives directly:
+      active_adapter: the adapter this layer runs outside mixed batches (None: none).
+      adapters_enabled: False inside pe.disable_adapters (the layer computes the base model's output).
+      slot: adapter name -> model-wide slot id (the index a mixed batch's per-token mapping uses).
+    Methods each subclass provides: adapter_names, adapter_parameters, remove_adapter, set_batch and
+    release. The API walks a model's AdapterLayers (inject.adapter_layers) and does not look inside them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.active_adapter: str | None = None
+        self.adapters_enabled = True
+        self.slot: dict[str, int] = {}
+
+    def adapter_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The Parameters adapter `name` trains in this layer (made trainable when it is active or mapped)."""
+        raise NotImplementedError
+
+    def remove_adapter(self, name: str) -> None:
+        raise NotImplementedError
+
+    def set_batch(self, batch) -> None:
+        """Run a mixed batch's per-row mapping (a pool.AdapterBatch), or None to go back to active_adapter."""
+        raise NotImplementedError
+
+    def release(self) -> nn.Module | None:
+        """Called when the layer's last adapter is gone: undo anything the layer installed on the model and
+        return the module to put back in its place (the original module it wrapped), or None when the layer
+        was added to the model rather than wrapping a module (its attribute is then deleted)."""
+        raise NotImplementedError
