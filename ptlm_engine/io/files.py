@@ -1,0 +1,125 @@
+"""What every adapter file format shares: the two file names, PEFT's key prefix, reading and writing them, and
+the modules_to_save copies (which PEFT files the same way for every method)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ptlm_engine import inject
+from ptlm_engine.layers import ModulesToSave
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."   # PeftModel -> the method's model wrapper (.base_model) -> the model (.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One method's file layout.
+
+    peft_type: the config's "peft_type" value; config_type: the config class it stands for.
+    read_config(raw, file) -> config: the config from the parsed JSON (ValueError naming `file` if it does
+      not fit).
+    dump(model, name, config) -> (tensors, json): the adapter's tensors by file key and its JSON config.
+    load(model, name, config, tensors, path): validate everything against the model, add the adapter through
+      the API, copy the tensors in; leave the model as it was on any failure.
+    """
+    peft_type: str
+    config_type: type
+    read_config: Callable[[dict, str], Any]
+    dump: Callable[[nn.Module, str, Any], tuple[dict[str, Tensor], dict]]
+    load: Callable[[nn.Module, str, Any, dict[str, Tensor], str], None]
+
+
+def key(module_path: str, leaf: str) -> str:
+    """The file key of `leaf` (e.g. "lora_A.weight") in the module `module_path` ("" for the model itself)."""
+    return f"{PREFIX}{module_path}.{leaf}" if module_path else f"{PREFIX}{leaf}"
+
+
+def read_json(path: str | os.PathLike) -> tuple[dict, str]:
+    """The parsed `path`/adapter_config.json and its file name."""
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter config: {file} does not exist")
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a readable JSON file ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw, file
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no adapter weights: {file} does not exist (only safetensors are read)")
+    try:
+        return load_file(file)
+    except Exception as e:   # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+def write(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict) -> None:
+    # Own contiguous CPU copies: safetensors refuses tensors that share memory (tied weights in a copy).
+    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+def saved_copies(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """Adapter `name`'s modules_to_save copies by file key: each copy's state dict under its module's path."""
+    return {key(p, k): v for p, wrapper in inject.saved_modules(model) if name in wrapper.modules_to_save
+            for k, v in wrapper.modules_to_save[name].state_dict().items()}
+
+
+class TensorMatcher:
+    """Pairs file tensors with their places in a model before anything changes: `take` pops a key and checks
+    its shape, collecting every problem; `check` raises one ValueError listing them all and the unused keys."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.remaining = dict(tensors)
+        self.problems: list[str] = []
+
+    def take(self, file_key: str, shape: tuple[int, ...]) -> Tensor | None:
+        value = self.remaining.pop(file_key, None)
+        if value is None:
+            self.problems.append(f"missing {file_key}")
+        elif tuple(value.shape) != tuple(shape):
+            self.problems.append(f"{file_key}: shape {tuple(value.shape)}, the model needs {tuple(shape)}")
+        elif not value.dtype.is_floating_point:
+            self.problems.append(f"{file_key}: dtype {value.dtype} is not floating point")
+        else:
+            return value
+        return None
+
+    def copies(self, model: nn.Module, saved: list[str]) -> dict[str, dict[str, Tensor]]:
+        """The modules_to_save copies' state dicts, by module path."""
+        copies = {}
+        for target in saved:
+            module = model.get_submodule(target)
+            original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
+            copies[target] = {k: self.take(key(target, k), value.shape) for k, value in original.state_dict().items()}
+        return copies
+
+    def check(self, path, model: nn.Module) -> None:
+        problems = self.problems + [f"unexpected {k}" for k in sorted(self.remaining)]
+        if problems:
+            shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+            raise ValueError(f"{path}: the adapter does not fit this {type(model).__name__} "
+                             f"({len(problems)} problem(s)):\n  {shown}")
+
+
+def load_copies(model: nn.Module, name: str, copies: dict[str, dict[str, Tensor]]) -> None:
+    for target, state in copies.items():
+        model.get_submodule(target).modules_to_save[name].load_state_dict(state)

@@ -1,0 +1,146 @@
+"""HF PEFT's LoRA file layout, both ways.
+
+Tensor keys, with the adapter name left out (PEFT puts it back on loading):
+  base_model.model.<module>.lora_A.weight     (r, d_in)
+  base_model.model.<module>.lora_B.weight     (d_out, r)
+  base_model.model.<module>.<key>             each state-dict entry of a modules_to_save copy
+  base_model.model.<module>.base_layer.bias   bias of a LoRA-wrapped module (bias "all" / "lora_only")
+  base_model.model.<module>.bias              bias of any other module (bias "all")
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ptlm_engine import api, inject
+from ptlm_engine.config import ALL_LINEAR, LoraConfig
+from ptlm_engine.io.files import Format, TensorMatcher, key, load_copies, saved_copies
+
+# PEFT config keys that do not change what a loaded LoRA adapter computes (bookkeeping, initialisation
+# schemes whose result is in the file, fan_in_fan_out which follows the layer type here as in PEFT).
+_INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
+                    "inference_mode", "peft_version", "fan_in_fan_out", "init_lora_weights", "loftq_config",
+                    "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
+                    "qalora_group_size", "ensure_weight_tying"}
+# PEFT config keys read into LoraConfig (PEFT name -> ours).
+_PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                "layers_to_transform": "layers_to_transform", "use_rslora": "use_rslora", "bias": "bias",
+                "modules_to_save": "modules_to_save"}
+_LAYER_NAMES = {"layers", "h", "layer"}   # the block-stack names inject's layer index understands
+
+
+# ------------------------------------------------------------------------------------------------------ save
+def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Tensor], dict]:
+    """Adapter `name`'s tensors and JSON config in PEFT's layout (PeftModel.from_pretrained loads them)."""
+    layers = [(p, layer) for p, layer in inject.lora_layers(model) if name in layer.lora_A]
+    tensors: dict[str, Tensor] = {}
+    for p, layer in layers:
+        tensors[key(p, "lora_A.weight")] = layer.lora_A[name].weight
+        tensors[key(p, "lora_B.weight")] = layer.lora_B[name].weight
+    lora_paths = {p for p, _ in layers}
+    for p, bias in _bias_params(model, config.bias, lora_paths).items():
+        # PEFT's LoRA layer holds the wrapped module as `base_layer`, so that is where PEFT files its bias.
+        tensors[key(p, "base_layer.bias" if p in lora_paths else "bias")] = bias
+    tensors.update(saved_copies(model, name))
+
+    target_modules = config.target_modules
+    if target_modules is None or target_modules == ALL_LINEAR:
+        target_modules = sorted(p for p, _ in layers)   # what was resolved, as PEFT records "all-linear"
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
+        "target_modules": target_modules, "layers_to_transform": config.layers_to_transform,
+        "layers_pattern": None, "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "bias": config.bias, "modules_to_save": config.modules_to_save,
+    }
+    return tensors, peft_config
+
+
+def _bias_params(model: nn.Module, mode: str, lora_paths: set[str],
+                 skip: Sequence[str] = ()) -> dict[str, nn.Parameter]:
+    """The base biases that go with an adapter, by module name: none, every one ("all"), or those of the
+    modules the adapter's LoRA layers wrap, `lora_paths` ("lora_only"); never those in `skip` (modules_to_save,
+    whose copies carry their own)."""
+    if mode == "none":
+        return {}
+    return {p: module._parameters["bias"] for p, module in inject.base_modules(model, skip)
+            if module._parameters.get("bias") is not None and (mode == "all" or p in lora_paths)}
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def load(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, Tensor], path) -> None:
+    """Add adapter `name` from PEFT-layout tensors. Loading a bias other than "none" overwrites those base
+    biases, as in PEFT."""
+    targets = inject.find_lora_targets(model, config)
+    saved = inject.find_modules_to_save(model, config.modules_to_save)
+    lora_weights, copies, biases = _match_tensors(model, config, targets, saved, tensors, path)
+
+    old_biases = [(param, param.detach().clone()) for param, _ in biases]
+    api.add_adapter(model, name, config)
+    try:
+        with torch.no_grad():
+            for target, (lora_A, lora_B) in lora_weights.items():
+                layer = model.get_submodule(target)
+                layer.lora_A[name].weight.copy_(lora_A)
+                layer.lora_B[name].weight.copy_(lora_B)
+            load_copies(model, name, copies)
+            for param, value in biases:
+                param.copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for param, value in old_biases:
+                param.copy_(value)
+        api.remove_adapter(model, name)
+        raise
+
+
+def read_config(raw: dict, file: str) -> LoraConfig:
+    """The LoraConfig in a parsed PEFT LoRA adapter_config.json."""
+    for field, value in raw.items():
+        if field not in _PEFT_FIELDS and field not in _INERT_PEFT_KEYS and field != "layers_pattern" \
+                and value not in (None, False, {}, [], ""):
+            raise ValueError(f"{file}: {field}={value!r} asks for a PEFT feature this engine does not support")
+    pattern = raw.get("layers_pattern")
+    if pattern and not set([pattern] if isinstance(pattern, str) else pattern) <= _LAYER_NAMES:
+        raise ValueError(f"{file}: layers_pattern {pattern!r} is not supported (layer indices are found in "
+                         f"{sorted(_LAYER_NAMES)})")
+    fields = {ours: raw[peft] for peft, ours in _PEFT_FIELDS.items() if raw.get(peft) is not None}
+    try:
+        return LoraConfig(**fields)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str],
+                   tensors: dict[str, Tensor], path) -> tuple[dict, dict, list]:
+    """Pair every file tensor with its place in the model and check its shape, before anything changes:
+    (LoRA weights by target, copy state dicts by modules_to_save name, [(bias Parameter, value)])."""
+    match = TensorMatcher(tensors)
+    lora_weights = {}
+    for target in targets:
+        layer = inject.as_lora_layer(model.get_submodule(target))
+        lora_A = match.take(key(target, "lora_A.weight"), (config.r, layer.in_features))
+        lora_B = match.take(key(target, "lora_B.weight"), (layer.out_features, config.r))
+        lora_weights[target] = (lora_A, lora_B)
+    copies = match.copies(model, saved)
+    # With bias "all", PEFT also files modules_to_save biases as <module>.original_module.bias and
+    # <module>.modules_to_save.bias: the base's own, and a duplicate of the copy's.
+    duplicates = tuple(key(target, leaf) for target in saved for leaf in ("original_module.", "modules_to_save."))
+    for k in [k for k in match.remaining if duplicates and k.startswith(duplicates)]:
+        del match.remaining[k]
+
+    biases = []
+    for module_path, param in _bias_params(model, config.bias, set(targets), saved).items():
+        # PEFT files a bias under base_layer where its LoRA layer wraps the module, which depends on the
+        # adapters PEFT's model had when saving: take either key, expect the one this adapter implies.
+        plain, wrapped = key(module_path, "bias"), key(module_path, "base_layer.bias")
+        expected, other = (wrapped, plain) if module_path in targets else (plain, wrapped)
+        biases.append((param, match.take(other if other in match.remaining else expected, param.shape)))
+    match.check(path, model)
+    return lora_weights, copies, biases
+
+
+FORMAT = Format("LORA", LoraConfig, read_config, dump, load)
