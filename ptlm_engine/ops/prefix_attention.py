@@ -1,16 +1,102 @@
-"""Attention over [prefix ; sequence] (prefix tuning): validation and the backend choice.
+"""Attention over [prefix ; sequence] (prefix tuning) as torch.library custom ops with autograd, dispatching
+to Triton or the reference.
 
-Chain of names: kernels.prefix_attention (Triton) -> ptlm::prefix_attention_fwd / _bwd (custom ops) ->
-prefix_attention_op -> functional.prefix_attention.
+Chain of names: kernels.prefix_attention (Triton kernels + launchers) -> ptlm::prefix_attention_fwd / _bwd
+(custom ops, with fake implementations for torch.compile and CUDA graphs) -> prefix_attention_op (validation,
+backend choice) -> functional.prefix_attention.
+
+Backward saves the inputs, the output and the fp32 log-sum-exp (B, Hq, Lq) only; the kernels recompute the
+probabilities. A shared prefix passed as an expanded view (batch stride 0) is read in place; its gradient is
+computed per row, and autograd's expand backward sums the rows.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.lora import _needs_grad, triton_enabled
+
+try:  # Triton is a Linux-only dependency; without it the op runs the reference.
+    from ptlm_engine.kernels import prefix_attention as attention_kernels
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    attention_kernels = None
 
 
+# ------------------------------------------------------------------------------------------ implementations
+def _forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+             prefix_lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
+             scale: float) -> tuple[Tensor, Tensor]:
+    """o (B, Hq, Lq, D) and lse (B, Hq, Lq) fp32 (saved for backward)."""
+    return attention_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask,
+                                                  causal, scale)
+
+
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+              prefix_lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], o: Tensor, lse: Tensor,
+              causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv, and per-row dprefix_k, dprefix_v (empty (0,) without a prefix)."""
+    return attention_kernels.prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, prefix_lengths,
+                                                  key_padding_mask, o, lse, causal, scale)
+
+
+# ------------------------------------------------------------------------------------------------ custom ops
+# torch.compile and other tracers see these opaque ops (with fake implementations); eager calls take the
+# cheaper autograd.Function below, which runs the same implementations with less host overhead per launch.
+prefix_attention_fwd = torch.library.custom_op("ptlm::prefix_attention_fwd", _forward, mutates_args=())
+prefix_attention_bwd = torch.library.custom_op("ptlm::prefix_attention_bwd", _backward, mutates_args=())
+
+
+@prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@prefix_attention_bwd.register_fake
+def _(do, q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse, causal, scale):
+    prefix_shape = (*k.shape[:2], prefix_k.shape[2], k.shape[3]) if prefix_k is not None else (0,)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape), k.new_empty(prefix_shape),
+            k.new_empty(prefix_shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _grads(ctx, do, bwd):
+    """The op's input gradients, with `bwd` the custom op (traced) or its implementation (eager)."""
+    q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = bwd(do, q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse,
+                               ctx.causal, ctx.scale)
+    need = ctx.needs_input_grad
+    grads = (dq, dk, dv) + ((dpk, dpv) if prefix_k is not None else (None, None))
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+
+
+torch.library.register_autograd("ptlm::prefix_attention_fwd",
+                                lambda ctx, do, _dlse: _grads(ctx, do, prefix_attention_bwd),
+                                setup_context=_setup_context)
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Eager autograd path over the same implementations as the custom ops."""
+
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale):
+        return _forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale)
+
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        return _grads(ctx, do, _backward)
+
+
+# ----------------------------------------------------------------------------------------------- entry point
 def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
            prefix_lengths: Tensor | None, key_padding_mask: Tensor | None) -> None:
     if q.dim() != 4:
@@ -37,9 +123,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: T
         if prefix_k is None:
             raise ValueError("prefix_lengths: given without prefix_k / prefix_v")
         if prefix_lengths.shape != (batch,) or prefix_lengths.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"prefix_lengths: expected shape ({batch},) of int32, got {tuple(prefix_lengths.shape)} "
-                             f"of {prefix_lengths.dtype}")
-    if key_padding_mask is not None and (key_padding_mask.shape != (batch, lk) or key_padding_mask.dtype != torch.bool):
+            raise ValueError(f"prefix_lengths: expected shape ({batch},) of int32, got "
+                             f"{tuple(prefix_lengths.shape)} of {prefix_lengths.dtype}")
+    if key_padding_mask is not None and (key_padding_mask.shape != (batch, lk)
+                                         or key_padding_mask.dtype != torch.bool):
         raise ValueError(f"key_padding_mask: expected shape ({batch}, {lk}) of bool, got "
                          f"{tuple(key_padding_mask.shape)} of {key_padding_mask.dtype}")
     named = {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
@@ -59,5 +146,18 @@ def prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None
                         prefix_lengths: Tensor | None, causal: bool, key_padding_mask: Tensor | None,
                         scale: float | None) -> Tensor:
     _check(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask)
-    return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_lengths, causal=causal,
-                                      key_padding_mask=key_padding_mask, scale=scale)
+    if not (triton_enabled(q) and q.dtype in attention_kernels.SUPPORTED_DTYPES
+            and q.shape[3] <= attention_kernels.MAX_HEAD_DIM):
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_lengths, causal=causal,
+                                          key_padding_mask=key_padding_mask, scale=scale)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if prefix_lengths is not None and prefix_lengths.dtype != torch.int32:
+        prefix_lengths = prefix_lengths.to(torch.int32)
+    args = (q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, bool(causal), scale)
+    if torch.compiler.is_compiling():
+        o, _ = prefix_attention_fwd(*args)
+    elif _needs_grad(q, k, v, prefix_k, prefix_v):
+        o, _ = PrefixAttentionFunction.apply(*args)
+    else:  # inference: no autograd bookkeeping at all
+        o, _ = _forward(*args)
+    return o

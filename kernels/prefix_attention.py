@@ -1,0 +1,558 @@
+"""Attention over [prefix ; sequence] (prefix tuning) in one flash pass, forward and backward.
+
+Every query of row b sees the first prefix_lengths[b] of P prefix keys (no causal mask) and the sequence keys
+its causal limit and the key padding mask allow; the prefix is never concatenated into k / v: each program
+walks the prefix blocks, then the sequence blocks up to its causal limit, with one online softmax in fp32
+(exp2, log2 e folded into the scale). Blocks wholly above the diagonal are skipped; per-element masks apply
+only on diagonal and ragged blocks (and, with a key padding mask, on every sequence block).
+
+Kernels:
+- forward:    o = softmax(q [pk ; k]^T * scale) [pv ; v] and lse (B, Hq, Lq) fp32 (natural log; +inf for a
+              query that sees no key, whose output is 0).
+- preprocess: delta = rowsum(dO * o) (B, Hq, Lq) fp32.
+- dK / dV:    programs over key blocks of the prefix and of the sequence; for its kv head each loops over the
+              group's q heads and the q blocks that can see the block. The gradients of a key depend on its
+              own column only, so a padded key or a prefix entry past prefix_lengths[b] is zeroed at the store
+              instead of masked per element.
+- dQ:         programs over q blocks, the forward's walk over the keys.
+
+Floor (H100: 790 TFLOP/s bf16 dense, 3.0 TB/s): causal self-attention with Lq = Lk = L and a prefix of P has
+L (L + 1) / 2 + L P query-key pairs per (batch, head); forward flops = 4 D pairs (q k^T and p v), backward
+10 D pairs (s recomputed, dP, dV, dK, dQ), both per (batch, q head). Batch 8, 32 heads x 128, L = 8192:
+P = 16: forward 4.43 TFLOP -> 5.6 ms, + backward 15.5 TFLOP -> 19.6 ms; P = 256: 4.67 TFLOP -> 5.9 ms,
+16.3 TFLOP -> 20.7 ms. The prefix adds P / ((L + 1) / 2) of the flops (0.4% at L = 8192, P = 16; 6% at
+L = 2048, P = 64). Bytes (q, k, v, o, prefix once) are < 1% of the time at L >= 512: compute-bound; at
+decode (Lq = 1) it is memory-bound: bytes = 2 B Hkv (Lk + P) D (k, v) -> Lk = 8192, B = 8, 32 x 128 bf16:
+268 MB -> 89 us. This kernel's dK / dV and dQ passes recompute s and dP twice (7 matmuls, not 5) to keep dQ
+free of atomics: its backward floor is 14 D pairs, 1.4x the above.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import AUTOTUNE, INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+DECODE_MAX_LQ = 16  # at or below this many queries the q tile is a sliver: 16-row tiles, long key blocks
+SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KB of shared memory per SM)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+def _cfg(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+def forward_configs():
+    """Forward and dQ: a q tile stays on chip while k / v tiles stream through the pipeline."""
+    if INTERPRETED:
+        return [_cfg(16, 16, 4, 1)]
+    prefill = [_cfg(bm, bn, w, s) for bm, bn, w, s in (
+        (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4))]
+    decode = [_cfg(16, bn, 4, s) for bn, s in ((64, 3), (128, 3), (128, 4))]
+    small = [_cfg(32, 32, 4, 2)]  # fits any head dim up to 256
+    return prefill + decode + small
+
+
+def dkdv_configs():
+    """dK / dV: a key tile stays on chip while q / dO tiles stream through the pipeline."""
+    if INTERPRETED:
+        return [_cfg(16, 16, 4, 1)]
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
+        (32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 3),
+        (32, 32, 4, 2))]
+
+
+def dq_configs():
+    """dQ: like the forward, with dO beside q on chip."""
+    if INTERPRETED:
+        return [_cfg(16, 16, 4, 1)]
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
+        (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 3),
+        (32, 32, 4, 2))]
+
+
+def _prune(resident: str, streamed: str):
+    """Drop tiles taller than the queries (decode), tiles whose pipelined buffers overflow shared memory at
+    this head dim; PTLM_AUTOTUNE=0 keeps the first survivor."""
+    def prune(configs, named_args, **kwargs):
+        lq, block_d = named_args["LQ_BUCKET"], kwargs["BLOCK_D"]
+
+        def fits(c):
+            rows = c.kwargs[resident] + 2 * c.kwargs[streamed] * max(c.num_stages - 1, 1)
+            return rows * block_d * 2 <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
+
+        kept = [c for c in configs if fits(c)] or configs[-1:]
+        return kept if AUTOTUNE else kept[:1]
+    return {"early_config_prune": prune}
+
+
+def lq_bucket(lq: int) -> int:
+    return min(next_pow2(lq), 16384)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _dot(a, b, acc, FP32_DOT: tl.constexpr):
+    """acc += a @ b: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention."""
+    if FP32_DOT:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_tile(ptrs, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile, zero past n_rows (if MASK_ROWS) and past the head dim; unmasked where it can."""
+    if MASK_ROWS:
+        mask = offs_rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              PADDED: tl.constexpr):
+    """Which (query, key) pairs of a block are seen: keys below n_end (and, causal, at or before the query's
+    position) if MASKED; real keys if PADDED."""
+    seen = offs_n[None, :] >= 0
+    if MASKED:
+        seen = offs_n[None, :] < n_end
+        if CAUSAL:
+            seen = seen & (offs_n[None, :] <= pos_q[:, None])
+    if PADDED:
+        real = tl.load(kpm_ptr + offs_n * stride_kpmn, mask=offs_n < n_end, other=0)
+        seen = seen & (real != 0)[None, :]
+    return seen
+
+
+# --------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, kpm_ptr, start_n, n_end, pos_q,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+            PADDED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One key block's step of the online softmax (scores in log2 units)."""
+    offs_n = start_n + offs_n0
+    k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
+                   HEAD_DIM, BLOCK_D, MASKED)                                                 # (BLOCK_N, BLOCK_D)
+    s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), FP32_DOT) * qk_scale
+    if MASKED or PADDED:
+        s = tl.where(_key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED, CAUSAL, PADDED), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet: exp2(-inf) = 0
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+    p = tl.math.exp2(s - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
+                   HEAD_DIM, BLOCK_D, MASKED)
+    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _prefix_attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, o_ptr, lse_ptr,
+    HQ, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd, stride_kpmb, stride_kpmn,
+    qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows start first
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    kvh = (h // GROUP).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos_q = LK - LQ + offs_m                                     # the queries' positions in the sequence
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
+                   HEAD_DIM, BLOCK_D, True)                                                   # (BLOCK_M, BLOCK_D)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    kpm_base = kpm_ptr + b * stride_kpmb
+
+    if HAS_PREFIX:
+        n_prefix = P
+        if HAS_LENGTHS:
+            n_prefix = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
+        pk_base = pk_ptr + b * stride_pkb + kvh * stride_pkh
+        pv_base = pv_ptr + b * stride_pvb + kvh * stride_pvh
+        full_end = n_prefix // BLOCK_N * BLOCK_N
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, kpm_base, start_n, n_prefix, pos_q,
+                                    stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale,
+                                    offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, False, FP32_DOT)
+        if full_end < n_prefix:
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, kpm_base, full_end, n_prefix, pos_q,
+                                    stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale,
+                                    offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, False, False, FP32_DOT)
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    if CAUSAL:
+        # keys up to the block's first query position are seen by every row; past its last, by none
+        full_end = (LK - LQ + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(LK, LK - LQ + (pid_m + 1) * BLOCK_M)
+    else:
+        full_end = LK // BLOCK_N * BLOCK_N
+        seq_end = LK
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, LK, pos_q,
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
+                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, HAS_PADDING, FP32_DOT)
+    for start_n in range(full_end, seq_end, BLOCK_N):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, LK, pos_q,
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
+                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_PADDING, FP32_DOT)
+
+    seen_any = l_i > 0.0  # a query that sees no key outputs 0 and gets lse = +inf (p = 0 in backward)
+    l_safe = tl.where(seen_any, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(seen_any, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+    row = pid_bh.to(tl.int64) * LQ + offs_m                      # o (B, Hq, Lq, D) and lse (B, Hq, Lq) contiguous
+    mask_m = offs_m < LQ
+    tl.store(lse_ptr + row, lse, mask=mask_m)
+    tl.store(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+_FWD_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "HAS_LENGTHS", "HAS_PADDING"]
+_prefix_attn_fwd = TunedLauncher(triton.autotune(
+    forward_configs(), key=_FWD_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
+    do_bench=tune_bench)(_prefix_attn_fwd_kernel))
+
+
+# -------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, HQ, LQ, stride_dob, stride_doh, stride_dom, stride_dod,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = pid_bh.to(tl.int64) * LQ + offs_m
+    o = _load_tile(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
+    do_base = do_ptr + (pid_bh // HQ).to(tl.int64) * stride_dob + (pid_bh % HQ) * stride_doh
+    do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d,
+                    HEAD_DIM, BLOCK_D, True)
+    tl.store(delta_ptr + row, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < LQ)
+
+
+@triton.jit
+def _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, end_m, offs_n, shift, LQ,
+                   stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                   FP32_DOT: tl.constexpr):
+    """dV += P^T dO, dK += dS^T Q over q blocks [start_m, end_m) of one q head, in transposed form."""
+    for m0 in range(start_m, end_m, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
+                       HEAD_DIM, BLOCK_D, True)                                               # (BLOCK_M, BLOCK_D)
+        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d,
+                        HEAD_DIM, BLOCK_D, True)
+        lse = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=0.0) * LOG2E
+        delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
+        s_t = _dot(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT) * qk_scale
+        p_t = tl.math.exp2(s_t - lse[None, :])                                                # (BLOCK_N, BLOCK_M)
+        if CAUSAL:  # a diagonal block: key j is seen by query m iff j <= shift + m
+            p_t = tl.where(offs_n[:, None] <= shift + offs_m[None, :], p_t, 0.0)
+        dv = _dot(p_t.to(do.dtype), do, dv, FP32_DOT)
+        dp_t = _dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_base, dv_base,
+                    b, kvh, start_n, n_rows, n_seen, HKV, LQ, LK,
+                    stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                    stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                    PADDED: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK, dV of keys [start_n, start_n + BLOCK_N) of one kv head (rows n_rows of dk_base / dv_base; the first
+    n_seen are the keys the forward could see): the group's q heads, the q blocks that can see the block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # A key's gradients depend on its own column only: keys the forward never saw are zeroed at the store.
+    seen = offs_n < n_seen
+    if PADDED:
+        seen = seen & (tl.load(kpm_ptr + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_rows, other=0) != 0)
+    k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_rows, offs_d,
+                   HEAD_DIM, BLOCK_D, True)                                                   # (BLOCK_N, BLOCK_D)
+    v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_rows, offs_d,
+                   HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    shift = LK - LQ                                              # query m sits at sequence position shift + m
+    end_m = tl.where(tl.max(seen.to(tl.int32), 0) > 0, LQ, 0)  # a block of unseen keys only stores zeros
+    if CAUSAL:  # q blocks before first_m see none of the block; from full_m on, all of it
+        first_m = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
+        full_m = tl.maximum(tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M,
+                                       end_m), first_m)
+    else:
+        first_m = 0
+        full_m = 0
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        lse_base = lse_ptr + (b * HKV * GROUP + h) * LQ
+        delta_base = delta_ptr + (b * HKV * GROUP + h) * LQ
+        if CAUSAL:
+            dk, dv = _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, first_m, full_m, offs_n,
+                                    shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, True, FP32_DOT)
+        dk, dv = _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_m, end_m, offs_n,
+                                shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, False, FP32_DOT)
+    dk = tl.where(seen[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(seen[:, None], dv, 0.0)
+    mask = (offs_n[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    out_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]      # dk, dv, dpk, dpv contiguous
+    tl.store(dk_base + out_offs, dk.to(dk_base.dtype.element_ty), mask=mask)
+    tl.store(dv_base + out_offs, dv.to(dv_base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _prefix_attn_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
+    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
+    HKV, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd, stride_kpmb, stride_kpmn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    sm_scale, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # prefix blocks first, then sequence blocks in order: the heaviest start first
+    pid_bkv = tl.program_id(1)
+    b = (pid_bkv // HKV).to(tl.int64)
+    kvh = (pid_bkv % HKV).to(tl.int64)
+    n_prefix_blocks = tl.cdiv(P, BLOCK_N)
+    if pid_n < n_prefix_blocks:
+        n_seen = P
+        if HAS_LENGTHS:
+            n_seen = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
+        _dkdv_key_block(q_ptr, pk_ptr + b * stride_pkb + kvh * stride_pkh, pv_ptr + b * stride_pvb + kvh * stride_pvh,
+                        kpm_ptr, do_ptr, lse_ptr, delta_ptr, dpk_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM,
+                        dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, b, kvh, pid_n * BLOCK_N, P, n_seen,
+                        HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd,
+                        stride_pvn, stride_pvd, stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom,
+                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, False, False, FP32_DOT,
+                        BLOCK_M, BLOCK_N)
+    else:
+        _dkdv_key_block(q_ptr, k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
+                        kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM,
+                        dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, b, kvh, (pid_n - n_prefix_blocks) * BLOCK_N,
+                        LK, LK, HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd,
+                        stride_vn, stride_vd, stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom,
+                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, CAUSAL, HAS_PADDING, FP32_DOT,
+                        BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _dq_k_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, kpm_ptr, start_n, end_n, n_end, pos_q,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, PADDED: tl.constexpr, FP32_DOT: tl.constexpr):
+    """dQ += dS K over key blocks [start_n, end_n) (unscaled); keys past n_end load as zeros."""
+    for n0 in range(start_n, end_n, BLOCK_N):
+        offs_n = n0 + offs_n0
+        k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
+        s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])                                                    # (BLOCK_M, BLOCK_N)
+        if MASKED or PADDED:
+            p = tl.where(_key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED, CAUSAL, PADDED), p, 0.0)
+        dp = _dot(do, tl.trans(v), tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, FP32_DOT)
+    return dq
+
+
+@triton.jit
+def _prefix_attn_dq_kernel(
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    HQ, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
+    stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
+    stride_pvb, stride_pvh, stride_pvn, stride_pvd, stride_kpmb, stride_kpmn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    sm_scale, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    kvh = (h // GROUP).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos_q = LK - LQ + offs_m
+    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
+    row = pid_bh.to(tl.int64) * LQ + offs_m
+    mask_m = offs_m < LQ
+    lse = tl.load(lse_ptr + row, mask=mask_m, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + row, mask=mask_m, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    kpm_base = kpm_ptr + b * stride_kpmb
+
+    if HAS_PREFIX:
+        n_prefix = P
+        if HAS_LENGTHS:
+            n_prefix = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
+        pk_base = pk_ptr + b * stride_pkb + kvh * stride_pkh
+        pv_base = pv_ptr + b * stride_pvb + kvh * stride_pvh
+        full_end = n_prefix // BLOCK_N * BLOCK_N
+        dq = _dq_k_blocks(dq, q, do, lse, delta, pk_base, pv_base, kpm_base, 0, full_end, n_prefix, pos_q,
+                          stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale, offs_n0, offs_d,
+                          HEAD_DIM, BLOCK_D, BLOCK_N, False, False, False, FP32_DOT)
+        dq = _dq_k_blocks(dq, q, do, lse, delta, pk_base, pv_base, kpm_base, full_end, n_prefix, n_prefix, pos_q,
+                          stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale, offs_n0, offs_d,
+                          HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, FP32_DOT)
+
+    k_base = k_ptr + b * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b * stride_vb + kvh * stride_vh
+    if CAUSAL:
+        full_end = (LK - LQ + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(LK, LK - LQ + (pid_m + 1) * BLOCK_M)
+    else:
+        full_end = LK // BLOCK_N * BLOCK_N
+        seq_end = LK
+    dq = _dq_k_blocks(dq, q, do, lse, delta, k_base, v_base, kpm_base, 0, full_end, LK, pos_q,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PADDING, FP32_DOT)
+    dq = _dq_k_blocks(dq, q, do, lse, delta, k_base, v_base, kpm_base, full_end, seq_end, LK, pos_q,
+                      stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
+                      HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, FP32_DOT)
+    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+_prefix_attn_dkdv = TunedLauncher(triton.autotune(
+    dkdv_configs(), key=["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING"],
+    prune_configs_by=_prune("BLOCK_N", "BLOCK_M"), do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
+_prefix_attn_dq = TunedLauncher(triton.autotune(
+    dq_configs(), key=_FWD_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
+    do_bench=tune_bench)(_prefix_attn_dq_kernel))
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+def _prefix_args(q: torch.Tensor, prefix_k, prefix_v, prefix_lengths, key_padding_mask):
+    """Pointer stand-ins and strides for the optional inputs (absent ones point at q and are never read)."""
+    has_prefix = prefix_k is not None and prefix_k.shape[2] > 0
+    pk, pv = (prefix_k, prefix_v) if has_prefix else (q, q)
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
+    ptrs = (pk, pv, prefix_lengths if has_prefix and prefix_lengths is not None else q, kpm)
+    strides = (*pk.stride(), *pv.stride(), *(kpm.stride() if key_padding_mask is not None else (0, 0)))
+    flags = dict(HAS_PREFIX=has_prefix, HAS_LENGTHS=has_prefix and prefix_lengths is not None,
+                 HAS_PADDING=key_padding_mask is not None)
+    return ptrs, strides, flags
+
+
+def prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
+                         prefix_v: torch.Tensor | None, prefix_lengths: torch.Tensor | None,
+                         key_padding_mask: torch.Tensor | None, causal: bool, scale: float,
+                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Hq, Lq, D) contiguous in q's dtype and lse (B, Hq, Lq) fp32 (see the module docstring).
+
+    q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k, prefix_v (B, Hkv, P, D) or None; prefix_lengths (B,)
+    int32 or None; key_padding_mask (B, Lk) bool or None; any strides (batch stride 0 for a shared prefix).
+    `out`, if given, receives o.
+    """
+    batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    o = torch.empty((batch, hq, lq, d), device=q.device, dtype=q.dtype) if out is None else out
+    lse = torch.empty((batch, hq, lq), device=q.device, dtype=torch.float32)
+    if o.numel() == 0:
+        return o, lse
+    (pk, pv, plen, kpm), extra_strides, flags = _prefix_args(q, prefix_k, prefix_v, prefix_lengths,
+                                                             key_padding_mask)
+    p = pk.shape[2] if flags["HAS_PREFIX"] else 0
+    block_d = max(16, next_pow2(d))
+    lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
+    key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * hq)
+    _prefix_attn_fwd.launch(key, grid,
+        q, k, v, pk, pv, plen, kpm, o, lse,
+        hq, lq, lk, p, lq_b, lk_b,
+        *q.stride(), *k.stride(), *v.stride(), *extra_strides,
+        scale * 1.4426950408889634,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, **flags,
+    )
+    return o, lse
+
+
+def prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                         prefix_lengths: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                         o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+                         out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv, dprefix_k, dprefix_v), contiguous in q's dtype: dq like q, dk / dv like k, dprefix_k /
+    dprefix_v (B, Hkv, P, D) per row (their sum over rows is the gradient of a shared prefix), or empty (0,)
+    without a prefix. do (B, Hq, Lq, D) any strides; o, lse the forward's. `out`, if given, receives them.
+    """
+    batch, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    (pk, pv, plen, kpm), extra_strides, flags = _prefix_args(q, prefix_k, prefix_v, prefix_lengths,
+                                                             key_padding_mask)
+    p = pk.shape[2] if flags["HAS_PREFIX"] else 0
+    if out is None:
+        new = lambda *shape: torch.empty(shape, device=q.device, dtype=q.dtype)
+        prefix_shape = (batch, hkv, p, d) if prefix_k is not None else (0,)
+        out = (new(batch, hq, lq, d), new(batch, hkv, lk, d), new(batch, hkv, lk, d), new(*prefix_shape),
+               new(*prefix_shape))
+    dq, dk, dv, dpk, dpv = out
+    if lq == 0:
+        for grad in (dk, dv, dpk, dpv):
+            grad.zero_()
+        return out
+    delta = torch.empty((batch, hq, lq), device=q.device, dtype=torch.float32)
+    block_d = max(16, next_pow2(d))
+    _delta_kernel[(cdiv(lq, 16), batch * hq)](o, do, delta, hq, lq, *do.stride(), HEAD_DIM=d, BLOCK_D=block_d,
+                                               BLOCK_M=16)
+    lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
+    common = (q, k, v, pk, pv, plen, kpm, do, lse, delta)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *extra_strides, *do.stride(), scale, scale * 1.4426950408889634)
+    consts = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32)
+    dkdv_flags = {name: flags[name] for name in ("HAS_LENGTHS", "HAS_PADDING")}
+    key = (lq_b, lk_b, p, hq // hkv, d, causal, *dkdv_flags.values(), q.dtype)
+    grid = lambda meta: (cdiv(p, meta["BLOCK_N"]) + cdiv(lk, meta["BLOCK_N"]), batch * hkv)
+    _prefix_attn_dkdv.launch(key, grid, *common, dk, dv, dpk if p else dk, dpv if p else dv,
+                             hkv, lq, lk, p, lq_b, lk_b, *strides, **consts, **dkdv_flags)
+    key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * hq)
+    _prefix_attn_dq.launch(key, grid, *common, dq, hq, lq, lk, p, lq_b, lk_b, *strides, **consts, **flags)
+    return out
