@@ -24,7 +24,8 @@ _REGISTRY = "ptlm_adapters"
 
 @dataclasses.dataclass
 class AdapterRegistry:
-    configs: dict[str, object] = dataclasses.field(default_factory=dict)   # LoraConfig, BottleneckConfig, ...
+    # LoraConfig, BottleneckConfig, PrefixConfig, PromptConfig, or a tuple of them (one task, several methods)
+    configs: dict[str, object] = dataclasses.field(default_factory=dict)
     # Each adapter's slot id, the same in every layer's pool, so one per-token index serves every layer.
     slots: dict[str, int] = dataclasses.field(default_factory=dict)
     targets: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # the adapter layers each one got
@@ -82,32 +83,55 @@ def active_adapter(model: nn.Module) -> str | None:
 def add_adapter(model: nn.Module, name: str, config) -> None:
     """Give the places `config` targets a new adapter `name`, the identity at first: LoRA layers wrap the
     targeted modules in place, other methods add their modules (the method follows the config's type, see
-    inject.METHODS).
+    inject.METHODS). `config` may be a list of configs of different methods (e.g. LoRA + prefix): one task
+    whose parts all run, train, activate and map to rows together under the one name.
 
     The first adapter on a model becomes active (the base freezes, it trains); later ones stay inactive and
     frozen until set_active_adapter. Everything is validated before the model changes.
     """
     model = unwrap(model)
     check_new_name(model, name)
-    method = inject.method_for(config)
-    config = dataclasses.replace(config)   # our own copy, validated again
-    targets = method.find_targets(model, config)
-    saved = inject.find_modules_to_save(model, getattr(config, "modules_to_save", None))
+    parts = _parts(config)
+    methods = [inject.method_for(part) for part in parts]
+    parts = [dataclasses.replace(part) for part in parts]   # our own copies, validated again
+    targets = [method.find_targets(model, part) for method, part in zip(methods, parts)]
+    saved = inject.find_modules_to_save(model, _modules_to_save(parts))
 
     reg = getattr(model, _REGISTRY, None)
     if reg is None:
         reg = AdapterRegistry(base_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
         setattr(model, _REGISTRY, reg)
     slot = free_slot(reg.slots.values())
-    for target in targets:
-        method.attach(model, target, name, config, slot)
+    for method, part, paths in zip(methods, parts, targets):
+        for path in paths:
+            method.attach(model, path, name, part, slot)
     for target in saved:
         inject.wrap_for_saving(model, target).add_adapter(name)
-    reg.configs[name], reg.slots[name], reg.targets[name] = config, slot, targets
+    reg.configs[name] = parts[0] if len(parts) == 1 else tuple(parts)
+    reg.slots[name], reg.targets[name] = slot, [path for paths in targets for path in paths]
     if len(reg.configs) == 1:
         set_active_adapter(model, name)
     else:
         _set_trainable(model, reg)
+
+
+def _parts(config) -> list:
+    """The configs of one adapter: [config], or the list of a task that combines methods (LoRA first: it wraps
+    modules that other methods may hook), with at most one config per method."""
+    if not isinstance(config, (list, tuple)):
+        return [config]
+    if not config:
+        raise ValueError("config must be an adapter config or a non-empty list of them")
+    kinds = [type(part) for part in config]
+    if len(set(kinds)) != len(kinds):
+        raise ValueError(f"a combined adapter takes at most one config per method, got "
+                         f"{[k.__name__ for k in kinds]}")
+    return sorted(config, key=lambda part: not isinstance(part, LoraConfig))
+
+
+def _modules_to_save(parts: list) -> list[str] | None:
+    names = [n for part in parts for n in (getattr(part, "modules_to_save", None) or [])]
+    return list(dict.fromkeys(names)) or None
 
 
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
@@ -133,7 +157,7 @@ def _set_trainable(model: nn.Module, reg: AdapterRegistry) -> None:
     name = reg.active
     if name is None:
         return
-    bias_mode = getattr(reg.configs[name], "bias", "none")
+    bias_mode = next((part.bias for part in _parts(reg.configs[name]) if isinstance(part, LoraConfig)), "none")
     for _, layer in inject.adapter_layers(model):
         if name in layer.adapter_names():
             for p in layer.adapter_parameters(name):
@@ -155,8 +179,8 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     _not_in_batch(reg, "merge an adapter")
     _known(reg, name)
     if not isinstance(reg.configs[name], LoraConfig):
-        raise ValueError(f"adapter {name!r} is a {type(reg.configs[name]).__name__}: only LoRA adapters merge "
-                         "into the base weights")
+        kinds = "+".join(type(part).__name__ for part in _parts(reg.configs[name]))
+        raise ValueError(f"adapter {name!r} is a {kinds}: only LoRA adapters merge into the base weights")
     if reg.merged is not None:
         raise ValueError(f"adapter {reg.merged!r} is already merged")
     if reg.active != name:

@@ -171,7 +171,9 @@ def test_errors_leave_the_model_unchanged(tiny):
     for name, config in [("a", pe.LoraConfig(target_modules=["nope"])),
                          ("a", pe.LoraConfig(target_modules=["embed_tokens"])),
                          ("a", pe.LoraConfig(target_modules=["q_proj"], modules_to_save=["nope"])),
-                         ("a.b", pe.LoraConfig()), ("", pe.LoraConfig()), ("keys", pe.LoraConfig())]:
+                         ("a.b", pe.LoraConfig()), ("", pe.LoraConfig()), ("keys", pe.LoraConfig()),
+                         ("a", "not a config"), ("a", []), ("a", [pe.LoraConfig(r=2), pe.LoraConfig(r=4)]),
+                         ("a", [pe.LoraConfig(r=2), pe.LoraConfig(target_modules=["nope"])])]:
         with pytest.raises(ValueError):
             pe.add_adapter(llama, name, config)
     with pytest.raises(ValueError, match="has no adapters"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from ptlm_engine import api
@@ -20,20 +21,24 @@ __all__ = ["save_adapter", "load_adapter", "read_config", "FORMATS", "CONFIG_NAM
 
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     """Write adapter `name` to the directory `path` (created if needed); HF PEFT loads the methods it has with
-    PeftModel.from_pretrained(base_model, path)."""
+    PeftModel.from_pretrained(base_model, path). An adapter combining methods writes each part into its own
+    subdirectory, named after the part's peft_type in lower case (`path/lora`, `path/prefix_tuning`, ...)."""
     model = api.unwrap(model)
     reg = api.registry(model)
     if name not in reg.configs:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(reg.configs)}")
     config = reg.configs[name]
-    fmt = next(f for f in FORMATS if isinstance(config, f.config_type))
-    tensors, file_config = fmt.dump(model, name, config)
-    write(path, tensors, file_config)
+    for part in config if isinstance(config, tuple) else [config]:
+        fmt = next(f for f in FORMATS if isinstance(part, f.config_type))
+        tensors, file_config = fmt.dump(model, name, part)
+        write(os.path.join(path, fmt.peft_type.lower()) if isinstance(config, tuple) else path,
+              tensors, file_config)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> str:
     """Add the adapter stored in the directory `path` (written by save_adapter or by HF PEFT) as `name`;
-    it becomes active if it is the model's first. Returns `name`.
+    it becomes active if it is the model's first. Returns `name`. A directory without adapter_config.json whose
+    subdirectories hold adapters (as save_adapter writes a combined adapter) loads them as one adapter.
 
     Raises FileNotFoundError for a missing file and ValueError for anything that does not fit (bad JSON or
     safetensors, an unsupported peft_type, PEFT features this engine lacks, missing, extra or misshapen
@@ -41,17 +46,46 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     model = api.unwrap(model)
     api.check_new_name(model, name)
-    raw, file = read_json(path)
-    fmt = _format(raw, file)
-    config = fmt.read_config(raw, file)
-    fmt.load(model, name, config, read_tensors(path), path)
+    dirs = _part_dirs(path)
+    configs, applies = [], []
+    for part_dir in dirs:
+        raw, file = read_json(part_dir)
+        fmt = _format(raw, file)
+        configs.append(fmt.read_config(raw, file))
+        applies.append(fmt.match(model, configs[-1], read_tensors(part_dir), part_dir))
+    api.add_adapter(model, name, configs[0] if len(configs) == 1 else configs)
+    undos = []
+    try:
+        with torch.no_grad():
+            for apply in applies:
+                undos.append(apply(name))
+    except BaseException:
+        with torch.no_grad():
+            for undo in reversed(undos):
+                undo()
+        api.remove_adapter(model, name)
+        raise
     return name
 
 
 def read_config(path: str | os.PathLike):
-    """The adapter config in `path`/adapter_config.json (a LoraConfig, PrefixConfig, ...)."""
-    raw, file = read_json(path)
-    return _format(raw, file).read_config(raw, file)
+    """The adapter config in `path`/adapter_config.json (a LoraConfig, PrefixConfig, ...; a tuple of them for
+    a combined adapter's directory)."""
+    configs = []
+    for part_dir in _part_dirs(path):
+        raw, file = read_json(part_dir)
+        configs.append(_format(raw, file).read_config(raw, file))
+    return configs[0] if len(configs) == 1 else tuple(configs)
+
+
+def _part_dirs(path: str | os.PathLike) -> list[str]:
+    """[path] for one adapter; the subdirectories holding an adapter config for a combined one."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        parts = sorted(os.path.join(path, d) for d in os.listdir(path)
+                       if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        if parts:
+            return parts
+    return [os.fspath(path)]
 
 
 def _format(raw: dict, file: str) -> Format:

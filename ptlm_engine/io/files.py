@@ -28,14 +28,17 @@ class Format:
     read_config(raw, file) -> config: the config from the parsed JSON (ValueError naming `file` if it does
       not fit).
     dump(model, name, config) -> (tensors, json): the adapter's tensors by file key and its JSON config.
-    load(model, name, config, tensors, path): validate everything against the model, add the adapter through
-      the API, copy the tensors in; leave the model as it was on any failure.
+    match(model, config, tensors, path) -> apply: check every tensor against the model before anything
+      changes (ValueError listing the problems, see TensorMatcher); `apply(name)`, called under no_grad once
+      the API has added adapter `name` from `config`, copies the tensors into its parameters and returns
+      `undo()`, which restores whatever outside the adapter it overwrote (load_adapter calls it, and removes
+      the adapter, if a later step fails; apply undoes its own partial writes if it raises).
     """
     peft_type: str
     config_type: type
     read_config: Callable[[dict, str], Any]
     dump: Callable[[nn.Module, str, Any], tuple[dict[str, Tensor], dict]]
-    load: Callable[[nn.Module, str, Any, dict[str, Tensor], str], None]
+    match: Callable[[nn.Module, Any, dict[str, Tensor], str], Callable[[str], Callable[[], None]]]
 
 
 def key(module_path: str, leaf: str) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
-from ptlm_engine import api, inject
+from ptlm_engine import inject
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
 from ptlm_engine.io.files import Format, TensorMatcher, key, load_copies, saved_copies
 
@@ -71,17 +70,20 @@ def _bias_params(model: nn.Module, mode: str, lora_paths: set[str],
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def load(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, Tensor], path) -> None:
-    """Add adapter `name` from PEFT-layout tensors. Loading a bias other than "none" overwrites those base
-    biases, as in PEFT."""
+def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path):
+    """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
+    adapter. Loading a bias other than "none" overwrites those base biases, as in PEFT (undone on failure)."""
     targets = inject.find_lora_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     lora_weights, copies, biases = _match_tensors(model, config, targets, saved, tensors, path)
 
-    old_biases = [(param, param.detach().clone()) for param, _ in biases]
-    api.add_adapter(model, name, config)
-    try:
-        with torch.no_grad():
+    def apply(name: str):
+        old_biases = [(param, param.detach().clone()) for param, _ in biases]
+
+        def undo():
+            for param, value in old_biases:
+                param.copy_(value)
+        try:
             for target, (lora_A, lora_B) in lora_weights.items():
                 layer = model.get_submodule(target)
                 layer.lora_A[name].weight.copy_(lora_A)
@@ -89,12 +91,11 @@ def load(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, Ten
             load_copies(model, name, copies)
             for param, value in biases:
                 param.copy_(value)
-    except BaseException:
-        with torch.no_grad():
-            for param, value in old_biases:
-                param.copy_(value)
-        api.remove_adapter(model, name)
-        raise
+        except BaseException:
+            undo()
+            raise
+        return undo
+    return apply
 
 
 def read_config(raw: dict, file: str) -> LoraConfig:
@@ -143,4 +144,4 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
     return lora_weights, copies, biases
 
 
-FORMAT = Format("LORA", LoraConfig, read_config, dump, load)
+FORMAT = Format("LORA", LoraConfig, read_config, dump, match)
