@@ -17,14 +17,16 @@ Kernels:
 - dQ:         programs over q blocks, the forward's walk over the keys.
 
 Floor (H100: 790 TFLOP/s bf16 dense, 3.0 TB/s): causal self-attention with Lq = Lk = L and a prefix of P has
-L (L + 1) / 2 + L P query-key pairs per (batch, head); forward flops = 4 D pairs (q k^T and p v), backward
-10 D pairs (s recomputed, dP, dV, dK, dQ), both per (batch, q head). Batch 8, 32 heads x 128, L = 8192:
-P = 16: forward 4.43 TFLOP -> 5.6 ms, + backward 15.5 TFLOP -> 19.6 ms; P = 256: 4.67 TFLOP -> 5.9 ms,
-16.3 TFLOP -> 20.7 ms. The prefix adds P / ((L + 1) / 2) of the flops (0.4% at L = 8192, P = 16; 6% at
-L = 2048, P = 64). Bytes (q, k, v, o, prefix once) are < 1% of the time at L >= 512: compute-bound; at
-decode (Lq = 1) it is memory-bound: bytes = 2 B Hkv (Lk + P) D (k, v) -> Lk = 8192, B = 8, 32 x 128 bf16:
-268 MB -> 89 us. This kernel's dK / dV and dQ passes recompute s and dP twice (7 matmuls, not 5) to keep dQ
-free of atomics: its backward floor is 14 D pairs, 1.4x the above.
+L (L + 1) / 2 + L P query-key pairs per (batch, q head); forward flops = 4 D per pair (q k^T, p v), backward
+at least 8 D (dP, dV, dK, dQ; flash backwards also recompute s: 10 D, SDPA's included). Batch 8, 32 heads x
+128, L = 8192: P = 16: forward 4.42 TFLOP -> 5.59 ms, forward + backward 13.2 TFLOP -> 16.8 ms; P = 256:
+4.67 TFLOP -> 5.92 ms, 14.0 TFLOP -> 17.7 ms. The prefix adds 2 P / (L + 1) of the flops (0.4% at L = 8192,
+P = 16; 6.2% at L = 2048, P = 64 or L = 512, P = 16). Bytes (q, k, v, o, the prefix once) are < 1% of the
+time at L >= 512: compute-bound. At decode (Lq = 1) it is memory-bound: bytes = 2 B Hkv (Lk + P) D e (k, v)
+-> B = 8, 32 x 128 bf16, Lk = 8192: 1.07 GB -> 0.36 ms.
+This backward spends 14 D per pair (the dK / dV pass recomputes s and dP, the dQ pass both again, so that dQ
+needs no atomics), 1.4x SDPA's 10 D: at equal efficiency its forward + backward is ~1.29x SDPA's. A fused
+variant with fp32 atomic dQ partials is the next step if measurements show the recomputation dominates.
 """
 from __future__ import annotations
 

@@ -233,3 +233,19 @@ def test_model_multi_train_smoke(tmp_path):
         # 4 adapters of r=16 on 2 layers of hidden 64 (32768 LoRA parameters each, as in the model step test)
         assert r["ms"] > 0 and math.isfinite(r["loss"]) and r["trainable"] == 4 * 32768 and "note" not in r, r
     assert "ptlm_mixed/ptlm_sequential" in "\n".join(results.notes)
+
+
+def test_prefix_attention_smoke_and_floor(tmp_path):
+    from bench import prefix_attention as pa
+    rows = pa.main(["--smoke", "--out", str(tmp_path), "--lengths", "16", *FAST]).rows
+    # 1 shape x 2 modes x 6 providers, each with a positive time and the same floor
+    assert len(rows) == 12 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows), rows
+    assert "ptlm_mixed/ptlm  <= 1.05" in (tmp_path / "prefix_attention.md").read_text()
+    shape = {"B": 8, "H": 32, "D": 128, "L": 8192, "P": 16}
+    assert pa.pairs(shape) == 8192 * 8193 // 2 + 8192 * 16
+    # the kernel module's floor: 4.42 TFLOP -> 5.59 ms forward, 13.2 TFLOP -> 16.8 ms with backward on an H100
+    ceilings = {"copy_GBps": 3000.0, "gemm_TFLOPs": 790.0}
+    assert harness.floor_ms(*pa.cost(shape, "fwd"), ceilings) == pytest.approx(5.59, rel=0.01)
+    assert harness.floor_ms(*pa.cost(shape, "fwd+bwd"), ceilings) == pytest.approx(16.77, rel=0.01)
+    assert pa.mixed_lengths(shape, torch.device("cpu")).tolist() == [16, 12, 8, 4, 0, 16, 8, 4]

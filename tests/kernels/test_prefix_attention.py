@@ -1,0 +1,123 @@
+"""The prefix-attention kernels against a float64 reference: forward and backward launchers on odd shapes,
+grouped-query heads, a KV cache (Lq < Lk), per-row prefix lengths (0 and P included), padded keys, a query
+that sees no key, no causal mask, strided inputs and a shared (batch stride 0) prefix; poisoned outputs.
+
+On the CPU these run under TRITON_INTERPRET=1 on small shapes in fp32 and fp16 (the interpreter computes bf16
+wrongly); the `gpu` test repeats them at realistic bf16 shapes.
+"""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.kernels import prefix_attention as K
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+GRADS = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"]
+
+
+def _rand(*shape, dtype):
+    return torch.randn(*shape, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, lengths=None, pad_left=None, hf_layout=False, shared=False):
+    """q, k, v (HF's (B, L, H, D).transpose(1, 2) views with hf_layout), prefix_k / prefix_v (expanded views of
+    one prefix with shared), prefix_lengths, key_padding_mask (pad_left[b] padded keys at the left of row b)."""
+    if hf_layout:
+        q, k, v = (_rand(B, L, H, D, dtype=dtype).transpose(1, 2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
+    else:
+        q, k, v = _rand(B, Hq, Lq, D, dtype=dtype), _rand(B, Hkv, Lk, D, dtype=dtype), _rand(B, Hkv, Lk, D, dtype=dtype)
+    pk = pv = None
+    if P is not None:
+        pk, pv = (_rand(1 if shared else B, Hkv, P, D, dtype=dtype).expand(B, -1, -1, -1) for _ in range(2))
+    plen = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    kpm = None
+    if pad_left is not None:
+        kpm = torch.arange(Lk, device=DEVICE)[None, :] >= torch.tensor(pad_left, device=DEVICE)[:, None]
+    return (q, k, v, pk, pv), plen, kpm
+
+
+def _reference_grads(tensors, plen, kpm, causal, scale, do, dtype=torch.float64):
+    """The reference's output and (per-row) gradients with its inputs cast to `dtype`."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+    o = reference.prefix_attention(*leaves, plen, causal=causal, key_padding_mask=kpm, scale=scale)
+    o.backward(do.to(dtype))
+    return o, [None if t is None else t.grad for t in leaves]
+
+
+def _check(tensors, plen, kpm, causal, dtype, scale=None):
+    q, k, v, pk, pv = tensors
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.full(q.shape, float("nan"), device=DEVICE, dtype=dtype)      # poisoned: every element written
+    o, lse = K.prefix_attention_fwd(q, k, v, pk, pv, plen, kpm, causal, scale, out=out)
+    assert o is out and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    do = _rand(*q.shape, dtype=dtype)
+    o64, grads64 = _reference_grads(tensors, plen, kpm, causal, scale, do)
+    o_lp, grads_lp = _reference_grads(tensors, plen, kpm, causal, scale, do, dtype)
+    assert_matches(o, o64, o_lp, dtype, "o")
+    poisoned = tuple(torch.full(t.shape if t is not None else (0,), float("nan"), device=DEVICE, dtype=dtype)
+                     for t in tensors)
+    grads = K.prefix_attention_bwd(do, q, k, v, pk, pv, plen, kpm, o, lse, causal, scale, out=poisoned)
+    for name, g, g64, g_lp in zip(GRADS, grads, grads64, grads_lp):
+        if g64 is None:  # no prefix: empty gradients
+            assert g.shape == (0,), name
+            continue
+        assert g.shape == g64.shape and g.dtype == dtype, name
+        assert_matches(g, g64, g_lp, dtype, name)
+    return o, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    dict(B=2, Hq=4, Hkv=2, Lq=13, Lk=13, P=5, D=16),
+    dict(B=2, Hq=4, Hkv=2, Lq=3, Lk=11, P=5, D=24, lengths=[0, 5]),                # KV cache, odd head dim
+    dict(B=3, Hq=2, Hkv=1, Lq=1, Lk=19, P=21, D=16, lengths=[21, 3, 17]),          # decode, ragged prefix
+    dict(B=2, Hq=2, Hkv=2, Lq=13, Lk=13, P=4, D=16, lengths=[2, 4], pad_left=[5, 0], hf_layout=True),
+    dict(B=1, Hq=2, Hkv=1, Lq=37, Lk=45, P=19, D=16, lengths=[19]),               # several blocks of 16 each
+], ids=["self", "kv_cache", "decode", "padded_hf_layout", "multi_block"])
+def test_matches_float64(case, dtype):
+    torch.manual_seed(case["Lq"] * 31 + case["P"])
+    lengths, pad_left, hf_layout = (case.pop(k, None) for k in ("lengths", "pad_left", "hf_layout"))
+    tensors, plen, kpm = _inputs(**case, dtype=dtype, lengths=lengths, pad_left=pad_left, hf_layout=bool(hf_layout))
+    _check(tensors, plen, kpm, causal=True, dtype=dtype)
+
+
+def test_encoder_without_causal_mask_or_prefix():
+    torch.manual_seed(3)
+    tensors, _, kpm = _inputs(2, 3, 3, 14, 14, None, 16, torch.float32, pad_left=[0, 9])
+    _, grads = _check(tensors, None, kpm, causal=False, dtype=torch.float32, scale=0.3)
+    assert grads[3].shape == (0,) and grads[4].shape == (0,)
+
+
+def test_query_that_sees_no_key_outputs_zero_with_zero_gradients():
+    """Row 1: every key padded and no prefix (length 0) -> output 0, finite zero gradients, lse +inf."""
+    torch.manual_seed(4)
+    tensors, plen, kpm = _inputs(2, 2, 1, 6, 9, 3, 16, torch.float32, lengths=[3, 0], pad_left=[2, 9])
+    o, grads = _check(tensors, plen, kpm, causal=True, dtype=torch.float32)
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    _, lse = K.prefix_attention_fwd(*tensors, plen, kpm, True, 0.25)
+    assert torch.isinf(lse[1]).all() and torch.isfinite(lse[0]).all()
+    for name, g in zip(GRADS, grads):
+        assert torch.equal(g[1], torch.zeros_like(g[1])), name
+
+
+def test_shared_prefix_is_read_in_place():
+    """An expanded view (batch stride 0) is read as is; the per-row gradients match the reference's."""
+    torch.manual_seed(5)
+    tensors, plen, _ = _inputs(3, 4, 2, 9, 9, 6, 16, torch.float32, lengths=[6, 1, 0], shared=True)
+    assert tensors[3].stride(0) == 0
+    _check(tensors, plen, None, causal=True, dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Lq,D", [(1024, 128), (1, 128), (1000, 64)])
+def test_realistic_shapes(Lq, D, dtype):
+    torch.manual_seed(Lq + D)
+    tensors, plen, kpm = _inputs(2, 32, 32 if D == 128 else 8, Lq, 1024, 64, D, dtype, lengths=[64, 17],
+                                 pad_left=[0, 100], hf_layout=True)
+    _check(tensors, plen, kpm, causal=True, dtype=dtype)
