@@ -166,7 +166,7 @@ class PromptConfig:
     """Prompt tuning (Lester et al., 2021): num_virtual_tokens trainable embeddings prepended to the input
     embeddings, as HF PEFT's PromptTuningConfig.
 
-    init: "random" (normal, the embedding matrix's std), "vocab" (rows of the input embedding matrix sampled at
+    init: "random" (standard normal, as PEFT's RANDOM), "vocab" (rows of the input embedding matrix sampled at
       random), or "text" (the embeddings of init_text's tokens, repeated / cut to num_virtual_tokens; needs
       `tokenizer`, a tokenizer object or a name/path for transformers.AutoTokenizer).
     """

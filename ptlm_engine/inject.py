@@ -15,6 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
+from ptlm_engine.config import PromptConfig
+from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
 
 # Dispatcher, first match wins: base-layer type -> builder of the LoRA layer that wraps it.
 LORA_LAYER_BUILDERS: list[tuple[type[nn.Module], Callable[[nn.Module], LoraLinear]]] = [
@@ -217,6 +219,7 @@ def _attach_lora(model: nn.Module, path: str, name: str, config: LoraConfig, slo
 # Dispatcher by config type: one entry per adapter method.
 METHODS: dict[type, Method] = {
     LoraConfig: Method(find_lora_targets, _attach_lora),
+    PromptConfig: Method(find_prompt_targets, attach_prompt),
 }
 
 
