@@ -41,6 +41,7 @@ MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 DECODE_MAX_LQ = 16  # at or below this many queries the q tile is a sliver: 16-row tiles, long key blocks
+DELTA_BLOCK_M = 64
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KB of shared memory per SM)
 
 
@@ -82,11 +83,11 @@ def _prune(resident: str, streamed: str):
     """Drop tiles taller than the queries (decode), tiles whose pipelined buffers overflow shared memory at
     this head dim; PTLM_AUTOTUNE=0 keeps the first survivor."""
     def prune(configs, named_args, **kwargs):
-        lq, block_d = named_args["LQ_BUCKET"], kwargs["BLOCK_D"]
+        lq, block_d, elem = named_args["LQ_BUCKET"], kwargs["BLOCK_D"], named_args["q_ptr"].element_size()
 
         def fits(c):
             rows = c.kwargs[resident] + 2 * c.kwargs[streamed] * max(c.num_stages - 1, 1)
-            return rows * block_d * 2 <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
+            return rows * block_d * elem <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
 
         kept = [c for c in configs if fits(c)] or configs[-1:]
         return kept if AUTOTUNE else kept[:1]
@@ -138,6 +139,14 @@ def _key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED: tl.constexpr, 
     return seen
 
 
+@triton.jit
+def _q_block_and_head(LQ, BLOCK_M: tl.constexpr):
+    """A 1-D grid, q blocks fastest: a head's blocks run side by side and share its k / v tiles in L2 (and
+    B * Hq may pass the 65535 limit of a grid's y axis); within a head the longest causal rows start first."""
+    n_blocks = tl.cdiv(LQ, BLOCK_M)
+    return n_blocks - 1 - tl.program_id(0) % n_blocks, tl.program_id(0) // n_blocks
+
+
 # --------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, kpm_ptr, start_n, n_end, pos_q,
@@ -177,8 +186,7 @@ def _prefix_attn_fwd_kernel(
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the longest causal rows start first
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     kvh = (h // GROUP).to(tl.int64)
@@ -249,8 +257,9 @@ _prefix_attn_fwd = TunedLauncher(triton.autotune(
 @triton.jit
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, HQ, LQ, stride_dob, stride_doh, stride_dom, stride_dod,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_blocks = tl.cdiv(LQ, BLOCK_M)
+    pid_bh = tl.program_id(0) // n_blocks
+    offs_m = tl.program_id(0) % n_blocks * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row = pid_bh.to(tl.int64) * LQ + offs_m
     o = _load_tile(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -350,8 +359,12 @@ def _prefix_attn_dkdv_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # prefix blocks first, then sequence blocks in order: the heaviest start first
-    pid_bkv = tl.program_id(1)
+    # A 1-D grid, key blocks fastest: a head's blocks run side by side and share its q / dO tiles in L2 (and
+    # B * Hkv may pass the 65535 limit of a grid's y axis). Prefix blocks first, then sequence blocks in
+    # order: the heaviest start first.
+    n_blocks = tl.cdiv(P, BLOCK_N) + tl.cdiv(LK, BLOCK_N)
+    pid_n = tl.program_id(0) % n_blocks
+    pid_bkv = tl.program_id(0) // n_blocks
     b = (pid_bkv // HKV).to(tl.int64)
     kvh = (pid_bkv % HKV).to(tl.int64)
     n_prefix_blocks = tl.cdiv(P, BLOCK_N)
@@ -411,8 +424,7 @@ def _prefix_attn_dq_kernel(
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
     b = (pid_bh // HQ).to(tl.int64)
     h = pid_bh % HQ
     kvh = (h // GROUP).to(tl.int64)
@@ -506,7 +518,7 @@ def prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pref
     block_d = max(16, next_pow2(d))
     lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
-    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * hq)
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
     _prefix_attn_fwd.launch(key, grid,
         q, k, v, pk, pv, plen, kpm, o, lse,
         hq, lq, lk, p, lq_b, lk_b,
@@ -543,18 +555,18 @@ def prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return out
     delta = torch.empty((batch, hq, lq), device=q.device, dtype=torch.float32)
     block_d = max(16, next_pow2(d))
-    _delta_kernel[(cdiv(lq, 16), batch * hq)](o, do, delta, hq, lq, *do.stride(), HEAD_DIM=d, BLOCK_D=block_d,
-                                               BLOCK_M=16)
+    _delta_kernel[(cdiv(lq, DELTA_BLOCK_M) * batch * hq,)](o, do, delta, hq, lq, *do.stride(), HEAD_DIM=d,
+                                                            BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
     lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
     common = (q, k, v, pk, pv, plen, kpm, do, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride(), *extra_strides, *do.stride(), scale, scale * 1.4426950408889634)
     consts = dict(GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32)
     dkdv_flags = {name: flags[name] for name in ("HAS_LENGTHS", "HAS_PADDING")}
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *dkdv_flags.values(), q.dtype)
-    grid = lambda meta: (cdiv(p, meta["BLOCK_N"]) + cdiv(lk, meta["BLOCK_N"]), batch * hkv)
+    grid = lambda meta: ((cdiv(p, meta["BLOCK_N"]) + cdiv(lk, meta["BLOCK_N"])) * batch * hkv,)
     _prefix_attn_dkdv.launch(key, grid, *common, dk, dv, dpk if p else dk, dpv if p else dv,
                              hkv, lq, lk, p, lq_b, lk_b, *strides, **consts, **dkdv_flags)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
-    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]), batch * hq)
+    grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
     _prefix_attn_dq.launch(key, grid, *common, dq, hq, lq, lk, p, lq_b, lk_b, *strides, **consts, **flags)
     return out
