@@ -489,7 +489,8 @@ def _prefix_args(q: torch.Tensor, prefix_k, prefix_v, prefix_lengths, key_paddin
     has_prefix = prefix_k is not None and prefix_k.shape[2] > 0
     pk, pv = (prefix_k, prefix_v) if has_prefix else (q, q)
     kpm = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q
-    ptrs = (pk, pv, prefix_lengths if has_prefix and prefix_lengths is not None else q, kpm)
+    plen = prefix_lengths.contiguous() if has_prefix and prefix_lengths is not None else q  # read at plen + b
+    ptrs = (pk, pv, plen, kpm)
     strides = (*pk.stride(), *pv.stride(), *(kpm.stride() if key_padding_mask is not None else (0, 0)))
     flags = dict(HAS_PREFIX=has_prefix, HAS_LENGTHS=has_prefix and prefix_lengths is not None,
                  HAS_PADDING=key_padding_mask is not None)

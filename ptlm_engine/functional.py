@@ -43,6 +43,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     b sees only its first prefix_lengths[b] prefix entries (0: none; None: all P). causal: query i sees
     sequence keys j <= Lk - Lq + i; key_padding_mask (B, Lk) bool, True = real key, masks the sequence part
     only. scale defaults to D ** -0.5. A query that sees no key at all outputs 0 (gradient 0).
-    Returns (B, Hq, Lq, D), contiguous, in q's dtype.
+    Returns (B, Hq, Lq, D), contiguous, in q's dtype. The kernels take fp32 / fp16 / bf16 and D <= 256; other
+    inputs run the reference (which concatenates).
     """
     return prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_lengths, causal, key_padding_mask, scale)
