@@ -6,7 +6,8 @@ forward pre-hook on the model that rewrites the call's keyword arguments:
 
 - a call whose cache is empty or absent (a plain forward, generate's prefill) gets `inputs_embeds` =
   [Q virtual tokens ; the embedded input_ids (or the given inputs_embeds)], with `attention_mask` gaining Q
-  leading ones, per-token `labels` Q leading -100, `token_type_ids` Q leading zeros, and `position_ids`
+  leading ones, per-token `labels` Q leading -100, `token_type_ids` Q leading zeros (as PEFT's classification
+  models; its causal-LM and feature-extraction models drop given token types instead), and `position_ids`
   (where given) 0 … Q−1 for the virtual tokens and p + Q for the real ones. Without position ids the model
   numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops given position ids, which
   is the same where they count 0 … L−1, as generate's do without padding). The outputs include the Q virtual

@@ -1,0 +1,114 @@
+"""PromptTuning on its own: initialisation modes, parameter dtype, the per-row layout of mixed batches, the
+pre-hook's prefill / continuation rule (a cached decode equals the full forward), its removal, and what it
+rejects."""
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+import ptlm_engine as pe
+from ptlm_engine.layers.prompt import LAYER_NAME, PromptTuning, _layout, initial_prompt, text_token_ids
+
+pytestmark = pytest.mark.usefixtures("reference_backend")
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: "w<i>" -> i, with a BOS id 1 in front (as Llama's tokenizer adds)."""
+    name_or_path = ""
+
+    def __call__(self, text):
+        return {"input_ids": [1] + [int(word[1:]) for word in text.split()]}
+
+
+def test_initial_prompt_modes():
+    weight = torch.randn(50, 6, dtype=torch.float16)
+    torch.manual_seed(0)
+    random = initial_prompt(weight, pe.PromptConfig(num_virtual_tokens=300))
+    assert random.dtype == torch.float32 and random.shape == (300, 6)
+    assert abs(random.std().item() - 1) < 0.1 and abs(random.mean().item()) < 0.1
+    vocab = initial_prompt(weight, pe.PromptConfig(num_virtual_tokens=7, init="vocab"))
+    assert all(any(torch.equal(row.half(), w) for w in weight) for row in vocab)
+    text = pe.PromptConfig(num_virtual_tokens=7, init="text", init_text="w4 w9", tokenizer=WordTokenizer())
+    assert text_token_ids(text, 50) == [1, 4, 9, 1, 4, 9, 1]
+    torch.testing.assert_close(initial_prompt(weight, text), weight[[1, 4, 9, 1, 4, 9, 1]].float())
+    short = pe.PromptConfig(num_virtual_tokens=2, init="text", init_text="w4 w9", tokenizer=WordTokenizer())
+    assert text_token_ids(short, 50) == [1, 4]
+
+
+@pytest.mark.parametrize("text,match", [("w77", "below the model's vocabulary size"), ("", None)])
+def test_text_that_does_not_fit_the_vocabulary(text, match):
+    class Empty(WordTokenizer):
+        def __call__(self, text):
+            return {"input_ids": []}
+    tokenizer = WordTokenizer() if text else Empty()
+    config = pe.PromptConfig(num_virtual_tokens=3, init="text", init_text=text or "x", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=match or "at least one token"):
+        text_token_ids(config, 50)
+
+
+def test_layout_left_pads_rows_to_the_largest_prompt():
+    layout = _layout(["a", None, "b", "a"], {"a": 2, "b": 3}, torch.device("cpu"))
+    assert layout.names == ("a", "b") and layout.qmax == 3 and layout.padded
+    # table rows: a 0-1, b 2-4, then each row's first token 5-8
+    assert layout.index.tolist() == [[0, 0, 1], [6, 6, 6], [2, 3, 4], [0, 0, 1]]
+    assert layout.mask.tolist() == [[False, True, True], [False] * 3, [True] * 3, [False, True, True]]
+    assert layout.positions.tolist() == [[0, 0, 1], [0, 0, 0], [0, 1, 2], [0, 0, 1]]
+    assert layout.shift.view(-1).tolist() == [2, 0, 3, 2]
+    assert layout.copies_first_token.view(-1).tolist() == [False, True, False, False]
+    same = _layout(["a", "a"], {"a": 2}, torch.device("cpu"))
+    assert not same.padded and same.index.tolist() == [[0, 1], [0, 1]]
+
+
+def test_parameters_follow_the_embeddings(tiny):
+    model = tiny("llama").half()
+    pe.add_adapter(model, "a", pe.PromptConfig(num_virtual_tokens=4))
+    prompt = getattr(model, LAYER_NAME).prompt_embeddings["a"]
+    assert prompt.dtype == torch.float32 and prompt.shape == (4, 64) and prompt.requires_grad
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{LAYER_NAME}.prompt_embeddings.a"]
+    logits = model(input_ids=torch.randint(0, 128, (2, 5))).logits
+    assert logits.dtype == torch.float16 and logits.shape == (2, 9, 128)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("given_positions", [False, True])
+def test_cached_continuation_equals_the_full_forward(tiny, kind, given_positions):
+    """Prefill with the prompt, then feed the rest with the cache: the cache already holds the virtual tokens,
+    so the continuation's mask gains them and its positions move up by Q."""
+    model = tiny(kind)
+    pe.add_adapter(model, "a", pe.PromptConfig(num_virtual_tokens=3))
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits                      # (2, 3 + 7, V)
+        cache = DynamicCache(config=model.config)
+        positions = {"position_ids": torch.arange(7).expand(2, 7)} if given_positions else {}
+        first = model(input_ids=ids[:, :4], attention_mask=mask[:, :4], cache=cache, use_cache=True,
+                      **{k: v[:, :4] for k, v in positions.items()}).logits
+        assert cache.get_seq_length() == 3 + 4
+        rest = model(input_ids=ids[:, 4:], attention_mask=mask, cache=cache, use_cache=True,
+                     **{k: v[:, 4:] for k, v in positions.items()}).logits
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full)
+
+
+def test_rejects_static_caches_and_4d_masks(tiny):
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PromptConfig(num_virtual_tokens=3))
+    ids = torch.randint(0, 128, (1, 4))
+    with pytest.raises(ValueError, match="dynamic cache"):
+        model(input_ids=ids, cache=StaticCache(config=model.config, max_cache_len=16), use_cache=True)
+    with pytest.raises(ValueError, match="2-D attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(1, 1, 4, 4))
+
+
+def test_release_removes_the_hook_and_copies_keep_their_own(tiny):
+    model = tiny("gpt2")
+    pe.add_adapter(model, "a", pe.PromptConfig(num_virtual_tokens=3))
+    assert len(model._forward_pre_hooks) == 1 and isinstance(getattr(model, LAYER_NAME), PromptTuning)
+    twin = copy.deepcopy(model)
+    pe.remove_adapter(model, "a")
+    assert not model._forward_pre_hooks and not model._forward_pre_hooks_with_kwargs
+    assert not hasattr(model, LAYER_NAME)
+    ids = torch.randint(0, 128, (1, 4))
+    assert twin(input_ids=ids).logits.shape == (1, 7, 128)                           # the copy still prepends
+    assert model(input_ids=ids).logits.shape == (1, 4, 128)
