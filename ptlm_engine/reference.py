@@ -59,6 +59,44 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     return y + torch.einsum("tr,tor->to", xa, lora_B[slot])
 
 
+def lora_linear_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],
+                        lora_Bs: list[Tensor | None], scales: list[float], fan_in_fan_out: bool = False,
+                        dropouts: list[float] | None = None,
+                        keep_masks: list[Tensor | None] | None = None) -> list[Tensor]:
+    """Projections sharing x, each member g as lora_linear: y_g = x W_g^T + bias_g + s_g dropout_g(x) A_g^T B_g^T,
+    or x W_g^T + bias_g where lora_As[g] is None (no adapter). keep_masks[g]: member g's keep mask or None."""
+    outs = []
+    for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
+        if a is None:
+            y = x @ (w if fan_in_fan_out else w.t())
+            outs.append(y if b is None else y + b)
+        else:
+            keep = None if keep_masks is None else keep_masks[g]
+            outs.append(lora_linear(x, w, b, a, bb, scales[g], keep, 0.0 if dropouts is None else dropouts[g],
+                                    fan_in_fan_out))
+    return outs
+
+
+def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | None],
+                              lora_As: list[Tensor | None], lora_Bs: list[Tensor | None],
+                              scales: list[Tensor | None], adapter_index: Tensor, fan_in_fan_out: bool = False,
+                              dropouts: list[Tensor | None] | None = None,
+                              keep_masks: list[Tensor | None] | None = None) -> list[Tensor]:
+    """Projections sharing x and one per-token mapping, each member g as lora_linear_multi over its own stacked
+    slots (lora_As[g] (S, r_max_g, d_in), lora_Bs[g], scales[g] (S,)), or x W_g^T + bias_g where lora_As[g] is
+    None. dropouts[g] (S,) with keep_masks[g] (T, d_in): member g's dropout, or None."""
+    outs = []
+    for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
+        if a is None:
+            y = x @ (w if fan_in_fan_out else w.t())
+            outs.append(y if b is None else y + b)
+        else:
+            p = None if dropouts is None else dropouts[g]
+            keep = None if keep_masks is None else keep_masks[g]
+            outs.append(lora_linear_multi(x, w, b, a, bb, scales[g], adapter_index, fan_in_fan_out, p, keep))
+    return outs
+
+
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
                      prefix_v: Tensor | None = None, prefix_lengths: Tensor | None = None, *, causal: bool = True,
                      key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
@@ -96,3 +134,49 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     sees_any = allowed.any(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~sees_any, 0.0), dim=-1).masked_fill(~allowed, 0.0)
     return (probs @ v).contiguous()
+
+
+BOTTLENECK_ACTIVATIONS = ("relu", "gelu", "silu")  # a bottleneck slot's activation code is its index here
+
+
+def bottleneck_branch(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+                      up_bias: Tensor | None, act: str) -> Tensor:
+    """act(h Wd^T + bd) Wu^T + bu, act relu, gelu (exact, erf: nn.GELU()) or silu."""
+    F = torch.nn.functional
+    act_fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act]
+    return F.linear(act_fn(F.linear(h, down_weight, down_bias)), up_weight, up_bias)
+
+
+def bottleneck_adapter(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
+                       up_bias: Tensor | None, act: str = "relu", scale: float = 1.0,
+                       residual: Tensor | None = None) -> Tensor:
+    """y = (h if residual is None else residual) + scale * (act(h Wd^T + bd) Wu^T + bu).
+
+    h (..., d); down_weight (m, d); down_bias (m,) or None; up_weight (d, m); up_bias (d,) or None;
+    residual (..., d) or None.
+    """
+    return (h if residual is None else residual) + scale * bottleneck_branch(h, down_weight, down_bias, up_weight,
+                                                                             up_bias, act)
+
+
+def bottleneck_adapter_multi(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor,
+                             sizes: Tensor, scales: Tensor, acts: Tensor, adapter_index: Tensor,
+                             residual: Tensor | None = None) -> Tensor:
+    """Each token t with its own adapter a = adapter_index[t], over slot a's first sizes[a] units:
+    y[t] = base[t] + s_a (act_a(h[t] Wd_a^T + bd_a) Wu_a^T + bu_a); y[t] = base[t] where a = -1 or sizes[a] = 0.
+
+    h (T, d); base = h, or residual (T, d); down_weight (S, m_max, d); down_bias (S, m_max);
+    up_weight (S, d, m_max); up_bias (S, d); sizes, scales, acts (S,), acts indexing BOTTLENECK_ACTIVATIONS;
+    adapter_index (T,) integer slot per token.
+    """
+    base = h if residual is None else residual
+    delta = torch.zeros_like(base)
+    for a in adapter_index.unique().tolist():
+        m = int(sizes[a]) if a >= 0 else 0
+        if m == 0:
+            continue
+        rows = (adapter_index == a).nonzero()[:, 0]
+        out = bottleneck_branch(h[rows], down_weight[a, :m], down_bias[a, :m], up_weight[a, :, :m], up_bias[a],
+                                BOTTLENECK_ACTIVATIONS[int(acts[a])])
+        delta = delta.index_add(0, rows, (scales[a] * out).to(base.dtype))
+    return base + delta

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 
-from bench import gpu_suite, harness, lora, lora_multi, model_generate, model_multi_train, model_train, report
+from bench import (bottleneck, gpu_suite, harness, lora, lora_multi, model_generate, model_multi_train, model_train,
+                   report)
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -249,3 +250,25 @@ def test_prefix_attention_smoke_and_floor(tmp_path):
     assert harness.floor_ms(*pa.cost(shape, "fwd"), ceilings) == pytest.approx(5.59, rel=0.01)
     assert harness.floor_ms(*pa.cost(shape, "fwd+bwd"), ceilings) == pytest.approx(16.77, rel=0.01)
     assert pa.mixed_lengths(shape, torch.device("cpu")).tolist() == [16, 12, 8, 4, 0, 16, 8, 4]
+
+
+def test_bottleneck_smoke_rows_floor_and_providers(tmp_path):
+    results = bottleneck.main(["--smoke", "--out", str(tmp_path), "--tokens", "16", *FAST])
+    # one adapter: floor, eager, ptlm, ptlm_multi; a mixed batch of 4: floor, ptlm; two modes each
+    assert len(results.rows) == 12 and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in results.rows)
+    assert "| d | m | T | adapters | mode | timing | floor | eager | ptlm | ptlm_multi |" in \
+        (tmp_path / "bottleneck.md").read_text()
+    assert any("mixed batch / one adapter" in n for n in results.notes)
+    shape = {"d": 4096, "m": 64, "T": 16384, "adapters": 1}
+    nbytes, flops = bottleneck.cost(shape, "fwd")
+    assert nbytes == 2 * (2 * 16384 * 4096 + 2 * 64 * 4096) and flops == 4 * 16384 * 4096 * 64
+    ceilings = {"copy_GBps": 3000.0, "gemm_TFLOPs": 790.0}
+    assert harness.floor_ms(nbytes, flops, ceilings) == pytest.approx(0.0895, rel=0.01)
+    # every provider computes the same adapter
+    torch.manual_seed(0)
+    one = {"d": 24, "m": 8, "T": 12, "adapters": 1}
+    (s,) = bottleneck.make_sets(one, 1, torch.device("cpu"), torch.float64, "gelu")
+    with torch.no_grad():
+        y = {p: bottleneck._forward(p, s, "gelu")[0]() for p in ("eager", "ptlm", "ptlm_multi")}
+    for p in ("ptlm", "ptlm_multi"):
+        torch.testing.assert_close(y[p], y["eager"], msg=p)

@@ -18,7 +18,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from ptlm_engine.kernels import bottleneck as B  # noqa: E402
+from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
 from ptlm_engine.kernels import lora as L  # noqa: E402
+from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -38,6 +41,24 @@ MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_p
                  "seed_ptr": "*i64"},
                 [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True),
                  dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+# three members: one with a fused shrink and dropout, one without an adapter, one with a separate shrink's xa
+GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", "bias", "y") for g in range(3)},
+                   **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},
+                   **{f"{p}{g}": "fp32" for p in ("scale", "p") for g in range(3)}},
+                  [dict(MEMBERS=3, FUSE0=True, FUSE1=False, FUSE2=False, DROP0=True, DROP1=False, DROP2=False,
+                        HAS_BIAS0=True, HAS_BIAS1=False, HAS_BIAS2=True)])
+GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
+                         **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
+                         **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
+                        [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
+                              HAS_BIAS1=False, HAS_BIAS2=False)])
+# bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
+BOTTLENECK_SLOTS = {"idx_ptr": "*i32", "order_ptr": "*i32", "bounds_ptr": "*i32", "sizes_ptr": "*i32",
+                    "scales_ptr": "*fp32", "acts_ptr": "*i32", "scale": "fp32"}
+BOTTLENECK_ROWS = {**{f"{p}_ptr": "x" for p in ("dy", "z", "wu", "a", "dz")}, **BOTTLENECK_SLOTS}
+BOTTLENECK_GRADS = {**{f"{p}_ptr": "x" for p in ("dy", "h", "a", "dz", "wd", "dh")},
+                    **{f"{p}_ptr": "*fp32" for p in ("dwu", "dwd", "dbu", "dbd")}, **BOTTLENECK_SLOTS}
+BOTTLENECK_FORWARD = {**{f"{p}_ptr": "x" for p in ("h", "base", "y", "z", "wd", "bd", "wu", "bu")}, **BOTTLENECK_SLOTS}
 KERNELS = {
     "lora.matmul_decode": (L._lora_matmul_decode, *LORA_MATMUL),
     "lora.matmul_prefill": (L._lora_matmul_prefill, *LORA_MATMUL),
@@ -54,6 +75,31 @@ KERNELS = {
     "multi.weight_grad": (M._multi_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "order_ptr": "*i32",
                                                  "seg_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
+    "bottleneck.forward": (B._forward, BOTTLENECK_FORWARD,
+                           [dict(ACT=1, HAS_BD=True, HAS_BU=False, STORE_Z=True, M_PAD=64)]),
+    "bottleneck.rows_backward": (B._rows_backward, BOTTLENECK_ROWS, [dict(ACT=2, M_PAD=64)]),
+    "bottleneck.grads": (B._grads, BOTTLENECK_GRADS, [dict(ADD_DY=True, NEED_DH=True, M_PAD=64)]),
+    "bottleneck.multi_forward": (BM._multi_forward, BOTTLENECK_FORWARD,
+                                 [dict(HAS_ORDER=True, STORE_Z=True, M_PAD=32)]),
+    "bottleneck.multi_rows_backward": (BM._multi_rows_backward, BOTTLENECK_ROWS, [dict(HAS_ORDER=False, M_PAD=32)]),
+    "bottleneck.multi_grads": (BM._multi_grads, BOTTLENECK_GRADS,
+                               [dict(ADD_DY=False, NEED_DH=True, M_PAD=32, S_PAD=64)]),
+    "grouped.matmul_decode": (G._grouped_matmul_decode, *GROUPED_MATMUL),
+    "grouped.matmul_prefill": (G._grouped_matmul_prefill, *GROUPED_MATMUL),
+    "grouped.shrink": (G._grouped_shrink, {"x_ptr": "x", **{f"a{g}_ptr": "x" for g in range(3)},
+                                           **{f"out{g}_ptr": "*fp32" for g in range(3)},
+                                           **{f"seed{g}_ptr": "*i64" for g in range(3)},
+                                           **{f"{p}{g}": "fp32" for p in ("scale", "p") for g in range(3)}},
+                       [dict(MEMBERS=3, DROP0=True, DROP1=False, DROP2=False)]),
+    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_shrink": (G._grouped_multi_shrink, {"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
+                                                       **{f"a{g}_ptr": "x" for g in range(3)},
+                                                       **{f"{p}{g}_ptr": t for p, t in (
+                                                           ("ranks", "*i32"), ("scales", "*fp32"),
+                                                           ("dropouts", "*fp32"), ("seed", "*i64"),
+                                                           ("out", "*fp32")) for g in range(3)}},
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True)]),
 }
 
 

@@ -1,0 +1,396 @@
+"""Fused bottleneck adapter: y = base + s * (act(h Wd^T + bd) Wu^T + bu), forward and backward kernels.
+
+base is h (Houlsby / Pfeiffer: the adapter's output joins its own input) or a given residual (the parallel
+placement: the adapter reads the sublayer's input h, its output joins the sublayer's output). h (T, d);
+Wd (m, d); Wu (d, m); act relu, gelu (exact, erf) or silu; m <= MAX_WIDTH = 256.
+
+Forward, one kernel: a program owns BLOCK_T rows. Pass 1 streams their h over d in BLOCK_D chunks into
+z = h Wd^T + bd (BLOCK_T x m fp32 accumulators), then a = act(z) in the input dtype; pass 2 streams d again:
+y = base + s (a Wu^T + bu), chunk by chunk, each written once. h is read twice (the second read of a row block
+mostly from L2) and never written. Saved for backward: z (T x m) in the input dtype, what PyTorch's own
+autograd keeps, half the bytes of fp32 (m/d of y's bytes; d-wide intermediates never touch memory). Where the
+row blocks alone leave SMs idle (small T) a grid axis splits pass 2's columns, each program repeating pass 1
+with Wd from L2.
+
+Backward, two kernels (g = s dy is never materialised):
+- rows:  da = dy Wu over d; then a = act(z) and dz = s da act'(z), both (T x m) in the input dtype.
+- grads: a program owns BLOCK_D columns and one contiguous chunk of rows: dh = [dy +] dz Wd on its tile, and
+         over its rows the partial sums dWu = s dy^T a, dWd = dz^T h, dbu = s sum dy, dbd = sum dz, stored per
+         chunk and reduced by torch sums (deterministic, no atomics; none with a single chunk).
+dy is read twice (once per kernel), h once, dh written once; a and dz (m wide) are re-read per column block,
+mostly from L2.
+
+Floor (H100: 3.0 TB/s copy, 790 TFLOP/s bf16; b bytes per element; [..] only with a residual):
+  fwd      bytes = b (2 T d [+ T d] + 2 m d)      flops = 4 T d m
+  fwd+bwd  bytes = b (5 T d [+ T d] + 6 m d)      flops = 12 T d m
+           (backward reads dy and h and writes dh; the residual's gradient is dy itself)
+  T = 16384 bf16 forward: d = 768: 50.3 MB, 0.0168 ms; d = 4096: 268 MB, 0.0895 ms (at m = 256 the 68.7 GFLOP
+  take 0.087 ms: both limits meet). Eager PyTorch reaches 22% (0.075 ms) and 35% (0.256 ms) of the floor;
+  the target is >= 80%: <= 0.021 ms and <= 0.112 ms. Not yet measured on a GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .bottleneck_configs import grads_configs, prune_grads, prune_rows, rows_configs, split_limit
+from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
+from .lora import _dot
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_WIDTH = 256           # the fused kernels hold a row block's whole bottleneck in registers
+MIN_WIDTH_TILE = 16       # tl.dot needs 16 along every dimension
+
+# Activation codes, as in BottleneckSlots.acts (jit code may read only constexpr globals).
+RELU = tl.constexpr(0)
+GELU = tl.constexpr(1)
+SILU = tl.constexpr(2)
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+def width_tile(m: int) -> int:
+    """The register tile of a bottleneck of width m: a power of two, at least MIN_WIDTH_TILE."""
+    return max(MIN_WIDTH_TILE, next_pow2(m))
+
+
+@functools.lru_cache(maxsize=None)
+def target_programs(device: torch.device) -> int:
+    """Programs that keep every SM busy: two per SM on CUDA; a few on the CPU (the interpreter), so small
+    test shapes still take the split paths."""
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def row_grid(T: int, D: int, meta: dict, lanes: int, device: torch.device) -> tuple[int, int]:
+    """(row blocks x column shares, slot lanes): column shares only where row blocks x lanes leave SMs idle."""
+    blocks = cdiv(T, meta["BLOCK_T"])
+    shares = max(1, min(cdiv(D, meta["BLOCK_D"]), target_programs(device) // (blocks * lanes)))
+    return blocks * shares, lanes
+
+
+def chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
+    """Rows per chunk of the gradient kernel: enough chunks to fill the GPU with 64-wide column blocks, at most
+    split_limit of them (their fp32 partials or atomics stay a small fraction of the bytes)."""
+    chunks = min(split_limit(T, m_pad), max(1, target_programs(device) // cdiv(D, 64)))
+    return cdiv(T, chunks)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@triton.jit
+def _activate(z, act):
+    """act(z) for an activation code (constexpr in the one-adapter kernels, read per slot in the multi ones)."""
+    if act == RELU:
+        a = tl.maximum(z, 0.0)
+    elif act == GELU:
+        a = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
+    else:
+        a = z * tl.sigmoid(z)
+    return a
+
+
+@triton.jit
+def _activate_with_grad(z, act):
+    """(act(z), act'(z)); relu' is 1 where z > 0, as PyTorch's threshold_backward."""
+    if act == RELU:
+        a = tl.maximum(z, 0.0)
+        grad = tl.where(z > 0.0, 1.0, 0.0)
+    elif act == GELU:
+        cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2))
+        a = z * cdf
+        grad = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    else:
+        sig = tl.sigmoid(z)
+        a = z * sig
+        grad = sig * (1.0 + z * (1.0 - sig))
+    return a, grad
+
+
+@triton.jit
+def row_block_and_columns(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(row block, pass 2's columns [lo, hi)) of this program. Grid axis 0 holds row blocks x column shares
+    (equal runs of whole BLOCK_Ds), the shares of one block side by side: their repeated pass 1 finds its h and
+    Wd in L2."""
+    shares = tl.num_programs(0) // tl.cdiv(T, BLOCK_T)
+    per = tl.cdiv(tl.cdiv(D, BLOCK_D), shares) * BLOCK_D
+    lo = (tl.program_id(0) % shares) * per
+    return tl.program_id(0) // shares, lo, tl.minimum(D, lo + per)
+
+
+@triton.jit
+def adapter_forward(
+    h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+    tok, rows, width, scale, act, D, d_lo, d_hi,
+    stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+    stride_wdm, stride_wdd, stride_bdm, stride_wud, stride_wum, stride_bud,
+    HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, STORE_Z: tl.constexpr, FP32_DOT: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One adapter over the rows `rows` of token block `tok`: z over all of d, y on columns [d_lo, d_hi)."""
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < width
+    # pass 1: z = h Wd^T + bd, all of d
+    z = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_d[None, :] * stride_hd,
+                    mask=rows[:, None] & mask_d[None, :], other=0.0)                           # (BLOCK_T, BLOCK_D)
+        wd = tl.load(wd_ptr + offs_m[None, :] * stride_wdm + offs_d[:, None] * stride_wdd,
+                     mask=mask_m[None, :] & mask_d[:, None], other=0.0)                         # (BLOCK_D, M_PAD)
+        z = _dot(h, wd, z, FP32_DOT)
+    if HAS_BD:
+        z += tl.load(bd_ptr + offs_m * stride_bdm, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:  # the first column share keeps z for backward
+        tl.store(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, z.to(z_ptr.dtype.element_ty),
+                 mask=rows[:, None] & mask_m[None, :] & (d_lo == 0))
+    a = _activate(z, act).to(wu_ptr.dtype.element_ty)  # zero beyond width: act(0) = 0 for every act
+    # pass 2: y = base + s (a Wu^T + bu), this program's columns
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_hi
+        wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_m[:, None] * stride_wum,
+                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)                         # (M_PAD, BLOCK_D)
+        out = _dot(a, wu, tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32), FP32_DOT)
+        if HAS_BU:
+            out += tl.load(bu_ptr + offs_d * stride_bud, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        mask = rows[:, None] & mask_d[None, :]
+        base = tl.load(base_ptr + tok[:, None] * stride_bt + offs_d[None, :] * stride_bd, mask=mask, other=0.0)
+        tl.store(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd,
+                 (base.to(tl.float32) + scale * out).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adapter_rows_backward(
+    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, tok, rows, width, scale, act, D,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """For the rows `rows`: da = dy Wu over all of d; stores a = act(z) and dz = s da act'(z)."""
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < width
+    da = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd,
+                     mask=rows[:, None] & mask_d[None, :], other=0.0)                          # (BLOCK_T, BLOCK_D)
+        wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_m[None, :] * stride_wum,
+                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)                         # (BLOCK_D, M_PAD)
+        da = _dot(dy, wu, da, FP32_DOT)
+    mask = rows[:, None] & mask_m[None, :]
+    z = tl.load(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=mask, other=0.0)
+    a, grad = _activate_with_grad(z.to(tl.float32), act)
+    offs = tok[:, None] * stride_at + offs_m[None, :] * stride_am
+    tl.store(a_ptr + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + offs, (scale * da * grad).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grad_sums(
+    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, order_ptr, start, end, offs_d, width, D,
+    stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
+    stride_dht, stride_dhd,
+    HAS_ORDER: tl.constexpr, ADD_DY: tl.constexpr, NEED_DH: tl.constexpr, FP32_DOT: tl.constexpr,
+    M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Over rows start..end (positions in `order` when HAS_ORDER) on columns offs_d: stores dh = [dy +] dz Wd
+    and returns the fp32 sums dy^T a (BLOCK_D, M_PAD), dz^T h (M_PAD, BLOCK_D), sum dy, sum dz."""
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < width
+    mask_d = offs_d < D
+    wd = tl.load(wd_ptr + offs_m[:, None] * stride_wdm + offs_d[None, :] * stride_wdd,
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)                             # (M_PAD, BLOCK_D)
+    d_wu = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
+    d_wd = tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32)
+    d_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    d_bd = tl.zeros((M_PAD,), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        pos = t0 + tl.arange(0, BLOCK_T)
+        live = pos < end
+        if HAS_ORDER:
+            tok = tl.load(order_ptr + pos, mask=live, other=0)
+        else:
+            tok = pos
+        mask_td = live[:, None] & mask_d[None, :]
+        mask_tm = live[:, None] & mask_m[None, :]
+        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_d[None, :] * stride_hd, mask=mask_td, other=0.0)
+        a = tl.load(a_ptr + tok[:, None] * stride_at + offs_m[None, :] * stride_am, mask=mask_tm, other=0.0)
+        dz = tl.load(dz_ptr + tok[:, None] * stride_at + offs_m[None, :] * stride_am, mask=mask_tm, other=0.0)
+        if NEED_DH:
+            dh = _dot(dz, wd, tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32), FP32_DOT)
+            if ADD_DY:
+                dh += dy.to(tl.float32)
+            tl.store(dh_ptr + tok[:, None] * stride_dht + offs_d[None, :] * stride_dhd,
+                     dh.to(dh_ptr.dtype.element_ty), mask=mask_td)
+        d_wu = _dot(tl.trans(dy), a, d_wu, FP32_DOT)
+        d_wd = _dot(tl.trans(dz), h, d_wd, FP32_DOT)
+        d_bu += tl.sum(dy.to(tl.float32), axis=0)
+        d_bd += tl.sum(dz.to(tl.float32), axis=0)
+    return d_wu, d_wd, d_bu, d_bd
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _forward_kernel(
+    h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+    T, D, M, T_BUCKET,
+    stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+    stride_wdm, stride_wdd, stride_wud, stride_wum,
+    scale,
+    ACT: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, STORE_Z: tl.constexpr,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
+    tok = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    adapter_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
+                    tok, tok < T, M, scale, ACT, D, d_lo, d_hi,
+                    stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+                    stride_wdm, stride_wdd, 1, stride_wud, stride_wum, 1,
+                    HAS_BD, HAS_BU, STORE_Z, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+
+
+_forward = TunedLauncher(triton.autotune(
+    rows_configs(), key=["T_BUCKET", "D", "M_PAD", "STORE_Z"], prune_configs_by={"early_config_prune": prune_rows},
+    do_bench=tune_bench)(_forward_kernel))
+
+
+def bottleneck_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
+                       up_weight: torch.Tensor, up_bias: torch.Tensor | None, scale: float, act: int,
+                       residual: torch.Tensor | None = None, save_z: bool = True,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """y = (h or residual) + scale * (act(h down_weight^T + down_bias) up_weight^T + up_bias).
+
+    h (T, d) and residual (T, d) any strides; down_weight (m, d); up_weight (d, m); biases contiguous or None;
+    act an activation code (RELU, GELU, SILU). Returns y (T, d) and, with save_z, z = h down_weight^T +
+    down_bias (T, m) in h's dtype (backward's input). `out` (T, d), if given, receives y.
+    """
+    T, D = h.shape
+    M = down_weight.shape[0]
+    y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
+    z = torch.empty((T, M), device=h.device, dtype=h.dtype) if save_z else None
+    if T == 0:
+        return y, z
+    base = h if residual is None else residual
+    m_pad = width_tile(M)
+    grid = lambda meta: row_grid(T, D, meta, 1, h.device)
+    key = (t_bucket(T), D, m_pad, save_z, act, down_bias is None, up_bias is None, h.dtype, base.dtype)
+    _forward.launch(key, grid,
+        h, base, y, y if z is None else z, down_weight, y if down_bias is None else down_bias, up_weight,
+        y if up_bias is None else up_bias,
+        T, D, M, t_bucket(T),
+        h.stride(0), h.stride(1), base.stride(0), base.stride(1), y.stride(0), y.stride(1),
+        0 if z is None else z.stride(0), 0 if z is None else z.stride(1),
+        down_weight.stride(0), down_weight.stride(1), up_weight.stride(0), up_weight.stride(1),
+        float(scale),
+        ACT=act, HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, STORE_Z=save_z,
+        FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+    )
+    return y, z
+
+
+# --------------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _rows_backward_kernel(
+    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr,
+    T, D, M, T_BUCKET,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
+    scale,
+    ACT: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    adapter_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, tok, tok < T, M, scale, ACT, D,
+                          stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
+                          FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+
+
+_rows_backward = TunedLauncher(triton.autotune(
+    rows_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_rows},
+    do_bench=tune_bench)(_rows_backward_kernel))
+
+
+@triton.jit
+def _grads_kernel(
+    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr,
+    T, D, M, T_BUCKET, CHUNK,
+    stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
+    stride_dht, stride_dhd,
+    scale,
+    ADD_DY: tl.constexpr, NEED_DH: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid_d = tl.program_id(0) % num_d       # column blocks of one chunk run side by side: its a, dz stay in L2
+    chunk = tl.program_id(0) // num_d
+    start = chunk * CHUNK
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_wu, d_wd, d_bu, d_bd = grad_sums(
+        dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dh_ptr, start, tl.minimum(T, start + CHUNK), offs_d, M, D,
+        stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
+        stride_dht, stride_dhd,
+        False, ADD_DY, NEED_DH, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+    # this chunk's partial sums, contiguous (chunks, D, M), (chunks, M, D), (chunks, D), (chunks, M)
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    tl.store(dwu_ptr + chunk * D * M + offs_d[:, None] * M + offs_m[None, :], scale * d_wu,
+             mask=mask_d[:, None] & mask_m[None, :])
+    tl.store(dwd_ptr + chunk * M * D + offs_m[:, None] * D + offs_d[None, :], d_wd,
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(dbu_ptr + chunk * D + offs_d, scale * d_bu, mask=mask_d)
+    tl.store(dbd_ptr + chunk * M + offs_m, d_bd, mask=mask_m & (pid_d == 0))
+
+
+_grads = TunedLauncher(triton.autotune(
+    grads_configs(), key=["T_BUCKET", "D", "M_PAD", "NEED_DH"], prune_configs_by={"early_config_prune": prune_grads},
+    do_bench=tune_bench)(_grads_kernel))
+
+
+def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor,
+                        up_weight: torch.Tensor, scale: float, act: int, add_dy: bool, need_dh: bool,
+                        rows_per_chunk: int | None = None, out: torch.Tensor | None = None):
+    """Gradients of y = base + s (act(h Wd^T + bd) Wu^T + bu) given dy, from h and the forward's z.
+
+    dy, h (T, d) any strides; z (T, m); down_weight (m, d); up_weight (d, m). add_dy: base is h (dh gains dy);
+    need_dh: compute dh at all. rows_per_chunk: rows per partial sum of the weight gradients (None picks per
+    shape). `out` (T, d), if given, receives dh. Returns dh (T, d) or None, and in fp32 d_down_weight (m, d),
+    d_down_bias (m,), d_up_weight (d, m), d_up_bias (d,).
+    """
+    T, D = h.shape
+    M = down_weight.shape[0]
+    dh = (torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out) if need_dh else None
+    if T == 0:
+        zeros = lambda *shape: torch.zeros(shape, device=h.device, dtype=torch.float32)
+        return dh, zeros(M, D), zeros(M), zeros(D, M), zeros(D)
+    m_pad = width_tile(M)
+    a_dz = torch.empty((2, T, M), device=h.device, dtype=h.dtype)       # a = act(z) and dz, one layout
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]),)
+    _rows_backward.launch((t_bucket(T), D, m_pad, act, dy.dtype), grid,
+        dy, z, up_weight, a_dz[0], a_dz[1],
+        T, D, M, t_bucket(T),
+        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), up_weight.stride(0), up_weight.stride(1),
+        a_dz.stride(1), a_dz.stride(2),
+        float(scale),
+        ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+    )
+    chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
+    chunks = cdiv(T, chunk)
+    parts = [torch.empty((chunks, *shape), device=h.device, dtype=torch.float32)    # dWu, dWd, dbu, dbd
+             for shape in ((D, M), (M, D), (D,), (M,))]
+    grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)
+    _grads.launch((t_bucket(T), D, m_pad, need_dh, add_dy, dy.dtype), grid,
+        dy, h, a_dz[0], a_dz[1], down_weight, dy if dh is None else dh, *parts,
+        T, D, M, t_bucket(T), chunk,
+        dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), a_dz.stride(1), a_dz.stride(2),
+        down_weight.stride(0), down_weight.stride(1),
+        0 if dh is None else dh.stride(0), 0 if dh is None else dh.stride(1),
+        float(scale),
+        ADD_DY=add_dy, NEED_DH=need_dh, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+    )
+    d_wu, d_wd, d_bu, d_bd = (p[0] if chunks == 1 else p.sum(0) for p in parts)
+    return dh, d_wd, d_bd, d_wu, d_bu

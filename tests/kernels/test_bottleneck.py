@@ -1,0 +1,113 @@
+"""The fused bottleneck-adapter kernels against float64 references: forward and backward, every activation,
+with and without a residual and biases, odd shapes, strided inputs, split weight-gradient chunks, poisoned
+outputs.
+
+On the CPU these run under TRITON_INTERPRET=1 on small shapes (bf16 is skipped there: the interpreter computes
+bf16 dots wrongly); on a GPU the `gpu` tests repeat them at realistic shapes in bf16.
+"""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.kernels import bottleneck as K
+from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+ACTS = list(BOTTLENECK_ACT_CODES)
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def _grads(h, wd, bd, wu, bu, residual, act, scale, dy):
+    """y and the gradients of h, wd, bd, wu, bu through the reference, in the inputs' own dtype."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in (h, wd, bd, wu, bu)]
+    y = reference.bottleneck_adapter(*leaves, act, scale, residual)
+    y.backward(dy)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check_case(T, d, m, act, dtype, residual=False, biases=True, strided=False, rows_per_chunk=None):
+    code, scale = BOTTLENECK_ACT_CODES[act], 1.7
+    h = _rand(T, 2 * d, dtype=dtype)[:, ::2] if strided else _rand(T, d, dtype=dtype)
+    wd = _rand(d, m, dtype=dtype, scale=d ** -0.5).t() if strided else _rand(m, d, dtype=dtype, scale=d ** -0.5)
+    wu = _rand(d, m, dtype=dtype, scale=m ** -0.5)
+    bd, bu = (_rand(m, dtype=dtype), _rand(d, dtype=dtype)) if biases else (None, None)
+    res = _rand(T, d, dtype=dtype) if residual else None
+    dy = _rand(T, d, dtype=dtype)
+    up64 = lambda t: None if t is None else t.double()
+    y64, grads64 = _grads(*map(up64, (h, wd, bd, wu, bu, res)), act, scale, dy.double())
+    y_lp, grads_lp = _grads(h, wd, bd, wu, bu, res, act, scale, dy)
+    z64 = h.double() @ wd.double().t() + (bd.double() if biases else 0)
+
+    y = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)     # poisoned: every element must be written
+    _, z = K.bottleneck_forward(h, wd, bd, wu, bu, scale, code, res, out=y)
+    assert z.shape == (T, m) and z.dtype == dtype
+    assert_matches(y, y64, y_lp, dtype, f"y ({act})")
+    assert_matches(z, z64, h @ wd.t() + (bd if biases else 0), dtype, "z")
+
+    dh = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)
+    out = K.bottleneck_backward(dy, h, z, wd, wu, scale, code, not residual, True, rows_per_chunk, out=dh)
+    assert out[0] is dh
+    for name, g, g64, g_lp in zip(["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias"], out,
+                                  grads64, grads_lp):
+        if g64 is not None:
+            assert g.shape == g64.shape and g.dtype == torch.float32 or name == "dh", name
+            assert_matches(g, g64, g_lp, dtype, f"{name} ({act}, residual={residual})")
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["houlsby", "parallel"])
+@pytest.mark.parametrize("act", ACTS)
+def test_kernels_every_activation(act, residual):
+    """T=37 in chunks of 16 rows: three partial weight-gradient sums."""
+    torch.manual_seed(ACTS.index(act) + 10 * residual)
+    _check_case(37, 72, 24, act, torch.float32, residual, rows_per_chunk=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+@pytest.mark.parametrize("act,residual", [("gelu", False), ("silu", True)])
+def test_kernels_half_precision(act, residual, dtype):
+    torch.manual_seed(5 + residual)
+    _check_case(29, 72, 24, act, dtype, residual, rows_per_chunk=16)
+
+
+@pytest.mark.parametrize("T,d,m,act", [(1, 100, 5, "gelu"), (70, 33, 40, "silu"), (19, 64, 16, "relu")])
+def test_kernels_odd_shapes(T, d, m, act):
+    torch.manual_seed(T + m)
+    _check_case(T, d, m, act, torch.float32)
+
+
+def test_kernels_strided_inputs_and_no_biases():
+    torch.manual_seed(3)
+    _check_case(21, 40, 9, "gelu", torch.float32, residual=True, biases=False, strided=True)
+
+
+def test_backward_without_dh_and_empty_token_dimension():
+    torch.manual_seed(4)
+    h, wd, wu = _rand(11, 24, dtype=torch.float32), _rand(6, 24, dtype=torch.float32), _rand(24, 6, dtype=torch.float32)
+    _, z = K.bottleneck_forward(h, wd, None, wu, None, 1.0, 0)
+    dh, d_wd, *_ = K.bottleneck_backward(torch.ones_like(h), h, z, wd, wu, 1.0, 0, True, False)
+    assert dh is None and torch.isfinite(d_wd).all()
+    empty = torch.empty(0, 24, device=DEVICE)
+    y, z = K.bottleneck_forward(empty, wd, None, wu, None, 1.0, 0)
+    assert y.shape == (0, 24) and z.shape == (0, 6)
+    dh, d_wd, d_bd, d_wu, d_bu = K.bottleneck_backward(empty, empty, z, wd, wu, 1.0, 0, True, True)
+    assert dh.shape == (0, 24) and not d_wd.any() and d_bd.shape == (6,) and not d_wu.any() and d_bu.shape == (24,)
+
+
+def test_activation_codes_match_the_kernels():
+    assert BOTTLENECK_ACT_CODES == {"relu": K.RELU.value, "gelu": K.GELU.value, "silu": K.SILU.value}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("residual", [False, True], ids=["houlsby", "parallel"])
+@pytest.mark.parametrize("T,d,m,act", [(4096, 4096, 64, "relu"), (2049, 768, 256, "gelu"), (3, 4096, 48, "silu")])
+def test_kernels_realistic_shapes(T, d, m, act, residual):
+    torch.manual_seed(T + m)
+    _check_case(T, d, m, act, torch.bfloat16, residual)

@@ -1,0 +1,110 @@
+"""Multi-adapter bottleneck kernels against float64 references: random mappings with -1 rows, one slot owning
+every row, every row a different slot, slots with no tokens, an empty slot (width 0), mixed widths and
+activations, both row orders, poisoned outputs, per-slot weight gradients zero beyond each width."""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.kernels import bottleneck as K
+from ptlm_engine.kernels import bottleneck_multi as M
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _slots(d, sizes, acts, dtype):
+    """Stacked slots in the pool's layout (zeros beyond each width), as float64 tensors and the flat metadata."""
+    S, m_max = len(sizes), max(sizes)
+    wd = torch.randn(S, m_max, d, dtype=torch.float64) * d ** -0.5
+    bd = torch.randn(S, m_max, dtype=torch.float64)
+    wu = torch.randn(S, d, m_max, dtype=torch.float64) * m_max ** -0.5
+    bu = torch.randn(S, d, dtype=torch.float64)
+    for s, m in enumerate(sizes):
+        wd[s, m:], bd[s, m:], wu[s, :, m:] = 0, 0, 0
+    weights = [t.to(DEVICE, dtype) for t in (wd, bd, wu, bu)]
+    meta = (torch.tensor(sizes, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5,
+            torch.tensor(acts, dtype=torch.int32, device=DEVICE))
+    return weights, meta
+
+
+def _mapping(kind, T, S):
+    if kind == "random":
+        return torch.randint(-1, S, (T,), device=DEVICE, dtype=torch.int32)
+    if kind == "one":
+        return torch.full((T,), 1, device=DEVICE, dtype=torch.int32)
+    if kind == "none":
+        return torch.full((T,), -1, device=DEVICE, dtype=torch.int32)
+    return (torch.arange(T, device=DEVICE, dtype=torch.int32) % (S + 1)) - 1   # "each": rows cycle through slots
+
+
+def _check(T, d, sizes, acts, dtype, kind, residual, sorted_rows, rows_per_chunk=None):
+    S = len(sizes)
+    (wd, bd, wu, bu), (sizes_t, scales, acts_t) = _slots(d, sizes, acts, dtype)
+    idx = _mapping(kind, T, S)
+    h = torch.randn(T, d, device=DEVICE, dtype=dtype)
+    res = torch.randn(T, d, device=DEVICE, dtype=dtype) if residual else None
+    dy = torch.randn(T, d, device=DEVICE, dtype=dtype)
+    leaves = [t.detach().double().requires_grad_() for t in (h, wd, bd, wu, bu)]
+    y64 = reference.bottleneck_adapter_multi(*leaves, sizes_t, scales.double(), acts_t, idx,
+                                             None if res is None else res.double())
+    y64.backward(dy.double())
+
+    order, bounds = M.token_segments(idx, S)
+    rows = order if sorted_rows else None
+    y = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)     # poisoned: every element must be written
+    _, z = M.bottleneck_multi_forward(h, wd, bd, wu, bu, sizes_t, scales, acts_t, idx, rows, res, out=y)
+    assert_matches(y, y64, None, dtype, f"y ({kind})")
+    plain = (idx < 0) | (sizes_t[idx.clamp_min(0).long()] == 0)
+    assert torch.equal(y[plain], (h if res is None else res)[plain]), "rows with no adapter must pass exactly"
+
+    dh = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)
+    out = M.bottleneck_multi_backward(dy, h, z, wd, wu, sizes_t, scales, acts_t, idx, order, bounds, not residual,
+                                      True, rows, rows_per_chunk, out=dh)
+    names = ["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias"]
+    for name, g, leaf in zip(names, out, leaves):
+        assert g.shape == leaf.shape, name
+        if leaf.grad is not None and leaf.grad.norm() > 0:
+            assert_matches(g, leaf.grad, None, dtype, f"{name} ({kind}, residual={residual})")
+        else:  # no adapter reached (mapping "none", or dh of a parallel adapter with no rows)
+            assert not g.any(), name
+    d_wd, d_bd, d_wu = out[1:4]
+    for s, m in enumerate(sizes):  # nothing beyond each slot's width
+        assert not d_wd[s, m:].any() and not d_bd[s, m:].any() and not d_wu[s, :, m:].any()
+
+
+SIZES, ACTS = [24, 5, 40, 0, 16], [1, 0, 2, 0, 2]  # mixed widths (tiles 16, 32, 64), one empty slot, every act
+
+
+@pytest.mark.parametrize("kind,residual,sorted_rows", [("random", False, True), ("random", True, False),
+                                                        ("one", True, True), ("each", False, False),
+                                                        ("none", False, True)])
+def test_multi_kernels_mappings(kind, residual, sorted_rows):
+    """T=41 in chunks of 16 rows: a slot's gradient can sum several chunks (atomics); d=72: two column shares
+    where the row blocks alone leave programs idle."""
+    torch.manual_seed(7)
+    _check(41, 72, SIZES, ACTS, torch.float32, kind, residual, sorted_rows, rows_per_chunk=16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)
+def test_multi_kernels_half_precision(dtype):
+    torch.manual_seed(8)
+    _check(29, 40, SIZES, ACTS, dtype, "random", False, True)
+
+
+def test_multi_kernels_wide_slot_and_decode_lanes():
+    """A width-256 tile beside a width-3 one; 6 tokens of 6 distinct slots spread over slot lanes."""
+    torch.manual_seed(9)
+    _check(6, 24, [3, 256, 7, 16, 9, 1], [0, 1, 2, 1, 0, 2], torch.float32, "each", True, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T,sorted_rows", [(1, False), (64, False), (4096, True)])
+@pytest.mark.parametrize("kind", ["random", "each", "one"])
+def test_multi_kernels_realistic_shapes(T, kind, sorted_rows):
+    torch.manual_seed(T)
+    sizes = [16, 64, 48, 256, 0, 32, 128, 8] * 4
+    _check(T, 4096, sizes, [i % 3 for i in range(len(sizes))], torch.bfloat16, kind, T % 2 == 1, sorted_rows)

@@ -1,0 +1,176 @@
+"""The multi-adapter bottleneck op (custom ops + autograd) against float64 references and against the
+one-adapter op run per slot: values, per-slot gradients, leading dims, both placements, shared segments, bad
+input, torch.library checks."""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.functional import BottleneckSlots, bottleneck_adapter, bottleneck_adapter_multi, token_segments
+from ptlm_engine.kernels import bottleneck as K
+from ptlm_engine.ops.bottleneck_multi import bottleneck_multi_fwd
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+ACT_NAMES = ["relu", "gelu", "silu"]
+
+
+def _inputs(lead, d, sizes, acts, dtype, residual=False):
+    """h, slots (weights require grad; zeros beyond each width), a random mapping with -1 rows, residual."""
+    S, m_max = len(sizes), max(sizes)
+    wd = torch.randn(S, m_max, d, dtype=torch.float64) * d ** -0.5
+    bd = torch.randn(S, m_max, dtype=torch.float64)
+    wu = torch.randn(S, d, m_max, dtype=torch.float64) * m_max ** -0.5
+    bu = torch.randn(S, d, dtype=torch.float64)
+    for s, m in enumerate(sizes):
+        wd[s, m:], bd[s, m:], wu[s, :, m:] = 0, 0, 0
+    leaf = lambda t: t.to(DEVICE, dtype).requires_grad_()
+    slots = BottleneckSlots(leaf(wd), leaf(bd), leaf(wu), leaf(bu),
+                            torch.tensor(sizes, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5,
+                            torch.tensor(acts, dtype=torch.int32, device=DEVICE))
+    h = leaf(torch.randn(*lead, d, dtype=torch.float64))
+    res = leaf(torch.randn(*lead, d, dtype=torch.float64)) if residual else None
+    return h, slots, torch.randint(-1, S, lead, device=DEVICE), res
+
+
+def _weights(slots):
+    return [slots.down_weight, slots.down_bias, slots.up_weight, slots.up_bias]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,residual", [((3, 9), False), ((2, 37), True)])
+def test_multi_forward_backward_matches_float64(dtype, lead, residual):
+    """(2, 37): 74 tokens, past the decode bound, so row blocks walk the slot-sorted order."""
+    torch.manual_seed(3)
+    sizes = [8, 3, 20, 0]
+    h, slots, index, res = _inputs(lead, 26, sizes, [1, 0, 2, 1], dtype, residual)
+    y = bottleneck_adapter_multi(h, slots, index, res)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    leaf = lambda t: None if t is None else t.detach().double().requires_grad_()
+    h64, res64, w64 = leaf(h), leaf(res), [leaf(t) for t in _weights(slots)]
+    y64 = reference.bottleneck_adapter_multi(h64.reshape(-1, 26), *w64, slots.sizes, slots.scales.double(),
+                                             slots.acts, index.reshape(-1),
+                                             None if res is None else res64.reshape(-1, 26))
+    y64.backward(dy.double().reshape(-1, 26))
+    assert y.shape == h.shape and y.dtype == dtype
+    assert_matches(y, y64.reshape(y.shape), None, dtype, "y")
+    assert_matches(h.grad, h64.grad, None, dtype, "dh")
+    if residual:
+        assert torch.equal(res.grad, dy)
+    for name, t, t64 in zip(["d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias"], _weights(slots), w64):
+        assert t.grad.dtype == dtype
+        assert_matches(t.grad, t64.grad, None, dtype, name)
+    for s, m in enumerate(sizes):  # padding beyond each width gets no gradient
+        assert not slots.down_weight.grad[s, m:].any() and not slots.up_weight.grad[s, :, m:].any()
+
+
+@needs_triton
+def test_mixed_batch_equals_each_slot_alone_values_and_gradients():
+    """Each slot's rows through the one-adapter op give the same y, and the same per-slot weight gradients."""
+    torch.manual_seed(5)
+    sizes, acts = [4, 12, 16], [2, 1, 0]
+    h, slots, index, _ = _inputs((23,), 20, sizes, acts, torch.float32)
+    dy = torch.randn(23, 20, device=DEVICE)
+    y = bottleneck_adapter_multi(h, slots, index)
+    y.backward(dy)
+    for s, m in enumerate(sizes):
+        rows = index == s
+        wd, bd, wu, bu = (t.detach()[s].requires_grad_() for t in _weights(slots))
+        y_s = bottleneck_adapter(h.detach()[rows], wd[:m], bd[:m], wu[:, :m], bu, ACT_NAMES[acts[s]],
+                                 float(slots.scales[s]))
+        y_s.backward(dy[rows])
+        torch.testing.assert_close(y[rows], y_s, rtol=1e-5, atol=1e-5)
+        for t, t_s in zip(_weights(slots), (wd, bd, wu, bu)):
+            torch.testing.assert_close(t.grad[s], t_s.grad, rtol=1e-4, atol=1e-5)
+    assert torch.equal(y[index < 0], h[index < 0])
+
+
+@needs_triton
+def test_shared_segments_and_inference_path():
+    """segments from token_segments give the same y; no_grad (unsorted decode rows, no z) too."""
+    torch.manual_seed(6)
+    h, slots, index, res = _inputs((5, 14), 16, [6, 9], [1, 2], torch.float32, residual=True)
+    y = bottleneck_adapter_multi(h, slots, index, res)
+    y_seg = bottleneck_adapter_multi(h, slots, index, res, token_segments(index.reshape(-1).to(torch.int32), 2))
+    torch.testing.assert_close(y_seg, y, rtol=0, atol=0)
+    with torch.no_grad():
+        y_inf = bottleneck_adapter_multi(h[:, :3], slots, index[:, :3], res[:, :3])
+    torch.testing.assert_close(y_inf, y[:, :3], rtol=1e-6, atol=1e-6)
+
+
+def test_multi_bad_input_raises_value_error():
+    h, slots, index, _ = _inputs((5,), 8, [2, 3], [0, 1], torch.float32)
+    with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
+        bottleneck_adapter_multi(h, slots, index[:4])
+    with pytest.raises(ValueError, match=r"up_weight: expected shape \(2, 8, 3\)"):
+        bottleneck_adapter_multi(h, slots._replace(up_weight=slots.up_weight[:, :, :2]), index)
+    with pytest.raises(ValueError, match=r"down_weight: expected stacked slots \(S, m_max, 8\)"):
+        bottleneck_adapter_multi(h, slots._replace(down_weight=slots.down_weight[0]), index)
+    with pytest.raises(ValueError, match=r"scales: expected shape \(2,\)"):
+        bottleneck_adapter_multi(h, slots._replace(scales=slots.scales[:1]), index)
+    with pytest.raises(ValueError, match=r"acts: expected integers"):
+        bottleneck_adapter_multi(h, slots._replace(acts=slots.acts.float()), index)
+    with pytest.raises(ValueError, match=r"residual: expected shape \(5, 8\)"):
+        bottleneck_adapter_multi(h, slots, index, h[:4])
+    with pytest.raises(ValueError, match=r"down_bias: expected dtype torch.float32"):
+        bottleneck_adapter_multi(h, slots._replace(down_bias=slots.down_bias.double()), index)
+
+
+@needs_triton
+def test_multi_custom_op_passes_opcheck():
+    torch.manual_seed(8)
+    h, slots, index, res = _inputs((7,), 16, [4, 8], [0, 2], torch.float32, residual=True)
+    index = index.to(torch.int32)
+    order, bounds = token_segments(index, 2)
+    for residual in (None, res):
+        args = (h, *_weights(slots), slots.sizes, slots.scales, slots.acts, index, order, bounds, residual)
+        torch.library.opcheck(bottleneck_multi_fwd, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_triton
+def test_multi_torch_compile_fullgraph():
+    torch.manual_seed(9)
+    h, slots, index, _ = _inputs((2, 5), 16, [4, 8], [1, 0], torch.float32)
+    compiled = torch.compile(lambda h, i: bottleneck_adapter_multi(h, slots, i), backend="aot_eager", fullgraph=True)
+    y = compiled(h, index)
+    y.sum().backward()
+    y64 = reference.bottleneck_adapter_multi(h.double().reshape(-1, 16), *[t.double() for t in _weights(slots)],
+                                             slots.sizes, slots.scales.double(), slots.acts, index.reshape(-1))
+    assert_matches(y, y64.reshape(y.shape), None, torch.float32, "compiled y")
+    assert slots.down_weight.grad is not None and h.grad is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_multi_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_mapping():
+    torch.manual_seed(10)
+    sizes = [16, 64, 48, 256, 0, 32]
+    for T in (16, 300):  # the decode path and the sorted prefill path
+        h, slots, index, _ = _inputs((T,), 1024, sizes, [0, 1, 2, 0, 1, 2], torch.bfloat16)
+        y = bottleneck_adapter_multi(h, slots, index)              # autotunes (synchronizes) on its first call
+        y.backward(torch.ones_like(y))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            bottleneck_adapter_multi(h, slots, index).backward(torch.ones_like(y))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        h, index = h.detach(), index.to(torch.int32)
+        frozen = BottleneckSlots(*(t.detach() for t in slots))
+        with torch.no_grad():
+            run = lambda: bottleneck_adapter_multi(h, frozen, index)
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = run()
+            for _ in range(2):  # the same graph, a new mapping written into the same buffer
+                index.copy_(torch.randint(-1, len(sizes), (T,), device=DEVICE, dtype=torch.int32))
+                graph.replay()
+                expected = reference.bottleneck_adapter_multi(h.double(), *[t.double() for t in _weights(frozen)],
+                                                              frozen.sizes, frozen.scales.double(), frozen.acts, index)
+                assert_matches(y, expected, None, torch.bfloat16, f"graph replay, T={T}")
