@@ -1,0 +1,396 @@
+"""BottleneckLayer: bottleneck adapters (Houlsby et al., 2019; parallel ones, He et al., 2022) on the output of one
+sub-layer of a model, computed by the fused op from forward hooks.
+
+The layer is added as a child (`ptlm_bottleneck`) of the module whose output it changes and hooks that module,
+rather than replacing it: the model's module tree and its state-dict keys stay as they were (the adapter adds
+`<module>.ptlm_bottleneck.{down,up}.<name>.{weight,bias}`), and removing the last adapter removes the hooks and
+the child. Where a bottleneck adapter goes in each architecture is inject's table (ptlm_engine/bottleneck_sites.py).
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ptlm_engine import functional
+from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.lora import adapter_dtype, compute_dtype
+from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
+from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
+from ptlm_engine.pool import AdapterBatch, free_slot
+
+LAYER_NAME = "ptlm_bottleneck"   # the layer's attribute name in the module it hooks
+
+
+def _stamp(params: list[Tensor]) -> tuple:
+    """What identifies the values of an adapter's Parameters: the objects, their storage and their version
+    counters (bumped by every in-place write: optimizer steps, copy_, load_state_dict)."""
+    return (params, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+
+
+def _same(stamp: tuple | None, params: list[Tensor]) -> bool:
+    return (stamp is not None and len(params) == len(stamp[0]) and all(map(operator.is_, params, stamp[0]))
+            and stamp[1] == tuple(p._version for p in params) and stamp[2] == tuple(p.data_ptr() for p in params))
+
+
+class BottleneckPool:
+    """One layer's bottleneck adapters stacked in the BottleneckSlots layout, which one launch of the multi op
+    reads whole: a cache of their Parameters, as pool.AdapterPool is for LoRA.
+
+    down_weight (S, m_max, d), down_bias (S, m_max), up_weight (S, d, m_max), up_bias (S, d) in one (compute)
+    dtype; sizes (S,) int32, scales (S,) float32, acts (S,) int32. Slot s holds the adapter with model-wide slot
+    id s in its first sizes[s] rows / columns, zeros beyond; an empty or freed slot is all zeros with size 0 and
+    scale 0, so rows that index it get their input back unchanged. `sync` copies an adapter in again only when its
+    Parameters' stamp changed. Tensors are allocated outside inference mode (see pool.AdapterPool).
+    """
+
+    def __init__(self, d: int, device: torch.device, dtype: torch.dtype):
+        self.d = d
+        self.down_weight = torch.zeros(0, 0, d, device=device, dtype=dtype)
+        self.down_bias = torch.zeros(0, 0, device=device, dtype=dtype)
+        self.up_weight = torch.zeros(0, d, 0, device=device, dtype=dtype)
+        self.up_bias = torch.zeros(0, d, device=device, dtype=dtype)
+        self.sizes = torch.zeros(0, device=device, dtype=torch.int32)
+        self.scales = torch.zeros(0, device=device, dtype=torch.float32)
+        self.acts = torch.zeros(0, device=device, dtype=torch.int32)
+        self._stamps: list[tuple | None] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.down_weight.shape[0]
+
+    @property
+    def m_max(self) -> int:
+        return self.down_weight.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.down_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down_weight.dtype
+
+    def slots(self, count: int | None = None) -> BottleneckSlots:
+        """The first `count` slots (all by default) as BottleneckSlots: views, no copy."""
+        return BottleneckSlots(self.down_weight[:count], self.down_bias[:count], self.up_weight[:count],
+                                          self.up_bias[:count], self.sizes[:count], self.scales[:count],
+                                          self.acts[:count])
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def reserve(self, slot: int, size: int = 0) -> None:
+        """Room for slot id `slot` with bottleneck width `size`: the capacity doubles until it holds the slot,
+        m_max rises to the size; the stored slots are copied over only when either grows."""
+        old_capacity, old_m = self.capacity, self.m_max
+        capacity = max(old_capacity, 1)
+        while capacity <= slot:
+            capacity *= 2
+        m_max = max(old_m, size)
+        if (capacity, m_max) == (old_capacity, old_m):
+            return
+        down_weight = self.down_weight.new_zeros(capacity, m_max, self.d)
+        down_bias = self.down_bias.new_zeros(capacity, m_max)
+        up_weight = self.up_weight.new_zeros(capacity, self.d, m_max)
+        up_bias = self.up_bias.new_zeros(capacity, self.d)
+        down_weight[:old_capacity, :old_m] = self.down_weight
+        down_bias[:old_capacity, :old_m] = self.down_bias
+        up_weight[:old_capacity, :, :old_m] = self.up_weight
+        up_bias[:old_capacity] = self.up_bias
+        self.down_weight, self.down_bias, self.up_weight, self.up_bias = down_weight, down_bias, up_weight, up_bias
+        grow = capacity - old_capacity
+        self.sizes = torch.cat([self.sizes, self.sizes.new_zeros(grow)])
+        self.scales = torch.cat([self.scales, self.scales.new_zeros(grow)])
+        self.acts = torch.cat([self.acts, self.acts.new_zeros(grow)])
+        self._stamps += [None] * grow
+
+    @torch.no_grad()
+    def put(self, slot: int, params: list[Tensor], scale: float, act: str) -> None:
+        """Store an adapter (down weight (m, d), down bias (m,), up weight (d, m), up bias (d,)) in a free `slot`."""
+        size = params[0].shape[0]
+        self.reserve(slot, size)
+        self.sizes[slot], self.scales[slot], self.acts[slot] = size, scale, BOTTLENECK_ACT_CODES[act]
+        self._write(slot, params)
+
+    def sync(self, slot: int, params: list[Tensor]) -> None:
+        """Copy the adapter in `slot` again if its Parameters changed since the last copy."""
+        if not _same(self._stamps[slot], params):
+            self._write(slot, params)
+
+    @torch.no_grad()
+    def _write(self, slot: int, params: list[Tensor]) -> None:
+        down_weight, down_bias, up_weight, up_bias = params
+        m = down_weight.shape[0]
+        self.down_weight[slot, :m] = down_weight                                  # (m, d)
+        self.down_bias[slot, :m] = down_bias                                      # (m,)
+        self.up_weight[slot, :, :m] = up_weight                                   # (d, m)
+        self.up_bias[slot] = up_bias                                              # (d,)
+        self._stamps[slot] = _stamp(params)
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        """Free `slot` for reuse: zeros, size 0, scale 0."""
+        for stacked in (self.down_weight, self.down_bias, self.up_weight, self.up_bias):
+            stacked[slot].zero_()
+        self.sizes[slot], self.scales[slot], self.acts[slot] = 0, 0.0, 0
+        self._stamps[slot] = None
+
+    def __getstate__(self) -> dict:
+        # A copied or unpickled pool copies each adapter in again at its next sync.
+        return {**self.__dict__, "_stamps": [None] * self.capacity}
+
+    @torch.inference_mode(False)
+    def move(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Reallocate on `device` in `dtype`: the same slots, sizes, scales and acts; every slot's weights are
+        copied in again by its next `sync`."""
+        self.down_weight = torch.zeros(self.down_weight.shape, device=device, dtype=dtype)
+        self.down_bias = torch.zeros(self.down_bias.shape, device=device, dtype=dtype)
+        self.up_weight = torch.zeros(self.up_weight.shape, device=device, dtype=dtype)
+        self.up_bias = torch.zeros(self.up_bias.shape, device=device, dtype=dtype)
+        self.sizes, self.scales, self.acts = self.sizes.to(device), self.scales.to(device), self.acts.to(device)
+        self._stamps = [None] * self.capacity
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> Tensor | None:
+    """A sub-layer's input: its first positional argument, or `hidden_states` where the model passes keywords
+    (Llama's decoder layer calls self_attn(hidden_states=...))."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
+class BottleneckLayer(AdapterLayer):
+    """Named bottleneck adapters on the output of `site` (a sub-layer, or the module right after its output
+    projection), y = out + scale · up(act(down(h))), one adapter active at a time or one per row in a mixed batch.
+
+    Sequential adapters (placements "houlsby", "pfeiffer") read h = out, the site's output. Parallel adapters read
+    h = the input of `reads`, the sub-layer the site belongs to, captured by a forward pre-hook registered while the
+    layer has a parallel adapter. A site returning a tuple (Llama's and GPT-2's attention) has its first element
+    changed. Adapters are nn.Linear `down` (d -> m) and `up` (m -> d) in ModuleDicts keyed by adapter name:
+    2·m·d + d + m parameters each.
+
+    The op runs in the compute dtype of layers.lora (the autocast dtype, else the site output's dtype) and the
+    result is cast back to the output's dtype; adapters are float32 on a half-precision base. A mixed batch reads
+    the pool (serving) or the Parameters stacked on the fly (when gradients reach them), as LoraLinear does.
+    """
+
+    def __init__(self, site: nn.Module, reads: nn.Module, d: int):
+        super().__init__()
+        self.d = d
+        # Plain attributes, not submodules: the layer itself is the site's child.
+        self.__dict__["site"] = site
+        self.__dict__["reads"] = reads
+        self.down = nn.ModuleDict()
+        self.up = nn.ModuleDict()
+        self.bottleneck: dict[str, int] = {}
+        self.act: dict[str, str] = {}
+        self.scale: dict[str, float] = {}
+        self.parallel: dict[str, bool] = {}
+        self.pool: BottleneckPool | None = None
+        self.batch: AdapterBatch | None = None
+        self.batch_stamp: tuple | None = None
+        self.batch_adapters: dict[int, str] = {}          # slot id -> name, for the batch's adapters this layer has
+        self.batch_sizes: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
+        self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32
+        self.batch_acts: Tensor | None = None              # (batch.num_slots,) int32
+        # Which of the batch's rows read the sub-layer's input: False (none), True (all), or, when this layer has
+        # sequential and parallel adapters of the batch, a (num_slots + 1,) bool tensor per slot id whose last
+        # entry (index -1: rows without an adapter here) is False.
+        self.batch_parallel: bool | Tensor = False
+        self._input: Tensor | None = None                  # the sub-layer's input, between the two hooks
+        self._output_hook = site.register_forward_hook(self._on_output)
+        self._input_hook = None
+
+    # ------------------------------------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, bottleneck: int, act: str, scale: float, parallel: bool,
+                    slot: int | None = None, *, device: torch.device, base_dtype: torch.dtype) -> None:
+        """A new adapter is the identity: `up` is zero (weight and bias); `down` is initialised as AdapterHub's
+        "mam_adapter" init (He et al.'s code): kaiming-uniform weight (a=sqrt(5), nn.Linear's default), zero bias.
+        Parameters are float32 on a half-precision `base_dtype`, else in it."""
+        factory = {"device": device, "dtype": adapter_dtype(base_dtype)}
+        down = nn.Linear(self.d, bottleneck, **factory)                     # weight (m, d), bias (m,)
+        up = nn.Linear(bottleneck, self.d, **factory)                       # weight (d, m), bias (d,)
+        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
+        nn.init.zeros_(down.bias)
+        nn.init.zeros_(up.weight)
+        nn.init.zeros_(up.bias)
+        self.down[name], self.up[name] = down, up
+        self.bottleneck[name], self.act[name], self.scale[name], self.parallel[name] = bottleneck, act, scale, parallel
+        self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
+        if self.pool is None:
+            self.pool = BottleneckPool(self.d, device, base_dtype)
+        self.pool.put(self.slot[name], self.adapter_parameters(name), scale, act)
+        if parallel and self._input_hook is None:
+            self._input_hook = self.reads.register_forward_pre_hook(self._on_input, with_kwargs=True)
+
+    def adapter_names(self) -> list[str]:
+        return list(self.down)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        down, up = self.down[name], self.up[name]
+        return [down.weight, down.bias, up.weight, up.bias]
+
+    def remove_adapter(self, name: str) -> None:
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self.pool.clear(self.slot[name])
+        del self.down[name], self.up[name], self.bottleneck[name], self.act[name], self.scale[name]
+        del self.parallel[name], self.slot[name]
+        if self._input_hook is not None and not any(self.parallel.values()):
+            self._input_hook.remove()
+            self._input_hook = None
+
+    def release(self) -> None:
+        """Remove the hooks; the API then deletes the layer from the site module."""
+        self._output_hook.remove()
+        if self._input_hook is not None:
+            self._input_hook.remove()
+            self._input_hook = None
+        self._input = None
+        return None
+
+    @torch.inference_mode(False)   # its tensors are kept across calls (see pool.AdapterPool)
+    def set_batch(self, batch: AdapterBatch | None) -> None:
+        """Run the per-row mapping `batch` (None: back to the active adapter). The pool gets room for every slot
+        id the batch indexes, so that rows of adapters this layer lacks (other methods', other layers') read an
+        empty slot and keep the site's output."""
+        self.batch, self.batch_stamp = batch, None
+        if batch is None:
+            self.batch_adapters, self.batch_sizes, self.batch_scales, self.batch_acts = {}, None, None, None
+            self.batch_parallel = False
+            return
+        self.batch_adapters = {slot: name for name, slot in batch.adapters.items() if name in self.down}
+        if batch.num_slots:
+            self.pool.reserve(batch.num_slots - 1)
+        here = [self.batch_adapters.get(slot) for slot in range(batch.num_slots)]
+        device = self.pool.device
+        self.batch_sizes = torch.tensor([0 if n is None else self.bottleneck[n] for n in here], dtype=torch.int32,
+                                        device=device)
+        self.batch_scales = torch.tensor([0.0 if n is None else self.scale[n] for n in here], dtype=torch.float32,
+                                         device=device)
+        self.batch_acts = torch.tensor([0 if n is None else BOTTLENECK_ACT_CODES[self.act[n]] for n in here],
+                                       dtype=torch.int32, device=device)
+        kinds = {self.parallel[n] for n in self.batch_adapters.values()}
+        if len(kinds) == 2:
+            self.batch_parallel = torch.tensor([n is not None and self.parallel[n] for n in here] + [False],
+                                               device=device)
+        else:
+            self.batch_parallel = kinds == {True}
+
+    # -------------------------------------------------------------------------------------------- forward
+    def _on_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._input = _hidden_states(args, kwargs)
+
+    def _on_output(self, module: nn.Module, args: tuple, output):
+        x, self._input = self._input, None                 # never kept beyond the call
+        if not self.adapters_enabled:
+            return None
+        out = output[0] if isinstance(output, tuple) else output
+        if self.batch is not None:
+            y = self._batch_forward(out, x)
+        elif self.active_adapter in self.down:
+            y = self._single_forward(self.active_adapter, out, x)
+        else:
+            return None
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    def _parallel_input(self, x: Tensor | None, out: Tensor) -> Tensor:
+        if x is None or x.shape != out.shape:
+            raise RuntimeError(f"a parallel bottleneck adapter needs the input of {type(self.reads).__name__} with "
+                               f"the shape of its output {tuple(out.shape)}, got "
+                               f"{None if x is None else tuple(x.shape)}")
+        return x
+
+    def _single_forward(self, name: str, out: Tensor, x: Tensor | None) -> Tensor:
+        dtype = compute_dtype(out, out)
+        down_weight, down_bias, up_weight, up_bias = self._adapter_weights(name, dtype, out.device)
+        if self.parallel[name]:
+            h, residual = self._parallel_input(x, out).to(dtype), out.to(dtype)
+        else:
+            h, residual = out.to(dtype), None
+        y = functional.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, self.act[name],
+                                          self.scale[name], residual)
+        return y.to(out.dtype)
+
+    def _adapter_weights(self, name: str, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """The adapter's four tensors in the compute dtype: the pool's cast copy when serving a float32 adapter on
+        a half-precision base (no casts per call), else the Parameters cast in the graph (gradients reach them)."""
+        params = self.adapter_parameters(name)
+        if all(p.dtype == dtype for p in params) or torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return [p.to(dtype) for p in params]
+        self._pool_for(dtype, device)
+        slot, m = self.slot[name], self.bottleneck[name]
+        self.pool.sync(slot, params)
+        pool = self.pool
+        return [pool.down_weight[slot, :m], pool.down_bias[slot, :m], pool.up_weight[slot, :, :m], pool.up_bias[slot]]
+
+    def _pool_for(self, dtype: torch.dtype, device: torch.device) -> None:
+        if self.pool.dtype != dtype or self.pool.device != device:
+            self.pool.move(device, dtype)
+            self.batch_stamp = None
+
+    def _batch_forward(self, out: Tensor, x: Tensor | None) -> Tensor:
+        index, segments = self.batch.tokens(out)           # (...) slot per token; checks the batch size first
+        if not self.batch_adapters:                        # no row's adapter is in this layer
+            return out
+        dtype = compute_dtype(out, out)
+        params = [p for name in self.batch_adapters.values() for p in self.adapter_parameters(name)]
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
+        slots = self._stacked_slots(dtype) if trains or torch.compiler.is_compiling() \
+            else self._pooled_slots(params, dtype, out.device)
+        h, residual = out.to(dtype), None
+        if self.batch_parallel is True:
+            h, residual = self._parallel_input(x, out).to(dtype), h
+        elif isinstance(self.batch_parallel, Tensor):      # per token: the sub-layer's input or its output
+            reads_input = self.batch_parallel[index].unsqueeze(-1)                       # (..., 1)
+            h, residual = torch.where(reads_input, self._parallel_input(x, out).to(dtype), h), h
+        y = functional.bottleneck_adapter_multi(h, slots, index, residual, segments)
+        return y.to(out.dtype)
+
+    def _pooled_slots(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> BottleneckSlots:
+        """The cached stack, with the batch's adapters copied in again where their Parameters changed; one flat
+        stamp of all of them decides whether any slot needs its own check (as LoraLinear._pooled_slots)."""
+        self._pool_for(dtype, device)
+        if not _same(self.batch_stamp, params):
+            for slot, name in self.batch_adapters.items():
+                self.pool.sync(slot, self.adapter_parameters(name))
+            self.batch_stamp = _stamp(params)
+        return self.pool.slots(self.batch.num_slots)
+
+    def _stacked_slots(self, dtype: torch.dtype) -> BottleneckSlots:
+        """The batch's adapters' own Parameters stacked, zero-padded to their widest bottleneck, so that autograd
+        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros."""
+        m_max = max(self.bottleneck[name] for name in self.batch_adapters.values())
+        like = self.pool.down_weight
+        blank = [like.new_zeros(m_max, self.d, dtype=dtype), like.new_zeros(m_max, dtype=dtype),
+                 like.new_zeros(self.d, m_max, dtype=dtype), like.new_zeros(self.d, dtype=dtype)]
+        stacks = [[], [], [], []]
+        for slot in range(self.batch.num_slots):
+            name = self.batch_adapters.get(slot)
+            if name is None:
+                tensors = blank
+            else:
+                pad = m_max - self.bottleneck[name]
+                down_weight, down_bias, up_weight, up_bias = (p.to(dtype) for p in self.adapter_parameters(name))
+                tensors = [F.pad(down_weight, (0, 0, 0, pad)), F.pad(down_bias, (0, pad)),   # (m_max, d), (m_max,)
+                           F.pad(up_weight, (0, pad)), up_bias]                              # (d, m_max), (d,)
+            for stack, tensor in zip(stacks, tensors):
+                stack.append(tensor)
+        return BottleneckSlots(*(torch.stack(stack) for stack in stacks), self.batch_sizes,
+                                          self.batch_scales, self.batch_acts)
+
+    def _apply(self, fn, recurse=True):
+        # model.to() / .half() / .cuda() convert the Parameters; the pool and the batch's per-slot tensors follow.
+        super()._apply(fn, recurse)
+        if self.down:
+            self.pool.move(next(iter(self.down.values())).weight.device, self.pool.dtype)
+            self.set_batch(self.batch)
+        return self
+
+    def extra_repr(self) -> str:
+        adapters = {n: (self.bottleneck[n], self.act[n], "parallel" if self.parallel[n] else "sequential")
+                    for n in self.down}
+        return f"d={self.d}, adapters={adapters}, active={self.active_adapter!r}"

@@ -1,0 +1,234 @@
+"""BottleneckLayer on its own, hooked on a toy sub-layer: parameters, identity at init, forward and gradients
+against the formula in float64, sequential and parallel adapters, mixed batches (pool and stacked Parameters),
+dtypes, the pool following parameter updates, disabling, removal and hooks."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptlm_engine.layers.bottleneck import LAYER_NAME, BottleneckLayer
+from ptlm_engine.pool import AdapterBatch
+
+D = 24
+ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+class SubLayer(nn.Module):
+    """A sub-layer like Llama's attention: called with keywords, returns (output, extra) when `tuple_out`."""
+
+    def __init__(self, tuple_out: bool):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden_states):
+        y = torch.tanh(self.proj(hidden_states))
+        return (y, "extra") if self.tuple_out else y
+
+
+@pytest.fixture(autouse=True)
+def _reference(reference_backend):
+    pass
+
+
+def _site(tuple_out=False, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    site = SubLayer(tuple_out).to(dtype)
+    layer = BottleneckLayer(site, site, D)
+    site.add_module(LAYER_NAME, layer)
+    return site, layer
+
+
+def _add(layer, name, m, act="relu", scale=1.0, parallel=False, slot=None, dtype=torch.float32, seed=1):
+    layer.add_adapter(name, m, act, scale, parallel, slot, device=torch.device("cpu"), base_dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.adapter_parameters(name):
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def _out(site, x):
+    y = site(hidden_states=x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _expected(site, layer, name, x):
+    """The formula in float64: out + s · (act(h Dᵀ + b_d) Uᵀ + b_u), h = out (sequential) or x (parallel)."""
+    down_w, down_b, up_w, up_b = (p.double() for p in layer.adapter_parameters(name))
+    out = torch.tanh(x.double() @ site.proj.weight.double().T + site.proj.bias.double())
+    h = x.double() if layer.parallel[name] else out
+    return out + layer.scale[name] * (ACT[layer.act[name]](h @ down_w.T + down_b) @ up_w.T + up_b)
+
+
+def test_parameters_keys_and_identity_at_init():
+    site, layer = _site(tuple_out=True)
+    x = torch.randn(2, 5, D)
+    base = site(hidden_states=x)
+    layer.add_adapter("a", 7, "relu", 1.0, False, device=torch.device("cpu"), base_dtype=torch.float32)
+    layer.active_adapter = "a"
+    assert sum(p.numel() for p in layer.adapter_parameters("a")) == 2 * 7 * D + D + 7
+    assert sorted(k for k in site.state_dict() if LAYER_NAME in k) == [
+        f"{LAYER_NAME}.{leaf}" for leaf in ("down.a.bias", "down.a.weight", "up.a.bias", "up.a.weight")]
+    down_w, down_b, up_w, up_b = layer.adapter_parameters("a")
+    bound = 1 / math.sqrt(D)                              # kaiming_uniform(a=sqrt(5)) on fan_in D
+    assert down_w.abs().max() <= bound and down_w.std() > 0.2 * bound
+    assert not down_b.any() and not up_w.any() and not up_b.any()
+    y = site(hidden_states=x)
+    assert y[1] == "extra" and torch.equal(y[0], base[0])
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forward_and_grads_match_the_formula(act, parallel):
+    site, layer = _site(tuple_out=parallel)
+    _add(layer, "a", 5, act, scale=1.5, parallel=parallel)
+    layer.active_adapter = "a"
+    x = torch.randn(3, 4, D, requires_grad=True)
+    y = _out(site, x)
+    ref = _expected(site, layer, "a", x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = layer.adapter_parameters("a")
+    grads = torch.autograd.grad(ref, [x, *params], g.double())
+    for got, want in zip([x.grad, *(p.grad for p in params)], grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert site.proj.weight.grad is not None      # the toy base trains here: nothing in the layer freezes it
+
+
+def test_disabled_and_inactive_give_the_base_output():
+    site, layer = _site()
+    x = torch.randn(2, 3, D)
+    base = _out(site, x)
+    _add(layer, "a", 4)
+    assert torch.equal(_out(site, x), base)        # no adapter active
+    layer.active_adapter = "a"
+    assert not torch.equal(_out(site, x), base)
+    layer.adapters_enabled = False
+    assert torch.equal(_out(site, x), base)
+
+
+def _layer_with_three(tuple_out=True):
+    """Adapters in slots 0 (sequential, relu, m=3), 2 (parallel, gelu, m=6, scale 2), 3 (sequential, silu, m=5);
+    slot 1 stands for another method's adapter, which this layer lacks."""
+    site, layer = _site(tuple_out)
+    _add(layer, "a", 3, "relu", 1.0, False, slot=0, seed=1)
+    _add(layer, "b", 6, "gelu", 2.0, True, slot=2, seed=2)
+    _add(layer, "c", 5, "silu", 0.5, False, slot=3, seed=3)
+    return site, layer
+
+
+MAPPING = ["a", None, "b", "other", "c", "a"]
+SLOT_OF = {"a": 0, "other": 1, "b": 2, "c": 3}
+
+
+def _alone(site, layer, name, x):
+    layer.active_adapter = name
+    return _out(site, x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mixed_batch_rows_match_each_adapter_alone(grad):
+    site, layer = _layer_with_three()
+    x = torch.randn(len(MAPPING), 4, D)
+    layer.set_batch(AdapterBatch(MAPPING, SLOT_OF, [x.device]))
+    with torch.set_grad_enabled(grad):
+        mixed = _out(site, x)
+    layer.set_batch(None)
+    for row, name in enumerate(MAPPING):
+        alone = _alone(site, layer, name if name in layer.down else None, x[row:row + 1])
+        torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
+
+
+def test_mixed_batch_gradients_reach_each_adapter_from_its_rows():
+    site, layer = _layer_with_three()
+    for p in site.proj.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(len(MAPPING), 4, D)
+    g = torch.randn(len(MAPPING), 4, D)
+    layer.set_batch(AdapterBatch(MAPPING, SLOT_OF, [x.device]))
+    (_out(site, x) * g).sum().backward()
+    layer.set_batch(None)
+    mixed = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abc"}
+    for n in "abc":
+        for p in layer.adapter_parameters(n):
+            p.grad = None
+        rows = [i for i, m in enumerate(MAPPING) if m == n]
+        (_alone(site, layer, n, x[rows]) * g[rows]).sum().backward()
+        for got, p in zip(mixed[n], layer.adapter_parameters(n)):
+            torch.testing.assert_close(got, p.grad, msg=n)
+
+
+def test_pool_follows_parameter_updates():
+    site, layer = _layer_with_three()
+    x = torch.randn(len(MAPPING), 4, D)
+    batch = AdapterBatch(MAPPING, SLOT_OF, [x.device])
+    layer.set_batch(batch)
+    with torch.no_grad():
+        _out(site, x)
+        layer.up["b"].bias.add_(1.0)                                      # in place: version bump
+        layer.down["a"].weight = nn.Parameter(torch.randn_like(layer.down["a"].weight))   # a new Parameter
+        mixed = _out(site, x)
+    layer.set_batch(None)
+    for row in (0, 2):
+        torch.testing.assert_close(mixed[row], _alone(site, layer, MAPPING[row], x[row:row + 1])[0])
+
+
+def test_half_base_keeps_float32_adapters_and_its_own_dtype():
+    site, layer = _site(dtype=torch.float16)
+    _add(layer, "a", 4, "gelu", 1.0, True, dtype=torch.float16)
+    assert all(p.dtype == torch.float32 for p in layer.adapter_parameters("a"))
+    layer.active_adapter = "a"
+    x = torch.randn(2, 3, D, dtype=torch.float16)
+    with torch.no_grad():
+        served = _out(site, x)                                           # the pool's fp16 copy
+    trained = _out(site, x)                                              # the Parameters cast in the graph
+    assert served.dtype == torch.float16 and layer.pool.dtype == torch.float16
+    torch.testing.assert_close(served, trained, rtol=0, atol=0)
+    torch.testing.assert_close(served.double(), _expected(site, layer, "a", x), rtol=2e-2, atol=2e-2)
+    trained.sum().backward()
+    assert layer.down["a"].weight.grad.dtype == torch.float32
+
+
+def test_moving_the_model_moves_the_pool():
+    site, layer = _layer_with_three()
+    x = torch.randn(len(MAPPING), 4, D, dtype=torch.float64)
+    site.double()
+    layer.set_batch(AdapterBatch(MAPPING, SLOT_OF, [x.device]))
+    with torch.no_grad():
+        mixed = _out(site, x)
+    layer.set_batch(None)
+    assert mixed.dtype == torch.float64 and layer.pool.dtype == torch.float64
+    torch.testing.assert_close(mixed[2], _expected(site, layer, "b", x[2]))   # float64 throughout
+
+
+def test_remove_and_release_undo_the_hooks():
+    site, layer = _site()
+    reads = SubLayer(False)
+    layer.__dict__["reads"] = reads
+    _add(layer, "a", 4, parallel=False)
+    assert len(site._forward_hooks) == 1 and not reads._forward_pre_hooks
+    _add(layer, "b", 4, parallel=True, slot=1)
+    _add(layer, "c", 4, parallel=True, slot=2)
+    assert len(reads._forward_pre_hooks) == 1
+    layer.remove_adapter("b")
+    assert len(reads._forward_pre_hooks) == 1
+    layer.remove_adapter("c")
+    assert not reads._forward_pre_hooks and layer.pool.sizes.tolist()[1:3] == [0, 0]
+    assert layer.release() is None
+    assert not site._forward_hooks and not site._forward_pre_hooks
+
+
+def test_deepcopy_hooks_the_copy():
+    site, layer = _site(tuple_out=True)
+    _add(layer, "a", 4, "silu", 1.0, True)
+    layer.active_adapter = "a"
+    clone = copy.deepcopy(site)
+    x = torch.randn(2, 3, D)
+    torch.testing.assert_close(_out(clone, x), _out(site, x))
+    with torch.no_grad():
+        clone.ptlm_bottleneck.up["a"].bias.add_(1.0)
+    assert not torch.allclose(_out(clone, x), _out(site, x))
