@@ -138,9 +138,10 @@ class PrefixConfig:
     every query attends to, as HF PEFT's PrefixTuningConfig.
 
     projection: reparameterise the prefix through an MLP while training (PEFT's prefix_projection): an
-      embedding (P, hidden) -> Linear(hidden, encoder_hidden_size) -> tanh -> Linear(..., layers · 2 · kv_dim);
-      the MLP's output is what inference uses (computed once and kept).
-    encoder_hidden_size: the MLP's width (None: the model's hidden size).
+      embedding (P, token_dim) -> Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(..., layers · 2 ·
+      token_dim), with PEFT's token_dim: the hidden size, or key/value heads × head_dim on grouped-query models;
+      the MLP's output is what inference uses (computed once and kept) and what the adapter file holds.
+    encoder_hidden_size: the MLP's width (None: token_dim, as PEFT).
     """
     num_virtual_tokens: int = 20
     projection: bool = False

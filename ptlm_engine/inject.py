@@ -14,9 +14,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targets
-from ptlm_engine.config import ALL_LINEAR, LoraConfig
+from ptlm_engine.config import ALL_LINEAR, LoraConfig, PrefixConfig
 from ptlm_engine.config import BottleneckConfig
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
+from ptlm_engine.layers.prefix import attach_prefix, find_prefix_targets
 from ptlm_engine.config import PromptConfig
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
 
@@ -221,6 +222,7 @@ def _attach_lora(model: nn.Module, path: str, name: str, config: LoraConfig, slo
 # Dispatcher by config type: one entry per adapter method.
 METHODS: dict[type, Method] = {
     LoraConfig: Method(find_lora_targets, _attach_lora),
+    PrefixConfig: Method(find_prefix_targets, attach_prefix),
     BottleneckConfig: Method(find_bottleneck_targets, attach_bottleneck),
     PromptConfig: Method(find_prompt_targets, attach_prompt),
 }

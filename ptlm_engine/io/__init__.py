@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ptlm_engine import api
-from ptlm_engine.io import bottleneck, lora, prompt
+from ptlm_engine.io import bottleneck, lora, prefix, prompt
 from ptlm_engine.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Format, read_json, read_tensors, write
 
-FORMATS: list[Format] = [lora.FORMAT, bottleneck.FORMAT, prompt.FORMAT]
+FORMATS: list[Format] = [lora.FORMAT, bottleneck.FORMAT, prefix.FORMAT, prompt.FORMAT]
 
 __all__ = ["save_adapter", "load_adapter", "read_config", "FORMATS", "CONFIG_NAME", "WEIGHTS_NAME", "PREFIX"]
 

@@ -1,0 +1,170 @@
+"""The prefix-tuning layer's parts: PEFT's encoder layout and geometry, the served values' cache, the mask layouts
+the mask function records (and the fallback where there is none), and the checks that refuse a model."""
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.masking_utils import (ALL_MASK_ATTENTION_FUNCTIONS, and_masks, bidirectional_mask_function,
+                                        causal_mask_function, sliding_window_overlay)
+
+import ptlm_engine as pe
+from ptlm_engine.layers import prefix
+from ptlm_engine.layers.prefix import _LAYOUT, LAYER_NAME, PrefixGeometry, prefix_geometry
+
+pytestmark = [pytest.mark.usefixtures("reference_backend"),
+              pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@pytest.mark.parametrize("kind,geometry", [("llama", PrefixGeometry(2, 2, 16)), ("gpt2", PrefixGeometry(2, 4, 16)),
+                                           ("bert", PrefixGeometry(2, 4, 16))])
+@pytest.mark.parametrize("projection", [False, True])
+def test_encoder_has_peft_layout(tiny, kind, geometry, projection):
+    """PEFT's PrefixEncoder: the same Parameter names and shapes (token_dim = key/value heads x head_dim on a
+    grouped-query Llama), the same geometry from the config."""
+    model = tiny(kind)
+    assert prefix_geometry(model.config) == geometry
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=3, projection=projection, encoder_hidden_size=24))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny(kind), peft.PrefixTuningConfig(
+            task_type="FEATURE_EXTRACTION", num_virtual_tokens=3, prefix_projection=projection,
+            encoder_hidden_size=24))
+    ours = {k: p.shape for k, p in getattr(model, LAYER_NAME).encoders["a"].named_parameters()}
+    assert ours == {k: p.shape for k, p in theirs.prompt_encoder["default"].named_parameters()}
+    assert ours["embedding.weight"] == (3, geometry.token_dim if projection else geometry.width)
+
+
+def test_served_values_are_kept_until_the_parameters_change(tiny):
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=3, projection=True))
+    encoder = getattr(model, LAYER_NAME).encoders["a"]
+    first = encoder.served(torch.float32)
+    assert encoder.served(torch.float32) is first and not first.requires_grad
+    half = encoder.served(torch.float16)
+    assert half.dtype == torch.float16 and encoder.served(torch.float16) is half
+    with torch.no_grad():
+        encoder.transform[2].bias.add_(1.0)                        # bumps the version counter
+    again = encoder.served(torch.float32)
+    torch.testing.assert_close(again, first + 1.0)
+    with torch.enable_grad():
+        assert encoder.values().requires_grad
+    copied = copy.deepcopy(model)                                  # a copy computes its own values
+    torch.testing.assert_close(getattr(copied, LAYER_NAME).encoders["a"].served(torch.float32), again)
+
+
+def test_plain_prefix_serves_its_parameter_without_a_copy(tiny):
+    model = tiny("gpt2")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=3))
+    encoder = getattr(model, LAYER_NAME).encoders["a"]
+    assert encoder.served(torch.float32).data_ptr() == encoder.embedding.weight.data_ptr()
+
+
+@pytest.mark.parametrize("original", ["sdpa", "eager"])
+def test_mask_function_records_exact_layouts_only(tiny, original):
+    model = tiny("llama")
+    model.set_attn_implementation(original)
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=2))
+    make = ALL_MASK_ATTENTION_FUNCTIONS[model.config._attn_implementation]
+    padding = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    common = dict(batch_size=2, q_length=3, kv_length=5, q_offset=2, kv_offset=0, attention_mask=padding,
+                  dtype=torch.float32, allow_is_causal_skip=True)
+    mask = make(mask_function=causal_mask_function, **common)
+    layout = getattr(mask, _LAYOUT)
+    assert layout.causal and (layout.q_length, layout.kv_length) == (3, 5) and torch.equal(layout.padding, padding)
+    torch.testing.assert_close(mask, ALL_MASK_ATTENTION_FUNCTIONS[original](mask_function=causal_mask_function,
+                                                                             **common))
+    assert not getattr(make(mask_function=bidirectional_mask_function, **common), _LAYOUT).causal
+    window = and_masks(causal_mask_function, sliding_window_overlay(2))
+    assert getattr(make(mask_function=window, **common), _LAYOUT, None) is None
+
+
+def test_a_given_4d_mask_takes_the_fallback(tiny, monkeypatch):
+    """A 4-D mask of the caller's own is no recorded layout: the original sdpa runs over [prefix ; keys] with
+    the mask extended, the same as the fused path on the equivalent 2-D mask."""
+    calls = []
+    concatenated = prefix._concatenated
+    monkeypatch.setattr(prefix, "_concatenated", lambda *a: calls.append(1) or concatenated(*a))
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=3))
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones(2, 6, dtype=torch.long)
+    padding[1, :2] = 0
+    full = torch.ones(6, 6, dtype=torch.bool).tril()[None, None] & padding.bool()[:, None, None, :]   # (2,1,6,6)
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=padding).logits
+        fallback = model(input_ids=ids, attention_mask=full, position_ids=torch.arange(6)[None]).logits
+    torch.testing.assert_close(fallback[padding.bool()], fused[padding.bool()])
+    assert len(calls) == 2                                         # the fallback ran in both layers, once
+
+
+class _NoRegistry(nn.Module):
+    """A model with a transformers config whose attention is torch's own."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.config = PretrainedConfig(**config)
+        self.config._attn_implementation = "sdpa"
+        self.attn = nn.MultiheadAttention(8, 2)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: nn.Linear(2, 2), "needs a transformers model"),
+    (lambda m: _NoRegistry(num_hidden_layers=1, hidden_size=8, num_attention_heads=2),
+     "does not go through transformers' attention registry"),
+    (lambda m: _NoRegistry(num_hidden_layers=1), "needs hidden_size, num_attention_heads in the model config"),
+    (lambda m: setattr(m.config, "_attn_implementation_internal", "flash_attention_2") or m, "'flash_attention_2'"),
+    (lambda m: m.gradient_checkpointing_enable() or m, "gradient checkpointing"),
+    (lambda m: setattr(m.config, "is_encoder_decoder", True) or m, "cross-attention"),
+    (lambda m: setattr(m, LAYER_NAME, nn.Identity()) or m, "already has an attribute"),
+])
+def test_unsupported_models_are_refused_before_any_change(tiny, change, match):
+    model = change(tiny("llama"))
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=match):
+        pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=2))
+    assert dict(model.named_modules()) == before and not hasattr(model, "ptlm_adapters")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_virtual_tokens=0), "num_virtual_tokens"),
+    (dict(num_virtual_tokens=2.0), "num_virtual_tokens"),
+    (dict(projection="yes"), "projection"),
+    (dict(encoder_hidden_size=-1), "encoder_hidden_size"),
+    (dict(modules_to_save="classifier"), "modules_to_save"),
+    (dict(prefix_projection=True), "prefix_projection"),
+])
+def test_bad_configs(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pe.PrefixConfig(**kw)
+
+
+def test_changing_the_attention_implementation_underneath_is_caught(tiny):
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=2))
+    assert model.config._attn_implementation in AttentionInterface._global_mapping
+    model.config._attn_implementation = "eager"
+    with pytest.raises(RuntimeError, match="was changed to 'eager'"):
+        model(input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_backbone_arguments_positional_or_keyword(tiny):
+    """The position pre-hook sits on the backbone (model.base_model): a direct call of it gets the prefix too,
+    with its arguments passed by position or by keyword."""
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=3))
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask, positions = torch.ones(2, 5, dtype=torch.long), torch.arange(5)[None]
+    with torch.no_grad():
+        by_keyword = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        by_position = model.model(ids, mask, positions).last_hidden_state
+        default = model.model(ids).last_hidden_state
+        with pe.disable_adapters(model):
+            base = model.model(ids).last_hidden_state
+    torch.testing.assert_close(by_position, by_keyword)
+    torch.testing.assert_close(default, by_keyword)
+    assert not torch.allclose(default, base)
