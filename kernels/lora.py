@@ -121,18 +121,17 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
 
 # ---------------------------------------------------------------------------------------------------- matmul
 @triton.jit
-def _lora_matmul_kernel(
-    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
-    M, N, K, R, T_BUCKET,
+def lora_matmul_tile(
+    pid_m, pid_n, x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
+    M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_xam, stride_xar,
     stride_bn, stride_br, stride_ym, stride_yn,
     shrink_scale, dropout_p,
     FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
+    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -184,6 +183,24 @@ def _lora_matmul_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_matmul_kernel(
+    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
+    M, N, K, R, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_ym, stride_yn,
+    shrink_scale, dropout_p,
+    FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, M, N, K, R,
+                     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_xam, stride_xar,
+                     stride_bn, stride_br, stride_ym, stride_yn, shrink_scale, dropout_p,
+                     FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS"]

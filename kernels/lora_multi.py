@@ -132,17 +132,15 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
 
 # ---------------------------------------------------------------------------------------------------- matmul
 @triton.jit
-def _multi_matmul_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
-    M, N, K, T_BUCKET,
+def multi_matmul_tile(
+    pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr,
+    y_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
+    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -184,6 +182,24 @@ def _multi_matmul_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _multi_matmul_kernel(
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
+    M, N, K, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr,
+                      seed_ptr, bias_ptr, y_ptr, M, N, K,
+                      stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
+                      stride_br, stride_ym, stride_yn,
+                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"]

@@ -1,11 +1,14 @@
 """Public functional calls: one per op, dispatching to the Triton kernels or the PyTorch reference."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES, bottleneck_adapter_op  # noqa: F401
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots, bottleneck_adapter_multi_op
 from ptlm_engine.ops.lora import lora_linear_op
+from ptlm_engine.ops.lora_grouped import lora_linear_grouped_op, lora_linear_multi_grouped_op
 from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
 from ptlm_engine.ops.prefix_attention import prefix_attention_op
 
@@ -31,6 +34,31 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Lor
     one batch (computed here when None). Gradients reach each slot's A and B from its own tokens only.
     """
     return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out, segments)
+
+
+def lora_linear_grouped(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                        lora_As: Sequence[Tensor | None], lora_Bs: Sequence[Tensor | None], scales: Sequence[float],
+                        dropouts: Sequence[float] | None = None, fan_in_fan_out: bool = False) -> list[Tensor]:
+    """Up to three projections of the same x (q/k/v, gate/up) in one op: [lora_linear(x, weights[g], ...)].
+
+    x (..., d_in); per member g: weights[g] (d_out_g, d_in) — or (d_in, d_out_g) with fan_in_fan_out — biases[g]
+    (d_out_g,) or None, lora_As[g] (r_g, d_in) and lora_Bs[g] (d_out_g, r_g), or both None for a member without an
+    adapter (its base output), scales[g], dropouts[g] (None: no dropout). d_out and r may differ between members;
+    the base weights stay separate tensors. Returns [y_g (..., d_out_g)], from one autograd node.
+    """
+    return lora_linear_grouped_op(x, weights, biases, lora_As, lora_Bs, scales, dropouts, fan_in_fan_out)
+
+
+def lora_linear_multi_grouped(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
+                              slots: Sequence[LoraSlots | None], adapter_index: Tensor, fan_in_fan_out: bool = False,
+                              segments: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
+    """Up to three projections of the same x in one multi-adapter op: [lora_linear_multi(x, weights[g], ...)].
+
+    slots[g]: member g's stacked adapters (every member stacks the same number of slots, since one
+    adapter_index indexes all), or None for a member none of the mapped adapters reach (its base output);
+    adapter_index and segments as for lora_linear_multi. Returns [y_g (..., d_out_g)], from one autograd node.
+    """
+    return lora_linear_multi_grouped_op(x, weights, biases, slots, adapter_index, fan_in_fan_out, segments)
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,

@@ -17,6 +17,7 @@ from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targ
 from ptlm_engine.config import ALL_LINEAR, LoraConfig, PrefixConfig
 from ptlm_engine.config import BottleneckConfig
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
+from ptlm_engine.layers.lora_group import ProjectionGroup
 from ptlm_engine.layers.prefix import attach_prefix, find_prefix_targets
 from ptlm_engine.config import PromptConfig
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
@@ -234,3 +235,53 @@ def method_for(config: Any) -> Method:
         known = ", ".join(t.__name__ for t in METHODS)
         raise ValueError(f"config must be one of {known}, got {type(config).__name__}")
     return method
+
+
+# ------------------------------------------------------------------------------------- grouped projections
+# Sibling projections that read one input, by `model.config.model_type`: their LoRA layers run as one grouped op
+# (layers.lora_group). GPT-2's c_attn and gpt_neox / bloom / falcon's query_key_value already are one layer;
+# encoder-decoder models (BART, T5), whose cross-attention k and v read another input than q, are left out.
+FUSED_PROJECTIONS: dict[str, list[tuple[str, ...]]] = {
+    **dict.fromkeys(["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "stablelm"],
+                    [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]),
+    **dict.fromkeys(["mixtral", "opt", "gptj", "gpt_neo", "phi"], [("q_proj", "k_proj", "v_proj")]),
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], [("query", "key", "value")]),
+    "deberta-v2": [("query_proj", "key_proj", "value_proj")],
+    "distilbert": [("q_lin", "k_lin", "v_lin")],
+}
+
+
+def link_projection_groups(model: nn.Module, groups: Sequence[Sequence[str]] | None = None) -> int:
+    """Link the LoRA layers of each block that read one input into ProjectionGroups, which compute them in one
+    grouped op call; returns the number of groups. Replaces the model's earlier links, so calling it again
+    after every adapter added or removed keeps them current (a stale link only falls back to the separate path).
+
+    groups: names of sibling modules, by default FUSED_PROJECTIONS for the model's model_type (none for other
+    models). The LoraLinear children of one module among such names, with the same d_in, layout, dtype and
+    device, form a group when there are at least two of them.
+    """
+    unlink_projection_groups(model)
+    if groups is None:
+        groups = FUSED_PROJECTIONS.get(getattr(getattr(model, "config", None), "model_type", None), [])
+    count = 0
+    for _, parent in _walk(model):
+        for names in groups:
+            kinds: dict[tuple, list[str]] = {}
+            for name in names:
+                layer = parent._modules.get(name)
+                if isinstance(layer, LoraLinear):
+                    kind = (layer.in_features, layer.fan_in_fan_out, layer.weight.dtype, layer.weight.device)
+                    kinds.setdefault(kind, []).append(name)
+            for linked in kinds.values():
+                if len(linked) >= 2:
+                    group = ProjectionGroup(parent, linked)
+                    for layer in group.members:
+                        layer.group = group
+                    count += 1
+    return count
+
+
+def unlink_projection_groups(model: nn.Module) -> None:
+    """Every LoRA layer of the model back to its own separate path (idempotent)."""
+    for _, layer in lora_layers(model):
+        layer.group = None

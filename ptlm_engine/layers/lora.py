@@ -134,7 +134,15 @@ class LoraLinear(AdapterLayer):
     def _base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
+    # The ProjectionGroup (layers.lora_group) this layer shares its input with, set by
+    # inject.link_projection_groups: q/k/v or gate/up then run as one grouped op call.
+    group = None
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.group is not None:
+            y = self.group.output(self, x)                 # None: the group cannot run fused, go on alone
+            if y is not None:
+                return y
         if self.batch is not None and self.adapters_enabled:
             return self._batch_forward(x)
         name = self.active_adapter
@@ -169,6 +177,12 @@ class LoraLinear(AdapterLayer):
         if not self.batch_adapters:                        # no row's adapter is in this layer
             return self._base_forward(x)
         dtype = compute_dtype(x, self.weight)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return functional.lora_linear_multi(x.to(dtype), self.weight.to(dtype), bias, self.batch_slots(dtype), index,
+                                            self.fan_in_fan_out, segments)
+
+    def batch_slots(self, dtype: torch.dtype) -> LoraSlots:
+        """The mixed batch's adapters in this layer as the multi-adapter op reads them, in `dtype`."""
         trains = torch.is_grad_enabled() and any(
             self.lora_A[name].weight.requires_grad or self.lora_B[name].weight.requires_grad
             for name in self.batch_adapters.values())
@@ -176,9 +190,7 @@ class LoraLinear(AdapterLayer):
         slots = self._stacked_slots(dtype) if trains or torch.compiler.is_compiling() else self._pooled_slots(dtype)
         if self.training:                                  # LoRA dropout applies in training mode only, as in PEFT
             slots = slots._replace(dropouts=self.batch_dropouts)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return functional.lora_linear_multi(x.to(dtype), self.weight.to(dtype), bias, slots, index,
-                                            self.fan_in_fan_out, segments)
+        return slots
 
     def _pooled_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The cached stack, with the batch's adapters copied in again where their Parameters changed.

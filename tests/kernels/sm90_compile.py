@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from ptlm_engine.kernels import bottleneck as B  # noqa: E402
 from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
 from ptlm_engine.kernels import lora as L  # noqa: E402
+from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -40,6 +41,17 @@ MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_p
                  "seed_ptr": "*i64"},
                 [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True),
                  dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+# three members: one with a fused shrink and dropout, one without an adapter, one with a separate shrink's xa
+GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", "bias", "y") for g in range(3)},
+                   **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},
+                   **{f"{p}{g}": "fp32" for p in ("scale", "p") for g in range(3)}},
+                  [dict(MEMBERS=3, FUSE0=True, FUSE1=False, FUSE2=False, DROP0=True, DROP1=False, DROP2=False,
+                        HAS_BIAS0=True, HAS_BIAS1=False, HAS_BIAS2=True)])
+GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
+                         **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
+                         **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
+                        [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
+                              HAS_BIAS1=False, HAS_BIAS2=False)])
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
 BOTTLENECK_SLOTS = {"idx_ptr": "*i32", "order_ptr": "*i32", "bounds_ptr": "*i32", "sizes_ptr": "*i32",
                     "scales_ptr": "*fp32", "acts_ptr": "*i32", "scale": "fp32"}
@@ -72,6 +84,22 @@ KERNELS = {
     "bottleneck.multi_rows_backward": (BM._multi_rows_backward, BOTTLENECK_ROWS, [dict(HAS_ORDER=False, M_PAD=32)]),
     "bottleneck.multi_grads": (BM._multi_grads, BOTTLENECK_GRADS,
                                [dict(ADD_DY=False, NEED_DH=True, M_PAD=32, S_PAD=64)]),
+    "grouped.matmul_decode": (G._grouped_matmul_decode, *GROUPED_MATMUL),
+    "grouped.matmul_prefill": (G._grouped_matmul_prefill, *GROUPED_MATMUL),
+    "grouped.shrink": (G._grouped_shrink, {"x_ptr": "x", **{f"a{g}_ptr": "x" for g in range(3)},
+                                           **{f"out{g}_ptr": "*fp32" for g in range(3)},
+                                           **{f"seed{g}_ptr": "*i64" for g in range(3)},
+                                           **{f"{p}{g}": "fp32" for p in ("scale", "p") for g in range(3)}},
+                       [dict(MEMBERS=3, DROP0=True, DROP1=False, DROP2=False)]),
+    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_shrink": (G._grouped_multi_shrink, {"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
+                                                       **{f"a{g}_ptr": "x" for g in range(3)},
+                                                       **{f"{p}{g}_ptr": t for p, t in (
+                                                           ("ranks", "*i32"), ("scales", "*fp32"),
+                                                           ("dropouts", "*fp32"), ("seed", "*i64"),
+                                                           ("out", "*fp32")) for g in range(3)}},
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True)]),
 }
 
 

@@ -22,7 +22,10 @@ def test_every_kernel_variant_compiles_for_sm90():
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert {row["kernel"] for row in rows} == {"lora.matmul_decode", "lora.matmul_prefill", "lora.shrink",
                                                "lora.weight_grad", "multi.matmul_decode", "multi.matmul_prefill",
-                                               "multi.shrink", "multi.weight_grad", "bottleneck.forward",
+                                               "multi.shrink", "multi.weight_grad", "grouped.matmul_decode",
+                                               "grouped.matmul_prefill", "grouped.shrink",
+                                               "grouped.multi_matmul_decode", "grouped.multi_matmul_prefill",
+                                               "grouped.multi_shrink", "bottleneck.forward",
                                                "bottleneck.rows_backward", "bottleneck.grads",
                                                "bottleneck.multi_forward", "bottleneck.multi_rows_backward",
                                                "bottleneck.multi_grads"}

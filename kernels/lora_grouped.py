@@ -1,0 +1,534 @@
+"""Grouped LoRA linear: the G <= 3 projections of one block that share their input x (q/k/v, gate/up) in one launch.
+
+    y_g = x W_g^T + bias_g + s_g dropout_g(x) A_g^T B_g^T,   g = 0 … G-1
+
+Every member keeps its own W_g (no concatenated copy of the base weights), bias, adapter and output (T, d_out_g);
+d_out, the rank, and whether a member has an adapter at all differ freely between members. The same two
+kernels exist for the single-adapter op and for the multi-adapter op (each member holds stacked slots and every
+token picks its slot, as in kernels.lora_multi):
+- shrink: xa_g = s_g dropout_g(x) A_g^T for every member with an adapter, in one K loop: each x tile is loaded
+  once and multiplied by every member's A tile (the members' A's concatenated, without the copy). The
+  single-adapter op runs it at prefill only (kernels.lora.fuse_shrink_default); the multi-adapter op always.
+- matmul: one grid over every member's tiles, member after member. A program finds its member from its tile
+  index and runs that member's tile of kernels.lora's (or kernels.lora_multi's) matmul; each member's branch is
+  compiled with that member's own pointer and stride specializations. At decode the single-adapter tile computes
+  its xa in the base K loop, so the whole group is one launch. A member without an adapter runs the base tile.
+
+Floor (b bytes per element, N = Σ d_out_g, r_g the ranks): bytes = b·[d_in·N + Σ r_g(d_in + d_out_g) + T(d_in + N)],
+flops = 2T·d_in·N + 2T·Σ r_g(d_in + d_out_g). On the H100 (3.0 TB/s, 790 TFLOP/s), bf16, r = 16 per member:
+Llama-7B q/k/v 4096 -> 3 x 4096: 0.0338 ms at T = 1 (memory), 0.526 ms at T = 4096 (compute); GQA q/k/v
+4096 -> 4096 + 2 x 1024: 0.0170 / 0.264 ms; gate/up 4096 -> 2 x 11008: 0.0605 / 0.940 ms. The fusion moves the
+same GEMM bytes and flops as G separate calls; it saves G-1 launches at decode, 2G-2 at prefill (one shrink and
+one matmul instead of G of each) and G-1 passes of the shrink over x (bench/NOTES.md).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
+                      prune_by_t, shrink_configs, t_bucket, tune_bench)
+from .lora import MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile
+from .lora_multi import BLOCK_R as MULTI_BLOCK_R
+from .lora_multi import NO_SLOT, _block_tokens, _next_slot, multi_matmul_tile, padded_rank
+
+MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
+
+
+def _padded(items: list, fill) -> list:
+    """A member list filled up to MAX_MEMBERS: the kernels take three members' arguments, and the MEMBERS
+    constexpr compiles the unused ones away."""
+    return items + [fill] * (MAX_MEMBERS - len(items))
+
+
+# ---------------------------------------------------------------------------------------------------- shrink
+@triton.jit
+def _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, seed_ptr, dropout_p,
+                 DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += keep * x @ A^T over this program's BLOCK_R ranks of one member; x is the tile every member shares."""
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if DROPOUT:  # this member's own mask: its seed, the element's logical index t * K + k
+        x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+    a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)              # (BLOCK_K, BLOCK_R)
+    return _dot(x, a, acc, FP32_DOT)
+
+
+@triton.jit
+def _store_xa(acc, out_ptr, offs_t, mask_t, R, stride_ot, stride_or, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Write (or, split over K, add) one member's (BLOCK_T, BLOCK_R) xa tile: tokens offs_t, columns below R."""
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
+    mask = mask_t[:, None] & (offs_r[None, :] < R)
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _grouped_shrink_kernel(
+    x_ptr, a0_ptr, a1_ptr, a2_ptr, out0_ptr, out1_ptr, out2_ptr, seed0_ptr, seed1_ptr, seed2_ptr,
+    T, K, R0, R1, R2, T_BUCKET,
+    stride_xt, stride_xk, stride_a0r, stride_a0k, stride_a1r, stride_a1k, stride_a2r, stride_a2k,
+    stride_o0t, stride_o0r, stride_o1t, stride_o1r, stride_o2t, stride_o2r,
+    scale0, scale1, scale2, p0, p1, p2,
+    MEMBERS: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)          # (BLOCK_T, BLOCK_K)
+        acc0 = _shrink_step(acc0, x, offs_t, offs_k, K, a0_ptr, R0, stride_a0r, stride_a0k, seed0_ptr, p0,
+                            DROP0, FP32_DOT, BLOCK_R)
+        if MEMBERS > 1:
+            acc1 = _shrink_step(acc1, x, offs_t, offs_k, K, a1_ptr, R1, stride_a1r, stride_a1k, seed1_ptr, p1,
+                                DROP1, FP32_DOT, BLOCK_R)
+        if MEMBERS > 2:
+            acc2 = _shrink_step(acc2, x, offs_t, offs_k, K, a2_ptr, R2, stride_a2r, stride_a2k, seed2_ptr, p2,
+                                DROP2, FP32_DOT, BLOCK_R)
+    mask_t = offs_t < T
+    _store_xa(acc0 * scale0, out0_ptr, offs_t, mask_t, R0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
+    if MEMBERS > 1:
+        _store_xa(acc1 * scale1, out1_ptr, offs_t, mask_t, R1, stride_o1t, stride_o1r, SPLIT_K, BLOCK_R)
+    if MEMBERS > 2:
+        _store_xa(acc2 * scale2, out2_ptr, offs_t, mask_t, R2, stride_o2t, stride_o2r, SPLIT_K, BLOCK_R)
+
+
+_grouped_shrink = TunedLauncher(triton.autotune(
+    shrink_configs(), key=["T_BUCKET", "K", "R0", "R1", "R2", "MEMBERS", "DROP0", "DROP1", "DROP2"],
+    prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out0_ptr", "out1_ptr", "out2_ptr"],
+    do_bench=tune_bench)(_grouped_shrink_kernel))
+
+
+def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales: Sequence[float],
+                        seeds: Sequence[torch.Tensor | None] | None = None,
+                        dropouts: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """xa_g = scales[g] / (1 - p_g) * (keep_g * x) @ lora_As[g]^T in fp32 for every member, x read once.
+
+    x (T, K); lora_As[g] (r_g, K) any strides, 1 to 3 members; dropouts[g] = p_g with seeds[g] (1,) int64:
+    keep_g is the Philox mask of (seeds[g], t * K + k), as kernels.lora's for one member. Returns (T, r_g) each.
+    """
+    T, K = x.shape
+    G = len(lora_As)
+    ranks = [a.shape[0] for a in lora_As]
+    outs = [torch.zeros((T, r), device=x.device, dtype=torch.float32) for r in ranks]  # zeroed: split-K adds
+    if T == 0:
+        return outs
+    dropouts = [0.0] * G if dropouts is None else list(dropouts)
+    drop = [p > 0.0 for p in dropouts]
+    seeds = [s if d else outs[g] for g, (s, d) in enumerate(zip(seeds or [None] * G, drop))]
+    a, o, sd = _padded(list(lora_As), lora_As[0]), _padded(outs, outs[0]), _padded(seeds, seeds[0])
+    strides = [(t.stride(0), t.stride(1)) for t in a + o]
+    scale = _padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0)
+    block_r = max(16, min(next_pow2(max(ranks)), 64))
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(max(ranks), block_r), meta["SPLIT_K"])
+    key = (t_bucket(T), K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
+    _grouped_shrink.launch(key, grid,
+        x, *a, *o, *sd,
+        T, K, *_padded(ranks, 0), t_bucket(T),
+        x.stride(0), x.stride(1), *(s for pair in strides for s in pair),
+        *scale, *_padded(dropouts, 0.0),
+        MEMBERS=G, DROP0=drop[0], DROP1=G > 1 and drop[1], DROP2=G > 2 and drop[2],
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+@triton.jit
+def _grouped_matmul_kernel(
+    x_ptr,
+    w0_ptr, a0_ptr, xa0_ptr, b0_ptr, bias0_ptr, y0_ptr, seed0_ptr,
+    w1_ptr, a1_ptr, xa1_ptr, b1_ptr, bias1_ptr, y1_ptr, seed1_ptr,
+    w2_ptr, a2_ptr, xa2_ptr, b2_ptr, bias2_ptr, y2_ptr, seed2_ptr,
+    M, K, T_BUCKET, N0, N1, N2, R0, R1, R2,
+    stride_xm, stride_xk,
+    stride_w0n, stride_w0k, stride_a0r, stride_a0k, stride_xa0m, stride_xa0r, stride_b0n, stride_b0r,
+    stride_y0m, stride_y0n,
+    stride_w1n, stride_w1k, stride_a1r, stride_a1k, stride_xa1m, stride_xa1r, stride_b1n, stride_b1r,
+    stride_y1m, stride_y1n,
+    stride_w2n, stride_w2k, stride_a2r, stride_a2k, stride_xa2m, stride_xa2r, stride_b2n, stride_b2r,
+    stride_y2m, stride_y2n,
+    scale0, scale1, scale2, p0, p1, p2,
+    MEMBERS: tl.constexpr, FUSE0: tl.constexpr, FUSE1: tl.constexpr, FUSE2: tl.constexpr,
+    DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
+    HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Member 0's tiles first, then member 1's, then member 2's, each in kernels.lora's grouped order.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    end0 = num_m * tl.cdiv(N0, BLOCK_N)
+    end1 = end0 + num_m * tl.cdiv(N1, BLOCK_N)
+    if pid < end0:
+        pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
+        lora_matmul_tile(pid_m, pid_n, x_ptr, w0_ptr, a0_ptr, xa0_ptr, b0_ptr, bias0_ptr, y0_ptr, seed0_ptr,
+                         M, N0, K, R0, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_a0r, stride_a0k,
+                         stride_xa0m, stride_xa0r, stride_b0n, stride_b0r, stride_y0m, stride_y0n, scale0, p0,
+                         FUSE0, DROP0, False, HAS_BIAS0, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif MEMBERS > 1:
+        if pid < end1:
+            pid_m, pid_n = grouped_tile(pid - end0, M, N1, BLOCK_M, BLOCK_N, GROUP_M)
+            lora_matmul_tile(pid_m, pid_n, x_ptr, w1_ptr, a1_ptr, xa1_ptr, b1_ptr, bias1_ptr, y1_ptr, seed1_ptr,
+                             M, N1, K, R1, stride_xm, stride_xk, stride_w1n, stride_w1k, stride_a1r, stride_a1k,
+                             stride_xa1m, stride_xa1r, stride_b1n, stride_b1r, stride_y1m, stride_y1n, scale1, p1,
+                             FUSE1, DROP1, False, HAS_BIAS1, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif MEMBERS > 2:
+            pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
+            lora_matmul_tile(pid_m, pid_n, x_ptr, w2_ptr, a2_ptr, xa2_ptr, b2_ptr, bias2_ptr, y2_ptr, seed2_ptr,
+                             M, N2, K, R2, stride_xm, stride_xk, stride_w2n, stride_w2k, stride_a2r, stride_a2k,
+                             stride_xa2m, stride_xa2r, stride_b2n, stride_b2r, stride_y2m, stride_y2n, scale2, p2,
+                             FUSE2, DROP2, False, HAS_BIAS2, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "R0", "R1", "R2", "MEMBERS", "FUSE0", "FUSE1", "FUSE2",
+               "DROP0", "DROP1", "DROP2", "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2"]
+_grouped_matmul_decode = TunedLauncher(triton.autotune(
+    decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
+    do_bench=tune_bench)(_grouped_matmul_kernel))
+_grouped_matmul_prefill = TunedLauncher(triton.autotune(
+    prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_grouped_matmul_kernel))
+
+
+def _tile_grid(M: int, widths: list[int]):
+    """The matmul grid: every member's (row block, column block) tiles, one after another."""
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * sum(cdiv(n, meta["BLOCK_N"]) for n in widths),)
+
+
+def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor | None],
+                        lora_Bs: Sequence[torch.Tensor | None], scales: Sequence[float],
+                        biases: Sequence[torch.Tensor | None] | None = None,
+                        seeds: Sequence[torch.Tensor | None] | None = None,
+                        dropouts: Sequence[float] | None = None, fuse_shrink: bool | None = None,
+                        outs: Sequence[torch.Tensor] | None = None
+                        ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """y_g = x @ weights[g]^T + xa_g @ lora_Bs[g]^T + biases[g] for 1 to 3 members in one launch (two at prefill).
+
+    x (M, K); weights[g] (N_g, K) any strides; lora_As[g] (r_g, K) and lora_Bs[g] (N_g, r_g), or both None for a
+    member without an adapter (its y_g is the base output); biases[g] (N_g,) or None; xa_g = scales[g] / (1 - p_g)
+    * (keep_g * x) @ lora_As[g]^T, with dropouts[g] = p_g and seeds[g] (1,) int64 as in lora_grouped_shrink.
+    With fuse_shrink (every r_g <= 64) each member's shrink runs inside its tiles' K loops, else all members'
+    shrinks run first as one lora_grouped_shrink; None picks per shape as kernels.lora does for the largest rank.
+    Returns ([y_g (M, N_g)], [xa_g (M, r_g) fp32, or None without an adapter]); `outs`, if given, receive y_g.
+    """
+    M, K = x.shape
+    G = len(weights)
+    has_lora = [a is not None for a in lora_As]
+    ranks = [a.shape[0] if a is not None else 0 for a in lora_As]
+    biases = [None] * G if biases is None else list(biases)
+    dropouts = [0.0] * G if dropouts is None else list(dropouts)
+    seeds = [None] * G if seeds is None else list(seeds)
+    ys = [torch.empty((M, w.shape[0]), device=x.device, dtype=x.dtype) for w in weights] if outs is None else list(outs)
+    if fuse_shrink is None:
+        fuse_shrink = fuse_shrink_default(M, max(ranks))
+    if fuse_shrink and max(ranks) > MAX_FUSED_RANK:
+        raise ValueError(f"fuse_shrink needs r <= {MAX_FUSED_RANK}, got ranks {ranks}")
+    lora = [g for g in range(G) if has_lora[g]]
+    xas: list[torch.Tensor | None] = [None] * G
+    if fuse_shrink:
+        for g in lora:
+            xas[g] = torch.empty((M, ranks[g]), device=x.device, dtype=torch.float32)
+    elif lora:
+        shrunk = lora_grouped_shrink(x, [lora_As[g] for g in lora], [scales[g] for g in lora],
+                                     [seeds[g] for g in lora], [dropouts[g] for g in lora])
+        for g, xa in zip(lora, shrunk):
+            xas[g] = xa
+    if M == 0:
+        return ys, xas
+    # A member without an adapter reads none of its LoRA pointers (R = 0); the xa one must still be fp32.
+    fp32 = next((xa for xa in xas if xa is not None), None)
+    if fp32 is None:
+        fp32 = torch.empty(1, device=x.device, dtype=torch.float32)
+    drop = [fuse_shrink and has_lora[g] and dropouts[g] > 0.0 for g in range(G)]
+    members, strides = [], []
+    for g in range(G):
+        w, a, xa, b = weights[g], lora_As[g], xas[g], lora_Bs[g]
+        lora_g = a is not None
+        members += [w, a if lora_g else w, xa if lora_g else fp32, b if lora_g else w,
+                    ys[g] if biases[g] is None else biases[g], ys[g], seeds[g] if drop[g] else ys[g]]
+        strides += [w.stride(0), w.stride(1), *(a.stride() if lora_g else (0, 0)),
+                    *(xa.stride() if lora_g else (0, 0)), *(b.stride() if lora_g else (0, 0)),
+                    ys[g].stride(0), ys[g].stride(1)]
+    members += members[:7] * (MAX_MEMBERS - G)
+    strides += strides[:10] * (MAX_MEMBERS - G)
+    fuse = [fuse_shrink and has_lora[g] for g in range(G)]
+    has_bias = [b is not None for b in biases]
+    widths = [w.shape[0] for w in weights]
+    kernel = _grouped_matmul_decode if M <= DECODE_MAX_T else _grouped_matmul_prefill
+    key = (t_bucket(M), K, *widths, *ranks, *fuse, *drop, *has_bias, x.dtype,
+           *(t.dtype for t in weights), *(t.dtype for t in lora_As if t is not None),
+           *(t.dtype for t in lora_Bs if t is not None))
+    kernel.launch(key, _tile_grid(M, widths),
+        x, *members,
+        M, K, t_bucket(M), *_padded(widths, 0), *_padded(ranks, 0),
+        x.stride(0), x.stride(1), *strides,
+        *_padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0), *_padded(dropouts, 0.0),
+        MEMBERS=G, **_flags("FUSE", fuse), **_flags("DROP", drop), **_flags("HAS_BIAS", has_bias),
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=max(16, min(next_pow2(max(ranks)), MAX_FUSED_RANK)),
+    )
+    return ys, xas
+
+
+def _flags(name: str, values: list[bool]) -> dict[str, bool]:
+    """NAME0..NAME2 constexprs: a member's flag, False for the members the group does not have."""
+    return {f"{name}{g}": v for g, v in enumerate(_padded(list(values), False))}
+
+
+# ------------------------------------------------------------------------------------- multi-adapter shrink
+@triton.jit
+def _multi_shrink_step(acc, x, s, offs_t, offs_k, K, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
+                       stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
+    """acc += keep * x @ A_s^T over this program's 16 ranks of one member's slot s (x: that slot's rows only)."""
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rank = tl.load(ranks_ptr + s)
+    if DROPOUT:  # this member's own seed, slot s's probability, the element's logical index t * K + k
+        x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s)), x, 0.0)
+    a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)           # (BLOCK_K, BLOCK_R)
+    return _dot(x, a, acc, FP32_DOT)
+
+
+@triton.jit
+def _row_scale(slot, scales_ptr, dropouts_ptr, DROPOUT: tl.constexpr):
+    """Each row's s_a / (1 - p_a) for one member (0 for rows without an adapter)."""
+    has = slot >= 0
+    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=has, other=0.0)
+    if DROPOUT:
+        scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=has, other=0.0))
+    return scale[:, None]
+
+
+@triton.jit
+def _grouped_multi_shrink_kernel(
+    x_ptr, idx_ptr, order_ptr,
+    a0_ptr, ranks0_ptr, scales0_ptr, dropouts0_ptr, seed0_ptr, out0_ptr,
+    a1_ptr, ranks1_ptr, scales1_ptr, dropouts1_ptr, seed1_ptr, out1_ptr,
+    a2_ptr, ranks2_ptr, scales2_ptr, dropouts2_ptr, seed2_ptr, out2_ptr,
+    T, K, T_BUCKET, WIDTH0, WIDTH1, WIDTH2,
+    stride_xt, stride_xk,
+    stride_a0s, stride_a0r, stride_a0k, stride_o0t, stride_o0r,
+    stride_a1s, stride_a1r, stride_a1k, stride_o1t, stride_o1r,
+    stride_a2s, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
+    MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
+    FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    first_r = tl.program_id(1) * BLOCK_R
+    offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
+    slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
+    acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    s = _next_slot(slot, -1)
+    while s < NO_SLOT:
+        live = first_r < tl.load(ranks0_ptr + s)
+        if MEMBERS > 1:
+            live = live | (first_r < tl.load(ranks1_ptr + s))
+        if MEMBERS > 2:
+            live = live | (first_r < tl.load(ranks2_ptr + s))
+        if live:  # some member's slot s has ranks in this program's 16: one pass over x for all of them
+            rows = mask_t & (slot == s)
+            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                            mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)      # (BLOCK_T, BLOCK_K)
+                acc0 = _multi_shrink_step(acc0, x, s, offs_t, offs_k, K, a0_ptr, ranks0_ptr, dropouts0_ptr,
+                                          seed0_ptr, stride_a0s, stride_a0r, stride_a0k, DROP0, FP32_DOT, BLOCK_R)
+                if MEMBERS > 1:
+                    acc1 = _multi_shrink_step(acc1, x, s, offs_t, offs_k, K, a1_ptr, ranks1_ptr, dropouts1_ptr,
+                                              seed1_ptr, stride_a1s, stride_a1r, stride_a1k, DROP1, FP32_DOT,
+                                              BLOCK_R)
+                if MEMBERS > 2:
+                    acc2 = _multi_shrink_step(acc2, x, s, offs_t, offs_k, K, a2_ptr, ranks2_ptr, dropouts2_ptr,
+                                              seed2_ptr, stride_a2s, stride_a2r, stride_a2k, DROP2, FP32_DOT,
+                                              BLOCK_R)
+        s = _next_slot(slot, s)
+    acc0 = acc0 * _row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0)
+    _store_xa(acc0, out0_ptr, offs_t, mask_t, WIDTH0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
+    if MEMBERS > 1:
+        acc1 = acc1 * _row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1)
+        _store_xa(acc1, out1_ptr, offs_t, mask_t, WIDTH1, stride_o1t, stride_o1r, SPLIT_K, BLOCK_R)
+    if MEMBERS > 2:
+        acc2 = acc2 * _row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2)
+        _store_xa(acc2, out2_ptr, offs_t, mask_t, WIDTH2, stride_o2t, stride_o2r, SPLIT_K, BLOCK_R)
+
+
+_grouped_multi_shrink = TunedLauncher(triton.autotune(
+    shrink_configs(), key=["T_BUCKET", "K", "MEMBERS", "HAS_ORDER", "DROP0", "DROP1", "DROP2"],
+    prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out0_ptr", "out1_ptr", "out2_ptr"],
+    do_bench=tune_bench)(_grouped_multi_shrink_kernel))
+
+
+def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], adapter_index: torch.Tensor,
+                              ranks: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                              order: torch.Tensor | None = None,
+                              dropouts: Sequence[torch.Tensor | None] | None = None,
+                              seeds: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """kernels.lora_multi.lora_multi_shrink for 1 to 3 members in one launch, each x tile read once for all.
+
+    x (T, K); lora_As[g] (S, r_max_g, K) any strides; adapter_index (T,) int32 (-1: none); ranks[g] (S,) int32;
+    scales[g] (S,) fp32; order as for lora_multi_shrink; dropouts[g] (S,) fp32 with seeds[g] (1,) int64, or None:
+    member g's keep mask is the Philox mask of (seeds[g], t * K + k) against its slot's p. Returns
+    (T, padded_rank(r_max_g)) fp32 per member, zero beyond each token's rank.
+    """
+    T, K = x.shape
+    G = len(lora_As)
+    widths = [padded_rank(a.shape[1]) for a in lora_As]
+    outs = [torch.zeros((T, w), device=x.device, dtype=torch.float32) for w in widths]  # zeroed: split-K adds
+    if T == 0:
+        return outs
+    dropouts = [None] * G if dropouts is None else list(dropouts)
+    seeds = [None] * G if seeds is None else list(seeds)
+    drop = [p is not None for p in dropouts]
+    members, strides = [], []
+    for g in range(G):
+        a, out = lora_As[g], outs[g]
+        members += [a, ranks[g], scales[g], dropouts[g] if drop[g] else scales[g],
+                    seeds[g] if drop[g] else ranks[g], out]
+        strides += [*a.stride(), *out.stride()]
+    members += members[:6] * (MAX_MEMBERS - G)
+    strides += strides[:5] * (MAX_MEMBERS - G)
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R, meta["SPLIT_K"])
+    _grouped_multi_shrink.launch(
+        (t_bucket(T), K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As)), grid,
+        x, adapter_index, adapter_index if order is None else order, *members,
+        T, K, t_bucket(T), *_padded(widths, 0),
+        x.stride(0), x.stride(1), *strides,
+        MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
+    )
+    return outs
+
+
+# ------------------------------------------------------------------------------------- multi-adapter matmul
+@triton.jit
+def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, bias_ptr, y_ptr,
+                       M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
+                       stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+                       HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
+    adapters reach (rows in batch order: each row's output is its own)."""
+    if HAS_LORA:
+        multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, xa_ptr, idx_ptr,
+                          bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
+                          stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
+                         stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
+                         False, False, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _grouped_multi_matmul_kernel(
+    x_ptr, idx_ptr, order_ptr,
+    w0_ptr, xa0_ptr, b0_ptr, ranks0_ptr, bias0_ptr, y0_ptr,
+    w1_ptr, xa1_ptr, b1_ptr, ranks1_ptr, bias1_ptr, y1_ptr,
+    w2_ptr, xa2_ptr, b2_ptr, ranks2_ptr, bias2_ptr, y2_ptr,
+    M, K, T_BUCKET, N0, N1, N2,
+    stride_xm, stride_xk,
+    stride_w0n, stride_w0k, stride_xa0m, stride_xa0r, stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
+    stride_w1n, stride_w1k, stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
+    stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
+    MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
+    HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    end0 = num_m * tl.cdiv(N0, BLOCK_N)
+    end1 = end0 + num_m * tl.cdiv(N1, BLOCK_N)
+    if pid < end0:
+        pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
+        _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
+                           y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
+                           stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif MEMBERS > 1:
+        if pid < end1:
+            pid_m, pid_n = grouped_tile(pid - end0, M, N1, BLOCK_M, BLOCK_N, GROUP_M)
+            _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
+                               bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
+                               stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif MEMBERS > 2:
+            pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
+            _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
+                               bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
+                               stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+_MULTI_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "MEMBERS", "HAS_ORDER", "LORA0", "LORA1", "LORA2",
+                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2"]
+_grouped_multi_matmul_decode = TunedLauncher(triton.autotune(
+    decode_matmul_configs(), key=_MULTI_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
+    do_bench=tune_bench)(_grouped_multi_matmul_kernel))
+_grouped_multi_matmul_prefill = TunedLauncher(triton.autotune(
+    prefill_matmul_configs(), key=_MULTI_MATMUL_KEY, do_bench=tune_bench)(_grouped_multi_matmul_kernel))
+
+
+def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], xas: Sequence[torch.Tensor | None],
+                              lora_Bs: Sequence[torch.Tensor | None], adapter_index: torch.Tensor,
+                              ranks: Sequence[torch.Tensor | None],
+                              biases: Sequence[torch.Tensor | None] | None = None,
+                              order: torch.Tensor | None = None,
+                              outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """kernels.lora_multi.lora_multi_matmul for 1 to 3 members in one launch.
+
+    x (M, K); weights[g] (N_g, K) any strides; xas[g] (M, >= r_max_g) fp32 from lora_grouped_multi_shrink,
+    lora_Bs[g] (S, N_g, r_max_g) and ranks[g] (S,) int32, or all three None for a member without adapters (its
+    y_g is the base output); biases[g] (N_g,) or None; adapter_index (M,) int32; order as for the shrink.
+    Returns [y_g (M, N_g)]; `outs`, if given, receive them.
+    """
+    M, K = x.shape
+    G = len(weights)
+    biases = [None] * G if biases is None else list(biases)
+    ys = [torch.empty((M, w.shape[0]), device=x.device, dtype=x.dtype) for w in weights] if outs is None else list(outs)
+    if M == 0:
+        return ys
+    has_lora = [b is not None for b in lora_Bs]
+    fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
+    if fp32 is None:
+        fp32 = torch.empty(1, device=x.device, dtype=torch.float32)
+    members, strides = [], []
+    for g in range(G):
+        w, xa, b, y = weights[g], xas[g], lora_Bs[g], ys[g]
+        lora_g = has_lora[g]
+        members += [w, xa if lora_g else fp32, b if lora_g else w, ranks[g] if lora_g else adapter_index,
+                    y if biases[g] is None else biases[g], y]
+        strides += [*w.stride(), *(xa.stride() if lora_g else (0, 0)), *(b.stride() if lora_g else (0, 0, 0)),
+                    *y.stride()]
+    members += members[:6] * (MAX_MEMBERS - G)
+    strides += strides[:9] * (MAX_MEMBERS - G)
+    has_bias = [b is not None for b in biases]
+    widths = [w.shape[0] for w in weights]
+    kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
+    key = (t_bucket(M), K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
+           *(b.dtype for b in lora_Bs if b is not None))
+    kernel.launch(key, _tile_grid(M, widths),
+        x, adapter_index, adapter_index if order is None else order, *members,
+        M, K, t_bucket(M), *_padded(widths, 0),
+        x.stride(0), x.stride(1), *strides,
+        MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
+    )
+    return ys

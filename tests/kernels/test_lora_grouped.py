@@ -1,0 +1,197 @@
+"""Grouped LoRA kernels against float64 references: members with different d_out, a member without an adapter,
+mixed and large ranks, fused and separate shrink, poisoned outputs; dropout masks equal to the per-member
+kernels' with the same seeds; the multi-adapter pair with random mappings (-1 rows), mixed ranks, slots a
+member lacks (rank 0) and a member without slots, rows as they come and slot-sorted.
+
+On the CPU these run under TRITON_INTERPRET=1 on small shapes (fp32 and fp16); the `gpu` tests repeat them at
+Llama shapes in bf16.
+"""
+import pytest
+import torch
+
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.kernels import lora_grouped as G
+from ptlm_engine.kernels import lora_multi as M
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def _members(d_in, d_outs, ranks, dtype, biased):
+    """Per member: W (d_out, d_in), A (r, d_in) / B (d_out, r) or None (no adapter), bias or None, scale."""
+    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    As = [None if r is None else _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5) for r in ranks]
+    Bs = [None if r is None else _rand(n, r, dtype=dtype, scale=r ** -0.5) for n, r in zip(d_outs, ranks)]
+    biases = [_rand(n, dtype=dtype) if b else None for n, b in zip(d_outs, biased)]
+    scales = [1.7, 0.6, 2.5][:len(d_outs)]
+    return ws, As, Bs, biases, scales
+
+
+def _check_grouped(T, d_in, d_outs, ranks, dtype, fuse_shrink, biased=(True, False, True)):
+    ws, As, Bs, biases, scales = _members(d_in, d_outs, ranks, dtype, biased)
+    x = _rand(T, d_in, dtype=dtype)
+    outs = [torch.full((T, n), float("nan"), device=DEVICE, dtype=dtype) for n in d_outs]   # poisoned
+    ys, xas = G.lora_grouped_matmul(x, ws, As, Bs, scales, biases, fuse_shrink=fuse_shrink, outs=outs)
+    for g, (w, a, b, bias, s) in enumerate(zip(ws, As, Bs, biases, scales)):
+        assert ys[g] is outs[g]
+        y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+        y_torch = x @ w.t() + (0 if bias is None else bias)
+        if a is None:
+            assert xas[g] is None
+        else:
+            xa64 = s * x.double() @ a.double().t()
+            assert xas[g].dtype == torch.float32 and xas[g].shape == (T, a.shape[0])
+            assert_matches(xas[g], xa64, s * (x @ a.t()), dtype, f"member {g}'s xa")
+            y64 = y64 + xa64 @ b.double().t()
+            y_torch = y_torch + xas[g].to(dtype) @ b.t()
+        assert_matches(ys[g], y64, y_torch, dtype, f"member {g}'s y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_outs,ranks,fuse_shrink", [
+    (1, 37, (29, 13, 13), (4, None, 7), True),        # decode, GQA-like: k narrower than q, k without adapter
+    (5, 37, (29, 13, 13), (4, None, 7), False),
+    (70, 33, (47, 19), (17, 5), None),                # prefill: the shared shrink, then the grouped matmul
+    (13, 45, (53, 21, 21), (40, 90, None), False),    # r = 90: the shrink spans two rank blocks
+])
+def test_grouped_kernels_odd_shapes(T, d_in, d_outs, ranks, fuse_shrink, dtype):
+    torch.manual_seed(T + d_in)
+    _check_grouped(T, d_in, d_outs, ranks, dtype, fuse_shrink)
+
+
+def test_grouped_empty_tokens_and_one_member():
+    ws, As, Bs, biases, scales = _members(16, (8, 4), (2, 3), torch.float32, (False, True))
+    ys, xas = G.lora_grouped_matmul(torch.empty(0, 16, device=DEVICE), ws, As, Bs, scales, biases)
+    assert [y.shape for y in ys] == [(0, 8), (0, 4)] and [xa.shape for xa in xas] == [(0, 2), (0, 3)]
+    torch.manual_seed(2)
+    _check_grouped(3, 16, (8,), (2,), torch.float32, None, biased=(True,))
+
+
+@pytest.mark.parametrize("fuse_shrink", [True, False])
+def test_grouped_dropout_is_each_members_own_kernel_mask(fuse_shrink):
+    """Member g draws the mask kernels.lora draws with member g's seed: per-member masks, shared with backward."""
+    torch.manual_seed(4)
+    T, d_in = 19, 24
+    ws, As, Bs, biases, scales = _members(d_in, (30, 11, 11), (4, 3, None), torch.float32, (True, False, False))
+    x = _rand(T, d_in, dtype=torch.float32)
+    seeds = [torch.tensor([s], device=DEVICE) for s in (123, 456, 789)]
+    dropouts = [0.3, 0.5, 0.2]
+    ys, xas = G.lora_grouped_matmul(x, ws, As, Bs, scales, biases, seeds, dropouts, fuse_shrink=fuse_shrink)
+    for g in range(2):
+        y, xa = K.lora_matmul(x, ws[g], As[g], Bs[g], scales[g], biases[g], seeds[g], x_dropout=dropouts[g],
+                              fuse_shrink=fuse_shrink)
+        torch.testing.assert_close(xas[g], xa, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ys[g], y, rtol=1e-6, atol=1e-6)
+    dense = K.lora_matmul(x, ws[0], As[0], Bs[0], scales[0], biases[0], fuse_shrink=fuse_shrink)[1]
+    assert not torch.allclose(xas[0], dense)                     # the mask did apply
+    torch.testing.assert_close(ys[2], x @ ws[2].t())             # no adapter: its dropout changes nothing
+
+
+# ----------------------------------------------------------------------------------------------- multi-adapter
+def _slots(S, d_in, d_out, ranks, dtype):
+    """Stacked slots in the pool's layout (zeros beyond each rank; rank 0: the member lacks that adapter)."""
+    r_max = max(ranks)
+    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
+    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    return (a.to(DEVICE, dtype), b.to(DEVICE, dtype), torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
+            torch.rand(S, dtype=torch.float32, device=DEVICE) + 0.5)
+
+
+def _mapping(kind, T, S):
+    if kind == "random":
+        return torch.randint(-1, S, (T,), device=DEVICE, dtype=torch.int32)
+    return (torch.arange(T, device=DEVICE, dtype=torch.int32) % (S + 1)) - 1   # "each": rows cycle through slots
+
+
+def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
+    S = 4
+    members = [None if r is None else _slots(S, d_in, n, r, dtype) for n, r in zip(d_outs, member_ranks)]
+    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    biases = [_rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
+    x = _rand(T, d_in, dtype=dtype)
+    idx = _mapping(kind, T, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    live = [g for g, m in enumerate(members) if m is not None]
+    order, _ = M.token_segments(idx, S)
+    for rows in (None, order) if T <= M.DECODE_MAX_T else (order,):   # the op sorts the rows at prefill
+        shrunk = G.lora_grouped_multi_shrink(x, [members[g][0] for g in live], idx, [members[g][2] for g in live],
+                                             [members[g][3] for g in live], rows)
+        xas = [None] * len(d_outs)
+        for g, xa in zip(live, shrunk):
+            xas[g] = xa
+        outs = [torch.full((T, n), float("nan"), device=DEVICE, dtype=dtype) for n in d_outs]   # poisoned
+        G.lora_grouped_multi_matmul(x, ws, xas, [None if m is None else m[1] for m in members], idx,
+                                    [None if m is None else m[2] for m in members], biases, rows, outs=outs)
+        for g, (w, bias, m) in enumerate(zip(ws, biases, members)):
+            y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            y_torch = x @ w.t() + (0 if bias is None else bias)
+            if m is not None:
+                a, b, _, scales = m
+                r_max = a.shape[1]
+                xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+                assert xas[g].shape == (T, M.padded_rank(r_max)) and not xas[g][:, r_max:].any()
+                assert_matches(xas[g][:, :r_max], xa64, None, dtype, f"member {g}'s xa")
+                y64 = y64 + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+                y_torch = y_torch + torch.einsum("tr,tor->to", xas[g][:, :r_max].to(dtype), b[slot])
+            assert_matches(outs[g], y64, y_torch, dtype, f"member {g}'s y, sorted rows: {rows is not None}")
+
+
+@pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("each", torch.float16)]
+                         + ([("random", torch.bfloat16)] if CUDA else []), ids=str)
+def test_grouped_multi_kernels_mappings(kind, dtype):
+    """q with four slots of mixed ranks, k without any slot, v lacking two of the adapters (rank 0)."""
+    torch.manual_seed(7)
+    _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, kind)
+
+
+def test_grouped_multi_kernels_prefill_two_members():
+    torch.manual_seed(8)
+    _check_multi(70, 33, (19, 26), ([40, 17, 2, 8], [5, 5, 5, 5]), torch.float32, "random")
+
+
+def test_grouped_multi_dropout_is_each_members_own_kernel_mask():
+    torch.manual_seed(9)
+    T, d_in, S = 23, 24, 3
+    members = [_slots(S, d_in, n, r, torch.float32) for n, r in ((20, [4, 8, 2]), (12, [3, 3, 6]))]
+    x = _rand(T, d_in, dtype=torch.float32)
+    idx = _mapping("random", T, S)
+    dropouts = [torch.tensor([0.3, 0.0, 0.6], device=DEVICE), torch.tensor([0.5, 0.2, 0.0], device=DEVICE)]
+    seeds = [torch.tensor([11], device=DEVICE), torch.tensor([12], device=DEVICE)]
+    xas = G.lora_grouped_multi_shrink(x, [m[0] for m in members], idx, [m[2] for m in members],
+                                      [m[3] for m in members], None, dropouts, seeds)
+    for g, (a, _, ranks, scales) in enumerate(members):
+        expected = M.lora_multi_shrink(x, a, idx, ranks, scales, None, dropouts[g], seeds[g])
+        torch.testing.assert_close(xas[g], expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(xas[0], M.lora_multi_shrink(x, members[0][0], idx, members[0][2], members[0][3]))
+
+
+# --------------------------------------------------------------------------------------------------------- gpu
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 61, 2049])
+@pytest.mark.parametrize("d_outs,ranks", [((4096, 1024, 1024), (16, 16, 16)), ((11008, 11008), (16, None)),
+                                          ((4096, 4096, 4096), (64, 128, 8))])
+def test_grouped_kernels_llama_shapes(T, d_outs, ranks, dtype):
+    torch.manual_seed(T)
+    _check_grouped(T, 4096, d_outs, ranks, dtype, None if max(r or 0 for r in ranks) <= 64 else False,
+                   biased=(False,) * len(d_outs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 64, 1000])
+def test_grouped_multi_kernels_llama_shapes(T, dtype):
+    torch.manual_seed(T)
+    _check_multi(T, 4096, (4096, 1024, 1024), ([8, 16, 64, 128], None, [16, 0, 16, 32]), dtype, "random")

@@ -1,0 +1,306 @@
+"""The grouped LoRA ops (custom ops + autograd) against float64 references and against the separate ops: values
+and gradients of every member (a member without an adapter, GQA-like widths, Conv1D layout, trainable base,
+per-member dropout), the multi-adapter variant with random mappings, bad input, torch.library checks, compile."""
+import pytest
+import torch
+
+from ptlm_engine import reference
+from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped, lora_linear_multi,
+                                    lora_linear_multi_grouped, token_segments)
+from ptlm_engine.kernels import lora as K
+from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
+from tests.helpers import assert_matches
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def _rand(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True, False, True), train_base=False):
+    x = _rand(*lead, d_in, dtype=dtype).requires_grad_()
+    ws = [(_rand(d_in, n, dtype=dtype, scale=d_in ** -0.5) if fan_in_fan_out else
+           _rand(n, d_in, dtype=dtype, scale=d_in ** -0.5)).requires_grad_(train_base) for n in d_outs]
+    biases = [_rand(n, dtype=dtype).requires_grad_(train_base) if b else None for n, b in zip(d_outs, biased)]
+    As = [None if r is None else _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5).requires_grad_() for r in ranks]
+    Bs = [None if r is None else _rand(n, r, dtype=dtype, scale=r ** -0.5).requires_grad_()
+          for n, r in zip(d_outs, ranks)]
+    return x, ws, biases, As, Bs, [1.5, 0.5, 2.0][:len(d_outs)]
+
+
+def _leaves(ts, dtype=torch.float64):
+    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts]
+
+
+def _grads(ys, dys, tensors):
+    torch.autograd.backward(ys, dys)
+    return [None if t is None or not t.requires_grad else t.grad for t in tensors]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    dict(lead=(2, 5), d_in=33, d_outs=(29, 13, 13), ranks=(4, None, 9)),               # q/k/v, k without adapter
+    dict(lead=(70,), d_in=24, d_outs=(37, 20), ranks=(3, 8), biased=(False, True)),    # prefill, gate/up
+    dict(lead=(3, 3), d_in=24, d_outs=(18, 18, 18), ranks=(2, 5, 1), fan_in_fan_out=True, train_base=True),
+])
+def test_grouped_forward_backward_matches_float64(case, dtype):
+    torch.manual_seed(sum(case["lead"]) + case["d_in"])
+    x, ws, biases, As, Bs, scales = _inputs(dtype=dtype, **case)
+    fif = case.get("fan_in_fan_out", False)
+    ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, fan_in_fan_out=fif)
+    dys = [torch.randn_like(y) for y in ys]
+    tensors = [x, *ws, *biases, *As, *Bs]
+    grads = _grads(ys, dys, tensors)
+    for lowp in (torch.float64, dtype):   # the float64 truth, and PyTorch's own error in the layer's dtype
+        ts = _leaves(tensors, lowp)
+        G = len(ws)
+        x_r, ws_r, b_r, A_r, B_r = ts[0], ts[1:1 + G], ts[1 + G:1 + 2 * G], ts[1 + 2 * G:1 + 3 * G], ts[1 + 3 * G:]
+        ys_r = reference.lora_linear_grouped(x_r.reshape(-1, x.shape[-1]), ws_r, b_r, A_r, B_r, scales, fif)
+        grads_r = _grads(ys_r, [d.to(lowp).reshape(-1, d.shape[-1]) for d in dys], ts)
+        if lowp == torch.float64:
+            ys64, grads64 = ys_r, grads_r
+    for g, y in enumerate(ys):
+        assert y.shape == (*case["lead"], case["d_outs"][g]) and y.dtype == dtype
+        assert_matches(y.reshape(-1, y.shape[-1]), ys64[g], ys_r[g], dtype, f"y[{g}]")
+    for i, (got, g64, g_lp) in enumerate(zip(grads, grads64, grads_r)):
+        assert (got is None) == (g64 is None), i
+        if got is not None:
+            assert got.shape == g64.shape and got.dtype == dtype, i
+            assert_matches(got, g64, g_lp, dtype, f"grad of input {i}")
+
+
+@needs_triton
+def test_grouped_equals_the_separate_ops():
+    """Outputs and gradients (x, every A and B) equal the members' own lora_linear / linear calls."""
+    torch.manual_seed(3)
+    x, ws, biases, As, Bs, scales = _inputs((9,), 20, (16, 8, 8), (4, None, 6), torch.float32)
+    tensors = [x, *As, *Bs]
+    ys = lora_linear_grouped(x, ws, biases, As, Bs, scales)
+    dys = [torch.randn_like(y) for y in ys]
+    grads = _grads(ys, dys, tensors)
+    for t in tensors:
+        if t is not None:
+            t.grad = None
+    sep = [torch.nn.functional.linear(x, w, b) if a is None else lora_linear(x, w, b, a, bb, s)
+           for w, b, a, bb, s in zip(ws, biases, As, Bs, scales)]
+    grads_sep = _grads(sep, dys, tensors)
+    for y, y_sep in zip(ys, sep):
+        torch.testing.assert_close(y, y_sep, rtol=1e-5, atol=1e-5)
+    for g, g_sep in zip(grads, grads_sep):
+        assert (g is None) == (g_sep is None)
+        if g is not None:
+            torch.testing.assert_close(g, g_sep, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward():
+    torch.manual_seed(11)
+    T, d_in, p = 21, 26, [0.4, 0.25]
+    x, ws, biases, As, Bs, scales = _inputs((T,), d_in, (34, 12), (3, 5), torch.float32, biased=(True, False))
+    dys = [torch.randn(T, n, device=DEVICE) for n in (34, 12)]
+    state = torch.cuda.get_rng_state() if CUDA else torch.random.get_rng_state()
+    ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, dropouts=p)
+    grads = _grads(ys, dys, [x, *As, *Bs])
+    # The op draws one Philox seed per member from the default generator: replay it to recover the masks.
+    (torch.cuda.set_rng_state if CUDA else torch.random.set_rng_state)(state)
+    seeds = torch.randint(0, 2**31 - 1, (2,), device=DEVICE)
+    ones, eye = torch.ones(T, d_in, device=DEVICE), torch.eye(d_in, device=DEVICE)
+    keeps = [K.lora_shrink(ones, eye, 1.0, seeds[g:g + 1], p[g]) * (1 - p[g]) > 0.5 for g in range(2)]
+    assert all(0 < k.float().mean() < 1 for k in keeps) and not torch.equal(keeps[0], keeps[1])
+    ts = _leaves([x, *As, *Bs])
+    ys64 = reference.lora_linear_grouped(ts[0], [w.double() for w in ws], [b if b is None else b.double() for b in
+                                         biases], ts[1:3], ts[3:], scales, False, p, [k.double() for k in keeps])
+    grads64 = _grads(ys64, [d.double() for d in dys], ts)
+    for y, y64 in zip(ys, ys64):
+        assert_matches(y, y64, None, torch.float32, "y")
+    for name, g, g64 in zip(["dx", "dA0", "dA1", "dB0", "dB1"], grads, grads64):
+        assert_matches(g, g64, None, torch.float32, name)
+
+
+def _multi_inputs(lead, d_in, d_outs, member_ranks, dtype, S=3):
+    x = _rand(*lead, d_in, dtype=dtype).requires_grad_()
+    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    biases = [_rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
+    slots = []
+    for n, ranks in zip(d_outs, member_ranks):
+        if ranks is None:
+            slots.append(None)
+            continue
+        r_max = max(ranks)
+        a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
+        b = torch.randn(S, n, r_max, dtype=torch.float64) * r_max ** -0.5
+        for s, r in enumerate(ranks):
+            a[s, r:] = 0
+            b[s, :, r:] = 0
+        slots.append(LoraSlots(a.to(DEVICE, dtype).requires_grad_(), b.to(DEVICE, dtype).requires_grad_(),
+                               torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
+                               torch.rand(S, device=DEVICE) + 0.5))
+    return x, ws, biases, slots, torch.randint(-1, S, lead, device=DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype,lead", [(torch.float32, (3, 7)), (torch.float16, (3, 7)), (torch.float32, (70,))]
+                         + ([(torch.bfloat16, (3, 7))] if CUDA else []), ids=str)
+def test_multi_grouped_forward_backward_matches_float64(dtype, lead):
+    """q: mixed ranks; k: no slot of the batch; v: lacks one adapter (rank 0). (70,): sorted rows at prefill."""
+    torch.manual_seed(5)
+    d_in, d_outs = 26, (30, 14, 14)
+    x, ws, biases, slots, index = _multi_inputs(lead, d_in, d_outs, ([8, 3, 16], None, [0, 4, 6]), dtype)
+    ys = lora_linear_multi_grouped(x, ws, biases, slots, index)
+    dys = [torch.randn_like(y) for y in ys]
+    live = [s for s in slots if s is not None]
+    grads = _grads(ys, dys, [x] + [t for s in live for t in (s.lora_A, s.lora_B)])
+    leaf = lambda t: t.detach().double().requires_grad_()
+    x64 = leaf(x)
+    ab64 = [(leaf(s.lora_A), leaf(s.lora_B)) if s is not None else (None, None) for s in slots]
+    ys64 = reference.lora_linear_multi_grouped(
+        x64.reshape(-1, d_in), [w.double() for w in ws], [b if b is None else b.double() for b in biases],
+        [a for a, _ in ab64], [b for _, b in ab64], [None if s is None else s.scales.double() for s in slots],
+        index.reshape(-1))
+    grads64 = _grads(ys64, [d.double().reshape(-1, d.shape[-1]) for d in dys],
+                     [x64] + [t for a, b in ab64 if a is not None for t in (a, b)])
+    for g, (y, y64) in enumerate(zip(ys, ys64)):
+        assert y.shape == (*lead, d_outs[g])
+        assert_matches(y.reshape(-1, y.shape[-1]), y64, None, dtype, f"y[{g}]")
+    for i, (got, g64) in enumerate(zip(grads, grads64)):
+        assert_matches(got, g64, None, dtype, f"grad {i}")
+    assert not slots[2].lora_A.grad[0].any() and not slots[0].lora_B.grad[1, :, 3:].any()   # beyond each rank
+
+
+@needs_triton
+def test_multi_grouped_equals_the_separate_ops():
+    torch.manual_seed(6)
+    x, ws, biases, slots, index = _multi_inputs((11,), 20, (18, 10), ([4, 12, 2], [6, 6, 6]), torch.float32)
+    order_bounds = token_segments(index, 3)
+    ys = lora_linear_multi_grouped(x, ws, biases, slots, index, segments=order_bounds)
+    for y, w, b, s in zip(ys, ws, biases, slots):
+        torch.testing.assert_close(y, lora_linear_multi(x, w, b, s, index, segments=order_bounds), rtol=1e-5,
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(x=(5, 9)), r"x: expected shape \(\.\.\., 8\) to match weights\[0\]"),
+    (dict(w1=(6, 7)), r"x: expected shape \(\.\.\., 7\) to match weights\[1\]"),
+    (dict(a1=(3, 7)), r"lora_As\[1\]: expected shape \(r, 8\)"),
+    (dict(b0=(6, 2)), r"lora_Bs\[0\]: expected shape \(6, 3\)"),
+    (dict(bias1=(6,)), r"biases\[1\]: expected shape \(4,\)"),
+    (dict(a1=None), r"lora_As\[1\], lora_Bs\[1\]: expected both tensors or both None"),
+])
+def test_grouped_bad_input_raises_value_error(bad, message):
+    shapes = dict(x=(5, 8), w0=(6, 8), w1=(4, 8), bias0=(6,), bias1=(4,), a0=(3, 8), a1=(2, 8), b0=(6, 3), b1=(4, 2))
+    t = {k: None if s is None else torch.randn(*s, device=DEVICE) for k, s in (shapes | bad).items()}
+    with pytest.raises(ValueError, match=message):
+        lora_linear_grouped(t["x"], [t["w0"], t["w1"]], [t["bias0"], t["bias1"]], [t["a0"], t["a1"]],
+                            [t["b0"], t["b1"]], [1.0, 1.0])
+
+
+def test_grouped_bad_members_raise_value_error():
+    x, w, a, b = (torch.randn(*s, device=DEVICE) for s in [(5, 8), (6, 8), (3, 8), (6, 3)])
+    with pytest.raises(ValueError, match=r"weights: expected 1 to 3 members"):
+        lora_linear_grouped(x, [w] * 4, [None] * 4, [a] * 4, [b] * 4, [1.0] * 4)
+    with pytest.raises(ValueError, match=r"scales: expected one entry per member \(2\)"):
+        lora_linear_grouped(x, [w, w], [None, None], [a, a], [b, b], [1.0])
+    with pytest.raises(ValueError, match=r"lora_Bs\[1\]: expected dtype torch.float32"):
+        lora_linear_grouped(x, [w, w], [None, None], [a, a], [b, b.half()], [1.0, 1.0])
+    with pytest.raises(ValueError, match=r"dropouts\[0\]"):
+        lora_linear_grouped(x, [w], [None], [a], [b], [1.0], dropouts=[1.0])
+    xm, wm, _, slots, index = _multi_inputs((5,), 8, (6, 4), ([2, 3, 1], [1, 1, 1]), torch.float32)
+    with pytest.raises(ValueError, match=r"slots: every member must stack the same number of slots"):
+        lora_linear_multi_grouped(xm, wm, [None, None], [slots[0], slots[1]._replace(
+            lora_A=slots[1].lora_A[:2], lora_B=slots[1].lora_B[:2], ranks=slots[1].ranks[:2],
+            scales=slots[1].scales[:2])], index)
+    with pytest.raises(ValueError, match=r"slots\[1\].lora_B: expected stacked slots \(3, 4, 1\)"):
+        lora_linear_multi_grouped(xm, wm, [None, None], [slots[0], slots[1]._replace(lora_B=slots[0].lora_B)], index)
+    with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
+        lora_linear_multi_grouped(xm, wm, [None, None], slots, index[:4])
+
+
+def test_reference_backend_matches_float64(monkeypatch):
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    torch.manual_seed(2)
+    x, ws, biases, As, Bs, scales = _inputs((4, 3), 12, (10, 6), (2, None), torch.float32, biased=(True, False))
+    ys = lora_linear_grouped(x, ws, biases, As, Bs, scales)
+    ys64 = reference.lora_linear_grouped(x.double(), [w.double() for w in ws], [biases[0].double(), None],
+                                         [As[0].double(), None], [Bs[0].double(), None], scales)
+    for y, y64 in zip(ys, ys64):
+        assert_matches(y, y64, None, torch.float32, "y")
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    torch.manual_seed(4)
+    x, ws, biases, As, Bs, scales = _inputs((9,), 20, (12, 6), (2, 3), torch.float32, biased=(True, True))
+    for seeds, p in [(None, [0.0, 0.0]), (torch.tensor([7, 8], device=DEVICE), [0.25, 0.0])]:
+        torch.library.opcheck(lora_linear_grouped_fwd, (x, ws, biases, As, Bs, scales, p, seeds, False),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    xm, wm, bm, slots, index = _multi_inputs((7,), 16, (12, 8), ([4, 8, 2], [2, 2, 2]), torch.float32)
+    index = index.to(torch.int32)
+    order, bounds = token_segments(index, 3)
+    args = (xm, wm, [bm[0], torch.randn(8, device=DEVICE)], [s.lora_A for s in slots], [s.lora_B for s in slots],
+            [s.ranks for s in slots], [s.scales for s in slots], [torch.full((3,), 0.2, device=DEVICE), None], index,
+            order, bounds, torch.tensor([7, 8], device=DEVICE), False)
+    torch.library.opcheck(lora_linear_multi_grouped_fwd, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@needs_triton
+def test_torch_compile_fullgraph_with_a_member_without_adapter():
+    """Inside torch.compile absent tensors travel as placeholders, so the gradients still reach every A and B."""
+    torch.manual_seed(6)
+    x, ws, biases, As, Bs, scales = _inputs((2, 7), 16, (24, 8, 8), (4, None, 2), torch.float32)
+    compiled = torch.compile(lambda x: lora_linear_grouped(x, ws, biases, As, Bs, scales), backend="aot_eager",
+                             fullgraph=True)
+    ys = compiled(x)
+    sum(y.square().sum() for y in ys).backward()
+    grads = [t.grad for t in (x, As[0], As[2], Bs[0], Bs[2])]
+    for t in (x, As[0], As[2], Bs[0], Bs[2]):
+        t.grad = None
+    ys_eager = lora_linear_grouped(x, ws, biases, As, Bs, scales)
+    sum(y.square().sum() for y in ys_eager).backward()
+    for y, y_eager in zip(ys, ys_eager):
+        torch.testing.assert_close(y, y_eager)
+    for g, t in zip(grads, (x, As[0], As[2], Bs[0], Bs[2])):
+        assert g is not None
+        torch.testing.assert_close(g, t.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T", [8, 300])
+def test_grouped_has_no_host_sync_and_replays_in_a_cuda_graph(T):
+    torch.manual_seed(T)
+    x, ws, biases, As, Bs, scales = _inputs((T,), 512, (512, 128, 128), (16, None, 16), torch.bfloat16,
+                                            biased=(False,) * 3)
+    dys = [torch.randn(T, n, device=DEVICE, dtype=torch.bfloat16) for n in (512, 128, 128)]
+
+    def step():
+        ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, dropouts=[0.1, 0.0, 0.1])
+        torch.autograd.backward(ys, dys)
+
+    step()                                                       # autotunes (synchronizes) on its first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with torch.no_grad():
+        x_in = x.detach().clone()
+        graph = torch.cuda.CUDAGraph()
+        run = lambda: lora_linear_grouped(x_in, ws, biases, [a if a is None else a.detach() for a in As],
+                                          [b if b is None else b.detach() for b in Bs], scales)
+        run()
+        with torch.cuda.graph(graph):
+            ys = run()
+        x_in.copy_(torch.randn_like(x_in))                        # new inputs in the same buffer
+        graph.replay()
+        ys64 = reference.lora_linear_grouped(x_in.double(), [w.double() for w in ws], biases,
+                                             [a if a is None else a.double() for a in As],
+                                             [b if b is None else b.double() for b in Bs], scales)
+        for y, y64 in zip(ys, ys64):
+            assert_matches(y, y64, None, torch.bfloat16, "graph replay")
