@@ -109,6 +109,7 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
         inject.wrap_for_saving(model, target).add_adapter(name)
     reg.configs[name] = parts[0] if len(parts) == 1 else tuple(parts)
     reg.slots[name], reg.targets[name] = slot, [path for paths in targets for path in paths]
+    inject.link_projection_groups(model)   # q/k/v and gate/up LoRA layers of a block run in one grouped op
     if len(reg.configs) == 1:
         set_active_adapter(model, name)
     else:
@@ -350,6 +351,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             if not layer.adapter_names():
                 inject.restore(model, path)
     del reg.configs[name], reg.slots[name], reg.targets[name]
+    inject.link_projection_groups(model)
     if reg.active == name:
         reg.active = None
     if reg.configs:
@@ -376,6 +378,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
                 wrapper.original_module.load_state_dict(wrapper.modules_to_save[reg.active].state_dict())
     elif reg.merged is not None:
         _unmerge(model, reg)
+    inject.unlink_projection_groups(model)
     for path, _ in inject.adapter_layers(model):
         inject.restore(model, path)
     _release(model, reg)
