@@ -214,14 +214,9 @@ def _save(ctx, x, weights, biases, lora_As, lora_Bs, xas, scales, dropouts, seed
     ctx.has_bias = [_given(b) for b in biases]
 
 
-def _grads(ctx, dys, bwd, need_x: bool, need_w, need_bias, need_A, need_B):
-    """Per input list: (dx, [dW_g], [dbias_g], [dA_g], [dB_g]), with `bwd` the custom op (traced) or its
-    implementation (eager)."""
-    G = ctx.members
-    x, seeds, *rest = ctx.saved_tensors
-    weights, lora_As, lora_Bs, xas = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
-    dx, d_as, d_bs = bwd(list(dys), x, list(xas), list(weights), list(lora_As), list(lora_Bs), ctx.scales,
-                         ctx.dropouts, seeds, ctx.fan_in_fan_out, need_x)
+def _member_grads(ctx, dys, x, lora_As, dx, d_as, d_bs, need_x, need_w, need_bias, need_A, need_B):
+    """The input gradients both grouped ops return, from their backward's (dx, [dA_g], [dB_g]): base grads
+    where the user made W0 or a bias trainable, None for members without an output gradient or an adapter."""
     d_ws, d_biases = [], []
     for g, dy in enumerate(dys):
         d_w, d_bias = (None, None) if dy is None else _base_grads((None, need_w[g], need_bias[g]), dy, x,
@@ -232,6 +227,17 @@ def _grads(ctx, dys, bwd, need_x: bool, need_w, need_bias, need_A, need_B):
     d_as = [d if on and need else None for d, on, need in zip(d_as, live, need_A)]
     d_bs = [d if on and need else None for d, on, need in zip(d_bs, live, need_B)]
     return (dx if need_x else None), d_ws, d_biases, d_as, d_bs
+
+
+def _grads(ctx, dys, bwd, need_x: bool, need_w, need_bias, need_A, need_B):
+    """Per input list: (dx, [dW_g], [dbias_g], [dA_g], [dB_g]), with `bwd` the custom op (traced) or its
+    implementation (eager)."""
+    G = ctx.members
+    x, seeds, *rest = ctx.saved_tensors
+    weights, lora_As, lora_Bs, xas = rest[:G], rest[G:2 * G], rest[2 * G:3 * G], rest[3 * G:]
+    dx, d_as, d_bs = bwd(list(dys), x, list(xas), list(weights), list(lora_As), list(lora_Bs), ctx.scales,
+                         ctx.dropouts, seeds, ctx.fan_in_fan_out, need_x)
+    return _member_grads(ctx, dys, x, lora_As, dx, d_as, d_bs, need_x, need_w, need_bias, need_A, need_B)
 
 
 def _setup_context(ctx, inputs, output):
@@ -373,16 +379,7 @@ def _multi_grads(ctx, dys, bwd, need_x: bool, need_w, need_bias, need_A, need_B)
     weights, lora_As, lora_Bs, ranks, scales, dropouts, xas = (list(rest[i * G:(i + 1) * G]) for i in range(7))
     dx, d_as, d_bs = bwd(list(dys), x, xas, weights, lora_As, lora_Bs, ranks, scales, dropouts, adapter_index, order,
                          bounds, seeds, ctx.fan_in_fan_out, need_x)
-    d_ws, d_biases = [], []
-    for g, dy in enumerate(dys):
-        d_w, d_bias = (None, None) if dy is None else _base_grads((None, need_w[g], need_bias[g]), dy, x,
-                                                                  ctx.fan_in_fan_out, ctx.has_bias[g])
-        d_ws.append(d_w)
-        d_biases.append(d_bias)
-    live = [dy is not None and _given(a) for dy, a in zip(dys, lora_As)]
-    d_as = [d if on and need else None for d, on, need in zip(d_as, live, need_A)]
-    d_bs = [d if on and need else None for d, on, need in zip(d_bs, live, need_B)]
-    return (dx if need_x else None), d_ws, d_biases, d_as, d_bs
+    return _member_grads(ctx, dys, x, lora_As, dx, d_as, d_bs, need_x, need_w, need_bias, need_A, need_B)
 
 
 def _multi_setup_context(ctx, inputs, output):
