@@ -95,7 +95,9 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
     methods = [inject.method_for(part) for part in parts]
     parts = [dataclasses.replace(part) for part in parts]   # our own copies, validated again
     targets = [method.find_targets(model, part) for method, part in zip(methods, parts)]
-    saved = inject.find_modules_to_save(model, _modules_to_save(parts))
+    saved = inject.find_modules_to_save(model, _modules_to_save(parts),
+                                        [p for part, paths in zip(parts, targets) if not isinstance(part, LoraConfig)
+                                         for p in paths])
 
     reg = getattr(model, _REGISTRY, None)
     if reg is None:

@@ -148,9 +148,10 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return targets
 
 
-def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: Sequence[str] = ()) -> list[str]:
     """Names of the modules that get a trainable copy per adapter; a module inside another match is covered
-    by that match. Raises ValueError when no name matches, or a match already carries LoRA."""
+    by that match. Raises ValueError when no name matches, or a match is or contains an adapter layer, existing
+    or among `new_layers` (the paths this call adds): its copies would run without that layer's adapters."""
     if not names:
         return []
     found: list[str] = []
@@ -162,6 +163,12 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
         found.append(name)
     if not found:
         raise ValueError(f"modules_to_save {names!r} matched no module of {type(model).__name__}")
+    layers = [path for path, layer in adapter_layers(model) if not isinstance(layer, ModulesToSave)]
+    for path in [*layers, *new_layers]:
+        inside = next((f for f in found if path.startswith(f + ".")), None)
+        if inside is not None:
+            raise ValueError(f"modules_to_save: {inside!r} contains the adapter layer {path!r}, which its "
+                             "copies would bypass; choose a module that holds no adapter layer")
     return found
 
 

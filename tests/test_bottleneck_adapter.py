@@ -304,6 +304,22 @@ def test_bad_configs_and_models(tiny):
         pe.add_adapter(model, "a", pe.BottleneckConfig(placement="pfeiffer"))
 
 
+def test_modules_to_save_may_not_hide_a_bottleneck_layer(tiny):
+    """A later adapter's modules_to_save around an existing bottleneck site, or around a site of the same call,
+    is refused before the model changes: the copies would run without the bottleneck adapters."""
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=4, placement="pfeiffer", layers_to_transform=[0]))
+    state, hooks = _state(model), _hooks(model)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp' contains the adapter layer "
+                                         r"'model.layers.0.mlp.ptlm_bottleneck'"):
+        pe.add_adapter(model, "s", pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]))
+    with pytest.raises(ValueError, match="contains the adapter layer 'model.layers.1.mlp.ptlm_bottleneck'"):
+        pe.add_adapter(model, "t", [pe.BottleneckConfig(bottleneck=4, placement="pfeiffer", layers_to_transform=[1]),
+                                    pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.1.mlp"])])
+    assert list(pe.adapter_configs(model)) == ["a"]
+    _assert_base(model, state, hooks)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
                     reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
 def test_triton_kernels_through_the_layers(tiny, monkeypatch, output):
