@@ -25,3 +25,25 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Ten
     if torch_lowp is not None:
         bound = max(bound, factor * rel_err(torch_lowp, ref64))
     assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} ({dtype})"
+
+
+def assert_no_host_sync(step) -> None:
+    """step() once to autotune (tuning synchronizes), then again with every device-to-host synchronization an
+    error: what a serving loop or a CUDA graph needs of the op."""
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def captured(run):
+    """run() once eagerly, then captured in a CUDA graph: (graph, run's outputs), which each replay rewrites for
+    whatever the graph's input buffers then hold."""
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out

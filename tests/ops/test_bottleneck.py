@@ -8,7 +8,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import bottleneck_adapter
 from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.ops.bottleneck import bottleneck_bwd, bottleneck_fwd
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -155,20 +155,10 @@ def test_forward_backward_have_no_host_sync_and_replay_in_a_cuda_graph(T):
         y.backward(dy)
         return y
 
-    step()                                                       # autotunes (synchronizes) on its first call
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
     with torch.no_grad():
         h_in = h.detach().clone()
-        graph = torch.cuda.CUDAGraph()
-        run = lambda: bottleneck_adapter(h_in, wd, bd, wu, bu, "relu", 2.0)
-        run()
-        with torch.cuda.graph(graph):
-            y = run()
+        graph, y = captured(lambda: bottleneck_adapter(h_in, wd, bd, wu, bu, "relu", 2.0))
         h_in.copy_(torch.randn_like(h_in))                        # new inputs in the same buffer
         graph.replay()
         y64 = reference.bottleneck_adapter(h_in.double(), wd.double(), bd.double(), wu.double(), bu.double(), "relu",

@@ -8,7 +8,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import BottleneckSlots, bottleneck_adapter, bottleneck_adapter_multi, token_segments
 from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.ops.bottleneck_multi import bottleneck_multi_fwd
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -152,22 +152,11 @@ def test_multi_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_mapping()
     sizes = [16, 64, 48, 256, 0, 32]
     for T in (16, 300):  # the decode path and the sorted prefill path
         h, slots, index, _ = _inputs((T,), 1024, sizes, [0, 1, 2, 0, 1, 2], torch.bfloat16)
-        y = bottleneck_adapter_multi(h, slots, index)              # autotunes (synchronizes) on its first call
-        y.backward(torch.ones_like(y))
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            bottleneck_adapter_multi(h, slots, index).backward(torch.ones_like(y))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        assert_no_host_sync(lambda: bottleneck_adapter_multi(h, slots, index).sum().backward())
         h, index = h.detach(), index.to(torch.int32)
         frozen = BottleneckSlots(*(t.detach() for t in slots))
         with torch.no_grad():
-            run = lambda: bottleneck_adapter_multi(h, frozen, index)
-            run()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = run()
+            graph, y = captured(lambda: bottleneck_adapter_multi(h, frozen, index))
             for _ in range(2):  # the same graph, a new mapping written into the same buffer
                 index.copy_(torch.randint(-1, len(sizes), (T,), device=DEVICE, dtype=torch.int32))
                 graph.replay()

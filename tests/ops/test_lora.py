@@ -7,7 +7,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import lora_linear
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora import lora_linear_fwd, triton_enabled
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -181,20 +181,10 @@ def test_forward_backward_have_no_host_sync_and_replay_in_a_cuda_graph(T):
         y.backward(dy)
         return y
 
-    step()                                                       # autotunes (synchronizes) on its first call
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
     with torch.no_grad():
         x_in = x.detach().clone()
-        graph = torch.cuda.CUDAGraph()
-        run = lambda: lora_linear(x_in, w, b, a.detach(), bb.detach(), scale=2.0)
-        run()
-        with torch.cuda.graph(graph):
-            y = run()
+        graph, y = captured(lambda: lora_linear(x_in, w, b, a.detach(), bb.detach(), scale=2.0))
         x_in.copy_(torch.randn_like(x_in))                        # new inputs in the same buffer
         graph.replay()
         y64 = reference.lora_linear(x_in.double(), w.double(), b.double(), a.double(), bb.double(), 2.0)

@@ -9,7 +9,7 @@ from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped,
                                     lora_linear_multi_grouped, token_segments)
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -282,21 +282,11 @@ def test_grouped_has_no_host_sync_and_replays_in_a_cuda_graph(T):
         ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, dropouts=[0.1, 0.0, 0.1])
         torch.autograd.backward(ys, dys)
 
-    step()                                                       # autotunes (synchronizes) on its first call
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
     with torch.no_grad():
         x_in = x.detach().clone()
-        graph = torch.cuda.CUDAGraph()
-        run = lambda: lora_linear_grouped(x_in, ws, biases, [a if a is None else a.detach() for a in As],
-                                          [b if b is None else b.detach() for b in Bs], scales)
-        run()
-        with torch.cuda.graph(graph):
-            ys = run()
+        graph, ys = captured(lambda: lora_linear_grouped(x_in, ws, biases, [a if a is None else a.detach() for a in As],
+                                                         [b if b is None else b.detach() for b in Bs], scales))
         x_in.copy_(torch.randn_like(x_in))                        # new inputs in the same buffer
         graph.replay()
         ys64 = reference.lora_linear_grouped(x_in.double(), [w.double() for w in ws], biases,

@@ -8,7 +8,7 @@ from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, to
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -122,16 +122,8 @@ def test_multi_forward_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_m
         x, slots = x.detach(), LoraSlots(slots.lora_A.detach(), slots.lora_B.detach(), slots.ranks, slots.scales)
         index = index.to(torch.int32)
         run = lambda: lora_linear_multi(x, w, bias, slots, index)
-        run()                                                   # autotunes (synchronizes) on its first call
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            run()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = run()
+        assert_no_host_sync(run)
+        graph, y = captured(run)
         for _ in range(2):  # the same graph, a different row -> adapter mapping written into the same buffer
             index.copy_(torch.randint(-1, 4, (T,), device=DEVICE, dtype=torch.int32))
             graph.replay()
