@@ -42,6 +42,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 DECODE_MAX_LQ = 16  # at or below this many queries the q tile is a sliver: 16-row tiles, long key blocks
 DELTA_BLOCK_M = 64
+DQ_MODES = ("atomic", "split")  # the backward's dQ: fused with fp32 atomics, or its own (reproducible) pass
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KB of shared memory per SM)
 
 
@@ -70,6 +71,16 @@ def dkdv_configs():
         (32, 32, 4, 2))]
 
 
+def fused_bwd_configs():
+    """Fused backward (dK / dV with atomic dQ): like dK / dV; tall key tiles (BLOCK_N 128) halve the atomics
+    per flop, 8 warps hold the two (BLOCK_N, D) fp32 accumulators without spilling at D = 128."""
+    if INTERPRETED:
+        return [_cfg(16, 16, 4, 1)]
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
+        (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
+        (16, 128, 4, 3), (32, 32, 4, 2))]
+
+
 def dq_configs():
     """dQ: like the forward, with dO beside q on chip."""
     if INTERPRETED:
@@ -79,15 +90,17 @@ def dq_configs():
         (32, 32, 4, 2))]
 
 
-def _prune(resident: str, streamed: str):
-    """Drop tiles taller than the queries (decode), tiles whose pipelined buffers overflow shared memory at
-    this head dim; PTLM_AUTOTUNE=0 keeps the first survivor."""
+def _prune(resident: str, streamed: str, ds_tile: bool = False):
+    """Drop tiles taller than the queries (decode), tiles whose pipelined buffers (and, with ds_tile, the
+    (BLOCK_M, BLOCK_N) dS^T operand of the fused backward's dQ product) overflow shared memory at this head
+    dim; PTLM_AUTOTUNE=0 keeps the first survivor."""
     def prune(configs, named_args, **kwargs):
         lq, block_d, elem = named_args["LQ_BUCKET"], kwargs["BLOCK_D"], named_args["q_ptr"].element_size()
 
         def fits(c):
             rows = c.kwargs[resident] + 2 * c.kwargs[streamed] * max(c.num_stages - 1, 1)
-            return rows * block_d * elem <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
+            scratch = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * elem if ds_tile else 0
+            return rows * block_d * elem + scratch <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
 
         kept = [c for c in configs if fits(c)] or configs[-1:]
         return kept if AUTOTUNE else kept[:1]
@@ -270,11 +283,14 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, HQ, LQ, stride_dob, stride_doh, stri
 
 
 @triton.jit
-def _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, end_m, offs_n, shift, LQ,
-                   stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
+def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, start_m, end_m, offs_n,
+                   shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale, qk_scale, offs_d,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                   FP32_DOT: tl.constexpr):
-    """dV += P^T dO, dK += dS^T Q over q blocks [start_m, end_m) of one q head, in transposed form."""
+                   ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr):
+    """dV += P^T dO, dK += dS^T Q over q blocks [start_m, end_m) of one q head, in transposed form; with
+    ATOMIC_DQ also dQ += scale dS K, added to the fp32 rows at dq_base. dK / dV of keys the forward never saw
+    are zeroed at the store; their dQ terms are not, so MASK_KEYS drops them from dS (not `seen`: padded keys,
+    prefix entries past the row's length, rows past the end, which load as zeros but may give p = inf)."""
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
@@ -290,19 +306,30 @@ def _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m,
         dv = _dot(p_t.to(do.dtype), do, dv, FP32_DOT)
         dp_t = _dot(v, tl.trans(do), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT)
         ds_t = p_t * (dp_t - delta[None, :])
+        if MASK_KEYS:
+            ds_t = tl.where(seen[:, None], ds_t, 0.0)
         dk = _dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(ds_t.to(k.dtype)), k, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), FP32_DOT)
+            mask = offs_m[:, None] < LQ
+            if HEAD_DIM != BLOCK_D:
+                mask = mask & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=mask,
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_base, dv_base,
+def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_base, dv_base, dq_ptr,
                     b, kvh, start_n, n_rows, n_seen, HKV, LQ, LK,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                     stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                    PADDED: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) of one kv head (rows n_rows of dk_base / dv_base; the first
-    n_seen are the keys the forward could see): the group's q heads, the q blocks that can see the block."""
+    n_seen are the keys the forward could see): the group's q heads, the q blocks that can see the block; with
+    ATOMIC_DQ also their dQ terms, added to dq_ptr (B, Hq, Lq, D) fp32."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     # A key's gradients depend on its own column only: keys the forward never saw are zeroed at the store.
@@ -330,13 +357,15 @@ def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, 
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + (b * HKV * GROUP + h) * LQ
         delta_base = delta_ptr + (b * HKV * GROUP + h) * LQ
+        dq_base = dq_ptr + (b * HKV * GROUP + h) * LQ * HEAD_DIM
         if CAUSAL:
-            dk, dv = _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, first_m, full_m, offs_n,
-                                    shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, True, FP32_DOT)
-        dk, dv = _dkdv_q_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, full_m, end_m, offs_n,
-                                shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, qk_scale, offs_d,
-                                HEAD_DIM, BLOCK_D, BLOCK_M, False, FP32_DOT)
+            dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, first_m,
+                                    full_m, offs_n, shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod,
+                                    sm_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, True, ATOMIC_DQ,
+                                    MASK_KEYS, FP32_DOT)
+        dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, full_m, end_m,
+                                offs_n, shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale,
+                                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, False, ATOMIC_DQ, MASK_KEYS, FP32_DOT)
     dk = tl.where(seen[:, None], dk * sm_scale, 0.0)
     dv = tl.where(seen[:, None], dv, 0.0)
     mask = (offs_n[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
@@ -348,7 +377,7 @@ def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, 
 @triton.jit
 def _prefix_attn_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr,
+    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr, dq_ptr,
     HKV, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
@@ -356,9 +385,10 @@ def _prefix_attn_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     sm_scale, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, ATOMIC_DQ: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # dK / dV, and with ATOMIC_DQ the fused backward: dQ terms too, added to dq_ptr (B, Hq, Lq, D) fp32.
     # A 1-D grid, key blocks fastest: a head's blocks run side by side and share its q / dO tiles in L2 (and
     # B * Hkv may pass the 65535 limit of a grid's y axis). Prefix blocks first, then sequence blocks in
     # order: the heaviest start first.
@@ -374,19 +404,20 @@ def _prefix_attn_dkdv_kernel(
             n_seen = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
         _dkdv_key_block(q_ptr, pk_ptr + b * stride_pkb + kvh * stride_pkh, pv_ptr + b * stride_pvb + kvh * stride_pvh,
                         kpm_ptr, do_ptr, lse_ptr, delta_ptr, dpk_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM,
-                        dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, b, kvh, pid_n * BLOCK_N, P, n_seen,
-                        HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd,
+                        dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, dq_ptr, b, kvh, pid_n * BLOCK_N, P,
+                        n_seen, HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd,
                         stride_pvn, stride_pvd, stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom,
-                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, False, False, FP32_DOT,
-                        BLOCK_M, BLOCK_N)
+                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, False, False, ATOMIC_DQ,
+                        ATOMIC_DQ, FP32_DOT, BLOCK_M, BLOCK_N)  # prefix blocks are few: always masked
     else:
         _dkdv_key_block(q_ptr, k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
                         kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM,
-                        dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, b, kvh, (pid_n - n_prefix_blocks) * BLOCK_N,
-                        LK, LK, HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd,
-                        stride_vn, stride_vd, stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom,
-                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, CAUSAL, HAS_PADDING, FP32_DOT,
-                        BLOCK_M, BLOCK_N)
+                        dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, dq_ptr, b, kvh,
+                        (pid_n - n_prefix_blocks) * BLOCK_N, LK, LK, HKV, LQ, LK, stride_qb, stride_qh, stride_qm,
+                        stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, stride_dob,
+                        stride_doh, stride_dom, stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, CAUSAL,
+                        HAS_PADDING, ATOMIC_DQ, ATOMIC_DQ and (HAS_PADDING or not CAUSAL), FP32_DOT, BLOCK_M, BLOCK_N)
+        # (causal without padding needs no key mask: keys past Lk lie beyond every real query's causal limit)
 
 
 @triton.jit
@@ -475,9 +506,14 @@ def _prefix_attn_dq_kernel(
              mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+_DKDV_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING"]
 _prefix_attn_dkdv = TunedLauncher(triton.autotune(
-    dkdv_configs(), key=["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING"],
-    prune_configs_by=_prune("BLOCK_N", "BLOCK_M"), do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
+    dkdv_configs(), key=_DKDV_KEY, prune_configs_by=_prune("BLOCK_N", "BLOCK_M"),
+    do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
+# the same kernel with ATOMIC_DQ: its own tiles; tuning runs add into dq, so each run starts from zeros
+_prefix_attn_bwd_fused = TunedLauncher(triton.autotune(
+    fused_bwd_configs(), key=_DKDV_KEY, prune_configs_by=_prune("BLOCK_N", "BLOCK_M", ds_tile=True),
+    reset_to_zero=["dq_ptr"], do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
 _prefix_attn_dq = TunedLauncher(triton.autotune(
     dq_configs(), key=_FWD_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
     do_bench=tune_bench)(_prefix_attn_dq_kernel))
@@ -534,11 +570,20 @@ def prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                          prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
                          prefix_lengths: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                          o: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
-                         out: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
+                         out: tuple[torch.Tensor, ...] | None = None,
+                         dq_mode: str | None = None) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv, dprefix_k, dprefix_v), contiguous in q's dtype: dq like q, dk / dv like k, dprefix_k /
     dprefix_v (B, Hkv, P, D) per row (their sum over rows is the gradient of a shared prefix), or empty (0,)
     without a prefix. do (B, Hq, Lq, D) any strides; o, lse the forward's. `out`, if given, receives them.
+
+    dq_mode: "atomic" (one pass over key blocks, dQ summed in fp32 with atomics: its last bits vary from run
+    to run), "split" (a second pass over q blocks for dQ: bitwise reproducible), or None: "split" under
+    torch.use_deterministic_algorithms(True), else "atomic".
     """
+    if dq_mode is None:
+        dq_mode = "split" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    elif dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode: expected one of {DQ_MODES} or None, got {dq_mode!r}")
     batch, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     (pk, pv, plen, kpm), extra_strides, flags = _prefix_args(q, prefix_k, prefix_v, prefix_lengths,
@@ -565,8 +610,18 @@ def prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dkdv_flags = {name: flags[name] for name in ("HAS_LENGTHS", "HAS_PADDING")}
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *dkdv_flags.values(), q.dtype)
     grid = lambda meta: ((cdiv(p, meta["BLOCK_N"]) + cdiv(lk, meta["BLOCK_N"])) * batch * hkv,)
-    _prefix_attn_dkdv.launch(key, grid, *common, dk, dv, dpk if p else dk, dpv if p else dv,
-                             hkv, lq, lk, p, lq_b, lk_b, *strides, **consts, **dkdv_flags)
+    dkdv_outs = (dk, dv, dpk if p else dk, dpv if p else dv)
+    if dq_mode == "atomic":
+        # dq (contiguous) is its own fp32 accumulator in fp32; other dtypes sum in a buffer, then cast
+        dq_acc = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=q.device,
+                                                                           dtype=torch.float32)
+        _prefix_attn_bwd_fused.launch(key, grid, *common, *dkdv_outs, dq_acc, hkv, lq, lk, p, lq_b, lk_b, *strides,
+                                      **consts, **dkdv_flags, ATOMIC_DQ=True)
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return out
+    _prefix_attn_dkdv.launch(key, grid, *common, *dkdv_outs, dk, hkv, lq, lk, p, lq_b, lk_b, *strides, **consts,
+                             **dkdv_flags, ATOMIC_DQ=False)  # (dq_ptr unused: points at dk)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
     _prefix_attn_dq.launch(key, grid, *common, dq, hq, lq, lk, p, lq_b, lk_b, *strides, **consts, **flags)

@@ -6,7 +6,8 @@ Chain of names: kernels.prefix_attention (Triton kernels + launchers) -> ptlm::p
 backend choice) -> functional.prefix_attention.
 
 Backward saves the inputs, the output and the fp32 log-sum-exp (B, Hq, Lq) only; the kernels recompute the
-probabilities. A shared prefix passed as an expanded view (batch stride 0) is read in place; its gradient is
+probabilities. Its dQ is summed with fp32 atomics in one fused pass by default, or by a separate, bitwise
+reproducible pass (dq_mode="split", or dq_mode=None under torch.use_deterministic_algorithms(True)). A shared prefix passed as an expanded view (batch stride 0) is read in place; its gradient is
 computed per row, and autograd's expand backward sums the rows.
 """
 from __future__ import annotations
@@ -28,18 +29,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # ------------------------------------------------------------------------------------------ implementations
 def _forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
              prefix_lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
-             scale: float) -> tuple[Tensor, Tensor]:
-    """o (B, Hq, Lq, D) and lse (B, Hq, Lq) fp32 (saved for backward)."""
+             scale: float, dq_mode: Optional[str]) -> tuple[Tensor, Tensor]:
+    """o (B, Hq, Lq, D) and lse (B, Hq, Lq) fp32 (saved for backward); dq_mode is the backward's."""
     return attention_kernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask,
                                                   causal, scale)
 
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
               prefix_lengths: Optional[Tensor], key_padding_mask: Optional[Tensor], o: Tensor, lse: Tensor,
-              causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              causal: bool, scale: float, dq_mode: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dq, dk, dv, and per-row dprefix_k, dprefix_v (empty (0,) without a prefix)."""
     return attention_kernels.prefix_attention_bwd(do, q, k, v, prefix_k, prefix_v, prefix_lengths,
-                                                  key_padding_mask, o, lse, causal, scale)
+                                                  key_padding_mask, o, lse, causal, scale, dq_mode=dq_mode)
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -50,31 +51,31 @@ prefix_attention_bwd = torch.library.custom_op("ptlm::prefix_attention_bwd", _ba
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale):
+def _(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @prefix_attention_bwd.register_fake
-def _(do, q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse, causal, scale):
+def _(do, q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse, causal, scale, dq_mode):
     prefix_shape = (*k.shape[:2], prefix_k.shape[2], k.shape[3]) if prefix_k is not None else (0,)
     return (q.new_empty(q.shape), k.new_empty(k.shape), k.new_empty(k.shape), k.new_empty(prefix_shape),
             k.new_empty(prefix_shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale = inputs
+    q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode = inputs
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, *output)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.dq_mode = causal, scale, dq_mode
 
 
 def _grads(ctx, do, bwd):
     """The op's input gradients, with `bwd` the custom op (traced) or its implementation (eager)."""
     q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = bwd(do, q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, o, lse,
-                               ctx.causal, ctx.scale)
+                               ctx.causal, ctx.scale, ctx.dq_mode)
     need = ctx.needs_input_grad
     grads = (dq, dk, dv) + ((dpk, dpv) if prefix_k is not None else (None, None))
-    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None, None, None)
 
 
 torch.library.register_autograd("ptlm::prefix_attention_fwd",
@@ -86,8 +87,8 @@ class PrefixAttentionFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops."""
 
     @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale):
-        return _forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale)
+    def forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode):
+        return _forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode)
 
     setup_context = staticmethod(_setup_context)
 
@@ -144,8 +145,11 @@ def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: T
 
 def prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
                         prefix_lengths: Tensor | None, causal: bool, key_padding_mask: Tensor | None,
-                        scale: float | None) -> Tensor:
+                        scale: float | None, *, dq_mode: str | None = None) -> Tensor:
+    """functional.prefix_attention; dq_mode picks the backward's dQ strategy (see the module docstring)."""
     _check(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask)
+    if attention_kernels is not None and dq_mode is not None and dq_mode not in attention_kernels.DQ_MODES:
+        raise ValueError(f"dq_mode: expected one of {attention_kernels.DQ_MODES} or None, got {dq_mode!r}")
     if not (triton_enabled(q) and q.dtype in attention_kernels.SUPPORTED_DTYPES
             and q.shape[3] <= attention_kernels.MAX_HEAD_DIM):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, prefix_lengths, causal=causal,
@@ -153,7 +157,7 @@ def prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if prefix_lengths is not None and prefix_lengths.dtype != torch.int32:
         prefix_lengths = prefix_lengths.to(torch.int32)
-    args = (q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, bool(causal), scale)
+    args = (q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, bool(causal), scale, dq_mode)
     if torch.compiler.is_compiling():
         o, _ = prefix_attention_fwd(*args)
     elif _needs_grad(q, k, v, prefix_k, prefix_v):

@@ -1,6 +1,7 @@
 """The prefix-attention op (custom ops + autograd) against a float64 reference: values and gradients through
 the functional call with HF-layout (transposed) inputs and a shared prefix expanded over the batch, a query
-that sees no key, the reference's own semantics, bad input, backends, torch.library checks, torch.compile."""
+that sees no key, the reference's own semantics, bad input, both dQ modes of the backward, backends,
+torch.library checks, torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 from ptlm_engine import reference
 from ptlm_engine.functional import prefix_attention
 from ptlm_engine.kernels import prefix_attention as K
-from ptlm_engine.ops.prefix_attention import prefix_attention_fwd
+from ptlm_engine.ops.prefix_attention import prefix_attention_fwd, prefix_attention_op
 from tests.helpers import assert_matches
 
 CUDA = torch.cuda.is_available()
@@ -126,6 +127,30 @@ def test_bad_dtype_raises_value_error():
 
 
 @needs_triton
+@pytest.mark.parametrize("dq_mode", K.DQ_MODES)
+def test_dq_mode_reaches_the_backward(dq_mode, monkeypatch):
+    """The op's dq_mode keyword picks the backward's launchers (both match float64); an unknown mode raises."""
+    torch.manual_seed(9)
+    leaves = _inputs(2, 2, 1, 5, 7, 3, 16, torch.float32)
+    plen = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
+    launched = []
+    for name in ("_prefix_attn_bwd_fused", "_prefix_attn_dq"):
+        launcher = getattr(K, name)
+        monkeypatch.setattr(launcher, "launch", lambda *a, _name=name, _launch=launcher.launch, **kw:
+                            (launched.append(_name), _launch(*a, **kw)))
+    op = lambda q, k, v, pk, pv, **kw: prefix_attention_op(q, k, v, pk, pv, plen, True, None, None, dq_mode=dq_mode)
+    do = torch.randn(2, 5, 2, 16, device=DEVICE)
+    o, grads = _run(op, leaves, do)
+    assert launched == ["_prefix_attn_bwd_fused" if dq_mode == "atomic" else "_prefix_attn_dq"]
+    _, grads64 = _run(reference.prefix_attention, _leaves(leaves, torch.float64), do.double(), prefix_lengths=plen)
+    for name, g, g64 in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], grads, grads64):
+        assert_matches(g, g64, None, torch.float32, name)
+    with pytest.raises(ValueError, match=r"dq_mode: expected one of \('atomic', 'split'\) or None, got 'x'"):
+        prefix_attention_op(*(t.transpose(1, 2) for t in leaves[:3]), None, None, None, True, None, None,
+                            dq_mode="x")
+
+
+@needs_triton
 def test_backends_and_inference_path_agree(monkeypatch):
     torch.manual_seed(4)
     q, k, v, pk, pv = (t.detach() for t in _inputs(2, 2, 1, 6, 6, 3, 16, torch.float32, shared=False))
@@ -146,8 +171,8 @@ def test_custom_op_passes_opcheck():
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     plen = torch.tensor([5, 2], dtype=torch.int32, device=DEVICE)
     kpm = torch.tensor([[True] * 7, [False] * 2 + [True] * 5], device=DEVICE)
-    torch.library.opcheck(prefix_attention_fwd, (q, k, v, pk, pv, plen, kpm, True, 0.25))
-    torch.library.opcheck(prefix_attention_fwd, (q, k, v, None, None, None, None, False, 0.25),
+    torch.library.opcheck(prefix_attention_fwd, (q, k, v, pk, pv, plen, kpm, True, 0.25, None))
+    torch.library.opcheck(prefix_attention_fwd, (q, k, v, None, None, None, None, False, 0.25, "split"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
