@@ -36,8 +36,8 @@ def tune_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _cfg(warps, stages, **meta):
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+def _cfg(warps, stages, pre_hook=None, **meta):
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
 def _tuned(configs: list) -> list:
@@ -68,6 +68,22 @@ def prefill_matmul_configs():
     return _tuned([_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
         (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (128, 128, 4, 4),
         (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))])
+
+
+def tma_matmul_configs(pre_hook=None):
+    """Hopper tiles for the persistent TMA GEMM (kernels.lora's prefill path on sm_90).
+
+    Shared memory per config (bf16): stages x (BLOCK_M + BLOCK_N) x BLOCK_K x 2 B for the pipeline, plus the
+    epilogue's half-tile store buffer and the LoRA steps' xa / B tiles (~32 KB at 128x256): 128x256x64 fits
+    three stages of the H100's 227 KB, 128x128x64 four. The smaller tiles are for T a few hundred, where
+    128x256 tiles would leave most of the 132 SMs idle. `pre_hook` sets the descriptors' block shapes per
+    config (host-side descriptors carry them).
+    """
+    if INTERPRETED:
+        return [_cfg(4, 1, pre_hook, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
+    return _tuned([_cfg(w, s, pre_hook, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
+        (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4),
+        (128, 64, 4, 4))])
 
 
 def shrink_configs():
@@ -103,17 +119,21 @@ class TunedLauncher:
     The Autotuner tunes on a key's first call; on every later call it still rebuilds its key from all the
     kernel's arguments, which costs tens of microseconds of host time, as much as the kernel itself at decode.
     Here the caller passes a cheap key (the shape bucket, flags and dtypes the autotuner keys on) and later
-    calls launch the chosen config directly.
+    calls launch the chosen config directly (running the config's pre_hook, if it has one, as the Autotuner would).
     """
 
     def __init__(self, autotuner):
         self.autotuner = autotuner
-        self.configs: dict[tuple, dict] = {}
+        self.configs: dict[tuple, tuple[dict, object]] = {}
 
     def launch(self, key: tuple, grid, *args, **kwargs):
         config = self.configs.get(key)
         if config is None:
             self.autotuner[grid](*args, **kwargs)
-            self.configs[key] = self.autotuner.best_config.all_kwargs()
-        else:
-            self.autotuner.fn[grid](*args, **kwargs, **config)
+            best = self.autotuner.best_config
+            self.configs[key] = (best.all_kwargs(), best.pre_hook)
+            return
+        meta, pre_hook = config
+        if pre_hook is not None:
+            pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})
+        self.autotuner.fn[grid](*args, **kwargs, **meta)

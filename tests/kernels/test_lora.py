@@ -119,3 +119,125 @@ def test_dropout_mask_shared_by_forward_and_backward():
 def test_kernels_realistic_shapes(T, d_in, d_out, r, dtype):
     torch.manual_seed(T + r)
     _check_case(T, d_in, d_out, r, dtype)
+
+
+# ------------------------------------------------------------------------------- Hopper TMA prefill path
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
+# The forced TMA path runs under the interpreter (fp32 too) and, compiled, on Hopper in 16-bit dtypes only.
+needs_tma = pytest.mark.skipif(not (K.INTERPRETED or HOPPER), reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+TMA_DTYPES = [torch.float32, torch.float16] if K.INTERPRETED else [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Forces the TMA matmul (K.TMA_PREFILL = True: any T and dtype, also under the interpreter) and counts
+    its launches, so each test can tell which path ran."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    launches = []
+    launch = K._lora_matmul_tma.launch
+    monkeypatch.setattr(K._lora_matmul_tma, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    return launches
+
+
+def _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=False):
+    x = _rand(T, d_in, dtype=dtype)
+    w = _rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t() if transposed_w else \
+        _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5)
+    return x, w, _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), _rand(d_out, r, dtype=dtype, scale=r ** -0.5)
+
+
+# 40 / 72 / 24 columns are odd tile counts but 16-byte aligned rows in fp16 and fp32 (TMA's rule); r = 24
+# takes two 16-wide LoRA steps, the second zero-padded by the descriptor.
+@needs_tma
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,bias,transposed_w", [(77, 40, 72, 8, True, False),
+                                                              (45, 72, 40, 24, False, True)])
+def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_launches):
+    torch.manual_seed(T + r)
+    x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype, transposed_w)
+    bvec = _rand(d_out, dtype=dtype) if bias else None
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)    # poisoned: every element must be written
+    _, xa = K.lora_matmul(x, w, a, b, 1.7, bvec, fuse_shrink=False, out=y)
+    assert len(tma_launches) == 1
+    xa64 = 1.7 * x.double() @ a.double().t()
+    y64 = x.double() @ w.double().t() + xa64 @ b.double().t() + (bvec.double() if bias else 0)
+    y_torch = x @ w.t() + (xa.to(dtype) @ b.t()) + (bvec if bias else 0)
+    assert_matches(y, y64, y_torch, dtype, "TMA matmul")
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+def test_tma_matmul_backward_layout_with_output_dropout(dtype, tma_launches):
+    """dx = dy @ W0 + keep * (g @ A): W0 and A reach the kernel transposed (N-contiguous descriptors)."""
+    torch.manual_seed(4)
+    T, d_in, d_out, r, p = 70, 40, 72, 8, 0.3
+    seed = torch.tensor([2024], device=DEVICE)
+    _, w0, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
+    dy = _rand(T, d_out, dtype=dtype)
+    dx = torch.full((T, d_in), float("nan"), device=DEVICE, dtype=dtype)
+    _, g = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=False, out=dx)
+    assert len(tma_launches) == 1
+    keep = _keep_mask(T, d_in, seed, p)
+    g64 = 3.0 * dy.double() @ b.double()
+    dx64 = dy.double() @ w0.double() + keep * (g64 @ a.double())
+    assert_matches(dx, dx64, dy @ w0 + keep * (g.to(dtype) @ a), dtype, "TMA dx with dropout")
+
+
+@needs_tma
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_tma_path_runs_the_ops_forward_and_backward(fan_in_fan_out, tma_launches):
+    """The op at T > DECODE_MAX_T (separate shrink): forward and the backward's dx both take the TMA path."""
+    from ptlm_engine import reference
+    from ptlm_engine.functional import lora_linear
+    torch.manual_seed(6)
+    dtype, T, d_in, d_out, r = torch.float16, K.DECODE_MAX_T + 3, 72, 40, 8
+    x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=fan_in_fan_out)
+    w = w.t().contiguous() if fan_in_fan_out else w                                 # Conv1D layout (d_in, d_out)
+    bvec = _rand(d_out, dtype=dtype)
+    dy = _rand(T, d_out, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    y = lora_linear(leaves[0], w, bvec, leaves[1], leaves[2], scale=1.5, fan_in_fan_out=fan_in_fan_out)
+    y.backward(dy)
+    assert len(tma_launches) == 2
+    leaves64 = [t.double().requires_grad_() for t in (x, a, b)]
+    y64 = reference.lora_linear(leaves64[0], w.double(), bvec.double(), leaves64[1], leaves64[2], 1.5,
+                                fan_in_fan_out=fan_in_fan_out)
+    y64.backward(dy.double())
+    assert_matches(y, y64, None, dtype, "y")
+    for name, leaf, leaf64 in zip(["dx", "dA", "dB"], leaves, leaves64):
+        assert_matches(leaf.grad, leaf64.grad, None, dtype, name)
+
+
+@pytest.mark.parametrize("T,d_in,d_out,r", [(70, 37, 40, 8),    # x's rows: 74 bytes, not 16-byte aligned
+                                            (70, 40, 40, 5)])   # xa's rows (fp32): 20 bytes
+def test_tma_path_falls_back_on_unaligned_operands(T, d_in, d_out, r, tma_launches):
+    torch.manual_seed(d_in + r)
+    x, w, a, b = _lora_inputs(T, d_in, d_out, r, torch.float16)
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=torch.float16)
+    K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=False, out=y)
+    assert not tma_launches
+    y64 = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
+    assert_matches(y, y64, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), torch.float16, "fallback matmul")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER or K.INTERPRETED, reason="needs a Hopper GPU (TMA), compiled")
+@pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 11008)])
+def test_tma_path_is_automatic_on_hopper_bf16(d_in, d_out, monkeypatch):
+    """TMA_PREFILL unset: a prefill-sized bf16 call takes the TMA path by itself, forward and dx layouts."""
+    launches = []
+    launch = K._lora_matmul_tma.launch
+    monkeypatch.setattr(K._lora_matmul_tma, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    torch.manual_seed(7)
+    dtype, T, r = torch.bfloat16, 4093, 16
+    x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
+    bvec = _rand(d_out, dtype=dtype)
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)
+    _, xa = K.lora_matmul(x, w, a, b, 2.0, bvec, out=y)
+    y64 = x.double() @ w.double().t() + (xa.double() @ b.double().t()) + bvec.double()
+    assert_matches(y, y64, x @ w.t() + xa.to(dtype) @ b.t() + bvec, dtype, "bf16 TMA matmul")
+    dy = _rand(T, d_out, dtype=dtype)
+    dx, g = K.lora_matmul(dy, w.t(), b.t(), a.t(), 2.0)
+    dx64 = dy.double() @ w.double() + g.double() @ a.double()
+    assert_matches(dx, dx64, dy @ w + g.to(dtype) @ a, dtype, "bf16 TMA dx")
+    assert len(launches) == 2 and K.tma_error is None
