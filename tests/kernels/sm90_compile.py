@@ -11,6 +11,7 @@ prints one JSON object per compiled variant: each kernel's first config by defau
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the compiled (not interpreted) kernels"
 
@@ -27,8 +28,16 @@ from ptlm_engine.kernels import lora_multi as M  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def _types(dtype: str, ptrs: dict) -> dict:
-    return {name: f"*{dtype}" if t == "x" else t for name, t in ptrs.items()}
+def _types(dtype: str, ptrs: dict, consts: dict) -> dict:
+    return {name: f"*{dtype}" if t == "x" else t(name, dtype, consts) if callable(t) else t
+            for name, t in ptrs.items()}
+
+
+def _tma_desc(name: str, dtype: str, consts: dict) -> str:
+    """A host-side TMA descriptor's type names its block shape, which kernels.lora's pre_hook sets per config."""
+    descs = {d: SimpleNamespace() for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")}
+    L._tma_block_shapes({**descs, **consts})
+    return f"tensordesc<{'fp32' if name == 'xa_desc' else dtype}[{', '.join(map(str, descs[name].block_shape))}]>"
 
 
 # kernel -> (pointer/scalar types, one flag set per variant); "x" marks pointers in the layer's dtype
@@ -36,6 +45,11 @@ LORA_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "a_ptr": "x", "b_ptr": "x", "bias_pt
                 "xa_ptr": "*fp32", "seed_ptr": "*i64", "shrink_scale": "fp32", "dropout_p": "fp32"},
                [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True),
                 dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+# the Hopper TMA matmul: forward layout with bias, and the backward's dx (W0 and A transposed, output dropout)
+LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")},
+                    "bias_ptr": "x", "seed_ptr": "*i64", "dropout_p": "fp32"},
+                   [dict(W_KMAJOR=True, B_RMAJOR=True, OUT_DROPOUT=False, HAS_BIAS=True, R=16, NUM_SMS=132),
+                    dict(W_KMAJOR=False, B_RMAJOR=False, OUT_DROPOUT=True, HAS_BIAS=False, R=16, NUM_SMS=132)])
 MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x", "xa_ptr": "*fp32",
                  "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                  "seed_ptr": "*i64"},
@@ -62,6 +76,7 @@ BOTTLENECK_FORWARD = {**{f"{p}_ptr": "x" for p in ("h", "base", "y", "z", "wd", 
 KERNELS = {
     "lora.matmul_decode": (L._lora_matmul_decode, *LORA_MATMUL),
     "lora.matmul_prefill": (L._lora_matmul_prefill, *LORA_MATMUL),
+    "lora.matmul_tma": (L._lora_matmul_tma, *LORA_MATMUL_TMA),
     "lora.shrink": (L._lora_shrink, {"x_ptr": "x", "a_ptr": "x", "out_ptr": "*fp32", "seed_ptr": "*i64",
                                      "scale": "fp32", "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
     "lora.weight_grad": (L._lora_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "out_ptr": "*fp32",
@@ -124,8 +139,10 @@ def main(every_config: bool, dtype: str = "bf16") -> None:
                 row = {"kernel": name, "flags": flags, "config": config.kwargs, "warps": config.num_warps,
                        "stages": config.num_stages}
                 try:
-                    kernel = compile_one(launcher, _types(dtype, ptrs), consts, config.num_warps, config.num_stages)
-                    row.update(ok=True, wgmma="wgmma" in kernel.asm["ptx"])
+                    kernel = compile_one(launcher, _types(dtype, ptrs, consts), consts, config.num_warps,
+                                         config.num_stages)
+                    row.update(ok=True, wgmma="wgmma" in kernel.asm["ptx"],
+                               tma="cp.async.bulk.tensor" in kernel.asm["ptx"])
                 except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 print(json.dumps(row), flush=True)

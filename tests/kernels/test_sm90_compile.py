@@ -1,6 +1,6 @@
 """Every kernel variant compiles for an H100 (sm_90) here, on the CPU, with the ptxas in Triton's wheel: the
 interpreter that runs the other CPU tests accepts code the GPU compiler rejects (a plain global in jit code
-was one). The prefill GEMMs must take Hopper's wgmma path."""
+was one). The prefill GEMMs must take Hopper's wgmma path, the TMA matmul also its TMA copies."""
 import json
 import os
 import subprocess
@@ -20,10 +20,10 @@ def test_every_kernel_variant_compiles_for_sm90():
     done = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
-    assert {row["kernel"] for row in rows} == {"lora.matmul_decode", "lora.matmul_prefill", "lora.shrink",
-                                               "lora.weight_grad", "multi.matmul_decode", "multi.matmul_prefill",
-                                               "multi.shrink", "multi.weight_grad", "grouped.matmul_decode",
-                                               "grouped.matmul_prefill", "grouped.shrink",
+    assert {row["kernel"] for row in rows} == {"lora.matmul_decode", "lora.matmul_prefill", "lora.matmul_tma",
+                                               "lora.shrink", "lora.weight_grad", "multi.matmul_decode",
+                                               "multi.matmul_prefill", "multi.shrink", "multi.weight_grad",
+                                               "grouped.matmul_decode", "grouped.matmul_prefill", "grouped.shrink",
                                                "grouped.multi_matmul_decode", "grouped.multi_matmul_prefill",
                                                "grouped.multi_shrink", "bottleneck.forward",
                                                "bottleneck.rows_backward", "bottleneck.grads",
@@ -32,3 +32,4 @@ def test_every_kernel_variant_compiles_for_sm90():
     failed = [f"{row['kernel']} {row['flags']} {row['config']}: {row['error']}" for row in rows if not row["ok"]]
     assert not failed, "\n".join(failed)
     assert all(row["wgmma"] for row in rows if row["kernel"].endswith("matmul_prefill"))
+    assert all(row["wgmma"] and row["tma"] for row in rows if row["kernel"] == "lora.matmul_tma")
