@@ -18,6 +18,7 @@ backward regenerates the forward's mask without storing it, and CUDA-graph repla
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -301,8 +302,9 @@ _lora_matmul_tma = TunedLauncher(triton.autotune(
 # None: the TMA path where it pays (compiled, compute capability >= 9, T > DECODE_MAX_T, fp16/bf16);
 # True: wherever the operands allow it, at any T, under the interpreter also for fp32 (tests); False: never.
 # Compiled fp32 layers keep the pointer path: exact fp32 has no tensor-core path for TMA to feed, and its
-# tiles would not fit shared memory (128x256x64, 3 stages: 320 KB).
-TMA_PREFILL: bool | None = None
+# tiles would not fit shared memory (128x256x64, 3 stages: 320 KB). PTLM_TMA_PREFILL=0 / 1 sets it for a
+# process: benchmarks compare the two paths that way.
+TMA_PREFILL: bool | None = {"0": False, "1": True}.get(os.environ.get("PTLM_TMA_PREFILL", ""))
 TMA_BLOCK_R = 16  # LoRA K step of the TMA kernel: small tiles keep its epilogue's shared memory low
 # Why the automatic TMA path was switched off in this process, if it was (see _lora_matmul_tma_launch).
 tma_error: str | None = None
