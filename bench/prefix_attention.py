@@ -4,7 +4,10 @@ q, k, v (B, H, L, D) and prefixes of P keys / values per head; bf16, causal. "fw
 "fwd+bwd" also takes the gradients of q, k, v and the prefix with torch.autograd.grad against a random dO.
   sdpa_causal     PyTorch SDPA, causal, over the sequence alone (no prefix): the targets' denominator
   ptlm            ptlm_engine.functional.prefix_attention, one prefix (1, H, P, D) shared by every row
-                  (an expanded view; its gradient sums the rows)
+                  (an expanded view; its gradient sums the rows); its default backward: one fused pass over
+                  key blocks, dQ summed with fp32 atomics (dq_mode="atomic")
+  ptlm_split      fwd+bwd only: the same with the split, atomic-free backward (dq_mode="split": a dK / dV
+                  pass and a dQ pass; what torch.use_deterministic_algorithms(True) selects)
   ptlm_mixed      the same with a prefix per row (B, H, P, D) of mixed lengths (MIXED_FRACTIONS of P, 0 = none)
   sdpa_preconcat  SDPA over k, v already concatenated as [prefix ; seq] (outside the timed call), with the
                   lower-right causal mask (query i sees keys j <= i + P)
@@ -14,8 +17,9 @@ q, k, v (B, H, L, D) and prefixes of P keys / values per head; bf16, causal. "fw
 Floor (e bytes per element; pairs = L (L + 1) / 2 + L P query-key pairs per (batch, head)):
   fwd      flops = 4 B H D pairs                       (q k^T and p v)
            bytes = e [4 B H L D + 2 H P D]             (read q, k, v and the shared prefix, write o)
-  fwd+bwd  flops = 12 B H D pairs                      (+ dP, dV, dK, dQ; flash backwards, SDPA's included,
-                                                        also recompute s: 14; ptlm's two passes recompute it twice: 18)
+  fwd+bwd  flops = 12 B H D pairs                      (+ dP, dV, dK, dQ; flash backwards, SDPA's and ptlm's
+                                                        fused one included, also recompute s: 14; ptlm_split's
+                                                        two passes recompute s and dP twice: 18)
            bytes = e [12 B H L D + 4 H P D]            (forward; backward reads q, k, v, o, dO, writes dq, dk, dv)
 Every provider's TFLOP/s counts this same work (the prefixed op's pairs), so sdpa_causal, which skips the
 prefix, shows the rate at which it would deliver the prefixed result if the prefix were free.
@@ -42,14 +46,15 @@ OP = "prefix_attention"
 LENGTHS = [512, 2048, 8192]
 PREFIXES = [16, 64, 256]
 BATCH, HEADS, HEAD_DIM = 8, 32, 128
-PROVIDERS = ["floor", "sdpa_causal", "ptlm", "ptlm_mixed", "sdpa_preconcat", "sdpa_concat"]
+PROVIDERS = ["floor", "sdpa_causal", "ptlm", "ptlm_split", "ptlm_mixed", "sdpa_preconcat", "sdpa_concat"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0, 1.0, 0.5, 0.25)    # row b's prefix length / P, cycled over rows
 
 SMOKE = dict(lengths=[16, 40], prefixes=[4], batch=2, heads=2, head_dim=16)
 
 TABLE = harness.table_spec(keys=["B", "H", "D", "L", "P"], values=["ms", "tflops"],
-                           ratios=[("ptlm", "sdpa_causal", "ms"), ("ptlm_mixed", "ptlm", "ms"),
+                           ratios=[("ptlm", "sdpa_causal", "ms"), ("ptlm_split", "sdpa_causal", "ms"),
+                                   ("ptlm", "ptlm_split", "ms"), ("ptlm_mixed", "ptlm", "ms"),
                                    ("ptlm", "sdpa_preconcat", "ms"), ("ptlm", "sdpa_concat", "ms"),
                                    ("ptlm", "floor", "ms")])
 TARGETS = [("ptlm", "sdpa_causal", 1.15, "ptlm/sdpa_causal <= 1.15"),
@@ -120,13 +125,17 @@ def _forward(provider: str, s: AttentionSet, lengths: torch.Tensor):
     L, P = s.q.shape[2], s.prefix_k.shape[2]
     if provider == "sdpa_causal":
         return (lambda: F.scaled_dot_product_attention(s.q, s.k, s.v, is_causal=True)), [s.q, s.k, s.v]
-    if provider in ("ptlm", "ptlm_mixed"):
+    if provider in ("ptlm", "ptlm_split", "ptlm_mixed"):
         from ptlm_engine.functional import prefix_attention
+        from ptlm_engine.ops.prefix_attention import prefix_attention_op
         if s.q.is_cuda and ptlm_backend(s.q) != "triton":
             raise RuntimeError("ptlm would run its PyTorch reference on CUDA, not the Triton kernels: is the "
                                "package installed (ptlm_engine.kernels importable) and PTLM_BACKEND unset?")
         if provider == "ptlm":
             return (lambda: prefix_attention(s.q, s.k, s.v, *_shared(s))), [s.q, s.k, s.v, s.prefix_k, s.prefix_v]
+        if provider == "ptlm_split":
+            return ((lambda: prefix_attention_op(s.q, s.k, s.v, *_shared(s), None, True, None, None, dq_mode="split")),
+                    [s.q, s.k, s.v, s.prefix_k, s.prefix_v])
         return ((lambda: prefix_attention(s.q, s.k, s.v, s.rows_k, s.rows_v, lengths)),
                 [s.q, s.k, s.v, s.rows_k, s.rows_v])
     mask = causal_lower_right(L, L + P)
@@ -145,6 +154,8 @@ def _forward(provider: str, s: AttentionSet, lengths: torch.Tensor):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[AttentionSet]):
+    if provider == "ptlm_split" and mode == "fwd":  # the same forward as ptlm
+        return None
     lengths = mixed_lengths(shape, sets[0].q.device)
     return harness.mode_calls([(*_forward(provider, s, lengths), s.do) for s in sets], mode)
 

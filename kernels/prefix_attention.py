@@ -14,7 +14,12 @@ Kernels:
               group's q heads and the q blocks that can see the block. The gradients of a key depend on its
               own column only, so a padded key or a prefix entry past prefix_lengths[b] is zeroed at the store
               instead of masked per element.
-- dQ:         programs over q blocks, the forward's walk over the keys.
+- dQ, fused (dq_mode="atomic", the default): the dK / dV kernel with ATOMIC_DQ; for every (q head, q block)
+              it visits it also adds scale dS K, (BLOCK_M, D), to a zeroed fp32 (B, Hq, Lq, D) buffer with
+              relaxed atomics (dq itself in fp32; other dtypes cast it once at the end). Here dS must drop the
+              keys the forward never saw (prefix blocks, padding, no causal mask: one select per element).
+- dQ, split (dq_mode="split", or None under torch.use_deterministic_algorithms(True)): programs over q
+              blocks, the forward's walk over the keys; no atomics, bitwise reproducible.
 
 Floor (H100: 790 TFLOP/s bf16 dense, 3.0 TB/s): causal self-attention with Lq = Lk = L and a prefix of P has
 L (L + 1) / 2 + L P query-key pairs per (batch, q head); forward flops = 4 D per pair (q k^T, p v), backward
@@ -24,9 +29,13 @@ at least 8 D (dP, dV, dK, dQ; flash backwards also recompute s: 10 D, SDPA's inc
 P = 16; 6.2% at L = 2048, P = 64 or L = 512, P = 16). Bytes (q, k, v, o, the prefix once) are < 1% of the
 time at L >= 512: compute-bound. At decode (Lq = 1) it is memory-bound: bytes = 2 B Hkv (Lk + P) D e (k, v)
 -> B = 8, 32 x 128 bf16, Lk = 8192: 1.07 GB -> 0.36 ms.
-This backward spends 14 D per pair (the dK / dV pass recomputes s and dP, the dQ pass both again, so that dQ
-needs no atomics), 1.4x SDPA's 10 D: at equal efficiency its forward + backward is ~1.29x SDPA's. A fused
-variant with fp32 atomic dQ partials is the next step if measurements show the recomputation dominates.
+The split backward spends 14 D per pair (the dK / dV pass recomputes s and dP, the dQ pass both again), 1.4x
+SDPA's 10 D: at equal efficiency its forward + backward is ~1.29x SDPA's. The fused one spends 10 D, as SDPA
+(FlashAttention-2) does, plus its costs: fp32 atomics of BLOCK_M x D per (key block, q block) tile, i.e.
+4 D / BLOCK_N bytes per pair (34 GB of L2 reductions at L = 8192, P = 16, BLOCK_N = 128, the same scheme as
+FA2's dQ accumulator), and the buffer's zeroing and cast (10 B per dq element: 2.7 GB -> 0.9 ms at L = 8192,
+5% of the floor, as FA2's own dQ accumulator). Predicted forward + backward: ~1.05-1.1x SDPA's (the prefix's own pairs, the
+per-element key masks of the prefix blocks, scalar atom.global.add.f32 in the compiled code).
 """
 from __future__ import annotations
 
@@ -72,13 +81,14 @@ def dkdv_configs():
 
 
 def fused_bwd_configs():
-    """Fused backward (dK / dV with atomic dQ): like dK / dV; tall key tiles (BLOCK_N 128) halve the atomics
-    per flop, 8 warps hold the two (BLOCK_N, D) fp32 accumulators without spilling at D = 128."""
+    """Fused backward (dK / dV with atomic dQ): a key tile on chip as for dK / dV; tall key tiles (BLOCK_N 128)
+    halve the dQ atomics per flop; mostly 8 warps, which share the two (BLOCK_N, D) fp32 accumulators and the
+    resident k / v tiles (4 warps spill heavily at BLOCK_N 128, D = 128: sm90_compile's ptxas -v)."""
     if INTERPRETED:
         return [_cfg(16, 16, 4, 1)]
     return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
-        (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3),
-        (16, 128, 4, 3), (32, 32, 4, 2))]
+        (32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 4, 3),
+        (32, 32, 4, 2))]
 
 
 def dq_configs():

@@ -7,8 +7,9 @@ backend choice) -> functional.prefix_attention.
 
 Backward saves the inputs, the output and the fp32 log-sum-exp (B, Hq, Lq) only; the kernels recompute the
 probabilities. Its dQ is summed with fp32 atomics in one fused pass by default, or by a separate, bitwise
-reproducible pass (dq_mode="split", or dq_mode=None under torch.use_deterministic_algorithms(True)). A shared prefix passed as an expanded view (batch stride 0) is read in place; its gradient is
-computed per row, and autograd's expand backward sums the rows.
+reproducible pass (dq_mode="split", or dq_mode=None under torch.use_deterministic_algorithms(True)). A shared
+prefix passed as an expanded view (batch stride 0) is read in place; its gradient is computed per row, and
+autograd's expand backward sums the rows.
 """
 from __future__ import annotations
 

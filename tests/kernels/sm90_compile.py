@@ -24,6 +24,7 @@ from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
 from ptlm_engine.kernels import lora as L  # noqa: E402
 from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
+from ptlm_engine.kernels import prefix_attention as PA  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -116,6 +117,25 @@ KERNELS = {
                                                            ("out", "*fp32")) for g in range(3)}},
                              [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True)]),
 }
+# prefix attention: 4 q heads per kv head x 128, a prefix with per-row lengths; the delta kernel has no
+# autotuner (one fixed tile); the split dK / dV kernel's unused dq_ptr points at dk
+PREFIX_INPUTS = {**{f"{p}_ptr": "x" for p in ("q", "k", "v", "pk", "pv", "do", "o")}, "plen_ptr": "*i32",
+                 "kpm_ptr": "*u8", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "sm_scale": "fp32", "qk_scale": "fp32"}
+PREFIX_GRADS = {**PREFIX_INPUTS, **{f"{p}_ptr": "x" for p in ("dk", "dv", "dpk", "dpv")}}
+PREFIX_FLAGS = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_PREFIX=True, HAS_LENGTHS=True)
+PREFIX_DELTA = SimpleNamespace(autotuner=SimpleNamespace(fn=PA._delta_kernel, configs=[
+    triton.Config({"BLOCK_M": PA.DELTA_BLOCK_M}, num_warps=4, num_stages=1)]))
+KERNELS.update({
+    "prefix.forward": (PA._prefix_attn_fwd, PREFIX_INPUTS, [dict(PREFIX_FLAGS, HAS_PADDING=False),
+                                                           dict(PREFIX_FLAGS, CAUSAL=False, HAS_PADDING=True)]),
+    "prefix.delta": (PREFIX_DELTA, PREFIX_INPUTS, [dict(HEAD_DIM=128, BLOCK_D=128)]),
+    "prefix.dkdv": (PA._prefix_attn_dkdv, {**PREFIX_GRADS, "dq_ptr": "x"},
+                    [dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=False)]),
+    "prefix.bwd_fused": (PA._prefix_attn_bwd_fused, {**PREFIX_GRADS, "dq_ptr": "*fp32"},
+                         [dict(PREFIX_FLAGS, HAS_PADDING=False, ATOMIC_DQ=True),
+                          dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=True)]),
+    "prefix.dq": (PA._prefix_attn_dq, {**PREFIX_INPUTS, "dq_ptr": "x"}, [dict(PREFIX_FLAGS, HAS_PADDING=True)]),
+})
 
 
 def compile_one(launcher, types: dict, consts: dict, num_warps: int, num_stages: int):
