@@ -397,7 +397,8 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     and xa (M, r) fp32. keep_x is the Philox mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
-    `out` (M, N), if given, receives y.
+    `out` (M, N), if given, receives y. With a separate shrink the Hopper TMA kernel runs where
+    _tma_programs and _tma_view allow it, else the pointer kernel.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]

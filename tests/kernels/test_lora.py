@@ -163,6 +163,10 @@ def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_la
     y64 = x.double() @ w.double().t() + xa64 @ b.double().t() + (bvec.double() if bias else 0)
     y_torch = x @ w.t() + (xa.to(dtype) @ b.t()) + (bvec if bias else 0)
     assert_matches(y, y64, y_torch, dtype, "TMA matmul")
+    # a second call launches the cached config directly: its pre_hook must set the block shapes again
+    y2 = torch.full_like(y, float("nan"))
+    K.lora_matmul(x, w, a, b, 1.7, bvec, fuse_shrink=False, out=y2)
+    assert len(tma_launches) == 2 and torch.equal(y2, y)
 
 
 @needs_tma
