@@ -34,8 +34,8 @@ SDPA's 10 D: at equal efficiency its forward + backward is ~1.29x SDPA's. The fu
 (FlashAttention-2) does, plus its costs: fp32 atomics of BLOCK_M x D per (key block, q block) tile, i.e.
 4 D / BLOCK_N bytes per pair (34 GB of L2 reductions at L = 8192, P = 16, BLOCK_N = 128, the same scheme as
 FA2's dQ accumulator), and the buffer's zeroing and cast (10 B per dq element: 2.7 GB -> 0.9 ms at L = 8192,
-5% of the floor, as FA2's own dQ accumulator). Predicted forward + backward: ~1.05-1.1x SDPA's (the prefix's own pairs, the
-per-element key masks of the prefix blocks, scalar atom.global.add.f32 in the compiled code).
+5% of the floor, as FA2's own). Predicted forward + backward: ~1.05-1.1x SDPA's (the rest: the prefix's own
+pairs, the per-element key masks of the prefix blocks, scalar atom.global.add.f32 in the compiled code).
 """
 from __future__ import annotations
 
@@ -299,8 +299,8 @@ def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq
                    ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr):
     """dV += P^T dO, dK += dS^T Q over q blocks [start_m, end_m) of one q head, in transposed form; with
     ATOMIC_DQ also dQ += scale dS K, added to the fp32 rows at dq_base. dK / dV of keys the forward never saw
-    are zeroed at the store; their dQ terms are not, so MASK_KEYS drops them from dS (not `seen`: padded keys,
-    prefix entries past the row's length, rows past the end, which load as zeros but may give p = inf)."""
+    are zeroed at the store, their dQ terms are not: MASK_KEYS drops from dS the keys not `seen` (padded, past
+    the row's prefix length, past the end: those load as zeros, yet p = exp2(-lse) may overflow)."""
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
