@@ -10,7 +10,10 @@ from torch import nn
 import ptlm_engine as pe
 from ptlm_engine import api, inject
 from ptlm_engine.layers import LoraLinear
-from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
+from ptlm_engine.layers.bottleneck import bottleneck_pool
+from ptlm_engine.layers.lora import lora_pool
+from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
+from ptlm_engine.pool import AdapterBatch, free_slot
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -21,7 +24,7 @@ def _adapter(r, d_in=6, d_out=5, seed=0):
 
 
 def _pool():
-    return AdapterPool(6, 5, torch.device("cpu"), torch.float32)
+    return lora_pool(6, 5, torch.device("cpu"), torch.float32)
 
 
 def test_free_slot_is_the_lowest_unused():
@@ -32,8 +35,8 @@ def test_capacity_doubles_and_rank_grows_only_for_a_larger_one():
     pool = _pool()
     shapes = []
     for slot, r in enumerate([4, 2, 8, 8, 1]):
-        pool.put(slot, *_adapter(r, seed=slot), scale=slot + 0.5)
-        shapes.append((pool.capacity, pool.r_max))
+        pool.put(slot, _adapter(r, seed=slot), scales=slot + 0.5)
+        shapes.append((pool.capacity, pool.width))
     assert shapes == [(1, 4), (2, 4), (4, 8), (4, 8), (8, 8)]
     assert pool.ranks.tolist() == [4, 2, 8, 8, 1, 0, 0, 0] and pool.ranks.dtype == torch.int32
     assert pool.scales.tolist() == [0.5, 1.5, 2.5, 3.5, 4.5, 0, 0, 0] and pool.scales.dtype == torch.float32
@@ -50,12 +53,12 @@ def test_capacity_doubles_and_rank_grows_only_for_a_larger_one():
 def test_removal_zeroes_the_slot_and_reuse_touches_nothing_else():
     pool = _pool()
     for slot, r in enumerate([4, 8, 2]):
-        pool.put(slot, *_adapter(r, seed=slot), scale=1.0)
+        pool.put(slot, _adapter(r, seed=slot), scales=1.0)
     storage = pool.lora_A.data_ptr(), pool.lora_B.data_ptr()
     others = pool.lora_A[[0, 2]].clone()
     pool.clear(1)
     assert not pool.lora_A[1].any() and not pool.lora_B[1].any() and pool.ranks[1] == 0 and pool.scales[1] == 0
-    pool.put(1, *_adapter(3, seed=9), scale=2.0)                                    # a smaller rank in the old slot
+    pool.put(1, _adapter(3, seed=9), scales=2.0)                                    # a smaller rank in the old slot
     assert (pool.lora_A.data_ptr(), pool.lora_B.data_ptr()) == storage
     assert torch.equal(pool.lora_A[[0, 2]], others) and not pool.lora_A[1, 3:].any() and pool.ranks[1] == 3
 
@@ -63,32 +66,56 @@ def test_removal_zeroes_the_slot_and_reuse_touches_nothing_else():
 def test_sync_copies_only_what_changed():
     pool = _pool()
     lora_A, lora_B = _adapter(4)
-    pool.put(0, lora_A, lora_B, scale=1.0)
+    pool.put(0, [lora_A, lora_B], scales=1.0)
     with torch.no_grad():
         pool.lora_A[0].fill_(7.0)          # a marker: an unchanged adapter must not be copied again
-    pool.sync(0, lora_A, lora_B)
+    pool.sync(0, [lora_A, lora_B])
     assert (pool.lora_A[0] == 7.0).all()
     with torch.no_grad():
         lora_B.mul_(2)                                                               # bumps the version counter
-    pool.sync(0, lora_A, lora_B)
+    pool.sync(0, [lora_A, lora_B])
     assert torch.equal(pool.lora_A[0], lora_A) and torch.equal(pool.lora_B[0], lora_B)
     lora_A.data = lora_A.data + 1                                                    # new storage, same object
-    pool.sync(0, lora_A, lora_B)
+    pool.sync(0, [lora_A, lora_B])
     assert torch.equal(pool.lora_A[0], lora_A)
     other_A = nn.Parameter(lora_A.detach() - 1)                                     # another object
-    pool.sync(0, other_A, lora_B)
+    pool.sync(0, [other_A, lora_B])
     assert torch.equal(pool.lora_A[0], other_A)
 
 
 def test_move_reallocates_and_refills_on_sync():
     pool = _pool()
     lora_A, lora_B = _adapter(4)
-    pool.put(0, lora_A, lora_B, scale=3.0)
+    pool.put(0, [lora_A, lora_B], scales=3.0)
     pool.move(torch.device("cpu"), torch.float64)
     assert pool.dtype == torch.float64 and not pool.lora_A.any() and pool.ranks.tolist() == [4]
-    pool.sync(0, lora_A, lora_B)
+    pool.sync(0, [lora_A, lora_B])
     assert torch.equal(pool.lora_A[0], lora_A.double()) and pool.scales.tolist() == [3.0]
 
+
+
+def test_any_layout_stacks_by_width_dim_and_views_follow_growth():
+    """A bottleneck pool: tensors with the width in dim 1 or 2 or none, three scalars, views rebuilt on growth."""
+    pool = bottleneck_pool(5, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    adapters = {slot: [nn.Parameter(torch.randn(shape, generator=gen)) for shape in ((m, 5), (m,), (5, m), (5,))]
+                for slot, m in ((0, 3), (2, 6))}
+    pool.put(0, adapters[0], scales=0.5, acts=2)
+    first = pool.slots(1)
+    assert pool.slots(1) is first and (pool.capacity, pool.width) == (1, 3)
+    pool.put(2, adapters[2], scales=2.0, acts=1)                                     # capacity 4, width 6
+    views = pool.slots(3)
+    assert isinstance(views, BottleneckSlots) and pool.slots(1) is not first
+    assert views.down_weight.shape == (3, 6, 5) and views.up_weight.shape == (3, 5, 6) and views.up_bias.shape == (3, 5)
+    assert pool.sizes.tolist() == [3, 0, 6, 0] and pool.scales.tolist() == [0.5, 0, 2, 0]
+    assert pool.acts.tolist() == [2, 0, 1, 0]
+    for slot, (down_w, down_b, up_w, up_b) in adapters.items():
+        m = down_b.shape[0]
+        assert torch.equal(views.down_weight[slot, :m], down_w) and torch.equal(views.down_bias[slot, :m], down_b)
+        assert torch.equal(views.up_weight[slot, :, :m], up_w) and torch.equal(views.up_bias[slot], up_b)
+        assert not views.down_weight[slot, m:].any() and not views.up_weight[slot, :, m:].any()
+    pool.clear(2)
+    assert not views.up_bias[2].any() and pool.sizes.tolist() == [3, 0, 0, 0] and pool.acts[2] == 0
 
 def test_row_and_token_index():
     batch = AdapterBatch(["x", None, "y", "x"], {"x": 2, "y": 0}, [torch.device("cpu")])

@@ -9,7 +9,6 @@ the child. Where a bottleneck adapter goes in each architecture is inject's tabl
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -20,138 +19,18 @@ from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype, compute_dtype
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
-from ptlm_engine.pool import AdapterBatch, free_slot
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
 
 LAYER_NAME = "ptlm_bottleneck"   # the layer's attribute name in the module it hooks
 
 
-def _stamp(params: list[Tensor]) -> tuple:
-    """What identifies the values of an adapter's Parameters: the objects, their storage and their version
-    counters (bumped by every in-place write: optimizer steps, copy_, load_state_dict)."""
-    return (params, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
-
-
-def _same(stamp: tuple | None, params: list[Tensor]) -> bool:
-    return (stamp is not None and len(params) == len(stamp[0]) and all(map(operator.is_, params, stamp[0]))
-            and stamp[1] == tuple(p._version for p in params) and stamp[2] == tuple(p.data_ptr() for p in params))
-
-
-class BottleneckPool:
-    """One layer's bottleneck adapters stacked in the BottleneckSlots layout, which one launch of the multi op
-    reads whole: a cache of their Parameters, as pool.AdapterPool is for LoRA.
-
-    down_weight (S, m_max, d), down_bias (S, m_max), up_weight (S, d, m_max), up_bias (S, d) in one (compute)
-    dtype; sizes (S,) int32, scales (S,) float32, acts (S,) int32. Slot s holds the adapter with model-wide slot
-    id s in its first sizes[s] rows / columns, zeros beyond; an empty or freed slot is all zeros with size 0 and
-    scale 0, so rows that index it get their input back unchanged. `sync` copies an adapter in again only when its
-    Parameters' stamp changed. Tensors are allocated outside inference mode (see pool.AdapterPool).
-    """
-
-    def __init__(self, d: int, device: torch.device, dtype: torch.dtype):
-        self.d = d
-        self.down_weight = torch.zeros(0, 0, d, device=device, dtype=dtype)
-        self.down_bias = torch.zeros(0, 0, device=device, dtype=dtype)
-        self.up_weight = torch.zeros(0, d, 0, device=device, dtype=dtype)
-        self.up_bias = torch.zeros(0, d, device=device, dtype=dtype)
-        self.sizes = torch.zeros(0, device=device, dtype=torch.int32)
-        self.scales = torch.zeros(0, device=device, dtype=torch.float32)
-        self.acts = torch.zeros(0, device=device, dtype=torch.int32)
-        self._stamps: list[tuple | None] = []
-
-    @property
-    def capacity(self) -> int:
-        return self.down_weight.shape[0]
-
-    @property
-    def m_max(self) -> int:
-        return self.down_weight.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.down_weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.down_weight.dtype
-
-    def slots(self, count: int | None = None) -> BottleneckSlots:
-        """The first `count` slots (all by default) as BottleneckSlots: views, no copy."""
-        return BottleneckSlots(self.down_weight[:count], self.down_bias[:count], self.up_weight[:count],
-                                          self.up_bias[:count], self.sizes[:count], self.scales[:count],
-                                          self.acts[:count])
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def reserve(self, slot: int, size: int = 0) -> None:
-        """Room for slot id `slot` with bottleneck width `size`: the capacity doubles until it holds the slot,
-        m_max rises to the size; the stored slots are copied over only when either grows."""
-        old_capacity, old_m = self.capacity, self.m_max
-        capacity = max(old_capacity, 1)
-        while capacity <= slot:
-            capacity *= 2
-        m_max = max(old_m, size)
-        if (capacity, m_max) == (old_capacity, old_m):
-            return
-        down_weight = self.down_weight.new_zeros(capacity, m_max, self.d)
-        down_bias = self.down_bias.new_zeros(capacity, m_max)
-        up_weight = self.up_weight.new_zeros(capacity, self.d, m_max)
-        up_bias = self.up_bias.new_zeros(capacity, self.d)
-        down_weight[:old_capacity, :old_m] = self.down_weight
-        down_bias[:old_capacity, :old_m] = self.down_bias
-        up_weight[:old_capacity, :, :old_m] = self.up_weight
-        up_bias[:old_capacity] = self.up_bias
-        self.down_weight, self.down_bias, self.up_weight, self.up_bias = down_weight, down_bias, up_weight, up_bias
-        grow = capacity - old_capacity
-        self.sizes = torch.cat([self.sizes, self.sizes.new_zeros(grow)])
-        self.scales = torch.cat([self.scales, self.scales.new_zeros(grow)])
-        self.acts = torch.cat([self.acts, self.acts.new_zeros(grow)])
-        self._stamps += [None] * grow
-
-    @torch.no_grad()
-    def put(self, slot: int, params: list[Tensor], scale: float, act: str) -> None:
-        """Store an adapter (down weight (m, d), down bias (m,), up weight (d, m), up bias (d,)) in a free `slot`."""
-        size = params[0].shape[0]
-        self.reserve(slot, size)
-        self.sizes[slot], self.scales[slot], self.acts[slot] = size, scale, BOTTLENECK_ACT_CODES[act]
-        self._write(slot, params)
-
-    def sync(self, slot: int, params: list[Tensor]) -> None:
-        """Copy the adapter in `slot` again if its Parameters changed since the last copy."""
-        if not _same(self._stamps[slot], params):
-            self._write(slot, params)
-
-    @torch.no_grad()
-    def _write(self, slot: int, params: list[Tensor]) -> None:
-        down_weight, down_bias, up_weight, up_bias = params
-        m = down_weight.shape[0]
-        self.down_weight[slot, :m] = down_weight                                  # (m, d)
-        self.down_bias[slot, :m] = down_bias                                      # (m,)
-        self.up_weight[slot, :, :m] = up_weight                                   # (d, m)
-        self.up_bias[slot] = up_bias                                              # (d,)
-        self._stamps[slot] = _stamp(params)
-
-    @torch.no_grad()
-    def clear(self, slot: int) -> None:
-        """Free `slot` for reuse: zeros, size 0, scale 0."""
-        for stacked in (self.down_weight, self.down_bias, self.up_weight, self.up_bias):
-            stacked[slot].zero_()
-        self.sizes[slot], self.scales[slot], self.acts[slot] = 0, 0.0, 0
-        self._stamps[slot] = None
-
-    def __getstate__(self) -> dict:
-        # A copied or unpickled pool copies each adapter in again at its next sync.
-        return {**self.__dict__, "_stamps": [None] * self.capacity}
-
-    @torch.inference_mode(False)
-    def move(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Reallocate on `device` in `dtype`: the same slots, sizes, scales and acts; every slot's weights are
-        copied in again by its next `sync`."""
-        self.down_weight = torch.zeros(self.down_weight.shape, device=device, dtype=dtype)
-        self.down_bias = torch.zeros(self.down_bias.shape, device=device, dtype=dtype)
-        self.up_weight = torch.zeros(self.up_weight.shape, device=device, dtype=dtype)
-        self.up_bias = torch.zeros(self.up_bias.shape, device=device, dtype=dtype)
-        self.sizes, self.scales, self.acts = self.sizes.to(device), self.scales.to(device), self.acts.to(device)
-        self._stamps = [None] * self.capacity
+def bottleneck_pool(d: int, device: torch.device, dtype: torch.dtype) -> AdapterPool:
+    """A BottleneckLayer's pool in the BottleneckSlots layout: down_weight (S, m_max, d), down_bias (S, m_max),
+    up_weight (S, d, m_max), up_bias (S, d); sizes (S,) int32, scales (S,) float32, acts (S,) int32. An empty
+    slot has size 0 and scale 0, so rows that index it get their input back unchanged."""
+    return AdapterPool(BottleneckSlots,
+                       {"down_weight": (None, d), "down_bias": (None,), "up_weight": (d, None), "up_bias": (d,)},
+                       {"sizes": torch.int32, "scales": torch.float32, "acts": torch.int32}, device, dtype)
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> Tensor | None:
@@ -187,9 +66,8 @@ class BottleneckLayer(AdapterLayer):
         self.act: dict[str, str] = {}
         self.scale: dict[str, float] = {}
         self.parallel: dict[str, bool] = {}
-        self.pool: BottleneckPool | None = None
+        self.pool: AdapterPool | None = None
         self.batch: AdapterBatch | None = None
-        self.batch_stamp: tuple | None = None
         self.batch_adapters: dict[int, str] = {}          # slot id -> name, for the batch's adapters this layer has
         self.batch_sizes: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
         self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32
@@ -219,8 +97,8 @@ class BottleneckLayer(AdapterLayer):
         self.bottleneck[name], self.act[name], self.scale[name], self.parallel[name] = bottleneck, act, scale, parallel
         self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
         if self.pool is None:
-            self.pool = BottleneckPool(self.d, device, base_dtype)
-        self.pool.put(self.slot[name], self.adapter_parameters(name), scale, act)
+            self.pool = bottleneck_pool(self.d, device, base_dtype)
+        self.pool.put(self.slot[name], self.adapter_parameters(name), scales=scale, acts=BOTTLENECK_ACT_CODES[act])
         if parallel and self._input_hook is None:
             self._input_hook = self.reads.register_forward_pre_hook(self._on_input, with_kwargs=True)
 
@@ -255,22 +133,19 @@ class BottleneckLayer(AdapterLayer):
         """Run the per-row mapping `batch` (None: back to the active adapter). The pool gets room for every slot
         id the batch indexes, so that rows of adapters this layer lacks (other methods', other layers') read an
         empty slot and keep the site's output."""
-        self.batch, self.batch_stamp = batch, None
+        self.batch = batch
         if batch is None:
             self.batch_adapters, self.batch_sizes, self.batch_scales, self.batch_acts = {}, None, None, None
             self.batch_parallel = False
             return
-        self.batch_adapters = {slot: name for name, slot in batch.adapters.items() if name in self.down}
+        self.batch_adapters, here = batch.layer_slots(self.down)
         if batch.num_slots:
             self.pool.reserve(batch.num_slots - 1)
-        here = [self.batch_adapters.get(slot) for slot in range(batch.num_slots)]
         device = self.pool.device
-        self.batch_sizes = torch.tensor([0 if n is None else self.bottleneck[n] for n in here], dtype=torch.int32,
-                                        device=device)
-        self.batch_scales = torch.tensor([0.0 if n is None else self.scale[n] for n in here], dtype=torch.float32,
-                                         device=device)
-        self.batch_acts = torch.tensor([0 if n is None else BOTTLENECK_ACT_CODES[self.act[n]] for n in here],
-                                       dtype=torch.int32, device=device)
+        self.batch_sizes = slot_values(here, self.bottleneck, torch.int32, device)
+        self.batch_scales = slot_values(here, self.scale, torch.float32, device)
+        acts = {name: BOTTLENECK_ACT_CODES[act] for name, act in self.act.items()}
+        self.batch_acts = slot_values(here, acts, torch.int32, device)
         kinds = {self.parallel[n] for n in self.batch_adapters.values()}
         if len(kinds) == 2:
             self.batch_parallel = torch.tensor([n is not None and self.parallel[n] for n in here] + [False],
@@ -329,18 +204,13 @@ class BottleneckLayer(AdapterLayer):
     def _pool_for(self, dtype: torch.dtype, device: torch.device) -> None:
         if self.pool.dtype != dtype or self.pool.device != device:
             self.pool.move(device, dtype)
-            self.batch_stamp = None
 
     def _batch_forward(self, out: Tensor, x: Tensor | None) -> Tensor:
         index, segments = self.batch.tokens(out)           # (...) slot per token; checks the batch size first
         if not self.batch_adapters:                        # no row's adapter is in this layer
             return out
         dtype = compute_dtype(out, out)
-        params = [p for name in self.batch_adapters.values() for p in self.adapter_parameters(name)]
-        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
-        slots = self._stacked_slots(dtype) if trains or torch.compiler.is_compiling() \
-            else self._pooled_slots(params, dtype, out.device)
+        slots = self.batch_slots(dtype, out.device)
         h, residual = out.to(dtype), None
         if self.batch_parallel is True:
             h, residual = self._parallel_input(x, out).to(dtype), h
@@ -350,15 +220,27 @@ class BottleneckLayer(AdapterLayer):
         y = functional.bottleneck_adapter_multi(h, slots, index, residual, segments)
         return y.to(out.dtype)
 
-    def _pooled_slots(self, params: list[Tensor], dtype: torch.dtype, device: torch.device) -> BottleneckSlots:
-        """The cached stack, with the batch's adapters copied in again where their Parameters changed; one flat
-        stamp of all of them decides whether any slot needs its own check (as LoraLinear._pooled_slots)."""
+    def batch_slots(self, dtype: torch.dtype, device: torch.device) -> BottleneckSlots:
+        """The mixed batch's adapters in this layer as the multi op reads them, in `dtype` on `device`."""
+        params = self._batch_params()
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
+        if trains or torch.compiler.is_compiling():
+            return self._stacked_slots(dtype)
         self._pool_for(dtype, device)
-        if not _same(self.batch_stamp, params):
-            for slot, name in self.batch_adapters.items():
-                self.pool.sync(slot, self.adapter_parameters(name))
-            self.batch_stamp = _stamp(params)
+        self.pool.sync_batch(params, self._batch_parameters)
         return self.pool.slots(self.batch.num_slots)
+
+    def _batch_params(self) -> list[Tensor]:
+        """The batch's adapters' Parameters, flat, in adapter_parameters' order: read through plain dicts rather
+        than Module attribute lookup, as serving does this in every layer at every step."""
+        downs, ups = self.down._modules, self.up._modules
+        return [p for name in self.batch_adapters.values() for module in (downs[name], ups[name])
+                for p in (module._parameters["weight"], module._parameters["bias"])]
+
+    def _batch_parameters(self):
+        """(slot, its adapter's Parameters) for each of the batch's adapters in this layer."""
+        return ((slot, self.adapter_parameters(name)) for slot, name in self.batch_adapters.items())
 
     def _stacked_slots(self, dtype: torch.dtype) -> BottleneckSlots:
         """The batch's adapters' own Parameters stacked, zero-padded to their widest bottleneck, so that autograd

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -11,13 +10,20 @@ from torch import Tensor, nn
 from ptlm_engine import functional
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.ops.lora_multi import LoraSlots
-from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     """New adapters are float32 on a half-precision base (as PEFT's autocast_adapter_dtype), so the optimizer
     updates full-precision LoRA weights; on any other base they take the base dtype."""
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def lora_pool(d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -> AdapterPool:
+    """A LoraLinear's pool in the LoraSlots layout: lora_A (S, r_max, d_in), lora_B (S, d_out, r_max), ranks (S,)
+    int32, scales (S,) float32."""
+    return AdapterPool(LoraSlots, {"lora_A": (None, d_in), "lora_B": (d_out, None)},
+                       {"ranks": torch.int32, "scales": torch.float32}, device, dtype)
 
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
@@ -65,10 +71,9 @@ class LoraLinear(AdapterLayer):
         self.r: dict[str, int] = {}
         self.scale: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
-        self.pool = AdapterPool(d_in, d_out, self.weight.device, self.weight.dtype)
+        self.pool = lora_pool(d_in, d_out, self.weight.device, self.weight.dtype)
         self.merged_adapter: str | None = None
         self.batch: AdapterBatch | None = None
-        self.batch_stamp: tuple | None = None             # (Parameters, their versions and storage) at the last sync
         self.batch_adapters: dict[int, str] = {}          # slot id -> name, for the batch's adapters this layer has
         self.batch_ranks: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
         self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32, for the stacked path
@@ -86,7 +91,7 @@ class LoraLinear(AdapterLayer):
         self.lora_A[name], self.lora_B[name] = lora_A, lora_B
         self.r[name], self.scale[name], self.dropout[name] = r, scale, dropout
         self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
-        self.pool.put(self.slot[name], lora_A.weight, lora_B.weight, scale)
+        self.pool.put(self.slot[name], [lora_A.weight, lora_B.weight], scales=scale)
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)
@@ -113,23 +118,20 @@ class LoraLinear(AdapterLayer):
     def set_batch(self, batch: AdapterBatch | None) -> None:
         """Run the per-row mapping `batch` (None: back to the active adapter). The pool gets room for every slot
         id the batch indexes, so that rows of an adapter this layer lacks read an empty slot: the base output."""
-        self.batch, self.batch_stamp = batch, None
+        self.batch = batch
         if batch is None:
             self.batch_adapters, self.batch_ranks, self.batch_scales, self.batch_dropouts = {}, None, None, None
             return
-        self.batch_adapters = {slot: name for name, slot in batch.adapters.items() if name in self.lora_A}
+        self.batch_adapters, here = batch.layer_slots(self.lora_A)
         if batch.num_slots:
             self.pool.reserve(batch.num_slots - 1)
         # Per slot 0 … num_slots-1, built once here: ranks and scales for the stacked path (0 where this layer
         # lacks the slot's adapter), dropout probabilities for both paths (None when all are 0).
-        here = [self.batch_adapters.get(slot) for slot in range(batch.num_slots)]
         device = self.weight.device
-        self.batch_ranks = torch.tensor([0 if n is None else self.r[n] for n in here], dtype=torch.int32,
-                                        device=device)
-        self.batch_scales = torch.tensor([0.0 if n is None else self.scale[n] for n in here], dtype=torch.float32,
-                                         device=device)
-        dropouts = [0.0 if n is None else self.dropout[n] for n in here]
-        self.batch_dropouts = torch.tensor(dropouts, dtype=torch.float32, device=device) if any(dropouts) else None
+        self.batch_ranks = slot_values(here, self.r, torch.int32, device)
+        self.batch_scales = slot_values(here, self.scale, torch.float32, device)
+        self.batch_dropouts = slot_values(here, self.dropout, torch.float32, device) \
+            if any(self.dropout[n] for n in self.batch_adapters.values()) else None
 
     def _base_forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
@@ -167,9 +169,8 @@ class LoraLinear(AdapterLayer):
             return lora_A.to(dtype), lora_B.to(dtype)
         if self.pool.dtype != dtype or self.pool.device != self.weight.device:
             self.pool.move(self.weight.device, dtype)
-            self.batch_stamp = None
         slot, r = self.slot[name], self.r[name]
-        self.pool.sync(slot, lora_A, lora_B)
+        self.pool.sync(slot, (lora_A, lora_B))
         return self.pool.lora_A[slot, :r], self.pool.lora_B[slot, :, :r]
 
     def _batch_forward(self, x: Tensor) -> Tensor:
@@ -193,25 +194,20 @@ class LoraLinear(AdapterLayer):
         return slots
 
     def _pooled_slots(self, dtype: torch.dtype) -> LoraSlots:
-        """The cached stack, with the batch's adapters copied in again where their Parameters changed.
-
-        Serving reaches this in every layer at every step, so one flat stamp of all the batch's Parameters
-        (the objects, their storage and version counters, read through plain dicts rather than Module attribute
-        lookup) decides whether any slot needs its own check: with 32 adapters, ~40 us per layer call on the
-        dev CPU against 140-180 us for the per-slot checks alone."""
+        """The cached stack, with the batch's adapters copied in again where their Parameters changed. Serving
+        reaches this in every layer at every step: the Parameters are read through plain dicts rather than Module
+        attribute lookup, for the pool's one flat stamp (AdapterPool.sync_batch)."""
         if self.pool.dtype != dtype or self.pool.device != self.weight.device:
             self.pool.move(self.weight.device, dtype)
-            self.batch_stamp = None
         modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
         params = [p for name in self.batch_adapters.values()
                   for p in (modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])]
-        state = (*(p._version for p in params), *(p.data_ptr() for p in params))
-        stamp = self.batch_stamp                 # holds the Parameters themselves, so `is` compares live objects
-        if stamp is None or stamp[1] != state or not all(map(operator.is_, params, stamp[0])):
-            for slot, name in self.batch_adapters.items():
-                self.pool.sync(slot, modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])
-            self.batch_stamp = (params, state)
+        self.pool.sync_batch(params, self._batch_parameters)
         return self.pool.slots(self.batch.num_slots)
+
+    def _batch_parameters(self):
+        """(slot, its adapter's Parameters) for each of the batch's adapters in this layer."""
+        return ((slot, self.adapter_parameters(name)) for slot, name in self.batch_adapters.items())
 
     def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The batch's adapters' own Parameters stacked, zero-padded to their largest rank, so that autograd
