@@ -1,38 +1,45 @@
-"""The whole GPU benchmark in one call: about 420 s on an H100 (half of it ptlm's autotuning), 520 s at most.
+"""The GPU benchmark in one call: every op's grid and the model-level runs, as phases under one time budget.
 
-    python -u -m bench.gpu_suite OUT_DIR [--budget-s 520] [--no-graph] [--no-model] [--no-multi]
-        [--no-model-multi] [--gradient-checkpointing]
+    python -u -m bench.gpu_suite OUT_DIR [--profile full|session] [--phases lora,multi,...] [--budget-s S]
+        [--no-graph] [--gradient-checkpointing] [--tuned FILE]
     PTLM_BACKEND=reference python -m bench.gpu_suite OUT_DIR --smoke      # tiny shapes on CPU
 
-Phases, in order of importance; each one saves the results so far, so even a killed run leaves its files:
-  1. the card's ceilings (copy bandwidth, bf16 GEMM)
-  2. LoRA layer, r=16: the three layer shapes x all T x fwd, fwd+bwd x floor, cuBLAS, eager, PEFT, ptlm;
-     CUDA-graph timings too at T <= 256, where plain launches are launch-bound
-  3. the model training step: HF PEFT, then ptlm
-  4. LoRA layer, r=8 and r=64 at T=16 and T=4096: floor, cuBLAS, eager, ptlm
-  5. multi-adapter LoRA layer, bench/lora_multi.py's default grid: 32 rank-16 adapters at every T on both
-     layers, then A = 1, 4, 128, Zipf rows, mixed ranks and 50% base-only rows on 4096x4096, fwd, and fwd+bwd
-     at T = 256 and 4096; CUDA-graph timings too at every T (PEFT's mixed batch, plain only, A <= 32, T <= 1024)
-  6. the model with many adapters: greedy generation (bench/model_generate.py: base and ptlm's one-adapter and
-     32-adapter mixed batch, eager and CUDA-graph loops), training 4 adapters in one mixed batch against one
-     after another (bench/model_multi_train.py), then PEFT's one-adapter and mixed-batch generation
-Phase 2 stops starting new cases when only --model-reserve-s + --multi-reserve-s + --model-multi-reserve-s of
-the budget are left, phase 4 when --multi-reserve-s + --model-multi-reserve-s are left, phase 5 when
---model-multi-reserve-s are left; phase 6 uses what remains (rows it has no time for say so).
+Phases (PHASES, in the default order; `--phases` picks and orders them):
+  lora         LoRA layer r=16: 3 layer shapes x T x fwd, fwd+bwd x floor, cuBLAS, eager, PEFT, ptlm; CUDA-graph
+               timings too at T <= 256, where plain launches are launch-bound          (issue 2)
+  model_train  the Llama-shaped training step, HF PEFT then ptlm                        (issue 2)
+  lora_ranks   LoRA layer r=8 and r=64 at T=16 and T=4096                               (issue 2)
+  multi        multi-adapter LoRA layer: 32 rank-16 adapters at every T, then the A sweep, Zipf rows, mixed
+               ranks, base-only rows; fwd+bwd at large T                                (issue 3)
+  grouped      q/k/v and gate/up in one launch, one adapter and a 32-adapter batch      (issue 3)
+  bottleneck   the fused bottleneck adapter, one adapter and a 32-adapter batch         (issue 4)
+  prefix       prefix attention against SDPA without prefix, shared and per-row prefixes (issue 4)
+  model_multi  greedy generation with 32 adapters (eager and CUDA-graph loops), training 4 adapters in one
+               batch vs one after another, then PEFT's generation                      (issue 3)
+Profiles: "full" runs every phase's whole grid (~15 min on an H100, over one device call's limit: run it as
+two calls with --phases); "session" (default) runs each phase's most telling points, ordered so that one
+device call of ~7 minutes measures what the open targets ask, most important first (see SESSION below).
 
-Writes OUT_DIR/results.json, results.csv, results.md and results.png (4 files) and prints a summary of at
-most 90 lines (under 12,000 characters).
+Every phase has a deadline: the budget's end minus the reserves of the phases after it, so a slow phase skips
+its last cases rather than starving the rest; each phase saves the results so far, so a killed run leaves its
+files. Writes OUT_DIR/results.json, results.csv, results.md, results.png and tuned.json (the autotuner's
+choices, which `--tuned FILE` or PTLM_TUNED=FILE load in a later run to skip tuning), and prints a summary of
+at most 90 lines (under 12,000 characters).
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from bench import harness, lora, lora_multi, model_generate, model_multi_train, model_train, report
+from bench import (bottleneck, harness, lora, lora_grouped, lora_multi, model_generate, model_multi_train,
+                   model_train, prefix_attention, report)
+from ptlm_engine.kernels import tuned
 
 GRAPH_MAX_T = 256
 EXTRA_RANKS, EXTRA_TOKENS = [8, 64], [16, 4096]
@@ -41,57 +48,131 @@ EXTRA_PROVIDERS = ["floor", "cublas", "eager", "ptlm"]
 log = functools.partial(print, flush=True)
 
 
+@dataclass(frozen=True)
+class Points:
+    """What one profile measures of each layer-level phase."""
+    lora_shapes: list
+    lora_tokens: list
+    multi_tokens: list | None            # None: lora_multi's default grid
+    grouped: list
+    grouped_tokens: list
+    bottleneck: dict
+    prefix: dict
+
+
+FULL = Points(lora_shapes=lora.LAYER_SHAPES, lora_tokens=lora.TOKENS, multi_tokens=None,
+              grouped=list(lora_grouped.GROUPS), grouped_tokens=lora_grouped.TOKENS,
+              bottleneck=dict(dims=bottleneck.DIMS, widths=bottleneck.WIDTHS, tokens=bottleneck.TOKENS,
+                              adapters=bottleneck.ADAPTERS),
+              prefix=dict(lengths=prefix_attention.LENGTHS, prefixes=prefix_attention.PREFIXES))
+# One device call: the decode and prefill ends of every target, the 32-adapter cases, the largest bottleneck T.
+SESSION = Points(lora_shapes=[(4096, 4096), (4096, 11008)], lora_tokens=[1, 16, 64, 1024, 4096],
+                 multi_tokens=[1, 64, 1024, 4096], grouped=["qkv", "gate_up"], grouped_tokens=[1, 16, 4096],
+                 bottleneck=dict(dims=[768, 4096], widths=[64, 256], tokens=[16384], adapters=[1, 32]),
+                 prefix=dict(lengths=[2048, 8192], prefixes=[16, 256]))
+SMOKE = Points(lora_shapes=lora.SMOKE_SHAPES, lora_tokens=lora.SMOKE_TOKENS, multi_tokens=None,
+               grouped=["qkv_gqa"], grouped_tokens=lora_grouped.SMOKE_TOKENS,
+               bottleneck=dict(dims=bottleneck.SMOKE_DIMS, widths=bottleneck.SMOKE_WIDTHS,
+                               tokens=bottleneck.SMOKE_TOKENS[:1], adapters=bottleneck.SMOKE_ADAPTERS),
+               prefix=dict(lengths=prefix_attention.SMOKE["lengths"][:1], prefixes=prefix_attention.SMOKE["prefixes"]))
+
+# name -> seconds the phases before it leave it (session: the default phases' reserves sum to its 340 s budget).
+SESSION_RESERVE_S = {"lora": 80, "multi": 70, "bottleneck": 35, "prefix": 50, "model_train": 60, "grouped": 45,
+                     "lora_ranks": 30, "model_multi": 150}
+FULL_RESERVE_S = {"lora": 240, "model_train": 150, "lora_ranks": 60, "multi": 180, "grouped": 90, "bottleneck": 120,
+                  "prefix": 150, "model_multi": 240}
+PHASES = list(FULL_RESERVE_S)
+SESSION_PHASES = ["lora", "multi", "bottleneck", "prefix", "model_train", "grouped"]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", type=Path, help="output directory (at most 4 files are written)")
+    p.add_argument("out", type=Path, help="output directory (at most 5 files are written)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and model on CPU")
-    p.add_argument("--budget-s", type=float, default=520.0, help="no new case starts after this many seconds")
-    p.add_argument("--model-reserve-s", type=float, default=150.0, help="seconds phase 2 leaves for phase 3")
-    p.add_argument("--multi-reserve-s", type=float, default=120.0, help="seconds phases 2-4 leave for phase 5")
-    p.add_argument("--model-multi-reserve-s", type=float, default=120.0, help="seconds phases 2-5 leave for phase 6")
+    p.add_argument("--profile", choices=["full", "session"], default="session")
+    p.add_argument("--phases", type=lambda s: s.split(","), help=f"which phases, in order, of {','.join(PHASES)}")
+    p.add_argument("--budget-s", type=float, help="no new case starts after this many seconds (340; full: 1000)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
-    p.add_argument("--no-model", action="store_true", help="skip the model training step")
-    p.add_argument("--no-multi", action="store_true", help="skip the multi-adapter layer")
-    p.add_argument("--no-model-multi", action="store_true",
-                   help="skip the model with many adapters (generation, mixed-batch training)")
+    p.add_argument("--tuned", type=Path, help="autotuner choices of an earlier run (its tuned.json) to start from")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     model_train.add_arguments(p)
     args = p.parse_args(argv)
     model_train.resolve(args)
+    args.phases = args.phases or (SESSION_PHASES if args.profile == "session" and not args.smoke else PHASES)
+    unknown = sorted(set(args.phases) - set(PHASES))
+    if unknown:
+        p.error(f"unknown phases {unknown}; known: {PHASES}")
+    args.budget_s = args.budget_s or (340.0 if args.profile == "session" else 1000.0)
+    args.points = SMOKE if args.smoke else SESSION if args.profile == "session" else FULL
+    args.reserve_s = (dict.fromkeys(PHASES, 0.0) if args.smoke
+                      else SESSION_RESERVE_S if args.profile == "session" else FULL_RESERVE_S)
     return args
 
 
-def lora_phases(args, device: torch.device, start: float):
-    """(name, grid, graph timings?, deadline) for phases 2 and 4."""
-    shapes = lora.SMOKE_SHAPES if args.smoke else lora.LAYER_SHAPES
-    tokens = lora.SMOKE_TOKENS if args.smoke else lora.TOKENS
-    extra_tokens = tokens[:1] if args.smoke else EXTRA_TOKENS
-    graph = not args.no_graph and device.type == "cuda"
-    extra_deadline = multi_deadline(args, start) - (0 if args.no_multi else args.multi_reserve_s)
-    main_deadline = extra_deadline - (0 if args.no_model else args.model_reserve_s)
-
-    def grid(ranks, tok, providers):
-        return lora.grid(shapes, tok, ranks, providers, lora.MODES, device)
-    small = [t for t in tokens if t <= GRAPH_MAX_T]
-    large = [t for t in tokens if t > GRAPH_MAX_T]
-    main = [("LoRA r=16, T<=256", grid([16], small, lora.PROVIDERS), graph, main_deadline),
-            ("LoRA r=16, T>256", grid([16], large, lora.PROVIDERS), False, main_deadline)]
-    extra = [("LoRA r=8/64", grid(EXTRA_RANKS, extra_tokens, EXTRA_PROVIDERS), False, extra_deadline)]
-    return main, extra
+# ------------------------------------------------------------------------------------------------ the phases
+GridPhase = tuple[str, harness.Grid, bool]      # (name, grid, time CUDA graphs too?)
 
 
-def multi_deadline(args, start: float) -> float:
-    """When phase 5 stops starting cases: phase 6's reserve before the end of the budget."""
-    return start + args.budget_s - (0 if args.no_model_multi else args.model_multi_reserve_s)
+def lora_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    pts = args.points
+
+    def grid(tokens):
+        return lora.grid(pts.lora_shapes, tokens, [16], lora.PROVIDERS, lora.MODES, device)
+    small = [t for t in pts.lora_tokens if t <= GRAPH_MAX_T]
+    large = [t for t in pts.lora_tokens if t > GRAPH_MAX_T]
+    return [(f"LoRA r=16, T<={GRAPH_MAX_T}", grid(small), graph), (f"LoRA r=16, T>{GRAPH_MAX_T}", grid(large), False)]
 
 
-def model_multi_phase(args, device: torch.device, start: float, log) -> list[dict]:
-    """Phase 6, in order of importance: generation without PEFT, training several adapters, PEFT's generation."""
+def lora_rank_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    tokens = args.points.lora_tokens[:1] if args.smoke else EXTRA_TOKENS
+    return [("LoRA r=8/64", lora.grid(args.points.lora_shapes, tokens, EXTRA_RANKS, EXTRA_PROVIDERS, lora.MODES,
+                                      device), False)]
+
+
+def multi_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    points = lora_multi.points_by_mode(args.smoke, False, lora_multi.MODES)
+    if args.points.multi_tokens is not None:          # the session: the 32-adapter core at fewer T, then variants
+        shapes, tokens = lora_multi.LAYER_SHAPES, args.points.multi_tokens
+        points = {"fwd": lora_multi.default_points(shapes[:1], tokens, [16, 4096], [256]),
+                  "fwd+bwd": lora_multi.train_points(shapes[:1], [4096])}
+    return lora_multi.phases(points, lora_multi.PROVIDERS, device, graph, lora_multi.layer_dtype(device))
+
+
+def grouped_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    groups = lora_grouped.SMOKE_GROUPS if args.smoke else lora_grouped.GROUPS
+    groups = {k: v for k, v in groups.items() if k in args.points.grouped}
+    dtype = lora_multi.layer_dtype(device)
+    return [("grouped q/k/v, gate/up", lora_grouped.grid(groups, args.points.grouped_tokens, lora_grouped.PROVIDERS,
+                                                         ["fwd"], device, dtype), graph)]
+
+
+def bottleneck_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    dtype = lora_multi.layer_dtype(device)
+    return [("bottleneck adapter", bottleneck.grid(**args.points.bottleneck, providers=bottleneck.PROVIDERS,
+                                                   modes=bottleneck.MODES, device=device, dtype=dtype), False)]
+
+
+def prefix_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    sizes = prefix_attention.SMOKE if args.smoke else dict(batch=prefix_attention.BATCH, heads=prefix_attention.HEADS,
+                                                           head_dim=prefix_attention.HEAD_DIM)
+    sizes = {**sizes, **args.points.prefix}
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return [("prefix attention", prefix_attention.grid(**sizes, providers=prefix_attention.PROVIDERS,
+                                                       modes=prefix_attention.MODES, device=device, dtype=dtype),
+             False)]
+
+
+def model_train_rows(args, device: torch.device, deadline: float) -> list[dict]:
+    return model_train.run(args, device, log)
+
+
+def model_multi_rows(args, device: torch.device, deadline: float) -> list[dict]:
+    """Generation without PEFT, training several adapters, then PEFT's generation, in order of importance."""
     common = ["--out", str(args.out)] + (["--smoke"] if args.smoke else [])
     generate = model_generate.parse_args(common)
     train = model_multi_train.parse_args(common + ["--steps", str(args.steps), "--warmup", str(args.warmup)])
-    generate.deadline = train.deadline = start + args.budget_s
+    generate.deadline = train.deadline = deadline
     peft = [p for p in model_generate.PROVIDERS if p.startswith("peft")]
     generate.providers = [p for p in model_generate.PROVIDERS if p not in peft]
     rows = model_generate.run(generate, device, log)
@@ -100,12 +181,30 @@ def model_multi_phase(args, device: torch.device, start: float, log) -> list[dic
     return rows + model_generate.run(generate, device, log)
 
 
-def multi_phases(args, device: torch.device, start: float):
-    """(name, grid, graph timings?, deadline) for phase 5."""
-    graph = not args.no_graph and device.type == "cuda"
-    points = lora_multi.points_by_mode(args.smoke, False, lora_multi.MODES)
-    return [(name, grid, timed_graph, multi_deadline(args, start)) for name, grid, timed_graph in
-            lora_multi.phases(points, lora_multi.PROVIDERS, device, graph, lora_multi.layer_dtype(device))]
+GRID_PHASES: dict[str, Callable[..., list[GridPhase]]] = {
+    "lora": lora_grids, "lora_ranks": lora_rank_grids, "multi": multi_grids, "grouped": grouped_grids,
+    "bottleneck": bottleneck_grids, "prefix": prefix_grids}
+ROW_PHASES: dict[str, Callable[..., list[dict]]] = {"model_train": model_train_rows, "model_multi": model_multi_rows}
+TABLES = {lora.OP: lora.TABLE, model_train.OP: model_train.TABLE, lora_multi.OP: lora_multi.TABLE,
+          lora_grouped.OP: lora_grouped.TABLE, bottleneck.OP: bottleneck.TABLE,
+          prefix_attention.OP: prefix_attention.TABLE, model_generate.OP: model_generate.TABLE,
+          model_multi_train.OP: model_multi_train.TABLE}
+
+
+def deadlines(phases: list[str], reserve_s: dict[str, float], start: float, budget_s: float) -> dict[str, float]:
+    """Each phase stops starting cases when only the reserves of the phases after it are left."""
+    out, later = {}, 0.0
+    for name in reversed(phases):
+        out[name] = start + budget_s - later
+        later += reserve_s[name]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- summary
+def target_notes(rows: list[dict]) -> list[str]:
+    return (lora.target_checks(rows) + model_train.summary(rows) + lora_multi.target_checks(rows)
+            + bottleneck.target_checks(rows) + prefix_attention.target_checks(rows)
+            + model_generate.summary(rows) + model_multi_train.summary(rows))
 
 
 def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path, wall_s: float) -> list[str]:
@@ -114,73 +213,69 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
              f"transformers {m['transformers']}, peft {m['peft']}, ptlm backend {m['ptlm_backend']}",
              f"ceilings: copy {c['copy_GBps'] / 1e3:.2f} TB/s (read+write), {c['gemm_dtype']} GEMM "
              f"{c['gemm_TFLOPs']:.4g} TFLOP/s", ""]
-    lines += lora.compact_table(rows, 16) + [""]
-    graph_lines = lora.ratio_lines(rows, [16], "graph")
-    if graph_lines:
-        lines += ["CUDA-graph replay, r=16: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)"] + graph_lines + [""]
-    extra_lines = lora.ratio_lines(rows, EXTRA_RANKS, "plain")
-    if extra_lines:
-        lines += ["Other ranks, plain launches: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)"] + extra_lines + [""]
-    lines += ["Targets:"] + lora.target_checks(rows) + [""]
-    lines += model_train.summary(rows) + [""]
-    multi_lines = lora_multi.summary(rows)
-    if multi_lines:
-        lines += multi_lines + [""]
-    model_multi_lines = model_generate.summary(rows) + model_multi_train.summary(rows)
-    if model_multi_lines:
-        lines += model_multi_lines + [""]
+
+    def block(part: list[str], title: str | None = None):
+        if part:
+            lines.extend(([title] if title else []) + part + [""])
+    block(lora.compact_table(rows, 16))
+    block(lora.ratio_lines(rows, [16], "graph"), "CUDA-graph replay, r=16: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)")
+    block(lora.ratio_lines(rows, EXTRA_RANKS, "plain"),
+          "Other ranks, plain launches: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)")
+    block(lora.target_checks(rows), "Targets:")
+    block(model_train.summary(rows))
+    block(lora_multi.summary(rows))
+    grouped = lora_grouped.summary(rows)
+    block(grouped if len(grouped) > 1 else [], "Grouped projections, ms")
+    block(bottleneck.compact_table(rows) + bottleneck.target_checks(rows))
+    block(prefix_attention.compact_table(rows) + prefix_attention.target_checks(rows))
+    block(model_generate.summary(rows) + model_multi_train.summary(rows))
     failed = sum(1 for r in rows if r.get("ms") is None)
     lines.append(f"{len(rows)} rows, {failed} failed, {skipped} cases skipped for the budget; {wall_s:.0f} s; "
                  f"files in {out}")
     return lines
 
 
+# ---------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> harness.Results:
     args = parse_args(argv)
     start = time.monotonic()
     device = harness.pick_device(args.smoke)
+    if args.tuned:
+        log(f"autotuner choices loaded: {tuned.load_tuned(args.tuned)} from {args.tuned}")
     probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    meta = {**harness.environment(device), "ptlm_backend": lora.ptlm_backend(probe), "smoke": args.smoke}
+    meta = {**harness.environment(device), "ptlm_backend": lora.ptlm_backend(probe), "smoke": args.smoke,
+            "profile": args.profile, "phases": args.phases}
     if device.type == "cuda" and meta["ptlm_backend"] != "triton":
         log("WARNING: ptlm_engine would run its PyTorch reference, not Triton: its rows will fail. Install the "
             "package (pip install --no-build-isolation -e .) and leave PTLM_BACKEND unset.")
     log(f"[{time.monotonic() - start:5.0f} s] ceilings")
     ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    results = harness.Results(meta, ceilings, [], tables={lora.OP: lora.TABLE, model_train.OP: model_train.TABLE,
-                                                          lora_multi.OP: lora_multi.TABLE,
-                                                          model_generate.OP: model_generate.TABLE,
-                                                          model_multi_train.OP: model_multi_train.TABLE})
+    results = harness.Results(meta, ceilings, [], tables=TABLES)
     rows, skipped = results.rows, 0
+    graph = not args.no_graph and device.type == "cuda"
 
     def save():
         results.meta["wall_s"] = time.monotonic() - start
         results.meta["skipped_cases"] = skipped
-        results.notes = (lora.target_checks(rows) + model_train.summary(rows) + lora_multi.target_checks(rows)
-                         + model_generate.summary(rows) + model_multi_train.summary(rows))
+        results.notes = target_notes(rows)
         harness.save(results, args.out, "results")
+        tuned.save_tuned(args.out / "tuned.json", meta["card"])
 
-    def run_lora(phases):
-        nonlocal skipped
-        for name, grid, graph, deadline in phases:
-            log(f"[{time.monotonic() - start:5.0f} s] {name}: {len(grid.shapes)} shape points")
-            opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, graph, deadline, log)
+    phase_deadlines = deadlines(args.phases, args.reserve_s, start, args.budget_s)
+    for name in args.phases:
+        deadline = phase_deadlines[name]
+        log(f"[{time.monotonic() - start:5.0f} s] phase {name} (until {deadline - start:.0f} s)")
+        if name in ROW_PHASES:
+            if time.monotonic() < deadline:
+                rows.extend(ROW_PHASES[name](args, device, deadline))
+            else:
+                skipped += 1
+        for title, grid, timed_graph in GRID_PHASES.get(name, lambda *a: [])(args, device, graph):
+            log(f"[{time.monotonic() - start:5.0f} s] {title}: {len(grid.shapes)} shape points")
+            opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline, log)
             new_rows, n_skipped = harness.run_grid(grid, ceilings, opt)
             rows.extend(new_rows)
             skipped += n_skipped
-            save()
-
-    main_phases, extra_phases = lora_phases(args, device, start)
-    run_lora(main_phases)
-    if not args.no_model:
-        log(f"[{time.monotonic() - start:5.0f} s] model training step")
-        rows.extend(model_train.run(args, device, log))
-        save()
-    run_lora(extra_phases)
-    if not args.no_multi:
-        run_lora(multi_phases(args, device, start))
-    if not args.no_model_multi:
-        log(f"[{time.monotonic() - start:5.0f} s] model with many adapters: generation, mixed-batch training")
-        rows.extend(model_multi_phase(args, device, start, log))
         save()
     report.plot(results, args.out / "results.png")
     wall_s = time.monotonic() - start

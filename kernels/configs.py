@@ -10,6 +10,8 @@ import os
 
 import triton
 
+from . import tuned
+
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so read the flag once.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PTLM_AUTOTUNE=0 keeps each list's first config: no tuning runs (quick GPU test sessions, debugging).
@@ -120,19 +122,25 @@ class TunedLauncher:
     kernel's arguments, which costs tens of microseconds of host time, as much as the kernel itself at decode.
     Here the caller passes a cheap key (the shape bucket, flags and dtypes the autotuner keys on) and later
     calls launch the chosen config directly (running the config's pre_hook, if it has one, as the Autotuner would).
+    A key whose choice was loaded from an earlier run (kernels.tuned) launches that config without tuning.
     """
 
     def __init__(self, autotuner):
         self.autotuner = autotuner
+        self.name = autotuner.fn.__name__
         self.configs: dict[tuple, tuple[dict, object]] = {}
+        tuned.LAUNCHERS.append(self)
 
     def launch(self, key: tuple, grid, *args, **kwargs):
         config = self.configs.get(key)
         if config is None:
-            self.autotuner[grid](*args, **kwargs)
-            best = self.autotuner.best_config
-            self.configs[key] = (best.all_kwargs(), best.pre_hook)
-            return
+            config = tuned.preset(self.name, key, self.autotuner.configs)
+            if config is None:
+                self.autotuner[grid](*args, **kwargs)
+                best = self.autotuner.best_config
+                self.configs[key] = (best.all_kwargs(), best.pre_hook)
+                return
+            self.configs[key] = config
         meta, pre_hook = config
         if pre_hook is not None:
             pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})

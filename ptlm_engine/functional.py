@@ -63,7 +63,8 @@ def lora_linear_multi_grouped(x: Tensor, weights: Sequence[Tensor], biases: Sequ
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None, prefix_v: Tensor | None = None,
                      prefix_lengths: Tensor | None = None, *, causal: bool = True,
-                     key_padding_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+                     key_padding_mask: Tensor | None = None, scale: float | None = None,
+                     dq_mode: str | None = None) -> Tensor:
     """Attention over [prefix ; sequence] in one flash pass (prefix tuning), never concatenating the prefix.
 
     q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D) with Lk >= Lq (a KV cache: query i sits at sequence position
@@ -74,9 +75,12 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
     sequence keys j <= Lk - Lq + i; key_padding_mask (B, Lk) bool, True = real key, masks the sequence part
     only. scale defaults to D ** -0.5. A query that sees no key at all outputs 0 (gradient 0).
     Returns (B, Hq, Lq, D), contiguous, in q's dtype. The kernels take fp32 / fp16 / bf16 and D <= 256; other
-    inputs run the reference (which concatenates).
+    inputs run the reference (which concatenates). dq_mode picks the backward: "atomic" (one fused pass, dq
+    summed with fp32 atomics, run to run not bitwise equal), "split" (a separate dq pass, deterministic) or None
+    (split under torch.use_deterministic_algorithms, else atomic).
     """
-    return prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_lengths, causal, key_padding_mask, scale)
+    return prefix_attention_op(q, k, v, prefix_k, prefix_v, prefix_lengths, causal, key_padding_mask, scale,
+                               dq_mode=dq_mode)
 
 
 def bottleneck_adapter(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,

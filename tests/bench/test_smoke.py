@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from bench import (bottleneck, gpu_suite, harness, lora, lora_multi, model_generate, model_multi_train, model_train,
-                   report)
+from bench import (bottleneck, gpu_suite, harness, lora, lora_grouped, lora_multi, model_generate, model_multi_train,
+                   model_train, prefix_attention, report)
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -102,7 +102,10 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert "Multi-adapter LoRA fwd, 32 rank-16 adapters" in summary and "Multi-adapter targets:" in summary
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["op"] for r in rows} == {lora.OP, model_train.OP, lora_multi.OP, model_generate.OP,
-                                       model_multi_train.OP}
+                                       model_multi_train.OP, lora_grouped.OP, bottleneck.OP, prefix_attention.OP}
+    assert "Bottleneck adapter, ms" in summary and "Prefix attention, bf16, causal" in summary
+    assert "Grouped projections, ms" in summary
+    assert "tuned.json" in files
     assert "Generation tok/s" in summary and "ptlm_mixed/ptlm_sequential" in summary
     # the multi-adapter phase: every provider where it applies, at every point of the smoke grid
     multi = [r for r in rows if r["op"] == lora_multi.OP]
@@ -239,8 +242,8 @@ def test_model_multi_train_smoke(tmp_path):
 def test_prefix_attention_smoke_and_floor(tmp_path):
     from bench import prefix_attention as pa
     rows = pa.main(["--smoke", "--out", str(tmp_path), "--lengths", "16", *FAST]).rows
-    # 1 shape x 2 modes x 6 providers, each with a positive time and the same floor
-    assert len(rows) == 12 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
+    # 1 shape x 2 modes x 7 providers (ptlm_split: fwd+bwd only), each with a positive time and the same floor
+    assert len(rows) == 13 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows), rows
     assert "ptlm_mixed/ptlm  <= 1.05" in (tmp_path / "prefix_attention.md").read_text()
     shape = {"B": 8, "H": 32, "D": 128, "L": 8192, "P": 16}
@@ -272,3 +275,15 @@ def test_bottleneck_smoke_rows_floor_and_providers(tmp_path):
         y = {p: bottleneck._forward(p, s, "gelu")[0]() for p in ("eager", "ptlm", "ptlm_multi")}
     for p in ("ptlm", "ptlm_multi"):
         torch.testing.assert_close(y[p], y["eager"], msg=p)
+
+
+def test_gpu_suite_phase_deadlines_and_selection(tmp_path):
+    """Each phase stops starting cases when only the later phases' reserves are left; --phases picks and orders."""
+    reserve = {"a": 10.0, "b": 20.0, "c": 30.0}
+    assert gpu_suite.deadlines(["a", "b", "c"], reserve, 100.0, 90.0) == {"c": 190.0, "b": 160.0, "a": 140.0}
+    assert gpu_suite.deadlines(["c", "a"], reserve, 0.0, 50.0) == {"a": 50.0, "c": 40.0}
+    args = gpu_suite.parse_args([str(tmp_path), "--phases", "prefix,lora"])
+    assert args.phases == ["prefix", "lora"] and args.budget_s == 340.0 and args.points is gpu_suite.SESSION
+    assert sum(gpu_suite.SESSION_RESERVE_S[p] for p in gpu_suite.SESSION_PHASES) == 340   # the session budget
+    with pytest.raises(SystemExit):
+        gpu_suite.parse_args([str(tmp_path), "--phases", "lora,nope"])

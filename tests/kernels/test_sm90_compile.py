@@ -28,8 +28,10 @@ def test_every_kernel_variant_compiles_for_sm90():
                                                "grouped.multi_shrink", "bottleneck.forward",
                                                "bottleneck.rows_backward", "bottleneck.grads",
                                                "bottleneck.multi_forward", "bottleneck.multi_rows_backward",
-                                               "bottleneck.multi_grads"}
+                                               "bottleneck.multi_grads", "prefix.forward", "prefix.delta",
+                                               "prefix.dkdv", "prefix.bwd_fused", "prefix.dq"}
     failed = [f"{row['kernel']} {row['flags']} {row['config']}: {row['error']}" for row in rows if not row["ok"]]
     assert not failed, "\n".join(failed)
     assert all(row["wgmma"] for row in rows if row["kernel"].endswith("matmul_prefill"))
     assert all(row["wgmma"] and row["tma"] for row in rows if row["kernel"] == "lora.matmul_tma")
+    assert all(row["wgmma"] for row in rows if row["kernel"].startswith("prefix.") and row["kernel"] != "prefix.delta")

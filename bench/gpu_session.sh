@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call of at most ~9 minutes on an H100: install, the gpu-marked tests (bf16 correctness, sync-free
+# and CUDA-graph checks; first autotune config only), then bench.gpu_suite's session profile. Writes 7 files
+# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json) and ends with the suite's summary.
+#
+#   bash bench/gpu_session.sh OUT [--tests-s 120] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
+set -u
+out=${1:?usage: bash bench/gpu_session.sh OUT [--tests-s S] [gpu_suite arguments]}
+shift
+tests_s=120
+if [ "${1:-}" = "--tests-s" ]; then tests_s=$2; shift 2; fi
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.log" 2>&1; then
+    cat "$out/suite.log"; exit 1
+fi
+start=$(date +%s)
+PTLM_AUTOTUNE=0 timeout "$tests_s" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests >"$out/gpu_tests.log" 2>&1
+echo "gpu tests: exit $? after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
+grep -E "passed|failed|error|FAILED|ERROR" "$out/gpu_tests.log" | tail -12
+python3 -u -m bench.gpu_suite "$out" "$@" >>"$out/suite.log" 2>&1
+rc=$?
+echo "suite: exit $rc"
+if [ $rc -ne 0 ]; then tail -40 "$out/suite.log"; fi
+sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-220 | head -90
