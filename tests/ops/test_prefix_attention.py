@@ -10,7 +10,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import prefix_attention
 from ptlm_engine.kernels import prefix_attention as K
 from ptlm_engine.ops.prefix_attention import prefix_attention_fwd, prefix_attention_op
-from tests.helpers import assert_matches
+from tests.helpers import assert_matches, assert_no_host_sync, captured
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -222,21 +222,12 @@ def test_no_host_sync_and_cuda_graph_replay():
     plen = torch.tensor([16, 5], dtype=torch.int32, device=DEVICE)
     do = torch.randn(2, 300, 8, 64, device=DEVICE, dtype=torch.bfloat16)
     step = lambda: _run(prefix_attention, (q, k, v, pk, pv), do, prefix_lengths=plen)
-    step()                                                       # autotunes (synchronizes) on its first call
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_no_host_sync(step)
     with torch.no_grad():
         q_in = q.detach().clone()
         run = lambda: prefix_attention(q_in.transpose(1, 2), k.detach().transpose(1, 2), v.detach().transpose(1, 2),
                                        pk.detach().expand(2, -1, -1, -1), pv.detach().expand(2, -1, -1, -1), plen)
-        run()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            o = run()
+        graph, o = captured(run)
         q_in.copy_(torch.randn_like(q_in))                        # new inputs in the same buffer
         graph.replay()
         o64 = reference.prefix_attention(q_in.double().transpose(1, 2), k.double().transpose(1, 2),
