@@ -234,22 +234,31 @@ def _lora_matmul_tma_kernel(
     """The prefill matmul above (separate shrink: xa given) on Hopper: every tile moves by TMA (host-side
     descriptors; out-of-bounds rows and columns read as zeros and are never written, so no masks), and
     NUM_SMS persistent programs walk the tiles in grouped order, the tile loop flattened with the K loop so
-    the next tile's loads start during this tile's epilogue.
+    the next tile's loads start during this tile's epilogue. The LoRA expand runs as R / BLOCK_R extra K
+    steps: first in the tile (forward), or into a separate accumulator per half tile in the epilogue when
+    the output dropout mask applies to it (backward).
 
     w_desc is W (N, K) with W_KMAJOR, else W^T (K, N) (the backward's dy @ W0); b_desc is B (N, R) with
     B_RMAJOR, else B^T (R, N). y_desc stores half a tile at a time (BLOCK_N // 2 columns): half the
     epilogue's shared memory, which 128x256 tiles need to keep three pipeline stages.
+    Compiled for sm_90 (Triton 3.8, ptxas -v, R = 16): 199 registers at 128x256x64 (247 with dropout), no
+    spills, no serialized wgmma; shared memory 200 KB of 227.
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     # The epilogue recomputes its tile from its own counter, so the flattened loop's prologue (next tile's
-    # loads) does not feed the epilogue (this tile's store).
+    # loads) does not feed the epilogue (this tile's store). With output dropout the loop stays nested: the
+    # flattened loop's extra live state made ptxas spill there (sm_90, 128x256 tiles).
     tile_out = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=not OUT_DROPOUT):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not OUT_DROPOUT:
+            # The LoRA steps open the tile's MMA chain: run after the K loop, their dot into the accumulator
+            # made ptxas serialize every wgmma of the flattened loop (C7515).
+            acc = _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR, FP32_DOT, R, BLOCK_R)
         for ki in range(k_steps):
             off_k = ki * BLOCK_K
             x = x_desc.load([off_m, off_k])                                               # (BLOCK_M, BLOCK_K)
@@ -263,26 +272,44 @@ def _lora_matmul_tma_kernel(
         pid_m, pid_n = grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        # LoRA expand as r more K steps, unrolled (R is constexpr): xa stays fp32, as in the pointer kernel.
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
-        for rs in tl.static_range(0, R, BLOCK_R):
-            xa = xa_desc.load([off_m, rs])                                                # (BLOCK_M, BLOCK_R)
-            if B_RMAJOR:
-                b = b_desc.load([off_n, rs]).T                                            # (BLOCK_R, BLOCK_N)
-            else:
-                b = b_desc.load([rs, off_n])
-            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        if OUT_DROPOUT:
-            offs_m = off_m + tl.arange(0, BLOCK_M)
-            acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
-        else:
-            acc = lora
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        y_desc.store([off_m, off_n], left.to(y_desc.dtype))
-        y_desc.store([off_m, off_n + BLOCK_N // 2], right.to(y_desc.dtype))
+        _tma_store_half(left, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
+                        B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
+        _tma_store_half(right, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n + BLOCK_N // 2, N,
+                        dropout_p, B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _tma_store_half(acc, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
+                    B_RMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    FP32_DOT: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                    HALF_N: tl.constexpr):
+    """Epilogue of half a tile (HALF_N columns from off_n): in backward the masked LoRA term, bias, store.
+    Half at a time: the dropout path's separate LoRA accumulator then costs half a tile of registers."""
+    offs_n = off_n + tl.arange(0, HALF_N)
+    if OUT_DROPOUT:
+        # backward dx: only the LoRA branch's gradient passes the forward's dropout mask
+        lora = _tma_lora_steps(tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), xa_desc, b_desc, off_m, off_n,
+                               B_RMAJOR, FP32_DOT, R, BLOCK_R)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
+
+
+@triton.jit
+def _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR: tl.constexpr, FP32_DOT: tl.constexpr,
+                    R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc += xa @ B^T for one tile as R / BLOCK_R unrolled K steps; xa stays fp32, as in the pointer kernel."""
+    for rs in tl.static_range(0, R, BLOCK_R):
+        xa = xa_desc.load([off_m, rs])                                                    # (BLOCK_M, BLOCK_R)
+        if B_RMAJOR:
+            b = b_desc.load([off_n, rs]).T                                                # (BLOCK_R, BLOCK_N)
+        else:
+            b = b_desc.load([rs, off_n])
+        acc = _dot_fp32(xa, b.to(tl.float32), acc, FP32_DOT)
+    return acc
 
 
 def _tma_block_shapes(nargs: dict) -> None:
@@ -291,7 +318,8 @@ def _tma_block_shapes(nargs: dict) -> None:
     nargs["x_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
     nargs["xa_desc"].block_shape = [bm, br]
-    nargs["b_desc"].block_shape = [bn, br] if nargs["B_RMAJOR"] else [br, bn]
+    b_cols = bn // 2 if nargs["OUT_DROPOUT"] else bn  # with output dropout the LoRA term runs per half tile
+    nargs["b_desc"].block_shape = [b_cols, br] if nargs["B_RMAJOR"] else [br, b_cols]
     nargs["y_desc"].block_shape = [bm, bn // 2]
 
 
