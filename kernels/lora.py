@@ -9,7 +9,7 @@ Three kernels, each reused by forward and backward through strides:
 The matmul has a decode path (small T: skinny tiles, many programs along N, memory-bound) and a prefill path
 (tensor-core tiles, grouped order); both are autotuned per T bucket, shape, rank and dtype. On Hopper
 (compute capability >= 9) the fp16/bf16 prefill matmul runs a third kernel, _lora_matmul_tma_kernel: TMA
-tensor descriptors and a persistent grid (selection rule: _tma_programs and _tma_view; TMA_PREFILL forces it
+tensor descriptors and a persistent grid (selection rule: _tma_programs and _tma_layout; TMA_PREFILL forces it
 or switches it off). Its floor is the prefill GEMM's: 2T·d_in·d_out flops at 790 TFLOP/s (4096³: 0.174 ms).
 
 Dropout uses Philox keyed by a seed read from device memory and the element's logical index t * d_in + k, so
@@ -357,37 +357,39 @@ def _tma_programs(x: torch.Tensor, M: int) -> int:
     return _tma_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
-def _tma_view(t: torch.Tensor, transposable: bool) -> tuple[torch.Tensor, bool] | None:
-    """(v, transposed): t, or with `transposable` t^T, as a 2-D view TMA can copy from (last dim contiguous,
-    base and row stride 16-byte aligned); None if neither is."""
-    for v, transposed in ((t, False), (t.t(), True)) if transposable else ((t, False),):
-        if v.stride(1) == 1 and (v.stride(0) * v.element_size()) % 16 == 0 and v.data_ptr() % 16 == 0:
-            return v, transposed
+def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] | None:
+    """(shape, strides, transposed) of the 2-D t, or with `transposable` of t^T, as TMA copies it (last dim
+    contiguous, base and row stride 16-byte aligned); None if neither qualifies. Plain tuples, no views:
+    on the H100's host every torch call costs microseconds."""
+    if t.data_ptr() % 16:
+        return None
+    (rows, cols), (s0, s1), size = t.shape, t.stride(), t.element_size()
+    if s1 == 1 and s0 * size % 16 == 0:
+        return [rows, cols], [s0, 1], False
+    if transposable and s0 == 1 and s1 * size % 16 == 0:
+        return [cols, rows], [s1, 1], True
     return None
-
-
-def _descriptor(v: torch.Tensor) -> TensorDescriptor:
-    # block shape set per config by _tma_block_shapes
-    return TensorDescriptor(v, list(v.shape), list(v.stride()), [16, 16])
 
 
 def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float) -> bool:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias on the TMA path; False (nothing launched) where
-    it does not apply: see _tma_programs, and every operand must pass _tma_view."""
+    it does not apply: see _tma_programs, and every operand must pass _tma_layout."""
     M, K = x.shape
     N, R = lora_B.shape
     num_sms = _tma_programs(x, M)
     if not num_sms:
         return False
-    views = [_tma_view(x, False), _tma_view(weight, True), _tma_view(xa, False), _tma_view(lora_B, True),
-             _tma_view(y, False)]
-    if any(v is None for v in views):
+    tensors = (x, weight, xa, lora_B, y)
+    layouts = [_tma_layout(t, transposable) for t, transposable in zip(tensors, (False, True, False, True, False))]
+    if any(layout is None for layout in layouts):
         return False
-    (x_v, _), (w_v, w_t), (xa_v, _), (b_v, b_t), (y_v, _) = views
+    # block shapes are set per config by _tma_block_shapes; a transposed operand's base is the tensor itself
+    x_d, w_d, xa_d, b_d, y_d = (TensorDescriptor(t, shape, strides, [16, 16])
+                                for t, (shape, strides, _) in zip(tensors, layouts))
+    w_t, b_t = layouts[1][2], layouts[3][2]
     grid = lambda meta: (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     key = (t_bucket(M), N, K, R, not w_t, not b_t, out_dropout > 0.0, bias is None, x.dtype, y.dtype)
-    args = (key, grid,
-            _descriptor(x_v), _descriptor(w_v), _descriptor(xa_v), _descriptor(b_v), _descriptor(y_v),
+    args = (key, grid, x_d, w_d, xa_d, b_d, y_d,
             bias if bias is not None else y, seed if out_dropout > 0.0 else y,
             M, N, K, t_bucket(M), out_dropout)
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
@@ -426,7 +428,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
     `out` (M, N), if given, receives y. With a separate shrink the Hopper TMA kernel runs where
-    _tma_programs and _tma_view allow it, else the pointer kernel.
+    _tma_programs and _tma_layout allow it, else the pointer kernel.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
