@@ -152,4 +152,4 @@ def attach_bottleneck(model: nn.Module, path: str, name: str, config: Bottleneck
         site.add_module(LAYER_NAME, layer)
     base = next(reads.parameters())
     layer.add_adapter(name, config.bottleneck, config.act, config.scale, config.placement == "parallel", slot,
-                      device=base.device, base_dtype=base.dtype)
+                      device=base.device, base_dtype=base.dtype, layer_norm=config.layer_norm)

@@ -98,7 +98,7 @@ BOTTLENECK_ACTS = ("relu", "gelu", "silu")
 class BottleneckConfig:
     """A bottleneck adapter (Houlsby et al., 2019): h <- h + scale · up(act(down(h))), down d -> m, up m -> d,
     both with biases; `up` starts at zero, so a new adapter changes nothing. 2·m·d + d + m parameters per
-    adapter module.
+    adapter module (2·m·d + d + m + 2·d with layer_norm).
 
     placement: "houlsby" — after the attention block's output projection and after the FFN's, before each
       residual add / LayerNorm; "pfeiffer" — after the FFN's only; "parallel" — alongside the attention and FFN
@@ -108,6 +108,9 @@ class BottleneckConfig:
       for parallel adapters).
     layers_to_transform: only the blocks with these indices.
     modules_to_save: as in LoraConfig.
+    layer_norm: each adapter module also has its own LayerNorm over d (weight 1, bias 0, eps 1e-5, trained) on
+      its input, the residual staying the un-normalised stream (AdapterHub's `ln_before`): h + scale ·
+      up(act(down(LN(h)))); parallel: sublayer(x) + scale · up(act(down(LN(x)))).
     """
     bottleneck: int = 64
     placement: str = "houlsby"
@@ -115,6 +118,7 @@ class BottleneckConfig:
     scale: float = 1.0
     layers_to_transform: int | list[int] | None = None
     modules_to_save: list[str] | None = None
+    layer_norm: bool = False
 
     def __post_init__(self):
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
@@ -126,6 +130,8 @@ class BottleneckConfig:
             raise ValueError(f"BottleneckConfig.act must be one of {BOTTLENECK_ACTS}, got {self.act!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
             raise ValueError(f"BottleneckConfig.scale must be a finite number, got {self.scale!r}")
+        if not isinstance(self.layer_norm, bool):
+            raise ValueError(f"BottleneckConfig.layer_norm must be a bool, got {self.layer_norm!r}")
         self.layers_to_transform = _layer_indices(self.layers_to_transform, "BottleneckConfig")
         if isinstance(self.modules_to_save, str):
             raise ValueError("BottleneckConfig.modules_to_save must be a list of module names, not a string")

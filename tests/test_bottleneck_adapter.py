@@ -255,6 +255,50 @@ def test_round_trip_with_modules_to_save(tiny, tmp_path, ids, output):
     torch.testing.assert_close(output(fresh, ids), output(model, ids), rtol=0, atol=0)
 
 
+def test_layer_norm_adapters_count_train_batch_save_and_load(tiny, tmp_path, output):
+    model = tiny("llama")
+    pe.add_adapter(model, "ln", pe.BottleneckConfig(bottleneck=6, act="gelu", layer_norm=True))
+    pe.add_adapter(model, "plain", pe.BottleneckConfig(bottleneck=6, placement="parallel", scale=2.0))
+    _randomize(model)
+    for name, extra in (("ln", 2 * 64), ("plain", 0)):                           # 2md + d + m (+ 2d)
+        modules = {}
+        for n, p in model.named_parameters():
+            if f".{name}." in n and ".ptlm_bottleneck." in n:
+                modules[n.split(".ptlm_bottleneck.")[0]] = modules.get(n.split(".ptlm_bottleneck.")[0], 0) + p.numel()
+        assert len(modules) == 4 and set(modules.values()) == {2 * 6 * 64 + 64 + 6 + extra}, name
+    pe.set_active_adapter(model, "ln")
+    assert {n.split(".ptlm_bottleneck.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad} \
+        == {"down", "up", "layer_norm"}
+    ids = _ids(3)
+    y_ln = output(model, ids)
+    mapping = ["plain", "ln", None]
+    with torch.no_grad(), pe.adapter_batch(model, mapping):
+        mixed = output(model, ids)
+    for row, name in enumerate(mapping):
+        torch.testing.assert_close(mixed[row], _alone(model, name, lambda: output(model, ids[row:row + 1]))[0])
+
+    pe.save_adapter(model, "ln", tmp_path / "ln")
+    assert json.loads((tmp_path / "ln" / "adapter_config.json").read_text())["layer_norm"] is True
+    tensors = load_file(tmp_path / "ln" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.1.mlp.ptlm_bottleneck.layer_norm.weight"].shape == (64,)
+    assert len(tensors) == 4 * 6
+    fresh = tiny("llama")
+    pe.load_adapter(fresh, tmp_path / "ln", name="ln")
+    assert pe.adapter_configs(fresh)["ln"] == pe.adapter_configs(model)["ln"]
+    torch.testing.assert_close(output(fresh, ids), y_ln, rtol=0, atol=0)
+
+    pe.save_adapter(model, "plain", tmp_path / "plain")                 # a file from before layer_norm existed
+    config_file = tmp_path / "plain" / "adapter_config.json"
+    old = {k: v for k, v in json.loads(config_file.read_text()).items() if k != "layer_norm"}
+    config_file.write_text(json.dumps(old))
+    pe.load_adapter(fresh, tmp_path / "plain", name="plain")
+    assert pe.adapter_configs(fresh)["plain"].layer_norm is False
+    pe.set_active_adapter(model, "plain")
+    pe.set_active_adapter(fresh, "plain")
+    torch.testing.assert_close(output(fresh, ids), output(model, ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layer_norm must be a bool"):
+        pe.BottleneckConfig(layer_norm=1)
+
 def test_bad_files_fail_clearly_and_leave_the_model(tiny, tmp_path):
     model = tiny("gpt2")
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=4))
@@ -281,6 +325,7 @@ def test_bad_files_fail_clearly_and_leave_the_model(tiny, tmp_path):
     up_bias = "base_model.model.transformer.h.1.mlp.ptlm_bottleneck.up.bias"
     fails(good, f"missing {up_bias}", {k: v for k, v in tensors.items() if k != up_bias})
     fails(good, "unexpected base_model.model.extra", {**tensors, "base_model.model.extra": torch.zeros(1)})
+    fails({**good, "layer_norm": True}, r"missing .*ptlm_bottleneck.layer_norm.weight", tensors)
 
 
 def test_bad_configs_and_models(tiny):
@@ -348,6 +393,38 @@ def test_triton_kernels_through_the_layers(tiny, monkeypatch, output):
     for g, w in zip(got[1], want[1]):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
+                    reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
+def test_triton_kernels_with_layer_norms(tiny, monkeypatch, output):
+    """LayerNorm adapters through the fused kernels (interpreted on the CPU) against the reference: a sequential
+    one with a LayerNorm beside a parallel one without, mixed rows served and trained (stacked Parameters), and
+    the single adapter's gradients, its LayerNorm's included."""
+    model = tiny("llama")
+    pe.add_adapter(model, "n", pe.BottleneckConfig(bottleneck=8, act="gelu", layer_norm=True, layers_to_transform=[0]))
+    pe.add_adapter(model, "p", pe.BottleneckConfig(bottleneck=4, placement="parallel", layers_to_transform=[0]))
+    _randomize(model)
+    ids = _ids(3, length=5)
+
+    def run():
+        with torch.no_grad(), pe.adapter_batch(model, ["n", None, "p"]):
+            served = output(model, ids)
+        with pe.adapter_batch(model, ["n", None, "p"]):
+            trained = output(model, ids)
+        model.zero_grad()
+        output(model, ids).square().mean().backward()
+        return served, trained.detach(), [p.grad.clone() for n, p in model.named_parameters()
+                                          if ".n." in n and "ptlm_" in n]
+
+    want = run()
+    assert len(want[2]) == 12                                # two sites, six tensors each
+    monkeypatch.setenv("PTLM_BACKEND", "triton")
+    got = run()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-4)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

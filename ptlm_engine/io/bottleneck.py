@@ -5,6 +5,8 @@ tensors, with the adapter name left out as PEFT does:
   base_model.model.<module>.ptlm_bottleneck.down.bias     (m,)
   base_model.model.<module>.ptlm_bottleneck.up.weight     (d, m)
   base_model.model.<module>.ptlm_bottleneck.up.bias       (d,)
+  base_model.model.<module>.ptlm_bottleneck.layer_norm.weight   (d,)   with "layer_norm": true only
+  base_model.model.<module>.ptlm_bottleneck.layer_norm.bias     (d,)
   base_model.model.<module>.<key>                         each state-dict entry of a modules_to_save copy
 where <module> is the module the adapter's output hook sits on (see ptlm_engine/bottleneck_sites.py).
 """
@@ -22,6 +24,7 @@ from ptlm_engine.layers.bottleneck import BottleneckLayer
 
 PEFT_TYPE = "BOTTLENECK"
 LEAVES = ("down.weight", "down.bias", "up.weight", "up.bias")   # in adapter_parameters' order
+NORM_LEAVES = ("layer_norm.weight", "layer_norm.bias")         # after LEAVES, where the config has layer_norm
 _FIELDS = {field.name for field in dataclasses.fields(BottleneckConfig)}
 # Keys that do not change what a loaded adapter computes (PEFT's bookkeeping, kept for tools that read them).
 _INERT_KEYS = {"peft_type", "task_type", "inference_mode", "base_model_name_or_path", "revision", "peft_version"}
@@ -30,8 +33,9 @@ _INERT_KEYS = {"peft_type", "task_type", "inference_mode", "base_model_name_or_p
 def dump(model: nn.Module, name: str, config: BottleneckConfig) -> tuple[dict[str, Tensor], dict]:
     layers = [(path, layer) for path, layer in inject.adapter_layers(model)
               if isinstance(layer, BottleneckLayer) and name in layer.down]
+    leaves = LEAVES + NORM_LEAVES if config.layer_norm else LEAVES
     tensors = {key(path, leaf): param for path, layer in layers
-               for leaf, param in zip(LEAVES, layer.adapter_parameters(name))}
+               for leaf, param in zip(leaves, layer.adapter_parameters(name), strict=True)}
     tensors.update(saved_copies(model, name))
     file_config = {"peft_type": PEFT_TYPE, "task_type": None, "inference_mode": True,
                    "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
@@ -45,10 +49,11 @@ def match(model: nn.Module, config: BottleneckConfig, tensors: dict[str, Tensor]
     targets = find_bottleneck_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     m, d = config.bottleneck, model.config.hidden_size
-    shapes = ((m, d), (m,), (d, m), (d,))
+    shapes = {"down.weight": (m, d), "down.bias": (m,), "up.weight": (d, m), "up.bias": (d,),
+              "layer_norm.weight": (d,), "layer_norm.bias": (d,)}
+    leaves = LEAVES + NORM_LEAVES if config.layer_norm else LEAVES
     matcher = TensorMatcher(tensors)
-    weights = {target: [matcher.take(key(target, leaf), shape) for leaf, shape in zip(LEAVES, shapes)]
-               for target in targets}
+    weights = {target: [matcher.take(key(target, leaf), shapes[leaf]) for leaf in leaves] for target in targets}
     copies = matcher.copies(model, saved)
     matcher.check(path, model)
 

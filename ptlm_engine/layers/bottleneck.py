@@ -22,15 +22,19 @@ from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
 from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
 
 LAYER_NAME = "ptlm_bottleneck"   # the layer's attribute name in the module it hooks
+LAYER_NORM_EPS = 1e-5            # of an adapter's own LayerNorm (BottleneckConfig.layer_norm)
 
 
 def bottleneck_pool(d: int, device: torch.device, dtype: torch.dtype) -> AdapterPool:
     """A BottleneckLayer's pool in the BottleneckSlots layout: down_weight (S, m_max, d), down_bias (S, m_max),
     up_weight (S, d, m_max), up_bias (S, d); sizes (S,) int32, scales (S,) float32, acts (S,) int32. An empty
-    slot has size 0 and scale 0, so rows that index it get their input back unchanged."""
+    slot has size 0 and scale 0, so rows that index it get their input back unchanged. Besides, the adapters'
+    LayerNorms: ln_weight (S, d), ln_bias (S, d), zero where an adapter has none, and layer_norms (S,) bool."""
     return AdapterPool(BottleneckSlots,
-                       {"down_weight": (None, d), "down_bias": (None,), "up_weight": (d, None), "up_bias": (d,)},
-                       {"sizes": torch.int32, "scales": torch.float32, "acts": torch.int32}, device, dtype)
+                       {"down_weight": (None, d), "down_bias": (None,), "up_weight": (d, None), "up_bias": (d,),
+                        "ln_weight": (d,), "ln_bias": (d,)},
+                       {"sizes": torch.int32, "scales": torch.float32, "acts": torch.int32, "layer_norms": torch.bool},
+                       device, dtype)
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> Tensor | None:
@@ -41,13 +45,14 @@ def _hidden_states(args: tuple, kwargs: dict) -> Tensor | None:
 
 class BottleneckLayer(AdapterLayer):
     """Named bottleneck adapters on the output of `site` (a sub-layer, or the module right after its output
-    projection), y = out + scale · up(act(down(h))), one adapter active at a time or one per row in a mixed batch.
+    projection), y = out + scale · up(act(down(h))), one adapter active at a time or one per row in a mixed batch;
+    h is normalised first by the adapter's own LayerNorm where it has one (`layer_norm`), out staying as it is.
 
     Sequential adapters (placements "houlsby", "pfeiffer") read h = out, the site's output. Parallel adapters read
     h = the input of `reads`, the sub-layer the site belongs to, captured by a forward pre-hook registered while the
     layer has a parallel adapter. A site returning a tuple (Llama's and GPT-2's attention) has its first element
     changed. Adapters are nn.Linear `down` (d -> m) and `up` (m -> d) in ModuleDicts keyed by adapter name:
-    2·m·d + d + m parameters each.
+    2·m·d + d + m parameters each, and 2·d more for an nn.LayerNorm in `layer_norm` where the adapter has one.
 
     The op runs in the compute dtype of layers.lora (the autocast dtype, else the site output's dtype) and the
     result is cast back to the output's dtype; adapters are float32 on a half-precision base. A mixed batch reads
@@ -62,6 +67,7 @@ class BottleneckLayer(AdapterLayer):
         self.__dict__["reads"] = reads
         self.down = nn.ModuleDict()
         self.up = nn.ModuleDict()
+        self.layer_norm = nn.ModuleDict()                  # only the adapters that have one
         self.bottleneck: dict[str, int] = {}
         self.act: dict[str, str] = {}
         self.scale: dict[str, float] = {}
@@ -72,6 +78,9 @@ class BottleneckLayer(AdapterLayer):
         self.batch_sizes: Tensor | None = None             # (batch.num_slots,) int32, for the stacked path
         self.batch_scales: Tensor | None = None            # (batch.num_slots,) float32
         self.batch_acts: Tensor | None = None              # (batch.num_slots,) int32
+        # Which of the batch's rows normalise their adapter's input: None (none), True (every row with an adapter
+        # here), or a (num_slots + 1,) bool tensor per slot id whose last entry (index -1) is False.
+        self.batch_layer_norms: bool | Tensor | None = None
         # Which of the batch's rows read the sub-layer's input: False (none), True (all), or, when this layer has
         # sequential and parallel adapters of the batch, a (num_slots + 1,) bool tensor per slot id whose last
         # entry (index -1: rows without an adapter here) is False.
@@ -82,9 +91,11 @@ class BottleneckLayer(AdapterLayer):
 
     # ------------------------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, bottleneck: int, act: str, scale: float, parallel: bool,
-                    slot: int | None = None, *, device: torch.device, base_dtype: torch.dtype) -> None:
+                    slot: int | None = None, *, device: torch.device, base_dtype: torch.dtype,
+                    layer_norm: bool = False) -> None:
         """A new adapter is the identity: `up` is zero (weight and bias); `down` is initialised as AdapterHub's
-        "mam_adapter" init (He et al.'s code): kaiming-uniform weight (a=sqrt(5), nn.Linear's default), zero bias.
+        "mam_adapter" init (He et al.'s code): kaiming-uniform weight (a=sqrt(5), nn.Linear's default), zero bias;
+        with `layer_norm`, a LayerNorm over d (weight 1, bias 0) on the adapter's input.
         Parameters are float32 on a half-precision `base_dtype`, else in it."""
         factory = {"device": device, "dtype": adapter_dtype(base_dtype)}
         down = nn.Linear(self.d, bottleneck, **factory)                     # weight (m, d), bias (m,)
@@ -94,11 +105,14 @@ class BottleneckLayer(AdapterLayer):
         nn.init.zeros_(up.weight)
         nn.init.zeros_(up.bias)
         self.down[name], self.up[name] = down, up
+        if layer_norm:
+            self.layer_norm[name] = nn.LayerNorm(self.d, eps=LAYER_NORM_EPS, **factory)
         self.bottleneck[name], self.act[name], self.scale[name], self.parallel[name] = bottleneck, act, scale, parallel
         self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
         if self.pool is None:
             self.pool = bottleneck_pool(self.d, device, base_dtype)
-        self.pool.put(self.slot[name], self.adapter_parameters(name), scales=scale, acts=BOTTLENECK_ACT_CODES[act])
+        self.pool.put(self.slot[name], self.adapter_parameters(name), scales=scale, acts=BOTTLENECK_ACT_CODES[act],
+                      layer_norms=layer_norm)
         if parallel and self._input_hook is None:
             self._input_hook = self.reads.register_forward_pre_hook(self._on_input, with_kwargs=True)
 
@@ -106,7 +120,11 @@ class BottleneckLayer(AdapterLayer):
         return list(self.down)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """down weight (m, d), down bias (m,), up weight (d, m), up bias (d,) [, LayerNorm weight (d,), bias (d,)]"""
         down, up = self.down[name], self.up[name]
+        if name in self.layer_norm:
+            norm = self.layer_norm[name]
+            return [down.weight, down.bias, up.weight, up.bias, norm.weight, norm.bias]
         return [down.weight, down.bias, up.weight, up.bias]
 
     def remove_adapter(self, name: str) -> None:
@@ -114,6 +132,8 @@ class BottleneckLayer(AdapterLayer):
             self.active_adapter = None
         self.pool.clear(self.slot[name])
         del self.down[name], self.up[name], self.bottleneck[name], self.act[name], self.scale[name]
+        if name in self.layer_norm:
+            del self.layer_norm[name]
         del self.parallel[name], self.slot[name]
         if self._input_hook is not None and not any(self.parallel.values()):
             self._input_hook.remove()
@@ -136,7 +156,7 @@ class BottleneckLayer(AdapterLayer):
         self.batch = batch
         if batch is None:
             self.batch_adapters, self.batch_sizes, self.batch_scales, self.batch_acts = {}, None, None, None
-            self.batch_parallel = False
+            self.batch_parallel, self.batch_layer_norms = False, None
             return
         self.batch_adapters, here = batch.layer_slots(self.down)
         if batch.num_slots:
@@ -146,6 +166,12 @@ class BottleneckLayer(AdapterLayer):
         self.batch_scales = slot_values(here, self.scale, torch.float32, device)
         acts = {name: BOTTLENECK_ACT_CODES[act] for name, act in self.act.items()}
         self.batch_acts = slot_values(here, acts, torch.int32, device)
+        norms = {self.batch_adapters[slot] in self.layer_norm for slot in self.batch_adapters}
+        if norms == {True, False}:
+            has_norm = {name: name in self.layer_norm for name in self.down}
+            self.batch_layer_norms = slot_values([*here, None], has_norm, torch.bool, device)
+        else:
+            self.batch_layer_norms = True if norms == {True} else None
         kinds = {self.parallel[n] for n in self.batch_adapters.values()}
         if len(kinds) == 2:
             self.batch_parallel = torch.tensor([n is not None and self.parallel[n] for n in here] + [False],
@@ -179,18 +205,21 @@ class BottleneckLayer(AdapterLayer):
 
     def _single_forward(self, name: str, out: Tensor, x: Tensor | None) -> Tensor:
         dtype = compute_dtype(out, out)
-        down_weight, down_bias, up_weight, up_bias = self._adapter_weights(name, dtype, out.device)
+        weights = self._adapter_weights(name, dtype, out.device)
         if self.parallel[name]:
             h, residual = self._parallel_input(x, out).to(dtype), out.to(dtype)
         else:
             h, residual = out.to(dtype), None
-        y = functional.bottleneck_adapter(h, down_weight, down_bias, up_weight, up_bias, self.act[name],
-                                          self.scale[name], residual)
+        if name in self.layer_norm:        # the adapter reads LN(h); the residual stays the stream
+            residual = h if residual is None else residual
+            h = F.layer_norm(h, (self.d,), *weights[4:], LAYER_NORM_EPS)
+        y = functional.bottleneck_adapter(h, *weights[:4], self.act[name], self.scale[name], residual)
         return y.to(out.dtype)
 
     def _adapter_weights(self, name: str, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-        """The adapter's four tensors in the compute dtype: the pool's cast copy when serving a float32 adapter on
-        a half-precision base (no casts per call), else the Parameters cast in the graph (gradients reach them)."""
+        """The adapter's tensors (as adapter_parameters) in the compute dtype: the pool's cast copy when serving a
+        float32 adapter on a half-precision base (no casts per call), else the Parameters cast in the graph
+        (gradients reach them)."""
         params = self.adapter_parameters(name)
         if all(p.dtype == dtype for p in params) or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
@@ -199,7 +228,9 @@ class BottleneckLayer(AdapterLayer):
         slot, m = self.slot[name], self.bottleneck[name]
         self.pool.sync(slot, params)
         pool = self.pool
-        return [pool.down_weight[slot, :m], pool.down_bias[slot, :m], pool.up_weight[slot, :, :m], pool.up_bias[slot]]
+        weights = [pool.down_weight[slot, :m], pool.down_bias[slot, :m], pool.up_weight[slot, :, :m],
+                   pool.up_bias[slot]]
+        return weights + [pool.ln_weight[slot], pool.ln_bias[slot]] if name in self.layer_norm else weights
 
     def _pool_for(self, dtype: torch.dtype, device: torch.device) -> None:
         if self.pool.dtype != dtype or self.pool.device != device:
@@ -210,18 +241,31 @@ class BottleneckLayer(AdapterLayer):
         if not self.batch_adapters:                        # no row's adapter is in this layer
             return out
         dtype = compute_dtype(out, out)
-        slots = self.batch_slots(dtype, out.device)
+        slots, norms = self.batch_slots(dtype, out.device)
         h, residual = out.to(dtype), None
         if self.batch_parallel is True:
             h, residual = self._parallel_input(x, out).to(dtype), h
         elif isinstance(self.batch_parallel, Tensor):      # per token: the sub-layer's input or its output
             reads_input = self.batch_parallel[index].unsqueeze(-1)                       # (..., 1)
             h, residual = torch.where(reads_input, self._parallel_input(x, out).to(dtype), h), h
+        if norms is not None:              # rows with a LayerNorm read LN(h); the residual stays the stream
+            residual = h if residual is None else residual
+            h = self._normalised_rows(h, index, *norms)
         y = functional.bottleneck_adapter_multi(h, slots, index, residual, segments)
         return y.to(out.dtype)
 
-    def batch_slots(self, dtype: torch.dtype, device: torch.device) -> BottleneckSlots:
-        """The mixed batch's adapters in this layer as the multi op reads them, in `dtype` on `device`."""
+    def _normalised_rows(self, h: Tensor, index: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """h (..., d) with each row normalised by its adapter's LayerNorm (weight, bias (num_slots, d), gathered
+        per token on the device), rows whose adapter has none left as they are."""
+        normalised = F.layer_norm(h, (self.d,), eps=LAYER_NORM_EPS) * weight[index] + bias[index]
+        if self.batch_layer_norms is True:  # rows without an adapter here keep the residual whatever they read
+            return normalised
+        return torch.where(self.batch_layer_norms[index].unsqueeze(-1), normalised, h)
+
+    def batch_slots(self, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[BottleneckSlots, tuple[Tensor, Tensor] | None]:
+        """The mixed batch's adapters in this layer as the multi op reads them, in `dtype` on `device`, and their
+        LayerNorms' weights and biases (num_slots, d) each, None where no adapter of the batch has one."""
         params = self._batch_params()
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
@@ -229,40 +273,46 @@ class BottleneckLayer(AdapterLayer):
             return self._stacked_slots(dtype)
         self._pool_for(dtype, device)
         self.pool.sync_batch(params, self._batch_parameters)
-        return self.pool.slots(self.batch.num_slots)
+        count = self.batch.num_slots
+        norms = None if self.batch_layer_norms is None else (self.pool.ln_weight[:count], self.pool.ln_bias[:count])
+        return self.pool.slots(count), norms
 
     def _batch_params(self) -> list[Tensor]:
         """The batch's adapters' Parameters, flat, in adapter_parameters' order: read through plain dicts rather
         than Module attribute lookup, as serving does this in every layer at every step."""
-        downs, ups = self.down._modules, self.up._modules
-        return [p for name in self.batch_adapters.values() for module in (downs[name], ups[name])
+        downs, ups, norms = self.down._modules, self.up._modules, self.layer_norm._modules
+        return [p for name in self.batch_adapters.values()
+                for module in ((downs[name], ups[name], norms[name]) if name in norms else (downs[name], ups[name]))
                 for p in (module._parameters["weight"], module._parameters["bias"])]
 
     def _batch_parameters(self):
         """(slot, its adapter's Parameters) for each of the batch's adapters in this layer."""
         return ((slot, self.adapter_parameters(name)) for slot, name in self.batch_adapters.items())
 
-    def _stacked_slots(self, dtype: torch.dtype) -> BottleneckSlots:
+    def _stacked_slots(self, dtype: torch.dtype) -> tuple[BottleneckSlots, tuple[Tensor, Tensor] | None]:
         """The batch's adapters' own Parameters stacked, zero-padded to their widest bottleneck, so that autograd
-        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros."""
+        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros, as are the
+        LayerNorm slots of adapters without one."""
         m_max = max(self.bottleneck[name] for name in self.batch_adapters.values())
         like = self.pool.down_weight
+        zeros = like.new_zeros(self.d, dtype=dtype)                                       # (d,)
         blank = [like.new_zeros(m_max, self.d, dtype=dtype), like.new_zeros(m_max, dtype=dtype),
-                 like.new_zeros(self.d, m_max, dtype=dtype), like.new_zeros(self.d, dtype=dtype)]
-        stacks = [[], [], [], []]
+                 like.new_zeros(self.d, m_max, dtype=dtype), zeros, zeros, zeros]
+        stacks = [[] for _ in range(4 if self.batch_layer_norms is None else 6)]
         for slot in range(self.batch.num_slots):
             name = self.batch_adapters.get(slot)
             if name is None:
                 tensors = blank
             else:
                 pad = m_max - self.bottleneck[name]
-                down_weight, down_bias, up_weight, up_bias = (p.to(dtype) for p in self.adapter_parameters(name))
+                down_weight, down_bias, up_weight, up_bias, *norm = (p.to(dtype) for p in self.adapter_parameters(name))
                 tensors = [F.pad(down_weight, (0, 0, 0, pad)), F.pad(down_bias, (0, pad)),   # (m_max, d), (m_max,)
-                           F.pad(up_weight, (0, pad)), up_bias]                              # (d, m_max), (d,)
+                           F.pad(up_weight, (0, pad)), up_bias, *(norm or blank[4:])]       # (d, m_max), (d,)...
             for stack, tensor in zip(stacks, tensors):
                 stack.append(tensor)
-        return BottleneckSlots(*(torch.stack(stack) for stack in stacks), self.batch_sizes,
-                                          self.batch_scales, self.batch_acts)
+        stacked = [torch.stack(stack) for stack in stacks]
+        slots = BottleneckSlots(*stacked[:4], self.batch_sizes, self.batch_scales, self.batch_acts)
+        return slots, (tuple(stacked[4:]) or None)
 
     def _apply(self, fn, recurse=True):
         # model.to() / .half() / .cuda() convert the Parameters; the pool and the batch's per-slot tensors follow.
@@ -273,6 +323,6 @@ class BottleneckLayer(AdapterLayer):
         return self
 
     def extra_repr(self) -> str:
-        adapters = {n: (self.bottleneck[n], self.act[n], "parallel" if self.parallel[n] else "sequential")
-                    for n in self.down}
+        adapters = {n: (self.bottleneck[n], self.act[n], "parallel" if self.parallel[n] else "sequential",
+                        *(["layer_norm"] if n in self.layer_norm else [])) for n in self.down}
         return f"d={self.d}, adapters={adapters}, active={self.active_adapter!r}"

@@ -232,3 +232,137 @@ def test_deepcopy_hooks_the_copy():
     with torch.no_grad():
         clone.ptlm_bottleneck.up["a"].bias.add_(1.0)
     assert not torch.allclose(_out(clone, x), _out(site, x))
+
+
+# ----------------------------------------------------------------------------------- an adapter's own LayerNorm
+def _add_ln(layer, name, m, act="relu", scale=1.0, parallel=False, slot=None, dtype=torch.float32, seed=1):
+    """An adapter with its LayerNorm, every parameter random (the LayerNorm's weight around 1)."""
+    layer.add_adapter(name, m, act, scale, parallel, slot, device=torch.device("cpu"), base_dtype=dtype,
+                      layer_norm=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.adapter_parameters(name):
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        layer.layer_norm[name].weight.add_(1.0)
+
+
+def _expected_ln(site, layer, name, x):
+    """Plain PyTorch in float64: out + s · up(act(down(LN(h)))), h = out (sequential) or x (parallel)."""
+    down_w, down_b, up_w, up_b, ln_w, ln_b = (p.double() for p in layer.adapter_parameters(name))
+    out = torch.tanh(x.double() @ site.proj.weight.double().T + site.proj.bias.double())
+    h = F.layer_norm(x.double() if layer.parallel[name] else out, (D,), ln_w, ln_b, 1e-5)
+    return out + layer.scale[name] * (ACT[layer.act[name]](h @ down_w.T + down_b) @ up_w.T + up_b)
+
+
+def test_layer_norm_parameters_and_identity_at_init():
+    site, layer = _site()
+    x = torch.randn(2, 3, D)
+    base = _out(site, x)
+    layer.add_adapter("a", 7, "relu", 1.0, False, device=torch.device("cpu"), base_dtype=torch.float32,
+                      layer_norm=True)
+    layer.add_adapter("b", 7, "relu", 1.0, False, device=torch.device("cpu"), base_dtype=torch.float32)
+    assert sum(p.numel() for p in layer.adapter_parameters("a")) == 2 * 7 * D + D + 7 + 2 * D
+    assert sum(p.numel() for p in layer.adapter_parameters("b")) == 2 * 7 * D + D + 7      # none unless asked
+    norm = layer.layer_norm["a"]
+    assert norm.eps == 1e-5 and torch.equal(norm.weight, torch.ones(D)) and not norm.bias.any()
+    assert norm.weight.requires_grad and list(layer.layer_norm) == ["a"]
+    assert {k for k in site.state_dict() if ".layer_norm." in k} == {f"{LAYER_NAME}.layer_norm.a.weight",
+                                                                      f"{LAYER_NAME}.layer_norm.a.bias"}
+    layer.active_adapter = "a"
+    assert torch.equal(_out(site, x), base)                               # up is zero: still the identity
+    layer.remove_adapter("a")
+    assert not layer.layer_norm and layer.pool.layer_norms.tolist()[0] is False
+
+
+@pytest.mark.parametrize("parallel,act", [(False, "gelu"), (True, "silu")])
+def test_layer_norm_forward_and_grads_match_plain_pytorch(parallel, act):
+    site, layer = _site(tuple_out=parallel)
+    _add_ln(layer, "a", 5, act, scale=1.5, parallel=parallel)
+    layer.active_adapter = "a"
+    x = 2.0 * torch.randn(3, 4, D) + 0.5
+    x.requires_grad_(True)
+    y = _out(site, x)
+    ref = _expected_ln(site, layer, "a", x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = layer.adapter_parameters("a")
+    grads = torch.autograd.grad(ref, [x, *params], g.double())
+    for got, want in zip([x.grad, *(p.grad for p in params)], grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert params[4].grad.abs().sum() > 0 and params[5].grad.abs().sum() > 0
+
+
+def _layer_with_norms():
+    """Slots 0 (sequential, LayerNorm), 1 (another method's), 2 (parallel, none), 3 (sequential, none),
+    4 (parallel, LayerNorm)."""
+    site, layer = _site(tuple_out=True)
+    _add_ln(layer, "a", 3, "relu", 1.0, False, slot=0, seed=1)
+    _add(layer, "b", 6, "gelu", 2.0, True, slot=2, seed=2)
+    _add(layer, "c", 5, "silu", 0.5, False, slot=3, seed=3)
+    _add_ln(layer, "d", 4, "gelu", 1.5, True, slot=4, seed=4)
+    return site, layer
+
+
+NORM_SLOTS = {"a": 0, "other": 1, "b": 2, "c": 3, "d": 4}
+
+
+@pytest.mark.parametrize("mapping", [["a", None, "b", "other", "c", "d", "a"],   # with and without LayerNorms
+                                     ["d", None, "a", "other"]])                 # every adapter with one
+@pytest.mark.parametrize("grad", [False, True])
+def test_layer_norm_mixed_batch_rows_match_each_adapter_alone(mapping, grad):
+    site, layer = _layer_with_norms()
+    x = 2.0 * torch.randn(len(mapping), 4, D) + 0.5
+    layer.set_batch(AdapterBatch(mapping, NORM_SLOTS, [x.device]))
+    with torch.set_grad_enabled(grad):
+        mixed = _out(site, x)
+    layer.set_batch(None)
+    for row, name in enumerate(mapping):
+        alone = _alone(site, layer, name if name in layer.down else None, x[row:row + 1])
+        torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
+        if name in ("a", "d"):
+            torch.testing.assert_close(mixed[row].double(), _expected_ln(site, layer, name, x[row]), rtol=1e-5,
+                                       atol=1e-5)
+
+
+def test_layer_norm_mixed_batch_gradients_reach_each_adapter_from_its_rows():
+    site, layer = _layer_with_norms()
+    for p in site.proj.parameters():
+        p.requires_grad_(False)
+    mapping = ["a", None, "b", "other", "c", "d", "a"]
+    x = torch.randn(len(mapping), 4, D)
+    g = torch.randn(len(mapping), 4, D)
+    layer.set_batch(AdapterBatch(mapping, NORM_SLOTS, [x.device]))
+    (_out(site, x) * g).sum().backward()
+    layer.set_batch(None)
+    mixed = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abcd"}
+    assert len(mixed["a"]) == len(mixed["d"]) == 6
+    for n in "abcd":
+        for p in layer.adapter_parameters(n):
+            p.grad = None
+        rows = [i for i, m in enumerate(mapping) if m == n]
+        (_alone(site, layer, n, x[rows]) * g[rows]).sum().backward()
+        for got, p in zip(mixed[n], layer.adapter_parameters(n)):
+            torch.testing.assert_close(got, p.grad, msg=n)
+
+
+def test_layer_norm_half_base_serves_the_pool_copy_and_follows_updates():
+    site, layer = _site(tuple_out=True, dtype=torch.float16)
+    _add_ln(layer, "a", 4, "gelu", 1.0, False, slot=0, dtype=torch.float16)
+    _add(layer, "b", 3, "relu", 1.0, True, slot=1, dtype=torch.float16)
+    mapping = ["a", "b", None]
+    x = torch.randn(3, 5, D, dtype=torch.float16)
+    layer.set_batch(AdapterBatch(mapping, {"a": 0, "b": 1}, [x.device]))
+    with torch.no_grad():
+        _out(site, x)
+        layer.layer_norm["a"].bias.add_(0.5)                           # in place: the pool's copy follows
+        served = _out(site, x)
+    trained = _out(site, x)                                            # the Parameters stacked, with autograd
+    assert layer.pool.dtype == torch.float16
+    torch.testing.assert_close(served, trained, rtol=0, atol=0)
+    torch.testing.assert_close(served[0].double(), _expected_ln(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)
+    layer.set_batch(None)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        alone = _out(site, x[:1])                                      # the single-adapter path's pool copy
+    torch.testing.assert_close(alone[0].double(), _expected_ln(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)
