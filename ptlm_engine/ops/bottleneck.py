@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.checks import check_floating, check_like
 from ptlm_engine.ops.lora import _needs_grad, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
@@ -111,15 +112,8 @@ def check_activation(act: str) -> int:
 
 def check_same(h: Tensor, named: dict[str, Tensor | None], dtype: bool = True) -> None:
     """Every tensor on h's device (and, with dtype, in h's dtype); h itself floating-point."""
-    if not h.dtype.is_floating_point:
-        raise ValueError(f"h: expected a floating-point dtype, got {h.dtype}")
-    for name, t in named.items():
-        if t is None:
-            continue
-        if dtype and t.dtype != h.dtype:
-            raise ValueError(f"{name}: expected dtype {h.dtype} (the dtype of h), got {t.dtype}")
-        if t.device != h.device:
-            raise ValueError(f"{name}: expected device {h.device} (the device of h), got {t.device}")
+    check_floating("h", h)
+    check_like("h", h, named, dtype)
 
 
 def check_residual(h: Tensor, residual: Tensor | None) -> None:

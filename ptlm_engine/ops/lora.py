@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.checks import check_floating, check_like
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import lora as lora_kernels
@@ -144,16 +145,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-    named = {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
+    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    check_floating("x", x)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

@@ -21,6 +21,7 @@ from torch import Tensor
 from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
+from ptlm_engine.ops.checks import check_floating, check_like
 from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, token_segments
 
@@ -42,8 +43,7 @@ def _check_members(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
     for name, seq in {"biases": biases, **per_member}.items():
         if len(seq) != G:
             raise ValueError(f"{name}: expected one entry per member ({G}), got {len(seq)}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
+    check_floating("x", x)
     d_outs = []
     for g, (w, b) in enumerate(zip(weights, biases)):
         if w.dim() != 2:
@@ -53,19 +53,9 @@ def _check_members(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
             raise ValueError(f"x: expected shape (..., {d_in}) to match weights[{g}], got {tuple(x.shape)}")
         if b is not None and tuple(b.shape) != (d_out,):
             raise ValueError(f"biases[{g}]: expected shape ({d_out},), got {tuple(b.shape)}")
-        _check_like_x(x, {f"weights[{g}]": w, f"biases[{g}]": b})
+        check_like("x", x, {f"weights[{g}]": w, f"biases[{g}]": b})
         d_outs.append(d_out)
     return d_outs
-
-
-def _check_like_x(x: Tensor, named: dict[str, Tensor | None], dtype: bool = True) -> None:
-    for name, t in named.items():
-        if t is None:
-            continue
-        if dtype and t.dtype != x.dtype:
-            raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
 
 
 def _check(x: Tensor, weights, biases, lora_As, lora_Bs, scales, dropouts, fan_in_fan_out: bool) -> None:
@@ -83,7 +73,7 @@ def _check(x: Tensor, weights, biases, lora_As, lora_Bs, scales, dropouts, fan_i
             raise ValueError(f"lora_As[{g}]: expected shape (r, {d_in}) with r >= 1, got {tuple(a.shape)}")
         if b.dim() != 2 or tuple(b.shape) != (d_outs[g], a.shape[0]):
             raise ValueError(f"lora_Bs[{g}]: expected shape ({d_outs[g]}, {a.shape[0]}), got {tuple(b.shape)}")
-        _check_like_x(x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b})
+        check_like("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b})
 
 
 def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], adapter_index: Tensor,
@@ -93,7 +83,7 @@ def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], 
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]) or adapter_index.dtype.is_floating_point:
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
-    _check_like_x(x, {"adapter_index": adapter_index}, dtype=False)
+    check_like("x", x, {"adapter_index": adapter_index}, dtype=False)
     counts = {s.lora_A.shape[0] for s in slots if s is not None and s.lora_A.dim() == 3}
     if len(counts) > 1:
         raise ValueError(f"slots: every member must stack the same number of slots (one mapping indexes all), "
@@ -112,8 +102,8 @@ def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], 
             t = getattr(s, name)
             if t is not None and tuple(t.shape) != (S,):
                 raise ValueError(f"slots[{g}].{name}: expected shape ({S},), got {tuple(t.shape)}")
-        _check_like_x(x, {f"slots[{g}].lora_A": A, f"slots[{g}].lora_B": B})
-        _check_like_x(x, {f"slots[{g}].{n}": getattr(s, n) for n in ("ranks", "scales", "dropouts")}, dtype=False)
+        check_like("x", x, {f"slots[{g}].lora_A": A, f"slots[{g}].lora_B": B})
+        check_like("x", x, {f"slots[{g}].{n}": getattr(s, n) for n in ("ranks", "scales", "dropouts")}, dtype=False)
 
 
 # ---------------------------------------------------------------------------------- single adapter: impls

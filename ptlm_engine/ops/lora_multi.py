@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.checks import check_like
 from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
 
 try:
@@ -57,13 +58,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
     if tuple(adapter_index.shape) != tuple(x.shape[:-1]) or adapter_index.dtype.is_floating_point:
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
-    for name, t in {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B}.items():
-        if t is not None and t.dtype != x.dtype:
-            raise ValueError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {t.dtype}")
-    for name, t in {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": slots.ranks,
-                    "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index}.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the device of x), got {t.device}")
+    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B}, device=False)
+    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": slots.ranks,
+                        "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index}, dtype=False)
 
 
 # ------------------------------------------------------------------------------------------ implementations

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
+from ptlm_engine.ops.checks import check_floating, check_like
 from ptlm_engine.ops.lora import _needs_grad, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it the op runs the reference.
@@ -103,8 +104,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: T
            prefix_lengths: Tensor | None, key_padding_mask: Tensor | None) -> None:
     if q.dim() != 4:
         raise ValueError(f"q: expected shape (B, Hq, Lq, D), got {tuple(q.shape)}")
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"q: expected a floating-point dtype, got {q.dtype}")
+    check_floating("q", q)
     batch, hq, lq, d = q.shape
     if k.dim() != 4 or k.shape[0] != batch or k.shape[3] != d or k.shape[2] < lq:
         raise ValueError(f"k: expected shape ({batch}, Hkv, Lk, {d}) with Lk >= {lq}, got {tuple(k.shape)}")
@@ -131,17 +131,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: T
                                          or key_padding_mask.dtype != torch.bool):
         raise ValueError(f"key_padding_mask: expected shape ({batch}, {lk}) of bool, got "
                          f"{tuple(key_padding_mask.shape)} of {key_padding_mask.dtype}")
-    named = {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v}
-    for name, t in named.items():
-        if t is None:
-            continue
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
-    for name, t in {"prefix_lengths": prefix_lengths, "key_padding_mask": key_padding_mask}.items():
-        if t is not None and t.device != q.device:
-            raise ValueError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
+    check_like("q", q, {"k": k, "v": v, "prefix_k": prefix_k, "prefix_v": prefix_v})
+    check_like("q", q, {"prefix_lengths": prefix_lengths, "key_padding_mask": key_padding_mask}, dtype=False)
 
 
 def prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None,
