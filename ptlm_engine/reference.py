@@ -18,6 +18,12 @@ def lora_shrink(x: Tensor, lora_A: Tensor, scale: float, keep_mask: Tensor | Non
     return scale * (x @ lora_A.float().t())
 
 
+def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
+    """x W0^T + bias: the frozen projection every LoRA op adds to (weight as for lora_linear)."""
+    y = x @ (weight if fan_in_fan_out else weight.t())
+    return y if bias is None else y + bias
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, keep_mask: Tensor | None = None, dropout: float = 0.0,
                 fan_in_fan_out: bool = False) -> Tensor:
@@ -26,12 +32,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     x (..., d_in); weight (d_out, d_in), or (d_in, d_out) with fan_in_fan_out (GPT-2's Conv1D);
     lora_A (r, d_in); lora_B (d_out, r); keep_mask: the dropout keep mask (same shape as x) or None.
     """
-    w = weight.t() if fan_in_fan_out else weight
     x_lora = x if keep_mask is None else x * keep_mask / (1.0 - dropout)
-    y = x @ w.t()
-    if bias is not None:
-        y = y + bias
-    return y + scale * ((x_lora @ lora_A.t()) @ lora_B.t())
+    return _base_linear(x, weight, bias, fan_in_fan_out) + scale * ((x_lora @ lora_A.t()) @ lora_B.t())
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -44,10 +46,7 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone; dropouts (S,)
     per-slot LoRA dropout with keep_mask (T, d_in) its keep mask, or None.
     """
-    w = weight.t() if fan_in_fan_out else weight
-    y = x @ w.t()
-    if bias is not None:
-        y = y + bias
+    y = _base_linear(x, weight, bias, fan_in_fan_out)
     has = adapter_index >= 0
     slot = adapter_index.clamp_min(0).long()
     coef = scales[slot] * has                                                                      # (T,)
@@ -68,8 +67,7 @@ def lora_linear_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | 
     outs = []
     for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
         if a is None:
-            y = x @ (w if fan_in_fan_out else w.t())
-            outs.append(y if b is None else y + b)
+            outs.append(_base_linear(x, w, b, fan_in_fan_out))
         else:
             keep = None if keep_masks is None else keep_masks[g]
             outs.append(lora_linear(x, w, b, a, bb, scales[g], keep, 0.0 if dropouts is None else dropouts[g],
@@ -88,8 +86,7 @@ def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Ten
     outs = []
     for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
         if a is None:
-            y = x @ (w if fan_in_fan_out else w.t())
-            outs.append(y if b is None else y + b)
+            outs.append(_base_linear(x, w, b, fan_in_fan_out))
         else:
             p = None if dropouts is None else dropouts[g]
             keep = None if keep_masks is None else keep_masks[g]
