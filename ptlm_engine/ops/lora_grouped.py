@@ -12,7 +12,7 @@ the members' dx; a member without an adapter costs one dy W GEMM. Training gets 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -139,6 +139,33 @@ def _dx_base(dy: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
     return dy @ (weight.t() if fan_in_fan_out else weight)                                  # (T, d_in)
 
 
+def _sum_members(dys: list[Optional[Tensor]], x: Tensor, weights: list[Tensor], lora_As: list[Optional[Tensor]],
+                 fan_in_fan_out: bool, need_dx: bool,
+                 member_backward: Callable[[int, Tensor], tuple[Optional[Tensor], Tensor, Tensor]]
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """(dx or an empty tensor, [dA_g], [dB_g]) from each member's backward on its own dy (None: that output got
+    no gradient), member_backward(g, dy) -> (dx part or None, dA_g, dB_g) for members with an adapter; the base
+    dx alone, and empty dA_g / dB_g, for the others."""
+    dx = None
+    d_as, d_bs = [], []
+    for g, (dy, a) in enumerate(zip(dys, lora_As)):
+        part = None
+        if dy is None or a is None:
+            d_as.append(x.new_empty((0,)))
+            d_bs.append(x.new_empty((0,)))
+            if dy is not None and need_dx:
+                part = _dx_base(dy, weights[g], fan_in_fan_out)
+        else:
+            part, d_a, d_b = member_backward(g, dy)
+            d_as.append(d_a)
+            d_bs.append(d_b)
+        if part is not None:
+            dx = part if dx is None else dx.add_(part)
+    if dx is None:
+        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
+    return dx, d_as, d_bs
+
+
 def _forward(x: Tensor, weights: list[Tensor], biases: list[Optional[Tensor]], lora_As: list[Optional[Tensor]],
              lora_Bs: list[Optional[Tensor]], scales: list[float], dropouts: list[float], seeds: Optional[Tensor],
              fan_in_fan_out: bool) -> tuple[list[Tensor], list[Tensor]]:
@@ -157,26 +184,12 @@ def _backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], weights
     """Each member's ops.lora backward on its own dy (None: that output got no gradient); dx summed.
     Returns (dx or an empty tensor, [dA_g], [dB_g]) with empty tensors for members without an adapter."""
     lora_As, lora_Bs = _present(lora_As), _present(lora_Bs)
-    dx = None
-    d_as, d_bs = [], []
-    for g, (dy, a, b) in enumerate(zip(dys, lora_As, lora_Bs)):
-        part = None
-        if dy is None or a is None:
-            d_as.append(x.new_empty((0,)))
-            d_bs.append(x.new_empty((0,)))
-            if dy is not None and need_dx:
-                part = _dx_base(dy, weights[g], fan_in_fan_out)
-        else:
-            seed = seeds[g:g + 1] if dropouts[g] > 0.0 else None
-            part, d_a, d_b = lora_ops._backward(dy, x, xas[g], weights[g], a, b, scales[g], dropouts[g], seed,
-                                                fan_in_fan_out, need_dx)
-            d_as.append(d_a)
-            d_bs.append(d_b)
-        if part is not None:
-            dx = part if dx is None else dx.add_(part)
-    if dx is None:
-        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
-    return dx, d_as, d_bs
+
+    def member_backward(g, dy):
+        seed = seeds[g:g + 1] if dropouts[g] > 0.0 else None
+        return lora_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], scales[g], dropouts[g], seed,
+                                  fan_in_fan_out, need_dx)
+    return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 
 lora_linear_grouped_fwd = torch.library.custom_op("ptlm::lora_linear_grouped_fwd", _forward, mutates_args=())
@@ -309,26 +322,12 @@ def _multi_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], w
     """Each member's ops.lora_multi backward on its own dy; dx summed (as _backward)."""
     lora_As, lora_Bs, ranks = _present(lora_As), _present(lora_Bs), _present(ranks)
     scales, dropouts = _present(scales), _present(dropouts)
-    dx = None
-    d_as, d_bs = [], []
-    for g, (dy, a, b) in enumerate(zip(dys, lora_As, lora_Bs)):
-        part = None
-        if dy is None or a is None:
-            d_as.append(x.new_empty((0,)))
-            d_bs.append(x.new_empty((0,)))
-            if dy is not None and need_dx:
-                part = _dx_base(dy, weights[g], fan_in_fan_out)
-        else:
-            seed = seeds[g:g + 1] if dropouts[g] is not None else None
-            part, d_a, d_b = multi_ops._backward(dy, x, xas[g], weights[g], a, b, ranks[g], scales[g], adapter_index,
-                                                 order, bounds, dropouts[g], seed, fan_in_fan_out, need_dx)
-            d_as.append(d_a)
-            d_bs.append(d_b)
-        if part is not None:
-            dx = part if dx is None else dx.add_(part)
-    if dx is None:
-        dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
-    return dx, d_as, d_bs
+
+    def member_backward(g, dy):
+        seed = seeds[g:g + 1] if dropouts[g] is not None else None
+        return multi_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], ranks[g], scales[g],
+                                   adapter_index, order, bounds, dropouts[g], seed, fan_in_fan_out, need_dx)
+    return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 
 lora_linear_multi_grouped_fwd = torch.library.custom_op("ptlm::lora_linear_multi_grouped_fwd", _multi_forward,

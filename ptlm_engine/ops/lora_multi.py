@@ -60,7 +60,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B}, device=False)
     check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": slots.ranks,
-                        "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index}, dtype=False)
+                        "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index},
+               dtype=False)
 
 
 # ------------------------------------------------------------------------------------------ implementations
