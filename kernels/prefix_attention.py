@@ -170,6 +170,65 @@ def _q_block_and_head(LQ, BLOCK_M: tl.constexpr):
     return n_blocks - 1 - tl.program_id(0) % n_blocks, tl.program_id(0) // n_blocks
 
 
+@triton.jit
+def _head_rows(ptr, b, h, stride_b, stride_h, stride_m, stride_d, offs_m, LQ, offs_d, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Rows offs_m of head h of batch row b of a (B, H, Lq, D) tensor: (BLOCK_M, BLOCK_D), zero past Lq."""
+    return _load_tile(ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d,
+                      offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
+
+
+@triton.jit
+def _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A program over q blocks (forward, dQ): its q block pid_m and (batch, q head) pid_bh, batch row b, q head
+    h, kv head kvh, rows offs_m, head-dim offsets offs_d and its q tile (BLOCK_M, BLOCK_D)."""
+    pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
+    b = (pid_bh // HQ).to(tl.int64)
+    h = pid_bh % HQ
+    kvh = (h // GROUP).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _head_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, stride_qd, offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D)
+    return pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q
+
+
+@triton.jit
+def _prefix_length(plen_ptr, b, P, HAS_LENGTHS: tl.constexpr):
+    """How many of the P prefix entries batch row b sees: prefix_lengths[b] clamped to [0, P], else all."""
+    n_prefix = P
+    if HAS_LENGTHS:
+        n_prefix = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
+    return n_prefix
+
+
+@triton.jit
+def _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh):
+    """Where kv head kvh of batch row b starts in k and in v (the sequence's or the prefix's)."""
+    return k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh
+
+
+@triton.jit
+def _seq_key_range(pid_m, LQ, LK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The sequence keys of q block pid_m: (full_end, seq_end); every row sees the keys below full_end (whole
+    blocks, no per-element mask); the blocks in [full_end, seq_end) are diagonal or ragged."""
+    if CAUSAL:
+        # keys up to the block's first query position are seen by every row; past its last, by none
+        full_end = (LK - LQ + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(LK, LK - LQ + (pid_m + 1) * BLOCK_M)
+    else:
+        full_end = LK // BLOCK_N * BLOCK_N
+        seq_end = LK
+    return full_end, seq_end
+
+
+@triton.jit
+def _store_rows(ptr, row, mask_m, offs_d, tile, HEAD_DIM: tl.constexpr):
+    """tile (BLOCK_M, BLOCK_D) into rows `row` of a contiguous (rows, HEAD_DIM) tensor, in its dtype."""
+    tl.store(ptr + row[:, None] * HEAD_DIM + offs_d[None, :], tile.to(ptr.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
 # --------------------------------------------------------------------------------------------------- forward
 @triton.jit
 def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, kpm_ptr, start_n, n_end, pos_q,
@@ -209,28 +268,18 @@ def _prefix_attn_fwd_kernel(
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    kvh = (h // GROUP).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm,
+                                                             stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     pos_q = LK - LQ + offs_m                                     # the queries' positions in the sequence
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
-                   HEAD_DIM, BLOCK_D, True)                                                   # (BLOCK_M, BLOCK_D)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     kpm_base = kpm_ptr + b * stride_kpmb
 
     if HAS_PREFIX:
-        n_prefix = P
-        if HAS_LENGTHS:
-            n_prefix = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
-        pk_base = pk_ptr + b * stride_pkb + kvh * stride_pkh
-        pv_base = pv_ptr + b * stride_pvb + kvh * stride_pvh
+        n_prefix = _prefix_length(plen_ptr, b, P, HAS_LENGTHS)
+        pk_base, pv_base = _kv_bases(pk_ptr, pv_ptr, b, kvh, stride_pkb, stride_pkh, stride_pvb, stride_pvh)
         full_end = n_prefix // BLOCK_N * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, kpm_base, start_n, n_prefix, pos_q,
@@ -241,15 +290,8 @@ def _prefix_attn_fwd_kernel(
                                     stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale,
                                     offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, False, False, FP32_DOT)
 
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    if CAUSAL:
-        # keys up to the block's first query position are seen by every row; past its last, by none
-        full_end = (LK - LQ + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        seq_end = tl.minimum(LK, LK - LQ + (pid_m + 1) * BLOCK_M)
-    else:
-        full_end = LK // BLOCK_N * BLOCK_N
-        seq_end = LK
+    k_base, v_base = _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh)
+    full_end, seq_end = _seq_key_range(pid_m, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, LK, pos_q,
                                 stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
@@ -266,8 +308,7 @@ def _prefix_attn_fwd_kernel(
     row = pid_bh.to(tl.int64) * LQ + offs_m                      # o (B, Hq, Lq, D) and lse (B, Hq, Lq) contiguous
     mask_m = offs_m < LQ
     tl.store(lse_ptr + row, lse, mask=mask_m)
-    tl.store(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_rows(o_ptr, row, mask_m, offs_d, o, HEAD_DIM)
 
 
 _FWD_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "HAS_LENGTHS", "HAS_PADDING"]
@@ -286,9 +327,8 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, HQ, LQ, stride_dob, stride_doh, stri
     offs_d = tl.arange(0, BLOCK_D)
     row = pid_bh.to(tl.int64) * LQ + offs_m
     o = _load_tile(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
-    do_base = do_ptr + (pid_bh // HQ).to(tl.int64) * stride_dob + (pid_bh % HQ) * stride_doh
-    do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d,
-                    HEAD_DIM, BLOCK_D, True)
+    do = _head_rows(do_ptr, (pid_bh // HQ).to(tl.int64), pid_bh % HQ, stride_dob, stride_doh, stride_dom, stride_dod,
+                    offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D)
     tl.store(delta_ptr + row, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < LQ)
 
 
@@ -409,24 +449,23 @@ def _prefix_attn_dkdv_kernel(
     kvh = (pid_bkv % HKV).to(tl.int64)
     n_prefix_blocks = tl.cdiv(P, BLOCK_N)
     if pid_n < n_prefix_blocks:
-        n_seen = P
-        if HAS_LENGTHS:
-            n_seen = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
-        _dkdv_key_block(q_ptr, pk_ptr + b * stride_pkb + kvh * stride_pkh, pv_ptr + b * stride_pvb + kvh * stride_pvh,
-                        kpm_ptr, do_ptr, lse_ptr, delta_ptr, dpk_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM,
-                        dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, dq_ptr, b, kvh, pid_n * BLOCK_N, P,
-                        n_seen, HKV, LQ, LK, stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd,
-                        stride_pvn, stride_pvd, stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom,
-                        stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, False, False, ATOMIC_DQ,
-                        ATOMIC_DQ, FP32_DOT, BLOCK_M, BLOCK_N)  # prefix blocks are few: always masked
+        pk_base, pv_base = _kv_bases(pk_ptr, pv_ptr, b, kvh, stride_pkb, stride_pkh, stride_pvb, stride_pvh)
+        _dkdv_key_block(q_ptr, pk_base, pv_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
+                        dpk_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM,
+                        dq_ptr, b, kvh, pid_n * BLOCK_N, P, _prefix_length(plen_ptr, b, P, HAS_LENGTHS), HKV, LQ, LK,
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                        stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
+                        GROUP, HEAD_DIM, BLOCK_D, False, False, ATOMIC_DQ, ATOMIC_DQ, FP32_DOT, BLOCK_M,
+                        BLOCK_N)  # prefix blocks are few: always masked
     else:
-        _dkdv_key_block(q_ptr, k_ptr + b * stride_kb + kvh * stride_kh, v_ptr + b * stride_vb + kvh * stride_vh,
-                        kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM,
-                        dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, dq_ptr, b, kvh,
-                        (pid_n - n_prefix_blocks) * BLOCK_N, LK, LK, HKV, LQ, LK, stride_qb, stride_qh, stride_qm,
-                        stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmb, stride_kpmn, stride_dob,
-                        stride_doh, stride_dom, stride_dod, sm_scale, qk_scale, GROUP, HEAD_DIM, BLOCK_D, CAUSAL,
-                        HAS_PADDING, ATOMIC_DQ, ATOMIC_DQ and (HAS_PADDING or not CAUSAL), FP32_DOT, BLOCK_M, BLOCK_N)
+        k_base, v_base = _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh)
+        _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
+                        dk_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM,
+                        dq_ptr, b, kvh, (pid_n - n_prefix_blocks) * BLOCK_N, LK, LK, HKV, LQ, LK,
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                        stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
+                        GROUP, HEAD_DIM, BLOCK_D, CAUSAL, HAS_PADDING, ATOMIC_DQ,
+                        ATOMIC_DQ and (HAS_PADDING or not CAUSAL), FP32_DOT, BLOCK_M, BLOCK_N)
         # (causal without padding needs no key mask: keys past Lk lie beyond every real query's causal limit)
 
 
@@ -465,18 +504,12 @@ def _prefix_attn_dq_kernel(
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
-    b = (pid_bh // HQ).to(tl.int64)
-    h = pid_bh % HQ
-    kvh = (h // GROUP).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm,
+                                                             stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     pos_q = LK - LQ + offs_m
-    q = _load_tile(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(do_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                    + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _head_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, stride_dod, offs_m, LQ, offs_d, HEAD_DIM,
+                    BLOCK_D)
     row = pid_bh.to(tl.int64) * LQ + offs_m
     mask_m = offs_m < LQ
     lse = tl.load(lse_ptr + row, mask=mask_m, other=0.0) * LOG2E
@@ -485,11 +518,8 @@ def _prefix_attn_dq_kernel(
     kpm_base = kpm_ptr + b * stride_kpmb
 
     if HAS_PREFIX:
-        n_prefix = P
-        if HAS_LENGTHS:
-            n_prefix = tl.minimum(tl.maximum(tl.load(plen_ptr + b), 0), P)
-        pk_base = pk_ptr + b * stride_pkb + kvh * stride_pkh
-        pv_base = pv_ptr + b * stride_pvb + kvh * stride_pvh
+        n_prefix = _prefix_length(plen_ptr, b, P, HAS_LENGTHS)
+        pk_base, pv_base = _kv_bases(pk_ptr, pv_ptr, b, kvh, stride_pkb, stride_pkh, stride_pvb, stride_pvh)
         full_end = n_prefix // BLOCK_N * BLOCK_N
         dq = _dq_k_blocks(dq, q, do, lse, delta, pk_base, pv_base, kpm_base, 0, full_end, n_prefix, pos_q,
                           stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale, offs_n0, offs_d,
@@ -498,22 +528,15 @@ def _prefix_attn_dq_kernel(
                           stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale, offs_n0, offs_d,
                           HEAD_DIM, BLOCK_D, BLOCK_N, True, False, False, FP32_DOT)
 
-    k_base = k_ptr + b * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b * stride_vb + kvh * stride_vh
-    if CAUSAL:
-        full_end = (LK - LQ + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
-        seq_end = tl.minimum(LK, LK - LQ + (pid_m + 1) * BLOCK_M)
-    else:
-        full_end = LK // BLOCK_N * BLOCK_N
-        seq_end = LK
+    k_base, v_base = _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh)
+    full_end, seq_end = _seq_key_range(pid_m, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_k_blocks(dq, q, do, lse, delta, k_base, v_base, kpm_base, 0, full_end, LK, pos_q,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
                       HEAD_DIM, BLOCK_D, BLOCK_N, False, False, HAS_PADDING, FP32_DOT)
     dq = _dq_k_blocks(dq, q, do, lse, delta, k_base, v_base, kpm_base, full_end, seq_end, LK, pos_q,
                       stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
                       HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_PADDING, FP32_DOT)
-    tl.store(dq_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_rows(dq_ptr, row, mask_m, offs_d, dq * sm_scale, HEAD_DIM)
 
 
 _DKDV_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING"]
