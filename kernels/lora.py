@@ -33,6 +33,12 @@ from .configs import (DECODE_MAX_T, INTERPRETED, decode_matmul_configs, prefill_
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def rank_block(r: int) -> int:
+    """The rank tile of the shrink, weight-grad and matmul kernels: r's power of two, from 16 (the smallest dot)
+    to MAX_FUSED_RANK (the fused matmul's whole xa tile)."""
+    return max(16, min(next_pow2(r), MAX_FUSED_RANK))
+
+
 @triton.jit
 def _keep_mask(seed_ptr, offsets, dropout_p):
     seed = tl.load(seed_ptr).to(tl.int32)
@@ -115,7 +121,7 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
     if T == 0:
         return out
     has_dropout = dropout > 0.0
-    block_r = max(16, min(next_pow2(R), 64))
+    block_r = rank_block(R)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(R, block_r), meta["SPLIT_K"])
     key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
     _lora_shrink.launch(key, grid,
@@ -129,6 +135,37 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
 
 
 # ---------------------------------------------------------------------------------------------------- matmul
+@triton.jit
+def base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                BLOCK_K: tl.constexpr):
+    """The base GEMM's K step from k0: (x (BLOCK_M, BLOCK_K), W^T (BLOCK_K, BLOCK_N), offs_k, mask_k), zero
+    out of bounds; also the multi-adapter tile's (kernels.lora_multi)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)                          # (BLOCK_M, BLOCK_K)
+    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=mask_n[None, :] & mask_k[:, None], other=0.0)                          # (BLOCK_K, BLOCK_N)
+    return x, w, offs_k, mask_k
+
+
+@triton.jit
+def store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N,
+               stride_ym, stride_yn, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The matmul tile's epilogue: y = acc + keep * lora (+ bias) with OUT_DROPOUT, else lora (+ bias), lora then
+    holding the base product too. keep: the forward's dropout mask (logical index m * N + n) against dropout_p
+    (a scalar, or per row (BLOCK_M, 1)); also the multi-adapter tile's (kernels.lora_multi)."""
+    if OUT_DROPOUT:
+        # backward dx: the LoRA branch's gradient passes the forward's dropout mask
+        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
+    else:
+        acc = lora
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 @triton.jit
 def lora_matmul_tile(
     pid_m, pid_n, x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr,
@@ -150,12 +187,8 @@ def lora_matmul_tile(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
+        x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
+                                           stride_wn, stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
         if FUSE_SHRINK:
             # the shrink rides along the base K loop: x is already on chip, A (r, K) is small and L2-resident
@@ -183,15 +216,8 @@ def lora_matmul_tile(
             b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
                         mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
             lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-    if OUT_DROPOUT:
-        # backward dx: the LoRA branch's gradient passes the forward's dropout mask (logical index m * N + n)
-        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
-    else:
-        acc = lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym,
+               stride_yn, OUT_DROPOUT, HAS_BIAS)
 
 
 @triton.jit
@@ -458,7 +484,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
         FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
         HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_R=max(16, min(next_pow2(R), MAX_FUSED_RANK)),
+        BLOCK_R=rank_block(R),
     )
     return y, xa
 
@@ -513,7 +539,7 @@ def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None
     if T == 0:
         return out
     has_dropout = dropout > 0.0
-    block_r = max(16, min(next_pow2(R), 64))
+    block_r = rank_block(R)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
     key = (t_bucket(T), N, R, has_dropout, g.dtype)
     _lora_weight_grad.launch(key, grid,

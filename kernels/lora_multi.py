@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import _dot, _dot_fp32, _keep_mask, grouped_tile
+from .lora import _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, store_tile
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
@@ -147,12 +147,8 @@ def multi_matmul_tile(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                      # (BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=mask_n[None, :] & mask_k[:, None], other=0.0)                      # (BLOCK_K, BLOCK_N)
+        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
+                                 stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
 
     # Epilogue: each distinct slot among the block's rows expands its own rows, over its own rank only.
@@ -171,17 +167,11 @@ def multi_matmul_tile(
                         mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)        # (BLOCK_R, BLOCK_N)
             lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
         s = _next_slot(slot, s)
-    if OUT_DROPOUT:
-        # backward dx: each row's LoRA gradient passes its slot's forward dropout mask (index t * N + n)
-        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
-        keep = tl.rand(tl.load(seed_ptr).to(tl.int32), offs_m[:, None] * N + offs_n[None, :]) >= p[:, None]
-        acc += tl.where(keep, lora, 0.0)
-    else:
-        acc = lora
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    p = 0.0
+    if OUT_DROPOUT:  # backward dx: each row's LoRA gradient passes its slot's forward dropout mask
+        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+    store_tile(acc, lora, seed_ptr, p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
+               OUT_DROPOUT, HAS_BIAS)
 
 
 @triton.jit
