@@ -29,9 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
-                      prune_by_t, shrink_configs, t_bucket, tune_bench)
-from .lora import MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
+                      shrink_configs, t_bucket, tune_bench)
+from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
+                   rank_block)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import NO_SLOT, _block_tokens, _next_slot, multi_matmul_tile, padded_rank
 
@@ -131,7 +132,7 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
     a, o, sd = _padded(list(lora_As), lora_As[0]), _padded(outs, outs[0]), _padded(seeds, seeds[0])
     strides = [(t.stride(0), t.stride(1)) for t in a + o]
     scale = _padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0)
-    block_r = max(16, min(next_pow2(max(ranks)), 64))
+    block_r = rank_block(max(ranks))
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(max(ranks), block_r), meta["SPLIT_K"])
     key = (t_bucket(T), K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
     _grouped_shrink.launch(key, grid,
@@ -146,6 +147,15 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
 
 
 # ---------------------------------------------------------------------------------------------------- matmul
+@triton.jit
+def _member_ends(M, N0, N1, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where member 0's and member 1's tiles end in the matmul grid: member 0's tiles first, then member 1's,
+    then member 2's, each in kernels.lora's grouped order (a member's branch is its own tile function)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    end0 = num_m * tl.cdiv(N0, BLOCK_N)
+    return end0, end0 + num_m * tl.cdiv(N1, BLOCK_N)
+
+
 @triton.jit
 def _grouped_matmul_kernel(
     x_ptr,
@@ -167,11 +177,8 @@ def _grouped_matmul_kernel(
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Member 0's tiles first, then member 1's, then member 2's, each in kernels.lora's grouped order.
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    end0 = num_m * tl.cdiv(N0, BLOCK_N)
-    end1 = end0 + num_m * tl.cdiv(N1, BLOCK_N)
+    end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
     if pid < end0:
         pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
         lora_matmul_tile(pid_m, pid_n, x_ptr, w0_ptr, a0_ptr, xa0_ptr, b0_ptr, bias0_ptr, y0_ptr, seed0_ptr,
@@ -276,7 +283,7 @@ def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_A
         x.stride(0), x.stride(1), *strides,
         *_padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0), *_padded(dropouts, 0.0),
         MEMBERS=G, **_flags("FUSE", fuse), **_flags("DROP", drop), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=max(16, min(next_pow2(max(ranks)), MAX_FUSED_RANK)),
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=rank_block(max(ranks)),
     )
     return ys, xas
 
@@ -453,9 +460,7 @@ def _grouped_multi_matmul_kernel(
     GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    end0 = num_m * tl.cdiv(N0, BLOCK_N)
-    end1 = end0 + num_m * tl.cdiv(N1, BLOCK_N)
+    end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
     if pid < end0:
         pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
