@@ -72,6 +72,17 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
 
 
+@triton.jit
+def store_split(ptr, offs_rows, offs_cols, stride_rows, stride_cols, tile, mask, SPLIT: tl.constexpr):
+    """Store an fp32 (rows, cols) tile, or add it where SPLIT > 1 programs share the output (split over K or T;
+    the launcher zeroes it)."""
+    ptrs = ptr + offs_rows[:, None] * stride_rows + offs_cols[None, :] * stride_cols
+    if SPLIT == 1:
+        tl.store(ptrs, tile, mask=mask)
+    else:
+        tl.atomic_add(ptrs, tile, mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _lora_shrink_kernel(
@@ -98,13 +109,8 @@ def _lora_shrink_kernel(
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
         acc = _dot(x, a, acc, FP32_DOT)
-    acc = acc * scale
-    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
-    out_mask = (offs_t[:, None] < T) & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale,
+                (offs_t[:, None] < T) & (offs_r[None, :] < R), SPLIT_K)
 
 
 _lora_shrink = TunedLauncher(triton.autotune(
@@ -514,12 +520,8 @@ def _lora_weight_grad_kernel(
         h = tl.load(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                     mask=(offs_t[:, None] < T) & (offs_r[None, :] < R), other=0.0)           # (BLOCK_T, BLOCK_R)
         acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
-    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
-    out_mask = (offs_n[:, None] < N) & (offs_r[None, :] < R)
-    if SPLIT_T == 1:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    store_split(out_ptr, offs_n, offs_r, stride_on, stride_or, acc, (offs_n[:, None] < N) & (offs_r[None, :] < R),
+                SPLIT_T)
 
 
 _lora_weight_grad = TunedLauncher(triton.autotune(

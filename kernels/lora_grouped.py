@@ -32,7 +32,7 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
-                   rank_block)
+                   rank_block, store_split)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import NO_SLOT, _block_tokens, _next_slot, multi_matmul_tile, padded_rank
 
@@ -62,12 +62,7 @@ def _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, seed
 def _store_xa(acc, out_ptr, offs_t, mask_t, R, stride_ot, stride_or, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """Write (or, split over K, add) one member's (BLOCK_T, BLOCK_R) xa tile: tokens offs_t, columns below R."""
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
-    mask = mask_t[:, None] & (offs_r[None, :] < R)
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
+    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, mask_t[:, None] & (offs_r[None, :] < R), SPLIT_K)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, store_tile
+from .lora import _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, store_split, store_tile
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 
@@ -82,12 +82,7 @@ def _multi_shrink_kernel(
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
-    acc = acc * scale[:, None]
-    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_r[None, :] * stride_or
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc, mask=mask_t[:, None])
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask_t[:, None])
+    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale[:, None], mask_t[:, None], SPLIT_K)
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
@@ -267,12 +262,8 @@ def _multi_weight_grad_kernel(
             h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                         mask=live[:, None], other=0.0)                                     # (BLOCK_T, BLOCK_R)
             acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
-        out_ptrs = out_ptr + s * stride_os + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
-        out_mask = (offs_n[:, None] < N) & (offs_r[None, :] < rank)
-        if SPLIT_T == 1:
-            tl.store(out_ptrs, acc, mask=out_mask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        store_split(out_ptr + s * stride_os, offs_n, offs_r, stride_on, stride_or, acc,
+                    (offs_n[:, None] < N) & (offs_r[None, :] < rank), SPLIT_T)
 
 
 _multi_weight_grad = TunedLauncher(triton.autotune(

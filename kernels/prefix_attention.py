@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .configs import AUTOTUNE, INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
+from .lora import _dot  # exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -122,14 +123,6 @@ def lq_bucket(lq: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-@triton.jit
-def _dot(a, b, acc, FP32_DOT: tl.constexpr):
-    """acc += a @ b: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention."""
-    if FP32_DOT:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
 @triton.jit
 def _load_tile(ptrs, offs_rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                MASK_ROWS: tl.constexpr):
