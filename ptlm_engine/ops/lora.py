@@ -153,6 +153,18 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def run_op(args: tuple, custom_op, function: type[torch.autograd.Function], forward,
+           grad_inputs: tuple[Tensor | None, ...]):
+    """An op's three paths on the same args: its torch.library custom op while torch.compile traces, its eager
+    autograd Function where one of grad_inputs needs a gradient, else the bare forward (inference: no autograd
+    bookkeeping at all)."""
+    if torch.compiler.is_compiling():
+        return custom_op(*args)
+    if _needs_grad(*grad_inputs):
+        return function.apply(*args)
+    return forward(*args)
+
+
 def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                    scale: float, dropout: float, fan_in_fan_out: bool) -> Tensor:
     _check(x, weight, bias, lora_A, lora_B, fan_in_fan_out, dropout)
@@ -167,10 +179,5 @@ def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
     else:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
         args = (x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed, fan_in_fan_out)
-        if torch.compiler.is_compiling():
-            y, _ = lora_linear_fwd(*args)
-        elif _needs_grad(x, weight, bias, lora_A, lora_B):
-            y, _ = LoraLinearFunction.apply(*args)
-        else:  # inference: no autograd bookkeeping at all
-            y, _ = _forward(*args)
+        y, _ = run_op(args, lora_linear_fwd, LoraLinearFunction, _forward, (x, weight, bias, lora_A, lora_B))
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

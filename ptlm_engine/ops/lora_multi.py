@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_like
-from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
+from ptlm_engine.ops.lora import _base_grads, lora_kernels, run_op, triton_enabled
 
 try:
     from ptlm_engine.kernels import lora_multi as multi_kernels
@@ -191,10 +191,5 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
         args = (x2d, weight, bias, slots.lora_A, slots.lora_B, slots.ranks.to(torch.int32),
                 slots.scales.to(torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
-        if torch.compiler.is_compiling():
-            y, _ = lora_linear_multi_fwd(*args)
-        elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
-            y, _ = LoraLinearMultiFunction.apply(*args)
-        else:  # inference: no autograd bookkeeping at all
-            y, _ = _forward(*args)
+        y, _ = run_op(args, lora_linear_multi_fwd, LoraLinearMultiFunction, _forward, args[:5])
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import _needs_grad, triton_enabled
+from ptlm_engine.ops.lora import run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it the op runs the reference.
     from ptlm_engine.kernels import prefix_attention as attention_kernels
@@ -150,10 +150,5 @@ def prefix_attention_op(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None
     if prefix_lengths is not None and prefix_lengths.dtype != torch.int32:
         prefix_lengths = prefix_lengths.to(torch.int32)
     args = (q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, bool(causal), scale, dq_mode)
-    if torch.compiler.is_compiling():
-        o, _ = prefix_attention_fwd(*args)
-    elif _needs_grad(q, k, v, prefix_k, prefix_v):
-        o, _ = PrefixAttentionFunction.apply(*args)
-    else:  # inference: no autograd bookkeeping at all
-        o, _ = _forward(*args)
+    o, _ = run_op(args, prefix_attention_fwd, PrefixAttentionFunction, _forward, (q, k, v, prefix_k, prefix_v))
     return o
