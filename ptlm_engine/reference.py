@@ -58,21 +58,24 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     return y + torch.einsum("tr,tor->to", xa, lora_B[slot])
 
 
+def _members(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],
+             fan_in_fan_out: bool, with_adapter) -> list[Tensor]:
+    """Each member's output of a grouped op: with_adapter(g), or the base projection where lora_As[g] is None."""
+    return [_base_linear(x, w, b, fan_in_fan_out) if a is None else with_adapter(g)
+            for g, (w, b, a) in enumerate(zip(weights, biases, lora_As))]
+
+
 def lora_linear_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],
                         lora_Bs: list[Tensor | None], scales: list[float], fan_in_fan_out: bool = False,
                         dropouts: list[float] | None = None,
                         keep_masks: list[Tensor | None] | None = None) -> list[Tensor]:
     """Projections sharing x, each member g as lora_linear: y_g = x W_g^T + bias_g + s_g dropout_g(x) A_g^T B_g^T,
     or x W_g^T + bias_g where lora_As[g] is None (no adapter). keep_masks[g]: member g's keep mask or None."""
-    outs = []
-    for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
-        if a is None:
-            outs.append(_base_linear(x, w, b, fan_in_fan_out))
-        else:
-            keep = None if keep_masks is None else keep_masks[g]
-            outs.append(lora_linear(x, w, b, a, bb, scales[g], keep, 0.0 if dropouts is None else dropouts[g],
-                                    fan_in_fan_out))
-    return outs
+    def with_adapter(g):
+        keep = None if keep_masks is None else keep_masks[g]
+        return lora_linear(x, weights[g], biases[g], lora_As[g], lora_Bs[g], scales[g], keep,
+                           0.0 if dropouts is None else dropouts[g], fan_in_fan_out)
+    return _members(x, weights, biases, lora_As, fan_in_fan_out, with_adapter)
 
 
 def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | None],
@@ -83,15 +86,12 @@ def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Ten
     """Projections sharing x and one per-token mapping, each member g as lora_linear_multi over its own stacked
     slots (lora_As[g] (S, r_max_g, d_in), lora_Bs[g], scales[g] (S,)), or x W_g^T + bias_g where lora_As[g] is
     None. dropouts[g] (S,) with keep_masks[g] (T, d_in): member g's dropout, or None."""
-    outs = []
-    for g, (w, b, a, bb) in enumerate(zip(weights, biases, lora_As, lora_Bs)):
-        if a is None:
-            outs.append(_base_linear(x, w, b, fan_in_fan_out))
-        else:
-            p = None if dropouts is None else dropouts[g]
-            keep = None if keep_masks is None else keep_masks[g]
-            outs.append(lora_linear_multi(x, w, b, a, bb, scales[g], adapter_index, fan_in_fan_out, p, keep))
-    return outs
+    def with_adapter(g):
+        p = None if dropouts is None else dropouts[g]
+        keep = None if keep_masks is None else keep_masks[g]
+        return lora_linear_multi(x, weights[g], biases[g], lora_As[g], lora_Bs[g], scales[g], adapter_index,
+                                 fan_in_fan_out, p, keep)
+    return _members(x, weights, biases, lora_As, fan_in_fan_out, with_adapter)
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = None,
