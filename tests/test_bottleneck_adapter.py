@@ -429,8 +429,9 @@ def test_triton_kernels_with_layer_norms(tiny, monkeypatch, output):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_realistic_bf16_llama_on_gpu_within_pytorchs_own_bf16_error(monkeypatch):
-    """A Llama at realistic width, bf16 with float32 adapters, fused kernels: mixed-batch logits and one adapter's
-    gradients are within 2x of the reference's own bf16 error, both measured against the reference in fp32."""
+    """A Llama at realistic width, bf16 with float32 adapters (one with its own LayerNorm), fused kernels:
+    mixed-batch logits and one adapter's gradients are within 2x of the reference's own bf16 error, both measured
+    against the reference in fp32."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(hidden_size=1024, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
                          intermediate_size=2816, vocab_size=1000, max_position_embeddings=512)
@@ -438,7 +439,9 @@ def test_realistic_bf16_llama_on_gpu_within_pytorchs_own_bf16_error(monkeypatch)
     model = LlamaForCausalLM(config).cuda().eval()
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=64, act="relu"))
     pe.add_adapter(model, "b", pe.BottleneckConfig(bottleneck=48, placement="parallel", act="gelu", scale=4.0))
-    adapters = {n: 0.02 * torch.randn_like(p) for n, p in model.named_parameters() if ".ptlm_bottleneck." in n}
+    pe.add_adapter(model, "c", pe.BottleneckConfig(bottleneck=32, act="silu", layer_norm=True))
+    adapters = {n: float("layer_norm.weight" in n) + 0.02 * torch.randn_like(p)
+                for n, p in model.named_parameters() if ".ptlm_bottleneck." in n}
     ids = torch.randint(0, 1000, (4, 256), device="cuda")
 
     def run(dtype, backend):
@@ -448,7 +451,7 @@ def test_realistic_bf16_llama_on_gpu_within_pytorchs_own_bf16_error(monkeypatch)
             if n in adapters:
                 p.data = adapters[n].clone()
             p.grad = None
-        with torch.no_grad(), pe.adapter_batch(model, ["a", "b", None, "a"]):
+        with torch.no_grad(), pe.adapter_batch(model, ["a", "b", None, "c"]):
             mixed = model(input_ids=ids).logits.float()
         model(input_ids=ids).logits.float().square().mean().backward()       # "a" active: the first added
         return mixed, {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
