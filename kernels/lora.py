@@ -442,6 +442,13 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     return True
 
 
+def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
+                    bias: torch.Tensor | None, y: torch.Tensor) -> bool:
+    """y = x @ weight^T + xa @ lora_B^T + bias on the Hopper TMA path alone (xa given, no output dropout): True
+    if it ran, False (nothing launched) where it does not apply. For callers with their own shrink."""
+    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0)
+
+
 def fuse_shrink_default(T: int, R: int) -> bool:
     """Recomputing xa in every column block is free while the layer is memory-bound (decode) and saves two
     launches there; at prefill the extra narrow dot in the K loop slowed the tensor-core GEMM (H100, r=16,

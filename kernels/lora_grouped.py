@@ -13,6 +13,8 @@ token picks its slot, as in kernels.lora_multi):
   index and runs that member's tile of kernels.lora's (or kernels.lora_multi's) matmul; each member's branch is
   compiled with that member's own pointer and stride specializations. At decode the single-adapter tile computes
   its xa in the base K loop, so the whole group is one launch. A member without an adapter runs the base tile.
+  At prefill on Hopper the single-adapter op runs each member's GEMM through kernels.lora's TMA kernel instead
+  (after the one shared shrink), where every member has an adapter and meets TMA's layout rules.
 
 Floor (b bytes per element, N = Σ d_out_g, r_g the ranks): bytes = b·[d_in·N + Σ r_g(d_in + d_out_g) + T(d_in + N)],
 flops = 2T·d_in·N + 2T·Σ r_g(d_in + d_out_g). On the H100 (3.0 TB/s, 790 TFLOP/s), bf16, r = 16 per member:
@@ -32,7 +34,7 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
-                   rank_block, store_split)
+                   lora_matmul_tma, rank_block, store_split)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import NO_SLOT, _block_tokens, _next_slot, multi_matmul_tile, padded_rank
 
@@ -248,6 +250,12 @@ def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_A
         for g, xa in zip(lora, shrunk):
             xas[g] = xa
     if M == 0:
+        return ys, xas
+    # At prefill on Hopper each member's GEMM runs the TMA kernel, faster than this file's pointer tiles by far
+    # more than one grid's smaller tail saves; x was still read once, by the shared shrink. Should a later member
+    # not fit TMA's layout rules, the grouped kernel below recomputes every member.
+    if not fuse_shrink and all(has_lora) and all(
+            lora_matmul_tma(x, weights[g], xas[g], lora_Bs[g], biases[g], ys[g]) for g in range(G)):
         return ys, xas
     # A member without an adapter reads none of its LoRA pointers (R = 0); the xa one must still be fp32.
     fp32 = next((xa for xa in xas if xa is not None), None)

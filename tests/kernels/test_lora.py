@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ptlm_engine.kernels import lora as K
+from ptlm_engine.kernels.configs import TunedLauncher
 from tests.helpers import assert_matches
 
 CUDA = torch.cuda.is_available()
@@ -134,8 +135,13 @@ def tma_launches(monkeypatch):
     its launches, so each test can tell which path ran."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
     launches = []
-    launch = K._lora_matmul_tma.launch
-    monkeypatch.setattr(K._lora_matmul_tma, "launch", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
+    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
+
+    def counting(self, *args, **kwargs):
+        if self is K._lora_matmul_tma:
+            launches.append(1)
+        return launch(self, *args, **kwargs)
+    monkeypatch.setattr(TunedLauncher, "launch", counting)
     return launches
 
 

@@ -12,6 +12,7 @@ import torch
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_grouped as G
 from ptlm_engine.kernels import lora_multi as M
+from ptlm_engine.kernels.configs import TunedLauncher
 from tests.helpers import assert_matches
 
 CUDA = torch.cuda.is_available()
@@ -195,3 +196,23 @@ def test_grouped_kernels_llama_shapes(T, d_outs, ranks, dtype):
 def test_grouped_multi_kernels_llama_shapes(T, dtype):
     torch.manual_seed(T)
     _check_multi(T, 4096, (4096, 1024, 1024), ([8, 16, 64, 128], None, [16, 0, 16, 32]), dtype, "random")
+
+
+@pytest.mark.skipif(not (K.INTERPRETED or (CUDA and torch.cuda.get_device_capability()[0] >= 9)),
+                    reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.float16,
+                                                                                       torch.bfloat16], ids=str)
+def test_grouped_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
+    """With TMA forced, a prefill group whose members all have adapters runs one shared shrink and one TMA
+    matmul per member, never the grouped pointer kernel; a member without an adapter keeps the grouped kernel."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    names = []
+    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
+    monkeypatch.setattr(TunedLauncher, "launch",
+                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    torch.manual_seed(9)
+    _check_grouped(77, 40, (72, 24, 24), (8, 16, 8), dtype, False)        # 16-byte aligned rows: TMA's rule
+    assert names == ["_grouped_shrink_kernel"] + ["_lora_matmul_tma_kernel"] * 3
+    names.clear()
+    _check_grouped(77, 40, (72, 24, 24), (8, None, 8), dtype, False)
+    assert names == ["_grouped_shrink_kernel", "_grouped_matmul_kernel"]
