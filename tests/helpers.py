@@ -1,7 +1,50 @@
-"""Shared checks: errors measured against a float64 reference and held to PyTorch's own low-precision error."""
+"""Shared test pieces: the device and dtypes the kernel tests run on, seeded inputs, errors measured against a
+float64 reference and held to PyTorch's own low-precision error, mixed-batch rows run alone."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+import ptlm_engine as pe
+from ptlm_engine.kernels.configs import INTERPRETED
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
+# bf16 only on a GPU: the interpreter computes bf16 dots wrongly.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+def rand(*shape, dtype, scale=1.0):
+    """Normal values drawn in float64 (the same draw for every dtype), scaled, then cast onto DEVICE."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def bottleneck_slots64(d, sizes, acts):
+    """Stacked bottleneck slots in the pool's layout (zeros beyond each width): float64 CPU tensors
+    (down_weight, down_bias, up_weight, up_bias), and the flat metadata on DEVICE (widths, scales, act codes)."""
+    S, m_max = len(sizes), max(sizes)
+    wd = torch.randn(S, m_max, d, dtype=torch.float64) * d ** -0.5
+    bd = torch.randn(S, m_max, dtype=torch.float64)
+    wu = torch.randn(S, d, m_max, dtype=torch.float64) * m_max ** -0.5
+    bu = torch.randn(S, d, dtype=torch.float64)
+    for s, m in enumerate(sizes):
+        wd[s, m:], bd[s, m:], wu[s, :, m:] = 0, 0, 0
+    meta = (torch.tensor(sizes, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5,
+            torch.tensor(acts, dtype=torch.int32, device=DEVICE))
+    return (wd, bd, wu, bu), meta
+
+
+def lora_slots64(S, d_in, d_out, ranks):
+    """Stacked LoRA slots in the pool's layout (zeros beyond each rank; rank 0: no adapter in that slot): float64
+    CPU tensors lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max), and on DEVICE the ranks and scales."""
+    r_max = max(ranks)
+    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
+    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
+    for s, r in enumerate(ranks):
+        a[s, r:] = 0
+        b[s, :, r:] = 0
+    return a, b, torch.tensor(ranks, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -25,6 +68,26 @@ def assert_matches(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Ten
     if torch_lowp is not None:
         bound = max(bound, factor * rel_err(torch_lowp, ref64))
     assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} ({dtype})"
+
+
+def assert_grads_match(names, grads, grads64, grads_lp, dtype) -> None:
+    """Each gradient present exactly where the float64 one is, of its shape and dtype, and within
+    assert_matches of it."""
+    for name, g, g64, g_lp in zip(names, grads, grads64, grads_lp):
+        assert (g is None) == (g64 is None), name
+        if g is not None:
+            assert g.shape == g64.shape and g.dtype == dtype, name
+            assert_matches(g, g64, g_lp, dtype, name)
+
+
+def run_alone(model, name, run):
+    """run() with only adapter `name` active (None: the base model), the previous active adapter restored."""
+    before = pe.active_adapter(model)
+    pe.set_active_adapter(model, name)
+    try:
+        return run()
+    finally:
+        pe.set_active_adapter(model, before)
 
 
 def assert_no_host_sync(step) -> None:

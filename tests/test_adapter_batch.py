@@ -10,6 +10,7 @@ import torch
 import ptlm_engine as pe
 from ptlm_engine import api, inject
 from ptlm_engine.kernels import lora as K
+from tests.helpers import run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
@@ -52,16 +53,6 @@ def _with_adapters(tiny, kind, names=None):
     return model
 
 
-def _alone(model, name, run):
-    """run() with only adapter `name` active (None: the base model), the previous active adapter restored."""
-    before = pe.active_adapter(model)
-    pe.set_active_adapter(model, name)
-    try:
-        return run()
-    finally:
-        pe.set_active_adapter(model, before)
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_rows_match_each_adapter_alone(tiny, kind, output):
     model = _with_adapters(tiny, kind)
@@ -69,7 +60,7 @@ def test_rows_match_each_adapter_alone(tiny, kind, output):
     with torch.no_grad(), pe.adapter_batch(model, MAPPING):
         mixed = output(model, ids)
     for row, name in enumerate(MAPPING):
-        alone = _alone(model, name, lambda: output(model, ids[row:row + 1]))
+        alone = run_alone(model, name, lambda: output(model, ids[row:row + 1]))
         torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
     assert not torch.allclose(mixed[0], mixed[2])                                   # the adapters do act
 
@@ -85,7 +76,7 @@ def test_mixed_ranks_and_grad_mode_agree(tiny, output):
     assert stacked.requires_grad
     torch.testing.assert_close(pooled, stacked.detach())
     for row, name in enumerate(mapping):
-        torch.testing.assert_close(pooled[row], _alone(llama, name, lambda: output(llama, ids[row:row + 1]))[0])
+        torch.testing.assert_close(pooled[row], run_alone(llama, name, lambda: output(llama, ids[row:row + 1]))[0])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -121,7 +112,7 @@ def test_generate_keeps_each_row_on_its_adapter(tiny, kind, how):
         mixed = model.generate(ids, **kw)
     assert mixed.shape == (len(MAPPING) * per_row, 10)
     for row, name in enumerate(MAPPING):
-        alone = _alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
+        alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
         torch.testing.assert_close(mixed[row * per_row:(row + 1) * per_row], alone, rtol=0, atol=0,
                                    msg=f"row {row} ({name})")
 
@@ -143,7 +134,7 @@ def test_gradients_match_each_adapter_trained_alone(tiny):
     llama.zero_grad(set_to_none=True)
     for name in ("a", "b", "c"):
         rows = ids[[i for i, n in enumerate(mapping) if n == name]]
-        _alone(llama, name, lambda: loss(llama, rows).backward())
+        run_alone(llama, name, lambda: loss(llama, rows).backward())
     alone = {n: p.grad for n, p in llama.named_parameters() if p.grad is not None}
     assert alone.keys() == mixed.keys()
     for n in mixed:
@@ -346,7 +337,7 @@ def test_modules_to_save_run_per_row_and_train_per_adapter(tiny):
             torch.testing.assert_close(grads[key], bert.get_parameter(key).grad, msg=key)
     with torch.no_grad():
         for row, name in enumerate(mapping):
-            alone = _alone(bert, name, lambda: bert(input_ids=ids[row:row + 1]).logits)
+            alone = run_alone(bert, name, lambda: bert(input_ids=ids[row:row + 1]).logits)
             torch.testing.assert_close(mixed[row].detach(), alone[0], msg=f"row {row} ({name})")
 
 
@@ -363,7 +354,7 @@ def test_generate_with_a_saved_embedding_copy_per_row(tiny):
     with pe.adapter_batch(llama, ["a", None, "b"]):
         mixed = llama.generate(ids, **kw)
     for row, name in enumerate(["a", None, "b"]):
-        alone = _alone(llama, name, lambda: llama.generate(ids[row:row + 1], **kw))
+        alone = run_alone(llama, name, lambda: llama.generate(ids[row:row + 1], **kw))
         torch.testing.assert_close(mixed[row:row + 1], alone, rtol=0, atol=0, msg=f"row {row} ({name})")
 
 
@@ -393,7 +384,7 @@ def test_state_around_the_block(tiny, output):
     pe.set_active_adapter(llama, "b")
     ids = _ids(2)
     before = _state(llama)
-    base = _alone(llama, None, lambda: output(llama, ids))
+    base = run_alone(llama, None, lambda: output(llama, ids))
     with torch.no_grad(), pe.adapter_batch(llama, ["a", "a"]) as model:
         assert model is llama and "generate" in llama.__dict__
         assert {n for n, p in llama.named_parameters() if p.requires_grad} == \

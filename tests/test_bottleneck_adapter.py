@@ -13,6 +13,7 @@ import ptlm_engine as pe
 from ptlm_engine import inject
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.layers.bottleneck import BottleneckLayer
+from tests.helpers import run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend")]
 
@@ -125,15 +126,6 @@ def _mixed(tiny, kind):
 MAPPING = ["a", "c", None, "b", "d", "a"]
 
 
-def _alone(model, name, run):
-    before = pe.active_adapter(model)
-    pe.set_active_adapter(model, name)
-    try:
-        return run()
-    finally:
-        pe.set_active_adapter(model, before)
-
-
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_mixed_batch_rows_match_each_adapter_alone(tiny, kind, output):
     model = _mixed(tiny, kind)
@@ -143,7 +135,7 @@ def test_mixed_batch_rows_match_each_adapter_alone(tiny, kind, output):
     with pe.adapter_batch(model, MAPPING):
         trained = output(model, ids)                  # the stacked Parameters, with autograd
     for row, name in enumerate(MAPPING):
-        alone = _alone(model, name, lambda: output(model, ids[row:row + 1]))
+        alone = run_alone(model, name, lambda: output(model, ids[row:row + 1]))
         torch.testing.assert_close(served[row], alone[0], msg=f"row {row} ({name})")
         torch.testing.assert_close(trained[row], alone[0], msg=f"row {row} ({name})")
     assert not any(torch.allclose(served[i], served[j]) for i in range(5) for j in range(i))   # every adapter acts
@@ -162,7 +154,7 @@ def test_mixed_batch_gradients_match_each_adapter_alone(tiny, output):
     model.zero_grad()
     for name in "abcd":
         rows = [i for i, n in enumerate(MAPPING) if n == name]
-        _alone(model, name, lambda: (output(model, ids[rows]) * g[rows]).sum().backward())
+        run_alone(model, name, lambda: (output(model, ids[rows]) * g[rows]).sum().backward())
         for p, got in zip(params[name], mixed[name]):
             torch.testing.assert_close(got, p.grad, msg=name)
 
@@ -175,7 +167,7 @@ def test_generate_mixed_rows(tiny):
     with pe.adapter_batch(model, mapping):
         mixed = model.generate(ids, **kw)
     for row, name in enumerate(mapping):
-        alone = _alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
+        alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
         assert torch.equal(mixed[row], alone[0]), f"row {row} ({name})"
 
 
@@ -275,7 +267,7 @@ def test_layer_norm_adapters_count_train_batch_save_and_load(tiny, tmp_path, out
     with torch.no_grad(), pe.adapter_batch(model, mapping):
         mixed = output(model, ids)
     for row, name in enumerate(mapping):
-        torch.testing.assert_close(mixed[row], _alone(model, name, lambda: output(model, ids[row:row + 1]))[0])
+        torch.testing.assert_close(mixed[row], run_alone(model, name, lambda: output(model, ids[row:row + 1]))[0])
 
     pe.save_adapter(model, "ln", tmp_path / "ln")
     assert json.loads((tmp_path / "ln" / "adapter_config.json").read_text())["layer_norm"] is True

@@ -15,6 +15,7 @@ import transformers
 import ptlm_engine as pe
 from ptlm_engine.kernels import prefix_attention as K
 from ptlm_engine.layers.prefix import _ENTRY, LAYER_NAME
+from tests.helpers import run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -172,14 +173,6 @@ def _mixed(tiny, kind):
     return model
 
 
-def _alone(model, name, run):
-    pe.set_active_adapter(model, name)
-    try:
-        return run()
-    finally:
-        pe.set_active_adapter(model, None)
-
-
 MAPPING = ["p3", "p5", None, "lora", "p5"]
 
 
@@ -192,8 +185,8 @@ def test_mixed_batch_rows_match_each_alone(tiny, kind):
         mixed = _main(model(input_ids=ids, attention_mask=mask))
     with torch.no_grad():
         for row, name in enumerate(MAPPING):
-            alone = _alone(model, name, lambda: _main(model(input_ids=ids[row:row + 1],
-                                                            attention_mask=mask[row:row + 1])))
+            alone = run_alone(model, name, lambda: _main(model(input_ids=ids[row:row + 1],
+                                                               attention_mask=mask[row:row + 1])))
             valid = mask[row].bool()
             torch.testing.assert_close(mixed[row, valid], alone[0, valid], msg=f"row {row} ({name})")
     assert not torch.allclose(mixed[0], mixed[1])
@@ -211,7 +204,7 @@ def test_mixed_batch_generate(tiny, how):
         with pe.adapter_batch(model, mapping):
             mixed = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
         for row, name in enumerate(mapping):
-            alone = _alone(model, name, lambda: model.generate(ids[row:row + 1], attention_mask=torch.ones_like(
+            alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], attention_mask=torch.ones_like(
                 ids[row:row + 1]), **kw))
             torch.testing.assert_close(mixed[2 * row:2 * row + 2], alone, msg=f"row {row} ({name})")
 

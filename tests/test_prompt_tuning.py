@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 import ptlm_engine as pe
 from ptlm_engine import inject
 from ptlm_engine.layers.prompt import LAYER_NAME
+from tests.helpers import run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -209,15 +210,6 @@ def _mixed_model(tiny, kind):
     return model
 
 
-def _alone(model, name, run):
-    before = pe.active_adapter(model)
-    pe.set_active_adapter(model, name)
-    try:
-        return run()
-    finally:
-        pe.set_active_adapter(model, before)
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert_cls"])
 def test_mixed_rows_match_each_row_alone(tiny, kind):
     """Row i's last q_i + L columns (its virtual tokens, then its tokens at Qmax + j) equal the row alone;
@@ -229,7 +221,7 @@ def test_mixed_rows_match_each_row_alone(tiny, kind):
     qmax = 5
     assert mixed.shape[:2] == ((5, 3) if kind == "bert_cls" else (5, qmax + 6))
     for row, name in enumerate(MAPPING):
-        alone = _alone(model, name, lambda: _main(model(**{k: v[row:row + 1] for k, v in kw.items()})))
+        alone = run_alone(model, name, lambda: _main(model(**{k: v[row:row + 1] for k, v in kw.items()})))
         got = mixed[row] if kind == "bert_cls" else mixed[row, qmax - Q.get(name, 0):]
         torch.testing.assert_close(got, alone[0], msg=f"row {row} ({name})")
     assert not torch.isnan(mixed).any()
@@ -251,7 +243,7 @@ def test_mixed_loss_and_gradients_match_each_row_alone(tiny):
         labels = kw["labels"][row:row + 1]
         # Alone, a row's loss averages its labelled tokens after the first, and the first too behind a prompt.
         n = (labels[:, 1:] != -100).sum() + (labels[:, 0] != -100).sum() * (name in Q)
-        loss = _alone(model, name, lambda: model(**{k: v[row:row + 1] for k, v in kw.items()}).loss)
+        loss = run_alone(model, name, lambda: model(**{k: v[row:row + 1] for k, v in kw.items()}).loss)
         if name is not None:
             pe.set_active_adapter(model, name)
             (loss * n).backward()
@@ -274,11 +266,11 @@ def test_mixed_generation_matches_each_row_alone(tiny):
                                pad_token_id=0)
     for row, name in enumerate(MAPPING):
         one = dict(attention_mask=mask[row:row + 1])
-        alone = _alone(model, name, lambda: _generate(model, ids[row:row + 1], max_new_tokens=4, **one))
+        alone = run_alone(model, name, lambda: _generate(model, ids[row:row + 1], max_new_tokens=4, **one))
         assert torch.equal(greedy.sequences[row], alone.sequences[0]), f"row {row} ({name})"
         torch.testing.assert_close(torch.stack(greedy.logits)[:, row], torch.stack(alone.logits)[:, 0])
-        alone_beams = _alone(model, name, lambda: model.generate(ids[row:row + 1], max_new_tokens=3, num_beams=2,
-                                                                 num_return_sequences=2, pad_token_id=0, **one))
+        alone_beams = run_alone(model, name, lambda: model.generate(ids[row:row + 1], max_new_tokens=3, num_beams=2,
+                                                                    num_return_sequences=2, pad_token_id=0, **one))
         assert torch.equal(beams[2 * row:2 * row + 2], alone_beams), f"row {row} ({name})"
 
 
@@ -300,7 +292,7 @@ def test_prompt_composes_with_prefix_in_one_adapter(tiny):
             mixed = model(input_ids=ids).logits
     for row, name in enumerate(mapping):
         q = {"both": 3, "prompt": 2}.get(name, 0)
-        alone = _alone(model, name, lambda: model(input_ids=ids[row:row + 1]).logits)
+        alone = run_alone(model, name, lambda: model(input_ids=ids[row:row + 1]).logits)
         torch.testing.assert_close(mixed[row, 3 - q:], alone[0], msg=f"row {row} ({name})")
 
 
@@ -369,5 +361,5 @@ def test_bf16_mixed_batch_on_gpu_with_triton_kernels(tiny, monkeypatch):
         out = model.generate(**kw, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert mixed.dtype == torch.bfloat16 and not torch.isnan(mixed).any() and out.shape == (5, 10)
     for row, name in enumerate(MAPPING):
-        alone = _alone(model, name, lambda: model(**{k: v[row:row + 1] for k, v in kw.items()}).logits)
+        alone = run_alone(model, name, lambda: model(**{k: v[row:row + 1] for k, v in kw.items()}).logits)
         torch.testing.assert_close(mixed[row, 5 - Q.get(name, 0):].float(), alone[0].float(), rtol=2e-2, atol=2e-2)

@@ -11,17 +11,10 @@ import torch
 from ptlm_engine import reference
 from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+pytestmark = needs_triton
 ACTS = list(BOTTLENECK_ACT_CODES)
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
 
 
 def _grads(h, wd, bd, wu, bu, residual, act, scale, dy):
@@ -34,12 +27,12 @@ def _grads(h, wd, bd, wu, bu, residual, act, scale, dy):
 
 def _check_case(T, d, m, act, dtype, residual=False, biases=True, strided=False, rows_per_chunk=None):
     code, scale = BOTTLENECK_ACT_CODES[act], 1.7
-    h = _rand(T, 2 * d, dtype=dtype)[:, ::2] if strided else _rand(T, d, dtype=dtype)
-    wd = _rand(d, m, dtype=dtype, scale=d ** -0.5).t() if strided else _rand(m, d, dtype=dtype, scale=d ** -0.5)
-    wu = _rand(d, m, dtype=dtype, scale=m ** -0.5)
-    bd, bu = (_rand(m, dtype=dtype), _rand(d, dtype=dtype)) if biases else (None, None)
-    res = _rand(T, d, dtype=dtype) if residual else None
-    dy = _rand(T, d, dtype=dtype)
+    h = rand(T, 2 * d, dtype=dtype)[:, ::2] if strided else rand(T, d, dtype=dtype)
+    wd = rand(d, m, dtype=dtype, scale=d ** -0.5).t() if strided else rand(m, d, dtype=dtype, scale=d ** -0.5)
+    wu = rand(d, m, dtype=dtype, scale=m ** -0.5)
+    bd, bu = (rand(m, dtype=dtype), rand(d, dtype=dtype)) if biases else (None, None)
+    res = rand(T, d, dtype=dtype) if residual else None
+    dy = rand(T, d, dtype=dtype)
     up64 = lambda t: None if t is None else t.double()
     y64, grads64 = _grads(*map(up64, (h, wd, bd, wu, bu, res)), act, scale, dy.double())
     y_lp, grads_lp = _grads(h, wd, bd, wu, bu, res, act, scale, dy)
@@ -89,7 +82,7 @@ def test_kernels_strided_inputs_and_no_biases():
 
 def test_backward_without_dh_and_empty_token_dimension():
     torch.manual_seed(4)
-    h, wd, wu = _rand(11, 24, dtype=torch.float32), _rand(6, 24, dtype=torch.float32), _rand(24, 6, dtype=torch.float32)
+    h, wd, wu = rand(11, 24, dtype=torch.float32), rand(6, 24, dtype=torch.float32), rand(24, 6, dtype=torch.float32)
     _, z = K.bottleneck_forward(h, wd, None, wu, None, 1.0, 0)
     dh, d_wd, *_ = K.bottleneck_backward(torch.ones_like(h), h, z, wd, wu, 1.0, 0, True, False)
     assert dh is None and torch.isfinite(d_wd).all()

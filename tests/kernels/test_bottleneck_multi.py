@@ -5,29 +5,10 @@ import pytest
 import torch
 
 from ptlm_engine import reference
-from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.kernels import bottleneck_multi as M
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, bottleneck_slots64, needs_triton
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-
-
-def _slots(d, sizes, acts, dtype):
-    """Stacked slots in the pool's layout (zeros beyond each width), as float64 tensors and the flat metadata."""
-    S, m_max = len(sizes), max(sizes)
-    wd = torch.randn(S, m_max, d, dtype=torch.float64) * d ** -0.5
-    bd = torch.randn(S, m_max, dtype=torch.float64)
-    wu = torch.randn(S, d, m_max, dtype=torch.float64) * m_max ** -0.5
-    bu = torch.randn(S, d, dtype=torch.float64)
-    for s, m in enumerate(sizes):
-        wd[s, m:], bd[s, m:], wu[s, :, m:] = 0, 0, 0
-    weights = [t.to(DEVICE, dtype) for t in (wd, bd, wu, bu)]
-    meta = (torch.tensor(sizes, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5,
-            torch.tensor(acts, dtype=torch.int32, device=DEVICE))
-    return weights, meta
+pytestmark = needs_triton
 
 
 def _mapping(kind, T, S):
@@ -42,7 +23,8 @@ def _mapping(kind, T, S):
 
 def _check(T, d, sizes, acts, dtype, kind, residual, sorted_rows, rows_per_chunk=None):
     S = len(sizes)
-    (wd, bd, wu, bu), (sizes_t, scales, acts_t) = _slots(d, sizes, acts, dtype)
+    weights64, (sizes_t, scales, acts_t) = bottleneck_slots64(d, sizes, acts)
+    wd, bd, wu, bu = (t.to(DEVICE, dtype) for t in weights64)
     idx = _mapping(kind, T, S)
     h = torch.randn(T, d, device=DEVICE, dtype=dtype)
     res = torch.randn(T, d, device=DEVICE, dtype=dtype) if residual else None

@@ -9,27 +9,20 @@ import torch
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels.configs import TunedLauncher
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+pytestmark = needs_triton
 
 
 def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided_x=False, fuse_shrink=None):
-    x = _rand(T, d_in, dtype=dtype)
+    x = rand(T, d_in, dtype=dtype)
     if strided_x:  # a non-contiguous view: every other column of a wider buffer
-        x = _rand(T, 2 * d_in, dtype=dtype)[:, ::2]
-    w = _rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t() if transposed_w else \
-        _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5)
-    a = _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5)
-    b = _rand(d_out, r, dtype=dtype, scale=r ** -0.5)
-    bvec = _rand(d_out, dtype=dtype) if bias else None
+        x = rand(T, 2 * d_in, dtype=dtype)[:, ::2]
+    w = rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t() if transposed_w else \
+        rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5)
+    a = rand(r, d_in, dtype=dtype, scale=d_in ** -0.5)
+    b = rand(d_out, r, dtype=dtype, scale=r ** -0.5)
+    bvec = rand(d_out, dtype=dtype) if bias else None
     scale = 1.7
 
     xa = K.lora_shrink(x, a, scale)
@@ -45,7 +38,7 @@ def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided
         assert_matches(y, y64, y_torch, dtype, "matmul")
         assert_matches(xa_m, xa64, scale * (x @ a.t()), dtype, "matmul's xa")
 
-    g = _rand(T, d_out, dtype=dtype)
+    g = rand(T, d_out, dtype=dtype)
     db = K.lora_weight_grad(g, xa)
     db64 = g.double().t() @ xa64
     assert_matches(db, db64, g.t() @ xa.to(dtype), dtype, "weight grad")
@@ -90,10 +83,10 @@ def test_dropout_mask_shared_by_forward_and_backward():
     assert torch.equal(keep, _keep_mask(T, d_in, seed, p)), "same seed must give the same mask"
     assert not torch.equal(keep, _keep_mask(T, d_in, torch.tensor([999], device=DEVICE), p))
 
-    x, g = _rand(T, d_in, dtype=torch.float32), _rand(T, r, dtype=torch.float32)
-    a = _rand(r, d_in, dtype=torch.float32)
-    b = _rand(d_out, r, dtype=torch.float32)
-    w0 = _rand(d_out, d_in, dtype=torch.float32)
+    x, g = rand(T, d_in, dtype=torch.float32), rand(T, r, dtype=torch.float32)
+    a = rand(r, d_in, dtype=torch.float32)
+    b = rand(d_out, r, dtype=torch.float32)
+    w0 = rand(d_out, d_in, dtype=torch.float32)
     xa64 = 2.0 * (x.double() * keep / (1 - p)) @ a.double().t()
     assert_matches(K.lora_shrink(x, a, 2.0, seed, p), xa64, None, torch.float32, "shrink with dropout")
     for fuse in (True, False):
@@ -103,7 +96,7 @@ def test_dropout_mask_shared_by_forward_and_backward():
     # backward dA^T = (keep * x)^T g  and  dx's LoRA part = keep * (g A), with g = c * dy B from the same pass
     da_t = K.lora_weight_grad(x, g, seed, p)
     assert_matches(da_t, (x.double() * keep).t() @ g.double(), None, torch.float32, "weight grad with dropout")
-    dy = _rand(T, d_out, dtype=torch.float32)
+    dy = rand(T, d_out, dtype=torch.float32)
     for fuse in (True, False):
         dx, g2 = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=fuse)
         g64 = 3.0 * dy.double() @ b.double()
@@ -146,10 +139,10 @@ def tma_launches(monkeypatch):
 
 
 def _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=False):
-    x = _rand(T, d_in, dtype=dtype)
-    w = _rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t() if transposed_w else \
-        _rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5)
-    return x, w, _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), _rand(d_out, r, dtype=dtype, scale=r ** -0.5)
+    x = rand(T, d_in, dtype=dtype)
+    w = rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t() if transposed_w else \
+        rand(d_out, d_in, dtype=dtype, scale=d_in ** -0.5)
+    return x, w, rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), rand(d_out, r, dtype=dtype, scale=r ** -0.5)
 
 
 # 40 / 72 / 24 columns are odd tile counts but 16-byte aligned rows in fp16 and fp32 (TMA's rule); r = 24
@@ -161,7 +154,7 @@ def _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=False):
 def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_launches):
     torch.manual_seed(T + r)
     x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype, transposed_w)
-    bvec = _rand(d_out, dtype=dtype) if bias else None
+    bvec = rand(d_out, dtype=dtype) if bias else None
     y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)    # poisoned: every element must be written
     _, xa = K.lora_matmul(x, w, a, b, 1.7, bvec, fuse_shrink=False, out=y)
     assert len(tma_launches) == 1
@@ -183,7 +176,7 @@ def test_tma_matmul_backward_layout_with_output_dropout(dtype, tma_launches):
     T, d_in, d_out, r, p = 70, 40, 72, 8, 0.3
     seed = torch.tensor([2024], device=DEVICE)
     _, w0, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
-    dy = _rand(T, d_out, dtype=dtype)
+    dy = rand(T, d_out, dtype=dtype)
     dx = torch.full((T, d_in), float("nan"), device=DEVICE, dtype=dtype)
     _, g = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=False, out=dx)
     assert len(tma_launches) == 1
@@ -203,8 +196,8 @@ def test_tma_path_runs_the_ops_forward_and_backward(fan_in_fan_out, tma_launches
     dtype, T, d_in, d_out, r = torch.float16, K.DECODE_MAX_T + 3, 72, 40, 8
     x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=fan_in_fan_out)
     w = w.t().contiguous() if fan_in_fan_out else w                                 # Conv1D layout (d_in, d_out)
-    bvec = _rand(d_out, dtype=dtype)
-    dy = _rand(T, d_out, dtype=dtype)
+    bvec = rand(d_out, dtype=dtype)
+    dy = rand(T, d_out, dtype=dtype)
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
     y = lora_linear(leaves[0], w, bvec, leaves[1], leaves[2], scale=1.5, fan_in_fan_out=fan_in_fan_out)
     y.backward(dy)
@@ -241,12 +234,12 @@ def test_tma_path_is_automatic_on_hopper_bf16(d_in, d_out, monkeypatch):
     torch.manual_seed(7)
     dtype, T, r = torch.bfloat16, 4093, 16
     x, w, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
-    bvec = _rand(d_out, dtype=dtype)
+    bvec = rand(d_out, dtype=dtype)
     y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)
     _, xa = K.lora_matmul(x, w, a, b, 2.0, bvec, out=y)
     y64 = x.double() @ w.double().t() + (xa.double() @ b.double().t()) + bvec.double()
     assert_matches(y, y64, x @ w.t() + xa.to(dtype) @ b.t() + bvec, dtype, "bf16 TMA matmul")
-    dy = _rand(T, d_out, dtype=dtype)
+    dy = rand(T, d_out, dtype=dtype)
     dx, g = K.lora_matmul(dy, w.t(), b.t(), a.t(), 2.0)
     dx64 = dy.double() @ w.double() + g.double() @ a.double()
     assert_matches(dx, dx64, dy @ w + g.to(dtype) @ a, dtype, "bf16 TMA dx")

@@ -13,31 +13,24 @@ from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_grouped as G
 from ptlm_engine.kernels import lora_multi as M
 from ptlm_engine.kernels.configs import TunedLauncher
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton, rand
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+pytestmark = needs_triton
 
 
 def _members(d_in, d_outs, ranks, dtype, biased):
     """Per member: W (d_out, d_in), A (r, d_in) / B (d_out, r) or None (no adapter), bias or None, scale."""
-    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
-    As = [None if r is None else _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5) for r in ranks]
-    Bs = [None if r is None else _rand(n, r, dtype=dtype, scale=r ** -0.5) for n, r in zip(d_outs, ranks)]
-    biases = [_rand(n, dtype=dtype) if b else None for n, b in zip(d_outs, biased)]
+    ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    As = [None if r is None else rand(r, d_in, dtype=dtype, scale=d_in ** -0.5) for r in ranks]
+    Bs = [None if r is None else rand(n, r, dtype=dtype, scale=r ** -0.5) for n, r in zip(d_outs, ranks)]
+    biases = [rand(n, dtype=dtype) if b else None for n, b in zip(d_outs, biased)]
     scales = [1.7, 0.6, 2.5][:len(d_outs)]
     return ws, As, Bs, biases, scales
 
 
 def _check_grouped(T, d_in, d_outs, ranks, dtype, fuse_shrink, biased=(True, False, True)):
     ws, As, Bs, biases, scales = _members(d_in, d_outs, ranks, dtype, biased)
-    x = _rand(T, d_in, dtype=dtype)
+    x = rand(T, d_in, dtype=dtype)
     outs = [torch.full((T, n), float("nan"), device=DEVICE, dtype=dtype) for n in d_outs]   # poisoned
     ys, xas = G.lora_grouped_matmul(x, ws, As, Bs, scales, biases, fuse_shrink=fuse_shrink, outs=outs)
     for g, (w, a, b, bias, s) in enumerate(zip(ws, As, Bs, biases, scales)):
@@ -81,7 +74,7 @@ def test_grouped_dropout_is_each_members_own_kernel_mask(fuse_shrink):
     torch.manual_seed(4)
     T, d_in = 19, 24
     ws, As, Bs, biases, scales = _members(d_in, (30, 11, 11), (4, 3, None), torch.float32, (True, False, False))
-    x = _rand(T, d_in, dtype=torch.float32)
+    x = rand(T, d_in, dtype=torch.float32)
     seeds = [torch.tensor([s], device=DEVICE) for s in (123, 456, 789)]
     dropouts = [0.3, 0.5, 0.2]
     ys, xas = G.lora_grouped_matmul(x, ws, As, Bs, scales, biases, seeds, dropouts, fuse_shrink=fuse_shrink)
@@ -98,14 +91,8 @@ def test_grouped_dropout_is_each_members_own_kernel_mask(fuse_shrink):
 # ----------------------------------------------------------------------------------------------- multi-adapter
 def _slots(S, d_in, d_out, ranks, dtype):
     """Stacked slots in the pool's layout (zeros beyond each rank; rank 0: the member lacks that adapter)."""
-    r_max = max(ranks)
-    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
-    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
-    for s, r in enumerate(ranks):
-        a[s, r:] = 0
-        b[s, :, r:] = 0
-    return (a.to(DEVICE, dtype), b.to(DEVICE, dtype), torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
-            torch.rand(S, dtype=torch.float32, device=DEVICE) + 0.5)
+    a, b, ranks, scales = lora_slots64(S, d_in, d_out, ranks)
+    return a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks, scales
 
 
 def _mapping(kind, T, S):
@@ -117,9 +104,9 @@ def _mapping(kind, T, S):
 def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
     S = 4
     members = [None if r is None else _slots(S, d_in, n, r, dtype) for n, r in zip(d_outs, member_ranks)]
-    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
-    biases = [_rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
-    x = _rand(T, d_in, dtype=dtype)
+    ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    biases = [rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
+    x = rand(T, d_in, dtype=dtype)
     idx = _mapping(kind, T, S)
     has, slot = idx >= 0, idx.clamp_min(0).long()
     live = [g for g, m in enumerate(members) if m is not None]
@@ -164,7 +151,7 @@ def test_grouped_multi_dropout_is_each_members_own_kernel_mask():
     torch.manual_seed(9)
     T, d_in, S = 23, 24, 3
     members = [_slots(S, d_in, n, r, torch.float32) for n, r in ((20, [4, 8, 2]), (12, [3, 3, 6]))]
-    x = _rand(T, d_in, dtype=torch.float32)
+    x = rand(T, d_in, dtype=torch.float32)
     idx = _mapping("random", T, S)
     dropouts = [torch.tensor([0.3, 0.0, 0.6], device=DEVICE), torch.tensor([0.5, 0.2, 0.0], device=DEVICE)]
     seeds = [torch.tensor([11], device=DEVICE), torch.tensor([12], device=DEVICE)]

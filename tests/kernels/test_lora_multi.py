@@ -3,25 +3,10 @@ every row, every row a different adapter, slots with no tokens, mixed ranks, odd
 import pytest
 import torch
 
-from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-
-
-def _slots(S, r_max, d_in, d_out, ranks, dtype):
-    a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
-    b = torch.randn(S, d_out, r_max, dtype=torch.float64) * r_max ** -0.5
-    for s, r in enumerate(ranks):  # the pool's layout: zeros beyond each slot's rank
-        a[s, r:] = 0
-        b[s, :, r:] = 0
-    ranks = torch.tensor(ranks, dtype=torch.int32, device=DEVICE)
-    scales = torch.rand(S, dtype=torch.float32, device=DEVICE) + 0.5
-    return a.to(DEVICE, dtype), b.to(DEVICE, dtype), ranks, scales
+pytestmark = needs_triton
 
 
 def _mapping(kind, T, S):
@@ -36,7 +21,8 @@ def _mapping(kind, T, S):
 
 def _check(T, d_in, d_out, ranks, dtype, kind):
     S, r_max = len(ranks), max(ranks)
-    a, b, rk, scales = _slots(S, r_max, d_in, d_out, ranks, dtype)
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
     idx = _mapping(kind, T, S)
     x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
     w = (torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float64) * d_in ** -0.5).to(dtype)

@@ -11,29 +11,22 @@ import torch
 
 from ptlm_engine import reference
 from ptlm_engine.kernels import prefix_attention as K
-from tests.helpers import assert_matches
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+pytestmark = needs_triton
 GRADS = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"]
-
-
-def _rand(*shape, dtype):
-    return torch.randn(*shape, dtype=torch.float64).to(DEVICE, dtype)
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, lengths=None, pad_left=None, hf_layout=False, shared=False):
     """q, k, v (HF's (B, L, H, D).transpose(1, 2) views with hf_layout), prefix_k / prefix_v (expanded views of
     one prefix with shared), prefix_lengths, key_padding_mask (pad_left[b] padded keys at the left of row b)."""
     if hf_layout:
-        q, k, v = (_rand(B, L, H, D, dtype=dtype).transpose(1, 2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
+        q, k, v = (rand(B, L, H, D, dtype=dtype).transpose(1, 2) for L, H in ((Lq, Hq), (Lk, Hkv), (Lk, Hkv)))
     else:
-        q, k, v = _rand(B, Hq, Lq, D, dtype=dtype), _rand(B, Hkv, Lk, D, dtype=dtype), _rand(B, Hkv, Lk, D, dtype=dtype)
+        q, k, v = rand(B, Hq, Lq, D, dtype=dtype), rand(B, Hkv, Lk, D, dtype=dtype), rand(B, Hkv, Lk, D, dtype=dtype)
     pk = pv = None
     if P is not None:
-        pk, pv = (_rand(1 if shared else B, Hkv, P, D, dtype=dtype).expand(B, -1, -1, -1) for _ in range(2))
+        pk, pv = (rand(1 if shared else B, Hkv, P, D, dtype=dtype).expand(B, -1, -1, -1) for _ in range(2))
     plen = None if lengths is None else torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     kpm = None
     if pad_left is not None:
@@ -55,7 +48,7 @@ def _check(tensors, plen, kpm, causal, dtype, dq_mode, scale=None):
     out = torch.full(q.shape, float("nan"), device=DEVICE, dtype=dtype)      # poisoned: every element written
     o, lse = K.prefix_attention_fwd(q, k, v, pk, pv, plen, kpm, causal, scale, out=out)
     assert o is out and lse.shape == q.shape[:3] and lse.dtype == torch.float32
-    do = _rand(*q.shape, dtype=dtype)
+    do = rand(*q.shape, dtype=dtype)
     o64, grads64 = _reference_grads(tensors, plen, kpm, causal, scale, do)
     o_lp, grads_lp = _reference_grads(tensors, plen, kpm, causal, scale, do, dtype)
     assert_matches(o, o64, o_lp, dtype, "o")
@@ -174,7 +167,7 @@ def test_both_dq_modes_at_a_bf16_llama_shape_and_split_reproduces_bitwise():
         _check(tensors, plen, None, causal=True, dtype=torch.bfloat16, dq_mode=dq_mode)
     q, k, v, pk, pv = tensors
     o, lse = K.prefix_attention_fwd(q, k, v, pk, pv, plen, None, True, 128 ** -0.5)
-    do = _rand(*q.shape, dtype=torch.bfloat16)
+    do = rand(*q.shape, dtype=torch.bfloat16)
     runs = [K.prefix_attention_bwd(do, q, k, v, pk, pv, plen, None, o, lse, True, 128 ** -0.5, dq_mode="split")
             for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))

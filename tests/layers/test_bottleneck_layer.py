@@ -42,12 +42,17 @@ def _site(tuple_out=False, dtype=torch.float32, seed=0):
     return site, layer
 
 
-def _add(layer, name, m, act="relu", scale=1.0, parallel=False, slot=None, dtype=torch.float32, seed=1):
-    layer.add_adapter(name, m, act, scale, parallel, slot, device=torch.device("cpu"), base_dtype=dtype)
+def _add(layer, name, m, act="relu", scale=1.0, parallel=False, slot=None, dtype=torch.float32, seed=1,
+         layer_norm=False):
+    """An adapter (with its LayerNorm where asked), every parameter random (the LayerNorm's weight around 1)."""
+    layer.add_adapter(name, m, act, scale, parallel, slot, device=torch.device("cpu"), base_dtype=dtype,
+                      layer_norm=layer_norm)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in layer.adapter_parameters(name):
             p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        if layer_norm:
+            layer.layer_norm[name].weight.add_(1.0)
 
 
 def _out(site, x):
@@ -56,11 +61,29 @@ def _out(site, x):
 
 
 def _expected(site, layer, name, x):
-    """The formula in float64: out + s · (act(h Dᵀ + b_d) Uᵀ + b_u), h = out (sequential) or x (parallel)."""
-    down_w, down_b, up_w, up_b = (p.double() for p in layer.adapter_parameters(name))
+    """The formula in float64: out + s · (act(h Dᵀ + b_d) Uᵀ + b_u), h = out (sequential) or x (parallel), put
+    through the adapter's LayerNorm where it has one."""
+    down_w, down_b, up_w, up_b, *norm = (p.double() for p in layer.adapter_parameters(name))
     out = torch.tanh(x.double() @ site.proj.weight.double().T + site.proj.bias.double())
     h = x.double() if layer.parallel[name] else out
+    if norm:
+        h = F.layer_norm(h, (D,), *norm, 1e-5)
     return out + layer.scale[name] * (ACT[layer.act[name]](h @ down_w.T + down_b) @ up_w.T + up_b)
+
+
+def _assert_forward_and_grads(site, layer, x, grad_rtol):
+    """Adapter "a" active: the output, and the gradients of x and of every adapter parameter, match _expected's
+    through float64 autograd. Returns the parameters."""
+    y = _out(site, x)
+    ref = _expected(site, layer, "a", x)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = layer.adapter_parameters("a")
+    grads = torch.autograd.grad(ref, [x, *params], g.double())
+    for got, want in zip([x.grad, *(p.grad for p in params)], grads):
+        torch.testing.assert_close(got, want, rtol=grad_rtol, atol=1e-5)
+    return params
 
 
 def test_parameters_keys_and_identity_at_init():
@@ -87,15 +110,7 @@ def test_forward_and_grads_match_the_formula(act, parallel):
     _add(layer, "a", 5, act, scale=1.5, parallel=parallel)
     layer.active_adapter = "a"
     x = torch.randn(3, 4, D, requires_grad=True)
-    y = _out(site, x)
-    ref = _expected(site, layer, "a", x)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    params = layer.adapter_parameters("a")
-    grads = torch.autograd.grad(ref, [x, *params], g.double())
-    for got, want in zip([x.grad, *(p.grad for p in params)], grads):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    _assert_forward_and_grads(site, layer, x, grad_rtol=1e-5)
     assert site.proj.weight.grad is not None      # the toy base trains here: nothing in the layer freezes it
 
 
@@ -130,36 +145,48 @@ def _alone(site, layer, name, x):
     return _out(site, x)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_mixed_batch_rows_match_each_adapter_alone(grad):
-    site, layer = _layer_with_three()
-    x = torch.randn(len(MAPPING), 4, D)
-    layer.set_batch(AdapterBatch(MAPPING, SLOT_OF, [x.device]))
+def _assert_rows_match_alone(site, layer, mapping, slot_of, x, grad):
+    """Each row of the mixed batch equals that row run alone with its adapter active. Returns the mixed output."""
+    layer.set_batch(AdapterBatch(mapping, slot_of, [x.device]))
     with torch.set_grad_enabled(grad):
         mixed = _out(site, x)
     layer.set_batch(None)
-    for row, name in enumerate(MAPPING):
+    for row, name in enumerate(mapping):
         alone = _alone(site, layer, name if name in layer.down else None, x[row:row + 1])
         torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
+    return mixed
+
+
+def _assert_grads_from_own_rows(site, layer, mapping, slot_of, names):
+    """The base frozen, each adapter's gradient from the mixed batch equals its rows' run alone. Returns the mixed
+    batch's gradients per adapter."""
+    for p in site.proj.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(len(mapping), 4, D)
+    g = torch.randn(len(mapping), 4, D)
+    layer.set_batch(AdapterBatch(mapping, slot_of, [x.device]))
+    (_out(site, x) * g).sum().backward()
+    layer.set_batch(None)
+    mixed = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in names}
+    for n in names:
+        for p in layer.adapter_parameters(n):
+            p.grad = None
+        rows = [i for i, m in enumerate(mapping) if m == n]
+        (_alone(site, layer, n, x[rows]) * g[rows]).sum().backward()
+        for got, p in zip(mixed[n], layer.adapter_parameters(n)):
+            torch.testing.assert_close(got, p.grad, msg=n)
+    return mixed
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_mixed_batch_rows_match_each_adapter_alone(grad):
+    site, layer = _layer_with_three()
+    _assert_rows_match_alone(site, layer, MAPPING, SLOT_OF, torch.randn(len(MAPPING), 4, D), grad)
 
 
 def test_mixed_batch_gradients_reach_each_adapter_from_its_rows():
     site, layer = _layer_with_three()
-    for p in site.proj.parameters():
-        p.requires_grad_(False)
-    x = torch.randn(len(MAPPING), 4, D)
-    g = torch.randn(len(MAPPING), 4, D)
-    layer.set_batch(AdapterBatch(MAPPING, SLOT_OF, [x.device]))
-    (_out(site, x) * g).sum().backward()
-    layer.set_batch(None)
-    mixed = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abc"}
-    for n in "abc":
-        for p in layer.adapter_parameters(n):
-            p.grad = None
-        rows = [i for i, m in enumerate(MAPPING) if m == n]
-        (_alone(site, layer, n, x[rows]) * g[rows]).sum().backward()
-        for got, p in zip(mixed[n], layer.adapter_parameters(n)):
-            torch.testing.assert_close(got, p.grad, msg=n)
+    _assert_grads_from_own_rows(site, layer, MAPPING, SLOT_OF, "abc")
 
 
 def test_pool_follows_parameter_updates():
@@ -235,25 +262,6 @@ def test_deepcopy_hooks_the_copy():
 
 
 # ----------------------------------------------------------------------------------- an adapter's own LayerNorm
-def _add_ln(layer, name, m, act="relu", scale=1.0, parallel=False, slot=None, dtype=torch.float32, seed=1):
-    """An adapter with its LayerNorm, every parameter random (the LayerNorm's weight around 1)."""
-    layer.add_adapter(name, m, act, scale, parallel, slot, device=torch.device("cpu"), base_dtype=dtype,
-                      layer_norm=True)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.adapter_parameters(name):
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        layer.layer_norm[name].weight.add_(1.0)
-
-
-def _expected_ln(site, layer, name, x):
-    """Plain PyTorch in float64: out + s · up(act(down(LN(h)))), h = out (sequential) or x (parallel)."""
-    down_w, down_b, up_w, up_b, ln_w, ln_b = (p.double() for p in layer.adapter_parameters(name))
-    out = torch.tanh(x.double() @ site.proj.weight.double().T + site.proj.bias.double())
-    h = F.layer_norm(x.double() if layer.parallel[name] else out, (D,), ln_w, ln_b, 1e-5)
-    return out + layer.scale[name] * (ACT[layer.act[name]](h @ down_w.T + down_b) @ up_w.T + up_b)
-
-
 def test_layer_norm_parameters_and_identity_at_init():
     site, layer = _site()
     x = torch.randn(2, 3, D)
@@ -277,19 +285,11 @@ def test_layer_norm_parameters_and_identity_at_init():
 @pytest.mark.parametrize("parallel,act", [(False, "gelu"), (True, "silu")])
 def test_layer_norm_forward_and_grads_match_plain_pytorch(parallel, act):
     site, layer = _site(tuple_out=parallel)
-    _add_ln(layer, "a", 5, act, scale=1.5, parallel=parallel)
+    _add(layer, "a", 5, act, scale=1.5, parallel=parallel, layer_norm=True)
     layer.active_adapter = "a"
     x = 2.0 * torch.randn(3, 4, D) + 0.5
     x.requires_grad_(True)
-    y = _out(site, x)
-    ref = _expected_ln(site, layer, "a", x)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y)
-    y.backward(g)
-    params = layer.adapter_parameters("a")
-    grads = torch.autograd.grad(ref, [x, *params], g.double())
-    for got, want in zip([x.grad, *(p.grad for p in params)], grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    params = _assert_forward_and_grads(site, layer, x, grad_rtol=1e-4)
     assert params[4].grad.abs().sum() > 0 and params[5].grad.abs().sum() > 0
 
 
@@ -297,10 +297,10 @@ def _layer_with_norms():
     """Slots 0 (sequential, LayerNorm), 1 (another method's), 2 (parallel, none), 3 (sequential, none),
     4 (parallel, LayerNorm)."""
     site, layer = _site(tuple_out=True)
-    _add_ln(layer, "a", 3, "relu", 1.0, False, slot=0, seed=1)
+    _add(layer, "a", 3, "relu", 1.0, False, slot=0, seed=1, layer_norm=True)
     _add(layer, "b", 6, "gelu", 2.0, True, slot=2, seed=2)
     _add(layer, "c", 5, "silu", 0.5, False, slot=3, seed=3)
-    _add_ln(layer, "d", 4, "gelu", 1.5, True, slot=4, seed=4)
+    _add(layer, "d", 4, "gelu", 1.5, True, slot=4, seed=4, layer_norm=True)
     return site, layer
 
 
@@ -313,42 +313,22 @@ NORM_SLOTS = {"a": 0, "other": 1, "b": 2, "c": 3, "d": 4}
 def test_layer_norm_mixed_batch_rows_match_each_adapter_alone(mapping, grad):
     site, layer = _layer_with_norms()
     x = 2.0 * torch.randn(len(mapping), 4, D) + 0.5
-    layer.set_batch(AdapterBatch(mapping, NORM_SLOTS, [x.device]))
-    with torch.set_grad_enabled(grad):
-        mixed = _out(site, x)
-    layer.set_batch(None)
+    mixed = _assert_rows_match_alone(site, layer, mapping, NORM_SLOTS, x, grad)
     for row, name in enumerate(mapping):
-        alone = _alone(site, layer, name if name in layer.down else None, x[row:row + 1])
-        torch.testing.assert_close(mixed[row], alone[0], msg=f"row {row} ({name})")
         if name in ("a", "d"):
-            torch.testing.assert_close(mixed[row].double(), _expected_ln(site, layer, name, x[row]), rtol=1e-5,
+            torch.testing.assert_close(mixed[row].double(), _expected(site, layer, name, x[row]), rtol=1e-5,
                                        atol=1e-5)
 
 
 def test_layer_norm_mixed_batch_gradients_reach_each_adapter_from_its_rows():
     site, layer = _layer_with_norms()
-    for p in site.proj.parameters():
-        p.requires_grad_(False)
-    mapping = ["a", None, "b", "other", "c", "d", "a"]
-    x = torch.randn(len(mapping), 4, D)
-    g = torch.randn(len(mapping), 4, D)
-    layer.set_batch(AdapterBatch(mapping, NORM_SLOTS, [x.device]))
-    (_out(site, x) * g).sum().backward()
-    layer.set_batch(None)
-    mixed = {n: [p.grad.clone() for p in layer.adapter_parameters(n)] for n in "abcd"}
+    mixed = _assert_grads_from_own_rows(site, layer, ["a", None, "b", "other", "c", "d", "a"], NORM_SLOTS, "abcd")
     assert len(mixed["a"]) == len(mixed["d"]) == 6
-    for n in "abcd":
-        for p in layer.adapter_parameters(n):
-            p.grad = None
-        rows = [i for i, m in enumerate(mapping) if m == n]
-        (_alone(site, layer, n, x[rows]) * g[rows]).sum().backward()
-        for got, p in zip(mixed[n], layer.adapter_parameters(n)):
-            torch.testing.assert_close(got, p.grad, msg=n)
 
 
 def test_layer_norm_half_base_serves_the_pool_copy_and_follows_updates():
     site, layer = _site(tuple_out=True, dtype=torch.float16)
-    _add_ln(layer, "a", 4, "gelu", 1.0, False, slot=0, dtype=torch.float16)
+    _add(layer, "a", 4, "gelu", 1.0, False, slot=0, dtype=torch.float16, layer_norm=True)
     _add(layer, "b", 3, "relu", 1.0, True, slot=1, dtype=torch.float16)
     mapping = ["a", "b", None]
     x = torch.randn(3, 5, D, dtype=torch.float16)
@@ -360,9 +340,9 @@ def test_layer_norm_half_base_serves_the_pool_copy_and_follows_updates():
     trained = _out(site, x)                                            # the Parameters stacked, with autograd
     assert layer.pool.dtype == torch.float16
     torch.testing.assert_close(served, trained, rtol=0, atol=0)
-    torch.testing.assert_close(served[0].double(), _expected_ln(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(served[0].double(), _expected(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)
     layer.set_batch(None)
     layer.active_adapter = "a"
     with torch.no_grad():
         alone = _out(site, x[:1])                                      # the single-adapter path's pool copy
-    torch.testing.assert_close(alone[0].double(), _expected_ln(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(alone[0].double(), _expected(site, layer, "a", x[0]), rtol=2e-2, atol=2e-2)

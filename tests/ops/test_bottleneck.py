@@ -6,19 +6,14 @@ import torch
 
 from ptlm_engine import reference
 from ptlm_engine.functional import bottleneck_adapter
-from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.ops.bottleneck import bottleneck_bwd, bottleneck_fwd
-from tests.helpers import assert_matches, assert_no_host_sync, captured
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
+                           needs_triton, rand)
 
 
 def _inputs(lead, d, m, dtype, residual=False, biases=True):
     """h, down_weight, down_bias, up_weight, up_bias, residual: every one a leaf that requires grad."""
-    g = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(DEVICE, dtype).requires_grad_()
+    g = lambda *s, scale=1.0: rand(*s, dtype=dtype, scale=scale).requires_grad_()
     return (g(*lead, d), g(m, d, scale=d ** -0.5), g(m) if biases else None, g(d, m, scale=m ** -0.5),
             g(d) if biases else None, g(*lead, d) if residual else None)
 
@@ -52,12 +47,8 @@ def test_forward_backward_matches_float64(case, dtype):
     y_lp, grads_lp = _run(reference.bottleneck_adapter, _leaves(ts, dtype), dy, act, 1.5)
     assert y.shape == y64.shape and y.dtype == dtype
     assert_matches(y, y64, y_lp, dtype, "y")
-    for name, g, g64, g_lp in zip(["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias", "dresidual"],
-                                  grads, grads64, grads_lp):
-        assert (g is None) == (g64 is None), name
-        if g is not None:
-            assert g.shape == g64.shape and g.dtype == dtype, name
-            assert_matches(g, g64, g_lp, dtype, name)
+    assert_grads_match(["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias", "dresidual"], grads,
+                       grads64, grads_lp, dtype)
 
 
 @needs_triton

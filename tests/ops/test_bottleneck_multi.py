@@ -6,33 +6,21 @@ import torch
 
 from ptlm_engine import reference
 from ptlm_engine.functional import BottleneckSlots, bottleneck_adapter, bottleneck_adapter_multi, token_segments
-from ptlm_engine.kernels import bottleneck as K
 from ptlm_engine.ops.bottleneck_multi import bottleneck_multi_fwd
-from tests.helpers import assert_matches, assert_no_host_sync, captured
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, bottleneck_slots64, captured,
+                           needs_triton)
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 ACT_NAMES = ["relu", "gelu", "silu"]
 
 
 def _inputs(lead, d, sizes, acts, dtype, residual=False):
     """h, slots (weights require grad; zeros beyond each width), a random mapping with -1 rows, residual."""
-    S, m_max = len(sizes), max(sizes)
-    wd = torch.randn(S, m_max, d, dtype=torch.float64) * d ** -0.5
-    bd = torch.randn(S, m_max, dtype=torch.float64)
-    wu = torch.randn(S, d, m_max, dtype=torch.float64) * m_max ** -0.5
-    bu = torch.randn(S, d, dtype=torch.float64)
-    for s, m in enumerate(sizes):
-        wd[s, m:], bd[s, m:], wu[s, :, m:] = 0, 0, 0
+    (wd, bd, wu, bu), meta = bottleneck_slots64(d, sizes, acts)
     leaf = lambda t: t.to(DEVICE, dtype).requires_grad_()
-    slots = BottleneckSlots(leaf(wd), leaf(bd), leaf(wu), leaf(bu),
-                            torch.tensor(sizes, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5,
-                            torch.tensor(acts, dtype=torch.int32, device=DEVICE))
+    slots = BottleneckSlots(leaf(wd), leaf(bd), leaf(wu), leaf(bu), *meta)
     h = leaf(torch.randn(*lead, d, dtype=torch.float64))
     res = leaf(torch.randn(*lead, d, dtype=torch.float64)) if residual else None
-    return h, slots, torch.randint(-1, S, lead, device=DEVICE), res
+    return h, slots, torch.randint(-1, len(sizes), lead, device=DEVICE), res
 
 
 def _weights(slots):

@@ -7,16 +7,12 @@ from ptlm_engine import reference
 from ptlm_engine.functional import lora_linear
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora import lora_linear_fwd, triton_enabled
-from tests.helpers import assert_matches, assert_no_host_sync, captured
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
+                           needs_triton, rand)
 
 
 def _inputs(lead, d_in, d_out, r, dtype, fan_in_fan_out=False, bias=True, train_base=False):
-    g = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(DEVICE, dtype)
+    g = lambda *s, scale=1.0: rand(*s, dtype=dtype, scale=scale)
     x = g(*lead, d_in).requires_grad_()
     w = g(d_in, d_out, scale=d_in ** -0.5) if fan_in_fan_out else g(d_out, d_in, scale=d_in ** -0.5)
     w.requires_grad_(train_base)
@@ -57,11 +53,7 @@ def test_forward_backward_matches_float64(case, dtype):
     y_lp, grads_lp = _run(reference.lora_linear, ts_lp, dy, scale=1.5, fan_in_fan_out=fif)
     assert y.shape == y64.shape and y.dtype == dtype
     assert_matches(y, y64, y_lp, dtype, "y")
-    for name, g, g64, g_lp in zip(["dx", "dW", "dbias", "dA", "dB"], grads, grads64, grads_lp):
-        assert (g is None) == (g64 is None), name
-        if g is not None:
-            assert g.shape == g64.shape and g.dtype == dtype, name
-            assert_matches(g, g64, g_lp, dtype, name)
+    assert_grads_match(["dx", "dW", "dbias", "dA", "dB"], grads, grads64, grads_lp, dtype)
 
 
 @needs_triton

@@ -9,25 +9,17 @@ from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped,
                                     lora_linear_multi_grouped, token_segments)
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
-from tests.helpers import assert_matches, assert_no_host_sync, captured
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
-
-
-def _rand(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, lora_slots64,
+                           needs_triton, rand)
 
 
 def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True, False, True), train_base=False):
-    x = _rand(*lead, d_in, dtype=dtype).requires_grad_()
-    ws = [(_rand(d_in, n, dtype=dtype, scale=d_in ** -0.5) if fan_in_fan_out else
-           _rand(n, d_in, dtype=dtype, scale=d_in ** -0.5)).requires_grad_(train_base) for n in d_outs]
-    biases = [_rand(n, dtype=dtype).requires_grad_(train_base) if b else None for n, b in zip(d_outs, biased)]
-    As = [None if r is None else _rand(r, d_in, dtype=dtype, scale=d_in ** -0.5).requires_grad_() for r in ranks]
-    Bs = [None if r is None else _rand(n, r, dtype=dtype, scale=r ** -0.5).requires_grad_()
+    x = rand(*lead, d_in, dtype=dtype).requires_grad_()
+    ws = [(rand(d_in, n, dtype=dtype, scale=d_in ** -0.5) if fan_in_fan_out else
+           rand(n, d_in, dtype=dtype, scale=d_in ** -0.5)).requires_grad_(train_base) for n in d_outs]
+    biases = [rand(n, dtype=dtype).requires_grad_(train_base) if b else None for n, b in zip(d_outs, biased)]
+    As = [None if r is None else rand(r, d_in, dtype=dtype, scale=d_in ** -0.5).requires_grad_() for r in ranks]
+    Bs = [None if r is None else rand(n, r, dtype=dtype, scale=r ** -0.5).requires_grad_()
           for n, r in zip(d_outs, ranks)]
     return x, ws, biases, As, Bs, [1.5, 0.5, 2.0][:len(d_outs)]
 
@@ -123,23 +115,17 @@ def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward():
 
 
 def _multi_inputs(lead, d_in, d_outs, member_ranks, dtype, S=3):
-    x = _rand(*lead, d_in, dtype=dtype).requires_grad_()
-    ws = [_rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
-    biases = [_rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
+    x = rand(*lead, d_in, dtype=dtype).requires_grad_()
+    ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    biases = [rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
     slots = []
     for n, ranks in zip(d_outs, member_ranks):
         if ranks is None:
             slots.append(None)
             continue
-        r_max = max(ranks)
-        a = torch.randn(S, r_max, d_in, dtype=torch.float64) * d_in ** -0.5
-        b = torch.randn(S, n, r_max, dtype=torch.float64) * r_max ** -0.5
-        for s, r in enumerate(ranks):
-            a[s, r:] = 0
-            b[s, :, r:] = 0
-        slots.append(LoraSlots(a.to(DEVICE, dtype).requires_grad_(), b.to(DEVICE, dtype).requires_grad_(),
-                               torch.tensor(ranks, dtype=torch.int32, device=DEVICE),
-                               torch.rand(S, device=DEVICE) + 0.5))
+        a, b, ranks_t, scales = lora_slots64(S, d_in, n, ranks)
+        slots.append(LoraSlots(a.to(DEVICE, dtype).requires_grad_(), b.to(DEVICE, dtype).requires_grad_(), ranks_t,
+                               scales))
     return x, ws, biases, slots, torch.randint(-1, S, lead, device=DEVICE)
 
 

@@ -5,15 +5,9 @@ import torch
 
 from ptlm_engine import reference
 from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, token_segments
-from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
-from tests.helpers import assert_matches, assert_no_host_sync, captured
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
 
 
 def _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out=False):

@@ -10,12 +10,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import prefix_attention
 from ptlm_engine.kernels import prefix_attention as K
 from ptlm_engine.ops.prefix_attention import prefix_attention_fwd, prefix_attention_op
-from tests.helpers import assert_matches, assert_no_host_sync, captured
-
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-needs_triton = pytest.mark.skipif(not (CUDA or K.INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1")
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, shared=True):
