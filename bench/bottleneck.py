@@ -26,10 +26,8 @@ eager baseline (T = 16384, bf16, relu): d = 768 0.075 ms fwd (22% of the floor),
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -188,9 +186,7 @@ def compact_table(rows: list[dict], timing: str = "plain") -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- command
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for bottleneck.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (set PTLM_BACKEND=reference)")
+    p = harness.bench_parser(__doc__, "bottleneck", harness.LAYER_SMOKE)
     p.add_argument("--dims", type=parse_ints, help="d list, e.g. 768,4096")
     p.add_argument("--widths", type=parse_ints, help="m list, e.g. 16,64")
     p.add_argument("--tokens", type=parse_ints, help="T list, e.g. 1024,16384")
@@ -205,19 +201,10 @@ def main(argv: list[str] | None = None) -> harness.Results:
              args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS),
              args.adapters or (SMOKE_ADAPTERS if args.smoke else ADAPTERS), args.providers, args.modes, device, dtype,
              args.act)
-    opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, args.graph and device.type == "cuda",
-                             deadline=start + args.budget_s)
-    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    meta = {**harness.environment(device), "ptlm_backend": ptlm_backend(torch.empty(1, device=device)),
-            "smoke": args.smoke, "act": args.act, "dtype": str(dtype).removeprefix("torch.")}
-    rows, skipped = harness.run_grid(g, ceilings, opt)
-    meta.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
-    results = harness.Results(meta, ceilings, rows, tables={OP: TABLE}, notes=target_checks(rows))
-    harness.save(results, args.out, "bottleneck")
-    print("\n".join(compact_table(rows)))
-    print("\n".join(results.notes))
-    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {meta['wall_s']:.0f} s -> {args.out}")
-    return results
+    return harness.run_layer_bench(args, start, device, [(None, g, args.graph and device.type == "cuda")], OP, TABLE,
+                                   "bottleneck", ptlm_backend(torch.empty(1, device=device)),
+                                   lambda r: compact_table(r.rows) + r.notes, target_checks, act=args.act,
+                                   dtype=str(dtype).removeprefix("torch."))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ a real model, where the next layer has other weights. do_bench also flushes L2 b
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import gc
@@ -440,6 +441,58 @@ def markdown(results: Results) -> str:
     if results.notes:
         out += ["## Notes", ""] + [f"- {n}" for n in results.notes] + [""]
     return "\n".join(out)
+
+
+def provider_row(row: dict, fill: Callable[[], Any]) -> Any:
+    """fill() builds, warms up and times one provider into `row`, and returns what the caller keeps; a failure
+    leaves the row with ms None and the error in its note (and returns None). What fill built is gone with its
+    frame before the memory is freed for the next provider."""
+    try:
+        return fill()
+    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
+        row["ms"] = None
+        row["note"] = f"{type(e).__name__}: {e}"[:300]
+        return None
+    finally:
+        free_memory()
+
+
+LAYER_SMOKE = "tiny shapes on CPU (set PTLM_BACKEND=reference)"
+MODEL_SMOKE = "tiny decoder on CPU"
+
+
+def bench_parser(doc: str, stem: str, smoke_help: str) -> argparse.ArgumentParser:
+    """A bench script's parser with the arguments every script takes: --out (the directory for <stem>.json / .csv
+    / .md) and --smoke (what it runs instead: LAYER_SMOKE or MODEL_SMOKE)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help=f"directory for {stem}.json / .csv / .md")
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    return p
+
+
+def run_layer_bench(args, start: float, device: torch.device, phases: list[tuple[str | None, Grid, bool]], op: str,
+                    table: dict, stem: str, backend: str, report: Callable[[Results], list[str]],
+                    checks: Callable[[list[dict]], list[str]] | None = None, **meta: Any) -> Results:
+    """A layer bench's main once its grids are built: the device's ceilings, each phase (name, grid, timed in a
+    CUDA graph too) run until args.budget_s after `start` (a named phase announced first), <stem>.json/.csv/.md
+    saved under args.out with the environment, ptlm's `backend` and `meta`, checks(rows) as the notes, then
+    report(results)'s lines and a closing count printed."""
+    ceilings = measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
+    info = {**environment(device), "ptlm_backend": backend, "smoke": args.smoke, **meta}
+    rows, skipped = [], 0
+    for name, grid, graph in phases:
+        if name is not None:
+            print(f"[{time.monotonic() - start:5.0f} s] {name}: {len(grid.shapes)} points", flush=True)
+        opt = RunOptions(device, args.warmup_ms, args.rep_ms, graph, deadline=start + args.budget_s)
+        new_rows, n_skipped = run_grid(grid, ceilings, opt)
+        rows += new_rows
+        skipped += n_skipped
+    info.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
+    results = Results(info, ceilings, rows, tables={op: table}, notes=checks(rows) if checks else [])
+    save(results, args.out, stem)
+    print("\n".join(report(results)))
+    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {info['wall_s']:.0f} s -> {args.out}")
+    return results
 
 
 def run_model_bench(args, run: Callable, summary: Callable, op: str, table: dict, stem: str,

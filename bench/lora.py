@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -225,8 +224,6 @@ def parse_ints(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="directory for lora.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (set PTLM_BACKEND=reference)")
     p.add_argument("--quick", action="store_true", help="r=16 only")
     p.add_argument("--shapes", type=parse_shapes, help="d_inxd_out list, e.g. 4096x4096,4096x11008")
     p.add_argument("--tokens", type=parse_ints, help="T list, e.g. 1,16,4096")
@@ -235,7 +232,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.bench_parser(__doc__, "lora", harness.LAYER_SMOKE)
     add_arguments(p)
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -243,20 +240,11 @@ def main(argv: list[str] | None = None) -> harness.Results:
     shapes = args.shapes or (SMOKE_SHAPES if args.smoke else LAYER_SHAPES)
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
     ranks = args.ranks or (SMOKE_RANKS if args.smoke else [16] if args.quick else RANKS)
-    opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, args.graph and device.type == "cuda",
-                             deadline=start + args.budget_s)
-    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    meta = {**harness.environment(device), "ptlm_backend": ptlm_backend(probe), "smoke": args.smoke}
-    rows, skipped = harness.run_grid(grid(shapes, tokens, ranks, args.providers, args.modes, device), ceilings, opt)
-    meta.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
-    results = harness.Results(meta, ceilings, rows, tables={OP: TABLE}, notes=target_checks(rows))
-    harness.save(results, args.out, "lora")
-    for rank in ranks:
-        print("\n".join(compact_table(rows, rank)))
-    print("\n".join(results.notes))
-    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {meta['wall_s']:.0f} s -> {args.out}")
-    return results
+    g = grid(shapes, tokens, ranks, args.providers, args.modes, device)
+    return harness.run_layer_bench(args, start, device, [(None, g, args.graph and device.type == "cuda")], OP, TABLE,
+                                   "lora", ptlm_backend(torch.empty(1, device=device, dtype=torch.bfloat16)),
+                                   lambda r: [line for rank in ranks for line in compact_table(r.rows, rank)] + r.notes,
+                                   target_checks)
 
 
 if __name__ == "__main__":

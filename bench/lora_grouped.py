@@ -26,10 +26,8 @@ compare each pair (grouped / separate) and each against cuBLAS's G base GEMMs.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +171,7 @@ def summary(rows: list[dict]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- command
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for lora_grouped.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (set PTLM_BACKEND=reference)")
+    p = harness.bench_parser(__doc__, "lora_grouped", harness.LAYER_SMOKE)
     p.add_argument("--groups", type=lambda s: s.split(","), help=f"only these of {','.join(GROUPS)}")
     p.add_argument("--tokens", type=parse_ints, help="T list, e.g. 1,16,4096")
     harness.add_grid_arguments(p, PROVIDERS, ["fwd"])
@@ -186,18 +182,10 @@ def main(argv: list[str] | None = None) -> harness.Results:
     groups = {k: v for k, v in groups.items() if args.groups is None or k in args.groups}
     tokens = args.tokens or (SMOKE_TOKENS if args.smoke else TOKENS)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16   # CPU bf16 matmuls are emulated
-    opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, args.graph and device.type == "cuda",
-                             deadline=start + args.budget_s)
-    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    meta = {**harness.environment(device), "ptlm_backend": ptlm_backend(probe), "smoke": args.smoke}
-    rows, skipped = harness.run_grid(grid(groups, tokens, args.providers, args.modes, device, dtype), ceilings, opt)
-    meta.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
-    results = harness.Results(meta, ceilings, rows, tables={OP: TABLE})
-    harness.save(results, args.out, "lora_grouped")
-    print("\n".join(summary(rows)))
-    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {meta['wall_s']:.0f} s -> {args.out}")
-    return results
+    g = grid(groups, tokens, args.providers, args.modes, device, dtype)
+    return harness.run_layer_bench(args, start, device, [(None, g, args.graph and device.type == "cuda")], OP, TABLE,
+                                   "lora_grouped", ptlm_backend(torch.empty(1, device=device, dtype=torch.bfloat16)),
+                                   lambda r: summary(r.rows))
 
 
 if __name__ == "__main__":

@@ -37,12 +37,10 @@ Floor (b = bytes per element; the adapter bytes count each adapter the rows use 
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -454,9 +452,7 @@ def parse_ranks(text: str) -> list:
 
 
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for lora_multi.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (set PTLM_BACKEND=reference)")
+    p = harness.bench_parser(__doc__, "lora_multi", harness.LAYER_SMOKE)
     p.add_argument("--full", action="store_true", help="every shape x T x A x assignment x rank x base-only "
                    "share, both modes (default: the suite's grid)")
     p.add_argument("--shapes", type=parse_shapes, help="only these d_inxd_out, e.g. 4096x4096")
@@ -470,23 +466,11 @@ def main(argv: list[str] | None = None) -> harness.Results:
     start = time.monotonic()
     device = harness.pick_device(args.smoke)
     points = {mode: select(pts, args) for mode, pts in points_by_mode(args.smoke, args.full, args.modes).items()}
-    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
-    probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    meta = {**harness.environment(device), "ptlm_backend": ptlm_backend(probe), "smoke": args.smoke}
-    rows, skipped = [], 0
     graph = args.graph and device.type == "cuda"
-    for name, g, timed_graph in phases(points, args.providers, device, graph, layer_dtype(device)):
-        print(f"[{time.monotonic() - start:5.0f} s] {name}: {len(g.shapes)} points", flush=True)
-        opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline=start + args.budget_s)
-        new_rows, n_skipped = harness.run_grid(g, ceilings, opt)
-        rows += new_rows
-        skipped += n_skipped
-    meta.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
-    results = harness.Results(meta, ceilings, rows, tables={OP: TABLE}, notes=target_checks(rows))
-    harness.save(results, args.out, "lora_multi")
-    print("\n".join(summary(rows)))
-    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {meta['wall_s']:.0f} s -> {args.out}")
-    return results
+    return harness.run_layer_bench(args, start, device,
+                                   phases(points, args.providers, device, graph, layer_dtype(device)), OP, TABLE,
+                                   "lora_multi", ptlm_backend(torch.empty(1, device=device, dtype=torch.bfloat16)),
+                                   lambda r: summary(r.rows), target_checks)
 
 
 if __name__ == "__main__":

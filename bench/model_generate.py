@@ -39,7 +39,6 @@ import gc
 import inspect
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -230,8 +229,9 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
            "adapters": 0 if provider == "base" else 1 if provider.endswith("_one") else args.adapters}
     steps = args.peft_mixed_tokens if provider == "peft_mixed" and loop == "eager" else args.new_tokens
     steps = max(2, min(steps, args.new_tokens))
-    tokens = runner = None
-    try:
+
+    def fill() -> torch.Tensor:
+        tokens = None
         if loop == "graph" and provider == "peft_mixed":
             raise NotImplementedError("PEFT's mixed batch is not capturable: it builds index tensors from "
                                       "Python lists on every call")
@@ -271,14 +271,9 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
             row["note"] = f"{steps} new tokens timed, wall time extrapolated per decode step"
         if timing == "static":
             row["note"] = "CPU: static cache without CUDA-graph capture"
-    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
-        row["ms"] = None
-        row["note"] = f"{type(e).__name__}: {e}"[:300]
-        tokens = None
-    finally:
-        del runner
-        harness.free_memory()
-    return row, tokens
+        return tokens
+
+    return row, harness.provider_row(row, fill)
 
 
 def timing_of(loop: str, device: torch.device) -> str:
@@ -429,9 +424,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for model_generate.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny decoder on CPU")
+    p = harness.bench_parser(__doc__, "model_generate", harness.MODEL_SMOKE)
     add_arguments(p)
     args = p.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 3)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -41,8 +40,8 @@ def measure(provider: str, args, device: torch.device) -> dict:
     row = {"op": OP, "provider": provider, "mode": "train", "timing": "plain", "layers": config.num_hidden_layers,
            "hidden": config.hidden_size, "batch": args.batch, "seq": args.seq, "r": args.rank,
            "adapters": args.adapters}
-    model = opt = None
-    try:
+
+    def fill() -> None:
         model = model_train.build_model(config, device, torch.bfloat16)
         expected = args.adapters * model_train.expected_lora_params(model, args.rank)
         names = [f"a{i}" for i in range(args.adapters)]
@@ -77,12 +76,8 @@ def measure(provider: str, args, device: torch.device) -> dict:
             return torch.stack(losses).mean()
 
         model_train.time_steps(step, row, args, device)
-    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
-        row["ms"] = None
-        row["note"] = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        del model, opt
-        harness.free_memory()
+
+    harness.provider_row(row, fill)
     return row
 
 
@@ -140,9 +135,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for model_multi_train.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny decoder on CPU")
+    p = harness.bench_parser(__doc__, "model_multi_train", harness.MODEL_SMOKE)
     add_arguments(p)
     args = p.parse_args(argv)
     args.seq = args.seq or (16 if args.smoke else 1024)

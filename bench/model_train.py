@@ -20,7 +20,6 @@ import argparse
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -119,8 +118,8 @@ def measure(provider: str, args, device: torch.device) -> dict:
              "seq": args.seq, "r": args.rank}
     mode = "train+ckpt" if args.gradient_checkpointing else "train"
     row = {"op": OP, "provider": provider, "mode": mode, "timing": "plain", **shape}
-    model = opt = None
-    try:
+
+    def fill() -> None:
         model = build_model(config, device, torch.bfloat16)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -143,12 +142,8 @@ def measure(provider: str, args, device: torch.device) -> dict:
             return loss.detach()
 
         time_steps(step, row, args, device)
-    except Exception as e:  # noqa: BLE001 - a failing provider leaves a row with its error
-        row["ms"] = None
-        row["note"] = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        del model, opt
-        harness.free_memory()
+
+    harness.provider_row(row, fill)
     return row
 
 
@@ -203,9 +198,7 @@ def resolve(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="directory for model_train.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny decoder on CPU")
+    p = harness.bench_parser(__doc__, "model_train", harness.MODEL_SMOKE)
     add_arguments(p)
     args = p.parse_args(argv)
     resolve(args)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -223,8 +222,6 @@ def compact_table(rows: list[dict], timing: str = "plain") -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------- command
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, required=True, help="directory for prefix_attention.json / .csv / .md")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (set PTLM_BACKEND=reference)")
     p.add_argument("--lengths", type=parse_ints, help="L list, e.g. 512,2048")
     p.add_argument("--prefixes", type=parse_ints, help="P list, e.g. 16,64")
     p.add_argument("--batch", type=int)
@@ -234,7 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> harness.Results:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = harness.bench_parser(__doc__, "prefix_attention", harness.LAYER_SMOKE)
     add_arguments(p)
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -242,21 +239,12 @@ def main(argv: list[str] | None = None) -> harness.Results:
     sizes = dict(SMOKE) if args.smoke else dict(lengths=LENGTHS, prefixes=PREFIXES, batch=BATCH, heads=HEADS,
                                                 head_dim=HEAD_DIM)
     sizes.update({k: getattr(args, k) for k in sizes if getattr(args, k) is not None})
-    opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, args.graph and device.type == "cuda",
-                             deadline=start + args.budget_s)
-    ceilings = harness.measure_ceilings(device, args.warmup_ms, args.rep_ms, smoke=args.smoke)
+    g = grid(**sizes, providers=args.providers, modes=args.modes, device=device)
     probe = torch.empty(1, device=device, dtype=torch.bfloat16)
-    meta = {**harness.environment(device), "ptlm_backend": ptlm_backend(probe), "smoke": args.smoke,
-            "mixed_fractions": list(MIXED_FRACTIONS)}
-    rows, skipped = harness.run_grid(grid(**sizes, providers=args.providers, modes=args.modes, device=device),
-                                     ceilings, opt)
-    meta.update(skipped_cases=skipped, wall_s=time.monotonic() - start)
-    results = harness.Results(meta, ceilings, rows, tables={OP: TABLE}, notes=target_checks(rows))
-    harness.save(results, args.out, "prefix_attention")
-    print("\n".join(compact_table(rows)))
-    print("\n".join(results.notes))
-    print(f"{len(rows)} rows, {skipped} cases skipped for the time budget, {meta['wall_s']:.0f} s -> {args.out}")
-    return results
+    return harness.run_layer_bench(args, start, device, [(None, g, args.graph and device.type == "cuda")], OP, TABLE,
+                                   "prefix_attention", ptlm_backend(probe),
+                                   lambda r: compact_table(r.rows) + r.notes, target_checks,
+                                   mixed_fractions=list(MIXED_FRACTIONS))
 
 
 if __name__ == "__main__":
