@@ -73,6 +73,14 @@ def row_grid(T: int, D: int, meta: dict, lanes: int, device: torch.device) -> tu
     return blocks * shares, lanes
 
 
+def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
+                    out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A forward's outputs in h's dtype: y (T, d), `out` where given, and z (T, width) with save_z."""
+    T, D = h.shape
+    y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
+    return y, torch.empty((T, width), device=h.device, dtype=h.dtype) if save_z else None
+
+
 def chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
     """Rows per chunk of the gradient kernel: enough chunks to fill the GPU with 64-wide column blocks, at most
     split_limit of them (their fp32 partials or atomics stay a small fraction of the bytes)."""
@@ -122,6 +130,23 @@ def row_block_and_columns(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def rows_times_weight(x_ptr, w_ptr, tok, rows, offs_m, mask_m, D, stride_xt, stride_xd, stride_wd, stride_wm,
+                      FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """x[tok] W over all of d, (BLOCK_T, M_PAD) in fp32: x (T, D) read on the rows `rows`, W[d, m] at
+    w_ptr + d stride_wd + m stride_wm read on the columns mask_m (zero beyond)."""
+    acc = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_d[None, :] * stride_xd,
+                    mask=rows[:, None] & mask_d[None, :], other=0.0)                           # (BLOCK_T, BLOCK_D)
+        w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_m[None, :] * stride_wm,
+                    mask=mask_d[:, None] & mask_m[None, :], other=0.0)                          # (BLOCK_D, M_PAD)
+        acc = _dot(x, w, acc, FP32_DOT)
+    return acc
+
+
+@triton.jit
 def adapter_forward(
     h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
     tok, rows, width, scale, act, D, d_lo, d_hi,
@@ -134,15 +159,8 @@ def adapter_forward(
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < width
     # pass 1: z = h Wd^T + bd, all of d
-    z = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_d[None, :] * stride_hd,
-                    mask=rows[:, None] & mask_d[None, :], other=0.0)                           # (BLOCK_T, BLOCK_D)
-        wd = tl.load(wd_ptr + offs_m[None, :] * stride_wdm + offs_d[:, None] * stride_wdd,
-                     mask=mask_m[None, :] & mask_d[:, None], other=0.0)                         # (BLOCK_D, M_PAD)
-        z = _dot(h, wd, z, FP32_DOT)
+    z = rows_times_weight(h_ptr, wd_ptr, tok, rows, offs_m, mask_m, D, stride_ht, stride_hd, stride_wdd, stride_wdm,
+                          FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
     if HAS_BD:
         z += tl.load(bd_ptr + offs_m * stride_bdm, mask=mask_m, other=0.0).to(tl.float32)[None, :]
     if STORE_Z:  # the first column share keeps z for backward
@@ -173,15 +191,8 @@ def adapter_rows_backward(
     """For the rows `rows`: da = dy Wu over all of d; stores a = act(z) and dz = s da act'(z)."""
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < width
-    da = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd,
-                     mask=rows[:, None] & mask_d[None, :], other=0.0)                          # (BLOCK_T, BLOCK_D)
-        wu = tl.load(wu_ptr + offs_d[:, None] * stride_wud + offs_m[None, :] * stride_wum,
-                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)                         # (BLOCK_D, M_PAD)
-        da = _dot(dy, wu, da, FP32_DOT)
+    da = rows_times_weight(dy_ptr, wu_ptr, tok, rows, offs_m, mask_m, D, stride_dyt, stride_dyd, stride_wud,
+                           stride_wum, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
     mask = rows[:, None] & mask_m[None, :]
     z = tl.load(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=mask, other=0.0)
     a, grad = _activate_with_grad(z.to(tl.float32), act)
@@ -272,8 +283,7 @@ def bottleneck_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     """
     T, D = h.shape
     M = down_weight.shape[0]
-    y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
-    z = torch.empty((T, M), device=h.device, dtype=h.dtype) if save_z else None
+    y, z = forward_outputs(h, M, save_z, out)
     if T == 0:
         return y, z
     base = h if residual is None else residual

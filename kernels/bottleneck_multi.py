@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, grad_sums, row_block_and_columns,
-                         row_grid, width_tile)
+from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, forward_outputs, grad_sums,
+                         row_block_and_columns, row_grid, width_tile)
 from .bottleneck_configs import grads_configs, multi_rows_configs, prune_grads, prune_rows
 from .configs import DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora_multi import NO_SLOT, _block_tokens, _next_slot, token_segments  # noqa: F401
@@ -131,8 +131,7 @@ def bottleneck_multi_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bi
     """
     T, D = h.shape
     S, m_max = down_weight.shape[:2]
-    y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
-    z = torch.empty((T, m_max), device=h.device, dtype=h.dtype) if save_z else None
+    y, z = forward_outputs(h, m_max, save_z, out)
     if T == 0:
         return y, z
     base = h if residual is None else residual
