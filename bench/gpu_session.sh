@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call of at most ~9 minutes on an H100: install, the gpu-marked tests (bf16 correctness, sync-free
 # and CUDA-graph checks; first autotune config only), then bench.gpu_suite's session profile. Writes 7 files
-# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json) and ends with the suite's summary.
+# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json); prints the suite's summary, then
+# the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 120] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
 set -u
@@ -17,10 +18,12 @@ if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.
 fi
 start=$(date +%s)
 PTLM_AUTOTUNE=0 timeout "$tests_s" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE tests >"$out/gpu_tests.log" 2>&1
-echo "gpu tests: exit $? after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
-grep -E "passed|failed|error|FAILED|ERROR" "$out/gpu_tests.log" | tail -12
+tests="gpu tests: exit $? after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
 python3 -u -m bench.gpu_suite "$out" "$@" >>"$out/suite.log" 2>&1
 rc=$?
+if [ $rc -ne 0 ]; then tail -30 "$out/suite.log" | cut -c1-200; fi
+# The device tool returns the last 12,000 characters: the suite's summary first, the test verdicts last.
+sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-160 | head -70
 echo "suite: exit $rc"
-if [ $rc -ne 0 ]; then tail -40 "$out/suite.log"; fi
-sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-220 | head -90
+echo "$tests"
+grep -E "passed|failed|skipped|error|FAILED|ERROR" "$out/gpu_tests.log" | cut -c1-200 | tail -12
