@@ -224,17 +224,13 @@ class BottleneckLayer(AdapterLayer):
         if all(p.dtype == dtype for p in params) or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             return [p.to(dtype) for p in params]
-        self._pool_for(dtype, device)
+        self.pool.place(device, dtype)
         slot, m = self.slot[name], self.bottleneck[name]
         self.pool.sync(slot, params)
         pool = self.pool
         weights = [pool.down_weight[slot, :m], pool.down_bias[slot, :m], pool.up_weight[slot, :, :m],
                    pool.up_bias[slot]]
         return weights + [pool.ln_weight[slot], pool.ln_bias[slot]] if name in self.layer_norm else weights
-
-    def _pool_for(self, dtype: torch.dtype, device: torch.device) -> None:
-        if self.pool.dtype != dtype or self.pool.device != device:
-            self.pool.move(device, dtype)
 
     def _batch_forward(self, out: Tensor, x: Tensor | None) -> Tensor:
         index, segments = self.batch.tokens(out)           # (...) slot per token; checks the batch size first
@@ -271,8 +267,8 @@ class BottleneckLayer(AdapterLayer):
         # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
         if trains or torch.compiler.is_compiling():
             return self._stacked_slots(dtype)
-        self._pool_for(dtype, device)
-        self.pool.sync_batch(params, self._batch_parameters)
+        self.pool.place(device, dtype)
+        self.pool.sync_batch(params, self.batch_adapters, self.adapter_parameters)
         count = self.batch.num_slots
         norms = None if self.batch_layer_norms is None else (self.pool.ln_weight[:count], self.pool.ln_bias[:count])
         return self.pool.slots(count), norms
@@ -284,10 +280,6 @@ class BottleneckLayer(AdapterLayer):
         return [p for name in self.batch_adapters.values()
                 for module in ((downs[name], ups[name], norms[name]) if name in norms else (downs[name], ups[name]))
                 for p in (module._parameters["weight"], module._parameters["bias"])]
-
-    def _batch_parameters(self):
-        """(slot, its adapter's Parameters) for each of the batch's adapters in this layer."""
-        return ((slot, self.adapter_parameters(name)) for slot, name in self.batch_adapters.items())
 
     def _stacked_slots(self, dtype: torch.dtype) -> tuple[BottleneckSlots, tuple[Tensor, Tensor] | None]:
         """The batch's adapters' own Parameters stacked, zero-padded to their widest bottleneck, so that autograd

@@ -167,8 +167,7 @@ class LoraLinear(AdapterLayer):
         if (lora_A.dtype == dtype and lora_B.dtype == dtype) or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)):
             return lora_A.to(dtype), lora_B.to(dtype)
-        if self.pool.dtype != dtype or self.pool.device != self.weight.device:
-            self.pool.move(self.weight.device, dtype)
+        self.pool.place(self.weight.device, dtype)
         slot, r = self.slot[name], self.r[name]
         self.pool.sync(slot, (lora_A, lora_B))
         return self.pool.lora_A[slot, :r], self.pool.lora_B[slot, :, :r]
@@ -197,17 +196,12 @@ class LoraLinear(AdapterLayer):
         """The cached stack, with the batch's adapters copied in again where their Parameters changed. Serving
         reaches this in every layer at every step: the Parameters are read through plain dicts rather than Module
         attribute lookup, for the pool's one flat stamp (AdapterPool.sync_batch)."""
-        if self.pool.dtype != dtype or self.pool.device != self.weight.device:
-            self.pool.move(self.weight.device, dtype)
+        self.pool.place(self.weight.device, dtype)
         modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
         params = [p for name in self.batch_adapters.values()
                   for p in (modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])]
-        self.pool.sync_batch(params, self._batch_parameters)
+        self.pool.sync_batch(params, self.batch_adapters, self.adapter_parameters)
         return self.pool.slots(self.batch.num_slots)
-
-    def _batch_parameters(self):
-        """(slot, its adapter's Parameters) for each of the batch's adapters in this layer."""
-        return ((slot, self.adapter_parameters(name)) for slot, name in self.batch_adapters.items())
 
     def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The batch's adapters' own Parameters stacked, zero-padded to their largest rank, so that autograd
