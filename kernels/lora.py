@@ -426,15 +426,14 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
             M, N, K, t_bucket(M), out_dropout)
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
                 FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms)
-    if TMA_PREFILL or key in _lora_matmul_tma.configs:
-        _lora_matmul_tma.launch(*args, **meta)
-        return True
     # A key's first launch compiles and tunes. The kernel was compile-checked with Triton 3.8 only; should
-    # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel
-    # (a forced TMA_PREFILL raises instead).
+    # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel (a
+    # forced TMA_PREFILL, or a key that already ran, raises instead).
     try:
         _lora_matmul_tma.launch(*args, **meta)
     except Exception as e:  # noqa: BLE001 - reported, then the pointer path runs
+        if TMA_PREFILL or key in _lora_matmul_tma.configs:
+            raise
         global tma_error
         tma_error = f"{type(e).__name__}: {str(e)[:500]}"
         warnings.warn(f"ptlm: TMA prefill matmul disabled, the pointer kernel runs instead ({tma_error})")
