@@ -270,12 +270,13 @@ def main(argv: list[str] | None = None) -> harness.Results:
                 rows.extend(ROW_PHASES[name](args, device, deadline))
             else:
                 skipped += 1
-        for title, grid, timed_graph in GRID_PHASES.get(name, lambda *a: [])(args, device, graph):
-            log(f"[{time.monotonic() - start:5.0f} s] {title}: {len(grid.shapes)} shape points")
-            opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline, log)
-            new_rows, n_skipped = harness.run_grid(grid, ceilings, opt)
-            rows.extend(new_rows)
-            skipped += n_skipped
+        else:
+            for title, grid, timed_graph in GRID_PHASES[name](args, device, graph):
+                log(f"[{time.monotonic() - start:5.0f} s] {title}: {len(grid.shapes)} shape points")
+                opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline, log)
+                new_rows, n_skipped = harness.run_grid(grid, ceilings, opt)
+                rows.extend(new_rows)
+                skipped += n_skipped
         save()
     report.plot(results, args.out / "results.png")
     wall_s = time.monotonic() - start
