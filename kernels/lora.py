@@ -265,31 +265,27 @@ def _lora_matmul_tma_kernel(
 ):
     """The prefill matmul above (separate shrink: xa given) on Hopper: every tile moves by TMA (host-side
     descriptors; out-of-bounds rows and columns read as zeros and are never written, so no masks), and
-    NUM_SMS persistent programs walk the tiles in grouped order, the tile loop flattened with the K loop so
-    the next tile's loads start during this tile's epilogue. The LoRA expand runs as R / BLOCK_R extra K
-    steps: first in the tile (forward), or into a separate accumulator per half tile in the epilogue when
-    the output dropout mask applies to it (backward).
+    NUM_SMS persistent programs walk the tiles in grouped order. The LoRA expand runs as R / BLOCK_R extra K
+    steps first in the tile (forward), or into a separate accumulator per half tile in the epilogue when the
+    output dropout mask applies to it (backward).
+
+    The tile loop is not flattened into the K loop: on the H100 with Triton 3.6 (4096^3, bf16, 128x256x64)
+    the flattened loop ran at 316 TFLOP/s and this one at 716 (cuBLAS 706; bench/NOTES.md, v5).
 
     w_desc is W (N, K) with W_KMAJOR, else W^T (K, N) (the backward's dy @ W0); b_desc is B (N, R) with
     B_RMAJOR, else B^T (R, N). y_desc stores half a tile at a time (BLOCK_N // 2 columns): half the
     epilogue's shared memory, which 128x256 tiles need to keep three pipeline stages.
-    Compiled for sm_90 (Triton 3.8, ptxas -v, R = 16): 199 registers at 128x256x64 (247 with dropout), no
-    spills, no serialized wgmma; shared memory 200 KB of 227.
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    # The epilogue recomputes its tile from its own counter, so the flattened loop's prologue (next tile's
-    # loads) does not feed the epilogue (this tile's store). With output dropout the loop stays nested: the
-    # flattened loop's extra live state made ptxas spill there (sm_90, 128x256 tiles).
-    tile_out = tl.program_id(0) - NUM_SMS
-    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=not OUT_DROPOUT):
+    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if not OUT_DROPOUT:
-            # The LoRA steps open the tile's MMA chain: run after the K loop, their dot into the accumulator
-            # made ptxas serialize every wgmma of the flattened loop (C7515).
+            # The LoRA steps open the tile's MMA chain (after the K loop, Triton 3.8's ptxas serialized the
+            # loop's wgmma, C7515).
             acc = _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR, FP32_DOT, R, BLOCK_R)
         for ki in range(k_steps):
             off_k = ki * BLOCK_K
@@ -299,11 +295,6 @@ def _lora_matmul_tma_kernel(
             else:
                 w = w_desc.load([off_k, off_n])
             acc = _dot(x, w, acc, FP32_DOT)
-
-        tile_out += NUM_SMS
-        pid_m, pid_n = grouped_tile(tile_out, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         _tma_store_half(left, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
                         B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)

@@ -90,13 +90,14 @@ torch.library.register_autograd("ptlm::bottleneck_fwd", lambda ctx, dy, _dz: _gr
 
 
 class BottleneckFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops."""
+    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
+    ops.lora.LoraLinearFunction)."""
 
     @staticmethod
-    def forward(h, down_weight, down_bias, up_weight, up_bias, residual, scale, act):
-        return _forward(h, down_weight, down_bias, up_weight, up_bias, residual, scale, act)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, *args):
+        out = _forward(*args)
+        _setup_context(ctx, args, out)
+        return out
 
     @staticmethod
     def backward(ctx, dy, _dz):

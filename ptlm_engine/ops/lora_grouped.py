@@ -269,19 +269,16 @@ def _split(tensors: tuple, G: int) -> list[list]:
 
 class LoraLinearGroupedFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops. autograd.Function tracks only
-    tensors passed directly, so the members' tensors come flat: weights, biases, lora_As, lora_Bs."""
+    tensors passed directly, so the members' tensors come flat: weights, biases, lora_As, lora_Bs.
+    Old-style forward(ctx, ...): see ops.lora.LoraLinearFunction."""
 
     @staticmethod
-    def forward(x, scales, dropouts, seeds, fan_in_fan_out, *tensors):
-        ys, xas = _forward(x, *_split(tensors, len(scales)), scales, dropouts, seeds, fan_in_fan_out)
-        return (*ys, *xas)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, scales, dropouts, seeds, fan_in_fan_out, *tensors = inputs
+    def forward(ctx, x, scales, dropouts, seeds, fan_in_fan_out, *tensors):
         G = len(scales)
-        _save(ctx, x, *_split(tensors, G), output[G:], scales, dropouts, seeds, fan_in_fan_out)
+        ys, xas = _forward(x, *_split(tensors, G), scales, dropouts, seeds, fan_in_fan_out)
+        _save(ctx, x, *_split(tensors, G), xas, scales, dropouts, seeds, fan_in_fan_out)
         ctx.set_materialize_grads(False)   # an output nobody used costs its member's backward nothing
+        return (*ys, *xas)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -387,22 +384,19 @@ torch.library.register_autograd("ptlm::lora_linear_multi_grouped_fwd", _multi_op
 
 class LoraLinearMultiGroupedFunction(torch.autograd.Function):
     """Eager autograd path of the multi-adapter grouped op; the members' tensors come flat (weights, biases,
-    lora_As, lora_Bs, then ranks, scales, dropouts, which get no gradient)."""
+    lora_As, lora_Bs, then ranks, scales, dropouts, which get no gradient). Old-style forward(ctx, ...): see
+    ops.lora.LoraLinearFunction."""
 
     @staticmethod
-    def forward(x, adapter_index, order, bounds, seeds, fan_in_fan_out, members, *tensors):
-        ys, xas = _multi_forward(x, *_split(tensors, members), *_split(tensors[4 * members:], members)[:3],
-                                 adapter_index, order, bounds, seeds, fan_in_fan_out)
-        return (*ys, *xas)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, adapter_index, order, bounds, seeds, fan_in_fan_out, G, *tensors = inputs
+    def forward(ctx, x, adapter_index, order, bounds, seeds, fan_in_fan_out, G, *tensors):
         weights, biases, lora_As, lora_Bs = _split(tensors, G)
         ranks, scales, dropouts = _split(tensors[4 * G:], G)[:3]
+        ys, xas = _multi_forward(x, weights, biases, lora_As, lora_Bs, ranks, scales, dropouts, adapter_index, order,
+                                 bounds, seeds, fan_in_fan_out)
         _multi_save(ctx, x, weights, biases, lora_As, lora_Bs, ranks, scales, dropouts, adapter_index, order, bounds,
-                    seeds, fan_in_fan_out, output[G:])
+                    seeds, fan_in_fan_out, xas)
         ctx.set_materialize_grads(False)
+        return (*ys, *xas)
 
     @staticmethod
     def backward(ctx, *grads):

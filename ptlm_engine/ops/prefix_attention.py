@@ -86,13 +86,14 @@ torch.library.register_autograd("ptlm::prefix_attention_fwd",
 
 
 class PrefixAttentionFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops."""
+    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
+    ops.lora.LoraLinearFunction)."""
 
     @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode):
-        return _forward(q, k, v, prefix_k, prefix_v, prefix_lengths, key_padding_mask, causal, scale, dq_mode)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, *args):
+        out = _forward(*args)
+        _setup_context(ctx, args, out)
+        return out
 
     @staticmethod
     def backward(ctx, do, _dlse):
