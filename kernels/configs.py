@@ -135,17 +135,23 @@ class TunedLauncher:
         self.configs: dict[tuple, tuple[dict, object]] = {}
         tuned.LAUNCHERS.append(self)
 
-    def launch(self, key: tuple, grid, *args, **kwargs):
+    def chosen(self, key: tuple) -> dict | None:
+        """The config meta a key launches with, if it is already known (tuned here or loaded); else None."""
         config = self.configs.get(key)
         if config is None:
             config = tuned.preset(self.name, key, self.autotuner.configs)
             if config is None:
-                self.autotuner[grid](*args, **kwargs)
-                best = self.autotuner.best_config
-                self.configs[key] = (best.all_kwargs(), best.pre_hook)
-                return
+                return None
             self.configs[key] = config
-        meta, pre_hook = config
+        return config[0]
+
+    def launch(self, key: tuple, grid, *args, **kwargs):
+        if self.chosen(key) is None:
+            self.autotuner[grid](*args, **kwargs)
+            best = self.autotuner.best_config
+            self.configs[key] = (best.all_kwargs(), best.pre_hook)
+            return
+        meta, pre_hook = self.configs[key]
         if pre_hook is not None:
             pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})
         self.autotuner.fn[grid](*args, **kwargs, **meta)

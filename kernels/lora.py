@@ -83,6 +83,15 @@ def store_split(ptr, offs_rows, offs_cols, stride_rows, stride_cols, tile, mask,
         tl.atomic_add(ptrs, tile, mask=mask)
 
 
+def _split_output(launcher: TunedLauncher, key: tuple, split: str, shape: tuple, device) -> torch.Tensor:
+    """An fp32 output that programs split over K or T add into: zeroed unless the key's known config does not
+    split (a memset launch saved per call; on the H100's host each launch costs tens of microseconds)."""
+    meta = launcher.chosen(key)
+    if meta is not None and meta[split] == 1:
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    return torch.zeros(shape, device=device, dtype=torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _lora_shrink_kernel(
@@ -123,13 +132,13 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
     """xa = scale / (1 - p) * (keep * x) @ lora_A^T in fp32.   x (T, K), lora_A (r, K) -> (T, r)."""
     T, K = x.shape
     R = lora_A.shape[0]
-    out = torch.zeros((T, R), device=x.device, dtype=torch.float32)  # zeroed: split-K adds into it
     if T == 0:
-        return out
+        return torch.empty((0, R), device=x.device, dtype=torch.float32)
     has_dropout = dropout > 0.0
+    key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
+    out = _split_output(_lora_shrink, key, "SPLIT_K", (T, R), x.device)
     block_r = rank_block(R)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(R, block_r), meta["SPLIT_K"])
-    key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
     _lora_shrink.launch(key, grid,
         x, lora_A, out, seed if has_dropout else out,
         T, K, R, t_bucket(T),
@@ -534,13 +543,13 @@ def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None
     """
     T, N = g.shape
     R = h.shape[1]
-    out = torch.zeros((N, R), device=g.device, dtype=torch.float32)
     if T == 0:
-        return out
+        return torch.zeros((N, R), device=g.device, dtype=torch.float32)
     has_dropout = dropout > 0.0
+    key = (t_bucket(T), N, R, has_dropout, g.dtype)
+    out = _split_output(_lora_weight_grad, key, "SPLIT_T", (N, R), g.device)
     block_r = rank_block(R)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
-    key = (t_bucket(T), N, R, has_dropout, g.dtype)
     _lora_weight_grad.launch(key, grid,
         g, h, out, seed if has_dropout else out,
         T, N, R, t_bucket(T),

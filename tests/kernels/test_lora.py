@@ -67,6 +67,26 @@ def test_empty_token_dimension():
     assert y.shape == (0, 8) and xa.shape == (0, 4)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_split_outputs_are_zeroed_only_for_split_configs(split, monkeypatch):
+    """The shrink and weight-grad outputs skip their memset once the key's config is known not to split; a
+    config that splits (atomics into the output) still gets a zeroed one. torch.empty is poisoned."""
+    torch.manual_seed(5)
+    T, n, r = 37, 40, 5
+    x, a, g = (rand(*shape, dtype=torch.float32) for shape in ((T, n), (r, n), (T, n)))
+    xa = K.lora_shrink(x, a, 1.5)                                # the keys' configs are known from here on
+    K.lora_weight_grad(g, xa)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    cases = ((K._lora_shrink, "SPLIT_K", lambda: K.lora_shrink(x, a, 1.5), x.double() @ a.double().t() * 1.5),
+             (K._lora_weight_grad, "SPLIT_T", lambda: K.lora_weight_grad(g, xa), g.double().t() @ xa.double()))
+    for launcher, split_name, call, ref in cases:
+        for key, (meta, pre_hook) in list(launcher.configs.items()):   # this call's key among earlier tests'
+            monkeypatch.setitem(launcher.configs, key, ({**meta, split_name: split}, pre_hook))
+        out = call()
+        assert torch.allclose(out.double(), ref, rtol=1e-4, atol=1e-4), launcher.name
+
+
 def _keep_mask(T, n, seed, p):
     """The kernels' Philox keep mask, recovered through the shrink kernel: ones @ I^T with dropout."""
     xa = K.lora_shrink(torch.ones(T, n, device=DEVICE), torch.eye(n, device=DEVICE), 1.0, seed, p)
