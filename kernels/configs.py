@@ -145,6 +145,12 @@ class TunedLauncher:
             self.configs[key] = config
         return config[0]
 
+    def adds_into_output(self, key: tuple, split: str) -> bool:
+        """Whether the key's programs may add into a shared output (the `split` meta-parameter is not known to
+        be 1): the caller zeroes it then, and skips the memset launch otherwise."""
+        meta = self.chosen(key)
+        return meta is None or meta[split] != 1
+
     def launch(self, key: tuple, grid, *args, **kwargs):
         if self.chosen(key) is None:
             self.autotuner[grid](*args, **kwargs)

@@ -83,15 +83,6 @@ def store_split(ptr, offs_rows, offs_cols, stride_rows, stride_cols, tile, mask,
         tl.atomic_add(ptrs, tile, mask=mask)
 
 
-def _split_output(launcher: TunedLauncher, key: tuple, split: str, shape: tuple, device) -> torch.Tensor:
-    """An fp32 output that programs split over K or T add into: zeroed unless the key's known config does not
-    split (a memset launch saved per call; on the H100's host each launch costs tens of microseconds)."""
-    meta = launcher.chosen(key)
-    if meta is not None and meta[split] == 1:
-        return torch.empty(shape, device=device, dtype=torch.float32)
-    return torch.zeros(shape, device=device, dtype=torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _lora_shrink_kernel(
@@ -136,7 +127,8 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
         return torch.empty((0, R), device=x.device, dtype=torch.float32)
     has_dropout = dropout > 0.0
     key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
-    out = _split_output(_lora_shrink, key, "SPLIT_K", (T, R), x.device)
+    out = (torch.zeros if _lora_shrink.adds_into_output(key, "SPLIT_K") else torch.empty)(
+        (T, R), device=x.device, dtype=torch.float32)
     block_r = rank_block(R)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(R, block_r), meta["SPLIT_K"])
     _lora_shrink.launch(key, grid,
@@ -547,7 +539,8 @@ def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None
         return torch.zeros((N, R), device=g.device, dtype=torch.float32)
     has_dropout = dropout > 0.0
     key = (t_bucket(T), N, R, has_dropout, g.dtype)
-    out = _split_output(_lora_weight_grad, key, "SPLIT_T", (N, R), g.device)
+    out = (torch.zeros if _lora_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty)(
+        (N, R), device=g.device, dtype=torch.float32)
     block_r = rank_block(R)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
     _lora_weight_grad.launch(key, grid,

@@ -120,18 +120,19 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
     T, K = x.shape
     G = len(lora_As)
     ranks = [a.shape[0] for a in lora_As]
-    outs = [torch.zeros((T, r), device=x.device, dtype=torch.float32) for r in ranks]  # zeroed: split-K adds
     if T == 0:
-        return outs
+        return [torch.empty((0, r), device=x.device, dtype=torch.float32) for r in ranks]
     dropouts = [0.0] * G if dropouts is None else list(dropouts)
     drop = [p > 0.0 for p in dropouts]
+    key = (t_bucket(T), K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
+    alloc = torch.zeros if _grouped_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
+    outs = [alloc((T, r), device=x.device, dtype=torch.float32) for r in ranks]
     seeds = [s if d else outs[g] for g, (s, d) in enumerate(zip(seeds or [None] * G, drop))]
     a, o, sd = _padded(list(lora_As), lora_As[0]), _padded(outs, outs[0]), _padded(seeds, seeds[0])
     strides = [(t.stride(0), t.stride(1)) for t in a + o]
     scale = _padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0)
     block_r = rank_block(max(ranks))
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(max(ranks), block_r), meta["SPLIT_K"])
-    key = (t_bucket(T), K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
     _grouped_shrink.launch(key, grid,
         x, *a, *o, *sd,
         T, K, *_padded(ranks, 0), t_bucket(T),
@@ -399,12 +400,14 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     T, K = x.shape
     G = len(lora_As)
     widths = [padded_rank(a.shape[1]) for a in lora_As]
-    outs = [torch.zeros((T, w), device=x.device, dtype=torch.float32) for w in widths]  # zeroed: split-K adds
     if T == 0:
-        return outs
+        return [torch.empty((0, w), device=x.device, dtype=torch.float32) for w in widths]
     dropouts = [None] * G if dropouts is None else list(dropouts)
     seeds = [None] * G if seeds is None else list(seeds)
     drop = [p is not None for p in dropouts]
+    key = (t_bucket(T), K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As))
+    alloc = torch.zeros if _grouped_multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
+    outs = [alloc((T, w), device=x.device, dtype=torch.float32) for w in widths]
     members, strides = [], []
     for g in range(G):
         a, out = lora_As[g], outs[g]
@@ -414,8 +417,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     members += members[:6] * (MAX_MEMBERS - G)
     strides += strides[:5] * (MAX_MEMBERS - G)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R, meta["SPLIT_K"])
-    _grouped_multi_shrink.launch(
-        (t_bucket(T), K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As)), grid,
+    _grouped_multi_shrink.launch(key, grid,
         x, adapter_index, adapter_index if order is None else order, *members,
         T, K, t_bucket(T), *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
