@@ -108,7 +108,7 @@ def _lora_shrink_kernel(
             x = tl.where(keep, x, 0.0)
         a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
-        acc = _dot(x, a, acc, FP32_DOT)
+        acc = _dot(x, a.to(x.dtype), acc, FP32_DOT)     # float32 master adapters: read as x's dtype
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale,
                 (offs_t[:, None] < T) & (offs_r[None, :] < R), SPLIT_K)
 
@@ -203,7 +203,7 @@ def lora_matmul_tile(
                         mask=(offs_r[None, :] < R) & mask_k[:, None], other=0.0)            # (BLOCK_K, BLOCK_R)
             if X_DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
-            xa = _dot(x, a, xa, FP32_DOT)
+            xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
 
     # LoRA expand: xa (fp32: the r-wide intermediate loses accuracy in half precision) @ B^T as r more K steps.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc

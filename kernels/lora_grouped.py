@@ -57,7 +57,7 @@ def _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, seed
         x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
     a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                 mask=(offs_r[None, :] < R) & (offs_k[:, None] < K), other=0.0)              # (BLOCK_K, BLOCK_R)
-    return _dot(x, a, acc, FP32_DOT)
+    return _dot(x, a.to(x.dtype), acc, FP32_DOT)          # float32 master adapters: read as x's dtype
 
 
 @triton.jit

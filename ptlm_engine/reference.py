@@ -30,10 +30,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """y = x W0^T + bias + scale * dropout(x) A^T B^T.
 
     x (..., d_in); weight (d_out, d_in), or (d_in, d_out) with fan_in_fan_out (GPT-2's Conv1D);
-    lora_A (r, d_in); lora_B (d_out, r); keep_mask: the dropout keep mask (same shape as x) or None.
+    lora_A (r, d_in); lora_B (d_out, r), in x's dtype or float32 (master weights: cast to x's dtype here, as
+    the kernels do); keep_mask: the dropout keep mask (same shape as x) or None.
     """
     x_lora = x if keep_mask is None else x * keep_mask / (1.0 - dropout)
-    return _base_linear(x, weight, bias, fan_in_fan_out) + scale * ((x_lora @ lora_A.t()) @ lora_B.t())
+    lora = (x_lora @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()
+    return _base_linear(x, weight, bias, fan_in_fan_out) + scale * lora
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

@@ -158,15 +158,17 @@ class LoraLinear(AdapterLayer):
             self.scale[name], self.dropout[name] if self.training else 0.0, self.fan_in_fan_out)
 
     def _adapter_weights(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The adapter's A (r, d_in) and B (d_out, r) in the compute dtype.
+        """The adapter's A (r, d_in) and B (d_out, r) in the compute dtype, or float32 as they are.
 
-        Serving a float32 adapter on a half-precision base reads the pool's copy, already cast and checked
-        against the Parameters' stamps, instead of launching two casts in every layer at every step; with
-        gradients (or under a tracer) the casts stay in the graph, so the gradients reach the Parameters."""
+        Training float32 adapters on a half-precision base passes the Parameters themselves: the op reads them
+        as they are and returns float32 gradients (no cast launched per layer call, forward or backward).
+        Serving one reads the pool's copy, already cast and checked against the Parameters' stamps."""
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         if (lora_A.dtype == dtype and lora_B.dtype == dtype) or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and (lora_A.requires_grad or lora_B.requires_grad)):
-            return lora_A.to(dtype), lora_B.to(dtype)
+            as_is = (dtype, torch.float32)
+            return (lora_A if lora_A.dtype in as_is else lora_A.to(dtype),
+                    lora_B if lora_B.dtype in as_is else lora_B.to(dtype))
         self.pool.place(self.weight.device, dtype)
         slot, r = self.slot[name], self.r[name]
         self.pool.sync(slot, (lora_A, lora_B))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_floating, check_like
+from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import lora as lora_kernels
@@ -147,7 +147,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
-    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": lora_A, "lora_B": lora_B})
+    check_like("x", x, {"weight": weight, "bias": bias})
+    check_like("x", x, {"lora_A": lora_A, "lora_B": lora_B}, dtype=False)
+    check_adapter_dtypes("x", x, {"lora_A": lora_A, "lora_B": lora_B})
     check_floating("x", x)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
-from ptlm_engine.ops.checks import check_floating, check_like
+from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
 from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, token_segments
 
@@ -73,7 +73,8 @@ def _check(x: Tensor, weights, biases, lora_As, lora_Bs, scales, dropouts, fan_i
             raise ValueError(f"lora_As[{g}]: expected shape (r, {d_in}) with r >= 1, got {tuple(a.shape)}")
         if b.dim() != 2 or tuple(b.shape) != (d_outs[g], a.shape[0]):
             raise ValueError(f"lora_Bs[{g}]: expected shape ({d_outs[g]}, {a.shape[0]}), got {tuple(b.shape)}")
-        check_like("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b})
+        check_like("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b}, dtype=False)
+        check_adapter_dtypes("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b})
 
 
 def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], adapter_index: Tensor,

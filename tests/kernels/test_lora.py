@@ -207,6 +207,25 @@ def test_tma_matmul_backward_layout_with_output_dropout(dtype, tma_launches):
 
 
 @needs_tma
+def test_tma_matmul_float32_adapters_on_a_half_base(tma_launches):
+    """float32 master adapters with fp16 x and W0: forward (B as is) and dx (A^T as the expand's operand, B^T
+    shrunk against dy) on the TMA path, each within fp16's own error."""
+    torch.manual_seed(9)
+    T, d_in, d_out, r = 77, 40, 72, 8
+    x, w, a, b = _lora_inputs(T, d_in, d_out, r, torch.float16)
+    a, b = a.float(), b.float()
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=torch.float16)
+    _, xa = K.lora_matmul(x, w, a, b, 1.7, fuse_shrink=False, out=y)
+    y64 = x.double() @ w.double().t() + 1.7 * (x.double() @ a.double().t()) @ b.double().t()
+    assert_matches(y, y64, x @ w.t() + 1.7 * ((x @ a.half().t()) @ b.half().t()), torch.float16, "y")
+    dy = rand(T, d_out, dtype=torch.float16)
+    dx, g = K.lora_matmul(dy, w.t(), b.t(), a.t(), 2.0)
+    dx64 = dy.double() @ w.double() + 2.0 * (dy.double() @ b.double()) @ a.double()
+    assert_matches(dx, dx64, dy @ w + 2.0 * ((dy @ b.half()) @ a.half()), torch.float16, "dx")
+    assert len(tma_launches) == 2
+
+
+@needs_tma
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_tma_path_runs_the_ops_forward_and_backward(fan_in_fan_out, tma_launches):
     """The op at T > DECODE_MAX_T (separate shrink): forward and the backward's dx both take the TMA path."""

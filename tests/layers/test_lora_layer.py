@@ -204,6 +204,41 @@ def test_triton_kernels_through_the_layer(kind, monkeypatch):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+def _graph_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return [n.name() for n in seen]
+
+
+@needs_triton
+def test_training_a_float32_adapter_on_a_half_base_casts_nothing(monkeypatch):
+    """With the kernels the float32 Parameters go into the op as they are: no cast in the autograd graph (a
+    launch each way per layer call), float32 gradients matching the reference path's (which casts)."""
+    torch.manual_seed(4)
+    layer = LoraLinear(nn.Linear(40, 24).half(), fan_in_fan_out=False)
+    layer.add_adapter("a", r=4, scale=2.0, dropout=0.0)
+    layer.active_adapter = "a"
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    params = [layer.lora_A["a"].weight, layer.lora_B["a"].weight]
+    x = torch.randn(7, 40, dtype=torch.float16)
+    monkeypatch.setenv("PTLM_BACKEND", "triton")
+    y = layer(x)
+    assert "ToCopyBackward0" not in _graph_nodes(y)
+    grads = torch.autograd.grad(y.float().square().sum(), params)
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    y_ref = layer(x)
+    grads_ref = torch.autograd.grad(y_ref.float().square().sum(), params)
+    torch.testing.assert_close(y, y_ref, rtol=2e-3, atol=2e-3)
+    for g, g_ref in zip(grads, grads_ref):     # the reference's own fp16 error is ~4e-4 of the largest element
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=2e-3 * g_ref.abs().max().item())
+
+
 def test_compiles_without_graph_breaks():
     _, layer = _layer("conv1d")
     layer.active_adapter = "a"

@@ -57,6 +57,30 @@ def test_forward_backward_matches_float64(case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("T", [5, 70])     # the fused decode shrink; the separate shrink + prefill matmul
+def test_float32_adapters_on_a_half_precision_base(T):
+    """Trainable float32 master adapters on an fp16 base: the op reads them as they are (no cast in the graph)
+    and returns float32 gradients for them, within fp16's own error of the float64 result."""
+    torch.manual_seed(T)
+    x, w, b, a, bb = _inputs((T,), 40, 24, 6, torch.float16)
+    a, bb = (t.detach().float().requires_grad_() for t in (a, bb))
+    ts = [x, w, b, a, bb]
+    dy = torch.randn(T, 24, device=DEVICE, dtype=torch.float16)
+    y, grads = _run(lora_linear, ts, dy, scale=1.5, dropout=0.0)
+    y64, grads64 = _run(reference.lora_linear, [_leaf64(t) for t in ts], dy.double(), scale=1.5)
+    ts_lp = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in ts]
+    y_lp, grads_lp = _run(reference.lora_linear, ts_lp, dy, scale=1.5)
+    assert y.dtype == torch.float16 and y.grad_fn.name() == "LoraLinearFunctionBackward"
+    assert_matches(y, y64, y_lp, torch.float16, "y")
+    for name, g, g64, g_lp, dtype in zip(["dx", "dA", "dB"], [grads[0], *grads[3:]], [grads64[0], *grads64[3:]],
+                                         [grads_lp[0], *grads_lp[3:]], [torch.float16, torch.float32, torch.float32]):
+        assert g.dtype == dtype, name
+        assert_matches(g, g64, g_lp, torch.float16, name)
+    with pytest.raises(ValueError, match=r"lora_A: expected dtype torch.float16 \(the dtype of x\) or torch.float32"):
+        lora_linear(x, w, b, a.bfloat16(), bb)
+
+
+@needs_triton
 def test_non_contiguous_input():
     torch.manual_seed(5)
     x, w, b, a, bb = _inputs((6, 22), 18, 26, 2, torch.float32)

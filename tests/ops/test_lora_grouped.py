@@ -67,10 +67,14 @@ def test_grouped_forward_backward_matches_float64(case, dtype):
 
 
 @needs_triton
-def test_grouped_equals_the_separate_ops():
-    """Outputs and gradients (x, every A and B) equal the members' own lora_linear / linear calls."""
+@pytest.mark.parametrize("dtype,T", [(torch.float32, 9), (torch.float16, 9), (torch.float16, 70)], ids=str)
+def test_grouped_equals_the_separate_ops(dtype, T):
+    """Outputs and gradients (x, every A and B) equal the members' own lora_linear / linear calls; float32
+    adapters on an fp16 base too (read as they are, float32 gradients)."""
     torch.manual_seed(3)
-    x, ws, biases, As, Bs, scales = _inputs((9,), 20, (16, 8, 8), (4, None, 6), torch.float32)
+    x, ws, biases, As, Bs, scales = _inputs((T,), 20, (16, 8, 8), (4, None, 6), dtype)
+    As, Bs = ([None if t is None else t.detach().float().requires_grad_() for t in ts] for ts in (As, Bs))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
     tensors = [x, *As, *Bs]
     ys = lora_linear_grouped(x, ws, biases, As, Bs, scales)
     dys = [torch.randn_like(y) for y in ys]
@@ -82,11 +86,12 @@ def test_grouped_equals_the_separate_ops():
            for w, b, a, bb, s in zip(ws, biases, As, Bs, scales)]
     grads_sep = _grads(sep, dys, tensors)
     for y, y_sep in zip(ys, sep):
-        torch.testing.assert_close(y, y_sep, rtol=1e-5, atol=1e-5)
-    for g, g_sep in zip(grads, grads_sep):
+        torch.testing.assert_close(y, y_sep, **tol)
+    for g, g_sep, t in zip(grads, grads_sep, tensors):
         assert (g is None) == (g_sep is None)
         if g is not None:
-            torch.testing.assert_close(g, g_sep, rtol=1e-5, atol=1e-5)
+            assert g.dtype == t.dtype
+            torch.testing.assert_close(g, g_sep, **tol)
 
 
 @needs_triton
