@@ -14,7 +14,9 @@ The assignment and the ranks depend only on the case, so every provider and ever
 Providers (W0 frozen everywhere; "fwd" runs under torch.no_grad, "fwd+bwd" takes the gradients of x and of the
 stacked A and B with torch.autograd.grad against a random dy, so nothing accumulates into .grad):
   cublas          x W0ᵀ alone via F.linear: the base layer (fwd+bwd: dx only)
-  ptlm            ptlm_engine.functional.lora_linear_multi (Triton on CUDA)
+  ptlm            ptlm_engine.functional.lora_linear_multi (Triton on CUDA), given the batch's token grouping
+                  (token_segments) made once per set, outside the timed call: per-batch work that a model does
+                  once for all its layers (AdapterBatch.tokens), as gather_bmm's row -> slot map
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -216,12 +218,16 @@ def _forward(provider: str, s: MultiSet):
     if provider == "cublas":
         return (lambda: F.linear(s.x, s.w)), [s.x]
     if provider in ("ptlm", "ptlm_mean_rank"):
-        from ptlm_engine.functional import lora_linear_multi
+        from ptlm_engine.functional import lora_linear_multi, token_segments
         if s.x.is_cuda and ptlm_backend(s.x) != "triton":
             raise RuntimeError("ptlm would run its PyTorch reference on CUDA, not the Triton kernels: is the "
                                "package installed (ptlm_engine.kernels importable) and PTLM_BACKEND unset?")
         slots = s.slots if provider == "ptlm" else s.mean_rank_slots
-        return (lambda: lora_linear_multi(s.x, s.w, None, slots, s.index)), [s.x, slots.lora_A, slots.lora_B]
+        # The tokens grouped by adapter are per-batch work: a model makes them once for all its layers
+        # (AdapterBatch.tokens; None where the reference runs), so they are made here, outside the timed call.
+        segments = token_segments(s.index, slots.lora_A.shape[0]) if ptlm_backend(s.x) == "triton" else None
+        return ((lambda: lora_linear_multi(s.x, s.w, None, slots, s.index, False, segments)),
+                [s.x, slots.lora_A, slots.lora_B])
     if provider == "gather_bmm":
         # The row -> slot map and per-row scales are built once per batch, as an engine shares them across layers.
         slot = s.index.clamp_min(0).long()
