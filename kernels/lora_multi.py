@@ -108,17 +108,21 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
     """
     T, K = x.shape
     width = padded_rank(lora_A.shape[1])
-    out = torch.zeros((T, width), device=x.device, dtype=torch.float32)  # zeroed: split-K adds into it
+    bucket = t_bucket(T)
+    key = (bucket, K, order is None, dropouts is None, mask_x, x.dtype, lora_A.dtype)
+    # Split-K programs add into the output; unsplit, every element is stored once and no memset launches.
+    out = (torch.zeros if _multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty)(
+        (T, width), device=x.device, dtype=torch.float32)
     if T == 0:
         return out
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"])
+    sx, sa = x.stride(), lora_A.stride()
     _multi_shrink.launch(
-        (t_bucket(T), K, order is None, dropouts is None, mask_x, x.dtype, lora_A.dtype), grid,
+        key, grid,
         x, lora_A, adapter_index, adapter_index if order is None else order, ranks, scales,
         scales if dropouts is None else dropouts, adapter_index if seed is None else seed, out,
-        T, K, t_bucket(T),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
-        out.stride(0), out.stride(1),
+        T, K, bucket,
+        sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
         FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
@@ -213,15 +217,17 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         return y
     kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    bucket = t_bucket(M)
+    # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
+    sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
     kernel.launch(
-        (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype),
+        (bucket, N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype),
         grid,
         x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
         xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
         bias if bias is not None else y, y,
-        M, N, K, t_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
-        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
+        M, N, K, bucket,
+        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
         FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
@@ -282,23 +288,31 @@ def token_segments(adapter_index: torch.Tensor, num_slots: int) -> tuple[torch.T
 
 def lora_multi_weight_grad(g: torch.Tensor, h: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
                            ranks: torch.Tensor, r_max: int, dropouts: torch.Tensor | None = None,
-                           seed: torch.Tensor | None = None) -> torch.Tensor:
+                           seed: torch.Tensor | None = None, rank_major: bool = False) -> torch.Tensor:
     """out[a] = sum over slot a's tokens t of (keep * g)[t, :]^T h[t, :r_max], fp32, zero beyond rank a.
 
-    g (T, N); h (T, >= r_max) fp32; order, bounds from token_segments; ranks (S,) int32 -> (S, N, r_max).
+    g (T, N); h (T, >= r_max) fp32; order, bounds from token_segments; ranks (S,) int32 -> (S, N, r_max), or
+    with rank_major its transpose (S, r_max, N) stored rank-major (lora_A's layout: dA needs no transposed copy).
     With dropouts (S,) and seed, keep is the forward's Philox mask of (seed, t * N + n) against p_a.
     """
     T, N = g.shape
     S = ranks.shape[0]
-    out = torch.zeros((S, N, padded_rank(r_max)), device=g.device, dtype=torch.float32)
+    width = padded_rank(r_max)
+    # zeroed: split-T programs add into it, and columns beyond each slot's rank are never stored
+    out = torch.zeros((S, width, N) if rank_major else (S, N, width), device=g.device, dtype=torch.float32)
     if T > 0 and S > 0:
-        num_r = padded_rank(r_max) // BLOCK_R
+        num_r = width // BLOCK_R
         grid = lambda meta: (S, cdiv(N, meta["BLOCK_N"]) * num_r, meta["SPLIT_T"])
+        bucket = t_bucket(T)
+        sg, sh = g.stride(), h.stride()
+        stride_on, stride_or = (1, N) if rank_major else (width, 1)
         _multi_weight_grad.launch(
-            (t_bucket(T), N, dropouts is None, g.dtype), grid,
+            (bucket, N, dropouts is None, g.dtype), grid,
             g, h, order, bounds, ranks, h if dropouts is None else dropouts, order if seed is None else seed, out,
-            N, t_bucket(T),
-            g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            N, bucket,
+            sg[0], sg[1], sh[0], sh[1], N * width, stride_on, stride_or,
             MASK_G=dropouts is not None, FP32_DOT=g.dtype == torch.float32, BLOCK_R=BLOCK_R,
         )
-    return out[:, :, :r_max]
+    if r_max == width:
+        return out
+    return out[:, :r_max] if rank_major else out[:, :, :r_max]

@@ -37,34 +37,46 @@ class LoraSlots(NamedTuple):
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, adapter_index: Tensor,
            fan_in_fan_out: bool) -> None:
+    """Shapes, dtypes and devices only: no torch op runs, since every layer call of a served batch pays this."""
     if weight.dim() != 2:
         raise ValueError(f"weight: expected a 2-D tensor, got shape {tuple(weight.shape)}")
     d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x: expected shape (..., {d_in}) to match weight, got {tuple(x.shape)}")
-    A, B = slots.lora_A, slots.lora_B
+    A, B, ranks, scales, dropouts = slots
     if A.dim() != 3 or A.shape[2] != d_in or A.shape[1] < 1:
         raise ValueError(f"lora_A: expected stacked slots (S, r_max, {d_in}), got {tuple(A.shape)}")
     S, r_max = A.shape[:2]
-    if tuple(B.shape) != (S, d_out, r_max):
+    if B.shape != (S, d_out, r_max):        # torch.Size equals the tuple of its sizes
         raise ValueError(f"lora_B: expected stacked slots ({S}, {d_out}, {r_max}), got {tuple(B.shape)}")
-    if tuple(slots.ranks.shape) != (S,) or tuple(slots.scales.shape) != (S,):
-        raise ValueError(f"ranks and scales: expected shape ({S},), got {tuple(slots.ranks.shape)} and "
-                         f"{tuple(slots.scales.shape)}")
-    if slots.dropouts is not None and tuple(slots.dropouts.shape) != (S,):
-        raise ValueError(f"dropouts: expected shape ({S},), got {tuple(slots.dropouts.shape)}")
-    if bias is not None and tuple(bias.shape) != (d_out,):
+    if ranks.shape != (S,) or scales.shape != (S,):
+        raise ValueError(f"ranks and scales: expected shape ({S},), got {tuple(ranks.shape)} and "
+                         f"{tuple(scales.shape)}")
+    if dropouts is not None and dropouts.shape != (S,):
+        raise ValueError(f"dropouts: expected shape ({S},), got {tuple(dropouts.shape)}")
+    if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
-    if tuple(adapter_index.shape) != tuple(x.shape[:-1]) or adapter_index.dtype.is_floating_point:
+    if adapter_index.shape != x.shape[:-1] or adapter_index.dtype.is_floating_point:
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
+    dtype, device = x.dtype, x.device
+    # The usual case in a few comparisons; check_like names the first offending tensor otherwise.
+    if (weight.dtype == A.dtype == B.dtype == dtype and (bias is None or bias.dtype == dtype)
+            and weight.device == A.device == B.device == ranks.device == scales.device == adapter_index.device
+            == device and (bias is None or bias.device == device)
+            and (dropouts is None or dropouts.device == device)):
+        return
     check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B}, device=False)
-    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": slots.ranks,
-                        "scales": slots.scales, "dropouts": slots.dropouts, "adapter_index": adapter_index},
-               dtype=False)
+    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": ranks,
+                        "scales": scales, "dropouts": dropouts, "adapter_index": adapter_index}, dtype=False)
 
 
 # ------------------------------------------------------------------------------------------ implementations
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; without a trip into torch when it already is (the usual case: each .to() costs ~1 us)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _row_order(order: Tensor, T: int) -> Optional[Tensor]:
     """Row blocks walk the slot-sorted order at prefill, where a block of unsorted tokens would hold many slots;
     at decode a block holds at most a few dozen tokens and the sort would cost more than it saves."""
@@ -96,9 +108,11 @@ def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor,
     else:
         dx = dy.new_empty((0,))
     r_max = lora_A.shape[1]
-    d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max, dropouts, seed).transpose(1, 2)
+    d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max, dropouts, seed, rank_major=True)
     d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)
-    return dx, d_a.to(lora_A.dtype).contiguous(), d_b.to(lora_B.dtype)
+    # fp32 sums, in the slots' layouts: one cast each (none for fp32 slots), contiguous as the fakes say (a copy
+    # only for fp32 slots whose r_max the kernels pad)
+    return dx, _as(d_a, lora_A.dtype).contiguous(), _as(d_b, lora_B.dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -143,15 +157,18 @@ torch.library.register_autograd("ptlm::lora_linear_multi_fwd",
 
 
 class LoraLinearMultiFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops."""
+    """Eager autograd path over the same implementations as the custom ops. Old-style forward(ctx, ...): a
+    Function with a separate setup_context makes torch bind the arguments with inspect.signature on every
+    call (tens of microseconds of host time per layer)."""
 
     @staticmethod
-    def forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed,
-                fan_in_fan_out):
-        return _forward(x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts,
-                        seed, fan_in_fan_out)
-
-    setup_context = staticmethod(_setup_context)
+    def forward(ctx, *args):
+        out = _forward(*args)
+        _setup_context(ctx, args, out)
+        # xa is saved for backward, never differentiated: no zero gradient is made for it
+        ctx.mark_non_differentiable(out[1])
+        ctx.set_materialize_grads(False)
+        return out
 
     @staticmethod
     def backward(ctx, dy, _dxa):
@@ -172,9 +189,10 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
                          adapter_index: Tensor, fan_in_fan_out: bool,
                          segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(x, weight, bias, slots, adapter_index, fan_in_fan_out)
+    # Every layer of a served batch pays this path: views and casts only where the inputs need them.
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
-    index = adapter_index.reshape(-1)                                               # (T,)
+    index = adapter_index.reshape(-1) if adapter_index.dim() != 1 else adapter_index  # (T,)
     dropouts = slots.dropouts
     if not (triton_enabled(x) and x.dtype in lora_kernels.SUPPORTED_DTYPES):
         keep = None
@@ -183,13 +201,14 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
                                         fan_in_fan_out, dropouts, keep)
     else:
-        index = index.to(torch.int32)
+        index = _as(index, torch.int32)
+        # The batch's token grouping: shared by every layer (AdapterBatch.tokens); sorted here only when not given.
         order, bounds = token_segments(index, slots.lora_A.shape[0]) if segments is None else segments
         seed = None
         if dropouts is not None:
-            dropouts = dropouts.to(torch.float32)
+            dropouts = _as(dropouts, torch.float32)
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, slots.ranks.to(torch.int32),
-                slots.scales.to(torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
+        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, _as(slots.ranks, torch.int32),
+                _as(slots.scales, torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
         y, _ = run_op(args, lora_linear_multi_fwd, LoraLinearMultiFunction, _forward, args[:5])
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

@@ -47,11 +47,13 @@ def _check(T, d_in, d_out, ranks, dtype, kind):
     db = M.lora_multi_weight_grad(g, xa, order, bounds, rk, r_max)
     db64 = torch.zeros(S, d_out, r_max, dtype=torch.float64, device=DEVICE)
     db64.index_add_(0, slot[has], torch.einsum("to,tr->tor", g.double()[has], xa64[has]))
-    assert db.shape == (S, d_out, r_max)
+    db_t = M.lora_multi_weight_grad(g, xa, order, bounds, rk, r_max, rank_major=True)   # dA's layout
+    assert db.shape == (S, d_out, r_max) and db_t.shape == (S, r_max, d_out) and db_t.stride(2) == 1
     if db64.norm() > 0:
         assert_matches(db, db64, None, dtype, "multi weight grad")
+        assert_matches(db_t, db64.transpose(1, 2), None, dtype, "multi weight grad, rank-major")
     else:
-        assert not db.any()
+        assert not db.any() and not db_t.any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,6 +67,25 @@ def test_multi_kernels_mappings(kind, dtype):
 def test_multi_kernels_shapes_and_ranks(T, d_in, d_out, ranks):
     torch.manual_seed(T)
     _check(T, d_in, d_out, ranks, torch.float32, "random")
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_shrink_output_is_zeroed_only_for_split_configs(split, monkeypatch):
+    """The shrink skips its output's memset once the key's config is known not to split; a config that splits
+    (atomics into the output) still gets a zeroed one. torch.empty is poisoned."""
+    torch.manual_seed(6)
+    T, d_in, ranks = 37, 40, [5, 16, 9]
+    a, _, rk, scales = lora_slots64(len(ranks), d_in, 8, ranks)
+    a = a.to(DEVICE, torch.float32)
+    x = torch.randn(T, d_in, device=DEVICE)
+    idx = _mapping("random", T, len(ranks))
+    expected = M.lora_multi_shrink(x, a, idx, rk, scales)        # zeroed output; the key's config is known after
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    for key, (meta, pre_hook) in list(M._multi_shrink.configs.items()):
+        monkeypatch.setitem(M._multi_shrink.configs, key, ({**meta, "SPLIT_K": split}, pre_hook))
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales)
+    assert torch.allclose(xa, expected, rtol=1e-5, atol=1e-5) and not xa[:, max(ranks):].any()
 
 
 def test_token_segments_group_tokens_by_slot():

@@ -2,10 +2,12 @@
 single-adapter op run row by row: values, per-slot gradients, leading dims, bad input, torch.library checks."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ptlm_engine import reference
 from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, token_segments
 from ptlm_engine.kernels import lora_multi as M
+from ptlm_engine.kernels.configs import TunedLauncher
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
 
@@ -68,6 +70,53 @@ def test_mixed_batch_equals_each_row_with_its_own_adapter():
         torch.testing.assert_close(y[t:t + 1], row, rtol=1e-5, atol=1e-5)
 
 
+class _TorchOps(TorchDispatchMode):
+    """The names of the torch ops run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])
+def test_multi_layer_call_runs_no_torch_op_but_its_outputs(T, monkeypatch):
+    """Inference given the batch's segments, as every layer of a served batch is: per call only y and xa are
+    allocated (no sort, cast, view or copy: each is host time per layer). Kernel launches are stubbed out."""
+    x, w, bias, slots, index = _inputs((T,), 16, 12, [4, 8], torch.float32)
+    index = index.to(torch.int32)
+    segments = token_segments(index, 2)
+    monkeypatch.setattr(TunedLauncher, "launch", lambda *args, **kwargs: None)
+    with torch.no_grad(), _TorchOps() as ops:
+        lora_linear_multi(x, w, bias, slots, index, segments=segments)
+    assert len(ops.names) == 2 and set(ops.names) <= {"empty", "zeros"}, ops.names
+
+
+@needs_triton
+def test_multi_grads_with_given_segments_and_a_padded_rank():
+    """r_max 12, which the kernels pad to 16: dA comes back contiguous in lora_A's layout, dB in lora_B's; the
+    batch's segments given (as a model's layers pass them) change nothing."""
+    torch.manual_seed(4)
+    x, w, bias, slots, index = _inputs((70,), 20, 18, [12, 5], torch.float32)
+    dy = torch.randn(70, 18, device=DEVICE)
+    wrt = (x, slots.lora_A, slots.lora_B)
+    grads = torch.autograd.grad(lora_linear_multi(x, w, bias, slots, index), wrt, dy)
+    segments = token_segments(index.to(torch.int32), 2)
+    grads_seg = torch.autograd.grad(lora_linear_multi(x, w, bias, slots, index, segments=segments), wrt, dy)
+    leaf = lambda t: t.detach().double().requires_grad_()
+    wrt64 = [leaf(t) for t in wrt]
+    y64 = reference.lora_linear_multi(wrt64[0], w.double(), bias.double(), wrt64[1], wrt64[2],
+                                      slots.scales.double(), index)
+    grads64 = torch.autograd.grad(y64, wrt64, dy.double())
+    for name, g, g_seg, g64 in zip(("dx", "dA", "dB"), grads, grads_seg, grads64):
+        assert g.is_contiguous() and torch.equal(g, g_seg), name
+        assert_matches(g, g64, None, torch.float32, name)
+
+
 def test_multi_bad_input_raises_value_error():
     x, w, bias, slots, index = _inputs((5,), 8, 6, [2, 3], torch.float32)
     with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
@@ -78,6 +127,12 @@ def test_multi_bad_input_raises_value_error():
         lora_linear_multi(x, w, bias, slots._replace(scales=slots.scales[:1]), index)
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 8\)"):
         lora_linear_multi(x[:, :7], w, bias, slots, index)
+    with pytest.raises(ValueError, match=r"lora_B: expected dtype torch.float32 \(the dtype of x\)"):
+        lora_linear_multi(x, w, bias, slots._replace(lora_B=slots.lora_B.double()), index)
+    with pytest.raises(ValueError, match=r"scales: expected device meta \(the device of x\)"):
+        lora_linear_multi(x.to("meta"), w.to("meta"), bias.to("meta"), slots._replace(
+            lora_A=slots.lora_A.to("meta"), lora_B=slots.lora_B.to("meta"), ranks=slots.ranks.to("meta")),
+            index.to("meta"))
 
 
 @needs_triton
