@@ -433,15 +433,15 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP32_DOT: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
     adapters reach (rows in batch order: each row's output is its own)."""
     if HAS_LORA:
         multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, xa_ptr, idx_ptr,
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -461,8 +461,8 @@ def _grouped_multi_matmul_kernel(
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
@@ -471,20 +471,23 @@ def _grouped_multi_matmul_kernel(
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
                            y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
                            stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N,
+                           BLOCK_K)
     elif MEMBERS > 1:
         if pid < end1:
             pid_m, pid_n = grouped_tile(pid - end0, M, N1, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
                                bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
                                stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M,
+                               BLOCK_N, BLOCK_K)
         elif MEMBERS > 2:
             pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
                                bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
                                stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M,
+                               BLOCK_N, BLOCK_K)
 
 
 _MULTI_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "MEMBERS", "HAS_ORDER", "LORA0", "LORA1", "LORA2",
@@ -531,7 +534,8 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     strides += strides[:9] * (MAX_MEMBERS - G)
     has_bias = [b is not None for b in biases]
     widths = [w.shape[0] for w in weights]
-    kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
+    decode = M <= DECODE_MAX_T
+    kernel = _grouped_multi_matmul_decode if decode else _grouped_multi_matmul_prefill
     key = (t_bucket(M), K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
            *(b.dtype for b in lora_Bs if b is not None))
     kernel.launch(key, _tile_grid(M, widths),
@@ -539,6 +543,6 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
         M, K, t_bucket(M), *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_B=decode, BLOCK_R=MULTI_BLOCK_R,
     )
     return ys

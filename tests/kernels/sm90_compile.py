@@ -67,6 +67,14 @@ GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                          **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
                         [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
                               HAS_BIAS1=False, HAS_BIAS2=False)])
+
+
+def _gather(spec, gather: bool):
+    """A multi-adapter matmul's spec with its launcher's epilogue: gathered at decode, slot steps at prefill."""
+    types, variants = spec
+    return types, [dict(flags, GATHER_B=gather) for flags in variants]
+
+
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
 BOTTLENECK_SLOTS = {"idx_ptr": "*i32", "order_ptr": "*i32", "bounds_ptr": "*i32", "sizes_ptr": "*i32",
                     "scales_ptr": "*fp32", "acts_ptr": "*i32", "scale": "fp32"}
@@ -82,8 +90,8 @@ KERNELS = {
                                      "scale": "fp32", "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
     "lora.weight_grad": (L._lora_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "out_ptr": "*fp32",
                                                "seed_ptr": "*i64", "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
-    "multi.matmul_decode": (M._multi_matmul_decode, *MULTI_MATMUL),
-    "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
+    "multi.matmul_decode": (M._multi_matmul_decode, *_gather(MULTI_MATMUL, True)),
+    "multi.matmul_prefill": (M._multi_matmul_prefill, *_gather(MULTI_MATMUL, False)),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",
                                        "seed_ptr": "*i64", "out_ptr": "*fp32"},
@@ -107,8 +115,8 @@ KERNELS = {
                                            **{f"seed{g}_ptr": "*i64" for g in range(3)},
                                            **{f"{p}{g}": "fp32" for p in ("scale", "p") for g in range(3)}},
                        [dict(MEMBERS=3, DROP0=True, DROP1=False, DROP2=False)]),
-    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *GROUPED_MULTI_MATMUL),
-    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *_gather(GROUPED_MULTI_MATMUL, True)),
+    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *_gather(GROUPED_MULTI_MATMUL, False)),
     "grouped.multi_shrink": (G._grouped_multi_shrink, {"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                                        **{f"a{g}_ptr": "x" for g in range(3)},
                                                        **{f"{p}{g}_ptr": t for p, t in (
