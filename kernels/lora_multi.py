@@ -54,7 +54,8 @@ def _multi_shrink_kernel(
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
     HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -63,26 +64,62 @@ def _multi_shrink_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    s = _next_slot(slot, -1)
-    while s < NO_SLOT:
-        rank = tl.load(ranks_ptr + s)
-        if pid_r * BLOCK_R < rank:  # this program's 16 ranks hold some of slot s's
-            rows = mask_t & (slot == s)
-            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                            mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)        # (BLOCK_T, BLOCK_K)
-                if MASK_X:  # this slot's LoRA dropout, on the element's logical index t * K + k
-                    keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s))
-                    x = tl.where(keep, x, 0.0)
-                a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                            mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
-                acc = _dot(x, a, acc, FP32_DOT)
-        s = _next_slot(slot, s)
+    if GATHER_A:
+        rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)              # (BLOCK_T,)
+        p = 0.0
+        if MASK_X:
+            p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            acc = gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk,
+                                       stride_as, stride_ar, stride_ak, seed_ptr, p, MASK_X, BLOCK_T, BLOCK_R,
+                                       BLOCK_K)
+    else:
+        s = _next_slot(slot, -1)
+        while s < NO_SLOT:
+            rank = tl.load(ranks_ptr + s)
+            if pid_r * BLOCK_R < rank:  # this program's 16 ranks hold some of slot s's
+                rows = mask_t & (slot == s)
+                for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                    offs_k = k0 + tl.arange(0, BLOCK_K)
+                    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                                mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)        # (BLOCK_T, BLOCK_K)
+                    if MASK_X:  # this slot's LoRA dropout, on the element's logical index t * K + k
+                        keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s))
+                        x = tl.where(keep, x, 0.0)
+                    a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                                mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
+                    acc = _dot(x, a, acc, FP32_DOT)
+            s = _next_slot(slot, s)
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale[:, None], mask_t[:, None], SPLIT_K)
+
+
+@triton.jit
+def gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk, stride_as,
+                         stride_ar, stride_ak, seed_ptr, p, DROPOUT: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += keep * x A_a^T over columns k0..k0+BLOCK_K, every row reading its own slot's A rows (BGMV-like,
+    CUDA cores; decode): no step per distinct slot of the block, each a chain of dependent loads and a dot
+    (~2 us per slot on the H100, see _gathered_expand). slot, rank, p: each row's slot, rank and dropout
+    probability; a row's A is read only below its rank. GATHER_K columns at a time keep the gathered
+    (BLOCK_T, BLOCK_R, GATHER_K) A tile at 2048 elements."""
+    GATHER_K: tl.constexpr = (2048 + BLOCK_T * BLOCK_R - 1) // (BLOCK_T * BLOCK_R)      # ceil: 1 to 8
+    offs_g = tl.arange(0, GATHER_K)
+    a_rows = a_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_as + offs_r[None, :, None] * stride_ar
+    live = offs_r[None, :] < rank[:, None]                                                   # (BLOCK_T, BLOCK_R)
+    for kk in range(0, BLOCK_K, GATHER_K):
+        offs_k = k0 + kk + offs_g
+        in_k = offs_k < K
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=(rank > 0)[:, None] & in_k[None, :], other=0.0)                     # (BLOCK_T, GATHER_K)
+        if DROPOUT:  # the row's slot's probability, the element's logical index t * K + k: the same mask
+            x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], p[:, None]), x, 0.0)
+        a = tl.load(a_rows + offs_k[None, None, :] * stride_ak, mask=live[:, :, None] & in_k[None, None, :],
+                    other=0.0)                                                           # (BLOCK_T, BLOCK_R, GATHER_K)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * a.to(tl.float32), axis=2)
+    return acc
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
@@ -124,7 +161,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         T, K, bucket,
         sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_A=T <= DECODE_MAX_T, BLOCK_R=BLOCK_R,
     )
     return out
 

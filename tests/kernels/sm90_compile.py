@@ -95,7 +95,8 @@ KERNELS = {
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",
                                        "seed_ptr": "*i64", "out_ptr": "*fp32"},
-                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True)]),
+                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True, GATHER_A=False),
+                      dict(HAS_ORDER=False, MASK_X=True, DIV_KEEP=True, GATHER_A=True)]),
     "multi.weight_grad": (M._multi_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "order_ptr": "*i32",
                                                  "seg_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
@@ -123,7 +124,8 @@ KERNELS = {
                                                            ("ranks", "*i32"), ("scales", "*fp32"),
                                                            ("dropouts", "*fp32"), ("seed", "*i64"),
                                                            ("out", "*fp32")) for g in range(3)}},
-                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True)]),
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True, GATHER_A=False),
+                              dict(MEMBERS=3, HAS_ORDER=False, DROP0=True, DROP1=False, DROP2=True, GATHER_A=True)]),
 }
 # prefix attention: 4 q heads per kv head x 128, a prefix with per-row lengths; the delta kernel has no
 # autotuner (one fixed tile); the split dK / dV kernel's unused dq_ptr points at dk
