@@ -36,7 +36,8 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
                    lora_matmul_tma, rank_block, store_split)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import NO_SLOT, _block_tokens, _next_slot, gathered_shrink_step, multi_matmul_tile, padded_rank
+from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink_step, multi_matmul_tile,
+                         padded_rank)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -451,7 +452,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
         T, K, t_bucket(T), *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
-        FP32_DOT=x.dtype == torch.float32, GATHER_A=T <= DECODE_MAX_T, BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_A=gathered(T), BLOCK_R=MULTI_BLOCK_R,
     )
     return outs
 
@@ -563,8 +564,7 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     strides += strides[:9] * (MAX_MEMBERS - G)
     has_bias = [b is not None for b in biases]
     widths = [w.shape[0] for w in weights]
-    decode = M <= DECODE_MAX_T
-    kernel = _grouped_multi_matmul_decode if decode else _grouped_multi_matmul_prefill
+    kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
     key = (t_bucket(M), K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
            *(b.dtype for b in lora_Bs if b is not None))
     kernel.launch(key, _tile_grid(M, widths),
@@ -572,6 +572,6 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
         M, K, t_bucket(M), *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, GATHER_B=decode, BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=MULTI_BLOCK_R,
     )
     return ys

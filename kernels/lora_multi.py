@@ -14,6 +14,8 @@ GEMM. Nothing reads the mapping on the host, so a CUDA graph can replay with a n
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -23,6 +25,14 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, store_split, store_tile
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
+# At decode (T <= DECODE_MAX_T) the shrink and the expand gather each row's own A / B rows; PTLM_MULTI_GATHER=0
+# keeps the per-slot steps there too, for side-by-side timings (bench/README.md).
+GATHER_DECODE = os.environ.get("PTLM_MULTI_GATHER", "1") != "0"
+
+
+def gathered(T: int) -> bool:
+    """Whether a call over T tokens takes the gathered (per-row) shrink and expand."""
+    return GATHER_DECODE and T <= DECODE_MAX_T
 
 
 # Past every slot id: "no further slot in this block" (jit code may read only constexpr globals).
@@ -161,7 +171,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         T, K, bucket,
         sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
-        FP32_DOT=x.dtype == torch.float32, GATHER_A=T <= DECODE_MAX_T, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_A=gathered(T), BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -290,8 +300,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
         return y
-    decode = M <= DECODE_MAX_T
-    kernel = _multi_matmul_decode if decode else _multi_matmul_prefill
+    kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = t_bucket(M)
     # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
@@ -305,7 +314,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         M, N, K, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, GATHER_B=decode, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=BLOCK_R,
     )
     return y
 

@@ -142,6 +142,13 @@ def test_grouped_multi_kernels_mappings(kind, dtype):
     _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, kind)
 
 
+def test_grouped_multi_kernels_decode_with_slot_steps(monkeypatch):
+    """PTLM_MULTI_GATHER=0: the grouped decode shrink and expand take the per-slot steps."""
+    monkeypatch.setattr(M, "GATHER_DECODE", False)
+    torch.manual_seed(8)
+    _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "random")
+
+
 def test_grouped_multi_kernels_prefill_two_members():
     torch.manual_seed(8)
     _check_multi(70, 33, (19, 26), ([40, 17, 2, 8], [5, 5, 5, 5]), torch.float32, "random")

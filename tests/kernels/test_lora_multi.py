@@ -63,6 +63,14 @@ def test_multi_kernels_mappings(kind, dtype):
     _check(29, 37, 41, [16, 4, 9, 1], dtype, kind)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_multi_kernels_decode_with_slot_steps(dtype, monkeypatch):
+    """PTLM_MULTI_GATHER=0: decode takes the per-slot shrink and expand (the gathered ones are the default)."""
+    monkeypatch.setattr(M, "GATHER_DECODE", False)
+    torch.manual_seed(8)
+    _check(29, 37, 41, [16, 4, 9, 1], dtype, "random")
+
+
 @pytest.mark.parametrize("T,d_in,d_out,ranks", [(1, 20, 24, [8, 3]), (70, 33, 19, [40, 17, 2])])
 def test_multi_kernels_shapes_and_ranks(T, d_in, d_out, ranks):
     torch.manual_seed(T)
