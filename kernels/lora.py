@@ -495,15 +495,10 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 
 # ----------------------------------------------------------------------------------------------- weight grad
 @triton.jit
-def _lora_weight_grad_kernel(
-    g_ptr, h_ptr, out_ptr, seed_ptr,
-    T, N, R, T_BUCKET,
-    stride_gt, stride_gn, stride_ht, stride_hr, stride_on, stride_or,
-    dropout_p,
-    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
+def _weight_grad_tile(g_ptr, h_ptr, out_ptr, seed_ptr, pid_n, T, N, R, stride_gt, stride_gn, stride_ht, stride_hr,
+                      stride_on, stride_or, dropout_p, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                      SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Column block pid_n of one weight gradient: sum over this program's share of T of keep * g^T h."""
     pid_r = tl.program_id(1)
     pid_t = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -522,32 +517,68 @@ def _lora_weight_grad_kernel(
                 SPLIT_T)
 
 
+@triton.jit
+def _lora_weight_grad_kernel(
+    g_ptr, h_ptr, out_ptr, g2_ptr, h2_ptr, out2_ptr, seed_ptr,
+    T, N, N2, R, T_BUCKET,
+    stride_gt, stride_gn, stride_ht, stride_hr, stride_on, stride_or,
+    stride_g2t, stride_g2n, stride_h2t, stride_h2r, stride_o2n, stride_o2r,
+    dropout_p,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Two weight gradients over the same T rows in one launch (the backward's dA^T = (keep x)^T g with the
+    dropout mask, and dB = dy^T xa without): column blocks of the first, then of the second (N2 = 0: one)."""
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    if pid < n_blocks:
+        _weight_grad_tile(g_ptr, h_ptr, out_ptr, seed_ptr, pid, T, N, R, stride_gt, stride_gn, stride_ht, stride_hr,
+                          stride_on, stride_or, dropout_p, HAS_DROPOUT, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+    else:
+        _weight_grad_tile(g2_ptr, h2_ptr, out2_ptr, seed_ptr, pid - n_blocks, T, N2, R, stride_g2t, stride_g2n,
+                          stride_h2t, stride_h2r, stride_o2n, stride_o2r, dropout_p, False, FP32_DOT, SPLIT_T, BLOCK_R,
+                          BLOCK_N, BLOCK_T)
+
+
 _lora_weight_grad = TunedLauncher(triton.autotune(
-    weight_grad_configs(), key=["T_BUCKET", "N", "R", "HAS_DROPOUT"], reset_to_zero=["out_ptr"],
+    weight_grad_configs(), key=["T_BUCKET", "N", "N2", "R", "HAS_DROPOUT"], reset_to_zero=["out_ptr", "out2_ptr"],
     do_bench=tune_bench)(_lora_weight_grad_kernel))
+
+
+def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None = None,
+                      h2: torch.Tensor | None = None, seed: torch.Tensor | None = None,
+                      dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """out = sum_t (keep * g)[t, :]^T h[t, :] and, given g2 and h2 over the same T rows, out2 = g2^T h2, in fp32
+    and one launch (a launch costs tens of microseconds of host time on the H100's host).
+
+    g (T, N), h (T, r) fp32 -> (N, r); g2 (T, N2), h2 (T, r) fp32 -> (N2, r), or None. The mask is the Philox
+    mask of (seed, t * N + n), the forward's dropout mask over x; it applies to g only.
+    """
+    T, N = g.shape
+    R = h.shape[1]
+    N2 = 0 if g2 is None else g2.shape[1]
+    if T == 0:
+        zeros = lambda n: torch.zeros((n, R), device=g.device, dtype=torch.float32)
+        return zeros(N), None if g2 is None else zeros(N2)
+    has_dropout = dropout > 0.0
+    key = (t_bucket(T), N, N2, R, has_dropout, g.dtype, None if g2 is None else g2.dtype)
+    alloc = torch.zeros if _lora_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty
+    out = alloc((N, R), device=g.device, dtype=torch.float32)
+    out2 = out if g2 is None else alloc((N2, R), device=g.device, dtype=torch.float32)
+    g2, h2 = (g, h) if g2 is None else (g2, h2)
+    block_r = rank_block(R)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) + cdiv(N2, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
+    _lora_weight_grad.launch(key, grid,
+        g, h, out, g2, h2, out2, seed if has_dropout else out,
+        T, N, N2, R, t_bucket(T),
+        *g.stride(), *h.stride(), *out.stride(), *g2.stride(), *h2.stride(), *out2.stride(),
+        dropout,
+        HAS_DROPOUT=has_dropout, FP32_DOT=g.dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return out, (None if N2 == 0 else out2)
 
 
 def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None = None,
                      dropout: float = 0.0) -> torch.Tensor:
-    """out = sum_t (keep * g)[t, :]^T h[t, :] in fp32.   g (T, N), h (T, r) fp32 -> (N, r).
-
-    The mask is the Philox mask of (seed, t * N + n), the forward's dropout mask over x.
-    """
-    T, N = g.shape
-    R = h.shape[1]
-    if T == 0:
-        return torch.zeros((N, R), device=g.device, dtype=torch.float32)
-    has_dropout = dropout > 0.0
-    key = (t_bucket(T), N, R, has_dropout, g.dtype)
-    out = (torch.zeros if _lora_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty)(
-        (N, R), device=g.device, dtype=torch.float32)
-    block_r = rank_block(R)
-    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
-    _lora_weight_grad.launch(key, grid,
-        g, h, out, seed if has_dropout else out,
-        T, N, R, t_bucket(T),
-        g.stride(0), g.stride(1), h.stride(0), h.stride(1), out.stride(0), out.stride(1),
-        dropout,
-        HAS_DROPOUT=has_dropout, FP32_DOT=g.dtype == torch.float32, BLOCK_R=block_r,
-    )
-    return out
+    """out = sum_t (keep * g)[t, :]^T h[t, :] in fp32.   g (T, N), h (T, r) fp32 -> (N, r); see lora_weight_grads."""
+    return lora_weight_grads(g, h, seed=seed, dropout=dropout)[0]

@@ -62,9 +62,8 @@ def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor,
     else:
         g = lora_kernels.lora_shrink(dy, lora_B.t(), g_scale)
         dx = dy.new_empty((0,))
-    d_a = lora_kernels.lora_weight_grad(x, g, seed, dropout).t().to(lora_A.dtype)
-    d_b = lora_kernels.lora_weight_grad(dy, xa).to(lora_B.dtype)
-    return dx, d_a, d_b
+    d_a_t, d_b = lora_kernels.lora_weight_grads(x, g, dy, xa, seed, dropout)      # one launch for both
+    return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
 
 
 def _base_grads(need, dy: Tensor, x: Tensor, fan_in_fan_out: bool, has_bias: bool):

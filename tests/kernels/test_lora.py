@@ -63,6 +63,9 @@ def test_empty_token_dimension():
     x = torch.empty(0, 16, device=DEVICE)
     a, b, w = torch.randn(4, 16, device=DEVICE), torch.randn(8, 4, device=DEVICE), torch.randn(8, 16, device=DEVICE)
     assert K.lora_shrink(x, a, 1.0).shape == (0, 4)
+    da_t, db = K.lora_weight_grads(x, torch.empty(0, 4, device=DEVICE), torch.empty(0, 8, device=DEVICE),
+                                   torch.empty(0, 4, device=DEVICE))
+    assert da_t.shape == (16, 4) and db.shape == (8, 4) and not da_t.any() and not db.any()
     y, xa = K.lora_matmul(x, w, a, b, 1.0)
     assert y.shape == (0, 8) and xa.shape == (0, 4)
 
@@ -117,6 +120,10 @@ def test_dropout_mask_shared_by_forward_and_backward():
     da_t = K.lora_weight_grad(x, g, seed, p)
     assert_matches(da_t, (x.double() * keep).t() @ g.double(), None, torch.float32, "weight grad with dropout")
     dy = rand(T, d_out, dtype=torch.float32)
+    # the backward's pair in one launch: the mask applies to the first (x) only, dB = dy^T xa has none
+    da_t2, db = K.lora_weight_grads(x, g, dy, xa64.float(), seed, p)
+    assert_matches(da_t2, (x.double() * keep).t() @ g.double(), None, torch.float32, "paired dA^T")
+    assert_matches(db, dy.double().t() @ xa64, None, torch.float32, "paired dB")
     for fuse in (True, False):
         dx, g2 = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=fuse)
         g64 = 3.0 * dy.double() @ b.double()
