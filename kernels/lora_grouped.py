@@ -36,7 +36,7 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
                    lora_matmul_tma, rank_block, store_split)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink_step, multi_matmul_tile,
+from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, multi_matmul_tile,
                          padded_rank)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
@@ -314,22 +314,6 @@ def _multi_shrink_step(acc, x, s, offs_t, offs_k, K, a_ptr, ranks_ptr, dropouts_
 
 
 @triton.jit
-def _gathered_member(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, offs_t, pid_k, K, stride_xt,
-                     stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One member's shrink over this program's K columns with every row reading its own slot's A."""
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)                  # (BLOCK_T,)
-    p = 0.0
-    if DROPOUT:
-        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        acc = gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk,
-                                   stride_as, stride_ar, stride_ak, seed_ptr, p, DROPOUT, BLOCK_T, BLOCK_R, BLOCK_K)
-    return acc
-
-
-@triton.jit
 def _row_scale(slot, scales_ptr, dropouts_ptr, DROPOUT: tl.constexpr):
     """Each row's s_a / (1 - p_a) for one member (0 for rows without an adapter)."""
     has = slot >= 0
@@ -362,18 +346,19 @@ def _grouped_multi_shrink_kernel(
     acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    if GATHER_A:  # decode: every row reads its own slot's A (kernels.lora_multi.gathered_shrink_step)
-        acc0 = _gathered_member(acc0, x_ptr, a0_ptr, ranks0_ptr, dropouts0_ptr, seed0_ptr, slot, offs_t, pid_k, K,
-                                stride_xt, stride_xk, stride_a0s, stride_a0r, stride_a0k, DROP0, SPLIT_K, BLOCK_R,
-                                BLOCK_T, BLOCK_K)
+    if GATHER_A:  # decode: every row reads its own slot's A (kernels.lora_multi.gathered_shrink)
+        offs_r = first_r + tl.arange(0, BLOCK_R)
+        acc0 = gathered_shrink(acc0, x_ptr, a0_ptr, ranks0_ptr, dropouts0_ptr, seed0_ptr, slot, offs_t, offs_r, pid_k,
+                               K, stride_xt, stride_xk, stride_a0s, stride_a0r, stride_a0k, DROP0, SPLIT_K, BLOCK_T,
+                               BLOCK_R, BLOCK_K)
         if MEMBERS > 1:
-            acc1 = _gathered_member(acc1, x_ptr, a1_ptr, ranks1_ptr, dropouts1_ptr, seed1_ptr, slot, offs_t, pid_k,
-                                    K, stride_xt, stride_xk, stride_a1s, stride_a1r, stride_a1k, DROP1, SPLIT_K,
-                                    BLOCK_R, BLOCK_T, BLOCK_K)
+            acc1 = gathered_shrink(acc1, x_ptr, a1_ptr, ranks1_ptr, dropouts1_ptr, seed1_ptr, slot, offs_t, offs_r,
+                                   pid_k, K, stride_xt, stride_xk, stride_a1s, stride_a1r, stride_a1k, DROP1, SPLIT_K,
+                                   BLOCK_T, BLOCK_R, BLOCK_K)
         if MEMBERS > 2:
-            acc2 = _gathered_member(acc2, x_ptr, a2_ptr, ranks2_ptr, dropouts2_ptr, seed2_ptr, slot, offs_t, pid_k,
-                                    K, stride_xt, stride_xk, stride_a2s, stride_a2r, stride_a2k, DROP2, SPLIT_K,
-                                    BLOCK_R, BLOCK_T, BLOCK_K)
+            acc2 = gathered_shrink(acc2, x_ptr, a2_ptr, ranks2_ptr, dropouts2_ptr, seed2_ptr, slot, offs_t, offs_r,
+                                   pid_k, K, stride_xt, stride_xk, stride_a2s, stride_a2r, stride_a2k, DROP2, SPLIT_K,
+                                   BLOCK_T, BLOCK_R, BLOCK_K)
     else:
         s = _next_slot(slot, -1)
         while s < NO_SLOT:

@@ -75,14 +75,9 @@ def _multi_shrink_kernel(
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     if GATHER_A:
-        rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)              # (BLOCK_T,)
-        p = 0.0
-        if MASK_X:
-            p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
-        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-            acc = gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk,
-                                       stride_as, stride_ar, stride_ak, seed_ptr, p, MASK_X, BLOCK_T, BLOCK_R,
-                                       BLOCK_K)
+        acc = gathered_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, offs_t, offs_r, pid_k, K,
+                              stride_xt, stride_xk, stride_as, stride_ar, stride_ak, MASK_X, SPLIT_K, BLOCK_T,
+                              BLOCK_R, BLOCK_K)
     else:
         s = _next_slot(slot, -1)
         while s < NO_SLOT:
@@ -104,6 +99,22 @@ def _multi_shrink_kernel(
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale[:, None], mask_t[:, None], SPLIT_K)
+
+
+@triton.jit
+def gathered_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, offs_t, offs_r, pid_k, K, stride_xt,
+                    stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += keep * x A_a^T over this program's K columns (split as the per-slot path splits them), every row
+    reading its own slot's A; also each member's shrink in kernels.lora_grouped."""
+    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)                  # (BLOCK_T,)
+    p = 0.0
+    if DROPOUT:
+        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        acc = gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk,
+                                   stride_as, stride_ar, stride_ak, seed_ptr, p, DROPOUT, BLOCK_T, BLOCK_R, BLOCK_K)
+    return acc
 
 
 @triton.jit
