@@ -151,13 +151,14 @@ class TunedLauncher:
         meta = self.chosen(key)
         return meta is None or meta[split] != 1
 
-    def launch(self, key: tuple, grid, *args, **kwargs):
+    def launch(self, key: tuple, grid, *args, prepared: bool = False, **kwargs):
+        """prepared: the caller has done what the key's known config's pre_hook does (`chosen` gave it)."""
         if self.chosen(key) is None:
             self.autotuner[grid](*args, **kwargs)
             best = self.autotuner.best_config
             self.configs[key] = (best.all_kwargs(), best.pre_hook)
             return
         meta, pre_hook = self.configs[key]
-        if pre_hook is not None:
+        if pre_hook is not None and not prepared:
             pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})
         self.autotuner.fn[grid](*args, **kwargs, **meta)

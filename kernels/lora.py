@@ -126,15 +126,16 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
     if T == 0:
         return torch.empty((0, R), device=x.device, dtype=torch.float32)
     has_dropout = dropout > 0.0
-    key = (t_bucket(T), K, R, has_dropout, x.dtype, lora_A.dtype)
+    bucket = t_bucket(T)
+    key = (bucket, K, R, has_dropout, x.dtype, lora_A.dtype)
     out = (torch.zeros if _lora_shrink.adds_into_output(key, "SPLIT_K") else torch.empty)(
         (T, R), device=x.device, dtype=torch.float32)
     block_r = rank_block(R)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(R, block_r), meta["SPLIT_K"])
     _lora_shrink.launch(key, grid,
         x, lora_A, out, seed if has_dropout else out,
-        T, K, R, t_bucket(T),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), out.stride(0), out.stride(1),
+        T, K, R, bucket,
+        *x.stride(), *lora_A.stride(), *out.stride(),                 # one call per tensor: each costs host time
         scale / (1.0 - dropout), dropout,
         HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
     )
@@ -336,15 +337,22 @@ def _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR: tl.constexpr, 
     return acc
 
 
+_TMA_DESCS = ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")
+
+
+def _tma_blocks(meta: dict, w_kmajor: bool, b_rmajor: bool, out_dropout: bool) -> list[list[int]]:
+    """The block shapes of x, W, xa, B and y's descriptors under a config's meta-parameters."""
+    bm, bn, bk, br = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], TMA_BLOCK_R
+    b_cols = bn // 2 if out_dropout else bn  # with output dropout the LoRA term runs per half tile
+    return [[bm, bk], [bn, bk] if w_kmajor else [bk, bn], [bm, br], [b_cols, br] if b_rmajor else [br, b_cols],
+            [bm, bn // 2]]
+
+
 def _tma_block_shapes(nargs: dict) -> None:
     """Autotune pre_hook: a host-side descriptor carries its block shape, which each config sets."""
-    bm, bn, bk, br = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"], nargs["BLOCK_R"]
-    nargs["x_desc"].block_shape = [bm, bk]
-    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
-    nargs["xa_desc"].block_shape = [bm, br]
-    b_cols = bn // 2 if nargs["OUT_DROPOUT"] else bn  # with output dropout the LoRA term runs per half tile
-    nargs["b_desc"].block_shape = [b_cols, br] if nargs["B_RMAJOR"] else [br, b_cols]
-    nargs["y_desc"].block_shape = [bm, bn // 2]
+    blocks = _tma_blocks(nargs, nargs["W_KMAJOR"], nargs["B_RMAJOR"], nargs["OUT_DROPOUT"])
+    for name, block in zip(_TMA_DESCS, blocks):
+        nargs[name].block_shape = block
 
 
 _lora_matmul_tma = TunedLauncher(triton.autotune(
@@ -407,22 +415,26 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     layouts = [_tma_layout(t, transposable) for t, transposable in zip(tensors, (False, True, False, True, False))]
     if any(layout is None for layout in layouts):
         return False
-    # block shapes are set per config by _tma_block_shapes; a transposed operand's base is the tensor itself
-    x_d, w_d, xa_d, b_d, y_d = (TensorDescriptor(t, shape, strides, [16, 16])
-                                for t, (shape, strides, _) in zip(tensors, layouts))
     w_t, b_t = layouts[1][2], layouts[3][2]
+    bucket = t_bucket(M)
+    key = (bucket, N, K, R, not w_t, not b_t, out_dropout > 0.0, bias is None, x.dtype, y.dtype)
+    # A known config's block shapes go into the descriptors here, so its launch skips the pre_hook (which
+    # sets them per config while tuning). A transposed operand's base is the tensor itself.
+    known = _lora_matmul_tma.chosen(key)
+    blocks = _tma_blocks(known, not w_t, not b_t, out_dropout > 0.0) if known else [[16, 16]] * 5
+    x_d, w_d, xa_d, b_d, y_d = (TensorDescriptor(t, shape, strides, block)
+                                for t, (shape, strides, _), block in zip(tensors, layouts, blocks))
     grid = lambda meta: (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
-    key = (t_bucket(M), N, K, R, not w_t, not b_t, out_dropout > 0.0, bias is None, x.dtype, y.dtype)
     args = (key, grid, x_d, w_d, xa_d, b_d, y_d,
             bias if bias is not None else y, seed if out_dropout > 0.0 else y,
-            M, N, K, t_bucket(M), out_dropout)
+            M, N, K, bucket, out_dropout)
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
                 FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms)
     # A key's first launch compiles and tunes. The kernel was compile-checked with Triton 3.8 only; should
     # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel (a
     # forced TMA_PREFILL, or a key that already ran, raises instead).
     try:
-        _lora_matmul_tma.launch(*args, **meta)
+        _lora_matmul_tma.launch(*args, prepared=known is not None, **meta)
     except Exception as e:  # noqa: BLE001 - reported, then the pointer path runs
         if TMA_PREFILL or key in _lora_matmul_tma.configs:
             raise
@@ -477,14 +489,14 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         return y, xa
     kernel = _lora_matmul_decode if M <= DECODE_MAX_T else _lora_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    key = (t_bucket(M), N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None,
+    bucket = t_bucket(M)
+    key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None,
            x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
     kernel.launch(key, grid,
         x, weight, lora_A, xa, lora_B, bias if bias is not None else y, y,
         seed if (x_dropout > 0.0 or out_dropout > 0.0) else y,
-        M, N, K, R, t_bucket(M),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        xa.stride(0), xa.stride(1), lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        M, N, K, R, bucket,
+        *x.stride(), *weight.stride(), *lora_A.stride(), *xa.stride(), *lora_B.stride(), *y.stride(),
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
         FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
         HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
@@ -561,7 +573,8 @@ def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None 
         zeros = lambda n: torch.zeros((n, R), device=g.device, dtype=torch.float32)
         return zeros(N), None if g2 is None else zeros(N2)
     has_dropout = dropout > 0.0
-    key = (t_bucket(T), N, N2, R, has_dropout, g.dtype, None if g2 is None else g2.dtype)
+    bucket = t_bucket(T)
+    key = (bucket, N, N2, R, has_dropout, g.dtype, None if g2 is None else g2.dtype)
     alloc = torch.zeros if _lora_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty
     out = alloc((N, R), device=g.device, dtype=torch.float32)
     out2 = out if g2 is None else alloc((N2, R), device=g.device, dtype=torch.float32)
@@ -570,7 +583,7 @@ def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None 
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) + cdiv(N2, meta["BLOCK_N"]), cdiv(R, block_r), meta["SPLIT_T"])
     _lora_weight_grad.launch(key, grid,
         g, h, out, g2, h2, out2, seed if has_dropout else out,
-        T, N, N2, R, t_bucket(T),
+        T, N, N2, R, bucket,
         *g.stride(), *h.stride(), *out.stride(), *g2.stride(), *h2.stride(), *out2.stride(),
         dropout,
         HAS_DROPOUT=has_dropout, FP32_DOT=g.dtype == torch.float32, BLOCK_R=block_r,
