@@ -149,8 +149,10 @@ def grouped_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
 
 def bottleneck_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
     dtype = lora_multi.layer_dtype(device)
+    # CUDA-graph timings too: they tell the GPU time of fwd+bwd from its host time (2026-11-26: ptlm 1.43 ms plain
+    # against eager's 0.89, cause unknown)
     return [("bottleneck adapter", bottleneck.grid(**args.points.bottleneck, providers=bottleneck.PROVIDERS,
-                                                   modes=bottleneck.MODES, device=device, dtype=dtype), False)]
+                                                   modes=bottleneck.MODES, device=device, dtype=dtype), graph)]
 
 
 def prefix_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
@@ -226,7 +228,7 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
     block(lora_multi.summary(rows))
     grouped = lora_grouped.summary(rows)
     block(grouped if len(grouped) > 1 else [], "Grouped projections, ms")
-    block(bottleneck.compact_table(rows) + bottleneck.target_checks(rows))
+    block(bottleneck.compact_table(rows) + bottleneck.compact_table(rows, "graph") + bottleneck.target_checks(rows))
     block(prefix_attention.compact_table(rows) + prefix_attention.target_checks(rows))
     block(model_generate.summary(rows) + model_multi_train.summary(rows))
     failed = sum(1 for r in rows if r.get("ms") is None)
