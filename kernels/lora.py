@@ -5,7 +5,10 @@ Three kernels, each reused by forward and backward through strides:
 - matmul:      y = x @ W^T + xa @ B^T (+ bias)           the base GEMM with the LoRA expand as extra K steps,
                                                           so the d_out-wide LoRA product never touches memory;
                                                           also dx = dy @ W0 + mask * (g @ A) in backward.
-- weight grad: out = sum_t dropout(G)[t, :]^T H[t, :]    (N, r) in fp32: dB = dy^T xa, dA^T = dropout(x)^T g.
+- weight grad: out = sum_t dropout(G)[t, :]^T H[t, :]    (N, r) in fp32: dB = dy^T xa, dA^T = dropout(x)^T g,
+                                                          both in one launch (lora_weight_grads).
+A and B may be float32 master weights on a half-precision x: the shrink reads A as x's dtype, the expand
+reads B in fp32 (as xa), so no cast runs outside the kernels.
 The matmul has a decode path (small T: skinny tiles, many programs along N, memory-bound) and a prefill path
 (tensor-core tiles, grouped order); both are autotuned per T bucket, shape, rank and dtype. On Hopper
 (compute capability >= 9) the fp16/bf16 prefill matmul runs a third kernel, _lora_matmul_tma_kernel: TMA
