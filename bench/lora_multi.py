@@ -236,11 +236,11 @@ def _forward(provider: str, s: MultiSet):
         fwd, grads = _forward("ptlm", s)
 
         def slot_steps():
-            kernels.GATHER_DECODE = False
+            gather, kernels.GATHER_DECODE = kernels.GATHER_DECODE, False
             try:
                 return fwd()
             finally:
-                kernels.GATHER_DECODE = True
+                kernels.GATHER_DECODE = gather
         return slot_steps, grads
     if provider == "gather_bmm":
         # The row -> slot map and per-row scales are built once per batch, as an engine shares them across layers.

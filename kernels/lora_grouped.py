@@ -125,7 +125,8 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
         return [torch.empty((0, r), device=x.device, dtype=torch.float32) for r in ranks]
     dropouts = [0.0] * G if dropouts is None else list(dropouts)
     drop = [p > 0.0 for p in dropouts]
-    key = (t_bucket(T), K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
+    bucket = t_bucket(T)
+    key = (bucket, K, *ranks, *drop, x.dtype, *(t.dtype for t in lora_As))
     alloc = torch.zeros if _grouped_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
     outs = [alloc((T, r), device=x.device, dtype=torch.float32) for r in ranks]
     seeds = [s if d else outs[g] for g, (s, d) in enumerate(zip(seeds or [None] * G, drop))]
@@ -136,7 +137,7 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(max(ranks), block_r), meta["SPLIT_K"])
     _grouped_shrink.launch(key, grid,
         x, *a, *o, *sd,
-        T, K, *_padded(ranks, 0), t_bucket(T),
+        T, K, *_padded(ranks, 0), bucket,
         x.stride(0), x.stride(1), *(s for pair in strides for s in pair),
         *scale, *_padded(dropouts, 0.0),
         MEMBERS=G, DROP0=drop[0], DROP1=G > 1 and drop[1], DROP2=G > 2 and drop[2],
@@ -279,12 +280,13 @@ def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_A
     has_bias = [b is not None for b in biases]
     widths = [w.shape[0] for w in weights]
     kernel = _grouped_matmul_decode if M <= DECODE_MAX_T else _grouped_matmul_prefill
-    key = (t_bucket(M), K, *widths, *ranks, *fuse, *drop, *has_bias, x.dtype,
+    bucket = t_bucket(M)
+    key = (bucket, K, *widths, *ranks, *fuse, *drop, *has_bias, x.dtype,
            *(t.dtype for t in weights), *(t.dtype for t in lora_As if t is not None),
            *(t.dtype for t in lora_Bs if t is not None))
     kernel.launch(key, _tile_grid(M, widths),
         x, *members,
-        M, K, t_bucket(M), *_padded(widths, 0), *_padded(ranks, 0),
+        M, K, bucket, *_padded(widths, 0), *_padded(ranks, 0),
         x.stride(0), x.stride(1), *strides,
         *_padded([s / (1.0 - p) for s, p in zip(scales, dropouts)], 0.0), *_padded(dropouts, 0.0),
         MEMBERS=G, **_flags("FUSE", fuse), **_flags("DROP", drop), **_flags("HAS_BIAS", has_bias),
@@ -420,7 +422,8 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     dropouts = [None] * G if dropouts is None else list(dropouts)
     seeds = [None] * G if seeds is None else list(seeds)
     drop = [p is not None for p in dropouts]
-    key = (t_bucket(T), K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As))
+    bucket = t_bucket(T)
+    key = (bucket, K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As))
     alloc = torch.zeros if _grouped_multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
     outs = [alloc((T, w), device=x.device, dtype=torch.float32) for w in widths]
     members, strides = [], []
@@ -434,7 +437,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R, meta["SPLIT_K"])
     _grouped_multi_shrink.launch(key, grid,
         x, adapter_index, adapter_index if order is None else order, *members,
-        T, K, t_bucket(T), *_padded(widths, 0),
+        T, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
         FP32_DOT=x.dtype == torch.float32, GATHER_A=gathered(T), BLOCK_R=MULTI_BLOCK_R,
@@ -550,11 +553,12 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     has_bias = [b is not None for b in biases]
     widths = [w.shape[0] for w in weights]
     kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
-    key = (t_bucket(M), K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
+    bucket = t_bucket(M)
+    key = (bucket, K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
            *(b.dtype for b in lora_Bs if b is not None))
     kernel.launch(key, _tile_grid(M, widths),
         x, adapter_index, adapter_index if order is None else order, *members,
-        M, K, t_bucket(M), *_padded(widths, 0),
+        M, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
         FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=MULTI_BLOCK_R,
