@@ -11,6 +11,9 @@ from ptlm_engine.ops.lora import lora_linear_op
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_op, lora_linear_multi_grouped_op
 from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
 from ptlm_engine.ops.prefix_attention import prefix_attention_op
+from ptlm_engine.ops.rms_norm import rms_norm_op
+from ptlm_engine.ops.rotary import apply_rotary_op
+from ptlm_engine.ops.silu_mul import silu_mul_op
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -107,3 +110,36 @@ def bottleneck_adapter_multi(h: Tensor, slots: BottleneckSlots, adapter_index: T
     None). Gradients reach each slot's weights from its own tokens only.
     """
     return bottleneck_adapter_multi_op(h, slots, adapter_index, residual, segments)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
+    """transformers' LlamaRMSNorm, fused: weight * cast(x * rsqrt(mean(x^2) + eps)), statistics in fp32.
+
+    x (..., d), any strides; weight (d,). The normalized x is rounded to x's dtype before the multiply by weight,
+    as HF does, so half-precision outputs equal HF's; the output dtype is promote(x, weight). Backward saves x
+    and one fp32 per row, and computes weight's gradient only where weight requires grad. The kernels take fp32
+    / fp16 / bf16 and d <= 16384; other inputs run the reference.
+    """
+    return rms_norm_op(x, weight, eps)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, fused: a gated MLP's act_fn(gate_proj(x)) * up_proj(x) with act silu (Llama, Mistral,
+    Qwen), silu rounded to the dtype before the product as in HF.
+
+    gate, up (..., F) of one shape and dtype, any strides (a fused gate/up projection's column halves are read in
+    place). Backward saves gate and up only and returns both gradients from one launch.
+    """
+    return silu_mul_op(gate, up)
+
+
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb (rotate_half), fused, q and k in one launch: (q cos + rotate_half(q) sin,
+    k cos + rotate_half(k) sin), each product rounded to the dtype before the sum as in HF.
+
+    unsqueeze_dim=1: q (B, Hq, L, D), k (B, Hk, L, D); unsqueeze_dim=2: q (B, L, Hq, D), k (B, L, Hk, D); any
+    strides (HF's transposed views are read in place, never written). cos, sin (B, L, D) or (1, L, D); they get no
+    gradient. Returns new contiguous tensors shaped as q and k. The kernel takes one dtype (fp32 / fp16 / bf16)
+    for all four and an even D; other inputs run the reference.
+    """
+    return apply_rotary_op(q, k, cos, sin, unsqueeze_dim)

@@ -179,3 +179,29 @@ def bottleneck_adapter_multi(h: Tensor, down_weight: Tensor, down_bias: Tensor, 
                                 BOTTLENECK_ACTIVATIONS[int(acts[a])])
         delta = delta.index_add(0, rows, (scales[a] * out).to(base.dtype))
     return base + delta
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """transformers' LlamaRMSNorm: weight * cast(x * rsqrt(mean(x^2) + eps)), the statistics in float32 (float64
+    for float64 x), the normalized x rounded to x's dtype before the multiply.   x (..., d), weight (d,)."""
+    stats = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = stats * torch.rsqrt(stats.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up, as a gated MLP's act_fn(gate_proj(x)) * up_proj(x) with act silu.   gate, up (..., F)."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """[-x2, x1] for the halves x1, x2 of the last dim."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1) -> tuple[Tensor, Tensor]:
+    """transformers' apply_rotary_pos_emb: (q cos + rotate_half(q) sin, k cos + rotate_half(k) sin), cos and sin
+    (B, L, D) unsqueezed at unsqueeze_dim: q (B, Hq, L, D), k (B, Hk, L, D) with 1, (B, L, H, D) with 2."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

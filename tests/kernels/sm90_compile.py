@@ -25,6 +25,9 @@ from ptlm_engine.kernels import lora as L  # noqa: E402
 from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
 from ptlm_engine.kernels import prefix_attention as PA  # noqa: E402
+from ptlm_engine.kernels import rms_norm as RN  # noqa: E402
+from ptlm_engine.kernels import rotary as RO  # noqa: E402
+from ptlm_engine.kernels import silu_mul as SM  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -146,6 +149,40 @@ KERNELS.update({
                          [dict(PREFIX_FLAGS, HAS_PADDING=False, ATOMIC_DQ=True),
                           dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=True)]),
     "prefix.dq": (PA._prefix_attn_dq, {**PREFIX_INPUTS, "dq_ptr": "x"}, [dict(PREFIX_FLAGS, HAS_PADDING=True)]),
+})
+
+
+def _fixed(fn, *configs):
+    """A kernel launched with fixed tiles (no autotuner), in the shape main() reads."""
+    return SimpleNamespace(autotuner=SimpleNamespace(fn=fn, configs=list(configs)))
+
+
+def _rms_tiles(T: int, d: int):
+    block_t, block_d, warps = RN.block_shape(T, d)
+    return triton.Config({"BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps=warps, num_stages=1)
+
+
+# base-model ops with their launchers' tiles at the training step's shapes: rms_norm d = 2048 (one row a program)
+# and d = 128 (Qwen3's per-head norms: several rows), silu_mul's F = 5632, rotary's D = 64
+SILU_BLOCK, SILU_WARPS = SM.block_size(5632)
+ROTARY_L, ROTARY_HALF, ROTARY_WARPS = RO.block_shape(1024, 64)
+KERNELS.update({
+    "rms_norm.forward": (_fixed(RN._rms_norm_fwd_kernel, _rms_tiles(8192, 2048), _rms_tiles(8192, 128)),
+                         {"x_ptr": "x", "w_ptr": "x", "y_ptr": "x", "rstd_ptr": "*fp32", "eps": "fp32"},
+                         [dict(STORE_RSTD=True)]),
+    "rms_norm.backward": (_fixed(RN._rms_norm_bwd_kernel, _rms_tiles(8192, 2048)),
+                          {"dy_ptr": "x", "x_ptr": "x", "w_ptr": "x", "rstd_ptr": "*fp32", "dx_ptr": "x",
+                           "dw_ptr": "*fp32"}, [dict(HAS_DW=True), dict(HAS_DW=False)]),
+    "silu_mul.forward": (_fixed(SM._silu_mul_fwd_kernel, triton.Config({"BLOCK": SILU_BLOCK}, num_warps=SILU_WARPS,
+                                                                        num_stages=1)),
+                         {"g_ptr": "x", "u_ptr": "x", "y_ptr": "x"}, [{}]),
+    "silu_mul.backward": (_fixed(SM._silu_mul_bwd_kernel, triton.Config({"BLOCK": SILU_BLOCK}, num_warps=SILU_WARPS,
+                                                                         num_stages=1)),
+                          {f"{p}_ptr": "x" for p in ("dy", "g", "u", "dg", "du")}, [{}]),
+    "rotary": (_fixed(RO._rotary_kernel, triton.Config({"BLOCK_L": ROTARY_L, "BLOCK_HALF": ROTARY_HALF},
+                                                       num_warps=ROTARY_WARPS, num_stages=1)),
+               {f"{p}_ptr": "x" for p in ("q", "k", "cos", "sin", "qo", "ko")},
+               [dict(BACKWARD=False), dict(BACKWARD=True)]),
 })
 
 

@@ -1,0 +1,197 @@
+"""Switch a transformers model's frozen base onto the fused base-model ops (RMSNorm, silu(gate) * up, RoPE), and
+back.
+
+HF's eager code spends a LoRA training step's elementwise time in these: LlamaRMSNorm upcasts to fp32 in ~6
+kernels, rotate_half RoPE takes ~8, act_fn(gate) * up 2, and their autograd saves fp32 intermediates. The three
+switches are driven by the small tables below, never by copies of model code:
+
+- RMSNorm: every module whose class name is in RMS_NORM_CLASSES (Llama's formula; GemmaRMSNorm's (1 + weight) is
+  not) with a (d,) `weight` and a float `variance_epsilon` is replaced in place by layers.rms_norm.FusedRMSNorm,
+  which holds the same weight Parameter (state-dict keys and optimizers unchanged) and gives the module back.
+- Gated MLP: a module with gate_proj, up_proj, down_proj and a SiLU `act_fn` gets an instance-level forward,
+  down_proj(silu_mul(gate_proj(x), up_proj(x))): the projections are still called as modules, so LoRA layers in
+  their place (and their grouped gate/up call) work, whichever of fuse_base_ops and add_adapter comes first.
+- RoPE: the modeling modules of ROTARY_FUNCTIONS call a module-level apply_rotary_pos_emb; it is replaced there by
+  a wrapper that runs functional.apply_rotary where the fused op takes the inputs (Triton enabled for them, one
+  supported dtype, HF's shapes) and the original function otherwise. The patch is module-global: while any
+  fused model holds it, every model of that architecture in the process runs the wrapper. It is
+  reference-counted per model, and the unfuse of its last live holder puts the original function back (the
+  count is weak: a model collected without unfuse_base_ops stops holding it, and the next unfuse_base_ops call
+  of any model then restores what no live model holds).
+
+Modules inside adapter layers (a ModulesToSave's copies, say) are left alone, and so are modules with an
+instance-level forward of someone else's (accelerate's hooks) and RMSNorm modules with hooks (replacing them
+would drop the hooks; an MLP's hooks, a bottleneck adapter's say, keep working with the fused forward).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import types
+import weakref
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from ptlm_engine import functional
+from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.rms_norm import FusedRMSNorm
+from ptlm_engine.ops.rotary import apply_checked, runs_fused
+
+# transformers' RMSNorm classes that compute weight * cast(x * rsqrt(mean(x^2) + eps)), matched by class name.
+RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# modeling module -> the name of its module-level rotate_half RoPE function, which its attention calls.
+ROTARY_FUNCTIONS = {
+    "transformers.models.llama.modeling_llama": "apply_rotary_pos_emb",
+    "transformers.models.mistral.modeling_mistral": "apply_rotary_pos_emb",
+    "transformers.models.qwen2.modeling_qwen2": "apply_rotary_pos_emb",
+    "transformers.models.qwen3.modeling_qwen3": "apply_rotary_pos_emb",
+}
+
+# modeling module -> (its original function, the models holding the patch)
+_ROTARY_PATCHES: dict[str, tuple[Callable, weakref.WeakSet]] = {}
+
+
+def _silu_classes() -> tuple[type, ...]:
+    try:
+        from transformers.activations import SiLUActivation
+        return nn.SiLU, SiLUActivation
+    except ImportError:  # older transformers: ACT2FN["silu"] is nn.SiLU
+        return (nn.SiLU,)
+
+
+def _modules(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute name, child) for every module below `module`, not descending into adapter layers."""
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        yield module, name, child
+        if not isinstance(child, AdapterLayer):
+            yield from _modules(child)
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """No instance-level forward (accelerate's hooks, say): the class's forward is what runs."""
+    return "forward" not in module.__dict__
+
+
+def _replaceable(module: nn.Module) -> bool:
+    """Replacing the module loses nothing of others': its class's forward and no hooks."""
+    return _own_forward(module) and not module._forward_hooks and not module._forward_pre_hooks
+
+
+# ---------------------------------------------------------------------------------------------------- RMSNorm
+def _fusable_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ in RMS_NORM_CLASSES and isinstance(weight, nn.Parameter) and weight.dim() == 1
+            and isinstance(getattr(module, "variance_epsilon", None), float) and _replaceable(module))
+
+
+def _fuse_norms(model: nn.Module) -> None:
+    fused: dict[int, FusedRMSNorm] = {}              # a module shared by two parents gets one replacement
+    for parent, name, child in list(_modules(model)):
+        if _fusable_norm(child):
+            if id(child) not in fused:
+                fused[id(child)] = FusedRMSNorm(child)
+            parent._modules[name] = fused[id(child)]
+
+
+# -------------------------------------------------------------------------------------------------- gated MLP
+def _gated_mlp_forward(self: nn.Module, x):
+    return self.down_proj(functional.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _has_fused_forward(module: nn.Module) -> bool:
+    forward = module.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and forward.__func__ is _gated_mlp_forward
+
+
+def _fusable_mlp(module: nn.Module, silu: tuple[type, ...]) -> bool:
+    return (all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+            and isinstance(getattr(module, "act_fn", None), silu) and _own_forward(module))
+
+
+# ------------------------------------------------------------------------------------------------------- RoPE
+def _rotary_wrapper(original: Callable) -> Callable:
+    """original(q, k, cos, sin, ...) running the fused op where it applies: HF's call with no options beyond
+    unsqueeze_dim (and older transformers' unused position_ids=None)."""
+    options = list(inspect.signature(original).parameters)[4:]
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        given = dict(zip(options, args), **kwargs)
+        unsqueeze_dim = given.pop("unsqueeze_dim", 1)
+        if given.pop("position_ids", None) is None and not given and runs_fused(q, k, cos, sin, unsqueeze_dim):
+            return apply_checked(q, k, cos, sin, unsqueeze_dim)           # functional.apply_rotary, checked once
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.ptlm_original = original
+    return apply_rotary_pos_emb
+
+
+def _rotary_modules(model: nn.Module) -> set[str]:
+    """The table's modeling modules that define classes of the model's modules."""
+    return {type(child).__module__ for _, _, child in _modules(model)} & ROTARY_FUNCTIONS.keys()
+
+
+def _hold_rotary(model: nn.Module) -> None:
+    for module_name in _rotary_modules(model):
+        if module_name not in _ROTARY_PATCHES:
+            modeling = importlib.import_module(module_name)
+            original = getattr(modeling, ROTARY_FUNCTIONS[module_name])
+            setattr(modeling, ROTARY_FUNCTIONS[module_name], _rotary_wrapper(original))
+            _ROTARY_PATCHES[module_name] = (original, weakref.WeakSet())
+        _ROTARY_PATCHES[module_name][1].add(model)
+
+
+def _release_rotary(model: nn.Module) -> None:
+    for module_name, (original, holders) in list(_ROTARY_PATCHES.items()):
+        holders.discard(model)
+        if len(holders) == 0:
+            modeling = importlib.import_module(module_name)
+            current = getattr(modeling, ROTARY_FUNCTIONS[module_name])
+            if getattr(current, "ptlm_original", None) is original:     # not re-patched by someone else since
+                setattr(modeling, ROTARY_FUNCTIONS[module_name], original)
+            del _ROTARY_PATCHES[module_name]
+
+
+def _rotary_held(model: nn.Module) -> int:
+    return sum(model in holders for _, holders in _ROTARY_PATCHES.values())
+
+
+# ------------------------------------------------------------------------------------------------- public API
+def fuse_base_ops(model: nn.Module) -> dict[str, int]:
+    """Switch the model's frozen base onto the fused ops, in place (see the module docstring for what and how).
+
+    Idempotent; returns what now runs fused in the model: {"rms_norm": FusedRMSNorm modules, "gated_mlp": MLPs
+    with the fused forward, "rotary": modeling modules whose apply_rotary_pos_emb the model holds patched}.
+    Outputs and gradients are those of the original modules up to the kernels' rounding (half-precision forward
+    outputs equal HF's but for rare last-bit differences of rstd / exp); where a fused op does not apply (no
+    Triton for the tensor, another dtype) it runs its PyTorch reference, or HF's own function for RoPE.
+    """
+    _fuse_norms(model)
+    silu = _silu_classes()
+    for _, _, child in list(_modules(model)):
+        if _fusable_mlp(child, silu):
+            child.forward = types.MethodType(_gated_mlp_forward, child)
+    _hold_rotary(model)
+    return _counts(model)
+
+
+def unfuse_base_ops(model: nn.Module) -> None:
+    """Undo fuse_base_ops on the model: the original RMSNorm modules back in place (with their weights as they are
+    now), the MLPs' class forward, and the RoPE functions once no other live fused model holds them."""
+    for parent, name, child in list(_modules(model)):
+        if isinstance(child, FusedRMSNorm):
+            parent._modules[name] = child.restore()
+        elif _has_fused_forward(child):
+            del child.forward
+    _release_rotary(model)
+
+
+def _counts(model: nn.Module) -> dict[str, int]:
+    modules = {id(child): child for _, _, child in _modules(model)}.values()
+    return {"rms_norm": sum(isinstance(m, FusedRMSNorm) for m in modules),
+            "gated_mlp": sum(_has_fused_forward(m) for m in modules),
+            "rotary": _rotary_held(model)}

@@ -1,0 +1,163 @@
+"""fuse_base_ops / unfuse_base_ops on tiny transformers models: a LoRA-adapted Llama's logits and LoRA gradients
+unchanged by the fused RMSNorm / silu_mul / RoPE ops (fp32 and fp16, the adapter added after or before), state-dict
+keys unchanged, idempotence, exact restoration (the same module objects, the class forward, transformers' own
+apply_rotary_pos_emb once no fused model holds it), the class and function tables (Mistral, Qwen2, Qwen3 fused;
+Gemma's (1 + weight) RMSNorm and gelu MLP not)."""
+import copy
+import importlib
+import warnings
+
+import pytest
+import torch
+from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+import ptlm_engine as pe
+from ptlm_engine import base_ops
+from ptlm_engine.layers.rms_norm import FusedRMSNorm
+from tests.helpers import needs_triton, rel_err
+
+SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, vocab_size=97)
+LLAMA = "transformers.models.llama.modeling_llama"
+# per dtype: the largest relative error (norm) of the logits and of each LoRA gradient, fused against HF's code
+BOUND = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def _build(config_class, model_class, dtype=torch.float32, **extra):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model_class(config_class(**SIZES, **extra)).to(dtype)
+
+
+def _adapt(model):
+    """A LoRA adapter on all 7 projections, its weights random (B starts at zero) and the same on every copy."""
+    pe.add_adapter(model, "a", pe.LoraConfig(r=4, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def _step(model):
+    """Logits and every LoRA gradient of one next-token loss."""
+    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+    model.zero_grad()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_step(got, want, dtype):
+    assert rel_err(got[0], want[0]) <= BOUND[dtype], "logits"
+    assert got[1].keys() == want[1].keys() and len(want[1]) == 2 * 7 * 2
+    for name, grad in want[1].items():
+        assert rel_err(got[1][name], grad) <= BOUND[dtype], name
+
+
+def _norms(model):
+    return {name: m for name, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_llama_trains_lora_as_the_original(dtype):
+    modeling = importlib.import_module(LLAMA)
+    original_rotary = modeling.apply_rotary_pos_emb
+    base = _build(LlamaConfig, LlamaForCausalLM, dtype)
+    model = copy.deepcopy(base)
+    _adapt(model)
+    want = _step(model)
+    keys, norms = list(model.state_dict()), _norms(model)
+
+    counts = pe.fuse_base_ops(model)
+    assert counts == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}
+    assert pe.fuse_base_ops(model) == counts                                   # idempotent
+    assert list(model.state_dict()) == keys
+    assert all(isinstance(m, FusedRMSNorm) for m in _norms(model).values())
+    assert model.model.norm.weight is norms["model.norm"].weight                # the same Parameter
+    assert modeling.apply_rotary_pos_emb is not original_rotary
+    _assert_same_step(_step(model), want, dtype)
+
+    if dtype == torch.float32:  # fused first, the adapter added afterwards: the LoRA layers sit inside the MLP
+        other = copy.deepcopy(base)
+        pe.fuse_base_ops(other)
+        _adapt(other)
+        _assert_same_step(_step(other), want, dtype)
+        pe.unfuse_base_ops(other)
+        assert modeling.apply_rotary_pos_emb is not original_rotary           # `model` still holds the patch
+
+    pe.unfuse_base_ops(model)
+    assert _norms(model) == norms                                              # the very same modules back
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+    assert modeling.apply_rotary_pos_emb is original_rotary
+    assert list(model.state_dict()) == keys
+    pe.unfuse_base_ops(model)                                                  # a second undo changes nothing
+    assert _norms(model) == norms and modeling.apply_rotary_pos_emb is original_rotary
+
+
+@pytest.mark.parametrize("config_class, model_class, counts", [
+    (MistralConfig, MistralForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}),
+    (Qwen2Config, Qwen2ForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}),
+    (Qwen3Config, Qwen3ForCausalLM, {"rms_norm": 9, "gated_mlp": 2, "rotary": 1}),     # + q_norm, k_norm
+    (GemmaConfig, GemmaForCausalLM, {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}),     # (1 + weight), gelu
+])
+def test_tables_cover_mistral_qwen_and_leave_gemma(config_class, model_class, counts):
+    model = _build(config_class, model_class, head_dim=16)
+    assert pe.fuse_base_ops(model) == counts
+    modules = [name for name in base_ops.ROTARY_FUNCTIONS if name.endswith(config_class.model_type)]
+    for name in modules:   # the patched function equals the original (fp16: the same values bit for bit)
+        modeling = importlib.import_module(name)
+        patched = modeling.apply_rotary_pos_emb
+        q, k = torch.randn(2, 9, 4, 16).half().transpose(1, 2), torch.randn(2, 9, 2, 16).half().transpose(1, 2)
+        cos, sin = torch.randn(1, 9, 16).half(), torch.randn(1, 9, 16).half()
+        for ours, theirs in zip(patched(q, k, cos, sin), patched.ptlm_original(q, k, cos, sin)):
+            assert torch.equal(ours, theirs)
+    pe.unfuse_base_ops(model)
+    assert not any(isinstance(m, FusedRMSNorm) or "forward" in m.__dict__ for m in model.modules())
+    for name in modules:
+        assert not hasattr(importlib.import_module(name).apply_rotary_pos_emb, "ptlm_original")
+
+
+def test_rotary_patch_falls_back_to_transformers_without_triton(monkeypatch):
+    """Where the fused op does not run (here: the reference backend) the patched function calls HF's own."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    model = _build(LlamaConfig, LlamaForCausalLM)
+    pe.fuse_base_ops(model)
+    try:
+        patched = importlib.import_module(LLAMA).apply_rotary_pos_emb
+        q, k = torch.randn(1, 4, 5, 16, requires_grad=True), torch.randn(1, 2, 5, 16)
+        cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+        q_out, _ = patched(q, k, cos, sin)
+        assert "Rotary" not in q_out.grad_fn.name()
+        assert torch.equal(q_out, patched.ptlm_original(q, k, cos, sin)[0])
+    finally:
+        pe.unfuse_base_ops(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_llama_bf16_on_cuda():
+    """The Triton kernels on the GPU, bf16: the fused step within bf16's error of HF's, forward logits bitwise
+    close (the ops replicate HF's roundings)."""
+    base = _build(LlamaConfig, LlamaForCausalLM, torch.bfloat16, max_position_embeddings=64).cuda()
+    _adapt(base)
+    ids = torch.randint(0, SIZES["vocab_size"], (4, 33), device="cuda")
+
+    def step():
+        base.zero_grad()
+        out = base(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+
+    want = step()
+    assert pe.fuse_base_ops(base) == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}
+    try:
+        got = step()
+    finally:
+        pe.unfuse_base_ops(base)
+    assert rel_err(got[0], want[0]) <= 1e-2
+    for name, grad in want[1].items():
+        assert rel_err(got[1][name], grad) <= 3e-2, name
