@@ -63,6 +63,35 @@ def decode_matmul_configs():
     return _tuned(tiles + deeper)
 
 
+def split_decode_configs():
+    """kernels.lora's decode kernel: one row block (BLOCK_M set by T), BLOCK_N columns, K split SPLIT_K ways.
+
+    The first is v4's choice at 4096x4096, T <= 64 (H100, 2026-11-26: 32 columns, no split, 1.09x cuBLAS). The
+    others keep ~128 programs on the 132 SMs with wider column blocks, so each program reads A (the fused
+    shrink) over 1/SPLIT_K of K instead of all of it: 128 columns over 4 splits read 1/32 of W's bytes in A,
+    32 columns unsplit half. Each compiles for sm_90 at 16 and 64 rows, forward and backward, without spills
+    in at most 227 KB of shared memory (Triton 3.8, launch specializations emulated); 128 columns need 8 warps
+    for that, 256 columns spilled at any split.
+    """
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
+    return _tuned([_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk, w, s in (
+        (32, 256, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 2, 4, 3), (64, 128, 4, 4, 4), (128, 128, 2, 8, 4),
+        (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3))])
+
+
+def prune_split_decode():
+    """Drop decode configs with splits past K's blocks, column blocks far wider than N, or an fp32 tile of
+    more than 64 registers a thread."""
+    def prune(configs, named_args, **kwargs):
+        n, k, bm = named_args["N"], named_args["K"], kwargs["BLOCK_M"]
+        kept = [c for c in configs if c.kwargs["SPLIT_K"] <= cdiv(k, c.kwargs["BLOCK_K"])
+                and c.kwargs["BLOCK_N"] <= max(16, next_pow2(n))
+                and bm * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+        return kept or configs[:1]
+    return {"early_config_prune": prune}
+
+
 def prefill_matmul_configs():
     """Tensor-core tiles for large T, grouped launch order so W0 tiles stay in L2."""
     if INTERPRETED:

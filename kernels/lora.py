@@ -9,8 +9,11 @@ Three kernels, each reused by forward and backward through strides:
                                                           both in one launch (lora_weight_grads).
 A and B may be float32 master weights on a half-precision x: the shrink reads A as x's dtype, the expand
 reads B in fp32 (as xa), so no cast runs outside the kernels.
-The matmul has a decode path (small T: skinny tiles, many programs along N, memory-bound) and a prefill path
-(tensor-core tiles, grouped order); both are autotuned per T bucket, shape, rank and dtype. On Hopper
+The matmul has a decode path (T <= 64, memory-bound: _lora_decode_kernel, one row block, K split across
+programs whose last one per column block sums the partials; in backward it also writes dA and dB, so the whole
+LoRA backward is one launch there, as the forward is) and a prefill path (tensor-core tiles, grouped order);
+both are autotuned per T bucket, shape, rank and dtype. Decode floor: W0's bytes at 3.0 TB/s (4096x4096 bf16:
+0.0112 ms; cuBLAS took 0.0165 on the H100, the v4 kernel 0.0179). On Hopper
 (compute capability >= 9) the fp16/bf16 prefill matmul runs a third kernel, _lora_matmul_tma_kernel: TMA
 tensor descriptors and a persistent grid (selection rule: _tma_programs and _tma_layout; TMA_PREFILL forces it
 or switches it off). Its floor is the prefill GEMM's: 2T·d_in·d_out flops at 790 TFLOP/s (4096³: 0.174 ms).
@@ -29,9 +32,9 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .configs import (DECODE_MAX_T, INTERPRETED, decode_matmul_configs, prefill_matmul_configs,  # noqa: F401
-                      TunedLauncher, cdiv, next_pow2, prune_by_t, shrink_configs, t_bucket, tma_matmul_configs,
-                      tune_bench, weight_grad_configs)
+from .configs import (DECODE_MAX_T, INTERPRETED, prefill_matmul_configs, prune_split_decode,  # noqa: F401
+                      split_decode_configs, TunedLauncher, cdiv, next_pow2, prune_by_t, shrink_configs, t_bucket,
+                      tma_matmul_configs, tune_bench, weight_grad_configs)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -250,12 +253,218 @@ def _lora_matmul_kernel(
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS"]
-_lora_matmul_decode = TunedLauncher(triton.autotune(
-    decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
-    do_bench=tune_bench)(_lora_matmul_kernel))
 _lora_matmul_prefill = TunedLauncher(triton.autotune(
     prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_lora_matmul_kernel))
 MAX_FUSED_RANK = 64  # the matmul holds the whole r-wide xa tile on chip
+
+
+# --------------------------------------------------------------------------------------- matmul, decode path
+@triton.jit
+def _lora_decode_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr, dk_ptr, dn_ptr, part_ptr, count_ptr,
+    M, N, K, R, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_x2m, stride_x2n,
+    scale, dropout_p,
+    FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """y = x @ W^T + keep_out * (xa @ B^T) (+ bias) for M <= BLOCK_M rows: one row block, so W streams from HBM
+    once; SPLIT_K programs per BLOCK_N columns, each over its share of K.
+
+    The LoRA term is linear in xa, so each split adds its partial shrink's expand (x_k A_k^T) B^T to its partial
+    tile; the last split of a column block to finish (an atomic counter) sums the partials and runs the
+    epilogue. Each program reads A only over its own K share: the fused shrink costs r / BLOCK_N of the W bytes
+    in L2 reads (with one program per 32 columns and no split, it cost half as much again as W).
+    Without FUSE_SHRINK, xa (M, R) is given and split 0 adds its expand.
+
+    WEIGHT_GRADS (the backward, x = dy, W = W0^T, A = B^T, B = A^T, h = the forward's xa, x2 = its x) also
+    writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = (keep x2)^T xa (N, R) (dA^T)
+    in the epilogue: dx, dA and dB in one launch.
+    """
+    pid = tl.program_id(0)
+    pid_n = pid // SPLIT_K            # the splits of a column block are neighbours: they run (and finish) together
+    pid_k = pid % SPLIT_K
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_share
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if WEIGHT_GRADS:
+        h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                    other=0.0)                                                            # (BLOCK_M, BLOCK_R)
+        num_n = tl.cdiv(N, BLOCK_N)
+    for k0 in range(k_lo, tl.minimum(K, k_lo + k_share), BLOCK_K):
+        x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
+                                           stride_wn, stride_wk, BLOCK_K)
+        acc = _dot(x, w, acc, FP32_DOT)
+        if FUSE_SHRINK:
+            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                        mask=mask_r[None, :] & mask_k[:, None], other=0.0)                  # (BLOCK_K, BLOCK_R)
+            x_kept = x
+            if X_DROPOUT:
+                x_kept = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+            xa = _dot(x_kept, a.to(x.dtype), xa, FP32_DOT)
+        if WEIGHT_GRADS:
+            if (k0 // BLOCK_K) % num_n == pid_n:  # these dk rows are this program's: x is on chip already
+                dk = _dot_fp32(tl.trans(x).to(tl.float32), h, tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32),
+                               FP32_DOT)
+                tl.store(dk_ptr + offs_k[:, None] * R + offs_r[None, :], dk, mask=mask_k[:, None] & mask_r[None, :])
+
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SHRINK:
+        xa = xa * scale
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # (BLOCK_R, BLOCK_N)
+        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    else:
+        for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
+            offs_rr = r0 + offs_r
+            xa_given = tl.load(xa_ptr + offs_m[:, None] * R + offs_rr[None, :],
+                               mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
+            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                        mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
+            lora = _dot_fp32(xa_given, b.to(tl.float32), lora, FP32_DOT)
+    if OUT_DROPOUT:  # the mask is elementwise, so it applies to each split's part of the LoRA term
+        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
+    else:
+        acc += lora
+
+    if SPLIT_K == 1:
+        _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
+                         xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
+                         FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
+    else:
+        # partials: (SPLIT_K, M, N) tiles, then (SPLIT_K, M, R) shrinks, fp32
+        tile = offs_m[:, None] * N + offs_n[None, :]
+        mask_tile = mask_m[:, None] & mask_n[None, :]
+        xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * R + offs_r[None, :]
+        mask_xa = mask_m[:, None] & mask_r[None, :]
+        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask_tile)
+        if FUSE_SHRINK:
+            if WEIGHT_GRADS or pid_n == 0:  # the same values from every column block: whichever finishes reads them
+                tl.store(xa_part + pid_k * M * R, xa, mask=mask_xa)
+        tl.debug_barrier()                 # every thread's partial is written before the count goes up
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            tl.atomic_xchg(count_ptr + pid_n, 0)   # zero again for the next launch: no memset before each
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                acc += tl.load(part_ptr + s * M * N + tile, mask=mask_tile, other=0.0, cache_modifier=".cg")
+                if FUSE_SHRINK:
+                    xa += tl.load(xa_part + s * M * R, mask=mask_xa, other=0.0, cache_modifier=".cg")
+            _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
+                             xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m,
+                             stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr, xa_ptr,
+                     x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
+                     FUSE_SHRINK: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """A column block's whole sums: bias, y; the shrink's xa (column block 0); with WEIGHT_GRADS dn's rows."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+    if FUSE_SHRINK:
+        if pid_n == 0:
+            tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])
+        if WEIGHT_GRADS:
+            x2 = tl.load(x2_ptr + offs_m[:, None] * stride_x2m + offs_n[None, :] * stride_x2n,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)                 # (BLOCK_M, BLOCK_N)
+            if OUT_DROPOUT:
+                x2 = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), x2, 0.0)
+            dn = _dot_fp32(tl.trans(x2).to(tl.float32), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), FP32_DOT)
+            tl.store(dn_ptr + offs_n[:, None] * R + offs_r[None, :], dn, mask=mask_n[:, None] & mask_r[None, :])
+
+
+_lora_decode = TunedLauncher(triton.autotune(
+    split_decode_configs(), key=["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS",
+                                 "WEIGHT_GRADS"],
+    prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_lora_decode_kernel))
+# Per (device, stream): the decode kernel's arrival counters, zero between launches (each launch's last
+# programs zero theirs again). Kept for the process: a CUDA graph that captured one keeps using it.
+_SPLIT_COUNTERS: dict[tuple, torch.Tensor] = {}
+_COUNTERS_OUTGROWN: list[torch.Tensor] = []   # never freed: a captured graph may still point at one
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        if counters is not None:
+            _COUNTERS_OUTGROWN.append(counters)
+        counters = torch.zeros(max(1024, next_pow2(n)), device=device, dtype=torch.int32)
+        _SPLIT_COUNTERS[key] = counters
+    return counters
+
+
+def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout: float,
+                        out_dropout: float, fuse_shrink: bool, grads_of: tuple | None = None):
+    """The decode kernel into y (M, N) and, with fuse_shrink, xa (M, R) fp32 (else xa is given). grads_of:
+    (h (M, R) fp32, x2 (M, N), dk (K, R) fp32, dn (N, R) fp32) for the backward's weight gradients."""
+    M, K = x.shape
+    N, R = weight.shape[0], lora_A.shape[0]
+    bucket = t_bucket(M)
+    weight_grads = grads_of is not None
+    key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None, weight_grads,
+           x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
+    known = _lora_decode.chosen(key)
+    split = max(c.kwargs["SPLIT_K"] for c in _lora_decode.autotuner.configs) if known is None else known["SPLIT_K"]
+    if split > 1:
+        part = torch.empty(split * M * (N + R), device=x.device, dtype=torch.float32)
+        counters = _split_counters(x.device, cdiv(N, 16))
+    else:
+        part = counters = y
+    h, x2, dk, dn = grads_of if weight_grads else (xa, y, xa, xa)
+    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    _lora_decode.launch(key, grid,
+        x, weight, lora_A, lora_B, bias if bias is not None else y, y, xa,
+        seed if (x_dropout > 0.0 or out_dropout > 0.0) else y, h, x2, dk, dn, part, counters,
+        M, N, K, R, bucket,
+        *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), *x2.stride(),
+        scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
+        FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
+        HAS_BIAS=bias is not None, WEIGHT_GRADS=weight_grads, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_M=max(16, next_pow2(M)), BLOCK_R=rank_block(R),
+    )
+
+
+def decode_backward_fuses(dy: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether lora_decode_backward applies: decode rows and a rank the fused shrink holds."""
+    return 0 < dy.shape[0] <= DECODE_MAX_T and lora_A.shape[0] <= MAX_FUSED_RANK
+
+
+def lora_decode_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, g_scale: float, seed: torch.Tensor | None = None,
+                         dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The LoRA backward at decode in one launch: g = g_scale * dy @ B, dx = dy @ W0 + keep * (g @ A),
+    dA^T = (keep * x)^T g, dB = dy^T xa (see decode_backward_fuses).
+
+    dy (T, d_out); x (T, d_in) the forward's input; xa (T, r) fp32 the forward's; weight W0 (d_out, d_in) any
+    strides; lora_A (r, d_in); lora_B (d_out, r); keep: the forward's dropout mask of (seed, t * d_in + k).
+    Returns dx (T, d_in) in dy's dtype, dA^T (d_in, r) and dB (d_out, r) in fp32.
+    """
+    T, d_out = dy.shape
+    d_in, r = x.shape[1], lora_A.shape[0]
+    dx = torch.empty((T, d_in), device=dy.device, dtype=dy.dtype)
+    g = torch.empty((T, r), device=dy.device, dtype=torch.float32)
+    d_a_t = torch.empty((d_in, r), device=dy.device, dtype=torch.float32)
+    d_b = torch.empty((d_out, r), device=dy.device, dtype=torch.float32)
+    _lora_decode_launch(dy, weight.t(), lora_B.t(), lora_A.t(), g_scale, None, dx, g, seed, 0.0, dropout, True,
+                        (xa.contiguous(), x, d_b, d_a_t))
+    return dx, d_a_t, d_b
 
 
 # ------------------------------------------------------------------------------------ matmul, Hopper TMA path
@@ -472,8 +681,8 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     and xa (M, r) fp32. keep_x is the Philox mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
-    `out` (M, N), if given, receives y. With a separate shrink the Hopper TMA kernel runs where
-    _tma_programs and _tma_layout allow it, else the pointer kernel.
+    `out` (M, N), if given, receives y. Decode (M <= DECODE_MAX_T) runs _lora_decode_kernel; prefill with a
+    separate shrink the Hopper TMA kernel where _tma_programs and _tma_layout allow it, else the pointer kernel.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
@@ -490,12 +699,14 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         return y, xa
     if not fuse_shrink and _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout):
         return y, xa
-    kernel = _lora_matmul_decode if M <= DECODE_MAX_T else _lora_matmul_prefill
+    if M <= DECODE_MAX_T:
+        _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout, fuse_shrink)
+        return y, xa
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = t_bucket(M)
     key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None,
            x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
-    kernel.launch(key, grid,
+    _lora_matmul_prefill.launch(key, grid,
         x, weight, lora_A, xa, lora_B, bias if bias is not None else y, y,
         seed if (x_dropout > 0.0 or out_dropout > 0.0) else y,
         M, N, K, R, bucket,

@@ -55,9 +55,12 @@ def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor,
               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa."""
     g_scale = scale / (1.0 - dropout)
+    w0 = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
+    if need_dx and lora_kernels.decode_backward_fuses(dy, lora_A):  # dx, dA and dB in one launch
+        dx, d_a_t, d_b = lora_kernels.lora_decode_backward(dy, x, xa, w0, lora_A, lora_B, g_scale, seed, dropout)
+        return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
     if need_dx:  # dx and g in one pass: dy's shrink by B rides along the dy @ W0 K loop
-        w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
-        dx, g = lora_kernels.lora_matmul(dy, w_t, lora_B.t(), lora_A.t(), g_scale, None, seed,
+        dx, g = lora_kernels.lora_matmul(dy, w0.t(), lora_B.t(), lora_A.t(), g_scale, None, seed,
                                          out_dropout=dropout)
     else:
         g = lora_kernels.lora_shrink(dy, lora_B.t(), g_scale)

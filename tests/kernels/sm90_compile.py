@@ -49,6 +49,16 @@ LORA_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "a_ptr": "x", "b_ptr": "x", "bias_pt
                 "xa_ptr": "*fp32", "seed_ptr": "*i64", "shrink_scale": "fp32", "dropout_p": "fp32"},
                [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True),
                 dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+# the decode kernel: forward (fused shrink, dropout, bias), its unfused form, and the one-launch backward
+LORA_DECODE = ({**{f"{p}_ptr": "x" for p in ("x", "w", "a", "b", "bias", "y", "x2")},
+                **{f"{p}_ptr": "*fp32" for p in ("xa", "h", "dk", "dn", "part")}, "seed_ptr": "*i64",
+                "count_ptr": "*i32", "scale": "fp32", "dropout_p": "fp32"},
+               [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, WEIGHT_GRADS=False,
+                     BLOCK_M=16),
+                dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=False, WEIGHT_GRADS=False,
+                     BLOCK_M=64),
+                dict(FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False, WEIGHT_GRADS=True,
+                     BLOCK_M=64)])
 # the Hopper TMA matmul: forward layout with bias, and the backward's dx (W0 and A transposed, output dropout)
 LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")},
                     "bias_ptr": "x", "seed_ptr": "*i64", "dropout_p": "fp32"},
@@ -86,7 +96,7 @@ BOTTLENECK_GRADS = {**{f"{p}_ptr": "x" for p in ("dy", "h", "a", "dz", "wd", "dh
                     **{f"{p}_ptr": "*fp32" for p in ("dwu", "dwd", "dbu", "dbd")}, **BOTTLENECK_SLOTS}
 BOTTLENECK_FORWARD = {**{f"{p}_ptr": "x" for p in ("h", "base", "y", "z", "wd", "bd", "wu", "bu")}, **BOTTLENECK_SLOTS}
 KERNELS = {
-    "lora.matmul_decode": (L._lora_matmul_decode, *LORA_MATMUL),
+    "lora.decode": (L._lora_decode, *LORA_DECODE),
     "lora.matmul_prefill": (L._lora_matmul_prefill, *LORA_MATMUL),
     "lora.matmul_tma": (L._lora_matmul_tma, *LORA_MATMUL_TMA),
     "lora.shrink": (L._lora_shrink, {"x_ptr": "x", "a_ptr": "x", "out_ptr": "*fp32", "seed_ptr": "*i64",

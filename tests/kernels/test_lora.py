@@ -6,6 +6,7 @@ bf16 dots wrongly); on a GPU the `gpu` tests repeat them at realistic shapes in 
 """
 import pytest
 import torch
+import triton
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels.configs import TunedLauncher
@@ -130,6 +131,80 @@ def test_dropout_mask_shared_by_forward_and_backward():
         assert_matches(g2, g64, None, torch.float32, "g")
         dx64 = dy.double() @ w0.double() + keep * (g64 @ a.double())
         assert_matches(dx, dx64, None, torch.float32, f"dx with dropout, fused={fuse}")
+
+
+# ------------------------------------------------------------------------------------------ decode kernel
+@pytest.fixture(params=[1, 3], ids=["unsplit", "split3"])
+def decode_split(request, monkeypatch):
+    """Runs a test with the decode kernel's K split 1 or 3 ways (the config list replaced, the launcher's cache
+    emptied): the split path sums partials through the arrival counters, the unsplit one does not."""
+    meta = {**K._lora_decode.autotuner.configs[0].kwargs, "SPLIT_K": request.param}
+    monkeypatch.setattr(K._lora_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(K._lora_decode, "configs", {})
+    return request.param
+
+
+def _keep(T, n, seed, p):
+    return _keep_mask(T, n, seed, p) if p > 0.0 else torch.ones(T, n, dtype=torch.bool, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,p", [(1, 37, 29, 1, 0.0), (13, 45, 70, 5, 0.25), (64, 70, 33, 17, 0.0),
+                                              (5, 19, 21, 40, 0.1)])
+def test_decode_forward_and_backward(T, d_in, d_out, r, p, dtype, decode_split):
+    """Decode rows: the forward (y, xa) and the one-launch backward (dx, dA^T, dB) against float64, with
+    dropout masks shared between them, a strided x and a transposed W0, on poisoned outputs."""
+    torch.manual_seed(T * 100 + r)
+    seed = torch.tensor([777], device=DEVICE)
+    x = rand(T, 2 * d_in, dtype=dtype)[:, ::2]                                    # strided (T, d_in) view
+    w0 = rand(d_in, d_out, dtype=dtype, scale=d_in ** -0.5).t()                     # (d_out, d_in), transposed
+    a, b = rand(r, d_in, dtype=dtype, scale=d_in ** -0.5), rand(d_out, r, dtype=dtype, scale=r ** -0.5)
+    bias = rand(d_out, dtype=dtype)
+    keep = _keep(T, d_in, seed, p)
+    y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)
+    _, xa = K.lora_matmul(x, w0, a, b, 1.5, bias, seed, x_dropout=p, out=y)
+    xa64 = 1.5 / (1 - p) * (x.double() * keep) @ a.double().t()
+    y64 = x.double() @ w0.double().t() + xa64 @ b.double().t() + bias.double()
+    assert_matches(xa, xa64, 1.5 / (1 - p) * (x * keep) @ a.t(), dtype, "decode xa")
+    assert_matches(y, y64, x @ w0.t() + (xa.to(dtype) @ b.t()) + bias, dtype, "decode y")
+
+    dy = rand(T, d_out, dtype=dtype)
+    dx, da_t, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 2.0, seed, p)
+    g64 = 2.0 * dy.double() @ b.double()
+    g = (2.0 * dy @ b).float()
+    assert_matches(dx, dy.double() @ w0.double() + keep * (g64 @ a.double()),
+                   dy @ w0 + keep * (g.to(dtype) @ a), dtype, "decode dx")
+    assert_matches(da_t, (x.double() * keep).t() @ g64, (x * keep).t() @ g.to(dtype), dtype, "decode dA^T")
+    assert_matches(db, dy.double().t() @ xa.double(), dy.t() @ xa.to(dtype), dtype, "decode dB")
+    assert da_t.dtype == db.dtype == torch.float32
+
+
+def test_decode_split_counters_are_zero_after_each_launch(decode_split):
+    """The split path's last program per column block zeroes its counter: back-to-back launches (as in a CUDA
+    graph replay) start from zero and give the same result."""
+    torch.manual_seed(2)
+    x, w0, a, b = _lora_inputs(7, 50, 90, 6, torch.float32)
+    first, _ = K.lora_matmul(x, w0, a, b, 1.0)
+    again, _ = K.lora_matmul(x, w0, a, b, 1.0)
+    assert torch.equal(first, again)
+    assert not K._split_counters(x.device, 1).any()
+
+
+def test_decode_float32_adapters_on_a_half_base(decode_split):
+    """fp32 master adapters on an fp16 base at decode: read as they are in the kernel, gradients in fp32."""
+    torch.manual_seed(4)
+    T, d_in, d_out, r = 9, 33, 41, 8
+    x, w0 = rand(T, d_in, dtype=torch.float16), rand(d_out, d_in, dtype=torch.float16, scale=d_in ** -0.5)
+    a, b = rand(r, d_in, dtype=torch.float32, scale=d_in ** -0.5), rand(d_out, r, dtype=torch.float32)
+    y, xa = K.lora_matmul(x, w0, a, b, 0.5)
+    xa64 = 0.5 * x.double() @ a.half().double().t()                   # the shrink reads A as x's dtype
+    assert_matches(y, x.double() @ w0.double().t() + xa64 @ b.double().t(), None, torch.float16, "y")
+    dy = rand(T, d_out, dtype=torch.float16)
+    dx, da_t, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 0.5)
+    g64 = 0.5 * dy.double() @ b.half().double()
+    assert_matches(dx, dy.double() @ w0.double() + g64 @ a.double(), None, torch.float16, "dx")
+    assert_matches(da_t, x.double().t() @ g64, None, torch.float16, "dA^T")
+    assert_matches(db, dy.double().t() @ xa.double(), None, torch.float16, "dB")
 
 
 @pytest.mark.gpu

@@ -64,7 +64,7 @@ def test_one_adapter_matches_the_unlinked_model(llama, launches):
     ids = _ids(2, 8)
     assert inject.link_projection_groups(llama) == 2                     # q/k/v and gate/up
     # One launch per group at 16 tokens (decode), members without "b" included; "a" also has o_proj, down_proj.
-    expected = {"a": ["_grouped_matmul_kernel", "_lora_matmul_kernel"] * 2, "b": ["_grouped_matmul_kernel"] * 2}
+    expected = {"a": ["_grouped_matmul_kernel", "_lora_decode_kernel"] * 2, "b": ["_grouped_matmul_kernel"] * 2}
     for name in ("a", "b"):
         pe.set_active_adapter(llama, name)
         launches.clear()
@@ -173,7 +173,7 @@ def test_kept_outputs_are_never_stale(launches):
         launches.clear()
         x_inf = torch.randn(3, 12)
         ys = [getattr(block, n)(x_inf) for n in "qkv"]
-        assert launches == ["_lora_matmul_kernel"] * 3
+        assert launches == ["_lora_decode_kernel"] * 3
         torch.testing.assert_close(ys[1], _alone(block, "k", x_inf))
 
 
@@ -187,7 +187,7 @@ def test_a_group_whose_members_read_different_inputs_stops_fusing(launches):
                 torch.testing.assert_close(y, _alone(block, name, inp), rtol=1e-5, atol=1e-6)
         launches.clear()
         block.q(x), block.k(other), block.v(other)
-    assert launches == ["_lora_matmul_kernel"] * 3
+    assert launches == ["_lora_decode_kernel"] * 3
 
 
 def test_state_changes_fall_back_to_each_layer(launches):
