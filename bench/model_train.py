@@ -28,14 +28,17 @@ from bench import harness
 
 OP = "llama_train_step"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROVIDERS = ["peft", "ptlm"]
+# ptlm: the LoRA layers alone on HF's model code; ptlm_fused: also the base model's RMSNorm, SiLU-mul, RoPE and
+# loss on ptlm's fused kernels (pe.fuse_base_ops), as Unsloth / Liger do: the step's elementwise passes.
+PROVIDERS = ["peft", "ptlm", "ptlm_fused"]
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 # The PEFT step measured on the project's H100 (shared/anchors/h100-model-2026-11-25.json) and the goal.
 BASELINE_PEFT_S, BASELINE_PEFT_GB = 0.131, 16.1
 TARGET_SPEEDUP = 1.3
 
 TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "seq", "r"], values=["ms", "peak_gb"],
-                           ratios=[("ptlm", "peft", "ms"), ("ptlm", "peft", "peak_gb")])
+                           ratios=[("ptlm", "peft", "ms"), ("ptlm", "peft", "peak_gb"),
+                                   ("ptlm_fused", "peft", "ms"), ("ptlm_fused", "peft", "peak_gb")])
 
 
 def llama_config(smoke: bool):
@@ -72,7 +75,7 @@ def add_lora(model: nn.Module, provider: str, rank: int, alpha: int, dropout: fl
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                                 target_modules=TARGET_MODULES, task_type="CAUSAL_LM"),
                               autocast_adapter_dtype=peft_fp32_adapters)
-    if provider == "ptlm":
+    if provider in ("ptlm", "ptlm_fused"):
         import ptlm_engine as pe
         missing = [n for n in ("add_adapter", "set_active_adapter", "LoraConfig") if not hasattr(pe, n)]
         if missing:
@@ -81,6 +84,8 @@ def add_lora(model: nn.Module, provider: str, rank: int, alpha: int, dropout: fl
         pe.add_adapter(model, "a", pe.LoraConfig(r=rank, alpha=alpha, dropout=dropout,
                                                  target_modules=TARGET_MODULES))
         pe.set_active_adapter(model, "a")
+        if provider == "ptlm_fused":
+            pe.fuse_base_ops(model)
         return model
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -167,13 +172,14 @@ def summary(rows: list[dict]) -> list[str]:
     for provider, r in by.items():
         lines.append(f"{provider:5s} {r['mode']}: {r['ms'] / 1e3:.4f} s/step  {r['tok_s']:>9,.0f} tok/s  "
                      f"peak {r.get('peak_gb') or 0:6.2f} GB  loss {r['loss']:.3f}")
-    if "ptlm" in by and "peft" in by:
-        speedup = by["peft"]["ms"] / by["ptlm"]["ms"]
-        peaks = by["ptlm"].get("peak_gb"), by["peft"].get("peak_gb")
-        memory = "n/a" if None in peaks else "PASS" if peaks[0] <= peaks[1] else "FAIL"
-        lines.append(f"ptlm vs PEFT: {speedup:.2f}x faster (target >= {TARGET_SPEEDUP}x: "
-                     f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}), memory {memory} "
-                     f"(target: no more than PEFT)")
+    for provider in ("ptlm", "ptlm_fused"):
+        if provider in by and "peft" in by:
+            speedup = by["peft"]["ms"] / by[provider]["ms"]
+            peaks = by[provider].get("peak_gb"), by["peft"].get("peak_gb")
+            memory = "n/a" if None in peaks else "PASS" if peaks[0] <= peaks[1] else "FAIL"
+            lines.append(f"{provider} vs PEFT: {speedup:.2f}x faster (target >= {TARGET_SPEEDUP}x: "
+                         f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}), memory {memory} "
+                         f"(target: no more than PEFT)")
     return lines
 
 

@@ -674,26 +674,27 @@ def fuse_shrink_default(T: int, R: int) -> bool:
 def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scale: float, bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
                 x_dropout: float = 0.0, out_dropout: float = 0.0, fuse_shrink: bool | None = None,
-                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                out: torch.Tensor | None = None, xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias, with xa = scale / (1 - p) * (keep_x * x) @ lora_A^T.
 
     x (M, K); weight (N, K) any strides; lora_A (r, K); lora_B (N, r); bias (N,) or None. Returns y (M, N)
     and xa (M, r) fp32. keep_x is the Philox mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
-    `out` (M, N), if given, receives y. Decode (M <= DECODE_MAX_T) runs _lora_decode_kernel; prefill with a
+    `out` (M, N), if given, receives y. `xa` (M, r) fp32 contiguous, if given, is the shrink's result already
+    (a caller's own shrink, e.g. grouped): no shrink runs and lora_A only gives r. Decode (M <= DECODE_MAX_T) runs _lora_decode_kernel; prefill with a
     separate shrink the Hopper TMA kernel where _tma_programs and _tma_layout allow it, else the pointer kernel.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if fuse_shrink is None:
-        fuse_shrink = fuse_shrink_default(M, R)
-    if fuse_shrink and R > MAX_FUSED_RANK:
-        raise ValueError(f"fuse_shrink needs r <= {MAX_FUSED_RANK}, got r={R}")
+        fuse_shrink = xa is None and fuse_shrink_default(M, R)
+    if fuse_shrink and (R > MAX_FUSED_RANK or xa is not None):
+        raise ValueError(f"fuse_shrink needs r <= {MAX_FUSED_RANK} and no given xa, got r={R}")
     if fuse_shrink:
         xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    else:
+    elif xa is None:
         xa = lora_shrink(x, lora_A, scale, seed, x_dropout)
     if M == 0:
         return y, xa

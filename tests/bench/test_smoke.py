@@ -90,6 +90,9 @@ def test_model_train_smoke(tmp_path):
     assert by["peft"]["trainable"] == 32768 and by["peft"]["adapter_dtype"] == "bfloat16"
     # ptlm's adapter API may not be in this checkout yet: then its row must say so instead of crashing
     assert by["ptlm"]["ms"] or "ptlm_engine" in by["ptlm"]["note"]
+    # the same LoRA training on the fused base ops (pe.fuse_base_ops)
+    assert by["ptlm_fused"]["ms"] > 0 and math.isfinite(by["ptlm_fused"]["loss"])
+    assert by["ptlm_fused"]["trainable"] == by["ptlm"]["trainable"]
 
 
 def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):

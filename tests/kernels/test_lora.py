@@ -365,3 +365,16 @@ def test_tma_path_is_automatic_on_hopper_bf16(d_in, d_out, monkeypatch):
     dx64 = dy.double() @ w.double() + g.double() @ a.double()
     assert_matches(dx, dx64, dy @ w + g.to(dtype) @ a, dtype, "bf16 TMA dx")
     assert len(launches) == 2 and K.tma_error is None
+
+
+@pytest.mark.parametrize("T", [5, 80], ids=["decode", "prefill"])
+def test_matmul_with_a_given_shrink(T):
+    """lora_matmul(xa=...) takes a caller's shrink result (the grouped backward's) instead of running one."""
+    torch.manual_seed(T)
+    x, w0, a, b = _lora_inputs(T, 33, 41, 8, torch.float32)
+    xa = K.lora_shrink(x, a, 0.5)
+    y, xa_out = K.lora_matmul(x, w0, a, b, 0.5, xa=xa)
+    assert xa_out is xa
+    assert_matches(y, x.double() @ w0.double().t() + xa.double() @ b.double().t(), None, torch.float32, "y")
+    with pytest.raises(ValueError, match="no given xa"):
+        K.lora_matmul(x, w0, a, b, 0.5, xa=xa, fuse_shrink=True)
