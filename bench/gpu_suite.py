@@ -7,7 +7,9 @@
 Phases (PHASES, in the default order; `--phases` picks and orders them):
   lora         LoRA layer r=16: 3 layer shapes x T x fwd, fwd+bwd x floor, cuBLAS, eager, PEFT, ptlm; CUDA-graph
                timings too at T <= 256, where plain launches are launch-bound          (issue 2)
-  model_train  the Llama-shaped training step, HF PEFT then ptlm                        (issue 2)
+  model_train  the Llama-shaped training step, HF PEFT then ptlm (LoRA alone, then with the fused base ops)
+                                                                                        (issue 2)
+  base_ops     the base model's fused RMSNorm, SiLU-mul, RoPE (and loss) at the step's shapes vs HF eager (issue 2)
   lora_ranks   LoRA layer r=8 and r=64 at T=16 and T=4096                               (issue 2)
   multi        multi-adapter LoRA layer: 32 rank-16 adapters at every T, then the A sweep, Zipf rows, mixed
                ranks, base-only rows; fwd+bwd at large T                                (issue 3)
@@ -37,8 +39,8 @@ from typing import Callable
 
 import torch
 
-from bench import (bottleneck, harness, lora, lora_grouped, lora_multi, model_generate, model_multi_train,
-                   model_train, prefix_attention, report)
+from bench import (base_ops, bottleneck, harness, lora, lora_grouped, lora_multi, model_generate,
+                   model_multi_train, model_train, prefix_attention, report)
 from ptlm_engine.kernels import tuned
 
 GRAPH_MAX_T = 256
@@ -77,12 +79,12 @@ SMOKE = Points(lora_shapes=lora.SMOKE_SHAPES, lora_tokens=lora.SMOKE_TOKENS, mul
                prefix=dict(lengths=prefix_attention.SMOKE["lengths"][:1], prefixes=prefix_attention.SMOKE["prefixes"]))
 
 # name -> seconds the phases before it leave it (session: the default phases' reserves sum to its 340 s budget).
-SESSION_RESERVE_S = {"lora": 80, "multi": 70, "bottleneck": 35, "prefix": 50, "model_train": 60, "grouped": 45,
-                     "lora_ranks": 30, "model_multi": 150}
-FULL_RESERVE_S = {"lora": 240, "model_train": 150, "lora_ranks": 60, "multi": 180, "grouped": 90, "bottleneck": 120,
-                  "prefix": 150, "model_multi": 240}
+SESSION_RESERVE_S = {"lora": 75, "multi": 65, "bottleneck": 30, "prefix": 45, "model_train": 75, "base_ops": 20,
+                     "grouped": 30, "lora_ranks": 30, "model_multi": 150}
+FULL_RESERVE_S = {"lora": 240, "model_train": 150, "base_ops": 60, "lora_ranks": 60, "multi": 180, "grouped": 90,
+                  "bottleneck": 120, "prefix": 150, "model_multi": 240}
 PHASES = list(FULL_RESERVE_S)
-SESSION_PHASES = ["lora", "multi", "bottleneck", "prefix", "model_train", "grouped"]
+SESSION_PHASES = ["lora", "multi", "bottleneck", "prefix", "model_train", "base_ops", "grouped"]
 
 
 def parse_args(argv):
@@ -165,6 +167,13 @@ def prefix_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
              False)]
 
 
+def base_ops_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
+    shapes = base_ops.SMOKE_SHAPES if args.smoke else base_ops.SHAPES
+    providers = [p for p in base_ops.PROVIDERS if p != "compiled"]     # torch.compile's warm-up: tens of seconds
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    return [("base-model ops", base_ops.grid(shapes, providers, base_ops.MODES, device, dtype), graph)]
+
+
 def model_train_rows(args, device: torch.device, deadline: float) -> list[dict]:
     return model_train.run(args, device, log)
 
@@ -185,9 +194,9 @@ def model_multi_rows(args, device: torch.device, deadline: float) -> list[dict]:
 
 GRID_PHASES: dict[str, Callable[..., list[GridPhase]]] = {
     "lora": lora_grids, "lora_ranks": lora_rank_grids, "multi": multi_grids, "grouped": grouped_grids,
-    "bottleneck": bottleneck_grids, "prefix": prefix_grids}
+    "bottleneck": bottleneck_grids, "prefix": prefix_grids, "base_ops": base_ops_grids}
 ROW_PHASES: dict[str, Callable[..., list[dict]]] = {"model_train": model_train_rows, "model_multi": model_multi_rows}
-TABLES = {lora.OP: lora.TABLE, model_train.OP: model_train.TABLE, lora_multi.OP: lora_multi.TABLE,
+TABLES = {lora.OP: lora.TABLE, model_train.OP: model_train.TABLE, base_ops.OP: base_ops.TABLE, lora_multi.OP: lora_multi.TABLE,
           lora_grouped.OP: lora_grouped.TABLE, bottleneck.OP: bottleneck.TABLE,
           prefix_attention.OP: prefix_attention.TABLE, model_generate.OP: model_generate.TABLE,
           model_multi_train.OP: model_multi_train.TABLE}
@@ -225,6 +234,7 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
           "Other ranks, plain launches: ptlm/cuBLAS (fwd) and ptlm/base (fwd+bwd)")
     block(lora.target_checks(rows), "Targets:")
     block(model_train.summary(rows))
+    block(base_ops.compact_table(rows))
     block(lora_multi.summary(rows))
     grouped = lora_grouped.summary(rows)
     block(grouped if len(grouped) > 1 else [], "Grouped projections, ms")

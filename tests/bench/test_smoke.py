@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from bench import (bottleneck, gpu_suite, harness, lora, lora_grouped, lora_multi, model_generate, model_multi_train,
-                   model_train, prefix_attention, report)
+from bench import (base_ops, bottleneck, gpu_suite, harness, lora, lora_grouped, lora_multi, model_generate,
+                   model_multi_train, model_train, prefix_attention, report)
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -105,7 +105,9 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert "Multi-adapter LoRA fwd, 32 rank-16 adapters" in summary and "Multi-adapter targets:" in summary
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["op"] for r in rows} == {lora.OP, model_train.OP, lora_multi.OP, model_generate.OP,
-                                       model_multi_train.OP, lora_grouped.OP, bottleneck.OP, prefix_attention.OP}
+                                       model_multi_train.OP, lora_grouped.OP, bottleneck.OP, prefix_attention.OP,
+                                       base_ops.OP}
+    assert "Base-model ops, ms" in summary
     assert "Bottleneck adapter, ms" in summary and "Prefix attention, bf16, causal" in summary
     assert "Grouped projections, ms" in summary
     assert "tuned.json" in files
