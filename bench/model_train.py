@@ -147,9 +147,28 @@ def measure(provider: str, args, device: torch.device) -> dict:
             return loss.detach()
 
         time_steps(step, row, args, device)
+        if args.profile_steps and device.type == "cuda":
+            row["profile"] = kernel_profile(step, args.profile_steps)
 
     harness.provider_row(row, fill)
     return row
+
+
+def kernel_profile(step, steps: int, top: int = 14) -> list[str]:
+    """The step's GPU time by kernel (torch.profiler over `steps` steps, per step): where the time goes,
+    provider by provider. Lines for the log only (a row keeps plain values)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) / steps / 1e3
+    lines = [f"GPU kernels, ms per step (of {total:.1f}):"]
+    for e in events[:top]:
+        lines.append(f"  {e.self_device_time_total / steps / 1e3:7.2f}  x{e.count // steps:<5d} {e.key[:90]}")
+    return lines
 
 
 def run(args, device: torch.device, log=print) -> list[dict]:
@@ -157,12 +176,15 @@ def run(args, device: torch.device, log=print) -> list[dict]:
     for provider in args.providers:
         row = measure(provider, args, device)
         rows.append(row)
+        profile = row.pop("profile", [])
         if row["ms"] is None:
             log(f"  {OP} {provider}: FAILED {row['note']}")
         else:
             log(f"  {OP} {provider}: {row['ms'] / 1e3:.4f} s/step, {row['tok_s']:,.0f} tok/s, "
                 f"peak {row.get('peak_gb') or 0:.2f} GB, trainable {row['trainable']:,} {row['adapter_dtype']}, "
                 f"warm-up {row['first_call_s']:.1f} s" + (f"  [{row['note']}]" if row.get("note") else ""))
+            for line in profile:
+                log(line)
     return rows
 
 
@@ -193,6 +215,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=int, default=ALPHA)
     p.add_argument("--dropout", type=float, default=DROPOUT)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=2,
+                   help="after timing, steps under torch.profiler: the GPU time by kernel, in the log (0: none)")
     p.add_argument("--peft-fp32-adapters", action="store_true",
                    help="PEFT's default autocast of bf16 adapters to fp32 (off: adapters stay bf16, as ptlm's)")
 
