@@ -343,27 +343,46 @@ def _lora_decode_kernel(
                          FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
     else:
         # partials: (SPLIT_K, M, N) tiles, then (SPLIT_K, M, R) shrinks, fp32
-        tile = offs_m[:, None] * N + offs_n[None, :]
-        mask_tile = mask_m[:, None] & mask_n[None, :]
         xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * R + offs_r[None, :]
         mask_xa = mask_m[:, None] & mask_r[None, :]
-        tl.store(part_ptr + pid_k * M * N + tile, acc, mask=mask_tile)
         if FUSE_SHRINK:
             if WEIGHT_GRADS or pid_n == 0:  # the same values from every column block: whichever finishes reads them
                 tl.store(xa_part + pid_k * M * R, xa, mask=mask_xa)
-        tl.debug_barrier()                 # every thread's partial is written before the count goes up
-        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            tl.atomic_xchg(count_ptr + pid_n, 0)   # zero again for the next launch: no memset before each
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
+            acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K,
+                                BLOCK_M, BLOCK_N)
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                acc += tl.load(part_ptr + s * M * N + tile, mask=mask_tile, other=0.0, cache_modifier=".cg")
-                if FUSE_SHRINK:
+            if FUSE_SHRINK:
+                for s in tl.static_range(SPLIT_K):
                     xa += tl.load(xa_part + s * M * R, mask=mask_xa, other=0.0, cache_modifier=".cg")
             _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
                              xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m,
                              stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N,
+                   SPLIT_K: tl.constexpr):
+    """Split pid_k's partial (BLOCK_M, BLOCK_N) tile of column block pid_n into part (SPLIT_K, M, N) fp32, then
+    counted in: True for the last split of the block to arrive, which sums the partials (split_k_total). What
+    the caller stored before this call is visible to that program too. Also kernels.lora_multi's decode."""
+    tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
+             mask=mask_m[:, None] & mask_n[None, :])
+    tl.debug_barrier()                 # every thread's partial is written before the count goes up
+    return tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+
+
+@triton.jit
+def split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The last split's sum of the block's partials; zeroes the block's counter for the next launch (so no
+    memset launch runs before each)."""
+    tl.atomic_xchg(count_ptr + pid_n, 0)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + s * M * N + offs_m[:, None] * N + offs_n[None, :],
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0, cache_modifier=".cg")
+    return total
 
 
 @triton.jit
@@ -393,21 +412,37 @@ _lora_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS",
                                  "WEIGHT_GRADS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_lora_decode_kernel))
-# Per (device, stream): the decode kernel's arrival counters, zero between launches (each launch's last
-# programs zero theirs again). Kept for the process: a CUDA graph that captured one keeps using it.
-_SPLIT_COUNTERS: dict[tuple, torch.Tensor] = {}
-_COUNTERS_OUTGROWN: list[torch.Tensor] = []   # never freed: a captured graph may still point at one
+# Per (device, stream): the split-K decode kernels' arrival counters (zero between launches: each launch's last
+# programs zero theirs again) and partials workspace, grown as needed. Never freed: a CUDA graph that captured
+# one keeps pointing at it.
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_SPLIT_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+def _split_state(device: torch.device, counters: int, workspace: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counters int32 >= counters, workspace fp32 >= workspace) for the current stream of `device`."""
     key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    counters = _SPLIT_COUNTERS.get(key)
-    if counters is None or counters.numel() < n:
-        if counters is not None:
-            _COUNTERS_OUTGROWN.append(counters)
-        counters = torch.zeros(max(1024, next_pow2(n)), device=device, dtype=torch.int32)
-        _SPLIT_COUNTERS[key] = counters
-    return counters
+    state = _SPLIT_BUFFERS.get(key)
+    if state is None or state[0].numel() < counters or state[1].numel() < workspace:
+        if state is not None:
+            _SPLIT_OUTGROWN.append(state)
+        old_c, old_w = (0, 0) if state is None else (state[0].numel(), state[1].numel())
+        state = (torch.zeros(max(1024, next_pow2(counters), old_c), device=device, dtype=torch.int32),
+                 torch.empty(max(1 << 16, next_pow2(workspace), old_w), device=device, dtype=torch.float32))
+        _SPLIT_BUFFERS[key] = state
+    return state
+
+
+def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per_split: int, N: int,
+                  unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partials workspace, arrival counters) for a split-K decode launch: per_split fp32 elements per split of
+    the key's config (the most any config splits while it tunes), or `unused` twice when it does not split."""
+    known = launcher.chosen(key)
+    split = max(c.kwargs["SPLIT_K"] for c in launcher.autotuner.configs) if known is None else known["SPLIT_K"]
+    if split == 1:
+        return unused, unused
+    counters, workspace = _split_state(device, cdiv(N, 16), split * per_split)
+    return workspace, counters
 
 
 def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout: float,
@@ -420,13 +455,7 @@ def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_d
     weight_grads = grads_of is not None
     key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None, weight_grads,
            x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
-    known = _lora_decode.chosen(key)
-    split = max(c.kwargs["SPLIT_K"] for c in _lora_decode.autotuner.configs) if known is None else known["SPLIT_K"]
-    if split > 1:
-        part = torch.empty(split * M * (N + R), device=x.device, dtype=torch.float32)
-        counters = _split_counters(x.device, cdiv(N, 16))
-    else:
-        part = counters = y
+    part, counters = split_buffers(_lora_decode, key, x.device, M * (N + R), N, y)
     h, x2, dk, dn = grads_of if weight_grads else (xa, y, xa, xa)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     _lora_decode.launch(key, grid,

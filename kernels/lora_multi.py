@@ -20,9 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
-                      shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, store_split, store_tile
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
+                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
+                      weight_grad_configs)
+from .lora import (_dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, split_buffers, split_k_arrive, split_k_total,
+                   store_split, store_tile)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # At decode (T <= DECODE_MAX_T) the shrink and the expand gather each row's own A / B rows; PTLM_MULTI_GATHER=0
@@ -295,6 +297,57 @@ _multi_matmul_prefill = TunedLauncher(triton.autotune(
     prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_multi_matmul_kernel))
 
 
+@triton.jit
+def _multi_decode_kernel(
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """The matmul at decode (M <= BLOCK_M rows in batch order), as kernels.lora's decode kernel: one row block,
+    so W streams from HBM once, K split SPLIT_K ways with the last split of a column block summing the
+    partials; split 0 adds the rows' gathered expand (_gathered_expand) while the others stream W."""
+    pid = tl.program_id(0)
+    pid_n = pid // SPLIT_K
+    pid_k = pid % SPLIT_K
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_share
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, tl.minimum(K, k_lo + k_share), BLOCK_K):
+        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
+                                 stride_wk, BLOCK_K)
+        acc = _dot(x, w, acc, FP32_DOT)
+    if pid_k == 0:
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                              # (BLOCK_M,)
+        lora = _gathered_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slot, offs_m, offs_n, mask_n,
+                                xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+                                BLOCK_M, BLOCK_N)
+        if OUT_DROPOUT:  # backward dx: each row's LoRA gradient passes its slot's forward dropout mask
+            p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+            lora = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
+        acc += lora
+    if SPLIT_K == 1:
+        store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
+                   False, HAS_BIAS)
+    elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
+        acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K, BLOCK_M,
+                            BLOCK_N)
+        store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
+                   False, HAS_BIAS)
+
+
+_multi_decode = TunedLauncher(triton.autotune(
+    split_decode_configs(), key=["T_BUCKET", "N", "K", "OUT_DROPOUT", "HAS_BIAS"],
+    prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
+
+
 def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
                       order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
@@ -310,6 +363,9 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     N = weight.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
+        return y
+    if gathered(M) and order is None:
+        _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
         return y
     kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
@@ -328,6 +384,24 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=BLOCK_R,
     )
     return y
+
+
+def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y) -> None:
+    """lora_multi_matmul at decode with the gathered expand: _multi_decode_kernel."""
+    M, K = x.shape
+    N = weight.shape[0]
+    bucket = t_bucket(M)
+    key = (bucket, N, K, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    part, counters = split_buffers(_multi_decode, key, x.device, M * N, N, y)
+    sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
+    _multi_decode.launch(key, lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
+        x, weight, xa, lora_B, adapter_index, ranks, xa if dropouts is None else dropouts,
+        adapter_index if seed is None else seed, bias if bias is not None else y, y, part, counters,
+        M, N, K, bucket,
+        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
+        OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_M=max(16, next_pow2(M)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- weight grad

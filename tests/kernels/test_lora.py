@@ -187,7 +187,7 @@ def test_decode_split_counters_are_zero_after_each_launch(decode_split):
     first, _ = K.lora_matmul(x, w0, a, b, 1.0)
     again, _ = K.lora_matmul(x, w0, a, b, 1.0)
     assert torch.equal(first, again)
-    assert not K._split_counters(x.device, 1).any()
+    assert not K._split_state(x.device, 1, 0)[0].any()
 
 
 def test_decode_float32_adapters_on_a_half_base(decode_split):

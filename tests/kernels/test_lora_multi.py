@@ -112,3 +112,32 @@ def test_token_segments_group_tokens_by_slot():
 def test_multi_kernels_realistic_shapes(T, kind, dtype):
     torch.manual_seed(T)
     _check(T, 4096, 4096, [8, 16, 64, 128] * 8, dtype, kind)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
+    """The decode matmul with its K split 1 or 3 ways (partials summed by the last split of each column block),
+    forward and the backward's form (per-slot output dropout on the LoRA term), on poisoned outputs."""
+    import triton
+    meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
+    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(M._multi_decode, "configs", {})
+    torch.manual_seed(11)
+    T, d_in, d_out, ranks = 13, 70, 45, [8, 3, 16]
+    S = len(ranks)
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    b = b.to(DEVICE, torch.float32)
+    idx = _mapping("random", T, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    x = torch.randn(T, d_in, device=DEVICE)
+    w = torch.randn(d_out, d_in, device=DEVICE) * d_in ** -0.5
+    xa = M.lora_multi_shrink(x, a.to(DEVICE, torch.float32), idx, rk, scales)
+    lora64 = torch.einsum("tr,tor->to", xa.double()[:, :max(ranks)], b.double()[slot]) * has[:, None]
+    y = torch.full((T, d_out), float("nan"), device=DEVICE)
+    M.lora_multi_matmul(x, w, xa, b, idx, rk, None, out=y)
+    assert_matches(y, x.double() @ w.double().t() + lora64, None, torch.float32, "decode y")
+    dropouts, seed = torch.tensor([0.3, 0.0, 0.5], device=DEVICE), torch.tensor([99], device=DEVICE)
+    y_drop = M.lora_multi_matmul(x, w, xa, b, idx, rk, None, dropouts=dropouts, seed=seed)
+    kept = (y_drop.double() - x.double() @ w.double().t()) / lora64.where(lora64.abs() > 1e-3, torch.nan)
+    kept = kept[~kept.isnan()]
+    assert torch.all(((kept - 1).abs() < 1e-3) | (kept.abs() < 1e-3)) and (kept.abs() < 1e-3).any()
