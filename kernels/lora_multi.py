@@ -326,13 +326,15 @@ def _multi_decode_kernel(
         acc = _dot(x, w, acc, FP32_DOT)
     if pid_k == 0:
         slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                              # (BLOCK_M,)
-        lora = _gathered_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slot, offs_m, offs_n, mask_n,
-                                xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
-                                BLOCK_M, BLOCK_N)
         if OUT_DROPOUT:  # backward dx: each row's LoRA gradient passes its slot's forward dropout mask
+            lora = _gathered_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slot, offs_m, offs_n, mask_n,
+                                    xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs, stride_bn,
+                                    stride_br, BLOCK_M, BLOCK_N)
             p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
-            lora = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
-        acc += lora
+            acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
+        else:
+            acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
+                                   stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
         store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
                    False, HAS_BIAS)
