@@ -2,7 +2,8 @@
 
 A case is (d, m, T, adapters): adapters = 1 is one adapter of width m on every token; adapters = 32 a mixed
 batch, every token on one of 32 adapters of width m (T/32 rows each, in a seeded random order), through the
-multi-adapter op.
+multi-adapter op, which gets the batch's token segments as a model's layers do (computed once per batch, not per
+layer call: until 2026-11-26 every timed call sorted the 16384 tokens again).
 
 Providers ("fwd" runs under torch.no_grad, "fwd+bwd" also takes the gradients of h and of the adapter weights
 and biases with torch.autograd.grad against a random dy, so nothing accumulates into .grad):
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from bench import harness
 from bench.lora import parse_ints, ptlm_backend
-from ptlm_engine.functional import BOTTLENECK_ACT_CODES, BottleneckSlots
+from ptlm_engine.functional import BOTTLENECK_ACT_CODES, BottleneckSlots, token_segments
 
 OP = "bottleneck_adapter"
 DIMS = [768, 4096]
@@ -77,6 +78,7 @@ class AdapterSet:
     slots: BottleneckSlots          # (A, m, d) ... stacked adapters; weights and biases require grad
     index: torch.Tensor             # (T,) int32
     dy: torch.Tensor                # (T, d), the upstream gradient for fwd+bwd
+    segments: tuple                 # token_segments(index, A): a model's batch computes them once for every layer
 
 
 def make_sets(shape: dict, n: int, device: torch.device, dtype: torch.dtype, act: str) -> list[AdapterSet]:
@@ -91,7 +93,8 @@ def make_sets(shape: dict, n: int, device: torch.device, dtype: torch.dtype, act
                        slots=BottleneckSlots(rand(a, m, d, std=d ** -0.5), rand(a, m), rand(a, d, m, std=m ** -0.5),
                                              rand(a, d), *meta),
                        index=index,
-                       dy=torch.randn(t, d, device=device, dtype=dtype))
+                       dy=torch.randn(t, d, device=device, dtype=dtype),
+                       segments=token_segments(index, a))
             for _ in range(n)]
 
 
@@ -114,7 +117,7 @@ def _forward(provider: str, s: AdapterSet, act: str):
         return (lambda: bottleneck_adapter(s.h, wd[0], bd[0], wu[0], bu[0], act, SCALE)), [s.h, wd, bd, wu, bu]
     if provider in ("ptlm", "ptlm_multi"):
         from ptlm_engine.functional import bottleneck_adapter_multi
-        return (lambda: bottleneck_adapter_multi(s.h, s.slots, s.index)), [s.h, wd, bd, wu, bu]
+        return (lambda: bottleneck_adapter_multi(s.h, s.slots, s.index, segments=s.segments)), [s.h, wd, bd, wu, bu]
     raise ValueError(f"unknown provider {provider!r}")
 
 
