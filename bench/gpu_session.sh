@@ -19,13 +19,17 @@ if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.
 fi
 start=$(date +%s)
 if [ "$tests_s" -gt 0 ]; then
-    # The tests least often run on a GPU first (the cap cuts the rest): prefix attention, the multi-adapter
-    # bottleneck, the CUDA-graph and model-level checks, the LoRA kernels (TMA path); then what passed on 2026-11-26.
+    # The tests least often run on a GPU first (the cap cuts the rest): the split-K decode kernels (-k decode),
+    # the base-model ops, prefix attention, the multi-adapter bottleneck, the CUDA-graph and model-level checks;
+    # then the LoRA kernels and what passed on 2026-11-26.
     PTLM_AUTOTUNE=0 timeout "$tests_s" python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short \
+        tests/kernels/test_lora.py tests/kernels/test_lora_multi.py -k "decode" >"$out/gpu_tests.log" 2>&1
+    PTLM_AUTOTUNE=0 timeout $(( tests_s - ($(date +%s) - start) )) python3 -m pytest -m gpu -v -p no:cacheprovider \
+        -rfE --tb=short $(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null) \
         tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py \
         tests/kernels/test_lora.py tests/kernels/test_bottleneck.py tests/kernels/test_lora_grouped.py \
         tests/kernels/test_lora_multi.py \
-        >"$out/gpu_tests.log" 2>&1
+        >>"$out/gpu_tests.log" 2>&1
     tests="gpu tests: exit $? after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
 else
     tests="gpu tests: skipped (--tests-s 0)"

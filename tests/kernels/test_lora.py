@@ -154,6 +154,25 @@ def _keep(T, n, seed, p):
 def test_decode_forward_and_backward(T, d_in, d_out, r, p, dtype, decode_split):
     """Decode rows: the forward (y, xa) and the one-launch backward (dx, dA^T, dB) against float64, with
     dropout masks shared between them, a strided x and a transposed W0, on poisoned outputs."""
+    _check_decode(T, d_in, d_out, r, p, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,p", [(1, 4096, 4096, 16, 0.0), (16, 4096, 11008, 16, 0.1),
+                                              (64, 11008, 4096, 64, 0.0), (37, 1000, 3001, 5, 0.05)])
+def test_decode_realistic_shapes(T, d_in, d_out, r, p, dtype, decode_split):
+    """The split path's arrival counters and partials on a GPU (the interpreter runs programs one after
+    another): every output against float64, and a second launch equal to the first, bit for bit."""
+    _check_decode(T, d_in, d_out, r, p, dtype)
+    x, w0, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
+    first, _ = K.lora_matmul(x, w0, a, b, 1.0)
+    assert torch.equal(first, K.lora_matmul(x, w0, a, b, 1.0)[0])
+    assert not K._split_state(x.device, 1, 0)[0].any()
+
+
+def _check_decode(T, d_in, d_out, r, p, dtype):
     torch.manual_seed(T * 100 + r)
     seed = torch.tensor([777], device=DEVICE)
     x = rand(T, 2 * d_in, dtype=dtype)[:, ::2]                                    # strided (T, d_in) view

@@ -114,6 +114,22 @@ def test_multi_kernels_realistic_shapes(T, kind, dtype):
     _check(T, 4096, 4096, [8, 16, 64, 128] * 8, dtype, kind)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 16, 64])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_realistic_split(T, split, dtype, monkeypatch):
+    """The split-K multi-adapter decode matmul on a GPU, 32 rank-16 adapters at 4096 x 4096: the counters'
+    ordering is only exercised there."""
+    import triton
+    meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
+    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=3)])
+    monkeypatch.setattr(M._multi_decode, "configs", {})
+    torch.manual_seed(T)
+    _check(T, 4096, 4096, [16] * 32, dtype, "random")
+
+
 @pytest.mark.parametrize("split", [1, 3])
 def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
     """The decode matmul with its K split 1 or 3 ways (partials summed by the last split of each column block),
