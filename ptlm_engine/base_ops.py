@@ -1,9 +1,10 @@
-"""Switch a transformers model's frozen base onto the fused base-model ops (RMSNorm, silu(gate) * up, RoPE), and
-back.
+"""Switch a transformers model's frozen base onto the fused base-model ops (RMSNorm, silu(gate) * up, RoPE, the
+causal-LM loss), and back.
 
 HF's eager code spends a LoRA training step's elementwise time in these: LlamaRMSNorm upcasts to fp32 in ~6
-kernels, rotate_half RoPE takes ~8, act_fn(gate) * up 2, and their autograd saves fp32 intermediates. The three
-switches are driven by the small tables below, never by copies of model code:
+kernels, rotate_half RoPE takes ~8, act_fn(gate) * up 2, and their autograd saves fp32 intermediates; its causal-LM
+loss makes several GB-sized passes over the logits (and sets the step's peak memory). The four switches are driven
+by the small tables below, never by copies of model code:
 
 - RMSNorm: every module whose class name is in RMS_NORM_CLASSES (Llama's formula; GemmaRMSNorm's (1 + weight) is
   not) with a (d,) `weight` and a float `variance_epsilon` is replaced in place by layers.rms_norm.FusedRMSNorm,
@@ -19,6 +20,19 @@ switches are driven by the small tables below, never by copies of model code:
   count is weak: a model collected without unfuse_base_ops stops holding it, and the next unfuse_base_ops call
   of any model then restores what no live model holds).
 
+- Loss: a causal LM of CAUSAL_LM_CLASSES (transformers' ForCausalLMLoss on lm_head(model(...)) logits; not
+  Gemma2's softcapped logits) whose lm_head is a plain nn.Linear (no adapter layer, no hooks) gets an instance-level
+  forward (with the class forward's signature, for inspect). A training call (model.training, grad enabled,
+  `labels` given) runs the decoder `model.model` as the class forward does, shifts the labels as ForCausalLMLoss
+  does (padded on the right with ignore_index, shifted by one; or `shift_labels`), and takes the loss with
+  functional.linear_cross_entropy on the final hidden states: the (T, V) logits, their fp32 upcast and their fp32
+  gradient are never materialized. It returns CausalLMOutputWithPast with that loss and logits=None (as Liger's
+  fused loss does: a training step does not see logits). `num_items_in_batch`, `ignore_index`, `shift_labels` are
+  honoured; every keyword goes to the decoder as in transformers. Under autocast the hidden states and the head's
+  weight are cast to the autocast dtype first, as F.linear's autocast would. Every other call (eval mode, no_grad,
+  no labels, positional arguments, logits_to_keep != 0, return_dict=False, a loss_function other than
+  ForCausalLMLoss, an adapter or hooks on lm_head by then) runs the class forward unchanged.
+
 Modules inside adapter layers (a ModulesToSave's copies, say) are left alone, and so are modules with an
 instance-level forward of someone else's (accelerate's hooks) and RMSNorm modules with hooks (replacing them
 would drop the hooks; an MLP's hooks, a bottleneck adapter's say, keep working with the fused forward).
@@ -32,6 +46,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from ptlm_engine import functional
@@ -48,6 +63,9 @@ ROTARY_FUNCTIONS = {
     "transformers.models.qwen2.modeling_qwen2": "apply_rotary_pos_emb",
     "transformers.models.qwen3.modeling_qwen3": "apply_rotary_pos_emb",
 }
+
+# causal LMs whose loss is transformers' ForCausalLMLoss on lm_head(model(...)) logits, matched by class name.
+CAUSAL_LM_CLASSES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
 # modeling module -> (its original function, the models holding the patch)
 _ROTARY_PATCHES: dict[str, tuple[Callable, weakref.WeakSet]] = {}
@@ -160,12 +178,87 @@ def _rotary_held(model: nn.Module) -> int:
     return sum(model in holders for _, holders in _ROTARY_PATCHES.values())
 
 
+# ------------------------------------------------------------------------------------------------------- loss
+def _causal_lm_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+    return ForCausalLMLoss
+
+
+def _plain_head(head) -> bool:
+    """An nn.Linear running its own forward with no hooks: its weight and bias are all the logits are made of."""
+    return isinstance(head, nn.Linear) and not isinstance(head, AdapterLayer) and _replaceable(head)
+
+
+def _fusable_loss(model: nn.Module) -> bool:
+    return (type(model).__name__ in CAUSAL_LM_CLASSES and isinstance(getattr(model, "model", None), nn.Module)
+            and _plain_head(getattr(model, "lm_head", None)) and _own_forward(model))
+
+
+def _loss_runs_fused(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A training call whose loss fused gives transformers' loss (see the module docstring)."""
+    if args or kwargs.get("labels") is None or not (model.training and torch.is_grad_enabled()):
+        return False
+    keep = kwargs.get("logits_to_keep", 0)
+    return_dict = kwargs.get("return_dict")
+    return ((isinstance(keep, int) and keep == 0)
+            and (getattr(model.config, "return_dict", True) if return_dict is None else return_dict)
+            and _plain_head(model.lm_head) and model.loss_function is _causal_lm_loss())
+
+
+def _head_loss(hidden, head: nn.Linear, targets, ignore_index: int, num_items_in_batch):
+    """transformers' cross_entropy(lm_head(hidden).float(), targets) (mean, or sum / num_items_in_batch), fused."""
+    weight, bias = head.weight, head.bias
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return functional.linear_cross_entropy(hidden, weight, targets, ignore_index, "mean", bias, num_items_in_batch)
+    dtype = torch.get_autocast_dtype(device_type)               # F.linear's autocast: the logits in this dtype
+    with torch.autocast(device_type, enabled=False):
+        return functional.linear_cross_entropy(hidden.to(dtype), weight.to(dtype), targets, ignore_index, "mean",
+                                               None if bias is None else bias.to(dtype), num_items_in_batch)
+
+
+def _fused_loss_forward(self: nn.Module, labels, **kwargs):
+    """The class forward of a causal LM with its loss fused and no logits (kwargs as the class forward's)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    kwargs.pop("logits_to_keep", None)
+    kwargs.pop("return_dict", None)
+    outputs = self.model(**kwargs)           # as the class forward: every other keyword, the loss's ones included
+    hidden = outputs.last_hidden_state                                                   # (B, L, d)
+    ignore_index = kwargs.get("ignore_index", -100)
+    targets = kwargs.get("shift_labels")
+    if targets is None:  # ForCausalLMLoss: tokens < n predict n, the last position of each row predicts nothing
+        targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    loss = _head_loss(hidden, self.lm_head, targets.to(hidden.device), ignore_index,
+                      kwargs.get("num_items_in_batch"))
+    return CausalLMOutputWithPast(loss=loss, logits=None,
+                                  **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
+
+
+def _loss_forward(original: Callable) -> Callable:
+    """The instance-level forward: the fused loss where it applies, else `original` (the class forward)."""
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if _loss_runs_fused(self, args, kwargs):
+            return _fused_loss_forward(self, **kwargs)
+        return original(self, *args, **kwargs)
+
+    forward.ptlm_loss_original = original
+    return forward
+
+
+def _has_loss_forward(model: nn.Module) -> bool:
+    forward = model.__dict__.get("forward")
+    return isinstance(forward, types.MethodType) and hasattr(forward.__func__, "ptlm_loss_original")
+
+
 # ------------------------------------------------------------------------------------------------- public API
-def fuse_base_ops(model: nn.Module) -> dict[str, int]:
+def fuse_base_ops(model: nn.Module, loss: bool = True) -> dict[str, int]:
     """Switch the model's frozen base onto the fused ops, in place (see the module docstring for what and how).
 
-    Idempotent; returns what now runs fused in the model: {"rms_norm": FusedRMSNorm modules, "gated_mlp": MLPs
-    with the fused forward, "rotary": modeling modules whose apply_rotary_pos_emb the model holds patched}.
+    With loss, also the causal-LM training loss (a training call with labels returns logits=None). Idempotent
+    (loss=False leaves a fused loss as it is); returns what now runs fused in the model: {"rms_norm": FusedRMSNorm
+    modules, "gated_mlp": MLPs with the fused forward, "rotary": modeling modules whose apply_rotary_pos_emb the
+    model holds patched, "loss": 1 where the model's forward fuses its loss, else 0}.
     Outputs and gradients are those of the original modules up to the kernels' rounding (half-precision forward
     outputs equal HF's but for rare last-bit differences of rstd / exp); where a fused op does not apply (no
     Triton for the tensor, another dtype) it runs its PyTorch reference, or HF's own function for RoPE.
@@ -176,12 +269,17 @@ def fuse_base_ops(model: nn.Module) -> dict[str, int]:
         if _fusable_mlp(child, silu):
             child.forward = types.MethodType(_gated_mlp_forward, child)
     _hold_rotary(model)
+    if loss and _fusable_loss(model):
+        model.forward = types.MethodType(_loss_forward(type(model).forward), model)
     return _counts(model)
 
 
 def unfuse_base_ops(model: nn.Module) -> None:
     """Undo fuse_base_ops on the model: the original RMSNorm modules back in place (with their weights as they are
-    now), the MLPs' class forward, and the RoPE functions once no other live fused model holds them."""
+    now), the MLPs' and the model's class forward, and the RoPE functions once no other live fused model holds
+    them."""
+    if _has_loss_forward(model):
+        del model.forward
     for parent, name, child in list(_modules(model)):
         if isinstance(child, FusedRMSNorm):
             parent._modules[name] = child.restore()
@@ -194,4 +292,5 @@ def _counts(model: nn.Module) -> dict[str, int]:
     modules = {id(child): child for _, _, child in _modules(model)}.values()
     return {"rms_norm": sum(isinstance(m, FusedRMSNorm) for m in modules),
             "gated_mlp": sum(_has_fused_forward(m) for m in modules),
-            "rotary": _rotary_held(model)}
+            "rotary": _rotary_held(model),
+            "loss": int(_has_loss_forward(model))}

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES, bottleneck_adapter_op  # noqa: F401
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots, bottleneck_adapter_multi_op
+from ptlm_engine.ops.cross_entropy import linear_cross_entropy_op
 from ptlm_engine.ops.lora import lora_linear_op
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_op, lora_linear_multi_grouped_op
 from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
@@ -143,3 +144,19 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: 
     for all four and an even D; other inputs run the reference.
     """
     return apply_rotary_op(q, k, cos, sin, unsqueeze_dim)
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", bias: Tensor | None = None,
+                         num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    """cross_entropy(hidden @ weight^T + bias, targets) as transformers' causal-LM loss computes it (the logits in
+    hidden's dtype, upcast to fp32), without ever holding all logits: rows in chunks, each chunk's logits turned
+    into their gradient in place and multiplied out at once (Liger-Kernel's fused linear cross-entropy).
+
+    hidden (..., d); weight (V, d) (an lm_head's); targets (...) integer, ignore_index where no loss is taken;
+    bias (V,) or None. reduction "mean" (over the targets not ignored; NaN where all are, as torch gives) or "sum";
+    num_items_in_batch (with "mean"): the sum divided by it instead, transformers' convention for gradient
+    accumulation. Returns the fp32 loss (float64 for float64 inputs). The gradients are computed in the forward
+    (grad_weight only where weight requires grad) and scaled by the backward; under no_grad only the loss is.
+    """
+    return linear_cross_entropy_op(hidden, weight, targets, ignore_index, reduction, bias, num_items_in_batch)

@@ -205,3 +205,31 @@ def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: 
     (B, L, D) unsqueezed at unsqueeze_dim: q (B, Hq, L, D), k (B, Hk, L, D) with 1, (B, L, H, D) with 2."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def cross_entropy_chunk(logits: Tensor, targets: Tensor, grad_scale: Tensor | float | None, ignore_index: int = -100,
+                        write_grad: bool = True) -> Tensor:
+    """kernels.cross_entropy.cross_entropy_chunk: per-row loss logsumexp(x) - x[target] (0 where ignored) in float32
+    (float64 for float64 logits); with write_grad the logits (C, V) are overwritten with
+    (softmax(x) - onehot(target)) * grad_scale, zero rows where ignored.   targets (C,) integer."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    ignored = targets == ignore_index
+    safe = targets.masked_fill(ignored, 0)[:, None]                                   # (C, 1)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)                                    # (C, 1)
+    loss = (lse - x.gather(1, safe))[:, 0].masked_fill(ignored, 0.0)
+    if write_grad:
+        grad = torch.exp(x - lse).scatter_add(1, safe, torch.full_like(lse, -1.0)) * grad_scale
+        logits.copy_(grad.masked_fill(ignored[:, None], 0.0))
+    return loss
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", bias: Tensor | None = None) -> Tensor:
+    """transformers' causal-LM loss on the lm_head's logits: cross_entropy((hidden W^T + bias) upcast to float32,
+    targets). hidden (..., d); weight (V, d); targets (...) integer; the logits are rounded to hidden's dtype
+    before the upcast, as HF's lm_head output is."""
+    logits = hidden @ weight.t()
+    logits = logits if bias is None else logits + bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1),
+                                             ignore_index=ignore_index, reduction=reduction)

@@ -1,8 +1,9 @@
-"""fuse_base_ops / unfuse_base_ops on tiny transformers models: a LoRA-adapted Llama's logits and LoRA gradients
-unchanged by the fused RMSNorm / silu_mul / RoPE ops (fp32 and fp16, the adapter added after or before), state-dict
+"""fuse_base_ops / unfuse_base_ops on tiny transformers models: a LoRA-adapted Llama's loss, logits and LoRA
+gradients unchanged by the fused RMSNorm / silu_mul / RoPE ops and loss (fp32 and fp16, the adapter added after or
+before; a training step's fused loss returns no logits, eval mode and calls without labels return HF's), state-dict
 keys unchanged, idempotence, exact restoration (the same module objects, the class forward, transformers' own
 apply_rotary_pos_emb once no fused model holds it), the class and function tables (Mistral, Qwen2, Qwen3 fused;
-Gemma's (1 + weight) RMSNorm and gelu MLP not)."""
+Gemma's (1 + weight) RMSNorm and gelu MLP not), the loss's keyword arguments, autocast, and where it stays unfused."""
 import copy
 import importlib
 import warnings
@@ -41,20 +42,37 @@ def _adapt(model):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def _step(model):
-    """Logits and every LoRA gradient of one next-token loss."""
-    ids = torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+def _ids():
+    return torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+
+
+def _step(model, **kwargs):
+    """The next-token loss, the logits (None where the fused loss skips them) and every trainable parameter's
+    gradient."""
+    ids = _ids()
     model.zero_grad()
-    out = model(input_ids=ids, labels=ids)
+    out = model(input_ids=ids, labels=ids, **kwargs)
     out.loss.backward()
-    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    logits = None if out.logits is None else out.logits.detach()
+    return out.loss.detach(), logits, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _assert_same_step(got, want, dtype):
-    assert rel_err(got[0], want[0]) <= BOUND[dtype], "logits"
-    assert got[1].keys() == want[1].keys() and len(want[1]) == 2 * 7 * 2
-    for name, grad in want[1].items():
-        assert rel_err(got[1][name], grad) <= BOUND[dtype], name
+def _assert_same_step(got, want, dtype, n_grads=2 * 7 * 2, bound=None):
+    bound = bound or BOUND[dtype]
+    assert rel_err(got[0], want[0]) <= bound, "loss"
+    assert got[1] is None or rel_err(got[1], want[1]) <= bound, "logits"
+    assert got[2].keys() == want[2].keys() and len(want[2]) == n_grads
+    for name, grad in want[2].items():
+        assert rel_err(got[2][name], grad) <= bound, name
+
+
+def _assert_eval_as_before(model, want, dtype):
+    """Eval mode (with labels, no_grad) returns HF's logits and loss."""
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=_ids(), labels=_ids())
+    model.train()
+    assert rel_err(out.logits, want[1]) <= BOUND[dtype] and rel_err(out.loss, want[0]) <= BOUND[dtype]
 
 
 def _norms(model):
@@ -73,13 +91,16 @@ def test_fused_llama_trains_lora_as_the_original(dtype):
     keys, norms = list(model.state_dict()), _norms(model)
 
     counts = pe.fuse_base_ops(model)
-    assert counts == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}
+    assert counts == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1, "loss": 1}
     assert pe.fuse_base_ops(model) == counts                                   # idempotent
     assert list(model.state_dict()) == keys
     assert all(isinstance(m, FusedRMSNorm) for m in _norms(model).values())
     assert model.model.norm.weight is norms["model.norm"].weight                # the same Parameter
     assert modeling.apply_rotary_pos_emb is not original_rotary
-    _assert_same_step(_step(model), want, dtype)
+    got = _step(model)
+    assert got[1] is None                              # the fused loss of a training step materializes no logits
+    _assert_same_step(got, want, dtype)
+    _assert_eval_as_before(model, want, dtype)
 
     if dtype == torch.float32:  # fused first, the adapter added afterwards: the LoRA layers sit inside the MLP
         other = copy.deepcopy(base)
@@ -92,6 +113,7 @@ def test_fused_llama_trains_lora_as_the_original(dtype):
     pe.unfuse_base_ops(model)
     assert _norms(model) == norms                                              # the very same modules back
     assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+    assert "forward" not in model.__dict__                                     # the class forward: HF's loss
     assert modeling.apply_rotary_pos_emb is original_rotary
     assert list(model.state_dict()) == keys
     pe.unfuse_base_ops(model)                                                  # a second undo changes nothing
@@ -99,10 +121,10 @@ def test_fused_llama_trains_lora_as_the_original(dtype):
 
 
 @pytest.mark.parametrize("config_class, model_class, counts", [
-    (MistralConfig, MistralForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}),
-    (Qwen2Config, Qwen2ForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}),
-    (Qwen3Config, Qwen3ForCausalLM, {"rms_norm": 9, "gated_mlp": 2, "rotary": 1}),     # + q_norm, k_norm
-    (GemmaConfig, GemmaForCausalLM, {"rms_norm": 0, "gated_mlp": 0, "rotary": 0}),     # (1 + weight), gelu
+    (MistralConfig, MistralForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1, "loss": 1}),
+    (Qwen2Config, Qwen2ForCausalLM, {"rms_norm": 5, "gated_mlp": 2, "rotary": 1, "loss": 1}),
+    (Qwen3Config, Qwen3ForCausalLM, {"rms_norm": 9, "gated_mlp": 2, "rotary": 1, "loss": 1}),  # + q_norm, k_norm
+    (GemmaConfig, GemmaForCausalLM, {"rms_norm": 0, "gated_mlp": 0, "rotary": 0, "loss": 0}),  # (1 + weight), gelu
 ])
 def test_tables_cover_mistral_qwen_and_leave_gemma(config_class, model_class, counts):
     model = _build(config_class, model_class, head_dim=16)
@@ -137,27 +159,78 @@ def test_rotary_patch_falls_back_to_transformers_without_triton(monkeypatch):
         pe.unfuse_base_ops(model)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(num_items_in_batch=7),
+    dict(ignore_index=int(_ids()[0, 4])),                                  # a label that occurs
+    dict(shift_labels=torch.randint(-1, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3)),
+         ignore_index=-1),
+    dict(autocast=True),
+], ids=["num_items_in_batch", "ignore_index", "shift_labels", "autocast"])
+def test_fused_loss_takes_transformers_loss_arguments(kwargs, monkeypatch):
+    """The loss's keyword arguments as ForCausalLMLoss reads them, and F.linear's autocast (bf16 logits), with every
+    parameter trainable (the head's weight gradient too). The reference backend: the chunk logic without the
+    interpreter's cost."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    kwargs = dict(kwargs)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=kwargs.pop("autocast", False))
+    base = _build(LlamaConfig, LlamaForCausalLM)
+    model = copy.deepcopy(base)
+    assert pe.fuse_base_ops(model)["loss"] == 1
+    n_grads = len(list(base.parameters()))
+    with autocast:
+        want, got = _step(base, **kwargs), _step(model, **kwargs)
+    assert got[1] is None
+    _assert_same_step(got, want, torch.float32, n_grads, bound=2e-2 if autocast._enabled else None)
+    pe.unfuse_base_ops(model)
+
+
+def test_loss_left_unfused_where_it_does_not_apply(monkeypatch):
+    """A training call without labels, one asking for a tuple, and (with the adapter's layers) an adapter on lm_head
+    run the class forward and return HF's logits; loss=False and an adapter on lm_head before fusing leave the loss
+    unfused."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    base = _build(LlamaConfig, LlamaForCausalLM)
+    model = copy.deepcopy(base)
+    assert pe.fuse_base_ops(model, loss=False)["loss"] == 0 and "forward" not in model.__dict__
+    assert pe.fuse_base_ops(model)["loss"] == 1
+    want = base(input_ids=_ids(), labels=_ids())
+    assert rel_err(model(input_ids=_ids()).logits, want.logits) <= BOUND[torch.float32]
+    loss, logits = model(input_ids=_ids(), labels=_ids(), return_dict=False)[:2]
+    assert rel_err(loss, want.loss) <= BOUND[torch.float32] and rel_err(logits, want.logits) <= BOUND[torch.float32]
+    pe.add_adapter(model, "head", pe.LoraConfig(r=2, target_modules=["lm_head"]))
+    assert model(input_ids=_ids(), labels=_ids()).logits is not None
+    pe.unfuse_base_ops(model)
+    assert pe.fuse_base_ops(model)["loss"] == 0
+    pe.unfuse_base_ops(model)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_llama_bf16_on_cuda():
-    """The Triton kernels on the GPU, bf16: the fused step within bf16's error of HF's, forward logits bitwise
-    close (the ops replicate HF's roundings)."""
+    """The Triton kernels on the GPU, bf16: the fused step's loss and gradients within bf16's error of HF's, eval
+    logits bitwise close (the ops replicate HF's roundings)."""
     base = _build(LlamaConfig, LlamaForCausalLM, torch.bfloat16, max_position_embeddings=64).cuda()
     _adapt(base)
     ids = torch.randint(0, SIZES["vocab_size"], (4, 33), device="cuda")
+    ids[0, :5] = -100
 
     def step():
         base.zero_grad()
-        out = base(input_ids=ids, labels=ids)
+        out = base(input_ids=ids.clamp_min(0), labels=ids)
         out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
+        base.eval()
+        with torch.no_grad():
+            logits = base(input_ids=ids.clamp_min(0)).logits
+        base.train()
+        return out.loss.detach(), logits, {n: p.grad.clone() for n, p in base.named_parameters() if p.requires_grad}
 
     want = step()
-    assert pe.fuse_base_ops(base) == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1}
+    assert pe.fuse_base_ops(base) == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1, "loss": 1}
     try:
         got = step()
     finally:
         pe.unfuse_base_ops(base)
     assert rel_err(got[0], want[0]) <= 1e-2
-    for name, grad in want[1].items():
-        assert rel_err(got[1][name], grad) <= 3e-2, name
+    assert rel_err(got[1], want[1]) <= 1e-2
+    for name, grad in want[2].items():
+        assert rel_err(got[2][name], grad) <= 3e-2, name

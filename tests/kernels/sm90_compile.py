@@ -21,6 +21,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from ptlm_engine.kernels import bottleneck as B  # noqa: E402
 from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
+from ptlm_engine.kernels import cross_entropy as CE  # noqa: E402
 from ptlm_engine.kernels import lora as L  # noqa: E402
 from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
@@ -194,6 +195,12 @@ KERNELS.update({
                {f"{p}_ptr": "x" for p in ("q", "k", "cos", "sin", "qo", "ko")},
                [dict(BACKWARD=False), dict(BACKWARD=True)]),
 })
+# the loss's chunk kernel at the training step's vocabulary (V = 32000: BLOCK_V = MAX_BLOCK_V, several steps a row)
+CE_BLOCK, CE_WARPS = CE.block_shape(32000)
+KERNELS["cross_entropy"] = (_fixed(CE._cross_entropy_kernel, triton.Config({"BLOCK_V": CE_BLOCK}, num_warps=CE_WARPS,
+                                                                          num_stages=1)),
+                            {"x_ptr": "x", "targets_ptr": "*i64", "loss_ptr": "*fp32", "scale_ptr": "*fp32"},
+                            [dict(WRITE_GRAD=True), dict(WRITE_GRAD=False)])
 
 
 def compile_one(launcher, types: dict, consts: dict, num_warps: int, num_stages: int):
