@@ -15,6 +15,11 @@ token picks its slot, as in kernels.lora_multi):
   its xa in the base K loop, so the whole group is one launch. A member without an adapter runs the base tile.
   At prefill on Hopper the single-adapter op runs each member's GEMM through kernels.lora's TMA kernel instead
   (after the one shared shrink), where every member has an adapter and meets TMA's layout rules.
+The single-adapter op's backward at prefill adds two kernels over per-member inputs (each member's own dy):
+- shrink each: g_g = s_g / (1 - p_g) dy_g B_g for every member in one launch (members side by side in the grid);
+  each member's dx GEMM then takes its g through kernels.lora.lora_matmul(xa=g_g).
+- weight grads: dA_g^T = (keep_g x)^T g_g and dB_g = dy_g^T xa_g for every member in one launch, the column
+  blocks of the 2G products in one grid (kernels.lora's weight-grad tile; x is read once per member's dA).
 
 Floor (b bytes per element, N = Σ d_out_g, r_g the ranks): bytes = b·[d_in·N + Σ r_g(d_in + d_out_g) + T(d_in + N)],
 flops = 2T·d_in·N + 2T·Σ r_g(d_in + d_out_g). On the H100 (3.0 TB/s, 790 TFLOP/s), bf16, r = 16 per member:
@@ -22,6 +27,9 @@ Llama-7B q/k/v 4096 -> 3 x 4096: 0.0338 ms at T = 1 (memory), 0.526 ms at T = 40
 4096 -> 4096 + 2 x 1024: 0.0170 / 0.264 ms; gate/up 4096 -> 2 x 11008: 0.0605 / 0.940 ms. The fusion moves the
 same GEMM bytes and flops as G separate calls; it saves G-1 launches at decode, 2G-2 at prefill (one shrink and
 one matmul instead of G of each) and G-1 passes of the shrink over x (bench/NOTES.md).
+Backward at prefill (N = Σ d_out_g): shrink each bytes = b·T·N + 4T·Σ r_g, flops = 2T·Σ r_g d_out_g; weight grads
+bytes = b·T·(G·d_in + N) + 8T·Σ r_g + 4Σ r_g(d_in + d_out_g), flops = 2T·Σ r_g(d_in + d_out_g). Llama-7B q/k/v,
+bf16, r = 16, T = 4096: shrink 0.034 ms, weight grads 0.068 ms (both memory-bound); 3G Triton launches become G + 2.
 """
 from __future__ import annotations
 
@@ -32,9 +40,9 @@ import triton
 import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
-                      shrink_configs, t_bucket, tune_bench)
-from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
-                   lora_matmul_tma, rank_block, store_split)
+                      shrink_configs, t_bucket, tune_bench, weight_grad_configs)
+from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _weight_grad_tile, fuse_shrink_default, grouped_tile,
+                   lora_matmul_tile, lora_matmul_tma, rank_block, store_split)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, multi_matmul_tile,
                          padded_rank)
@@ -298,6 +306,204 @@ def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_A
 def _flags(name: str, values: list[bool]) -> dict[str, bool]:
     """NAME0..NAME2 constexprs: a member's flag, False for the members the group does not have."""
     return {f"{name}{g}": v for g, v in enumerate(_padded(list(values), False))}
+
+
+# -------------------------------------------------------------------------- single adapter: backward at prefill
+# The backward of a group needs per-member inputs (each member's own dy), so these two kernels take every
+# member's tensors apart; each is one launch for the whole group where the members' own backwards take G.
+@triton.jit
+def _member_shrink(x_ptr, a_ptr, out_ptr, pid_k, T, K, R, stride_xt, stride_xk, stride_ar, stride_ak, stride_ot,
+                   stride_or, scale, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One member's (BLOCK_T, BLOCK_R) tile of scale * x @ A^T over this program's share of its own K."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)          # (BLOCK_T, BLOCK_K)
+        acc = _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, a_ptr, 0.0, False, FP32_DOT,
+                           BLOCK_R)
+    _store_xa(acc * scale, out_ptr, offs_t, offs_t < T, R, stride_ot, stride_or, SPLIT_K, BLOCK_R)
+
+
+@triton.jit
+def _grouped_shrink_each_kernel(
+    x0_ptr, a0_ptr, out0_ptr, x1_ptr, a1_ptr, out1_ptr, x2_ptr, a2_ptr, out2_ptr,
+    T, K0, K1, K2, R0, R1, R2, T_BUCKET,
+    stride_x0t, stride_x0k, stride_a0r, stride_a0k, stride_o0t, stride_o0r,
+    stride_x1t, stride_x1k, stride_a1r, stride_a1k, stride_o1t, stride_o1r,
+    stride_x2t, stride_x2k, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
+    scale0, scale1, scale2,
+    MEMBERS: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Axis 2 holds every member's K splits, member after member: a program runs one member's shrink tile."""
+    member = tl.program_id(2) // SPLIT_K
+    pid_k = tl.program_id(2) % SPLIT_K
+    if member == 0:
+        _member_shrink(x0_ptr, a0_ptr, out0_ptr, pid_k, T, K0, R0, stride_x0t, stride_x0k, stride_a0r, stride_a0k,
+                       stride_o0t, stride_o0r, scale0, FP32_DOT, SPLIT_K, BLOCK_R, BLOCK_T, BLOCK_K)
+    elif MEMBERS > 1:
+        if member == 1:
+            _member_shrink(x1_ptr, a1_ptr, out1_ptr, pid_k, T, K1, R1, stride_x1t, stride_x1k, stride_a1r,
+                           stride_a1k, stride_o1t, stride_o1r, scale1, FP32_DOT, SPLIT_K, BLOCK_R, BLOCK_T, BLOCK_K)
+        elif MEMBERS > 2:
+            _member_shrink(x2_ptr, a2_ptr, out2_ptr, pid_k, T, K2, R2, stride_x2t, stride_x2k, stride_a2r,
+                           stride_a2k, stride_o2t, stride_o2r, scale2, FP32_DOT, SPLIT_K, BLOCK_R, BLOCK_T, BLOCK_K)
+
+
+_grouped_shrink_each = TunedLauncher(triton.autotune(
+    shrink_configs(), key=["T_BUCKET", "K0", "K1", "K2", "R0", "R1", "R2", "MEMBERS"],
+    prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out0_ptr", "out1_ptr", "out2_ptr"],
+    do_bench=tune_bench)(_grouped_shrink_each_kernel))
+
+
+def lora_grouped_shrink_each(xs: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor],
+                             scales: Sequence[float]) -> list[torch.Tensor]:
+    """out_g = scales[g] * xs[g] @ lora_As[g]^T in fp32 for 1 to 3 members with inputs of their own, one launch.
+
+    xs[g] (T, K_g), all in one dtype and over the same T rows; lora_As[g] (r_g, K_g) any strides (read in xs'
+    dtype, as kernels.lora.lora_shrink does). The backward's g_g = s_g / (1 - p_g) dy_g @ B_g: xs = dys,
+    lora_As = [B_g^T]. No dropout. Returns (T, r_g) each.
+    """
+    T = xs[0].shape[0]
+    G = len(xs)
+    widths = [x.shape[1] for x in xs]
+    ranks = [a.shape[0] for a in lora_As]
+    if T == 0:
+        return [torch.empty((0, r), device=xs[0].device, dtype=torch.float32) for r in ranks]
+    bucket = t_bucket(T)
+    key = (bucket, *widths, *ranks, xs[0].dtype, *(a.dtype for a in lora_As))
+    alloc = torch.zeros if _grouped_shrink_each.adds_into_output(key, "SPLIT_K") else torch.empty
+    outs = [alloc((T, r), device=xs[0].device, dtype=torch.float32) for r in ranks]
+    members, strides = [], []
+    for x, a, out in zip(xs, lora_As, outs):
+        members += [x, a, out]
+        strides += [*x.stride(), *a.stride(), *out.stride()]
+    members += members[:3] * (MAX_MEMBERS - G)
+    strides += strides[:6] * (MAX_MEMBERS - G)
+    block_r = rank_block(max(ranks))
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), cdiv(max(ranks), block_r), G * meta["SPLIT_K"])
+    _grouped_shrink_each.launch(key, grid,
+        *members,
+        T, *_padded(widths, 0), *_padded(ranks, 0), bucket,
+        *strides,
+        *_padded(list(scales), 0.0),
+        MEMBERS=G, FP32_DOT=xs[0].dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return outs
+
+
+@triton.jit
+def _member_weight_grads(pid, x_ptr, g_ptr, dy_ptr, xa_ptr, da_ptr, db_ptr, seed_ptr, T, K, N, R,
+                         stride_xt, stride_xk, stride_gt, stride_gr, stride_dyt, stride_dyn, stride_xat, stride_xar,
+                         stride_dak, stride_dar, stride_dbn, stride_dbr, dropout_p, DROPOUT: tl.constexpr,
+                         FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Column block pid of one member's two products: dA^T = (keep x)^T g (d_in's blocks), then dB = dy^T xa."""
+    k_blocks = tl.cdiv(K, BLOCK_N)
+    if pid < k_blocks:
+        _weight_grad_tile(x_ptr, g_ptr, da_ptr, seed_ptr, pid, T, K, R, stride_xt, stride_xk, stride_gt, stride_gr,
+                          stride_dak, stride_dar, dropout_p, DROPOUT, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+    else:
+        _weight_grad_tile(dy_ptr, xa_ptr, db_ptr, seed_ptr, pid - k_blocks, T, N, R, stride_dyt, stride_dyn,
+                          stride_xat, stride_xar, stride_dbn, stride_dbr, dropout_p, False, FP32_DOT, SPLIT_T,
+                          BLOCK_R, BLOCK_N, BLOCK_T)
+
+
+@triton.jit
+def _grouped_weight_grad_kernel(
+    x_ptr,
+    g0_ptr, dy0_ptr, xa0_ptr, da0_ptr, db0_ptr, seed0_ptr,
+    g1_ptr, dy1_ptr, xa1_ptr, da1_ptr, db1_ptr, seed1_ptr,
+    g2_ptr, dy2_ptr, xa2_ptr, da2_ptr, db2_ptr, seed2_ptr,
+    T, K, N0, N1, N2, R0, R1, R2, T_BUCKET,
+    stride_xt, stride_xk,
+    stride_g0t, stride_g0r, stride_dy0t, stride_dy0n, stride_xa0t, stride_xa0r, stride_da0k, stride_da0r,
+    stride_db0n, stride_db0r,
+    stride_g1t, stride_g1r, stride_dy1t, stride_dy1n, stride_xa1t, stride_xa1r, stride_da1k, stride_da1r,
+    stride_db1n, stride_db1r,
+    stride_g2t, stride_g2r, stride_dy2t, stride_dy2n, stride_xa2t, stride_xa2r, stride_da2k, stride_da2r,
+    stride_db2n, stride_db2r,
+    p0, p1, p2,
+    MEMBERS: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr, FP32_DOT: tl.constexpr,
+    SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Axis 0 holds the column blocks of member 0's dA^T and dB, then member 1's, then member 2's."""
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_N)
+    end0 = k_blocks + tl.cdiv(N0, BLOCK_N)
+    end1 = end0 + k_blocks + tl.cdiv(N1, BLOCK_N)
+    if pid < end0:
+        _member_weight_grads(pid, x_ptr, g0_ptr, dy0_ptr, xa0_ptr, da0_ptr, db0_ptr, seed0_ptr, T, K, N0, R0,
+                             stride_xt, stride_xk, stride_g0t, stride_g0r, stride_dy0t, stride_dy0n, stride_xa0t,
+                             stride_xa0r, stride_da0k, stride_da0r, stride_db0n, stride_db0r, p0, DROP0, FP32_DOT,
+                             SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+    elif MEMBERS > 1:
+        if pid < end1:
+            _member_weight_grads(pid - end0, x_ptr, g1_ptr, dy1_ptr, xa1_ptr, da1_ptr, db1_ptr, seed1_ptr, T, K, N1,
+                                 R1, stride_xt, stride_xk, stride_g1t, stride_g1r, stride_dy1t, stride_dy1n,
+                                 stride_xa1t, stride_xa1r, stride_da1k, stride_da1r, stride_db1n, stride_db1r, p1,
+                                 DROP1, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+        elif MEMBERS > 2:
+            _member_weight_grads(pid - end1, x_ptr, g2_ptr, dy2_ptr, xa2_ptr, da2_ptr, db2_ptr, seed2_ptr, T, K, N2,
+                                 R2, stride_xt, stride_xk, stride_g2t, stride_g2r, stride_dy2t, stride_dy2n,
+                                 stride_xa2t, stride_xa2r, stride_da2k, stride_da2r, stride_db2n, stride_db2r, p2,
+                                 DROP2, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+
+
+_grouped_weight_grad = TunedLauncher(triton.autotune(
+    weight_grad_configs(), key=["T_BUCKET", "K", "N0", "N1", "N2", "R0", "R1", "R2", "MEMBERS", "DROP0", "DROP1",
+                                "DROP2"],
+    reset_to_zero=[f"{p}{g}_ptr" for p in ("da", "db") for g in range(3)],
+    do_bench=tune_bench)(_grouped_weight_grad_kernel))
+
+
+def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: Sequence[torch.Tensor],
+                              xas: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor | None] | None = None,
+                              dropouts: Sequence[float] | None = None
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every member's LoRA weight gradients in one launch: dA_g^T = (keep_g * x)^T gs[g] and dB_g = dys[g]^T xas[g]
+    (kernels.lora.lora_weight_grads' pair, for 1 to 3 members sharing x).
+
+    x (T, K) the forward's input; gs[g] (T, r_g) fp32 (the backward's s_g / (1 - p_g) dy_g B_g); dys[g] (T, N_g)
+    in x's dtype; xas[g] (T, r_g) fp32 the forward's; keep_g the Philox mask of (seeds[g], t * K + k) where
+    dropouts[g] = p_g > 0 (the forward's mask of member g), on the dA product only. Returns ([dA_g^T (K, r_g)],
+    [dB_g (N_g, r_g)]) in fp32.
+    """
+    T, K = x.shape
+    G = len(gs)
+    widths = [dy.shape[1] for dy in dys]
+    ranks = [g.shape[1] for g in gs]
+    if T == 0:
+        zeros = lambda n, r: torch.zeros((n, r), device=x.device, dtype=torch.float32)
+        return [zeros(K, r) for r in ranks], [zeros(n, r) for n, r in zip(widths, ranks)]
+    dropouts = [0.0] * G if dropouts is None else list(dropouts)
+    seeds = [None] * G if seeds is None else list(seeds)
+    drop = [p > 0.0 for p in dropouts]
+    bucket = t_bucket(T)
+    key = (bucket, K, *widths, *ranks, *drop, x.dtype, *(dy.dtype for dy in dys))
+    alloc = torch.zeros if _grouped_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty
+    d_a_ts = [alloc((K, r), device=x.device, dtype=torch.float32) for r in ranks]
+    d_bs = [alloc((n, r), device=x.device, dtype=torch.float32) for n, r in zip(widths, ranks)]
+    members, strides = [], []
+    for g in range(G):
+        members += [gs[g], dys[g], xas[g], d_a_ts[g], d_bs[g], seeds[g] if drop[g] else d_a_ts[g]]
+        strides += [*gs[g].stride(), *dys[g].stride(), *xas[g].stride(), *d_a_ts[g].stride(), *d_bs[g].stride()]
+    members += members[:6] * (MAX_MEMBERS - G)
+    strides += strides[:10] * (MAX_MEMBERS - G)
+    block_r = rank_block(max(ranks))
+    grid = lambda meta: (G * cdiv(K, meta["BLOCK_N"]) + sum(cdiv(n, meta["BLOCK_N"]) for n in widths),
+                         cdiv(max(ranks), block_r), meta["SPLIT_T"])
+    _grouped_weight_grad.launch(key, grid,
+        x, *members,
+        T, K, *_padded(widths, 0), *_padded(ranks, 0), bucket,
+        x.stride(0), x.stride(1), *strides,
+        *_padded(dropouts, 0.0),
+        MEMBERS=G, **_flags("DROP", drop), FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
+    )
+    return d_a_ts, d_bs
 
 
 # ------------------------------------------------------------------------------------- multi-adapter shrink

@@ -7,8 +7,11 @@ functional.lora_linear_grouped / lora_linear_multi_grouped.
 
 Forward: one kernel launch for the whole group at decode, two at prefill (the members' shared shrink, then the
 grouped matmul); the multi-adapter op always two. All members' outputs come from one autograd node. Backward
-runs each member's backward of ops.lora / ops.lora_multi (the same kernels) on its own output gradient and sums
-the members' dx; a member without an adapter costs one dy W GEMM. Training gets the forward's saving only.
+takes each member's own output gradient and sums the members' dx; a member without an adapter costs one dy W
+GEMM. The multi-adapter op, and the single-adapter op at decode, run each member's backward of ops.lora_multi /
+ops.lora (ops.lora's is one launch at decode). At prefill the single-adapter op computes all members' g = s dy B
+in one launch (kernels.lora_grouped's shrink each), each member's dx GEMM on its g, and all members' dA and dB in
+one more launch: G + 2 launches (and G - 1 adds) where the members' own backwards take 3G.
 """
 from __future__ import annotations
 
@@ -182,14 +185,47 @@ def _backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], weights
               lora_As: list[Optional[Tensor]], lora_Bs: list[Optional[Tensor]], scales: list[float],
               dropouts: list[float], seeds: Optional[Tensor], fan_in_fan_out: bool,
               need_dx: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """Each member's ops.lora backward on its own dy (None: that output got no gradient); dx summed.
+    """Each member's LoRA backward on its own dy (None: that output got no gradient); dx summed.
     Returns (dx or an empty tensor, [dA_g], [dB_g]) with empty tensors for members without an adapter."""
     lora_As, lora_Bs = _present(lora_As), _present(lora_Bs)
+    live = [g for g, (dy, a) in enumerate(zip(dys, lora_As)) if dy is not None and a is not None]
+    if not any(need_dx and lora_kernels.decode_backward_fuses(dys[g], lora_As[g]) for g in live):
+        return _grouped_backward(dys, x, xas, weights, lora_As, lora_Bs, scales, dropouts, seeds, fan_in_fan_out,
+                                 need_dx, live)
 
-    def member_backward(g, dy):
+    def member_backward(g, dy):  # decode: ops.lora's one-launch backward per member
         seed = seeds[g:g + 1] if dropouts[g] > 0.0 else None
         return lora_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], scales[g], dropouts[g], seed,
                                   fan_in_fan_out, need_dx)
+    return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
+
+
+def _grouped_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], weights: list[Tensor],
+                      lora_As: list[Optional[Tensor]], lora_Bs: list[Optional[Tensor]], scales: list[float],
+                      dropouts: list[float], seeds: Optional[Tensor], fan_in_fan_out: bool, need_dx: bool,
+                      live: list[int]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """_backward at prefill (or without dx): the live members' g_g = s_g/(1-p_g) dy_g B_g in one launch, each
+    member's dx = dy_g W0_g + keep_g * (g_g A_g) GEMM on that g, every dA_g and dB_g in one launch."""
+    g_scales = {g: scales[g] / (1.0 - dropouts[g]) for g in live}
+    member_seeds = _member_seeds(seeds, [p > 0.0 for p in dropouts])
+    grads = {}
+    if live:
+        live_dys = [dys[g] for g in live]
+        b_ts = [lora_Bs[g].t() for g in live]                                       # (r_g, d_out_g) views
+        gs = grouped_kernels.lora_grouped_shrink_each(live_dys, b_ts, [g_scales[g] for g in live])
+        d_a_ts, d_bs = grouped_kernels.lora_grouped_weight_grads(x, gs, live_dys, [xas[g] for g in live],
+                                                                 [member_seeds[g] for g in live],
+                                                                 [dropouts[g] for g in live])
+        grads = dict(zip(live, zip(gs, b_ts, d_a_ts, d_bs)))
+
+    def member_backward(g, dy):
+        g_g, b_t, d_a_t, d_b = grads[g]
+        dx = None
+        if need_dx:
+            w0 = weights[g].t() if fan_in_fan_out else weights[g]                   # (d_out, d_in) view
+            dx, _ = lora_kernels.lora_matmul(dy, w0.t(), b_t, lora_As[g].t(), g_scales[g], None, member_seeds[g],
+                                             out_dropout=dropouts[g], xa=g_g)
+        return dx, d_a_t.t().to(lora_As[g].dtype), d_b.to(lora_Bs[g].dtype)
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 

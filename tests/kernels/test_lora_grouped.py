@@ -88,6 +88,83 @@ def test_grouped_dropout_is_each_members_own_kernel_mask(fuse_shrink):
     torch.testing.assert_close(ys[2], x @ ws[2].t())             # no adapter: its dropout changes nothing
 
 
+# ------------------------------------------------------------------------------------------ backward at prefill
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty fills float tensors with NaN: outputs a launcher allocates must be written in full."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_outs,ranks", [
+    (70, (29, 13, 13), (4, 7, 3)),                    # q/k/v-like: k and v narrower
+    (37, (45, 21), (70, 5)),                          # r = 70: two rank blocks, the other member's masked off
+    (5, (19,), (6,)),
+])
+def test_grouped_shrink_each_odd_shapes(T, d_outs, ranks, dtype, poisoned_empty):
+    """g_g = s_g dy_g B_g over each member's own dy and d_out; float32 adapters read as dy's dtype, as
+    kernels.lora.lora_shrink reads them."""
+    torch.manual_seed(T + len(d_outs))
+    dys = [rand(T, n, dtype=dtype) for n in d_outs]
+    Bs = [rand(n, r, dtype=torch.float32, scale=r ** -0.5) for n, r in zip(d_outs, ranks)]
+    scales = [1.7, 0.6, 2.5][:len(d_outs)]
+    gs = G.lora_grouped_shrink_each(dys, [b.t() for b in Bs], scales)
+    for g, (dy, b, s) in enumerate(zip(dys, Bs, scales)):
+        assert gs[g].dtype == torch.float32 and gs[g].shape == (T, b.shape[1])
+        assert_matches(gs[g], s * dy.double() @ b.to(dtype).double(), s * (dy @ b.to(dtype)), dtype, f"g[{g}]")
+        torch.testing.assert_close(gs[g], K.lora_shrink(dy, b.t(), s), rtol=1e-5, atol=1e-5)
+    assert [t.shape for t in G.lora_grouped_shrink_each([d[:0] for d in dys], [b.t() for b in Bs], scales)] == [
+        (0, r) for r in ranks]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T,d_in,d_outs,ranks", [
+    (70, 29, (23, 9, 9), (5, 3, 17)),
+    (33, 40, (11, 37), (8, 2)),
+    (9, 13, (17,), (4,)),
+])
+def test_grouped_weight_grads_odd_shapes(T, d_in, d_outs, ranks, dtype, poisoned_empty):
+    """dA_g^T = x^T g_g and dB_g = dy_g^T xa_g for every member, against float64."""
+    torch.manual_seed(T + d_in)
+    x = rand(T, d_in, dtype=dtype)
+    dys = [rand(T, n, dtype=dtype) for n in d_outs]
+    gs = [rand(T, r, dtype=torch.float32) for r in ranks]
+    xas = [rand(T, r, dtype=torch.float32) for r in ranks]
+    d_a_ts, d_bs = G.lora_grouped_weight_grads(x, gs, dys, xas)
+    for g, (dy, gg, xa) in enumerate(zip(dys, gs, xas)):
+        assert d_a_ts[g].shape == (d_in, ranks[g]) and d_bs[g].shape == (d_outs[g], ranks[g])
+        assert d_a_ts[g].dtype == d_bs[g].dtype == torch.float32
+        assert_matches(d_a_ts[g], x.double().t() @ gg.double(), x.float().t() @ gg, dtype, f"dA[{g}]^T")
+        assert_matches(d_bs[g], dy.double().t() @ xa.double(), dy.float().t() @ xa, dtype, f"dB[{g}]")
+    d_a_ts, d_bs = G.lora_grouped_weight_grads(x[:0], [t[:0] for t in gs], [t[:0] for t in dys], [t[:0] for t in xas])
+    assert all(not t.any() for t in d_a_ts + d_bs) and [t.shape for t in d_bs] == list(zip(d_outs, ranks))
+
+
+def test_grouped_weight_grads_dropout_is_each_members_own_kernel_mask():
+    """Member g's dA carries the mask kernels.lora.lora_weight_grads draws with member g's seed (the forward's
+    mask over x); dB none. A member without dropout stays unmasked."""
+    torch.manual_seed(5)
+    T, d_in, d_outs, ranks = 71, 26, (30, 11, 11), (4, 3, 5)
+    x = rand(T, d_in, dtype=torch.float32)
+    dys = [rand(T, n, dtype=torch.float32) for n in d_outs]
+    gs = [rand(T, r, dtype=torch.float32) for r in ranks]
+    xas = [rand(T, r, dtype=torch.float32) for r in ranks]
+    seeds = [torch.tensor([s], device=DEVICE) for s in (123, 456, 789)]
+    dropouts = [0.3, 0.0, 0.5]
+    d_a_ts, d_bs = G.lora_grouped_weight_grads(x, gs, dys, xas, seeds, dropouts)
+    for g in range(3):
+        d_a_t, d_b = K.lora_weight_grads(x, gs[g], dys[g], xas[g], seeds[g], dropouts[g])
+        torch.testing.assert_close(d_a_ts[g], d_a_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d_bs[g], d_b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(d_a_ts[0], x.t() @ gs[0], rtol=1e-3, atol=1e-3)     # the mask did apply
+    torch.testing.assert_close(d_a_ts[1], x.t() @ gs[1], rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- multi-adapter
 def _slots(S, d_in, d_out, ranks, dtype):
     """Stacked slots in the pool's layout (zeros beyond each rank; rank 0: the member lacks that adapter)."""

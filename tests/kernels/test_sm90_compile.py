@@ -24,6 +24,7 @@ def test_every_kernel_variant_compiles_for_sm90():
                                                "lora.shrink", "lora.weight_grad", "multi.matmul_decode",
                                                "multi.matmul_prefill", "multi.shrink", "multi.weight_grad",
                                                "grouped.matmul_decode", "grouped.matmul_prefill", "grouped.shrink",
+                                               "grouped.shrink_each", "grouped.weight_grad",
                                                "grouped.multi_matmul_decode", "grouped.multi_matmul_prefill",
                                                "grouped.multi_shrink", "bottleneck.forward",
                                                "bottleneck.rows_backward", "bottleneck.grads",

@@ -8,6 +8,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped, lora_linear_multi,
                                     lora_linear_multi_grouped, token_segments)
 from ptlm_engine.kernels import lora as K
+from ptlm_engine.kernels.configs import TunedLauncher
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, lora_slots64,
                            needs_triton, rand)
@@ -95,9 +96,10 @@ def test_grouped_equals_the_separate_ops(dtype, T):
 
 
 @needs_triton
-def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward():
+@pytest.mark.parametrize("T", [21, 70])   # decode: ops.lora's backward per member; prefill: the grouped one
+def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward(T):
     torch.manual_seed(11)
-    T, d_in, p = 21, 26, [0.4, 0.25]
+    d_in, p = 26, [0.4, 0.25]
     x, ws, biases, As, Bs, scales = _inputs((T,), d_in, (34, 12), (3, 5), torch.float32, biased=(True, False))
     dys = [torch.randn(T, n, device=DEVICE) for n in (34, 12)]
     state = torch.cuda.get_rng_state() if CUDA else torch.random.get_rng_state()
@@ -117,6 +119,40 @@ def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward():
         assert_matches(y, y64, None, torch.float32, "y")
     for name, g, g64 in zip(["dx", "dA0", "dA1", "dB0", "dB1"], grads, grads64):
         assert_matches(g, g64, None, torch.float32, name)
+
+
+@needs_triton
+def test_grouped_backward_at_prefill_launches_one_shrink_and_one_weight_grad(monkeypatch):
+    """T > 64, three members with adapters: one grouped shrink (every g), one dx GEMM each, one grouped weight
+    grad (every dA, dB); without dx only the two grouped launches. Gradients equal those with dx, and those of a
+    group whose last output got no gradient (its member skipped) and whose middle member has no adapter."""
+    names = []
+    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
+    monkeypatch.setattr(TunedLauncher, "launch",
+                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    torch.manual_seed(12)
+    x, ws, biases, As, Bs, scales = _inputs((70,), 24, (20, 8, 8), (4, 3, 5), torch.float32)
+    dys = [torch.randn(70, n, device=DEVICE) for n in (20, 8, 8)]
+    grads = {}
+    for need_dx in (True, False):
+        x.requires_grad_(need_dx)
+        torch.manual_seed(13)             # the same dropout seeds both times
+        ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, dropouts=[0.1, 0.0, 0.2])
+        names.clear()
+        grads[need_dx] = torch.autograd.grad(ys, [*As, *Bs], dys)
+        dx_gemms = [n for n in names if n in ("_lora_matmul_kernel", "_lora_matmul_tma_kernel")]
+        assert len(dx_gemms) == (3 if need_dx else 0), names
+        assert sorted(set(names) - set(dx_gemms)) == ["_grouped_shrink_each_kernel", "_grouped_weight_grad_kernel"]
+        assert len(names) == len(dx_gemms) + 2, names
+    for with_dx, without in zip(grads[True], grads[False]):
+        torch.testing.assert_close(with_dx, without, rtol=0, atol=0)
+    As[1] = Bs[1] = None
+    x.requires_grad_()
+    ys = lora_linear_grouped(x, ws, biases, As, Bs, scales)
+    got = torch.autograd.grad(ys[:2], [x, As[0], Bs[0]], dys[:2])
+    sep = [lora_linear(x, ws[0], biases[0], As[0], Bs[0], scales[0]), torch.nn.functional.linear(x, ws[1], biases[1])]
+    for g, g_sep in zip(got, torch.autograd.grad(sep, [x, As[0], Bs[0]], dys[:2])):
+        torch.testing.assert_close(g, g_sep, rtol=1e-5, atol=1e-5)
 
 
 def _multi_inputs(lead, d_in, d_outs, member_ranks, dtype, S=3):
