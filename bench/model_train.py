@@ -149,6 +149,9 @@ def measure(provider: str, args, device: torch.device) -> dict:
         time_steps(step, row, args, device)
         if args.profile_steps and device.type == "cuda":
             row["profile"] = kernel_profile(step, args.profile_steps)
+        if provider == "ptlm_fused":   # the RoPE patch is module-global: released with the model
+            import ptlm_engine as pe
+            pe.unfuse_base_ops(model)
 
     harness.provider_row(row, fill)
     return row
