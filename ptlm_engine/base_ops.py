@@ -22,7 +22,7 @@ by the small tables below, never by copies of model code:
 
 - Loss: a causal LM of CAUSAL_LM_CLASSES (transformers' ForCausalLMLoss on lm_head(model(...)) logits; not
   Gemma2's softcapped logits) whose lm_head is a plain nn.Linear (no adapter layer, no hooks) gets an instance-level
-  forward (with the class forward's signature, for inspect). A training call (model.training, grad enabled,
+  forward (with the class forward's signature, for inspect; holding the model weakly). A training call (model.training, grad enabled,
   `labels` given) runs the decoder `model.model` as the class forward does, shifts the labels as ForCausalLMLoss
   does (padded on the right with ignore_index, shifted by one; or `shift_labels`), and takes the loss with
   functional.linear_cross_entropy on the final hidden states: the (T, V) logits, their fp32 upcast and their fp32
@@ -234,21 +234,30 @@ def _fused_loss_forward(self: nn.Module, labels, **kwargs):
                                   **{k: v for k, v in outputs.items() if k != "last_hidden_state"})
 
 
-def _loss_forward(original: Callable) -> Callable:
-    """The instance-level forward: the fused loss where it applies, else `original` (the class forward)."""
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        if _loss_runs_fused(self, args, kwargs):
-            return _fused_loss_forward(self, **kwargs)
-        return original(self, *args, **kwargs)
+class _LossForward:
+    """A fused causal LM's instance-level forward: the fused loss where it applies, else the class forward.
 
-    forward.ptlm_loss_original = original
-    return forward
+    It holds the model weakly, so the model is in no reference cycle (a dropped model is freed at once, and stops
+    holding the RoPE patch); copy.deepcopy and pickle rebuild it for the copy. Its __signature__ is the class
+    forward's (for inspect: the Trainer's column filter, the prompt-tuning hook)."""
+
+    def __init__(self, model: nn.Module, original: Callable):
+        self._model = weakref.ref(model)
+        self.ptlm_loss_original = original
+        self.__signature__ = inspect.signature(types.MethodType(original, model))
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        if _loss_runs_fused(model, args, kwargs):
+            return _fused_loss_forward(model, **kwargs)
+        return self.ptlm_loss_original(model, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self._model(), self.ptlm_loss_original)
 
 
 def _has_loss_forward(model: nn.Module) -> bool:
-    forward = model.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and hasattr(forward.__func__, "ptlm_loss_original")
+    return isinstance(model.__dict__.get("forward"), _LossForward)
 
 
 # ------------------------------------------------------------------------------------------------- public API
@@ -270,7 +279,7 @@ def fuse_base_ops(model: nn.Module, loss: bool = True) -> dict[str, int]:
             child.forward = types.MethodType(_gated_mlp_forward, child)
     _hold_rotary(model)
     if loss and _fusable_loss(model):
-        model.forward = types.MethodType(_loss_forward(type(model).forward), model)
+        model.forward = _LossForward(model, type(model).forward)
     return _counts(model)
 
 

@@ -5,8 +5,11 @@ keys unchanged, idempotence, exact restoration (the same module objects, the cla
 apply_rotary_pos_emb once no fused model holds it), the class and function tables (Mistral, Qwen2, Qwen3 fused;
 Gemma's (1 + weight) RMSNorm and gelu MLP not), the loss's keyword arguments, autocast, and where it stays unfused."""
 import copy
+import gc
 import importlib
+import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -83,7 +86,8 @@ def _norms(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_fused_llama_trains_lora_as_the_original(dtype):
     modeling = importlib.import_module(LLAMA)
-    original_rotary = modeling.apply_rotary_pos_emb
+    gc.collect()                  # fused models other tests left behind: dead holders of the RoPE patch go
+    original_rotary = getattr(modeling.apply_rotary_pos_emb, "ptlm_original", modeling.apply_rotary_pos_emb)
     base = _build(LlamaConfig, LlamaForCausalLM, dtype)
     model = copy.deepcopy(base)
     _adapt(model)
@@ -202,6 +206,27 @@ def test_loss_left_unfused_where_it_does_not_apply(monkeypatch):
     pe.unfuse_base_ops(model)
     assert pe.fuse_base_ops(model)["loss"] == 0
     pe.unfuse_base_ops(model)
+
+
+def test_fused_loss_forward_follows_deep_copies_and_keeps_no_cycle(monkeypatch):
+    """A deep copy's forward runs the copy (its zeroed head gives loss log V); a dropped fused model is freed at once
+    (no reference cycle: it stops holding the RoPE patch without waiting for the garbage collector)."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    model = _build(LlamaConfig, LlamaForCausalLM)
+    pe.fuse_base_ops(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+    loss = twin(input_ids=_ids(), labels=_ids()).loss
+    assert loss.item() == pytest.approx(math.log(SIZES["vocab_size"]), rel=1e-6)
+    assert model(input_ids=_ids(), labels=_ids()).loss.item() != pytest.approx(loss.item())
+    refs = [weakref.ref(model), weakref.ref(twin)]
+    gc.disable()
+    try:
+        del model, twin
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
 
 
 @pytest.mark.gpu
