@@ -17,6 +17,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # PTLM_AUTOTUNE=0 keeps each list's first config: no tuning runs (quick GPU test sessions, debugging).
 AUTOTUNE = os.environ.get("PTLM_AUTOTUNE", "1") != "0"
 DECODE_MAX_T = 64  # at or below this many tokens a linear layer is memory-bound: GEMV-like tiles
+# PTLM_DECODE_SPLIT=0 keeps the decode kernels' unsplit configs only (no arrival counters): side-by-side runs,
+# and a fallback should the split path misbehave on some GPU.
+DECODE_SPLIT = os.environ.get("PTLM_DECODE_SPLIT", "1") != "0"
 
 
 # Host-side helpers in plain Python: triton.cdiv / next_power_of_2 cost microseconds a call in Triton 3.8.
@@ -75,9 +78,12 @@ def split_decode_configs():
     """
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
-    return _tuned([_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk, w, s in (
+    configs = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk, w, s in (
         (32, 256, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 2, 4, 3), (64, 128, 4, 4, 4), (128, 128, 2, 8, 4),
-        (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3))])
+        (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3))]
+    if not DECODE_SPLIT:
+        configs = [c for c in configs if c.kwargs["SPLIT_K"] == 1]
+    return _tuned(configs)
 
 
 def prune_split_decode():
