@@ -23,6 +23,7 @@ backward regenerates the forward's mask without storing it, and CUDA-graph repla
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import warnings
@@ -630,6 +631,24 @@ def _tma_programs(x: torch.Tensor, M: int) -> int:
     return _tma_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TensorDescriptor)
+                        if f.default is not dataclasses.MISSING}
+# Whether _descriptor can fill every field: the four it sets, the rest defaulted (Triton 3.6 and 3.8 both).
+_FAST_DESCRIPTORS = {f.name for f in dataclasses.fields(TensorDescriptor)} == (
+    {"base", "shape", "strides", "block_shape"} | _DESCRIPTOR_DEFAULTS.keys())
+
+
+def _descriptor(base: torch.Tensor, shape: list, strides: list, block: list) -> TensorDescriptor:
+    """A host-side TMA descriptor without TensorDescriptor's checks, which cost ~9 us each on a 2-vCPU host
+    (five per GEMM: ~10 ms of a training step's host time): _tma_layout checked the base, strides and
+    layout; the block shapes are a config's, checked when it was tuned."""
+    if not _FAST_DESCRIPTORS:
+        return TensorDescriptor(base, shape, strides, block)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_DESCRIPTOR_DEFAULTS, base=base, shape=shape, strides=strides, block_shape=block)
+    return desc
+
+
 def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] | None:
     """(shape, strides, transposed) of the 2-D t, or with `transposable` of t^T, as TMA copies it (last dim
     contiguous, base and row stride 16-byte aligned); None if neither qualifies. Plain tuples, no views:
@@ -662,9 +681,13 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     # A known config's block shapes go into the descriptors here, so its launch skips the pre_hook (which
     # sets them per config while tuning). A transposed operand's base is the tensor itself.
     known = _lora_matmul_tma.chosen(key)
-    blocks = _tma_blocks(known, not w_t, not b_t, out_dropout > 0.0) if known else [[16, 16]] * 5
-    x_d, w_d, xa_d, b_d, y_d = (TensorDescriptor(t, shape, strides, block)
-                                for t, (shape, strides, _), block in zip(tensors, layouts, blocks))
+    if known:
+        blocks = _tma_blocks(known, not w_t, not b_t, out_dropout > 0.0)
+        x_d, w_d, xa_d, b_d, y_d = (_descriptor(t, shape, strides, block)
+                                    for t, (shape, strides, _), block in zip(tensors, layouts, blocks))
+    else:  # tuning: the pre_hook sets each config's block shapes
+        x_d, w_d, xa_d, b_d, y_d = (TensorDescriptor(t, shape, strides, [16, 16])
+                                    for t, (shape, strides, _) in zip(tensors, layouts))
     grid = lambda meta: (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     args = (key, grid, x_d, w_d, xa_d, b_d, y_d,
             bias if bias is not None else y, seed if out_dropout > 0.0 else y,
