@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import _needs_grad, triton_enabled
+from ptlm_engine.ops.lora import _needs_grad, eager_function, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import bottleneck as bottleneck_kernels
@@ -89,19 +89,8 @@ torch.library.register_autograd("ptlm::bottleneck_fwd", lambda ctx, dy, _dz: _gr
                                 setup_context=_setup_context)
 
 
-class BottleneckFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, _dz):
-        return _grads(ctx, dy, _backward)
+BottleneckFunction = eager_function("BottleneckFunction", _forward, _setup_context,
+                                    lambda ctx, dy, _dz: _grads(ctx, dy, _backward))
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -134,7 +134,7 @@ torch.library.register_autograd("ptlm::linear_cross_entropy", _grads, setup_cont
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Eager autograd path over the same implementation as the custom op (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
+    ops.lora.eager_function)."""
 
     @staticmethod
     def forward(ctx, *args):

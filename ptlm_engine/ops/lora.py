@@ -116,20 +116,21 @@ torch.library.register_autograd("ptlm::lora_linear_fwd", lambda ctx, dy, _dxa: _
                                 setup_context=_setup_context)
 
 
-class LoraLinearFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops. Old-style forward(ctx, ...): a
-    Function with a separate setup_context makes torch bind the arguments with inspect.signature on every
-    call (tens of microseconds of host time per layer)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
+def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+    """An op's eager autograd Function over the same implementations as its custom ops: forward(*args), then
+    setup_context(ctx, args, output) (the custom op's), backward(ctx, *output_grads) -> the inputs' gradients.
+    Old-style forward(ctx, ...): a Function with a separate setup_context makes torch bind the arguments with
+    inspect.signature on every call (tens of microseconds of host time per layer)."""
+    def run_forward(ctx, *args):
+        out = forward(*args)
+        setup_context(ctx, args, out)
         return out
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
+                                                   "backward": staticmethod(backward)})
 
-    @staticmethod
-    def backward(ctx, dy, _dxa):
-        return _grads(ctx, dy, _backward)
+
+LoraLinearFunction = eager_function("LoraLinearFunction", _forward, _setup_context,
+                                    lambda ctx, dy, _dxa: _grads(ctx, dy, _backward))
 
 
 # ----------------------------------------------------------------------------------------------- entry point

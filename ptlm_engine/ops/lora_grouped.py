@@ -307,7 +307,7 @@ def _split(tensors: tuple, G: int) -> list[list]:
 class LoraLinearGroupedFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops. autograd.Function tracks only
     tensors passed directly, so the members' tensors come flat: weights, biases, lora_As, lora_Bs.
-    Old-style forward(ctx, ...): see ops.lora.LoraLinearFunction."""
+    Old-style forward(ctx, ...): see ops.lora.eager_function."""
 
     @staticmethod
     def forward(ctx, x, scales, dropouts, seeds, fan_in_fan_out, *tensors):
@@ -422,7 +422,7 @@ torch.library.register_autograd("ptlm::lora_linear_multi_grouped_fwd", _multi_op
 class LoraLinearMultiGroupedFunction(torch.autograd.Function):
     """Eager autograd path of the multi-adapter grouped op; the members' tensors come flat (weights, biases,
     lora_As, lora_Bs, then ranks, scales, dropouts, which get no gradient). Old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction."""
+    ops.lora.eager_function."""
 
     @staticmethod
     def forward(ctx, x, adapter_index, order, bounds, seeds, fan_in_fan_out, G, *tensors):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import run_op, triton_enabled
+from ptlm_engine.ops.lora import eager_function, run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it the op runs the reference.
     from ptlm_engine.kernels import prefix_attention as attention_kernels
@@ -85,19 +85,8 @@ torch.library.register_autograd("ptlm::prefix_attention_fwd",
                                 setup_context=_setup_context)
 
 
-class PrefixAttentionFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        return _grads(ctx, do, _backward)
+PrefixAttentionFunction = eager_function("PrefixAttentionFunction", _forward, _setup_context,
+                                         lambda ctx, do, _dlse: _grads(ctx, do, _backward))
 
 
 # ----------------------------------------------------------------------------------------------- entry point

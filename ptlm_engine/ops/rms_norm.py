@@ -84,7 +84,7 @@ torch.library.register_autograd("ptlm::rms_norm_fwd", lambda ctx, dy, _drstd: _g
 
 class RMSNormFunction(torch.autograd.Function):
     """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
+    ops.lora.eager_function)."""
 
     @staticmethod
     def forward(ctx, *args):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import run_op, triton_enabled
+from ptlm_engine.ops.lora import eager_function, run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import rotary as rotary_kernels
@@ -115,19 +115,8 @@ torch.library.register_autograd("ptlm::rotary_fwd", lambda ctx, dq_out, dk_out: 
                                 setup_context=_setup_context)
 
 
-class RotaryFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dq_out, dk_out):
-        return _grads(ctx, dq_out, dk_out, _backward)
+RotaryFunction = eager_function("RotaryFunction", _forward, _setup_context,
+                                lambda ctx, dq_out, dk_out: _grads(ctx, dq_out, dk_out, _backward))
 
 
 # ----------------------------------------------------------------------------------------------- entry point

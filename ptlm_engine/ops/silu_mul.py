@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import run_op, triton_enabled
+from ptlm_engine.ops.lora import eager_function, run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import silu_mul as silu_mul_kernels
@@ -72,19 +72,8 @@ torch.library.register_autograd("ptlm::silu_mul_fwd", lambda ctx, dy: _grads(ctx
                                 setup_context=_setup_context)
 
 
-class SiluMulFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.LoraLinearFunction)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _grads(ctx, dy, _backward)
+SiluMulFunction = eager_function("SiluMulFunction", _forward, _setup_context,
+                                 lambda ctx, dy: _grads(ctx, dy, _backward))
 
 
 # ----------------------------------------------------------------------------------------------- entry point
