@@ -166,10 +166,12 @@ def base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, 
 
 @triton.jit
 def store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N,
-               stride_ym, stride_yn, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr):
+               stride_ym, stride_yn, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ACCUMULATE: tl.constexpr = False):
     """The matmul tile's epilogue: y = acc + keep * lora (+ bias) with OUT_DROPOUT, else lora (+ bias), lora then
     holding the base product too. keep: the forward's dropout mask (logical index m * N + n) against dropout_p
-    (a scalar, or per row (BLOCK_M, 1)); also the multi-adapter tile's (kernels.lora_multi)."""
+    (a scalar, or per row (BLOCK_M, 1)); also the multi-adapter tile's (kernels.lora_multi). ACCUMULATE adds
+    y's values to the tile (the grouped backward's dx over its members)."""
     if OUT_DROPOUT:
         # backward dx: the LoRA branch's gradient passes the forward's dropout mask
         acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
@@ -177,8 +179,10 @@ def store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, 
         acc = lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -190,7 +194,7 @@ def lora_matmul_tile(
     shrink_scale, dropout_p,
     FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -232,7 +236,7 @@ def lora_matmul_tile(
                         mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
             lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
     store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym,
-               stride_yn, OUT_DROPOUT, HAS_BIAS)
+               stride_yn, OUT_DROPOUT, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -243,14 +247,15 @@ def _lora_matmul_kernel(
     stride_bn, stride_br, stride_ym, stride_yn,
     shrink_scale, dropout_p,
     FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, seed_ptr, M, N, K, R,
                      stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_xam, stride_xar,
                      stride_bn, stride_br, stride_ym, stride_yn, shrink_scale, dropout_p,
-                     FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                     FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                     ACCUMULATE)
 
 
 _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS"]
@@ -268,8 +273,8 @@ def _lora_decode_kernel(
     stride_x2m, stride_x2n,
     scale, dropout_p,
     FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """y = x @ W^T + keep_out * (xa @ B^T) (+ bias) for M <= BLOCK_M rows: one row block, so W streams from HBM
     once; SPLIT_K programs per BLOCK_N columns, each over its share of K.
@@ -341,7 +346,7 @@ def _lora_decode_kernel(
     if SPLIT_K == 1:
         _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
                          xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
-                         FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
+                         FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE, BLOCK_N, BLOCK_R)
     else:
         # partials: (SPLIT_K, M, N) tiles, then (SPLIT_K, M, R) shrinks, fp32
         xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * R + offs_r[None, :]
@@ -358,7 +363,8 @@ def _lora_decode_kernel(
                     xa += tl.load(xa_part + s * M * R, mask=mask_xa, other=0.0, cache_modifier=".cg")
             _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
                              xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m,
-                             stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, BLOCK_N, BLOCK_R)
+                             stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE,
+                             BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -390,13 +396,16 @@ def split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M,
 def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr, xa_ptr,
                      x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
                      FUSE_SHRINK: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
-    """A column block's whole sums: bias, y; the shrink's xa (column block 0); with WEIGHT_GRADS dn's rows."""
+                     WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A column block's whole sums: bias, y (added to y's values with ACCUMULATE); the shrink's xa (column
+    block 0); with WEIGHT_GRADS dn's rows."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if FUSE_SHRINK:
         if pid_n == 0:
             tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])
@@ -447,15 +456,20 @@ def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per
 
 
 def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout: float,
-                        out_dropout: float, fuse_shrink: bool, grads_of: tuple | None = None):
-    """The decode kernel into y (M, N) and, with fuse_shrink, xa (M, R) fp32 (else xa is given). grads_of:
-    (h (M, R) fp32, x2 (M, N), dk (K, R) fp32, dn (N, R) fp32) for the backward's weight gradients."""
+                        out_dropout: float, fuse_shrink: bool, grads_of: tuple | None = None,
+                        accumulate: bool = False):
+    """The decode kernel into y (M, N) (onto its values with accumulate) and, with fuse_shrink, xa (M, R) fp32
+    (else xa is given). grads_of: (h (M, R) fp32, x2 (M, N), dk (K, R) fp32, dn (N, R) fp32) for the
+    backward's weight gradients."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     bucket = t_bucket(M)
     weight_grads = grads_of is not None
     key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None, weight_grads,
            x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
+    if accumulate and _lora_decode.chosen(key) is None:
+        return _accumulated(y, lambda out: _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, out, xa, seed,
+                                                               x_dropout, out_dropout, fuse_shrink, grads_of))
     part, counters = split_buffers(_lora_decode, key, x.device, M * (N + R), N, y)
     h, x2, dk, dn = grads_of if weight_grads else (xa, y, xa, xa)
     grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
@@ -467,8 +481,19 @@ def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_d
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
         FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
         HAS_BIAS=bias is not None, WEIGHT_GRADS=weight_grads, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=max(16, next_pow2(M)), BLOCK_R=rank_block(R),
+        ACCUMULATE=accumulate, BLOCK_M=max(16, next_pow2(M)), BLOCK_R=rank_block(R),
     )
+
+
+def _accumulated(y: torch.Tensor, launch) -> bool:
+    """y += what launch(out) writes into out: a key's first launch with accumulate, whose config is not known
+    yet. Its tuning runs the kernel once per candidate, so it runs into a temporary (and tunes the key, which
+    accumulating launches share) instead of adding into y again on every trial."""
+    out = torch.empty_like(y)
+    launched = launch(out)
+    if launched is not False:
+        y.add_(out)
+    return launched
 
 
 def decode_backward_fuses(dy: torch.Tensor, lora_A: torch.Tensor) -> bool:
@@ -478,22 +503,26 @@ def decode_backward_fuses(dy: torch.Tensor, lora_A: torch.Tensor) -> bool:
 
 def lora_decode_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor,
                          lora_A: torch.Tensor, lora_B: torch.Tensor, g_scale: float, seed: torch.Tensor | None = None,
-                         dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         dropout: float = 0.0, dx: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LoRA backward at decode in one launch: g = g_scale * dy @ B, dx = dy @ W0 + keep * (g @ A),
     dA^T = (keep * x)^T g, dB = dy^T xa (see decode_backward_fuses).
 
     dy (T, d_out); x (T, d_in) the forward's input; xa (T, r) fp32 the forward's; weight W0 (d_out, d_in) any
     strides; lora_A (r, d_in); lora_B (d_out, r); keep: the forward's dropout mask of (seed, t * d_in + k).
-    Returns dx (T, d_in) in dy's dtype, dA^T (d_in, r) and dB (d_out, r) in fp32.
+    Returns dx (T, d_in) in dy's dtype (added to `dx`'s values if given: the grouped backward's sum over its
+    members), dA^T (d_in, r) and dB (d_out, r) in fp32.
     """
     T, d_out = dy.shape
     d_in, r = x.shape[1], lora_A.shape[0]
-    dx = torch.empty((T, d_in), device=dy.device, dtype=dy.dtype)
+    accumulate = dx is not None
+    if dx is None:
+        dx = torch.empty((T, d_in), device=dy.device, dtype=dy.dtype)
     g = torch.empty((T, r), device=dy.device, dtype=torch.float32)
     d_a_t = torch.empty((d_in, r), device=dy.device, dtype=torch.float32)
     d_b = torch.empty((d_out, r), device=dy.device, dtype=torch.float32)
     _lora_decode_launch(dy, weight.t(), lora_B.t(), lora_A.t(), g_scale, None, dx, g, seed, 0.0, dropout, True,
-                        (xa.contiguous(), x, d_b, d_a_t))
+                        (xa.contiguous(), x, d_b, d_a_t), accumulate)
     return dx, d_a_t, d_b
 
 
@@ -504,7 +533,7 @@ def _lora_matmul_tma_kernel(
     M, N, K, T_BUCKET,
     dropout_p,
     W_KMAJOR: tl.constexpr, B_RMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
+    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The prefill matmul above (separate shrink: xa given) on Hopper: every tile moves by TMA (host-side
@@ -541,16 +570,17 @@ def _lora_matmul_tma_kernel(
             acc = _dot(x, w, acc, FP32_DOT)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         _tma_store_half(left, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
-                        B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
+                        B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, ACCUMULATE, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
         _tma_store_half(right, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n + BLOCK_N // 2, N,
-                        dropout_p, B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
+                        dropout_p, B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, ACCUMULATE, R, BLOCK_R, BLOCK_M,
+                        BLOCK_N // 2)
 
 
 @triton.jit
 def _tma_store_half(acc, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
                     B_RMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP32_DOT: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HALF_N: tl.constexpr):
+                    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
     """Epilogue of half a tile (HALF_N columns from off_n): in backward the masked LoRA term, bias, store.
     Half at a time: the dropout path's separate LoRA accumulator then costs half a tile of registers."""
     offs_n = off_n + tl.arange(0, HALF_N)
@@ -562,6 +592,8 @@ def _tma_store_half(acc, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off
         acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACCUMULATE:  # the grouped backward's dx: this member's product added to the members' before it
+        acc += y_desc.load([off_m, off_n]).to(tl.float32)
     y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
@@ -663,9 +695,10 @@ def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] 
     return None
 
 
-def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float) -> bool:
-    """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias on the TMA path; False (nothing launched) where
-    it does not apply: see _tma_programs, and every operand must pass _tma_layout."""
+def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float,
+                            accumulate: bool = False) -> bool:
+    """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias (+ y with accumulate) on the TMA path; False (nothing
+    launched) where it does not apply: see _tma_programs, and every operand must pass _tma_layout."""
     M, K = x.shape
     N, R = lora_B.shape
     num_sms = _tma_programs(x, M)
@@ -681,6 +714,9 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     # A known config's block shapes go into the descriptors here, so its launch skips the pre_hook (which
     # sets them per config while tuning). A transposed operand's base is the tensor itself.
     known = _lora_matmul_tma.chosen(key)
+    if accumulate and not known:
+        return _accumulated(y, lambda out: _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, out, seed,
+                                                                   out_dropout))
     if known:
         blocks = _tma_blocks(known, not w_t, not b_t, out_dropout > 0.0)
         x_d, w_d, xa_d, b_d, y_d = (_descriptor(t, shape, strides, block)
@@ -693,6 +729,7 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
             bias if bias is not None else y, seed if out_dropout > 0.0 else y,
             M, N, K, bucket, out_dropout)
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
+                ACCUMULATE=accumulate,
                 FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms)
     # A key's first launch compiles and tunes. The kernel was compile-checked with Triton 3.8 only; should
     # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel (a
@@ -726,7 +763,8 @@ def fuse_shrink_default(T: int, R: int) -> bool:
 def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                 scale: float, bias: torch.Tensor | None = None, seed: torch.Tensor | None = None,
                 x_dropout: float = 0.0, out_dropout: float = 0.0, fuse_shrink: bool | None = None,
-                out: torch.Tensor | None = None, xa: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                out: torch.Tensor | None = None, xa: torch.Tensor | None = None,
+                accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias, with xa = scale / (1 - p) * (keep_x * x) @ lora_A^T.
 
     x (M, K); weight (N, K) any strides; lora_A (r, K); lora_B (N, r); bias (N,) or None. Returns y (M, N)
@@ -734,11 +772,15 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
     `out` (M, N), if given, receives y. `xa` (M, r) fp32 contiguous, if given, is the shrink's result already
-    (a caller's own shrink, e.g. grouped): no shrink runs and lora_A only gives r. Decode (M <= DECODE_MAX_T) runs _lora_decode_kernel; prefill with a
-    separate shrink the Hopper TMA kernel where _tma_programs and _tma_layout allow it, else the pointer kernel.
+    (a caller's own shrink, e.g. grouped): no shrink runs and lora_A only gives r. With `accumulate`, y is
+    added to `out`'s values (the grouped backward's dx over its members: no separate add). Decode
+    (M <= DECODE_MAX_T) runs _lora_decode_kernel; prefill with a separate shrink the Hopper TMA kernel where
+    _tma_programs and _tma_layout allow it, else the pointer kernel.
     """
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
+    if accumulate and out is None:
+        raise ValueError("accumulate adds into `out`: give it")
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if fuse_shrink is None:
         fuse_shrink = xa is None and fuse_shrink_default(M, R)
@@ -750,15 +792,21 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         xa = lora_shrink(x, lora_A, scale, seed, x_dropout)
     if M == 0:
         return y, xa
-    if not fuse_shrink and _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout):
+    if not fuse_shrink and _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout, accumulate):
         return y, xa
     if M <= DECODE_MAX_T:
-        _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout, fuse_shrink)
+        _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout, fuse_shrink,
+                            accumulate=accumulate)
         return y, xa
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = t_bucket(M)
     key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None,
            x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
+    if accumulate and _lora_matmul_prefill.chosen(key) is None:
+        done = []
+        _accumulated(y, lambda o: done.append(lora_matmul(x, weight, lora_A, lora_B, scale, bias, seed, x_dropout,
+                                                          out_dropout, fuse_shrink, o, None if fuse_shrink else xa)))
+        return y, done[0][1]
     _lora_matmul_prefill.launch(key, grid,
         x, weight, lora_A, xa, lora_B, bias if bias is not None else y, y,
         seed if (x_dropout > 0.0 or out_dropout > 0.0) else y,
@@ -766,7 +814,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         *x.stride(), *weight.stride(), *lora_A.stride(), *xa.stride(), *lora_B.stride(), *y.stride(),
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
         FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
-        HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+        HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate,
         BLOCK_R=rank_block(R),
     )
     return y, xa

@@ -54,17 +54,26 @@ def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor,
               dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """g = s/(1-p) dy B (T, r); dx = dy W0 + keep * (g A); dA = g^T (keep * x); dB = dy^T xa."""
+    return backward_into(dy, x, xa, weight, lora_A, lora_B, scale, dropout, seed, fan_in_fan_out, need_dx, None)
+
+
+def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                  dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool, need_dx: bool,
+                  dx_sum: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """_backward, with dx added into dx_sum (T, d_in) when given, which is then returned as dx: the grouped
+    op's sum over its members, in the dx kernels' epilogues (no add launch)."""
     g_scale = scale / (1.0 - dropout)
     w0 = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     if need_dx and lora_kernels.decode_backward_fuses(dy, lora_A):  # dx, dA and dB in one launch
-        dx, d_a_t, d_b = lora_kernels.lora_decode_backward(dy, x, xa, w0, lora_A, lora_B, g_scale, seed, dropout)
+        dx, d_a_t, d_b = lora_kernels.lora_decode_backward(dy, x, xa, w0, lora_A, lora_B, g_scale, seed, dropout,
+                                                           dx_sum)
         return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
     if need_dx:  # dx and g in one pass: dy's shrink by B rides along the dy @ W0 K loop
         dx, g = lora_kernels.lora_matmul(dy, w0.t(), lora_B.t(), lora_A.t(), g_scale, None, seed,
-                                         out_dropout=dropout)
+                                         out_dropout=dropout, out=dx_sum, accumulate=dx_sum is not None)
     else:
         g = lora_kernels.lora_shrink(dy, lora_B.t(), g_scale)
-        dx = dy.new_empty((0,))
+        dx = dy.new_empty((0,)) if dx_sum is None else dx_sum
     d_a_t, d_b = lora_kernels.lora_weight_grads(x, g, dy, xa, seed, dropout)      # one launch for both
     return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
 

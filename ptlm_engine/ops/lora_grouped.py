@@ -138,33 +138,37 @@ def _member_seeds(seeds: Optional[Tensor], on: Sequence[bool]) -> list[Optional[
     return [seeds[g:g + 1] if seeds is not None and flag else None for g, flag in enumerate(on)]
 
 
-def _dx_base(dy: Tensor, weight: Tensor, fan_in_fan_out: bool) -> Tensor:
-    """dy W0 of a member without an adapter."""
-    return dy @ (weight.t() if fan_in_fan_out else weight)                                  # (T, d_in)
+def _dx_base(dy: Tensor, weight: Tensor, fan_in_fan_out: bool, dx: Optional[Tensor]) -> Tensor:
+    """dx + dy W0 for a member without an adapter (one GEMM adding into dx), or dy W0 when dx is None."""
+    w0 = weight.t() if fan_in_fan_out else weight                                          # (d_out, d_in)
+    return dy @ w0 if dx is None else dx.addmm_(dy, w0)
+
+
+def _plus(dx: Optional[Tensor], part: Optional[Tensor]) -> Optional[Tensor]:
+    return part if dx is None or part is None else dx.add_(part)
 
 
 def _sum_members(dys: list[Optional[Tensor]], x: Tensor, weights: list[Tensor], lora_As: list[Optional[Tensor]],
                  fan_in_fan_out: bool, need_dx: bool,
-                 member_backward: Callable[[int, Tensor], tuple[Optional[Tensor], Tensor, Tensor]]
+                 member_backward: Callable[[int, Tensor, Optional[Tensor]], tuple[Optional[Tensor], Tensor, Tensor]]
                  ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """(dx or an empty tensor, [dA_g], [dB_g]) from each member's backward on its own dy (None: that output got
-    no gradient), member_backward(g, dy) -> (dx part or None, dA_g, dB_g) for members with an adapter; the base
-    dx alone, and empty dA_g / dB_g, for the others."""
+    no gradient), member_backward(g, dy, dx) -> (dx plus the member's part (into dx where the kernel adds into
+    its output), or None without dx; dA_g, dB_g) for members with an adapter; the base dx alone, and empty
+    dA_g / dB_g, for the others."""
     dx = None
     d_as, d_bs = [], []
     for g, (dy, a) in enumerate(zip(dys, lora_As)):
-        part = None
         if dy is None or a is None:
             d_as.append(x.new_empty((0,)))
             d_bs.append(x.new_empty((0,)))
             if dy is not None and need_dx:
-                part = _dx_base(dy, weights[g], fan_in_fan_out)
+                dx = _dx_base(dy, weights[g], fan_in_fan_out, dx)
         else:
-            part, d_a, d_b = member_backward(g, dy)
+            total, d_a, d_b = member_backward(g, dy, dx)
+            dx = dx if total is None else total
             d_as.append(d_a)
             d_bs.append(d_b)
-        if part is not None:
-            dx = part if dx is None else dx.add_(part)
     if dx is None:
         dx = x.new_zeros(x.shape) if need_dx else x.new_empty((0,))
     return dx, d_as, d_bs
@@ -193,10 +197,10 @@ def _backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], weights
         return _grouped_backward(dys, x, xas, weights, lora_As, lora_Bs, scales, dropouts, seeds, fan_in_fan_out,
                                  need_dx, live)
 
-    def member_backward(g, dy):  # decode: ops.lora's one-launch backward per member
+    def member_backward(g, dy, dx):  # decode: ops.lora's one-launch backward per member, adding into dx
         seed = seeds[g:g + 1] if dropouts[g] > 0.0 else None
-        return lora_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], scales[g], dropouts[g], seed,
-                                  fan_in_fan_out, need_dx)
+        return lora_ops.backward_into(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], scales[g], dropouts[g],
+                                      seed, fan_in_fan_out, need_dx, dx)
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 
@@ -218,13 +222,12 @@ def _grouped_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor],
                                                                  [dropouts[g] for g in live])
         grads = dict(zip(live, zip(gs, b_ts, d_a_ts, d_bs)))
 
-    def member_backward(g, dy):
+    def member_backward(g, dy, dx):
         g_g, b_t, d_a_t, d_b = grads[g]
-        dx = None
-        if need_dx:
+        if need_dx:  # the dx GEMM adds into the members' sum so far: no separate add
             w0 = weights[g].t() if fan_in_fan_out else weights[g]                   # (d_out, d_in) view
             dx, _ = lora_kernels.lora_matmul(dy, w0.t(), b_t, lora_As[g].t(), g_scales[g], None, member_seeds[g],
-                                             out_dropout=dropouts[g], xa=g_g)
+                                             out_dropout=dropouts[g], out=dx, xa=g_g, accumulate=dx is not None)
         return dx, d_a_t.t().to(lora_As[g].dtype), d_b.to(lora_Bs[g].dtype)
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
@@ -357,10 +360,11 @@ def _multi_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], w
     lora_As, lora_Bs, ranks = _present(lora_As), _present(lora_Bs), _present(ranks)
     scales, dropouts = _present(scales), _present(dropouts)
 
-    def member_backward(g, dy):
+    def member_backward(g, dy, dx):
         seed = seeds[g:g + 1] if dropouts[g] is not None else None
-        return multi_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], ranks[g], scales[g],
-                                   adapter_index, order, bounds, dropouts[g], seed, fan_in_fan_out, need_dx)
+        part, d_a, d_b = multi_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], ranks[g], scales[g],
+                                             adapter_index, order, bounds, dropouts[g], seed, fan_in_fan_out, need_dx)
+        return _plus(dx, part if need_dx else None), d_a, d_b
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 

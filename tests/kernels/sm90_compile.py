@@ -48,23 +48,25 @@ def _tma_desc(name: str, dtype: str, consts: dict) -> str:
 # kernel -> (pointer/scalar types, one flag set per variant); "x" marks pointers in the layer's dtype
 LORA_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "a_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x",
                 "xa_ptr": "*fp32", "seed_ptr": "*i64", "shrink_scale": "fp32", "dropout_p": "fp32"},
-               [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True),
-                dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+               [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False),
+                dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True)])
 # the decode kernel: forward (fused shrink, dropout, bias), its unfused form, and the one-launch backward
 LORA_DECODE = ({**{f"{p}_ptr": "x" for p in ("x", "w", "a", "b", "bias", "y", "x2")},
                 **{f"{p}_ptr": "*fp32" for p in ("xa", "h", "dk", "dn", "part")}, "seed_ptr": "*i64",
                 "count_ptr": "*i32", "scale": "fp32", "dropout_p": "fp32"},
                [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, WEIGHT_GRADS=False,
-                     BLOCK_M=16),
+                     ACCUMULATE=False, BLOCK_M=16),
                 dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=False, WEIGHT_GRADS=False,
-                     BLOCK_M=64),
+                     ACCUMULATE=False, BLOCK_M=64),
                 dict(FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False, WEIGHT_GRADS=True,
-                     BLOCK_M=64)])
+                     ACCUMULATE=True, BLOCK_M=64)])
 # the Hopper TMA matmul: forward layout with bias, and the backward's dx (W0 and A transposed, output dropout)
 LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")},
                     "bias_ptr": "x", "seed_ptr": "*i64", "dropout_p": "fp32"},
-                   [dict(W_KMAJOR=True, B_RMAJOR=True, OUT_DROPOUT=False, HAS_BIAS=True, R=16, NUM_SMS=132),
-                    dict(W_KMAJOR=False, B_RMAJOR=False, OUT_DROPOUT=True, HAS_BIAS=False, R=16, NUM_SMS=132)])
+                   [dict(W_KMAJOR=True, B_RMAJOR=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, R=16,
+                         NUM_SMS=132),
+                    dict(W_KMAJOR=False, B_RMAJOR=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True, R=16,
+                         NUM_SMS=132)])
 MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x", "xa_ptr": "*fp32",
                  "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                  "seed_ptr": "*i64"},
@@ -106,6 +108,11 @@ KERNELS = {
                                                "h2_ptr": "*fp32", "out2_ptr": "*fp32", "seed_ptr": "*i64",
                                                "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
     "multi.matmul_decode": (M._multi_matmul_decode, *_gather(MULTI_MATMUL, True)),
+    "multi.decode": (M._multi_decode, {"x_ptr": "x", "w_ptr": "x", "xa_ptr": "*fp32", "b_ptr": "x", "idx_ptr": "*i32",
+                                       "ranks_ptr": "*i32", "dropouts_ptr": "*fp32", "seed_ptr": "*i64",
+                                       "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32", "count_ptr": "*i32"},
+                     [dict(OUT_DROPOUT=False, HAS_BIAS=True, BLOCK_M=64), dict(OUT_DROPOUT=True, HAS_BIAS=False,
+                                                                              BLOCK_M=16)]),
     "multi.matmul_prefill": (M._multi_matmul_prefill, *_gather(MULTI_MATMUL, False)),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",

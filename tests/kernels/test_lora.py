@@ -397,3 +397,31 @@ def test_matmul_with_a_given_shrink(T):
     assert_matches(y, x.double() @ w0.double().t() + xa.double() @ b.double().t(), None, torch.float32, "y")
     with pytest.raises(ValueError, match="no given xa"):
         K.lora_matmul(x, w0, a, b, 0.5, xa=xa, fuse_shrink=True)
+
+
+@pytest.mark.parametrize("T,tma", [(5, False), (80, False), (77, True)], ids=["decode", "prefill", "tma"])
+def test_matmul_accumulates_into_its_output(T, tma, monkeypatch):
+    """accumulate=True adds the product to out's values in the kernel's epilogue (the grouped backward's dx
+    sum): the key's first call (its config still tuning) through a temporary, later calls in the kernel; the
+    decode backward likewise into a given dx."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True if tma else None)
+    torch.manual_seed(T)
+    x, w0, a, b = _lora_inputs(T, 40, 72, 8, torch.float32)
+    xa = K.lora_shrink(x, a, 0.5)
+    base = rand(T, 72, dtype=torch.float32)
+    ref = x.double() @ w0.double().t() + xa.double() @ b.double().t()
+    for _ in range(2):
+        y = base.clone()
+        out, _ = K.lora_matmul(x, w0, a, b, 0.5, xa=xa, out=y, accumulate=True)
+        assert out is y
+        assert_matches(y, base.double() + ref, None, torch.float32, "accumulated y")
+    if T <= K.DECODE_MAX_T:
+        dy = rand(T, 72, dtype=torch.float32)
+        dx0, da0, db0 = K.lora_decode_backward(dy, x, xa, w0, a, b, 0.5)
+        for _ in range(2):
+            dx = base[:, :40].clone()
+            dx1, da1, db1 = K.lora_decode_backward(dy, x, xa, w0, a, b, 0.5, dx=dx)
+            assert dx1 is dx and torch.equal(da1, da0) and torch.equal(db1, db0)
+            assert_matches(dx, base[:, :40].double() + dx0.double(), None, torch.float32, "accumulated dx")
+    with pytest.raises(ValueError, match="accumulate"):
+        K.lora_matmul(x, w0, a, b, 0.5, accumulate=True)
