@@ -425,3 +425,21 @@ def test_matmul_accumulates_into_its_output(T, tma, monkeypatch):
             assert_matches(dx, base[:, :40].double() + dx0.double(), None, torch.float32, "accumulated dx")
     with pytest.raises(ValueError, match="accumulate"):
         K.lora_matmul(x, w0, a, b, 0.5, accumulate=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("T", [16, 1024])
+def test_accumulating_dx_at_realistic_shapes(T):
+    """The grouped backward's dx sum on the card: the TMA (T = 1024) and decode (T = 16) epilogues adding into
+    their output, bf16, a key's first and later calls."""
+    torch.manual_seed(T)
+    x, w0, a, b = _lora_inputs(T, 4096, 4096, 16, torch.bfloat16)
+    xa = K.lora_shrink(x, a, 0.5)
+    base = rand(T, 4096, dtype=torch.bfloat16)
+    ref = base.double() + x.double() @ w0.double().t() + xa.double() @ b.double().t()
+    lowp = base + (x @ w0.t() + xa.to(torch.bfloat16) @ b.t())
+    for _ in range(2):
+        y = base.clone()
+        K.lora_matmul(x, w0, a, b, 0.5, xa=xa, out=y, accumulate=True)
+        assert_matches(y, ref, lowp, torch.bfloat16, "accumulated y")
