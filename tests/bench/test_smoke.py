@@ -293,3 +293,11 @@ def test_gpu_suite_phase_deadlines_and_selection(tmp_path):
     assert sum(gpu_suite.SESSION_RESERVE_S[p] for p in gpu_suite.SESSION_PHASES) == 340   # the session budget
     with pytest.raises(SystemExit):
         gpu_suite.parse_args([str(tmp_path), "--phases", "lora,nope"])
+
+
+def test_decode_configs_smoke(tmp_path):
+    from bench import decode_configs
+    rows = decode_configs.main(["--smoke", "--out", str(tmp_path)])
+    assert {(r["op"], r["mode"]) for r in rows} == {("lora", "fwd"), ("lora", "bwd"), ("multi", "fwd")}
+    assert all(r["ms"] and r["cublas_ms"] for r in rows), rows
+    assert (tmp_path / "decode_configs.json").exists()
