@@ -289,17 +289,13 @@ def _lora_decode_kernel(
     writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = (keep x2)^T xa (N, R) (dA^T)
     in the epilogue: dx, dA and dB in one launch.
     """
-    pid = tl.program_id(0)
-    pid_n = pid // SPLIT_K            # the splits of a column block are neighbours: they run (and finish) together
-    pid_k = pid % SPLIT_K
+    pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
     mask_r = offs_r < R
-    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_k * k_share
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -307,7 +303,7 @@ def _lora_decode_kernel(
         h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
                     other=0.0)                                                            # (BLOCK_M, BLOCK_R)
         num_n = tl.cdiv(N, BLOCK_N)
-    for k0 in range(k_lo, tl.minimum(K, k_lo + k_share), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
                                            stride_wn, stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
@@ -368,6 +364,18 @@ def _lora_decode_kernel(
 
 
 @triton.jit
+def split_k_program(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(column block, split, first k, end k) of this program in a split-K decode grid: the SPLIT_K splits of a
+    column block are neighbours, so they run (and finish) together; each takes whole BLOCK_K steps of K.
+    Also kernels.lora_multi's decode."""
+    pid = tl.program_id(0)
+    pid_k = pid % SPLIT_K
+    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * k_share
+    return pid // SPLIT_K, pid_k, k_lo, tl.minimum(K, k_lo + k_share)
+
+
+@triton.jit
 def split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N,
                    SPLIT_K: tl.constexpr):
     """Split pid_k's partial (BLOCK_M, BLOCK_N) tile of column block pid_n into part (SPLIT_K, M, N) fp32, then
@@ -400,12 +408,8 @@ def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mas
                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """A column block's whole sums: bias, y (added to y's values with ACCUMULATE); the shrink's xa (column
     block 0); with WEIGHT_GRADS dn's rows."""
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_tile(acc, acc, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym,
+               stride_yn, False, HAS_BIAS, ACCUMULATE)       # the dropout mask is in acc already
     if FUSE_SHRINK:
         if pid_n == 0:
             tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])

@@ -23,8 +23,8 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
                       prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
-from .lora import (_dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, split_buffers, split_k_arrive, split_k_total,
-                   store_split, store_tile)
+from .lora import (_dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, split_buffers, split_k_arrive,
+                   split_k_program, split_k_total, store_split, store_tile)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # At decode (T <= DECODE_MAX_T) the shrink and the expand gather each row's own A / B rows; PTLM_MULTI_GATHER=0
@@ -309,18 +309,14 @@ def _multi_decode_kernel(
     """The matmul at decode (M <= BLOCK_M rows in batch order), as kernels.lora's decode kernel: one row block,
     so W streams from HBM once, K split SPLIT_K ways with the last split of a column block summing the
     partials; split 0 adds the rows' gathered expand (_gathered_expand) while the others stream W."""
-    pid = tl.program_id(0)
-    pid_n = pid // SPLIT_K
-    pid_k = pid % SPLIT_K
+    pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_k * k_share
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, tl.minimum(K, k_lo + k_share), BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
