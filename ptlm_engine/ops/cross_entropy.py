@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import run_op, triton_enabled
+from ptlm_engine.ops.lora import eager_function, run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import cross_entropy as cross_entropy_kernels
@@ -132,20 +132,8 @@ def _grads(ctx, d_loss, *_):
 torch.library.register_autograd("ptlm::linear_cross_entropy", _grads, setup_context=_setup_context)
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementation as the custom op (old-style forward(ctx, ...): see
-    ops.lora.eager_function)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        ctx.mark_non_differentiable(*out[1:])
-        return out
-
-    @staticmethod
-    def backward(ctx, d_loss, *_):
-        return _grads(ctx, d_loss)
+LinearCrossEntropyFunction = eager_function("LinearCrossEntropyFunction", _forward, _setup_context,
+                                            lambda ctx, d_loss, *_: _grads(ctx, d_loss), grad_outputs=1)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -125,14 +125,20 @@ torch.library.register_autograd("ptlm::lora_linear_fwd", lambda ctx, dy, _dxa: _
                                 setup_context=_setup_context)
 
 
-def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
+def eager_function(name: str, forward, setup_context, backward, grad_outputs: int | None = None,
+                   materialize_grads: bool = True) -> type[torch.autograd.Function]:
     """An op's eager autograd Function over the same implementations as its custom ops: forward(*args), then
     setup_context(ctx, args, output) (the custom op's), backward(ctx, *output_grads) -> the inputs' gradients.
+    grad_outputs: only the first so many outputs are differentiable (the rest, saved for backward, get no zero
+    gradient made for them); materialize_grads=False: backward gets None for an output nobody used.
     Old-style forward(ctx, ...): a Function with a separate setup_context makes torch bind the arguments with
     inspect.signature on every call (tens of microseconds of host time per layer)."""
     def run_forward(ctx, *args):
         out = forward(*args)
         setup_context(ctx, args, out)
+        if grad_outputs is not None:
+            ctx.mark_non_differentiable(*out[grad_outputs:])
+        ctx.set_materialize_grads(materialize_grads)
         return out
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
                                                    "backward": staticmethod(backward)})

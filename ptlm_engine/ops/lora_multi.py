@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_like
-from ptlm_engine.ops.lora import _base_grads, lora_kernels, run_op, triton_enabled
+from ptlm_engine.ops.lora import _base_grads, eager_function, lora_kernels, run_op, triton_enabled
 
 try:
     from ptlm_engine.kernels import lora_multi as multi_kernels
@@ -156,23 +156,10 @@ torch.library.register_autograd("ptlm::lora_linear_multi_fwd",
                                 setup_context=_setup_context)
 
 
-class LoraLinearMultiFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops. Old-style forward(ctx, ...): a
-    Function with a separate setup_context makes torch bind the arguments with inspect.signature on every
-    call (tens of microseconds of host time per layer)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        # xa is saved for backward, never differentiated: no zero gradient is made for it
-        ctx.mark_non_differentiable(out[1])
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, _dxa):
-        return _grads(ctx, dy, _backward)
+# xa is saved for backward, never differentiated: no zero gradient is made for it
+LoraLinearMultiFunction = eager_function("LoraLinearMultiFunction", _forward, _setup_context,
+                                         lambda ctx, dy, _dxa: _grads(ctx, dy, _backward), grad_outputs=1,
+                                         materialize_grads=False)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_floating, check_like
-from ptlm_engine.ops.lora import run_op, triton_enabled
+from ptlm_engine.ops.lora import eager_function, run_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import rms_norm as rms_norm_kernels
@@ -82,20 +82,8 @@ torch.library.register_autograd("ptlm::rms_norm_fwd", lambda ctx, dy, _drstd: _g
                                 setup_context=_setup_context)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """Eager autograd path over the same implementations as the custom ops (old-style forward(ctx, ...): see
-    ops.lora.eager_function)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _forward(*args)
-        _setup_context(ctx, args, out)
-        ctx.mark_non_differentiable(out[1])
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, _drstd):
-        return _grads(ctx, dy, _backward)
+RMSNormFunction = eager_function("RMSNormFunction", _forward, _setup_context,
+                                 lambda ctx, dy, _drstd: _grads(ctx, dy, _backward), grad_outputs=1)
 
 
 # ----------------------------------------------------------------------------------------------- entry point
