@@ -47,6 +47,12 @@ def lora_slots64(S, d_in, d_out, ranks):
     return a, b, torch.tensor(ranks, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5
 
 
+def leaves(tensors, dtype=torch.float64) -> list:
+    """Fresh leaves of the same values in `dtype` (float64 for the reference, the layer's dtype for PyTorch's own
+    error), requiring grad where the originals do; None stays None."""
+    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref||, computed in float64; NaN/inf anywhere in out fails the check by returning inf."""
     out = out.detach().double()

@@ -10,7 +10,7 @@ from ptlm_engine.functional import linear_cross_entropy
 from ptlm_engine.ops import cross_entropy as ops
 from ptlm_engine.ops.cross_entropy import linear_cross_entropy_fwd, linear_cross_entropy_op
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync,
-                           needs_triton, rand)
+                           leaves, needs_triton, rand)
 
 IGNORE = -100
 
@@ -22,10 +22,6 @@ def _inputs(lead, d, V, dtype, trainable_head=False, bias=False, ignored=0.2):
     targets = torch.randint(0, V, lead, device=DEVICE)
     targets[torch.rand(lead, device=DEVICE) < ignored] = IGNORE
     return hidden, weight, b, targets
-
-
-def _leaves(tensors, dtype):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
 
 
 def _run(fn, hidden, weight, bias, targets, d_loss=1.0, **kw):
@@ -55,8 +51,8 @@ def test_loss_and_grads_match_float64(case, dtype):
     targets = tensors[3]
     d_loss = case.get("d_loss", 1.0)
     loss, grads = _run(linear_cross_entropy_op, *tensors[:3], targets, d_loss, chunk_size=case["chunk"])
-    loss64, grads64 = _run(_reference, *_leaves(tensors[:3], torch.float64), targets, d_loss)
-    loss_lp, grads_lp = _run(_reference, *_leaves(tensors[:3], dtype), targets, d_loss)
+    loss64, grads64 = _run(_reference, *leaves(tensors[:3], torch.float64), targets, d_loss)
+    loss_lp, grads_lp = _run(_reference, *leaves(tensors[:3], dtype), targets, d_loss)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_matches(loss, loss64, loss_lp, torch.float32 if dtype == torch.float32 else dtype, "loss")
     assert_grads_match(["d_hidden", "d_weight", "d_bias"], grads, grads64, grads_lp, dtype)
@@ -71,7 +67,7 @@ def test_reductions_match_float64(reduction, num_items):
         num_items = torch.tensor(40, device=DEVICE)
     kw = dict(reduction=reduction, num_items_in_batch=num_items)
     loss, grads = _run(linear_cross_entropy, hidden, weight, None, targets, **kw)
-    loss64, grads64 = _run(_reference, *_leaves((hidden, weight, None), torch.float64), targets, **kw)
+    loss64, grads64 = _run(_reference, *leaves((hidden, weight, None), torch.float64), targets, **kw)
     assert_matches(loss, loss64, None, torch.float32, "loss")
     assert_grads_match(["d_hidden", "d_weight", "d_bias"], grads, grads64, [None] * 3, torch.float32)
 
@@ -142,7 +138,7 @@ def test_reference_backend_matches_float64(monkeypatch):
     torch.manual_seed(5)
     hidden, weight, bias, targets = _inputs((3, 10), 12, 41, torch.float32, trainable_head=True, bias=True)
     loss, grads = _run(linear_cross_entropy_op, hidden, weight, bias, targets, chunk_size=7)
-    loss64, grads64 = _run(_reference, *_leaves((hidden, weight, bias), torch.float64), targets)
+    loss64, grads64 = _run(_reference, *leaves((hidden, weight, bias), torch.float64), targets)
     assert_matches(loss, loss64, None, torch.float32, "loss")
     assert_grads_match(["d_hidden", "d_weight", "d_bias"], grads, grads64, [None] * 3, torch.float32)
 
@@ -164,7 +160,7 @@ def test_torch_compile_fullgraph():
     hidden, weight, _, targets = _inputs((2, 7), 16, 43, torch.float32, trainable_head=True)
     compiled = torch.compile(lambda h, w, t: linear_cross_entropy(h, w, t), backend="aot_eager", fullgraph=True)
     loss, grads = _run(lambda h, w, t, _ignore, bias: compiled(h, w, t), hidden, weight, None, targets)
-    loss64, grads64 = _run(_reference, *_leaves((hidden, weight, None), torch.float64), targets)
+    loss64, grads64 = _run(_reference, *leaves((hidden, weight, None), torch.float64), targets)
     assert_matches(loss, loss64, None, torch.float32, "compiled loss")
     assert_grads_match(["d_hidden", "d_weight", "d_bias"], grads, grads64, [None] * 3, torch.float32)
 
@@ -188,7 +184,7 @@ def test_training_shape_bf16_memory_and_no_host_sync():
 
     (loss, grads), ours = peak(linear_cross_entropy_op)
     (loss_lp, grads_lp), theirs = peak(_reference)
-    loss64, grads64 = _run(_reference, *_leaves((hidden, weight, None), torch.float64), targets)
+    loss64, grads64 = _run(_reference, *leaves((hidden, weight, None), torch.float64), targets)
     assert_matches(loss, loss64, loss_lp, torch.bfloat16, "loss")
     assert_matches(grads[0], grads64[0], grads_lp[0], torch.bfloat16, "d_hidden")
     assert ours < 0.15 * theirs, (ours, theirs)

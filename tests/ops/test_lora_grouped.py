@@ -11,7 +11,7 @@ from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels.configs import TunedLauncher
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, lora_slots64,
-                           needs_triton, rand)
+                           leaves, needs_triton, rand)
 
 
 def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True, False, True), train_base=False):
@@ -23,10 +23,6 @@ def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True
     Bs = [None if r is None else rand(n, r, dtype=dtype, scale=r ** -0.5).requires_grad_()
           for n, r in zip(d_outs, ranks)]
     return x, ws, biases, As, Bs, [1.5, 0.5, 2.0][:len(d_outs)]
-
-
-def _leaves(ts, dtype=torch.float64):
-    return [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts]
 
 
 def _grads(ys, dys, tensors):
@@ -50,7 +46,7 @@ def test_grouped_forward_backward_matches_float64(case, dtype):
     tensors = [x, *ws, *biases, *As, *Bs]
     grads = _grads(ys, dys, tensors)
     for lowp in (torch.float64, dtype):   # the float64 truth, and PyTorch's own error in the layer's dtype
-        ts = _leaves(tensors, lowp)
+        ts = leaves(tensors, lowp)
         G = len(ws)
         x_r, ws_r, b_r, A_r, B_r = ts[0], ts[1:1 + G], ts[1 + G:1 + 2 * G], ts[1 + 2 * G:1 + 3 * G], ts[1 + 3 * G:]
         ys_r = reference.lora_linear_grouped(x_r.reshape(-1, x.shape[-1]), ws_r, b_r, A_r, B_r, scales, fif)
@@ -111,7 +107,7 @@ def test_grouped_dropout_has_each_members_own_mask_in_forward_and_backward(T):
     ones, eye = torch.ones(T, d_in, device=DEVICE), torch.eye(d_in, device=DEVICE)
     keeps = [K.lora_shrink(ones, eye, 1.0, seeds[g:g + 1], p[g]) * (1 - p[g]) > 0.5 for g in range(2)]
     assert all(0 < k.float().mean() < 1 for k in keeps) and not torch.equal(keeps[0], keeps[1])
-    ts = _leaves([x, *As, *Bs])
+    ts = leaves([x, *As, *Bs])
     ys64 = reference.lora_linear_grouped(ts[0], [w.double() for w in ws], [b if b is None else b.double() for b in
                                          biases], ts[1:3], ts[3:], scales, False, p, [k.double() for k in keeps])
     grads64 = _grads(ys64, [d.double() for d in dys], ts)

@@ -9,7 +9,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import rms_norm
 from ptlm_engine.ops.rms_norm import rms_norm_bwd, rms_norm_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
-                           needs_triton, rand)
+                           leaves, needs_triton, rand)
 
 EPS = 1e-6
 ULP = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
@@ -19,10 +19,6 @@ def _run(fn, x, w, dy):
     y = fn(x, w, EPS)
     y.backward(dy)
     return y, [t.grad if t.requires_grad else None for t in (x, w)]
-
-
-def _leaves(x, w, dtype):
-    return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (x, w)]
 
 
 def assert_hf_equal(out: torch.Tensor, hf: torch.Tensor, dtype) -> None:
@@ -48,8 +44,8 @@ def test_forward_backward_matches_float64(case, dtype):
     w = rand(d, dtype=dtype, scale=0.5).requires_grad_(case["train_weight"])
     dy = torch.randn(*lead, d, device=DEVICE, dtype=dtype)
     y, grads = _run(rms_norm, x, w, dy)
-    y64, grads64 = _run(reference.rms_norm, *_leaves(x, w, torch.float64), dy.double())
-    y_lp, grads_lp = _run(reference.rms_norm, *_leaves(x, w, dtype), dy)
+    y64, grads64 = _run(reference.rms_norm, *leaves((x, w), torch.float64), dy.double())
+    y_lp, grads_lp = _run(reference.rms_norm, *leaves((x, w), dtype), dy)
     assert y.shape == x.shape and y.dtype == dtype
     assert_matches(y, y64, y_lp, dtype, "y")
     assert_grads_match(["dx", "dweight"], grads, grads64, grads_lp, dtype)
@@ -119,7 +115,7 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(lambda x, w: rms_norm(x, w, EPS), backend="aot_eager", fullgraph=True)
     y = compiled(x, w)
     y.backward(torch.ones_like(y))
-    y64, (dx64, dw64) = _run(reference.rms_norm, *_leaves(x, w, torch.float64), torch.ones_like(y).double())
+    y64, (dx64, dw64) = _run(reference.rms_norm, *leaves((x, w), torch.float64), torch.ones_like(y).double())
     assert_matches(y, y64, None, torch.float32, "compiled y")
     assert_matches(x.grad, dx64, None, torch.float32, "compiled dx")
     assert_matches(w.grad, dw64, None, torch.float32, "compiled dweight")

@@ -10,7 +10,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import apply_rotary
 from ptlm_engine.ops.rotary import rotary_bwd, rotary_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
-                           needs_triton, rand)
+                           leaves, needs_triton, rand)
 
 
 def _inputs(B, HQ, HK, L, D, dtype, unsqueeze_dim=1, shared_table=True):
@@ -29,10 +29,6 @@ def _run(fn, q, k, cos, sin, dq_out, dk_out, unsqueeze_dim):
     return (q_out, k_out), [q.grad, k.grad]
 
 
-def _leaves(q, k, dtype):
-    return [t.detach().to(dtype).requires_grad_() for t in (q, k)]
-
-
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("unsqueeze_dim", [1, 2])
@@ -43,9 +39,9 @@ def test_forward_backward_matches_float64(shape, unsqueeze_dim, dtype):
     q_before, k_before = q.detach().clone(), k.detach().clone()
     dq_out, dk_out = torch.randn_like(q), torch.randn_like(k)
     (q_out, k_out), grads = _run(apply_rotary, q, k, cos, sin, dq_out, dk_out, unsqueeze_dim)
-    (q64, k64), grads64 = _run(reference.apply_rotary, *_leaves(q, k, torch.float64), cos.double(), sin.double(),
+    (q64, k64), grads64 = _run(reference.apply_rotary, *leaves((q, k), torch.float64), cos.double(), sin.double(),
                                dq_out.double(), dk_out.double(), unsqueeze_dim)
-    (q_lp, k_lp), grads_lp = _run(reference.apply_rotary, *_leaves(q, k, dtype), cos, sin, dq_out, dk_out,
+    (q_lp, k_lp), grads_lp = _run(reference.apply_rotary, *leaves((q, k), dtype), cos, sin, dq_out, dk_out,
                                   unsqueeze_dim)
     assert q_out.grad_fn.name() == "RotaryFunctionBackward"
     assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.is_contiguous() and k_out.is_contiguous()
@@ -128,7 +124,7 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(lambda q, k: apply_rotary(q, k, cos, sin), backend="aot_eager", fullgraph=True)
     q_out, k_out = compiled(q, k)
     (q_out.sum() + 2 * k_out.sum()).backward()
-    q_leaf, k_leaf = _leaves(q, k, torch.float64)
+    q_leaf, k_leaf = leaves((q, k))
     (q64, k64), (dq64, dk64) = _run(reference.apply_rotary, q_leaf, k_leaf, cos.double(), sin.double(),
                                     torch.ones_like(q_leaf), 2 * torch.ones_like(k_leaf), 1)
     assert_matches(q_out, q64, None, torch.float32, "compiled q_embed")

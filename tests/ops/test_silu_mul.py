@@ -9,7 +9,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import silu_mul
 from ptlm_engine.ops.silu_mul import silu_mul_bwd, silu_mul_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
-                           needs_triton, rand)
+                           leaves, needs_triton, rand)
 from tests.ops.test_rms_norm import assert_hf_equal
 
 
@@ -17,10 +17,6 @@ def _run(fn, gate, up, dy):
     y = fn(gate, up)
     y.backward(dy)
     return y, [t.grad if t.requires_grad else None for t in (gate, up)]
-
-
-def _leaves(gate, up, dtype):
-    return [t.detach().to(dtype).requires_grad_(t.requires_grad) for t in (gate, up)]
 
 
 @needs_triton
@@ -35,16 +31,16 @@ def test_forward_backward_matches_float64(case, dtype):
     lead, F = case["lead"], case["F"]
     if case.get("fused_projection"):        # one (..., 2F) gate/up projection output, split in two views
         gate, up = rand(*lead, 2 * F, dtype=dtype, scale=2.0).requires_grad_().split(F, dim=-1)
-        leaves = (gate, up)
+        projected = (gate, up)
         gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
-        assert not leaves[0].is_contiguous() and not gate.is_contiguous()
+        assert not projected[0].is_contiguous() and not gate.is_contiguous()
     else:
         gate = rand(*lead, F, dtype=dtype, scale=2.0).requires_grad_()
         up = rand(*lead, F, dtype=dtype).requires_grad_(case.get("train_up", True))
     dy = torch.randn(*lead, F, device=DEVICE, dtype=dtype)
     y, grads = _run(silu_mul, gate, up, dy)
-    y64, grads64 = _run(reference.silu_mul, *_leaves(gate, up, torch.float64), dy.double())
-    y_lp, grads_lp = _run(reference.silu_mul, *_leaves(gate, up, dtype), dy)
+    y64, grads64 = _run(reference.silu_mul, *leaves((gate, up), torch.float64), dy.double())
+    y_lp, grads_lp = _run(reference.silu_mul, *leaves((gate, up), dtype), dy)
     assert y.shape == gate.shape and y.dtype == dtype
     assert_matches(y, y64, y_lp, dtype, "y")
     assert_grads_match(["dgate", "dup"], grads, grads64, grads_lp, dtype)
@@ -98,7 +94,7 @@ def test_torch_compile_fullgraph():
     gate, up = (rand(2, 7, 16, dtype=torch.float32).requires_grad_() for _ in range(2))
     y = torch.compile(silu_mul, backend="aot_eager", fullgraph=True)(gate, up)
     y.sum().backward()
-    y64, (dg64, du64) = _run(reference.silu_mul, *_leaves(gate, up, torch.float64), torch.ones_like(y).double())
+    y64, (dg64, du64) = _run(reference.silu_mul, *leaves((gate, up), torch.float64), torch.ones_like(y).double())
     assert_matches(y, y64, None, torch.float32, "compiled y")
     assert_matches(gate.grad, dg64, None, torch.float32, "compiled dgate")
     assert_matches(up.grad, du64, None, torch.float32, "compiled dup")
