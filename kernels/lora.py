@@ -860,8 +860,21 @@ def _lora_weight_grad_kernel(
 ):
     """Two weight gradients over the same T rows in one launch (the backward's dA^T = (keep x)^T g with the
     dropout mask, and dB = dy^T xa without): column blocks of the first, then of the second (N2 = 0: one)."""
+    weight_grad_pair(tl.program_id(0), g_ptr, h_ptr, out_ptr, g2_ptr, h2_ptr, out2_ptr, seed_ptr, T, N, N2, R,
+                     stride_gt, stride_gn, stride_ht, stride_hr, stride_on, stride_or,
+                     stride_g2t, stride_g2n, stride_h2t, stride_h2r, stride_o2n, stride_o2r,
+                     dropout_p, HAS_DROPOUT, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+
+
+@triton.jit
+def weight_grad_pair(pid, g_ptr, h_ptr, out_ptr, g2_ptr, h2_ptr, out2_ptr, seed_ptr, T, N, N2, R,
+                     stride_gt, stride_gn, stride_ht, stride_hr, stride_on, stride_or,
+                     stride_g2t, stride_g2n, stride_h2t, stride_h2r, stride_o2n, stride_o2r,
+                     dropout_p, HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Column block pid of the pair: (keep g)^T h's N columns first (the dropout mask on g), then g2^T h2's N2;
+    also each member's pair in kernels.lora_grouped's weight-grad kernel."""
     n_blocks = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
     if pid < n_blocks:
         _weight_grad_tile(g_ptr, h_ptr, out_ptr, seed_ptr, pid, T, N, R, stride_gt, stride_gn, stride_ht, stride_hr,
                           stride_on, stride_or, dropout_p, HAS_DROPOUT, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)

@@ -41,8 +41,8 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _weight_grad_tile, fuse_shrink_default, grouped_tile,
-                   lora_matmul_tile, lora_matmul_tma, rank_block, store_split)
+from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
+                   lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, multi_matmul_tile,
                          padded_rank)
@@ -396,23 +396,6 @@ def lora_grouped_shrink_each(xs: Sequence[torch.Tensor], lora_As: Sequence[torch
 
 
 @triton.jit
-def _member_weight_grads(pid, x_ptr, g_ptr, dy_ptr, xa_ptr, da_ptr, db_ptr, seed_ptr, T, K, N, R,
-                         stride_xt, stride_xk, stride_gt, stride_gr, stride_dyt, stride_dyn, stride_xat, stride_xar,
-                         stride_dak, stride_dar, stride_dbn, stride_dbr, dropout_p, DROPOUT: tl.constexpr,
-                         FP32_DOT: tl.constexpr, SPLIT_T: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Column block pid of one member's two products: dA^T = (keep x)^T g (d_in's blocks), then dB = dy^T xa."""
-    k_blocks = tl.cdiv(K, BLOCK_N)
-    if pid < k_blocks:
-        _weight_grad_tile(x_ptr, g_ptr, da_ptr, seed_ptr, pid, T, K, R, stride_xt, stride_xk, stride_gt, stride_gr,
-                          stride_dak, stride_dar, dropout_p, DROPOUT, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
-    else:
-        _weight_grad_tile(dy_ptr, xa_ptr, db_ptr, seed_ptr, pid - k_blocks, T, N, R, stride_dyt, stride_dyn,
-                          stride_xat, stride_xar, stride_dbn, stride_dbr, dropout_p, False, FP32_DOT, SPLIT_T,
-                          BLOCK_R, BLOCK_N, BLOCK_T)
-
-
-@triton.jit
 def _grouped_weight_grad_kernel(
     x_ptr,
     g0_ptr, dy0_ptr, xa0_ptr, da0_ptr, db0_ptr, seed0_ptr,
@@ -436,21 +419,21 @@ def _grouped_weight_grad_kernel(
     end0 = k_blocks + tl.cdiv(N0, BLOCK_N)
     end1 = end0 + k_blocks + tl.cdiv(N1, BLOCK_N)
     if pid < end0:
-        _member_weight_grads(pid, x_ptr, g0_ptr, dy0_ptr, xa0_ptr, da0_ptr, db0_ptr, seed0_ptr, T, K, N0, R0,
-                             stride_xt, stride_xk, stride_g0t, stride_g0r, stride_dy0t, stride_dy0n, stride_xa0t,
-                             stride_xa0r, stride_da0k, stride_da0r, stride_db0n, stride_db0r, p0, DROP0, FP32_DOT,
-                             SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+        weight_grad_pair(pid, x_ptr, g0_ptr, da0_ptr, dy0_ptr, xa0_ptr, db0_ptr, seed0_ptr, T, K, N0, R0,
+                         stride_xt, stride_xk, stride_g0t, stride_g0r, stride_da0k, stride_da0r,
+                         stride_dy0t, stride_dy0n, stride_xa0t, stride_xa0r, stride_db0n, stride_db0r,
+                         p0, DROP0, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
     elif MEMBERS > 1:
         if pid < end1:
-            _member_weight_grads(pid - end0, x_ptr, g1_ptr, dy1_ptr, xa1_ptr, da1_ptr, db1_ptr, seed1_ptr, T, K, N1,
-                                 R1, stride_xt, stride_xk, stride_g1t, stride_g1r, stride_dy1t, stride_dy1n,
-                                 stride_xa1t, stride_xa1r, stride_da1k, stride_da1r, stride_db1n, stride_db1r, p1,
-                                 DROP1, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+            weight_grad_pair(pid - end0, x_ptr, g1_ptr, da1_ptr, dy1_ptr, xa1_ptr, db1_ptr, seed1_ptr, T, K, N1, R1,
+                             stride_xt, stride_xk, stride_g1t, stride_g1r, stride_da1k, stride_da1r,
+                             stride_dy1t, stride_dy1n, stride_xa1t, stride_xa1r, stride_db1n, stride_db1r,
+                             p1, DROP1, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
         elif MEMBERS > 2:
-            _member_weight_grads(pid - end1, x_ptr, g2_ptr, dy2_ptr, xa2_ptr, da2_ptr, db2_ptr, seed2_ptr, T, K, N2,
-                                 R2, stride_xt, stride_xk, stride_g2t, stride_g2r, stride_dy2t, stride_dy2n,
-                                 stride_xa2t, stride_xa2r, stride_da2k, stride_da2r, stride_db2n, stride_db2r, p2,
-                                 DROP2, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
+            weight_grad_pair(pid - end1, x_ptr, g2_ptr, da2_ptr, dy2_ptr, xa2_ptr, db2_ptr, seed2_ptr, T, K, N2, R2,
+                             stride_xt, stride_xk, stride_g2t, stride_g2r, stride_da2k, stride_da2r,
+                             stride_dy2t, stride_dy2n, stride_xa2t, stride_xa2r, stride_db2n, stride_db2r,
+                             p2, DROP2, FP32_DOT, SPLIT_T, BLOCK_R, BLOCK_N, BLOCK_T)
 
 
 _grouped_weight_grad = TunedLauncher(triton.autotune(
