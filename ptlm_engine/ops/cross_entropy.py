@@ -132,8 +132,8 @@ def _grads(ctx, d_loss, *_):
 torch.library.register_autograd("ptlm::linear_cross_entropy", _grads, setup_context=_setup_context)
 
 
-LinearCrossEntropyFunction = eager_function("LinearCrossEntropyFunction", _forward, _setup_context,
-                                            lambda ctx, d_loss, *_: _grads(ctx, d_loss), grad_outputs=1)
+LinearCrossEntropyFunction = eager_function("LinearCrossEntropyFunction", _forward, _setup_context, _grads,
+                                            grad_outputs=1)
 
 
 # ----------------------------------------------------------------------------------------------- entry point

@@ -11,7 +11,8 @@ takes each member's own output gradient and sums the members' dx; a member witho
 GEMM. The multi-adapter op, and the single-adapter op at decode, run each member's backward of ops.lora_multi /
 ops.lora (ops.lora's is one launch at decode). At prefill the single-adapter op computes all members' g = s dy B
 in one launch (kernels.lora_grouped's shrink each), each member's dx GEMM on its g, and all members' dA and dB in
-one more launch: G + 2 launches (and G - 1 adds) where the members' own backwards take 3G.
+one more launch: G + 2 launches where the members' own backwards take 3G. Every member's dx kernel adds into the
+members' sum in its epilogue (no add launches).
 """
 from __future__ import annotations
 
