@@ -67,7 +67,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bench import harness, model_train
 
 STEM = "host_overhead"
-PROVIDERS = ["peft", "ptlm"]
+PROVIDERS = ["peft", "ptlm", "ptlm_fused"]
 PARTS = ["model", "layers"]
 LAUNCH_US = 24.0          # one Triton launch with ~21 arguments on the H100's host (2026-11-26)
 H100_SMS = 132
@@ -331,9 +331,9 @@ def model_rows(args, host: HostOnly) -> tuple[list[dict], list[dict]]:
                            "device": device.type, **shape}, step))
         rows = measure(cases, host, args.warmup, args.steps, args.steps, args.launch_us)
         profile = []
-        for row, (_, step) in zip(rows, cases):
-            if row["provider"] == "ptlm" and row["host_us"] is not None:
-                profile = profile_top(step, args.profile_steps, args.top)
+        for row, (_, step) in zip(rows, cases):   # the last ptlm provider's (ptlm or ptlm_fused)
+            if row["provider"].startswith("ptlm") and row["host_us"] is not None and args.profile_steps:
+                profile = [{"provider": row["provider"], **r} for r in profile_top(step, args.profile_steps, args.top)]
     return rows, profile
 
 
@@ -442,7 +442,7 @@ def markdown(rows: list[dict], profile: list[dict], meta: dict) -> str:
                       r["torch_calls"], r["triton_launches"]]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     if profile:
-        out += ["", "## ptlm training step: top functions by own time (cProfile, per step)", "",
+        out += ["", f"## {profile[0]['provider']} training step: top functions by own time (cProfile, per step)", "",
                 "| function | own µs | cumulative µs | calls |", "|---|---|---|---|"]
         out += [f"| `{p['function']}` | {p['own_us']:.0f} | {p['cum_us']:.0f} | {p['calls']:.0f} |" for p in profile]
     return "\n".join(out) + "\n"
@@ -458,7 +458,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--layer-warmup", type=int, default=None, help="untimed calls per layer case (20, smoke 1)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of the layer cases' calls (10, smoke 1)")
-    p.add_argument("--profile-steps", type=int, default=None, help="cProfiled ptlm steps (3, smoke 1)")
+    p.add_argument("--profile-steps", type=int, default=None, help="cProfiled steps of the last ptlm provider (3, smoke 1)")
     p.add_argument("--top", type=int, default=15, help="functions listed from the profile")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (8; smoke 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (cpu 16, meta 1024; smoke 40)")

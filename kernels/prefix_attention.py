@@ -39,12 +39,16 @@ pairs, the per-element key masks of the prefix blocks, scalar atom.global.add.f3
 """
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import AUTOTUNE, INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
-from .lora import _dot  # exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
+from .lora import _descriptor, _dot  # _dot: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -54,11 +58,31 @@ DECODE_MAX_LQ = 16  # at or below this many queries the q tile is a sliver: 16-r
 DELTA_BLOCK_M = 64
 DQ_MODES = ("atomic", "split")  # the backward's dQ: fused with fp32 atomics, or its own (reproducible) pass
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KB of shared memory per SM)
+# None: q, the sequence's k / v, dO and the fused backward's dQ sums go through TMA descriptors where they can
+# (compiled on compute capability >= 9, fp16 / bf16, 16-byte aligned layouts: _tma_descriptors); True: wherever the
+# layouts allow, also under the interpreter and in fp32 (tests); False: never. PTLM_PREFIX_TMA=0 / 1 sets it for
+# a process: the benchmark compares the two paths that way.
+TMA: bool | None = {"0": False, "1": True}.get(os.environ.get("PTLM_PREFIX_TMA", ""))
+# Triton's interpreter has no descriptor reductions: there the TMA path adds dQ with pointer atomics
+DESCRIPTOR_REDUCE = tl.constexpr(not INTERPRETED)
 
 
 # --------------------------------------------------------------------------------------------------- configs
-def _cfg(block_m, block_n, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+def _tma_blocks(nargs: dict) -> None:
+    """A config's pre_hook: each TMA descriptor's block, (1, 1, rows, BLOCK_D) with q / dO / dQ rows of BLOCK_M
+    and k / v rows of BLOCK_N (the launchers set them themselves for a known config)."""
+    if nargs.get("TMA"):
+        for name, rows in _DESC_ROWS.items():
+            if nargs.get(name) is not None:
+                nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+
+_DESC_ROWS = {"q_desc": "BLOCK_M", "do_desc": "BLOCK_M", "dq_desc": "BLOCK_M", "k_desc": "BLOCK_N", "v_desc": "BLOCK_N"}
+
+
+def _cfg(block_m, block_n, warps, stages, pre_hook=_tma_blocks):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                         pre_hook=pre_hook)
 
 
 def forward_configs():
@@ -93,10 +117,10 @@ def fused_bwd_configs():
 
 
 def dq_configs():
-    """dQ: like the forward, with dO beside q on chip."""
+    """dQ: like the forward, with dO beside q on chip (pointer loads only: no descriptors to size)."""
     if INTERPRETED:
-        return [_cfg(16, 16, 4, 1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in (
+        return [_cfg(16, 16, 4, 1, None)]
+    return [_cfg(bm, bn, w, s, None) for bm, bn, w, s in (
         (128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 3), (16, 128, 4, 3),
         (32, 32, 4, 2))]
 
@@ -111,6 +135,8 @@ def _prune(resident: str, streamed: str, ds_tile: bool = False):
         def fits(c):
             rows = c.kwargs[resident] + 2 * c.kwargs[streamed] * max(c.num_stages - 1, 1)
             scratch = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * elem if ds_tile else 0
+            if ds_tile and kwargs.get("TMA"):  # the dQ tile's fp32 staging for the bulk reduction
+                scratch += c.kwargs["BLOCK_M"] * block_d * 4
             return rows * block_d * elem + scratch <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
 
         kept = [c for c in configs if fits(c)] or configs[-1:]
@@ -172,8 +198,15 @@ def _head_rows(ptr, b, h, stride_b, stride_h, stride_m, stride_d, offs_m, LQ, of
 
 
 @triton.jit
-def _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _desc_rows(desc, b, h, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows start.. of head h of batch row b through a (B, H, L, D) TMA descriptor: (ROWS, BLOCK_D), zero past
+    L (the copy engine clips each head at its own length, so a tail never reads the next head's rows)."""
+    return desc.load([b.to(tl.int32), h.to(tl.int32), start, 0]).reshape(ROWS, BLOCK_D)
+
+
+@triton.jit
+def _q_program(q_ptr, q_desc, HQ, LQ, stride_qb, stride_qh, stride_qm, stride_qd, GROUP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, TMA: tl.constexpr):
     """A program over q blocks (forward, dQ): its q block pid_m and (batch, q head) pid_bh, batch row b, q head
     h, kv head kvh, rows offs_m, head-dim offsets offs_d and its q tile (BLOCK_M, BLOCK_D)."""
     pid_m, pid_bh = _q_block_and_head(LQ, BLOCK_M)
@@ -182,7 +215,11 @@ def _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm, stride_qd, GROUP:
     kvh = (h // GROUP).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _head_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, stride_qd, offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D)
+    if TMA:
+        q = _desc_rows(q_desc, b, h, pid_m * BLOCK_M, BLOCK_M, BLOCK_D)
+    else:
+        q = _head_rows(q_ptr, b, h, stride_qb, stride_qh, stride_qm, stride_qd, offs_m, LQ, offs_d, HEAD_DIM,
+                       BLOCK_D)
     return pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q
 
 
@@ -224,34 +261,46 @@ def _store_rows(ptr, row, mask_m, offs_d, tile, HEAD_DIM: tl.constexpr):
 
 # --------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, kpm_ptr, start_n, n_end, pos_q,
+def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, b, kvh, kpm_ptr, start_n, n_end, pos_q,
             stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale, offs_n0, offs_d,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-            PADDED: tl.constexpr, FP32_DOT: tl.constexpr):
-    """One key block's step of the online softmax (scores in log2 units)."""
+            PADDED: tl.constexpr, FP32_DOT: tl.constexpr, TMA: tl.constexpr, NONNEG_SCALE: tl.constexpr):
+    """One key block's step of the online softmax (scores in log2 units). TMA: k / v through the descriptors
+    (the sequence's keys: n_end is their length, where the copy engine's zero fill starts)."""
+    BLOCK_N: tl.constexpr = offs_n0.shape[0]
     offs_n = start_n + offs_n0
-    k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
-                   HEAD_DIM, BLOCK_D, MASKED)                                                 # (BLOCK_N, BLOCK_D)
-    s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], k.shape[0]), tl.float32), FP32_DOT) * qk_scale
-    if MASKED or PADDED:
-        s = tl.where(_key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED, CAUSAL, PADDED), s, float("-inf"))
+    if TMA:
+        k = _desc_rows(k_desc, b, kvh, start_n, BLOCK_N, BLOCK_D)
+    else:
+        k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)                                             # (BLOCK_N, BLOCK_D)
+    s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
+    if MASKED or PADDED or not NONNEG_SCALE:
+        s = s * qk_scale
+        if MASKED or PADDED:
+            s = tl.where(_key_mask(offs_n, n_end, pos_q, kpm_ptr, stride_kpmn, MASKED, CAUSAL, PADDED), s,
+                         float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet: exp2(-inf) = 0
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_ref[:, None])
+    else:  # the scale folded into the exponent (one fma an element): max(s) * scale = max(s * scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_ref = m_new
-    p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(s * qk_scale - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
-                   HEAD_DIM, BLOCK_D, MASKED)
+    if TMA:
+        v = _desc_rows(v_desc, b, kvh, start_n, BLOCK_N, BLOCK_D)
+    else:
+        v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
+                       HEAD_DIM, BLOCK_D, MASKED)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
     return acc, l_i, m_new
 
 
 @triton.jit
 def _prefix_attn_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, o_ptr, lse_ptr, q_desc, k_desc, v_desc,
     HQ, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
@@ -259,10 +308,13 @@ def _prefix_attn_fwd_kernel(
     qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, NONNEG_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm,
-                                                             stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+    # TMA: q and the sequence's k / v through (B, H, L, D) descriptors (the prefix, few blocks and possibly
+    # shared by every row through a zero batch stride, keeps pointer loads)
+    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, q_desc, HQ, LQ, stride_qb, stride_qh,
+                                                             stride_qm, stride_qd, GROUP, HEAD_DIM, BLOCK_D,
+                                                             BLOCK_M, TMA)
     offs_n0 = tl.arange(0, BLOCK_N)
     pos_q = LK - LQ + offs_m                                     # the queries' positions in the sequence
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -275,24 +327,28 @@ def _prefix_attn_fwd_kernel(
         pk_base, pv_base = _kv_bases(pk_ptr, pv_ptr, b, kvh, stride_pkb, stride_pkh, stride_pvb, stride_pvh)
         full_end = n_prefix // BLOCK_N * BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, kpm_base, start_n, n_prefix, pos_q,
-                                    stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale,
-                                    offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, False, FP32_DOT)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, None, None, b, kvh, kpm_base, start_n,
+                                    n_prefix, pos_q, stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn,
+                                    qk_scale, offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, False, FP32_DOT,
+                                    False, NONNEG_SCALE)
         if full_end < n_prefix:
-            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, kpm_base, full_end, n_prefix, pos_q,
-                                    stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn, qk_scale,
-                                    offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, False, False, FP32_DOT)
+            acc, l_i, m_i = _attend(acc, l_i, m_i, q, pk_base, pv_base, None, None, b, kvh, kpm_base, full_end,
+                                    n_prefix, pos_q, stride_pkn, stride_pkd, stride_pvn, stride_pvd, stride_kpmn,
+                                    qk_scale, offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, False, False, FP32_DOT,
+                                    False, NONNEG_SCALE)
 
     k_base, v_base = _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh)
     full_end, seq_end = _seq_key_range(pid_m, LQ, LK, CAUSAL, BLOCK_M, BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, LK, pos_q,
-                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
-                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, HAS_PADDING, FP32_DOT)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kpm_base, start_n, LK,
+                                pos_q, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
+                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, False, False, HAS_PADDING, FP32_DOT, TMA,
+                                NONNEG_SCALE)
     for start_n in range(full_end, seq_end, BLOCK_N):
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, kpm_base, start_n, LK, pos_q,
-                                stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
-                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_PADDING, FP32_DOT)
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, b, kvh, kpm_base, start_n, LK,
+                                pos_q, stride_kn, stride_kd, stride_vn, stride_vd, stride_kpmn, qk_scale,
+                                offs_n0, offs_d, HEAD_DIM, BLOCK_D, True, CAUSAL, HAS_PADDING, FP32_DOT, TMA,
+                                NONNEG_SCALE)
 
     seen_any = l_i > 0.0  # a query that sees no key outputs 0 and gets lse = +inf (p = 0 in backward)
     l_safe = tl.where(seen_any, l_i, 1.0)
@@ -304,7 +360,8 @@ def _prefix_attn_fwd_kernel(
     _store_rows(o_ptr, row, mask_m, offs_d, o, HEAD_DIM)
 
 
-_FWD_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "HAS_LENGTHS", "HAS_PADDING"]
+_DQ_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_PREFIX", "HAS_LENGTHS", "HAS_PADDING"]
+_FWD_KEY = _DQ_KEY + ["TMA"]
 _prefix_attn_fwd = TunedLauncher(triton.autotune(
     forward_configs(), key=_FWD_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
     do_bench=tune_bench)(_prefix_attn_fwd_kernel))
@@ -326,20 +383,27 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, HQ, LQ, stride_dob, stride_doh, stri
 
 
 @triton.jit
-def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, start_m, end_m, offs_n,
-                   shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale, qk_scale, offs_d,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                   ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr):
+def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, q_desc, do_desc, dq_desc,
+                   b, h, start_m, end_m, offs_n, shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale,
+                   qk_scale, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr,
+                   TMA: tl.constexpr):
     """dV += P^T dO, dK += dS^T Q over q blocks [start_m, end_m) of one q head, in transposed form; with
     ATOMIC_DQ also dQ += scale dS K, added to the fp32 rows at dq_base. dK / dV of keys the forward never saw
     are zeroed at the store, their dQ terms are not: MASK_KEYS drops from dS the keys not `seen` (padded, past
-    the row's prefix length, past the end: those load as zeros, yet p = exp2(-lse) may overflow)."""
+    the row's prefix length, past the end: those load as zeros, yet p = exp2(-lse) may overflow).
+    TMA: q and dO through their descriptors, and the dQ terms added by the copy engine's bulk reduction
+    (one per tile instead of a vector atomic per 4 elements, and no (BLOCK_M, BLOCK_D) address tiles)."""
     for m0 in range(start_m, end_m, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
-                       HEAD_DIM, BLOCK_D, True)                                               # (BLOCK_M, BLOCK_D)
-        do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ, offs_d,
-                        HEAD_DIM, BLOCK_D, True)
+        if TMA:
+            q = _desc_rows(q_desc, b, h, m0, BLOCK_M, BLOCK_D)
+            do = _desc_rows(do_desc, b, h, m0, BLOCK_M, BLOCK_D)
+        else:
+            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
+                           HEAD_DIM, BLOCK_D, True)                                           # (BLOCK_M, BLOCK_D)
+            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+                            offs_d, HEAD_DIM, BLOCK_D, True)
         lse = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=0.0) * LOG2E
         delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
         s_t = _dot(k, tl.trans(q), tl.zeros((k.shape[0], BLOCK_M), tl.float32), FP32_DOT) * qk_scale
@@ -354,22 +418,26 @@ def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq
         dk = _dot(ds_t.to(q.dtype), q, dk, FP32_DOT)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(ds_t.to(k.dtype)), k, tl.zeros((BLOCK_M, BLOCK_D), tl.float32), FP32_DOT)
-            mask = offs_m[:, None] < LQ
-            if HEAD_DIM != BLOCK_D:
-                mask = mask & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=mask,
-                          sem="relaxed")
+            if TMA and DESCRIPTOR_REDUCE:  # rows past Lq fall outside the head and are dropped
+                dq_desc.atomic_add([b.to(tl.int32), h.to(tl.int32), m0, 0],
+                                   (dq * sm_scale).reshape(1, 1, BLOCK_M, BLOCK_D))
+            else:
+                mask = offs_m[:, None] < LQ
+                if HEAD_DIM != BLOCK_D:
+                    mask = mask & (offs_d[None, :] < HEAD_DIM)
+                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, mask=mask,
+                              sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_base, dv_base, dq_ptr,
-                    b, kvh, start_n, n_rows, n_seen, HKV, LQ, LK,
+                    q_desc, do_desc, dq_desc, b, kvh, start_n, n_rows, n_seen, HKV, LQ, LK,
                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                     stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                     PADDED: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK_KEYS: tl.constexpr, FP32_DOT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of keys [start_n, start_n + BLOCK_N) of one kv head (rows n_rows of dk_base / dv_base; the first
     n_seen are the keys the forward could see): the group's q heads, the q blocks that can see the block; with
     ATOMIC_DQ also their dQ terms, added to dq_ptr (B, Hq, Lq, D) fp32."""
@@ -402,13 +470,14 @@ def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, 
         delta_base = delta_ptr + (b * HKV * GROUP + h) * LQ
         dq_base = dq_ptr + (b * HKV * GROUP + h) * LQ * HEAD_DIM
         if CAUSAL:
-            dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, first_m,
-                                    full_m, offs_n, shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod,
-                                    sm_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, True, ATOMIC_DQ,
-                                    MASK_KEYS, FP32_DOT)
-        dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, full_m, end_m,
-                                offs_n, shift, LQ, stride_qm, stride_qd, stride_dom, stride_dod, sm_scale,
-                                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, False, ATOMIC_DQ, MASK_KEYS, FP32_DOT)
+            dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, q_desc,
+                                    do_desc, dq_desc, b, h, first_m, full_m, offs_n, shift, LQ, stride_qm, stride_qd,
+                                    stride_dom, stride_dod, sm_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M,
+                                    True, ATOMIC_DQ, MASK_KEYS, FP32_DOT, TMA)
+        dk, dv = _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq_base, q_desc, do_desc,
+                                dq_desc, b, h, full_m, end_m, offs_n, shift, LQ, stride_qm, stride_qd, stride_dom,
+                                stride_dod, sm_scale, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, False, ATOMIC_DQ,
+                                MASK_KEYS, FP32_DOT, TMA)
     dk = tl.where(seen[:, None], dk * sm_scale, 0.0)
     dv = tl.where(seen[:, None], dv, 0.0)
     mask = (offs_n[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
@@ -420,7 +489,7 @@ def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, 
 @triton.jit
 def _prefix_attn_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, plen_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
-    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr, dq_ptr,
+    dk_ptr, dv_ptr, dpk_ptr, dpv_ptr, dq_ptr, q_desc, do_desc, dq_desc,
     HKV, LQ, LK, P, LQ_BUCKET, LK_BUCKET,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd, stride_pkb, stride_pkh, stride_pkn, stride_pkd,
@@ -429,9 +498,10 @@ def _prefix_attn_dkdv_kernel(
     sm_scale, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, ATOMIC_DQ: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # dK / dV, and with ATOMIC_DQ the fused backward: dQ terms too, added to dq_ptr (B, Hq, Lq, D) fp32.
+    # dK / dV, and with ATOMIC_DQ the fused backward: dQ terms too, added to dq_ptr (B, Hq, Lq, D) fp32 (TMA: q,
+    # dO and dq through (B, H, Lq, D) descriptors).
     # A 1-D grid, key blocks fastest: a head's blocks run side by side and share its q / dO tiles in L2 (and
     # B * Hkv may pass the 65535 limit of a grid's y axis). Prefix blocks first, then sequence blocks in
     # order: the heaviest start first.
@@ -445,20 +515,22 @@ def _prefix_attn_dkdv_kernel(
         pk_base, pv_base = _kv_bases(pk_ptr, pv_ptr, b, kvh, stride_pkb, stride_pkh, stride_pvb, stride_pvh)
         _dkdv_key_block(q_ptr, pk_base, pv_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
                         dpk_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM, dpv_ptr + pid_bkv.to(tl.int64) * P * HEAD_DIM,
-                        dq_ptr, b, kvh, pid_n * BLOCK_N, P, _prefix_length(plen_ptr, b, P, HAS_LENGTHS), HKV, LQ, LK,
+                        dq_ptr, q_desc, do_desc, dq_desc, b, kvh, pid_n * BLOCK_N, P,
+                        _prefix_length(plen_ptr, b, P, HAS_LENGTHS), HKV, LQ, LK,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                         stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
-                        GROUP, HEAD_DIM, BLOCK_D, False, False, ATOMIC_DQ, ATOMIC_DQ, FP32_DOT, BLOCK_M,
+                        GROUP, HEAD_DIM, BLOCK_D, False, False, ATOMIC_DQ, ATOMIC_DQ, FP32_DOT, TMA, BLOCK_M,
                         BLOCK_N)  # prefix blocks are few: always masked
     else:
         k_base, v_base = _kv_bases(k_ptr, v_ptr, b, kvh, stride_kb, stride_kh, stride_vb, stride_vh)
         _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr,
                         dk_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM, dv_ptr + pid_bkv.to(tl.int64) * LK * HEAD_DIM,
-                        dq_ptr, b, kvh, (pid_n - n_prefix_blocks) * BLOCK_N, LK, LK, HKV, LQ, LK,
+                        dq_ptr, q_desc, do_desc, dq_desc, b, kvh, (pid_n - n_prefix_blocks) * BLOCK_N, LK, LK, HKV,
+                        LQ, LK,
                         stride_qb, stride_qh, stride_qm, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                         stride_kpmb, stride_kpmn, stride_dob, stride_doh, stride_dom, stride_dod, sm_scale, qk_scale,
                         GROUP, HEAD_DIM, BLOCK_D, CAUSAL, HAS_PADDING, ATOMIC_DQ,
-                        ATOMIC_DQ and (HAS_PADDING or not CAUSAL), FP32_DOT, BLOCK_M, BLOCK_N)
+                        ATOMIC_DQ and (HAS_PADDING or not CAUSAL), FP32_DOT, TMA, BLOCK_M, BLOCK_N)
         # (causal without padding needs no key mask: keys past Lk lie beyond every real query's causal limit)
 
 
@@ -497,8 +569,8 @@ def _prefix_attn_dq_kernel(
     HAS_PREFIX: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, HQ, LQ, stride_qb, stride_qh, stride_qm,
-                                                             stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M)
+    pid_m, pid_bh, b, h, kvh, offs_m, offs_d, q = _q_program(q_ptr, None, HQ, LQ, stride_qb, stride_qh, stride_qm,
+                                                             stride_qd, GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False)
     offs_n0 = tl.arange(0, BLOCK_N)
     pos_q = LK - LQ + offs_m
     do = _head_rows(do_ptr, b, h, stride_dob, stride_doh, stride_dom, stride_dod, offs_m, LQ, offs_d, HEAD_DIM,
@@ -532,7 +604,7 @@ def _prefix_attn_dq_kernel(
     _store_rows(dq_ptr, row, mask_m, offs_d, dq * sm_scale, HEAD_DIM)
 
 
-_DKDV_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING"]
+_DKDV_KEY = ["LQ_BUCKET", "LK_BUCKET", "P", "GROUP", "HEAD_DIM", "CAUSAL", "HAS_LENGTHS", "HAS_PADDING", "TMA"]
 _prefix_attn_dkdv = TunedLauncher(triton.autotune(
     dkdv_configs(), key=_DKDV_KEY, prune_configs_by=_prune("BLOCK_N", "BLOCK_M"),
     do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
@@ -541,7 +613,7 @@ _prefix_attn_bwd_fused = TunedLauncher(triton.autotune(
     fused_bwd_configs(), key=_DKDV_KEY, prune_configs_by=_prune("BLOCK_N", "BLOCK_M", ds_tile=True),
     reset_to_zero=["dq_ptr"], do_bench=tune_bench)(_prefix_attn_dkdv_kernel))
 _prefix_attn_dq = TunedLauncher(triton.autotune(
-    dq_configs(), key=_FWD_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
+    dq_configs(), key=_DQ_KEY, prune_configs_by=_prune("BLOCK_M", "BLOCK_N"),
     do_bench=tune_bench)(_prefix_attn_dq_kernel))
 
 
@@ -557,6 +629,47 @@ def _prefix_args(q: torch.Tensor, prefix_k, prefix_v, prefix_lengths, key_paddin
     flags = dict(HAS_PREFIX=has_prefix, HAS_LENGTHS=has_prefix and prefix_lengths is not None,
                  HAS_PADDING=key_padding_mask is not None)
     return ptrs, strides, flags
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    return torch.cuda.get_device_properties(device_index).major >= 9
+
+
+def _tma_strides(t: torch.Tensor) -> list[int] | None:
+    """t's (B, H, L, D) strides as a TMA descriptor takes them (unit last stride, the others positive multiples of
+    16 bytes; a size-1 dimension's stride, never used, normalised), or None where t does not qualify."""
+    if t.data_ptr() % 16 or t.stride(3) != 1:
+        return None
+    strides, inner = [1], t.shape[3]
+    for dim in (2, 1, 0):
+        stride = t.stride(dim) if t.shape[dim] != 1 else inner
+        if stride <= 0 or stride * t.element_size() % 16:
+            return None
+        strides.insert(0, stride)
+        inner = stride * t.shape[dim]
+    return strides
+
+
+def _tma_descriptors(launcher: TunedLauncher, key: tuple, block_d: int, operands: dict) -> tuple[dict, bool]:
+    """{name: TMA descriptor} of the (B, H, L, D) operands {name: tensor} where every one qualifies (see TMA),
+    else {name: None}; and whether the launch is prepared: a known config's blocks are set here, an unknown
+    one's by its pre_hook (_tma_blocks) while it tunes."""
+    first = next(iter(operands.values()))
+    usable = TMA is not False and (
+        bool(TMA) if INTERPRETED else
+        TMA is True or (first.is_cuda and first.dtype != torch.float32
+                        and _has_tma(first.device.index if first.device.index is not None
+                                     else torch.cuda.current_device())))
+    strides = {name: _tma_strides(t) for name, t in operands.items()} if usable else {}
+    if not usable or any(s is None for s in strides.values()):
+        return dict.fromkeys(operands), True
+    meta = launcher.chosen(key)
+    if meta is None:
+        return {name: TensorDescriptor(t, list(t.shape), strides[name], [1, 1, 16, 16])
+                for name, t in operands.items()}, False
+    return {name: _descriptor(t, list(t.shape), strides[name], [1, 1, meta[_DESC_ROWS[name]], block_d])
+            for name, t in operands.items()}, True
 
 
 def prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
@@ -581,13 +694,17 @@ def prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pref
     block_d = max(16, next_pow2(d))
     lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
+    tma_key = key + (True,)
+    descs, prepared = _tma_descriptors(_prefix_attn_fwd, tma_key, block_d, {"q_desc": q, "k_desc": k, "v_desc": v})
+    tma = descs["q_desc"] is not None
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
-    _prefix_attn_fwd.launch(key, grid,
-        q, k, v, pk, pv, plen, kpm, o, lse,
+    _prefix_attn_fwd.launch(tma_key if tma else key + (False,), grid,
+        q, k, v, pk, pv, plen, kpm, o, lse, descs["q_desc"], descs["k_desc"], descs["v_desc"],
         hq, lq, lk, p, lq_b, lk_b,
         *q.stride(), *k.stride(), *v.stride(), *extra_strides,
         scale * 1.4426950408889634,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, FP32_DOT=q.dtype == torch.float32, **flags,
+        TMA=tma, NONNEG_SCALE=scale >= 0, prepared=prepared,
     )
     return o, lse
 
@@ -641,13 +758,20 @@ def prefix_attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         # dq (contiguous) is its own fp32 accumulator in fp32; other dtypes sum in a buffer, then cast
         dq_acc = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, device=q.device,
                                                                            dtype=torch.float32)
-        _prefix_attn_bwd_fused.launch(key, grid, *common, *dkdv_outs, dq_acc, hkv, lq, lk, p, lq_b, lk_b, *strides,
-                                      **consts, **dkdv_flags, ATOMIC_DQ=True)
+        descs, prepared = _tma_descriptors(_prefix_attn_bwd_fused, key + (True,), block_d,
+                                           {"q_desc": q, "do_desc": do, "dq_desc": dq_acc})
+        tma = descs["q_desc"] is not None
+        _prefix_attn_bwd_fused.launch(key + (tma,), grid, *common, *dkdv_outs, dq_acc, *descs.values(), hkv, lq, lk,
+                                      p, lq_b, lk_b, *strides, **consts, **dkdv_flags, ATOMIC_DQ=True, TMA=tma,
+                                      prepared=prepared)
         if dq_acc is not dq:
             dq.copy_(dq_acc)
         return out
-    _prefix_attn_dkdv.launch(key, grid, *common, *dkdv_outs, dk, hkv, lq, lk, p, lq_b, lk_b, *strides, **consts,
-                             **dkdv_flags, ATOMIC_DQ=False)  # (dq_ptr unused: points at dk)
+    descs, prepared = _tma_descriptors(_prefix_attn_dkdv, key + (True,), block_d, {"q_desc": q, "do_desc": do})
+    tma = descs["q_desc"] is not None
+    _prefix_attn_dkdv.launch(key + (tma,), grid, *common, *dkdv_outs, dk, descs["q_desc"], descs["do_desc"], None,
+                             hkv, lq, lk, p, lq_b, lk_b, *strides, **consts, **dkdv_flags, ATOMIC_DQ=False, TMA=tma,
+                             prepared=prepared)  # (dq_ptr unused: points at dk)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
     _prefix_attn_dq.launch(key, grid, *common, dq, hq, lq, lk, p, lq_b, lk_b, *strides, **consts, **flags)

@@ -248,8 +248,8 @@ def test_model_multi_train_smoke(tmp_path):
 def test_prefix_attention_smoke_and_floor(tmp_path):
     from bench import prefix_attention as pa
     rows = pa.main(["--smoke", "--out", str(tmp_path), "--lengths", "16", *FAST]).rows
-    # 1 shape x 2 modes x 7 providers (ptlm_split: fwd+bwd only), each with a positive time and the same floor
-    assert len(rows) == 13 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
+    # 1 shape x 2 modes x 8 providers (ptlm_split: fwd+bwd only), each with a positive time and the same floor
+    assert len(rows) == 15 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows), rows
     assert "ptlm_mixed/ptlm  <= 1.05" in (tmp_path / "prefix_attention.md").read_text()
     shape = {"B": 8, "H": 32, "D": 128, "L": 8192, "P": 16}

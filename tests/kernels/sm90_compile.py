@@ -4,6 +4,10 @@ and reports whether the tensor-core path uses Hopper's wgmma. Compiled without t
 specializations (16-divisible pointers and sizes, unit strides as constants), so the software pipelining and
 shared memory seen here are not those of a real launch: read those on the GPU.
 
+The H100 runs Triton 3.6; to compile with its front end and ptxas on this machine, install that wheel into a
+venv over the system packages (`python -m venv --system-site-packages V && V/bin/pip install --no-deps
+triton==3.6.0`) and run this script with V/bin/python (every first config compiled that way on 2026-11-26).
+
 Run as a script (the kernels must be imported without TRITON_INTERPRET): `python sm90_compile.py [--all]`
 prints one JSON object per compiled variant: each kernel's first config by default (~1 min cold), or with
 --all every autotune config (144 compiles, ~6 min cold on a 2-core CPU; all compiled on 2026-11-25).
@@ -164,17 +168,31 @@ PREFIX_INPUTS = {**{f"{p}_ptr": "x" for p in ("q", "k", "v", "pk", "pv", "do", "
                  "kpm_ptr": "*u8", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "sm_scale": "fp32", "qk_scale": "fp32"}
 PREFIX_GRADS = {**PREFIX_INPUTS, **{f"{p}_ptr": "x" for p in ("dk", "dv", "dpk", "dpv")}}
 PREFIX_FLAGS = dict(GROUP=4, HEAD_DIM=128, BLOCK_D=128, CAUSAL=True, HAS_PREFIX=True, HAS_LENGTHS=True)
+# the pointer variants pass no descriptors (None: constexpr); the TMA variants' descriptors are (1, 1, rows, BLOCK_D)
+NO_DESCS = dict(q_desc=None, k_desc=None, v_desc=None, do_desc=None, dq_desc=None, TMA=False)
+
+
+def _prefix_desc(name: str, dtype: str, consts: dict) -> str:
+    return (f"tensordesc<{'fp32' if name == 'dq_desc' else dtype}"
+            f"[1, 1, {consts[PA._DESC_ROWS[name]]}, {consts['BLOCK_D']}]>")
+
+
+PREFIX_DESCS = {name: _prefix_desc for name in PA._DESC_ROWS}
 PREFIX_DELTA = SimpleNamespace(autotuner=SimpleNamespace(fn=PA._delta_kernel, configs=[
     triton.Config({"BLOCK_M": PA.DELTA_BLOCK_M}, num_warps=4, num_stages=1)]))
 KERNELS.update({
-    "prefix.forward": (PA._prefix_attn_fwd, PREFIX_INPUTS, [dict(PREFIX_FLAGS, HAS_PADDING=False),
-                                                           dict(PREFIX_FLAGS, CAUSAL=False, HAS_PADDING=True)]),
+    "prefix.forward": (PA._prefix_attn_fwd, {**PREFIX_INPUTS, **PREFIX_DESCS},
+                       [dict(PREFIX_FLAGS, **NO_DESCS, HAS_PADDING=False, NONNEG_SCALE=True),
+                        dict(PREFIX_FLAGS, **NO_DESCS, CAUSAL=False, HAS_PADDING=True, NONNEG_SCALE=False),
+                        dict(PREFIX_FLAGS, HAS_PADDING=False, NONNEG_SCALE=True, TMA=True)]),
     "prefix.delta": (PREFIX_DELTA, PREFIX_INPUTS, [dict(HEAD_DIM=128, BLOCK_D=128)]),
-    "prefix.dkdv": (PA._prefix_attn_dkdv, {**PREFIX_GRADS, "dq_ptr": "x"},
-                    [dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=False)]),
-    "prefix.bwd_fused": (PA._prefix_attn_bwd_fused, {**PREFIX_GRADS, "dq_ptr": "*fp32"},
-                         [dict(PREFIX_FLAGS, HAS_PADDING=False, ATOMIC_DQ=True),
-                          dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=True)]),
+    "prefix.dkdv": (PA._prefix_attn_dkdv, {**PREFIX_GRADS, "dq_ptr": "x", **PREFIX_DESCS},
+                    [dict(PREFIX_FLAGS, **NO_DESCS, HAS_PADDING=True, ATOMIC_DQ=False),
+                     dict(PREFIX_FLAGS, HAS_PADDING=True, ATOMIC_DQ=False, TMA=True, dq_desc=None)]),
+    "prefix.bwd_fused": (PA._prefix_attn_bwd_fused, {**PREFIX_GRADS, "dq_ptr": "*fp32", **PREFIX_DESCS},
+                         [dict(PREFIX_FLAGS, **NO_DESCS, HAS_PADDING=False, ATOMIC_DQ=True),
+                          dict(PREFIX_FLAGS, **NO_DESCS, HAS_PADDING=True, ATOMIC_DQ=True),
+                          dict(PREFIX_FLAGS, HAS_PADDING=False, ATOMIC_DQ=True, TMA=True)]),
     "prefix.dq": (PA._prefix_attn_dq, {**PREFIX_INPUTS, "dq_ptr": "x"}, [dict(PREFIX_FLAGS, HAS_PADDING=True)]),
 })
 

@@ -143,6 +143,49 @@ def test_dq_mode_follows_the_determinism_switch(monkeypatch):
         bwd(dq_mode="fused")
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Forces the TMA path (K.TMA = True: any dtype, also under the interpreter, where dQ still adds with
+    pointer atomics) and records each launch's TMA flag."""
+    monkeypatch.setattr(K, "TMA", True)
+    flags = []
+    for launcher in (K._prefix_attn_fwd, K._prefix_attn_bwd_fused, K._prefix_attn_dkdv):
+        monkeypatch.setattr(launcher, "launch", lambda *a, _launch=launcher.launch, **kw:
+                            (flags.append(kw["TMA"]), _launch(*a, **kw))[1])
+    return flags
+
+
+@pytest.mark.parametrize("dq_mode", K.DQ_MODES)
+@pytest.mark.parametrize("case", [
+    dict(B=2, Hq=4, Hkv=2, Lq=13, Lk=13, P=5, D=16),
+    dict(B=2, Hq=2, Hkv=2, Lq=13, Lk=13, P=4, D=16, lengths=[2, 4], pad_left=[5, 0], hf_layout=True),
+    dict(B=1, Hq=2, Hkv=1, Lq=37, Lk=45, P=19, D=16, lengths=[19], hf_layout=True),
+    dict(B=2, Hq=4, Hkv=2, Lq=3, Lk=11, P=5, D=24, lengths=[0, 5]),          # the blocks zero-filled past D
+    dict(B=2, Hq=3, Hkv=3, Lq=21, Lk=21, P=None, D=32, scale=-0.3),           # negative scale, no prefix
+], ids=["self", "padded_hf_layout", "multi_block_hf_layout", "kv_cache_odd_head_dim", "negative_scale"])
+def test_tma_path_matches_float64(case, dq_mode, tma_launches):
+    """q, k, v, dO (and on a GPU the dQ sums) through (B, H, L, D) descriptors: the last block of each head
+    is clipped by the copy engine, not by the next head's rows; HF's transposed layout keeps its strides."""
+    torch.manual_seed(case["Lq"] + case["D"])
+    case = dict(case)
+    lengths, pad_left, hf_layout, scale = (case.pop(k, None) for k in ("lengths", "pad_left", "hf_layout", "scale"))
+    tensors, plen, kpm = _inputs(**case, dtype=torch.float32, lengths=lengths, pad_left=pad_left,
+                                 hf_layout=bool(hf_layout))
+    _check(tensors, plen, kpm, causal=True, dtype=torch.float32, dq_mode=dq_mode, scale=scale)
+    assert tma_launches == [True, True]
+
+
+def test_tma_path_falls_back_where_a_layout_does_not_qualify(tma_launches):
+    """A q whose row stride is not a multiple of 16 bytes (25 halves) keeps the pointer loads, forward and
+    backward; a k like it, the forward only (the backward's descriptors are q's and dO's)."""
+    torch.manual_seed(8)
+    q, k, v, pk, pv = _inputs(1, 2, 1, 7, 7, 3, 16, torch.float16)[0]
+    misaligned = rand(1, 2, 7, 25, dtype=torch.float16)[..., :16]
+    _check((misaligned, k, v, pk, pv), None, None, causal=True, dtype=torch.float16, dq_mode="atomic")
+    _check((q, misaligned[:, :1], v, pk, pv), None, None, causal=True, dtype=torch.float16, dq_mode="split")
+    assert tma_launches == [False, False, False, True]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dq_mode", K.DQ_MODES)
@@ -153,6 +196,18 @@ def test_realistic_shapes(Lq, D, dtype, dq_mode):
     tensors, plen, kpm = _inputs(2, 32, 32 if D == 128 else 8, Lq, 1024, 64, D, dtype, lengths=[64, 17],
                                  pad_left=[0, 100], hf_layout=True)
     _check(tensors, plen, kpm, causal=True, dtype=dtype, dq_mode=dq_mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dq_mode", K.DQ_MODES)
+def test_pointer_path_at_a_realistic_shape(dq_mode, monkeypatch):
+    """On Hopper the kernels take TMA by default; the pointer loads (PTLM_PREFIX_TMA=0, other GPUs) too."""
+    monkeypatch.setattr(K, "TMA", False)
+    torch.manual_seed(10)
+    tensors, plen, kpm = _inputs(2, 32, 8, 1000, 1024, 64, 128, torch.bfloat16, lengths=[64, 17],
+                                 pad_left=[0, 100], hf_layout=True)
+    _check(tensors, plen, kpm, causal=True, dtype=torch.bfloat16, dq_mode=dq_mode)
 
 
 @pytest.mark.gpu
