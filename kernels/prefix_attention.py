@@ -6,6 +6,13 @@ walks the prefix blocks, then the sequence blocks up to its causal limit, with o
 (exp2, log2 e folded into the scale). Blocks wholly above the diagonal are skipped; per-element masks apply
 only on diagonal and ragged blocks (and, with a key padding mask, on every sequence block).
 
+On Hopper (compute capability 9, fp16 / bf16, 16-byte aligned layouts) q, the sequence's k / v and dO are read
+through (B, H, L, D) TMA descriptors, each head clipped at its own length by the copy engine, and the fused
+backward adds its dQ tiles with bulk reductions (cp.reduce.async.bulk): fewer registers than the pointer tiles'
+addresses take (forward 235 -> 165 at 128 x 64, 8 warps), one reduction per tile instead of a vector atomic per
+4 elements. The prefix (few blocks, possibly shared through a zero batch stride) keeps pointer loads; so does
+every other GPU and PTLM_PREFIX_TMA=0.
+
 Kernels:
 - forward:    o = softmax(q [pk ; k]^T * scale) [pv ; v] and lse (B, Hq, Lq) fp32 (natural log; +inf for a
               query that sees no key, whose output is 0).
