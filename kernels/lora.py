@@ -543,8 +543,8 @@ def _lora_matmul_tma_kernel(
     """The prefill matmul above (separate shrink: xa given) on Hopper: every tile moves by TMA (host-side
     descriptors; out-of-bounds rows and columns read as zeros and are never written, so no masks), and
     NUM_SMS persistent programs walk the tiles in grouped order. The LoRA expand runs as R / BLOCK_R extra K
-    steps first in the tile (forward), or into a separate accumulator per half tile in the epilogue when the
-    output dropout mask applies to it (backward).
+    steps first in the tile; in backward dx the output dropout mask then applies to the accumulator, which holds
+    only the LoRA term at that point.
 
     The tile loop is not flattened into the K loop: on the H100 with Triton 3.6 (4096^3, bf16, 128x256x64)
     the flattened loop ran at 316 TFLOP/s and this one at 716 (cuBLAS 706; bench/NOTES.md, v5).
@@ -559,11 +559,16 @@ def _lora_matmul_tma_kernel(
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if not OUT_DROPOUT:
-            # The LoRA steps open the tile's MMA chain (after the K loop, Triton 3.8's ptxas serialized the
-            # loop's wgmma, C7515).
-            acc = _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR, FP32_DOT, R, BLOCK_R)
+        # The LoRA steps open the tile's MMA chain (after the K loop, Triton 3.8's ptxas serialized the loop's
+        # wgmma, C7515). In backward dx only the LoRA branch's gradient passes the forward's dropout mask: it is
+        # all the accumulator holds at that point, so the mask applies there and one accumulator serves (a
+        # second one for the LoRA term spilled at 128 x 256 with ACCUMULATE: Triton 3.6, ptxas).
+        acc = _tma_lora_steps(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), xa_desc, b_desc, off_m, off_n,
+                              B_RMAJOR, FP32_DOT, R, BLOCK_R)
+        if OUT_DROPOUT:
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            acc = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), acc, 0.0)
         for ki in range(k_steps):
             off_k = ki * BLOCK_K
             x = x_desc.load([off_m, off_k])                                               # (BLOCK_M, BLOCK_K)
@@ -573,27 +578,15 @@ def _lora_matmul_tma_kernel(
                 w = w_desc.load([off_k, off_n])
             acc = _dot(x, w, acc, FP32_DOT)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        _tma_store_half(left, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
-                        B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, ACCUMULATE, R, BLOCK_R, BLOCK_M, BLOCK_N // 2)
-        _tma_store_half(right, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n + BLOCK_N // 2, N,
-                        dropout_p, B_RMAJOR, OUT_DROPOUT, HAS_BIAS, FP32_DOT, ACCUMULATE, R, BLOCK_R, BLOCK_M,
-                        BLOCK_N // 2)
+        _tma_store_half(left, y_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACCUMULATE, BLOCK_N // 2)
+        _tma_store_half(right, y_desc, bias_ptr, off_m, off_n + BLOCK_N // 2, N, HAS_BIAS, ACCUMULATE, BLOCK_N // 2)
 
 
 @triton.jit
-def _tma_store_half(acc, xa_desc, b_desc, y_desc, bias_ptr, seed_ptr, off_m, off_n, N, dropout_p,
-                    B_RMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
-    """Epilogue of half a tile (HALF_N columns from off_n): in backward the masked LoRA term, bias, store.
-    Half at a time: the dropout path's separate LoRA accumulator then costs half a tile of registers."""
+def _tma_store_half(acc, y_desc, bias_ptr, off_m, off_n, N, HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+                    HALF_N: tl.constexpr):
+    """Epilogue of half a tile (HALF_N columns from off_n): bias, the sum so far (ACCUMULATE), store."""
     offs_n = off_n + tl.arange(0, HALF_N)
-    if OUT_DROPOUT:
-        # backward dx: only the LoRA branch's gradient passes the forward's dropout mask
-        lora = _tma_lora_steps(tl.zeros((BLOCK_M, HALF_N), dtype=tl.float32), xa_desc, b_desc, off_m, off_n,
-                               B_RMAJOR, FP32_DOT, R, BLOCK_R)
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if ACCUMULATE:  # the grouped backward's dx: this member's product added to the members' before it
@@ -618,17 +611,15 @@ def _tma_lora_steps(acc, xa_desc, b_desc, off_m, off_n, B_RMAJOR: tl.constexpr, 
 _TMA_DESCS = ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")
 
 
-def _tma_blocks(meta: dict, w_kmajor: bool, b_rmajor: bool, out_dropout: bool) -> list[list[int]]:
+def _tma_blocks(meta: dict, w_kmajor: bool, b_rmajor: bool) -> list[list[int]]:
     """The block shapes of x, W, xa, B and y's descriptors under a config's meta-parameters."""
     bm, bn, bk, br = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], TMA_BLOCK_R
-    b_cols = bn // 2 if out_dropout else bn  # with output dropout the LoRA term runs per half tile
-    return [[bm, bk], [bn, bk] if w_kmajor else [bk, bn], [bm, br], [b_cols, br] if b_rmajor else [br, b_cols],
-            [bm, bn // 2]]
+    return [[bm, bk], [bn, bk] if w_kmajor else [bk, bn], [bm, br], [bn, br] if b_rmajor else [br, bn], [bm, bn // 2]]
 
 
 def _tma_block_shapes(nargs: dict) -> None:
     """Autotune pre_hook: a host-side descriptor carries its block shape, which each config sets."""
-    blocks = _tma_blocks(nargs, nargs["W_KMAJOR"], nargs["B_RMAJOR"], nargs["OUT_DROPOUT"])
+    blocks = _tma_blocks(nargs, nargs["W_KMAJOR"], nargs["B_RMAJOR"])
     for name, block in zip(_TMA_DESCS, blocks):
         nargs[name].block_shape = block
 
@@ -722,7 +713,7 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
         return _accumulated(y, lambda out: _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, out, seed,
                                                                    out_dropout))
     if known:
-        blocks = _tma_blocks(known, not w_t, not b_t, out_dropout > 0.0)
+        blocks = _tma_blocks(known, not w_t, not b_t)
         x_d, w_d, xa_d, b_d, y_d = (_descriptor(t, shape, strides, block)
                                     for t, (shape, strides, _), block in zip(tensors, layouts, blocks))
     else:  # tuning: the pre_hook sets each config's block shapes

@@ -206,25 +206,39 @@ def multi_matmul_tile(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
+    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if OUT_DROPOUT:
+        # backward dx: each row's LoRA gradient passes its slot's forward dropout mask. Expanded first, while it is
+        # all the accumulator holds, the mask applies there and one accumulator serves (a separate LoRA tile
+        # beside the base one spilled ~9 KB a thread at 128 x 256: Triton 3.6, ptxas).
+        acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
+                      stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
+        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+        acc = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), acc, 0.0)
     for k0 in range(0, K, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
+    if not OUT_DROPOUT:
+        acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
+                      stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
+    store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
+               False, HAS_BIAS)
 
-    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
+
+@triton.jit
+def _expand(lora, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs,
+            stride_bn, stride_br, FP32_DOT: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """lora += each row's xa B_a^T: gathered per row (decode) or in steps per distinct slot (prefill)."""
     if GATHER_B:
         lora = _gathered_expand(lora, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                                 stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
     else:
         lora = _slot_steps_expand(lora, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                                   stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
-    p = 0.0
-    if OUT_DROPOUT:  # backward dx: each row's LoRA gradient passes its slot's forward dropout mask
-        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
-    store_tile(acc, lora, seed_ptr, p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
-               OUT_DROPOUT, HAS_BIAS)
+    return lora
 
 
 @triton.jit

@@ -8,13 +8,17 @@ The H100 runs Triton 3.6; to compile with its front end and ptxas on this machin
 venv over the system packages (`python -m venv --system-site-packages V && V/bin/pip install --no-deps
 triton==3.6.0`) and run this script with V/bin/python (every first config compiled that way on 2026-11-26).
 
-Run as a script (the kernels must be imported without TRITON_INTERPRET): `python sm90_compile.py [--all]`
+Run as a script (the kernels must be imported without TRITON_INTERPRET): `python sm90_compile.py [--all]
+[--usage]` (--usage: each variant's registers and spilled bytes from ptxas -v, unspecialised, so an upper bound)
 prints one JSON object per compiled variant: each kernel's first config by default (~1 min cold), or with
 --all every autotune config (144 compiles, ~6 min cold on a 2-core CPU; all compiled on 2026-11-25).
 """
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from types import SimpleNamespace
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the compiled (not interpreted) kernels"
@@ -249,7 +253,20 @@ def compile_one(launcher, types: dict, consts: dict, num_warps: int, num_stages:
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-def main(every_config: bool, dtype: str = "bf16") -> None:
+def ptxas_usage(ptx: str) -> dict:
+    """Registers per thread and bytes spilled (stores) of the compiled PTX, as ptxas -v reports them."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                                text=True).stderr
+    registers = re.findall(r"Used (\d+) registers", report)
+    spilled = re.findall(r"(\d+) bytes spill stores", report)
+    return {"registers": int(registers[0]) if registers else None, "spilled": int(spilled[0]) if spilled else None}
+
+
+def main(every_config: bool, dtype: str = "bf16", usage: bool = False) -> None:
     for name, (launcher, ptrs, variants) in KERNELS.items():
         configs = launcher.autotuner.configs if every_config else launcher.autotuner.configs[:1]
         for flags in variants:
@@ -262,10 +279,12 @@ def main(every_config: bool, dtype: str = "bf16") -> None:
                                          config.num_stages)
                     row.update(ok=True, wgmma="wgmma" in kernel.asm["ptx"],
                                tma="cp.async.bulk.tensor" in kernel.asm["ptx"])
+                    if usage:
+                        row.update(ptxas_usage(kernel.asm["ptx"]))
                 except Exception as e:  # noqa: BLE001 - reported, and the test fails on it
                     row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                 print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
-    main("--all" in sys.argv[1:])
+    main("--all" in sys.argv[1:], usage="--usage" in sys.argv[1:])
