@@ -210,6 +210,18 @@ def add_grid_arguments(p, providers: list[str], modes: list[str]) -> None:
     p.add_argument("--budget-s", type=float, default=math.inf, help="start no new case after this many seconds")
 
 
+def with_setting(module, name: str, value, call: Callable[[], Any]) -> Callable[[], Any]:
+    """call with module.name set to value while it runs (a kernel switch that one provider flips)."""
+    def switched():
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return call()
+        finally:
+            setattr(module, name, saved)
+    return switched
+
+
 def mode_calls(forwards: list[tuple[Callable[[], Any], list, Any]], mode: str) -> list[Callable[[], Any]]:
     """One zero-argument call per input set from (forward, tensors to differentiate, output gradient) triples:
     the forward under no_grad for mode "fwd", else forward plus the gradients of those tensors."""

@@ -234,14 +234,7 @@ def _forward(provider: str, s: MultiSet):
     if provider == "ptlm_slots":
         from ptlm_engine.kernels import lora_multi as kernels
         fwd, grads = _forward("ptlm", s)
-
-        def slot_steps():
-            gather, kernels.GATHER_DECODE = kernels.GATHER_DECODE, False
-            try:
-                return fwd()
-            finally:
-                kernels.GATHER_DECODE = gather
-        return slot_steps, grads
+        return harness.with_setting(kernels, "GATHER_DECODE", False, fwd), grads
     if provider == "gather_bmm":
         # The row -> slot map and per-row scales are built once per batch, as an engine shares them across layers.
         slot = s.index.clamp_min(0).long()

@@ -160,20 +160,10 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[AttentionSet]):
         return None
     lengths = mixed_lengths(shape, sets[0].q.device)
     calls = harness.mode_calls([(*_forward(provider, s, lengths), s.do) for s in sets], mode)
-    return [_pointer_loads(call) for call in calls] if provider == "ptlm_ptr" else calls
-
-
-def _pointer_loads(call):
-    """call with the prefix kernels' TMA descriptors switched off while it runs (forward and backward)."""
-    from ptlm_engine.kernels import prefix_attention as kernels
-
-    def pointer_call():
-        saved, kernels.TMA = kernels.TMA, False
-        try:
-            return call()
-        finally:
-            kernels.TMA = saved
-    return pointer_call
+    if provider == "ptlm_ptr":  # the same kernels with their TMA descriptors switched off, forward and backward
+        from ptlm_engine.kernels import prefix_attention as kernels
+        return [harness.with_setting(kernels, "TMA", False, call) for call in calls]
+    return calls
 
 
 def grid(lengths, prefixes, batch, heads, head_dim, providers, modes, device: torch.device,
