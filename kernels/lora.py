@@ -169,9 +169,10 @@ def store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, 
                stride_ym, stride_yn, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                ACCUMULATE: tl.constexpr = False):
     """The matmul tile's epilogue: y = acc + keep * lora (+ bias) with OUT_DROPOUT, else lora (+ bias), lora then
-    holding the base product too. keep: the forward's dropout mask (logical index m * N + n) against dropout_p
-    (a scalar, or per row (BLOCK_M, 1)); also the multi-adapter tile's (kernels.lora_multi). ACCUMULATE adds
-    y's values to the tile (the grouped backward's dx over its members)."""
+    holding the base product too. keep: the forward's dropout mask (logical index m * N + n) against the scalar
+    dropout_p. Also the multi-adapter tiles' store (kernels.lora_multi), without OUT_DROPOUT: their dx masks the
+    accumulator before the K loop. ACCUMULATE adds y's values to the tile (the grouped backward's dx over its
+    members)."""
     if OUT_DROPOUT:
         # backward dx: the LoRA branch's gradient passes the forward's dropout mask
         acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)

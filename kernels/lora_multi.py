@@ -214,8 +214,7 @@ def multi_matmul_tile(
         # beside the base one spilled ~9 KB a thread at 128 x 256: Triton 3.6, ptxas).
         acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                       stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
-        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
-        acc = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), acc, 0.0)
+        acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
@@ -225,6 +224,14 @@ def multi_matmul_tile(
                       stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
     store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
                False, HAS_BIAS)
+
+
+@triton.jit
+def _slot_dropout(lora, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr):
+    """lora where each row's slot's forward dropout mask (logical index m * N + n) keeps it, else 0: backward
+    dx's LoRA term."""
+    p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+    return tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
 
 
 @triton.jit
@@ -330,21 +337,19 @@ def _multi_decode_kernel(
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if OUT_DROPOUT and pid_k == 0:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                              # (BLOCK_M,)
+        acc = _slot_dropout(_gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
+                                             stride_xar, stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N),
+                            slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
-    if pid_k == 0:
-        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                              # (BLOCK_M,)
-        if OUT_DROPOUT:  # backward dx: each row's LoRA gradient passes its slot's forward dropout mask
-            lora = _gathered_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slot, offs_m, offs_n, mask_n,
-                                    xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs, stride_bn,
-                                    stride_br, BLOCK_M, BLOCK_N)
-            p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
-            acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
-        else:
-            acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                                   stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
+    if not OUT_DROPOUT and pid_k == 0:
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)
+        acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
+                               stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
         store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
                    False, HAS_BIAS)

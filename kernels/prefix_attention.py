@@ -46,7 +46,6 @@ pairs, the per-element key masks of the prefix blocks, scalar atom.global.add.f3
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -55,7 +54,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import AUTOTUNE, INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
-from .lora import _descriptor, _dot  # _dot: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
+from .lora import _descriptor, _dot, _tma_sms  # _dot: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -640,9 +639,14 @@ def _prefix_args(q: torch.Tensor, prefix_k, prefix_v, prefix_lengths, key_paddin
     return ptrs, strides, flags
 
 
-@functools.lru_cache(maxsize=None)
-def _has_tma(device_index: int) -> bool:
-    return torch.cuda.get_device_properties(device_index).major >= 9
+def _tma_applies(t: torch.Tensor) -> bool:
+    """Whether the TMA path applies to t's device and dtype (see TMA); the layouts are _tma_strides's."""
+    if TMA is False:
+        return False
+    if INTERPRETED or TMA:
+        return bool(TMA)
+    return (t.is_cuda and t.dtype != torch.float32
+            and _tma_sms(t.device.index if t.device.index is not None else torch.cuda.current_device()) > 0)
 
 
 def _tma_strides(t: torch.Tensor) -> list[int] | None:
@@ -664,12 +668,7 @@ def _tma_descriptors(launcher: TunedLauncher, key: tuple, block_d: int, operands
     """{name: TMA descriptor} of the (B, H, L, D) operands {name: tensor} where every one qualifies (see TMA),
     else {name: None}; and whether the launch is prepared: a known config's blocks are set here, an unknown
     one's by its pre_hook (_tma_blocks) while it tunes."""
-    first = next(iter(operands.values()))
-    usable = TMA is not False and (
-        bool(TMA) if INTERPRETED else
-        TMA is True or (first.is_cuda and first.dtype != torch.float32
-                        and _has_tma(first.device.index if first.device.index is not None
-                                     else torch.cuda.current_device())))
+    usable = _tma_applies(next(iter(operands.values())))
     strides = {name: _tma_strides(t) for name, t in operands.items()} if usable else {}
     if not usable or any(s is None for s in strides.values()):
         return dict.fromkeys(operands), True
@@ -703,11 +702,11 @@ def prefix_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pref
     block_d = max(16, next_pow2(d))
     lq_b, lk_b = lq_bucket(lq), lq_bucket(lk)
     key = (lq_b, lk_b, p, hq // hkv, d, causal, *flags.values(), q.dtype)
-    tma_key = key + (True,)
-    descs, prepared = _tma_descriptors(_prefix_attn_fwd, tma_key, block_d, {"q_desc": q, "k_desc": k, "v_desc": v})
+    descs, prepared = _tma_descriptors(_prefix_attn_fwd, key + (True,), block_d,
+                                       {"q_desc": q, "k_desc": k, "v_desc": v})
     tma = descs["q_desc"] is not None
     grid = lambda meta: (cdiv(lq, meta["BLOCK_M"]) * batch * hq,)
-    _prefix_attn_fwd.launch(tma_key if tma else key + (False,), grid,
+    _prefix_attn_fwd.launch(key + (tma,), grid,
         q, k, v, pk, pv, plen, kpm, o, lse, descs["q_desc"], descs["k_desc"], descs["v_desc"],
         hq, lq, lk, p, lq_b, lk_b,
         *q.stride(), *k.stride(), *v.stride(), *extra_strides,
