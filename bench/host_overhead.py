@@ -64,12 +64,13 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import ptlm_engine as pe
 from bench import harness, model_train
 
 STEM = "host_overhead"
-# ptlm_fused (ptlm + pe.fuse_base_ops) is measured on request and alone: its RoPE patch is module-global while
-# the model lives, so interleaved with them it would run in the other providers' steps too
-PROVIDERS = ["peft", "ptlm"]
+# ptlm_fused: ptlm + pe.fuse_base_ops (its RoPE patch fuses only inside the fused model's attention, so the
+# providers' steps can interleave)
+PROVIDERS = ["peft", "ptlm", "ptlm_fused"]
 PARTS = ["model", "layers"]
 LAUNCH_US = 24.0          # one Triton launch with ~21 arguments on the H100's host (2026-11-26)
 H100_SMS = 132
@@ -316,6 +317,7 @@ def train_step(provider: str, args, device: torch.device):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.model = model
     shape = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "T": batch * seq, "r": args.rank,
              "dtype": "bf16" if meta else "fp32", "trainable": sum(p.numel() for p in params)}
     return step, shape
@@ -336,6 +338,8 @@ def model_rows(args, host: HostOnly) -> tuple[list[dict], list[dict]]:
         for row, (_, step) in zip(rows, cases):   # the last ptlm provider's (ptlm or ptlm_fused)
             if row["provider"].startswith("ptlm") and row["host_us"] is not None and args.profile_steps:
                 profile = [{"provider": row["provider"], **r} for r in profile_top(step, args.profile_steps, args.top)]
+        for _, step in cases:                     # ptlm_fused's RoPE patch back to transformers' own
+            pe.unfuse_base_ops(step.model)
     return rows, profile
 
 
@@ -454,7 +458,7 @@ def parse_args(argv: list[str] | None):
     p = harness.bench_parser(__doc__, STEM, "2 layers, a few steps / calls: seconds")
     p.add_argument("--parts", type=lambda s: s.split(","), default=PARTS, help=",".join(PARTS))
     p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS,
-                   help="of the training step (also ptlm_fused, alone)")
+                   help="of the training step")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (median; 10, smoke 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (3, smoke 1)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per layer case (200, smoke 5)")

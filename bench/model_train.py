@@ -149,7 +149,7 @@ def measure(provider: str, args, device: torch.device) -> dict:
         time_steps(step, row, args, device)
         if args.profile_steps and device.type == "cuda":
             row["profile"] = kernel_profile(step, args.profile_steps)
-        if provider == "ptlm_fused":   # the RoPE patch is module-global: released with the model
+        if provider == "ptlm_fused":   # the RoPE patch back to transformers' own once no fused model holds it
             import ptlm_engine as pe
             pe.unfuse_base_ops(model)
 

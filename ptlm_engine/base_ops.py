@@ -12,13 +12,14 @@ by the small tables below, never by copies of model code:
 - Gated MLP: a module with gate_proj, up_proj, down_proj and a SiLU `act_fn` gets an instance-level forward,
   down_proj(silu_mul(gate_proj(x), up_proj(x))): the projections are still called as modules, so LoRA layers in
   their place (and their grouped gate/up call) work, whichever of fuse_base_ops and add_adapter comes first.
-- RoPE: the modeling modules of ROTARY_FUNCTIONS call a module-level apply_rotary_pos_emb; it is replaced there by
-  a wrapper that runs functional.apply_rotary where the fused op takes the inputs (Triton enabled for them, one
-  supported dtype, HF's shapes) and the original function otherwise. The patch is module-global: while any
-  fused model holds it, every model of that architecture in the process runs the wrapper. It is
-  reference-counted per model, and the unfuse of its last live holder puts the original function back (the
-  count is weak: a model collected without unfuse_base_ops stops holding it, and the next unfuse_base_ops call
-  of any model then restores what no live model holds).
+- RoPE: the modeling modules of ROTARY_FUNCTIONS call a module-level apply_rotary_pos_emb from their attention's
+  forward. The function is replaced there by a wrapper, and every attention module of the model that calls it gets
+  a forward pre-hook and hook (`_RotaryScope`) that mark, per thread, that a fused attention is running. The
+  wrapper runs functional.apply_rotary only there and where the fused op takes the inputs (Triton enabled for them,
+  one supported dtype, HF's shapes); anywhere else (another model of that architecture in the process, say) it
+  calls the original function. The scopes hold the patch: the unfuse of the last model holding it puts the original
+  function back (a model collected without unfuse_base_ops stops holding it, and the next unfuse_base_ops call of
+  any model restores what no live model holds); a deep copy or an unpickled fused model holds it again.
 
 - Loss: a causal LM of CAUSAL_LM_CLASSES (transformers' ForCausalLMLoss on lm_head(model(...)) logits; not
   Gemma2's softcapped logits) whose lm_head is a plain nn.Linear (no adapter layer, no hooks) gets an instance-level
@@ -42,6 +43,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterator
@@ -67,7 +69,7 @@ ROTARY_FUNCTIONS = {
 # causal LMs whose loss is transformers' ForCausalLMLoss on lm_head(model(...)) logits, matched by class name.
 CAUSAL_LM_CLASSES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
-# modeling module -> (its original function, the models holding the patch)
+# modeling module -> (its original function, the _RotaryScope objects holding the patch)
 _ROTARY_PATCHES: dict[str, tuple[Callable, weakref.WeakSet]] = {}
 
 
@@ -116,13 +118,24 @@ def _fuse_norms(model: nn.Module) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- gated MLP
-def _gated_mlp_forward(self: nn.Module, x):
-    return self.down_proj(functional.silu_mul(self.gate_proj(x), self.up_proj(x)))
+class _GatedMLPForward:
+    """A fused MLP's instance-level forward, down_proj(silu_mul(gate_proj(x), up_proj(x))). It holds the MLP weakly
+    (a bound method in the MLP's __dict__ would be a reference cycle: its weights freed only by the garbage
+    collector); copy.deepcopy and pickle rebuild it for the copy."""
+
+    def __init__(self, mlp: nn.Module):
+        self._mlp = weakref.ref(mlp)
+
+    def __call__(self, x):
+        mlp = self._mlp()
+        return mlp.down_proj(functional.silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+
+    def __reduce__(self):
+        return type(self), (self._mlp(),)
 
 
 def _has_fused_forward(module: nn.Module) -> bool:
-    forward = module.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _gated_mlp_forward
+    return isinstance(module.__dict__.get("forward"), _GatedMLPForward)
 
 
 def _fusable_mlp(module: nn.Module, silu: tuple[type, ...]) -> bool:
@@ -131,41 +144,92 @@ def _fusable_mlp(module: nn.Module, silu: tuple[type, ...]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- RoPE
+# How many fused attention forwards this thread is inside: the patched function fuses only there.
+_rotary_scope = threading.local()
+
+
+def _rotary_depth() -> int:
+    return getattr(_rotary_scope, "depth", 0)
+
+
 def _rotary_wrapper(original: Callable) -> Callable:
-    """original(q, k, cos, sin, ...) running the fused op where it applies: HF's call with no options beyond
-    unsqueeze_dim (and older transformers' unused position_ids=None)."""
+    """original(q, k, cos, sin, ...) running the fused op inside a fused model's attention where it applies: HF's
+    call with no options beyond unsqueeze_dim (and older transformers' unused position_ids=None)."""
     options = list(inspect.signature(original).parameters)[4:]
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        given = dict(zip(options, args), **kwargs)
-        unsqueeze_dim = given.pop("unsqueeze_dim", 1)
-        if given.pop("position_ids", None) is None and not given and runs_fused(q, k, cos, sin, unsqueeze_dim):
-            return apply_checked(q, k, cos, sin, unsqueeze_dim)           # functional.apply_rotary, checked once
+        if _rotary_depth() > 0:
+            given = dict(zip(options, args), **kwargs)
+            unsqueeze_dim = given.pop("unsqueeze_dim", 1)
+            if given.pop("position_ids", None) is None and not given and runs_fused(q, k, cos, sin, unsqueeze_dim):
+                return apply_checked(q, k, cos, sin, unsqueeze_dim)       # functional.apply_rotary, checked once
         return original(q, k, cos, sin, *args, **kwargs)
 
     apply_rotary_pos_emb.ptlm_original = original
     return apply_rotary_pos_emb
 
 
-def _rotary_modules(model: nn.Module) -> set[str]:
-    """The table's modeling modules that define classes of the model's modules."""
-    return {type(child).__module__ for _, _, child in _modules(model)} & ROTARY_FUNCTIONS.keys()
+def _patch_rotary(module_name: str) -> weakref.WeakSet:
+    """The modeling module's function patched (once); the scopes holding the patch."""
+    if module_name not in _ROTARY_PATCHES:
+        modeling = importlib.import_module(module_name)
+        original = getattr(modeling, ROTARY_FUNCTIONS[module_name])
+        setattr(modeling, ROTARY_FUNCTIONS[module_name], _rotary_wrapper(original))
+        _ROTARY_PATCHES[module_name] = (original, weakref.WeakSet())
+    return _ROTARY_PATCHES[module_name][1]
+
+
+class _RotaryScope:
+    """The forward pre-hook (enter) and hook (exit, run on exceptions too) of one fused attention module: the
+    patched function fuses while this thread is inside. It holds the patch while it lives; a deep copy or an
+    unpickled model gets scopes of its own, which hold it again."""
+
+    def __init__(self, module_name: str):
+        self.module_name = module_name
+        _patch_rotary(module_name).add(self)
+
+    def enter(self, module, args):
+        _rotary_scope.depth = _rotary_depth() + 1
+
+    def exit(self, module, args, output):
+        _rotary_scope.depth = _rotary_depth() - 1
+
+    def __reduce__(self):
+        return type(self), (self.module_name,)
+
+
+def _calls_rotary(module: nn.Module) -> bool:
+    """An attention module of a table's modeling module whose forward calls the module-level RoPE function."""
+    name = ROTARY_FUNCTIONS.get(type(module).__module__)
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return name is not None and code is not None and name in code.co_names
+
+
+def _scope_hooks(module: nn.Module) -> list[tuple[int, _RotaryScope]]:
+    """(hook id, scope) of the module's rotary-scope pre-hooks."""
+    return [(hook_id, hook.__self__) for hook_id, hook in module._forward_pre_hooks.items()
+            if isinstance(getattr(hook, "__self__", None), _RotaryScope)]
 
 
 def _hold_rotary(model: nn.Module) -> None:
-    for module_name in _rotary_modules(model):
-        if module_name not in _ROTARY_PATCHES:
-            modeling = importlib.import_module(module_name)
-            original = getattr(modeling, ROTARY_FUNCTIONS[module_name])
-            setattr(modeling, ROTARY_FUNCTIONS[module_name], _rotary_wrapper(original))
-            _ROTARY_PATCHES[module_name] = (original, weakref.WeakSet())
-        _ROTARY_PATCHES[module_name][1].add(model)
+    for _, _, child in _modules(model):
+        if _calls_rotary(child) and not _scope_hooks(child):
+            scope = _RotaryScope(type(child).__module__)
+            child.register_forward_pre_hook(scope.enter)
+            child.register_forward_hook(scope.exit, always_call=True)
 
 
 def _release_rotary(model: nn.Module) -> None:
+    for _, _, child in _modules(model):
+        for hook_id, scope in _scope_hooks(child):
+            del child._forward_pre_hooks[hook_id]
+            for exit_id, hook in list(child._forward_hooks.items()):
+                if getattr(hook, "__self__", None) is scope:
+                    del child._forward_hooks[exit_id]
+                    child._forward_hooks_always_called.pop(exit_id, None)
+            _ROTARY_PATCHES.get(scope.module_name, (None, set()))[1].discard(scope)
     for module_name, (original, holders) in list(_ROTARY_PATCHES.items()):
-        holders.discard(model)
         if len(holders) == 0:
             modeling = importlib.import_module(module_name)
             current = getattr(modeling, ROTARY_FUNCTIONS[module_name])
@@ -175,7 +239,9 @@ def _release_rotary(model: nn.Module) -> None:
 
 
 def _rotary_held(model: nn.Module) -> int:
-    return sum(model in holders for _, holders in _ROTARY_PATCHES.values())
+    """The modeling modules whose patch the model's attention modules hold."""
+    return len({scope.module_name for _, _, child in _modules(model) for _, scope in _scope_hooks(child)
+                if scope in _ROTARY_PATCHES.get(scope.module_name, (None, ()))[1]})
 
 
 # ------------------------------------------------------------------------------------------------------- loss
@@ -276,7 +342,7 @@ def fuse_base_ops(model: nn.Module, loss: bool = True) -> dict[str, int]:
     silu = _silu_classes()
     for _, _, child in list(_modules(model)):
         if _fusable_mlp(child, silu):
-            child.forward = types.MethodType(_gated_mlp_forward, child)
+            child.forward = _GatedMLPForward(child)
     _hold_rotary(model)
     if loss and _fusable_loss(model):
         model.forward = _LossForward(model, type(model).forward)

@@ -8,6 +8,7 @@ import copy
 import gc
 import importlib
 import math
+import pickle
 import warnings
 import weakref
 
@@ -163,6 +164,58 @@ def test_rotary_patch_falls_back_to_transformers_without_triton(monkeypatch):
         pe.unfuse_base_ops(model)
 
 
+@needs_triton
+def test_rotary_patch_fuses_only_inside_fused_models(monkeypatch):
+    """The patched function is module-global, but only a fused model's attention runs the fused op: an unfused
+    Llama in the same process, and a direct call, get transformers' function; an exception raised inside a fused
+    attention closes its scope."""
+    fused_calls = []
+    apply_checked = base_ops.apply_checked
+    monkeypatch.setattr(base_ops, "apply_checked", lambda *args: fused_calls.append(1) or apply_checked(*args))
+    fused, plain = _build(LlamaConfig, LlamaForCausalLM), _build(LlamaConfig, LlamaForCausalLM)
+    want = plain(input_ids=_ids()).logits
+    pe.fuse_base_ops(fused)
+    try:
+        assert torch.equal(plain(input_ids=_ids()).logits, want) and fused_calls == []
+        q, k, cos, sin = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+        importlib.import_module(LLAMA).apply_rotary_pos_emb(q, k, cos, sin)
+        assert fused_calls == []
+        fused(input_ids=_ids())
+        assert len(fused_calls) == SIZES["num_hidden_layers"]
+
+        def fail(module, args, output):
+            raise RuntimeError("o_proj failed")
+        handle = fused.model.layers[0].self_attn.o_proj.register_forward_hook(fail)
+        with pytest.raises(RuntimeError, match="o_proj failed"):
+            fused(input_ids=_ids())
+        handle.remove()
+        assert base_ops._rotary_depth() == 0
+        assert torch.equal(plain(input_ids=_ids()).logits, want) and len(fused_calls) == SIZES["num_hidden_layers"] + 1
+    finally:
+        pe.unfuse_base_ops(fused)
+    assert not any(base_ops._scope_hooks(m) or m._forward_hooks for m in fused.modules())
+
+
+def test_fused_model_pickles_and_its_copy_holds_the_patch(monkeypatch):
+    """pickle round trip of a fused, adapted Llama: the same fused ops and loss; the copy holds the RoPE patch after
+    the original's unfuse, and its own unfuse puts transformers' function back."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    modeling = importlib.import_module(LLAMA)
+    gc.collect()
+    original_rotary = getattr(modeling.apply_rotary_pos_emb, "ptlm_original", modeling.apply_rotary_pos_emb)
+    model = _build(LlamaConfig, LlamaForCausalLM)
+    _adapt(model)
+    counts = pe.fuse_base_ops(model)
+    want = model(input_ids=_ids(), labels=_ids()).loss
+    twin = pickle.loads(pickle.dumps(model))
+    assert base_ops._counts(twin) == counts == {"rms_norm": 5, "gated_mlp": 2, "rotary": 1, "loss": 1}
+    pe.unfuse_base_ops(model)
+    assert modeling.apply_rotary_pos_emb is not original_rotary
+    assert torch.equal(twin(input_ids=_ids(), labels=_ids()).loss, want)
+    pe.unfuse_base_ops(twin)
+    assert modeling.apply_rotary_pos_emb is original_rotary
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(num_items_in_batch=7),
     dict(ignore_index=int(_ids()[0, 4])),                                  # a label that occurs
@@ -209,8 +262,8 @@ def test_loss_left_unfused_where_it_does_not_apply(monkeypatch):
 
 
 def test_fused_loss_forward_follows_deep_copies_and_keeps_no_cycle(monkeypatch):
-    """A deep copy's forward runs the copy (its zeroed head gives loss log V); a dropped fused model is freed at once
-    (no reference cycle: it stops holding the RoPE patch without waiting for the garbage collector)."""
+    """A deep copy's forward runs the copy (its zeroed head gives loss log V); a dropped fused model is freed at once,
+    its MLPs too (no reference cycle: it stops holding the RoPE patch without waiting for the garbage collector)."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     model = _build(LlamaConfig, LlamaForCausalLM)
     pe.fuse_base_ops(model)
@@ -220,7 +273,7 @@ def test_fused_loss_forward_follows_deep_copies_and_keeps_no_cycle(monkeypatch):
     loss = twin(input_ids=_ids(), labels=_ids()).loss
     assert loss.item() == pytest.approx(math.log(SIZES["vocab_size"]), rel=1e-6)
     assert model(input_ids=_ids(), labels=_ids()).loss.item() != pytest.approx(loss.item())
-    refs = [weakref.ref(model), weakref.ref(twin)]
+    refs = [weakref.ref(model), weakref.ref(twin), weakref.ref(model.model.layers[0].mlp)]
     gc.disable()
     try:
         del model, twin
