@@ -6,12 +6,16 @@ random tokens, causal-LM loss, AdamW on the LoRA parameters. Each provider gets 
 same seed; the bench freezes the base before adding adapters, so both train exactly the LoRA parameters (the
 row's `trainable` count is checked against r·(d_in+d_out) summed over the targeted layers).
 
-Per provider: median seconds per step (forward, backward, optimizer step, zero_grad; each step between two
-device synchronizations) after warm-up steps — ptlm's kernels autotune in the first — and the peak memory
+Per provider and timing: median seconds per step (forward, backward, optimizer step, zero_grad; each step between
+two device synchronizations) after warm-up steps — ptlm's kernels autotune in the first — and the peak memory
 allocated (torch.cuda.max_memory_allocated, reset after the warm-up, so it covers steady-state steps with the
-optimizer state in place).
+optimizer state in place). Timing `plain`: the eager loop. Timing `graph`: the same step captured in one CUDA graph
+by pe.capture_train_step (PEFT's too: the same helper works on any model whose step has no host sync) and
+replayed, which takes the host's per-op cost out of the step; capture_s is its warm-up plus capture. Off CUDA a
+graph row runs the step eagerly (its note says so).
 
-    python -m bench.model_train --out DIR [--providers peft,ptlm] [--steps 10] [--gradient-checkpointing]
+    python -m bench.model_train --out DIR [--providers peft,ptlm] [--timings plain,graph] [--steps 10] \
+        [--gradient-checkpointing]
     python -m bench.model_train --smoke --out DIR      # a tiny decoder on CPU
 """
 from __future__ import annotations
@@ -30,7 +34,12 @@ OP = "llama_train_step"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # ptlm: the LoRA layers alone on HF's model code; ptlm_fused: also the base model's RMSNorm, SiLU-mul, RoPE and
 # loss on ptlm's fused kernels (pe.fuse_base_ops), as Unsloth / Liger do: the step's elementwise passes.
-PROVIDERS = ["peft", "ptlm", "ptlm_fused"]
+PROVIDERS = ["peft", "ptlm_fused", "ptlm"]
+TIMINGS = ["plain", "graph"]
+# (provider, timing) rows in order of importance (a deadline cuts the last): the target's pair first; the graph
+# rows after the eager rows they stand beside.
+ORDER = [("peft", "plain"), ("ptlm_fused", "plain"), ("ptlm_fused", "graph"), ("peft", "graph"), ("ptlm", "plain"),
+         ("ptlm", "graph")]
 RANK, ALPHA, DROPOUT = 16, 32, 0.05
 # The PEFT step measured on the project's H100 (shared/anchors/h100-model-2026-11-25.json) and the goal.
 BASELINE_PEFT_S, BASELINE_PEFT_GB = 0.131, 16.1
@@ -116,13 +125,13 @@ def time_steps(step, row: dict, args, device: torch.device) -> None:
         row["note"] = f"non-finite loss {row['loss']}"
 
 
-def measure(provider: str, args, device: torch.device) -> dict:
-    """One provider's row: build a fresh model, add LoRA, warm up, time steps, free everything."""
+def measure(provider: str, args, device: torch.device, timing: str = "plain") -> dict:
+    """One provider's row: build a fresh model, add LoRA, warm up (graph: capture), time steps, free everything."""
     config = llama_config(args.smoke)
     shape = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "batch": args.batch,
              "seq": args.seq, "r": args.rank}
     mode = "train+ckpt" if args.gradient_checkpointing else "train"
-    row = {"op": OP, "provider": provider, "mode": mode, "timing": "plain", **shape}
+    row = {"op": OP, "provider": provider, "mode": mode, "timing": timing, **shape}
 
     def fill() -> None:
         model = build_model(config, device, torch.bfloat16)
@@ -145,6 +154,19 @@ def measure(provider: str, args, device: torch.device) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach()
+
+        if timing == "graph":
+            import ptlm_engine as pe
+            t0 = time.perf_counter()
+            batch = {"input_ids": ids, "labels": ids}
+            captured = pe.capture_train_step(model, opt, batch, warmup=args.warmup)
+            harness.sync(device)
+            row["capture_s"] = time.perf_counter() - t0
+            if not captured.graphed:
+                row["note"] = f"no CUDA graph on {device.type}: the step ran eagerly"
+
+            def step() -> torch.Tensor:  # noqa: F811 - the captured form of the step above
+                return captured(batch)
 
         time_steps(step, row, args, device)
         if args.profile_steps and device.type == "cuda":
@@ -174,42 +196,70 @@ def kernel_profile(step, steps: int, top: int = 14) -> list[str]:
     return lines
 
 
+def cases(providers: list[str], timings: list[str]) -> list[tuple[str, str]]:
+    """The (provider, timing) rows to run: ORDER's first, then any others in the given order."""
+    wanted = [(p, t) for p in providers for t in timings]
+    return sorted(wanted, key=lambda c: ORDER.index(c) if c in ORDER else len(ORDER) + wanted.index(c))
+
+
 def run(args, device: torch.device, log=print) -> list[dict]:
+    """The rows of cases(); once args.deadline (if set) has passed, the rows left are skipped (ms None, a
+    note)."""
     rows = []
-    for provider in args.providers:
-        row = measure(provider, args, device)
-        rows.append(row)
-        profile = row.pop("profile", [])
-        if row["ms"] is None:
-            log(f"  {OP} {provider}: FAILED {row['note']}")
+    for provider, timing in cases(args.providers, args.timings):
+        if time.monotonic() > (getattr(args, "deadline", None) or math.inf):
+            row = {"op": OP, "provider": provider, "mode": "train", "timing": timing, "ms": None,
+                   "note": "skipped: the phase's deadline had passed"}
         else:
-            log(f"  {OP} {provider}: {row['ms'] / 1e3:.4f} s/step, {row['tok_s']:,.0f} tok/s, "
-                f"peak {row.get('peak_gb') or 0:.2f} GB, trainable {row['trainable']:,} {row['adapter_dtype']}, "
-                f"warm-up {row['first_call_s']:.1f} s" + (f"  [{row['note']}]" if row.get("note") else ""))
-            for line in profile:
-                log(line)
+            row = measure(provider, args, device, timing)
+        rows.append(row)
+        log_row(row, log)
     return rows
 
 
+def log_row(row: dict, log=print) -> None:
+    profile = row.pop("profile", [])
+    name = f"{row['provider']} {row['timing']}"
+    if row["ms"] is None:
+        log(f"  {OP} {name}: FAILED {row['note']}")
+    else:
+        log(f"  {OP} {name}: {row['ms'] / 1e3:.4f} s/step, {row['tok_s']:,.0f} tok/s, "
+            f"peak {row.get('peak_gb') or 0:.2f} GB, trainable {row['trainable']:,} {row['adapter_dtype']}, "
+            f"warm-up {row['first_call_s']:.1f} s" + (f", capture {row['capture_s']:.1f} s" if "capture_s" in row
+                                                     else "") + (f"  [{row['note']}]" if row.get("note") else ""))
+        for line in profile:
+            log(line)
+
+
 def summary(rows: list[dict]) -> list[str]:
-    by = {r["provider"]: r for r in rows if r["op"] == OP and r.get("ms")}
+    """A line per provider (its timings side by side), and per ptlm provider its speed against PEFT's eager loop
+    (the target's yardstick: PEFT as its users run it) and against PEFT's step captured the same way."""
+    by = {(r["provider"], r["timing"]): r for r in rows if r["op"] == OP and r.get("ms")}
     lines = [f"PEFT baseline of the design notes (H100): {BASELINE_PEFT_S:.3f} s/step, {BASELINE_PEFT_GB} GB peak"]
-    for provider, r in by.items():
-        lines.append(f"{provider:5s} {r['mode']}: {r['ms'] / 1e3:.4f} s/step  {r['tok_s']:>9,.0f} tok/s  "
-                     f"peak {r.get('peak_gb') or 0:6.2f} GB  loss {r['loss']:.3f}")
-    for provider in ("ptlm", "ptlm_fused"):
-        if provider in by and "peft" in by:
-            speedup = by["peft"]["ms"] / by[provider]["ms"]
-            peaks = by[provider].get("peak_gb"), by["peft"].get("peak_gb")
-            memory = "n/a" if None in peaks else "PASS" if peaks[0] <= peaks[1] else "FAIL"
-            lines.append(f"{provider} vs PEFT: {speedup:.2f}x faster (target >= {TARGET_SPEEDUP}x: "
-                         f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}), memory {memory} "
-                         f"(target: no more than PEFT)")
+    for provider in dict.fromkeys(p for p, _ in by):
+        cells = [f"{t:5s} {r['ms'] / 1e3:.4f} s/step {r.get('peak_gb') or 0:6.2f} GB loss {r['loss']:.3f}"
+                 for (p, t), r in by.items() if p == provider]
+        lines.append(f"{provider:10s} " + " | ".join(cells))
+    for provider in dict.fromkeys(p for p, _ in by if p != "peft"):
+        cells, memory = [], []
+        for (p, timing), r in by.items():
+            for base in dict.fromkeys([("peft", "plain"), ("peft", timing)]) if p == provider else ():
+                if base in by:
+                    speedup = by[base]["ms"] / r["ms"]
+                    cells.append(f"{timing} vs PEFT {base[1]} {speedup:.2f}x "
+                                 f"{'PASS' if speedup >= TARGET_SPEEDUP else 'FAIL'}")
+                    peaks = r.get("peak_gb"), by[base].get("peak_gb")
+                    memory.append("n/a" if None in peaks else "PASS" if peaks[0] <= peaks[1] else "FAIL")
+        if cells:
+            lines.append(f"{provider} (target >= {TARGET_SPEEDUP}x, memory <= PEFT's): " + ", ".join(cells)
+                         + f"; memory {'/'.join(memory)}")
     return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--timings", type=lambda s: s.split(","), default=TIMINGS,
+                   help="plain: the eager loop; graph: the step captured by pe.capture_train_step")
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (ptlm autotunes in the first)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (8; smoke: 2)")

@@ -84,7 +84,11 @@ def test_target_checks_count_and_worst_case():
 def test_model_train_smoke(tmp_path):
     model_train.main(["--smoke", "--out", str(tmp_path), "--steps", "1", "--warmup", "1"])
     rows = json.loads((tmp_path / "model_train.json").read_text())["rows"]
-    by = {r["provider"]: r for r in rows}
+    assert [(r["provider"], r["timing"]) for r in rows] == model_train.ORDER
+    graph = {r["provider"]: r for r in rows if r["timing"] == "graph"}
+    # pe.capture_train_step runs the step eagerly off CUDA, and says so
+    assert all(r["ms"] > 0 and "ran eagerly" in r["note"] and r["capture_s"] >= 0 for r in graph.values())
+    by = {r["provider"]: r for r in rows if r["timing"] == "plain"}
     assert by["peft"]["ms"] > 0 and math.isfinite(by["peft"]["loss"])
     # r=16 on 2 layers of hidden 64, KV width 32, FFN 128: 16 * (128+96+96+128+192+192+192) * 2
     assert by["peft"]["trainable"] == 32768 and by["peft"]["adapter_dtype"] == "bfloat16"
