@@ -9,7 +9,8 @@ row's `trainable` count is checked against r·(d_in+d_out) summed over the targe
 Per provider and timing: median seconds per step (forward, backward, optimizer step, zero_grad; each step between
 two device synchronizations) after warm-up steps — ptlm's kernels autotune in the first — and the peak memory
 allocated (torch.cuda.max_memory_allocated, reset after the warm-up, so it covers steady-state steps with the
-optimizer state in place). Timing `plain`: the eager loop. Timing `graph`: the same step captured in one CUDA graph
+optimizer state in place; a graph row's replays allocate nothing, so its peak is the memory reserved: the graph's
+pool and everything live). Timing `plain`: the eager loop. Timing `graph`: the same step captured in one CUDA graph
 by pe.capture_train_step (PEFT's too: the same helper works on any model whose step has no host sync) and
 replayed, which takes the host's per-op cost out of the step; capture_s is its warm-up plus capture. Off CUDA a
 graph row runs the step eagerly (its note says so).
@@ -101,13 +102,18 @@ def add_lora(model: nn.Module, provider: str, rank: int, alpha: int, dropout: fl
 
 def time_steps(step, row: dict, args, device: torch.device) -> None:
     """Time `step` (one training step returning its loss) into `row`: --warmup untimed steps (ptlm autotunes in
-    the first), then the median of --steps, each between device synchronizations; tokens/s, loss, peak memory."""
+    the first), then the median of --steps, each between device synchronizations; tokens/s, loss, peak memory.
+
+    peak_gb: the most memory allocated during the timed steps; for a graph row, whose replays allocate nothing
+    (the graph's private pool holds its activations), the most memory reserved instead, with the allocator's
+    unused cache emptied first: the pool and everything live. reserved_gb: that reserved peak for every row."""
     t0 = time.perf_counter()
     for _ in range(args.warmup):
         step()
     harness.sync(device)
     row["first_call_s"] = time.perf_counter() - t0
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
@@ -120,7 +126,9 @@ def time_steps(step, row: dict, args, device: torch.device) -> None:
     row["tok_s"] = args.batch * args.seq / (row["ms"] / 1e3)
     row["loss"] = float(loss)
     if device.type == "cuda":
-        row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        row["reserved_gb"] = torch.cuda.max_memory_reserved(device) / 1e9
+        graph = row.get("timing") == "graph"
+        row["peak_gb"] = row["reserved_gb"] if graph else torch.cuda.max_memory_allocated(device) / 1e9
     if not math.isfinite(row["loss"]):
         row["note"] = f"non-finite loss {row['loss']}"
 
