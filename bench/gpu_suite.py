@@ -85,6 +85,8 @@ FULL_RESERVE_S = {"lora": 240, "model_train": 150, "base_ops": 60, "lora_ranks":
                   "bottleneck": 120, "prefix": 150, "model_multi": 240}
 PHASES = list(FULL_RESERVE_S)
 SESSION_PHASES = ["lora", "model_train", "multi", "prefix", "bottleneck", "base_ops", "grouped"]
+# phases whose ptlm rows miss their targets by more than launch overhead explains: each kernel's share logged
+KERNEL_PHASES = ["bottleneck", "prefix"]
 
 
 def parse_args(argv):
@@ -95,6 +97,9 @@ def parse_args(argv):
     p.add_argument("--phases", type=lambda s: s.split(","), help=f"which phases, in order, of {','.join(PHASES)}")
     p.add_argument("--budget-s", type=float, help="no new case starts after this many seconds (340; full: 1000)")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph timings")
+    p.add_argument("--kernel-phases", type=lambda s: [x for x in s.split(",") if x], default=KERNEL_PHASES,
+                   help="phases whose ptlm cases also log each kernel's time per call (torch.profiler, ~0.3 s a "
+                        f"case; default {','.join(KERNEL_PHASES)}; '' for none)")
     p.add_argument("--tuned", type=Path, help="autotuner choices of an earlier run (its tuned.json) to start from")
     p.add_argument("--warmup-ms", type=float, default=25.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> harness.Results:
         else:
             for title, grid, timed_graph in GRID_PHASES[name](args, device, graph):
                 log(f"[{time.monotonic() - start:5.0f} s] {title}: {len(grid.shapes)} shape points")
-                opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline, log)
+                opt = harness.RunOptions(device, args.warmup_ms, args.rep_ms, timed_graph, deadline, log,
+                                         kernels=name in args.kernel_phases)
                 new_rows, n_skipped = harness.run_grid(grid, ceilings, opt)
                 rows.extend(new_rows)
                 skipped += n_skipped

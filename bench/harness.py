@@ -265,6 +265,7 @@ class RunOptions:
     graph: bool = False
     deadline: float = math.inf            # time.monotonic() after which no new case starts
     log: Callable[[str], None] = print
+    kernels: bool = False                 # ptlm providers: each kernel's time per call, in the row and the log
 
 
 def _row(grid: Grid, shape: dict, provider: str, mode: str, timing: str, ms: float | None,
@@ -334,6 +335,10 @@ def _time_case(grid, shape, provider, mode, sets, nbytes, flops, floor, opt: Run
         rows.append(_row(grid, shape, provider, mode, "plain", ms, nbytes, flops, floor, first_call_s=first_s))
         opt.log(f"  {grid.op} {label} {mode:8s} {provider:8s} {ms:9.4f} ms  x_floor {ms / floor:6.2f}"
                 f"  (first call {first_s:.1f} s)")
+        if opt.kernels and provider.startswith("ptlm"):
+            times = kernel_times(calls, opt.device)
+            rows[-1]["kernels"] = "; ".join(f"{name[:80]} {us:.1f} us x{n:g}" for name, us, n in times)
+            opt.log("\n".join(f"      {us:9.1f} us  x{n:<3g} {name[:100]}" for name, us, n in times))
     except Exception as e:  # noqa: BLE001 - any failure of one case is recorded, the grid goes on
         rows.append(_row(grid, shape, provider, mode, "plain", None, nbytes, flops, floor,
                          note=f"{type(e).__name__}: {e}"[:200]))
@@ -351,6 +356,22 @@ def _time_case(grid, shape, provider, mode, sets, nbytes, flops, floor, opt: Run
     if opt.device.type == "cuda" and rows and rows[-1]["ms"] is None:
         free_memory()  # after an OOM, return the cached blocks before the next case
     return rows
+
+
+def kernel_times(calls: list[Callable[[], Any]], device: torch.device, reps: int = 6,
+                 top: int = 8) -> list[tuple[str, float, float]]:
+    """(kernel, µs per call, launches per call) of the `top` kernels by device time over `reps` calls
+    (torch.profiler; on the CPU the ops' CPU time): where one call's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for i in range(reps):
+            calls[i % len(calls)]()
+        sync(device)
+    spent = [(e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / reps, e.count / reps)
+             for e in prof.key_averages()]
+    return sorted([s for s in spent if s[1] > 0], key=lambda s: -s[1])[:top]
 
 
 # ----------------------------------------------------------------------------------------------- result files

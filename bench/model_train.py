@@ -178,7 +178,7 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
 
         time_steps(step, row, args, device)
         if args.profile_steps and device.type == "cuda":
-            row["profile"] = kernel_profile(step, args.profile_steps)
+            row["gpu_ms"], row["profile"] = kernel_profile(step, args.profile_steps)
         if provider == "ptlm_fused":   # the RoPE patch back to transformers' own once no fused model holds it
             import ptlm_engine as pe
             pe.unfuse_base_ops(model)
@@ -187,21 +187,15 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
     return row
 
 
-def kernel_profile(step, steps: int, top: int = 14) -> list[str]:
-    """The step's GPU time by kernel (torch.profiler over `steps` steps, per step): where the time goes,
-    provider by provider. Lines for the log only (a row keeps plain values)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) / steps / 1e3
-    lines = [f"GPU kernels, ms per step (of {total:.1f}):"]
-    for e in events[:top]:
-        lines.append(f"  {e.self_device_time_total / steps / 1e3:7.2f}  x{e.count // steps:<5d} {e.key[:90]}")
-    return lines
+def kernel_profile(step, steps: int, top: int = 14) -> tuple[float, list[str]]:
+    """The step's GPU time by kernel (torch.profiler over `steps` steps, per step): the kernels' total ms per
+    step (against the step's wall time: how host-bound it is) and lines for the log, where the time goes."""
+    times = harness.kernel_times([step], torch.device("cuda"), steps, top=10_000)
+    total_ms = sum(us for _, us, _ in times) / 1e3
+    lines = [f"GPU kernels, ms per step (of {total_ms:.1f}):"]
+    for name, us, n in times[:top]:
+        lines.append(f"  {us / 1e3:7.2f}  x{n:<5g} {name[:90]}")
+    return total_ms, lines
 
 
 def cases(providers: list[str], timings: list[str]) -> list[tuple[str, str]]:
@@ -233,7 +227,8 @@ def log_row(row: dict, log=print) -> None:
     else:
         log(f"  {OP} {name}: {row['ms'] / 1e3:.4f} s/step, {row['tok_s']:,.0f} tok/s, "
             f"peak {row.get('peak_gb') or 0:.2f} GB, trainable {row['trainable']:,} {row['adapter_dtype']}, "
-            f"warm-up {row['first_call_s']:.1f} s" + (f", capture {row['capture_s']:.1f} s" if "capture_s" in row
+            + (f"kernels {row['gpu_ms']:.1f} ms, " if "gpu_ms" in row else "")
+            + f"warm-up {row['first_call_s']:.1f} s" + (f", capture {row['capture_s']:.1f} s" if "capture_s" in row
                                                      else "") + (f"  [{row['note']}]" if row.get("note") else ""))
         for line in profile:
             log(line)

@@ -59,6 +59,14 @@ def test_report_regenerates_markdown(tmp_path):
         assert len(written) == 1
 
 
+def test_kernel_times_lists_a_calls_ops_by_time():
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    times = harness.kernel_times([lambda: (a @ b).sin()], torch.device("cpu"), reps=3, top=4)
+    names = [name for name, _, _ in times]
+    assert any("mm" in n for n in names) and any("sin" in n for n in names)
+    assert all(us > 0 and n >= 1 for _, us, n in times) and times == sorted(times, key=lambda t: -t[1])
+
+
 def test_floor_formulas():
     shape = {"d_in": 4096, "d_out": 4096, "r": 16, "T": 16}
     nbytes, flops = lora.cost(shape, "fwd")
@@ -115,6 +123,11 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert "Bottleneck adapter, ms" in summary and "Prefix attention, bf16, causal" in summary
     assert "Grouped projections, ms" in summary
     assert "tuned.json" in files
+    # the kernel phases' ptlm rows say where each call's time went (on the CPU: its ops' CPU time)
+    for r in rows:
+        profiled = (r["op"] in (bottleneck.OP, prefix_attention.OP) and r["provider"].startswith("ptlm")
+                    and r["timing"] == "plain" and r["ms"])
+        assert bool(r.get("kernels")) == bool(profiled), r
     assert "Generation tok/s" in summary and "ptlm_mixed/ptlm_sequential" in summary
     # the multi-adapter phase: every provider where it applies, at every point of the smoke grid
     multi = [r for r in rows if r["op"] == lora_multi.OP]
