@@ -165,25 +165,31 @@ def base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, 
 
 
 @triton.jit
-def store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N,
-               stride_ym, stride_yn, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS: tl.constexpr,
                ACCUMULATE: tl.constexpr = False):
-    """The matmul tile's epilogue: y = acc + keep * lora (+ bias) with OUT_DROPOUT, else lora (+ bias), lora then
-    holding the base product too. keep: the forward's dropout mask (logical index m * N + n) against the scalar
-    dropout_p. Also the multi-adapter tiles' store (kernels.lora_multi), without OUT_DROPOUT: their dx masks the
-    accumulator before the K loop. ACCUMULATE adds y's values to the tile (the grouped backward's dx over its
-    members)."""
-    if OUT_DROPOUT:
-        # backward dx: the LoRA branch's gradient passes the forward's dropout mask
-        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
-    else:
-        acc = lora
+    """A matmul tile's epilogue: y = acc (+ bias); ACCUMULATE adds y's values to the tile (the grouped backward's
+    dx over its members). Also the decode and multi-adapter tiles' store."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if ACCUMULATE:
         acc += tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _expand_given(acc, xa_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, R, stride_xam, stride_xar, stride_bn,
+                  stride_br, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + xa @ B^T for a given xa (fp32: the r-wide intermediate loses accuracy in half precision), BLOCK_R
+    ranks at a time."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_rr = r0 + offs_r
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
+                     mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)             # (BLOCK_M, BLOCK_R)
+        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                    mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)               # (BLOCK_R, BLOCK_N)
+        acc = _dot_fp32(xa, b.to(tl.float32), acc, FP32_DOT)
+    return acc
 
 
 @triton.jit
@@ -197,7 +203,10 @@ def lora_matmul_tile(
     FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
-    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped."""
+    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. One fp32
+    accumulator: the LoRA expand adds into it after the base K loop, except with OUT_DROPOUT (the backward dx),
+    where it goes in first, masked by the forward's dropout while it is all the accumulator holds."""
+    tl.static_assert(not (FUSE_SHRINK and OUT_DROPOUT), "OUT_DROPOUT masks a given xa's term (the backward dx)")
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -205,6 +214,10 @@ def lora_matmul_tile(
     mask_n = offs_n < N
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if OUT_DROPOUT:  # backward dx: the LoRA branch's gradient passes the forward's dropout mask
+        acc = _expand_given(acc, xa_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, R, stride_xam, stride_xar,
+                            stride_bn, stride_br, FP32_DOT, BLOCK_R)
+        acc = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), acc, 0.0)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
@@ -217,9 +230,6 @@ def lora_matmul_tile(
             if X_DROPOUT:
                 x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
             xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
-
-    # LoRA expand: xa (fp32: the r-wide intermediate loses accuracy in half precision) @ B^T as r more K steps.
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if OUT_DROPOUT else acc
     if FUSE_SHRINK:
         xa = xa * shrink_scale
         if pid_n == 0:  # every column block computed the same xa; one stores it for backward
@@ -227,17 +237,11 @@ def lora_matmul_tile(
                      mask=mask_m[:, None] & (offs_r[None, :] < R))
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=mask_n[None, :] & (offs_r[:, None] < R), other=0.0)                # (BLOCK_R, BLOCK_N)
-        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-    else:
-        for r0 in range(0, R, BLOCK_R):
-            offs_rr = r0 + offs_r
-            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
-                         mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)         # (BLOCK_M, BLOCK_R)
-            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
-                        mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
-            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-    store_tile(acc, lora, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym,
-               stride_yn, OUT_DROPOUT, HAS_BIAS, ACCUMULATE)
+        acc = _dot_fp32(xa, b.to(tl.float32), acc, FP32_DOT)
+    elif not OUT_DROPOUT:
+        acc = _expand_given(acc, xa_ptr, b_ptr, offs_m, mask_m, offs_n, mask_n, offs_r, R, stride_xam, stride_xar,
+                            stride_bn, stride_br, FP32_DOT, BLOCK_R)
+    store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -409,8 +413,8 @@ def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mas
                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """A column block's whole sums: bias, y (added to y's values with ACCUMULATE); the shrink's xa (column
     block 0); with WEIGHT_GRADS dn's rows."""
-    store_tile(acc, acc, seed_ptr, dropout_p, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym,
-               stride_yn, False, HAS_BIAS, ACCUMULATE)       # the dropout mask is in acc already
+    store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS,
+               ACCUMULATE)                                     # the dropout mask is in acc already
     if FUSE_SHRINK:
         if pid_n == 0:
             tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])

@@ -222,8 +222,7 @@ def multi_matmul_tile(
     if not OUT_DROPOUT:
         acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                       stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
-    store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
-               False, HAS_BIAS)
+    store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 @triton.jit
@@ -351,13 +350,11 @@ def _multi_decode_kernel(
         acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                                stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
-        store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
-                   False, HAS_BIAS)
+        store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
     elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
         acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K, BLOCK_M,
                             BLOCK_N)
-        store_tile(acc, acc, seed_ptr, 0.0, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, N, stride_ym, stride_yn,
-                   False, HAS_BIAS)
+        store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
 
 
 _multi_decode = TunedLauncher(triton.autotune(
