@@ -19,6 +19,9 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
                   once for all its layers (AdapterBatch.tokens), as gather_bmm's row -> slot map
   ptlm_slots      T <= 64, fwd only: ptlm with the decode kernels' per-slot steps instead of the gathered
                   shrink and expand (kernels.lora_multi.GATHER_DECODE off for the call): the side-by-side
+  ptlm_onepass    T > 64: ptlm with the one-pass pointer tile at prefill (the base GEMM over slot-sorted rows, the
+                  expand in its epilogue) instead of Hopper's TMA base GEMM plus an expand pass over y
+                  (kernels.lora.TMA_PREFILL off for the call): the side-by-side
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -62,7 +65,7 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_slots", "ptlm_mean_rank", "gather_bmm", "peft"]
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_onepass", "ptlm_slots", "ptlm_mean_rank", "gather_bmm", "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
 ZIPF_S = 1.1
@@ -255,8 +258,13 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
     if ((provider == "peft" and not peft_applies(shape, mode))
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "ptlm_slots" and (mode != "fwd" or shape["T"] > DECODE_MAX_T))
+            or (provider == "ptlm_onepass" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
+    if provider == "ptlm_onepass":  # forward and backward both on the one-pass tile
+        from ptlm_engine.kernels import lora as lora_kernels
+        calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
+        return [harness.with_setting(lora_kernels, "TMA_PREFILL", False, call) for call in calls]
     return harness.mode_calls([(*_forward(provider, s), s.dy) for s in sets], mode)
 
 
@@ -446,6 +454,11 @@ def summary(rows: list[dict]) -> list[str]:
         lines += [f"50% base-only rows, ptlm / all rows with adapters, {case} [{timing}]: {' '.join(cells)}"
                   for case, cells in half.items()]
     for timing in ("plain", "graph"):
+        passes = [f"{_label(p)} {mode} {v['ptlm'] / v['ptlm_onepass']:.2f}" for p, mode, t, v in cases
+                  if t == timing and "ptlm" in v and "ptlm_onepass" in v]
+        if passes:
+            lines.append(f"prefill, TMA base + expand pass / one-pass tile (ptlm / ptlm_onepass) [{timing}]: "
+                         f"{', '.join(passes)}")
         steps = [f"{_label(p)} {v['ptlm'] / v['ptlm_slots']:.2f}" for p, mode, t, v in cases
                  if mode == "fwd" and t == timing and "ptlm" in v and "ptlm_slots" in v]
         if steps:

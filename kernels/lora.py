@@ -698,13 +698,15 @@ def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] 
 def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float,
                             accumulate: bool = False) -> bool:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias (+ y with accumulate) on the TMA path; False (nothing
-    launched) where it does not apply: see _tma_programs, and every operand must pass _tma_layout."""
+    launched) where it does not apply: see _tma_programs, and every operand must pass _tma_layout. xa and
+    lora_B None: the base GEMM alone (R = 0: no LoRA steps; x and W stand in for their unread descriptors)."""
     M, K = x.shape
-    N, R = lora_B.shape
+    N = weight.shape[0]
+    R = 0 if lora_B is None else lora_B.shape[1]
     num_sms = _tma_programs(x, M)
     if not num_sms:
         return False
-    tensors = (x, weight, xa, lora_B, y)
+    tensors = (x, weight, x if xa is None else xa, weight if lora_B is None else lora_B, y)
     layouts = [_tma_layout(t, transposable) for t, transposable in zip(tensors, (False, True, False, True, False))]
     if any(layout is None for layout in layouts):
         return False
@@ -746,10 +748,11 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     return True
 
 
-def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
+def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor | None, lora_B: torch.Tensor | None,
                     bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-    """y = x @ weight^T + xa @ lora_B^T + bias on the Hopper TMA path alone (xa given, no output dropout): True
-    if it ran, False (nothing launched) where it does not apply. For callers with their own shrink."""
+    """y = x @ weight^T + xa @ lora_B^T + bias on the Hopper TMA path alone (xa given, no output dropout; xa and
+    lora_B None: no LoRA term): True if it ran, False (nothing launched) where it does not apply. For callers
+    with their own shrink, or their own expand (kernels.lora_multi at prefill)."""
     return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0)
 
 

@@ -41,11 +41,11 @@ import triton.language as tl
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
                       shrink_configs, t_bucket, tune_bench, weight_grad_configs)
-from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, fuse_shrink_default, grouped_tile, lora_matmul_tile,
-                   lora_matmul_tma, rank_block, store_split, weight_grad_pair)
+from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
+                   lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, multi_matmul_tile,
-                         padded_rank)
+from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, lora_multi_matmul,
+                         multi_matmul_tile, padded_rank)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -726,6 +726,14 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     if M == 0:
         return ys
     has_lora = [b is not None for b in lora_Bs]
+    # At prefill on Hopper, member by member as kernels.lora_multi.lora_multi_matmul runs it there: the base GEMM
+    # on the TMA kernel, then the slots' expand added over it (the fused pointer tile below ran at ~65% of
+    # cuBLAS). Should a member not fit TMA's layout rules, the grouped kernel below recomputes every member.
+    if M > DECODE_MAX_T and order is not None and _tma_programs(x, M) and all(
+            lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order,
+                              out=ys[g]) is not None if has_lora[g] else
+            lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g]) for g in range(G)):
+        return ys
     fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
     if fp32 is None:
         fp32 = torch.empty(1, device=x.device, dtype=torch.float32)

@@ -5,7 +5,9 @@
 Three kernels, as for the single-adapter op, each reused by backward through strides:
 - shrink:      xa = per-row s_a x A_a^T (T, r_max) fp32; also g = s_a dy B_a in backward (BGMV-like gather).
 - matmul:      the base GEMM with every row block's distinct adapters expanded in its epilogue: no d_out-wide
-               LoRA product in memory; also dx = dy W0 + g A_a in backward.
+               LoRA product in memory; also dx = dy W0 + g A_a in backward. At prefill on Hopper the base GEMM
+               runs kernels.lora's TMA kernel instead (TMA cannot gather the slot-sorted rows this tile reads)
+               and the same tile with K = 0 adds the expand over y: one read-modify-write of y more.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
 A row block visits each distinct slot among its rows once (ascending slot ids), looping only over that slot's
@@ -23,8 +25,8 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
                       prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
-from .lora import (_dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, split_buffers, split_k_arrive,
-                   split_k_program, split_k_total, store_split, store_tile)
+from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
+                   split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # At decode (T <= DECODE_MAX_T) the shrink and the expand gather each row's own A / B rows; PTLM_MULTI_GATHER=0
@@ -198,10 +200,11 @@ def multi_matmul_tile(
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. GATHER_B: the
-    decode epilogue (see _gathered_expand), else one step per distinct slot of the block."""
+    decode epilogue (see _gathered_expand), else one step per distinct slot of the block. ACCUMULATE adds y's
+    values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -222,7 +225,9 @@ def multi_matmul_tile(
     if not OUT_DROPOUT:
         acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                       stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
-    store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
+    if ACCUMULATE:  # the expand alone (K = 0): rows with no adapter have their whole output in y already
+        mask_m = mask_m & ((slot >= 0) | (K > 0))
+    store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
 @triton.jit
@@ -298,7 +303,7 @@ def _multi_matmul_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr,
+    GATHER_B: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -306,10 +311,11 @@ def _multi_matmul_kernel(
                       seed_ptr, bias_ptr, y_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
                       stride_br, stride_ym, stride_yn,
-                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                      ACCUMULATE)
 
 
-_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"]
+_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"]     # ACCUMULATE shares the tiles
 _multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_multi_matmul_kernel))
@@ -381,13 +387,32 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     if gathered(M) and order is None:
         _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
         return y
+    if M > DECODE_MAX_T and order is not None and lora_matmul_tma(x, weight, None, None, bias, y):
+        # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
+        # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
+        # slots' expand over y in slot-sorted row blocks, added to it: one read-modify-write of y more.
+        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, None, order, dropouts, seed, y, 0, True)
+    else:
+        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K, False)
+    return y
+
+
+def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K: int,
+                         accumulate: bool) -> None:
+    """The fused matmul over K, or with K = 0 the expand alone (accumulate: added to y's values)."""
+    M, N = y.shape
     kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
+    key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    if accumulate and kernel.chosen(key) is None:  # tuning runs every candidate: into a temporary, added once
+        _accumulated(y, lambda out: _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
+                                                         dropouts, seed, out, K, False))
+        return
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-    bucket = t_bucket(M)
+    bucket = key[0]
     # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
     sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
     kernel.launch(
-        (bucket, N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype),
+        key,
         grid,
         x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
         xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
@@ -395,9 +420,8 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         M, N, K, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), ACCUMULATE=accumulate, BLOCK_R=BLOCK_R,
     )
-    return y
 
 
 def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y) -> None:

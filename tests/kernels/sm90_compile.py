@@ -50,7 +50,8 @@ def _tma_desc(name: str, dtype: str, consts: dict) -> str:
     """A host-side TMA descriptor's type names its block shape, which kernels.lora's pre_hook sets per config."""
     descs = {d: SimpleNamespace() for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")}
     L._tma_block_shapes({**descs, **consts})
-    return f"tensordesc<{'fp32' if name == 'xa_desc' else dtype}[{', '.join(map(str, descs[name].block_shape))}]>"
+    fp32 = name == "xa_desc" and consts["R"] > 0          # with R = 0 x stands in for the unread xa
+    return f"tensordesc<{'fp32' if fp32 else dtype}[{', '.join(map(str, descs[name].block_shape))}]>"
 
 
 # kernel -> (pointer/scalar types, one flag set per variant); "x" marks pointers in the layer's dtype
@@ -74,12 +75,15 @@ LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_
                    [dict(W_KMAJOR=True, B_RMAJOR=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, R=16,
                          NUM_SMS=132),
                     dict(W_KMAJOR=False, B_RMAJOR=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True, R=16,
-                         NUM_SMS=132)])
+                         NUM_SMS=132),
+                    dict(W_KMAJOR=False, B_RMAJOR=False, OUT_DROPOUT=False, HAS_BIAS=False, ACCUMULATE=False, R=0,
+                         NUM_SMS=132)])     # the base GEMM alone (kernels.lora_multi's prefill dx)
 MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x", "xa_ptr": "*fp32",
                  "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                  "seed_ptr": "*i64"},
-                [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True),
-                 dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False)])
+                [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False),
+                 dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=False),
+                 dict(HAS_ORDER=True, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True)])  # the expand over y
 # three members: one with a fused shrink and dropout, one without an adapter, one with a separate shrink's xa
 GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", "bias", "y") for g in range(3)},
                    **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},

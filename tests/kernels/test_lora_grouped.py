@@ -287,3 +287,21 @@ def test_grouped_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
     names.clear()
     _check_grouped(77, 40, (72, 24, 24), (8, None, 8), dtype, False)
     assert names == ["_grouped_shrink_kernel", "_grouped_matmul_kernel"]
+
+
+@pytest.mark.skipif(not (K.INTERPRETED or (CUDA and torch.cuda.get_device_capability()[0] >= 9)),
+                    reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)
+def test_grouped_multi_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
+    """With TMA forced, a mixed-batch prefill group runs member by member: a TMA base GEMM each (a member without
+    adapters: that alone) and the expand pass of each member with adapters, never the grouped pointer kernel."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    names = []
+    launch = TunedLauncher.launch
+    monkeypatch.setattr(TunedLauncher, "launch",
+                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    torch.manual_seed(10)
+    _check_multi(77, 40, (72, 24, 24), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, "random")
+    matmuls = [n for n in names if "shrink" not in n]
+    assert matmuls == ["_lora_matmul_tma_kernel", "_multi_matmul_kernel", "_lora_matmul_tma_kernel",
+                       "_lora_matmul_tma_kernel", "_multi_matmul_kernel"], names

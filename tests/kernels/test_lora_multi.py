@@ -3,7 +3,9 @@ every row, every row a different adapter, slots with no tokens, mixed ranks, odd
 import pytest
 import torch
 
+from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
+from ptlm_engine.kernels.configs import TunedLauncher
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton
 
 pytestmark = needs_triton
@@ -157,3 +159,55 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
     kept = (y_drop.double() - x.double() @ w.double().t()) / lora64.where(lora64.abs() > 1e-3, torch.nan)
     kept = kept[~kept.isnan()]
     assert torch.all(((kept - 1).abs() < 1e-3) | (kept.abs() < 1e-3)) and (kept.abs() < 1e-3).any()
+
+
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not (K.INTERPRETED or HOPPER), reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)
+def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
+    """Prefill (T > DECODE_MAX_T) where kernels.lora's TMA kernel applies: the base GEMM there (no LoRA term), then
+    the slots' expand added over y in slot-sorted blocks (rows with no adapter untouched). Forward with bias, and
+    the backward dx form (per-slot output dropout), against float64 and against the fused tile; each twice (the
+    first call of a key tunes into a temporary)."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    launches = []
+    launch = TunedLauncher.launch
+
+    def counting(self, *args, **kwargs):
+        launches.append(self)
+        return launch(self, *args, **kwargs)
+    monkeypatch.setattr(TunedLauncher, "launch", counting)
+    torch.manual_seed(12)
+    T, d_in, d_out, ranks = M.DECODE_MAX_T + 9, 40, 72, [16, 3, 24]   # 16-byte aligned rows: TMA's rule
+    S = len(ranks)
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+    idx = _mapping("random", T, S)
+    order, _ = M.token_segments(idx, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float64) * d_in ** -0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE, dtype=dtype)
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+    lora64 = torch.einsum("tr,tor->to", xa.double()[:, :max(ranks)], b.double()[slot]) * has[:, None]
+    y64 = x.double() @ w.double().t() + bias.double() + lora64
+    for _ in range(2):
+        launches.clear()
+        y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, order, out=y)
+        assert K._lora_matmul_tma in launches and M._multi_matmul_prefill in launches
+        assert_matches(y, y64, None, dtype, "multi prefill, TMA base")
+
+    dropouts, seed = torch.tensor([0.3, 0.0, 0.5], device=DEVICE), torch.tensor([5], device=DEVICE)
+    w_t = w.t()                                                   # dx's dy @ W0 reads W transposed
+    dy = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
+    g = M.lora_multi_shrink(dy, b.transpose(1, 2), idx, rk, scales, order, dropouts, seed, mask_x=False)
+    dx = [M.lora_multi_matmul(dy, w_t, g, a.transpose(1, 2), idx, rk, None, order, dropouts, seed) for _ in range(2)]
+    monkeypatch.setattr(K, "TMA_PREFILL", False)
+    fused = M.lora_multi_matmul(dy, w_t, g, a.transpose(1, 2), idx, rk, None, order, dropouts, seed)
+    for got in dx:
+        assert_matches(got, fused.double(), None, dtype, "multi prefill dx, TMA base against the fused tile")
+    base = dy.double() @ w.double()
+    assert not torch.equal(fused.double(), base)                  # the LoRA term is there, masked in places
