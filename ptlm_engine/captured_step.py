@@ -145,6 +145,8 @@ class CapturedTrainStep:
                 self._eager_step()
         torch.cuda.current_stream(device).wait_stream(side)
         snapshot.restore()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()             # the warm-up's cached activations: the graph takes its own pool
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):   # grads are None here: backward allocates them in the graph's pool
             self.loss = self._forward_backward_step()
