@@ -177,7 +177,8 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
                 return captured(batch)
 
         time_steps(step, row, args, device)
-        if args.profile_steps and device.type == "cuda":
+        # the eager step's kernels (a graph row runs the same kernels, and its wall time is theirs)
+        if args.profile_steps and device.type == "cuda" and timing == "plain":
             row["gpu_ms"], row["profile"] = kernel_profile(step, args.profile_steps)
         if provider == "ptlm_fused":   # the RoPE patch back to transformers' own once no fused model holds it
             import ptlm_engine as pe
