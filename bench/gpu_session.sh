@@ -4,12 +4,12 @@
 # to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json); prints the suite's summary, then
 # the test verdicts.
 #
-#   bash bench/gpu_session.sh OUT [--tests-s 120] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
+#   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
 #   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi,prefix --budget-s 240
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT [--tests-s S] [gpu_suite arguments]}
 shift
-tests_s=120
+tests_s=100
 if [ "${1:-}" = "--tests-s" ]; then tests_s=$2; shift 2; fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -39,11 +39,14 @@ if [ "$tests_s" -gt 0 ]; then
 else
     tests="gpu tests: skipped (--tests-s 0)"
 fi
-# Autotuner choices of earlier H100 runs (kernels changed since are left out of the file, so they tune).
+# Autotuner choices of earlier H100 runs (kernels changed since are left out of the file, so they tune): an
+# earlier call's on this warm machine (/tmp outlives a call), else the checkout's.
 tuned=()
-if [ -f bench/results/h100-tuned.json ]; then tuned=(--tuned bench/results/h100-tuned.json); fi
+if [ -f /tmp/ptlm-session-tuned.json ]; then tuned=(--tuned /tmp/ptlm-session-tuned.json)
+elif [ -f bench/results/h100-tuned.json ]; then tuned=(--tuned bench/results/h100-tuned.json); fi
 python3 -u -m bench.gpu_suite "$out" "${tuned[@]}" "$@" >>"$out/suite.log" 2>&1
 rc=$?
+if [ -f "$out/tuned.json" ]; then cp "$out/tuned.json" /tmp/ptlm-session-tuned.json; fi
 if [ $rc -ne 0 ]; then tail -30 "$out/suite.log" | cut -c1-200; fi
 # The device tool returns the last 12,000 characters: the suite's summary first, the test verdicts last.
 sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-160 | head -70

@@ -306,8 +306,8 @@ def test_gpu_suite_phase_deadlines_and_selection(tmp_path):
     assert gpu_suite.deadlines(["a", "b", "c"], reserve, 100.0, 90.0) == {"c": 190.0, "b": 160.0, "a": 140.0}
     assert gpu_suite.deadlines(["c", "a"], reserve, 0.0, 50.0) == {"a": 50.0, "c": 40.0}
     args = gpu_suite.parse_args([str(tmp_path), "--phases", "prefix,lora"])
-    assert args.phases == ["prefix", "lora"] and args.budget_s == 340.0 and args.points is gpu_suite.SESSION
-    assert sum(gpu_suite.SESSION_RESERVE_S[p] for p in gpu_suite.SESSION_PHASES) == 340   # the session budget
+    assert args.phases == ["prefix", "lora"] and args.budget_s == 400.0 and args.points is gpu_suite.SESSION
+    assert sum(gpu_suite.SESSION_RESERVE_S[p] for p in gpu_suite.SESSION_PHASES) == 400   # the session budget
     with pytest.raises(SystemExit):
         gpu_suite.parse_args([str(tmp_path), "--phases", "lora,nope"])
 
