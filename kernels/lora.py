@@ -683,14 +683,15 @@ def _descriptor(base: torch.Tensor, shape: list, strides: list, block: list) -> 
 
 def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] | None:
     """(shape, strides, transposed) of the 2-D t, or with `transposable` of t^T, as TMA copies it (last dim
-    contiguous, base and row stride 16-byte aligned); None if neither qualifies. Plain tuples, no views:
-    on the H100's host every torch call costs microseconds."""
+    contiguous, base and row stride 16-byte aligned, the row stride not 0: an expanded dy's broadcast rows go
+    through the pointer kernels); None if neither qualifies. Plain tuples, no views: on the H100's host every
+    torch call costs microseconds."""
     if t.data_ptr() % 16:
         return None
     (rows, cols), (s0, s1), size = t.shape, t.stride(), t.element_size()
-    if s1 == 1 and s0 * size % 16 == 0:
+    if s1 == 1 and s0 > 0 and s0 * size % 16 == 0:
         return [rows, cols], [s0, 1], False
-    if transposable and s0 == 1 and s1 * size % 16 == 0:
+    if transposable and s0 == 1 and s1 > 0 and s1 * size % 16 == 0:
         return [cols, rows], [s1, 1], True
     return None
 

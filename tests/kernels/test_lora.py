@@ -290,6 +290,21 @@ def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_la
 
 
 @needs_tma
+def test_tma_path_leaves_broadcast_rows_to_the_pointer_kernel(tma_launches):
+    """A row-broadcast operand (row stride 0: the dy of a loss summed over expanded rows, say) is no TMA layout:
+    the pointer kernel takes the call, with the same result."""
+    dtype = TMA_DTYPES[0]
+    torch.manual_seed(5)
+    x, w, a, b = _lora_inputs(1, 40, 72, 8, dtype)
+    rows = x.expand(77, 40)
+    assert K._tma_layout(rows, False) is None and K._tma_layout(x, False) is not None
+    y, _ = K.lora_matmul(rows, w, a, b, 0.5, fuse_shrink=False)
+    assert not tma_launches
+    y64 = rows.double() @ w.double().t() + 0.5 * (rows.double() @ a.double().t()) @ b.double().t()
+    assert_matches(y, y64, None, dtype, "broadcast rows")
+
+
+@needs_tma
 @pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
 def test_tma_matmul_backward_layout_with_output_dropout(dtype, tma_launches):
     """dx = dy @ W0 + keep * (g @ A): W0 and A reach the kernel transposed (N-contiguous descriptors)."""
