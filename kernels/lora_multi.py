@@ -25,7 +25,7 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
                       prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
-from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
+from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, _lora_matmul_tma_launch, base_k_step, grouped_tile,
                    split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
@@ -371,29 +371,39 @@ _multi_decode = TunedLauncher(triton.autotune(
 def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, lora_B: torch.Tensor,
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
                       order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
-                      seed: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                      seed: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                      accumulate: bool = False) -> torch.Tensor:
     """y[t] = x[t] @ weight^T + keep * (xa[t, :r_a] @ lora_B[a, :, :r_a]^T) + bias, a = adapter_index[t] (-1: none).
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
     any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None; order as for the shrink.
     With dropouts (S,) and seed, keep is the Philox mask of (seed, t * N + n) against p_a: the backward of a
-    dropped-out input. `out` (M, N), if given, receives y.
+    dropped-out input. `out` (M, N), if given, receives y; with `accumulate`, y is added to its values (the
+    grouped backward's dx over its members: in the matmuls' epilogues at prefill, no add launch).
     """
     M, K = x.shape
     N = weight.shape[0]
+    if accumulate and out is None:
+        raise ValueError("accumulate adds into `out`: give it")
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
         return y
     if gathered(M) and order is None:
-        _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
+        if accumulate:  # the decode kernel splits K into shared partials: its sum goes through a temporary
+            _accumulated(y, lambda o: _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias,
+                                                           dropouts, seed, o))
+        else:
+            _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
         return y
-    if M > DECODE_MAX_T and order is not None and lora_matmul_tma(x, weight, None, None, bias, y):
+    if M > DECODE_MAX_T and order is not None and _lora_matmul_tma_launch(x, weight, None, None, bias, y, None,
+                                                                           0.0, accumulate):
         # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
         # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
         # slots' expand over y in slot-sorted row blocks, added to it: one read-modify-write of y more.
         _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, None, order, dropouts, seed, y, 0, True)
     else:
-        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K, False)
+        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K,
+                             accumulate)
     return y
 
 

@@ -145,10 +145,6 @@ def _dx_base(dy: Tensor, weight: Tensor, fan_in_fan_out: bool, dx: Optional[Tens
     return dy @ w0 if dx is None else dx.addmm_(dy, w0)
 
 
-def _plus(dx: Optional[Tensor], part: Optional[Tensor]) -> Optional[Tensor]:
-    return part if dx is None or part is None else dx.add_(part)
-
-
 def _sum_members(dys: list[Optional[Tensor]], x: Tensor, weights: list[Tensor], lora_As: list[Optional[Tensor]],
                  fan_in_fan_out: bool, need_dx: bool,
                  member_backward: Callable[[int, Tensor, Optional[Tensor]], tuple[Optional[Tensor], Tensor, Tensor]]
@@ -363,9 +359,10 @@ def _multi_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor], w
 
     def member_backward(g, dy, dx):
         seed = seeds[g:g + 1] if dropouts[g] is not None else None
-        part, d_a, d_b = multi_ops._backward(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], ranks[g], scales[g],
-                                             adapter_index, order, bounds, dropouts[g], seed, fan_in_fan_out, need_dx)
-        return _plus(dx, part if need_dx else None), d_a, d_b
+        total, d_a, d_b = multi_ops.backward_into(dy, x, xas[g], weights[g], lora_As[g], lora_Bs[g], ranks[g],
+                                                  scales[g], adapter_index, order, bounds, dropouts[g], seed,
+                                                  fan_in_fan_out, need_dx, dx if need_dx else None)
+        return total if need_dx else None, d_a, d_b
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 

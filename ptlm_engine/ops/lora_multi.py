@@ -98,15 +98,25 @@ def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor,
               seed: Optional[Tensor], fan_in_fan_out: bool, need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
     """g = s_a/(1-p_a) dy B_a (T, r_pad); dx = dy W0 + keep * (g A_a); dA_a = sum_{t in a} g^T (keep * x);
     dB_a = sum_{t in a} dy^T xa. keep: the forward's dropout mask, regenerated from the seed."""
+    return backward_into(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts,
+                         seed, fan_in_fan_out, need_dx, None)
+
+
+def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
+                  scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, dropouts: Optional[Tensor],
+                  seed: Optional[Tensor], fan_in_fan_out: bool, need_dx: bool,
+                  dx_sum: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """_backward, with dx added into dx_sum (T, d_in) when given, which is then returned as dx: the grouped
+    op's sum over its members (in the dx matmuls' epilogues at prefill, no add launch)."""
     rows = _row_order(order, dy.shape[0])
     g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, rows, dropouts,
                                         seed, mask_x=False)
     if need_dx:
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
         dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, rows,
-                                             dropouts, seed)
+                                             dropouts, seed, out=dx_sum, accumulate=dx_sum is not None)
     else:
-        dx = dy.new_empty((0,))
+        dx = dy.new_empty((0,)) if dx_sum is None else dx_sum
     r_max = lora_A.shape[1]
     d_a = multi_kernels.lora_multi_weight_grad(x, g, order, bounds, ranks, r_max, dropouts, seed, rank_major=True)
     d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)

@@ -211,3 +211,33 @@ def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
         assert_matches(got, fused.double(), None, dtype, "multi prefill dx, TMA base against the fused tile")
     base = dy.double() @ w.double()
     assert not torch.equal(fused.double(), base)                  # the LoRA term is there, masked in places
+
+
+@pytest.mark.parametrize("path", ["decode", "onepass", "tma"])
+def test_multi_matmul_accumulates_into_out(path, monkeypatch):
+    """accumulate=True adds the product (the backward dx form: output dropout) to out's values, on each path; a
+    key's first call (which tunes) and the next one alike."""
+    if path == "tma" and not (K.INTERPRETED or HOPPER):
+        pytest.skip("needs TRITON_INTERPRET=1 or a Hopper GPU")
+    monkeypatch.setattr(K, "TMA_PREFILL", path == "tma")
+    torch.manual_seed(13)
+    dtype = torch.float32 if K.INTERPRETED else torch.bfloat16
+    T = 13 if path == "decode" else M.DECODE_MAX_T + 9
+    d_in, d_out, ranks = 40, 72, [8, 3, 16]
+    S = len(ranks)
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+    idx = _mapping("random", T, S)
+    order = None if path == "decode" else M.token_segments(idx, S)[0]
+    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    w = torch.randn(d_out, d_in, device=DEVICE, dtype=dtype) * d_in ** -0.5
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+    dropouts, seed = torch.tensor([0.3, 0.0, 0.5], device=DEVICE), torch.tensor([7], device=DEVICE)
+    for _ in range(2):        # the first accumulating call of the key tunes (into a temporary)
+        start = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
+        out = start.clone()
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed, out=out, accumulate=True)
+        want = M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed)
+        assert_matches(out, start.double() + want.double(), None, dtype, f"accumulated, {path}")
+    with pytest.raises(ValueError, match="out"):
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, accumulate=True)
