@@ -5,7 +5,7 @@
 # the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
-#   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi,prefix --budget-s 240
+#   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi --budget-s 240
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT [--tests-s S] [gpu_suite arguments]}
 shift

@@ -81,13 +81,15 @@ SMOKE = Points(lora_shapes=lora.SMOKE_SHAPES, lora_tokens=lora.SMOKE_TOKENS, mul
                prefix=dict(lengths=prefix_attention.SMOKE["lengths"][:1], prefixes=prefix_attention.SMOKE["prefixes"]))
 
 # name -> seconds the phases before it leave it (session: the default phases' reserves sum to its 400 s budget).
-# model_train's first ptlm model tunes every kernel of the step (~100 s on 2026-11-26), then its graph row.
-SESSION_RESERVE_S = {"lora": 75, "model_train": 160, "multi": 55, "prefix": 45, "bottleneck": 25, "base_ops": 20,
-                     "grouped": 20, "lora_ranks": 30, "model_multi": 150}
+# model_train's first ptlm model tunes every kernel of the step (~100 s on 2026-11-26), then its graph rows.
+SESSION_RESERVE_S = {"lora": 75, "multi": 55, "prefix": 45, "bottleneck": 25, "base_ops": 20, "grouped": 20,
+                     "model_train": 160, "lora_ranks": 30, "model_multi": 150}
 FULL_RESERVE_S = {"lora": 240, "model_train": 150, "base_ops": 60, "lora_ranks": 60, "multi": 180, "grouped": 90,
                   "bottleneck": 120, "prefix": 150, "model_multi": 240}
 PHASES = list(FULL_RESERVE_S)
-SESSION_PHASES = ["lora", "model_train", "multi", "prefix", "bottleneck", "base_ops", "grouped"]
+# model_train last: whole-step CUDA graphs run there for the first time on a card, and a device fault in a replay
+# would leave the process's CUDA context unusable for every phase after it (each phase's files are saved).
+SESSION_PHASES = ["lora", "multi", "prefix", "bottleneck", "base_ops", "grouped", "model_train"]
 # phases whose ptlm rows miss their targets by more than launch overhead explains: each kernel's share logged
 KERNEL_PHASES = ["bottleneck", "prefix"]
 
