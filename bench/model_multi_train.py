@@ -8,11 +8,17 @@ The decoder and LoRA of bench/model_train.py (r=16, alpha=32, dropout 0.05 on q,
                    the block is entered per step, as a trainer with a new mapping per batch would)
   ptlm_sequential  the 4 adapters one after another: `pe.set_active_adapter`, then a step on its 2 rows
 
-Per provider: median seconds per step (the 8 rows: the 4 sub-steps together for ptlm_sequential), each between
-two device synchronizations, after warm-up steps (ptlm's kernels autotune in the first), tokens/s, and the peak
-memory allocated (reset after the warm-up: steady state, optimizer state in place).
+Timings: `plain`, the eager loops above; `graph` (ptlm_mixed only), the mixed step captured in one CUDA graph by
+pe.capture_train_step inside one `pe.adapter_batch` block (its mapping fixed for the block, as a captured step
+needs) and replayed.
 
-    python -m bench.model_multi_train --out DIR [--providers ptlm_mixed,ptlm_sequential] [--steps 5]
+Per row: median seconds per step (the 8 rows: the 4 sub-steps together for ptlm_sequential), each between
+two device synchronizations, after warm-up steps (ptlm's kernels autotune in the first), tokens/s, and the peak
+memory (reset after the warm-up: steady state, optimizer state in place; model_train.time_steps: a graph row's
+is the memory reserved).
+
+    python -m bench.model_multi_train --out DIR [--providers ptlm_mixed,ptlm_sequential] [--timings plain,graph]
+        [--steps 5]
     python -m bench.model_multi_train --smoke --out DIR      # a tiny decoder on CPU
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ from bench import harness, model_train
 
 OP = "llama_multi_train_step"
 PROVIDERS = ["ptlm_mixed", "ptlm_sequential"]
+TIMINGS = ["plain", "graph"]
 ADAPTERS = 4
 
 TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "seq", "r", "adapters"], values=["tok_s", "peak_gb"],
@@ -33,11 +40,11 @@ TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "seq", "r", "adapt
                                    ("ptlm_mixed", "ptlm_sequential", "peak_gb")])
 
 
-def measure(provider: str, args, device: torch.device) -> dict:
-    """One provider's row: a fresh model with the adapters, warm-up steps, timed steps, everything freed."""
+def measure(provider: str, args, device: torch.device, timing: str = "plain") -> dict:
+    """One row: a fresh model with the adapters, warm-up steps (graph: the capture), timed steps, all freed."""
     import ptlm_engine as pe
     config = model_train.llama_config(args.smoke)
-    row = {"op": OP, "provider": provider, "mode": "train", "timing": "plain", "layers": config.num_hidden_layers,
+    row = {"op": OP, "provider": provider, "mode": "train", "timing": timing, "layers": config.num_hidden_layers,
            "hidden": config.hidden_size, "batch": args.batch, "seq": args.seq, "r": args.rank,
            "adapters": args.adapters}
 
@@ -75,26 +82,44 @@ def measure(provider: str, args, device: torch.device) -> dict:
                 losses.append(train_on(ids[i * rows_per_adapter:(i + 1) * rows_per_adapter]))
             return torch.stack(losses).mean()
 
-        model_train.time_steps(step, row, args, device)
+        if timing == "plain":
+            model_train.time_steps(step, row, args, device)
+            return
+        with pe.adapter_batch(model, row_names):     # one block: the captured step keeps its mapping
+            t0 = time.perf_counter()
+            batch = {"input_ids": ids, "labels": ids}
+            captured = pe.capture_train_step(model, opt, batch, warmup=args.warmup)
+            harness.sync(device)
+            row["capture_s"] = time.perf_counter() - t0
+            if not captured.graphed:
+                row["note"] = f"no CUDA graph on {device.type}: the step ran eagerly"
+            model_train.time_steps(lambda: captured(batch), row, args, device)
 
     harness.provider_row(row, fill)
     return row
 
 
+def cases(providers: list[str], timings: list[str]) -> list[tuple[str, str]]:
+    """(provider, timing) rows: every provider eagerly, then the graph row of ptlm_mixed."""
+    return ([(p, "plain") for p in providers if "plain" in timings]
+            + [(p, "graph") for p in providers if "graph" in timings and p == "ptlm_mixed"])
+
+
 def run(args, device: torch.device, log=print) -> list[dict]:
     rows = []
-    for provider in args.providers:
+    for provider, timing in cases(args.providers, args.timings):
+        name = provider if timing == "plain" else f"{provider} (graph)"
         if time.monotonic() > args.deadline:
-            rows.append({"op": OP, "provider": provider, "mode": "train", "timing": "plain", "batch": args.batch,
+            rows.append({"op": OP, "provider": provider, "mode": "train", "timing": timing, "batch": args.batch,
                          "seq": args.seq, "r": args.rank, "adapters": args.adapters, "ms": None,
                          "note": "skipped for the time budget"})
         else:
-            rows.append(measure(provider, args, device))
+            rows.append(measure(provider, args, device, timing))
         r = rows[-1]
         if r["ms"] is None:
-            log(f"  {OP} {provider}: not timed: {r['note']}")
+            log(f"  {OP} {name}: not timed: {r['note']}")
         else:
-            log(f"  {OP} {provider:15s} {r['ms'] / 1e3:.4f} s/step, {r['tok_s']:,.0f} tok/s, peak "
+            log(f"  {OP} {name:23s} {r['ms'] / 1e3:.4f} s/step, {r['tok_s']:,.0f} tok/s, peak "
                 f"{r.get('peak_gb') or 0:.2f} GB, loss {r['loss']:.3f}, warm-up {r['first_call_s']:.1f} s"
                 + (f"  [{r['note']}]" if r.get("note") else ""))
     return rows
@@ -105,7 +130,8 @@ def summary(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     r0 = rows[0]
-    by = {r["provider"]: r for r in rows if r.get("ms")}
+    by = {r["provider"]: r for r in rows if r.get("ms") and r["timing"] == "plain"}
+    graph = next((r for r in rows if r.get("ms") and r["timing"] == "graph"), None)
     cells = [f"{p} {r['ms'] / 1e3:.4f} s/step {r['tok_s']:,.0f} tok/s peak {r.get('peak_gb') or 0:.2f} GB "
              f"loss {r['loss']:.3f}" for p, r in by.items()]
     lines = [f"Training {r0['adapters']} adapters, batch {r0['batch']} x {r0['seq']} "
@@ -115,6 +141,10 @@ def summary(rows: list[dict]) -> list[str]:
         peaks = mixed.get("peak_gb"), seq.get("peak_gb")
         memory = "" if None in peaks else f", {peaks[0] / peaks[1]:.2f}x the peak memory"
         lines.append(f"  ptlm_mixed/ptlm_sequential: {mixed['tok_s'] / seq['tok_s']:.2f}x the tokens/s{memory}")
+    if graph is not None:
+        against = [f"{graph['tok_s'] / r['tok_s']:.2f}x {p}'s" for p, r in by.items()]
+        lines.append(f"  ptlm_mixed captured in a CUDA graph: {graph['ms'] / 1e3:.4f} s/step, {graph['tok_s']:,.0f} "
+                     f"tok/s ({', '.join(against)} tokens/s), peak (reserved) {graph.get('peak_gb') or 0:.2f} GB")
     failed = [f"{r['provider']} {r['note'][:100]}" for r in rows if not r.get("ms")]
     if failed:
         lines.append("  not timed: " + "; ".join(failed))
@@ -123,6 +153,8 @@ def summary(rows: list[dict]) -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--providers", type=lambda s: s.split(","), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--timings", type=lambda s: s.split(","), default=TIMINGS,
+                   help="plain: eager loops; graph: ptlm_mixed captured by pe.capture_train_step")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (ptlm autotunes in the first)")
     p.add_argument("--adapters", type=int, default=ADAPTERS)

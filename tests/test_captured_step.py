@@ -194,3 +194,38 @@ def test_a_tensor_learning_rate_filled_in_place_takes_effect():
     lr.fill_(1e-2)
     step(batches[2])
     assert any(not torch.equal(_trainable(model)[n], v) for n, v in before.items())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_mixed_batch_step_inside_one_adapter_batch(device, monkeypatch):
+    """Two adapters trained in one mixed batch, the step captured inside one pe.adapter_batch block (its mapping
+    fixed for the block): the eager loop's losses and both adapters' weights (on the CPU: the eager form)."""
+    if device == "cpu":
+        monkeypatch.setenv("PTLM_BACKEND", "reference")
+
+    def build():
+        model = _llama(device, lora=False)
+        for name in ("a", "b"):
+            pe.add_adapter(model, name, pe.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+        torch.manual_seed(2)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".lora_" in n:
+                    p.normal_(0, 0.1)
+        return model
+
+    names = ["a", "b"]                            # one row each
+    model, twin = build(), build()
+    batches = _batches(4, device)
+    opts = [torch.optim.AdamW([p for n, p in m.named_parameters() if ".lora_" in n], lr=1e-2) for m in (model, twin)]
+    with pe.adapter_batch(model, names):
+        step = pe.capture_train_step(model, opts[0], batches[0], warmup=2)
+        assert step.graphed == (device == "cuda")
+        got = torch.stack([step(b) for b in batches])
+    with pe.adapter_batch(twin, names):
+        want = _plain_loop(twin, opts[1], batches)
+    assert rel_err(got, want) <= 1e-4, (got, want)
+    lora = lambda m: {n: p.detach() for n, p in m.named_parameters() if ".lora_" in n}
+    for name, value in lora(twin).items():
+        assert rel_err(lora(model)[name], value) <= 1e-3, name

@@ -254,12 +254,15 @@ def test_model_generate_budget_skips_rows(tmp_path):
 
 def test_model_multi_train_smoke(tmp_path):
     results = model_multi_train.main(["--smoke", "--out", str(tmp_path), "--steps", "1", "--warmup", "1"])
-    by = {r["provider"]: r for r in results.rows}
+    by = {r["provider"]: r for r in results.rows if r["timing"] == "plain"}
     assert set(by) == set(model_multi_train.PROVIDERS)
     for r in by.values():
         # 4 adapters of r=16 on 2 layers of hidden 64 (32768 LoRA parameters each, as in the model step test)
         assert r["ms"] > 0 and math.isfinite(r["loss"]) and r["trainable"] == 4 * 32768 and "note" not in r, r
-    assert "ptlm_mixed/ptlm_sequential" in "\n".join(results.notes)
+    graph = [r for r in results.rows if r["timing"] == "graph"]
+    assert [r["provider"] for r in graph] == ["ptlm_mixed"] and graph[0]["ms"] > 0 and "eagerly" in graph[0]["note"]
+    notes = "\n".join(results.notes)
+    assert "ptlm_mixed/ptlm_sequential" in notes and "captured in a CUDA graph" in notes
 
 
 def test_prefix_attention_smoke_and_floor(tmp_path):
