@@ -300,6 +300,41 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
             model.__dict__["generate"] = own_generate
 
 
+def remap_adapter_batch(model: nn.Module, names: Sequence[str | None]) -> None:
+    """Inside pe.adapter_batch: row i runs adapter names[i] (None: the base model) from now on, without leaving
+    the block. The new mapping has as many rows as the block's, and its adapters are among the block's (the
+    trainable parameters and the layers' slots stay as the block set them; an adapter may have no rows).
+
+    The batch's per-token tensors (slot index, token grouping) are rewritten in place, so a CUDA graph captured
+    inside the block (pe.capture_train_step, a captured decode step) replays the new mapping: serving or
+    training a changing task mix at graph speed. That holds for LoRA and bottleneck adapters; prefix, prompt and
+    modules_to_save adapters build per-row layouts on the host, so a block mapping any of them refuses to remap
+    (open a new block for a new mapping there). ValueError, before anything changes, outside a block, for a
+    mapping of another length, an adapter the block does not map, or such an adapter in the block.
+    """
+    model = unwrap(model)
+    reg = registry(model)
+    batch = reg.batch
+    if batch is None:
+        raise ValueError("remap_adapter_batch works inside an adapter_batch block; open one first")
+    _check_mapping(model, reg, names)
+    if len(names) != len(batch.names):
+        raise ValueError(f"remap_adapter_batch: the block maps {len(batch.names)} rows, got {len(names)} names")
+    outside = [name for name in dict.fromkeys(names) if name is not None and name not in batch.adapters]
+    if outside:
+        raise ValueError(f"remap_adapter_batch: {outside} not among the block's adapters "
+                         f"{sorted(batch.adapters)}: open a new adapter_batch for them")
+    for path, layer in inject.adapter_layers(model):
+        held = [name for name in batch.adapters if name in layer.adapter_names()]
+        if held and not layer.remaps_in_place:
+            raise ValueError(f"remap_adapter_batch: {path} ({type(layer).__name__}) holds {held}, whose per-row "
+                             f"layout is built on the host; open a new adapter_batch for a new mapping")
+    # The layers keep what they built from the block's adapter set (per-slot ranks and scales, pool slots):
+    # unchanged, and a captured graph holds those very tensors. Layers holding none of the block's adapters
+    # built nothing from its rows.
+    batch.remap(names)
+
+
 def _check_mapping(model: nn.Module, reg: AdapterRegistry, names: Sequence[str | None]) -> None:
     if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
         raise ValueError(f"adapter_batch needs a non-empty list with one adapter name (or None) per row, "

@@ -23,6 +23,9 @@ The rules are those of whole-network capture in PyTorch:
   starts from zero, which equals a fresh one without dampening).
 - The gradients live in the graph's memory: the parameters' .grad hold the last step's until the next replay.
   Gradient accumulation across calls is not part of the step.
+- Mixed batches: captured inside one `pe.adapter_batch` block, the step trains the block's adapters on each
+  row's own adapter; `pe.remap_adapter_batch` between calls gives the rows other adapters of the block
+  (LoRA and bottleneck adapters: it rewrites the batch's token tensors in place, which the graph reads).
 - Off CUDA, or with graph=False, the same object runs the step eagerly (a plain loop with the same arguments).
 """
 from __future__ import annotations

@@ -274,6 +274,28 @@ class AdapterBatch:
         n, rows = x.shape[0], len(self.names)
         return index if n == rows else index.repeat_interleave(n // rows)           # (N,)
 
+    def remap(self, names: Sequence[str | None]) -> None:
+        """Row i runs names[i] from now on: as many rows as before, each adapter one of the batch's (or None).
+        The per-device row tensors and every kept token index and grouping are rewritten in place, so whatever
+        holds them (a CUDA graph captured in the block) sees the new mapping; num_slots stays."""
+        slot_ids = [-1 if name is None else self.adapters[name] for name in names]
+        self.names, self.slot_ids = list(names), slot_ids
+        with torch.inference_mode(False), torch.no_grad():
+            for rows in self._rows.values():
+                rows.copy_(torch.tensor(slot_ids, dtype=torch.int32))
+            for (device, shape), (index, segments) in self._tokens.items():
+                index.copy_(self._token_index(device, shape))
+                if segments is not None:
+                    for kept, new in zip(segments, functional.token_segments(index, self.num_slots)):
+                        kept.copy_(new)
+
+    def _token_index(self, device: torch.device, shape: torch.Size) -> Tensor:
+        """Each token's slot id for tokens of `shape` (batch first), from the row tensor on `device`."""
+        rows = self._rows[device]
+        if shape[0] != len(self.names):
+            rows = rows.repeat_interleave(shape[0] // len(self.names))
+        return rows.view(-1, *[1] * (len(shape) - 1)).expand(shape)
+
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """For x (..., d_in): (index, segments). index (...) int32 is each token's slot id (its row's);
         segments are the tokens grouped by slot (functional.token_segments over num_slots), which the Triton

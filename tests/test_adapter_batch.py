@@ -399,3 +399,74 @@ def test_state_around_the_block(tiny, output):
     _assert_same_state(llama, before)
     with pe.disable_adapters(llama), pe.adapter_batch(llama, ["a", "b"]):
         torch.testing.assert_close(output(llama, ids), base)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("length", [5, 17])     # 20 and 68 tokens: the decode and prefill paths
+def test_remap_inside_the_block_rewrites_the_mapping_in_place(tiny, output, backend, length, monkeypatch):
+    """pe.remap_adapter_batch: each row then matches its new adapter alone, with the batch's row index and every
+    kept token index and grouping the same tensors as before (what a captured CUDA graph holds), rewritten."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    llama = _with_adapters(tiny, "llama")
+    pe.add_adapter(llama, "bn", pe.BottleneckConfig(bottleneck=8, placement="pfeiffer", act="relu"))
+    with torch.no_grad():
+        for name, p in llama.named_parameters():
+            if ".bn." in name or name.endswith(".bn"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+    ids = _ids(4, length)
+    new = ["c", None, "bn", "a"]
+    with torch.no_grad(), pe.adapter_batch(llama, ["a", "b", "bn", "c"]):
+        output(llama, ids)
+        batch = api.registry(llama).batch
+        kept = [(index, segments) for index, segments in batch._tokens.values()]
+        rows = list(batch._rows.values())
+        pe.remap_adapter_batch(llama, new)
+        mixed = output(llama, ids)
+        now = list(batch._tokens.values())
+        assert len(now) == len(kept) and all(i is ki and s is ks for (i, s), (ki, ks) in zip(now, kept))
+        assert all(r is kr for r, kr in zip(batch._rows.values(), rows))
+        assert all((s is not None) == (backend == "triton") for _, s in kept)
+    for row, name in enumerate(new):
+        alone = run_alone(llama, name, lambda: output(llama, ids[row:row + 1]))
+        torch.testing.assert_close(mixed[row], alone[0], rtol=1e-4, atol=1e-4, msg=f"row {row} ({name})")
+
+
+def test_remap_refuses_before_any_change(tiny, output):
+    llama = _with_adapters(tiny, "llama")
+    pe.add_adapter(llama, "p", pe.PromptConfig(num_virtual_tokens=3))
+    with pytest.raises(ValueError, match="inside an adapter_batch block"):
+        pe.remap_adapter_batch(llama, ["a", "b"])
+    ids = _ids(3)
+    with pe.adapter_batch(llama, ["a", "b", None]):
+        batch = api.registry(llama).batch
+        for names, match in ((["a", "b"], "maps 3 rows"), (["a", "c", None], r"\['c'\] not among"),
+                             (["a", "zz", None], "no adapter named 'zz'")):
+            with pytest.raises(ValueError, match=match):
+                pe.remap_adapter_batch(llama, names)
+        assert batch.names == ["a", "b", None]
+    with pe.adapter_batch(llama, ["a", "p", None]):
+        with pytest.raises(ValueError, match="built on the host"):
+            pe.remap_adapter_batch(llama, ["p", "a", None])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_remap_replays_a_captured_forward_with_the_new_mapping(tiny, output, monkeypatch):
+    """A forward captured in a CUDA graph inside the block replays the mapping written by remap_adapter_batch."""
+    monkeypatch.delenv("PTLM_BACKEND")
+    llama = _with_adapters(tiny, "llama").cuda()
+    ids = _ids(4, 17).cuda()
+    new = ["c", None, "b", "a"]
+    with torch.no_grad(), pe.adapter_batch(llama, ["a", "b", "c", None]):
+        output(llama, ids)                                      # tunes, fills the batch's token caches
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = output(llama, ids)
+        pe.remap_adapter_batch(llama, new)
+        graph.replay()
+        want = output(llama, ids)
+        torch.testing.assert_close(captured, want, rtol=1e-4, atol=1e-4)
+    for row, name in enumerate(new):
+        alone = run_alone(llama, name, lambda: output(llama, ids[row:row + 1]))
+        torch.testing.assert_close(captured[row], alone[0], rtol=1e-3, atol=1e-3, msg=f"row {row} ({name})")

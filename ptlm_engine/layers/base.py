@@ -18,7 +18,13 @@ class AdapterLayer(nn.Module):
       slot: adapter name -> model-wide slot id (the index a mixed batch's per-token mapping uses).
     Methods each subclass provides: adapter_names, adapter_parameters, remove_adapter, set_batch and
     release. The API walks a model's AdapterLayers (inject.adapter_layers) and does not look inside them.
+
+    remaps_in_place: a mixed batch's rows reach the layer only through the batch's per-token tensors (index,
+    token grouping), which AdapterBatch.remap rewrites in place, so a CUDA graph captured over the layer
+    replays a new mapping. Layers that build per-row layouts on the host from the mapping leave it False.
     """
+
+    remaps_in_place = False
 
     def __init__(self):
         super().__init__()

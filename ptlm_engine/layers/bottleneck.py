@@ -59,6 +59,8 @@ class BottleneckLayer(AdapterLayer):
     the pool (serving) or the Parameters stacked on the fly (when gradients reach them), as LoraLinear does.
     """
 
+    remaps_in_place = True      # rows reach it through the batch's token index and grouping
+
     def __init__(self, site: nn.Module, reads: nn.Module, d: int):
         super().__init__()
         self.d = d

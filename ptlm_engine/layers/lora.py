@@ -58,6 +58,8 @@ class LoraLinear(AdapterLayer):
     gradients reach an adapter, its Parameters are stacked on the fly instead, so each one gets its own.
     """
 
+    remaps_in_place = True      # rows reach it through the batch's token index and grouping
+
     def __init__(self, base: nn.Module, fan_in_fan_out: bool):
         super().__init__()
         self.register_parameter("weight", base.weight)   # (d_out, d_in), or (d_in, d_out) with fan_in_fan_out
