@@ -199,8 +199,9 @@ def test_a_tensor_learning_rate_filled_in_place_takes_effect():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 def test_mixed_batch_step_inside_one_adapter_batch(device, monkeypatch):
-    """Two adapters trained in one mixed batch, the step captured inside one pe.adapter_batch block (its mapping
-    fixed for the block): the eager loop's losses and both adapters' weights (on the CPU: the eager form)."""
+    """Two adapters trained in one mixed batch, the step captured inside one pe.adapter_batch block, the rows
+    swapping adapters halfway through pe.remap_adapter_batch: the eager loop's losses and both adapters' weights
+    (on the CPU: the eager form)."""
     if device == "cpu":
         monkeypatch.setenv("PTLM_BACKEND", "reference")
 
@@ -215,16 +216,20 @@ def test_mixed_batch_step_inside_one_adapter_batch(device, monkeypatch):
                     p.normal_(0, 0.1)
         return model
 
-    names = ["a", "b"]                            # one row each
+    names, swapped = ["a", "b"], ["b", "a"]       # one row each; the rows swap adapters halfway
     model, twin = build(), build()
     batches = _batches(4, device)
     opts = [torch.optim.AdamW([p for n, p in m.named_parameters() if ".lora_" in n], lr=1e-2) for m in (model, twin)]
     with pe.adapter_batch(model, names):
         step = pe.capture_train_step(model, opts[0], batches[0], warmup=2)
         assert step.graphed == (device == "cuda")
-        got = torch.stack([step(b) for b in batches])
+        got = [step(b) for b in batches[:2]]
+        pe.remap_adapter_batch(model, swapped)
+        got = torch.stack(got + [step(b) for b in batches[2:]])
     with pe.adapter_batch(twin, names):
-        want = _plain_loop(twin, opts[1], batches)
+        want = _plain_loop(twin, opts[1], batches[:2])
+        pe.remap_adapter_batch(twin, swapped)
+        want = torch.cat([want, _plain_loop(twin, opts[1], batches[2:])])
     assert rel_err(got, want) <= 1e-4, (got, want)
     lora = lambda m: {n: p.detach() for n, p in m.named_parameters() if ".lora_" in n}
     for name, value in lora(twin).items():
