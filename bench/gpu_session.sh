@@ -19,22 +19,25 @@ if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.
 fi
 start=$(date +%s)
 if [ "$tests_s" -gt 0 ]; then
-    # The tests least often run on a GPU first (the cap cuts the rest): the split-K decode kernels (-k decode),
-    # the base-model ops, prefix attention, the multi-adapter bottleneck, the CUDA-graph and model-level checks;
-    # then the LoRA kernels and what passed on 2026-11-26.
-    PTLM_AUTOTUNE=0 timeout "$tests_s" python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short \
-        tests/kernels/test_lora.py tests/kernels/test_lora_multi.py -k "decode" >"$out/gpu_tests.log" 2>&1
-    codes=$?
-    left=$(( tests_s - ($(date +%s) - start) ))   # timeout 0 would mean no limit at all
-    if [ "$left" -gt 5 ]; then
+    # The tests least often run on a GPU first (the cap cuts the rest): the captured training step and the
+    # in-place remap (tiny models, seconds), the split-K decode kernels (-k decode) and the multi-adapter
+    # prefill on the TMA GEMM, then the base-model ops, prefix attention, the multi-adapter bottleneck, the
+    # CUDA-graph and model-level checks; then the LoRA kernels and what passed on 2026-11-26.
+    groups=("tests/test_captured_step.py tests/test_adapter_batch.py -k captured_step|learning_rate|mixed_batch_step|remap"
+            "tests/kernels/test_lora.py tests/kernels/test_lora_multi.py tests/kernels/test_lora_grouped.py -k decode|multi_prefill|accumulates"
+            "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py tests/kernels/test_lora.py tests/kernels/test_bottleneck.py tests/kernels/test_lora_grouped.py tests/kernels/test_lora_multi.py")
+    codes=""
+    : >"$out/gpu_tests.log"
+    for group in "${groups[@]}"; do
+        left=$(( tests_s - ($(date +%s) - start) ))   # timeout 0 would mean no limit at all
+        [ "$left" -gt 5 ] || break
+        files=${group%% -k *}
+        if [ "$files" != "$group" ]; then select=(-k "${group#* -k }"); select[1]=${select[1]//|/ or }; else select=(); fi
+        # shellcheck disable=SC2086
         PTLM_AUTOTUNE=0 timeout "$left" python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short \
-            $(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null) \
-            tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py \
-            tests/kernels/test_lora.py tests/kernels/test_bottleneck.py tests/kernels/test_lora_grouped.py \
-            tests/kernels/test_lora_multi.py \
-            >>"$out/gpu_tests.log" 2>&1
-        codes="$codes, $?"
-    fi
+            $files ${select[@]+"${select[@]}"} >>"$out/gpu_tests.log" 2>&1
+        codes="$codes${codes:+, }$?"
+    done
     tests="gpu tests: exit $codes after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
 else
     tests="gpu tests: skipped (--tests-s 0)"

@@ -289,6 +289,7 @@ def test_grouped_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
     assert names == ["_grouped_shrink_kernel", "_grouped_matmul_kernel"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (K.INTERPRETED or (CUDA and torch.cuda.get_device_capability()[0] >= 9)),
                     reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)

@@ -164,6 +164,7 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
 
 
+@pytest.mark.gpu                    # also in GPU sessions (-m gpu): bf16 on Hopper's TMA
 @pytest.mark.skipif(not (K.INTERPRETED or HOPPER), reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)
 def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
@@ -213,6 +214,7 @@ def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
     assert not torch.equal(fused.double(), base)                  # the LoRA term is there, masked in places
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", ["decode", "onepass", "tma"])
 def test_multi_matmul_accumulates_into_out(path, monkeypatch):
     """accumulate=True adds the product (the backward dx form: output dropout) to out's values, on each path; a
