@@ -86,14 +86,7 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
             model_train.time_steps(step, row, args, device)
             return
         with pe.adapter_batch(model, row_names):     # one block: the captured step keeps its mapping
-            t0 = time.perf_counter()
-            batch = {"input_ids": ids, "labels": ids}
-            captured = pe.capture_train_step(model, opt, batch, warmup=args.warmup)
-            harness.sync(device)
-            row["capture_s"] = time.perf_counter() - t0
-            if not captured.graphed:
-                row["note"] = f"no CUDA graph on {device.type}: the step ran eagerly"
-            model_train.time_steps(lambda: captured(batch), row, args, device)
+            model_train.time_steps(model_train.captured_step(model, opt, ids, row, args, device), row, args, device)
 
     harness.provider_row(row, fill)
     return row

@@ -133,6 +133,20 @@ def time_steps(step, row: dict, args, device: torch.device) -> None:
         row["note"] = f"non-finite loss {row['loss']}"
 
 
+def captured_step(model: nn.Module, opt, ids: torch.Tensor, row: dict, args, device: torch.device):
+    """The step on `ids` captured by pe.capture_train_step (--warmup steps first) as a zero-argument call;
+    capture_s (warm-up and capture) and, off CUDA, a note go into `row`."""
+    import ptlm_engine as pe
+    t0 = time.perf_counter()
+    batch = {"input_ids": ids, "labels": ids}
+    captured = pe.capture_train_step(model, opt, batch, warmup=args.warmup)
+    harness.sync(device)
+    row["capture_s"] = time.perf_counter() - t0
+    if not captured.graphed:
+        row["note"] = f"no CUDA graph on {device.type}: the step ran eagerly"
+    return lambda: captured(batch)
+
+
 def measure(provider: str, args, device: torch.device, timing: str = "plain") -> dict:
     """One provider's row: build a fresh model, add LoRA, warm up (graph: capture), time steps, free everything."""
     config = llama_config(args.smoke)
@@ -164,17 +178,7 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
             return loss.detach()
 
         if timing == "graph":
-            import ptlm_engine as pe
-            t0 = time.perf_counter()
-            batch = {"input_ids": ids, "labels": ids}
-            captured = pe.capture_train_step(model, opt, batch, warmup=args.warmup)
-            harness.sync(device)
-            row["capture_s"] = time.perf_counter() - t0
-            if not captured.graphed:
-                row["note"] = f"no CUDA graph on {device.type}: the step ran eagerly"
-
-            def step() -> torch.Tensor:  # noqa: F811 - the captured form of the step above
-                return captured(batch)
+            step = captured_step(model, opt, ids, row, args, device)  # noqa: F811 - the step above, captured
 
         time_steps(step, row, args, device)
         # the eager step's kernels (a graph row runs the same kernels, and its wall time is theirs)
