@@ -265,15 +265,6 @@ class AdapterBatch:
                              f"(dim 0) must be {shape} the number of names")
         return [s for s in self.slot_ids for _ in range(n // rows)]
 
-    def row_index(self, x: Tensor) -> Tensor:
-        """(N,) slot id of each row of x (batch-first, N = x.shape[0]); ValueError if N does not fit."""
-        self._check(x)
-        index = self._rows.get(x.device)                                            # (rows,)
-        if index is None:                   # the model moved to another device inside the block
-            index = self._rows[x.device] = self._row_tensor(x.device)
-        n, rows = x.shape[0], len(self.names)
-        return index if n == rows else index.repeat_interleave(n // rows)           # (N,)
-
     def remap(self, names: Sequence[str | None]) -> None:
         """Row i runs names[i] from now on: as many rows as before, each adapter one of the batch's (or None).
         The per-device row tensors and every kept token index and grouping are rewritten in place, so whatever
@@ -290,10 +281,14 @@ class AdapterBatch:
                         kept.copy_(new)
 
     def _token_index(self, device: torch.device, shape: torch.Size) -> Tensor:
-        """Each token's slot id for tokens of `shape` (batch first), from the row tensor on `device`."""
-        rows = self._rows[device]
+        """Each token's slot id (shape, int32) for tokens of `shape` (batch first, its size checked by _check),
+        from the row tensor on `device` (made there if the model moved inside the block), a row repeated in
+        place as `generate` repeats it."""
+        rows = self._rows.get(device)                                               # (rows,)
+        if rows is None:
+            rows = self._rows[device] = self._row_tensor(device)
         if shape[0] != len(self.names):
-            rows = rows.repeat_interleave(shape[0] // len(self.names))
+            rows = rows.repeat_interleave(shape[0] // len(self.names))              # (N,)
         return rows.view(-1, *[1] * (len(shape) - 1)).expand(shape)
 
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
@@ -303,13 +298,13 @@ class AdapterBatch:
         reference runs, which does not group tokens). Both are kept per input shape for the block's lifetime;
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
-        if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
-            return self.row_index(x).view(-1, *[1] * (len(shape) - 1)).expand(shape), None
         self._check(x)                      # also on a hit: whether a shape is allowed depends on `expanding`
+        if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
+            return self._token_index(x.device, shape), None
         key = (x.device, shape)
         if key not in self._tokens:
             with torch.inference_mode(False):                                       # kept across calls
-                index = self.row_index(x).view(-1, *[1] * (len(shape) - 1)).expand(shape).clone()
+                index = self._token_index(x.device, shape).clone()
                 segments = functional.token_segments(index, self.num_slots) if triton_enabled(x) else None
             self._tokens[key] = (index, segments)
         return self._tokens[key]
