@@ -750,11 +750,12 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
 
 
 def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor | None, lora_B: torch.Tensor | None,
-                    bias: torch.Tensor | None, y: torch.Tensor) -> bool:
-    """y = x @ weight^T + xa @ lora_B^T + bias on the Hopper TMA path alone (xa given, no output dropout; xa and
-    lora_B None: no LoRA term): True if it ran, False (nothing launched) where it does not apply. For callers
-    with their own shrink, or their own expand (kernels.lora_multi at prefill)."""
-    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0)
+                    bias: torch.Tensor | None, y: torch.Tensor, accumulate: bool = False) -> bool:
+    """y = x @ weight^T + xa @ lora_B^T + bias (added to y's values with accumulate) on the Hopper TMA path alone
+    (xa given, no output dropout; xa and lora_B None: no LoRA term): True if it ran, False (nothing launched)
+    where it does not apply. For callers with their own shrink, or their own expand (kernels.lora_multi at
+    prefill)."""
+    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0, accumulate)
 
 
 def fuse_shrink_default(T: int, R: int) -> bool:

@@ -728,11 +728,15 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     has_lora = [b is not None for b in lora_Bs]
     # At prefill on Hopper, member by member as kernels.lora_multi.lora_multi_matmul runs it there: the base GEMM
     # on the TMA kernel, then the slots' expand added over it (the fused pointer tile below ran at ~65% of
-    # cuBLAS). Should a member not fit TMA's layout rules, the grouped kernel below recomputes every member.
-    if M > DECODE_MAX_T and order is not None and _tma_programs(x, M) and all(
-            lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order,
-                              out=ys[g]) is not None if has_lora[g] else
-            lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g]) for g in range(G)):
+    # cuBLAS). A member with adapters always gets its output that way (lora_multi_matmul falls back on its own);
+    # should a member without any not fit TMA's layout rules, the grouped kernel below recomputes every member.
+    def member_on_tma(g: int) -> bool:
+        if not has_lora[g]:
+            return lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g])
+        lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order, out=ys[g])
+        return True
+
+    if M > DECODE_MAX_T and order is not None and _tma_programs(x, M) and all(map(member_on_tma, range(G))):
         return ys
     fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
     if fp32 is None:

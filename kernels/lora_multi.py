@@ -25,7 +25,7 @@ import triton.language as tl
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
                       prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
-from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, _lora_matmul_tma_launch, base_k_step, grouped_tile,
+from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
                    split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
@@ -341,9 +341,9 @@ def _multi_decode_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
 
+    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if OUT_DROPOUT and pid_k == 0:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
-        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                              # (BLOCK_M,)
         acc = _slot_dropout(_gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                                              stride_xar, stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N),
                             slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
@@ -352,7 +352,6 @@ def _multi_decode_kernel(
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
     if not OUT_DROPOUT and pid_k == 0:
-        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)
         acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
                                stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
     if SPLIT_K == 1:
@@ -395,8 +394,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         else:
             _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
         return y
-    if M > DECODE_MAX_T and order is not None and _lora_matmul_tma_launch(x, weight, None, None, bias, y, None,
-                                                                           0.0, accumulate):
+    if M > DECODE_MAX_T and order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate):
         # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
         # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
         # slots' expand over y in slot-sorted row blocks, added to it: one read-modify-write of y more.
