@@ -180,6 +180,11 @@ def _patch_rotary(module_name: str) -> weakref.WeakSet:
     return _ROTARY_PATCHES[module_name][1]
 
 
+def _holders(module_name: str) -> weakref.WeakSet | set:
+    """The scopes holding the modeling module's patch (none: it is not patched)."""
+    return _ROTARY_PATCHES.get(module_name, (None, set()))[1]
+
+
 class _RotaryScope:
     """The forward pre-hook (enter) and hook (exit, run on exceptions too) of one fused attention module: the
     patched function fuses while this thread is inside. It holds the patch while it lives; a deep copy or an
@@ -228,7 +233,7 @@ def _release_rotary(model: nn.Module) -> None:
                 if getattr(hook, "__self__", None) is scope:
                     del child._forward_hooks[exit_id]
                     child._forward_hooks_always_called.pop(exit_id, None)
-            _ROTARY_PATCHES.get(scope.module_name, (None, set()))[1].discard(scope)
+            _holders(scope.module_name).discard(scope)
     for module_name, (original, holders) in list(_ROTARY_PATCHES.items()):
         if len(holders) == 0:
             modeling = importlib.import_module(module_name)
@@ -241,7 +246,7 @@ def _release_rotary(model: nn.Module) -> None:
 def _rotary_held(model: nn.Module) -> int:
     """The modeling modules whose patch the model's attention modules hold."""
     return len({scope.module_name for _, _, child in _modules(model) for _, scope in _scope_hooks(child)
-                if scope in _ROTARY_PATCHES.get(scope.module_name, (None, ()))[1]})
+                if scope in _holders(scope.module_name)})
 
 
 # ------------------------------------------------------------------------------------------------------- loss

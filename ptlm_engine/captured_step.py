@@ -85,7 +85,6 @@ class _Snapshot:
     def restore(self) -> None:
         for p, value in zip(self.params, self.values):
             p.copy_(value)
-        for p in self.params:
             state = self.optimizer.state.get(p)
             if not state:
                 continue
