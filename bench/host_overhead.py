@@ -335,9 +335,11 @@ def model_rows(args, host: HostOnly) -> tuple[list[dict], list[dict]]:
                            "device": device.type, **shape}, step))
         rows = measure(cases, host, args.warmup, args.steps, args.steps, args.launch_us)
         profile = []
-        for row, (_, step) in zip(rows, cases):   # the last ptlm provider's (ptlm or ptlm_fused)
-            if row["provider"].startswith("ptlm") and row["host_us"] is not None and args.profile_steps:
-                profile = [{"provider": row["provider"], **r} for r in profile_top(step, args.profile_steps, args.top)]
+        profiled = [(row, step) for row, (_, step) in zip(rows, cases)
+                    if row["provider"].startswith("ptlm") and row["host_us"] is not None]
+        if profiled and args.profile_steps:       # the last ptlm provider's (ptlm or ptlm_fused): one profile
+            row, step = profiled[-1]
+            profile = [{"provider": row["provider"], **r} for r in profile_top(step, args.profile_steps, args.top)]
         for _, step in cases:                     # ptlm_fused's RoPE patch back to transformers' own
             pe.unfuse_base_ops(step.model)
     return rows, profile
