@@ -170,16 +170,14 @@ def measure(provider: str, args, device: torch.device, timing: str = "plain") ->
         gen = torch.Generator(device="cpu").manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
 
-        def step() -> torch.Tensor:
+        def eager_step() -> torch.Tensor:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        if timing == "graph":
-            step = captured_step(model, opt, ids, row, args, device)  # noqa: F811 - the step above, captured
-
+        step = captured_step(model, opt, ids, row, args, device) if timing == "graph" else eager_step
         time_steps(step, row, args, device)
         # the eager step's kernels (a graph row runs the same kernels, and its wall time is theirs)
         if args.profile_steps and device.type == "cuda" and timing == "plain":
