@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ptlm_engine as pe
-from ptlm_engine.kernels.configs import INTERPRETED
+from ptlm_engine.kernels.configs import INTERPRETED, TunedLauncher
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -45,6 +45,15 @@ def lora_slots64(S, d_in, d_out, ranks):
         a[s, r:] = 0
         b[s, :, r:] = 0
     return a, b, torch.tensor(ranks, dtype=torch.int32, device=DEVICE), torch.rand(S, device=DEVICE) + 0.5
+
+
+def record_launches(monkeypatch) -> list[TunedLauncher]:
+    """The launchers of every Triton kernel launched from now on, in order (TunedLauncher.launch patched on the
+    class: an instance attribute would outlive the test)."""
+    launched = []
+    launch = TunedLauncher.launch
+    monkeypatch.setattr(TunedLauncher, "launch", lambda self, *a, **kw: launched.append(self) or launch(self, *a, **kw))
+    return launched
 
 
 def leaves(tensors, dtype=torch.float64) -> list:

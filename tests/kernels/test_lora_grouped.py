@@ -12,8 +12,7 @@ import torch
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_grouped as G
 from ptlm_engine.kernels import lora_multi as M
-from ptlm_engine.kernels.configs import TunedLauncher
-from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton, rand
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton, rand, record_launches
 
 pytestmark = needs_triton
 
@@ -277,16 +276,13 @@ def test_grouped_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
     """With TMA forced, a prefill group whose members all have adapters runs one shared shrink and one TMA
     matmul per member, never the grouped pointer kernel; a member without an adapter keeps the grouped kernel."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
-    names = []
-    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
-    monkeypatch.setattr(TunedLauncher, "launch",
-                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    launched = record_launches(monkeypatch)
     torch.manual_seed(9)
     _check_grouped(77, 40, (72, 24, 24), (8, 16, 8), dtype, False)        # 16-byte aligned rows: TMA's rule
-    assert names == ["_grouped_shrink_kernel"] + ["_lora_matmul_tma_kernel"] * 3
-    names.clear()
+    assert [k.name for k in launched] == ["_grouped_shrink_kernel"] + ["_lora_matmul_tma_kernel"] * 3
+    launched.clear()
     _check_grouped(77, 40, (72, 24, 24), (8, None, 8), dtype, False)
-    assert names == ["_grouped_shrink_kernel", "_grouped_matmul_kernel"]
+    assert [k.name for k in launched] == ["_grouped_shrink_kernel", "_grouped_matmul_kernel"]
 
 
 @pytest.mark.gpu
@@ -297,12 +293,10 @@ def test_grouped_multi_prefill_runs_each_member_on_the_tma_path(dtype, monkeypat
     """With TMA forced, a mixed-batch prefill group runs member by member: a TMA base GEMM each (a member without
     adapters: that alone) and the expand pass of each member with adapters, never the grouped pointer kernel."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
-    names = []
-    launch = TunedLauncher.launch
-    monkeypatch.setattr(TunedLauncher, "launch",
-                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    launched = record_launches(monkeypatch)
     torch.manual_seed(10)
     _check_multi(77, 40, (72, 24, 24), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, "random")
+    names = [k.name for k in launched]
     matmuls = [n for n in names if "shrink" not in n]
     assert matmuls == ["_lora_matmul_tma_kernel", "_multi_matmul_kernel", "_lora_matmul_tma_kernel",
                        "_lora_matmul_tma_kernel", "_multi_matmul_kernel"], names

@@ -5,8 +5,7 @@ import torch
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
-from ptlm_engine.kernels.configs import TunedLauncher
-from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, lora_slots64, needs_triton, record_launches
 
 pytestmark = needs_triton
 
@@ -173,13 +172,7 @@ def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
     the backward dx form (per-slot output dropout), against float64 and against the fused tile; each twice (the
     first call of a key tunes into a temporary)."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
-    launches = []
-    launch = TunedLauncher.launch
-
-    def counting(self, *args, **kwargs):
-        launches.append(self)
-        return launch(self, *args, **kwargs)
-    monkeypatch.setattr(TunedLauncher, "launch", counting)
+    launches = record_launches(monkeypatch)
     torch.manual_seed(12)
     T, d_in, d_out, ranks = M.DECODE_MAX_T + 9, 40, 72, [16, 3, 24]   # 16-byte aligned rows: TMA's rule
     S = len(ranks)

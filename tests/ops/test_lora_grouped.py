@@ -8,10 +8,9 @@ from ptlm_engine import reference
 from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped, lora_linear_multi,
                                     lora_linear_multi_grouped, token_segments)
 from ptlm_engine.kernels import lora as K
-from ptlm_engine.kernels.configs import TunedLauncher
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
-from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, lora_slots64,
-                           leaves, needs_triton, rand)
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, leaves,
+                           lora_slots64, needs_triton, rand, record_launches)
 
 
 def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True, False, True), train_base=False):
@@ -122,10 +121,7 @@ def test_grouped_backward_at_prefill_launches_one_shrink_and_one_weight_grad(mon
     """T > 64, three members with adapters: one grouped shrink (every g), one dx GEMM each, one grouped weight
     grad (every dA, dB); without dx only the two grouped launches. Gradients equal those with dx, and those of a
     group whose last output got no gradient (its member skipped) and whose middle member has no adapter."""
-    names = []
-    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
-    monkeypatch.setattr(TunedLauncher, "launch",
-                        lambda self, *a, **kw: names.append(self.name) or launch(self, *a, **kw))
+    launched = record_launches(monkeypatch)
     torch.manual_seed(12)
     x, ws, biases, As, Bs, scales = _inputs((70,), 24, (20, 8, 8), (4, 3, 5), torch.float32)
     dys = [torch.randn(70, n, device=DEVICE) for n in (20, 8, 8)]
@@ -134,8 +130,9 @@ def test_grouped_backward_at_prefill_launches_one_shrink_and_one_weight_grad(mon
         x.requires_grad_(need_dx)
         torch.manual_seed(13)             # the same dropout seeds both times
         ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, dropouts=[0.1, 0.0, 0.2])
-        names.clear()
+        launched.clear()
         grads[need_dx] = torch.autograd.grad(ys, [*As, *Bs], dys)
+        names = [k.name for k in launched]
         dx_gemms = [n for n in names if n in ("_lora_matmul_kernel", "_lora_matmul_tma_kernel")]
         assert len(dx_gemms) == (3 if need_dx else 0), names
         assert sorted(set(names) - set(dx_gemms)) == ["_grouped_shrink_each_kernel", "_grouped_weight_grad_kernel"]
