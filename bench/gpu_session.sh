@@ -42,11 +42,10 @@ if [ "$tests_s" -gt 0 ]; then
 else
     tests="gpu tests: skipped (--tests-s 0)"
 fi
-# Autotuner choices of earlier H100 runs (kernels changed since are left out of the file, so they tune): an
-# earlier call's on this warm machine (/tmp outlives a call), else the checkout's.
+# Autotuner choices: the package's for this card load by themselves (kernels/tuned_configs); an earlier call's
+# on this warm machine (/tmp outlives a call) go over them.
 tuned=()
-if [ -f /tmp/ptlm-session-tuned.json ]; then tuned=(--tuned /tmp/ptlm-session-tuned.json)
-elif [ -f bench/results/h100-tuned.json ]; then tuned=(--tuned bench/results/h100-tuned.json); fi
+if [ -f /tmp/ptlm-session-tuned.json ]; then tuned=(--tuned /tmp/ptlm-session-tuned.json); fi
 python3 -u -m bench.gpu_suite "$out" "${tuned[@]}" "$@" >>"$out/suite.log" 2>&1
 rc=$?
 if [ -f "$out/tuned.json" ]; then cp "$out/tuned.json" /tmp/ptlm-session-tuned.json; fi

@@ -8,7 +8,7 @@ TRITON_INTERPRET=1 each generator yields one small config.
 """
 from __future__ import annotations
 
-from .configs import INTERPRETED, _cfg, _tuned
+from .configs import INTERPRETED, _cfg
 
 MAX_SPLIT = 16            # most row chunks of the gradient kernel
 SMEM_BUDGET = 160 << 10   # bytes of pipelined tiles a config may stage in shared memory (H100: 227 KiB)
@@ -18,17 +18,17 @@ def rows_configs():
     """BLOCK_T rows x the whole width per program, d streamed in BLOCK_D chunks."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_T=32, BLOCK_D=64)]
-    return _tuned([_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
         (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 4), (128, 128, 8, 2), (64, 64, 8, 2),
-        (128, 64, 16, 2), (32, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4))])
+        (128, 64, 16, 2), (32, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4))]
 
 
 def grads_configs():
     """BLOCK_D columns x one chunk of rows per program (the launcher sizes the chunks: see split_limit)."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_T=32, BLOCK_D=64)]
-    return _tuned([_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
-        (64, 32, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (16, 64, 4, 4))])
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
+        (64, 32, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (16, 64, 4, 4))]
 
 
 def multi_rows_configs():
@@ -36,8 +36,8 @@ def multi_rows_configs():
     width tile up to the widest slot's (up to five), so every config costs several times the compile time."""
     if INTERPRETED:
         return rows_configs()
-    return _tuned([_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
-        (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4))])
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd) for bt, bd, w, s in (
+        (64, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 3), (16, 128, 4, 4), (16, 64, 4, 4))]
 
 
 def split_limit(t: int, m_pad: int) -> int:

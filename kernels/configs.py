@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 
 import triton
+from triton.runtime.errors import OutOfResources
 
 from . import tuned
 
 # Triton decides at decoration time whether a kernel is compiled or interpreted, so read the flag once.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# PTLM_AUTOTUNE=0 keeps each list's first config: no tuning runs (quick GPU test sessions, debugging).
+# PTLM_AUTOTUNE=0: no tuning runs (quick GPU test sessions, debugging); each new key launches the first of its
+# configs that survives pruning and fits the GPU (TunedLauncher).
 AUTOTUNE = os.environ.get("PTLM_AUTOTUNE", "1") != "0"
 DECODE_MAX_T = 64  # at or below this many tokens a linear layer is memory-bound: GEMV-like tiles
 # PTLM_DECODE_SPLIT=0 keeps the decode kernels' unsplit configs only (no arrival counters): side-by-side runs,
@@ -45,10 +47,6 @@ def _cfg(warps, stages, pre_hook=None, **meta):
     return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
 
 
-def _tuned(configs: list) -> list:
-    return configs if AUTOTUNE else configs[:1]
-
-
 def decode_matmul_configs():
     """Skinny-M tiles for small T: many programs along N, long K steps, deep pipelines to keep HBM busy.
 
@@ -63,7 +61,7 @@ def decode_matmul_configs():
     # More bytes in flight per SM for T <= 16, where the v3 kernel sat 7-18% behind cuBLAS (not yet measured).
     deeper = [_cfg(w, s, BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
               for bn, bk, w, s in ((16, 512, 4, 3), (32, 512, 4, 3), (32, 256, 8, 6), (64, 256, 8, 4))]
-    return _tuned(tiles + deeper)
+    return tiles + deeper
 
 
 def split_decode_configs():
@@ -83,7 +81,7 @@ def split_decode_configs():
         (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3))]
     if not DECODE_SPLIT:
         configs = [c for c in configs if c.kwargs["SPLIT_K"] == 1]
-    return _tuned(configs)
+    return configs
 
 
 def prune_split_decode():
@@ -102,9 +100,9 @@ def prefill_matmul_configs():
     """Tensor-core tiles for large T, grouped launch order so W0 tiles stay in L2."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
-    return _tuned([_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
+    return [_cfg(w, s, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
         (128, 256, 8, 3), (256, 128, 8, 3), (128, 256, 8, 4), (128, 128, 8, 4), (128, 128, 4, 4),
-        (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))])
+        (64, 256, 4, 4), (128, 64, 4, 4), (64, 128, 4, 4), (64, 64, 4, 4))]
 
 
 def tma_matmul_configs(pre_hook=None):
@@ -118,9 +116,9 @@ def tma_matmul_configs(pre_hook=None):
     """
     if INTERPRETED:
         return [_cfg(4, 1, pre_hook, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)]
-    return _tuned([_cfg(w, s, pre_hook, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
+    return [_cfg(w, s, pre_hook, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8) for bm, bn, w, s in (
         (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 4),
-        (128, 64, 4, 4))])
+        (128, 64, 4, 4))]
 
 
 def shrink_configs():
@@ -132,15 +130,15 @@ def shrink_configs():
     # 132 SMs, 0.030 ms against a 0.011 ms floor (H100, 2026-11-26), 14% of the layer's forward.
     prefill = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=bk, SPLIT_K=1) for bt in (64, 128) for bk in (64, 128)]
     prefill += [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=s) for bt in (64, 128) for s in (2, 4)]
-    return _tuned(decode + prefill)
+    return decode + prefill
 
 
 def weight_grad_configs():
     """sum_t G[t, n] H[t, r]: programs over N, and over splits of T when N alone leaves SMs idle."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_N=32, BLOCK_T=32, SPLIT_T=1)]
-    return _tuned([_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
-                   for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)])
+    return [_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
+                   for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)]
 
 
 def prune_by_t(row_block: str, split: str | None = None):
@@ -189,11 +187,41 @@ class TunedLauncher:
     def launch(self, key: tuple, grid, *args, prepared: bool = False, **kwargs):
         """prepared: the caller has done what the key's known config's pre_hook does (`chosen` gave it)."""
         if self.chosen(key) is None:
-            self.autotuner[grid](*args, **kwargs)
-            best = self.autotuner.best_config
-            self.configs[key] = (best.all_kwargs(), best.pre_hook)
+            if AUTOTUNE:
+                self.autotuner[grid](*args, **kwargs)
+                best = self.autotuner.best_config
+                self.configs[key] = (best.all_kwargs(), best.pre_hook)
+                if len(self.autotuner.configs) > 1:      # a choice was made: keep it for later processes
+                    tuned.remember(self.name, key, best.all_kwargs())
+            else:
+                self.configs[key] = self._first_fitting(grid, args, kwargs)
             return
         meta, pre_hook = self.configs[key]
         if pre_hook is not None and not prepared:
             pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})
-        self.autotuner.fn[grid](*args, **kwargs, **meta)
+        try:
+            self.autotuner.fn[grid](*args, **kwargs, **meta)
+        except OutOfResources:
+            # A loaded choice this GPU / Triton version refuses (before launching anything): forget it, choose again.
+            if not tuned.forget(self.name, key):
+                raise
+            del self.configs[key]
+            self.launch(key, grid, *args, **kwargs)
+
+    def _first_fitting(self, grid, args, kwargs) -> tuple[dict, object]:
+        """Launch the key's pruned configs in order until one fits the GPU (Triton refuses a kernel whose
+        shared memory or registers exceed it before launching anything) and return that one."""
+        nargs = dict(zip(self.autotuner.arg_names, args))
+        self.autotuner.nargs = nargs  # prune_configs reads it, as in the Autotuner's own run
+        candidates = self.autotuner.prune_configs(kwargs)
+        for i, config in enumerate(candidates):
+            meta = config.all_kwargs()
+            try:
+                if config.pre_hook is not None:
+                    config.pre_hook({**nargs, **kwargs, **meta})
+                self.autotuner.fn[grid](*args, **kwargs, **meta)
+            except OutOfResources:
+                if i == len(candidates) - 1:
+                    raise
+                continue
+            return meta, config.pre_hook

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .configs import AUTOTUNE, INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
+from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, tune_bench
 from .lora import _descriptor, _dot, _tma_sms  # _dot: exact (ieee) for fp32 inputs, as PyTorch's fp32 attention
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -138,7 +138,7 @@ def dq_configs():
 def _prune(resident: str, streamed: str, ds_tile: bool = False):
     """Drop tiles taller than the queries (decode), tiles whose pipelined buffers (and, with ds_tile, the
     (BLOCK_M, BLOCK_N) dS^T operand of the fused backward's dQ product) overflow shared memory at this head
-    dim; PTLM_AUTOTUNE=0 keeps the first survivor."""
+    dim."""
     def prune(configs, named_args, **kwargs):
         lq, block_d, elem = named_args["LQ_BUCKET"], kwargs["BLOCK_D"], named_args["q_ptr"].element_size()
 
@@ -149,8 +149,7 @@ def _prune(resident: str, streamed: str, ds_tile: bool = False):
                 scratch += c.kwargs["BLOCK_M"] * block_d * 4
             return rows * block_d * elem + scratch <= SMEM_BUDGET and c.kwargs["BLOCK_M"] <= max(16, lq)
 
-        kept = [c for c in configs if fits(c)] or configs[-1:]
-        return kept if AUTOTUNE else kept[:1]
+        return [c for c in configs if fits(c)] or configs[-1:]
     return {"early_config_prune": prune}
 
 

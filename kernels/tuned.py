@@ -1,22 +1,32 @@
 """Autotuner choices kept across processes: each TunedLauncher's chosen config per key, as JSON.
 
-A tuning run on one card saves them (`save_tuned`, bench.gpu_suite's tuned.json); a later run on the same card
-loads them (`load_tuned`, or PTLM_TUNED=FILE before the kernels are imported), and each key then compiles its
-chosen config alone instead of benchmarking every candidate: the difference between seconds and minutes of
-first calls on a fresh machine. Keys are the launchers' own cache keys (shape buckets, flags, dtypes) as text;
-a saved config the launcher no longer offers is ignored and that key tunes again.
+Tuning every kernel of a training step costs minutes on a fresh machine (335 s for the Llama-shaped step on an
+H100); a key whose choice is known compiles that config alone. Choices come, per card (its CUDA device name),
+from three places, later ones over earlier:
+- the package: `tuned_configs/<card>.json` beside this file, the choices of the project's benchmark runs on that card;
+- this machine's cache, `$PTLM_TUNED_CACHE/<card>.json` (default ~/.cache/ptlm_engine/tuned; PTLM_TUNED_CACHE=0
+  turns it off): every key tuned here is added to it as soon as it is tuned;
+- PTLM_TUNED=FILE (read at import) or `load_tuned(FILE)`: a run's saved choices (`save_tuned`, bench.gpu_suite's
+  tuned.json).
+Keys are the launchers' own cache keys (shape buckets, flags, dtypes) as text; a saved config the launcher no
+longer offers is ignored and that key tunes again.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
+import torch
 import triton
 
 LAUNCHERS: list = []                           # every TunedLauncher, in construction order
 PRESETS: dict[str, dict[str, dict]] = {}       # kernel name -> key text -> config kwargs (num_warps, ... too)
+PACKAGED = Path(__file__).with_name("tuned_configs")   # <card>.json per card the project has tuned on
+_cards_loaded: set[str] = set()
 
 
 def key_text(key: tuple) -> str:
@@ -26,6 +36,9 @@ def key_text(key: tuple) -> str:
 
 def preset(name: str, key: tuple, offered: list) -> tuple[dict, object] | None:
     """(config kwargs, pre_hook) loaded for kernel `name` at `key`, if it is among the `offered` configs."""
+    card = current_card()
+    if card is not None and card not in _cards_loaded:
+        load_card(card)
     meta = PRESETS.get(name, {}).get(key_text(key))
     if meta is None:
         return None
@@ -53,6 +66,74 @@ def load_tuned(path: str | Path, card: str | None = None) -> int:
     for name, entries in data["kernels"].items():
         PRESETS.setdefault(name, {}).update(entries)
     return sum(map(len, data["kernels"].values()))
+
+
+def forget(name: str, key: tuple) -> bool:
+    """Drop a loaded choice (the GPU refused it); False if there was none."""
+    return PRESETS.get(name, {}).pop(key_text(key), None) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def current_card() -> str | None:
+    """The current CUDA device's name; None without CUDA, and under Triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not torch.cuda.is_available():
+        return None
+    return _device_name(torch.cuda.current_device())
+
+
+def card_file(card: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3.json'."""
+    return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") + ".json"
+
+
+def cache_dir() -> Path | None:
+    """This machine's cache of tuned choices; None when PTLM_TUNED_CACHE=0."""
+    setting = os.environ.get("PTLM_TUNED_CACHE", "")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ptlm_engine" / "tuned"
+
+
+def load_card(card: str) -> int:
+    """Once per card and process: the package's choices for it, then this machine's cache over them."""
+    _cards_loaded.add(card)
+    loaded = 0
+    root = cache_dir()
+    for path in (PACKAGED / card_file(card), None if root is None else root / card_file(card)):
+        if path is None or not path.is_file():
+            continue
+        try:
+            loaded += load_tuned(path, card)
+        except (OSError, ValueError, KeyError) as e:   # a torn or foreign file: tune as if it were not there
+            warnings.warn(f"{path}: not loaded ({type(e).__name__}: {e})", stacklevel=2)
+    return loaded
+
+
+def remember(name: str, key: tuple, meta: dict) -> None:
+    """Add one choice tuned in this process to this machine's cache for the current card (read, merge, then an
+    atomic replace: processes tuning side by side lose at most each other's last entry, never the file)."""
+    card, root = current_card(), cache_dir()
+    if card is None or root is None:
+        return
+    path = root / card_file(card)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        if data.get("card") != card:
+            data = {"card": card, "kernels": {}}
+        data["triton"] = triton.__version__
+        data["kernels"].setdefault(name, {})[key_text(key)] = meta
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path}: tuned choice not cached ({type(e).__name__}: {e})", stacklevel=2)
 
 
 if os.environ.get("PTLM_TUNED"):

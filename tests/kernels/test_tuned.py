@@ -3,7 +3,10 @@ import json
 
 import pytest
 import torch
+import triton
+from triton.runtime.errors import OutOfResources
 
+from ptlm_engine.kernels import configs
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import tuned
 
@@ -47,3 +50,113 @@ def test_a_choice_no_longer_offered_tunes_again(monkeypatch):
     offered = launcher.autotuner.configs[0]
     monkeypatch.setattr(tuned, "PRESETS", {launcher.name: {tuned.key_text(key): offered.all_kwargs()}})
     assert tuned.preset(launcher.name, key, launcher.autotuner.configs) == (offered.all_kwargs(), offered.pre_hook)
+
+
+def _refusing(launcher, refused_block_t, tried):
+    """The launcher's kernel, except that a config with BLOCK_T == refused_block_t is refused as Triton refuses a
+    kernel over the GPU's shared memory (before launching anything); every tried BLOCK_T is appended to `tried`."""
+    jit = launcher.autotuner.fn
+
+    class Refusing:                        # launched as fn[grid](...) by TunedLauncher, fn.run(...) by Autotuner
+        def run(self, *args, **kwargs):
+            tried.append(kwargs["BLOCK_T"])
+            if kwargs["BLOCK_T"] == refused_block_t:
+                raise OutOfResources(294912, 232448, "shared memory")
+            return jit.run(*args, **kwargs)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+    return Refusing()
+
+
+def _config_like(config, **meta):
+    return triton.Config({**config.kwargs, **meta}, num_warps=config.num_warps, num_stages=config.num_stages,
+                         pre_hook=config.pre_hook)
+
+
+@pytest.fixture
+def shrink(monkeypatch):
+    """K._lora_shrink with no choices made or loaded, offering (too_big, fits), the first refused by the GPU."""
+    launcher = K._lora_shrink
+    fits = launcher.autotuner.configs[0]
+    too_big = _config_like(fits, BLOCK_T=2 * fits.kwargs["BLOCK_T"])
+    tried = []
+    monkeypatch.setattr(tuned, "PRESETS", {})
+    monkeypatch.setattr(launcher, "configs", {})
+    monkeypatch.setattr(launcher.autotuner, "configs", [too_big, fits])
+    monkeypatch.setattr(launcher.autotuner, "fn", _refusing(launcher, too_big.kwargs["BLOCK_T"], tried))
+    return launcher, too_big, fits, tried
+
+
+def _shrink_call():
+    x = torch.randn(37, 40, device=DEVICE)
+    a = torch.randn(5, 40, device=DEVICE)
+    torch.testing.assert_close(K.lora_shrink(x, a, 0.5), 0.5 * x @ a.T, rtol=1e-4, atol=1e-4)
+
+
+def test_without_autotuning_a_new_key_launches_the_first_config_that_fits(shrink, monkeypatch):
+    """PTLM_AUTOTUNE=0: a config the GPU refuses is passed over for the next one, and the key keeps the one
+    that ran."""
+    launcher, too_big, fits, tried = shrink
+    monkeypatch.setattr(configs, "AUTOTUNE", False)
+    _shrink_call()
+    assert tried == [too_big.kwargs["BLOCK_T"], fits.kwargs["BLOCK_T"]]
+    assert [meta["BLOCK_T"] for meta, _ in launcher.configs.values()] == [fits.kwargs["BLOCK_T"]]
+    _shrink_call()                                                  # the key's choice launches directly
+    assert tried[-1] == fits.kwargs["BLOCK_T"] and len(tried) == 3
+
+
+def test_a_loaded_choice_the_gpu_refuses_is_forgotten_and_chosen_again(shrink, monkeypatch):
+    launcher, too_big, fits, tried = shrink
+    monkeypatch.setattr(configs, "AUTOTUNE", False)
+    key = (64, 40, 5, False, torch.float32, torch.float32)
+    monkeypatch.setattr(tuned, "PRESETS", {launcher.name: {tuned.key_text(key): too_big.all_kwargs()}})
+    _shrink_call()
+    assert tried == [too_big.kwargs["BLOCK_T"]] * 2 + [fits.kwargs["BLOCK_T"]]   # the preset, then the fallback
+    assert tuned.PRESETS[launcher.name] == {}
+    assert launcher.configs[key][0] == fits.all_kwargs()
+
+
+def test_a_tuned_choice_is_cached_for_the_card_and_loaded_by_the_next_process(shrink, monkeypatch, tmp_path):
+    """A key tuned here goes into $PTLM_TUNED_CACHE/<card>.json at once; a later process loads the package's
+    choices for the card, then the cache's over them, and launches the key without tuning."""
+    launcher, too_big, fits, tried = shrink
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    monkeypatch.setenv("PTLM_TUNED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuned, "current_card", lambda: "Card A 80GB")
+    monkeypatch.setattr(tuned, "_cards_loaded", {"Card A 80GB"})      # this process loaded its (empty) files
+    monkeypatch.setattr(launcher.autotuner, "cache", {})
+    monkeypatch.setattr(launcher.autotuner, "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
+    _shrink_call()                                                  # tunes: too_big refused (inf), fits chosen
+    key = (64, 40, 5, False, torch.float32, torch.float32)
+    cached = json.loads((tmp_path / "cache" / "card-a-80gb.json").read_text())
+    assert cached["card"] == "Card A 80GB"
+    assert cached["kernels"][launcher.name] == {tuned.key_text(key): fits.all_kwargs()}
+
+    # The next process: the package offers too_big for this key and another key; the cache's choice wins.
+    package = tmp_path / "package"
+    package.mkdir()
+    other = tuned.key_text((128, 40, 5, False, torch.float32, torch.float32))
+    (package / "card-a-80gb.json").write_text(json.dumps({"card": "Card A 80GB", "kernels": {launcher.name: {
+        tuned.key_text(key): too_big.all_kwargs(), other: too_big.all_kwargs()}}}))
+    monkeypatch.setattr(tuned, "PACKAGED", package)
+    monkeypatch.setattr(tuned, "PRESETS", {})
+    monkeypatch.setattr(tuned, "_cards_loaded", set())
+    launcher.configs.clear()
+    monkeypatch.setattr(launcher.autotuner, "run", lambda *a, **k: pytest.fail("a cached key tuned again"))
+    tried.clear()
+    _shrink_call()
+    assert tried == [fits.kwargs["BLOCK_T"]]
+    assert tuned.PRESETS[launcher.name][other] == too_big.all_kwargs()
+
+
+def test_the_tuned_cache_can_be_turned_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("PTLM_TUNED_CACHE", "0")
+    monkeypatch.setattr(tuned, "current_card", lambda: "Card A")
+    assert tuned.cache_dir() is None
+    tuned.remember("k", (1,), {"num_warps": 4})                    # nothing to write, nothing raised
+    monkeypatch.setenv("PTLM_TUNED_CACHE", str(tmp_path))
+    tuned.remember("k", (1,), {"num_warps": 4})
+    tuned.remember("k", (2,), {"num_warps": 8})
+    assert json.loads((tmp_path / "card-a.json").read_text())["kernels"] == {"k": {"(1,)": {"num_warps": 4},
+                                                                                   "(2,)": {"num_warps": 8}}}
