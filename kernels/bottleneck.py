@@ -16,7 +16,9 @@ Backward, two kernels (g = s dy is never materialised):
 - rows:  da = dy Wu over d; then a = act(z) and dz = s da act'(z), both (T x m) in the input dtype.
 - grads: a program owns BLOCK_D columns and one contiguous chunk of rows: dh = [dy +] dz Wd on its tile, and
          over its rows the partial sums dWu = s dy^T a, dWd = dz^T h, dbu = s sum dy, dbd = sum dz, stored per
-         chunk and reduced by torch sums (deterministic, no atomics; none with a single chunk).
+         chunk; the last chunk of a column block to finish (kernels.split_state's counters) adds them up in
+         chunk order (deterministic) and writes the gradients in the weights' dtypes. No reduction or cast
+         launches follow (2026-11-26 they were 8 of the backward's 11 launches, 29 of its 155 us at d = 768).
 dy is read twice (once per kernel), h once, dh written once; a and dz (m wide) are re-read per column block,
 mostly from L2.
 
@@ -39,6 +41,7 @@ import triton.language as tl
 from .bottleneck_configs import grads_configs, prune_grads, prune_rows, rows_configs, split_limit
 from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora import _dot
+from .split_state import arrive_last, split_state
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 256           # the fused kernels hold a row block's whole bottleneck in registers
@@ -325,9 +328,22 @@ _rows_backward = TunedLauncher(triton.autotune(
 
 
 @triton.jit
+def _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m, mask_m, D, M,
+                 with_bd):
+    """Column block offs_d of dWu (D, M), dWd (M, D), dbu (D,) and, with with_bd, dbd (M,): contiguous, in the
+    pointers' dtypes."""
+    tl.store(dwu_ptr + offs_d[:, None] * M + offs_m[None, :], d_wu.to(dwu_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & mask_m[None, :])
+    tl.store(dwd_ptr + offs_m[:, None] * D + offs_d[None, :], d_wd.to(dwd_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(dbu_ptr + offs_d, d_bu.to(dbu_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dbd_ptr + offs_m, d_bd.to(dbd_ptr.dtype.element_ty), mask=mask_m & with_bd)
+
+
+@triton.jit
 def _grads_kernel(
-    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr,
-    T, D, M, T_BUCKET, CHUNK,
+    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
+    T, D, M, T_BUCKET, CHUNK, CHUNKS,
     stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
     stride_dht, stride_dhd,
     scale,
@@ -344,16 +360,37 @@ def _grads_kernel(
         stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
         stride_dht, stride_dhd,
         False, ADD_DY, NEED_DH, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
-    # this chunk's partial sums, contiguous (chunks, D, M), (chunks, M, D), (chunks, D), (chunks, M)
+    d_wu *= scale
+    d_bu *= scale
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
     mask_d = offs_d < D
-    tl.store(dwu_ptr + chunk * D * M + offs_d[:, None] * M + offs_m[None, :], scale * d_wu,
-             mask=mask_d[:, None] & mask_m[None, :])
-    tl.store(dwd_ptr + chunk * M * D + offs_m[:, None] * D + offs_d[None, :], d_wd,
-             mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(dbu_ptr + chunk * D + offs_d, scale * d_bu, mask=mask_d)
-    tl.store(dbd_ptr + chunk * M + offs_m, d_bd, mask=mask_m & (pid_d == 0))
+    if CHUNKS == 1:
+        _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m, mask_m,
+                     D, M, pid_d == 0)
+    else:
+        # this chunk's partial sums in the workspace, per chunk [dWu (D, M) | dWd (M, D) | dbu (D) | dbd (M)]
+        per_chunk = 2 * D * M + D + M
+        part = part_ptr + chunk * per_chunk
+        _store_grads(d_wu, d_wd, d_bu, d_bd, part, part + D * M, part + 2 * D * M, part + 2 * D * M + D,
+                     offs_d, mask_d, offs_m, mask_m, D, M, pid_d == 0)
+        if arrive_last(count_ptr, pid_d, CHUNKS):
+            tl.atomic_xchg(count_ptr + pid_d, 0)
+            d_wu = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
+            d_wd = tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32)
+            d_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            d_bd = tl.zeros((M_PAD,), dtype=tl.float32)
+            for c in range(CHUNKS):         # in chunk order, whichever program arrives last: deterministic
+                part = part_ptr + c * per_chunk
+                d_wu += tl.load(part + offs_d[:, None] * M + offs_m[None, :], mask=mask_d[:, None] & mask_m[None, :],
+                                other=0.0, cache_modifier=".cg")
+                d_wd += tl.load(part + D * M + offs_m[:, None] * D + offs_d[None, :],
+                                mask=mask_m[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                d_bu += tl.load(part + 2 * D * M + offs_d, mask=mask_d, other=0.0, cache_modifier=".cg")
+                d_bd += tl.load(part + 2 * D * M + D + offs_m, mask=mask_m & (pid_d == 0), other=0.0,
+                                cache_modifier=".cg")
+            _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m,
+                         mask_m, D, M, pid_d == 0)
 
 
 _grads = TunedLauncher(triton.autotune(
@@ -368,15 +405,15 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
 
     dy, h (T, d) any strides; z (T, m); down_weight (m, d); up_weight (d, m). add_dy: base is h (dh gains dy);
     need_dh: compute dh at all. rows_per_chunk: rows per partial sum of the weight gradients (None picks per
-    shape). `out` (T, d), if given, receives dh. Returns dh (T, d) or None, and in fp32 d_down_weight (m, d),
-    d_down_bias (m,), d_up_weight (d, m), d_up_bias (d,).
+    shape). `out` (T, d), if given, receives dh. Returns dh (T, d) or None, d_down_weight (m, d) and d_down_bias
+    (m,) in down_weight's dtype, d_up_weight (d, m) and d_up_bias (d,) in up_weight's (fp32 sums either way).
     """
     T, D = h.shape
     M = down_weight.shape[0]
     dh = (torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out) if need_dh else None
     if T == 0:
-        zeros = lambda *shape: torch.zeros(shape, device=h.device, dtype=torch.float32)
-        return dh, zeros(M, D), zeros(M), zeros(D, M), zeros(D)
+        return dh, down_weight.new_zeros((M, D)), down_weight.new_zeros((M,)), up_weight.new_zeros((D, M)), \
+            up_weight.new_zeros((D,))
     m_pad = width_tile(M)
     a_dz = torch.empty((2, T, M), device=h.device, dtype=h.dtype)       # a = act(z) and dz, one layout
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]),)
@@ -390,17 +427,18 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
     )
     chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk)
-    parts = [torch.empty((chunks, *shape), device=h.device, dtype=torch.float32)    # dWu, dWd, dbu, dbd
-             for shape in ((D, M), (M, D), (D,), (M,))]
+    d_wu, d_bu = up_weight.new_empty((D, M)), up_weight.new_empty((D,))
+    d_wd, d_bd = down_weight.new_empty((M, D)), down_weight.new_empty((M,))
+    counters, part = (split_state(h.device, cdiv(D, 16), chunks * (2 * D * M + D + M)) if chunks > 1
+                      else (d_wu, d_wu))
     grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)
     _grads.launch((t_bucket(T), D, m_pad, need_dh, add_dy, dy.dtype), grid,
-        dy, h, a_dz[0], a_dz[1], down_weight, dy if dh is None else dh, *parts,
-        T, D, M, t_bucket(T), chunk,
+        dy, h, a_dz[0], a_dz[1], down_weight, dy if dh is None else dh, d_wu, d_wd, d_bu, d_bd, part, counters,
+        T, D, M, t_bucket(T), chunk, chunks,
         dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), a_dz.stride(1), a_dz.stride(2),
         down_weight.stride(0), down_weight.stride(1),
         0 if dh is None else dh.stride(0), 0 if dh is None else dh.stride(1),
         float(scale),
         ADD_DY=add_dy, NEED_DH=need_dh, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
     )
-    d_wu, d_wd, d_bu, d_bd = (p[0] if chunks == 1 else p.sum(0) for p in parts)
     return dh, d_wd, d_bd, d_wu, d_bu

@@ -36,6 +36,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .configs import (DECODE_MAX_T, INTERPRETED, prefill_matmul_configs, prune_split_decode,  # noqa: F401
                       split_decode_configs, TunedLauncher, cdiv, next_pow2, prune_by_t, shrink_configs, t_bucket,
                       tma_matmul_configs, tune_bench, weight_grad_configs)
+from .split_state import arrive_last, split_state
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -388,8 +389,7 @@ def split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_
     the caller stored before this call is visible to that program too. Also kernels.lora_multi's decode."""
     tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], acc,
              mask=mask_m[:, None] & mask_n[None, :])
-    tl.debug_barrier()                 # every thread's partial is written before the count goes up
-    return tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
+    return arrive_last(count_ptr, pid_n, SPLIT_K)
 
 
 @triton.jit
@@ -431,27 +431,6 @@ _lora_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS",
                                  "WEIGHT_GRADS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_lora_decode_kernel))
-# Per (device, stream): the split-K decode kernels' arrival counters (zero between launches: each launch's last
-# programs zero theirs again) and partials workspace, grown as needed. Never freed: a CUDA graph that captured
-# one keeps pointing at it.
-_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-_SPLIT_OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-
-def _split_state(device: torch.device, counters: int, workspace: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(counters int32 >= counters, workspace fp32 >= workspace) for the current stream of `device`."""
-    key = (device.type, device.index, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    state = _SPLIT_BUFFERS.get(key)
-    if state is None or state[0].numel() < counters or state[1].numel() < workspace:
-        if state is not None:
-            _SPLIT_OUTGROWN.append(state)
-        old_c, old_w = (0, 0) if state is None else (state[0].numel(), state[1].numel())
-        state = (torch.zeros(max(1024, next_pow2(counters), old_c), device=device, dtype=torch.int32),
-                 torch.empty(max(1 << 16, next_pow2(workspace), old_w), device=device, dtype=torch.float32))
-        _SPLIT_BUFFERS[key] = state
-    return state
-
-
 def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per_split: int, N: int,
                   unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(partials workspace, arrival counters) for a split-K decode launch: per_split fp32 elements per split of
@@ -460,7 +439,7 @@ def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per
     split = max(c.kwargs["SPLIT_K"] for c in launcher.autotuner.configs) if known is None else known["SPLIT_K"]
     if split == 1:
         return unused, unused
-    counters, workspace = _split_state(device, cdiv(N, 16), split * per_split)
+    counters, workspace = split_state(device, cdiv(N, 16), split * per_split)
     return workspace, counters
 
 

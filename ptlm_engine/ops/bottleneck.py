@@ -45,8 +45,7 @@ def _backward(dy: Tensor, h: Tensor, z: Tensor, down_weight: Tensor, up_weight: 
     """dh = [dy +] dz Wd; dWd = dz^T h; dbd = sum dz; dWu = s dy^T a; dbu = s sum dy (dz = s (dy Wu) act'(z))."""
     dh, d_wd, d_bd, d_wu, d_bu = bottleneck_kernels.bottleneck_backward(
         dy, h, z, down_weight, up_weight, scale, act, not has_residual, need_dh)
-    dtype = down_weight.dtype
-    return (dy.new_empty((0,)) if dh is None else dh), d_wd.to(dtype), d_bd.to(dtype), d_wu.to(dtype), d_bu.to(dtype)
+    return (dy.new_empty((0,)) if dh is None else dh), d_wd, d_bd, d_wu, d_bu
 
 
 # ------------------------------------------------------------------------------------------------ custom ops

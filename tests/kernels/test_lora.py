@@ -10,6 +10,7 @@ import triton
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels.configs import TunedLauncher
+from ptlm_engine.kernels.split_state import split_state
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand
 
 pytestmark = needs_triton
@@ -169,7 +170,7 @@ def test_decode_realistic_shapes(T, d_in, d_out, r, p, dtype, decode_split):
     x, w0, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
     first, _ = K.lora_matmul(x, w0, a, b, 1.0)
     assert torch.equal(first, K.lora_matmul(x, w0, a, b, 1.0)[0])
-    assert not K._split_state(x.device, 1, 0)[0].any()
+    assert not split_state(x.device, 1, 0)[0].any()
 
 
 def _check_decode(T, d_in, d_out, r, p, dtype):
@@ -206,7 +207,7 @@ def test_decode_split_counters_are_zero_after_each_launch(decode_split):
     first, _ = K.lora_matmul(x, w0, a, b, 1.0)
     again, _ = K.lora_matmul(x, w0, a, b, 1.0)
     assert torch.equal(first, again)
-    assert not K._split_state(x.device, 1, 0)[0].any()
+    assert not split_state(x.device, 1, 0)[0].any()
 
 
 def test_decode_float32_adapters_on_a_half_base(decode_split):
