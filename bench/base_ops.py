@@ -6,7 +6,9 @@ Kernels (T = 8192 rows):
   rms_norm  x (T, 2048), a frozen weight (the base's norms: dweight is not computed), eps 1e-6
   silu_mul  gate, up (T, 5632)
   rotary    q (8, 32, 1024, 64) and k (8, 8, 1024, 64) as HF passes them (transposed views of the (B, L, H, D)
-            projections), cos / sin (1, 1024, 64): one table for the batch, as HF's model computes it
+            projections, taken inside each call: a view made outside would run its backward on the stream it
+            was made on, which invalidates a CUDA-graph capture), cos / sin (1, 1024, 64): one table for the
+            batch, as HF's model computes it
   cross_entropy  hidden (T, 2048), a frozen lm_head weight (32000, 2048), targets (T,): the mean loss; fwd+bwd
             takes hidden's gradient (the LoRA step's: the head is frozen). Also the peak memory of one call above
             its inputs (torch.cuda.max_memory_allocated), per provider, in the rows (peak_mb) and the notes.
@@ -110,13 +112,19 @@ def make_sets(shape: dict, n: int, device: torch.device, dtype: torch.dtype) -> 
             batch, hq, hk, length, hd = d
             q, k = rand(batch, length, hq, hd, grad=True), rand(batch, length, hk, hd, grad=True)  # the projections
             angles = torch.rand(1, length, hd, device=device) * 6.3
-            sets.append(OpSet((q.transpose(1, 2), k.transpose(1, 2), angles.cos().to(dtype), angles.sin().to(dtype)),
+            sets.append(OpSet((q, k, angles.cos().to(dtype), angles.sin().to(dtype)),
                               [q, k], (rand(batch, hq, length, hd), rand(batch, hk, length, hd))))
     return sets
 
 
 def set_bytes(shape: dict, elem_bytes: int = 2) -> int:
     return int(cost(shape, "fwd", elem_bytes)[0])
+
+
+def _rotary_args(s: OpSet) -> tuple:
+    """q, k as HF's attention passes them, (B, H, L, D) views of the projections; cos, sin."""
+    q, k, cos, sin = s.inputs
+    return q.transpose(1, 2), k.transpose(1, 2), cos, sin
 
 
 def _hf(kernel: str, s: OpSet):
@@ -136,7 +144,7 @@ def _hf(kernel: str, s: OpSet):
     from transformers.models.llama import modeling_llama
     rotary = modeling_llama.apply_rotary_pos_emb
     rotary = getattr(rotary, "ptlm_original", rotary)            # transformers' own, even under fuse_base_ops
-    return lambda: rotary(*s.inputs)
+    return lambda: rotary(*_rotary_args(s))
 
 
 def _compiled(kernel: str, s: OpSet):
@@ -147,8 +155,11 @@ def _compiled(kernel: str, s: OpSet):
     if kernel == "rms_norm":
         fn = torch.compile(reference.rms_norm)
         return lambda: fn(*s.inputs, EPS)
-    fn = torch.compile(reference.silu_mul if kernel == "silu_mul" else reference.apply_rotary)
-    return lambda: fn(*s.inputs)
+    if kernel == "silu_mul":
+        fn = torch.compile(reference.silu_mul)
+        return lambda: fn(*s.inputs)
+    fn = torch.compile(reference.apply_rotary)
+    return lambda: fn(*_rotary_args(s))
 
 
 def _ptlm(kernel: str, s: OpSet):
@@ -160,8 +171,9 @@ def _ptlm(kernel: str, s: OpSet):
         return lambda: functional.linear_cross_entropy(*s.inputs)
     if kernel == "rms_norm":
         return lambda: functional.rms_norm(*s.inputs, EPS)
-    fn = functional.silu_mul if kernel == "silu_mul" else functional.apply_rotary
-    return lambda: fn(*s.inputs)
+    if kernel == "silu_mul":
+        return lambda: functional.silu_mul(*s.inputs)
+    return lambda: functional.apply_rotary(*_rotary_args(s))
 
 
 FORWARDS = {"hf": _hf, "compiled": _compiled, "ptlm": _ptlm}

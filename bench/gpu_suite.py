@@ -6,7 +6,7 @@
 
 Phases (PHASES, in the default order; `--phases` picks and orders them):
   lora         LoRA layer r=16: 3 layer shapes x T x fwd, fwd+bwd x floor, cuBLAS, eager, PEFT, ptlm; CUDA-graph
-               timings too at T <= 256, where plain launches are launch-bound          (issue 2)
+               timings too at T <= 4096, where plain launches can be launch-bound      (issue 2)
   model_train  the Llama-shaped training step: HF PEFT, ptlm with the fused base ops, ptlm's LoRA alone; each
                as an eager loop and captured in a CUDA graph (pe.capture_train_step)  (issue 2)
   base_ops     the base model's fused RMSNorm, SiLU-mul, RoPE (and loss) at the step's shapes vs HF eager (issue 2)
@@ -43,7 +43,9 @@ from bench import (base_ops, bottleneck, harness, lora, lora_grouped, lora_multi
                    model_multi_train, model_train, prefix_attention, report)
 from ptlm_engine.kernels import tuned
 
-GRAPH_MAX_T = 256
+# CUDA-graph rows up to this T: plain launches of the TMA prefill path were host-bound up to T = 4096 at 4096x4096
+# (2026-11-26: fwd+bwd 1.11 ms plain); T = 16384 (full profile) is GPU-bound.
+GRAPH_MAX_T = 4096
 EXTRA_RANKS, EXTRA_TOKENS = [8, 64], [16, 4096]
 EXTRA_PROVIDERS = ["floor", "cublas", "eager", "ptlm"]
 
