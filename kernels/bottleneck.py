@@ -61,11 +61,11 @@ def width_tile(m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def target_programs(device: torch.device) -> int:
-    """Programs that keep every SM busy: two per SM on CUDA; a few on the CPU (the interpreter), so small
+def target_programs(device: torch.device, per_sm: int = 2) -> int:
+    """Programs that keep every SM busy: per_sm per SM on CUDA; a few on the CPU (the interpreter), so small
     test shapes still take the split paths."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
@@ -85,9 +85,12 @@ def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
 
 
 def chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
-    """Rows per chunk of the gradient kernel: enough chunks to fill the GPU with 64-wide column blocks, at most
-    split_limit of them (their fp32 partials or atomics stay a small fraction of the bytes)."""
-    chunks = min(split_limit(T, m_pad), max(1, target_programs(device) // cdiv(D, 64)))
+    """Rows per chunk of the gradient kernel: one wave of 64-wide column blocks, one program per SM (its configs
+    hold two m-wide fp32 gradient tiles: 8 warps of ~250 registers fill an SM), at most split_limit chunks
+    (their fp32 partials stay a small fraction of the bytes). Two programs per SM were assumed until
+    2026-11-26: 16 chunks x 12 column blocks = 192 programs on 132 SMs ran as a full wave and a 45% one (75 us
+    at d = 768, T = 16384, 36% of its bytes' bandwidth)."""
+    chunks = min(split_limit(T, m_pad), max(1, target_programs(device, per_sm=1) // cdiv(D, 64)))
     return cdiv(T, chunks)
 
 
