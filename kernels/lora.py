@@ -18,7 +18,7 @@ both are autotuned per T bucket, shape, rank and dtype. Decode floor: W0's bytes
 tensor descriptors and a persistent grid (selection rule: _tma_programs and _tma_layout; TMA_PREFILL forces it
 or switches it off). Its floor is the prefill GEMM's: 2T·d_in·d_out flops at 790 TFLOP/s (4096³: 0.174 ms).
 
-Dropout uses Philox keyed by a seed read from device memory and the element's logical index t * d_in + k, so
+Dropout hashes a seed read from device memory with the element's logical index t * d_in + k (_keep_mask), so
 backward regenerates the forward's mask without storing it, and CUDA-graph replays draw new masks.
 """
 from __future__ import annotations
@@ -48,9 +48,27 @@ def rank_block(r: int) -> int:
 
 
 @triton.jit
+def _mix32(h):
+    """lowbias32 (C. Wellons' integer hash): a bijection of uint32 whose output bits each flip with probability
+    ~1/2 when any input bit flips."""
+    h ^= h >> 16
+    h *= 0x7FEB352D
+    h ^= h >> 15
+    h *= 0x846CA68B
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
 def _keep_mask(seed_ptr, offsets, dropout_p):
-    seed = tl.load(seed_ptr).to(tl.int32)
-    return tl.rand(seed, offsets) >= dropout_p
+    """LoRA dropout's keep mask (P(keep) = 1 - dropout_p) at flat element offsets (row * width + column): a pure
+    function of (seed, offset), so the forward and each backward kernel recompute the same mask whatever their
+    tiles. Two rounds of an integer hash keyed by the seed, ~16 integer ops an element: tl.rand's 10-round Philox
+    costs ~100, and at ~240 G elements/s on an H100 it was most of the training step's r-wide passes (a shrink
+    over an 8192 x 5632 input with dropout ~190 us against a 31 us memory floor, 2026-11-26)."""
+    key = _mix32(tl.load(seed_ptr).to(tl.uint32) + 0x9E3779B9)
+    h = _mix32(_mix32(offsets.to(tl.uint32) ^ key) + key)
+    return (h >> 8).to(tl.float32) >= dropout_p * 16777216.0       # 24 uniform bits against p
 
 
 @triton.jit
@@ -752,7 +770,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias, with xa = scale / (1 - p) * (keep_x * x) @ lora_A^T.
 
     x (M, K); weight (N, K) any strides; lora_A (r, K); lora_B (N, r); bias (N,) or None. Returns y (M, N)
-    and xa (M, r) fp32. keep_x is the Philox mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
+    and xa (M, r) fp32. keep_x is the keep mask (kernels.lora._keep_mask) of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
     `out` (M, N), if given, receives y. `xa` (M, r) fp32 contiguous, if given, is the shrink's result already
@@ -875,7 +893,7 @@ def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None 
     """out = sum_t (keep * g)[t, :]^T h[t, :] and, given g2 and h2 over the same T rows, out2 = g2^T h2, in fp32
     and one launch (a launch costs tens of microseconds of host time on the H100's host).
 
-    g (T, N), h (T, r) fp32 -> (N, r); g2 (T, N2), h2 (T, r) fp32 -> (N2, r), or None. The mask is the Philox
+    g (T, N), h (T, r) fp32 -> (N, r); g2 (T, N2), h2 (T, r) fp32 -> (N2, r), or None. The mask is the keep
     mask of (seed, t * N + n), the forward's dropout mask over x; it applies to g only.
     """
     T, N = g.shape

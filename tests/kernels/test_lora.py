@@ -98,6 +98,21 @@ def _keep_mask(T, n, seed, p):
     return xa * (1.0 - p) > 0.5
 
 
+def test_dropout_mask_statistics():
+    """The hashed keep mask: drop rates within 5 sigma of p; neighbouring elements along rows and columns, and
+    the masks of consecutive seeds, uncorrelated (|r| within 6 sigma of 0)."""
+    T, n = 96, 160
+    for p in (0.05, 0.3):
+        masks = [_keep_mask(T, n, torch.tensor([s], device=DEVICE), p).double() for s in (7, 8)]
+        for keep in masks:
+            assert abs(1 - keep.mean().item() - p) < 5 * (p * (1 - p) / keep.numel()) ** 0.5
+        pairs = {"columns": (masks[0][:, 1:], masks[0][:, :-1]), "rows": (masks[0][1:], masks[0][:-1]),
+                 "seeds": masks}
+        for name, (a, b) in pairs.items():
+            r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].item()
+            assert abs(r) < 6 / a.numel() ** 0.5, (p, name, r)
+
+
 def test_dropout_mask_shared_by_forward_and_backward():
     torch.manual_seed(3)
     T, d_in, d_out, r, p = 19, 24, 30, 4, 0.3
