@@ -160,3 +160,39 @@ def test_the_tuned_cache_can_be_turned_off(monkeypatch, tmp_path):
     tuned.remember("k", (2,), {"num_warps": 8})
     assert json.loads((tmp_path / "card-a.json").read_text())["kernels"] == {"k": {"(1,)": {"num_warps": 4},
                                                                                    "(2,)": {"num_warps": 8}}}
+
+
+def test_a_new_key_compiles_its_candidate_configs_side_by_side_before_tuning(monkeypatch):
+    """_precompile warms every pruned config up inside one Triton AsyncCompileMode; a TMA config's pre_hook sets
+    block shapes on copies of the descriptors (aliased as the originals), never on the originals."""
+    import triton.language as tl
+    from triton.runtime import _async_compile
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    @triton.jit
+    def kernel(a_desc, b_desc, n, BLOCK: tl.constexpr):
+        pass
+
+    def block_shapes(nargs):
+        nargs["a_desc"].block_shape = [nargs["BLOCK"], 8]
+        nargs["b_desc"].block_shape = [nargs["BLOCK"], 16]
+
+    configs_ = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2, pre_hook=block_shapes) for b in (16, 32, 64)]
+    launcher = configs.TunedLauncher(triton.autotune(
+        configs_, key=["n"], prune_configs_by={"early_config_prune": lambda cs, nargs, **kw: cs[1:]})(kernel))
+    tuned.LAUNCHERS.remove(launcher)
+    warmed = []
+
+    class Recording:
+        def warmup(self, a_desc, b_desc, n, grid, **kwargs):
+            assert _async_compile.active_mode.get() is not None
+            warmed.append((kwargs["BLOCK"], list(a_desc.block_shape), list(b_desc.block_shape), a_desc is b_desc,
+                           a_desc is shared))
+    monkeypatch.setattr(launcher.autotuner, "fn", Recording())
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    t = torch.zeros(64, 64)
+    shared = TensorDescriptor.from_tensor(t, [1, 1])
+    launcher._precompile((shared, shared, 7), {})
+    assert warmed == [(32, [32, 16], [32, 16], True, False), (64, [64, 16], [64, 16], True, False)]
+    assert shared.block_shape == [1, 1]
+    assert _async_compile.active_mode.get() is None
