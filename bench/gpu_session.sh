@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One device call of at most ~9 minutes on an H100: install, the gpu-marked tests (bf16 correctness, sync-free
-# and CUDA-graph checks; first autotune config only), then bench.gpu_suite's session profile. Writes 7 files
-# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json); prints the suite's summary, then
-# the test verdicts.
+# and CUDA-graph checks; first autotune config only), then bench.gpu_suite's session profile. Writes 8 files
+# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json, triton-cache.tgz); prints the suite's
+# summary, then the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
 #   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi --budget-s 240
+#
+# Compiled kernels outlive the machine: Triton's cache (binaries only) comes back as OUT/triton-cache.tgz when it
+# is under 15 MiB; put it at .device-cache/triton-cache.tgz (git ignores the folder) and name .device-cache in the
+# next call's `carry`: the 2026-11-26 suite spent 187 of its 334 s in first calls, mostly compiling.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT [--tests-s S] [gpu_suite arguments]}
 shift
@@ -13,6 +17,12 @@ tests_s=100
 if [ "${1:-}" = "--tests-s" ]; then tests_s=$2; shift 2; fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+# One absolute cache path on every machine: a cache entry names its files by absolute path.
+export TRITON_CACHE_DIR=/tmp/ptlm-triton-cache TRITON_STORE_BINARY_ONLY=1
+mkdir -p "$TRITON_CACHE_DIR"
+if [ -f .device-cache/triton-cache.tgz ]; then
+    tar -xzf .device-cache/triton-cache.tgz -C "$TRITON_CACHE_DIR" && echo "triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries carried in"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.log" 2>&1; then
     cat "$out/suite.log"; exit 1
@@ -53,6 +63,10 @@ if [ $rc -ne 0 ]; then tail -30 "$out/suite.log" | cut -c1-200; fi
 # The device tool returns the last 12,000 characters: the suite's summary first, the test verdicts last.
 sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-160 | head -70
 echo "suite: exit $rc"
+tar -czf "$out/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+if [ "$(stat -c %s "$out/triton-cache.tgz" 2>/dev/null || echo 0)" -gt $((15 << 20)) ]; then
+    rm -f "$out/triton-cache.tgz"; echo "triton cache: over 15 MiB, not returned"
+fi
 echo "$tests"
 if [ -f "$out/gpu_tests.log" ]; then
     grep -oE " (PASSED|FAILED|ERROR|SKIPPED)" "$out/gpu_tests.log" | sort | uniq -c
