@@ -145,8 +145,7 @@ def weight_grad_configs():
     """sum_t G[t, n] H[t, r]: programs over N, and over splits of T when N alone leaves SMs idle."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_N=32, BLOCK_T=32, SPLIT_T=1)]
-    return [_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s)
-                   for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)]
+    return [_cfg(4, 3, BLOCK_N=bn, BLOCK_T=bt, SPLIT_T=s) for bn in (64, 128) for bt in (64, 128) for s in (1, 8, 32)]
 
 
 def prune_by_t(row_block: str, split: str | None = None):

@@ -770,7 +770,7 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias, with xa = scale / (1 - p) * (keep_x * x) @ lora_A^T.
 
     x (M, K); weight (N, K) any strides; lora_A (r, K); lora_B (N, r); bias (N,) or None. Returns y (M, N)
-    and xa (M, r) fp32. keep_x is the keep mask (kernels.lora._keep_mask) of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
+    and xa (M, r) fp32. keep_x is the keep mask of (seed, m * K + k) when x_dropout > 0 (forward), keep_out
     that of (seed, m * N + n) when out_dropout > 0 (the backward of a dropped-out input). With fuse_shrink the
     shrink runs inside the matmul's K loop (r <= 64), else as a separate pass; None picks per shape.
     `out` (M, N), if given, receives y. `xa` (M, r) fp32 contiguous, if given, is the shrink's result already

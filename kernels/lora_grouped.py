@@ -124,7 +124,7 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
     """xa_g = scales[g] / (1 - p_g) * (keep_g * x) @ lora_As[g]^T in fp32 for every member, x read once.
 
     x (T, K); lora_As[g] (r_g, K) any strides, 1 to 3 members; dropouts[g] = p_g with seeds[g] (1,) int64:
-    keep_g is the keep mask (kernels.lora._keep_mask) of (seeds[g], t * K + k), as kernels.lora's for one member. Returns (T, r_g) each.
+    keep_g is the keep mask of (seeds[g], t * K + k), as kernels.lora's for one member. Returns (T, r_g) each.
     """
     T, K = x.shape
     G = len(lora_As)
@@ -451,7 +451,7 @@ def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: 
     (kernels.lora.lora_weight_grads' pair, for 1 to 3 members sharing x).
 
     x (T, K) the forward's input; gs[g] (T, r_g) fp32 (the backward's s_g / (1 - p_g) dy_g B_g); dys[g] (T, N_g)
-    in x's dtype; xas[g] (T, r_g) fp32 the forward's; keep_g the keep mask (kernels.lora._keep_mask) of (seeds[g], t * K + k) where
+    in x's dtype; xas[g] (T, r_g) fp32 the forward's; keep_g the keep mask of (seeds[g], t * K + k) where
     dropouts[g] = p_g > 0 (the forward's mask of member g), on the dA product only. Returns ([dA_g^T (K, r_g)],
     [dB_g (N_g, r_g)]) in fp32.
     """
@@ -600,7 +600,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
 
     x (T, K); lora_As[g] (S, r_max_g, K) any strides; adapter_index (T,) int32 (-1: none); ranks[g] (S,) int32;
     scales[g] (S,) fp32; order as for lora_multi_shrink; dropouts[g] (S,) fp32 with seeds[g] (1,) int64, or None:
-    member g's keep mask is the keep mask (kernels.lora._keep_mask) of (seeds[g], t * K + k) against its slot's p. Returns
+    member g's keep mask is the one of (seeds[g], t * K + k) against its slot's p. Returns
     (T, padded_rank(r_max_g)) fp32 per member, zero beyond each token's rank.
     """
     T, K = x.shape

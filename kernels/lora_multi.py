@@ -164,7 +164,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
 
     x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32;
     order (T,) int32, the tokens sorted by slot (token_segments), or None to take them as they come;
-    dropouts (S,) fp32 per-slot LoRA dropout p_a with seed (1,) int64, or None: keep is the keep mask (kernels.lora._keep_mask) of
+    dropouts (S,) fp32 per-slot LoRA dropout p_a with seed (1,) int64, or None: keep is the keep mask of
     (seed, t * K + k) when mask_x, else only the 1 / (1 - p_a) factor applies (the backward's g = s dy B).
     Returns (T, padded_rank(r_max)) fp32, zero beyond each token's rank.
     """
@@ -376,7 +376,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
     any strides; adapter_index (M,) int32; ranks (S,) int32; bias (N,) or None; order as for the shrink.
-    With dropouts (S,) and seed, keep is the keep mask (kernels.lora._keep_mask) of (seed, t * N + n) against p_a: the backward of a
+    With dropouts (S,) and seed, keep is the keep mask of (seed, t * N + n) against p_a: the backward of a
     dropped-out input. `out` (M, N), if given, receives y; with `accumulate`, y is added to its values (the
     grouped backward's dx over its members: in the matmuls' epilogues at prefill, no add launch).
     """
@@ -509,7 +509,7 @@ def lora_multi_weight_grad(g: torch.Tensor, h: torch.Tensor, order: torch.Tensor
 
     g (T, N); h (T, >= r_max) fp32; order, bounds from token_segments; ranks (S,) int32 -> (S, N, r_max), or
     with rank_major its transpose (S, r_max, N) stored rank-major (lora_A's layout: dA needs no transposed copy).
-    With dropouts (S,) and seed, keep is the forward's keep mask (kernels.lora._keep_mask) of (seed, t * N + n) against p_a.
+    With dropouts (S,) and seed, keep is the forward's keep mask of (seed, t * N + n) against p_a.
     """
     T, N = g.shape
     S = ranks.shape[0]
