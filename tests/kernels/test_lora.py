@@ -9,9 +9,8 @@ import torch
 import triton
 
 from ptlm_engine.kernels import lora as K
-from ptlm_engine.kernels.configs import TunedLauncher
 from ptlm_engine.kernels.split_state import split_state
-from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand
+from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, needs_triton, rand, record_launches
 
 pytestmark = needs_triton
 
@@ -261,18 +260,11 @@ TMA_DTYPES = [torch.float32, torch.float16] if K.INTERPRETED else [torch.float16
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """Forces the TMA matmul (K.TMA_PREFILL = True: any T and dtype, also under the interpreter) and counts
-    its launches, so each test can tell which path ran."""
+    """Forces the TMA matmul (K.TMA_PREFILL = True: any T and dtype, also under the interpreter); a call of the
+    returned function counts its launches so far, so each test can tell which path ran."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
-    launches = []
-    launch = TunedLauncher.launch       # patched on the class: an instance attribute would outlive the test
-
-    def counting(self, *args, **kwargs):
-        if self is K._lora_matmul_tma:
-            launches.append(1)
-        return launch(self, *args, **kwargs)
-    monkeypatch.setattr(TunedLauncher, "launch", counting)
-    return launches
+    launched = record_launches(monkeypatch)
+    return lambda: launched.count(K._lora_matmul_tma)
 
 
 def _lora_inputs(T, d_in, d_out, r, dtype, transposed_w=False):
@@ -294,7 +286,7 @@ def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_la
     bvec = rand(d_out, dtype=dtype) if bias else None
     y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)    # poisoned: every element must be written
     _, xa = K.lora_matmul(x, w, a, b, 1.7, bvec, fuse_shrink=False, out=y)
-    assert len(tma_launches) == 1
+    assert tma_launches() == 1
     xa64 = 1.7 * x.double() @ a.double().t()
     y64 = x.double() @ w.double().t() + xa64 @ b.double().t() + (bvec.double() if bias else 0)
     y_torch = x @ w.t() + (xa.to(dtype) @ b.t()) + (bvec if bias else 0)
@@ -302,7 +294,7 @@ def test_tma_matmul_forward(T, d_in, d_out, r, bias, transposed_w, dtype, tma_la
     # a second call launches the cached config directly: its pre_hook must set the block shapes again
     y2 = torch.full_like(y, float("nan"))
     K.lora_matmul(x, w, a, b, 1.7, bvec, fuse_shrink=False, out=y2)
-    assert len(tma_launches) == 2 and torch.equal(y2, y)
+    assert tma_launches() == 2 and torch.equal(y2, y)
 
 
 @needs_tma
@@ -315,7 +307,7 @@ def test_tma_path_leaves_broadcast_rows_to_the_pointer_kernel(tma_launches):
     rows = x.expand(77, 40)
     assert K._tma_layout(rows, False) is None and K._tma_layout(x, False) is not None
     y, _ = K.lora_matmul(rows, w, a, b, 0.5, fuse_shrink=False)
-    assert not tma_launches
+    assert not tma_launches()
     y64 = rows.double() @ w.double().t() + 0.5 * (rows.double() @ a.double().t()) @ b.double().t()
     assert_matches(y, y64, None, dtype, "broadcast rows")
 
@@ -331,7 +323,7 @@ def test_tma_matmul_backward_layout_with_output_dropout(dtype, tma_launches):
     dy = rand(T, d_out, dtype=dtype)
     dx = torch.full((T, d_in), float("nan"), device=DEVICE, dtype=dtype)
     _, g = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=False, out=dx)
-    assert len(tma_launches) == 1
+    assert tma_launches() == 1
     keep = _keep_mask(T, d_in, seed, p)
     g64 = 3.0 * dy.double() @ b.double()
     dx64 = dy.double() @ w0.double() + keep * (g64 @ a.double())
@@ -354,7 +346,7 @@ def test_tma_matmul_float32_adapters_on_a_half_base(tma_launches):
     dx, g = K.lora_matmul(dy, w.t(), b.t(), a.t(), 2.0)
     dx64 = dy.double() @ w.double() + 2.0 * (dy.double() @ b.double()) @ a.double()
     assert_matches(dx, dx64, dy @ w + 2.0 * ((dy @ b.half()) @ a.half()), torch.float16, "dx")
-    assert len(tma_launches) == 2
+    assert tma_launches() == 2
 
 
 @needs_tma
@@ -372,7 +364,7 @@ def test_tma_path_runs_the_ops_forward_and_backward(fan_in_fan_out, tma_launches
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
     y = lora_linear(leaves[0], w, bvec, leaves[1], leaves[2], scale=1.5, fan_in_fan_out=fan_in_fan_out)
     y.backward(dy)
-    assert len(tma_launches) == 2
+    assert tma_launches() == 2
     leaves64 = [t.double().requires_grad_() for t in (x, a, b)]
     y64 = reference.lora_linear(leaves64[0], w.double(), bvec.double(), leaves64[1], leaves64[2], 1.5,
                                 fan_in_fan_out=fan_in_fan_out)
@@ -389,7 +381,7 @@ def test_tma_path_falls_back_on_unaligned_operands(T, d_in, d_out, r, tma_launch
     x, w, a, b = _lora_inputs(T, d_in, d_out, r, torch.float16)
     y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=torch.float16)
     K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=False, out=y)
-    assert not tma_launches
+    assert not tma_launches()
     y64 = x.double() @ w.double().t() + 0.5 * (x.double() @ a.double().t()) @ b.double().t()
     assert_matches(y, y64, x @ w.t() + 0.5 * (x @ a.t()) @ b.t(), torch.float16, "fallback matmul")
 
