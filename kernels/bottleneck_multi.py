@@ -7,9 +7,12 @@ m_a; widths, scales and activation codes are device tensors (S,), and nothing re
 a CUDA graph can replay with a new mapping in the same buffers.
 
 The kernels of kernels/bottleneck.py, per slot:
-- forward: a row block (the slot-sorted order at prefill, where a block holds one or two slots; the batch as it
-  comes at decode, where slot lanes spread a block's distinct slots over programs) runs the fused two-pass
-  adapter once for each distinct slot among its rows, on those rows only; rows with no adapter are copied.
+- forward at prefill: the slot-sorted rows cut into BLOCK_T-row blocks that never straddle two slots (at most
+  ceil(T / BLOCK_T) + S + 1 of them), so a program runs the fused two-pass adapter once, for one slot, as the
+  one-adapter kernel does (a loop over a block's slots, beside a pass that alone takes 243 of the 255
+  registers, spilled). At decode a row block of the batch as it comes runs the pass once for each distinct
+  slot among its rows, on those rows only, slot lanes spreading them over programs. Rows with no adapter are
+  copied.
 - backward rows: da, a = act(z), dz per distinct slot likewise.
 - backward grads: the slot-sorted rows cut into chunks that never straddle two slots (at most
   ceil(T / CHUNK) + S + 1 of them); a program owns (chunk, column block): dh on its tile, and its partial
@@ -28,10 +31,10 @@ import triton
 import triton.language as tl
 
 from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, forward_outputs, grad_sums,
-                         row_block_and_columns, row_grid, width_tile)
+                         row_block_and_columns, row_grid, target_programs, width_tile)
 from .bottleneck_configs import grads_configs, multi_rows_configs, prune_grads, prune_rows
 from .configs import DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
-from .lora_multi import NO_SLOT, _block_tokens, _next_slot, token_segments  # noqa: F401
+from .lora_multi import NO_SLOT, _next_slot, token_segments  # noqa: F401
 
 MIN_TILE = tl.constexpr(16)
 LOG2_MIN_TILE = tl.constexpr(4)    # width tiles 16 ...
@@ -59,18 +62,99 @@ def _copy_rows(tok, rows, base_ptr, y_ptr, d_lo, d_hi, stride_bt, stride_bd, str
 
 # ---------------------------------------------------------------------------------------------------- forward
 @triton.jit
-def _multi_forward_kernel(
-    h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, idx_ptr, order_ptr, sizes_ptr, scales_ptr,
+def _slot_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sizes_ptr, scales_ptr, acts_ptr,
+                  slot, tok, rows, D, M_MAX, d_lo, d_hi,
+                  stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+                  stride_wds, stride_wdm, stride_wdd, stride_bds, stride_bdm, stride_wus, stride_wud, stride_wum,
+                  stride_bus, stride_bud,
+                  STORE_Z: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Slot `slot`'s adapter on the rows `rows` of token block `tok` (columns [d_lo, d_hi) of y), at its width
+    tile; a copy of base where the slot is empty."""
+    width = tl.minimum(tl.load(sizes_ptr + slot), M_MAX)
+    if width > 0:
+        scale = tl.load(scales_ptr + slot)
+        act = tl.load(acts_ptr + slot)
+        s64 = slot.to(tl.int64)
+        for c in tl.static_range(LOG2_MIN_TILE, LOG2_MAX_TILE + 1):
+            if (1 << c) <= M_PAD:
+                if _runs_at_tile(width, c):
+                    adapter_forward(
+                        h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr + s64 * stride_wds, bd_ptr + s64 * stride_bds,
+                        wu_ptr + s64 * stride_wus, bu_ptr + s64 * stride_bus,
+                        tok, rows, width, scale, act, D, d_lo, d_hi,
+                        stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt,
+                        stride_zm, stride_wdm, stride_wdd, stride_bdm, stride_wud, stride_wum, stride_bud,
+                        True, True, STORE_Z, FP32_DOT, 1 << c, BLOCK_T, BLOCK_D)
+    else:  # an empty slot: no adapter
+        _copy_rows(tok, rows, base_ptr, y_ptr, d_lo, d_hi, stride_bt, stride_bd, stride_yt, stride_yd, BLOCK_D)
+
+
+@triton.jit
+def segment_chunk(bounds_ptr, S, chunk, CHUNK, S_PAD: tl.constexpr):
+    """(segment j, start, end) of chunk number `chunk` of the slot-sorted order: segment j = 0 holds the tokens
+    with no adapter, j = a + 1 slot a's (order[bounds[j - 1]:bounds[j]]), each cut into ceil(len / CHUNK)
+    chunks; start == end for a chunk number past them all."""
+    j = tl.arange(0, S_PAD)
+    seg_end = tl.load(bounds_ptr + j, mask=j <= S, other=0)
+    seg_start = tl.load(bounds_ptr + j - 1, mask=(j >= 1) & (j <= S), other=0)
+    n = tl.cdiv(seg_end - seg_start, CHUNK)
+    first = tl.cumsum(n, axis=0) - n
+    seg = tl.sum((first + n <= chunk).to(tl.int32), axis=0)
+    at = j == seg
+    start = tl.sum(tl.where(at, seg_start + (chunk - first) * CHUNK, 0), axis=0)
+    end = tl.minimum(tl.sum(tl.where(at, seg_end, 0), axis=0), start + CHUNK)
+    return seg, start, end
+
+
+@triton.jit
+def _segment_forward_kernel(
+    h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, order_ptr, bounds_ptr, sizes_ptr, scales_ptr,
     acts_ptr,
+    T, D, S, M_MAX, T_BUCKET,
+    stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+    stride_wds, stride_wdm, stride_wdd, stride_bds, stride_bdm, stride_wus, stride_wud, stride_wum,
+    stride_bus, stride_bud,
+    STORE_Z: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # axis 0: blocks of one slot's rows (segment_chunk); axis 1: pass 2's column shares
+    seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
+    if start < end:
+        per = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
+        d_lo = tl.program_id(1) * per
+        d_hi = tl.minimum(D, d_lo + per)
+        pos = start + tl.arange(0, BLOCK_T)
+        rows = pos < end
+        tok = tl.load(order_ptr + pos, mask=rows, other=0)
+        if seg > 0:
+            _slot_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sizes_ptr, scales_ptr,
+                          acts_ptr, seg - 1, tok, rows, D, M_MAX, d_lo, d_hi,
+                          stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+                          stride_wds, stride_wdm, stride_wdd, stride_bds, stride_bdm, stride_wus, stride_wud,
+                          stride_wum, stride_bus, stride_bud, STORE_Z, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+        else:  # the tokens with no adapter
+            _copy_rows(tok, rows, base_ptr, y_ptr, d_lo, d_hi, stride_bt, stride_bd, stride_yt, stride_yd, BLOCK_D)
+
+
+_segment_forward = TunedLauncher(triton.autotune(
+    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "S_PAD", "STORE_Z"],
+    prune_configs_by={"early_config_prune": prune_rows}, do_bench=tune_bench)(_segment_forward_kernel))
+
+
+@triton.jit
+def _multi_forward_kernel(
+    h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, idx_ptr, sizes_ptr, scales_ptr, acts_ptr,
     T, D, M_MAX, T_BUCKET,
     stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
     stride_wds, stride_wdm, stride_wdd, stride_bds, stride_bdm, stride_wus, stride_wud, stride_wum,
     stride_bus, stride_bud,
-    HAS_ORDER: tl.constexpr, STORE_Z: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_Z: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
-    tok, mask_t = _block_tokens(order_ptr, block, T, HAS_ORDER, BLOCK_T)
+    tok = block * BLOCK_T + tl.arange(0, BLOCK_T)                 # the batch as it comes
+    mask_t = tok < T
     lane = tl.program_id(1)             # this program runs the block's distinct slots number lane, lane + lanes, ...
     lanes = tl.num_programs(1)
     slot = tl.load(idx_ptr + tok, mask=mask_t, other=-1)                                      # (BLOCK_T,)
@@ -78,25 +162,11 @@ def _multi_forward_kernel(
     k = 0
     while s < NO_SLOT:
         if k % lanes == lane:
-            rows = mask_t & (slot == s)
-            width = tl.minimum(tl.load(sizes_ptr + s), M_MAX)
-            if width > 0:
-                scale = tl.load(scales_ptr + s)
-                act = tl.load(acts_ptr + s)
-                s64 = s.to(tl.int64)
-                for c in tl.static_range(LOG2_MIN_TILE, LOG2_MAX_TILE + 1):
-                    if (1 << c) <= M_PAD:
-                        if _runs_at_tile(width, c):
-                            adapter_forward(
-                                h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr + s64 * stride_wds, bd_ptr + s64 * stride_bds,
-                                wu_ptr + s64 * stride_wus, bu_ptr + s64 * stride_bus,
-                                tok, rows, width, scale, act, D, d_lo, d_hi,
-                                stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt,
-                                stride_zm, stride_wdm, stride_wdd, stride_bdm, stride_wud, stride_wum, stride_bud,
-                                True, True, STORE_Z, FP32_DOT, 1 << c, BLOCK_T, BLOCK_D)
-            else:  # an empty slot: no adapter
-                _copy_rows(tok, rows, base_ptr, y_ptr, d_lo, d_hi, stride_bt, stride_bd, stride_yt, stride_yd,
-                           BLOCK_D)
+            _slot_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sizes_ptr, scales_ptr,
+                          acts_ptr, s, tok, mask_t & (slot == s), D, M_MAX, d_lo, d_hi,
+                          stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
+                          stride_wds, stride_wdm, stride_wdd, stride_bds, stride_bdm, stride_wus, stride_wud,
+                          stride_wum, stride_bus, stride_bud, STORE_Z, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
         k += 1
         s = _next_slot(slot, s)
     plain = mask_t & (slot < 0) & (lane == 0)
@@ -105,29 +175,30 @@ def _multi_forward_kernel(
 
 
 _multi_forward = TunedLauncher(triton.autotune(
-    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "HAS_ORDER", "STORE_Z"],
+    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "STORE_Z"],
     prune_configs_by={"early_config_prune": prune_rows}, do_bench=tune_bench)(_multi_forward_kernel))
 
 
-def _lanes(order: torch.Tensor | None, T: int, S: int, meta: dict) -> int:
-    """Slot lanes per row block: one when the rows are slot-sorted (a block holds one or two slots), else as
-    many as the block can hold distinct slots, so a decode batch of many adapters runs them side by side."""
-    return 1 if order is not None else max(1, min(S, T, meta["BLOCK_T"]))
+def _lanes(T: int, S: int, meta: dict) -> int:
+    """Slot lanes per row block of the batch as it comes: as many as the block can hold distinct slots, so a
+    decode batch of many adapters runs them side by side."""
+    return max(1, min(S, T, meta["BLOCK_T"]))
 
 
 def bottleneck_multi_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor,
                              up_weight: torch.Tensor, up_bias: torch.Tensor, sizes: torch.Tensor,
                              scales: torch.Tensor, acts: torch.Tensor, adapter_index: torch.Tensor,
-                             order: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                             save_z: bool = True, out: torch.Tensor | None = None):
+                             segments: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             residual: torch.Tensor | None = None, save_z: bool = True,
+                             out: torch.Tensor | None = None):
     """y[t] = base[t] + s_a (act_a(h[t] Wd_a^T + bd_a) Wu_a^T + bu_a), a = adapter_index[t]; base = h or residual.
 
     h, residual (T, d) any strides; down_weight (S, m_max, d), down_bias (S, m_max), up_weight (S, d, m_max),
     up_bias (S, d), any strides; sizes (S,) int32 widths, scales (S,) fp32, acts (S,) int32 activation codes;
-    adapter_index (T,) int32 (-1, or a slot of size 0: y = base exactly); order (T,) int32, the tokens sorted
-    by slot (token_segments), or None to take them as they come. Returns y (T, d) and, with save_z,
-    z (T, m_max) in h's dtype, defined on each token's own width (backward's input). `out` (T, d), if given,
-    receives y.
+    adapter_index (T,) int32 (-1, or a slot of size 0: y = base exactly); segments (order, bounds) from
+    token_segments(adapter_index, S): blocks of one slot's rows (prefill), or None: row blocks of the batch as
+    it comes (decode). Returns y (T, d) and, with save_z, z (T, m_max) in h's dtype, defined on each token's
+    own width (backward's input). `out` (T, d), if given, receives y.
     """
     T, D = h.shape
     S, m_max = down_weight.shape[:2]
@@ -136,30 +207,85 @@ def bottleneck_multi_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bi
         return y, z
     base = h if residual is None else residual
     m_pad = width_tile(m_max)
-    grid = lambda meta: row_grid(T, D, meta, _lanes(order, T, S, meta), h.device)
-    key = (t_bucket(T), D, m_pad, order is None, save_z, h.dtype, base.dtype, down_weight.dtype)
-    _multi_forward.launch(key, grid,
-        h, base, y, y if z is None else z, down_weight, down_bias, up_weight, up_bias, adapter_index,
-        adapter_index if order is None else order, sizes, scales, acts,
-        T, D, m_max, t_bucket(T),
-        h.stride(0), h.stride(1), base.stride(0), base.stride(1), y.stride(0), y.stride(1),
-        0 if z is None else z.stride(0), 0 if z is None else z.stride(1),
-        *down_weight.stride(), *down_bias.stride(), *up_weight.stride(), *up_bias.stride(),
-        HAS_ORDER=order is not None, STORE_Z=save_z, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
-    )
+    operands = (h, base, y, y if z is None else z, down_weight, down_bias, up_weight, up_bias)
+    strides = (h.stride(0), h.stride(1), base.stride(0), base.stride(1), y.stride(0), y.stride(1),
+               0 if z is None else z.stride(0), 0 if z is None else z.stride(1),
+               *down_weight.stride(), *down_bias.stride(), *up_weight.stride(), *up_bias.stride())
+    consts = dict(STORE_Z=save_z, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad)
+    dtypes = (h.dtype, base.dtype, down_weight.dtype)
+    if segments is None:
+        grid = lambda meta: row_grid(T, D, meta, _lanes(T, S, meta), h.device)
+        _multi_forward.launch((t_bucket(T), D, m_pad, save_z, *dtypes), grid,
+            *operands, adapter_index, sizes, scales, acts, T, D, m_max, t_bucket(T), *strides, **consts)
+        return y, z
+    order, bounds = segments
+    s_pad = next_pow2(S + 1)
+    grid = lambda meta: _segment_grid(T, D, S, meta, h.device)
+    _segment_forward.launch((t_bucket(T), D, m_pad, s_pad, save_z, *dtypes), grid,
+        *operands, order, bounds, sizes, scales, acts, T, D, S, m_max, t_bucket(T), *strides, **consts,
+        S_PAD=s_pad)
     return y, z
+
+
+def _segment_grid(T: int, D: int, S: int, meta: dict, device: torch.device) -> tuple[int, int]:
+    """(blocks of one slot's rows: each segment adds at most one partial block, column shares where the blocks
+    alone leave SMs idle)."""
+    blocks = cdiv(T, meta["BLOCK_T"]) + S + 1
+    return blocks, max(1, min(cdiv(D, meta["BLOCK_D"]), target_programs(device) // blocks))
 
 
 # --------------------------------------------------------------------------------------------------- backward
 @triton.jit
+def _slot_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, sizes_ptr, scales_ptr, acts_ptr, slot, tok, rows, D,
+                        M_MAX, stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud, stride_wum,
+                        stride_at, stride_am,
+                        FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Slot `slot`'s row pass (a, dz) on the rows `rows` of token block `tok`, at its width tile (none where
+    the slot is empty)."""
+    width = tl.minimum(tl.load(sizes_ptr + slot), M_MAX)
+    scale = tl.load(scales_ptr + slot)
+    act = tl.load(acts_ptr + slot)
+    for c in tl.static_range(LOG2_MIN_TILE, LOG2_MAX_TILE + 1):
+        if (1 << c) <= M_PAD:
+            if _runs_at_tile(width, c):
+                adapter_rows_backward(
+                    dy_ptr, z_ptr, wu_ptr + slot.to(tl.int64) * stride_wus, a_ptr, dz_ptr, tok, rows, width, scale,
+                    act, D, stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at,
+                    stride_am, FP32_DOT, 1 << c, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _segment_rows_backward_kernel(
+    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, order_ptr, bounds_ptr, sizes_ptr, scales_ptr, acts_ptr,
+    T, D, S, M_MAX, T_BUCKET,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud, stride_wum, stride_at, stride_am,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
+    if (start < end) & (seg > 0):          # segment 0, the tokens with no adapter, has no row pass
+        pos = start + tl.arange(0, BLOCK_T)
+        rows = pos < end
+        tok = tl.load(order_ptr + pos, mask=rows, other=0)
+        _slot_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, sizes_ptr, scales_ptr, acts_ptr, seg - 1, tok,
+                            rows, D, M_MAX, stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud,
+                            stride_wum, stride_at, stride_am, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+
+
+_segment_rows_backward = TunedLauncher(triton.autotune(
+    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "S_PAD"], prune_configs_by={"early_config_prune": prune_rows},
+    do_bench=tune_bench)(_segment_rows_backward_kernel))
+
+
+@triton.jit
 def _multi_rows_backward_kernel(
-    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, idx_ptr, order_ptr, sizes_ptr, scales_ptr, acts_ptr,
+    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, idx_ptr, sizes_ptr, scales_ptr, acts_ptr,
     T, D, M_MAX, T_BUCKET,
     stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud, stride_wum, stride_at, stride_am,
-    HAS_ORDER: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tok, mask_t = _block_tokens(order_ptr, tl.program_id(0), T, HAS_ORDER, BLOCK_T)
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)      # the batch as it comes
+    mask_t = tok < T
     lane = tl.program_id(1)
     lanes = tl.num_programs(1)
     slot = tl.load(idx_ptr + tok, mask=mask_t, other=-1)
@@ -167,23 +293,16 @@ def _multi_rows_backward_kernel(
     k = 0
     while s < NO_SLOT:
         if k % lanes == lane:
-            width = tl.minimum(tl.load(sizes_ptr + s), M_MAX)
-            scale = tl.load(scales_ptr + s)
-            act = tl.load(acts_ptr + s)
-            for c in tl.static_range(LOG2_MIN_TILE, LOG2_MAX_TILE + 1):
-                if (1 << c) <= M_PAD:
-                    if _runs_at_tile(width, c):
-                        adapter_rows_backward(
-                            dy_ptr, z_ptr, wu_ptr + s.to(tl.int64) * stride_wus, a_ptr, dz_ptr, tok,
-                            mask_t & (slot == s), width, scale, act, D,
-                            stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
-                            FP32_DOT, 1 << c, BLOCK_T, BLOCK_D)
+            _slot_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, sizes_ptr, scales_ptr, acts_ptr, s, tok,
+                                mask_t & (slot == s), D, M_MAX, stride_dyt, stride_dyd, stride_zt, stride_zm,
+                                stride_wus, stride_wud, stride_wum, stride_at, stride_am, FP32_DOT, M_PAD, BLOCK_T,
+                                BLOCK_D)
         k += 1
         s = _next_slot(slot, s)
 
 
 _multi_rows_backward = TunedLauncher(triton.autotune(
-    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "HAS_ORDER"],
+    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD"],
     prune_configs_by={"early_config_prune": prune_rows}, do_bench=tune_bench)(_multi_rows_backward_kernel))
 
 
@@ -216,18 +335,8 @@ def _multi_grads_kernel(
     num_d = tl.cdiv(D, BLOCK_D)
     pid_d = tl.program_id(0) % num_d       # column blocks of one chunk run side by side: its a, dz stay in L2
     chunk = tl.program_id(0) // num_d
-    # Segment j = 0 holds the tokens with no adapter, j = a + 1 slot a's: order[bounds[j - 1]:bounds[j]].
-    # Each is cut into ceil(len / CHUNK) chunks; find the one numbered `chunk`.
-    j = tl.arange(0, S_PAD)
-    seg_end = tl.load(bounds_ptr + j, mask=j <= S, other=0)
-    seg_start = tl.load(bounds_ptr + j - 1, mask=(j >= 1) & (j <= S), other=0)
-    n = tl.cdiv(seg_end - seg_start, CHUNK)
-    first = tl.cumsum(n, axis=0) - n
-    if chunk < tl.sum(n, axis=0):
-        seg = tl.sum((first + n <= chunk).to(tl.int32), axis=0)
-        at = j == seg
-        start = tl.sum(tl.where(at, seg_start + (chunk - first) * CHUNK, 0), axis=0)
-        end = tl.minimum(tl.sum(tl.where(at, seg_end, 0), axis=0), start + CHUNK)
+    seg, start, end = segment_chunk(bounds_ptr, S, chunk, CHUNK, S_PAD)
+    if start < end:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
         a_slot = seg - 1
         width = tl.where(a_slot >= 0, tl.minimum(tl.load(sizes_ptr + tl.maximum(a_slot, 0)), M_MAX), 0)
@@ -267,15 +376,16 @@ _multi_grads = TunedLauncher(triton.autotune(
 def bottleneck_multi_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor,
                               up_weight: torch.Tensor, sizes: torch.Tensor, scales: torch.Tensor, acts: torch.Tensor,
                               adapter_index: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, add_dy: bool,
-                              need_dh: bool, row_order: torch.Tensor | None = None,
-                              rows_per_chunk: int | None = None, out: torch.Tensor | None = None):
+                              need_dh: bool, segmented_rows: bool = False, rows_per_chunk: int | None = None,
+                              out: torch.Tensor | None = None):
     """Gradients of the multi-adapter forward given dy, from h and the forward's z.
 
-    Shapes as for bottleneck_multi_forward; order, bounds from token_segments(adapter_index, S); row_order:
-    the order the row pass walks (order, or None for the batch as it comes); add_dy: base is h; need_dh:
-    compute dh at all; rows_per_chunk: rows per weight-gradient chunk (None picks per shape). `out` (T, d), if
-    given, receives dh. Returns dh (T, d) or None, and in fp32, zero beyond each slot's width and for slots with
-    no tokens: d_down_weight (S, m_max, d), d_down_bias (S, m_max), d_up_weight (S, d, m_max), d_up_bias (S, d).
+    Shapes as for bottleneck_multi_forward; order, bounds from token_segments(adapter_index, S); segmented_rows:
+    the row pass walks blocks of one slot's rows (prefill), else row blocks of the batch as they come; add_dy:
+    base is h; need_dh: compute dh at all; rows_per_chunk: rows per weight-gradient chunk (None picks per
+    shape). `out` (T, d), if given, receives dh. Returns dh (T, d) or None, and in fp32, zero beyond each slot's
+    width and for slots with no tokens: d_down_weight (S, m_max, d), d_down_bias (S, m_max), d_up_weight
+    (S, d, m_max), d_up_bias (S, d).
     """
     T, D = h.shape
     S, m_max = down_weight.shape[:2]
@@ -287,14 +397,20 @@ def bottleneck_multi_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor
     m_pad = width_tile(m_max)
     fp32_dot = h.dtype == torch.float32
     a_dz = torch.empty((2, T, m_max), device=h.device, dtype=h.dtype)   # a = act(z) and dz, one layout
-    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), _lanes(row_order, T, S, meta))
-    _multi_rows_backward.launch((t_bucket(T), D, m_pad, row_order is None, dy.dtype, up_weight.dtype), grid,
-        dy, z, up_weight, a_dz[0], a_dz[1], adapter_index, adapter_index if row_order is None else row_order,
-        sizes, scales, acts,
-        T, D, m_max, t_bucket(T),
-        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), *up_weight.stride(), a_dz.stride(1), a_dz.stride(2),
-        HAS_ORDER=row_order is not None, FP32_DOT=fp32_dot, M_PAD=m_pad,
-    )
+    operands = (dy, z, up_weight, a_dz[0], a_dz[1])
+    strides = (dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), *up_weight.stride(), a_dz.stride(1),
+               a_dz.stride(2))
+    if segmented_rows:
+        s_pad = next_pow2(S + 1)
+        grid = lambda meta: (cdiv(T, meta["BLOCK_T"]) + S + 1,)
+        _segment_rows_backward.launch((t_bucket(T), D, m_pad, s_pad, dy.dtype, up_weight.dtype), grid,
+            *operands, order, bounds, sizes, scales, acts, T, D, S, m_max, t_bucket(T), *strides,
+            FP32_DOT=fp32_dot, M_PAD=m_pad, S_PAD=s_pad)
+    else:
+        grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), _lanes(T, S, meta))
+        _multi_rows_backward.launch((t_bucket(T), D, m_pad, dy.dtype, up_weight.dtype), grid,
+            *operands, adapter_index, sizes, scales, acts, T, D, m_max, t_bucket(T), *strides,
+            FP32_DOT=fp32_dot, M_PAD=m_pad)
     chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk) + S + 1       # each segment adds at most one partial chunk
     grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)

@@ -69,18 +69,19 @@ def _check(h: Tensor, slots: BottleneckSlots, adapter_index: Tensor, residual: T
 
 
 # ------------------------------------------------------------------------------------------ implementations
-def _row_order(order: Tensor, T: int) -> Optional[Tensor]:
-    """Row blocks walk the slot-sorted order at prefill, where a block of unsorted tokens would hold many slots;
-    at decode the batch as it comes, its distinct slots spread over programs."""
-    return order if T > multi_kernels.DECODE_MAX_T else None
+def _slot_blocks(T: int) -> bool:
+    """Row passes walk blocks of one slot's rows at prefill, where a block of unsorted tokens would hold many
+    slots; at decode row blocks of the batch as it comes, their distinct slots spread over programs."""
+    return T > multi_kernels.DECODE_MAX_T
 
 
 def _forward(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor, up_bias: Tensor, sizes: Tensor,
              scales: Tensor, acts: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor,
              residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """h (T, d) -> y (T, d), z (T, m_max) per token's own slot and width (saved for backward)."""
+    segments = (order, bounds) if _slot_blocks(h.shape[0]) else None
     return multi_kernels.bottleneck_multi_forward(h, down_weight, down_bias, up_weight, up_bias, sizes, scales, acts,
-                                                  adapter_index, _row_order(order, h.shape[0]), residual)
+                                                  adapter_index, segments, residual)
 
 
 def _backward(dy: Tensor, h: Tensor, z: Tensor, down_weight: Tensor, up_weight: Tensor, sizes: Tensor,
@@ -89,7 +90,7 @@ def _backward(dy: Tensor, h: Tensor, z: Tensor, down_weight: Tensor, up_weight: 
     """Per token as the one-adapter op with its own slot; each slot's weight gradients sum over its tokens."""
     dh, d_wd, d_bd, d_wu, d_bu = multi_kernels.bottleneck_multi_backward(
         dy, h, z, down_weight, up_weight, sizes, scales, acts, adapter_index, order, bounds, not has_residual,
-        need_dh, _row_order(order, h.shape[0]))
+        need_dh, _slot_blocks(h.shape[0]))
     dtype = down_weight.dtype
     return (dy.new_empty((0,)) if dh is None else dh), d_wd.to(dtype), d_bd.to(dtype), d_wu.to(dtype), d_bu.to(dtype)
 
@@ -168,11 +169,12 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
     sizes, scales, acts = slots.sizes.to(torch.int32), slots.scales.to(torch.float32), slots.acts.to(torch.int32)
     training = torch.compiler.is_compiling() or _needs_grad(h, wd, bd, wu, bu, residual)
     if not training:  # inference: no autograd bookkeeping, z is not kept, and decode needs no sort at all
-        order = None
-        if h2d.shape[0] > multi_kernels.DECODE_MAX_T:
-            order = (token_segments(index, wd.shape[0]) if segments is None else segments)[0]
-        y, _ = multi_kernels.bottleneck_multi_forward(h2d, wd, bd, wu, bu, sizes, scales, acts, index, order, res2d,
-                                                      save_z=False)
+        if _slot_blocks(h2d.shape[0]):
+            segments = token_segments(index, wd.shape[0]) if segments is None else segments
+        else:
+            segments = None
+        y, _ = multi_kernels.bottleneck_multi_forward(h2d, wd, bd, wu, bu, sizes, scales, acts, index, segments,
+                                                      res2d, save_z=False)
         return y.reshape(h.shape) if flat else y
     order, bounds = token_segments(index, wd.shape[0]) if segments is None else segments
     args = (h2d, wd, bd, wu, bu, sizes, scales, acts, index, order, bounds, res2d)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ptlm_engine import reference
+from ptlm_engine.kernels import bottleneck as B
 from ptlm_engine.kernels import bottleneck_multi as M
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, bottleneck_slots64, needs_triton, rel_err
 
@@ -69,9 +70,9 @@ def _check(T, d, sizes, acts, dtype, kind, residual, sorted_rows, rows_per_chunk
         y64.backward(dy.double())
 
     order, bounds = M.token_segments(idx, S)
-    rows = order if sorted_rows else None
     y = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)     # poisoned: every element must be written
-    _, z = M.bottleneck_multi_forward(h, wd, bd, wu, bu, sizes_t, scales, acts_t, idx, rows, res, out=y)
+    _, z = M.bottleneck_multi_forward(h, wd, bd, wu, bu, sizes_t, scales, acts_t, idx,
+                                      (order, bounds) if sorted_rows else None, res, out=y)
     _assert_slots_match(y, y64, idx, sizes, acts, True, dtype, f"y ({kind})")
     plain = (idx < 0) | (sizes_t[idx.clamp_min(0).long()] == 0)
     assert torch.equal(y[plain], (h if res is None else res)[plain]), "rows with no adapter must pass exactly"
@@ -82,7 +83,7 @@ def _check(T, d, sizes, acts, dtype, kind, residual, sorted_rows, rows_per_chunk
 
     dh = torch.full((T, d), float("nan"), device=DEVICE, dtype=dtype)
     out = M.bottleneck_multi_backward(dy, h, z, wd, wu, sizes_t, scales, acts_t, idx, order, bounds, not residual,
-                                      True, rows, rows_per_chunk, out=dh)
+                                      True, sorted_rows, rows_per_chunk, out=dh)
     names = ["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias"]
     for name, g, leaf in zip(names, out, leaves):
         assert g.shape == leaf.shape, name
@@ -109,6 +110,16 @@ def test_multi_kernels_mappings(kind, residual, sorted_rows):
     where the row blocks alone leave programs idle."""
     torch.manual_seed(7)
     _check(41, 72, SIZES, ACTS, torch.float32, kind, residual, sorted_rows, rows_per_chunk=16)
+
+
+@pytest.mark.parametrize("sorted_rows", [True, False], ids=["slot blocks", "as they come"])
+def test_multi_forward_column_shares(sorted_rows, monkeypatch):
+    """Where the row blocks leave SMs idle, pass 2's columns split over programs (d=72: two shares of 64 and 8
+    columns); the CPU's 4 target programs never split at these T, so the target is raised here."""
+    for module in (M, B):
+        monkeypatch.setattr(module, "target_programs", lambda device, per_sm=2: 64)
+    torch.manual_seed(10)
+    _check(41, 72, SIZES, ACTS, torch.float32, "random", True, sorted_rows)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)

@@ -30,6 +30,7 @@ def test_every_kernel_variant_compiles_for_sm90():
                                                "grouped.multi_shrink", "bottleneck.forward",
                                                "bottleneck.rows_backward", "bottleneck.grads",
                                                "bottleneck.multi_forward", "bottleneck.multi_rows_backward",
+                                               "bottleneck.segment_forward", "bottleneck.segment_rows_backward",
                                                "bottleneck.multi_grads", "prefix.forward", "prefix.delta",
                                                "prefix.dkdv", "prefix.bwd_fused", "prefix.dq",
                                                "rms_norm.forward", "rms_norm.backward", "silu_mul.forward",
