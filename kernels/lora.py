@@ -649,9 +649,10 @@ def _tma_sms(device_index: int) -> int:
     return props.multi_processor_count if props.major >= 9 else 0
 
 
-def _tma_programs(x: torch.Tensor, M: int) -> int:
-    """How many persistent programs the TMA path runs for x (M tokens), or 0 where it does not apply."""
-    if TMA_PREFILL is False or (TMA_PREFILL is None and (M <= DECODE_MAX_T or tma_error is not None)):
+def _tma_programs(x: torch.Tensor, M: int, min_tokens: int = DECODE_MAX_T) -> int:
+    """How many persistent programs the TMA path runs for x (M tokens), or 0 where it does not apply: at most
+    min_tokens tokens, unless PTLM_TMA_PREFILL=1 forces it."""
+    if TMA_PREFILL is False or (TMA_PREFILL is None and (M <= min_tokens or tma_error is not None)):
         return 0
     if INTERPRETED:
         return _INTERPRETED_PROGRAMS if TMA_PREFILL else 0
@@ -694,14 +695,14 @@ def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] 
 
 
 def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float,
-                            accumulate: bool = False) -> bool:
+                            accumulate: bool = False, min_tokens: int = DECODE_MAX_T) -> bool:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias (+ y with accumulate) on the TMA path; False (nothing
     launched) where it does not apply: see _tma_programs, and every operand must pass _tma_layout. xa and
     lora_B None: the base GEMM alone (R = 0: no LoRA steps; x and W stand in for their unread descriptors)."""
     M, K = x.shape
     N = weight.shape[0]
     R = 0 if lora_B is None else lora_B.shape[1]
-    num_sms = _tma_programs(x, M)
+    num_sms = _tma_programs(x, M, min_tokens)
     if not num_sms:
         return False
     tensors = (x, weight, x if xa is None else xa, weight if lora_B is None else lora_B, y)
@@ -716,7 +717,7 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     known = _lora_matmul_tma.chosen(key)
     if accumulate and not known:
         return _accumulated(y, lambda out: _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, out, seed,
-                                                                   out_dropout))
+                                                                   out_dropout, min_tokens=min_tokens))
     if known:
         blocks = _tma_blocks(known, not w_t, not b_t)
         x_d, w_d, xa_d, b_d, y_d = (_descriptor(t, shape, strides, block)
@@ -747,12 +748,13 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
 
 
 def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor | None, lora_B: torch.Tensor | None,
-                    bias: torch.Tensor | None, y: torch.Tensor, accumulate: bool = False) -> bool:
+                    bias: torch.Tensor | None, y: torch.Tensor, accumulate: bool = False,
+                    min_tokens: int = DECODE_MAX_T) -> bool:
     """y = x @ weight^T + xa @ lora_B^T + bias (added to y's values with accumulate) on the Hopper TMA path alone
     (xa given, no output dropout; xa and lora_B None: no LoRA term): True if it ran, False (nothing launched)
-    where it does not apply. For callers with their own shrink, or their own expand (kernels.lora_multi at
-    prefill)."""
-    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0, accumulate)
+    where it does not apply (at most min_tokens rows included, unless forced). For callers with their own
+    shrink, or their own expand (kernels.lora_multi at prefill)."""
+    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0, accumulate, min_tokens)
 
 
 def fuse_shrink_default(T: int, R: int) -> bool:

@@ -44,8 +44,8 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (NO_SLOT, _block_tokens, _next_slot, gathered, gathered_shrink, lora_multi_matmul,
-                         multi_matmul_tile, padded_rank)
+from .lora_multi import (NO_SLOT, TMA_BASE_MIN_T, _block_tokens, _next_slot, gathered, gathered_shrink,
+                         lora_multi_matmul, multi_matmul_tile, padded_rank)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -732,11 +732,12 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     # should a member without any not fit TMA's layout rules, the grouped kernel below recomputes every member.
     def member_on_tma(g: int) -> bool:
         if not has_lora[g]:
-            return lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g])
+            return lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g], min_tokens=TMA_BASE_MIN_T)
         lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order, out=ys[g])
         return True
 
-    if M > DECODE_MAX_T and order is not None and _tma_programs(x, M) and all(map(member_on_tma, range(G))):
+    if (M > DECODE_MAX_T and order is not None and _tma_programs(x, M, TMA_BASE_MIN_T)
+            and all(map(member_on_tma, range(G)))):
         return ys
     fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
     if fp32 is None:
