@@ -130,12 +130,13 @@ class HostOnly:
         self._stack.close()
 
 
-def _h100_tma_programs(x: torch.Tensor, M: int) -> int:
+def _h100_tma_programs(x: torch.Tensor, M: int, min_tokens: int | None = None) -> int:
     """kernels.lora._tma_programs as it answers for a bf16 layer on the H100 (132 SMs): the device checks left
-    out, the switches (PTLM_TMA_PREFILL, a disabled TMA path) kept."""
+    out, the switches (PTLM_TMA_PREFILL, a disabled TMA path) and the caller's token threshold kept."""
     from ptlm_engine.kernels import lora as lora_kernels
+    min_tokens = lora_kernels.DECODE_MAX_T if min_tokens is None else min_tokens
     if lora_kernels.TMA_PREFILL is False or (lora_kernels.TMA_PREFILL is None and (
-            M <= lora_kernels.DECODE_MAX_T or lora_kernels.tma_error is not None)):
+            M <= min_tokens or lora_kernels.tma_error is not None)):
         return 0
     return H100_SMS
 
