@@ -246,7 +246,9 @@ class TunedLauncher:
 
     def _first_fitting(self, grid, args, kwargs) -> tuple[dict, object]:
         """Launch the key's pruned configs in order until one fits the GPU (Triton refuses a kernel whose
-        shared memory or registers exceed it before launching anything) and return that one."""
+        shared memory or registers exceed it before launching anything) and return that one. They compile side
+        by side first: the first configs, sized for 16-bit tiles, often do not fit in fp32."""
+        self._precompile(args, kwargs)
         nargs = dict(zip(self.autotuner.arg_names, args))
         self.autotuner.nargs = nargs  # prune_configs reads it, as in the Autotuner's own run
         candidates = self.autotuner.prune_configs(kwargs)
