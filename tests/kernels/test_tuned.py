@@ -196,3 +196,15 @@ def test_a_new_key_compiles_its_candidate_configs_side_by_side_before_tuning(mon
     assert warmed == [(32, [32, 16], [32, 16], True, False), (64, [64, 16], [64, 16], True, False)]
     assert shared.block_shape == [1, 1]
     assert _async_compile.active_mode.get() is None
+
+
+def test_a_torn_cache_file_is_passed_over_with_a_warning(monkeypatch, tmp_path):
+    """Another process's write cut short (or a foreign file) leaves the card's keys to tune, never a failure."""
+    monkeypatch.setenv("PTLM_TUNED_CACHE", str(tmp_path))
+    monkeypatch.setattr(tuned, "PACKAGED", tmp_path / "no package")
+    monkeypatch.setattr(tuned, "PRESETS", {})
+    monkeypatch.setattr(tuned, "_cards_loaded", set())
+    (tmp_path / "card-a.json").write_text('{"card": "Card A", "kernels": {"k": {"(1,)": {"num_wa')
+    with pytest.warns(UserWarning, match="not loaded"):
+        assert tuned.load_card("Card A") == 0
+    assert tuned.PRESETS == {} and "Card A" in tuned._cards_loaded
