@@ -216,7 +216,12 @@ class TunedLauncher:
             del self.configs[key]
             self.launch(key, grid, *args, **kwargs)
 
-    def _precompile(self, args, kwargs) -> None:
+    def _candidates(self, args, kwargs) -> list:
+        """The key's configs that survive the Autotuner's pruning, in order."""
+        self.autotuner.nargs = dict(zip(self.autotuner.arg_names, args))   # prune_configs reads it, as in its run
+        return self.autotuner.prune_configs(kwargs)
+
+    def _precompile(self, args, kwargs, candidates: list | None = None) -> None:
         """Compile a new key's candidate configs side by side before the Autotuner benchmarks them one at a time:
         compiling, not timing, is most of a first tuning (the Llama-shaped training step tuned for 335 s on a
         fresh H100), and Triton's compiles release the GIL (4 configs on 2 cores: 2.3 s in turn, 1.2 s in two
@@ -224,9 +229,7 @@ class TunedLauncher:
         compiles it."""
         if AsyncCompileMode is None or INTERPRETED:
             return
-        nargs = dict(zip(self.autotuner.arg_names, args))
-        self.autotuner.nargs = nargs                     # prune_configs reads it, as in the Autotuner's own run
-        candidates = self.autotuner.prune_configs(kwargs)
+        candidates = self._candidates(args, kwargs) if candidates is None else candidates
         if len(candidates) < 2:
             return
         with ThreadPoolExecutor(min(len(candidates), os.cpu_count() or 1)) as pool, \
@@ -248,10 +251,9 @@ class TunedLauncher:
         """Launch the key's pruned configs in order until one fits the GPU (Triton refuses a kernel whose
         shared memory or registers exceed it before launching anything) and return that one. They compile side
         by side first: the first configs, sized for 16-bit tiles, often do not fit in fp32."""
-        self._precompile(args, kwargs)
-        nargs = dict(zip(self.autotuner.arg_names, args))
-        self.autotuner.nargs = nargs  # prune_configs reads it, as in the Autotuner's own run
-        candidates = self.autotuner.prune_configs(kwargs)
+        candidates = self._candidates(args, kwargs)
+        self._precompile(args, kwargs, candidates)
+        nargs = self.autotuner.nargs
         for i, config in enumerate(candidates):
             meta = config.all_kwargs()
             try:
