@@ -69,11 +69,16 @@ def target_programs(device: torch.device, per_sm: int = 2) -> int:
     return 4
 
 
+def column_shares(programs: int, D: int, meta: dict, device: torch.device) -> int:
+    """Pass 2's column shares per row block: more than one only where `programs` (row blocks x slot lanes) leave
+    SMs idle."""
+    return max(1, min(cdiv(D, meta["BLOCK_D"]), target_programs(device) // programs))
+
+
 def row_grid(T: int, D: int, meta: dict, lanes: int, device: torch.device) -> tuple[int, int]:
-    """(row blocks x column shares, slot lanes): column shares only where row blocks x lanes leave SMs idle."""
+    """(row blocks x column shares, slot lanes)."""
     blocks = cdiv(T, meta["BLOCK_T"])
-    shares = max(1, min(cdiv(D, meta["BLOCK_D"]), target_programs(device) // (blocks * lanes)))
-    return blocks * shares, lanes
+    return blocks * column_shares(blocks * lanes, D, meta, device), lanes
 
 
 def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
@@ -125,14 +130,20 @@ def _activate_with_grad(z, act):
 
 
 @triton.jit
-def row_block_and_columns(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(row block, pass 2's columns [lo, hi)) of this program. Grid axis 0 holds row blocks x column shares
-    (equal runs of whole BLOCK_Ds), the shares of one block side by side: their repeated pass 1 finds its h and
-    Wd in L2."""
-    shares = tl.num_programs(0) // tl.cdiv(T, BLOCK_T)
+def share_columns(share, shares, D, BLOCK_D: tl.constexpr):
+    """Pass 2's columns [lo, hi) of column share `share` of `shares`: equal runs of whole BLOCK_Ds."""
     per = tl.cdiv(tl.cdiv(D, BLOCK_D), shares) * BLOCK_D
-    lo = (tl.program_id(0) % shares) * per
-    return tl.program_id(0) // shares, lo, tl.minimum(D, lo + per)
+    lo = share * per
+    return lo, tl.minimum(D, lo + per)
+
+
+@triton.jit
+def row_block_and_columns(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(row block, pass 2's columns [lo, hi)) of this program. Grid axis 0 holds row blocks x column shares, the
+    shares of one block side by side: their repeated pass 1 finds its h and Wd in L2."""
+    shares = tl.num_programs(0) // tl.cdiv(T, BLOCK_T)
+    lo, hi = share_columns(tl.program_id(0) % shares, shares, D, BLOCK_D)
+    return tl.program_id(0) // shares, lo, hi
 
 
 @triton.jit

@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, forward_outputs, grad_sums,
-                         row_block_and_columns, row_grid, target_programs, width_tile)
+from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, column_shares, forward_outputs,
+                         grad_sums, row_block_and_columns, row_grid, share_columns, width_tile)
 from .bottleneck_configs import grads_configs, multi_rows_configs, prune_grads, prune_rows
 from .configs import DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora_multi import NO_SLOT, _next_slot, token_segments  # noqa: F401
@@ -121,9 +121,7 @@ def _segment_forward_kernel(
     # axis 0: blocks of one slot's rows (segment_chunk); axis 1: pass 2's column shares
     seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
     if start < end:
-        per = tl.cdiv(tl.cdiv(D, BLOCK_D), tl.num_programs(1)) * BLOCK_D
-        d_lo = tl.program_id(1) * per
-        d_hi = tl.minimum(D, d_lo + per)
+        d_lo, d_hi = share_columns(tl.program_id(1), tl.num_programs(1), D, BLOCK_D)
         pos = start + tl.arange(0, BLOCK_T)
         rows = pos < end
         tok = tl.load(order_ptr + pos, mask=rows, other=0)
@@ -231,7 +229,7 @@ def _segment_grid(T: int, D: int, S: int, meta: dict, device: torch.device) -> t
     """(blocks of one slot's rows: each segment adds at most one partial block, column shares where the blocks
     alone leave SMs idle)."""
     blocks = cdiv(T, meta["BLOCK_T"]) + S + 1
-    return blocks, max(1, min(cdiv(D, meta["BLOCK_D"]), target_programs(device) // blocks))
+    return blocks, column_shares(blocks, D, meta, device)
 
 
 # --------------------------------------------------------------------------------------------------- backward
