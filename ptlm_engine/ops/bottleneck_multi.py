@@ -169,10 +169,10 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
     sizes, scales, acts = slots.sizes.to(torch.int32), slots.scales.to(torch.float32), slots.acts.to(torch.int32)
     training = torch.compiler.is_compiling() or _needs_grad(h, wd, bd, wu, bu, residual)
     if not training:  # inference: no autograd bookkeeping, z is not kept, and decode needs no sort at all
-        if _slot_blocks(h2d.shape[0]):
-            segments = token_segments(index, wd.shape[0]) if segments is None else segments
-        else:
+        if not _slot_blocks(h2d.shape[0]):
             segments = None
+        elif segments is None:
+            segments = token_segments(index, wd.shape[0])
         y, _ = multi_kernels.bottleneck_multi_forward(h2d, wd, bd, wu, bu, sizes, scales, acts, index, segments,
                                                       res2d, save_z=False)
         return y.reshape(h.shape) if flat else y
