@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call of at most ~9 minutes on an H100: install, the gpu-marked tests (bf16 correctness, sync-free
-# and CUDA-graph checks; first autotune config only), then bench.gpu_suite's session profile. Writes 8 files
-# to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json, triton-cache.tgz); prints the suite's
-# summary, then the test verdicts.
+# and CUDA-graph checks; no tuning: each shape takes its first config that fits), then bench.gpu_suite's
+# session profile. Writes 8 files to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json,
+# triton-cache.tgz); prints the suite's summary, then the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
 #   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi --budget-s 240
