@@ -17,8 +17,6 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm            ptlm_engine.functional.lora_linear_multi (Triton on CUDA), given the batch's token grouping
                   (token_segments) made once per set, outside the timed call: per-batch work that a model does
                   once for all its layers (AdapterBatch.tokens), as gather_bmm's row -> slot map
-  ptlm_slots      T <= 64, fwd only: ptlm with the decode kernels' per-slot steps instead of the gathered
-                  shrink and expand (kernels.lora_multi.GATHER_DECODE off for the call): the side-by-side
   ptlm_onepass    T > 64: ptlm with the one-pass pointer tile at prefill (the base GEMM over slot-sorted rows, the
                   expand in its epilogue) instead of Hopper's TMA base GEMM plus an expand pass over y
                   (kernels.lora.TMA_PREFILL off for the call): the side-by-side
@@ -65,7 +63,7 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_onepass", "ptlm_slots", "ptlm_mean_rank", "gather_bmm", "peft"]
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_onepass", "ptlm_mean_rank", "gather_bmm", "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
 ZIPF_S = 1.1
@@ -234,10 +232,6 @@ def _forward(provider: str, s: MultiSet):
         segments = token_segments(s.index, slots.lora_A.shape[0]) if ptlm_backend(s.x) == "triton" else None
         return ((lambda: lora_linear_multi(s.x, s.w, None, slots, s.index, False, segments)),
                 [s.x, slots.lora_A, slots.lora_B])
-    if provider == "ptlm_slots":
-        from ptlm_engine.kernels import lora_multi as kernels
-        fwd, grads = _forward("ptlm", s)
-        return harness.with_setting(kernels, "GATHER_DECODE", False, fwd), grads
     if provider == "gather_bmm":
         # The row -> slot map and per-row scales are built once per batch, as an engine shares them across layers.
         slot = s.index.clamp_min(0).long()
@@ -257,7 +251,6 @@ def _forward(provider: str, s: MultiSet):
 def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
     if ((provider == "peft" and not peft_applies(shape, mode))
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
-            or (provider == "ptlm_slots" and (mode != "fwd" or shape["T"] > DECODE_MAX_T))
             or (provider == "ptlm_onepass" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
@@ -459,10 +452,6 @@ def summary(rows: list[dict]) -> list[str]:
         if passes:
             lines.append(f"prefill, TMA base + expand pass / one-pass tile (ptlm / ptlm_onepass) [{timing}]: "
                          f"{', '.join(passes)}")
-        steps = [f"{_label(p)} {v['ptlm'] / v['ptlm_slots']:.2f}" for p, mode, t, v in cases
-                 if mode == "fwd" and t == timing and "ptlm" in v and "ptlm_slots" in v]
-        if steps:
-            lines.append(f"decode, gathered / per-slot steps (ptlm / ptlm_slots) [{timing}]: {', '.join(steps)}")
     checks = target_checks(rows)
     return lines + (["Multi-adapter targets:"] + checks if checks else [])
 

@@ -44,8 +44,9 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (NO_SLOT, TMA_BASE_MIN_T, _block_tokens, _next_slot, gathered, gathered_shrink,
-                         lora_multi_matmul, multi_matmul_tile, padded_rank)
+from .lora_multi import (ROUND_ELEMENTS, TMA_BASE_MIN_T, _block_tokens, lora_multi_matmul, multi_matmul_tile,
+                         padded_rank, row_dropout, shrink_round, shrink_round_pick, shrink_round_step, shrink_round_x,
+                         slot_runs)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -491,20 +492,6 @@ def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: 
 
 # ------------------------------------------------------------------------------------- multi-adapter shrink
 @triton.jit
-def _multi_shrink_step(acc, x, s, offs_t, offs_k, K, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
-                       stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-                       BLOCK_R: tl.constexpr):
-    """acc += keep * x @ A_s^T over this program's 16 ranks of one member's slot s (x: that slot's rows only)."""
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rank = tl.load(ranks_ptr + s)
-    if DROPOUT:  # this member's own seed, slot s's probability, the element's logical index t * K + k
-        x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s)), x, 0.0)
-    a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)           # (BLOCK_K, BLOCK_R)
-    return _dot(x, a, acc, FP32_DOT)
-
-
-@triton.jit
 def _row_scale(slot, scales_ptr, dropouts_ptr, DROPOUT: tl.constexpr):
     """Each row's s_a / (1 - p_a) for one member (0 for rows without an adapter)."""
     has = slot >= 0
@@ -526,55 +513,57 @@ def _grouped_multi_shrink_kernel(
     stride_a1s, stride_a1r, stride_a1k, stride_o1t, stride_o1r,
     stride_a2s, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
-    FP32_DOT: tl.constexpr, GATHER_A: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(2)
     first_r = tl.program_id(1) * BLOCK_R
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
+    run, runs = slot_runs(idx_ptr, order_ptr, pid_t, T, slot, HAS_ORDER, BLOCK_T)
     acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    if GATHER_A:  # decode: every row reads its own slot's A (kernels.lora_multi.gathered_shrink)
-        offs_r = first_r + tl.arange(0, BLOCK_R)
-        acc0 = gathered_shrink(acc0, x_ptr, a0_ptr, ranks0_ptr, dropouts0_ptr, seed0_ptr, slot, offs_t, offs_r, pid_k,
-                               K, stride_xt, stride_xk, stride_a0s, stride_a0r, stride_a0k, DROP0, SPLIT_K, BLOCK_T,
-                               BLOCK_R, BLOCK_K)
+    # kernels.lora_multi.runs_shrink's rounds, each x tile loaded once for every member; the members' A tiles
+    # share its register budget (three members at 16 x 128 spilled 0.9 KB on their own: ptxas, sm_90)
+    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (MEMBERS * BLOCK_R * BLOCK_K),
+                                    ROUND_ELEMENTS // (BLOCK_R * BLOCK_T)))
+    p0 = row_dropout(slot, dropouts0_ptr, DROP0)
+    p1 = row_dropout(slot, dropouts1_ptr, DROP1)
+    p2 = row_dropout(slot, dropouts2_ptr, DROP2)
+    for g in range(0, runs, RUNS):
+        mine, a0_rows, live0, go = shrink_round(a0_ptr, ranks0_ptr, slot, run, g, first_r, stride_a0s, stride_a0r,
+                                                RUNS, BLOCK_R)
+        a1_rows, live1, a2_rows, live2 = a0_rows, live0, a0_rows, live0
         if MEMBERS > 1:
-            acc1 = gathered_shrink(acc1, x_ptr, a1_ptr, ranks1_ptr, dropouts1_ptr, seed1_ptr, slot, offs_t, offs_r,
-                                   pid_k, K, stride_xt, stride_xk, stride_a1s, stride_a1r, stride_a1k, DROP1, SPLIT_K,
-                                   BLOCK_T, BLOCK_R, BLOCK_K)
+            _, a1_rows, live1, go1 = shrink_round(a1_ptr, ranks1_ptr, slot, run, g, first_r, stride_a1s, stride_a1r,
+                                                  RUNS, BLOCK_R)
+            go = go | go1
         if MEMBERS > 2:
-            acc2 = gathered_shrink(acc2, x_ptr, a2_ptr, ranks2_ptr, dropouts2_ptr, seed2_ptr, slot, offs_t, offs_r,
-                                   pid_k, K, stride_xt, stride_xk, stride_a2s, stride_a2r, stride_a2k, DROP2, SPLIT_K,
-                                   BLOCK_T, BLOCK_R, BLOCK_K)
-    else:
-        s = _next_slot(slot, -1)
-        while s < NO_SLOT:
-            live = first_r < tl.load(ranks0_ptr + s)
+            _, a2_rows, live2, go2 = shrink_round(a2_ptr, ranks2_ptr, slot, run, g, first_r, stride_a2s, stride_a2r,
+                                                  RUNS, BLOCK_R)
+            go = go | go2
+        if go:  # some member's run of the round has ranks in this program's 16
+            rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
+            y0 = tl.zeros((BLOCK_T, RUNS * BLOCK_R), dtype=tl.float32)
+            y1 = tl.zeros((BLOCK_T, RUNS * BLOCK_R), dtype=tl.float32)
+            y2 = tl.zeros((BLOCK_T, RUNS * BLOCK_R), dtype=tl.float32)
+            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                x, offs_k, in_k = shrink_round_x(x_ptr, offs_t, rows, k0, K, stride_xt, stride_xk, BLOCK_K)
+                y0 = shrink_round_step(y0, x, a0_rows, live0, offs_t, offs_k, in_k, K, seed0_ptr, p0, stride_a0k,
+                                       DROP0, FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
+                if MEMBERS > 1:
+                    y1 = shrink_round_step(y1, x, a1_rows, live1, offs_t, offs_k, in_k, K, seed1_ptr, p1,
+                                           stride_a1k, DROP1, FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
+                if MEMBERS > 2:
+                    y2 = shrink_round_step(y2, x, a2_rows, live2, offs_t, offs_k, in_k, K, seed2_ptr, p2,
+                                           stride_a2k, DROP2, FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
+            acc0 = shrink_round_pick(acc0, y0, mine, RUNS, BLOCK_R)
             if MEMBERS > 1:
-                live = live | (first_r < tl.load(ranks1_ptr + s))
+                acc1 = shrink_round_pick(acc1, y1, mine, RUNS, BLOCK_R)
             if MEMBERS > 2:
-                live = live | (first_r < tl.load(ranks2_ptr + s))
-            if live:  # some member's slot s has ranks in this program's 16: one pass over x for all of them
-                rows = mask_t & (slot == s)
-                for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                                mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)      # (BLOCK_T, BLOCK_K)
-                    acc0 = _multi_shrink_step(acc0, x, s, offs_t, offs_k, K, a0_ptr, ranks0_ptr, dropouts0_ptr,
-                                              seed0_ptr, stride_a0s, stride_a0r, stride_a0k, DROP0, FP32_DOT, BLOCK_R)
-                    if MEMBERS > 1:
-                        acc1 = _multi_shrink_step(acc1, x, s, offs_t, offs_k, K, a1_ptr, ranks1_ptr, dropouts1_ptr,
-                                                  seed1_ptr, stride_a1s, stride_a1r, stride_a1k, DROP1, FP32_DOT,
-                                                  BLOCK_R)
-                    if MEMBERS > 2:
-                        acc2 = _multi_shrink_step(acc2, x, s, offs_t, offs_k, K, a2_ptr, ranks2_ptr, dropouts2_ptr,
-                                                  seed2_ptr, stride_a2s, stride_a2r, stride_a2k, DROP2, FP32_DOT,
-                                                  BLOCK_R)
-            s = _next_slot(slot, s)
+                acc2 = shrink_round_pick(acc2, y2, mine, RUNS, BLOCK_R)
     acc0 = acc0 * _row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0)
     _store_xa(acc0, out0_ptr, offs_t, mask_t, WIDTH0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
     if MEMBERS > 1:
@@ -629,7 +618,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
         T, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
-        FP32_DOT=x.dtype == torch.float32, GATHER_A=gathered(T), BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
     )
     return outs
 
@@ -640,15 +629,15 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FP32_DOT: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
     adapters reach (rows in batch order: each row's output is its own)."""
     if HAS_LORA:
         multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, xa_ptr, idx_ptr,
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -668,8 +657,8 @@ def _grouped_multi_matmul_kernel(
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
-    GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
@@ -678,7 +667,7 @@ def _grouped_multi_matmul_kernel(
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
                            y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
                            stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N,
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N,
                            BLOCK_K)
     elif MEMBERS > 1:
         if pid < end1:
@@ -686,14 +675,14 @@ def _grouped_multi_matmul_kernel(
             _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
                                bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
                                stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M,
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, BLOCK_R, BLOCK_M,
                                BLOCK_N, BLOCK_K)
         elif MEMBERS > 2:
             pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
                                bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
                                stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M,
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, BLOCK_R, BLOCK_M,
                                BLOCK_N, BLOCK_K)
 
 
@@ -763,6 +752,6 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
         M, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
     )
     return ys

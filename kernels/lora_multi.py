@@ -3,27 +3,30 @@
     y[t] = x[t] W^T + bias + xa[t] B_a^T,   xa[t] = s_a x[t] A_a^T   (fp32, r_max wide, zero beyond rank_a)
 
 Three kernels, as for the single-adapter op, each reused by backward through strides:
-- shrink:      xa = per-row s_a x A_a^T (T, r_max) fp32; also g = s_a dy B_a in backward (BGMV-like gather).
-- matmul:      the base GEMM with every row block's distinct adapters expanded in its epilogue: no d_out-wide
-               LoRA product in memory; also dx = dy W0 + g A_a in backward. At prefill on Hopper the base GEMM
+- shrink:      xa = per-row s_a x A_a^T (T, r_max) fp32; also g = s_a dy B_a in backward.
+- matmul:      the base GEMM with every row block's adapters expanded in its epilogue: no d_out-wide LoRA
+               product in memory; also dx = dy W0 + g A_a in backward. At decode one row block with K split
+               across programs (W0 streamed once); at prefill on Hopper above TMA_BASE_MIN_T tokens the base GEMM
                runs kernels.lora's TMA kernel instead (TMA cannot gather the slot-sorted rows this tile reads)
                and the same tile with K = 0 adds the expand over y: one read-modify-write of y more.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
-A row block visits each distinct slot among its rows once (ascending slot ids), looping only over that slot's
-own rank in steps of 16: mixed ranks cost no padding compute, and rows with no adapter cost only the base
-GEMM. Nothing reads the mapping on the host, so a CUDA graph can replay with a new mapping in the same buffers.
+Row blocks walk the tokens in slot-sorted order, so a block's rows form a few runs of one slot each (slot_runs).
+The shrink and the expand take RUNS runs at a time as one tensor-core dot over RUNS x 16 ranks (runs_shrink,
+runs_expand): every run's A / B rows are loaded side by side, so the cost of a block does not grow one dependent
+step per distinct adapter, and loads stay coalesced along the rank / feature axes. Ranks advance 16 at a time up
+to the largest rank among a round's runs (mixed ranks cost no padding to r_max), and rows with no adapter join
+no run: they cost only the base GEMM. Nothing reads the mapping on the host, so a CUDA graph can replay with a
+new mapping in the same buffers.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, next_pow2, prefill_matmul_configs,
-                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, prefill_matmul_configs, prune_by_t,
+                      prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
 from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
                    split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
@@ -35,15 +38,9 @@ from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, group
 TMA_BASE_MIN_T = 1024
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
-# At decode (T <= DECODE_MAX_T) the shrink and the expand gather each row's own A / B rows; PTLM_MULTI_GATHER=0
-# keeps the per-slot steps there too, for side-by-side timings (bench/README.md).
-GATHER_DECODE = os.environ.get("PTLM_MULTI_GATHER", "1") != "0"
-
-
-def gathered(T: int) -> bool:
-    """Whether a call over T tokens takes the gathered (per-row) shrink and expand."""
-    return GATHER_DECODE and T <= DECODE_MAX_T
-
+# Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
+# of fp32, in registers before the dot (runs_expand, runs_shrink).
+ROUND_ELEMENTS = tl.constexpr(4096)
 
 # Past every slot id: "no further slot in this block" (jit code may read only constexpr globals).
 NO_SLOT = tl.constexpr(2**30)
@@ -52,7 +49,7 @@ NO_SLOT = tl.constexpr(2**30)
 @triton.jit
 def _next_slot(slot, after):
     """The smallest slot id among a block's rows that is greater than `after` (NO_SLOT when none is): a block
-    visits each distinct slot once, in as many steps as it has distinct slots (one or two once sorted)."""
+    visits each distinct slot once, in as many steps as it has distinct slots (kernels.bottleneck_multi)."""
     return tl.min(tl.where(slot > after, slot, NO_SLOT), axis=0)
 
 
@@ -67,6 +64,81 @@ def _block_tokens(order_ptr, pid, T, HAS_ORDER: tl.constexpr, BLOCK: tl.constexp
     return pos, mask
 
 
+@triton.jit
+def slot_runs(idx_ptr, order_ptr, pid, T, slot, HAS_ORDER: tl.constexpr, BLOCK: tl.constexpr):
+    """(run, runs): each row's run in row block `pid` (0, 1, ...) and the block's number of runs. A run is a
+    stretch of the block's consecutive rows (in its order) that share a slot; rows with no adapter start none
+    and are never read by a run's step (callers mask them by slot >= 0). Slot-sorted rows: one run per distinct
+    slot. The previous row's slot is loaded again rather than shifted in registers (Triton has no shift)."""
+    pos = pid * BLOCK + tl.arange(0, BLOCK)
+    has_prev = (tl.arange(0, BLOCK) > 0) & (pos < T)
+    prev = pos - 1
+    if HAS_ORDER:
+        prev = tl.load(order_ptr + prev, mask=has_prev, other=0)
+    prev_slot = tl.load(idx_ptr + prev, mask=has_prev, other=-1)
+    start = ((slot >= 0) & (slot != prev_slot)).to(tl.int32)
+    return tl.cumsum(start, axis=0) - 1, tl.sum(start, axis=0)
+
+
+@triton.jit
+def _round_slots(slot, rank, run, g, RUNS: tl.constexpr):
+    """Runs g .. g + RUNS - 1 of a block: (mine (rows, RUNS): row in run j, their slots (RUNS,) (-1 past the
+    block's runs), their ranks (RUNS,) (0 there))."""
+    mine = (run[:, None] == g + tl.arange(0, RUNS)[None, :]) & (slot >= 0)[:, None]
+    return (mine, tl.max(tl.where(mine, slot[:, None], -1), axis=0),
+            tl.max(tl.where(mine, rank[:, None], 0), axis=0))
+
+
+@triton.jit
+def shrink_round(a_ptr, ranks_ptr, slot, run, g, first_r, stride_as, stride_ar, RUNS: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """A shrink round's A side for runs g.. of a block: (mine (rows, RUNS), the round's A row pointers
+    (RUNS, BLOCK_R, 1) for ranks first_r.., their live mask, whether any run of the round has ranks there)."""
+    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
+    mine, run_slot, run_rank = _round_slots(slot, rank, run, g, RUNS)
+    offs_r = first_r + tl.arange(0, BLOCK_R)
+    a_rows = (a_ptr + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_as
+              + offs_r[None, :, None] * stride_ar)
+    return mine, a_rows, offs_r[None, :, None] < run_rank[:, None, None], first_r < tl.max(run_rank, axis=0)
+
+
+@triton.jit
+def shrink_round_x(x_ptr, offs_t, rows, k0, K, stride_xt, stride_xk, BLOCK_K: tl.constexpr):
+    """A shrink round's x tile from column k0: (x (rows, BLOCK_K) on the round's rows, offs_k, in_k)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=rows[:, None] & in_k[None, :],
+                other=0.0)
+    return x, offs_k, in_k
+
+
+@triton.jit
+def shrink_round_step(y, x, a_rows, live, offs_t, offs_k, in_k, K, seed_ptr, p, stride_ak, DROPOUT: tl.constexpr,
+                      FP32_DOT: tl.constexpr, RUNS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y (rows, RUNS * BLOCK_R) += keep * x (rows, BLOCK_K) @ the round's A rows side by side, (BLOCK_K, RUNS *
+    BLOCK_R); keep: each row's slot's probability p (rows, 1) at the element's logical index t * K + k."""
+    if DROPOUT:
+        x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], p), x, 0.0)
+    a = tl.load(a_rows + offs_k[None, None, :] * stride_ak, mask=live & in_k[None, None, :],
+                other=0.0)                                                              # (RUNS, BLOCK_R, BLOCK_K)
+    return _dot(x, tl.trans(tl.reshape(a, (RUNS * BLOCK_R, BLOCK_K))), y, FP32_DOT)
+
+
+@triton.jit
+def shrink_round_pick(acc, y, mine, RUNS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc (rows, BLOCK_R) += each row's own run's BLOCK_R columns of a round's y (rows, RUNS * BLOCK_R)."""
+    y = tl.reshape(y, (y.shape[0], RUNS, BLOCK_R))
+    return acc + tl.sum(tl.where(mine[:, :, None], y, 0.0), axis=1)
+
+
+@triton.jit
+def row_dropout(slot, dropouts_ptr, DROPOUT: tl.constexpr):
+    """Each row's slot's dropout probability (rows, 1), 0 without dropout or adapter."""
+    if DROPOUT:
+        return tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+    return tl.zeros_like(slot).to(tl.float32)[:, None]
+
+
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _multi_shrink_kernel(
@@ -74,88 +146,57 @@ def _multi_shrink_kernel(
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
     HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
-    GATHER_A: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    if GATHER_A:
-        acc = gathered_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, offs_t, offs_r, pid_k, K,
-                              stride_xt, stride_xk, stride_as, stride_ar, stride_ak, MASK_X, SPLIT_K, BLOCK_T,
-                              BLOCK_R, BLOCK_K)
-    else:
-        s = _next_slot(slot, -1)
-        while s < NO_SLOT:
-            rank = tl.load(ranks_ptr + s)
-            if pid_r * BLOCK_R < rank:  # this program's 16 ranks hold some of slot s's
-                rows = mask_t & (slot == s)
-                for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-                    offs_k = k0 + tl.arange(0, BLOCK_K)
-                    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                                mask=rows[:, None] & (offs_k[None, :] < K), other=0.0)        # (BLOCK_T, BLOCK_K)
-                    if MASK_X:  # this slot's LoRA dropout, on the element's logical index t * K + k
-                        keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], tl.load(dropouts_ptr + s))
-                        x = tl.where(keep, x, 0.0)
-                    a = tl.load(a_ptr + s * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                                mask=(offs_r[None, :] < rank) & (offs_k[:, None] < K), other=0.0)  # (BLOCK_K, BLOCK_R)
-                    acc = _dot(x, a, acc, FP32_DOT)
-            s = _next_slot(slot, s)
+    run, runs = slot_runs(idx_ptr, order_ptr, pid_t, T, slot, HAS_ORDER, BLOCK_T)
+    acc = runs_shrink(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
+                      slot, run, runs, offs_t, pid_r * BLOCK_R, pid_k, K, stride_xt, stride_xk, stride_as, stride_ar,
+                      stride_ak, MASK_X, FP32_DOT, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K)
     scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
     if DIV_KEEP:
         scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale[:, None], mask_t[:, None], SPLIT_K)
 
 
 @triton.jit
-def gathered_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, offs_t, offs_r, pid_k, K, stride_xt,
-                    stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, SPLIT_K: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += keep * x A_a^T over this program's K columns (split as the per-slot path splits them), every row
-    reading its own slot's A; also each member's shrink in kernels.lora_grouped."""
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)                  # (BLOCK_T,)
-    p = 0.0
-    if DROPOUT:
-        p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
-    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
-        acc = gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk,
-                                   stride_as, stride_ar, stride_ak, seed_ptr, p, DROPOUT, BLOCK_T, BLOCK_R, BLOCK_K)
-    return acc
+def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run, runs, offs_t, first_r, pid_k, K,
+                stride_xt, stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc (BLOCK_T, BLOCK_R) += keep * x A_a^T over ranks first_r.. of each row's slot and this program's K
+    columns (split as split-K programs split them).
 
-
-@triton.jit
-def gathered_shrink_step(acc, x_ptr, a_ptr, slot, rank, offs_t, offs_r, k0, K, stride_xt, stride_xk, stride_as,
-                         stride_ar, stride_ak, seed_ptr, p, DROPOUT: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += keep * x A_a^T over columns k0..k0+BLOCK_K, every row reading its own slot's A rows (BGMV-like,
-    CUDA cores; decode): no step per distinct slot of the block, each a chain of dependent loads and a dot
-    (~2 us per slot on the H100, see _gathered_expand). slot, rank, p: each row's slot, rank and dropout
-    probability; a row's A is read only below its rank. GATHER_K columns at a time keep the gathered
-    (BLOCK_T, BLOCK_R, GATHER_K) A tile at 2048 elements."""
-    GATHER_K: tl.constexpr = (2048 + BLOCK_T * BLOCK_R - 1) // (BLOCK_T * BLOCK_R)      # ceil: 1 to 8
-    offs_g = tl.arange(0, GATHER_K)
-    a_rows = a_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_as + offs_r[None, :, None] * stride_ar
-    live = offs_r[None, :] < rank[:, None]                                                   # (BLOCK_T, BLOCK_R)
-    for kk in range(0, BLOCK_K, GATHER_K):
-        offs_k = k0 + kk + offs_g
-        in_k = offs_k < K
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                    mask=(rank > 0)[:, None] & in_k[None, :], other=0.0)                     # (BLOCK_T, GATHER_K)
-        if DROPOUT:  # the row's slot's probability, the element's logical index t * K + k: the same mask
-            x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], p[:, None]), x, 0.0)
-        a = tl.load(a_rows + offs_k[None, None, :] * stride_ak, mask=live[:, :, None] & in_k[None, None, :],
-                    other=0.0)                                                           # (BLOCK_T, BLOCK_R, GATHER_K)
-        acc += tl.sum(x.to(tl.float32)[:, None, :] * a.to(tl.float32), axis=2)
+    RUNS runs a round: x's tile (the round's rows) times the round's A rows side by side, (BLOCK_K, RUNS * 16),
+    accumulated over K as (BLOCK_T, RUNS * 16), of which each row keeps its own run's 16 columns. The extra
+    columns are tensor-core work on data already loaded; a per-slot loop would instead chain a dependent rank
+    load, tile loads and a dot per distinct slot of the block (~2 us each on the H100, 2026-11-26).
+    kernels.lora_grouped runs the same round for up to three members over one x tile."""
+    # the round's A tile and its (BLOCK_T, RUNS * BLOCK_R) sum within ROUND_ELEMENTS each
+    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (BLOCK_R * BLOCK_K), ROUND_ELEMENTS // (BLOCK_R * BLOCK_T)))
+    p = row_dropout(slot, dropouts_ptr, DROPOUT)
+    for g in range(0, runs, RUNS):
+        mine, a_rows, live, go = shrink_round(a_ptr, ranks_ptr, slot, run, g, first_r, stride_as, stride_ar, RUNS,
+                                              BLOCK_R)
+        if go:
+            rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
+            y = tl.zeros((BLOCK_T, RUNS * BLOCK_R), dtype=tl.float32)
+            for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+                x, offs_k, in_k = shrink_round_x(x_ptr, offs_t, rows, k0, K, stride_xt, stride_xk, BLOCK_K)
+                y = shrink_round_step(y, x, a_rows, live, offs_t, offs_k, in_k, K, seed_ptr, p, stride_ak, DROPOUT,
+                                      FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
+            acc = shrink_round_pick(acc, y, mine, RUNS, BLOCK_R)
     return acc
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP"], prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"),
-    reset_to_zero=["out_ptr"], do_bench=tune_bench)(_multi_shrink_kernel))
+    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP"],
+    prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
+    do_bench=tune_bench)(_multi_shrink_kernel))
 
 
 def padded_rank(r_max: int) -> int:
@@ -192,7 +233,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         T, K, bucket,
         sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
-        FP32_DOT=x.dtype == torch.float32, GATHER_A=gathered(T), BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -205,32 +246,32 @@ def multi_matmul_tile(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, ACCUMULATE: tl.constexpr = False,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr = False,
 ):
-    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. GATHER_B: the
-    decode epilogue (see _gathered_expand), else one step per distinct slot of the block. ACCUMULATE adds y's
-    values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul)."""
+    """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
+    y's values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
     slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+    run, runs = slot_runs(idx_ptr, order_ptr, pid_m, M, slot, HAS_ORDER, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if OUT_DROPOUT:
         # backward dx: each row's LoRA gradient passes its slot's forward dropout mask. Expanded first, while it is
         # all the accumulator holds, the mask applies there and one accumulator serves (a separate LoRA tile
         # beside the base one spilled ~9 KB a thread at 128 x 256: Triton 3.6, ptxas).
-        acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                      stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
+                          stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     for k0 in range(0, K, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
     if not OUT_DROPOUT:
-        acc = _expand(acc, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                      stride_bs, stride_bn, stride_br, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
+                          stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
     if ACCUMULATE:  # the expand alone (K = 0): rows with no adapter have their whole output in y already
         mask_m = mask_m & ((slot >= 0) | (K > 0))
     store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
@@ -245,60 +286,32 @@ def _slot_dropout(lora, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr):
 
 
 @triton.jit
-def _expand(lora, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs,
-            stride_bn, stride_br, FP32_DOT: tl.constexpr, GATHER_B: tl.constexpr, BLOCK_R: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """lora += each row's xa B_a^T: gathered per row (decode) or in steps per distinct slot (prefill)."""
-    if GATHER_B:
-        lora = _gathered_expand(lora, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                                stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
-    else:
-        lora = _slot_steps_expand(lora, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
-                                  stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
-    return lora
-
-
-@triton.jit
-def _slot_steps_expand(lora, slot, offs_m, mask_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                       stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr):
-    """lora += xa B_a^T with each distinct slot among the block's rows expanding its own rows, over its own rank
-    only, as 16-wide tensor-core steps (prefill: slot-sorted blocks hold one or two slots)."""
-    offs_r = tl.arange(0, BLOCK_R)
-    s = _next_slot(slot, -1)
-    while s < NO_SLOT:
-        rows = mask_m & (slot == s)
-        rank = tl.load(ranks_ptr + s)
-        for r0 in range(0, rank, BLOCK_R):
-            offs_rr = r0 + offs_r
-            xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_rr[None, :] * stride_xar,
-                         mask=rows[:, None], other=0.0)                                      # (BLOCK_M, BLOCK_R)
-            b = tl.load(b_ptr + s * stride_bs + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
-                        mask=mask_n[None, :] & (offs_rr[:, None] < rank), other=0.0)        # (BLOCK_R, BLOCK_N)
-            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-        s = _next_slot(slot, s)
-    return lora
-
-
-@triton.jit
-def _gathered_expand(lora, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                     stride_bs, stride_bn, stride_br, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """lora += xa B_a^T with every row reading its own slot's B rows (BGMV-like, CUDA cores): no step per
-    distinct slot. At decode a 16-row block holds up to 16 slots, and each slot step (a dependent rank load,
-    tile loads, a dot) added ~2 us to the call (H100: 4096x4096, T=16, 1 -> 128 adapters: 0.043 -> 0.070 ms
-    in a CUDA graph). Ranks advance GATHER_R at a time: the gathered (BLOCK_M, GATHER_R, BLOCK_N) B tile stays
-    at 2048 elements where the tile allows (16 fp32 registers a thread at 4 warps; 4096 spilled at 64x32 and
-    larger decode tiles beside the backward's separate LoRA accumulator: sm90_compile, ptxas)."""
-    GATHER_R: tl.constexpr = (2048 + BLOCK_M * BLOCK_N - 1) // (BLOCK_M * BLOCK_N)      # ceil: 1 to 8
-    offs_g = tl.arange(0, GATHER_R)
+def runs_expand(lora, slot, run, runs, first_round, round_step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """lora (BLOCK_M, BLOCK_N) += each row's xa B_a^T, RUNS runs a round as one tf32 dot of K = RUNS * 16: the
+    rows' xa in their own run's 16 columns (zero in the others) against the round's B rows side by side.
+    Rounds first_round, first_round + round_step, ... of the block's runs (split-K decode programs share
+    them out). Loads are coalesced along xa's ranks and B's (RUNS, BLOCK_N, 16) tile; at decode the v2
+    per-row gather read B's ranks 2 bytes of every 32-byte sector at a time."""
+    # B's (RUNS * 16, BLOCK_N) within ROUND_ELEMENTS, xa's (BLOCK_M, RUNS * 16) within half of it, beside the
+    # (BLOCK_M, BLOCK_N) accumulator (8192 and 4096 spilled 0.7-2.2 KB at 128 x 128 to 64 x 256: ptxas, sm_90)
+    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (2 * BLOCK_R * BLOCK_M), ROUND_ELEMENTS // (BLOCK_R * BLOCK_N)))
     rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)                  # (BLOCK_M,)
-    b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_bs + offs_n[None, None, :] * stride_bn
-    for r0 in range(0, tl.max(rank, 0), GATHER_R):
-        offs_r = r0 + offs_g
-        live = offs_r[None, :] < rank[:, None]                                                  # (BLOCK_M, GATHER_R)
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, mask=live, other=0.0)
-        b = tl.load(b_rows + offs_r[None, :, None] * stride_br, mask=live[:, :, None] & mask_n[None, None, :],
-                    other=0.0)                                                           # (BLOCK_M, GATHER_R, BLOCK_N)
-        lora += tl.sum(xa[:, :, None] * b.to(tl.float32), axis=1)
+    offs_i = tl.arange(0, BLOCK_R)
+    b_cols = b_ptr + offs_n[None, :, None] * stride_bn
+    for g in range(first_round * RUNS, runs, round_step * RUNS):
+        mine, run_slot, run_rank = _round_slots(slot, rank, run, g, RUNS)      # (BLOCK_M, RUNS), (RUNS,), (RUNS,)
+        b_rows = b_cols + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_bs
+        for r0 in range(0, tl.max(run_rank, axis=0), BLOCK_R):
+            offs_r = r0 + offs_i
+            xa = tl.load(xa_ptr + offs_m[:, None, None] * stride_xam + offs_r[None, None, :] * stride_xar,
+                         mask=mine[:, :, None], other=0.0)                             # (BLOCK_M, RUNS, BLOCK_R)
+            b = tl.load(b_rows + offs_r[None, None, :] * stride_br,
+                        mask=(offs_r[None, None, :] < run_rank[:, None, None]) & mask_n[None, :, None],
+                        other=0.0)                                                     # (RUNS, BLOCK_N, BLOCK_R)
+            b = tl.reshape(tl.permute(b, (0, 2, 1)), (RUNS * BLOCK_R, BLOCK_N))
+            lora = _dot_fp32(tl.reshape(xa, (BLOCK_M, RUNS * BLOCK_R)), b.to(tl.float32), lora, FP32_DOT)
     return lora
 
 
@@ -309,7 +322,7 @@ def _multi_matmul_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    GATHER_B: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -317,49 +330,49 @@ def _multi_matmul_kernel(
                       seed_ptr, bias_ptr, y_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
                       stride_br, stride_ym, stride_yn,
-                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, GATHER_B, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                      ACCUMULATE)
+                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE)
 
 
-_MATMUL_KEY = ["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"]     # ACCUMULATE shares the tiles
-_multi_matmul_decode = TunedLauncher(triton.autotune(
-    decode_matmul_configs(), key=_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
-    do_bench=tune_bench)(_multi_matmul_kernel))
 _multi_matmul_prefill = TunedLauncher(triton.autotune(
-    prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_multi_matmul_kernel))
+    prefill_matmul_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"],  # ACCUMULATE shares
+    do_bench=tune_bench)(_multi_matmul_kernel))                                                   # the tiles
 
 
 @triton.jit
 def _multi_decode_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr,
+    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr,
+    count_ptr,
     M, N, K, T_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
-    OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """The matmul at decode (M <= BLOCK_M rows in batch order), as kernels.lora's decode kernel: one row block,
-    so W streams from HBM once, K split SPLIT_K ways with the last split of a column block summing the
-    partials; split 0 adds the rows' gathered expand (_gathered_expand) while the others stream W."""
+    """The matmul at decode (M <= BLOCK_M rows), as kernels.lora's decode kernel: one row block, so W streams
+    from HBM once, K split SPLIT_K ways with the last split of a column block summing the partials; the
+    splits share the expand's rounds out (split p takes rounds p, p + SPLIT_K, ...)."""
     pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
     mask_n = offs_n < N
 
     slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+    run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if OUT_DROPOUT and pid_k == 0:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
-        acc = _slot_dropout(_gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
-                                             stride_xar, stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N),
-                            slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
+    if OUT_DROPOUT:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
+        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                          BLOCK_N)
+        acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
-    if not OUT_DROPOUT and pid_k == 0:
-        acc = _gathered_expand(acc, slot, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar,
-                               stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N)
+    if not OUT_DROPOUT:
+        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                          BLOCK_N)
     if SPLIT_K == 1:
         store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
     elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
@@ -369,7 +382,7 @@ def _multi_decode_kernel(
 
 
 _multi_decode = TunedLauncher(triton.autotune(
-    split_decode_configs(), key=["T_BUCKET", "N", "K", "OUT_DROPOUT", "HAS_BIAS"],
+    split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
 
 
@@ -393,14 +406,14 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if out is None else out
     if M == 0:
         return y
-    if gathered(M) and order is None:
+    if M <= DECODE_MAX_T:
         if accumulate:  # the decode kernel splits K into shared partials: its sum goes through a temporary
-            _accumulated(y, lambda o: _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias,
+            _accumulated(y, lambda o: _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
                                                            dropouts, seed, o))
         else:
-            _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y)
+            _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y)
         return y
-    if M > DECODE_MAX_T and order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate,
+    if order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate,
                                                                   min_tokens=TMA_BASE_MIN_T):
         # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
         # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
@@ -414,9 +427,9 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
 
 def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K: int,
                          accumulate: bool) -> None:
-    """The fused matmul over K, or with K = 0 the expand alone (accumulate: added to y's values)."""
+    """The fused matmul over K at prefill, or with K = 0 the expand alone (accumulate: added to y's values)."""
     M, N = y.shape
-    kernel = _multi_matmul_decode if M <= DECODE_MAX_T else _multi_matmul_prefill
+    kernel = _multi_matmul_prefill
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
     if accumulate and kernel.chosen(key) is None:  # tuning runs every candidate: into a temporary, added once
         _accumulated(y, lambda out: _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
@@ -435,25 +448,26 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
         M, N, K, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, GATHER_B=gathered(M), ACCUMULATE=accumulate, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R,
     )
 
 
-def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, dropouts, seed, y) -> None:
-    """lora_multi_matmul at decode with the gathered expand: _multi_decode_kernel."""
+def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y) -> None:
+    """lora_multi_matmul at decode: _multi_decode_kernel."""
     M, K = x.shape
     N = weight.shape[0]
     bucket = t_bucket(M)
-    key = (bucket, N, K, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    key = (bucket, N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
     part, counters = split_buffers(_multi_decode, key, x.device, M * N, N, y)
     sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
     _multi_decode.launch(key, lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
-        x, weight, xa, lora_B, adapter_index, ranks, xa if dropouts is None else dropouts,
-        adapter_index if seed is None else seed, bias if bias is not None else y, y, part, counters,
+        x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
+        xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
+        bias if bias is not None else y, y, part, counters,
         M, N, K, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
-        OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=max(16, next_pow2(M)),
+        HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)),
     )
 
 

@@ -334,17 +334,16 @@ def _multi_forward(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
     biases, lora_As, lora_Bs, ranks = _present(biases), _present(lora_As), _present(lora_Bs), _present(ranks)
     scales, dropouts = _present(scales), _present(dropouts)
     ws = [w.t() if fan_in_fan_out else w for w in weights]                          # (d_out_g, d_in) views
-    rows = multi_ops._row_order(order, x.shape[0])
     live = [g for g, a in enumerate(lora_As) if a is not None]
     member_seeds = _member_seeds(seeds, [p is not None for p in dropouts])
     xas: list[Optional[Tensor]] = [None] * len(weights)
     if live:
         shrunk = grouped_kernels.lora_grouped_multi_shrink(
-            x, [lora_As[g] for g in live], adapter_index, [ranks[g] for g in live], [scales[g] for g in live], rows,
+            x, [lora_As[g] for g in live], adapter_index, [ranks[g] for g in live], [scales[g] for g in live], order,
             [dropouts[g] for g in live], [member_seeds[g] for g in live])
         for g, xa in zip(live, shrunk):
             xas[g] = xa
-    ys = grouped_kernels.lora_grouped_multi_matmul(x, ws, xas, lora_Bs, adapter_index, ranks, biases, rows)
+    ys = grouped_kernels.lora_grouped_multi_matmul(x, ws, xas, lora_Bs, adapter_index, ranks, biases, order)
     return ys, [_no_xa(x) if xa is None else xa for xa in xas]
 
 

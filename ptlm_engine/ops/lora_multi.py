@@ -77,20 +77,14 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _row_order(order: Tensor, T: int) -> Optional[Tensor]:
-    """Row blocks walk the slot-sorted order at prefill, where a block of unsorted tokens would hold many slots;
-    at decode a block holds at most a few dozen tokens and the sort would cost more than it saves."""
-    return order if T > multi_kernels.DECODE_MAX_T else None
-
-
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
              scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, dropouts: Optional[Tensor],
              seed: Optional[Tensor], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:
     """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a dropout_a(x) A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
-    rows = _row_order(order, x.shape[0])
-    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, rows, dropouts, seed)
-    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, rows), xa
+    # row blocks walk the tokens in slot-sorted order: a block's rows form few runs of one slot
+    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, order, dropouts, seed)
+    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order), xa
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
@@ -108,12 +102,11 @@ def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Ten
                   dx_sum: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """_backward, with dx added into dx_sum (T, d_in) when given, which is then returned as dx: the grouped
     op's sum over its members (in the dx matmuls' epilogues at prefill, no add launch)."""
-    rows = _row_order(order, dy.shape[0])
-    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, rows, dropouts,
+    g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, order, dropouts,
                                         seed, mask_x=False)
     if need_dx:
         w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
-        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, rows,
+        dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, order,
                                              dropouts, seed, out=dx_sum, accumulate=dx_sum is not None)
     else:
         dx = dy.new_empty((0,)) if dx_sum is None else dx_sum

@@ -97,12 +97,6 @@ GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                               HAS_BIAS1=False, HAS_BIAS2=False)])
 
 
-def _gather(spec, gather: bool):
-    """A multi-adapter matmul's spec with its launcher's epilogue: gathered at decode, slot steps at prefill."""
-    types, variants = spec
-    return types, [dict(flags, GATHER_B=gather) for flags in variants]
-
-
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
 BOTTLENECK_SLOTS = {"idx_ptr": "*i32", "order_ptr": "*i32", "bounds_ptr": "*i32", "sizes_ptr": "*i32",
                     "scales_ptr": "*fp32", "acts_ptr": "*i32", "scale": "fp32"}
@@ -119,18 +113,18 @@ KERNELS = {
     "lora.weight_grad": (L._lora_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "out_ptr": "*fp32", "g2_ptr": "x",
                                                "h2_ptr": "*fp32", "out2_ptr": "*fp32", "seed_ptr": "*i64",
                                                "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
-    "multi.matmul_decode": (M._multi_matmul_decode, *_gather(MULTI_MATMUL, True)),
     "multi.decode": (M._multi_decode, {"x_ptr": "x", "w_ptr": "x", "xa_ptr": "*fp32", "b_ptr": "x", "idx_ptr": "*i32",
-                                       "ranks_ptr": "*i32", "dropouts_ptr": "*fp32", "seed_ptr": "*i64",
-                                       "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32", "count_ptr": "*i32"},
-                     [dict(OUT_DROPOUT=False, HAS_BIAS=True, BLOCK_M=64), dict(OUT_DROPOUT=True, HAS_BIAS=False,
-                                                                              BLOCK_M=16)]),
-    "multi.matmul_prefill": (M._multi_matmul_prefill, *_gather(MULTI_MATMUL, False)),
+                                       "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
+                                       "seed_ptr": "*i64", "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32",
+                                       "count_ptr": "*i32"},
+                     [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, BLOCK_M=64),
+                      dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, BLOCK_M=16)]),
+    "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",
                                        "seed_ptr": "*i64", "out_ptr": "*fp32"},
-                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True, GATHER_A=False),
-                      dict(HAS_ORDER=False, MASK_X=True, DIV_KEEP=True, GATHER_A=True)]),
+                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True),
+                      dict(HAS_ORDER=False, MASK_X=False, DIV_KEEP=True)]),
     "multi.weight_grad": (M._multi_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "order_ptr": "*i32",
                                                  "seg_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
@@ -162,16 +156,16 @@ KERNELS = {
                                                      **{f"seed{g}_ptr": "*i64" for g in range(3)},
                                                      **{f"p{g}": "fp32" for g in range(3)}},
                             [dict(MEMBERS=3, DROP0=True, DROP1=False, DROP2=True)]),
-    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *_gather(GROUPED_MULTI_MATMUL, True)),
-    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *_gather(GROUPED_MULTI_MATMUL, False)),
+    "grouped.multi_matmul_decode": (G._grouped_multi_matmul_decode, *GROUPED_MULTI_MATMUL),
+    "grouped.multi_matmul_prefill": (G._grouped_multi_matmul_prefill, *GROUPED_MULTI_MATMUL),
     "grouped.multi_shrink": (G._grouped_multi_shrink, {"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                                        **{f"a{g}_ptr": "x" for g in range(3)},
                                                        **{f"{p}{g}_ptr": t for p, t in (
                                                            ("ranks", "*i32"), ("scales", "*fp32"),
                                                            ("dropouts", "*fp32"), ("seed", "*i64"),
                                                            ("out", "*fp32")) for g in range(3)}},
-                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True, GATHER_A=False),
-                              dict(MEMBERS=3, HAS_ORDER=False, DROP0=True, DROP1=False, DROP2=True, GATHER_A=True)]),
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True),
+                              dict(MEMBERS=2, HAS_ORDER=False, DROP0=False, DROP1=False, DROP2=False)]),
 }
 # prefix attention: 4 q heads per kv head x 128, a prefix with per-row lengths; the delta kernel has no
 # autotuner (one fixed tile); the split dK / dV kernel's unused dq_ptr points at dk

@@ -8,6 +8,7 @@ Llama shapes in bf16.
 """
 import pytest
 import torch
+import triton.language as tl
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_grouped as G
@@ -218,11 +219,14 @@ def test_grouped_multi_kernels_mappings(kind, dtype):
     _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, kind)
 
 
-def test_grouped_multi_kernels_decode_with_slot_steps(monkeypatch):
-    """PTLM_MULTI_GATHER=0: the grouped decode shrink and expand take the per-slot steps."""
-    monkeypatch.setattr(M, "GATHER_DECODE", False)
+@pytest.mark.parametrize("T", [29, 70])
+def test_grouped_multi_kernels_many_runs_per_block(T, monkeypatch):
+    """Rounds cut to 2 runs (unsorted rows cycle through the slots: a run per row): the grouped shrink's rounds
+    over one x tile for every member, and the member tiles' expand rounds, at decode and at prefill."""
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))     # the interpreter reads globals per call
+    monkeypatch.setattr(G, "ROUND_ELEMENTS", tl.constexpr(1024))
     torch.manual_seed(8)
-    _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "random")
+    _check_multi(T, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "each")
 
 
 def test_grouped_multi_kernels_prefill_two_members():

@@ -2,6 +2,7 @@
 every row, every row a different adapter, slots with no tokens, mixed ranks, odd shapes, poisoned outputs."""
 import pytest
 import torch
+import triton.language as tl
 
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import lora_multi as M
@@ -65,11 +66,14 @@ def test_multi_kernels_mappings(kind, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
-def test_multi_kernels_decode_with_slot_steps(dtype, monkeypatch):
-    """PTLM_MULTI_GATHER=0: decode takes the per-slot shrink and expand (the gathered ones are the default)."""
-    monkeypatch.setattr(M, "GATHER_DECODE", False)
+@pytest.mark.parametrize("T", [29, 70])
+def test_multi_kernels_many_runs_per_block(T, dtype, monkeypatch):
+    """Blocks with more runs of one slot than a round takes (unsorted rows cycling over 20 slots of mixed
+    ranks; rounds cut to 2 runs): several rounds in the shrink, at decode (shared out over split-K programs)
+    and at prefill."""
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))     # the interpreter reads globals per call
     torch.manual_seed(8)
-    _check(29, 37, 41, [16, 4, 9, 1], dtype, "random")
+    _check(T, 37, 41, [1 + (7 * i) % 40 for i in range(20)], dtype, "each")
 
 
 @pytest.mark.parametrize("T,d_in,d_out,ranks", [(1, 20, 24, [8, 3]), (70, 33, 19, [40, 17, 2])])
