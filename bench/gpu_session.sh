@@ -30,12 +30,16 @@ fi
 start=$(date +%s)
 if [ "$tests_s" -gt 0 ]; then
     # The tests least often run on a GPU first (the cap cuts the rest): the captured training step and the
-    # in-place remap (tiny models, seconds), the split-K decode kernels (-k decode) and the multi-adapter
-    # prefill on the TMA GEMM, then the base-model ops, prefix attention, the multi-adapter bottleneck, the
-    # CUDA-graph and model-level checks; then the LoRA kernels and what passed on 2026-11-26.
+    # in-place remap (tiny models, seconds); the split-K decode kernels (-k decode), the multi-adapter prefill on
+    # the TMA GEMM and the realistic-shape multi-adapter kernels (mixed ranks, every row its own adapter); then the
+    # base-model ops, prefix attention, the multi-adapter bottleneck, the CUDA-graph and model-level checks; last
+    # the LoRA kernels' other tests (each test runs once).
+    lora_files="tests/kernels/test_lora.py tests/kernels/test_lora_multi.py tests/kernels/test_lora_grouped.py"
+    first_lora="decode|multi_prefill|accumulates|realistic"
     groups=("tests/test_captured_step.py tests/test_adapter_batch.py -k captured_step|learning_rate|mixed_batch_step|remap"
-            "tests/kernels/test_lora.py tests/kernels/test_lora_multi.py tests/kernels/test_lora_grouped.py -k decode|multi_prefill|accumulates"
-            "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py tests/kernels/test_lora.py tests/kernels/test_bottleneck.py tests/kernels/test_lora_grouped.py tests/kernels/test_lora_multi.py")
+            "$lora_files -k $first_lora"
+            "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py tests/kernels/test_bottleneck.py"
+            "$lora_files -k not ($first_lora)")
     codes=""
     : >"$out/gpu_tests.log"
     for group in "${groups[@]}"; do
