@@ -21,6 +21,11 @@ provider uses `generate`; the loops call the model's forward, with `adapter_name
           without capture (timing "static"). peft_mixed is not captured: PEFT's mixed batch builds index
           tensors from Python lists on every call.
 
+Bytes bound: a decode step reads every projection's weights and the lm_head, the KV cache (at the mean
+context, prompt + new tokens / 2) and, with adapters, each distinct adapter's A and B once; the summary prints
+base bytes / (base + adapter bytes), the most ptlm_mixed / base can reach where both stream their bytes at the
+same rate (at the defaults: 1.90 GB + 0.60 GB for 32 rank-16 adapters, 0.76).
+
 tok/s = batch x new tokens / wall time of one generation (prefill + every decode step), median of --repeats
 runs after a warm-up run. peft_mixed's eager loop decodes only --peft-mixed-tokens tokens (8) per run; its
 wall time is extrapolated per decode step: prefill + (new_tokens - 1) x (measured decode time / steps run).
@@ -322,6 +327,10 @@ def run_family(family: str, providers: list[str], args, device: torch.device, lo
                                  **shape(args, config), "ms": None, "note": "skipped for the time budget"})
                     continue
                 row, tokens = measure(provider, loop, model, config, prompt, args, device)
+                base_bytes, adapter_bytes = step_bytes(config, args, row.get("adapters", 0),
+                                                       torch.finfo(dtype).bits // 8)
+                row.update(step_gb=(base_bytes + adapter_bytes) / 1e9,
+                           bytes_bound=base_bytes / (base_bytes + adapter_bytes))
                 if provider == "ptlm_mixed" and tokens is not None:
                     k = args.check_tokens
                     if loop == "eager":
@@ -342,6 +351,19 @@ def run_family(family: str, providers: list[str], args, device: torch.device, lo
         del model
         harness.free_memory()
     return rows
+
+
+def step_bytes(config, args, adapters: int, element_size: int = 2) -> tuple[float, float]:
+    """(base, adapter) bytes one decode step must read: the 7 projections of every layer, the lm_head and the
+    KV cache at the mean context; rank-r A and B of the projections for each of `adapters` distinct adapters."""
+    h, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, config.intermediate_size), (h, config.intermediate_size),
+              (config.intermediate_size, h)]                       # (d_in, d_out) of q, k, v, o, gate, up, down
+    layers = config.num_hidden_layers
+    weights = layers * sum(i * o for i, o in shapes) + config.vocab_size * h
+    cache = layers * 2 * kv * args.batch * (args.prompt + args.new_tokens / 2)
+    lora = adapters * layers * args.rank * sum(i + o for i, o in shapes)
+    return element_size * (weights + cache), element_size * lora
 
 
 def row_line(row: dict) -> str:
@@ -394,6 +416,11 @@ def summary(rows: list[dict]) -> list[str]:
         lines.append("  ptlm_mixed/base " + " ".join(f"[{t}] {v:.2f}" for t, v in vs_base) + verdict
                      + "; ptlm_mixed/peft_mixed[eager] " + " ".join(f"[{t}] {v:.1f}x" for t, v in vs_peft)
                      + verdict_peft)
+    mixed = next((r for r in rows if r["provider"] == "ptlm_mixed" and "bytes_bound" in r), None)
+    if mixed:
+        lines.append(f"  decode-step bytes: {mixed['step_gb'] * mixed['bytes_bound']:.2f} GB base, "
+                     f"{mixed['step_gb']:.2f} GB with {mixed['adapters']} adapters: at one rate ptlm_mixed/base "
+                     f"<= {mixed['bytes_bound']:.2f}")
     checks = [f"[{r['timing']}] " + ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in CHECKS if k in r)
               + f" of {r['checked_tokens']} first tokens" for r in rows if "checked_tokens" in r]
     if checks:
