@@ -310,8 +310,8 @@ def _lora_decode_kernel(
     Without FUSE_SHRINK, xa (M, R) is given and split 0 adds its expand.
 
     WEIGHT_GRADS (the backward, x = dy, W = W0^T, A = B^T, B = A^T, h = the forward's xa, x2 = its x) also
-    writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = (keep x2)^T xa (N, R) (dA^T)
-    in the epilogue: dx, dA and dB in one launch.
+    writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = ((keep x2)^T xa)^T (R, N)
+    (dA, rank-major as lora_A) in the epilogue, both in their buffers' dtypes: dx, dA and dB in one launch.
     """
     pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m = tl.arange(0, BLOCK_M)
@@ -342,7 +342,8 @@ def _lora_decode_kernel(
             if (k0 // BLOCK_K) % num_n == pid_n:  # these dk rows are this program's: x is on chip already
                 dk = _dot_fp32(tl.trans(x).to(tl.float32), h, tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32),
                                FP32_DOT)
-                tl.store(dk_ptr + offs_k[:, None] * R + offs_r[None, :], dk, mask=mask_k[:, None] & mask_r[None, :])
+                tl.store(dk_ptr + offs_k[:, None] * R + offs_r[None, :], dk.to(dk_ptr.dtype.element_ty),
+                         mask=mask_k[:, None] & mask_r[None, :])
 
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
@@ -442,7 +443,8 @@ def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mas
             if OUT_DROPOUT:
                 x2 = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), x2, 0.0)
             dn = _dot_fp32(tl.trans(x2).to(tl.float32), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), FP32_DOT)
-            tl.store(dn_ptr + offs_n[:, None] * R + offs_r[None, :], dn, mask=mask_n[:, None] & mask_r[None, :])
+            tl.store(dn_ptr + offs_r[None, :] * N + offs_n[:, None], dn.to(dn_ptr.dtype.element_ty),
+                     mask=mask_n[:, None] & mask_r[None, :])                                 # rank-major (R, N)
 
 
 _lora_decode = TunedLauncher(triton.autotune(
@@ -517,7 +519,8 @@ def lora_decode_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, we
     dy (T, d_out); x (T, d_in) the forward's input; xa (T, r) fp32 the forward's; weight W0 (d_out, d_in) any
     strides; lora_A (r, d_in); lora_B (d_out, r); keep: the forward's dropout mask of (seed, t * d_in + k).
     Returns dx (T, d_in) in dy's dtype (added to `dx`'s values if given: the grouped backward's sum over its
-    members), dA^T (d_in, r) and dB (d_out, r) in fp32.
+    members), dA (r, d_in) and dB (d_out, r), contiguous in lora_A's and lora_B's dtypes (no cast or layout copy
+    follows: autograd copies a gradient whose strides differ from its parameter's).
     """
     T, d_out = dy.shape
     d_in, r = x.shape[1], lora_A.shape[0]
@@ -525,11 +528,11 @@ def lora_decode_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, we
     if dx is None:
         dx = torch.empty((T, d_in), device=dy.device, dtype=dy.dtype)
     g = torch.empty((T, r), device=dy.device, dtype=torch.float32)
-    d_a_t = torch.empty((d_in, r), device=dy.device, dtype=torch.float32)
-    d_b = torch.empty((d_out, r), device=dy.device, dtype=torch.float32)
+    d_a = torch.empty((r, d_in), device=dy.device, dtype=lora_A.dtype)
+    d_b = torch.empty((d_out, r), device=dy.device, dtype=lora_B.dtype)
     _lora_decode_launch(dy, weight.t(), lora_B.t(), lora_A.t(), g_scale, None, dx, g, seed, 0.0, dropout, True,
-                        (xa.contiguous(), x, d_b, d_a_t), accumulate)
-    return dx, d_a_t, d_b
+                        (xa.contiguous(), x, d_b, d_a), accumulate)
+    return dx, d_a, d_b
 
 
 # ------------------------------------------------------------------------------------ matmul, Hopper TMA path
@@ -891,24 +894,26 @@ _lora_weight_grad = TunedLauncher(triton.autotune(
 
 def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None = None,
                       h2: torch.Tensor | None = None, seed: torch.Tensor | None = None,
-                      dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                      dropout: float = 0.0, rank_major: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """out = sum_t (keep * g)[t, :]^T h[t, :] and, given g2 and h2 over the same T rows, out2 = g2^T h2, in fp32
     and one launch (a launch costs tens of microseconds of host time on the H100's host).
 
-    g (T, N), h (T, r) fp32 -> (N, r); g2 (T, N2), h2 (T, r) fp32 -> (N2, r), or None. The mask is the keep
-    mask of (seed, t * N + n), the forward's dropout mask over x; it applies to g only.
+    g (T, N), h (T, r) fp32 -> (N, r), or with rank_major its transpose (r, N) stored contiguous (dA in lora_A's
+    layout: no copy when autograd hands it to the parameter); g2 (T, N2), h2 (T, r) fp32 -> (N2, r), or None.
+    The mask is the keep mask of (seed, t * N + n), the forward's dropout mask over x; it applies to g only.
     """
     T, N = g.shape
     R = h.shape[1]
     N2 = 0 if g2 is None else g2.shape[1]
+    first = (R, N) if rank_major else (N, R)
     if T == 0:
-        zeros = lambda n: torch.zeros((n, R), device=g.device, dtype=torch.float32)
-        return zeros(N), None if g2 is None else zeros(N2)
+        return (torch.zeros(first, device=g.device, dtype=torch.float32),
+                None if g2 is None else torch.zeros((N2, R), device=g.device, dtype=torch.float32))
     has_dropout = dropout > 0.0
     bucket = t_bucket(T)
     key = (bucket, N, N2, R, has_dropout, g.dtype, None if g2 is None else g2.dtype)
     alloc = torch.zeros if _lora_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty
-    out = alloc((N, R), device=g.device, dtype=torch.float32)
+    out = alloc(first, device=g.device, dtype=torch.float32)
     out2 = out if g2 is None else alloc((N2, R), device=g.device, dtype=torch.float32)
     g2, h2 = (g, h) if g2 is None else (g2, h2)
     block_r = rank_block(R)
@@ -916,7 +921,8 @@ def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None 
     _lora_weight_grad.launch(key, grid,
         g, h, out, g2, h2, out2, seed if has_dropout else out,
         T, N, N2, R, bucket,
-        *g.stride(), *h.stride(), *out.stride(), *g2.stride(), *h2.stride(), *out2.stride(),
+        *g.stride(), *h.stride(), *out.stride()[::-1 if rank_major else 1], *g2.stride(), *h2.stride(),
+        *out2.stride(),
         dropout,
         HAS_DROPOUT=has_dropout, FP32_DOT=g.dtype == torch.float32, BLOCK_R=block_r,
     )

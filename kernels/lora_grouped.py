@@ -446,7 +446,7 @@ _grouped_weight_grad = TunedLauncher(triton.autotune(
 
 def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: Sequence[torch.Tensor],
                               xas: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor | None] | None = None,
-                              dropouts: Sequence[float] | None = None
+                              dropouts: Sequence[float] | None = None, rank_major: bool = False
                               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Every member's LoRA weight gradients in one launch: dA_g^T = (keep_g * x)^T gs[g] and dB_g = dys[g]^T xas[g]
     (kernels.lora.lora_weight_grads' pair, for 1 to 3 members sharing x).
@@ -454,27 +454,29 @@ def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: 
     x (T, K) the forward's input; gs[g] (T, r_g) fp32 (the backward's s_g / (1 - p_g) dy_g B_g); dys[g] (T, N_g)
     in x's dtype; xas[g] (T, r_g) fp32 the forward's; keep_g the keep mask of (seeds[g], t * K + k) where
     dropouts[g] = p_g > 0 (the forward's mask of member g), on the dA product only. Returns ([dA_g^T (K, r_g)],
-    [dB_g (N_g, r_g)]) in fp32.
+    or with rank_major [dA_g (r_g, K)] stored contiguous (lora_A's layout), [dB_g (N_g, r_g)]) in fp32.
     """
     T, K = x.shape
     G = len(gs)
     widths = [dy.shape[1] for dy in dys]
     ranks = [g.shape[1] for g in gs]
+    a_shape = (lambda r: (r, K)) if rank_major else (lambda r: (K, r))
     if T == 0:
-        zeros = lambda n, r: torch.zeros((n, r), device=x.device, dtype=torch.float32)
-        return [zeros(K, r) for r in ranks], [zeros(n, r) for n, r in zip(widths, ranks)]
+        zeros = lambda shape: torch.zeros(shape, device=x.device, dtype=torch.float32)
+        return [zeros(a_shape(r)) for r in ranks], [zeros((n, r)) for n, r in zip(widths, ranks)]
     dropouts = [0.0] * G if dropouts is None else list(dropouts)
     seeds = [None] * G if seeds is None else list(seeds)
     drop = [p > 0.0 for p in dropouts]
     bucket = t_bucket(T)
     key = (bucket, K, *widths, *ranks, *drop, x.dtype, *(dy.dtype for dy in dys))
     alloc = torch.zeros if _grouped_weight_grad.adds_into_output(key, "SPLIT_T") else torch.empty
-    d_a_ts = [alloc((K, r), device=x.device, dtype=torch.float32) for r in ranks]
+    d_as = [alloc(a_shape(r), device=x.device, dtype=torch.float32) for r in ranks]
     d_bs = [alloc((n, r), device=x.device, dtype=torch.float32) for n, r in zip(widths, ranks)]
     members, strides = [], []
     for g in range(G):
-        members += [gs[g], dys[g], xas[g], d_a_ts[g], d_bs[g], seeds[g] if drop[g] else d_a_ts[g]]
-        strides += [*gs[g].stride(), *dys[g].stride(), *xas[g].stride(), *d_a_ts[g].stride(), *d_bs[g].stride()]
+        members += [gs[g], dys[g], xas[g], d_as[g], d_bs[g], seeds[g] if drop[g] else d_as[g]]
+        strides += [*gs[g].stride(), *dys[g].stride(), *xas[g].stride(), *d_as[g].stride()[::-1 if rank_major else 1],
+                    *d_bs[g].stride()]
     members += members[:6] * (MAX_MEMBERS - G)
     strides += strides[:10] * (MAX_MEMBERS - G)
     block_r = rank_block(max(ranks))
@@ -487,7 +489,7 @@ def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: 
         *_padded(dropouts, 0.0),
         MEMBERS=G, **_flags("DROP", drop), FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
     )
-    return d_a_ts, d_bs
+    return d_as, d_bs
 
 
 # ------------------------------------------------------------------------------------- multi-adapter shrink

@@ -50,6 +50,11 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     return lora_kernels.lora_matmul(x, w, lora_A, lora_B, scale, bias, seed, x_dropout=dropout)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; without a trip into torch when it already is (the usual case: each .to() costs ~1 us)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
               dropout: float, seed: Optional[Tensor], fan_in_fan_out: bool,
               need_dx: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,17 +70,16 @@ def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Ten
     g_scale = scale / (1.0 - dropout)
     w0 = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     if need_dx and lora_kernels.decode_backward_fuses(dy, lora_A):  # dx, dA and dB in one launch
-        dx, d_a_t, d_b = lora_kernels.lora_decode_backward(dy, x, xa, w0, lora_A, lora_B, g_scale, seed, dropout,
-                                                           dx_sum)
-        return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
+        return lora_kernels.lora_decode_backward(dy, x, xa, w0, lora_A, lora_B, g_scale, seed, dropout, dx_sum)
     if need_dx:  # dx and g in one pass: dy's shrink by B rides along the dy @ W0 K loop
         dx, g = lora_kernels.lora_matmul(dy, w0.t(), lora_B.t(), lora_A.t(), g_scale, None, seed,
                                          out_dropout=dropout, out=dx_sum, accumulate=dx_sum is not None)
     else:
         g = lora_kernels.lora_shrink(dy, lora_B.t(), g_scale)
         dx = dy.new_empty((0,)) if dx_sum is None else dx_sum
-    d_a_t, d_b = lora_kernels.lora_weight_grads(x, g, dy, xa, seed, dropout)      # one launch for both
-    return dx, d_a_t.t().to(lora_A.dtype), d_b.to(lora_B.dtype)
+    # one launch for both, dA in lora_A's layout (a transposed gradient costs autograd a copy into .grad)
+    d_a, d_b = lora_kernels.lora_weight_grads(x, g, dy, xa, seed, dropout, rank_major=True)
+    return dx, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype)
 
 
 def _base_grads(need, dy: Tensor, x: Tensor, fan_in_fan_out: bool, has_bias: bool):

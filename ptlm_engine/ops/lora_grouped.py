@@ -26,7 +26,7 @@ from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
 from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
-from ptlm_engine.ops.lora import _base_grads, lora_kernels, triton_enabled
+from ptlm_engine.ops.lora import _as, _base_grads, lora_kernels, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, token_segments
 
 try:
@@ -214,18 +214,18 @@ def _grouped_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor],
         live_dys = [dys[g] for g in live]
         b_ts = [lora_Bs[g].t() for g in live]                                       # (r_g, d_out_g) views
         gs = grouped_kernels.lora_grouped_shrink_each(live_dys, b_ts, [g_scales[g] for g in live])
-        d_a_ts, d_bs = grouped_kernels.lora_grouped_weight_grads(x, gs, live_dys, [xas[g] for g in live],
-                                                                 [member_seeds[g] for g in live],
-                                                                 [dropouts[g] for g in live])
-        grads = dict(zip(live, zip(gs, b_ts, d_a_ts, d_bs)))
+        d_as, d_bs = grouped_kernels.lora_grouped_weight_grads(x, gs, live_dys, [xas[g] for g in live],
+                                                               [member_seeds[g] for g in live],
+                                                               [dropouts[g] for g in live], rank_major=True)
+        grads = dict(zip(live, zip(gs, b_ts, d_as, d_bs)))
 
     def member_backward(g, dy, dx):
-        g_g, b_t, d_a_t, d_b = grads[g]
+        g_g, b_t, d_a, d_b = grads[g]
         if need_dx:  # the dx GEMM adds into the members' sum so far: no separate add
             w0 = weights[g].t() if fan_in_fan_out else weights[g]                   # (d_out, d_in) view
             dx, _ = lora_kernels.lora_matmul(dy, w0.t(), b_t, lora_As[g].t(), g_scales[g], None, member_seeds[g],
                                              out_dropout=dropouts[g], out=dx, xa=g_g, accumulate=dx is not None)
-        return dx, d_a_t.t().to(lora_As[g].dtype), d_b.to(lora_Bs[g].dtype)
+        return dx, _as(d_a, lora_As[g].dtype), _as(d_b, lora_Bs[g].dtype)
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_like
-from ptlm_engine.ops.lora import _base_grads, eager_function, lora_kernels, run_op, triton_enabled
+from ptlm_engine.ops.lora import _as, _base_grads, eager_function, lora_kernels, run_op, triton_enabled
 
 try:
     from ptlm_engine.kernels import lora_multi as multi_kernels
@@ -72,11 +72,6 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
 
 
 # ------------------------------------------------------------------------------------------ implementations
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; without a trip into torch when it already is (the usual case: each .to() costs ~1 us)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
              scales: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, dropouts: Optional[Tensor],
              seed: Optional[Tensor], fan_in_fan_out: bool) -> tuple[Tensor, Tensor]:

@@ -60,8 +60,8 @@ LORA_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "a_ptr": "x", "b_ptr": "x", "bias_pt
                [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False),
                 dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True)])
 # the decode kernel: forward (fused shrink, dropout, bias), its unfused form, and the one-launch backward
-LORA_DECODE = ({**{f"{p}_ptr": "x" for p in ("x", "w", "a", "b", "bias", "y", "x2")},
-                **{f"{p}_ptr": "*fp32" for p in ("xa", "h", "dk", "dn", "part")}, "seed_ptr": "*i64",
+LORA_DECODE = ({**{f"{p}_ptr": "x" for p in ("x", "w", "a", "b", "bias", "y", "x2", "dk", "dn")},
+                **{f"{p}_ptr": "*fp32" for p in ("xa", "h", "part")}, "seed_ptr": "*i64",
                 "count_ptr": "*i32", "scale": "fp32", "dropout_p": "fp32"},
                [dict(FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, WEIGHT_GRADS=False,
                      ACCUMULATE=False, BLOCK_M=16),

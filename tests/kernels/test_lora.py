@@ -140,6 +140,9 @@ def test_dropout_mask_shared_by_forward_and_backward():
     da_t2, db = K.lora_weight_grads(x, g, dy, xa64.float(), seed, p)
     assert_matches(da_t2, (x.double() * keep).t() @ g.double(), None, torch.float32, "paired dA^T")
     assert_matches(db, dy.double().t() @ xa64, None, torch.float32, "paired dB")
+    da, _ = K.lora_weight_grads(x, g, dy, xa64.float(), seed, p, rank_major=True)    # lora_A's layout
+    assert da.shape == (r, d_in) and da.is_contiguous()
+    torch.testing.assert_close(da, da_t2.t(), rtol=1e-5, atol=1e-5)
     for fuse in (True, False):
         dx, g2 = K.lora_matmul(dy, w0.t(), b.t(), a.t(), 3.0, None, seed, out_dropout=p, fuse_shrink=fuse)
         g64 = 3.0 * dy.double() @ b.double()
@@ -203,14 +206,15 @@ def _check_decode(T, d_in, d_out, r, p, dtype):
     assert_matches(y, y64, x @ w0.t() + (xa.to(dtype) @ b.t()) + bias, dtype, "decode y")
 
     dy = rand(T, d_out, dtype=dtype)
-    dx, da_t, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 2.0, seed, p)
+    dx, da, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 2.0, seed, p)
     g64 = 2.0 * dy.double() @ b.double()
     g = (2.0 * dy @ b).float()
     assert_matches(dx, dy.double() @ w0.double() + keep * (g64 @ a.double()),
                    dy @ w0 + keep * (g.to(dtype) @ a), dtype, "decode dx")
-    assert_matches(da_t, (x.double() * keep).t() @ g64, (x * keep).t() @ g.to(dtype), dtype, "decode dA^T")
+    assert_matches(da, g64.t() @ (x.double() * keep), g.to(dtype).t() @ (x * keep), dtype, "decode dA")
     assert_matches(db, dy.double().t() @ xa.double(), dy.t() @ xa.to(dtype), dtype, "decode dB")
-    assert da_t.dtype == db.dtype == torch.float32
+    # in the adapters' own layouts and dtypes: no cast, and no copy when autograd stores them as .grad
+    assert da.shape == a.shape and da.is_contiguous() and db.is_contiguous() and da.dtype == db.dtype == dtype
 
 
 def test_decode_split_counters_are_zero_after_each_launch(decode_split):
@@ -234,11 +238,12 @@ def test_decode_float32_adapters_on_a_half_base(decode_split):
     xa64 = 0.5 * x.double() @ a.half().double().t()                   # the shrink reads A as x's dtype
     assert_matches(y, x.double() @ w0.double().t() + xa64 @ b.double().t(), None, torch.float16, "y")
     dy = rand(T, d_out, dtype=torch.float16)
-    dx, da_t, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 0.5)
+    dx, da, db = K.lora_decode_backward(dy, x, xa, w0, a, b, 0.5)
     g64 = 0.5 * dy.double() @ b.half().double()
     assert_matches(dx, dy.double() @ w0.double() + g64 @ a.double(), None, torch.float16, "dx")
-    assert_matches(da_t, x.double().t() @ g64, None, torch.float16, "dA^T")
+    assert_matches(da, g64.t() @ x.double(), None, torch.float16, "dA")
     assert_matches(db, dy.double().t() @ xa.double(), None, torch.float16, "dB")
+    assert da.dtype == db.dtype == torch.float32
 
 
 @pytest.mark.gpu

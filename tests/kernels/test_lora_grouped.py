@@ -141,6 +141,10 @@ def test_grouped_weight_grads_odd_shapes(T, d_in, d_outs, ranks, dtype, poisoned
         assert d_a_ts[g].dtype == d_bs[g].dtype == torch.float32
         assert_matches(d_a_ts[g], x.double().t() @ gg.double(), x.float().t() @ gg, dtype, f"dA[{g}]^T")
         assert_matches(d_bs[g], dy.double().t() @ xa.double(), dy.float().t() @ xa, dtype, f"dB[{g}]")
+    d_as, _ = G.lora_grouped_weight_grads(x, gs, dys, xas, rank_major=True)           # lora_A's layout
+    for d_a, d_a_t in zip(d_as, d_a_ts):
+        assert d_a.shape == d_a_t.t().shape and d_a.is_contiguous()
+        torch.testing.assert_close(d_a, d_a_t.t(), rtol=1e-5, atol=1e-5)
     d_a_ts, d_bs = G.lora_grouped_weight_grads(x[:0], [t[:0] for t in gs], [t[:0] for t in dys], [t[:0] for t in xas])
     assert all(not t.any() for t in d_a_ts + d_bs) and [t.shape for t in d_bs] == list(zip(d_outs, ranks))
 
