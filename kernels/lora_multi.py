@@ -89,6 +89,7 @@ def _round_slots(slot, rank, run, g, RUNS: tl.constexpr):
             tl.max(tl.where(mine, rank[:, None], 0), axis=0))
 
 
+# ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def shrink_round(a_ptr, ranks_ptr, slot, run, g, first_r, stride_as, stride_ar, RUNS: tl.constexpr,
                  BLOCK_R: tl.constexpr):
@@ -139,7 +140,6 @@ def row_dropout(slot, dropouts_ptr, DROPOUT: tl.constexpr):
     return tl.zeros_like(slot).to(tl.float32)[:, None]
 
 
-# ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _multi_shrink_kernel(
     x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, out_ptr,
