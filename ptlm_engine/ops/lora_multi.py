@@ -133,7 +133,8 @@ def _(dy, x, xa, weight, lora_A, lora_B, ranks, scales, adapter_index, order, bo
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed, fan_in_fan_out = inputs
+    (x, weight, bias, lora_A, lora_B, ranks, scales, adapter_index, order, bounds, dropouts, seed,
+     fan_in_fan_out) = inputs
     ctx.save_for_backward(x, output[1], weight, lora_A, lora_B, ranks, scales, adapter_index, order, bounds,
                           dropouts, seed)
     ctx.fan_in_fan_out, ctx.has_bias = fan_in_fan_out, bias is not None
