@@ -258,8 +258,9 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     Serving: when no gradient reaches an adapter, a layer reads its pool, a stacked copy of its adapters that is
     copied again lazily, per adapter, when that adapter's Parameters changed since the last copy (another
     object, another storage, or a bumped version counter: optimizer steps, copy_ and load_state_dict all bump
-    it). In-place writes through `.data` bypass the version counter and are not seen. With gradients, or inside
-    torch.compile, a layer stacks the Parameters themselves on the fly instead.
+    it); inside model.generate, whose steps run no user code in between, once per generate call. In-place writes
+    through `.data` bypass the version counter and are not seen. With gradients, or inside torch.compile, a
+    layer stacks the Parameters themselves on the fly instead.
 
     On exit the active adapter, the requires_grad flags and the layers are as before. Raises ValueError, before
     anything changes, for an empty mapping, a name that is neither a string nor None, an unknown adapter, a
@@ -362,14 +363,15 @@ def _check_mapping(model: nn.Module, reg: AdapterRegistry, names: Sequence[str |
 
 
 def _expanding(generate, batch: AdapterBatch):
-    """model.generate, during which each mapped row may appear several times in place (beams, sequences)."""
+    """model.generate, during which each mapped row may appear several times in place (beams, sequences), and the
+    adapters' Parameters do not change (each layer checks its pool once per call: AdapterBatch.frozen)."""
     @functools.wraps(generate)
     def generate_mixed(*args, **kwargs):
-        batch.expanding = True
+        batch.expanding, batch.frozen = True, object()
         try:
             return generate(*args, **kwargs)
         finally:
-            batch.expanding = False
+            batch.expanding, batch.frozen = False, None
     return generate_mixed
 
 

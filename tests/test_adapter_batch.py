@@ -10,6 +10,7 @@ import torch
 import ptlm_engine as pe
 from ptlm_engine import api, inject
 from ptlm_engine.kernels import lora as K
+from ptlm_engine.pool import AdapterPool
 from tests.helpers import run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
@@ -115,6 +116,48 @@ def test_generate_keeps_each_row_on_its_adapter(tiny, kind, how):
         alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
         torch.testing.assert_close(mixed[row * per_row:(row + 1) * per_row], alone, rtol=0, atol=0,
                                    msg=f"row {row} ({name})")
+
+
+@pytest.mark.parametrize("method", ["lora", "bottleneck"])
+def test_generate_checks_each_pool_once_per_call(tiny, method, monkeypatch):
+    """No user code runs between generate's forward passes: each layer checks its pool against the adapters'
+    Parameters once per generate call (not at every step), and Parameters changed between two calls serve the
+    next one."""
+    if method == "lora":
+        model = _with_adapters(tiny, "llama", ["a", "b"])
+    else:
+        model = tiny("llama")
+        pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=8, placement="houlsby", act="relu"))
+        pe.add_adapter(model, "b", pe.BottleneckConfig(bottleneck=4, placement="parallel", act="gelu"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".ptlm_bottleneck." in name:
+                    p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(
+                        name.encode()))))
+    ids = _ids(len(MAPPING), length=5)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, use_cache=True, pad_token_id=0)
+    checks = []
+    sync_batch = AdapterPool.sync_batch
+    monkeypatch.setattr(AdapterPool, "sync_batch", lambda pool, *args: (checks.append(id(pool)),
+                                                                          sync_batch(pool, *args))[1])
+    with pe.adapter_batch(model, MAPPING):
+        model.generate(ids, **kw)
+        pools = len(checks)
+        assert pools > 0 and len(set(checks)) == pools                     # 4 decode steps, one check a pool
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B.a." in name or (".ptlm_bottleneck." in name and ".a." in name):
+                    p.mul_(2.0)
+        checks.clear()
+        mixed = model.generate(ids, **kw)
+        assert len(checks) == pools
+        with torch.no_grad():
+            model(ids)
+            model(ids)
+        assert len(checks) == 3 * pools                                   # outside generate: every call checks
+    for row, name in enumerate(MAPPING):
+        alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], **kw))
+        torch.testing.assert_close(mixed[row], alone[0], rtol=0, atol=0, msg=f"row {row} ({name})")
 
 
 def test_gradients_match_each_adapter_trained_alone(tiny):
