@@ -123,7 +123,7 @@ def provider_setup(provider: str, model: nn.Module, names: list[str]):
         model.set_adapter(names[0])
     if provider == "ptlm_mixed":
         import ptlm_engine as pe
-        with pe.adapter_batch(model, names):
+        with pe.adapter_batch(model, names, static=True):   # a serving loop: each pool checked once, as generate
             yield {}
     elif provider == "peft_mixed":
         yield {"adapter_names": names}

@@ -241,7 +241,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = False) -> Iterator[nn.Module]:
     """Inside the block, row i of the model's input runs adapter names[i] (None: the base model alone); every
     adapter layer computes all rows in one pass (LoRA layers in one multi-adapter op; a modules_to_save module
     runs its original on every row and each mapped adapter's copy on that adapter's rows).
@@ -258,9 +258,10 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     Serving: when no gradient reaches an adapter, a layer reads its pool, a stacked copy of its adapters that is
     copied again lazily, per adapter, when that adapter's Parameters changed since the last copy (another
     object, another storage, or a bumped version counter: optimizer steps, copy_ and load_state_dict all bump
-    it); inside model.generate, whose steps run no user code in between, once per generate call. In-place writes
-    through `.data` bypass the version counter and are not seen. With gradients, or inside torch.compile, a
-    layer stacks the Parameters themselves on the fly instead.
+    it); inside model.generate, whose steps run no user code in between, once per generate call, and with
+    `static=True` (a serving loop of one's own that changes no adapter inside the block) once per block. In-place
+    writes through `.data` bypass the version counter and are not seen. With gradients, or inside torch.compile,
+    a layer stacks the Parameters themselves on the fly instead.
 
     On exit the active adapter, the requires_grad flags and the layers are as before. Raises ValueError, before
     anything changes, for an empty mapping, a name that is neither a string nor None, an unknown adapter, a
@@ -273,6 +274,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.
     _check_mapping(model, reg, names)
     layers = [layer for _, layer in inject.adapter_layers(model)]
     batch = AdapterBatch(names, reg.slots, {p.device for p in model.parameters()})
+    batch.frozen = object() if static else None
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     own_generate = model.__dict__.get("generate")   # an instance attribute of the user's own, put back on exit
 
@@ -367,11 +369,12 @@ def _expanding(generate, batch: AdapterBatch):
     adapters' Parameters do not change (each layer checks its pool once per call: AdapterBatch.frozen)."""
     @functools.wraps(generate)
     def generate_mixed(*args, **kwargs):
-        batch.expanding, batch.frozen = True, object()
+        frozen = batch.frozen                              # a static block's token holds for its whole lifetime
+        batch.expanding, batch.frozen = True, object() if frozen is None else frozen
         try:
             return generate(*args, **kwargs)
         finally:
-            batch.expanding, batch.frozen = False, None
+            batch.expanding, batch.frozen = False, frozen
     return generate_mixed
 
 

@@ -240,10 +240,10 @@ class AdapterBatch:
         # other runs eagerly.
         self._tokens: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
         self.expanding = False
-        # A fresh token for each model.generate call, None outside: no user code runs between its forward passes,
-        # so a layer checks its pool against the adapters' Parameters once per token (AdapterPool.sync_batch
-        # touched 64 Parameters per layer call with 32 adapters: 15 of a 42 ms decode step's host time on the
-        # dev CPU, 16 layers).
+        # A token while the adapters' Parameters cannot change (each model.generate call; a static block's whole
+        # lifetime), None otherwise: a layer checks its pool against the Parameters once per token
+        # (AdapterPool.sync_batch touched 64 Parameters per layer call with 32 adapters: 15 of a 42 ms decode
+        # step's host time on the dev CPU, 16 layers).
         self.frozen: object | None = None
 
     @torch.inference_mode(False)   # kept across calls: see AdapterPool

@@ -160,6 +160,33 @@ def test_generate_checks_each_pool_once_per_call(tiny, method, monkeypatch):
         torch.testing.assert_close(mixed[row], alone[0], rtol=0, atol=0, msg=f"row {row} ({name})")
 
 
+def test_static_block_checks_each_pool_once(tiny, monkeypatch):
+    """adapter_batch(static=True), for serving loops of one's own: each layer checks its pool once for the whole
+    block (generate inside it too); the next block checks again and serves what changed in between."""
+    model = _with_adapters(tiny, "llama", ["a", "b"])
+    ids = _ids(len(MAPPING), length=5)
+    checks = []
+    sync_batch = AdapterPool.sync_batch
+    monkeypatch.setattr(AdapterPool, "sync_batch", lambda pool, *args: (checks.append(id(pool)),
+                                                                          sync_batch(pool, *args))[1])
+    with torch.no_grad():
+        with pe.adapter_batch(model, MAPPING, static=True):
+            model(ids)
+            pools = len(checks)
+            model(ids)
+            model.generate(ids, max_new_tokens=3, min_new_tokens=3, pad_token_id=0)
+        assert pools > 0 and len(checks) == pools
+        for name, p in model.named_parameters():
+            if ".lora_A.b." in name:
+                p.add_(0.5)
+        with pe.adapter_batch(model, MAPPING, static=True):
+            mixed = model(ids).logits
+        assert len(checks) == 2 * pools
+    for row, name in enumerate(MAPPING):
+        alone = run_alone(model, name, lambda: model(ids[row:row + 1]).logits)
+        torch.testing.assert_close(mixed[row:row + 1], alone, msg=f"row {row} ({name})")
+
+
 def test_gradients_match_each_adapter_trained_alone(tiny):
     """A mixed batch in train mode trains several adapters at once: each gets the gradient of its own rows."""
     llama = _with_adapters(tiny, "llama").train()
