@@ -45,8 +45,8 @@ from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (ROUND_ELEMENTS, TMA_BASE_MIN_T, _block_tokens, lora_multi_matmul, multi_matmul_tile,
-                         padded_rank, row_dropout, shrink_round, shrink_round_pick, shrink_round_step, shrink_round_x,
-                         slot_runs)
+                         padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round, shrink_round_pick,
+                         shrink_round_step, shrink_round_x, slot_runs)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -494,16 +494,6 @@ def lora_grouped_weight_grads(x: torch.Tensor, gs: Sequence[torch.Tensor], dys: 
 
 # ------------------------------------------------------------------------------------- multi-adapter shrink
 @triton.jit
-def _row_scale(slot, scales_ptr, dropouts_ptr, DROPOUT: tl.constexpr):
-    """Each row's s_a / (1 - p_a) for one member (0 for rows without an adapter)."""
-    has = slot >= 0
-    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=has, other=0.0)
-    if DROPOUT:
-        scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=has, other=0.0))
-    return scale[:, None]
-
-
-@triton.jit
 def _grouped_multi_shrink_kernel(
     x_ptr, idx_ptr, order_ptr,
     a0_ptr, ranks0_ptr, scales0_ptr, dropouts0_ptr, seed0_ptr, out0_ptr,
@@ -534,17 +524,18 @@ def _grouped_multi_shrink_kernel(
     p0 = row_dropout(slot, dropouts0_ptr, DROP0)
     p1 = row_dropout(slot, dropouts1_ptr, DROP1)
     p2 = row_dropout(slot, dropouts2_ptr, DROP2)
+    rank0 = per_row(ranks0_ptr, slot)
+    rank1 = per_row(ranks1_ptr, slot) if MEMBERS > 1 else rank0
+    rank2 = per_row(ranks2_ptr, slot) if MEMBERS > 2 else rank0
     for g in range(0, runs, RUNS):
-        mine, a0_rows, live0, go = shrink_round(a0_ptr, ranks0_ptr, slot, run, g, first_r, stride_a0s, stride_a0r,
-                                                RUNS, BLOCK_R)
+        mine, run_slot = round_runs(slot, run, g, RUNS)                    # the members share the rows' runs
+        a0_rows, live0, go = shrink_round(a0_ptr, rank0, mine, run_slot, first_r, stride_a0s, stride_a0r, BLOCK_R)
         a1_rows, live1, a2_rows, live2 = a0_rows, live0, a0_rows, live0
         if MEMBERS > 1:
-            _, a1_rows, live1, go1 = shrink_round(a1_ptr, ranks1_ptr, slot, run, g, first_r, stride_a1s, stride_a1r,
-                                                  RUNS, BLOCK_R)
+            a1_rows, live1, go1 = shrink_round(a1_ptr, rank1, mine, run_slot, first_r, stride_a1s, stride_a1r, BLOCK_R)
             go = go | go1
         if MEMBERS > 2:
-            _, a2_rows, live2, go2 = shrink_round(a2_ptr, ranks2_ptr, slot, run, g, first_r, stride_a2s, stride_a2r,
-                                                  RUNS, BLOCK_R)
+            a2_rows, live2, go2 = shrink_round(a2_ptr, rank2, mine, run_slot, first_r, stride_a2s, stride_a2r, BLOCK_R)
             go = go | go2
         if go:  # some member's run of the round has ranks in this program's 16
             rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
@@ -566,13 +557,13 @@ def _grouped_multi_shrink_kernel(
                 acc1 = shrink_round_pick(acc1, y1, mine, RUNS, BLOCK_R)
             if MEMBERS > 2:
                 acc2 = shrink_round_pick(acc2, y2, mine, RUNS, BLOCK_R)
-    acc0 = acc0 * _row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0)
+    acc0 = acc0 * row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0)
     _store_xa(acc0, out0_ptr, offs_t, mask_t, WIDTH0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
     if MEMBERS > 1:
-        acc1 = acc1 * _row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1)
+        acc1 = acc1 * row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1)
         _store_xa(acc1, out1_ptr, offs_t, mask_t, WIDTH1, stride_o1t, stride_o1r, SPLIT_K, BLOCK_R)
     if MEMBERS > 2:
-        acc2 = acc2 * _row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2)
+        acc2 = acc2 * row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2)
         _store_xa(acc2, out2_ptr, offs_t, mask_t, WIDTH2, stride_o2t, stride_o2r, SPLIT_K, BLOCK_R)
 
 

@@ -81,26 +81,36 @@ def slot_runs(idx_ptr, order_ptr, pid, T, slot, HAS_ORDER: tl.constexpr, BLOCK: 
 
 
 @triton.jit
-def _round_slots(slot, rank, run, g, RUNS: tl.constexpr):
-    """Runs g .. g + RUNS - 1 of a block: (mine (rows, RUNS): row in run j, their slots (RUNS,) (-1 past the
-    block's runs), their ranks (RUNS,) (0 there))."""
+def per_row(ptr, slot):
+    """Each row's slot's entry of a per-slot table (ranks, scales, dropouts), 0 for rows with no adapter."""
+    return tl.load(ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
+
+
+@triton.jit
+def round_runs(slot, run, g, RUNS: tl.constexpr):
+    """Runs g .. g + RUNS - 1 of a block: (mine (rows, RUNS): row in run j, their slots (RUNS,), -1 past the
+    block's runs)."""
     mine = (run[:, None] == g + tl.arange(0, RUNS)[None, :]) & (slot >= 0)[:, None]
-    return (mine, tl.max(tl.where(mine, slot[:, None], -1), axis=0),
-            tl.max(tl.where(mine, rank[:, None], 0), axis=0))
+    return mine, tl.max(tl.where(mine, slot[:, None], -1), axis=0)
+
+
+@triton.jit
+def _run_ranks(mine, rank):
+    """The ranks (RUNS,) of a round's runs from each row's rank (0 past the block's runs)."""
+    return tl.max(tl.where(mine, rank[:, None], 0), axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------- shrink
 @triton.jit
-def shrink_round(a_ptr, ranks_ptr, slot, run, g, first_r, stride_as, stride_ar, RUNS: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
-    """A shrink round's A side for runs g.. of a block: (mine (rows, RUNS), the round's A row pointers
-    (RUNS, BLOCK_R, 1) for ranks first_r.., their live mask, whether any run of the round has ranks there)."""
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)
-    mine, run_slot, run_rank = _round_slots(slot, rank, run, g, RUNS)
+def shrink_round(a_ptr, rank, mine, run_slot, first_r, stride_as, stride_ar, BLOCK_R: tl.constexpr):
+    """A shrink round's A side, from the rows' ranks and the round's runs (round_runs): the round's A row
+    pointers (RUNS, BLOCK_R, 1) for ranks first_r.., their live mask, whether any run of the round has ranks
+    there."""
+    run_rank = _run_ranks(mine, rank)
     offs_r = first_r + tl.arange(0, BLOCK_R)
     a_rows = (a_ptr + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_as
               + offs_r[None, :, None] * stride_ar)
-    return mine, a_rows, offs_r[None, :, None] < run_rank[:, None, None], first_r < tl.max(run_rank, axis=0)
+    return a_rows, offs_r[None, :, None] < run_rank[:, None, None], first_r < tl.max(run_rank, axis=0)
 
 
 @triton.jit
@@ -136,8 +146,17 @@ def shrink_round_pick(acc, y, mine, RUNS: tl.constexpr, BLOCK_R: tl.constexpr):
 def row_dropout(slot, dropouts_ptr, DROPOUT: tl.constexpr):
     """Each row's slot's dropout probability (rows, 1), 0 without dropout or adapter."""
     if DROPOUT:
-        return tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
+        return per_row(dropouts_ptr, slot)[:, None]
     return tl.zeros_like(slot).to(tl.float32)[:, None]
+
+
+@triton.jit
+def row_scale(slot, scales_ptr, dropouts_ptr, DIV_KEEP: tl.constexpr):
+    """Each row's s_a, divided by 1 - p_a with DIV_KEEP, as (rows, 1) (0 for rows without an adapter)."""
+    scale = per_row(scales_ptr, slot)
+    if DIV_KEEP:
+        scale = scale / (1.0 - per_row(dropouts_ptr, slot))
+    return scale[:, None]
 
 
 @triton.jit
@@ -157,11 +176,9 @@ def _multi_shrink_kernel(
     acc = runs_shrink(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
                       slot, run, runs, offs_t, pid_r * BLOCK_R, pid_k, K, stride_xt, stride_xk, stride_as, stride_ar,
                       stride_ak, MASK_X, FP32_DOT, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K)
-    scale = tl.load(scales_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)
-    if DIV_KEEP:
-        scale = scale / (1.0 - tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0))
+    acc *= row_scale(slot, scales_ptr, dropouts_ptr, DIV_KEEP)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc * scale[:, None], mask_t[:, None], SPLIT_K)
+    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, mask_t[:, None], SPLIT_K)
 
 
 @triton.jit
@@ -179,9 +196,10 @@ def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run,
     # the round's A tile and its (BLOCK_T, RUNS * BLOCK_R) sum within ROUND_ELEMENTS each
     RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (BLOCK_R * BLOCK_K), ROUND_ELEMENTS // (BLOCK_R * BLOCK_T)))
     p = row_dropout(slot, dropouts_ptr, DROPOUT)
+    rank = per_row(ranks_ptr, slot)
     for g in range(0, runs, RUNS):
-        mine, a_rows, live, go = shrink_round(a_ptr, ranks_ptr, slot, run, g, first_r, stride_as, stride_ar, RUNS,
-                                              BLOCK_R)
+        mine, run_slot = round_runs(slot, run, g, RUNS)
+        a_rows, live, go = shrink_round(a_ptr, rank, mine, run_slot, first_r, stride_as, stride_ar, BLOCK_R)
         if go:
             rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
             y = tl.zeros((BLOCK_T, RUNS * BLOCK_R), dtype=tl.float32)
@@ -281,8 +299,8 @@ def multi_matmul_tile(
 def _slot_dropout(lora, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr):
     """lora where each row's slot's forward dropout mask (logical index m * N + n) keeps it, else 0: backward
     dx's LoRA term."""
-    p = tl.load(dropouts_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0.0)[:, None]
-    return tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], p), lora, 0.0)
+    return tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], row_dropout(slot, dropouts_ptr, True)),
+                    lora, 0.0)
 
 
 @triton.jit
@@ -297,11 +315,12 @@ def runs_expand(lora, slot, run, runs, first_round, round_step, offs_m, offs_n, 
     # B's (RUNS * 16, BLOCK_N) within ROUND_ELEMENTS, xa's (BLOCK_M, RUNS * 16) within half of it, beside the
     # (BLOCK_M, BLOCK_N) accumulator (8192 and 4096 spilled 0.7-2.2 KB at 128 x 128 to 64 x 256: ptxas, sm_90)
     RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (2 * BLOCK_R * BLOCK_M), ROUND_ELEMENTS // (BLOCK_R * BLOCK_N)))
-    rank = tl.load(ranks_ptr + tl.maximum(slot, 0), mask=slot >= 0, other=0)                  # (BLOCK_M,)
+    rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
     offs_i = tl.arange(0, BLOCK_R)
     b_cols = b_ptr + offs_n[None, :, None] * stride_bn
     for g in range(first_round * RUNS, runs, round_step * RUNS):
-        mine, run_slot, run_rank = _round_slots(slot, rank, run, g, RUNS)      # (BLOCK_M, RUNS), (RUNS,), (RUNS,)
+        mine, run_slot = round_runs(slot, run, g, RUNS)                            # (BLOCK_M, RUNS), (RUNS,)
+        run_rank = _run_ranks(mine, rank)                                           # (RUNS,)
         b_rows = b_cols + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_bs
         for r0 in range(0, tl.max(run_rank, axis=0), BLOCK_R):
             offs_r = r0 + offs_i
@@ -413,8 +432,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         else:
             _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y)
         return y
-    if order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate,
-                                                                  min_tokens=TMA_BASE_MIN_T):
+    if order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate, min_tokens=TMA_BASE_MIN_T):
         # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
         # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
         # slots' expand over y in slot-sorted row blocks, added to it: one read-modify-write of y more.
@@ -429,9 +447,9 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
                          accumulate: bool) -> None:
     """The fused matmul over K at prefill, or with K = 0 the expand alone (accumulate: added to y's values)."""
     M, N = y.shape
-    kernel = _multi_matmul_prefill
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
-    if accumulate and kernel.chosen(key) is None:  # tuning runs every candidate: into a temporary, added once
+    # tuning runs every candidate: into a temporary, added once
+    if accumulate and _multi_matmul_prefill.chosen(key) is None:
         _accumulated(y, lambda out: _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
                                                          dropouts, seed, out, K, False))
         return
@@ -439,7 +457,7 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
     bucket = key[0]
     # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
     sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
-    kernel.launch(
+    _multi_matmul_prefill.launch(
         key,
         grid,
         x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
