@@ -137,9 +137,9 @@ def test_generate_checks_each_pool_once_per_call(tiny, method, monkeypatch):
     ids = _ids(len(MAPPING), length=5)
     kw = dict(max_new_tokens=4, min_new_tokens=4, use_cache=True, pad_token_id=0)
     checks = []
-    sync_batch = AdapterPool.sync_batch
-    monkeypatch.setattr(AdapterPool, "sync_batch", lambda pool, *args: (checks.append(id(pool)),
-                                                                          sync_batch(pool, *args))[1])
+    check_batch = AdapterPool._check_batch
+    monkeypatch.setattr(AdapterPool, "_check_batch", lambda pool, *args: (checks.append(id(pool)),
+                                                                            check_batch(pool, *args))[1])
     with pe.adapter_batch(model, MAPPING):
         model.generate(ids, **kw)
         pools = len(checks)
@@ -166,9 +166,9 @@ def test_static_block_checks_each_pool_once(tiny, monkeypatch):
     model = _with_adapters(tiny, "llama", ["a", "b"])
     ids = _ids(len(MAPPING), length=5)
     checks = []
-    sync_batch = AdapterPool.sync_batch
-    monkeypatch.setattr(AdapterPool, "sync_batch", lambda pool, *args: (checks.append(id(pool)),
-                                                                          sync_batch(pool, *args))[1])
+    check_batch = AdapterPool._check_batch
+    monkeypatch.setattr(AdapterPool, "_check_batch", lambda pool, *args: (checks.append(id(pool)),
+                                                                            check_batch(pool, *args))[1])
     with torch.no_grad():
         with pe.adapter_batch(model, MAPPING, static=True):
             model(ids)

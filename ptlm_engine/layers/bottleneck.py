@@ -268,16 +268,11 @@ class BottleneckLayer(AdapterLayer):
         # A traced graph cannot check the pool's stamps, so it stacks inside the graph, which is always current.
         if trains or torch.compiler.is_compiling():
             return self._stacked_slots(dtype)
-        moved = self.pool.place(device, dtype)
-        frozen = self.batch.frozen                         # inside generate: one check per call (AdapterBatch)
-        if moved or frozen is None or self._checked_in is not frozen:
-            self.pool.sync_batch(self._batch_params(), self.batch_adapters, self.adapter_parameters)
-            self._checked_in = frozen
+        self.pool.place(device, dtype)
+        self.pool.sync_batch(self._batch_params, self.batch_adapters, self.adapter_parameters, self.batch.frozen)
         count = self.batch.num_slots
         norms = None if self.batch_layer_norms is None else (self.pool.ln_weight[:count], self.pool.ln_bias[:count])
         return self.pool.slots(count), norms
-
-    _checked_in = None  # as LoraLinear's: the AdapterBatch.frozen token of the pool's last check
 
     def _batch_params(self) -> list[Tensor]:
         """The batch's adapters' Parameters, flat, in adapter_parameters' order: read through plain dicts rather

@@ -196,22 +196,19 @@ class LoraLinear(AdapterLayer):
             slots = slots._replace(dropouts=self.batch_dropouts)
         return slots
 
-    # The AdapterBatch.frozen token this layer's pool was last checked under (inside generate: once per call).
-    _checked_in = None
-
     def _pooled_slots(self, dtype: torch.dtype) -> LoraSlots:
-        """The cached stack, with the batch's adapters copied in again where their Parameters changed. Serving
-        reaches this in every layer at every step: the Parameters are read through plain dicts rather than Module
-        attribute lookup, for the pool's one flat stamp (AdapterPool.sync_batch); inside generate once a call."""
-        moved = self.pool.place(self.weight.device, dtype)
-        frozen = self.batch.frozen
-        if moved or frozen is None or self._checked_in is not frozen:
-            modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
-            params = [p for name in self.batch_adapters.values()
-                      for p in (modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])]
-            self.pool.sync_batch(params, self.batch_adapters, self.adapter_parameters)
-            self._checked_in = frozen
+        """The cached stack, with the batch's adapters copied in again where their Parameters changed (checked
+        once per AdapterBatch.frozen token where the batch has one: inside generate, once a call)."""
+        self.pool.place(self.weight.device, dtype)
+        self.pool.sync_batch(self._batch_params, self.batch_adapters, self.adapter_parameters, self.batch.frozen)
         return self.pool.slots(self.batch.num_slots)
+
+    def _batch_params(self) -> list[Tensor]:
+        """The batch's adapters' Parameters, flat: read through plain dicts rather than Module attribute lookup,
+        as serving does this in every layer at every step."""
+        modules_A, modules_B = self.lora_A._modules, self.lora_B._modules
+        return [p for name in self.batch_adapters.values()
+                for p in (modules_A[name]._parameters["weight"], modules_B[name]._parameters["weight"])]
 
     def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The batch's adapters' own Parameters stacked, zero-padded to their largest rank, so that autograd
