@@ -34,11 +34,20 @@ from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, col
                          grad_sums, row_block_and_columns, row_grid, share_columns, width_tile)
 from .bottleneck_configs import grads_configs, multi_rows_configs, prune_grads, prune_rows
 from .configs import DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
-from .lora_multi import NO_SLOT, _next_slot, token_segments  # noqa: F401
+from .lora_multi import token_segments  # noqa: F401
 
 MIN_TILE = tl.constexpr(16)
 LOG2_MIN_TILE = tl.constexpr(4)    # width tiles 16 ...
 LOG2_MAX_TILE = tl.constexpr(8)    # ... 256 (MAX_WIDTH)
+# Past every slot id: "no further slot in this block" (jit code may read only constexpr globals).
+NO_SLOT = tl.constexpr(2**30)
+
+
+@triton.jit
+def _next_slot(slot, after):
+    """The smallest slot id among a block's rows that is greater than `after` (NO_SLOT when none is): a row
+    block of the batch as it comes visits each distinct slot once, in as many steps as it has distinct slots."""
+    return tl.min(tl.where(slot > after, slot, NO_SLOT), axis=0)
 
 
 @triton.jit

@@ -42,17 +42,6 @@ BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # of fp32, in registers before the dot (runs_expand, runs_shrink).
 ROUND_ELEMENTS = tl.constexpr(4096)
 
-# Past every slot id: "no further slot in this block" (jit code may read only constexpr globals).
-NO_SLOT = tl.constexpr(2**30)
-
-
-@triton.jit
-def _next_slot(slot, after):
-    """The smallest slot id among a block's rows that is greater than `after` (NO_SLOT when none is): a block
-    visits each distinct slot once, in as many steps as it has distinct slots (kernels.bottleneck_multi)."""
-    return tl.min(tl.where(slot > after, slot, NO_SLOT), axis=0)
-
-
 @triton.jit
 def _block_tokens(order_ptr, pid, T, HAS_ORDER: tl.constexpr, BLOCK: tl.constexpr):
     """The tokens of row block `pid`: positions pid*BLOCK.. of the slot-sorted order when there is one (so a
