@@ -1,7 +1,8 @@
 """Every decode config timed alone: which of the split-K decode kernels' configs wins, and by how much.
 
 The autotuner keeps only its winner; this times each config of kernels.lora's `_lora_decode` (forward, and the
-one-launch backward) and kernels.lora_multi's `_multi_decode` (32 rank-16 adapters, uniform rows) in CUDA-graph
+one-launch backward) and kernels.lora_multi's `_multi_decode` (32 rank-16 adapters, uniform rows; its own shrink
+where the op fuses it, T <= 4) in CUDA-graph
 replays, beside cuBLAS's base GEMM (x W0^T, and the backward's dy W0) in the same run, at T = 1 / 16 / 64 on
 Llama-7B layer shapes, bf16, W0 rotated over sets that together exceed L2. One line per (op, shape, T):
 cuBLAS, then each config's ms and ratio. Configs are named BLOCK_N x BLOCK_K / SPLIT_K / warps / stages.
@@ -11,9 +12,7 @@ cuBLAS, then each config's ms and ratio. Configs are named BLOCK_N x BLOCK_K / S
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +70,12 @@ def multi_cases(d_in, d_out, T, device, sets):
     idx = (torch.arange(T, device=device) % ADAPTERS).to(torch.int32)
     ranks = torch.full((ADAPTERS,), RANK, device=device, dtype=torch.int32)
     scales = torch.full((ADAPTERS,), 2.0, device=device)
-    xa = M.lora_multi_shrink(x, a, idx, ranks, scales)
     base = {"fwd": [lambda w=w: F.linear(x, w) for w in ws]}
-    ptlm = {"fwd": [lambda w=w: M.lora_multi_matmul(x, w, xa, b, idx, ranks) for w in ws]}
+    if M.decode_fuses_shrink(T, RANK):  # the op's path at a few tokens: the kernel shrinks for itself
+        ptlm = {"fwd": [lambda w=w: M.lora_multi_decode(x, w, a, b, idx, ranks, scales) for w in ws]}
+    else:
+        xa = M.lora_multi_shrink(x, a, idx, ranks, scales)
+        ptlm = {"fwd": [lambda w=w: M.lora_multi_matmul(x, w, xa, b, idx, ranks) for w in ws]}
     return M._multi_decode, base, ptlm
 
 

@@ -10,6 +10,8 @@ gradients of x and of every A and B with torch.autograd.grad):
   grouped         one call of ptlm_engine.functional.lora_linear_grouped
   multi_separate  G calls of lora_linear_multi, 32 rank-16 adapters with uniform rows (T < 32: T adapters)
   multi_grouped   one call of lora_linear_multi_grouped on the same batch
+  multi_grouped_serial  Hopper: multi_grouped with its matmul an ordinary launch after the grouped shrink, not
+                  the shrink's programmatic dependent (kernels.configs.PDL off for the call)
   floor           not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b bytes per element, N = Σ d_out_g, x read once, as the grouped op does; A_used = adapters the rows use,
@@ -41,7 +43,7 @@ GROUPS = {"qkv": (4096, (4096, 4096, 4096)), "qkv_gqa": (4096, (4096, 1024, 1024
 SMOKE_GROUPS = {"qkv": (64, (64, 64, 64)), "qkv_gqa": (64, (64, 16, 16)), "gate_up": (64, (96, 96))}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 SMOKE_TOKENS = [1, 16]
-PROVIDERS = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped"]
+PROVIDERS = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped", "multi_grouped_serial"]
 MODES = ["fwd", "fwd+bwd"]
 R = 16
 SCALE = 2.0
@@ -50,7 +52,7 @@ ADAPTERS = 32                      # the multi providers: uniform rows over this
 TABLE = harness.table_spec(keys=["group", "d_in", "d_outs", "T"],
                            ratios=[("grouped", "separate", "ms"), ("grouped", "cublas", "ms"),
                                    ("grouped", "floor", "ms"), ("multi_grouped", "multi_separate", "ms"),
-                                   ("multi_grouped", "cublas", "ms")])
+                                   ("multi_grouped", "cublas", "ms"), ("multi_grouped", "multi_grouped_serial", "ms")])
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -130,6 +132,12 @@ def _forward(provider: str, s: GroupSet):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[GroupSet]):
+    if provider == "multi_grouped_serial":  # what the dependent launch saves; only where one would happen
+        from ptlm_engine.kernels import configs as kernel_configs
+        if not kernel_configs.dependent_launch(sets[0].x.device):
+            return None
+        calls = harness.mode_calls([(*_forward("multi_grouped", s), s.dys) for s in sets], mode)
+        return [harness.with_setting(kernel_configs, "PDL", False, call) for call in calls]
     return harness.mode_calls([(*_forward(provider, s), s.dys) for s in sets], mode)
 
 
@@ -153,7 +161,7 @@ def summary(rows: list[dict]) -> list[str]:
         if row["op"] == OP and row.get("ms"):
             for timing in ("plain", "graph") if row["timing"] == "floor" else (row["timing"],):
                 by.setdefault((row["group"], row["mode"], timing, row["T"]), {})[row["provider"]] = row["ms"]
-    cols = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped"]
+    cols = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped", "multi_grouped_serial"]
     lines = [f"{'group':>8} {'mode':>7} {'timing':>6} {'T':>5} | " + " ".join(f"{c[:9]:>9}" for c in cols)
              + " | grp/sep grp/cuB mgrp/msep"]
     for (group, mode, timing, t), v in by.items():

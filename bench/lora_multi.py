@@ -20,6 +20,9 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm_onepass    T > 64: ptlm with the one-pass pointer tile at prefill (the base GEMM over slot-sorted rows, the
                   expand in its epilogue) instead of Hopper's TMA base GEMM plus an expand pass over y
                   (kernels.lora.TMA_PREFILL off for the call): the side-by-side
+  ptlm_serial     Hopper, where the op launches a shrink then a matmul (not the few tokens it serves in one
+                  launch): ptlm with the matmul an ordinary launch after the shrink instead of its programmatic
+                  dependent (kernels.configs.PDL off for the call): what the overlap saves
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -63,7 +66,7 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_onepass", "ptlm_mean_rank", "gather_bmm", "peft"]
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_onepass", "ptlm_mean_rank", "gather_bmm", "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
 ZIPF_S = 1.1
@@ -87,7 +90,7 @@ SMOKE_SWEEP_TOKENS = SMOKE_VARIANT_TOKENS = SMOKE_TRAIN_TOKENS = [16]
 POINT_KEYS = ["d_in", "d_out", "adapters", "assign", "r", "base_pct", "T"]
 TABLE = harness.table_spec(keys=POINT_KEYS, ratios=[("ptlm", "cublas", "ms"), ("ptlm", "floor", "ms"),
                                                     ("peft", "ptlm", "ms"), ("gather_bmm", "ptlm", "ms"),
-                                                    ("ptlm", "ptlm_mean_rank", "ms")])
+                                                    ("ptlm", "ptlm_mean_rank", "ms"), ("ptlm", "ptlm_serial", "ms")])
 
 # vLLM's multi-LoRA layer (cuBLAS base GEMM + its lora_shrink / lora_expand, rank 16, bf16, one call captured in
 # a CUDA graph) on the project's H100, ms: /work/shared/design-notes.md. (d_in, d_out, T, adapters) -> ms.
@@ -248,16 +251,30 @@ def _forward(provider: str, s: MultiSet):
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def serial_applies(shape: dict, x: torch.Tensor) -> bool:
+    """ptlm_serial differs from ptlm: the matmul would launch as the shrink's dependent."""
+    from ptlm_engine.kernels import configs as kernel_configs
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+    r_max = 128 if shape["r"] == "mixed" else int(shape["r"])
+    return (kernel_configs.PDL and kernel_configs.dependent_launch(x.device)
+            and not multi_kernels.decode_fuses_shrink(shape["T"], r_max))
+
+
 def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
     if ((provider == "peft" and not peft_applies(shape, mode))
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "ptlm_onepass" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
+            or (provider == "ptlm_serial" and not serial_applies(shape, sets[0].x))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
     if provider == "ptlm_onepass":  # forward and backward both on the one-pass tile
         from ptlm_engine.kernels import lora as lora_kernels
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
         return [harness.with_setting(lora_kernels, "TMA_PREFILL", False, call) for call in calls]
+    if provider == "ptlm_serial":
+        from ptlm_engine.kernels import configs as kernel_configs
+        calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
+        return [harness.with_setting(kernel_configs, "PDL", False, call) for call in calls]
     return harness.mode_calls([(*_forward(provider, s), s.dy) for s in sets], mode)
 
 

@@ -30,6 +30,22 @@ DECODE_MAX_T = 64  # at or below this many tokens a linear layer is memory-bound
 # PTLM_DECODE_SPLIT=0 keeps the decode kernels' unsplit configs only (no arrival counters): side-by-side runs,
 # and a fallback should the split path misbehave on some GPU.
 DECODE_SPLIT = os.environ.get("PTLM_DECODE_SPLIT", "1") != "0"
+# Programmatic dependent launch (Hopper on): a matmul launched right after the shrink that writes its xa starts
+# streaming W0 as soon as every shrink program runs (they signal at their start), and waits for the shrink's
+# end (griddepcontrol.wait) only before its expand reads xa. PTLM_PDL=0 launches them one after the other.
+PDL = os.environ.get("PTLM_PDL", "1") != "0"   # read at each launch: benchmarks time both ways in one run
+_PDL_CAPABLE: dict = {}
+
+
+def dependent_launch(device) -> bool:
+    """Whether kernels on `device` signal and wait as programmatic dependent launches: PDL set, compiled (the
+    interpreter runs no inline PTX), compute capability 9+ (the griddepcontrol instructions)."""
+    capable = _PDL_CAPABLE.get(device)
+    if capable is None:
+        import torch
+        capable = _PDL_CAPABLE[device] = (not INTERPRETED and device.type == "cuda"
+                                          and torch.cuda.get_device_capability(device)[0] >= 9)
+    return PDL and capable
 
 
 # Host-side helpers in plain Python: triton.cdiv / next_power_of_2 cost microseconds a call in Triton 3.8.

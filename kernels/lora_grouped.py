@@ -38,15 +38,16 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, prefill_matmul_configs, prune_by_t,
-                      shrink_configs, t_bucket, tune_bench, weight_grad_configs)
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, dependent_launch,
+                      prefill_matmul_configs, prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (ROUND_ELEMENTS, TMA_BASE_MIN_T, _block_tokens, lora_multi_matmul, multi_matmul_tile,
                          padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round, shrink_round_pick,
-                         shrink_round_step, shrink_round_x, slot_runs)
+                         shrink_round_step, shrink_round_x, slot_runs, wait_flags)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -505,9 +506,11 @@ def _grouped_multi_shrink_kernel(
     stride_a1s, stride_a1r, stride_a1k, stride_o1t, stride_o1r,
     stride_a2s, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
-    FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the grouped matmul after this launch may start (it waits for xa before its expand)
+        gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(2)
     first_r = tl.program_id(1) * BLOCK_R
@@ -611,7 +614,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
         T, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device), BLOCK_R=MULTI_BLOCK_R,
     )
     return outs
 
@@ -622,15 +625,16 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                       FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
-    adapters reach (rows in batch order: each row's output is its own)."""
+    adapters reach (rows in batch order: each row's output is its own; it reads no xa, so waits for nothing)."""
     if HAS_LORA:
         multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, xa_ptr, idx_ptr,
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                          HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+                          WAIT_PRIOR=WAIT_PRIOR)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -650,8 +654,8 @@ def _grouped_multi_matmul_kernel(
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
@@ -660,7 +664,7 @@ def _grouped_multi_matmul_kernel(
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
                            y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
                            stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N,
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M, BLOCK_N,
                            BLOCK_K)
     elif MEMBERS > 1:
         if pid < end1:
@@ -668,14 +672,14 @@ def _grouped_multi_matmul_kernel(
             _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
                                bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
                                stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, BLOCK_R, BLOCK_M,
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M,
                                BLOCK_N, BLOCK_K)
         elif MEMBERS > 2:
             pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
                                bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
                                stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, BLOCK_R, BLOCK_M,
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M,
                                BLOCK_N, BLOCK_K)
 
 
@@ -693,13 +697,15 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
                               ranks: Sequence[torch.Tensor | None],
                               biases: Sequence[torch.Tensor | None] | None = None,
                               order: torch.Tensor | None = None,
-                              outs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+                              outs: Sequence[torch.Tensor] | None = None,
+                              after_shrink: bool = False) -> list[torch.Tensor]:
     """kernels.lora_multi.lora_multi_matmul for 1 to 3 members in one launch.
 
     x (M, K); weights[g] (N_g, K) any strides; xas[g] (M, >= r_max_g) fp32 from lora_grouped_multi_shrink,
     lora_Bs[g] (S, N_g, r_max_g) and ranks[g] (S,) int32, or all three None for a member without adapters (its
     y_g is the base output); biases[g] (N_g,) or None; adapter_index (M,) int32; order as for the shrink.
-    Returns [y_g (M, N_g)]; `outs`, if given, receive them.
+    Returns [y_g (M, N_g)]; `outs`, if given, receive them. after_shrink: as lora_multi_matmul's (the grouped
+    shrink was the last launch).
     """
     M, K = x.shape
     G = len(weights)
@@ -745,6 +751,6 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
         M, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
     )
     return ys

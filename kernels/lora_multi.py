@@ -6,9 +6,11 @@ Three kernels, as for the single-adapter op, each reused by backward through str
 - shrink:      xa = per-row s_a x A_a^T (T, r_max) fp32; also g = s_a dy B_a in backward.
 - matmul:      the base GEMM with every row block's adapters expanded in its epilogue: no d_out-wide LoRA
                product in memory; also dx = dy W0 + g A_a in backward. At decode one row block with K split
-               across programs (W0 streamed once); at prefill on Hopper above TMA_BASE_MIN_T tokens the base GEMM
-               runs kernels.lora's TMA kernel instead (TMA cannot gather the slot-sorted rows this tile reads)
-               and the same tile with K = 0 adds the expand over y: one read-modify-write of y more.
+               across programs (W0 streamed once); at a few tokens of low rank the forward's shrink too, each
+               split expanding its own partial shrink (lora_multi_decode: one launch); at prefill on Hopper above
+               TMA_BASE_MIN_T tokens the base GEMM runs kernels.lora's TMA kernel instead (TMA cannot gather the
+               slot-sorted rows this tile reads) and the same tile with K = 0 adds the expand over y: one
+               read-modify-write of y more.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
 Row blocks walk the tokens in slot-sorted order, so a block's rows form a few runs of one slot each (slot_runs).
@@ -24,9 +26,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, prefill_matmul_configs, prune_by_t,
-                      prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, dependent_launch, next_pow2, prefill_matmul_configs,
+                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
                       weight_grad_configs)
 from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
                    split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
@@ -154,8 +157,11 @@ def _multi_shrink_kernel(
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
     HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the matmul after this launch may start (it waits for xa before its expand)
+        gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -206,6 +212,14 @@ _multi_shrink = TunedLauncher(triton.autotune(
     do_bench=tune_bench)(_multi_shrink_kernel))
 
 
+def wait_flags(wait_prior: bool, x: torch.Tensor) -> dict:
+    """A matmul's launch arguments as the dependent of the shrink launched just before it, where the device
+    takes programmatic dependent launches (configs.dependent_launch), else as an ordinary launch."""
+    if wait_prior and dependent_launch(x.device):
+        return {"WAIT_PRIOR": True, "launch_pdl": True}
+    return {"WAIT_PRIOR": False}
+
+
 def padded_rank(r_max: int) -> int:
     """xa's width: r_max rounded up to the rank granularity, so every kernel tile stays in bounds."""
     return cdiv(r_max, BLOCK_R) * BLOCK_R
@@ -240,7 +254,7 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         T, K, bucket,
         sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device), BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -254,10 +268,12 @@ def multi_matmul_tile(
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr = False,
+    ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
-    y's values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul)."""
+    y's values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul).
+    WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
+    the expand (nothing before reads what it writes)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -269,6 +285,8 @@ def multi_matmul_tile(
         # backward dx: each row's LoRA gradient passes its slot's forward dropout mask. Expanded first, while it is
         # all the accumulator holds, the mask applies there and one accumulator serves (a separate LoRA tile
         # beside the base one spilled ~9 KB a thread at 128 x 256: Triton 3.6, ptxas).
+        if WAIT_PRIOR:
+            gdc_wait()
         acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
@@ -277,6 +295,8 @@ def multi_matmul_tile(
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
     if not OUT_DROPOUT:
+        if WAIT_PRIOR:
+            gdc_wait()
         acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
     if ACCUMULATE:  # the expand alone (K = 0): rows with no adapter have their whole output in y already
@@ -330,7 +350,7 @@ def _multi_matmul_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
-    ACCUMULATE: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -338,7 +358,8 @@ def _multi_matmul_kernel(
                       seed_ptr, bias_ptr, y_ptr, M, N, K,
                       stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
                       stride_br, stride_ym, stride_yn,
-                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE)
+                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE,
+                      WAIT_PRIOR)
 
 
 _multi_matmul_prefill = TunedLauncher(triton.autotune(
@@ -348,18 +369,25 @@ _multi_matmul_prefill = TunedLauncher(triton.autotune(
 
 @triton.jit
 def _multi_decode_kernel(
-    x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr,
-    count_ptr,
-    M, N, K, T_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, bias_ptr,
+    y_ptr, part_ptr, count_ptr,
+    M, N, K, WIDTH, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
+    stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
     """The matmul at decode (M <= BLOCK_M rows), as kernels.lora's decode kernel: one row block, so W streams
     from HBM once, K split SPLIT_K ways with the last split of a column block summing the partials; the
-    splits share the expand's rounds out (split p takes rounds p, p + SPLIT_K, ...)."""
+    splits share the expand's rounds out (split p takes rounds p, p + SPLIT_K, ...).
+
+    FUSE_SHRINK (the forward at a few tokens, decode_fuses_shrink): no shrink launch before this one. The LoRA
+    term is linear in xa, so each split expands its own partial shrink over its K columns, x_k A_a,k^T (scaled,
+    with X_DROPOUT's mask); column block 0 also leaves those partials for the last of its splits to sum into
+    xa (M, WIDTH), which backward needs. Each program reads the rows' A over its K share from L2: at most
+    decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's."""
     pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -369,6 +397,8 @@ def _multi_decode_kernel(
     run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if OUT_DROPOUT:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
+        if WAIT_PRIOR:
+            gdc_wait()
         acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                           stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                           BLOCK_N)
@@ -377,7 +407,16 @@ def _multi_decode_kernel(
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
-    if not OUT_DROPOUT:
+    xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * WIDTH                 # (SPLIT_K, M, WIDTH) partials
+    if FUSE_SHRINK:
+        acc = _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr,
+                                 xa_part + pid_k * M * WIDTH, slot, run, runs, offs_m, mask_m, offs_n, mask_n, pid_n,
+                                 k_lo, k_hi, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
+                                 stride_ar, stride_ak, stride_bs, stride_bn, stride_br, X_DROPOUT, FP32_DOT, SPLIT_K,
+                                 BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif not OUT_DROPOUT:
+        if WAIT_PRIOR:
+            gdc_wait()
         acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                           stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                           BLOCK_N)
@@ -387,10 +426,70 @@ def _multi_decode_kernel(
         acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K, BLOCK_M,
                             BLOCK_N)
         store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
+        if FUSE_SHRINK:
+            if pid_n == 0:  # xa: the sum of column block 0's partial shrinks, in split order
+                for r0 in range(0, WIDTH, BLOCK_R):
+                    offs_r = r0 + tl.arange(0, BLOCK_R)
+                    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                    for s in tl.static_range(SPLIT_K):
+                        xa += tl.load(xa_part + s * M * WIDTH + offs_r[None, :], mask=mask_m[:, None], other=0.0,
+                                      cache_modifier=".cg")
+                    tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
+                             mask=mask_m[:, None])
+
+
+@triton.jit
+def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr, xa_mine, slot,
+                       run, runs, offs_m, mask_m, offs_n, mask_n, pid_n, k_lo, k_hi, K, WIDTH,
+                       stride_xm, stride_xk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
+                       stride_bs, stride_bn, stride_br, X_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                       SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """acc += (s_a keep x_k A_a,k^T) B_a^T over this split's K columns [k_lo, k_hi), 16 ranks at a time; the
+    rows' runs expanded one by one (a few tokens: a few runs). Column block 0 stores each 16 ranks' partial
+    shrink, all WIDTH of them (zero past a row's rank): into xa when unsplit, else at xa_mine (its rows' pointers
+    into this split's partials)."""
+    RUNS: tl.constexpr = max(1, ROUND_ELEMENTS // (BLOCK_R * BLOCK_K))
+    rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
+    scale = row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)                                # (BLOCK_M, 1)
+    p = row_dropout(slot, dropouts_ptr, X_DROPOUT)
+    max_rank = tl.max(rank, axis=0)
+    offs_i = tl.arange(0, BLOCK_R)
+    for r0 in range(0, WIDTH, BLOCK_R):
+        offs_r = r0 + offs_i
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if r0 < max_rank:
+            for g in range(0, runs, RUNS):  # shrink rounds: RUNS runs' A rows side by side, as runs_shrink
+                mine, run_slot = round_runs(slot, run, g, RUNS)
+                a_rows, live, go = shrink_round(a_ptr, rank, mine, run_slot, r0, stride_as, stride_ar, BLOCK_R)
+                if go:
+                    rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
+                    y = tl.zeros((BLOCK_M, RUNS * BLOCK_R), dtype=tl.float32)
+                    for k0 in range(k_lo, k_hi, BLOCK_K):
+                        x, offs_k, in_k = shrink_round_x(x_ptr, offs_m, rows, k0, K, stride_xm, stride_xk, BLOCK_K)
+                        y = shrink_round_step(y, x, a_rows, live, offs_m, offs_k, in_k, K, seed_ptr, p, stride_ak,
+                                              X_DROPOUT, FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
+                    xa = shrink_round_pick(xa, y, mine, RUNS, BLOCK_R)
+            xa *= scale
+            for g in range(0, runs):
+                mine = (run == g) & (slot >= 0)                                                # (BLOCK_M,)
+                run_slot = tl.maximum(tl.max(tl.where(mine, slot, -1), axis=0), 0).to(tl.int64)
+                run_rank = tl.max(tl.where(mine, rank, 0), axis=0)
+                b = tl.load(b_ptr + run_slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                            mask=mask_n[None, :] & (offs_r[:, None] < run_rank), other=0.0)  # (BLOCK_R, BLOCK_N)
+                acc = _dot_fp32(tl.where(mine[:, None], xa, 0.0), b.to(tl.float32), acc, FP32_DOT)
+        if pid_n == 0:
+            if SPLIT_K == 1:
+                tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
+                         mask=mask_m[:, None])
+            else:
+                tl.store(xa_mine + offs_r[None, :], xa, mask=mask_m[:, None])
+    return acc
 
 
 _multi_decode = TunedLauncher(triton.autotune(
-    split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"],
+    split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT",
+                                 "HAS_BIAS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
 
 
@@ -398,7 +497,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
                       order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
                       seed: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      accumulate: bool = False) -> torch.Tensor:
+                      accumulate: bool = False, after_shrink: bool = False) -> torch.Tensor:
     """y[t] = x[t] @ weight^T + keep * (xa[t, :r_a] @ lora_B[a, :, :r_a]^T) + bias, a = adapter_index[t] (-1: none).
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
@@ -406,6 +505,8 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     With dropouts (S,) and seed, keep is the keep mask of (seed, t * N + n) against p_a: the backward of a
     dropped-out input. `out` (M, N), if given, receives y; with `accumulate`, y is added to its values (the
     grouped backward's dx over its members: in the matmuls' epilogues at prefill, no add launch).
+    after_shrink: the last launch on the stream was the shrink that wrote xa (no other since): on Hopper the
+    matmul then launches as its dependent (configs.PDL) and streams W0 while the shrink ends.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -419,7 +520,8 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
             _accumulated(y, lambda o: _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
                                                            dropouts, seed, o))
         else:
-            _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y)
+            _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
+                                 wait_prior=after_shrink)
         return y
     if order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate, min_tokens=TMA_BASE_MIN_T):
         # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
@@ -428,13 +530,14 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, None, order, dropouts, seed, y, 0, True)
     else:
         _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K,
-                             accumulate)
+                             accumulate, after_shrink)
     return y
 
 
 def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K: int,
-                         accumulate: bool) -> None:
-    """The fused matmul over K at prefill, or with K = 0 the expand alone (accumulate: added to y's values)."""
+                         accumulate: bool, wait_prior: bool = False) -> None:
+    """The fused matmul over K at prefill, or with K = 0 the expand alone (accumulate: added to y's values).
+    wait_prior: launched as the dependent of the shrink just launched (lora_multi_matmul's after_shrink)."""
     M, N = y.shape
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
     # tuning runs every candidate: into a temporary, added once
@@ -455,27 +558,61 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
         M, N, K, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, **wait_flags(wait_prior, x),
     )
 
 
-def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y) -> None:
-    """lora_multi_matmul at decode: _multi_decode_kernel."""
+def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, lora_A=None,
+                         scales=None, wait_prior: bool = False) -> None:
+    """_multi_decode_kernel into y: the expand of a given xa (dropouts: the backward's output mask), or with
+    lora_A and scales its own shrink, written into xa (dropouts: the forward's input mask). wait_prior: as
+    _multi_matmul_launch's."""
     M, K = x.shape
     N = weight.shape[0]
     bucket = t_bucket(M)
-    key = (bucket, N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
-    part, counters = split_buffers(_multi_decode, key, x.device, M * N, N, y)
-    sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
+    fuse = lora_A is not None
+    key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    width = xa.shape[1]
+    part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y)
+    a = lora_A if fuse else lora_B            # the unfused kernel reads no A, nor scales
+    sx, sw, sxa, sa, sb, sy = x.stride(), weight.stride(), xa.stride(), a.stride(), lora_B.stride(), y.stride()
     _multi_decode.launch(key, lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
-        x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
-        xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
-        bias if bias is not None else y, y, part, counters,
-        M, N, K, bucket,
-        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
-        HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)),
+        x, weight, xa, a, lora_B, adapter_index, adapter_index if order is None else order, ranks,
+        ranks if scales is None else scales, xa if dropouts is None else dropouts,
+        adapter_index if seed is None else seed, bias if bias is not None else y, y, part, counters,
+        M, N, K, width, bucket,
+        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sy[0], sy[1],
+        HAS_ORDER=order is not None, FUSE_SHRINK=fuse, X_DROPOUT=fuse and dropouts is not None,
+        OUT_DROPOUT=not fuse and dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
+        BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
     )
+
+
+# Ranks a fused decode may read from A per program: tokens x r_max (each token may bring its own adapter). With
+# BLOCK_N columns a program, the fused shrink reads up to FUSED_SHRINK_RANKS / BLOCK_N of W's bytes in A from L2
+# (kernels.lora fuses up to rank 64 for one adapter, MAX_FUSED_RANK).
+FUSED_SHRINK_RANKS = 64
+
+
+def decode_fuses_shrink(T: int, r_max: int) -> bool:
+    """Whether lora_multi_decode serves T tokens of slots up to rank r_max in one launch: a few tokens of
+    low rank (T = 1..4 at rank 16, T = 1 at 64)."""
+    return 0 < T and T * padded_rank(r_max) <= FUSED_SHRINK_RANKS
+
+
+def lora_multi_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                      adapter_index: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor | None = None, order: torch.Tensor | None = None,
+                      dropouts: torch.Tensor | None = None,
+                      seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, xa): lora_multi_matmul(x, weight, lora_multi_shrink(x, lora_A, ...), lora_B, ...) in one launch, for
+    the few tokens decode_fuses_shrink takes (a launch and its gap saved: at T = 1 the two launches cost 1.41x
+    cuBLAS against the one-adapter kernel's 1.09x, H100 2026-11-26). Arguments as those two take them."""
+    M, K = x.shape
+    y = torch.empty((M, weight.shape[0]), device=x.device, dtype=x.dtype)
+    xa = torch.empty((M, padded_rank(lora_A.shape[1])), device=x.device, dtype=torch.float32)
+    _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, lora_A, scales)
+    return y, xa
 
 
 # ----------------------------------------------------------------------------------------------- weight grad

@@ -506,7 +506,6 @@ def test_remap_refuses_before_any_change(tiny, output):
     pe.add_adapter(llama, "p", pe.PromptConfig(num_virtual_tokens=3))
     with pytest.raises(ValueError, match="inside an adapter_batch block"):
         pe.remap_adapter_batch(llama, ["a", "b"])
-    ids = _ids(3)
     with pe.adapter_batch(llama, ["a", "b", None]):
         batch = api.registry(llama).batch
         for names, match in ((["a", "b"], "maps 3 rows"), (["a", "c", None], r"\['c'\] not among"),

@@ -343,7 +343,8 @@ def _multi_forward(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
             [dropouts[g] for g in live], [member_seeds[g] for g in live])
         for g, xa in zip(live, shrunk):
             xas[g] = xa
-    ys = grouped_kernels.lora_grouped_multi_matmul(x, ws, xas, lora_Bs, adapter_index, ranks, biases, order)
+    ys = grouped_kernels.lora_grouped_multi_matmul(x, ws, xas, lora_Bs, adapter_index, ranks, biases, order,
+                                                   after_shrink=bool(live))
     return ys, [_no_xa(x) if xa is None else xa for xa in xas]
 
 

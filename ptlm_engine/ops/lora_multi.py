@@ -78,8 +78,11 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a dropout_a(x) A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     # row blocks walk the tokens in slot-sorted order: a block's rows form few runs of one slot
+    if multi_kernels.decode_fuses_shrink(x.shape[0], lora_A.shape[1]):   # a few tokens: one launch
+        return multi_kernels.lora_multi_decode(x, w, lora_A, lora_B, adapter_index, ranks, scales, bias, order,
+                                               dropouts, seed)
     xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, order, dropouts, seed)
-    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order), xa
+    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order, after_shrink=True), xa
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,

@@ -81,9 +81,10 @@ LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_
 MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x", "xa_ptr": "*fp32",
                  "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                  "seed_ptr": "*i64"},
-                [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False),
-                 dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=False),
-                 dict(HAS_ORDER=True, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True)])  # the expand over y
+                [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, WAIT_PRIOR=True),
+                 dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=False, WAIT_PRIOR=False),
+                 dict(HAS_ORDER=True, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True,  # the expand over y
+                      WAIT_PRIOR=False)])
 # three members: one with a fused shrink and dropout, one without an adapter, one with a separate shrink's xa
 GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", "bias", "y") for g in range(3)},
                    **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},
@@ -94,7 +95,7 @@ GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                          **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
                          **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
                         [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
-                              HAS_BIAS1=False, HAS_BIAS2=False)])
+                              HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True)])
 
 
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
@@ -113,18 +114,24 @@ KERNELS = {
     "lora.weight_grad": (L._lora_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "out_ptr": "*fp32", "g2_ptr": "x",
                                                "h2_ptr": "*fp32", "out2_ptr": "*fp32", "seed_ptr": "*i64",
                                                "dropout_p": "fp32"}, [dict(HAS_DROPOUT=True)]),
-    "multi.decode": (M._multi_decode, {"x_ptr": "x", "w_ptr": "x", "xa_ptr": "*fp32", "b_ptr": "x", "idx_ptr": "*i32",
-                                       "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
-                                       "seed_ptr": "*i64", "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32",
-                                       "count_ptr": "*i32"},
-                     [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, BLOCK_M=64),
-                      dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, BLOCK_M=16)]),
+    "multi.decode": (M._multi_decode, {"x_ptr": "x", "w_ptr": "x", "xa_ptr": "*fp32", "a_ptr": "x", "b_ptr": "x",
+                                       "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32",
+                                       "scales_ptr": "*fp32", "dropouts_ptr": "*fp32", "seed_ptr": "*i64",
+                                       "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32", "count_ptr": "*i32"},
+                     [dict(HAS_ORDER=True, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
+                           WAIT_PRIOR=True, BLOCK_M=64),
+                      dict(HAS_ORDER=False, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False,
+                           WAIT_PRIOR=False, BLOCK_M=16),
+                      dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
+                           WAIT_PRIOR=False, BLOCK_M=16),
+                      dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=False,
+                           WAIT_PRIOR=False, BLOCK_M=16)]),
     "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",
                                        "seed_ptr": "*i64", "out_ptr": "*fp32"},
-                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True),
-                      dict(HAS_ORDER=False, MASK_X=False, DIV_KEEP=True)]),
+                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True, LAUNCH_DEPENDENTS=True),
+                      dict(HAS_ORDER=False, MASK_X=False, DIV_KEEP=True, LAUNCH_DEPENDENTS=False)]),
     "multi.weight_grad": (M._multi_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "order_ptr": "*i32",
                                                  "seg_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
@@ -164,8 +171,10 @@ KERNELS = {
                                                            ("ranks", "*i32"), ("scales", "*fp32"),
                                                            ("dropouts", "*fp32"), ("seed", "*i64"),
                                                            ("out", "*fp32")) for g in range(3)}},
-                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True),
-                              dict(MEMBERS=2, HAS_ORDER=False, DROP0=False, DROP1=False, DROP2=False)]),
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True,
+                                   LAUNCH_DEPENDENTS=True),
+                              dict(MEMBERS=2, HAS_ORDER=False, DROP0=False, DROP1=False, DROP2=False,
+                                   LAUNCH_DEPENDENTS=False)]),
 }
 # prefix attention: 4 q heads per kv head x 128, a prefix with per-row lengths; the delta kernel has no
 # autotuner (one fixed tile); the split dK / dV kernel's unused dq_ptr points at dk

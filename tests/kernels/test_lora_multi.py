@@ -164,6 +164,53 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
     assert torch.all(((kept - 1).abs() < 1e-3) | (kept.abs() < 1e-3)) and (kept.abs() < 1e-3).any()
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("T,ranks,kind", [(1, [16, 5], "one"), (1, [16, 40], "one"), (3, [16, 5, 9, 12], "each"),
+                                          (4, [3, 16, 7], "random"), (2, [16, 8], "none")])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_fuses_its_shrink_at_a_few_tokens(T, ranks, kind, split, dtype, monkeypatch):
+    """lora_multi_decode (one launch: each split expands its own partial shrink, column block 0's partials summed
+    into xa) equals the shrink + matmul pair, against float64, on poisoned outputs: one row, rows of different
+    slots, -1 rows, no adapter at all, mixed ranks, K split 1 or 3 ways; with input dropout its rows match the
+    pair's under the same seed."""
+    import triton
+    meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
+    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(M._multi_decode, "configs", {})
+    launches = record_launches(monkeypatch)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    torch.manual_seed(T + split)
+    d_in, d_out = 70, 45
+    S, r_max = len(ranks), max(ranks)
+    assert M.decode_fuses_shrink(T, r_max) and not M.decode_fuses_shrink(T + 4, r_max)
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+    idx = _mapping(kind, T, S)
+    order, _ = M.token_segments(idx, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float64) * d_in ** -0.5).to(dtype)
+    bias = torch.randn(d_out, device=DEVICE, dtype=dtype)
+    xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+    y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+    for rows in (None, order):
+        launches.clear()
+        y, xa = M.lora_multi_decode(x, w, a, b, idx, rk, scales, bias, rows)
+        assert launches == [M._multi_decode]
+        assert xa.shape == (T, M.padded_rank(r_max)) and not xa[:, r_max:].any()
+        assert_matches(xa[:, :r_max], xa64, None, dtype, "fused decode xa")
+        assert_matches(y, y64, None, dtype, "fused decode y")
+
+    dropouts, seed = torch.tensor([0.3, 0.0, 0.5, 0.2][:S], device=DEVICE), torch.tensor([21], device=DEVICE)
+    y, xa = M.lora_multi_decode(x, w, a, b, idx, rk, scales, None, order, dropouts, seed)
+    xa_pair = M.lora_multi_shrink(x, a, idx, rk, scales, order, dropouts, seed)
+    y_pair = M.lora_multi_matmul(x, w, xa_pair, b, idx, rk, None, order)
+    assert_matches(xa, xa_pair.double(), None, dtype, "fused decode xa, input dropout")
+    assert_matches(y, y_pair.double(), None, dtype, "fused decode y, input dropout")
+
+
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
 
 
@@ -210,6 +257,56 @@ def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
     base = dy.double() @ w.double()
     assert not torch.equal(fused.double(), base)                  # the LoRA term is there, masked in places
 
+
+def test_matmul_launches_as_the_shrinks_dependent_only_on_hopper():
+    """Programmatic dependent launch (configs.PDL) needs compute capability 9+ and compiled kernels: elsewhere the
+    matmul after the shrink is an ordinary launch."""
+    x = torch.zeros(2, 3, device=DEVICE)
+    assert M.wait_flags(False, x) == {"WAIT_PRIOR": False}
+    if K.INTERPRETED or not HOPPER:
+        assert M.wait_flags(True, x) == {"WAIT_PRIOR": False}
+    else:
+        assert M.wait_flags(True, x) == {"WAIT_PRIOR": True, "launch_pdl": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(K.INTERPRETED or not HOPPER, reason="needs a Hopper GPU (griddepcontrol)")
+@pytest.mark.parametrize("T", [16, 64, 200])
+def test_dependent_matmul_matches_ordinary_launches(T):
+    """The matmul launched as the shrink's programmatic dependent (it streams W0 while the shrink ends and waits
+    for xa before its expand) gives what ordinary launches give, bit for bit: eager, and replayed from a CUDA
+    graph with a new mapping written into the same buffers; also the grouped pair."""
+    from ptlm_engine.kernels import lora_grouped as G
+    torch.manual_seed(T)
+    S, d_in, d_out, dtype = 32, 4096, 4096, torch.bfloat16
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, [16] * S)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    w = (torch.randn(d_out, d_in, device=DEVICE) * d_in ** -0.5).to(dtype)
+    idx = _mapping("random", T, S)
+    order, _ = M.token_segments(idx, S)
+
+    def pair(dependent):
+        xa = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+        return M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, after_shrink=dependent)
+
+    def grouped(dependent):
+        xas = G.lora_grouped_multi_shrink(x, [a, a], idx, [rk, rk], [scales, scales], order)
+        return torch.cat(G.lora_grouped_multi_matmul(x, [w, w[:1000]], xas, [b, b[:, :1000]], idx, [rk, rk],
+                                                     order=order, after_shrink=dependent), 1)
+
+    for run in (pair, grouped):
+        want = run(False)
+        assert torch.equal(run(True), want)
+        run(True)                                         # tuned and compiled before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = run(True)
+        idx.copy_(_mapping("random", T, S))
+        order.copy_(M.token_segments(idx, S)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, run(False))
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["decode", "onepass", "tma"])
