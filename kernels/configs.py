@@ -102,7 +102,7 @@ def split_decode_configs():
         return [_cfg(4, 1, BLOCK_N=32, BLOCK_K=32, SPLIT_K=2)]
     configs = [_cfg(w, s, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk) for bn, bk, sk, w, s in (
         (32, 256, 1, 4, 4), (64, 128, 1, 4, 4), (64, 256, 2, 4, 3), (64, 128, 4, 4, 4), (128, 128, 2, 8, 4),
-        (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3))]
+        (128, 128, 4, 8, 4), (128, 128, 4, 8, 3), (128, 128, 8, 8, 3), (32, 256, 1, 4, 6), (64, 128, 2, 4, 6))]
     if not DECODE_SPLIT:
         configs = [c for c in configs if c.kwargs["SPLIT_K"] == 1]
     return configs
