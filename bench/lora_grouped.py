@@ -126,7 +126,7 @@ def _forward(provider: str, s: GroupSet):
         return (lambda: fn.lora_linear_grouped(s.x, s.ws, nones, s.As, s.Bs, [SCALE] * len(s.ws))), lora
     if provider == "multi_separate":
         return (lambda: [fn.lora_linear_multi(s.x, s.ws[g], None, s.slots[g], s.index) for g in members]), multi
-    if provider == "multi_grouped":
+    if provider in ("multi_grouped", "multi_grouped_serial"):  # the serial one: PDL off around it (make_calls)
         return (lambda: fn.lora_linear_multi_grouped(s.x, s.ws, nones, s.slots, s.index)), multi
     raise ValueError(f"unknown provider {provider!r}")
 

@@ -14,7 +14,8 @@ def reference_backend(monkeypatch):
 def test_smoke_writes_rows_for_every_provider(tmp_path):
     results = lora_grouped.main(["--smoke", "--out", str(tmp_path), "--groups", "qkv_gqa", "--tokens", "16",
                                  "--warmup-ms", "0", "--rep-ms", "1"])
-    assert [r["provider"] for r in results.rows] == lora_grouped.PROVIDERS
+    # multi_grouped_serial times anything only where the matmul would launch as the shrink's dependent (Hopper)
+    assert [r["provider"] for r in results.rows] == [p for p in lora_grouped.PROVIDERS if p != "multi_grouped_serial"]
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in results.rows)
     assert "| qkv_gqa | 64 | 64+16+16 | 16 | fwd | plain |" in (tmp_path / "lora_grouped.md").read_text()
 

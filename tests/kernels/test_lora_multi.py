@@ -165,24 +165,18 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
 
 
 
-@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
-@pytest.mark.parametrize("T,ranks,kind", [(1, [16, 5], "one"), (1, [16, 40], "one"), (3, [16, 5, 9, 12], "each"),
-                                          (4, [3, 16, 7], "random"), (2, [16, 8], "none")])
-@pytest.mark.parametrize("split", [1, 3])
-def test_multi_decode_fuses_its_shrink_at_a_few_tokens(T, ranks, kind, split, dtype, monkeypatch):
+def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, stages):
     """lora_multi_decode (one launch: each split expands its own partial shrink, column block 0's partials summed
-    into xa) equals the shrink + matmul pair, against float64, on poisoned outputs: one row, rows of different
-    slots, -1 rows, no adapter at all, mixed ranks, K split 1 or 3 ways; with input dropout its rows match the
-    pair's under the same seed."""
+    into xa) against float64 on poisoned outputs, tokens as they come and slot-sorted; with input dropout against
+    the shrink + matmul pair under the same seed. K split `split` ways."""
     import triton
     meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
-    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=stages)])
     monkeypatch.setattr(M._multi_decode, "configs", {})
     launches = record_launches(monkeypatch)
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     torch.manual_seed(T + split)
-    d_in, d_out = 70, 45
     S, r_max = len(ranks), max(ranks)
     assert M.decode_fuses_shrink(T, r_max) and not M.decode_fuses_shrink(T + 4, r_max)
     a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
@@ -203,12 +197,32 @@ def test_multi_decode_fuses_its_shrink_at_a_few_tokens(T, ranks, kind, split, dt
         assert_matches(xa[:, :r_max], xa64, None, dtype, "fused decode xa")
         assert_matches(y, y64, None, dtype, "fused decode y")
 
-    dropouts, seed = torch.tensor([0.3, 0.0, 0.5, 0.2][:S], device=DEVICE), torch.tensor([21], device=DEVICE)
+    dropouts, seed = torch.rand(S, device=DEVICE) * 0.5, torch.tensor([21], device=DEVICE)
     y, xa = M.lora_multi_decode(x, w, a, b, idx, rk, scales, None, order, dropouts, seed)
     xa_pair = M.lora_multi_shrink(x, a, idx, rk, scales, order, dropouts, seed)
     y_pair = M.lora_multi_matmul(x, w, xa_pair, b, idx, rk, None, order)
     assert_matches(xa, xa_pair.double(), None, dtype, "fused decode xa, input dropout")
     assert_matches(y, y_pair.double(), None, dtype, "fused decode y, input dropout")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("T,ranks,kind", [(1, [16, 5], "one"), (1, [16, 40], "one"), (3, [16, 5, 9, 12], "each"),
+                                          (4, [3, 16, 7], "random"), (2, [16, 8], "none")])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_fuses_its_shrink_at_a_few_tokens(T, ranks, kind, split, dtype, monkeypatch):
+    """One row, rows of different slots, -1 rows, no adapter at all, mixed ranks, K split 1 or 3 ways."""
+    _check_fused_decode(T, 70, 45, ranks, kind, split, dtype, monkeypatch, stages=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,ranks,kind", [(1, [16] * 32, "random"), (4, [16] * 32, "each"),
+                                          (1, [8, 16, 64, 16], "one")])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_fuses_its_shrink_realistic(T, ranks, kind, split, dtype, monkeypatch):
+    """The fused decode at 4096 x 4096 on a GPU: the split partials' ordering is only exercised there."""
+    _check_fused_decode(T, 4096, 4096, ranks, kind, split, dtype, monkeypatch, stages=3)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
