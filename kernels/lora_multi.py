@@ -411,7 +411,7 @@ def _multi_decode_kernel(
     if FUSE_SHRINK:
         acc = _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr,
                                  xa_part + pid_k * M * WIDTH, slot, run, runs, offs_m, mask_m, offs_n, mask_n, pid_n,
-                                 k_lo, k_hi, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
+                                 pid_k, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
                                  stride_ar, stride_ak, stride_bs, stride_bn, stride_br, X_DROPOUT, FP32_DOT, SPLIT_K,
                                  BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     elif not OUT_DROPOUT:
@@ -440,36 +440,26 @@ def _multi_decode_kernel(
 
 @triton.jit
 def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr, xa_mine, slot,
-                       run, runs, offs_m, mask_m, offs_n, mask_n, pid_n, k_lo, k_hi, K, WIDTH,
+                       run, runs, offs_m, mask_m, offs_n, mask_n, pid_n, pid_k, K, WIDTH,
                        stride_xm, stride_xk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
                        stride_bs, stride_bn, stride_br, X_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
                        SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """acc += (s_a keep x_k A_a,k^T) B_a^T over this split's K columns [k_lo, k_hi), 16 ranks at a time; the
-    rows' runs expanded one by one (a few tokens: a few runs). Column block 0 stores each 16 ranks' partial
-    shrink, all WIDTH of them (zero past a row's rank): into xa when unsplit, else at xa_mine (its rows' pointers
-    into this split's partials)."""
-    RUNS: tl.constexpr = max(1, ROUND_ELEMENTS // (BLOCK_R * BLOCK_K))
+    """acc += (s_a keep x_k A_a,k^T) B_a^T over this split's K columns (runs_shrink's share of split pid_k), 16
+    ranks at a time; the rows' runs expanded one by one (a few tokens: a few runs). Column block 0 stores each 16
+    ranks' partial shrink, all WIDTH of them (zero past a row's rank): into xa when unsplit, else at xa_mine (its
+    rows' pointers into this split's partials)."""
     rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
     scale = row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)                                # (BLOCK_M, 1)
-    p = row_dropout(slot, dropouts_ptr, X_DROPOUT)
     max_rank = tl.max(rank, axis=0)
     offs_i = tl.arange(0, BLOCK_R)
     for r0 in range(0, WIDTH, BLOCK_R):
         offs_r = r0 + offs_i
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r0 < max_rank:
-            for g in range(0, runs, RUNS):  # shrink rounds: RUNS runs' A rows side by side, as runs_shrink
-                mine, run_slot = round_runs(slot, run, g, RUNS)
-                a_rows, live, go = shrink_round(a_ptr, rank, mine, run_slot, r0, stride_as, stride_ar, BLOCK_R)
-                if go:
-                    rows = (run >= g) & (run < g + RUNS) & (slot >= 0)
-                    y = tl.zeros((BLOCK_M, RUNS * BLOCK_R), dtype=tl.float32)
-                    for k0 in range(k_lo, k_hi, BLOCK_K):
-                        x, offs_k, in_k = shrink_round_x(x_ptr, offs_m, rows, k0, K, stride_xm, stride_xk, BLOCK_K)
-                        y = shrink_round_step(y, x, a_rows, live, offs_m, offs_k, in_k, K, seed_ptr, p, stride_ak,
-                                              X_DROPOUT, FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
-                    xa = shrink_round_pick(xa, y, mine, RUNS, BLOCK_R)
+            xa = runs_shrink(xa, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run, runs, offs_m, r0, pid_k,
+                             K, stride_xm, stride_xk, stride_as, stride_ar, stride_ak, X_DROPOUT, FP32_DOT, SPLIT_K,
+                             BLOCK_M, BLOCK_R, BLOCK_K)
             xa *= scale
             for g in range(0, runs):
                 mine = (run == g) & (slot >= 0)                                                # (BLOCK_M,)
