@@ -559,7 +559,6 @@ def _lora_matmul_tma_kernel(
     epilogue's shared memory, which 128x256 tiles need to keep three pipeline stages.
     """
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
     for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -574,17 +573,26 @@ def _lora_matmul_tma_kernel(
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), acc, 0.0)
-        for ki in range(k_steps):
-            off_k = ki * BLOCK_K
-            x = x_desc.load([off_m, off_k])                                               # (BLOCK_M, BLOCK_K)
-            if W_KMAJOR:
-                w = w_desc.load([off_n, off_k]).T                                         # (BLOCK_K, BLOCK_N)
-            else:
-                w = w_desc.load([off_k, off_n])
-            acc = _dot(x, w, acc, FP32_DOT)
+        acc = tma_k_loop(acc, x_desc, w_desc, off_m, off_n, K, W_KMAJOR, FP32_DOT, BLOCK_K)
         left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         _tma_store_half(left, y_desc, bias_ptr, off_m, off_n, N, HAS_BIAS, ACCUMULATE, BLOCK_N // 2)
         _tma_store_half(right, y_desc, bias_ptr, off_m, off_n + BLOCK_N // 2, N, HAS_BIAS, ACCUMULATE, BLOCK_N // 2)
+
+
+@triton.jit
+def tma_k_loop(acc, x_desc, w_desc, off_m, off_n, K, W_KMAJOR: tl.constexpr, FP32_DOT: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """acc += x[off_m:, :] @ W^T[:, off_n:] over K through the descriptors (w_desc: W (N, K) with W_KMAJOR, else
+    W^T (K, N)); also kernels.lora_multi's TMA tile."""
+    for ki in range(tl.cdiv(K, BLOCK_K)):
+        off_k = ki * BLOCK_K
+        x = x_desc.load([off_m, off_k])                                                   # (BLOCK_M, BLOCK_K)
+        if W_KMAJOR:
+            w = w_desc.load([off_n, off_k]).T                                             # (BLOCK_K, BLOCK_N)
+        else:
+            w = w_desc.load([off_k, off_n])
+        acc = _dot(x, w, acc, FP32_DOT)
+    return acc
 
 
 @triton.jit

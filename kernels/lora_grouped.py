@@ -45,9 +45,9 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (ROUND_ELEMENTS, TMA_BASE_MIN_T, _block_tokens, lora_multi_matmul, multi_matmul_tile,
-                         padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round, shrink_round_pick,
-                         shrink_round_step, shrink_round_x, slot_runs, wait_flags)
+from .lora_multi import (ROUND_ELEMENTS, TMA_MIN_T, _block_tokens, copy_sorted_rows, lora_multi_matmul,
+                         multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
+                         shrink_round_pick, shrink_round_step, shrink_round_x, slot_runs, wait_flags)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -499,22 +499,26 @@ def _grouped_multi_shrink_kernel(
     x_ptr, idx_ptr, order_ptr,
     a0_ptr, ranks0_ptr, scales0_ptr, dropouts0_ptr, seed0_ptr, out0_ptr,
     a1_ptr, ranks1_ptr, scales1_ptr, dropouts1_ptr, seed1_ptr, out1_ptr,
-    a2_ptr, ranks2_ptr, scales2_ptr, dropouts2_ptr, seed2_ptr, out2_ptr,
+    a2_ptr, ranks2_ptr, scales2_ptr, dropouts2_ptr, seed2_ptr, out2_ptr, xs_ptr,
     T, K, T_BUCKET, WIDTH0, WIDTH1, WIDTH2,
     stride_xt, stride_xk,
     stride_a0s, stride_a0r, stride_a0k, stride_o0t, stride_o0r,
     stride_a1s, stride_a1r, stride_a1k, stride_o1t, stride_o1r,
     stride_a2s, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
-    FP32_DOT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    FP32_DOT: tl.constexpr, STORE_X: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    if LAUNCH_DEPENDENTS:  # the grouped matmul after this launch may start (it waits for xa before its expand)
+    if LAUNCH_DEPENDENTS:  # the grouped matmul after this launch may start (it waits for what this one writes)
         gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(2)
     first_r = tl.program_id(1) * BLOCK_R
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
+    if STORE_X:  # x's rows in slot-sorted order, once for every member's TMA tile
+        if tl.program_id(1) == 0:
+            copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, stride_xk, SPLIT_K, BLOCK_T,
+                             BLOCK_K)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     run, runs = slot_runs(idx_ptr, order_ptr, pid_t, T, slot, HAS_ORDER, BLOCK_T)
     acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
@@ -571,7 +575,7 @@ def _grouped_multi_shrink_kernel(
 
 
 _grouped_multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "MEMBERS", "HAS_ORDER", "DROP0", "DROP1", "DROP2"],
+    shrink_configs(), key=["T_BUCKET", "K", "MEMBERS", "HAS_ORDER", "DROP0", "DROP1", "DROP2", "STORE_X"],
     prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out0_ptr", "out1_ptr", "out2_ptr"],
     do_bench=tune_bench)(_grouped_multi_shrink_kernel))
 
@@ -580,13 +584,15 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
                               ranks: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
                               order: torch.Tensor | None = None,
                               dropouts: Sequence[torch.Tensor | None] | None = None,
-                              seeds: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                              seeds: Sequence[torch.Tensor | None] | None = None,
+                              x_sorted: torch.Tensor | None = None) -> list[torch.Tensor]:
     """kernels.lora_multi.lora_multi_shrink for 1 to 3 members in one launch, each x tile read once for all.
 
     x (T, K); lora_As[g] (S, r_max_g, K) any strides; adapter_index (T,) int32 (-1: none); ranks[g] (S,) int32;
     scales[g] (S,) fp32; order as for lora_multi_shrink; dropouts[g] (S,) fp32 with seeds[g] (1,) int64, or None:
-    member g's keep mask is the one of (seeds[g], t * K + k) against its slot's p. Returns
-    (T, padded_rank(r_max_g)) fp32 per member, zero beyond each token's rank.
+    member g's keep mask is the one of (seeds[g], t * K + k) against its slot's p; x_sorted as for
+    lora_multi_shrink (shared by the members' TMA tiles). Returns (T, padded_rank(r_max_g)) fp32 per member, zero
+    beyond each token's rank.
     """
     T, K = x.shape
     G = len(lora_As)
@@ -596,8 +602,11 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     dropouts = [None] * G if dropouts is None else list(dropouts)
     seeds = [None] * G if seeds is None else list(seeds)
     drop = [p is not None for p in dropouts]
+    store_x = x_sorted is not None
+    if store_x and order is None:
+        raise ValueError("x_sorted holds x's rows in `order`: give it")
     bucket = t_bucket(T)
-    key = (bucket, K, G, order is None, *drop, x.dtype, *(a.dtype for a in lora_As))
+    key = (bucket, K, G, order is None, *drop, store_x, x.dtype, *(a.dtype for a in lora_As))
     alloc = torch.zeros if _grouped_multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
     outs = [alloc((T, w), device=x.device, dtype=torch.float32) for w in widths]
     members, strides = [], []
@@ -610,11 +619,12 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
     strides += strides[:5] * (MAX_MEMBERS - G)
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R, meta["SPLIT_K"])
     _grouped_multi_shrink.launch(key, grid,
-        x, adapter_index, adapter_index if order is None else order, *members,
+        x, adapter_index, adapter_index if order is None else order, *members, x_sorted if store_x else x,
         T, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("DROP", drop),
-        FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device), BLOCK_R=MULTI_BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, STORE_X=store_x, LAUNCH_DEPENDENTS=dependent_launch(x.device),
+        BLOCK_R=MULTI_BLOCK_R,
     )
     return outs
 
@@ -698,14 +708,16 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
                               biases: Sequence[torch.Tensor | None] | None = None,
                               order: torch.Tensor | None = None,
                               outs: Sequence[torch.Tensor] | None = None,
-                              after_shrink: bool = False) -> list[torch.Tensor]:
+                              after_shrink: bool = False,
+                              x_sorted: torch.Tensor | None = None) -> list[torch.Tensor]:
     """kernels.lora_multi.lora_multi_matmul for 1 to 3 members in one launch.
 
     x (M, K); weights[g] (N_g, K) any strides; xas[g] (M, >= r_max_g) fp32 from lora_grouped_multi_shrink,
     lora_Bs[g] (S, N_g, r_max_g) and ranks[g] (S,) int32, or all three None for a member without adapters (its
     y_g is the base output); biases[g] (N_g,) or None; adapter_index (M,) int32; order as for the shrink.
     Returns [y_g (M, N_g)]; `outs`, if given, receive them. after_shrink: as lora_multi_matmul's (the grouped
-    shrink was the last launch).
+    shrink was the last launch). x_sorted: x[order] from the grouped shrink (lora_multi.tma_sorted_rows gave
+    the buffer): the members then run on TMA tiles one by one (below), not in this kernel.
     """
     M, K = x.shape
     G = len(weights)
@@ -714,18 +726,20 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     if M == 0:
         return ys
     has_lora = [b is not None for b in lora_Bs]
-    # At prefill on Hopper, member by member as kernels.lora_multi.lora_multi_matmul runs it there: the base GEMM
-    # on the TMA kernel, then the slots' expand added over it (the fused pointer tile below ran at ~65% of
-    # cuBLAS). A member with adapters always gets its output that way (lora_multi_matmul falls back on its own);
-    # should a member without any not fit TMA's layout rules, the grouped kernel below recomputes every member.
+    # At prefill on Hopper, member by member on TMA tiles: a member with adapters on kernels.lora_multi's (over the
+    # shrink's sorted copy of x), one without on kernels.lora's base GEMM (x as it comes); the pointer tiles below
+    # ran their GEMM at ~65% of cuBLAS. Should a member not fit TMA's layout rules, the grouped kernel below
+    # recomputes every member.
     def member_on_tma(g: int) -> bool:
         if not has_lora[g]:
-            return lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g], min_tokens=TMA_BASE_MIN_T)
-        lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order, out=ys[g])
+            return lora_matmul_tma(x, weights[g], None, None, biases[g], ys[g], min_tokens=TMA_MIN_T)
+        lora_multi_matmul(x, weights[g], xas[g], lora_Bs[g], adapter_index, ranks[g], biases[g], order, out=ys[g],
+                          after_shrink=after_shrink and g == 0, x_sorted=x_sorted)
         return True
 
-    if (M > DECODE_MAX_T and order is not None and _tma_programs(x, M, TMA_BASE_MIN_T)
-            and all(map(member_on_tma, range(G)))):
+    # with no adapter at all the members' base GEMMs need no sorted x
+    on_tma = x_sorted is not None if any(has_lora) else M > DECODE_MAX_T and _tma_programs(x, M, TMA_MIN_T)
+    if on_tma and all(map(member_on_tma, range(G))):
         return ys
     fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
     if fp32 is None:

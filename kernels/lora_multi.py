@@ -8,9 +8,8 @@ Three kernels, as for the single-adapter op, each reused by backward through str
                product in memory; also dx = dy W0 + g A_a in backward. At decode one row block with K split
                across programs (W0 streamed once); at a few tokens of low rank the forward's shrink too, each
                split expanding its own partial shrink (lora_multi_decode: one launch); at prefill on Hopper above
-               TMA_BASE_MIN_T tokens the base GEMM runs kernels.lora's TMA kernel instead (TMA cannot gather the
-               slot-sorted rows this tile reads) and the same tile with K = 0 adds the expand over y: one
-               read-modify-write of y more.
+               TMA_MIN_T tokens a persistent TMA tile over the shrink's slot-sorted copy of x (TMA cannot gather
+               rows; tma_sorted_rows), its output rows stored back to their tokens.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
 Row blocks walk the tokens in slot-sorted order, so a block's rows form a few runs of one slot each (slot_runs).
@@ -23,22 +22,26 @@ new mapping in the same buffers.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, dependent_launch, next_pow2, prefill_matmul_configs,
-                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tune_bench,
-                      weight_grad_configs)
-from .lora import (_accumulated, _dot, _dot_fp32, _keep_mask, base_k_step, grouped_tile, lora_matmul_tma,
-                   split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile)
+                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tma_matmul_configs,
+                      tune_bench, weight_grad_configs)
+from . import lora as lora_kernels
+from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_layout, _tma_programs, base_k_step,
+                   grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
+                   tma_k_loop)
 
-# The multi-adapter prefill runs the TMA base GEMM plus an expand pass only above this many tokens, else the
-# one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16 adapters, CUDA graph): TMA + expand 2%
-# faster at T = 4096, level at 1024, 5% slower at 256; in plain launches its extra launch and five
-# descriptors cost ~0.18 ms of host time a call at T = 1024 (0.257 against 0.078 ms).
-TMA_BASE_MIN_T = 1024
+# The multi-adapter prefill runs on the Hopper TMA tile (_multi_matmul_tma_kernel, over the shrink's slot-sorted
+# copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
+# adapters, CUDA graph): the pointer tile ran its GEMM at ~65% of cuBLAS; the TMA base GEMM (716 TFLOP/s) with
+# a separate expand pass over y was level with it at T = 1024, 2% faster at 4096 (the pass spent the gain).
+TMA_MIN_T = 512
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
@@ -153,19 +156,23 @@ def row_scale(slot, scales_ptr, dropouts_ptr, DIV_KEEP: tl.constexpr):
 
 @triton.jit
 def _multi_shrink_kernel(
-    x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, out_ptr,
+    x_ptr, a_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, out_ptr, xs_ptr,
     T, K, T_BUCKET,
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
     HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    STORE_X: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    if LAUNCH_DEPENDENTS:  # the matmul after this launch may start (it waits for xa before its expand)
+    if LAUNCH_DEPENDENTS:  # the matmul after this launch may start (it waits for what this one writes)
         gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
+    if STORE_X:
+        if pid_r == 0:
+            copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, stride_xk, SPLIT_K, BLOCK_T,
+                             BLOCK_K)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     run, runs = slot_runs(idx_ptr, order_ptr, pid_t, T, slot, HAS_ORDER, BLOCK_T)
     acc = runs_shrink(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
@@ -174,6 +181,19 @@ def _multi_shrink_kernel(
     acc *= row_scale(slot, scales_ptr, dropouts_ptr, DIV_KEEP)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, mask_t[:, None], SPLIT_K)
+
+
+@triton.jit
+def copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, stride_xk, SPLIT_K: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """xs[pid_t * BLOCK_T + i] = x[offs_t[i]] over this split's K columns: x's rows in the block's order, into a
+    contiguous (T, K) xs (the TMA matmul's operand: TMA copies rows in place, it cannot gather them)."""
+    pos = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_t[:, None] & (offs_k < K)[None, :]
+        rows = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=mask)
+        tl.store(xs_ptr + pos[:, None] * K + offs_k[None, :], rows, mask=mask)
 
 
 @triton.jit
@@ -207,7 +227,7 @@ def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run,
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP"],
+    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP", "STORE_X"],
     prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
     do_bench=tune_bench)(_multi_shrink_kernel))
 
@@ -227,19 +247,24 @@ def padded_rank(r_max: int) -> int:
 
 def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torch.Tensor, ranks: torch.Tensor,
                       scales: torch.Tensor, order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
-                      seed: torch.Tensor | None = None, mask_x: bool = True) -> torch.Tensor:
+                      seed: torch.Tensor | None = None, mask_x: bool = True,
+                      x_sorted: torch.Tensor | None = None) -> torch.Tensor:
     """xa[t] = scales[a] / (1 - p_a) * (keep * x[t]) @ lora_A[a]^T with a = adapter_index[t] (0 where a = -1).
 
     x (T, K); lora_A (S, r_max, K) any strides; adapter_index (T,) int32; ranks (S,) int32; scales (S,) fp32;
     order (T,) int32, the tokens sorted by slot (token_segments), or None to take them as they come;
     dropouts (S,) fp32 per-slot LoRA dropout p_a with seed (1,) int64, or None: keep is the keep mask of
     (seed, t * K + k) when mask_x, else only the 1 / (1 - p_a) factor applies (the backward's g = s dy B).
+    x_sorted (T, K) contiguous, if given (with order), receives x[order] (see tma_sorted_rows).
     Returns (T, padded_rank(r_max)) fp32, zero beyond each token's rank.
     """
     T, K = x.shape
     width = padded_rank(lora_A.shape[1])
     bucket = t_bucket(T)
-    key = (bucket, K, order is None, dropouts is None, mask_x, x.dtype, lora_A.dtype)
+    store_x = x_sorted is not None
+    if store_x and order is None:
+        raise ValueError("x_sorted holds x's rows in `order`: give it")
+    key = (bucket, K, order is None, dropouts is None, mask_x, store_x, x.dtype, lora_A.dtype)
     # Split-K programs add into the output; unsplit, every element is stored once and no memset launches.
     out = (torch.zeros if _multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty)(
         (T, width), device=x.device, dtype=torch.float32)
@@ -251,10 +276,12 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
         key, grid,
         x, lora_A, adapter_index, adapter_index if order is None else order, ranks, scales,
         scales if dropouts is None else dropouts, adapter_index if seed is None else seed, out,
+        x_sorted if store_x else x,
         T, K, bucket,
         sx[0], sx[1], sa[0], sa[1], sa[2], width, 1,
         HAS_ORDER=order is not None, MASK_X=dropouts is not None and mask_x, DIV_KEEP=dropouts is not None,
-        FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device), BLOCK_R=BLOCK_R,
+        FP32_DOT=x.dtype == torch.float32, STORE_X=store_x, LAUNCH_DEPENDENTS=dependent_launch(x.device),
+        BLOCK_R=BLOCK_R,
     )
     return out
 
@@ -271,7 +298,7 @@ def multi_matmul_tile(
     ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
-    y's values (with K = 0: the expand alone over a base product already in y, see lora_multi_matmul).
+    y's values (the grouped backward's dx over its members).
     WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
     the expand (nothing before reads what it writes)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
@@ -299,8 +326,6 @@ def multi_matmul_tile(
             gdc_wait()
         acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
-    if ACCUMULATE:  # the expand alone (K = 0): rows with no adapter have their whole output in y already
-        mask_m = mask_m & ((slot >= 0) | (K > 0))
     store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
@@ -365,6 +390,117 @@ def _multi_matmul_kernel(
 _multi_matmul_prefill = TunedLauncher(triton.autotune(
     prefill_matmul_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"],  # ACCUMULATE shares
     do_bench=tune_bench)(_multi_matmul_kernel))                                                   # the tiles
+
+
+@triton.jit
+def _multi_matmul_tma_kernel(
+    xs_desc, w_desc, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
+    M, N, K, T_BUCKET,
+    stride_xam, stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    W_KMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The prefill matmul on Hopper: NUM_SMS persistent programs walk the tiles in grouped order; a tile's rows
+    are positions of the slot-sorted order (few runs of one slot), its x rows come by TMA from xs, the shrink's
+    sorted copy of x (TMA copies rows in place and cannot gather the sorted rows from x), and its output rows
+    are stored back to their tokens. The expand opens each tile's MMA chain as the one-adapter TMA kernel's
+    LoRA steps do (measured there: 716 TFLOP/s, cuBLAS 706); in backward dx the dropout mask then applies to
+    the LoRA term alone. w_desc is W (N, K) with W_KMAJOR, else W^T (K, N)."""
+    if WAIT_PRIOR:  # launched as the dependent of the shrink that writes xs and xa
+        gdc_wait()
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, True, BLOCK_M)                    # token rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+        run, runs = slot_runs(idx_ptr, order_ptr, pid_m, M, slot, True, BLOCK_M)
+        acc = runs_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), slot, run, runs, 0, 1, offs_m, offs_n,
+                          mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+                          FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
+        if OUT_DROPOUT:
+            acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
+        acc = tma_k_loop(acc, xs_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, W_KMAJOR, FP32_DOT, BLOCK_K)
+        store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
+
+
+def _multi_tma_block_shapes(nargs: dict) -> None:
+    """Autotune pre_hook: the descriptors' block shapes under a config (host-side descriptors carry them)."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["xs_desc"].block_shape = [bm, bk]
+    nargs["w_desc"].block_shape = [bn, bk] if nargs["W_KMAJOR"] else [bk, bn]
+
+
+_multi_matmul_tma = TunedLauncher(triton.autotune(
+    tma_matmul_configs(_multi_tma_block_shapes), key=["T_BUCKET", "N", "K", "W_KMAJOR", "OUT_DROPOUT", "HAS_BIAS"],
+    do_bench=tune_bench)(_multi_matmul_tma_kernel))
+
+
+def tma_sorted_rows(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor | None:
+    """A (T, K) buffer for x's rows in slot-sorted order where lora_multi_matmul(x, weight, ...) runs on the TMA
+    tile for every one of `weights` (Hopper, fp16 / bf16, more than TMA_MIN_T tokens, weights TMA can copy in
+    either layout), else None: the shrink fills it (lora_multi_shrink's x_sorted; x any strides) and the matmul
+    reads it (its x_sorted)."""
+    T, K = x.shape
+    if T <= DECODE_MAX_T or not _tma_programs(x, T, TMA_MIN_T) or K * x.element_size() % 16:
+        return None
+    if any(_tma_layout(w, True) is None for w in weights):
+        return None
+    return torch.empty((T, K), device=x.device, dtype=x.dtype)
+
+
+def _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
+                             accumulate: bool, wait_prior: bool) -> bool:
+    """_multi_matmul_tma_kernel into y (accumulate: added to its values); wait_prior as _multi_matmul_launch's.
+    False (nothing launched) where the TMA path was switched off, as kernels.lora's is (lora.tma_error): should
+    this GPU's Triton reject the kernel at a key's first launch, it is switched off there and the caller runs
+    the pointer tile (a forced TMA_PREFILL raises instead)."""
+    if lora_kernels.tma_error is not None and not lora_kernels.TMA_PREFILL:
+        return False
+    M, K = x_sorted.shape
+    N = weight.shape[0]
+    layout = _tma_layout(weight, True)
+    if layout is None:
+        return False
+    w_shape, w_strides, w_t = layout
+    bucket = t_bucket(M)
+    key = (bucket, N, K, not w_t, dropouts is None, bias is None, x_sorted.dtype, weight.dtype, lora_B.dtype)
+    known = _multi_matmul_tma.chosen(key)
+    if accumulate and known is None:  # tuning runs every candidate: into a temporary, added once
+        return _accumulated(y, lambda out: _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index,
+                                                                    ranks, bias, order, dropouts, seed, out, False,
+                                                                    False))
+    # A known config's block shapes go into the descriptors here (its launch skips the pre_hook, which sets
+    # them per config while tuning).
+    bm, bn, bk = (known["BLOCK_M"], known["BLOCK_N"], known["BLOCK_K"]) if known else (16, 16, 16)
+    xs_d = _descriptor(x_sorted, [M, K], [K, 1], [bm, bk])
+    w_d = _descriptor(weight, w_shape, w_strides, [bk, bn] if w_t else [bn, bk])
+    num_sms = _tma_programs(x_sorted, M, -1)
+    if not num_sms:
+        return False
+    grid = lambda meta: (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    sxa, sb, sy = xa.stride(), lora_B.stride(), y.stride()
+    try:
+        _multi_matmul_tma.launch(
+            key, grid,
+            xs_d, w_d, xa, lora_B, adapter_index, order, ranks, xa if dropouts is None else dropouts,
+            adapter_index if seed is None else seed, bias if bias is not None else y, y,
+            M, N, K, bucket,
+            sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
+            prepared=known is not None,
+            W_KMAJOR=not w_t, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
+            FP32_DOT=x_sorted.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, NUM_SMS=num_sms,
+            **wait_flags(wait_prior, x_sorted),
+        )
+    except Exception as e:  # noqa: BLE001 - reported, then the pointer tile runs
+        if lora_kernels.TMA_PREFILL or key in _multi_matmul_tma.configs:
+            raise
+        lora_kernels.tma_error = f"{type(e).__name__}: {str(e)[:500]}"
+        warnings.warn(f"ptlm: TMA prefill matmul disabled, the pointer kernel runs instead ({lora_kernels.tma_error})")
+        return False
+    return True
 
 
 @triton.jit
@@ -487,7 +623,8 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
                       adapter_index: torch.Tensor, ranks: torch.Tensor, bias: torch.Tensor | None = None,
                       order: torch.Tensor | None = None, dropouts: torch.Tensor | None = None,
                       seed: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      accumulate: bool = False, after_shrink: bool = False) -> torch.Tensor:
+                      accumulate: bool = False, after_shrink: bool = False,
+                      x_sorted: torch.Tensor | None = None) -> torch.Tensor:
     """y[t] = x[t] @ weight^T + keep * (xa[t, :r_a] @ lora_B[a, :, :r_a]^T) + bias, a = adapter_index[t] (-1: none).
 
     x (M, K); weight (N, K) any strides; xa (M, >= r_max) fp32 from lora_multi_shrink; lora_B (S, N, r_max)
@@ -497,6 +634,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     grouped backward's dx over its members: in the matmuls' epilogues at prefill, no add launch).
     after_shrink: the last launch on the stream was the shrink that wrote xa (no other since): on Hopper the
     matmul then launches as its dependent (configs.PDL) and streams W0 while the shrink ends.
+    x_sorted: x[order] from the shrink where tma_sorted_rows gave a buffer: the prefill runs on the TMA tile.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -513,12 +651,10 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
             _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
                                  wait_prior=after_shrink)
         return y
-    if order is not None and lora_matmul_tma(x, weight, None, None, bias, y, accumulate, min_tokens=TMA_BASE_MIN_T):
-        # Hopper: the base GEMM on kernels.lora's TMA kernel over x in batch order (TMA cannot gather the
-        # slot-sorted rows the fused tile reads, and the fused pointer GEMM ran at ~65% of cuBLAS), then the
-        # slots' expand over y in slot-sorted row blocks, added to it: one read-modify-write of y more.
-        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, None, order, dropouts, seed, y, 0, True)
-    else:
+    if x_sorted is not None and order is None:
+        raise ValueError("x_sorted holds x's rows in `order`: give it")
+    if x_sorted is None or not _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index, ranks, bias,
+                                                        order, dropouts, seed, y, accumulate, after_shrink):
         _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K,
                              accumulate, after_shrink)
     return y
@@ -526,7 +662,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
 
 def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K: int,
                          accumulate: bool, wait_prior: bool = False) -> None:
-    """The fused matmul over K at prefill, or with K = 0 the expand alone (accumulate: added to y's values).
+    """The fused matmul at prefill, on the pointer tile (accumulate: added to y's values).
     wait_prior: launched as the dependent of the shrink just launched (lora_multi_matmul's after_shrink)."""
     M, N = y.shape
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)

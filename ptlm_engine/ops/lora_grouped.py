@@ -337,14 +337,15 @@ def _multi_forward(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
     live = [g for g, a in enumerate(lora_As) if a is not None]
     member_seeds = _member_seeds(seeds, [p is not None for p in dropouts])
     xas: list[Optional[Tensor]] = [None] * len(weights)
+    xs = multi_ops.multi_kernels.tma_sorted_rows(x, *ws) if live else None   # Hopper prefill: x's rows sorted for TMA
     if live:
         shrunk = grouped_kernels.lora_grouped_multi_shrink(
             x, [lora_As[g] for g in live], adapter_index, [ranks[g] for g in live], [scales[g] for g in live], order,
-            [dropouts[g] for g in live], [member_seeds[g] for g in live])
+            [dropouts[g] for g in live], [member_seeds[g] for g in live], x_sorted=xs)
         for g, xa in zip(live, shrunk):
             xas[g] = xa
     ys = grouped_kernels.lora_grouped_multi_matmul(x, ws, xas, lora_Bs, adapter_index, ranks, biases, order,
-                                                   after_shrink=bool(live))
+                                                   after_shrink=bool(live), x_sorted=xs)
     return ys, [_no_xa(x) if xa is None else xa for xa in xas]
 
 

@@ -81,8 +81,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     if multi_kernels.decode_fuses_shrink(x.shape[0], lora_A.shape[1]):   # a few tokens: one launch
         return multi_kernels.lora_multi_decode(x, w, lora_A, lora_B, adapter_index, ranks, scales, bias, order,
                                                dropouts, seed)
-    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, order, dropouts, seed)
-    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order, after_shrink=True), xa
+    xs = multi_kernels.tma_sorted_rows(x, w)          # Hopper prefill: the shrink sorts x's rows for TMA
+    xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, order, dropouts, seed, x_sorted=xs)
+    return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order, after_shrink=True,
+                                           x_sorted=xs), xa
 
 
 def _backward(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks: Tensor,
@@ -100,12 +102,14 @@ def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Ten
                   dx_sum: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """_backward, with dx added into dx_sum (T, d_in) when given, which is then returned as dx: the grouped
     op's sum over its members (in the dx matmuls' epilogues at prefill, no add launch)."""
+    w_t = weight if fan_in_fan_out else weight.t()                                  # (d_in, d_out) view
+    dys = multi_kernels.tma_sorted_rows(dy, w_t) if need_dx else None
     g = multi_kernels.lora_multi_shrink(dy, lora_B.transpose(1, 2), adapter_index, ranks, scales, order, dropouts,
-                                        seed, mask_x=False)
+                                        seed, mask_x=False, x_sorted=dys)
     if need_dx:
-        w_t = weight if fan_in_fan_out else weight.t()                              # (d_in, d_out) view
         dx = multi_kernels.lora_multi_matmul(dy, w_t, g, lora_A.transpose(1, 2), adapter_index, ranks, None, order,
-                                             dropouts, seed, out=dx_sum, accumulate=dx_sum is not None)
+                                             dropouts, seed, out=dx_sum, accumulate=dx_sum is not None,
+                                             after_shrink=True, x_sorted=dys)
     else:
         dx = dy.new_empty((0,)) if dx_sum is None else dx_sum
     r_max = lora_A.shape[1]

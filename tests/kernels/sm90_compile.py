@@ -85,6 +85,22 @@ MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_p
                  dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=False, WAIT_PRIOR=False),
                  dict(HAS_ORDER=True, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True,  # the expand over y
                       WAIT_PRIOR=False)])
+
+
+def _multi_tma_desc(name: str, dtype: str, consts: dict) -> str:
+    bm, bn, bk = consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_K"]
+    block = [bm, bk] if name == "xs_desc" else [bn, bk] if consts["W_KMAJOR"] else [bk, bn]
+    return f"tensordesc<{dtype}[{', '.join(map(str, block))}]>"
+
+
+# the Hopper TMA tile over the sorted rows: forward (PDL, bias) and the backward's dx (W0 transposed, dropout, +=)
+MULTI_MATMUL_TMA = ({"xs_desc": _multi_tma_desc, "w_desc": _multi_tma_desc, "xa_ptr": "*fp32", "b_ptr": "x",
+                     "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
+                     "seed_ptr": "*i64", "bias_ptr": "x", "y_ptr": "x"},
+                    [dict(W_KMAJOR=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, WAIT_PRIOR=True,
+                          NUM_SMS=132),
+                     dict(W_KMAJOR=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True, WAIT_PRIOR=True,
+                          NUM_SMS=132)])
 # three members: one with a fused shrink and dropout, one without an adapter, one with a separate shrink's xa
 GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", "bias", "y") for g in range(3)},
                    **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},
@@ -127,11 +143,12 @@ KERNELS = {
                       dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=False,
                            WAIT_PRIOR=False, BLOCK_M=16)]),
     "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
+    "multi.matmul_tma": (M._multi_matmul_tma, *MULTI_MATMUL_TMA),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                                        "ranks_ptr": "*i32", "scales_ptr": "*fp32", "dropouts_ptr": "*fp32",
-                                       "seed_ptr": "*i64", "out_ptr": "*fp32"},
-                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True, LAUNCH_DEPENDENTS=True),
-                      dict(HAS_ORDER=False, MASK_X=False, DIV_KEEP=True, LAUNCH_DEPENDENTS=False)]),
+                                       "seed_ptr": "*i64", "out_ptr": "*fp32", "xs_ptr": "x"},
+                     [dict(HAS_ORDER=True, MASK_X=True, DIV_KEEP=True, STORE_X=True, LAUNCH_DEPENDENTS=True),
+                      dict(HAS_ORDER=False, MASK_X=False, DIV_KEEP=True, STORE_X=False, LAUNCH_DEPENDENTS=False)]),
     "multi.weight_grad": (M._multi_weight_grad, {"g_ptr": "x", "h_ptr": "*fp32", "order_ptr": "*i32",
                                                  "seg_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
@@ -170,10 +187,10 @@ KERNELS = {
                                                        **{f"{p}{g}_ptr": t for p, t in (
                                                            ("ranks", "*i32"), ("scales", "*fp32"),
                                                            ("dropouts", "*fp32"), ("seed", "*i64"),
-                                                           ("out", "*fp32")) for g in range(3)}},
-                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True,
+                                                           ("out", "*fp32")) for g in range(3)}, "xs_ptr": "x"},
+                             [dict(MEMBERS=3, HAS_ORDER=True, DROP0=True, DROP1=False, DROP2=True, STORE_X=True,
                                    LAUNCH_DEPENDENTS=True),
-                              dict(MEMBERS=2, HAS_ORDER=False, DROP0=False, DROP1=False, DROP2=False,
+                              dict(MEMBERS=2, HAS_ORDER=False, DROP0=False, DROP1=False, DROP2=False, STORE_X=False,
                                    LAUNCH_DEPENDENTS=False)]),
 }
 # prefix attention: 4 q heads per kv head x 128, a prefix with per-row lengths; the delta kernel has no

@@ -193,14 +193,18 @@ def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
     live = [g for g, m in enumerate(members) if m is not None]
     order, _ = M.token_segments(idx, S)
     for rows in (None, order) if T <= M.DECODE_MAX_T else (order,):   # the op sorts the rows at prefill
+        xs = None if rows is None else M.tma_sorted_rows(x, *ws)         # Hopper (or forced TMA): sorted for TMA
         shrunk = G.lora_grouped_multi_shrink(x, [members[g][0] for g in live], idx, [members[g][2] for g in live],
-                                             [members[g][3] for g in live], rows)
+                                             [members[g][3] for g in live], rows, x_sorted=xs)
+        if xs is not None:
+            assert torch.equal(xs, x[order.long()])
         xas = [None] * len(d_outs)
         for g, xa in zip(live, shrunk):
             xas[g] = xa
         outs = [torch.full((T, n), float("nan"), device=DEVICE, dtype=dtype) for n in d_outs]   # poisoned
         G.lora_grouped_multi_matmul(x, ws, xas, [None if m is None else m[1] for m in members], idx,
-                                    [None if m is None else m[2] for m in members], biases, rows, outs=outs)
+                                    [None if m is None else m[2] for m in members], biases, rows, outs=outs,
+                                    x_sorted=xs)
         for g, (w, bias, m) in enumerate(zip(ws, biases, members)):
             y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
             y_torch = x @ w.t() + (0 if bias is None else bias)
@@ -298,13 +302,13 @@ def test_grouped_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
                     reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)
 def test_grouped_multi_prefill_runs_each_member_on_the_tma_path(dtype, monkeypatch):
-    """With TMA forced, a mixed-batch prefill group runs member by member: a TMA base GEMM each (a member without
-    adapters: that alone) and the expand pass of each member with adapters, never the grouped pointer kernel."""
+    """With TMA forced, a mixed-batch prefill group runs member by member: the grouped shrink sorts x's rows once,
+    each member with adapters runs kernels.lora_multi's TMA tile over them, a member without adapters kernels.lora's
+    TMA base GEMM over x as it comes; never the grouped pointer kernel."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
     launched = record_launches(monkeypatch)
     torch.manual_seed(10)
     _check_multi(77, 40, (72, 24, 24), ([16, 4, 9, 1], None, [0, 20, 3, 0]), dtype, "random")
     names = [k.name for k in launched]
     matmuls = [n for n in names if "shrink" not in n]
-    assert matmuls == ["_lora_matmul_tma_kernel", "_multi_matmul_kernel", "_lora_matmul_tma_kernel",
-                       "_lora_matmul_tma_kernel", "_multi_matmul_kernel"], names
+    assert matmuls == ["_multi_matmul_tma_kernel", "_lora_matmul_tma_kernel", "_multi_matmul_tma_kernel"], names

@@ -230,12 +230,13 @@ HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
 
 @pytest.mark.gpu                    # also in GPU sessions (-m gpu): bf16 on Hopper's TMA
 @pytest.mark.skipif(not (K.INTERPRETED or HOPPER), reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+@pytest.mark.parametrize("kind", ["random", "each", "one", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] if K.INTERPRETED else [torch.bfloat16], ids=str)
-def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
-    """Prefill (T > DECODE_MAX_T) where kernels.lora's TMA kernel applies: the base GEMM there (no LoRA term), then
-    the slots' expand added over y in slot-sorted blocks (rows with no adapter untouched). Forward with bias, and
-    the backward dx form (per-slot output dropout), against float64 and against the fused tile; each twice (the
-    first call of a key tunes into a temporary)."""
+def test_multi_prefill_on_the_tma_path(dtype, kind, monkeypatch):
+    """Prefill (T > DECODE_MAX_T) on the TMA tile: the shrink copies x's rows in slot-sorted order (x strided
+    here), the persistent tiles read them by TMA, expand their runs and store each row back to its token. Forward
+    with bias, and the backward dx form (W0 transposed, per-slot output dropout), against float64 and against the
+    pointer tile, on poisoned outputs; each twice (the first call of a key tunes)."""
     monkeypatch.setattr(K, "TMA_PREFILL", True)
     launches = record_launches(monkeypatch)
     torch.manual_seed(12)
@@ -243,33 +244,62 @@ def test_multi_prefill_on_the_tma_path(dtype, monkeypatch):
     S = len(ranks)
     a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
     a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
-    idx = _mapping("random", T, S)
+    idx = _mapping(kind, T, S)
     order, _ = M.token_segments(idx, S)
     has, slot = idx >= 0, idx.clamp_min(0).long()
-    x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
+    x = torch.randn(T, 2 * d_in, device=DEVICE, dtype=dtype)[:, ::2]                       # strided rows
     w = (torch.randn(d_out, d_in, device=DEVICE, dtype=torch.float64) * d_in ** -0.5).to(dtype)
     bias = torch.randn(d_out, device=DEVICE, dtype=dtype)
-    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+    xs = M.tma_sorted_rows(x, w)
+    assert xs is not None and xs.shape == (T, d_in) and xs.is_contiguous()
+    xs.fill_(float("nan"))
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order, x_sorted=xs)
+    assert torch.equal(xs, x[order.long()])
+    assert torch.equal(xa, M.lora_multi_shrink(x, a, idx, rk, scales, order))
     lora64 = torch.einsum("tr,tor->to", xa.double()[:, :max(ranks)], b.double()[slot]) * has[:, None]
     y64 = x.double() @ w.double().t() + bias.double() + lora64
     for _ in range(2):
         launches.clear()
         y = torch.full((T, d_out), float("nan"), device=DEVICE, dtype=dtype)
-        M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, order, out=y)
-        assert K._lora_matmul_tma in launches and M._multi_matmul_prefill in launches
-        assert_matches(y, y64, None, dtype, "multi prefill, TMA base")
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, order, out=y, x_sorted=xs)
+        assert launches == [M._multi_matmul_tma]
+        assert_matches(y, y64, None, dtype, "multi prefill, TMA tile")
 
     dropouts, seed = torch.tensor([0.3, 0.0, 0.5], device=DEVICE), torch.tensor([5], device=DEVICE)
     w_t = w.t()                                                   # dx's dy @ W0 reads W transposed
     dy = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
-    g = M.lora_multi_shrink(dy, b.transpose(1, 2), idx, rk, scales, order, dropouts, seed, mask_x=False)
-    dx = [M.lora_multi_matmul(dy, w_t, g, a.transpose(1, 2), idx, rk, None, order, dropouts, seed) for _ in range(2)]
-    monkeypatch.setattr(K, "TMA_PREFILL", False)
+    dys = M.tma_sorted_rows(dy, w_t)
+    g = M.lora_multi_shrink(dy, b.transpose(1, 2), idx, rk, scales, order, dropouts, seed, mask_x=False,
+                            x_sorted=dys)
+    dx = [M.lora_multi_matmul(dy, w_t, g, a.transpose(1, 2), idx, rk, None, order, dropouts, seed, x_sorted=dys)
+          for _ in range(2)]
     fused = M.lora_multi_matmul(dy, w_t, g, a.transpose(1, 2), idx, rk, None, order, dropouts, seed)
+    assert M._multi_matmul_prefill in launches
     for got in dx:
-        assert_matches(got, fused.double(), None, dtype, "multi prefill dx, TMA base against the fused tile")
+        assert_matches(got, fused.double(), None, dtype, "multi prefill dx, TMA tile against the pointer tile")
     base = dy.double() @ w.double()
-    assert not torch.equal(fused.double(), base)                  # the LoRA term is there, masked in places
+    if kind != "none":
+        assert not torch.equal(fused.double(), base)              # the LoRA term is there, masked in places
+    with pytest.raises(ValueError, match="order"):
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, bias, None, x_sorted=xs)
+    with pytest.raises(ValueError, match="order"):
+        M.lora_multi_shrink(x, a, idx, rk, scales, None, x_sorted=xs)
+
+
+def test_tma_sorted_rows_only_where_the_tma_tile_runs(monkeypatch):
+    """No buffer at decode, with TMA off, or (compiled) below TMA_MIN_T tokens and off Hopper."""
+    x, w = torch.zeros(M.DECODE_MAX_T + 9, 40, device=DEVICE), torch.zeros(72, 40, device=DEVICE)
+    monkeypatch.setattr(K, "TMA_PREFILL", False)
+    assert M.tma_sorted_rows(x, w) is None
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    assert M.tma_sorted_rows(x[:M.DECODE_MAX_T], w) is None
+    assert M.tma_sorted_rows(x, w) is not None
+    odd = torch.zeros(x.shape[0], 37, device=DEVICE)                    # TMA copies rows of 16-byte multiples
+    assert M.tma_sorted_rows(odd, torch.zeros(72, 37, device=DEVICE)) is None
+    assert M.tma_sorted_rows(x, torch.zeros(40, 72, device=DEVICE)[:, ::2].t()) is None   # W of unit stride neither way
+    monkeypatch.setattr(K, "TMA_PREFILL", None)
+    if K.INTERPRETED or not HOPPER:
+        assert M.tma_sorted_rows(torch.zeros(4 * M.TMA_MIN_T, 40, device=DEVICE), w) is None
 
 
 def test_matmul_launches_as_the_shrinks_dependent_only_on_hopper():
@@ -341,13 +371,15 @@ def test_multi_matmul_accumulates_into_out(path, monkeypatch):
     order = None if path == "decode" else M.token_segments(idx, S)[0]
     x = torch.randn(T, d_in, device=DEVICE, dtype=dtype)
     w = torch.randn(d_out, d_in, device=DEVICE, dtype=dtype) * d_in ** -0.5
-    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+    xs = M.tma_sorted_rows(x, w) if path == "tma" else None
+    assert (xs is not None) == (path == "tma")
+    xa = M.lora_multi_shrink(x, a, idx, rk, scales, order, x_sorted=xs)
     dropouts, seed = torch.tensor([0.3, 0.0, 0.5], device=DEVICE), torch.tensor([7], device=DEVICE)
     for _ in range(2):        # the first accumulating call of the key tunes (into a temporary)
         start = torch.randn(T, d_out, device=DEVICE, dtype=dtype)
         out = start.clone()
-        M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed, out=out, accumulate=True)
-        want = M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed)
+        M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed, out=out, accumulate=True, x_sorted=xs)
+        want = M.lora_multi_matmul(x, w, xa, b, idx, rk, None, order, dropouts, seed, x_sorted=xs)
         assert_matches(out, start.double() + want.double(), None, dtype, f"accumulated, {path}")
     with pytest.raises(ValueError, match="out"):
         M.lora_multi_matmul(x, w, xa, b, idx, rk, accumulate=True)

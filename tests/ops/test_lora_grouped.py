@@ -193,6 +193,38 @@ def test_multi_grouped_forward_backward_matches_float64(dtype, lead):
 
 
 @needs_triton
+@pytest.mark.skipif(not (K.INTERPRETED or (CUDA and torch.cuda.get_device_capability()[0] >= 9)),
+                    reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+def test_multi_grouped_prefill_on_the_tma_tiles_matches_float64(monkeypatch):
+    """TMA forced: the grouped shrink sorts x's rows once, q and v (with adapters) run the TMA tile over them, k
+    (none of the batch's adapters) the TMA base GEMM; the backward's members their own; against float64."""
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    launched = record_launches(monkeypatch)
+    torch.manual_seed(15)
+    dtype = torch.float32 if K.INTERPRETED else torch.bfloat16
+    d_in, d_outs = 24, (32, 16, 16)
+    x, ws, biases, slots, index = _multi_inputs((70,), d_in, d_outs, ([8, 3, 16], None, [0, 4, 6]), dtype)
+    ys = lora_linear_multi_grouped(x, ws, biases, slots, index)
+    names = [k.name for k in launched]
+    assert names == ["_grouped_multi_shrink_kernel", "_multi_matmul_tma_kernel", "_lora_matmul_tma_kernel",
+                     "_multi_matmul_tma_kernel"], names
+    dys = [torch.randn_like(y) for y in ys]
+    live = [s for s in slots if s is not None]
+    grads = _grads(ys, dys, [x] + [t for s in live for t in (s.lora_A, s.lora_B)])
+    leaf = lambda t: t.detach().double().requires_grad_()
+    x64 = leaf(x)
+    ab64 = [(leaf(s.lora_A), leaf(s.lora_B)) if s is not None else (None, None) for s in slots]
+    ys64 = reference.lora_linear_multi_grouped(
+        x64, [w.double() for w in ws], [b if b is None else b.double() for b in biases],
+        [a for a, _ in ab64], [b for _, b in ab64], [None if s is None else s.scales.double() for s in slots], index)
+    grads64 = _grads(ys64, [d.double() for d in dys], [x64] + [t for a, b in ab64 if a is not None for t in (a, b)])
+    for g, (y, y64) in enumerate(zip(ys, ys64)):
+        assert_matches(y, y64, None, dtype, f"y[{g}]")
+    for i, (got, g64) in enumerate(zip(grads, grads64)):
+        assert_matches(got, g64, None, dtype, f"grad {i}")
+
+
+@needs_triton
 def test_multi_grouped_equals_the_separate_ops():
     torch.manual_seed(6)
     x, ws, biases, slots, index = _multi_inputs((11,), 20, (18, 10), ([4, 12, 2], [6, 6, 6]), torch.float32)

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ptlm_engine import reference
 from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, token_segments
 from ptlm_engine.kernels import lora_multi as M
-from ptlm_engine.kernels.configs import TunedLauncher
+from ptlm_engine.kernels.configs import INTERPRETED, TunedLauncher
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
 from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
 
@@ -51,6 +51,39 @@ def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out, lead):
     assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
     for s, r in enumerate([8, 3, 16]):  # padding beyond each rank gets no gradient
         assert not slots.lora_A.grad[s, r:].any() and not slots.lora_B.grad[s, :, r:].any()
+
+
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
+
+
+@needs_triton
+@pytest.mark.skipif(not (INTERPRETED or HOPPER), reason="needs TRITON_INTERPRET=1 or a Hopper GPU")
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_multi_prefill_on_the_tma_tile_matches_float64(fan_in_fan_out, monkeypatch):
+    """TMA forced (kernels.lora.TMA_PREFILL): the forward's shrink sorts x's rows and the TMA tile reads them, and
+    so do the backward's g shrink and dx matmul with dy; values and per-slot gradients against float64."""
+    from ptlm_engine.kernels import lora as K
+    monkeypatch.setattr(K, "TMA_PREFILL", True)
+    launched = []
+    launch = TunedLauncher.launch
+    monkeypatch.setattr(TunedLauncher, "launch", lambda self, *a, **kw: launched.append(self) or launch(self, *a, **kw))
+    torch.manual_seed(4)
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    x, w, bias, slots, index = _inputs((2, 37), 24, 32, [8, 3, 16], dtype, fan_in_fan_out)
+    y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
+    assert launched == [M._multi_shrink, M._multi_matmul_tma]
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert launched.count(M._multi_matmul_tma) == 2 and M._multi_matmul_prefill not in launched
+    leaf = lambda t: t.detach().double().requires_grad_()
+    x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
+    y64 = reference.lora_linear_multi(x64.reshape(-1, 24), w.double(), bias.double(), a64, b64,
+                                      slots.scales.double(), index.reshape(-1), fan_in_fan_out)
+    y64.backward(dy.double().reshape(-1, 32))
+    assert_matches(y, y64.reshape(y.shape), None, dtype, "y")
+    assert_matches(x.grad, x64.grad, None, dtype, "dx")
+    assert_matches(slots.lora_A.grad, a64.grad, None, dtype, "dA")
+    assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
 
 
 @needs_triton
