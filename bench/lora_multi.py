@@ -18,7 +18,7 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
                   (token_segments) made once per set, outside the timed call: per-batch work that a model does
                   once for all its layers (AdapterBatch.tokens), as gather_bmm's row -> slot map
   ptlm_onepass    T > 64: ptlm with the one-pass pointer tile at prefill (the base GEMM over slot-sorted rows, the
-                  expand in its epilogue) instead of Hopper's TMA base GEMM plus an expand pass over y
+                  expand in its epilogue) instead of Hopper's TMA tile over the shrink's sorted copy of x
                   (kernels.lora.TMA_PREFILL off for the call): the side-by-side
   ptlm_serial     Hopper, where the op launches a shrink then a matmul (not the few tokens it serves in one
                   launch): ptlm with the matmul an ordinary launch after the shrink instead of its programmatic
@@ -467,7 +467,7 @@ def summary(rows: list[dict]) -> list[str]:
         passes = [f"{_label(p)} {mode} {v['ptlm'] / v['ptlm_onepass']:.2f}" for p, mode, t, v in cases
                   if t == timing and "ptlm" in v and "ptlm_onepass" in v]
         if passes:
-            lines.append(f"prefill, TMA base + expand pass / one-pass tile (ptlm / ptlm_onepass) [{timing}]: "
+            lines.append(f"prefill, TMA tile over sorted rows / pointer tile (ptlm / ptlm_onepass) [{timing}]: "
                          f"{', '.join(passes)}")
     checks = target_checks(rows)
     return lines + (["Multi-adapter targets:"] + checks if checks else [])

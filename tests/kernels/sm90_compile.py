@@ -15,17 +15,17 @@ prints one JSON object per compiled variant: each kernel's first config by defau
 """
 import json
 import os
-import re
-import subprocess
 import sys
-import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile checks need the compiled (not interpreted) kernels"
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script: the repository's bench package
+from bench.sm90_usage import TARGET, ptxas_usage  # noqa: E402
 
 from ptlm_engine.kernels import bottleneck as B  # noqa: E402
 from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
@@ -37,8 +37,6 @@ from ptlm_engine.kernels import prefix_attention as PA  # noqa: E402
 from ptlm_engine.kernels import rms_norm as RN  # noqa: E402
 from ptlm_engine.kernels import rotary as RO  # noqa: E402
 from ptlm_engine.kernels import silu_mul as SM  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
 
 
 def _types(dtype: str, ptrs: dict, consts: dict) -> dict:
@@ -278,19 +276,6 @@ def compile_one(launcher, types: dict, consts: dict, num_warps: int, num_stages:
             signature[name] = types.get(name, "i32")
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
-
-
-def ptxas_usage(ptx: str) -> dict:
-    """Registers per thread and bytes spilled (stores) of the compiled PTX, as ptxas -v reports them."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
-                                text=True).stderr
-    registers = re.findall(r"Used (\d+) registers", report)
-    spilled = re.findall(r"(\d+) bytes spill stores", report)
-    return {"registers": int(registers[0]) if registers else None, "spilled": int(spilled[0]) if spilled else None}
 
 
 def main(every_config: bool, dtype: str = "bf16", usage: bool = False) -> None:

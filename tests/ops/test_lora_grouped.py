@@ -169,9 +169,16 @@ def _multi_inputs(lead, d_in, d_outs, member_ranks, dtype, S=3):
 def test_multi_grouped_forward_backward_matches_float64(dtype, lead):
     """q: mixed ranks; k: no slot of the batch; v: lacks one adapter (rank 0). (70,): sorted rows at prefill."""
     torch.manual_seed(5)
-    d_in, d_outs = 26, (30, 14, 14)
+    slots = _check_multi_float64(lead, 26, (30, 14, 14), dtype)
+    assert not slots[2].lora_A.grad[0].any() and not slots[0].lora_B.grad[1, :, 3:].any()   # beyond each rank
+
+
+def _check_multi_float64(lead, d_in, d_outs, dtype, after_forward=lambda: None) -> list:
+    """q: mixed ranks; k: no slot of the batch; v: lacks one adapter (rank 0): the op's outputs and gradients (x,
+    each member's A and B) against float64; returns the members' slots."""
     x, ws, biases, slots, index = _multi_inputs(lead, d_in, d_outs, ([8, 3, 16], None, [0, 4, 6]), dtype)
     ys = lora_linear_multi_grouped(x, ws, biases, slots, index)
+    after_forward()
     dys = [torch.randn_like(y) for y in ys]
     live = [s for s in slots if s is not None]
     grads = _grads(ys, dys, [x] + [t for s in live for t in (s.lora_A, s.lora_B)])
@@ -189,7 +196,7 @@ def test_multi_grouped_forward_backward_matches_float64(dtype, lead):
         assert_matches(y.reshape(-1, y.shape[-1]), y64, None, dtype, f"y[{g}]")
     for i, (got, g64) in enumerate(zip(grads, grads64)):
         assert_matches(got, g64, None, dtype, f"grad {i}")
-    assert not slots[2].lora_A.grad[0].any() and not slots[0].lora_B.grad[1, :, 3:].any()   # beyond each rank
+    return slots
 
 
 @needs_triton
@@ -201,27 +208,13 @@ def test_multi_grouped_prefill_on_the_tma_tiles_matches_float64(monkeypatch):
     monkeypatch.setattr(K, "TMA_PREFILL", True)
     launched = record_launches(monkeypatch)
     torch.manual_seed(15)
-    dtype = torch.float32 if K.INTERPRETED else torch.bfloat16
-    d_in, d_outs = 24, (32, 16, 16)
-    x, ws, biases, slots, index = _multi_inputs((70,), d_in, d_outs, ([8, 3, 16], None, [0, 4, 6]), dtype)
-    ys = lora_linear_multi_grouped(x, ws, biases, slots, index)
-    names = [k.name for k in launched]
-    assert names == ["_grouped_multi_shrink_kernel", "_multi_matmul_tma_kernel", "_lora_matmul_tma_kernel",
-                     "_multi_matmul_tma_kernel"], names
-    dys = [torch.randn_like(y) for y in ys]
-    live = [s for s in slots if s is not None]
-    grads = _grads(ys, dys, [x] + [t for s in live for t in (s.lora_A, s.lora_B)])
-    leaf = lambda t: t.detach().double().requires_grad_()
-    x64 = leaf(x)
-    ab64 = [(leaf(s.lora_A), leaf(s.lora_B)) if s is not None else (None, None) for s in slots]
-    ys64 = reference.lora_linear_multi_grouped(
-        x64, [w.double() for w in ws], [b if b is None else b.double() for b in biases],
-        [a for a, _ in ab64], [b for _, b in ab64], [None if s is None else s.scales.double() for s in slots], index)
-    grads64 = _grads(ys64, [d.double() for d in dys], [x64] + [t for a, b in ab64 if a is not None for t in (a, b)])
-    for g, (y, y64) in enumerate(zip(ys, ys64)):
-        assert_matches(y, y64, None, dtype, f"y[{g}]")
-    for i, (got, g64) in enumerate(zip(grads, grads64)):
-        assert_matches(got, g64, None, dtype, f"grad {i}")
+
+    def forward_launches():
+        names = [k.name for k in launched]
+        assert names == ["_grouped_multi_shrink_kernel", "_multi_matmul_tma_kernel", "_lora_matmul_tma_kernel",
+                         "_multi_matmul_tma_kernel"], names
+    _check_multi_float64((70,), 24, (32, 16, 16), torch.float32 if K.INTERPRETED else torch.bfloat16,
+                         forward_launches)
 
 
 @needs_triton

@@ -36,21 +36,28 @@ def _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out=False):
 def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out, lead):
     """(2, 37): 74 tokens, past the decode bound, so row blocks walk the slot-sorted order."""
     torch.manual_seed(3)
-    x, w, bias, slots, index = _inputs(lead, 26, 30, [8, 3, 16], dtype, fan_in_fan_out)
+    slots = _check_float64(lead, 26, 30, [8, 3, 16], dtype, fan_in_fan_out)
+    for s, r in enumerate([8, 3, 16]):  # padding beyond each rank gets no gradient
+        assert not slots.lora_A.grad[s, r:].any() and not slots.lora_B.grad[s, :, r:].any()
+
+
+def _check_float64(lead, d_in, d_out, ranks, dtype, fan_in_fan_out, after_forward=lambda: None) -> LoraSlots:
+    """The op's output and gradients (x, each slot's A and B) against float64; returns the slots."""
+    x, w, bias, slots, index = _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out)
     y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
+    after_forward()
     dy = torch.randn_like(y)
     y.backward(dy)
     leaf = lambda t: t.detach().double().requires_grad_()
     x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
-    y64 = reference.lora_linear_multi(x64.reshape(-1, 26), w.double(), bias.double(), a64, b64,
+    y64 = reference.lora_linear_multi(x64.reshape(-1, d_in), w.double(), bias.double(), a64, b64,
                                       slots.scales.double(), index.reshape(-1), fan_in_fan_out)
-    y64.backward(dy.double().reshape(-1, 30))
+    y64.backward(dy.double().reshape(-1, d_out))
     assert_matches(y, y64.reshape(y.shape), None, dtype, "y")
     assert_matches(x.grad, x64.grad, None, dtype, "dx")
     assert_matches(slots.lora_A.grad, a64.grad, None, dtype, "dA")
     assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
-    for s, r in enumerate([8, 3, 16]):  # padding beyond each rank gets no gradient
-        assert not slots.lora_A.grad[s, r:].any() and not slots.lora_B.grad[s, :, r:].any()
+    return slots
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9
@@ -68,22 +75,12 @@ def test_multi_prefill_on_the_tma_tile_matches_float64(fan_in_fan_out, monkeypat
     launch = TunedLauncher.launch
     monkeypatch.setattr(TunedLauncher, "launch", lambda self, *a, **kw: launched.append(self) or launch(self, *a, **kw))
     torch.manual_seed(4)
-    dtype = torch.float32 if INTERPRETED else torch.bfloat16
-    x, w, bias, slots, index = _inputs((2, 37), 24, 32, [8, 3, 16], dtype, fan_in_fan_out)
-    y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
-    assert launched == [M._multi_shrink, M._multi_matmul_tma]
-    dy = torch.randn_like(y)
-    y.backward(dy)
+
+    def forward_launches():
+        assert launched == [M._multi_shrink, M._multi_matmul_tma]
+    _check_float64((2, 37), 24, 32, [8, 3, 16], torch.float32 if INTERPRETED else torch.bfloat16, fan_in_fan_out,
+                   forward_launches)
     assert launched.count(M._multi_matmul_tma) == 2 and M._multi_matmul_prefill not in launched
-    leaf = lambda t: t.detach().double().requires_grad_()
-    x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
-    y64 = reference.lora_linear_multi(x64.reshape(-1, 24), w.double(), bias.double(), a64, b64,
-                                      slots.scales.double(), index.reshape(-1), fan_in_fan_out)
-    y64.backward(dy.double().reshape(-1, 32))
-    assert_matches(y, y64.reshape(y.shape), None, dtype, "y")
-    assert_matches(x.grad, x64.grad, None, dtype, "dx")
-    assert_matches(slots.lora_A.grad, a64.grad, None, dtype, "dA")
-    assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
 
 
 @needs_triton
@@ -201,7 +198,7 @@ def test_multi_torch_compile_fullgraph():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_multi_forward_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_mapping():
     torch.manual_seed(10)
-    for T in (16, 300):  # the decode path and the sorted prefill path
+    for T in (16, 300, 1024):  # the decode path, the sorted prefill path, and on Hopper its TMA tile
         x, w, bias, slots, index = _inputs((T,), 512, 384, [8, 16, 64, 128], torch.bfloat16)
         x, slots = x.detach(), LoraSlots(slots.lora_A.detach(), slots.lora_B.detach(), slots.ranks, slots.scales)
         index = index.to(torch.int32)
