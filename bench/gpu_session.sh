@@ -37,7 +37,7 @@ if [ "$tests_s" -gt 0 ]; then
     # the LoRA kernels' other tests (each test runs once).
     lora_files="tests/kernels/test_lora.py tests/kernels/test_lora_multi.py tests/kernels/test_lora_grouped.py"
     first_lora="decode|multi_prefill|accumulates|realistic"
-    groups=("tests/kernels/test_lora_multi.py -k dependent"
+    groups=("tests/kernels/test_lora_multi.py tests/kernels/test_lora.py -k dependent"
             "tests/test_captured_step.py tests/test_adapter_batch.py -k captured_step|learning_rate|mixed_batch_step|remap"
             "$lora_files -k $first_lora"
             "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py tests/kernels/test_bottleneck.py"

@@ -120,8 +120,8 @@ def h100_recording(launches: list):
             (lora_multi, "_tma_programs", tma_programs),
             (prefix_attention, "_tma_applies", lambda t: t.dtype != torch.float32 and prefix_attention.TMA
              is not False),
-            (lora_multi, "dependent_launch", lambda device: kernel_configs.PDL),
-            (lora_grouped, "dependent_launch", lambda device: kernel_configs.PDL),
+            *((module, "dependent_launch", lambda device: kernel_configs.PDL)
+              for module in (kernel_configs, lora, lora_multi, lora_grouped)),
             (bottleneck, "target_programs", lambda device, per_sm=2: per_sm * H100_SMS),
             (rms_norm, "grad_programs", lambda device: 4 * H100_SMS),
         ]:

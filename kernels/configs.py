@@ -48,6 +48,14 @@ def dependent_launch(device) -> bool:
     return PDL and capable
 
 
+def wait_flags(wait_prior: bool, x) -> dict:
+    """A matmul's launch arguments as the dependent of the shrink launched just before it, where the device
+    takes programmatic dependent launches (dependent_launch), else as an ordinary launch."""
+    if wait_prior and dependent_launch(x.device):
+        return {"WAIT_PRIOR": True, "launch_pdl": True}
+    return {"WAIT_PRIOR": False}
+
+
 # Host-side helpers in plain Python: triton.cdiv / next_power_of_2 cost microseconds a call in Triton 3.8.
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()

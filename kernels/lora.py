@@ -31,11 +31,12 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .configs import (DECODE_MAX_T, INTERPRETED, prefill_matmul_configs, prune_split_decode,  # noqa: F401
-                      split_decode_configs, TunedLauncher, cdiv, next_pow2, prune_by_t, shrink_configs, t_bucket,
-                      tma_matmul_configs, tune_bench, weight_grad_configs)
+                      split_decode_configs, TunedLauncher, cdiv, dependent_launch, next_pow2, prune_by_t,
+                      shrink_configs, t_bucket, tma_matmul_configs, tune_bench, wait_flags, weight_grad_configs)
 from .split_state import arrive_last, split_state
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -116,9 +117,11 @@ def _lora_shrink_kernel(
     T, K, R, T_BUCKET,
     stride_xt, stride_xk, stride_ar, stride_ak, stride_ot, stride_or,
     scale, dropout_p,
-    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the TMA matmul after this launch may start (it waits for xa)
+        gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -163,7 +166,8 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, scale: float, seed: torch
         T, K, R, bucket,
         *x.stride(), *lora_A.stride(), *out.stride(),                 # one call per tensor: each costs host time
         scale / (1.0 - dropout), dropout,
-        HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
+        HAS_DROPOUT=has_dropout, FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device),
+        BLOCK_R=block_r,
     )
     return out
 
@@ -542,8 +546,9 @@ def _lora_matmul_tma_kernel(
     M, N, K, T_BUCKET,
     dropout_p,
     W_KMAJOR: tl.constexpr, B_RMAJOR: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, WAIT_PRIOR: tl.constexpr, R: tl.constexpr,
+    BLOCK_R: tl.constexpr, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """The prefill matmul above (separate shrink: xa given) on Hopper: every tile moves by TMA (host-side
     descriptors; out-of-bounds rows and columns read as zeros and are never written, so no masks), and
@@ -556,8 +561,11 @@ def _lora_matmul_tma_kernel(
 
     w_desc is W (N, K) with W_KMAJOR, else W^T (K, N) (the backward's dy @ W0); b_desc is B (N, R) with
     B_RMAJOR, else B^T (R, N). y_desc stores half a tile at a time (BLOCK_N // 2 columns): half the
-    epilogue's shared memory, which 128x256 tiles need to keep three pipeline stages.
+    epilogue's shared memory, which 128x256 tiles need to keep three pipeline stages. WAIT_PRIOR: launched as
+    the dependent of the shrink that writes xa (its launch and first tiles' setup overlap the shrink's tail).
     """
+    if WAIT_PRIOR:
+        gdc_wait()
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_tiles, NUM_SMS):
         pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -706,7 +714,8 @@ def _tma_layout(t: torch.Tensor, transposable: bool) -> tuple[list, list, bool] 
 
 
 def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: float,
-                            accumulate: bool = False, min_tokens: int = DECODE_MAX_T) -> bool:
+                            accumulate: bool = False, min_tokens: int = DECODE_MAX_T,
+                            after_shrink: bool = False) -> bool:
     """y = x @ weight^T + keep_out * (xa @ lora_B^T) + bias (+ y with accumulate) on the TMA path; False (nothing
     launched) where it does not apply: see _tma_programs, and every operand must pass _tma_layout. xa and
     lora_B None: the base GEMM alone (R = 0: no LoRA steps; x and W stand in for their unread descriptors)."""
@@ -728,7 +737,8 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     known = _lora_matmul_tma.chosen(key)
     if accumulate and not known:
         return _accumulated(y, lambda out: _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, out, seed,
-                                                                   out_dropout, min_tokens=min_tokens))
+                                                                   out_dropout, min_tokens=min_tokens,
+                                                                   after_shrink=after_shrink))
     if known:
         blocks = _tma_blocks(known, not w_t, not b_t)
         x_d, w_d, xa_d, b_d, y_d = (_descriptor(t, shape, strides, block)
@@ -741,8 +751,8 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
             bias if bias is not None else y, seed if out_dropout > 0.0 else y,
             M, N, K, bucket, out_dropout)
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
-                ACCUMULATE=accumulate,
-                FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms)
+                ACCUMULATE=accumulate, FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms,
+                **wait_flags(after_shrink and xa is not None, x))
     # A key's first launch compiles and tunes. The kernel was compile-checked with Triton 3.8 only; should
     # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel (a
     # forced TMA_PREFILL, or a key that already ran, raises instead).
@@ -760,12 +770,12 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
 
 def lora_matmul_tma(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor | None, lora_B: torch.Tensor | None,
                     bias: torch.Tensor | None, y: torch.Tensor, accumulate: bool = False,
-                    min_tokens: int = DECODE_MAX_T) -> bool:
+                    min_tokens: int = DECODE_MAX_T, after_shrink: bool = False) -> bool:
     """y = x @ weight^T + xa @ lora_B^T + bias (added to y's values with accumulate) on the Hopper TMA path alone
     (xa given, no output dropout; xa and lora_B None: no LoRA term): True if it ran, False (nothing launched)
     where it does not apply (at most min_tokens rows included, unless forced). For callers with their own
-    shrink, or their own expand (kernels.lora_multi at prefill)."""
-    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0, accumulate, min_tokens)
+    shrink (after_shrink: it was the last launch, as kernels.lora_multi.lora_multi_matmul's), or none."""
+    return _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, None, 0.0, accumulate, min_tokens, after_shrink)
 
 
 def fuse_shrink_default(T: int, R: int) -> bool:
@@ -801,13 +811,15 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
         fuse_shrink = xa is None and fuse_shrink_default(M, R)
     if fuse_shrink and (R > MAX_FUSED_RANK or xa is not None):
         raise ValueError(f"fuse_shrink needs r <= {MAX_FUSED_RANK} and no given xa, got r={R}")
+    own_shrink = not fuse_shrink and xa is None
     if fuse_shrink:
         xa = torch.empty((M, R), device=x.device, dtype=torch.float32)
-    elif xa is None:
+    elif own_shrink:
         xa = lora_shrink(x, lora_A, scale, seed, x_dropout)
     if M == 0:
         return y, xa
-    if not fuse_shrink and _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout, accumulate):
+    if not fuse_shrink and _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout, accumulate,
+                                                   after_shrink=own_shrink):
         return y, xa
     if M <= DECODE_MAX_T:
         _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout, fuse_shrink,

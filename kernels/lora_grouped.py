@@ -86,8 +86,11 @@ def _grouped_shrink_kernel(
     stride_o0t, stride_o0r, stride_o1t, stride_o1r, stride_o2t, stride_o2r,
     scale0, scale1, scale2, p0, p1, p2,
     MEMBERS: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr, FP32_DOT: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # the first member's TMA matmul may start (it waits for xa)
+        gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(2)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -151,7 +154,7 @@ def lora_grouped_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], scales
         x.stride(0), x.stride(1), *(s for pair in strides for s in pair),
         *scale, *_padded(dropouts, 0.0),
         MEMBERS=G, DROP0=drop[0], DROP1=G > 1 and drop[1], DROP2=G > 2 and drop[2],
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=block_r,
+        FP32_DOT=x.dtype == torch.float32, LAUNCH_DEPENDENTS=dependent_launch(x.device), BLOCK_R=block_r,
     )
     return outs
 
@@ -268,7 +271,8 @@ def lora_grouped_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], lora_A
     # more than one grid's smaller tail saves; x was still read once, by the shared shrink. Should a later member
     # not fit TMA's layout rules, the grouped kernel below recomputes every member.
     if not fuse_shrink and all(has_lora) and all(
-            lora_matmul_tma(x, weights[g], xas[g], lora_Bs[g], biases[g], ys[g]) for g in range(G)):
+            lora_matmul_tma(x, weights[g], xas[g], lora_Bs[g], biases[g], ys[g], after_shrink=g == 0)
+            for g in range(G)):
         return ys, xas
     # A member without an adapter reads none of its LoRA pointers (R = 0); the xa one must still be fp32.
     fp32 = next((xa for xa in xas if xa is not None), None)

@@ -30,8 +30,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, dependent_launch, next_pow2, prefill_matmul_configs,
-                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket, tma_matmul_configs,
-                      tune_bench, weight_grad_configs)
+                      prune_by_t, prune_split_decode, shrink_configs, split_decode_configs, t_bucket,
+                      tma_matmul_configs, tune_bench, wait_flags, weight_grad_configs)
 from . import lora as lora_kernels
 from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_layout, _tma_programs, base_k_step,
                    grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
@@ -230,14 +230,6 @@ _multi_shrink = TunedLauncher(triton.autotune(
     shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP", "STORE_X"],
     prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
     do_bench=tune_bench)(_multi_shrink_kernel))
-
-
-def wait_flags(wait_prior: bool, x: torch.Tensor) -> dict:
-    """A matmul's launch arguments as the dependent of the shrink launched just before it, where the device
-    takes programmatic dependent launches (configs.dependent_launch), else as an ordinary launch."""
-    if wait_prior and dependent_launch(x.device):
-        return {"WAIT_PRIOR": True, "launch_pdl": True}
-    return {"WAIT_PRIOR": False}
 
 
 def padded_rank(r_max: int) -> int:

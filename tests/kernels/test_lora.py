@@ -414,6 +414,37 @@ def test_tma_path_is_automatic_on_hopper_bf16(d_in, d_out, monkeypatch):
     assert len(launches) == 2 and K.tma_error is None
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HOPPER or K.INTERPRETED, reason="needs a Hopper GPU (griddepcontrol, TMA)")
+def test_dependent_tma_matmul_matches_ordinary_launches(monkeypatch):
+    """The TMA matmul launched as its shrink's programmatic dependent (configs.PDL) gives what ordinary launches
+    give, bit for bit: forward and dx, eager and replayed from a CUDA graph on new inputs; also the grouped
+    forward, whose first member's GEMM follows the shared shrink."""
+    from ptlm_engine.kernels import configs
+    from ptlm_engine.kernels import lora_grouped as G
+    torch.manual_seed(17)
+    dtype, T, d, r = torch.bfloat16, 1024, 4096, 16
+    x, w, a, b = _lora_inputs(T, d, d, r, dtype)
+    dy = rand(T, d, dtype=dtype)
+
+    def run(dependent):
+        monkeypatch.setattr(configs, "PDL", dependent)
+        y, _ = K.lora_matmul(x, w, a, b, 2.0)
+        dx, _ = K.lora_matmul(dy, w.t(), b.t(), a.t(), 2.0)
+        ys, _ = G.lora_grouped_matmul(x, [w, w[:1024]], [a, a], [b, b[:1024]], [2.0, 2.0])
+        return torch.cat([y, dx, *ys], 1)
+
+    want = run(False)
+    assert torch.equal(run(True), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = run(True)
+    x.copy_(rand(T, d, dtype=dtype))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, run(False))
+
+
 @pytest.mark.parametrize("T", [5, 80], ids=["decode", "prefill"])
 def test_matmul_with_a_given_shrink(T):
     """lora_matmul(xa=...) takes a caller's shrink result (the grouped backward's) instead of running one."""
