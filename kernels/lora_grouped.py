@@ -14,7 +14,9 @@ token picks its slot, as in kernels.lora_multi):
   compiled with that member's own pointer and stride specializations. At decode the single-adapter tile computes
   its xa in the base K loop, so the whole group is one launch. A member without an adapter runs the base tile.
   At prefill on Hopper the single-adapter op runs each member's GEMM through kernels.lora's TMA kernel instead
-  (after the one shared shrink), where every member has an adapter and meets TMA's layout rules.
+  (after the one shared shrink, the first as its programmatic dependent), where every member has an adapter and
+  meets TMA's layout rules; the multi-adapter op runs each member with adapters on kernels.lora_multi's TMA tile
+  over the shrink's slot-sorted copy of x (made once for all members), one without on kernels.lora's base GEMM.
 The single-adapter op's backward at prefill adds two kernels over per-member inputs (each member's own dy):
 - shrink each: g_g = s_g / (1 - p_g) dy_g B_g for every member in one launch (members side by side in the grid);
   each member's dx GEMM then takes its g through kernels.lora.lora_matmul(xa=g_g).
