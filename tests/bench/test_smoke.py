@@ -32,9 +32,10 @@ def test_lora_smoke_writes_rows_and_tables(tmp_path):
     assert data["meta"]["ptlm_backend"] == "reference"
     assert data["ceilings"]["copy_GBps"] > 0 and data["ceilings"]["gemm_TFLOPs"] > 0
     rows = data["rows"]
-    # 2 T x 2 modes x 5 providers, each with a positive time and a floor to compare against
+    # 2 T x 2 modes x 5 providers, each with a positive time and a floor to compare against; ptlm_serial times
+    # anything only where the matmul would launch as the shrink's dependent (Hopper, T > 64)
     assert len(rows) == 20
-    assert {r["provider"] for r in rows} == set(lora.PROVIDERS)
+    assert {r["provider"] for r in rows} == set(lora.PROVIDERS) - {"ptlm_serial"}
     for r in rows:
         assert r["ms"] > 0 and r["floor_ms"] > 0, r
         assert math.isclose(r["x_floor"], r["ms"] / r["floor_ms"])
