@@ -90,6 +90,20 @@ def _patched(owner, name: str, value):
 
 
 @contextlib.contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def h100_recording(launches: list):
     """While entered: every Triton launch appended to `launches` instead of run; ptlm on its Triton path on the
     `meta` device, answering the card questions as the H100 does; the H100's tuned choices loaded."""
@@ -110,16 +124,17 @@ def h100_recording(launches: list):
             return 0
         return H100_SMS if x.dtype != torch.float32 else 0
 
-    os.environ["PTLM_BACKEND"], os.environ["PTLM_TUNED_CACHE"] = "triton", "0"
-    tuned.load_card(CARD)
+    def prefix_tma(t):
+        return t.dtype != torch.float32 and prefix_attention.TMA is not False
+
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_environment(PTLM_BACKEND="triton", PTLM_TUNED_CACHE="0"))  # the package's choices only
+        tuned.load_card(CARD)
         for owner, name, value in [
             (kernel_configs.TunedLauncher, "launch", tuned_launch), (Autotuner, "run", autotuned_run),
             (JITFunction, "run", jit_run),
-            (lora, "_tma_programs", tma_programs), (lora_grouped, "_tma_programs", tma_programs),
-            (lora_multi, "_tma_programs", tma_programs),
-            (prefix_attention, "_tma_applies", lambda t: t.dtype != torch.float32 and prefix_attention.TMA
-             is not False),
+            *((module, "_tma_programs", tma_programs) for module in (lora, lora_grouped, lora_multi)),
+            (prefix_attention, "_tma_applies", prefix_tma),
             *((module, "dependent_launch", lambda device: kernel_configs.PDL)
               for module in (kernel_configs, lora, lora_multi, lora_grouped)),
             (bottleneck, "target_programs", lambda device, per_sm=2: per_sm * H100_SMS),
