@@ -753,13 +753,18 @@ def _lora_matmul_tma_launch(x, weight, xa, lora_B, bias, y, seed, out_dropout: f
     meta = dict(W_KMAJOR=not w_t, B_RMAJOR=not b_t, OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None,
                 ACCUMULATE=accumulate, FP32_DOT=x.dtype == torch.float32, R=R, BLOCK_R=TMA_BLOCK_R, NUM_SMS=num_sms,
                 **wait_flags(after_shrink and xa is not None, x))
-    # A key's first launch compiles and tunes. The kernel was compile-checked with Triton 3.8 only; should
-    # another Triton reject it, the automatic path warns once and leaves prefill to the pointer kernel (a
-    # forced TMA_PREFILL, or a key that already ran, raises instead).
+    return tma_guarded_launch(_lora_matmul_tma, *args, prepared=known is not None, **meta)
+
+
+def tma_guarded_launch(launcher: TunedLauncher, key: tuple, *args, **kwargs) -> bool:
+    """launcher.launch(key, *args, **kwargs) for a TMA kernel; False if it failed where the automatic TMA path
+    may give up. A key's first launch compiles and tunes; should this GPU's Triton reject the kernel there, the
+    automatic path warns once and leaves prefill to the pointer kernels from then on (tma_error; a forced
+    TMA_PREFILL, or a key that already ran, raises instead). Also kernels.lora_multi's TMA tile."""
     try:
-        _lora_matmul_tma.launch(*args, prepared=known is not None, **meta)
+        launcher.launch(key, *args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported, then the pointer path runs
-        if TMA_PREFILL or key in _lora_matmul_tma.configs:
+        if TMA_PREFILL or key in launcher.configs:
             raise
         global tma_error
         tma_error = f"{type(e).__name__}: {str(e)[:500]}"

@@ -22,8 +22,6 @@ new mapping in the same buffers.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +33,7 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, dependent_launch, next_
 from . import lora as lora_kernels
 from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_layout, _tma_programs, base_k_step,
                    grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
-                   tma_k_loop)
+                   tma_guarded_launch, tma_k_loop)
 
 # The multi-adapter prefill runs on the Hopper TMA tile (_multi_matmul_tma_kernel, over the shrink's slot-sorted
 # copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
@@ -446,15 +444,15 @@ def tma_sorted_rows(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor | N
 def _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
                              accumulate: bool, wait_prior: bool) -> bool:
     """_multi_matmul_tma_kernel into y (accumulate: added to its values); wait_prior as _multi_matmul_launch's.
-    False (nothing launched) where the TMA path was switched off, as kernels.lora's is (lora.tma_error): should
-    this GPU's Triton reject the kernel at a key's first launch, it is switched off there and the caller runs
-    the pointer tile (a forced TMA_PREFILL raises instead)."""
+    False (nothing launched) where the TMA path does not run: the weight's layout, or switched off as
+    kernels.lora's is (tma_error, tma_guarded_launch); the caller runs the pointer tile then."""
     if lora_kernels.tma_error is not None and not lora_kernels.TMA_PREFILL:
         return False
     M, K = x_sorted.shape
     N = weight.shape[0]
     layout = _tma_layout(weight, True)
-    if layout is None:
+    num_sms = _tma_programs(x_sorted, M, -1)
+    if layout is None or not num_sms:
         return False
     w_shape, w_strides, w_t = layout
     bucket = t_bucket(M)
@@ -469,30 +467,19 @@ def _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index, ranks,
     bm, bn, bk = (known["BLOCK_M"], known["BLOCK_N"], known["BLOCK_K"]) if known else (16, 16, 16)
     xs_d = _descriptor(x_sorted, [M, K], [K, 1], [bm, bk])
     w_d = _descriptor(weight, w_shape, w_strides, [bk, bn] if w_t else [bn, bk])
-    num_sms = _tma_programs(x_sorted, M, -1)
-    if not num_sms:
-        return False
     grid = lambda meta: (min(num_sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
     sxa, sb, sy = xa.stride(), lora_B.stride(), y.stride()
-    try:
-        _multi_matmul_tma.launch(
-            key, grid,
-            xs_d, w_d, xa, lora_B, adapter_index, order, ranks, xa if dropouts is None else dropouts,
-            adapter_index if seed is None else seed, bias if bias is not None else y, y,
-            M, N, K, bucket,
-            sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
-            prepared=known is not None,
-            W_KMAJOR=not w_t, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-            FP32_DOT=x_sorted.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, NUM_SMS=num_sms,
-            **wait_flags(wait_prior, x_sorted),
-        )
-    except Exception as e:  # noqa: BLE001 - reported, then the pointer tile runs
-        if lora_kernels.TMA_PREFILL or key in _multi_matmul_tma.configs:
-            raise
-        lora_kernels.tma_error = f"{type(e).__name__}: {str(e)[:500]}"
-        warnings.warn(f"ptlm: TMA prefill matmul disabled, the pointer kernel runs instead ({lora_kernels.tma_error})")
-        return False
-    return True
+    return tma_guarded_launch(
+        _multi_matmul_tma, key, grid,
+        xs_d, w_d, xa, lora_B, adapter_index, order, ranks, xa if dropouts is None else dropouts,
+        adapter_index if seed is None else seed, bias if bias is not None else y, y,
+        M, N, K, bucket,
+        sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
+        prepared=known is not None,
+        W_KMAJOR=not w_t, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x_sorted.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, NUM_SMS=num_sms,
+        **wait_flags(wait_prior, x_sorted),
+    )
 
 
 @triton.jit
@@ -628,7 +615,7 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
     matmul then launches as its dependent (configs.PDL) and streams W0 while the shrink ends.
     x_sorted: x[order] from the shrink where tma_sorted_rows gave a buffer: the prefill runs on the TMA tile.
     """
-    M, K = x.shape
+    M = x.shape[0]
     N = weight.shape[0]
     if accumulate and out is None:
         raise ValueError("accumulate adds into `out`: give it")
@@ -647,21 +634,22 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
         raise ValueError("x_sorted holds x's rows in `order`: give it")
     if x_sorted is None or not _multi_matmul_tma_launch(x_sorted, weight, xa, lora_B, adapter_index, ranks, bias,
                                                         order, dropouts, seed, y, accumulate, after_shrink):
-        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K,
-                             accumulate, after_shrink)
+        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, accumulate,
+                             after_shrink)
     return y
 
 
-def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, K: int,
+def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
                          accumulate: bool, wait_prior: bool = False) -> None:
     """The fused matmul at prefill, on the pointer tile (accumulate: added to y's values).
     wait_prior: launched as the dependent of the shrink just launched (lora_multi_matmul's after_shrink)."""
     M, N = y.shape
+    K = x.shape[1]
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
     # tuning runs every candidate: into a temporary, added once
     if accumulate and _multi_matmul_prefill.chosen(key) is None:
         _accumulated(y, lambda out: _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
-                                                         dropouts, seed, out, K, False))
+                                                         dropouts, seed, out, False))
         return
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = key[0]
