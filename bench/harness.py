@@ -13,6 +13,7 @@ a real model, where the next layer has other weights. do_bench also flushes L2 b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import gc
@@ -208,6 +209,37 @@ def add_grid_arguments(p, providers: list[str], modes: list[str]) -> None:
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     p.add_argument("--budget-s", type=float, default=math.inf, help="start no new case after this many seconds")
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    """owner.name set to value while entered (a class's own attribute, or a module's / an object's), then put
+    back as it was (deleted if the class only inherited it)."""
+    missing = object()
+    old = owner.__dict__.get(name, missing) if isinstance(owner, type) else getattr(owner, name, missing)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, old)
+
+
+@contextlib.contextmanager
+def env_vars(**values: str):
+    """Environment variables set while entered, then put back (unset where they were unset)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def with_setting(module, name: str, value, call: Callable[[], Any]) -> Callable[[], Any]:

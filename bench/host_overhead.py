@@ -99,7 +99,7 @@ class HostOnly:
     def _patch(self) -> None:
         import triton.runtime.autotuner as autotuner
         import triton.runtime.jit as jit
-        self._stack.enter_context(_env(PTLM_BACKEND="triton", PTLM_AUTOTUNE="0"))
+        self._stack.enter_context(harness.env_vars(PTLM_BACKEND="triton", PTLM_AUTOTUNE="0"))
         from ptlm_engine.kernels import lora as lora_kernels
         from ptlm_engine.kernels import tuned
 
@@ -113,11 +113,11 @@ class HostOnly:
         except ImportError:  # pragma: no cover - older Triton
             pass
         for cls, name in targets:
-            self._stack.enter_context(_patched(cls, name, count))
-        self._stack.enter_context(_patched(autotuner.Autotuner, "best_config",
+            self._stack.enter_context(harness.patched(cls, name, count))
+        self._stack.enter_context(harness.patched(autotuner.Autotuner, "best_config",
                                            property(lambda at: at.configs[0], lambda at, value: None)))
         if self.tma:
-            self._stack.enter_context(_patched(lora_kernels, "_tma_programs", _h100_tma_programs))
+            self._stack.enter_context(harness.patched(lora_kernels, "_tma_programs", _h100_tma_programs))
         chosen = [(launcher, dict(launcher.configs)) for launcher in tuned.LAUNCHERS]
         self._stack.callback(lambda: [setattr(launcher, "configs", saved) for launcher, saved in chosen])
         threads = torch.get_num_threads()
@@ -142,34 +142,6 @@ def _h100_tma_programs(x: torch.Tensor, M: int, min_tokens: int | None = None) -
 
 
 @contextlib.contextmanager
-def _patched(owner, name: str, value):
-    missing = object()
-    old = owner.__dict__.get(name, missing) if isinstance(owner, type) else getattr(owner, name, missing)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        if old is missing:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, old)
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def _meta_model_patches():
     """What a Hugging Face training step needs to run on `meta` (see the module docstring)."""
     import transformers.masking_utils as masking
@@ -186,8 +158,8 @@ def _meta_model_patches():
     def autocast_enabled(*args):
         return False if args and args[0] == "meta" else is_autocast_enabled(*args)
 
-    with _patched(masking, "find_packed_sequence_indices", no_packed_sequences), \
-            _patched(torch, "is_autocast_enabled", autocast_enabled):
+    with harness.patched(masking, "find_packed_sequence_indices", no_packed_sequences), \
+            harness.patched(torch, "is_autocast_enabled", autocast_enabled):
         yield
 
 

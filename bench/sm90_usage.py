@@ -46,6 +46,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
+from bench import harness  # noqa: E402
 from ptlm_engine import functional  # noqa: E402
 from ptlm_engine.kernels import configs as kernel_configs  # noqa: E402
 from ptlm_engine.kernels import tuned  # noqa: E402
@@ -80,30 +81,6 @@ class Launch:
 
 
 @contextlib.contextmanager
-def _patched(owner, name: str, value):
-    old = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, old)
-
-
-@contextlib.contextmanager
-def _environment(**values: str):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@contextlib.contextmanager
 def h100_recording(launches: list):
     """While entered: every Triton launch appended to `launches` instead of run; ptlm on its Triton path on the
     `meta` device, answering the card questions as the H100 does; the H100's tuned choices loaded."""
@@ -128,7 +105,7 @@ def h100_recording(launches: list):
         return t.dtype != torch.float32 and prefix_attention.TMA is not False
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_environment(PTLM_BACKEND="triton", PTLM_TUNED_CACHE="0"))  # the package's choices only
+        stack.enter_context(harness.env_vars(PTLM_BACKEND="triton", PTLM_TUNED_CACHE="0"))  # the package's choices only
         tuned.load_card(CARD)
         for owner, name, value in [
             (kernel_configs.TunedLauncher, "launch", tuned_launch), (Autotuner, "run", autotuned_run),
@@ -140,7 +117,7 @@ def h100_recording(launches: list):
             (bottleneck, "target_programs", lambda device, per_sm=2: per_sm * H100_SMS),
             (rms_norm, "grad_programs", lambda device: 4 * H100_SMS),
         ]:
-            stack.enter_context(_patched(owner, name, value))
+            stack.enter_context(harness.patched(owner, name, value))
         yield
 
 
