@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -25,6 +26,10 @@ class LoraConfig:
       (the biases of the layers that carry this adapter).
     modules_to_save: names (matched like target_modules) of modules of which the adapter trains and saves a full
       copy; the original module is kept and used whenever the adapter is not active.
+    rank_pattern / alpha_pattern: {regex: rank} / {regex: alpha} for the modules that differ from r / alpha; a
+      module takes the first key that matches the end of its dotted name at a dot (PEFT's get_pattern_key:
+      re.match(r"(.*\\.)?(key)$", name)), e.g. {"v_proj": 16, r"layers\\.0\\.self_attn\\.q_proj": 4}.
+    exclude_modules: modules never targeted, matched as target_modules (names or a regex).
     """
     r: int = 8
     alpha: float = 8
@@ -34,11 +39,13 @@ class LoraConfig:
     use_rslora: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    exclude_modules: list[str] | str | None = None
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+        _positive("LoraConfig.r", self.r)
+        if not _finite(self.alpha):
             raise ValueError(f"LoraConfig.alpha must be a finite number, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
@@ -52,6 +59,11 @@ class LoraConfig:
             raise ValueError("LoraConfig.modules_to_save must be a list of module names, not a string")
         self.modules_to_save = _names_or_pattern("LoraConfig.modules_to_save", self.modules_to_save)
         self.layers_to_transform = _layer_indices(self.layers_to_transform, "LoraConfig")
+        self.rank_pattern = _pattern_dict("LoraConfig.rank_pattern", self.rank_pattern, _positive_int,
+                                          "a positive integer")
+        self.alpha_pattern = _pattern_dict("LoraConfig.alpha_pattern", self.alpha_pattern, _finite,
+                                           "a finite number")
+        self.exclude_modules = _names_or_pattern("LoraConfig.exclude_modules", self.exclude_modules)
         if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
                 and self.target_modules != ALL_LINEAR:
             raise ValueError("LoraConfig.layers_to_transform cannot be combined with a regex target_modules; "
@@ -59,8 +71,58 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        """The factor on B A: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA."""
+        """The factor on B A of a module without a pattern: alpha / r, or alpha / sqrt(r) with rank-stabilized
+        LoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_for(self, module: str) -> int:
+        """The rank of the module with dotted name `module` (rank_pattern, else r)."""
+        key = pattern_key(self.rank_pattern, module)
+        return self.r if key is None else self.rank_pattern[key]
+
+    def scale_for(self, module: str) -> float:
+        """The factor on B A of the module `module`: its alpha over its rank (its square root with rsLoRA), as
+        PEFT's LoRA layer computes it from the patterns."""
+        key = pattern_key(self.alpha_pattern, module)
+        alpha = self.alpha if key is None else self.alpha_pattern[key]
+        r = self.rank_for(module)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
+
+def selects(key: str, module: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key selects the module with dotted name `module`."""
+    return re.match(rf"(.*\.)?({key})$", module) is not None
+
+
+def pattern_key(patterns: dict[str, object], module: str) -> str | None:
+    """The first key of rank_pattern / alpha_pattern that selects the module `module`, or None."""
+    return next((key for key in patterns if selects(key, module)), None)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern_dict(what: str, value, valid, expected: str) -> dict:
+    """A {regex: value} dict (None: empty) whose keys compile and whose values pass `valid`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a dict of module-name patterns, got {value!r}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{what}: keys must be non-empty module-name patterns, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"{what}: {key!r} is not a valid regular expression ({e})") from e
+        if not valid(item):
+            raise ValueError(f"{what}[{key!r}] must be {expected}, got {item!r}")
+    return dict(value)
 
 
 def _names_or_pattern(what: str, value):
@@ -121,14 +183,13 @@ class BottleneckConfig:
     layer_norm: bool = False
 
     def __post_init__(self):
-        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
-            raise ValueError(f"BottleneckConfig.bottleneck must be a positive integer, got {self.bottleneck!r}")
+        _positive("BottleneckConfig.bottleneck", self.bottleneck)
         if self.placement not in BOTTLENECK_PLACEMENTS:
             raise ValueError(f"BottleneckConfig.placement must be one of {BOTTLENECK_PLACEMENTS}, "
                              f"got {self.placement!r}")
         if self.act not in BOTTLENECK_ACTS:
             raise ValueError(f"BottleneckConfig.act must be one of {BOTTLENECK_ACTS}, got {self.act!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+        if not _finite(self.scale):
             raise ValueError(f"BottleneckConfig.scale must be a finite number, got {self.scale!r}")
         if not isinstance(self.layer_norm, bool):
             raise ValueError(f"BottleneckConfig.layer_norm must be a bool, got {self.layer_norm!r}")
@@ -195,5 +256,5 @@ class PromptConfig:
 
 
 def _positive(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not _positive_int(value):
         raise ValueError(f"{what} must be a positive integer, got {value!r}")

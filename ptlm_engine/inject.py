@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,12 +15,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targets
-from ptlm_engine.config import ALL_LINEAR, LoraConfig, PrefixConfig
-from ptlm_engine.config import BottleneckConfig
+from ptlm_engine.config import ALL_LINEAR, BottleneckConfig, LoraConfig, PrefixConfig, PromptConfig, selects
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
 from ptlm_engine.layers.lora_group import ProjectionGroup
 from ptlm_engine.layers.prefix import attach_prefix, find_prefix_targets
-from ptlm_engine.config import PromptConfig
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
 
 # Dispatcher, first match wins: base-layer type -> builder of the LoRA layer that wraps it.
@@ -80,7 +79,8 @@ def base_modules(model: nn.Module, skip: Sequence[str] = ()) -> Iterator[tuple[s
     (whose original parameters never run while their adapter is active) and adapter modules added to the model,
     nor the modules named in `skip` and their children."""
     for name, module in _walk(model):
-        if isinstance(module, AdapterLayer) and not isinstance(module, LoraLinear) or any(name == s or name.startswith(s + ".") for s in skip):
+        if (isinstance(module, AdapterLayer) and not isinstance(module, LoraLinear)
+                or any(name == s or name.startswith(s + ".") for s in skip)):
             continue
         yield name, module
 
@@ -89,6 +89,11 @@ def base_modules(model: nn.Module, skip: Sequence[str] = ()) -> Iterator[tuple[s
 def _matches_names(name: str, names: list[str]) -> bool:
     """PEFT's rule for a list: the dotted module name equals an entry or ends with "." + entry."""
     return any(name == n or name.endswith("." + n) for n in names)
+
+
+def _named(name: str, spec: list[str] | str) -> bool:
+    """Whether target_modules / exclude_modules `spec` (names, or a regex over the whole dotted name) names it."""
+    return re.fullmatch(spec, name) is not None if isinstance(spec, str) else _matches_names(name, spec)
 
 
 def _within_any(name: str, names: list[str]) -> bool:
@@ -119,9 +124,11 @@ def default_target_modules(model: nn.Module) -> list[str]:
 
 
 def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Names of the modules that get this adapter's LoRA layers (the modules_to_save and what they contain
-    excluded, as in PEFT). Raises ValueError when nothing matches or a match cannot carry LoRA."""
+    """Names of the modules that get this adapter's LoRA layers (exclude_modules, the modules_to_save and what
+    they contain left out, as in PEFT). Raises ValueError when nothing matches or a match cannot carry LoRA;
+    warns, as PEFT does, of rank_pattern / alpha_pattern keys that select none of them."""
     spec = default_target_modules(model) if config.target_modules is None else config.target_modules
+    excluded = config.exclude_modules
     head = _output_head(model)
     layers = config.layers_to_transform
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
@@ -132,11 +139,10 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if spec == ALL_LINEAR:
             is_head = module is head or name == "lm_head" or name.endswith(".lm_head")
             hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
-        elif isinstance(spec, str):
-            hit = re.fullmatch(spec, name) is not None
         else:
-            hit = _matches_names(name, spec)
-        if not hit or (layers is not None and layer_index(name) not in layers):
+            hit = _named(name, spec)
+        if not hit or (layers is not None and layer_index(name) not in layers) \
+                or (excluded is not None and _named(name, excluded)):
             continue
         if not isinstance(module, LoraLinear) and _builder(module) is None:
             supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
@@ -144,7 +150,12 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         targets.append(name)
     if not targets:
         where = "" if layers is None else f" in layers {sorted(layers)}"
-        raise ValueError(f"target_modules {spec!r} matched no module of {type(model).__name__}{where}")
+        unless = "" if excluded is None else f" outside exclude_modules {excluded!r}"
+        raise ValueError(f"target_modules {spec!r} matched no module of {type(model).__name__}{where}{unless}")
+    for what, patterns in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        unused = [key for key in patterns if not any(selects(key, t) for t in targets)]
+        if unused:
+            warnings.warn(f"LoraConfig.{what} keys {unused} select none of the targeted modules", stacklevel=3)
     return targets
 
 
@@ -224,7 +235,7 @@ class Method:
 
 
 def _attach_lora(model: nn.Module, path: str, name: str, config: LoraConfig, slot: int) -> None:
-    wrap_for_lora(model, path).add_adapter(name, config.r, config.scale, config.dropout, slot)
+    wrap_for_lora(model, path).add_adapter(name, config.rank_for(path), config.scale_for(path), config.dropout, slot)
 
 
 # Dispatcher by config type: one entry per adapter method.

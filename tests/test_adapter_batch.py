@@ -17,11 +17,14 @@ pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-# Per model: adapters with different ranks, scales and (overlapping) targets.
+# Per model: adapters with different ranks, scales and (overlapping) targets; on Llama also per-module ranks and
+# alphas and an excluded module.
 ADAPTERS = {
     "llama": {"a": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
-              "b": dict(r=16, alpha=16, target_modules=["v_proj", "o_proj", "down_proj"]),
-              "c": dict(r=8, alpha=32, use_rslora=True, target_modules=["q_proj", "up_proj"])},
+              "b": dict(r=16, alpha=16, target_modules=["v_proj", "o_proj", "down_proj"],
+                        rank_pattern={"down_proj": 6}, exclude_modules=["layers.0.o_proj"]),
+              "c": dict(r=8, alpha=32, use_rslora=True, target_modules=["q_proj", "up_proj"],
+                        alpha_pattern={r"layers\.1\.self_attn\.q_proj": 8})},
     "gpt2": {"a": dict(r=4, alpha=8, target_modules=["c_attn"]),
              "b": dict(r=8, alpha=8, target_modules=["c_attn", "c_fc"])},
     "bert": {"a": dict(r=4, alpha=8, target_modules=["query", "value"]),

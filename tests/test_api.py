@@ -23,6 +23,13 @@ def _trainable(model):
     ({"target_modules": "q_proj", "layers_to_transform": 0}, "cannot be combined with a regex"),
     ({"layers_to_transform": [-1]}, "layers_to_transform must be"),
     ({"modules_to_save": "classifier"}, "must be a list of module names"),
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+    ({"rank_pattern": {"q_proj": True}}, "must be a positive integer"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern must be a dict"),
+    ({"rank_pattern": {"": 2}}, "keys must be non-empty"),
+    ({"alpha_pattern": {"(q": 2}}, "not a valid regular expression"),
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "must be a finite number"),
+    ({"exclude_modules": []}, "exclude_modules must not be an empty list"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -32,6 +39,35 @@ def test_config_validation(kw, match):
 def test_scale():
     assert pe.LoraConfig(r=8, alpha=16).scale == 2.0
     assert pe.LoraConfig(r=16, alpha=16, use_rslora=True).scale == 4.0
+
+
+def test_rank_and_alpha_patterns_pick_the_first_key_that_ends_the_name():
+    config = pe.LoraConfig(r=8, alpha=16, rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "q_proj": 4},
+                           alpha_pattern={"proj": 1})
+    assert config.rank_for("model.layers.1.self_attn.q_proj") == 2
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 4
+    assert config.rank_for("model.layers.0.self_attn.k_proj") == 8      # "q_proj" ends no other name
+    assert config.scale_for("model.layers.0.self_attn.q_proj") == 16 / 4
+    assert config.scale_for("model.layers.0.proj") == 1 / 8             # "proj" selects a whole name part only
+    rslora = pe.LoraConfig(r=16, alpha=16, use_rslora=True, rank_pattern={"v_proj": 4})
+    assert rslora.scale_for("model.layers.0.self_attn.v_proj") == 8.0
+
+
+def test_per_module_ranks_and_excluded_modules(tiny, ids, output, randomize_adapters):
+    llama = tiny("llama")
+    config = pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 6},
+                           alpha_pattern={r"layers\.0\.self_attn\.q_proj": 2},
+                           exclude_modules=r"model\.layers\.1\.self_attn\.q_proj")
+    pe.add_adapter(llama, "a", config)
+    attn = [layer.self_attn for layer in llama.model.layers]
+    assert not isinstance(attn[1].q_proj, LoraLinear)
+    assert (attn[0].q_proj.r, attn[0].v_proj.r, attn[1].v_proj.r) == ({"a": 4}, {"a": 6}, {"a": 6})
+    assert (attn[0].q_proj.scale, attn[0].v_proj.scale) == ({"a": 0.5}, {"a": 8 / 6})
+    assert attn[0].v_proj.lora_A["a"].weight.shape == (6, llama.config.hidden_size)
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['k_proj'\] select none"):
+        pe.add_adapter(llama, "b", pe.LoraConfig(target_modules=["q_proj"], rank_pattern={"k_proj": 2}))
+    with pytest.raises(ValueError, match="matched no module of LlamaForCausalLM outside exclude_modules"):
+        pe.add_adapter(llama, "c", pe.LoraConfig(target_modules=["o_proj"], exclude_modules=["o_proj"]))
 
 
 def test_first_adapter_is_active_and_alone_trainable(tiny, ids, output):

@@ -96,6 +96,10 @@ def _corrupt(path, what):
         config["use_dora"] = True
     elif what == "rank":
         config["r"] = 0
+    elif what == "rank_pattern":   # layer 1's c_attn at rank 3: the file's tensors there are rank 4
+        config["rank_pattern"] = {r"h\.1\.attn\.c_attn": 3}
+    elif what == "bad_pattern":
+        config["rank_pattern"] = {"c_attn(": 3}
     elif what == "shape":
         tensors[key] = tensors[key][:, :2].contiguous()
     elif what == "missing":
@@ -115,6 +119,8 @@ def _corrupt(path, what):
     ("peft_type", "peft_type 'IA3' is not supported"),
     ("dora", "use_dora=True asks for a PEFT feature"),
     ("rank", "r must be a positive integer"),
+    ("rank_pattern", r"h.1.attn.c_attn.lora_A.weight: shape \(4, 64\), the model needs \(3, 64\)"),
+    ("bad_pattern", "not a valid regular expression"),
     ("shape", r"lora_B.weight: shape \(192, 2\), the model needs \(192, 4\)"),
     ("missing", r"missing base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"),
     ("extra", "unexpected base_model.model.transformer.h.1.attn.c_proj.lora_A.weight"),

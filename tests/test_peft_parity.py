@@ -26,6 +26,13 @@ CASES = {
                                                modules_to_save=["classifier"])),
     "llama_rslora_layer1": ("llama", dict(r=8, alpha=8, use_rslora=True, target_modules=["o_proj", "down_proj"],
                                           layers_to_transform=[1])),
+    # per-module ranks and alphas (the first matching key wins, so their order counts), one module excluded
+    "llama_patterns": ("llama", dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                     rank_pattern={r"layers\.1\.self_attn\.q_proj": 2, "v_proj": 8, ".*_proj": 3},
+                                     alpha_pattern={"down_proj": 3}, exclude_modules=["layers.0.down_proj"])),
+    "gpt2_rslora_patterns": ("gpt2", dict(r=4, alpha=16, use_rslora=True, target_modules="all-linear",
+                                          exclude_modules=r".*\.h\.0\.attn\.c_proj", rank_pattern={"c_fc": 6},
+                                          alpha_pattern={r"h\.1\.mlp\.c_proj": 5})),
 }
 
 
@@ -103,6 +110,9 @@ def test_merge_unload_and_disable(tiny, ids, case, output):
     ("llama", dict(target_modules=["q_proj", "up_proj"], layers_to_transform=0)),
     ("gpt2", dict()),
     ("bert", dict(layers_to_transform=[1])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["down_proj", "layers.1.self_attn.k_proj"])),
+    ("gpt2", dict(target_modules="all-linear", exclude_modules=r".*\.h\.0\..*")),
+    ("bert", dict(target_modules=["query", "key", "value"], exclude_modules=["key"])),
 ])
 def test_same_modules_targeted(tiny, kind, kw):
     ours = tiny(kind)
@@ -121,11 +131,18 @@ def test_our_files_load_in_peft(tiny, ids, tmp_path, case, output):
     torch.testing.assert_close(output(theirs, ids), output(ours, ids))
 
 
-@pytest.mark.parametrize("case", [*CASES, "bert_bias_all_saved_classifier", "llama_all_linear"])
+# PEFT writes adapter_config.json with sorted keys, its patterns' keys too: a file of its own keeps their meaning
+# only where the sorted order picks the same key (PEFT 0.21 cannot load llama_patterns' file itself).
+@pytest.mark.parametrize("case", [*(c for c in CASES if c != "llama_patterns"), "bert_bias_all_saved_classifier",
+                                  "llama_all_linear", "llama_sorted_patterns"])
 def test_peft_files_load_here(tiny, ids, tmp_path, case, output):
     extra = {"bert_bias_all_saved_classifier": ("bert_cls", dict(target_modules=["query"], bias="all",
                                                                  modules_to_save=["classifier"])),
-             "llama_all_linear": ("llama", dict(r=2, target_modules="all-linear"))}
+             "llama_all_linear": ("llama", dict(r=2, target_modules="all-linear")),
+             "llama_sorted_patterns": ("llama", dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     rank_pattern={r"model\.layers\.1\.self_attn\.q_proj": 2,
+                                                                   "v_proj": 8, r"z?\w*_proj": 3},
+                                                     alpha_pattern={"down_proj": 6}))}
     kind, kw = extra[case] if case in extra else CASES[case]
     theirs = peft.get_peft_model(tiny(kind), _peft_config(kw))
     with torch.no_grad():

@@ -77,7 +77,9 @@ def write(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict) -> 
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+        # top-level keys sorted, as PEFT writes them; nested dicts in their order: the first rank_pattern /
+        # alpha_pattern key that matches a module decides, so their order is part of the adapter
+        json.dump(dict(sorted(config.items())), f, indent=2)
 
 
 def saved_copies(model: nn.Module, name: str) -> dict[str, Tensor]:

@@ -26,7 +26,8 @@ _INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "rev
 # PEFT config keys read into LoraConfig (PEFT name -> ours).
 _PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                 "layers_to_transform": "layers_to_transform", "use_rslora": "use_rslora", "bias": "bias",
-                "modules_to_save": "modules_to_save"}
+                "modules_to_save": "modules_to_save", "rank_pattern": "rank_pattern",
+                "alpha_pattern": "alpha_pattern", "exclude_modules": "exclude_modules"}
 _LAYER_NAMES = {"layers", "h", "layer"}   # the block-stack names inject's layer index understands
 
 
@@ -53,7 +54,8 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": target_modules, "layers_to_transform": config.layers_to_transform,
         "layers_pattern": None, "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
-        "bias": config.bias, "modules_to_save": config.modules_to_save,
+        "bias": config.bias, "modules_to_save": config.modules_to_save, "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern), "exclude_modules": config.exclude_modules,
     }
     return tensors, peft_config
 
@@ -123,8 +125,9 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
     lora_weights = {}
     for target in targets:
         layer = inject.as_lora_layer(model.get_submodule(target))
-        lora_A = match.take(key(target, "lora_A.weight"), (config.r, layer.in_features))
-        lora_B = match.take(key(target, "lora_B.weight"), (layer.out_features, config.r))
+        r = config.rank_for(target)
+        lora_A = match.take(key(target, "lora_A.weight"), (r, layer.in_features))
+        lora_B = match.take(key(target, "lora_B.weight"), (layer.out_features, r))
         lora_weights[target] = (lora_A, lora_B)
     copies = match.copies(model, saved)
     # With bias "all", PEFT also files modules_to_save biases as <module>.original_module.bias and
