@@ -20,8 +20,10 @@ class LoraConfig:
       a string: a regular expression that must match the whole dotted name (re.fullmatch);
       "all-linear": every nn.Linear / GPT-2 Conv1D except the output head (`lm_head`, the output embeddings);
       None: the per-architecture default for the model's `config.model_type` (see inject.DEFAULT_TARGET_MODULES).
-    layers_to_transform: only modules in these layer indices (the N in ".layers.N.", ".h.N." or ".layer.N.");
-      not with a regex (PEFT rejects that combination too).
+    layers_to_transform: only modules in these layer indices: the N of the first ".<name>.N." in a module's
+      dotted name, or of the first "<layers_pattern>.N." with layers_pattern (e.g. "blocks"); not with a regex
+      (PEFT rejects that combination too).
+    layers_pattern: the name(s) of the model's block list, for layers_to_transform.
     bias: which base biases train with the adapter — "none", "all" (every bias of the model), or "lora_only"
       (the biases of the layers that carry this adapter).
     modules_to_save: names (matched like target_modules) of modules of which the adapter trains and saves a full
@@ -36,6 +38,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] | str | None = None
     layers_to_transform: int | list[int] | None = None
+    layers_pattern: list[str] | str | None = None
     use_rslora: bool = False
     bias: str = "none"
     modules_to_save: list[str] | None = None
@@ -59,6 +62,10 @@ class LoraConfig:
             raise ValueError("LoraConfig.modules_to_save must be a list of module names, not a string")
         self.modules_to_save = _names_or_pattern("LoraConfig.modules_to_save", self.modules_to_save)
         self.layers_to_transform = _layer_indices(self.layers_to_transform, "LoraConfig")
+        self.layers_pattern = _names_or_pattern("LoraConfig.layers_pattern", self.layers_pattern)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (it only says where layer indices "
+                             "are)")
         self.rank_pattern = _pattern_dict("LoraConfig.rank_pattern", self.rank_pattern, _positive_int,
                                           "a positive integer")
         self.alpha_pattern = _pattern_dict("LoraConfig.alpha_pattern", self.alpha_pattern, _finite,

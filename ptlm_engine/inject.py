@@ -43,7 +43,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 # The layer index of a module inside a stack of blocks: model.layers.N (Llama), transformer.h.N (GPT-2),
 # encoder.layer.N (BERT); the first such index in the name counts.
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|layer)\.(\d+)\.")
 
 
 # ------------------------------------------------------------------------------------------------- walking
@@ -101,9 +100,18 @@ def _within_any(name: str, names: list[str]) -> bool:
     return any(re.match(rf"(?:^|.*\.){re.escape(n)}(?:$|\..*)", name) for n in names)
 
 
-def layer_index(name: str) -> int | None:
-    match = _LAYER_INDEX.search(name)
-    return None if match is None else int(match.group(1))
+def layer_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
+    """The layer index of the module `name` as PEFT finds it for layers_to_transform: the number of the first
+    "<pattern>.N." part, or without a pattern of the first ".<any>.N." part, else (where PEFT finds none) of a
+    leading "<any>.N." (a plain model's own block list, "layers.N.")."""
+    if layers_pattern is None:
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name) or re.match(r"[^.]*\.(\d+)\.", name)
+        return None if match is None else int(match.group(1))
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        match = re.match(rf"(?:|.*?\.)(?:{pattern})\.(\d+)\.", name)
+        if match is not None:
+            return int(match.group(1))
+    return None
 
 
 def _builder(module: nn.Module) -> Callable[[nn.Module], LoraLinear] | None:
@@ -141,7 +149,7 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
         else:
             hit = _named(name, spec)
-        if not hit or (layers is not None and layer_index(name) not in layers) \
+        if not hit or (layers is not None and layer_index(name, config.layers_pattern) not in layers) \
                 or (excluded is not None and _named(name, excluded)):
             continue
         if not isinstance(module, LoraLinear) and _builder(module) is None:

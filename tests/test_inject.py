@@ -55,6 +55,23 @@ def test_layers_to_transform(tiny):
         _targets(llama, target_modules=["q_proj"], layers_to_transform=[5])
 
 
+def test_layer_index_as_peft_finds_it():
+    assert inject.layer_index("model.layers.3.self_attn.q_proj") == 3
+    assert inject.layer_index("stages.0.blocks.2.proj") == 2                     # PEFT: a part after the first
+    assert inject.layer_index("stages.0.blocks.2.proj", "stages") == 0
+    assert inject.layer_index("stages.0.blocks.2.proj", ["h", "blocks"]) == 2
+    assert inject.layer_index("model.experts.3.layers.1.w") == 3                 # the first numbered part
+    assert inject.layer_index("layers.4.proj") == 4                              # where PEFT finds none
+    assert inject.layer_index("lm_head") is None and inject.layer_index("a.b", "layers") is None
+
+
+def test_plain_model_block_list_at_the_top():
+    model = nn.ModuleDict({"layers": nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(4, 4)}) for _ in range(3)])})
+    assert _targets(model, target_modules=["proj"], layers_to_transform=[0, 2]) == ["layers.0.proj", "layers.2.proj"]
+    with pytest.raises(ValueError, match="layers_pattern needs layers_to_transform"):
+        LoraConfig(target_modules=["proj"], layers_pattern="layers")
+
+
 @pytest.mark.parametrize("kind,expected", [
     ("llama", ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]),
     ("gpt2", ["transformer.h.0.attn.c_attn"]),

@@ -171,4 +171,4 @@ def test_read_config_maps_peft_fields(tmp_path):
         "layers_to_transform": [0, 1], "layers_pattern": "layers", "bias": "none", "use_dora": False,
         "rank_pattern": {}, "task_type": "CAUSAL_LM", "megatron_core": "megatron.core"}))
     assert io.read_config(tmp_path) == pe.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj"],
-                                                     layers_to_transform=[0, 1])
+                                                     layers_to_transform=[0, 1], layers_pattern="layers")

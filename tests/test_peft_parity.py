@@ -113,14 +113,26 @@ def test_merge_unload_and_disable(tiny, ids, case, output):
     ("llama", dict(target_modules="all-linear", exclude_modules=["down_proj", "layers.1.self_attn.k_proj"])),
     ("gpt2", dict(target_modules="all-linear", exclude_modules=r".*\.h\.0\..*")),
     ("bert", dict(target_modules=["query", "key", "value"], exclude_modules=["key"])),
+    ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[1], layers_pattern="h")),
+    ("custom", dict(target_modules=["proj"], layers_to_transform=[1])),                    # stages.N first
+    ("custom", dict(target_modules=["proj"], layers_to_transform=[1], layers_pattern="blocks")),
+    ("custom", dict(target_modules=["proj"], layers_to_transform=0, layers_pattern=["nope", "stages"])),
 ])
 def test_same_modules_targeted(tiny, kind, kw):
-    ours = tiny(kind)
+    build = _custom if kind == "custom" else lambda: tiny(kind)
+    ours = build()
     pe.add_adapter(ours, "a", pe.LoraConfig(**kw))
-    theirs = peft.get_peft_model(tiny(kind), _peft_config(kw))
+    theirs = peft.get_peft_model(build(), _peft_config(kw))
     peft_layers = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert {n for n, _ in inject.lora_layers(ours)} == peft_layers
+
+
+def _custom():
+    """A plain PyTorch model whose block list is not a transformers one: stages.S.blocks.B.proj."""
+    block = lambda: torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8)})
+    stage = lambda: torch.nn.ModuleDict({"blocks": torch.nn.ModuleList([block() for _ in range(3)])})
+    return torch.nn.ModuleDict({"stages": torch.nn.ModuleList([stage() for _ in range(2)])})
 
 
 @pytest.mark.parametrize("case", CASES)

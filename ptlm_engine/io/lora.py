@@ -25,10 +25,10 @@ _INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "rev
                     "qalora_group_size", "ensure_weight_tying"}
 # PEFT config keys read into LoraConfig (PEFT name -> ours).
 _PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
-                "layers_to_transform": "layers_to_transform", "use_rslora": "use_rslora", "bias": "bias",
+                "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
+                "use_rslora": "use_rslora", "bias": "bias",
                 "modules_to_save": "modules_to_save", "rank_pattern": "rank_pattern",
                 "alpha_pattern": "alpha_pattern", "exclude_modules": "exclude_modules"}
-_LAYER_NAMES = {"layers", "h", "layer"}   # the block-stack names inject's layer index understands
 
 
 # ------------------------------------------------------------------------------------------------------ save
@@ -53,7 +53,7 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": target_modules, "layers_to_transform": config.layers_to_transform,
-        "layers_pattern": None, "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "layers_pattern": config.layers_pattern, "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
         "bias": config.bias, "modules_to_save": config.modules_to_save, "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern), "exclude_modules": config.exclude_modules,
     }
@@ -103,14 +103,11 @@ def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path
 def read_config(raw: dict, file: str) -> LoraConfig:
     """The LoraConfig in a parsed PEFT LoRA adapter_config.json."""
     for field, value in raw.items():
-        if field not in _PEFT_FIELDS and field not in _INERT_PEFT_KEYS and field != "layers_pattern" \
-                and value not in (None, False, {}, [], ""):
+        if field not in _PEFT_FIELDS and field not in _INERT_PEFT_KEYS and value not in (None, False, {}, [], ""):
             raise ValueError(f"{file}: {field}={value!r} asks for a PEFT feature this engine does not support")
-    pattern = raw.get("layers_pattern")
-    if pattern and not set([pattern] if isinstance(pattern, str) else pattern) <= _LAYER_NAMES:
-        raise ValueError(f"{file}: layers_pattern {pattern!r} is not supported (layer indices are found in "
-                         f"{sorted(_LAYER_NAMES)})")
     fields = {ours: raw[peft] for peft, ours in _PEFT_FIELDS.items() if raw.get(peft) is not None}
+    if not fields.get("layers_pattern", True):   # PEFT reads an empty layers_pattern as none
+        del fields["layers_pattern"]
     try:
         return LoraConfig(**fields)
     except ValueError as e:
