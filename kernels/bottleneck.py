@@ -150,13 +150,15 @@ def row_block_and_columns(T, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
 def rows_times_weight(x_ptr, w_ptr, tok, rows, offs_m, mask_m, D, stride_xt, stride_xd, stride_wd, stride_wm,
                       FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """x[tok] W over all of d, (BLOCK_T, M_PAD) in fp32: x (T, D) read on the rows `rows`, W[d, m] at
-    w_ptr + d stride_wd + m stride_wm read on the columns mask_m (zero beyond)."""
+    w_ptr + d stride_wd + m stride_wm read on the columns mask_m (zero beyond). x's rows are read again soon
+    (the forward's residual pass, other column shares and slots, the gradient kernel's dy), so they are asked to
+    stay in L2 (evict_last); the last reads ask for the opposite (evict_first)."""
     acc = tl.zeros((BLOCK_T, M_PAD), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_d[None, :] * stride_xd,
-                    mask=rows[:, None] & mask_d[None, :], other=0.0)                           # (BLOCK_T, BLOCK_D)
+                    mask=rows[:, None] & mask_d[None, :], other=0.0, eviction_policy="evict_last")  # (BLOCK_T, BLOCK_D)
         w = tl.load(w_ptr + offs_d[:, None] * stride_wd + offs_m[None, :] * stride_wm,
                     mask=mask_d[:, None] & mask_m[None, :], other=0.0)                          # (BLOCK_D, M_PAD)
         acc = _dot(x, w, acc, FP32_DOT)
@@ -194,7 +196,8 @@ def adapter_forward(
         if HAS_BU:
             out += tl.load(bu_ptr + offs_d * stride_bud, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         mask = rows[:, None] & mask_d[None, :]
-        base = tl.load(base_ptr + tok[:, None] * stride_bt + offs_d[None, :] * stride_bd, mask=mask, other=0.0)
+        base = tl.load(base_ptr + tok[:, None] * stride_bt + offs_d[None, :] * stride_bd, mask=mask, other=0.0,
+                       eviction_policy="evict_first")
         tl.store(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd,
                  (base.to(tl.float32) + scale * out).to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -246,8 +249,10 @@ def grad_sums(
             tok = pos
         mask_td = live[:, None] & mask_d[None, :]
         mask_tm = live[:, None] & mask_m[None, :]
-        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0)
-        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_d[None, :] * stride_hd, mask=mask_td, other=0.0)
+        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0,
+                     eviction_policy="evict_first")
+        h = tl.load(h_ptr + tok[:, None] * stride_ht + offs_d[None, :] * stride_hd, mask=mask_td, other=0.0,
+                    eviction_policy="evict_first")
         a = tl.load(a_ptr + tok[:, None] * stride_at + offs_m[None, :] * stride_am, mask=mask_tm, other=0.0)
         dz = tl.load(dz_ptr + tok[:, None] * stride_at + offs_m[None, :] * stride_am, mask=mask_tm, other=0.0)
         if NEED_DH:
