@@ -953,8 +953,3 @@ def lora_weight_grads(g: torch.Tensor, h: torch.Tensor, g2: torch.Tensor | None 
     )
     return out, (None if N2 == 0 else out2)
 
-
-def lora_weight_grad(g: torch.Tensor, h: torch.Tensor, seed: torch.Tensor | None = None,
-                     dropout: float = 0.0) -> torch.Tensor:
-    """out = sum_t (keep * g)[t, :]^T h[t, :] in fp32.   g (T, N), h (T, r) fp32 -> (N, r); see lora_weight_grads."""
-    return lora_weight_grads(g, h, seed=seed, dropout=dropout)[0]

@@ -60,7 +60,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-DECODE_MAX_LQ = 16  # at or below this many queries the q tile is a sliver: 16-row tiles, long key blocks
 DELTA_BLOCK_M = 64
 DQ_MODES = ("atomic", "split")  # the backward's dQ: fused with fp32 atomics, or its own (reproducible) pass
 SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles per program (the H100 has 227 KB of shared memory per SM)

@@ -60,6 +60,36 @@ def test_round_trip(tiny, saved, ids, kind, kw, output):
     torch.testing.assert_close(output(fresh, ids), y)
 
 
+def test_hub_repo_ids_come_through_the_hub_cache(tiny, saved, ids, output, monkeypatch, tmp_path):
+    """A repo id ("org/name") is fetched with huggingface_hub (here a stand-in serving tmp_path), with its
+    revision and subfolder; a failure there is a FileNotFoundError naming the id."""
+    import huggingface_hub
+    model, path = saved(target_modules=["c_attn"])              # tmp_path / "a"
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        if repo_id != "org/adapters":
+            raise huggingface_hub.errors.RepositoryNotFoundError(f"{repo_id} not found")
+        return str(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    fresh = tiny("gpt2")
+    pe.load_adapter(fresh, "org/adapters", name="b", revision="v1", subfolder="a")
+    torch.testing.assert_close(output(fresh, ids), output(model, ids))
+    assert calls == [("org/adapters", "v1", ["a/adapter_config.json", "a/adapter_model.safetensors",
+                                             "a/*/adapter_config.json", "a/*/adapter_model.safetensors"])]
+    assert io.read_config("org/adapters", subfolder="a") == pe.LoraConfig(r=4, alpha=8, target_modules=["c_attn"])
+    state = _state(fresh)
+    with pytest.raises(FileNotFoundError, match="org/missing: no such directory, and the Hugging Face Hub"):
+        pe.load_adapter(fresh, "org/missing", name="c")
+    _assert_unchanged(fresh, state, adapters=["b"])
+    monkeypatch.chdir(tmp_path)                                  # a local directory wins over a repo id
+    (tmp_path / "org").mkdir()
+    pe.save_adapter(model, "a", tmp_path / "org" / "local")
+    pe.load_adapter(fresh, "org/local", name="d")
+    assert len(calls) == 3
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 

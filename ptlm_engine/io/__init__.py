@@ -12,7 +12,7 @@ from torch import nn
 
 from ptlm_engine import api
 from ptlm_engine.io import bottleneck, lora, prefix, prompt
-from ptlm_engine.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Format, read_json, read_tensors, write
+from ptlm_engine.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Format, locate, read_json, read_tensors, write
 
 FORMATS: list[Format] = [lora.FORMAT, bottleneck.FORMAT, prefix.FORMAT, prompt.FORMAT]
 
@@ -35,10 +35,13 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
               tensors, file_config)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> str:
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
+                 subfolder: str | None = None) -> str:
     """Add the adapter stored in the directory `path` (written by save_adapter or by HF PEFT) as `name`;
     it becomes active if it is the model's first. Returns `name`. A directory without adapter_config.json whose
     subdirectories hold adapters (as save_adapter writes a combined adapter) loads them as one adapter.
+    `path` may also be a Hugging Face Hub repo id ("org/name", at `revision`), as in PeftModel.from_pretrained;
+    `subfolder`: the adapter's directory inside `path`.
 
     Raises FileNotFoundError for a missing file and ValueError for anything that does not fit (bad JSON or
     safetensors, an unsupported peft_type, PEFT features this engine lacks, missing, extra or misshapen
@@ -46,7 +49,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """
     model = api.unwrap(model)
     api.check_new_name(model, name)
-    dirs = _part_dirs(path)
+    dirs = _part_dirs(locate(path, revision, subfolder))
     configs, applies = [], []
     for part_dir in dirs:
         raw, file = read_json(part_dir)
@@ -68,11 +71,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return name
 
 
-def read_config(path: str | os.PathLike):
+def read_config(path: str | os.PathLike, *, revision: str | None = None, subfolder: str | None = None):
     """The adapter config in `path`/adapter_config.json (a LoraConfig, PrefixConfig, ...; a tuple of them for
-    a combined adapter's directory)."""
+    a combined adapter's directory); `path`, `revision`, `subfolder` as in load_adapter."""
     configs = []
-    for part_dir in _part_dirs(path):
+    for part_dir in _part_dirs(locate(path, revision, subfolder)):
         raw, file = read_json(part_dir)
         configs.append(_format(raw, file).read_config(raw, file))
     return configs[0] if len(configs) == 1 else tuple(configs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,27 @@ class Format:
 def key(module_path: str, leaf: str) -> str:
     """The file key of `leaf` (e.g. "lora_A.weight") in the module `module_path` ("" for the model itself)."""
     return f"{PREFIX}{module_path}.{leaf}" if module_path else f"{PREFIX}{leaf}"
+
+
+def locate(path: str | os.PathLike, revision: str | None = None, subfolder: str | None = None) -> str:
+    """The local directory of an adapter: `path` (and its `subfolder`) where it is a directory; else, where
+    `path` reads as a Hugging Face Hub repo id ("org/name"), its adapter files at `revision` (and `subfolder`),
+    fetched into the Hub's local cache (huggingface_hub; offline, what the cache holds). Anything else comes back
+    as given, for the readers to report missing."""
+    if os.path.isdir(path) or not isinstance(path, str) or not _HUB_ID.fullmatch(path):
+        return os.path.join(path, subfolder) if subfolder else os.fspath(path)
+    from huggingface_hub import snapshot_download   # transformers' own dependency
+    inside = f"{subfolder.strip('/')}/" if subfolder else ""
+    patterns = [f"{inside}{glob}{name}" for glob in ("", "*/") for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    try:
+        local = snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except Exception as e:   # huggingface_hub raises its own errors for unknown repos, revisions and no network
+        raise FileNotFoundError(f"{path}: no such directory, and the Hugging Face Hub could not provide it "
+                                f"({type(e).__name__}: {e})") from e
+    return os.path.join(local, inside) if inside else local
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")   # "org/name": what a relative local path rarely is
 
 
 def read_json(path: str | os.PathLike) -> tuple[dict, str]:

@@ -40,7 +40,7 @@ def _check_case(T, d_in, d_out, r, dtype, bias=True, transposed_w=False, strided
         assert_matches(xa_m, xa64, scale * (x @ a.t()), dtype, "matmul's xa")
 
     g = rand(T, d_out, dtype=dtype)
-    db = K.lora_weight_grad(g, xa)
+    db = K.lora_weight_grads(g, xa)[0]
     db64 = g.double().t() @ xa64
     assert_matches(db, db64, g.t() @ xa.to(dtype), dtype, "weight grad")
 
@@ -79,11 +79,11 @@ def test_split_outputs_are_zeroed_only_for_split_configs(split, monkeypatch):
     T, n, r = 37, 40, 5
     x, a, g = (rand(*shape, dtype=torch.float32) for shape in ((T, n), (r, n), (T, n)))
     xa = K.lora_shrink(x, a, 1.5)                                # the keys' configs are known from here on
-    K.lora_weight_grad(g, xa)
+    K.lora_weight_grads(g, xa)
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     cases = ((K._lora_shrink, "SPLIT_K", lambda: K.lora_shrink(x, a, 1.5), x.double() @ a.double().t() * 1.5),
-             (K._lora_weight_grad, "SPLIT_T", lambda: K.lora_weight_grad(g, xa), g.double().t() @ xa.double()))
+             (K._lora_weight_grad, "SPLIT_T", lambda: K.lora_weight_grads(g, xa)[0], g.double().t() @ xa.double()))
     for launcher, split_name, call, ref in cases:
         for key, (meta, pre_hook) in list(launcher.configs.items()):   # this call's key among earlier tests'
             monkeypatch.setitem(launcher.configs, key, ({**meta, split_name: split}, pre_hook))
@@ -133,7 +133,7 @@ def test_dropout_mask_shared_by_forward_and_backward():
         assert_matches(xa, xa64, None, torch.float32, f"forward xa with dropout, fused={fuse}")
         assert_matches(y, x.double() @ w0.double().t() + xa64 @ b.double().t(), None, torch.float32, "y")
     # backward dA^T = (keep * x)^T g  and  dx's LoRA part = keep * (g A), with g = c * dy B from the same pass
-    da_t = K.lora_weight_grad(x, g, seed, p)
+    da_t = K.lora_weight_grads(x, g, seed=seed, dropout=p)[0]
     assert_matches(da_t, (x.double() * keep).t() @ g.double(), None, torch.float32, "weight grad with dropout")
     dy = rand(T, d_out, dtype=torch.float32)
     # the backward's pair in one launch: the mask applies to the first (x) only, dB = dy^T xa has none
