@@ -41,9 +41,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "phi": ["q_proj", "v_proj", "fc1", "fc2"],
 }
 
-# The layer index of a module inside a stack of blocks: model.layers.N (Llama), transformer.h.N (GPT-2),
-# encoder.layer.N (BERT); the first such index in the name counts.
-
 
 # ------------------------------------------------------------------------------------------------- walking
 def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
