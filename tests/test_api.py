@@ -1,10 +1,13 @@
 """The public lifecycle on tiny HF models: add / activate / train flags / merge / disable / remove / unload,
 config validation, torch.compile."""
+import contextlib
+
 import pytest
 import torch
 
 import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear, ModulesToSave
+from tests.helpers import needs_triton
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -255,3 +258,37 @@ def test_hf_trainer_trains_only_the_adapter(tiny, tmp_path):
     changed = {n for n, p in bert.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {n for n, p in bert.named_parameters() if p.requires_grad}
     assert any(".lora_B.a." in n for n in changed) and "classifier.modules_to_save.a.weight" in changed
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # transformers: gradient_checkpointing_enable's new name
+@pytest.mark.parametrize("backend,reentrant", [("reference", True), ("reference", False),
+                                               pytest.param("triton", False, marks=needs_triton)])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gradient_checkpointing_recomputes_the_same_dropout(tiny, monkeypatch, backend, reentrant, mixed):
+    """transformers' gradient checkpointing reruns each block's forward in backward: LoRA dropout must draw the
+    same masks there (its seed comes from torch's generator, whose state checkpointing restores), one adapter
+    active or two trained at once in a mixed batch."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    results = []
+    for checkpointing in (False, True):
+        llama = tiny("llama")
+        torch.manual_seed(0)                                                     # lora_A's initialisation
+        pe.add_adapter(llama, "a", pe.LoraConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "down_proj"]))
+        pe.add_adapter(llama, "b", pe.LoraConfig(r=2, dropout=0.2, target_modules=["q_proj", "k_proj", "v_proj"]))
+        with torch.no_grad():
+            for name, p in llama.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+        llama.train()
+        if checkpointing:
+            llama.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            llama.enable_input_require_grads()
+        torch.manual_seed(123)
+        with pe.adapter_batch(llama, ["b", "a"]) if mixed else contextlib.nullcontext():
+            llama(input_ids=ids, labels=ids).loss.backward()
+        results.append({n: p.grad for n, p in llama.named_parameters() if p.requires_grad})
+    plain, checkpointed = results
+    assert plain.keys() == checkpointed.keys() and all(g is not None for g in plain.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
