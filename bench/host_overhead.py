@@ -16,6 +16,11 @@ taken out, so that providers can be compared and regressions caught on any CPU:
   beside `eager` (x W^T + s·dropout(x) A^T B^T in plain PyTorch, fp32), the yardstick: its elementwise ops have
   only Python meta kernels (below). fwd: under no_grad, no dropout; fwd+bwd: dropout 0.05, autograd.grad of x
   and the adapters.
+- The eager decode step of mixed-batch serving (`decode`; bench/model_generate.py's model and providers: base,
+  ptlm_one, ptlm_mixed inside `pe.adapter_batch(static=True)`, peft_mixed with `adapter_names=`): one token per
+  row of a batch of 64 (32 adapters round-robin, LoRA r=16 on the 7 projections) on a DynamicCache of an 8-token
+  prompt, cropped back after each step, the same 16-layer tiny-width decoder in float32 on the CPU. This is the
+  host cost `model.generate` pays per token inside `pe.adapter_batch` without CUDA graphs.
 - The training step (bench/model_train.py: llama_config, build_model, add_lora; forward with labels, backward,
   AdamW(foreach=True, the CUDA default), zero_grad) runs on the CPU as a proxy of the same structure: 16 layers,
   32 / 8 heads, LoRA r=16 on the 7 projections with dropout 0.05, but hidden 64, FFN 128, vocab 256, batch 8 x 16
@@ -40,14 +45,17 @@ measured 2026-11-26 on this CPU (AMD EPYC VM, 2 vCPUs; torch 2.13.0+cpu, triton 
 aten ops, 4189 torch calls), ptlm 107 / 81.6 ms (4587 aten ops, 13841 torch calls) plus 509 Triton launches
 (+12 ms at 24 µs); one layer fwd+bwd at T = 8192: lora_linear 497 / 347 µs (5 launches), grouped q/k/v
 1016 / 844 µs (13); at T = 1 on the CPU, lora_linear 259 / 233 µs (3 launches) against eager 253 / 220 µs
-(41 aten ops).
+(41 aten ops). Eager decode step (2026-11-27, --steps 40, results/cpu-2026-11-27-host-decode.*), median / min:
+base 28.1 / 23.2 ms, ptlm_one 43.5 / 31.4 (64 launches), ptlm_mixed 45.4 / 33.9 (128 launches; 1.46x base by the
+minimum), peft_mixed 600 / 499 (21x base).
 
-    python -m bench.host_overhead --out DIR [--parts model,layers] [--providers peft,ptlm] [--steps 10] \\
+    python -m bench.host_overhead --out DIR [--parts model,layers,decode] [--providers peft,ptlm] [--steps 10] \\
         [--warmup 3] [--reps 200] [--profile-steps 3] [--tma h100|off] [--model-device cpu|meta]
     python -m bench.host_overhead --smoke --out DIR      # 2 layers, a few steps / calls: seconds
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import cProfile
 import gc
@@ -61,17 +69,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptlm_engine as pe
-from bench import harness, model_train
+from bench import harness, model_generate, model_train
 
 STEM = "host_overhead"
 # ptlm_fused: ptlm + pe.fuse_base_ops (its RoPE patch fuses only inside the fused model's attention, so the
 # providers' steps can interleave)
 PROVIDERS = ["peft", "ptlm", "ptlm_fused"]
-PARTS = ["model", "layers"]
+PARTS = ["model", "layers", "decode"]
+DECODE_PROVIDERS = ["base", "ptlm_one", "ptlm_mixed", "peft_mixed"]
 LAUNCH_US = 24.0          # one Triton launch with ~21 arguments on the H100's host (2026-11-26)
 H100_SMS = 132
 REPO = Path(__file__).resolve().parent.parent
@@ -397,6 +407,44 @@ def layer_rows(args, host: HostOnly) -> list[dict]:
     return measure(cases, host, args.layer_warmup, args.reps, args.rounds, args.launch_us)
 
 
+# -------------------------------------------------------------------------------------------- (c) decode step
+def decode_rows(args, host: HostOnly) -> list[dict]:
+    """One eager decode step per provider (see the module docstring), the providers' steps interleaved."""
+    config = proxy_config(args.smoke, "cpu")
+    config.use_cache = True
+    batch, adapters, prompt_len = (4, 2, 4) if args.smoke else (64, 32, 8)
+    gen_args = argparse.Namespace(adapters=adapters, rank=args.rank, alpha=model_generate.ALPHA, batch=batch)
+    prompt = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+    cases = []
+    with contextlib.ExitStack() as stack:        # each provider its own model: the setups stay entered
+        stack.enter_context(torch.no_grad())
+        for provider in DECODE_PROVIDERS:
+            model = model_generate.build(provider.split("_")[0], gen_args, config, torch.device("cpu"), torch.float32)
+            kwargs = stack.enter_context(model_generate.provider_setup(provider, model,
+                                                                       model_generate.row_names(gen_args)))
+            cases.append(({"part": "decode", "case": "decode_step", "provider": provider, "mode": "fwd",
+                           "device": "cpu", "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                           "T": batch, "r": args.rank, "adapters": 0 if provider == "base" else
+                           1 if provider.endswith("_one") else adapters},
+                          _decode_step(model, kwargs, prompt)))
+        return measure(cases, host, args.warmup, args.steps, args.steps, args.launch_us)
+
+
+def _decode_step(model: nn.Module, forward_kwargs: dict, prompt: torch.Tensor):
+    """A zero-argument call: one greedy token for every row on top of the prompt's cache, then the cache cropped
+    back to the prompt (every call decodes at the same length)."""
+    from transformers import DynamicCache
+    cache_arg = model_generate.cache_argument()
+    cache = DynamicCache()
+    logits = model(input_ids=prompt, use_cache=True, **{cache_arg: cache}, **forward_kwargs).logits
+    token = logits[:, -1:].argmax(-1)
+
+    def step():
+        model(input_ids=token, use_cache=True, **{cache_arg: cache}, **forward_kwargs)
+        cache.crop(-1)                           # the step's token out again (negative: as every version reads it)
+    return step
+
+
 # ------------------------------------------------------------------------------------------------------ output
 def _line(r: dict) -> str:
     if r["host_us"] is None:
@@ -469,6 +517,8 @@ def main(argv: list[str] | None = None) -> dict:
             rows, profile = model_rows(args, host)
         if "layers" in args.parts:
             rows += layer_rows(args, host)
+        if "decode" in args.parts:
+            rows += decode_rows(args, host)
     for row in rows:
         print(_line(row))
     meta["wall_s"] = time.monotonic() - start

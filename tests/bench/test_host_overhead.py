@@ -33,6 +33,11 @@ def test_smoke_rows_profile_files_and_restore(tmp_path, monkeypatch):
                 assert 0 < fwd["triton_launches"] < train["triton_launches"], (case, device, T)
     assert layer["lora_linear", "eager", "fwd+bwd", "cpu", 1]["triton_launches"] == 0
     assert len(result["profile"]) == 15 and all(p["own_us"] >= 0 for p in result["profile"])
+    decode = {r["provider"]: r for r in rows if r["part"] == "decode"}
+    assert list(decode) == host_overhead.DECODE_PROVIDERS
+    assert decode["base"]["triton_launches"] == decode["peft_mixed"]["triton_launches"] == 0
+    assert 0 < decode["ptlm_one"]["triton_launches"] <= decode["ptlm_mixed"]["triton_launches"]
+    assert (decode["ptlm_mixed"]["adapters"], decode["ptlm_one"]["adapters"], decode["base"]["adapters"]) == (2, 1, 0)
 
     assert json.loads((tmp_path / "host_overhead.json").read_text())["rows"] == json.loads(json.dumps(rows))
     md = (tmp_path / "host_overhead.md").read_text()
