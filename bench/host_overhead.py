@@ -424,8 +424,7 @@ def decode_rows(args, host: HostOnly) -> list[dict]:
                                                                        model_generate.row_names(gen_args)))
             cases.append(({"part": "decode", "case": "decode_step", "provider": provider, "mode": "fwd",
                            "device": "cpu", "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                           "T": batch, "r": args.rank, "adapters": 0 if provider == "base" else
-                           1 if provider.endswith("_one") else adapters},
+                           "T": batch, "r": args.rank, "adapters": model_generate.adapters_run(provider, adapters)},
                           _decode_step(model, kwargs, prompt)))
         return measure(cases, host, args.warmup, args.steps, args.steps, args.launch_us)
 

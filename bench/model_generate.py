@@ -76,6 +76,11 @@ def adapter_names(count: int) -> list[str]:
     return [f"a{i}" for i in range(count)]
 
 
+def adapters_run(provider: str, adapters: int) -> int:
+    """How many adapters a provider's rows use: none (base), one (*_one) or all of them (*_mixed)."""
+    return 0 if provider == "base" else 1 if provider.endswith("_one") else adapters
+
+
 def row_names(args) -> list[str]:
     """The mixed batch's mapping: row i runs adapter i mod the adapter count."""
     names = adapter_names(args.adapters)
@@ -231,7 +236,7 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
     """One row (and the last run's tokens): warm-up run, then --repeats timed generations."""
     timing = timing_of(loop, device)
     row = {"op": OP, "provider": provider, "mode": "greedy", "timing": timing, **shape(args, config),
-           "adapters": 0 if provider == "base" else 1 if provider.endswith("_one") else args.adapters}
+           "adapters": adapters_run(provider, args.adapters)}
     steps = args.peft_mixed_tokens if provider == "peft_mixed" and loop == "eager" else args.new_tokens
     steps = max(2, min(steps, args.new_tokens))
 

@@ -80,7 +80,7 @@ class LoraConfig:
     def scale(self) -> float:
         """The factor on B A of a module without a pattern: alpha / r, or alpha / sqrt(r) with rank-stabilized
         LoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return self._scaling(self.alpha, self.r)
 
     def rank_for(self, module: str) -> int:
         """The rank of the module with dotted name `module` (rank_pattern, else r)."""
@@ -91,8 +91,9 @@ class LoraConfig:
         """The factor on B A of the module `module`: its alpha over its rank (its square root with rsLoRA), as
         PEFT's LoRA layer computes it from the patterns."""
         key = pattern_key(self.alpha_pattern, module)
-        alpha = self.alpha if key is None else self.alpha_pattern[key]
-        r = self.rank_for(module)
+        return self._scaling(self.alpha if key is None else self.alpha_pattern[key], self.rank_for(module))
+
+    def _scaling(self, alpha: float, r: int) -> float:
         return alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
