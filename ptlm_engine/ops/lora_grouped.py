@@ -55,9 +55,11 @@ def _check_members(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
         d_out, d_in = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
         if x.dim() < 1 or x.shape[-1] != d_in:
             raise ValueError(f"x: expected shape (..., {d_in}) to match weights[{g}], got {tuple(x.shape)}")
-        if b is not None and tuple(b.shape) != (d_out,):
+        if b is not None and b.shape != (d_out,):
             raise ValueError(f"biases[{g}]: expected shape ({d_out},), got {tuple(b.shape)}")
-        check_like("x", x, {f"weights[{g}]": w, f"biases[{g}]": b})
+        if not (w.dtype == x.dtype and w.device == x.device
+                and (b is None or (b.dtype == x.dtype and b.device == x.device))):
+            check_like("x", x, {f"weights[{g}]": w, f"biases[{g}]": b})
         d_outs.append(d_out)
     return d_outs
 
@@ -75,40 +77,50 @@ def _check(x: Tensor, weights, biases, lora_As, lora_Bs, scales, dropouts, fan_i
             continue
         if a.dim() != 2 or a.shape[0] < 1 or a.shape[1] != d_in:
             raise ValueError(f"lora_As[{g}]: expected shape (r, {d_in}) with r >= 1, got {tuple(a.shape)}")
-        if b.dim() != 2 or tuple(b.shape) != (d_outs[g], a.shape[0]):
+        if b.dim() != 2 or b.shape != (d_outs[g], a.shape[0]):
             raise ValueError(f"lora_Bs[{g}]: expected shape ({d_outs[g]}, {a.shape[0]}), got {tuple(b.shape)}")
+        if a.dtype in (x.dtype, torch.float32) and b.dtype in (x.dtype, torch.float32) and \
+                a.device == b.device == x.device:
+            continue                                  # the usual case; else the checks below name the tensor
         check_like("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b}, dtype=False)
         check_adapter_dtypes("x", x, {f"lora_As[{g}]": a, f"lora_Bs[{g}]": b})
 
 
 def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], adapter_index: Tensor,
                  fan_in_fan_out: bool) -> None:
+    """Shapes, dtypes and devices; no torch op runs (every grouped layer call of a served batch pays this)."""
     d_outs = _check_members(x, weights, biases, fan_in_fan_out, slots=slots)
     d_in = x.shape[-1]
-    if tuple(adapter_index.shape) != tuple(x.shape[:-1]) or adapter_index.dtype.is_floating_point:
+    if adapter_index.shape != x.shape[:-1] or adapter_index.dtype.is_floating_point:
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
-    check_like("x", x, {"adapter_index": adapter_index}, dtype=False)
-    counts = {s.lora_A.shape[0] for s in slots if s is not None and s.lora_A.dim() == 3}
-    if len(counts) > 1:
-        raise ValueError(f"slots: every member must stack the same number of slots (one mapping indexes all), "
-                         f"got {sorted(counts)}")
+    dtype, device = x.dtype, x.device
+    if adapter_index.device != device:
+        check_like("x", x, {"adapter_index": adapter_index}, dtype=False)
+    S = None
     for g, s in enumerate(slots):
         if s is None:
             continue
-        A, B = s.lora_A, s.lora_B
+        A, B, ranks, scales, dropouts = s
         if A.dim() != 3 or A.shape[2] != d_in or A.shape[1] < 1:
             raise ValueError(f"slots[{g}].lora_A: expected stacked slots (S, r_max, {d_in}), got {tuple(A.shape)}")
+        if S is not None and A.shape[0] != S:
+            raise ValueError(f"slots: every member must stack the same number of slots (one mapping indexes all), "
+                             f"got {sorted({S, A.shape[0]})}")
         S, r_max = A.shape[:2]
-        if tuple(B.shape) != (S, d_outs[g], r_max):
+        if B.shape != (S, d_outs[g], r_max):          # torch.Size equals the tuple of its sizes
             raise ValueError(f"slots[{g}].lora_B: expected stacked slots ({S}, {d_outs[g]}, {r_max}), "
                              f"got {tuple(B.shape)}")
-        for name in ("ranks", "scales", "dropouts"):
-            t = getattr(s, name)
-            if t is not None and tuple(t.shape) != (S,):
+        for name, t in (("ranks", ranks), ("scales", scales), ("dropouts", dropouts)):
+            if t is not None and t.shape != (S,):
                 raise ValueError(f"slots[{g}].{name}: expected shape ({S},), got {tuple(t.shape)}")
+        # The usual case in a few comparisons; check_like names the first offending tensor otherwise.
+        if (A.dtype == B.dtype == dtype and A.device == B.device == ranks.device == scales.device == device
+                and (dropouts is None or dropouts.device == device)):
+            continue
         check_like("x", x, {f"slots[{g}].lora_A": A, f"slots[{g}].lora_B": B})
-        check_like("x", x, {f"slots[{g}].{n}": getattr(s, n) for n in ("ranks", "scales", "dropouts")}, dtype=False)
+        check_like("x", x, {f"slots[{g}].ranks": ranks, f"slots[{g}].scales": scales,
+                            f"slots[{g}].dropouts": dropouts}, dtype=False)
 
 
 # ---------------------------------------------------------------------------------- single adapter: impls
@@ -489,7 +501,7 @@ def lora_linear_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequenc
 def _slot_field(slots: Sequence[LoraSlots | None], name: str, dtype: torch.dtype | None = None) -> list:
     """Each member's slots.<name>, cast to dtype if given; None where a member has no slots (or no dropouts)."""
     fields = [None if s is None else getattr(s, name) for s in slots]
-    return [t if t is None or dtype is None else t.to(dtype) for t in fields]
+    return fields if dtype is None else [t if t is None else _as(t, dtype) for t in fields]
 
 
 def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
@@ -499,7 +511,7 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
     G = len(weights)
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
-    index = adapter_index.reshape(-1)                                               # (T,)
+    index = adapter_index.reshape(-1) if adapter_index.dim() != 1 else adapter_index  # (T,)
     weights, biases = list(weights), list(biases)
     lora_As, lora_Bs = _slot_field(slots, "lora_A"), _slot_field(slots, "lora_B")
     dropouts = _slot_field(slots, "dropouts", torch.float32)
@@ -509,7 +521,7 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
         ys = reference.lora_linear_multi_grouped(x2d, weights, biases, lora_As, lora_Bs, _slot_field(slots, "scales"),
                                                  index, fan_in_fan_out, dropouts, keeps)
     else:
-        index = index.to(torch.int32)
+        index = _as(index, torch.int32)
         num_slots = next((a.shape[0] for a in lora_As if a is not None), 0)
         order, bounds = token_segments(index, num_slots) if segments is None else segments
         seeds = torch.randint(0, 2**31 - 1, (G,), device=x.device) if any(p is not None for p in dropouts) else None

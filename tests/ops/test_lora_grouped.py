@@ -263,6 +263,14 @@ def test_grouped_bad_members_raise_value_error():
         lora_linear_multi_grouped(xm, wm, [None, None], [slots[0], slots[1]._replace(lora_B=slots[0].lora_B)], index)
     with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
         lora_linear_multi_grouped(xm, wm, [None, None], slots, index[:4])
+    with pytest.raises(ValueError, match=r"slots\[1\].lora_A: expected dtype torch.float32"):
+        lora_linear_multi_grouped(xm, wm, [None, None], [slots[0], slots[1]._replace(
+            lora_A=slots[1].lora_A.double())], index)
+    with pytest.raises(ValueError, match=r"slots\[0\].scales: expected device"):
+        lora_linear_multi_grouped(xm, wm, [None, None], [slots[0]._replace(scales=slots[0].scales.to("meta")),
+                                                         slots[1]], index)
+    with pytest.raises(ValueError, match=r"weights\[1\]: expected dtype torch.float32"):
+        lora_linear_multi_grouped(xm, [wm[0], wm[1].double()], [None, None], slots, index)
 
 
 def test_reference_backend_matches_float64(monkeypatch):
