@@ -112,6 +112,8 @@ def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], 
             raise ValueError(f"slots[{g}].lora_B: expected stacked slots ({S}, {d_outs[g]}, {r_max}), "
                              f"got {tuple(B.shape)}")
         for name, t in (("ranks", ranks), ("scales", scales), ("dropouts", dropouts)):
+            if t is None and name != "dropouts":
+                raise ValueError(f"slots[{g}].{name}: expected a tensor of shape ({S},), got None")
             if t is not None and t.shape != (S,):
                 raise ValueError(f"slots[{g}].{name}: expected shape ({S},), got {tuple(t.shape)}")
         # The usual case in a few comparisons; check_like names the first offending tensor otherwise.

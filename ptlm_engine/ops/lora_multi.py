@@ -49,6 +49,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
     S, r_max = A.shape[:2]
     if B.shape != (S, d_out, r_max):        # torch.Size equals the tuple of its sizes
         raise ValueError(f"lora_B: expected stacked slots ({S}, {d_out}, {r_max}), got {tuple(B.shape)}")
+    for name, t in (("ranks", ranks), ("scales", scales)):
+        if t is None:
+            raise ValueError(f"{name}: expected a tensor of shape ({S},), got None")
     if ranks.shape != (S,) or scales.shape != (S,):
         raise ValueError(f"ranks and scales: expected shape ({S},), got {tuple(ranks.shape)} and "
                          f"{tuple(scales.shape)}")

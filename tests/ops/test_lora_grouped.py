@@ -269,6 +269,8 @@ def test_grouped_bad_members_raise_value_error():
     with pytest.raises(ValueError, match=r"slots\[0\].scales: expected device"):
         lora_linear_multi_grouped(xm, wm, [None, None], [slots[0]._replace(scales=slots[0].scales.to("meta")),
                                                          slots[1]], index)
+    with pytest.raises(ValueError, match=r"slots\[1\].ranks: expected a tensor of shape \(3,\), got None"):
+        lora_linear_multi_grouped(xm, wm, [None, None], [slots[0], slots[1]._replace(ranks=None)], index)
     with pytest.raises(ValueError, match=r"weights\[1\]: expected dtype torch.float32"):
         lora_linear_multi_grouped(xm, [wm[0], wm[1].double()], [None, None], slots, index)
 

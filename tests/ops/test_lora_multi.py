@@ -157,6 +157,8 @@ def test_multi_bad_input_raises_value_error():
         lora_linear_multi(x, w, bias, slots._replace(lora_B=slots.lora_B[:, :, :2]), index)
     with pytest.raises(ValueError, match=r"ranks and scales: expected shape \(2,\)"):
         lora_linear_multi(x, w, bias, slots._replace(scales=slots.scales[:1]), index)
+    with pytest.raises(ValueError, match=r"ranks: expected a tensor of shape \(2,\), got None"):
+        lora_linear_multi(x, w, bias, slots._replace(ranks=None), index)
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 8\)"):
         lora_linear_multi(x[:, :7], w, bias, slots, index)
     with pytest.raises(ValueError, match=r"lora_B: expected dtype torch.float32 \(the dtype of x\)"):
