@@ -276,6 +276,28 @@ def test_torch_compile_inside_the_block(tiny, output):
     assert all(g is not None for n, g in grads.items() if ".lora_B.a." in n or ".lora_B.b." in n)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_generate_with_static_cache_and_compiled_forward(tiny, backend, monkeypatch):
+    """transformers' own graph-friendly loop inside the block: a StaticCache and generate's compiled forward
+    (fullgraph: no graph break at the layers, the token index built in the graph) give eager's tokens."""
+    from transformers import CompileConfig
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    llama = _with_adapters(tiny, "llama", ["a", "b"])
+    ids = _ids(len(MAPPING), length=5)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, pad_token_id=0, do_sample=False)
+    compile_config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    compile_config._compile_all_devices = True                # generate compiles on CUDA only by default
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with pe.adapter_batch(llama, MAPPING):
+        eager = llama.generate(ids, **kw)
+        assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        static = llama.generate(ids, cache_implementation="static", compile_config=compile_config, **kw)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"]   # the decode steps ran compiled
+    torch.testing.assert_close(static, eager, rtol=0, atol=0)
+    assert not torch.equal(eager, llama.generate(ids, **kw))   # the adapters change the tokens
+
+
 @needs_triton
 def test_triton_kernels_through_the_layers(tiny, output, monkeypatch):
     """The multi-adapter kernels with the token grouping shared by all layers: as the reference, with grads."""
