@@ -564,3 +564,20 @@ def test_remap_replays_a_captured_forward_with_the_new_mapping(tiny, output, mon
     for row, name in enumerate(new):
         alone = run_alone(llama, name, lambda: output(llama, ids[row:row + 1]))
         torch.testing.assert_close(captured[row], alone[0], rtol=1e-3, atol=1e-3, msg=f"row {row} ({name})")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_with_static_cache_and_cuda_graphs(tiny, monkeypatch):
+    """generate's default compile on a GPU (inductor, "reduce-overhead": the decode step replays as CUDA graphs)
+    with the Triton kernels inside the block: eager's tokens."""
+    from transformers import CompileConfig
+    monkeypatch.delenv("PTLM_BACKEND")
+    llama = _with_adapters(tiny, "llama", ["a", "b"]).cuda()
+    ids = _ids(len(MAPPING), length=5).cuda()
+    kw = dict(max_new_tokens=6, min_new_tokens=6, pad_token_id=0, do_sample=False)
+    with pe.adapter_batch(llama, MAPPING):
+        eager = llama.generate(ids, **kw)
+        graphs = llama.generate(ids, cache_implementation="static", compile_config=CompileConfig(fullgraph=True),
+                                **kw)
+    torch.testing.assert_close(graphs, eager, rtol=0, atol=0)
