@@ -9,9 +9,8 @@ import torch
 
 import ptlm_engine as pe
 from ptlm_engine import api, inject
-from ptlm_engine.kernels import lora as K
 from ptlm_engine.pool import AdapterPool
-from tests.helpers import run_alone
+from tests.helpers import needs_triton, run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
@@ -31,8 +30,6 @@ ADAPTERS = {
              "b": dict(r=8, alpha=4, target_modules=["value", "key"])},
 }
 MAPPING = ["a", "b", None, "a"]
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
-                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
 
 
 def _ids(rows, length=6):

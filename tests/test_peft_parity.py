@@ -9,14 +9,12 @@ import torch
 
 import ptlm_engine as pe
 from ptlm_engine import inject
-from ptlm_engine.kernels import lora as K
+from tests.helpers import needs_triton
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
-                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
 
 # (model kind, our config, the same adapter as PEFT's config)
 CASES = {

@@ -13,17 +13,14 @@ import torch
 import transformers
 
 import ptlm_engine as pe
-from ptlm_engine.kernels import prefix_attention as K
 from ptlm_engine.layers.prefix import _ENTRY, LAYER_NAME
-from tests.helpers import run_alone
+from tests.helpers import needs_triton, run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION"}
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
-                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
 
 
 def _ids(rows, length=7, seed=3):

@@ -7,11 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ptlm_engine.kernels import lora as K
 from ptlm_engine.layers import LoraLinear, ModulesToSave
-
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
-                                  reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
+from tests.helpers import needs_triton
 
 
 def _layer(kind="linear", bias=True, d_in=24, d_out=40, r=4, seed=0):
