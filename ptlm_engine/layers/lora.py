@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ptlm_engine import functional
 from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.ops.lora import as_dtype
 from ptlm_engine.ops.lora_multi import LoraSlots
 from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
 
@@ -153,10 +154,10 @@ class LoraLinear(AdapterLayer):
         if not self.adapters_enabled or self.merged_adapter is not None or name not in self.lora_A:
             return self._base_forward(x)
         dtype = compute_dtype(x, self.weight)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        bias = None if self.bias is None else as_dtype(self.bias, dtype)
         lora_A, lora_B = self._adapter_weights(name, dtype)
         return functional.lora_linear(
-            x.to(dtype), self.weight.to(dtype), bias, lora_A, lora_B,
+            as_dtype(x, dtype), as_dtype(self.weight, dtype), bias, lora_A, lora_B,
             self.scale[name], self.dropout[name] if self.training else 0.0, self.fan_in_fan_out)
 
     def _adapter_weights(self, name: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -181,9 +182,9 @@ class LoraLinear(AdapterLayer):
         if not self.batch_adapters:                        # no row's adapter is in this layer
             return self._base_forward(x)
         dtype = compute_dtype(x, self.weight)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        return functional.lora_linear_multi(x.to(dtype), self.weight.to(dtype), bias, self.batch_slots(dtype), index,
-                                            self.fan_in_fan_out, segments)
+        bias = None if self.bias is None else as_dtype(self.bias, dtype)
+        return functional.lora_linear_multi(as_dtype(x, dtype), as_dtype(self.weight, dtype), bias,
+                                            self.batch_slots(dtype), index, self.fan_in_fan_out, segments)
 
     def batch_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The mixed batch's adapters in this layer as the multi-adapter op reads them, in `dtype`."""

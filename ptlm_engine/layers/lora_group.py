@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ptlm_engine import functional
 from ptlm_engine.layers.lora import LoraLinear, compute_dtype
 from ptlm_engine.ops import lora as lora_ops
-from ptlm_engine.ops.lora import _as
+from ptlm_engine.ops.lora import as_dtype
 
 
 class ProjectionGroup:
@@ -96,9 +96,9 @@ class ProjectionGroup:
         if not any(has) or len(covered) < 2 or position not in covered:
             return None
         chosen = [members[i] for i in covered]
-        xd = _as(x, dtype)
-        weights = [_as(m.weight, dtype) for m in chosen]
-        biases = [None if m.bias is None else _as(m.bias, dtype) for m in chosen]
+        xd = as_dtype(x, dtype)
+        weights = [as_dtype(m.weight, dtype) for m in chosen]
+        biases = [None if m.bias is None else as_dtype(m.bias, dtype) for m in chosen]
         if batch is not None:
             index, segments = batch.tokens(x)
             slots = [m.batch_slots(dtype) if m.batch_adapters else None for m in chosen]

@@ -50,7 +50,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     return lora_kernels.lora_matmul(x, w, lora_A, lora_B, scale, bias, seed, x_dropout=dropout)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype; without a trip into torch when it already is (the usual case: each .to() costs ~1 us)."""
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -79,7 +79,7 @@ def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Ten
         dx = dy.new_empty((0,)) if dx_sum is None else dx_sum
     # one launch for both, dA in lora_A's layout (a transposed gradient costs autograd a copy into .grad)
     d_a, d_b = lora_kernels.lora_weight_grads(x, g, dy, xa, seed, dropout, rank_major=True)
-    return dx, _as(d_a, lora_A.dtype), _as(d_b, lora_B.dtype)
+    return dx, as_dtype(d_a, lora_A.dtype), as_dtype(d_b, lora_B.dtype)
 
 
 def _base_grads(need, dy: Tensor, x: Tensor, fan_in_fan_out: bool, has_bias: bool):

@@ -26,7 +26,7 @@ from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
 from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
-from ptlm_engine.ops.lora import _as, _base_grads, lora_kernels, triton_enabled
+from ptlm_engine.ops.lora import _base_grads, as_dtype, lora_kernels, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, token_segments
 
 try:
@@ -239,7 +239,7 @@ def _grouped_backward(dys: list[Optional[Tensor]], x: Tensor, xas: list[Tensor],
             w0 = weights[g].t() if fan_in_fan_out else weights[g]                   # (d_out, d_in) view
             dx, _ = lora_kernels.lora_matmul(dy, w0.t(), b_t, lora_As[g].t(), g_scales[g], None, member_seeds[g],
                                              out_dropout=dropouts[g], out=dx, xa=g_g, accumulate=dx is not None)
-        return dx, _as(d_a, lora_As[g].dtype), _as(d_b, lora_Bs[g].dtype)
+        return dx, as_dtype(d_a, lora_As[g].dtype), as_dtype(d_b, lora_Bs[g].dtype)
     return _sum_members(dys, x, weights, lora_As, fan_in_fan_out, need_dx, member_backward)
 
 
@@ -503,7 +503,7 @@ def lora_linear_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequenc
 def _slot_field(slots: Sequence[LoraSlots | None], name: str, dtype: torch.dtype | None = None) -> list:
     """Each member's slots.<name>, cast to dtype if given; None where a member has no slots (or no dropouts)."""
     fields = [None if s is None else getattr(s, name) for s in slots]
-    return fields if dtype is None else [t if t is None else _as(t, dtype) for t in fields]
+    return fields if dtype is None else [t if t is None else as_dtype(t, dtype) for t in fields]
 
 
 def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
@@ -523,7 +523,7 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
         ys = reference.lora_linear_multi_grouped(x2d, weights, biases, lora_As, lora_Bs, _slot_field(slots, "scales"),
                                                  index, fan_in_fan_out, dropouts, keeps)
     else:
-        index = _as(index, torch.int32)
+        index = as_dtype(index, torch.int32)
         num_slots = next((a.shape[0] for a in lora_As if a is not None), 0)
         order, bounds = token_segments(index, num_slots) if segments is None else segments
         seeds = torch.randint(0, 2**31 - 1, (G,), device=x.device) if any(p is not None for p in dropouts) else None

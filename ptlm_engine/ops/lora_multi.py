@@ -12,7 +12,8 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_like
-from ptlm_engine.ops.lora import _as, _base_grads, eager_function, lora_kernels, run_op, triton_enabled
+from ptlm_engine.ops.lora import (_base_grads, as_dtype, eager_function, lora_kernels, run_op,
+                                  triton_enabled)
 
 try:
     from ptlm_engine.kernels import lora_multi as multi_kernels
@@ -120,7 +121,7 @@ def backward_into(dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_A: Ten
     d_b = multi_kernels.lora_multi_weight_grad(dy, xa, order, bounds, ranks, r_max)
     # fp32 sums, in the slots' layouts: one cast each (none for fp32 slots), contiguous as the fakes say (a copy
     # only for fp32 slots whose r_max the kernels pad)
-    return dx, _as(d_a, lora_A.dtype).contiguous(), _as(d_b, lora_B.dtype).contiguous()
+    return dx, as_dtype(d_a, lora_A.dtype).contiguous(), as_dtype(d_b, lora_B.dtype).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ custom ops
@@ -197,14 +198,14 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
                                         fan_in_fan_out, dropouts, keep)
     else:
-        index = _as(index, torch.int32)
+        index = as_dtype(index, torch.int32)
         # The batch's token grouping: shared by every layer (AdapterBatch.tokens); sorted here only when not given.
         order, bounds = token_segments(index, slots.lora_A.shape[0]) if segments is None else segments
         seed = None
         if dropouts is not None:
-            dropouts = _as(dropouts, torch.float32)
+            dropouts = as_dtype(dropouts, torch.float32)
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, _as(slots.ranks, torch.int32),
-                _as(slots.scales, torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
+        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, as_dtype(slots.ranks, torch.int32),
+                as_dtype(slots.scales, torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
         y, _ = run_op(args, lora_linear_multi_fwd, LoraLinearMultiFunction, _forward, args[:5])
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y
