@@ -27,7 +27,7 @@ from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
 from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
 from ptlm_engine.ops.lora import _base_grads, as_dtype, lora_kernels, triton_enabled
-from ptlm_engine.ops.lora_multi import LoraSlots, token_segments
+from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, token_segments
 
 try:
     from ptlm_engine.kernels import lora_grouped as grouped_kernels
@@ -101,21 +101,12 @@ def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], 
     for g, s in enumerate(slots):
         if s is None:
             continue
-        A, B, ranks, scales, dropouts = s
-        if A.dim() != 3 or A.shape[2] != d_in or A.shape[1] < 1:
-            raise ValueError(f"slots[{g}].lora_A: expected stacked slots (S, r_max, {d_in}), got {tuple(A.shape)}")
-        if S is not None and A.shape[0] != S:
+        member_S = check_slot_shapes(f"slots[{g}].", s, d_in, d_outs[g])
+        if S is not None and member_S != S:
             raise ValueError(f"slots: every member must stack the same number of slots (one mapping indexes all), "
-                             f"got {sorted({S, A.shape[0]})}")
-        S, r_max = A.shape[:2]
-        if B.shape != (S, d_outs[g], r_max):          # torch.Size equals the tuple of its sizes
-            raise ValueError(f"slots[{g}].lora_B: expected stacked slots ({S}, {d_outs[g]}, {r_max}), "
-                             f"got {tuple(B.shape)}")
-        for name, t in (("ranks", ranks), ("scales", scales), ("dropouts", dropouts)):
-            if t is None and name != "dropouts":
-                raise ValueError(f"slots[{g}].{name}: expected a tensor of shape ({S},), got None")
-            if t is not None and t.shape != (S,):
-                raise ValueError(f"slots[{g}].{name}: expected shape ({S},), got {tuple(t.shape)}")
+                             f"got {sorted({S, member_S})}")
+        S = member_S
+        A, B, ranks, scales, dropouts = s
         # The usual case in a few comparisons; check_like names the first offending tensor otherwise.
         if (A.dtype == B.dtype == dtype and A.device == B.device == ranks.device == scales.device == device
                 and (dropouts is None or dropouts.device == device)):

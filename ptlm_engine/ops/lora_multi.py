@@ -36,6 +36,23 @@ class LoraSlots(NamedTuple):
     dropouts: Optional[Tensor] = None
 
 
+def check_slot_shapes(prefix: str, slots: LoraSlots, d_in: int, d_out: int) -> int:
+    """The stacked slots' shapes against a layer of d_in -> d_out; returns the slot count S. Errors name each field
+    with `prefix` (the grouped op's "slots[g].")."""
+    A, B, ranks, scales, dropouts = slots
+    if A.dim() != 3 or A.shape[2] != d_in or A.shape[1] < 1:
+        raise ValueError(f"{prefix}lora_A: expected stacked slots (S, r_max, {d_in}), got {tuple(A.shape)}")
+    S, r_max = A.shape[:2]
+    if B.shape != (S, d_out, r_max):        # torch.Size equals the tuple of its sizes
+        raise ValueError(f"{prefix}lora_B: expected stacked slots ({S}, {d_out}, {r_max}), got {tuple(B.shape)}")
+    for name, t in (("ranks", ranks), ("scales", scales), ("dropouts", dropouts)):
+        if t is None and name != "dropouts":
+            raise ValueError(f"{prefix}{name}: expected a tensor of shape ({S},), got None")
+        if t is not None and t.shape != (S,):
+            raise ValueError(f"{prefix}{name}: expected shape ({S},), got {tuple(t.shape)}")
+    return S
+
+
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, adapter_index: Tensor,
            fan_in_fan_out: bool) -> None:
     """Shapes, dtypes and devices only: no torch op runs, since every layer call of a served batch pays this."""
@@ -44,20 +61,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
     d_out, d_in = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else weight.shape
     if x.dim() < 1 or x.shape[-1] != d_in:
         raise ValueError(f"x: expected shape (..., {d_in}) to match weight, got {tuple(x.shape)}")
+    check_slot_shapes("", slots, d_in, d_out)
     A, B, ranks, scales, dropouts = slots
-    if A.dim() != 3 or A.shape[2] != d_in or A.shape[1] < 1:
-        raise ValueError(f"lora_A: expected stacked slots (S, r_max, {d_in}), got {tuple(A.shape)}")
-    S, r_max = A.shape[:2]
-    if B.shape != (S, d_out, r_max):        # torch.Size equals the tuple of its sizes
-        raise ValueError(f"lora_B: expected stacked slots ({S}, {d_out}, {r_max}), got {tuple(B.shape)}")
-    for name, t in (("ranks", ranks), ("scales", scales)):
-        if t is None:
-            raise ValueError(f"{name}: expected a tensor of shape ({S},), got None")
-    if ranks.shape != (S,) or scales.shape != (S,):
-        raise ValueError(f"ranks and scales: expected shape ({S},), got {tuple(ranks.shape)} and "
-                         f"{tuple(scales.shape)}")
-    if dropouts is not None and dropouts.shape != (S,):
-        raise ValueError(f"dropouts: expected shape ({S},), got {tuple(dropouts.shape)}")
     if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
     if adapter_index.shape != x.shape[:-1] or adapter_index.dtype.is_floating_point:

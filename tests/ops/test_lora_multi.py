@@ -155,8 +155,10 @@ def test_multi_bad_input_raises_value_error():
         lora_linear_multi(x, w, bias, slots, index[:4])
     with pytest.raises(ValueError, match=r"lora_B: expected stacked slots \(2, 6, 3\)"):
         lora_linear_multi(x, w, bias, slots._replace(lora_B=slots.lora_B[:, :, :2]), index)
-    with pytest.raises(ValueError, match=r"ranks and scales: expected shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"scales: expected shape \(2,\), got \(1,\)"):
         lora_linear_multi(x, w, bias, slots._replace(scales=slots.scales[:1]), index)
+    with pytest.raises(ValueError, match=r"dropouts: expected shape \(2,\), got \(3,\)"):
+        lora_linear_multi(x, w, bias, slots._replace(dropouts=torch.zeros(3)), index)
     with pytest.raises(ValueError, match=r"ranks: expected a tensor of shape \(2,\), got None"):
         lora_linear_multi(x, w, bias, slots._replace(ranks=None), index)
     with pytest.raises(ValueError, match=r"x: expected shape \(\.\.\., 8\)"):
