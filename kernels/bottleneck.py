@@ -244,9 +244,9 @@ def grad_sums(
         pos = t0 + tl.arange(0, BLOCK_T)
         live = pos < end
         if HAS_ORDER:
-            tok = tl.load(order_ptr + pos, mask=live, other=0)
+            tok = tl.load(order_ptr + pos, mask=live, other=0).to(tl.int64)
         else:
-            tok = pos
+            tok = pos.to(tl.int64)
         mask_td = live[:, None] & mask_d[None, :]
         mask_tm = live[:, None] & mask_m[None, :]
         dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask_td, other=0.0,
@@ -280,7 +280,7 @@ def _forward_kernel(
     FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
-    tok = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     adapter_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
                     tok, tok < T, M, scale, ACT, D, d_lo, d_hi,
                     stride_ht, stride_hd, stride_bt, stride_bd, stride_yt, stride_yd, stride_zt, stride_zm,
@@ -335,7 +335,7 @@ def _rows_backward_kernel(
     scale,
     ACT: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     adapter_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, tok, tok < T, M, scale, ACT, D,
                           stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
                           FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)

@@ -133,7 +133,7 @@ def _segment_forward_kernel(
         d_lo, d_hi = share_columns(tl.program_id(1), tl.num_programs(1), D, BLOCK_D)
         pos = start + tl.arange(0, BLOCK_T)
         rows = pos < end
-        tok = tl.load(order_ptr + pos, mask=rows, other=0)
+        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
         if seg > 0:
             _slot_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sizes_ptr, scales_ptr,
                           acts_ptr, seg - 1, tok, rows, D, M_MAX, d_lo, d_hi,
@@ -160,7 +160,7 @@ def _multi_forward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
-    tok = block * BLOCK_T + tl.arange(0, BLOCK_T)                 # the batch as it comes
+    tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # the batch as it comes
     mask_t = tok < T
     lane = tl.program_id(1)             # this program runs the block's distinct slots number lane, lane + lanes, ...
     lanes = tl.num_programs(1)
@@ -273,7 +273,7 @@ def _segment_rows_backward_kernel(
     if (start < end) & (seg > 0):          # segment 0, the tokens with no adapter, has no row pass
         pos = start + tl.arange(0, BLOCK_T)
         rows = pos < end
-        tok = tl.load(order_ptr + pos, mask=rows, other=0)
+        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
         _slot_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, sizes_ptr, scales_ptr, acts_ptr, seg - 1, tok,
                             rows, D, M_MAX, stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud,
                             stride_wum, stride_at, stride_am, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
@@ -291,7 +291,7 @@ def _multi_rows_backward_kernel(
     stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud, stride_wum, stride_at, stride_am,
     FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)      # the batch as it comes
+    tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # the batch as it comes
     mask_t = tok < T
     lane = tl.program_id(1)
     lanes = tl.num_programs(1)
@@ -320,7 +320,7 @@ def _dh_without_adapter(dy_ptr, dh_ptr, order_ptr, start, end, offs_d, D, stride
     for t0 in range(start, end, BLOCK_T):
         pos = t0 + tl.arange(0, BLOCK_T)
         live = pos < end
-        tok = tl.load(order_ptr + pos, mask=live, other=0)
+        tok = tl.load(order_ptr + pos, mask=live, other=0).to(tl.int64)
         mask = live[:, None] & (offs_d < D)[None, :]
         if ADD_DY:
             dh = tl.load(dy_ptr + tok[:, None] * stride_dyt + offs_d[None, :] * stride_dyd, mask=mask, other=0.0)

@@ -19,7 +19,9 @@ tensor descriptors and a persistent grid (selection rule: _tma_programs and _tma
 or switches it off). Its floor is the prefill GEMM's: 2T·d_in·d_out flops at 790 TFLOP/s (4096³: 0.174 ms).
 
 Dropout hashes a seed read from device memory with the element's logical index t * d_in + k (_keep_mask), so
-backward regenerates the forward's mask without storing it, and CUDA-graph replays draw new masks.
+backward regenerates the forward's mask without storing it, and CUDA-graph replays draw new masks (the index
+wraps at 2^32, as the hash reads 32 bits). Token rows are multiplied by their stride in 64 bits: T · d passes
+2^31 at 150k tokens of a 14336-wide FFN, and a 32-bit product there addresses memory before the tensor.
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def store_split(ptr, offs_rows, offs_cols, stride_rows, stride_cols, tile, mask, SPLIT: tl.constexpr):
     """Store an fp32 (rows, cols) tile, or add it where SPLIT > 1 programs share the output (split over K or T;
     the launcher zeroes it)."""
-    ptrs = ptr + offs_rows[:, None] * stride_rows + offs_cols[None, :] * stride_cols
+    ptrs = ptr + offs_rows.to(tl.int64)[:, None] * stride_rows + offs_cols[None, :] * stride_cols
     if SPLIT == 1:
         tl.store(ptrs, tile, mask=mask)
     else:
@@ -131,7 +133,8 @@ def _lora_shrink_kernel(
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x_mask = (offs_t[:, None] < T) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=x_mask,
+                    other=0.0)
         if HAS_DROPOUT:
             keep = _keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], dropout_p)
             x = tl.where(keep, x, 0.0)
@@ -180,9 +183,9 @@ def base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, 
     out of bounds; also the multi-adapter tile's (kernels.lora_multi)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)                          # (BLOCK_M, BLOCK_K)
-    w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                 mask=mask_n[None, :] & mask_k[:, None], other=0.0)                          # (BLOCK_K, BLOCK_N)
     return x, w, offs_k, mask_k
 
@@ -194,7 +197,7 @@ def store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, 
     dx over its members). Also the decode and multi-adapter tiles' store."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if ACCUMULATE:
         acc += tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -442,7 +445,7 @@ def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mas
         if pid_n == 0:
             tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=mask_m[:, None] & mask_r[None, :])
         if WEIGHT_GRADS:
-            x2 = tl.load(x2_ptr + offs_m[:, None] * stride_x2m + offs_n[None, :] * stride_x2n,
+            x2 = tl.load(x2_ptr + offs_m.to(tl.int64)[:, None] * stride_x2m + offs_n[None, :] * stride_x2n,
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)                 # (BLOCK_M, BLOCK_N)
             if OUT_DROPOUT:
                 x2 = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), x2, 0.0)
@@ -865,11 +868,11 @@ def _weight_grad_tile(g_ptr, h_ptr, out_ptr, seed_ptr, pid_n, T, N, R, stride_gt
     acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
     for t0 in range(pid_t * BLOCK_T, T, SPLIT_T * BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        g = tl.load(g_ptr + offs_t[None, :] * stride_gt + offs_n[:, None] * stride_gn,
+        g = tl.load(g_ptr + offs_t.to(tl.int64)[None, :] * stride_gt + offs_n[:, None] * stride_gn,
                     mask=(offs_t[None, :] < T) & (offs_n[:, None] < N), other=0.0)           # (BLOCK_N, BLOCK_T)
         if HAS_DROPOUT:
             g = tl.where(_keep_mask(seed_ptr, offs_t[None, :] * N + offs_n[:, None], dropout_p), g, 0.0)
-        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr,
+        h = tl.load(h_ptr + offs_t.to(tl.int64)[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                     mask=(offs_t[:, None] < T) & (offs_r[None, :] < R), other=0.0)           # (BLOCK_T, BLOCK_R)
         acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
     store_split(out_ptr, offs_n, offs_r, stride_on, stride_or, acc, (offs_n[:, None] < N) & (offs_r[None, :] < R),

@@ -101,7 +101,7 @@ def _grouped_shrink_kernel(
     acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                     mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)          # (BLOCK_T, BLOCK_K)
         acc0 = _shrink_step(acc0, x, offs_t, offs_k, K, a0_ptr, R0, stride_a0r, stride_a0k, seed0_ptr, p0,
                             DROP0, FP32_DOT, BLOCK_R)
@@ -328,7 +328,7 @@ def _member_shrink(x_ptr, a_ptr, out_ptr, pid_k, T, K, R, stride_xt, stride_xk, 
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,
                     mask=(offs_t[:, None] < T) & (offs_k[None, :] < K), other=0.0)          # (BLOCK_T, BLOCK_K)
         acc = _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, a_ptr, 0.0, False, FP32_DOT,
                            BLOCK_R)

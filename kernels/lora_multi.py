@@ -111,8 +111,8 @@ def shrink_round_x(x_ptr, offs_t, rows, k0, K, stride_xt, stride_xk, BLOCK_K: tl
     """A shrink round's x tile from column k0: (x (rows, BLOCK_K) on the round's rows, offs_k, in_k)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     in_k = offs_k < K
-    x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=rows[:, None] & in_k[None, :],
-                other=0.0)
+    x = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                mask=rows[:, None] & in_k[None, :], other=0.0)
     return x, offs_k, in_k
 
 
@@ -190,7 +190,7 @@ def copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, 
     for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = mask_t[:, None] & (offs_k < K)[None, :]
-        rows = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=mask)
+        rows = tl.load(x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_k[None, :] * stride_xk, mask=mask)
         tl.store(xs_ptr + pos[:, None] * K + offs_k[None, :], rows, mask=mask)
 
 
@@ -747,12 +747,12 @@ def _multi_weight_grad_kernel(
             pos = t0 + tl.arange(0, BLOCK_T)
             rows = tl.load(order_ptr + pos, mask=pos < end, other=0)                      # this slot's tokens
             live = pos < end
-            g = tl.load(g_ptr + rows[None, :] * stride_gt + offs_n[:, None] * stride_gn,
+            g = tl.load(g_ptr + rows.to(tl.int64)[None, :] * stride_gt + offs_n[:, None] * stride_gn,
                         mask=live[None, :] & (offs_n[:, None] < N), other=0.0)             # (BLOCK_N, BLOCK_T)
             if MASK_G:  # dA: the forward's dropout mask over x (index t * N + n, N = d_in)
                 keep = _keep_mask(seed_ptr, rows[None, :] * N + offs_n[:, None], tl.load(dropouts_ptr + s))
                 g = tl.where(keep, g, 0.0)
-            h = tl.load(h_ptr + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr,
+            h = tl.load(h_ptr + rows.to(tl.int64)[:, None] * stride_ht + offs_r[None, :] * stride_hr,
                         mask=live[:, None], other=0.0)                                     # (BLOCK_T, BLOCK_R)
             acc = _dot_fp32(g.to(tl.float32), h, acc, FP32_DOT)
         store_split(out_ptr + s * stride_os, offs_n, offs_r, stride_on, stride_or, acc,

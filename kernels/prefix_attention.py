@@ -200,10 +200,17 @@ def _q_block_and_head(LQ, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _row_ptrs(ptr, offs_rows, stride_rows, offs_d, stride_d):
+    """(rows, BLOCK_D) pointers, the row offsets in 64 bits: in HF's (B, L, H, D) layout a row is H · D elements,
+    so L · stride passes 2^31 at 128k tokens of 128 heads of 128."""
+    return ptr + offs_rows.to(tl.int64)[:, None] * stride_rows + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _head_rows(ptr, b, h, stride_b, stride_h, stride_m, stride_d, offs_m, LQ, offs_d, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """Rows offs_m of head h of batch row b of a (B, H, Lq, D) tensor: (BLOCK_M, BLOCK_D), zero past Lq."""
-    return _load_tile(ptr + b * stride_b + h * stride_h + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d,
+    return _load_tile(_row_ptrs(ptr + b * stride_b + h * stride_h, offs_m, stride_m, offs_d, stride_d),
                       offs_m, LQ, offs_d, HEAD_DIM, BLOCK_D, True)
 
 
@@ -282,7 +289,7 @@ def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, b, kvh, kpm_ptr, sta
     if TMA:
         k = _desc_rows(k_desc, b, kvh, start_n, BLOCK_N, BLOCK_D)
     else:
-        k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
+        k = _load_tile(_row_ptrs(k_ptr, offs_n, stride_kn, offs_d, stride_kd), offs_n, n_end, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)                                             # (BLOCK_N, BLOCK_D)
     s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT)
     if MASKED or PADDED or not NONNEG_SCALE:
@@ -302,7 +309,7 @@ def _attend(acc, l_i, m_i, q, k_ptr, v_ptr, k_desc, v_desc, b, kvh, kpm_ptr, sta
     if TMA:
         v = _desc_rows(v_desc, b, kvh, start_n, BLOCK_N, BLOCK_D)
     else:
-        v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
+        v = _load_tile(_row_ptrs(v_ptr, offs_n, stride_vn, offs_d, stride_vd), offs_n, n_end, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
     acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], FP32_DOT)
     return acc, l_i, m_new
@@ -410,9 +417,9 @@ def _dkdv_q_blocks(dk, dv, k, v, seen, q_base, do_base, lse_base, delta_base, dq
             q = _desc_rows(q_desc, b, h, m0, BLOCK_M, BLOCK_D)
             do = _desc_rows(do_desc, b, h, m0, BLOCK_M, BLOCK_D)
         else:
-            q = _load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, offs_m, LQ, offs_d,
+            q = _load_tile(_row_ptrs(q_base, offs_m, stride_qm, offs_d, stride_qd), offs_m, LQ, offs_d,
                            HEAD_DIM, BLOCK_D, True)                                           # (BLOCK_M, BLOCK_D)
-            do = _load_tile(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, offs_m, LQ,
+            do = _load_tile(_row_ptrs(do_base, offs_m, stride_dom, offs_d, stride_dod), offs_m, LQ,
                             offs_d, HEAD_DIM, BLOCK_D, True)
         lse = tl.load(lse_base + offs_m, mask=offs_m < LQ, other=0.0) * LOG2E
         delta = tl.load(delta_base + offs_m, mask=offs_m < LQ, other=0.0)
@@ -457,9 +464,9 @@ def _dkdv_key_block(q_ptr, k_base, v_base, kpm_ptr, do_ptr, lse_ptr, delta_ptr, 
     seen = offs_n < n_seen
     if PADDED:
         seen = seen & (tl.load(kpm_ptr + b * stride_kpmb + offs_n * stride_kpmn, mask=offs_n < n_rows, other=0) != 0)
-    k = _load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_rows, offs_d,
+    k = _load_tile(_row_ptrs(k_base, offs_n, stride_kn, offs_d, stride_kd), offs_n, n_rows, offs_d,
                    HEAD_DIM, BLOCK_D, True)                                                   # (BLOCK_N, BLOCK_D)
-    v = _load_tile(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_rows, offs_d,
+    v = _load_tile(_row_ptrs(v_base, offs_n, stride_vn, offs_d, stride_vd), offs_n, n_rows, offs_d,
                    HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -552,9 +559,9 @@ def _dq_k_blocks(dq, q, do, lse, delta, k_ptr, v_ptr, kpm_ptr, start_n, end_n, n
     """dQ += dS K over key blocks [start_n, end_n) (unscaled); keys past n_end load as zeros."""
     for n0 in range(start_n, end_n, BLOCK_N):
         offs_n = n0 + offs_n0
-        k = _load_tile(k_ptr + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n, n_end, offs_d,
+        k = _load_tile(_row_ptrs(k_ptr, offs_n, stride_kn, offs_d, stride_kd), offs_n, n_end, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_ptr + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, n_end, offs_d,
+        v = _load_tile(_row_ptrs(v_ptr, offs_n, stride_vn, offs_d, stride_vd), offs_n, n_end, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), tl.zeros((q.shape[0], BLOCK_N), tl.float32), FP32_DOT) * qk_scale
         p = tl.math.exp2(s - lse[:, None])                                                    # (BLOCK_M, BLOCK_N)

@@ -2,6 +2,8 @@
 float64 reference and held to PyTorch's own low-precision error, mixed-batch rows run alone."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,6 +20,19 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 def rand(*shape, dtype, scale=1.0):
     """Normal values drawn in float64 (the same draw for every dtype), scaled, then cast onto DEVICE."""
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(DEVICE, dtype)
+
+
+def far_apart_rows(t: torch.Tensor) -> torch.Tensor:
+    """t (T, d), T >= 2, copied into a view whose last row starts 2^31 elements or more after its first, the rows
+    spread over a buffer that is otherwise never touched (virtual memory only, on the CPU): a kernel that
+    multiplies row indices by strides in 32 bits addresses memory before the tensor there, as it would on an
+    input of T · d >= 2^31 elements. Requires grad as t does."""
+    T, d = t.shape
+    gap = math.ceil(2**31 / (T - 1) / 64) * 64             # a row stride aligned as TMA needs it
+    rows = torch.empty((T - 1) * gap + d, dtype=t.dtype, device=t.device).as_strided((T, d), (gap, 1))
+    with torch.no_grad():
+        rows.copy_(t)
+    return rows.requires_grad_(t.requires_grad)
 
 
 def bottleneck_slots64(d, sizes, acts):

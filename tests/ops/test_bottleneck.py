@@ -8,7 +8,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import bottleneck_adapter
 from ptlm_engine.ops.bottleneck import bottleneck_bwd, bottleneck_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
-                           needs_triton, rand)
+                           far_apart_rows, needs_triton, rand)
 
 
 def _inputs(lead, d, m, dtype, residual=False, biases=True):
@@ -49,6 +49,22 @@ def test_forward_backward_matches_float64(case, dtype):
     assert_matches(y, y64, y_lp, dtype, "y")
     assert_grads_match(["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias", "dresidual"], grads,
                        grads64, grads_lp, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])
+def test_rows_far_apart_in_memory(T):
+    """h, the residual and dy rows 2^31 elements apart (as in a T · d >= 2^31 input): 64-bit row offsets."""
+    torch.manual_seed(T)
+    ts = list(_inputs((T,), 24, 6, torch.float16, residual=True))
+    ts[0], ts[5] = (far_apart_rows(t.detach()).requires_grad_() for t in (ts[0], ts[5]))
+    dy = far_apart_rows(torch.randn(T, 24, device=DEVICE, dtype=torch.float16))
+    y, grads = _run(bottleneck_adapter, ts, dy, "gelu", 1.5)
+    y64, grads64 = _run(reference.bottleneck_adapter, _leaves(ts, torch.float64), dy.double(), "gelu", 1.5)
+    y_lp, grads_lp = _run(reference.bottleneck_adapter, _leaves(ts, torch.float16), dy.contiguous(), "gelu", 1.5)
+    assert_matches(y, y64, y_lp, torch.float16, "y")
+    assert_grads_match(["dh", "d_down_weight", "d_down_bias", "d_up_weight", "d_up_bias", "dresidual"], grads,
+                       grads64, grads_lp, torch.float16)
 
 
 @needs_triton

@@ -8,7 +8,7 @@ from ptlm_engine import reference
 from ptlm_engine.functional import BottleneckSlots, bottleneck_adapter, bottleneck_adapter_multi, token_segments
 from ptlm_engine.ops.bottleneck_multi import bottleneck_multi_fwd
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, bottleneck_slots64, captured,
-                           needs_triton)
+                           far_apart_rows, needs_triton)
 
 ACT_NAMES = ["relu", "gelu", "silu"]
 
@@ -33,10 +33,26 @@ def _weights(slots):
 def test_multi_forward_backward_matches_float64(dtype, lead, residual):
     """(2, 37): 74 tokens, past the decode bound, so row blocks walk the slot-sorted order."""
     torch.manual_seed(3)
+    _check_float64(lead, dtype, residual)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])
+def test_multi_rows_far_apart_in_memory(T):
+    """h, the residual and dy rows 2^31 elements apart (as in a T · d >= 2^31 input): 64-bit row offsets."""
+    torch.manual_seed(T)
+    _check_float64((T,), torch.float16, True, far=True)
+
+
+def _check_float64(lead, dtype, residual, far=False):
+    """The op's output and gradients against float64. far: h, the residual and dy (T, d) with rows 2^31
+    elements apart (tests.helpers.far_apart_rows)."""
     sizes = [8, 3, 20, 0]
     h, slots, index, res = _inputs(lead, 26, sizes, [1, 0, 2, 1], dtype, residual)
+    if far:
+        h, res = (far_apart_rows(t.detach()).requires_grad_() for t in (h, res))
     y = bottleneck_adapter_multi(h, slots, index, res)
-    dy = torch.randn_like(y)
+    dy = far_apart_rows(torch.randn_like(y)) if far else torch.randn_like(y)
     y.backward(dy)
     leaf = lambda t: None if t is None else t.detach().double().requires_grad_()
     h64, res64, w64 = leaf(h), leaf(res), [leaf(t) for t in _weights(slots)]

@@ -8,7 +8,7 @@ from ptlm_engine.functional import lora_linear
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora import lora_linear_fwd, triton_enabled
 from tests.helpers import (CUDA, DEVICE, DTYPES, assert_grads_match, assert_matches, assert_no_host_sync, captured,
-                           needs_triton, rand)
+                           far_apart_rows, needs_triton, rand)
 
 
 def _inputs(lead, d_in, d_out, r, dtype, fan_in_fan_out=False, bias=True, train_base=False):
@@ -89,6 +89,23 @@ def test_non_contiguous_input():
     y = lora_linear(xt, w, b, a, bb, scale=0.5)
     y64 = reference.lora_linear(xt.double(), w.double(), b.double(), a.double(), bb.double(), 0.5)
     assert_matches(y, y64, None, torch.float32, "y")
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])     # decode; prefill
+def test_rows_far_apart_in_memory(T):
+    """x and dy rows 2^31 elements apart (as in a T · d_in >= 2^31 input): row offsets are 64-bit in every kernel."""
+    torch.manual_seed(T)
+    x, w, b, a, bb = _inputs((T,), 24, 40, 4, torch.float16)
+    xf = far_apart_rows(x.detach()).requires_grad_()
+    dy = far_apart_rows(torch.randn(T, 40, device=DEVICE, dtype=torch.float16))
+    ts = [xf, w, b, a, bb]
+    y, grads = _run(lora_linear, ts, dy, scale=0.5, dropout=0.0)
+    y64, grads64 = _run(reference.lora_linear, [_leaf64(t) for t in ts], dy.double(), scale=0.5)
+    ts_lp = [None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in ts]
+    y_lp, grads_lp = _run(reference.lora_linear, ts_lp, dy.contiguous(), scale=0.5)
+    assert_matches(y, y64, y_lp, torch.float16, "y")
+    assert_grads_match(["dx", "dW", "dbias", "dA", "dB"], grads, grads64, grads_lp, torch.float16)
 
 
 @needs_triton

@@ -9,8 +9,8 @@ from ptlm_engine.functional import (LoraSlots, lora_linear, lora_linear_grouped,
                                     lora_linear_multi_grouped, token_segments)
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_fwd, lora_linear_multi_grouped_fwd
-from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, leaves,
-                           lora_slots64, needs_triton, rand, record_launches)
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, far_apart_rows,
+                           leaves, lora_slots64, needs_triton, rand, record_launches)
 
 
 def _inputs(lead, d_in, d_outs, ranks, dtype, fan_in_fan_out=False, biased=(True, False, True), train_base=False):
@@ -38,10 +38,27 @@ def _grads(ys, dys, tensors):
 ])
 def test_grouped_forward_backward_matches_float64(case, dtype):
     torch.manual_seed(sum(case["lead"]) + case["d_in"])
+    _check_grouped_float64(case, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])     # decode; prefill
+def test_grouped_rows_far_apart_in_memory(T):
+    """x and the first member's dy with rows 2^31 elements apart (as in a T · d_in >= 2^31 input): 64-bit row
+    offsets in the grouped kernels and in each member's backward."""
+    torch.manual_seed(T)
+    _check_grouped_float64(dict(lead=(T,), d_in=24, d_outs=(32, 8, 8), ranks=(4, None, 2)), torch.float16, far=True)
+
+
+def _check_grouped_float64(case, dtype, far=False):
     x, ws, biases, As, Bs, scales = _inputs(dtype=dtype, **case)
+    if far:
+        x = far_apart_rows(x.detach()).requires_grad_()
     fif = case.get("fan_in_fan_out", False)
     ys = lora_linear_grouped(x, ws, biases, As, Bs, scales, fan_in_fan_out=fif)
     dys = [torch.randn_like(y) for y in ys]
+    if far:
+        dys[0] = far_apart_rows(dys[0])
     tensors = [x, *ws, *biases, *As, *Bs]
     grads = _grads(ys, dys, tensors)
     for lowp in (torch.float64, dtype):   # the float64 truth, and PyTorch's own error in the layer's dtype
@@ -173,13 +190,26 @@ def test_multi_grouped_forward_backward_matches_float64(dtype, lead):
     assert not slots[2].lora_A.grad[0].any() and not slots[0].lora_B.grad[1, :, 3:].any()   # beyond each rank
 
 
-def _check_multi_float64(lead, d_in, d_outs, dtype, after_forward=lambda: None) -> list:
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])
+def test_multi_grouped_rows_far_apart_in_memory(T):
+    """x and q's dy with rows 2^31 elements apart (as in a T · d_in >= 2^31 input): 64-bit row offsets."""
+    torch.manual_seed(T)
+    _check_multi_float64((T,), 26, (30, 14, 14), torch.float16, far=True)
+
+
+def _check_multi_float64(lead, d_in, d_outs, dtype, after_forward=lambda: None, far=False) -> list:
     """q: mixed ranks; k: no slot of the batch; v: lacks one adapter (rank 0): the op's outputs and gradients (x,
-    each member's A and B) against float64; returns the members' slots."""
+    each member's A and B) against float64; returns the members' slots. far: x and q's dy (T, d) with rows 2^31
+    elements apart (tests.helpers.far_apart_rows)."""
     x, ws, biases, slots, index = _multi_inputs(lead, d_in, d_outs, ([8, 3, 16], None, [0, 4, 6]), dtype)
+    if far:
+        x = far_apart_rows(x.detach()).requires_grad_()
     ys = lora_linear_multi_grouped(x, ws, biases, slots, index)
     after_forward()
     dys = [torch.randn_like(y) for y in ys]
+    if far:
+        dys[0] = far_apart_rows(dys[0])
     live = [s for s in slots if s is not None]
     grads = _grads(ys, dys, [x] + [t for s in live for t in (s.lora_A, s.lora_B)])
     leaf = lambda t: t.detach().double().requires_grad_()

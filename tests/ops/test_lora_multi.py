@@ -9,7 +9,8 @@ from ptlm_engine.functional import LoraSlots, lora_linear, lora_linear_multi, to
 from ptlm_engine.kernels import lora_multi as M
 from ptlm_engine.kernels.configs import INTERPRETED, TunedLauncher
 from ptlm_engine.ops.lora_multi import lora_linear_multi_fwd
-from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, far_apart_rows,
+                           needs_triton)
 
 
 def _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out=False):
@@ -41,12 +42,16 @@ def test_multi_forward_backward_matches_float64(dtype, fan_in_fan_out, lead):
         assert not slots.lora_A.grad[s, r:].any() and not slots.lora_B.grad[s, :, r:].any()
 
 
-def _check_float64(lead, d_in, d_out, ranks, dtype, fan_in_fan_out, after_forward=lambda: None) -> LoraSlots:
-    """The op's output and gradients (x, each slot's A and B) against float64; returns the slots."""
+def _check_float64(lead, d_in, d_out, ranks, dtype, fan_in_fan_out, after_forward=lambda: None,
+                   far=False) -> LoraSlots:
+    """The op's output and gradients (x, each slot's A and B) against float64; returns the slots. far: x and dy
+    (T, d) with rows 2^31 elements apart (tests.helpers.far_apart_rows)."""
     x, w, bias, slots, index = _inputs(lead, d_in, d_out, ranks, dtype, fan_in_fan_out)
+    if far:
+        x = far_apart_rows(x.detach()).requires_grad_()
     y = lora_linear_multi(x, w, bias, slots, index, fan_in_fan_out)
     after_forward()
-    dy = torch.randn_like(y)
+    dy = far_apart_rows(torch.randn_like(y)) if far else torch.randn_like(y)
     y.backward(dy)
     leaf = lambda t: t.detach().double().requires_grad_()
     x64, a64, b64 = leaf(x), leaf(slots.lora_A), leaf(slots.lora_B)
@@ -58,6 +63,14 @@ def _check_float64(lead, d_in, d_out, ranks, dtype, fan_in_fan_out, after_forwar
     assert_matches(slots.lora_A.grad, a64.grad, None, dtype, "dA")
     assert_matches(slots.lora_B.grad, b64.grad, None, dtype, "dB")
     return slots
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [5, 70])     # decode; prefill over the slot-sorted rows
+def test_multi_rows_far_apart_in_memory(T):
+    """x and dy rows 2^31 elements apart (as in a T · d_in >= 2^31 input): row offsets are 64-bit."""
+    torch.manual_seed(T)
+    _check_float64((T,), 26, 30, [8, 3, 16], torch.float16, False, far=True)
 
 
 HOPPER = CUDA and torch.cuda.get_device_capability()[0] >= 9

@@ -10,7 +10,8 @@ from ptlm_engine import reference
 from ptlm_engine.functional import prefix_attention
 from ptlm_engine.kernels import prefix_attention as K
 from ptlm_engine.ops.prefix_attention import prefix_attention_fwd, prefix_attention_op
-from tests.helpers import CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, needs_triton
+from tests.helpers import (CUDA, DEVICE, DTYPES, assert_matches, assert_no_host_sync, captured, far_apart_rows,
+                           needs_triton)
 
 
 def _inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, shared=True):
@@ -55,6 +56,26 @@ def test_forward_backward_matches_float64(dtype):
     for name, g, g64, g_lp in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], grads, grads64, grads_lp):
         assert g.shape == g64.shape and g.dtype == dtype, name          # the shared prefix's grad: rows summed
         assert_matches(g, g64, g_lp, dtype, name)
+
+
+@needs_triton
+@pytest.mark.parametrize("dq_mode", K.DQ_MODES)
+def test_rows_far_apart_in_memory(dq_mode):
+    """q, k, v and dO with token rows 2^31 elements apart (as a sequence whose L · H · D passes 2^31 in HF's
+    layout): 64-bit row offsets in the forward and in each backward."""
+    torch.manual_seed(2)
+    Lq, Lk, H, D = 5, 9, 2, 16
+    far = lambda t: far_apart_rows(t.detach().reshape(t.shape[1], -1)).view(t.shape).requires_grad_()
+    leaves = list(_inputs(1, H, H, Lq, Lk, 3, D, torch.float16))
+    leaves[:3] = [far(t) for t in leaves[:3]]
+    do = far(torch.randn(1, Lq, H, D, device=DEVICE, dtype=torch.float16)).detach()
+    op = lambda q, k, v, pk, pv, **kw: prefix_attention_op(q, k, v, pk, pv, None, True, None, 0.3, dq_mode=dq_mode)
+    o, grads = _run(op, leaves, do)
+    o64, grads64 = _run(reference.prefix_attention, _leaves(leaves, torch.float64), do.double(), scale=0.3)
+    o_lp, grads_lp = _run(reference.prefix_attention, _leaves(leaves, torch.float16), do.contiguous(), scale=0.3)
+    assert_matches(o, o64, o_lp, torch.float16, "o")
+    for name, g, g64, g_lp in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], grads, grads64, grads_lp):
+        assert_matches(g, g64, g_lp, torch.float16, name)
 
 
 @needs_triton
