@@ -32,6 +32,8 @@ class AdapterRegistry:
     active: str | None = None
     merged: str | None = None
     batch: AdapterBatch | None = None                                         # inside adapter_batch
+    disabled: int = 0                    # disable_adapters blocks in progress (nested blocks count each)
+    remerge: str | None = None           # the merged adapter the outermost of them took out, to merge back on exit
     base_requires_grad: list[tuple[nn.Parameter, bool]] = dataclasses.field(default_factory=list)
 
 
@@ -112,6 +114,8 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
     reg.configs[name] = parts[0] if len(parts) == 1 else tuple(parts)
     reg.slots[name], reg.targets[name] = slot, [path for paths in targets for path in paths]
     inject.link_projection_groups(model)   # q/k/v and gate/up LoRA layers of a block run in one grouped op
+    if reg.disabled:
+        _enable_layers(model, False)       # inside disable_adapters the new layers are skipped too
     if len(reg.configs) == 1:
         set_active_adapter(model, name)
     else:
@@ -146,8 +150,9 @@ def set_active_adapter(model: nn.Module, name: str | None) -> None:
     _not_in_batch(reg, "change the active adapter")
     if name is not None:
         _known(reg, name)
-    if reg.merged is not None and reg.merged != name:
-        raise ValueError(f"adapter {reg.merged!r} is merged into the base weights; unmerge_adapter it first")
+    merged = reg.merged if reg.merged is not None else reg.remerge
+    if merged is not None and merged != name:
+        raise ValueError(f"adapter {merged!r} is merged into the base weights; unmerge_adapter it first")
     reg.active = name
     for _, layer in inject.adapter_layers(model):
         layer.active_adapter = name
@@ -168,7 +173,7 @@ def _set_trainable(model: nn.Module, reg: AdapterRegistry) -> None:
             if bias_mode == "lora_only" and isinstance(layer, LoraLinear) and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     if bias_mode == "all":
-        for _, module in inject.base_modules(model):
+        for _, module in inject.base_modules(model, owner=name):
             bias = module._parameters.get("bias")
             if bias is not None:
                 bias.requires_grad_(True)
@@ -182,14 +187,19 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     _not_in_batch(reg, "merge an adapter")
     _known(reg, name)
     if not isinstance(reg.configs[name], LoraConfig):
-        kinds = "+".join(type(part).__name__ for part in _parts(reg.configs[name]))
-        raise ValueError(f"adapter {name!r} is a {kinds}: only LoRA adapters merge into the base weights")
+        raise ValueError(f"adapter {name!r} is a {_kinds(reg, name)}: only LoRA adapters merge into the base weights")
     if reg.merged is not None:
         raise ValueError(f"adapter {reg.merged!r} is already merged")
+    if reg.disabled:
+        raise ValueError("cannot merge an adapter inside disable_adapters (the block computes the base model)")
     if reg.active != name:
         raise ValueError(f"only the active adapter can be merged: {name!r} is not active ({reg.active!r}); "
                          "call set_active_adapter first")
     _merge(model, reg, name)
+
+
+def _kinds(reg: AdapterRegistry, name: str) -> str:
+    return "+".join(type(part).__name__ for part in _parts(reg.configs[name]))
 
 
 def unmerge_adapter(model: nn.Module, name: str) -> None:
@@ -198,6 +208,9 @@ def unmerge_adapter(model: nn.Module, name: str) -> None:
     reg = registry(model)
     _not_in_batch(reg, "unmerge an adapter")
     _known(reg, name)
+    if reg.remerge == name:                # taken out by disable_adapters: now it stays out when the block ends
+        reg.remerge = None
+        return
     if reg.merged != name:
         raise ValueError(f"adapter {name!r} is not merged")
     _unmerge(model, reg)
@@ -220,24 +233,34 @@ def _unmerge(model: nn.Module, reg: AdapterRegistry) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes its base outputs: every adapter layer (LoRA branches, bottleneck,
-    prefix and prompt adapters, modules_to_save copies) is skipped, and a merged adapter is taken out of the weights (and put back on exit). Biases trained under
-    bias "all" / "lora_only" are the base model's own and keep their trained values, as in PEFT."""
+    prefix and prompt adapters, modules_to_save copies), also of adapters added inside, is skipped, and a merged
+    adapter is taken out of the weights and merged again on exit. Biases trained under bias "all" / "lora_only"
+    are the base model's own and keep their trained values, as in PEFT.
+
+    The lifecycle calls work inside, with the merged adapter counting as merged: merge_adapter is refused,
+    set_active_adapter to another adapter asks for unmerge_adapter first (which then keeps it out of the weights
+    after the block), and remove_adapter of it leaves nothing to merge back."""
     model = unwrap(model)
     reg = registry(model)
-    merged = reg.merged
-    if merged is not None:
+    if reg.disabled == 0 and reg.merged is not None:
+        reg.remerge = reg.merged
         _unmerge(model, reg)
-    layers = [layer for _, layer in inject.adapter_layers(model)]
-    was_enabled = [layer.adapters_enabled for layer in layers]
-    for layer in layers:
-        layer.adapters_enabled = False
+    reg.disabled += 1
+    _enable_layers(model, False)
     try:
         yield model
     finally:
-        for layer, enabled in zip(layers, was_enabled):
-            layer.adapters_enabled = enabled
-        if merged is not None:
-            _merge(model, reg, merged)
+        reg.disabled -= 1
+        if reg.disabled == 0 and getattr(model, _REGISTRY, None) is reg:   # not unloaded inside
+            _enable_layers(model, True)
+            name, reg.remerge = reg.remerge, None
+            if name is not None:
+                _merge(model, reg, name)
+
+
+def _enable_layers(model: nn.Module, enabled: bool) -> None:
+    for _, layer in inject.adapter_layers(model):
+        layer.adapters_enabled = enabled
 
 
 @contextmanager
@@ -387,6 +410,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     _known(reg, name)
     if reg.merged == name:
         _unmerge(model, reg)
+    if reg.remerge == name:
+        reg.remerge = None
     for path, layer in inject.adapter_layers(model):
         if name in layer.adapter_names():
             layer.remove_adapter(name)
@@ -412,6 +437,10 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     model = unwrap(model)
     reg = registry(model)
     _not_in_batch(reg, "unload")
+    if merge and reg.active is not None and not isinstance(reg.configs[reg.active], LoraConfig):
+        raise ValueError(f"unload(merge=True): the active adapter {reg.active!r} is a {_kinds(reg, reg.active)}: "
+                         "only LoRA adapters merge into the base weights (unload without merge, or activate a "
+                         "LoRA adapter)")
     if merge and reg.active is not None:
         if reg.merged is None:
             _merge(model, reg, reg.active)

@@ -169,6 +169,53 @@ def test_merge_disable_unmerge(tiny, ids, output, randomize_adapters):
         pe.merge_adapter(gpt2, "b")
 
 
+def test_disable_adapters_with_lifecycle_calls_inside(tiny, ids, output, randomize_adapters):
+    """Inside the block the merged adapter counts as merged: merge_adapter is refused, set_active_adapter to
+    another asks for unmerge_adapter first (which keeps it out after the block), removing it leaves nothing to
+    merge back; adapters added inside are disabled too."""
+    llama = tiny("llama")
+    base = output(llama, ids)
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(llama)
+    y_a = output(llama, ids)
+    pe.merge_adapter(llama, "a")
+    with pe.disable_adapters(llama):
+        with pytest.raises(ValueError, match="cannot merge an adapter inside disable_adapters"):
+            pe.merge_adapter(llama, "a")
+        with pytest.raises(ValueError, match="'a' is merged into the base weights; unmerge_adapter it first"):
+            pe.set_active_adapter(llama, "b")
+        pe.add_adapter(llama, "c", pe.LoraConfig(r=4, target_modules=["k_proj"]))
+        with torch.no_grad():
+            for name, p in llama.named_parameters():
+                if ".lora_B.c." in name:
+                    p.normal_(generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(output(llama, ids), base)
+    assert pe.active_adapter(llama) == "a" and llama.ptlm_adapters.merged == "a"
+    torch.testing.assert_close(output(llama, ids), y_a)
+
+    with pe.disable_adapters(llama):
+        pe.unmerge_adapter(llama, "a")                     # stays out of the weights after the block
+        pe.add_adapter(llama, "d", pe.LoraConfig(r=4, target_modules=["o_proj"]))      # new layers, inside
+        with torch.no_grad():
+            for name, p in llama.named_parameters():
+                if ".lora_B.d." in name:
+                    p.normal_(generator=torch.Generator().manual_seed(2))
+        pe.set_active_adapter(llama, "d")
+        torch.testing.assert_close(output(llama, ids), base)
+    assert llama.ptlm_adapters.merged is None
+    y_d = output(llama, ids)
+    assert not torch.allclose(y_d, base)
+    pe.set_active_adapter(llama, "a")
+    pe.merge_adapter(llama, "a")
+    with pe.disable_adapters(llama):
+        pe.remove_adapter(llama, "a")
+    assert llama.ptlm_adapters.merged is None and pe.active_adapter(llama) is None
+    torch.testing.assert_close(output(llama, ids), base)
+    pe.set_active_adapter(llama, "d")
+    torch.testing.assert_close(output(llama, ids), y_d)
+
+
 def test_remove_restores_modules_keys_and_flags(tiny, ids, output, randomize_adapters):
     llama = tiny("llama")
     llama.model.embed_tokens.weight.requires_grad_(False)                           # a user's own choice
@@ -202,6 +249,24 @@ def test_unload_with_merge_keeps_the_adapted_function(tiny, ids, output, randomi
     assert not any(isinstance(m, (LoraLinear, ModulesToSave)) for m in bert.modules())
     assert list(bert.state_dict()) == keys
     torch.testing.assert_close(output(bert, ids), y)
+
+
+@pytest.mark.parametrize("config", [
+    pe.BottleneckConfig(bottleneck=8, placement="pfeiffer"),
+    pe.PrefixConfig(num_virtual_tokens=3),
+    [pe.LoraConfig(r=4, target_modules=["q_proj"]), pe.PrefixConfig(num_virtual_tokens=3)],
+], ids=["bottleneck", "prefix", "lora+prefix"])
+def test_unload_with_merge_refuses_an_adapter_that_does_not_merge(tiny, ids, output, randomize_adapters, config):
+    """Only LoRA folds into the base weights (as merge_adapter says): unload(merge=True) refuses the rest before
+    changing anything, where it used to drop them silently."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", config)
+    randomize_adapters(llama)
+    y = output(llama, ids)
+    with pytest.raises(ValueError, match="unload\\(merge=True\\): the active adapter 'a' is a .*only LoRA adapters"):
+        pe.unload(llama, merge=True)
+    assert pe.active_adapter(llama) == "a" and llama.ptlm_adapters.merged is None
+    torch.testing.assert_close(output(llama, ids), y)
 
 
 def test_errors_leave_the_model_unchanged(tiny):
