@@ -18,7 +18,7 @@ from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targ
 from ptlm_engine.config import ALL_LINEAR, BottleneckConfig, LoraConfig, PrefixConfig, PromptConfig, selects
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
 from ptlm_engine.layers.lora_group import ProjectionGroup
-from ptlm_engine.layers.prefix import attach_prefix, find_prefix_targets
+from ptlm_engine.layers.prefix import LAYER_NAME as PREFIX_LAYER, attach_prefix, find_prefix_targets, hooked_attention
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
 
 # Dispatcher, first match wins: base-layer type -> builder of the LoRA layer that wraps it.
@@ -70,13 +70,23 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(name, m) for name, m in _walk(model) if isinstance(m, ModulesToSave)]
 
 
-def base_modules(model: nn.Module, skip: Sequence[str] = ()) -> Iterator[tuple[str, nn.Module]]:
-    """Modules holding base parameters of their own: everything but adapter layers' insides, modules_to_save
-    (whose original parameters never run while their adapter is active) and adapter modules added to the model,
-    nor the modules named in `skip` and their children."""
+def base_modules(model: nn.Module, skip: Sequence[str] = (), owner: str | None = None
+                 ) -> Iterator[tuple[str, nn.Module]]:
+    """Modules holding base parameters of their own, as adapter `owner` runs them: everything but adapter layers'
+    insides, adapter modules added to the model, the modules_to_save of which `owner` has its own copy (their
+    original parameters never run while it is active: the copy carries its own), and the modules named in
+    `skip` and their children. The original module under another adapter's modules_to_save counts as any
+    other (it runs for `owner`)."""
     for name, module in _walk(model):
-        if (isinstance(module, AdapterLayer) and not isinstance(module, LoraLinear)
-                or any(name == s or name.startswith(s + ".") for s in skip)):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, ModulesToSave):
+            if owner not in module.modules_to_save:
+                yield name, module                     # its parameter table is the original's
+                yield from ((f"{name}.{sub}", child) for sub, child in module.original_module.named_modules()
+                            if sub)
+            continue
+        if isinstance(module, AdapterLayer) and not isinstance(module, LoraLinear):
             continue
         yield name, module
 
@@ -137,17 +147,32 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     head = _output_head(model)
     layers = config.layers_to_transform
     layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
-    targets = []
-    for name, module in _walk(model):
-        if not name or isinstance(module, ModulesToSave) or _within_any(name, config.modules_to_save or []):
-            continue
+
+    def wanted(name: str, module: nn.Module) -> bool:
         if spec == ALL_LINEAR:
             is_head = module is head or name == "lm_head" or name.endswith(".lm_head")
             hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
         else:
             hit = _named(name, spec)
-        if not hit or (layers is not None and layer_index(name, config.layers_pattern) not in layers) \
-                or (excluded is not None and _named(name, excluded)):
+        return hit and (layers is None or layer_index(name, config.layers_pattern) in layers) \
+            and (excluded is None or not _named(name, excluded))
+
+    targets = []
+    for name, module in _walk(model):
+        if not name or _within_any(name, config.modules_to_save or []):
+            continue
+        if isinstance(module, ModulesToSave):
+            # Inside another adapter's modules_to_save a LoRA layer would reach only the original module, not
+            # that adapter's copy; named targets there are an error, "all-linear" leaves them out (the file
+            # records what it resolved to).
+            inside = [f"{name}.{sub}".rstrip(".") for sub, child in module.original_module.named_modules()
+                      if spec != ALL_LINEAR and wanted(f"{name}.{sub}".rstrip("."), child)]
+            if inside:
+                raise ValueError(f"target module {inside[0]!r} is or lies inside {name!r}, of which adapters "
+                                 f"{sorted(module.modules_to_save)} keep their own copies (modules_to_save): "
+                                 "LoRA cannot wrap it there; leave it out with exclude_modules")
+            continue
+        if not wanted(name, module):
             continue
         if not isinstance(module, LoraLinear) and _builder(module) is None:
             supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
@@ -185,6 +210,13 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
         if inside is not None:
             raise ValueError(f"modules_to_save: {inside!r} contains the adapter layer {path!r}, which its "
                              "copies would bypass; choose a module that holds no adapter layer")
+    # A prefix layer sits at the root and acts on each self-attention module, which a copy would run without.
+    for path in hooked_attention(model, adding=PREFIX_LAYER in new_layers):
+        inside = next((f for f in found if path == f or path.startswith(f + ".")), None)
+        if inside is not None:
+            raise ValueError(f"modules_to_save: {inside!r} is or contains the self-attention module {path!r}, "
+                             "which a prefix adapter hooks: its copies would run without the prefix; choose a "
+                             "module that holds no adapter layer")
     return found
 
 

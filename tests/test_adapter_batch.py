@@ -433,6 +433,21 @@ def test_modules_to_save_run_per_row_and_train_per_adapter(tiny):
             torch.testing.assert_close(mixed[row].detach(), alone[0], msg=f"row {row} ({name})")
 
 
+def test_modules_to_save_taking_arguments_not_split_by_row_is_refused_in_a_mixed_batch(tiny, ids):
+    """A copied decoder layer takes position ids (1, T), a cache and a tuple of position embeddings, which cannot
+    be cut into rows: a clear error before anything runs (as PEFT's mixed batch refuses such modules)."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0],
+                                             modules_to_save=["layers.1"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["v_proj"], layers_to_transform=[0]))
+    with pytest.raises(NotImplementedError, match="modules_to_save LlamaDecoderLayer in a mixed batch "
+                                                  r"\(adapter_batch\): its argument .* not split by row"):
+        with torch.no_grad(), pe.adapter_batch(llama, ["b", "a"]):
+            llama(input_ids=ids)
+    with torch.no_grad(), pe.adapter_batch(llama, ["b", None]):       # no row runs a copy: nothing to cut
+        llama(input_ids=ids)
+
+
 def test_generate_with_a_saved_embedding_copy_per_row(tiny):
     """A copy of the input embeddings (and beams expanding the rows) in a mixed batch: each row generates what
     it generates alone."""

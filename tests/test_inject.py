@@ -4,6 +4,7 @@ import pytest
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import ptlm_engine as pe
 from ptlm_engine import inject
 from ptlm_engine.config import LoraConfig
 from ptlm_engine.layers import LoraLinear
@@ -109,6 +110,20 @@ def test_existing_lora_layers_are_targets_but_their_insides_are_not(tiny):
     layer.add_adapter("a", r=2, scale=1.0, dropout=0.0)
     assert _targets(llama, target_modules="all-linear") == sorted(LLAMA_ATTN + LLAMA_MLP)   # no lora_A.a
     assert isinstance(llama.get_submodule(LLAMA_ATTN[0]), LoraLinear)
+
+
+def test_named_targets_inside_another_adapters_modules_to_save_are_an_error(tiny):
+    """A LoRA layer there would reach only the original module, not the other adapter's copy; "all-linear"
+    leaves such modules out (its file records the names it resolved to)."""
+    bert = tiny("bert")
+    pe.add_adapter(bert, "s", pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["pooler"]))
+    with pytest.raises(ValueError, match="target module 'pooler.dense' is or lies inside 'pooler', of which "
+                                         r"adapters \['s'\] keep their own copies"):
+        pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["dense"]))
+    assert list(pe.adapter_configs(bert)) == ["s"]
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["dense"], exclude_modules=["pooler.dense"]))
+    pe.add_adapter(bert, "b", pe.LoraConfig(r=4, target_modules="all-linear"))
+    assert not any(path.startswith("pooler.") for path in bert.ptlm_adapters.targets["b"])
 
 
 def test_modules_to_save_matching(tiny):

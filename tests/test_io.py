@@ -60,6 +60,27 @@ def test_round_trip(tiny, saved, ids, kind, kw, output):
     torch.testing.assert_close(output(fresh, ids), y)
 
 
+def test_bias_all_beside_another_adapters_modules_to_save(tiny, tmp_path, ids, output, randomize_adapters):
+    """bias="all" covers the classifier's own bias where another adapter keeps a copy of the classifier (it runs
+    for this adapter): trained, saved and loaded as from a plain model, both ways."""
+    bert = tiny("bert_cls")
+    pe.add_adapter(bert, "s", pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    pe.add_adapter(bert, "a", pe.LoraConfig(r=4, target_modules=["value"], bias="all"))
+    pe.set_active_adapter(bert, "a")
+    assert bert.classifier.original_module.bias.requires_grad
+    randomize_adapters(bert)
+    y = output(bert, ids)
+    pe.save_adapter(bert, "a", tmp_path / "a")
+    plain = tiny("bert_cls")
+    pe.load_adapter(plain, tmp_path / "a", "a")
+    torch.testing.assert_close(output(plain, ids), y)
+    wrapped = tiny("bert_cls")
+    pe.add_adapter(wrapped, "s", pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]))
+    pe.load_adapter(wrapped, tmp_path / "a", "a")
+    pe.set_active_adapter(wrapped, "a")
+    torch.testing.assert_close(output(wrapped, ids), y)
+
+
 def test_hub_repo_ids_come_through_the_hub_cache(tiny, saved, ids, output, monkeypatch, tmp_path):
     """A repo id ("org/name") is fetched with huggingface_hub (here a stand-in serving tmp_path), with its
     revision and subfolder; a failure there is a FileNotFoundError naming the id."""

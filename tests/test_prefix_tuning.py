@@ -85,6 +85,44 @@ def test_outputs_and_gradients_match_peft(tiny, kind, projection):
         torch.testing.assert_close(_main(ours(input_ids=ids)), _main(theirs(input_ids=ids)))
 
 
+def _opt():
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=128,
+        max_position_embeddings=40, word_embed_proj_dim=64, pad_token_id=1, dropout=0.0, attention_dropout=0.0))
+
+
+def _roberta():
+    return transformers.RobertaModel(transformers.RobertaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128,
+        max_position_embeddings=40, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+@pytest.mark.parametrize("build,task", [(_opt, "CAUSAL_LM"), (_roberta, "FEATURE_EXTRACTION")], ids=["opt", "roberta"])
+def test_models_that_number_positions_their_own_way_match_peft(build, task):
+    """OPTForCausalLM runs model.decoder, not its base_model (the prefix's hook sits on the decoder), and counts
+    positions over the attention mask; RoBERTa numbers them from pad_token_id + 1 over the non-pad tokens. With
+    left padding (pad tokens in the ids) and no position ids given, each equals PEFT's prefix (a cache of P)."""
+    torch.manual_seed(0)
+    base = build().eval()
+    ours = copy.deepcopy(base)
+    pe.add_adapter(ours, "a", pe.PrefixConfig(num_virtual_tokens=3))
+    _randomize(ours, "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task,
+                                                                                   num_virtual_tokens=3))
+    weight = getattr(ours, LAYER_NAME).encoders["a"].embedding.weight
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(weight)
+    mask = _padding(3)
+    ids = _ids(3).clamp_min(2).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        y, y_peft, y_base = (_main(m(input_ids=ids, attention_mask=mask)) for m in (ours, theirs, base))
+    valid = mask.bool()
+    assert not torch.allclose(y[valid], y_base[valid])
+    torch.testing.assert_close(y[valid], y_peft[valid])
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_each_generation_step_matches_peft_teacher_forced(tiny, kind):
     """Greedy generation with a left-padded row; PEFT runs the generated sequences with the position ids

@@ -40,7 +40,7 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
         tensors[key(p, "lora_A.weight")] = layer.lora_A[name].weight
         tensors[key(p, "lora_B.weight")] = layer.lora_B[name].weight
     lora_paths = {p for p, _ in layers}
-    for p, bias in _bias_params(model, config.bias, lora_paths).items():
+    for p, bias in _bias_params(model, config.bias, lora_paths, owner=name).items():
         # PEFT's LoRA layer holds the wrapped module as `base_layer`, so that is where PEFT files its bias.
         tensors[key(p, "base_layer.bias" if p in lora_paths else "bias")] = bias
     tensors.update(saved_copies(model, name))
@@ -60,14 +60,14 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
     return tensors, peft_config
 
 
-def _bias_params(model: nn.Module, mode: str, lora_paths: set[str],
-                 skip: Sequence[str] = ()) -> dict[str, nn.Parameter]:
-    """The base biases that go with an adapter, by module name: none, every one ("all"), or those of the
-    modules the adapter's LoRA layers wrap, `lora_paths` ("lora_only"); never those in `skip` (modules_to_save,
-    whose copies carry their own)."""
+def _bias_params(model: nn.Module, mode: str, lora_paths: set[str], skip: Sequence[str] = (),
+                 owner: str | None = None) -> dict[str, nn.Parameter]:
+    """The base biases that go with adapter `owner`, by module name: none, every one ("all"), or those of the
+    modules its LoRA layers wrap, `lora_paths` ("lora_only"); never those of its modules_to_save (named in
+    `skip` before it is added), whose copies carry their own."""
     if mode == "none":
         return {}
-    return {p: module._parameters["bias"] for p, module in inject.base_modules(model, skip)
+    return {p: module._parameters["bias"] for p, module in inject.base_modules(model, skip, owner)
             if module._parameters.get("bias") is not None and (mode == "all" or p in lora_paths)}
 
 

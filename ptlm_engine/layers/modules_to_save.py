@@ -66,14 +66,21 @@ class ModulesToSave(AdapterLayer):
     def _batch_forward(self, args: tuple, kwargs: dict):
         """The original on every row, then each mapped adapter's copy on its own rows only (the batch dimension
         of the tensor arguments is dim 0), its output written over those rows: rows without a copy keep the
-        original's output, and gradients reach each copy from its rows alone."""
-        out = self.original_module(*args, **kwargs)
-        if not self.adapters_enabled:
-            return out
+        original's output, and gradients reach each copy from its rows alone. Refused before anything runs for
+        arguments that are not split by row (a tensor of another first dimension, a cache, a tuple): a decoder
+        layer's position ids or KV cache cannot be cut into rows this way."""
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 1), None)
-        if first is None:
-            return out
-        for name, rows in self._rows(first).items():
+        copies = self._rows(first) if self.adapters_enabled and first is not None else {}
+        for key, a in (*enumerate(args), *kwargs.items()):
+            by_rows = isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] == first.shape[0])
+            if copies and not (by_rows or a is None or isinstance(a, (bool, int, float, str))):
+                what = f"{type(a).__name__} of shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
+                raise NotImplementedError(
+                    f"modules_to_save {type(self.original_module).__name__} in a mixed batch (adapter_batch): its "
+                    f"argument {key!r} is a {what}, not split by row (batch of {first.shape[0]}); a module whose "
+                    "copies run on a mixed batch takes row-first tensors and plain values only")
+        out = self.original_module(*args, **kwargs)
+        for name, rows in copies.items():
             if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != first.shape[0]:
                 raise NotImplementedError(f"{type(self.original_module).__name__} returns "
                                           f"{type(out).__name__}: a module_to_save in a mixed batch must return "

@@ -10,8 +10,10 @@ only real tokens, so generation works unchanged) and is added by the attention f
   ("ptlm_prefix_sdpa" / "ptlm_prefix_eager", named after the implementation it replaces and falls back to),
   with a mask function of the same name that records, on each mask it makes, whether that mask is exactly
   causal (or bidirectional) AND a key-padding mask.
-- A forward pre-hook on the backbone (model.base_model) shifts every row's position ids by its P, building
-  them as HF does (arange after the cached tokens) where the caller gave none, as PEFT's cache of P does.
+- A forward pre-hook on the backbone (the innermost module holding every self-attention layer whose forward
+  takes position_ids: model.base_model in most models, model.decoder in OPT's) shifts every row's position ids
+  by its P, building them as the model does where the caller gave none (HF's arange after the cached tokens,
+  or an architecture's own rule, DEFAULT_POSITIONS), as PEFT's cache of P does.
 - The attention function (after rotary and the KV-cache update) takes the layer's prefix keys / values per row
   and runs functional.prefix_attention with causal / key_padding_mask from the recorded layout: the prefix is
   never concatenated. Rows of a mixed batch may have different adapters, different P or none: prefix_lengths
@@ -45,6 +47,15 @@ ORIGINAL_IMPLEMENTATIONS = ("sdpa", "eager")
 _IMPLEMENTATION = "ptlm_prefix_{}"        # the registered attention / mask function replacing each original
 _ENTRY = "_ptlm_prefix_attention"         # in an attention module's __dict__: (PrefixTuning, layer index)
 _LAYOUT = "_ptlm_mask_layout"             # on a mask tensor our mask function made: its MaskLayout
+# How an architecture numbers its tokens where the caller gives no position ids, by config.model_type, where it
+# is not HF's usual arange after the cached tokens (PEFT's prefix, a cache of P entries, shifts them as such):
+# "padding_idx": fairseq's numbering from pad_token_id + 1 over the non-pad tokens (RoBERTa family);
+# "attention_mask": the running count of the attention mask's ones, from 0 (OPT).
+DEFAULT_POSITIONS: dict[str, str] = {
+    **dict.fromkeys(["roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
+                     "data2vec-text"], "padding_idx"),
+    "opt": "attention_mask",
+}
 
 
 # -------------------------------------------------------------------------------------------------- geometry
@@ -218,7 +229,9 @@ class PrefixTuning(AdapterLayer):
         self._previous_implementation = model.config._attn_implementation
         params = list(inspect.signature(backbone.forward).parameters)      # of the bound method: no `self`
         self._inputs = {name: params.index(name) if name in params else None
-                        for name in ("input_ids", "inputs_embeds", "position_ids")}
+                        for name in ("input_ids", "inputs_embeds", "position_ids", "attention_mask")}
+        # The modules that hold HF's gradient-checkpointing switch, which may be turned on after this layer exists.
+        self.__dict__["_checkpointing"] = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
         _register(original)
         for module, index in attention:
             module.__dict__[_ENTRY] = (self, index)
@@ -275,30 +288,49 @@ class PrefixTuning(AdapterLayer):
             raise RuntimeError(f"prefix adapters need config._attn_implementation {self.implementation!r}, but it "
                                f"was changed to {self._model_config._attn_implementation!r} while they are on the "
                                "model; remove them before changing the attention implementation")
-        inputs = self._argument("input_ids", args, kwargs)
-        if inputs is None:
-            inputs = self._argument("inputs_embeds", args, kwargs)
+        ids = self._argument("input_ids", args, kwargs)
+        inputs = ids if ids is not None else self._argument("inputs_embeds", args, kwargs)
         if not self.adapters_enabled or inputs is None:
             return None
-        n, length = inputs.shape[:2]
-        found = self._rows(n, inputs.device)
+        found = self._rows(inputs.shape[0], inputs.device)
         if found is None:
             return None
+        if module.training and torch.is_grad_enabled() and any(m.gradient_checkpointing for m in self._checkpointing):
+            # Its recomputation runs outside this pass, without the prefix: reentrant checkpointing would drop the
+            # prefix's gradient, non-reentrant fail in its checks.
+            raise ValueError("prefix tuning does not work with gradient checkpointing (as in PEFT); "
+                             "model.gradient_checkpointing_disable() first")
         names, rows, lengths, offsets = found
-        self.context = PrefixContext(self, names, rows, lengths, n)
-
+        self.context = PrefixContext(self, names, rows, lengths, inputs.shape[0])
         positions = self._argument("position_ids", args, kwargs)
-        if positions is None:     # HF's own default: the positions after the tokens already in the cache
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            positions = torch.arange(past, past + length, device=inputs.device).unsqueeze(0)   # (1, L)
-        positions = positions + offsets
+        positions = self._default_positions(ids, inputs, args, kwargs, offsets) if positions is None \
+            else positions + offsets
         if self._positional("position_ids", args, kwargs):
             index = self._inputs["position_ids"]
             args = (*args[:index], positions, *args[index + 1:])
         else:
             kwargs = {**kwargs, "position_ids": positions}
         return args, kwargs
+
+    def _default_positions(self, ids: Tensor | None, inputs: Tensor, args: tuple, kwargs: dict, offsets) -> Tensor:
+        """The position ids the model would number the tokens with after a cache of P more entries (each row's P,
+        `offsets`), as PEFT's prefix cache makes it: (1 or n, L)."""
+        n, length = inputs.shape[:2]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        rule = DEFAULT_POSITIONS.get(getattr(self._model_config, "model_type", None))
+        if rule == "padding_idx":
+            pad = self._model_config.pad_token_id
+            if ids is None:     # from embeddings the model can tell neither pads nor the cache: it ignores both
+                return torch.arange(pad + 1, pad + 1 + length, device=inputs.device).unsqueeze(0)
+            real = ids.ne(pad).long()
+            return (real.cumsum(1) + past + offsets) * real + pad
+        if rule == "attention_mask":
+            mask = self._argument("attention_mask", args, kwargs)
+            mask = torch.ones(n, past + length, device=inputs.device) if mask is None else mask
+            mask = mask.long()
+            return ((mask.cumsum(1) + offsets) * mask - 1)[:, -length:]
+        return torch.arange(past, past + length, device=inputs.device).unsqueeze(0) + offsets    # (1, L)
 
     def _after_forward(self, module: nn.Module, args: tuple, output):
         self.context = None   # attention outside a pass of the backbone gets no prefix (see _attention)
@@ -520,9 +552,26 @@ def _self_attention(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _backbone(model: nn.Module) -> nn.Module:
-    base = getattr(model, "base_model", model)
-    return base if isinstance(base, nn.Module) else model
+def hooked_attention(model: nn.Module, adding: bool = False) -> list[str]:
+    """Paths of the self-attention modules the model's prefix layer acts on (with adding: would act on, as one
+    is added now); none without one. A copy of such a module (modules_to_save) would run without the prefix."""
+    if not adding and not isinstance(getattr(model, LAYER_NAME, None), PrefixTuning):
+        return []
+    return [name for name, _ in _self_attention(model)]
+
+
+def _backbone(model: nn.Module, attention: list[str]) -> nn.Module | None:
+    """The innermost module holding every self-attention module whose forward takes position_ids: the one that
+    runs in every pass (OPTForCausalLM calls model.decoder, not its base_model), or None."""
+    parts = [name.split(".") for name in attention]
+    common = 0
+    while all(len(p) > common and p[common] == parts[0][common] for p in parts):
+        common += 1
+    for depth in range(common, -1, -1):
+        module = model.get_submodule(".".join(parts[0][:depth]))
+        if "position_ids" in inspect.signature(module.forward).parameters:
+            return module
+    return None
 
 
 def find_prefix_targets(model: nn.Module, config: PrefixConfig) -> list[str]:
@@ -565,11 +614,16 @@ def _check_model(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, int
     attention = [(module, module.layer_idx if isinstance(getattr(module, "layer_idx", None), int) else i)
                  for i, (_, module) in enumerate(found)]
     if sorted(index for _, index in attention) != list(range(geometry.num_layers)):
+        seen = {name for name, _ in found}
+        hidden = [name for name, m in model.named_modules() if _uses_registry(type(m)) and name not in seen
+                  and not getattr(m, "is_cross_attention", False) and "CrossAttention" not in type(m).__name__]
+        inside = f" outside adapter layers; inside them (a modules_to_save copy?): {hidden}" if hidden else ""
         raise ValueError(f"prefix tuning expects one self-attention module per layer ({geometry.num_layers}); "
-                         f"{kind} has {[name for name, _ in found]}")
-    backbone = _backbone(model)
-    if "position_ids" not in inspect.signature(backbone.forward).parameters:
-        raise ValueError(f"{type(backbone).__name__}.forward takes no position_ids, which prefix tuning shifts")
+                         f"{kind} has {[name for name, _ in found]}{inside}")
+    backbone = _backbone(model, [name for name, _ in found])
+    if backbone is None:
+        raise ValueError(f"no module of {kind} holding its attention layers takes position_ids in forward, which "
+                         "prefix tuning shifts")
     return backbone, attention, geometry, original
 
 

@@ -143,6 +143,38 @@ def test_bad_configs(kw, match):
         pe.PrefixConfig(**kw)
 
 
+def test_gradient_checkpointing_turned_on_later_is_caught(tiny, ids):
+    """HF Trainer's gradient_checkpointing=True turns it on after the adapter exists: its recomputation runs
+    without the prefix (reentrant: no gradient for it), so a training pass refuses; inference still runs."""
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=2))
+    model.train().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="does not work with gradient checkpointing"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.gradient_checkpointing_disable()
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.parametrize("config", [
+    pe.PrefixConfig(num_virtual_tokens=2, modules_to_save=["layers.1"]),
+    [pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.1.self_attn"]),
+     pe.PrefixConfig(num_virtual_tokens=2)],
+], ids=["prefix", "lora+prefix"])
+def test_modules_to_save_over_hooked_attention_is_refused(tiny, config):
+    """A copy of a self-attention module the prefix hooks (or of a layer holding one) would run without the
+    prefix; refused before any change, whether the prefix comes in the same call or was there before."""
+    model = tiny("llama")
+    with pytest.raises(ValueError, match=r"modules_to_save: 'model.layers.1(.self_attn)?' is or contains the "
+                                         r"self-attention module 'model.layers.1.self_attn', which a prefix"):
+        pe.add_adapter(model, "a", config)
+    assert not hasattr(model, "ptlm_adapters")
+    pe.add_adapter(model, "p", pe.PrefixConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="which a prefix adapter hooks"):
+        pe.add_adapter(model, "b", pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.1"]))
+
+
 def test_changing_the_attention_implementation_underneath_is_caught(tiny):
     model = tiny("llama")
     pe.add_adapter(model, "a", pe.PrefixConfig(num_virtual_tokens=2))
