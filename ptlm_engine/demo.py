@@ -157,13 +157,34 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def available_device(text: str) -> str:
+    """A device string torch parses and this machine has (cpu, or an existing cuda index)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from e
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no such CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the demo runs on cpu or cuda")
+    return text
+
+
+def directory(text: str) -> str:
+    """A directory path, existing or to be made (checked before training, not when saving after it)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    return text
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULT_STEPS,
                         help="AdamW training steps (default %(default)s)")
-    parser.add_argument("--out", metavar="DIR", help="keep the saved adapter in DIR (default: a temporary "
+    parser.add_argument("--out", metavar="DIR", type=directory, help="keep the saved adapter in DIR (default: a temporary "
                                                      "directory, removed at the end)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default %(default)s)")
+    parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device: cpu or cuda[:N] (default %(default)s)")
 
 
 @contextmanager

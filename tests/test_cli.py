@@ -59,6 +59,18 @@ def test_demo_exits_nonzero_when_the_reloaded_adapter_differs(monkeypatch, capsy
     assert "MISMATCH" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--device", "bogus"], "argument --device: not a torch device"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "argument --device: .* no such CUDA device"),
+    (["--out", __file__], "argument --out: .* exists and is not a directory"),
+])
+def test_demo_arguments_are_checked_before_it_runs(monkeypatch, capsys, args, match):
+    monkeypatch.setattr(demo, "run", lambda *a: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as done:
+        cli.main(["demo", *args])
+    assert done.value.code == 2 and re.search(match, capsys.readouterr().err)
+
+
 def test_no_command_runs_the_demo_with_its_defaults(monkeypatch):
     calls = []
     monkeypatch.setattr(demo, "run", lambda *args: calls.append(args) or 0)

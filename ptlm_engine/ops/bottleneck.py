@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_floating, check_like
+from ptlm_engine.ops.checks import check_floating, check_like, unit_stride
 from ptlm_engine.ops.lora import _needs_grad, eager_function, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
@@ -138,6 +138,7 @@ def bottleneck_adapter_op(h: Tensor, down_weight: Tensor, down_bias: Tensor | No
     flat = h.dim() != 2
     h2d = h.reshape(-1, h.shape[-1]) if flat else h                                  # (T, d), a view if it can
     res2d = residual.reshape(h2d.shape) if flat and residual is not None else residual
+    down_bias, up_bias = unit_stride(down_bias), unit_stride(up_bias)     # the kernels read them as contiguous
     args = (h2d, down_weight, down_bias, up_weight, up_bias, res2d, float(scale), code)
     if torch.compiler.is_compiling():
         y, _ = bottleneck_fwd(*args)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.bottleneck import check_residual, check_same, runs_triton
+from ptlm_engine.ops.checks import check_index_range, unit_stride
 from ptlm_engine.ops.lora import _needs_grad
 from ptlm_engine.ops.lora_multi import token_segments
 
@@ -156,6 +157,8 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
                                 residual: Tensor | None = None,
                                 segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(h, slots, adapter_index, residual)
+    if segments is None:                   # given segments (a served batch's) come with an index built in range
+        check_index_range(adapter_index, slots.down_weight.shape[0])
     flat = h.dim() != 2
     h2d = h.reshape(-1, h.shape[-1]) if flat else h                                  # (T, d)
     res2d = residual.reshape(h2d.shape) if flat and residual is not None else residual
@@ -165,8 +168,9 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
         y = reference.bottleneck_adapter_multi(h2d, wd, bd, wu, bu, slots.sizes, slots.scales, slots.acts, index,
                                                res2d)
         return y.reshape(h.shape) if flat else y
-    index = index.to(torch.int32)
-    sizes, scales, acts = slots.sizes.to(torch.int32), slots.scales.to(torch.float32), slots.acts.to(torch.int32)
+    index = unit_stride(index.to(torch.int32))
+    sizes, scales, acts = (unit_stride(t.to(dtype)) for t, dtype in
+                           ((slots.sizes, torch.int32), (slots.scales, torch.float32), (slots.acts, torch.int32)))
     training = torch.compiler.is_compiling() or _needs_grad(h, wd, bd, wu, bu, residual)
     if not training:  # inference: no autograd bookkeeping, z is not kept, and decode needs no sort at all
         if not _slot_blocks(h2d.shape[0]):

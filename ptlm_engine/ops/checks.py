@@ -1,4 +1,5 @@
-"""Input checks shared by the ops' entry points: each raises ValueError naming the tensor and what it expected."""
+"""Input checks shared by the ops' entry points (each raises ValueError naming the tensor and what it expected),
+and the one fix-up of inputs they share (unit_stride)."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,24 @@ def check_adapter_dtypes(ref_name: str, ref: Tensor, named: dict[str, Tensor | N
         if t is not None and t.dtype != ref.dtype and t.dtype != torch.float32:
             raise ValueError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}) or torch.float32, "
                              f"got {t.dtype}")
+
+
+def unit_stride(t: Tensor | None) -> Tensor | None:
+    """A 1-D t with unit stride (a copy only where it has none): the kernels read biases, per-slot ranks, scales
+    and dropouts and per-token adapter indices as contiguous vectors."""
+    return t if t is None or t.dim() != 1 or t.stride(0) == 1 else t.contiguous()
+
+
+def check_index_range(index: Tensor, count: int) -> None:
+    """adapter_index values in [-1, count) (-1: no adapter). Checked where it costs no device sync (a CPU index,
+    eagerly): on a GPU the serving path stays sync-free, and an index out of range is the caller's error there
+    (as an out-of-range index into any tensor is)."""
+    if index.device.type != "cpu" or index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = (int(v) for v in torch.aminmax(index))
+    if low < -1 or high >= count:
+        raise ValueError(f"adapter_index: expected slot ids in [-1, {count}) (-1: no adapter), got values from "
+                         f"{low} to {high}")
 
 
 def check_like(ref_name: str, ref: Tensor, named: dict[str, Tensor | None], dtype: bool = True,

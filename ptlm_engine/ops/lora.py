@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
+from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like, unit_stride
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import lora as lora_kernels
@@ -204,6 +204,7 @@ def lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tenso
         y = reference.lora_linear(x2d, weight, bias, lora_A, lora_B, scale, keep, dropout, fan_in_fan_out)
     else:
         seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if dropout > 0.0 else None
+        bias = unit_stride(bias)
         args = (x2d, weight, bias, lora_A, lora_B, float(scale), float(dropout), seed, fan_in_fan_out)
         y, _ = run_op(args, lora_linear_fwd, LoraLinearFunction, _forward, (x, weight, bias, lora_A, lora_B))
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

@@ -25,7 +25,8 @@ from torch import Tensor
 from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
-from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like
+from ptlm_engine.ops.checks import (check_adapter_dtypes, check_floating, check_index_range, check_like,
+                                   unit_stride)
 from ptlm_engine.ops.lora import _base_grads, as_dtype, lora_kernels, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, token_segments
 
@@ -479,6 +480,7 @@ def lora_linear_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequenc
     else:
         drops = any(p > 0.0 and a is not None for p, a in zip(dropouts, lora_As))
         seeds = torch.randint(0, 2**31 - 1, (G,), device=x.device) if drops else None
+        biases = [unit_stride(b) for b in biases]
         args = (x2d, weights, biases, lora_As, lora_Bs, scales, dropouts, seeds, fan_in_fan_out)
         if torch.compiler.is_compiling():
             ys, _ = lora_linear_grouped_fwd(x2d, weights, *(_placeholders(t, x) for t in (biases, lora_As, lora_Bs)),
@@ -492,15 +494,19 @@ def lora_linear_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequenc
 
 
 def _slot_field(slots: Sequence[LoraSlots | None], name: str, dtype: torch.dtype | None = None) -> list:
-    """Each member's slots.<name>, cast to dtype if given; None where a member has no slots (or no dropouts)."""
+    """Each member's slots.<name>, cast to dtype (and with unit stride) if given; None where a member has no slots
+    (or no dropouts)."""
     fields = [None if s is None else getattr(s, name) for s in slots]
-    return fields if dtype is None else [t if t is None else as_dtype(t, dtype) for t in fields]
+    return fields if dtype is None else [t if t is None else unit_stride(as_dtype(t, dtype)) for t in fields]
 
 
 def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],
                                  slots: Sequence[LoraSlots | None], adapter_index: Tensor, fan_in_fan_out: bool,
                                  segments: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     _check_multi(x, weights, biases, slots, adapter_index, fan_in_fan_out)
+    num_slots = next((s.lora_A.shape[0] for s in slots if s is not None), None)
+    if segments is None and num_slots is not None:   # given segments (a served batch's) come with an index in range
+        check_index_range(adapter_index, num_slots)
     G = len(weights)
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
@@ -514,9 +520,8 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
         ys = reference.lora_linear_multi_grouped(x2d, weights, biases, lora_As, lora_Bs, _slot_field(slots, "scales"),
                                                  index, fan_in_fan_out, dropouts, keeps)
     else:
-        index = as_dtype(index, torch.int32)
-        num_slots = next((a.shape[0] for a in lora_As if a is not None), 0)
-        order, bounds = token_segments(index, num_slots) if segments is None else segments
+        index, biases = unit_stride(as_dtype(index, torch.int32)), [unit_stride(b) for b in biases]
+        order, bounds = token_segments(index, num_slots or 0) if segments is None else segments
         seeds = torch.randint(0, 2**31 - 1, (G,), device=x.device) if any(p is not None for p in dropouts) else None
         ranks, scales = _slot_field(slots, "ranks", torch.int32), _slot_field(slots, "scales", torch.float32)
         args = (x2d, weights, biases, lora_As, lora_Bs, ranks, scales, dropouts, index, order, bounds, seeds,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_like
+from ptlm_engine.ops.checks import check_index_range, check_like, unit_stride
 from ptlm_engine.ops.lora import (_base_grads, as_dtype, eager_function, lora_kernels, run_op,
                                   triton_enabled)
 
@@ -191,6 +191,8 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
                          adapter_index: Tensor, fan_in_fan_out: bool,
                          segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(x, weight, bias, slots, adapter_index, fan_in_fan_out)
+    if segments is None:                   # given segments (a served batch's) come with an index built in range
+        check_index_range(adapter_index, slots.lora_A.shape[0])
     # Every layer of a served batch pays this path: views and casts only where the inputs need them.
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
@@ -203,14 +205,15 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
                                         fan_in_fan_out, dropouts, keep)
     else:
-        index = as_dtype(index, torch.int32)
+        index, bias = unit_stride(as_dtype(index, torch.int32)), unit_stride(bias)
         # The batch's token grouping: shared by every layer (AdapterBatch.tokens); sorted here only when not given.
         order, bounds = token_segments(index, slots.lora_A.shape[0]) if segments is None else segments
         seed = None
         if dropouts is not None:
-            dropouts = as_dtype(dropouts, torch.float32)
+            dropouts = unit_stride(as_dtype(dropouts, torch.float32))
             seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, as_dtype(slots.ranks, torch.int32),
-                as_dtype(slots.scales, torch.float32), index, order, bounds, dropouts, seed, fan_in_fan_out)
+        args = (x2d, weight, bias, slots.lora_A, slots.lora_B, unit_stride(as_dtype(slots.ranks, torch.int32)),
+                unit_stride(as_dtype(slots.scales, torch.float32)), index, order, bounds, dropouts, seed,
+                fan_in_fan_out)
         y, _ = run_op(args, lora_linear_multi_fwd, LoraLinearMultiFunction, _forward, args[:5])
     return y.reshape(*x.shape[:-1], y.shape[-1]) if flat else y

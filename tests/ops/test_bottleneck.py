@@ -68,6 +68,16 @@ def test_rows_far_apart_in_memory(T):
 
 
 @needs_triton
+def test_strided_biases():
+    """Biases as strided views: the kernels read them as contiguous, so the op hands them contiguous ones."""
+    torch.manual_seed(6)
+    h, wd, _, wu, _, _ = _inputs((4,), 7, 3, torch.float32)
+    bd, bu = torch.randn(3, 2, device=DEVICE)[:, 0], torch.randn(7, 2, device=DEVICE)[:, 1]
+    torch.testing.assert_close(bottleneck_adapter(h, wd, bd, wu, bu, "relu", 0.5),
+                               bottleneck_adapter(h, wd, bd.contiguous(), wu, bu.contiguous(), "relu", 0.5))
+
+
+@needs_triton
 def test_only_the_adapter_trains_and_inference_matches_training():
     """A frozen input (no dh computed) and no_grad (z not kept) give the same y as the autograd path."""
     torch.manual_seed(3)

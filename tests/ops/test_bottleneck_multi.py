@@ -72,6 +72,16 @@ def _check_float64(lead, dtype, residual, far=False):
         assert not slots.down_weight.grad[s, m:].any() and not slots.up_weight.grad[s, :, m:].any()
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_index_out_of_range_raises_value_error(backend, monkeypatch):
+    """Checked where it costs no device sync (a CPU index, without given segments)."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    h, slots, _, _ = _inputs((5,), 8, [3, 2], [0, 1], torch.float32)
+    slots = BottleneckSlots(*(t.detach().cpu() for t in slots))
+    with pytest.raises(ValueError, match=r"adapter_index: expected slot ids in \[-1, 2\)"):
+        bottleneck_adapter_multi(h.detach().cpu(), slots, torch.tensor([0, 1, 2, -1, 0]))
+
+
 @needs_triton
 def test_mixed_batch_equals_each_slot_alone_values_and_gradients():
     """Each slot's rows through the one-adapter op give the same y, and the same per-slot weight gradients."""

@@ -147,6 +147,18 @@ def test_bad_shapes_raise_value_error(bad, message):
         lora_linear(t["x"], t["w"], t["bias"], t["a"], t["b"])
 
 
+@needs_triton
+def test_strided_bias():
+    """A bias that is a strided view (a column of a fused table): the kernels read biases as contiguous, so the op
+    hands them a contiguous one."""
+    torch.manual_seed(6)
+    x, w, b, a, bb = _inputs((4,), 7, 5, 3, torch.float32)
+    strided = torch.randn(5, 2, device=DEVICE)[:, 0]
+    assert strided.stride(0) == 2
+    torch.testing.assert_close(lora_linear(x, w, strided, a, bb, scale=0.5),
+                               lora_linear(x, w, strided.contiguous(), a, bb, scale=0.5))
+
+
 def test_bad_dtype_device_and_dropout_raise_value_error():
     x, w, a, b = (torch.randn(*s, device=DEVICE) for s in [(5, 8), (6, 8), (3, 8), (6, 3)])
     with pytest.raises(ValueError, match=r"lora_B: expected dtype torch.float32"):

@@ -248,6 +248,28 @@ def test_multi_grouped_prefill_on_the_tma_tiles_matches_float64(monkeypatch):
 
 
 @needs_triton
+def test_strided_biases_and_index_out_of_range():
+    """Strided biases (and, in the multi op, per-slot vectors) reach the kernels contiguous; a CPU index out of
+    range is a ValueError (where checking costs no device sync)."""
+    torch.manual_seed(6)
+    x, ws, _, As, Bs, scales = _inputs((4,), 7, (5, 3), (2, 2), torch.float32, biased=(False, False))
+    biases = [torch.randn(n, 2, device=DEVICE)[:, 1] for n in (5, 3)]
+    with torch.no_grad():
+        got = lora_linear_grouped(x, ws, biases, As, Bs, scales)
+        want = lora_linear_grouped(x, ws, [b.contiguous() for b in biases], As, Bs, scales)
+    for g, (y, y_want) in enumerate(zip(got, want)):
+        torch.testing.assert_close(y, y_want, msg=f"member {g}")
+    x, ws, biases, slots, index = _multi_inputs((5,), 8, (6, 4), ([3, 2, 1], [2, 2, 2]), torch.float32)
+    with torch.no_grad():
+        got = lora_linear_multi_grouped(x, ws, [torch.randn(6, 2, device=DEVICE)[:, 0], None], slots, index)
+    assert all(torch.isfinite(y).all() for y in got)
+    with pytest.raises(ValueError, match=r"adapter_index: expected slot ids in \[-1, 3\)"):
+        lora_linear_multi_grouped(x.cpu(), [w.cpu() for w in ws], [None, None],
+                                  [LoraSlots(*(t.detach().cpu() for t in s[:4])) for s in slots],
+                                  torch.tensor([0, 3, 1, -1, 2]))
+
+
+@needs_triton
 def test_multi_grouped_equals_the_separate_ops():
     torch.manual_seed(6)
     x, ws, biases, slots, index = _multi_inputs((11,), 20, (18, 10), ([4, 12, 2], [6, 6, 6]), torch.float32)

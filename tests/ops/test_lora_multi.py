@@ -162,6 +162,34 @@ def test_multi_grads_with_given_segments_and_a_padded_rank():
         assert_matches(g, g64, None, torch.float32, name)
 
 
+@needs_triton
+def test_multi_strided_vectors():
+    """Bias, ranks, scales, dropouts and the token index as strided views: the kernels read these vectors as
+    contiguous, so the op hands them contiguous ones (strided, slot 1 ran with another slot's scale or rank)."""
+    torch.manual_seed(6)
+    x, w, bias, slots, _ = _inputs((6,), 7, 5, [3, 2], torch.float32)
+    index = torch.tensor([0, 1, -1, 1, 0, 0], device=DEVICE)
+    spread = lambda t: torch.stack([t, torch.full_like(t, 9)], dim=1)[:, 0]           # (n,) of stride 2
+    strided = LoraSlots(slots.lora_A, slots.lora_B, spread(slots.ranks), spread(slots.scales),
+                        spread(torch.tensor([0.0, 0.0], device=DEVICE)))
+    assert strided.ranks.stride(0) == 2
+    with torch.no_grad():
+        y = lora_linear_multi(x, w, spread(bias), strided, spread(index))
+        expected = lora_linear_multi(x, w, bias, slots._replace(dropouts=torch.zeros(2, device=DEVICE)), index)
+    torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("bad", [2, 5, -2])
+def test_multi_index_out_of_range_raises_value_error(backend, bad, monkeypatch):
+    """Checked where it costs no device sync (a CPU index, without given segments)."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    x, w, bias, slots, _ = _inputs((5,), 8, 6, [3, 3], torch.float32)
+    index = torch.tensor([0, 1, bad, 0, -1])
+    with pytest.raises(ValueError, match=rf"adapter_index: expected slot ids in \[-1, 2\) .* from -?\d+ to \d+"):
+        lora_linear_multi(x.cpu(), w.cpu(), bias.cpu(), LoraSlots(*(t.cpu() for t in slots[:4])), index)
+
+
 def test_multi_bad_input_raises_value_error():
     x, w, bias, slots, index = _inputs((5,), 8, 6, [2, 3], torch.float32)
     with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
