@@ -181,8 +181,8 @@ def directory(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=non_negative_int, default=DEFAULT_STEPS,
                         help="AdamW training steps (default %(default)s)")
-    parser.add_argument("--out", metavar="DIR", type=directory, help="keep the saved adapter in DIR (default: a temporary "
-                                                     "directory, removed at the end)")
+    parser.add_argument("--out", metavar="DIR", type=directory,
+                        help="keep the saved adapter in DIR (default: a temporary directory, removed at the end)")
     parser.add_argument("--device", type=available_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device: cpu or cuda[:N] (default %(default)s)")
 

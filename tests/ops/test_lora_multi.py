@@ -186,7 +186,7 @@ def test_multi_index_out_of_range_raises_value_error(backend, bad, monkeypatch):
     monkeypatch.setenv("PTLM_BACKEND", backend)
     x, w, bias, slots, _ = _inputs((5,), 8, 6, [3, 3], torch.float32)
     index = torch.tensor([0, 1, bad, 0, -1])
-    with pytest.raises(ValueError, match=rf"adapter_index: expected slot ids in \[-1, 2\) .* from -?\d+ to \d+"):
+    with pytest.raises(ValueError, match=r"adapter_index: expected slot ids in \[-1, 2\) .* from -?\d+ to \d+"):
         lora_linear_multi(x.cpu(), w.cpu(), bias.cpu(), LoraSlots(*(t.cpu() for t in slots[:4])), index)
 
 
