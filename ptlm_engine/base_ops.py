@@ -9,9 +9,10 @@ by the small tables below, never by copies of model code:
 - RMSNorm: every module whose class name is in RMS_NORM_CLASSES (Llama's formula; GemmaRMSNorm's (1 + weight) is
   not) with a (d,) `weight` and a float `variance_epsilon` is replaced in place by layers.rms_norm.FusedRMSNorm,
   which holds the same weight Parameter (state-dict keys and optimizers unchanged) and gives the module back.
-- Gated MLP: a module with gate_proj, up_proj, down_proj and a SiLU `act_fn` gets an instance-level forward,
-  down_proj(silu_mul(gate_proj(x), up_proj(x))): the projections are still called as modules, so LoRA layers in
-  their place (and their grouped gate/up call) work, whichever of fuse_base_ops and add_adapter comes first.
+- Gated MLP: a module of GATED_MLP_CLASSES with gate_proj, up_proj, down_proj and a SiLU `act_fn` gets an
+  instance-level forward, down_proj(silu_mul(gate_proj(x), up_proj(x))): the projections are still called as
+  modules, so LoRA layers in their place (and their grouped gate/up call) work, whichever of fuse_base_ops and
+  add_adapter comes first.
 - RoPE: the modeling modules of ROTARY_FUNCTIONS call a module-level apply_rotary_pos_emb from their attention's
   forward. The function is replaced there by a wrapper, and every attention module of the model that calls it gets
   a forward pre-hook and hook (`_RotaryScope`) that mark, per thread, that a fused attention is running. The
@@ -23,9 +24,10 @@ by the small tables below, never by copies of model code:
 
 - Loss: a causal LM of CAUSAL_LM_CLASSES (transformers' ForCausalLMLoss on lm_head(model(...)) logits; not
   Gemma2's softcapped logits) whose lm_head is a plain nn.Linear (no adapter layer, no hooks) gets an instance-level
-  forward (with the class forward's signature, for inspect; holding the model weakly). A training call (model.training, grad enabled,
-  `labels` given) runs the decoder `model.model` as the class forward does, shifts the labels as ForCausalLMLoss
-  does (padded on the right with ignore_index, shifted by one; or `shift_labels`), and takes the loss with
+  forward (with the class forward's signature, for inspect; holding the model weakly). A training call
+  (model.training, grad enabled, `labels` given) runs the decoder `model.model` as the class forward does, shifts
+  the labels as ForCausalLMLoss does (padded on the right with ignore_index, shifted by one; or `shift_labels`,
+  flat or not), and takes the loss with
   functional.linear_cross_entropy on the final hidden states: the (T, V) logits, their fp32 upcast and their fp32
   gradient are never materialized. It returns CausalLMOutputWithPast with that loss and logits=None (as Liger's
   fused loss does: a training step does not see logits). `num_items_in_batch`, `ignore_index`, `shift_labels` are
@@ -53,6 +55,7 @@ from torch import nn
 
 from ptlm_engine import functional
 from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.modules_to_save import ModulesToSave
 from ptlm_engine.layers.rms_norm import FusedRMSNorm
 from ptlm_engine.ops.rotary import apply_checked, runs_fused
 
@@ -66,6 +69,9 @@ ROTARY_FUNCTIONS = {
     "transformers.models.qwen3.modeling_qwen3": "apply_rotary_pos_emb",
 }
 
+# transformers' gated MLPs computing down_proj(act_fn(gate_proj(x)) * up_proj(x)), matched by class name (other
+# MLPs of that shape scale, clamp or upcast in between: FalconH1's multipliers, DeepseekV4's swiglu_limit).
+GATED_MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 # causal LMs whose loss is transformers' ForCausalLMLoss on lm_head(model(...)) logits, matched by class name.
 CAUSAL_LM_CLASSES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
 
@@ -89,6 +95,19 @@ def _modules(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
         yield module, name, child
         if not isinstance(child, AdapterLayer):
             yield from _modules(child)
+
+
+def _every_module(module: nn.Module) -> Iterator[tuple[nn.Module, str | None, nn.Module]]:
+    """(parent, attribute name, child) for every module below `module`, inside adapter layers too (a modules_to_save
+    copy made of a fused module is fused), and each ModulesToSave's original module, held outside the tree (name
+    None). A child shared by two parents (a wrapper and its original) comes once per parent."""
+    for name, child in module._modules.items():
+        if child is not None:
+            yield module, name, child
+            yield from _every_module(child)
+    if isinstance(module, ModulesToSave):
+        yield module, None, module.original_module
+        yield from _every_module(module.original_module)
 
 
 def _own_forward(module: nn.Module) -> bool:
@@ -139,7 +158,9 @@ def _has_fused_forward(module: nn.Module) -> bool:
 
 
 def _fusable_mlp(module: nn.Module, silu: tuple[type, ...]) -> bool:
-    return (all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj"))
+    projections = ("gate_proj", "up_proj", "down_proj")
+    return (type(module).__name__ in GATED_MLP_CLASSES
+            and all(isinstance(getattr(module, name, None), nn.Module) for name in projections)
             and isinstance(getattr(module, "act_fn", None), silu) and _own_forward(module))
 
 
@@ -226,7 +247,7 @@ def _hold_rotary(model: nn.Module) -> None:
 
 
 def _release_rotary(model: nn.Module) -> None:
-    for _, _, child in _modules(model):
+    for child in {id(child): child for _, _, child in _every_module(model)}.values():
         for hook_id, scope in _scope_hooks(child):
             del child._forward_pre_hooks[hook_id]
             for exit_id, hook in list(child._forward_hooks.items()):
@@ -299,6 +320,8 @@ def _fused_loss_forward(self: nn.Module, labels, **kwargs):
     targets = kwargs.get("shift_labels")
     if targets is None:  # ForCausalLMLoss: tokens < n predict n, the last position of each row predicts nothing
         targets = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    elif targets.numel() == hidden.shape[:-1].numel():   # ForCausalLMLoss takes them flat too (it views them)
+        targets = targets.reshape(hidden.shape[:-1])
     loss = _head_loss(hidden, self.lm_head, targets.to(hidden.device), ignore_index,
                       kwargs.get("num_items_in_batch"))
     return CausalLMOutputWithPast(loss=loss, logits=None,
@@ -360,9 +383,14 @@ def unfuse_base_ops(model: nn.Module) -> None:
     them."""
     if _has_loss_forward(model):
         del model.forward
-    for parent, name, child in list(_modules(model)):
+    restored: dict[int, nn.Module] = {}              # a module under two parents comes back once
+    for parent, name, child in list(_every_module(model)):   # modules_to_save copies made after fusing too
         if isinstance(child, FusedRMSNorm):
-            parent._modules[name] = child.restore()
+            module = restored.setdefault(id(child), child.restore())
+            if name is None:
+                parent.replace_original(module)
+            else:
+                parent._modules[name] = module
         elif _has_fused_forward(child):
             del child.forward
     _release_rotary(model)

@@ -132,9 +132,9 @@ class CapturedTrainStep:
         return loss.detach()
 
     def _eager_step(self) -> Tensor:
-        loss = self._forward_backward_step()
+        # As a replay: this batch's gradients alone (none left from before), and in .grad after the step.
         self.optimizer.zero_grad(set_to_none=True)
-        return loss
+        return self._forward_backward_step()
 
     def _capture(self, device: torch.device, warmup: int) -> None:
         _make_capturable(self.optimizer)
@@ -147,6 +147,7 @@ class CapturedTrainStep:
                 self._eager_step()
         torch.cuda.current_stream(device).wait_stream(side)
         snapshot.restore()
+        self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()             # the warm-up's cached activations: the graph takes its own pool
         self.graph = torch.cuda.CUDAGraph()

@@ -234,3 +234,25 @@ def test_mixed_batch_step_inside_one_adapter_batch(device, monkeypatch):
     lora = lambda m: {n: p.detach() for n, p in m.named_parameters() if ".lora_" in n}
     for name, value in lora(twin).items():
         assert rel_err(lora(model)[name], value) <= 1e-3, name
+
+
+def test_eager_captured_step_ignores_gradients_left_before_it(monkeypatch):
+    """Off CUDA the step runs eagerly, and as a replay uses its batch's gradients alone: none left from before
+    (it used to add them to whatever .grad held)."""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    model = _llama()
+    twin = copy.deepcopy(model)
+    batch, stale = _batches(2)
+    model(**stale).loss.backward()                     # gradients left by, say, a diagnostic backward
+
+    def sgd(m):
+        return torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+
+    step = pe.capture_train_step(model, sgd(model), batch)
+    step(batch)
+    twin_opt = sgd(twin)
+    twin(**batch).loss.backward()
+    twin_opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p, q), name

@@ -38,6 +38,14 @@ class ModulesToSave(AdapterLayer):
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
 
+    def replace_original(self, module: nn.Module) -> None:
+        """Hold `module` as the original from now on (base_ops' unfuse gives back the module it replaced), sharing
+        its tables as __init__ does; the children are the same objects."""
+        self.__dict__["_parameters"] = module._parameters
+        self.__dict__["_buffers"] = module._buffers
+        self.__dict__["_non_persistent_buffers_set"] = module._non_persistent_buffers_set
+        self.__dict__["original_module"] = module
+
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
 

@@ -9,12 +9,15 @@ cuBLAS matmul, the kernel (or its PyTorch reference: CPU, PTLM_BACKEND=reference
 loss's gradient, and two more matmuls take grad_hidden = g W (written into its rows of one (T, d) buffer) and, only
 where the weight is trainable, grad_weight += g^T hidden (fp32 accumulator; a frozen lm_head skips it). The forward
 thus computes the gradients already and saves them (never the logits); the backward multiplies them by the loss's
-incoming gradient. Under no_grad (or with nothing trainable) only the loss is computed.
+incoming gradient and the reduction's factor. That factor (1 / the token count) stays out of the stored gradients,
+as transformers' fp32 logits keep it out of half precision until the loss's incoming gradient (an fp16 loss
+scaler's factor) is in: folded in early, g's small entries underflowed in fp16 (2026-11-27 review: 17% off at
+num_items_in_batch = 8 micro-batches). Under no_grad (or with nothing trainable) only the loss is computed.
 
 Transformers' loss materializes the (T, V) logits in the model dtype, their fp32 upcast, and cross_entropy's fp32
 gradient: ~3 GB at T = 8192, V = 32000 in bf16. Here the extra memory is one chunk's logits and grad_hidden.
 The numerics are HF's: logits rounded to the model dtype by the matmul, loss and softmax in fp32, the gradient
-rounded to the model dtype before its matmul.
+rounded to the model dtype before its matmul (up to when the reduction's factor applies, see above).
 
 Chunk size: rows whose logits take about as many bytes as hidden (Liger's rule), clamped to [64 MB, 256 MB] (fewer,
 larger GEMMs where hidden is small; bounded memory where it is huge), balanced over the chunks. At the training
@@ -58,8 +61,9 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
              ignore_index: int, rows: int, need_grad_hidden: bool, need_grad_weight: bool,
              need_grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """hidden (T, d), weight (V, d), bias (V,) or None, targets (T,) int64, scale () the reduction's factor ->
-    loss () = scale * sum of the rows' losses, and the gradients of that loss (empty where not needed):
-    grad_hidden (T, d), grad_weight (V, d), grad_bias (V,)."""
+    loss () = scale * sum of the rows' losses, and the gradients of the rows' summed loss, without scale (empty
+    where not needed): grad_hidden (T, d) in hidden's dtype, grad_weight (V, d) and grad_bias (V,) in the fp32
+    (at least) accumulator."""
     T, d = hidden.shape
     V = weight.shape[0]
     write_grad = need_grad_hidden or need_grad_weight or need_grad_bias
@@ -70,7 +74,7 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     grad_weight = torch.zeros((V, d), device=weight.device, dtype=acc_dtype) if need_grad_weight else None
     grad_bias = torch.zeros((V,), device=weight.device, dtype=acc_dtype) if need_grad_bias else None
     buffer = hidden.new_empty((min(rows, T), V))                                       # one chunk's logits
-    scale_1d = scale.reshape(1).to(acc_dtype)
+    unit = torch.ones((1,), device=hidden.device, dtype=acc_dtype)                     # g without the reduction
     w_t = weight.t()                                                                    # (d, V) view
     for start in range(0, T, rows):
         end = min(start + rows, T)
@@ -81,10 +85,10 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
         else:
             torch.addmm(bias, h, w_t, out=logits)
         if on_triton:
-            cross_entropy_kernels.cross_entropy_chunk(logits, targets[start:end], scale_1d, ignore_index,
+            cross_entropy_kernels.cross_entropy_chunk(logits, targets[start:end], unit, ignore_index,
                                                       write_grad=write_grad, loss=losses[start:end])
         else:
-            losses[start:end] = reference.cross_entropy_chunk(logits, targets[start:end], scale_1d, ignore_index,
+            losses[start:end] = reference.cross_entropy_chunk(logits, targets[start:end], unit, ignore_index,
                                                               write_grad)
         # logits now hold the loss's gradient g (C, V) in the model dtype
         if need_grad_hidden:
@@ -98,8 +102,8 @@ def _forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
             grad_bias += logits.sum(0, dtype=acc_dtype)
     loss = losses.sum() * scale
     return (loss, hidden.new_empty((0,)) if grad_hidden is None else grad_hidden,
-            hidden.new_empty((0,)) if grad_weight is None else grad_weight.to(weight.dtype),
-            hidden.new_empty((0,)) if grad_bias is None else grad_bias.to(bias.dtype))
+            hidden.new_empty((0,)) if grad_weight is None else grad_weight,
+            hidden.new_empty((0,)) if grad_bias is None else grad_bias)
 
 
 # ------------------------------------------------------------------------------------------------ custom op
@@ -111,21 +115,27 @@ linear_cross_entropy_fwd = torch.library.custom_op("ptlm::linear_cross_entropy",
 
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, bias, targets, scale, ignore_index, rows, need_grad_hidden, need_grad_weight, need_grad_bias):
-    return (hidden.new_empty((), dtype=torch.promote_types(hidden.dtype, torch.float32)),
+    acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return (hidden.new_empty((), dtype=acc_dtype),
             hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty((0,)),
-            torch.empty_like(weight) if need_grad_weight else hidden.new_empty((0,)),
-            torch.empty_like(bias) if need_grad_bias else hidden.new_empty((0,)))
+            weight.new_empty(weight.shape, dtype=acc_dtype) if need_grad_weight else hidden.new_empty((0,)),
+            bias.new_empty(bias.shape, dtype=acc_dtype) if need_grad_bias else hidden.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[1:])
+    ctx.save_for_backward(inputs[4], *output[1:])    # the reduction's factor, the summed loss's gradients
     ctx.computed = inputs[7:]                        # need_grad_hidden, need_grad_weight, need_grad_bias
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:3]]
 
 
 def _grads(ctx, d_loss, *_):
-    """The forward's gradients times the loss's incoming gradient (None where the forward computed none)."""
+    """The forward's gradients times the reduction's factor and the loss's incoming gradient, in the inputs'
+    dtypes (None where the forward computed none)."""
     need = ctx.needs_input_grad
-    grads = [g * d_loss if need[i] and ctx.computed[i] else None for i, g in enumerate(ctx.saved_tensors)]
+    scale, *saved = ctx.saved_tensors
+    # fp32 (at least): the fp16 loss scaler's factor is in it. A mean over no target (scale inf) has zero gradients.
+    factor = scale.nan_to_num(posinf=0.0) * d_loss
+    grads = [(g * factor).to(ctx.dtypes[i]) if need[i] and ctx.computed[i] else None for i, g in enumerate(saved)]
     return (*grads, None, None, None, None, None, None, None)
 
 
