@@ -46,8 +46,8 @@ def _adapt(model):
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
-def _ids():
-    return torch.randint(0, SIZES["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(2))
+def _ids(vocab=SIZES["vocab_size"], shape=(2, 9), seed=2):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _step(model, **kwargs):
@@ -286,19 +286,6 @@ def _small_llama(dtype=torch.float32, **extra):
     return _build(LlamaConfig, LlamaForCausalLM, dtype, **extra)
 
 
-def _token_ids(vocab=SIZES["vocab_size"], shape=(2, 9), seed=2):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _random_lora(model):
-    pe.add_adapter(model, "a", pe.LoraConfig(r=4, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-
-
 def test_gated_mlp_fusion_leaves_other_silu_mlps_alone(monkeypatch):
     """FalconH1's MLP has gate_proj / up_proj / down_proj and a SiLU act_fn, but computes
     down(up(x) * silu(gate(x) * gate_multiplier)) * down_multiplier. fuse_base_ops matches MLPs by structure, not by
@@ -312,7 +299,7 @@ def test_gated_mlp_fusion_leaves_other_silu_mlps_alone(monkeypatch):
             vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
             mamba_d_state=16, mamba_chunk_size=16, mlp_multipliers=[0.5, 2.0])).eval()
-    x = _token_ids(shape=(1, 8))
+    x = _ids(shape=(1, 8))
     with torch.no_grad():
         want = model(input_ids=x).logits
     pe.fuse_base_ops(model)
@@ -331,10 +318,10 @@ def test_fused_loss_keeps_loss_scaling_fp16_with_num_items_in_batch(monkeypatch)
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     vocab = 8192
     base = _small_llama(torch.float16, vocab_size=vocab)
-    _random_lora(base)
+    _adapt(base)
     fused = copy.deepcopy(base)
     pe.fuse_base_ops(fused)
-    x = _token_ids(vocab, (2, 256), seed=0)
+    x = _ids(vocab, (2, 256), seed=0)
     scale = 65536.0                                    # GradScaler's initial scale
     num_items = torch.tensor(8 * x.numel())            # 8 accumulated micro-batches like this one
 
@@ -357,7 +344,7 @@ def test_fused_loss_takes_flat_shift_labels(monkeypatch):
     base = _small_llama()
     fused = copy.deepcopy(base)
     pe.fuse_base_ops(fused)
-    x = _token_ids()
+    x = _ids()
     shift = torch.nn.functional.pad(x, (0, 1), value=-100)[..., 1:].reshape(-1)
     want = base(input_ids=x, labels=x, shift_labels=shift).loss
     got = fused(input_ids=x, labels=x, shift_labels=shift).loss
@@ -379,7 +366,7 @@ def test_fuse_after_modules_to_save_mlp_keeps_training_the_copy(monkeypatch):
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     fused = copy.deepcopy(base)
     pe.fuse_base_ops(fused)
-    x = _token_ids()
+    x = _ids()
 
     def step(model):
         model.zero_grad()
