@@ -319,8 +319,8 @@ class PrefixTuning(AdapterLayer):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         rule = DEFAULT_POSITIONS.get(getattr(self._model_config, "model_type", None))
-        if rule == "padding_idx":
-            pad = self._model_config.pad_token_id
+        pad = getattr(self._model_config, "pad_token_id", None)
+        if rule == "padding_idx" and pad is not None:
             if ids is None:     # from embeddings the model can tell neither pads nor the cache: it ignores both
                 return torch.arange(pad + 1, pad + 1 + length, device=inputs.device).unsqueeze(0)
             real = ids.ne(pad).long()
