@@ -233,12 +233,22 @@ class TunedLauncher:
             pre_hook({**dict(zip(self.autotuner.arg_names, args)), **kwargs, **meta})
         try:
             self.autotuner.fn[grid](*args, **kwargs, **meta)
-        except OutOfResources:
-            # A loaded choice this GPU / Triton version refuses (before launching anything): forget it, choose again.
+        except OutOfResources as refused:
+            # A loaded choice this GPU / Triton version refuses (before launching anything): forget it. The caller
+            # sized its buffers for that choice's split factors (workspaces, zeroed or not outputs), and an
+            # accumulating launch must run once: launch the first candidate of the same splits that fits, untimed
+            # (none: the error stands; the next call, with the choice forgotten, chooses afresh).
             if not tuned.forget(self.name, key):
                 raise
             del self.configs[key]
-            self.launch(key, grid, *args, **kwargs)
+            splits = {k: v for k, v in meta.items() if k.startswith("SPLIT")}
+            try:
+                self.configs[key] = self._first_fitting(grid, args, kwargs, lambda config: all(
+                    config.all_kwargs().get(k) == v for k, v in splits.items()))
+            except OutOfResources:
+                raise RuntimeError(f"{self.name}: the tuned choice {meta} for {key} does not fit this GPU / Triton "
+                                   f"({refused}), nor does another config with its splits {splits}; the choice "
+                                   "is forgotten: the next call chooses again") from refused
 
     def _candidates(self, args, kwargs) -> list:
         """The key's configs that survive the Autotuner's pruning, in order."""
@@ -271,11 +281,13 @@ class TunedLauncher:
                 except Exception:                         # noqa: BLE001 (best effort, see above)
                     continue
 
-    def _first_fitting(self, grid, args, kwargs) -> tuple[dict, object]:
-        """Launch the key's pruned configs in order until one fits the GPU (Triton refuses a kernel whose
-        shared memory or registers exceed it before launching anything) and return that one. They compile side
-        by side first: the first configs, sized for 16-bit tiles, often do not fit in fp32."""
-        candidates = self._candidates(args, kwargs)
+    def _first_fitting(self, grid, args, kwargs, keep=None) -> tuple[dict, object]:
+        """Launch the key's pruned configs (those `keep` takes) in order until one fits the GPU (Triton refuses a
+        kernel whose shared memory or registers exceed it before launching anything) and return that one. They
+        compile side by side first: the first configs, sized for 16-bit tiles, often do not fit in fp32."""
+        candidates = [c for c in self._candidates(args, kwargs) if keep is None or keep(c)]
+        if not candidates:
+            raise OutOfResources(0, 0, "no candidate config")
         self._precompile(args, kwargs, candidates)
         nargs = self.autotuner.nargs
         for i, config in enumerate(candidates):

@@ -7,9 +7,12 @@ from three places, later ones over earlier:
 - this machine's cache, `$PTLM_TUNED_CACHE/<card>.json` (default ~/.cache/ptlm_engine/tuned; PTLM_TUNED_CACHE=0
   turns it off): every key tuned here is added to it as soon as it is tuned;
 - PTLM_TUNED=FILE (read at import) or `load_tuned(FILE)`: a run's saved choices (`save_tuned`, bench.gpu_suite's
-  tuned.json).
+  tuned.json), applied again over the card's files when those load (lazily, at the first launch on the card),
+  and only where the file was written on that card.
 Keys are the launchers' own cache keys (shape buckets, flags, dtypes) as text; a saved config the launcher no
-longer offers is ignored and that key tunes again.
+longer offers is ignored and that key tunes again. A file that does not parse or has another shape is passed over
+with a warning, and the cache's is replaced by the next choice tuned. The choices loaded are the process's, not
+per card: a process driving two kinds of GPU gets the first card's for both (not handled).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import functools
 import json
 import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -27,6 +31,7 @@ LAUNCHERS: list = []                           # every TunedLauncher, in constru
 PRESETS: dict[str, dict[str, dict]] = {}       # kernel name -> key text -> config kwargs (num_warps, ... too)
 PACKAGED = Path(__file__).with_name("tuned_configs")   # <card>.json per card the project has tuned on
 _cards_loaded: set[str] = set()
+_explicit: list[tuple[Path, dict]] = []       # load_tuned(path) without a card: applied again over each card's files
 
 
 def key_text(key: tuple) -> str:
@@ -56,16 +61,36 @@ def save_tuned(path: str | Path, card: str) -> int:
     return sum(map(len, kernels.values()))
 
 
-def load_tuned(path: str | Path, card: str | None = None) -> int:
-    """Load choices saved by `save_tuned`; returns the number of entries (0, with a warning, when `card` is
-    given and the file was written on another card)."""
-    data = json.loads(Path(path).read_text())
-    if card is not None and data.get("card") != card:
-        warnings.warn(f"{path}: tuned on {data.get('card')!r}, not on {card!r}; not loaded", stacklevel=2)
-        return 0
+def _read(path: Path) -> dict:
+    """A tuned-choices file's content: {"card": ..., "kernels": {kernel: {key text: config kwargs}}}; ValueError
+    if it does not parse or has another shape."""
+    data = json.loads(path.read_text())
+    kernels = data.get("kernels") if isinstance(data, dict) else None
+    if not (isinstance(kernels, dict) and all(isinstance(entries, dict) and all(isinstance(m, dict)
+                                                                                 for m in entries.values())
+                                              for entries in kernels.values())):
+        raise ValueError("not a tuned-choices file ({'card': ..., 'kernels': {kernel: {key: config}}})")
+    return data
+
+
+def _merge(data: dict) -> int:
     for name, entries in data["kernels"].items():
         PRESETS.setdefault(name, {}).update(entries)
     return sum(map(len, data["kernels"].values()))
+
+
+def load_tuned(path: str | Path, card: str | None = None) -> int:
+    """Load choices saved by `save_tuned`; returns the number of entries (0, with a warning, when `card` is
+    given and the file was written on another card). Without `card` the file also goes over each card's files
+    when they load, where it was written on that card (the docstring's order)."""
+    path = Path(path)
+    data = _read(path)
+    if card is not None and data.get("card") != card:
+        warnings.warn(f"{path}: tuned on {data.get('card')!r}, not on {card!r}; not loaded", stacklevel=2)
+        return 0
+    if card is None:
+        _explicit.append((path, data))
+    return _merge(data)
 
 
 def forget(name: str, key: tuple) -> bool:
@@ -110,8 +135,14 @@ def load_card(card: str) -> int:
             continue
         try:
             loaded += load_tuned(path, card)
-        except (OSError, ValueError, KeyError) as e:   # a torn or foreign file: tune as if it were not there
+        except (OSError, ValueError) as e:   # a torn or foreign file: tune as if it were not there
             warnings.warn(f"{path}: not loaded ({type(e).__name__}: {e})", stacklevel=2)
+    for path, data in _explicit:                      # PTLM_TUNED / load_tuned(FILE): over the card's files
+        if data.get("card") in (None, card):
+            loaded += _merge(data)
+        else:
+            warnings.warn(f"{path}: tuned on {data.get('card')!r}, not on {card!r}; not applied over its choices",
+                          stacklevel=2)
     return loaded
 
 
@@ -124,12 +155,15 @@ def remember(name: str, key: tuple, meta: dict) -> None:
     path = root / card_file(card)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        try:
+            data = _read(path)
+        except (OSError, ValueError):    # none yet, or torn / foreign: replaced by this one
+            data = {}
         if data.get("card") != card:
             data = {"card": card, "kernels": {}}
         data["triton"] = triton.__version__
         data["kernels"].setdefault(name, {})[key_text(key)] = meta
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")   # one per writer, then atomic
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from ptlm_engine import inject
@@ -106,11 +107,12 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
         reg = AdapterRegistry(base_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
         setattr(model, _REGISTRY, reg)
     slot = free_slot(reg.slots.values())
-    for method, part, paths in zip(methods, parts, targets):
-        for path in paths:
-            method.attach(model, path, name, part, slot)
-    for target in saved:
-        inject.wrap_for_saving(model, target).add_adapter(name)
+    with torch.inference_mode(False):      # Parameters, not inference tensors (they train, and the pool stamps them)
+        for method, part, paths in zip(methods, parts, targets):
+            for path in paths:
+                method.attach(model, path, name, part, slot)
+        for target in saved:
+            inject.wrap_for_saving(model, target).add_adapter(name)
     reg.configs[name] = parts[0] if len(parts) == 1 else tuple(parts)
     reg.slots[name], reg.targets[name] = slot, [path for paths in targets for path in paths]
     inject.link_projection_groups(model)   # q/k/v and gate/up LoRA layers of a block run in one grouped op

@@ -593,3 +593,17 @@ def test_generate_with_static_cache_and_cuda_graphs(tiny, monkeypatch):
         graphs = llama.generate(ids, cache_implementation="static", compile_config=CompileConfig(fullgraph=True),
                                 **kw)
     torch.testing.assert_close(graphs, eager, rtol=0, atol=0)
+
+
+def test_adding_an_adapter_under_inference_mode(tiny, output):
+    """A server adding adapters inside torch.inference_mode() (hot-loading a tenant's): the adapters' Parameters
+    are made outside it (an inference tensor has no version counter for the pool's stamps: the add used to fail
+    half done)."""
+    llama = tiny("llama")
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+        pe.add_adapter(llama, "b", pe.LoraConfig(r=8, target_modules=["q_proj"]))
+        with pe.adapter_batch(llama, ["a", "b"]):
+            mixed = output(llama, ids)
+    assert mixed.shape[0] == 2

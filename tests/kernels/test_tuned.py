@@ -13,6 +13,9 @@ from ptlm_engine.kernels import tuned
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CARD = "Card A 80GB"
+CARD_FILE = "card-a-80gb.json"
+SHRINK_KEY = (64, 40, 5, False, torch.float32, torch.float32)     # lora_shrink's key for x (37, 40), A (5, 40)
 
 
 def test_saved_choices_load_and_launch_without_tuning(tmp_path, monkeypatch):
@@ -208,3 +211,132 @@ def test_a_torn_cache_file_is_passed_over_with_a_warning(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="not loaded"):
         assert tuned.load_card("Card A") == 0
     assert tuned.PRESETS == {} and "Card A" in tuned._cards_loaded
+
+
+# ------------------------------------------------------------------ files of another shape, precedence, refusals
+def _refusing_where(launcher, refuse):
+    """The launcher's kernel, except that a config for which refuse(meta) holds is refused as Triton refuses a
+    kernel over the GPU's shared memory (before launching anything)."""
+    jit = launcher.autotuner.fn
+
+    class Refusing:                        # launched as fn[grid](...) by TunedLauncher, fn.run(...) by Autotuner
+        def run(self, *args, **kwargs):
+            if refuse(kwargs):
+                raise OutOfResources(294912, 232448, "shared memory")
+            return jit.run(*args, **kwargs)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
+    return Refusing()
+
+
+@pytest.fixture
+def card_a(monkeypatch, tmp_path):
+    """A process on card CARD with an empty package dir and its own cache dir; nothing loaded yet."""
+    monkeypatch.setenv("PTLM_TUNED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuned, "PACKAGED", tmp_path / "package")
+    monkeypatch.setattr(tuned, "PRESETS", {})
+    monkeypatch.setattr(tuned, "_cards_loaded", set())
+    monkeypatch.setattr(tuned, "_explicit", [])
+    monkeypatch.setattr(tuned, "current_card", lambda: CARD)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "package").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def tuning_shrink(monkeypatch):
+    """K._lora_shrink with no choices made, offering two configs (so a new key tunes and is remembered)."""
+    launcher = K._lora_shrink
+    base = launcher.autotuner.configs[0]
+    other = _config_like(base, BLOCK_T=2 * base.kwargs["BLOCK_T"])
+    monkeypatch.setattr(launcher, "configs", {})
+    monkeypatch.setattr(launcher.autotuner, "configs", [base, other])
+    monkeypatch.setattr(launcher.autotuner, "cache", {})
+    monkeypatch.setattr(launcher.autotuner, "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
+    monkeypatch.setattr(configs, "AUTOTUNE", True)
+    return launcher
+
+
+def _offered():
+    """Two configs a launcher offers, and their metas."""
+    a = triton.Config({"BLOCK": 16}, num_warps=4, num_stages=2)
+    b = triton.Config({"BLOCK": 32}, num_warps=4, num_stages=2)
+    return [a, b], a.all_kwargs(), b.all_kwargs()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("content", ["[]", "null", '{"card": "Card A 80GB", "kernels": null}',
+                                     '{"card": "Card A 80GB", "kernels": {"_lora_shrink_kernel": [1]}}',
+                                     '{"card": "Card A 80GB"}'])
+def test_a_foreign_but_well_formed_cache_file_does_not_crash_an_op(card_a, tuning_shrink, content):
+    """A cache file that is valid JSON of another shape (a list, null, no or a null "kernels", entries that are
+    not objects: another tool's or version's) is passed over on load and replaced by the next choice tuned (it
+    used to raise out of the first launch of the process, or out of the launch tuning a new key)."""
+    (card_a / "cache" / CARD_FILE).write_text(content)
+    _shrink_call()
+    cached = json.loads((card_a / "cache" / CARD_FILE).read_text())
+    assert tuned.key_text(SHRINK_KEY) in cached["kernels"][tuning_shrink.name]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_torn_cache_file_is_rewritten_by_the_next_tuned_key(card_a, tuning_shrink):
+    """A torn file (a writer killed, a full disk) is skipped on load and replaced by the next choice tuned (the
+    cache used to stay dead: remember refused to write over a file that does not parse)."""
+    (card_a / "cache" / CARD_FILE).write_text('{"card": "Card A 80GB", "kernels": {"k": {"(1,)": {"num_wa')
+    _shrink_call()
+    cached = json.loads((card_a / "cache" / CARD_FILE).read_text())
+    assert tuned.key_text(SHRINK_KEY) in cached["kernels"][tuning_shrink.name]
+
+
+def test_ptlm_tuned_file_wins_over_the_package_and_the_cache(card_a):
+    """Package, then cache, then PTLM_TUNED=FILE / load_tuned(FILE): the explicit file is read before the card's
+    files load (lazily, at the first launch) and goes over them again then; a file of another card does not."""
+    offered, meta_a, meta_b = _offered()
+    key = (64, 40, 5)
+    (card_a / "package" / CARD_FILE).write_text(json.dumps(
+        {"card": CARD, "kernels": {"kern": {tuned.key_text(key): meta_a}}}))
+    run = card_a / "tuned.json"
+    run.write_text(json.dumps({"card": CARD, "kernels": {"kern": {tuned.key_text(key): meta_b}}}))
+    tuned.load_tuned(run)                                                 # what PTLM_TUNED=run does at import
+    assert tuned.preset("kern", key, offered) == (meta_b, None)
+    other = card_a / "other.json"
+    other.write_text(json.dumps({"card": "Card B", "kernels": {"kern": {tuned.key_text(key): meta_a}}}))
+    tuned.load_tuned(other)
+    tuned._cards_loaded.clear()
+    with pytest.warns(UserWarning, match="tuned on 'Card B', not on 'Card A 80GB'; not applied"):
+        tuned.preset("kern", key, offered)
+
+
+@pytest.mark.parametrize("autotune", [False, True])
+def test_a_refused_preset_falls_back_only_to_its_split_factors(monkeypatch, autotune):
+    """A loaded choice the GPU refuses is forgotten; the launch then takes only a config of the same split factors
+    (the caller sized its workspaces and zeroed outputs for them), untimed. None here: a clear error, and the next
+    call chooses afresh. (It used to launch SPLIT_K=2 into the (y, y) workspace made for SPLIT_K=1: a wrong y.)"""
+    launcher = K._lora_decode
+    split = launcher.autotuner.configs[0]                         # the interpreter's one config: SPLIT_K=2
+    assert split.kwargs["SPLIT_K"] > 1
+    unsplit = _config_like(split, SPLIT_K=1)
+    monkeypatch.setattr(launcher, "configs", {})
+    monkeypatch.setattr(launcher.autotuner, "configs", [unsplit, split])
+    monkeypatch.setattr(launcher.autotuner, "cache", {})
+    monkeypatch.setattr(launcher.autotuner, "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
+    monkeypatch.setattr(launcher.autotuner, "fn", _refusing_where(launcher, lambda meta: meta["SPLIT_K"] == 1))
+    monkeypatch.setattr(configs, "AUTOTUNE", autotune)
+    monkeypatch.setattr(tuned, "remember", lambda *args: None)
+    M, N, Kd, R = 8, 32, 64, 4
+    key = (8, N, Kd, R, True, False, False, True, False) + (torch.float32,) * 4
+    monkeypatch.setattr(tuned, "PRESETS", {launcher.name: {tuned.key_text(key): unsplit.all_kwargs()}})
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(M, Kd, generator=gen), torch.randn(N, Kd, generator=gen)
+    a, b = torch.randn(R, Kd, generator=gen), torch.randn(N, R, generator=gen)
+    x, w, a, b = (t.to(DEVICE) for t in (x, w, a, b))
+    # y at the start of a larger buffer: what the fallback writes past y's end (2 splits of M (N + R) fp32
+    # partials into a workspace of M N elements) lands there instead of past the allocation.
+    buffer = torch.zeros(8 * M * (N + R), device=DEVICE)
+    with pytest.raises(RuntimeError, match="does not fit this GPU / Triton .* nor does another config with its "
+                                           "splits {'SPLIT_K': 1}; the choice is forgotten"):
+        K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=True, out=buffer[:M * N].view(M, N))
+    assert tuned.PRESETS[launcher.name] == {}
+    y, _ = K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=True)
+    torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, rtol=1e-4, atol=1e-4)
