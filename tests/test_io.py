@@ -1,6 +1,7 @@
 """Adapter files: PEFT layout, round trips, and bad files that must fail clearly without touching the model."""
 import json
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -223,3 +224,73 @@ def test_read_config_maps_peft_fields(tmp_path):
         "rank_pattern": {}, "task_type": "CAUSAL_LM", "megatron_core": "megatron.core"}))
     assert io.read_config(tmp_path) == pe.LoraConfig(r=16, alpha=32, dropout=0.05, target_modules=["q_proj"],
                                                      layers_to_transform=[0, 1], layers_pattern="layers")
+
+
+@pytest.mark.parametrize("kind,parts", [
+    # LoRA keeps a copy of lm_head; the prefix part has no modules_to_save of its own
+    ("llama", lambda: [pe.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                       pe.PrefixConfig(num_virtual_tokens=3)]),
+    # the bottleneck part keeps the copy; the prompt part has none
+    ("llama", lambda: [pe.BottleneckConfig(bottleneck=8, modules_to_save=["lm_head"]),
+                       pe.PromptConfig(num_virtual_tokens=3)]),
+    # the prompt part keeps the classifier; the LoRA part trains every base bias (bias="all")
+    ("bert_cls", lambda: [pe.LoraConfig(r=4, target_modules=["query"], bias="all"),
+                          pe.PromptConfig(num_virtual_tokens=3, modules_to_save=["classifier"])]),
+])
+def test_combined_adapter_with_modules_to_save_round_trips(tiny, tmp_path, ids, output, randomize_adapters, kind,
+                                                           parts):
+    """Each part's file holds the copies of its own modules_to_save, and a LoRA part's bias="all" leaves out the
+    modules another part keeps a copy of (every part's file held all the adapter's copies, which loading
+    refused, and the classifier copy's bias was taken as the base classifier's)."""
+    model = tiny(kind)
+    pe.add_adapter(model, "a", parts())
+    randomize_adapters(model)
+    expected = output(model, ids)
+    pe.save_adapter(model, "a", tmp_path / "a")
+    fresh = tiny(kind)
+    pe.load_adapter(fresh, tmp_path / "a", name="a")
+    torch.testing.assert_close(output(fresh, ids), expected)
+
+
+def test_saving_a_combined_adapter_over_a_single_one_loads_the_combined_one(tiny, tmp_path, ids, output,
+                                                                           randomize_adapters):
+    """Saving into a directory that held an adapter of the other layout removes its files first (the old
+    top-level files stayed, and loading, which prefers them, silently gave back the old adapter)."""
+    model = tiny("llama")
+    pe.add_adapter(model, "old", pe.LoraConfig(r=2, target_modules=["q_proj"]))
+    pe.add_adapter(model, "a", [pe.LoraConfig(r=4, target_modules=["v_proj"]),
+                                pe.PrefixConfig(num_virtual_tokens=3)])
+    pe.set_active_adapter(model, "a")
+    randomize_adapters(model)
+    expected = output(model, ids)
+    path = tmp_path / "checkpoint"
+    pe.save_adapter(model, "old", path)
+    pe.save_adapter(model, "a", path)           # the same checkpoint directory, written again
+    fresh = tiny("llama")
+    pe.load_adapter(fresh, path, name="a")
+    assert pe.adapter_configs(fresh)["a"] == pe.adapter_configs(model)["a"]
+    torch.testing.assert_close(output(fresh, ids), expected)
+    pe.save_adapter(model, "old", path)         # and back: the part directories go
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_lora_file_whose_init_rewrote_the_base_weights(tiny, tmp_path, ids, output, init):
+    """PiSSA / OLoRA move the principal part of W0 into A and B and leave W0 - B0 A0 in the base layer, which
+    PEFT redoes on loading; here such a file is refused (it loaded onto the unchanged W0: the part counted twice)."""
+    theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=init))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))                    # "trained"
+    theirs.save_pretrained(tmp_path)
+    expected = output(theirs.eval(), ids)
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path).eval(), ids),
+                               expected)                              # PEFT reads its own file back exactly
+    ours = tiny("llama")
+    try:
+        pe.load_adapter(ours, tmp_path, name="a")
+    except ValueError:
+        return                                                        # a clear refusal is fine too
+    torch.testing.assert_close(output(ours, ids), expected)

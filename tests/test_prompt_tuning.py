@@ -345,6 +345,34 @@ def test_bad_configs_and_models_fail_before_any_change(tiny, make, config, match
     assert not hasattr(model, LAYER_NAME) and not model._forward_pre_hooks
 
 
+@pytest.mark.parametrize("mapping", [None, ["p3", None, "p5"]], ids=["one_adapter", "mixed_batch"])
+def test_generate_again_from_a_returned_cache_is_refused(tiny, mapping):
+    """transformers slices a new generate call's input by the cache's length, which holds the Q virtual tokens
+    too: it would feed tokens the cache holds again (wrong tokens, nothing raised). Refused, clearly; generating
+    from the whole sequence gives what one uninterrupted generate does."""
+    model = tiny("llama")
+    pe.add_adapter(model, "p3", pe.PromptConfig(num_virtual_tokens=3))
+    pe.add_adapter(model, "p5", pe.PromptConfig(num_virtual_tokens=5, init="vocab"))
+    rows = 1 if mapping is None else len(mapping)
+    ids = torch.randint(1, 128, (rows, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(pad_token_id=0, do_sample=False, return_dict_in_generate=True)
+
+    def run():
+        whole = model.generate(ids, max_new_tokens=6, min_new_tokens=6, **kw)
+        first = model.generate(ids, max_new_tokens=3, min_new_tokens=3, **kw)
+        with pytest.raises(ValueError, match="generate given a cache that holds tokens .* is not supported"):
+            model.generate(first.sequences, cache=first.cache, max_new_tokens=3, min_new_tokens=3, **kw)
+        again = model.generate(first.sequences, max_new_tokens=3, min_new_tokens=3, **kw)
+        torch.testing.assert_close(again.sequences, whole.sequences, rtol=0, atol=0)
+
+    with torch.no_grad():
+        if mapping is None:
+            run_alone(model, "p3", run)
+        else:
+            with pe.adapter_batch(model, mapping):
+                run()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_mixed_batch_on_gpu_with_triton_kernels(tiny, monkeypatch):

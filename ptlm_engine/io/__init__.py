@@ -28,11 +28,31 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     if name not in reg.configs:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(reg.configs)}")
     config = reg.configs[name]
-    for part in config if isinstance(config, tuple) else [config]:
-        fmt = next(f for f in FORMATS if isinstance(part, f.config_type))
+    parts = list(config) if isinstance(config, tuple) else [config]
+    written = [next(f for f in FORMATS if isinstance(part, f.config_type)) for part in parts]
+    _clear_other_layout(path, [fmt.peft_type.lower() for fmt in written] if isinstance(config, tuple) else None)
+    for part, fmt in zip(parts, written):
         tensors, file_config = fmt.dump(model, name, part)
         write(os.path.join(path, fmt.peft_type.lower()) if isinstance(config, tuple) else path,
               tensors, file_config)
+
+
+def _clear_other_layout(path, part_dirs: list[str] | None) -> None:
+    """Before saving into `path`: the adapter files an earlier save there left that this one would not overwrite
+    and load_adapter would read (a single adapter's top-level files under a combined one's parts, which loading
+    prefers; a combined adapter's part directories, all, or those of parts this one lacks)."""
+    top = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
+    stale = top if part_dirs is not None else []
+    for fmt in FORMATS:
+        sub = fmt.peft_type.lower()
+        if part_dirs is None or sub not in part_dirs:
+            stale += [os.path.join(path, sub, CONFIG_NAME), os.path.join(path, sub, WEIGHTS_NAME)]
+    for file in stale:
+        if os.path.isfile(file):
+            os.remove(file)
+            folder = os.path.dirname(file)
+            if folder != os.fspath(path) and not os.listdir(folder):
+                os.rmdir(folder)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, revision: str | None = None,
@@ -50,12 +70,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     model = api.unwrap(model)
     api.check_new_name(model, name)
     dirs = _part_dirs(locate(path, revision, subfolder))
-    configs, applies = [], []
+    parts = []
     for part_dir in dirs:
         raw, file = read_json(part_dir)
         fmt = _format(raw, file)
-        configs.append(fmt.read_config(raw, file))
-        applies.append(fmt.match(model, configs[-1], read_tensors(part_dir), part_dir))
+        parts.append((fmt, fmt.read_config(raw, file), part_dir))
+    configs, applies = [config for _, config, _ in parts], []
+    for i, (fmt, config, part_dir) in enumerate(parts):
+        others = [n for j, c in enumerate(configs) if j != i for n in (getattr(c, "modules_to_save", None) or [])]
+        applies.append(fmt.match(model, config, read_tensors(part_dir), part_dir, others))
     api.add_adapter(model, name, configs[0] if len(configs) == 1 else configs)
     undos = []
     try:

@@ -36,14 +36,14 @@ def dump(model: nn.Module, name: str, config: BottleneckConfig) -> tuple[dict[st
     leaves = LEAVES + NORM_LEAVES if config.layer_norm else LEAVES
     tensors = {key(path, leaf): param for path, layer in layers
                for leaf, param in zip(leaves, layer.adapter_parameters(name), strict=True)}
-    tensors.update(saved_copies(model, name))
+    tensors.update(saved_copies(model, name, config.modules_to_save))
     file_config = {"peft_type": PEFT_TYPE, "task_type": None, "inference_mode": True,
                    "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
                    **dataclasses.asdict(config)}
     return tensors, file_config
 
 
-def match(model: nn.Module, config: BottleneckConfig, tensors: dict[str, Tensor], path):
+def match(model: nn.Module, config: BottleneckConfig, tensors: dict[str, Tensor], path, _others_saved=()):
     """Check the file's tensors against the model; return the function that copies them into the newly added
     adapter (it writes nothing outside the adapter, so its undo has nothing to do)."""
     targets = find_bottleneck_targets(model, config)

@@ -29,8 +29,9 @@ class Format:
     read_config(raw, file) -> config: the config from the parsed JSON (ValueError naming `file` if it does
       not fit).
     dump(model, name, config) -> (tensors, json): the adapter's tensors by file key and its JSON config.
-    match(model, config, tensors, path) -> apply: check every tensor against the model before anything
-      changes (ValueError listing the problems, see TensorMatcher); `apply(name)`, called under no_grad once
+    match(model, config, tensors, path, others_saved) -> apply: check every tensor against the model before
+      anything changes (ValueError listing the problems, see TensorMatcher; others_saved: the modules_to_save of
+      a combined adapter's other parts, whose copies their files hold); `apply(name)`, called under no_grad once
       the API has added adapter `name` from `config`, copies the tensors into its parameters and returns
       `undo()`, which restores whatever outside the adapter it overwrote (load_adapter calls it, and removes
       the adapter, if a later step fails; apply undoes its own partial writes if it raises).
@@ -104,9 +105,11 @@ def write(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict) -> 
         json.dump(dict(sorted(config.items())), f, indent=2)
 
 
-def saved_copies(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """Adapter `name`'s modules_to_save copies by file key: each copy's state dict under its module's path."""
-    return {key(p, k): v for p, wrapper in inject.saved_modules(model) if name in wrapper.modules_to_save
+def saved_copies(model: nn.Module, name: str, names: list[str] | None) -> dict[str, Tensor]:
+    """Adapter `name`'s copies of the modules_to_save `names` (one part's, of a combined adapter: each part's file
+    holds its own) by file key: each copy's state dict under its module's path."""
+    paths = set(inject.find_modules_to_save(model, names)) if names else set()
+    return {key(p, k): v for p, wrapper in inject.saved_modules(model) if p in paths
             for k, v in wrapper.modules_to_save[name].state_dict().items()}
 
 

@@ -23,6 +23,8 @@ _INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "rev
                     "inference_mode", "peft_version", "fan_in_fan_out", "init_lora_weights", "loftq_config",
                     "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
                     "qalora_group_size", "ensure_weight_tying"}
+# init_lora_weights values with which PEFT rewrites W0 at init (and again on load).
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda")
 # PEFT config keys read into LoraConfig (PEFT name -> ours).
 _PEFT_FIELDS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                 "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
@@ -43,7 +45,7 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
     for p, bias in _bias_params(model, config.bias, lora_paths, owner=name).items():
         # PEFT's LoRA layer holds the wrapped module as `base_layer`, so that is where PEFT files its bias.
         tensors[key(p, "base_layer.bias" if p in lora_paths else "bias")] = bias
-    tensors.update(saved_copies(model, name))
+    tensors.update(saved_copies(model, name, config.modules_to_save))
 
     target_modules = config.target_modules
     if target_modules is None or target_modules == ALL_LINEAR:
@@ -72,12 +74,15 @@ def _bias_params(model: nn.Module, mode: str, lora_paths: set[str], skip: Sequen
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path):
+def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path,
+          others_saved: Sequence[str] = ()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
-    adapter. Loading a bias other than "none" overwrites those base biases, as in PEFT (undone on failure)."""
+    adapter. Loading a bias other than "none" overwrites those base biases, as in PEFT (undone on failure), but
+    not those of the modules a combined adapter's other parts keep copies of (`others_saved`)."""
     targets = inject.find_lora_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
-    lora_weights, copies, biases = _match_tensors(model, config, targets, saved, tensors, path)
+    others = inject.find_modules_to_save(model, list(others_saved)) if others_saved else []
+    lora_weights, copies, biases = _match_tensors(model, config, targets, saved, tensors, path, others)
 
     def apply(name: str):
         old_biases = [(param, param.detach().clone()) for param, _ in biases]
@@ -105,6 +110,13 @@ def read_config(raw: dict, file: str) -> LoraConfig:
     for field, value in raw.items():
         if field not in _PEFT_FIELDS and field not in _INERT_PEFT_KEYS and value not in (None, False, {}, [], ""):
             raise ValueError(f"{file}: {field}={value!r} asks for a PEFT feature this engine does not support")
+    init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) or raw.get("loftq_config"):
+        # PEFT's PiSSA / OLoRA / CorDA / LoftQ move part of W0 into A and B at init and leave W0 rewritten:
+        # PeftModel.from_pretrained redoes that on load; these files on the unchanged base would count it twice.
+        raise ValueError(f"{file}: init_lora_weights={init!r} (or loftq_config) rewrites the base weights at "
+                         "init, which loading here does not redo; convert the adapter to plain LoRA with PEFT first "
+                         "(its path_initial_model_for_weight_conversion)")
     fields = {ours: raw[peft] for peft, ours in _PEFT_FIELDS.items() if raw.get(peft) is not None}
     if not fields.get("layers_pattern", True):   # PEFT reads an empty layers_pattern as none
         del fields["layers_pattern"]
@@ -115,7 +127,7 @@ def read_config(raw: dict, file: str) -> LoraConfig:
 
 
 def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str],
-                   tensors: dict[str, Tensor], path) -> tuple[dict, dict, list]:
+                   tensors: dict[str, Tensor], path, others: list[str]) -> tuple[dict, dict, list]:
     """Pair every file tensor with its place in the model and check its shape, before anything changes:
     (LoRA weights by target, copy state dicts by modules_to_save name, [(bias Parameter, value)])."""
     match = TensorMatcher(tensors)
@@ -134,7 +146,7 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
         del match.remaining[k]
 
     biases = []
-    for module_path, param in _bias_params(model, config.bias, set(targets), saved).items():
+    for module_path, param in _bias_params(model, config.bias, set(targets), [*saved, *others]).items():
         # PEFT files a bias under base_layer where its LoRA layer wraps the module, which depends on the
         # adapters PEFT's model had when saving: take either key, expect the one this adapter implies.
         plain, wrapped = key(module_path, "bias"), key(module_path, "base_layer.bias")

@@ -40,7 +40,8 @@ def dump(model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, T
     encoder = layer.encoders[name]
     with torch.no_grad():
         tensors = {KEY: encoder.values()}
-    tensors.update({_PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in saved_copies(model, name).items()})
+    copies = saved_copies(model, name, config.modules_to_save)
+    tensors.update({_PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     g = layer.geometry
     kind = type(model).__name__
     peft_config = {
@@ -76,7 +77,7 @@ def read_config(raw: dict, file: str) -> PrefixConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-def match(model: nn.Module, config: PrefixConfig, tensors: dict[str, Tensor], path):
+def match(model: nn.Module, config: PrefixConfig, tensors: dict[str, Tensor], path, _others_saved=()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
     prefix adapter (it overwrites nothing outside the adapter: its undo does nothing)."""
     find_prefix_targets(model, config)

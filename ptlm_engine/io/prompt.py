@@ -43,7 +43,8 @@ def dump(model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, T
     """Adapter `name`'s tensors and JSON config in PEFT's layout (PeftModel.from_pretrained loads them)."""
     prompt = getattr(model, LAYER_NAME).prompt_embeddings[name]                       # (Q, hidden)
     tensors = {"prompt_embeddings": prompt}
-    tensors.update({PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in saved_copies(model, name).items()})
+    copies = saved_copies(model, name, config.modules_to_save)
+    tensors.update({PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     tokenizer = config.tokenizer if isinstance(config.tokenizer, str) else \
         getattr(config.tokenizer, "name_or_path", None) or None
     init = "random" if config.init == "text" and tokenizer is None else config.init
@@ -82,7 +83,7 @@ def read_config(raw: dict, file: str) -> PromptConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-def match(model: nn.Module, config: PromptConfig, tensors: dict[str, Tensor], path):
+def match(model: nn.Module, config: PromptConfig, tensors: dict[str, Tensor], path, _others_saved=()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
     adapter (nothing outside the adapter is written, so its undo does nothing)."""
     find_prompt_targets(model, config)

@@ -14,7 +14,10 @@ forward pre-hook on the model that rewrites the call's keyword arguments:
   positions, as PEFT's;
 - a call with a non-empty cache continues a sequence whose cache already holds the virtual tokens (generate's
   decoding steps, chunked prefill): nothing is prepended; the mask gains the Q leading positions and given
-  position ids move up by Q. (PEFT 0.21 under transformers 5 re-inserts the prompt at every step instead.)
+  position ids move up by Q. (PEFT 0.21 under transformers 5 re-inserts the prompt at every step instead.) A new
+  generate call given a non-empty cache (one a previous call returned) is refused by the model's generate, which
+  the layer wraps: transformers would take the cached virtual tokens for input tokens and drop Q of the new
+  ones before any hook sees them.
 
 Mixed batches (pe.adapter_batch): rows run different prompt adapters (different Q), none, or another method's.
 Every row is left-padded to the batch's largest Q, Qmax: row i with q_i virtual tokens is [Qmax − q_i padding
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -158,6 +162,28 @@ def _cache_length(cache) -> int:
     return cache.get_seq_length()
 
 
+class _PromptGenerate:
+    """A prompt-tuned model's generate (an instance attribute while the layer exists; holding the model weakly, as
+    base_ops' forwards do, and rebuilt for a copy): refuses a non-empty cache where a prompt adapter applies."""
+
+    def __init__(self, model: nn.Module):
+        self._model = weakref.ref(model)
+
+    def __call__(self, *args, **kwargs):
+        model = self._model()
+        layer = getattr(model, LAYER_NAME, None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(layer, PromptTuning) and layer.applies() and _cache_length(cache) > 0:
+            raise ValueError("prompt tuning: generate given a cache that holds tokens (one a previous generate "
+                             "returned) is not supported: transformers counts the cached virtual tokens as input "
+                             "tokens and would feed cached tokens again; generate from the whole sequence without "
+                             "the cache")
+        return type(model).generate(model, *args, **kwargs)
+
+    def __reduce__(self):
+        return type(self), (self._model(),)
+
+
 class PromptTuning(AdapterLayer):
     """Prompt-tuning adapters of one model: `prompt_embeddings[<name>]` (Q, hidden), float32 on a half-precision
     base (as PEFT keeps them; cast to the embeddings' dtype when prepended), else the embeddings' dtype; on
@@ -175,6 +201,8 @@ class PromptTuning(AdapterLayer):
         self._labels = ("shifted" if task == "CAUSAL_LM" else
                         "sequence" if type(model).__name__.endswith(_SEQUENCE_HEADS) else "per_token")
         self._hook_id = model.register_forward_pre_hook(self._prepend, with_kwargs=True, prepend=True).id
+        if "generate" not in model.__dict__ and callable(getattr(model, "generate", None)):
+            model.__dict__["generate"] = _PromptGenerate(model)
 
     # ------------------------------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, prompt: Tensor, slot: int) -> None:
@@ -203,7 +231,17 @@ class PromptTuning(AdapterLayer):
         model = self._model
         model._forward_pre_hooks.pop(self._hook_id, None)
         model._forward_pre_hooks_with_kwargs.pop(self._hook_id, None)
+        if isinstance(model.__dict__.get("generate"), _PromptGenerate):
+            del model.__dict__["generate"]
         return None
+
+    def applies(self) -> bool:
+        """Whether a call now prepends virtual tokens to some row (the active adapter's, or a mapped one's)."""
+        if not self.adapters_enabled:
+            return False
+        if self.batch is None:
+            return self.active_adapter in self.prompt_embeddings
+        return any(self.batch.adapters.get(name) == slot for name, slot in self.slot.items())
 
     # ------------------------------------------------------------------------------------------ the hook
     def _row_names(self, n: int) -> list[str | None] | None:
