@@ -443,18 +443,25 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         raise ValueError(f"unload(merge=True): the active adapter {reg.active!r} is a {_kinds(reg, reg.active)}: "
                          "only LoRA adapters merge into the base weights (unload without merge, or activate a "
                          "LoRA adapter)")
+    flags = []                             # a merged copy's Parameters take the original's requires_grad
     if merge and reg.active is not None:
         if reg.merged is None:
             _merge(model, reg, reg.active)
         for _, wrapper in inject.saved_modules(model):
             if reg.active in wrapper.modules_to_save:
-                wrapper.original_module.load_state_dict(wrapper.modules_to_save[reg.active].state_dict())
+                # The copy itself takes the module's place (as PEFT's merge_and_unload): writing its values into
+                # the original would also change whatever shares its Parameters (GPT-2's tied wte / lm_head).
+                copy, original = wrapper.modules_to_save[reg.active], wrapper.original_module
+                flags += zip(copy.parameters(), original.parameters())
+                wrapper.replace_original(copy)
     elif reg.merged is not None:
         _unmerge(model, reg)
     inject.unlink_projection_groups(model)
     for path, _ in inject.adapter_layers(model):
         inject.restore(model, path)
     _release(model, reg)
+    for copied, original in flags:
+        copied.requires_grad_(original.requires_grad)
     return model
 
 

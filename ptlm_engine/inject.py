@@ -138,6 +138,12 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return DEFAULT_TARGET_MODULES[model_type]
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Forward hooks, pre-hooks, an instance-level forward (accelerate's add_hook_to_module sets one)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or hasattr(module, "_hf_hook"))
+
+
 def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules that get this adapter's LoRA layers (exclude_modules, the modules_to_save and what
     they contain left out, as in PEFT). Raises ValueError when nothing matches or a match cannot carry LoRA;
@@ -177,6 +183,10 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not isinstance(module, LoraLinear) and _builder(module) is None:
             supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA supports {supported}")
+        if not isinstance(module, LoraLinear) and _hooked(module):
+            raise ValueError(f"target module {name!r} has forward hooks (its own, or accelerate's), which its LoRA "
+                             "layer would bypass: it computes the base projection itself; remove them first, or "
+                             "leave the module out (exclude_modules)")
         targets.append(name)
     if not targets:
         where = "" if layers is None else f" in layers {sorted(layers)}"

@@ -251,6 +251,23 @@ def test_unload_with_merge_keeps_the_adapted_function(tiny, ids, output, randomi
     torch.testing.assert_close(output(bert, ids), y)
 
 
+@pytest.mark.parametrize("saved", [["lm_head"], ["wte"]])
+def test_unload_with_merge_puts_a_copy_of_a_tied_module_in_place(tiny, ids, output, randomize_adapters, saved):
+    """GPT-2 ties lm_head to wte; the adapted model runs the adapter's (untied) copy in one and the tied original
+    in the other. unload(merge=True) puts the copy in the module's place, as PEFT does (it wrote the copy's
+    values into the tied Parameter, changing the other module too)."""
+    model = tiny("gpt2")
+    keys = list(model.state_dict())
+    pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["c_attn"], modules_to_save=saved))
+    randomize_adapters(model, seed=1)
+    with torch.no_grad():
+        adapted = output(model, ids)
+        pe.unload(model, merge=True)
+        torch.testing.assert_close(output(model, ids), adapted)
+    assert list(model.state_dict()) == keys and not any(isinstance(m, ModulesToSave) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())        # as before the first adapter
+
+
 @pytest.mark.parametrize("config", [
     pe.BottleneckConfig(bottleneck=8, placement="pfeiffer"),
     pe.PrefixConfig(num_virtual_tokens=3),

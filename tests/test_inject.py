@@ -126,6 +126,25 @@ def test_named_targets_inside_another_adapters_modules_to_save_are_an_error(tiny
     assert not any(path.startswith("pooler.") for path in bert.ptlm_adapters.targets["b"])
 
 
+@pytest.mark.parametrize("hook", ["forward", "pre", "instance"])
+def test_targets_with_forward_hooks_are_refused(tiny, hook):
+    """A LoRA layer computes the base projection itself, so a hook on the module it wraps (a user's, or one
+    accelerate's add_hook_to_module installs as an instance forward) would stop running: refused, not bypassed."""
+    llama = tiny("llama")
+    v_proj = llama.model.layers[0].self_attn.v_proj
+    if hook == "forward":
+        v_proj.register_forward_hook(lambda module, args, out: 2 * out)
+    elif hook == "pre":
+        v_proj.register_forward_pre_hook(lambda module, args: None)
+    else:
+        v_proj.forward = v_proj.forward
+    with pytest.raises(ValueError, match="target module 'model.layers.0.self_attn.v_proj' has forward hooks"):
+        pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert not hasattr(llama, "ptlm_adapters")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                             exclude_modules=["model.layers.0.self_attn.v_proj"]))
+
+
 def test_modules_to_save_matching(tiny):
     bert = tiny("bert_cls")
     assert inject.find_modules_to_save(bert, ["classifier", "score"]) == ["classifier"]
