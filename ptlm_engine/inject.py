@@ -171,8 +171,9 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             # Inside another adapter's modules_to_save a LoRA layer would reach only the original module, not
             # that adapter's copy; named targets there are an error, "all-linear" leaves them out (the file
             # records what it resolved to).
-            inside = [f"{name}.{sub}".rstrip(".") for sub, child in module.original_module.named_modules()
-                      if spec != ALL_LINEAR and wanted(f"{name}.{sub}".rstrip("."), child)]
+            inside = [] if spec == ALL_LINEAR else [
+                f"{name}.{sub}".rstrip(".") for sub, child in module.original_module.named_modules()
+                if wanted(f"{name}.{sub}".rstrip("."), child)]
             if inside:
                 raise ValueError(f"target module {inside[0]!r} is or lies inside {name!r}, of which adapters "
                                  f"{sorted(module.modules_to_save)} keep their own copies (modules_to_save): "

@@ -79,9 +79,9 @@ class ModulesToSave(AdapterLayer):
         layer's position ids or KV cache cannot be cut into rows this way."""
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.dim() >= 1), None)
         copies = self._rows(first) if self.adapters_enabled and first is not None else {}
-        for key, a in (*enumerate(args), *kwargs.items()):
+        for key, a in (*enumerate(args), *kwargs.items()) if copies else ():
             by_rows = isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] == first.shape[0])
-            if copies and not (by_rows or a is None or isinstance(a, (bool, int, float, str))):
+            if not (by_rows or a is None or isinstance(a, (bool, int, float, str))):
                 what = f"{type(a).__name__} of shape {tuple(a.shape)}" if isinstance(a, Tensor) else type(a).__name__
                 raise NotImplementedError(
                     f"modules_to_save {type(self.original_module).__name__} in a mixed batch (adapter_batch): its "

@@ -262,9 +262,7 @@ class PromptTuning(AdapterLayer):
         return self._layouts[key]
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        if not self.adapters_enabled or not self.prompt_embeddings:
-            return None
-        if self.batch is None and self.active_adapter not in self.prompt_embeddings:
+        if not self.applies():
             return None
         kw = {**dict(zip(self._arg_names, args)), **kwargs}
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
