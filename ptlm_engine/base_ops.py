@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ptlm_engine import functional
-from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.base import AdapterLayer, hooked
 from ptlm_engine.layers.modules_to_save import ModulesToSave
 from ptlm_engine.layers.rms_norm import FusedRMSNorm
 from ptlm_engine.ops.rotary import apply_checked, runs_fused
@@ -115,16 +115,11 @@ def _own_forward(module: nn.Module) -> bool:
     return "forward" not in module.__dict__
 
 
-def _replaceable(module: nn.Module) -> bool:
-    """Replacing the module loses nothing of others': its class's forward and no hooks."""
-    return _own_forward(module) and not module._forward_hooks and not module._forward_pre_hooks
-
-
 # ---------------------------------------------------------------------------------------------------- RMSNorm
 def _fusable_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module).__name__ in RMS_NORM_CLASSES and isinstance(weight, nn.Parameter) and weight.dim() == 1
-            and isinstance(getattr(module, "variance_epsilon", None), float) and _replaceable(module))
+            and isinstance(getattr(module, "variance_epsilon", None), float) and not hooked(module))
 
 
 def _fuse_norms(model: nn.Module) -> None:
@@ -278,7 +273,7 @@ def _causal_lm_loss():
 
 def _plain_head(head) -> bool:
     """An nn.Linear running its own forward with no hooks: its weight and bias are all the logits are made of."""
-    return isinstance(head, nn.Linear) and not isinstance(head, AdapterLayer) and _replaceable(head)
+    return isinstance(head, nn.Linear) and not isinstance(head, AdapterLayer) and not hooked(head)
 
 
 def _fusable_loss(model: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targets
 from ptlm_engine.config import ALL_LINEAR, BottleneckConfig, LoraConfig, PrefixConfig, PromptConfig, selects
 from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
+from ptlm_engine.layers.base import hooked
 from ptlm_engine.layers.lora_group import ProjectionGroup
 from ptlm_engine.layers.prefix import LAYER_NAME as PREFIX_LAYER, attach_prefix, find_prefix_targets, hooked_attention
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
@@ -138,12 +139,6 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return DEFAULT_TARGET_MODULES[model_type]
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Forward hooks, pre-hooks, an instance-level forward (accelerate's add_hook_to_module sets one)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or hasattr(module, "_hf_hook"))
-
-
 def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules that get this adapter's LoRA layers (exclude_modules, the modules_to_save and what
     they contain left out, as in PEFT). Raises ValueError when nothing matches or a match cannot carry LoRA;
@@ -184,7 +179,7 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not isinstance(module, LoraLinear) and _builder(module) is None:
             supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA supports {supported}")
-        if not isinstance(module, LoraLinear) and _hooked(module):
+        if not isinstance(module, LoraLinear) and hooked(module):
             raise ValueError(f"target module {name!r} has forward hooks (its own, or accelerate's), which its LoRA "
                              "layer would bypass: it computes the base projection itself; remove them first, or "
                              "leave the module out (exclude_modules)")
