@@ -3,6 +3,7 @@ float64 reference and held to PyTorch's own low-precision error, mixed-batch row
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -140,3 +141,31 @@ def captured(run):
     with torch.cuda.graph(graph):
         out = run()
     return graph, out
+
+
+# ------------------------------------------------------------------------------ bottleneck tests (two files)
+def seeded_ids(rows: int, length: int = 6) -> torch.Tensor:
+    return torch.randint(0, 128, (rows, length), generator=torch.Generator().manual_seed(3))
+
+
+def randomize_bottleneck_and_lora(model) -> None:
+    """Seeded random values in every bottleneck and LoRA parameter (up and lora_B start at zero)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ptlm_bottleneck." in name or ".lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+
+
+def state_copy(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_base_restored(model, state: dict, hooks: int) -> None:
+    """The model's state dict (keys and values) and hook count are those recorded before adapters were added."""
+    assert sorted(model.state_dict()) == sorted(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert hook_count(model) == hooks

@@ -1,112 +1,18 @@
-"""Bottleneck adapters on tiny Llama / GPT-2 / BERT models through the API: where each placement puts them,
-outputs against hand-written hooks at the papers' places, mixed batches with LoRA and base rows (outputs,
-gradients, generate), training, files, bad configs and bad files, and removal restoring the model exactly."""
+"""Bottleneck adapters on tiny Llama / GPT-2 / BERT models through the API: mixed batches with LoRA and base rows
+(outputs, gradients, generate), training, files, bad configs and bad files, and removal restoring the model
+exactly. Where each placement puts them: test_bottleneck_sites.py."""
 import json
-import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import ptlm_engine as pe
-from ptlm_engine import inject
 from ptlm_engine.kernels import lora as K
-from ptlm_engine.layers.bottleneck import BottleneckLayer
-from tests.helpers import run_alone
+from tests.helpers import (assert_base_restored, hook_count, randomize_bottleneck_and_lora, run_alone,
+                           seeded_ids, state_copy)
 
 pytestmark = [pytest.mark.usefixtures("reference_backend")]
-
-ACT = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
-BLOCKS = {"llama": "model.layers", "gpt2": "transformer.h", "bert": "encoder.layer"}
-# Per model: (attention site, FFN site) where the layers go (the hooked modules), the projections whose outputs
-# the papers' sequential adapters change (the tiny models have no dropout, so the sites' outputs are these), and
-# the sub-layers whose inputs parallel adapters read.
-SITES = {"llama": ("self_attn", "mlp"), "gpt2": ("attn", "mlp"),
-         "bert": ("attention.output.dropout", "output.dropout")}
-PROJECTIONS = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "gpt2": ("attn.c_proj", "mlp.c_proj"),
-               "bert": ("attention.output.dense", "output.dense")}
-READS = {"llama": ("self_attn", "mlp"), "gpt2": ("attn", "mlp"), "bert": ("attention", "intermediate")}
-KINDS = {"houlsby": (0, 1), "pfeiffer": (1,), "parallel": (0, 1)}
-
-
-def _ids(rows, length=6):
-    return torch.randint(0, 128, (rows, length), generator=torch.Generator().manual_seed(3))
-
-
-def _randomize(model):
-    """Seeded random values in every bottleneck and LoRA parameter (up and lora_B start at zero)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".ptlm_bottleneck." in name or ".lora_" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def _assert_base(model, state, hooks):
-    assert sorted(model.state_dict()) == sorted(state)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    assert _hooks(model) == hooks
-
-
-def _expected(tiny, kind, adapted, name, config, ids, output):
-    """The base model with plain hooks at the papers' places using `adapted`'s adapter `name`: sequential adapters
-    on the projections' outputs, parallel ones reading the sub-layer's input and adding to the projection's output."""
-    model = tiny(kind)
-    inputs = {}
-    for index in range(2) if config.layers_to_transform is None else [config.layers_to_transform]:
-        block = f"{BLOCKS[kind]}.{index}"
-        for k in KINDS[config.placement]:
-            layer = adapted.get_submodule(f"{block}.{SITES[kind][k]}.ptlm_bottleneck")
-            def adapter(h, params=[p.detach() for p in layer.adapter_parameters(name)]):
-                down_w, down_b, up_w, up_b = params
-                return config.scale * (ACT[config.act](h @ down_w.T + down_b) @ up_w.T + up_b)
-
-            def add(module, args, out, key=(index, k), adapter=adapter):
-                return out + adapter(inputs.pop(key) if config.placement == "parallel" else out)
-
-            def keep(module, args, kwargs, key=(index, k)):
-                inputs[key] = args[0] if args else kwargs["hidden_states"]
-
-            model.get_submodule(f"{block}.{PROJECTIONS[kind][k]}").register_forward_hook(add)
-            model.get_submodule(f"{block}.{READS[kind][k]}").register_forward_pre_hook(keep, with_kwargs=True)
-    return output(model, ids)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
-@pytest.mark.parametrize("placement,act", [("houlsby", "relu"), ("pfeiffer", "gelu"), ("parallel", "silu")])
-def test_placements_match_hooks_at_the_papers_places(tiny, kind, placement, act, output):
-    model = tiny(kind)
-    ids = _ids(2)
-    base, state, hooks = output(model, ids), _state(model), _hooks(model)
-    config = pe.BottleneckConfig(bottleneck=8, placement=placement, act=act,
-                                 scale=2.0 if placement == "parallel" else 1.0)
-    pe.add_adapter(model, "a", config)
-    layers = inject.adapter_layers(model)
-    assert [p for p, _ in layers] == [f"{BLOCKS[kind]}.{i}.{SITES[kind][k]}.ptlm_bottleneck"
-                                      for i in range(2) for k in KINDS[placement]]
-    assert all(isinstance(layer, BottleneckLayer) for _, layer in layers)
-    d = model.config.hidden_size
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == len(layers) * (2 * 8 * d + d + 8)
-    assert set(state) <= set(model.state_dict())                       # the base's keys stay as they were
-    torch.testing.assert_close(output(model, ids), base, rtol=0, atol=0)   # a new adapter is the identity
-
-    _randomize(model)
-    y = output(model, ids)
-    assert not torch.allclose(y, base)
-    torch.testing.assert_close(y, _expected(tiny, kind, model, "a", config, ids, output))
-    with pe.disable_adapters(model):
-        torch.testing.assert_close(output(model, ids), base, rtol=0, atol=0)
-    pe.unload(model)
-    _assert_base(model, state, hooks)
-    torch.testing.assert_close(output(model, ids), base, rtol=0, atol=0)
 
 
 def _mixed(tiny, kind):
@@ -119,7 +25,7 @@ def _mixed(tiny, kind):
     pe.add_adapter(model, "b", pe.BottleneckConfig(bottleneck=4, placement="parallel", act="gelu", scale=2.0,
                                                    layers_to_transform=[1]))
     pe.add_adapter(model, "d", pe.BottleneckConfig(bottleneck=6, placement="pfeiffer", act="silu", scale=0.5))
-    _randomize(model)
+    randomize_bottleneck_and_lora(model)
     return model
 
 
@@ -129,7 +35,7 @@ MAPPING = ["a", "c", None, "b", "d", "a"]
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_mixed_batch_rows_match_each_adapter_alone(tiny, kind, output):
     model = _mixed(tiny, kind)
-    ids = _ids(len(MAPPING))
+    ids = seeded_ids(len(MAPPING))
     with torch.no_grad(), pe.adapter_batch(model, MAPPING):
         served = output(model, ids)
     with pe.adapter_batch(model, MAPPING):
@@ -143,7 +49,7 @@ def test_mixed_batch_rows_match_each_adapter_alone(tiny, kind, output):
 
 def test_mixed_batch_gradients_match_each_adapter_alone(tiny, output):
     model = _mixed(tiny, "llama")
-    ids = _ids(len(MAPPING))
+    ids = seeded_ids(len(MAPPING))
     g = torch.randn(len(MAPPING), 6, 128, generator=torch.Generator().manual_seed(5))
     with pe.adapter_batch(model, MAPPING):
         (output(model, ids) * g).sum().backward()
@@ -161,7 +67,7 @@ def test_mixed_batch_gradients_match_each_adapter_alone(tiny, output):
 
 def test_generate_mixed_rows(tiny):
     model = _mixed(tiny, "llama")
-    ids = _ids(4, length=5)
+    ids = seeded_ids(4, length=5)
     mapping = ["a", "c", None, "b"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with pe.adapter_batch(model, mapping):
@@ -173,13 +79,13 @@ def test_generate_mixed_rows(tiny):
 
 def test_training_lowers_the_loss_and_touches_only_the_adapter(tiny):
     model = tiny("llama").train()
-    state = _state(model)
+    state = state_copy(model)
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=16, placement="houlsby", act="gelu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert {n.split(".ptlm_bottleneck.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad} \
         == {"down", "up"}
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = _ids(4, length=12)
+    ids = seeded_ids(4, length=12)
     losses = []
     for _ in range(6):
         loss = model(input_ids=ids, labels=ids).loss
@@ -193,12 +99,12 @@ def test_training_lowers_the_loss_and_touches_only_the_adapter(tiny):
 
 def test_lora_and_bottleneck_share_modules_and_combine(tiny, ids, output):
     model = tiny("llama")
-    base, state, hooks = output(model, ids), _state(model), _hooks(model)
+    base, state, hooks = output(model, ids), state_copy(model), hook_count(model)
     pe.add_adapter(model, "bn", pe.BottleneckConfig(bottleneck=4))
     both = [pe.BottleneckConfig(bottleneck=4, placement="parallel"),
             pe.LoraConfig(r=4, target_modules=["o_proj", "down_proj"])]
     pe.add_adapter(model, "both", both)         # one task, two methods; LoRA wraps o_proj inside a hooked self_attn
-    _randomize(model)
+    randomize_bottleneck_and_lora(model)
     y_bn = output(model, ids)
     pe.set_active_adapter(model, "both")
     y_both = output(model, ids)
@@ -209,7 +115,7 @@ def test_lora_and_bottleneck_share_modules_and_combine(tiny, ids, output):
     pe.set_active_adapter(model, "bn")
     torch.testing.assert_close(output(model, ids), y_bn)
     pe.unload(model)
-    _assert_base(model, state, hooks)
+    assert_base_restored(model, state, hooks)
     torch.testing.assert_close(output(model, ids), base, rtol=0, atol=0)
 
 
@@ -217,7 +123,7 @@ def test_save_load_round_trip(tiny, tmp_path, ids, output):
     model = tiny("llama")
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=6, placement="parallel", act="silu", scale=4.0,
                                                    layers_to_transform=[1]))
-    _randomize(model)
+    randomize_bottleneck_and_lora(model)
     pe.save_adapter(model, "a", tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert {k: config[k] for k in ("peft_type", "bottleneck", "placement", "act", "scale", "layers_to_transform")} \
@@ -237,7 +143,7 @@ def test_save_load_round_trip(tiny, tmp_path, ids, output):
 def test_round_trip_with_modules_to_save(tiny, tmp_path, ids, output):
     model = tiny("bert_cls")
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=4, modules_to_save=["classifier"]))
-    _randomize(model)
+    randomize_bottleneck_and_lora(model)
     with torch.no_grad():
         model.classifier.modules_to_save["a"].weight.add_(1.0)
     pe.save_adapter(model, "a", tmp_path / "a")
@@ -251,7 +157,7 @@ def test_layer_norm_adapters_count_train_batch_save_and_load(tiny, tmp_path, out
     model = tiny("llama")
     pe.add_adapter(model, "ln", pe.BottleneckConfig(bottleneck=6, act="gelu", layer_norm=True))
     pe.add_adapter(model, "plain", pe.BottleneckConfig(bottleneck=6, placement="parallel", scale=2.0))
-    _randomize(model)
+    randomize_bottleneck_and_lora(model)
     for name, extra in (("ln", 2 * 64), ("plain", 0)):                           # 2md + d + m (+ 2d)
         modules = {}
         for n, p in model.named_parameters():
@@ -261,7 +167,7 @@ def test_layer_norm_adapters_count_train_batch_save_and_load(tiny, tmp_path, out
     pe.set_active_adapter(model, "ln")
     assert {n.split(".ptlm_bottleneck.")[1].split(".")[0] for n, p in model.named_parameters() if p.requires_grad} \
         == {"down", "up", "layer_norm"}
-    ids = _ids(3)
+    ids = seeded_ids(3)
     y_ln = output(model, ids)
     mapping = ["plain", "ln", None]
     with torch.no_grad(), pe.adapter_batch(model, mapping):
@@ -296,7 +202,7 @@ def test_bad_files_fail_clearly_and_leave_the_model(tiny, tmp_path):
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=4))
     pe.save_adapter(model, "a", tmp_path / "a")
     fresh = tiny("gpt2")
-    state, hooks = _state(fresh), _hooks(fresh)
+    state, hooks = state_copy(fresh), hook_count(fresh)
     config_file, weights_file = tmp_path / "a" / "adapter_config.json", tmp_path / "a" / "adapter_model.safetensors"
     good = json.loads(config_file.read_text())
 
@@ -307,7 +213,7 @@ def test_bad_files_fail_clearly_and_leave_the_model(tiny, tmp_path):
         with pytest.raises(ValueError, match=match):
             pe.load_adapter(fresh, tmp_path / "a")
         assert pe.adapter_configs(fresh) == {}
-        _assert_base(fresh, state, hooks)
+        assert_base_restored(fresh, state, hooks)
 
     fails({**good, "reduction_factor": 16}, r"unknown bottleneck adapter config keys \['reduction_factor'\]")
     fails({**good, "placement": "sideways"}, r"adapter_config.json: BottleneckConfig.placement")
@@ -329,13 +235,13 @@ def test_bad_configs_and_models(tiny):
     with pytest.raises(ValueError, match=r"no placement table for model_type None .*supported: .*bert.*gpt2.*llama"):
         pe.add_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), "a", pe.BottleneckConfig())
     model = tiny("llama")
-    state, hooks = _state(model), _hooks(model)
+    state, hooks = state_copy(model), hook_count(model)
     for config, match in [(pe.BottleneckConfig(layers_to_transform=[1, 5]), r"layers_to_transform \[5\] not among"),
                           (pe.BottleneckConfig(modules_to_save=["mlp"]), "lies inside a module of modules_to_save")]:
         with pytest.raises(ValueError, match=match):
             pe.add_adapter(model, "a", config)
         assert pe.adapter_configs(model) == {}
-        _assert_base(model, state, hooks)
+        assert_base_restored(model, state, hooks)
     pe.add_adapter(model, "s", pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["mlp"]))
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp' lies inside 'model.layers.0.mlp', a ModulesToSave"):
         pe.add_adapter(model, "a", pe.BottleneckConfig(placement="pfeiffer"))
@@ -346,7 +252,7 @@ def test_modules_to_save_may_not_hide_a_bottleneck_layer(tiny):
     is refused before the model changes: the copies would run without the bottleneck adapters."""
     model = tiny("llama")
     pe.add_adapter(model, "a", pe.BottleneckConfig(bottleneck=4, placement="pfeiffer", layers_to_transform=[0]))
-    state, hooks = _state(model), _hooks(model)
+    state, hooks = state_copy(model), hook_count(model)
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp' contains the adapter layer "
                                          r"'model.layers.0.mlp.ptlm_bottleneck'"):
         pe.add_adapter(model, "s", pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]))
@@ -354,7 +260,7 @@ def test_modules_to_save_may_not_hide_a_bottleneck_layer(tiny):
         pe.add_adapter(model, "t", [pe.BottleneckConfig(bottleneck=4, placement="pfeiffer", layers_to_transform=[1]),
                                     pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.1.mlp"])])
     assert list(pe.adapter_configs(model)) == ["a"]
-    _assert_base(model, state, hooks)
+    assert_base_restored(model, state, hooks)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
@@ -368,8 +274,8 @@ def test_triton_kernels_through_the_layers(tiny, monkeypatch, output):
     pe.add_adapter(model, "b", pe.BottleneckConfig(bottleneck=4, placement="parallel", act="gelu", scale=2.0,
                                                    layers_to_transform=[0]))
     pe.add_adapter(model, "c", pe.LoraConfig(r=2, target_modules=["o_proj"], layers_to_transform=[0]))
-    _randomize(model)
-    ids = _ids(4, length=5)
+    randomize_bottleneck_and_lora(model)
+    ids = seeded_ids(4, length=5)
 
     def run():
         with torch.no_grad(), pe.adapter_batch(model, ["a", "b", None, "c"]):
@@ -386,7 +292,6 @@ def test_triton_kernels_through_the_layers(tiny, monkeypatch, output):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
                     reason="needs CUDA or TRITON_INTERPRET=1 set before the kernels are imported")
 def test_triton_kernels_with_layer_norms(tiny, monkeypatch, output):
@@ -396,8 +301,8 @@ def test_triton_kernels_with_layer_norms(tiny, monkeypatch, output):
     model = tiny("llama")
     pe.add_adapter(model, "n", pe.BottleneckConfig(bottleneck=8, act="gelu", layer_norm=True, layers_to_transform=[0]))
     pe.add_adapter(model, "p", pe.BottleneckConfig(bottleneck=4, placement="parallel", layers_to_transform=[0]))
-    _randomize(model)
-    ids = _ids(3, length=5)
+    randomize_bottleneck_and_lora(model)
+    ids = seeded_ids(3, length=5)
 
     def run():
         with torch.no_grad(), pe.adapter_batch(model, ["n", None, "p"]):

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 import triton
-from triton.runtime.errors import OutOfResources
 
 from ptlm_engine.kernels import configs
 from ptlm_engine.kernels import lora as K
 from ptlm_engine.kernels import tuned
+from tests.kernels.tuning_helpers import config_like, shrink_call
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() or K.INTERPRETED),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -55,71 +55,6 @@ def test_a_choice_no_longer_offered_tunes_again(monkeypatch):
     assert tuned.preset(launcher.name, key, launcher.autotuner.configs) == (offered.all_kwargs(), offered.pre_hook)
 
 
-def _refusing(launcher, refused_block_t, tried):
-    """The launcher's kernel, except that a config with BLOCK_T == refused_block_t is refused as Triton refuses a
-    kernel over the GPU's shared memory (before launching anything); every tried BLOCK_T is appended to `tried`."""
-    jit = launcher.autotuner.fn
-
-    class Refusing:                        # launched as fn[grid](...) by TunedLauncher, fn.run(...) by Autotuner
-        def run(self, *args, **kwargs):
-            tried.append(kwargs["BLOCK_T"])
-            if kwargs["BLOCK_T"] == refused_block_t:
-                raise OutOfResources(294912, 232448, "shared memory")
-            return jit.run(*args, **kwargs)
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
-    return Refusing()
-
-
-def _config_like(config, **meta):
-    return triton.Config({**config.kwargs, **meta}, num_warps=config.num_warps, num_stages=config.num_stages,
-                         pre_hook=config.pre_hook)
-
-
-@pytest.fixture
-def shrink(monkeypatch):
-    """K._lora_shrink with no choices made or loaded, offering (too_big, fits), the first refused by the GPU."""
-    launcher = K._lora_shrink
-    fits = launcher.autotuner.configs[0]
-    too_big = _config_like(fits, BLOCK_T=2 * fits.kwargs["BLOCK_T"])
-    tried = []
-    monkeypatch.setattr(tuned, "PRESETS", {})
-    monkeypatch.setattr(launcher, "configs", {})
-    monkeypatch.setattr(launcher.autotuner, "configs", [too_big, fits])
-    monkeypatch.setattr(launcher.autotuner, "fn", _refusing(launcher, too_big.kwargs["BLOCK_T"], tried))
-    return launcher, too_big, fits, tried
-
-
-def _shrink_call():
-    x = torch.randn(37, 40, device=DEVICE)
-    a = torch.randn(5, 40, device=DEVICE)
-    torch.testing.assert_close(K.lora_shrink(x, a, 0.5), 0.5 * x @ a.T, rtol=1e-4, atol=1e-4)
-
-
-def test_without_autotuning_a_new_key_launches_the_first_config_that_fits(shrink, monkeypatch):
-    """PTLM_AUTOTUNE=0: a config the GPU refuses is passed over for the next one, and the key keeps the one
-    that ran."""
-    launcher, too_big, fits, tried = shrink
-    monkeypatch.setattr(configs, "AUTOTUNE", False)
-    _shrink_call()
-    assert tried == [too_big.kwargs["BLOCK_T"], fits.kwargs["BLOCK_T"]]
-    assert [meta["BLOCK_T"] for meta, _ in launcher.configs.values()] == [fits.kwargs["BLOCK_T"]]
-    _shrink_call()                                                  # the key's choice launches directly
-    assert tried[-1] == fits.kwargs["BLOCK_T"] and len(tried) == 3
-
-
-def test_a_loaded_choice_the_gpu_refuses_is_forgotten_and_chosen_again(shrink, monkeypatch):
-    launcher, too_big, fits, tried = shrink
-    monkeypatch.setattr(configs, "AUTOTUNE", False)
-    key = (64, 40, 5, False, torch.float32, torch.float32)
-    monkeypatch.setattr(tuned, "PRESETS", {launcher.name: {tuned.key_text(key): too_big.all_kwargs()}})
-    _shrink_call()
-    assert tried == [too_big.kwargs["BLOCK_T"]] * 2 + [fits.kwargs["BLOCK_T"]]   # the preset, then the fallback
-    assert tuned.PRESETS[launcher.name] == {}
-    assert launcher.configs[key][0] == fits.all_kwargs()
-
-
 def test_a_tuned_choice_is_cached_for_the_card_and_loaded_by_the_next_process(shrink, monkeypatch, tmp_path):
     """A key tuned here goes into $PTLM_TUNED_CACHE/<card>.json at once; a later process loads the package's
     choices for the card, then the cache's over them, and launches the key without tuning."""
@@ -130,7 +65,7 @@ def test_a_tuned_choice_is_cached_for_the_card_and_loaded_by_the_next_process(sh
     monkeypatch.setattr(tuned, "_cards_loaded", {"Card A 80GB"})      # this process loaded its (empty) files
     monkeypatch.setattr(launcher.autotuner, "cache", {})
     monkeypatch.setattr(launcher.autotuner, "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
-    _shrink_call()                                                  # tunes: too_big refused (inf), fits chosen
+    shrink_call()                                                  # tunes: too_big refused (inf), fits chosen
     key = (64, 40, 5, False, torch.float32, torch.float32)
     cached = json.loads((tmp_path / "cache" / "card-a-80gb.json").read_text())
     assert cached["card"] == "Card A 80GB"
@@ -148,7 +83,7 @@ def test_a_tuned_choice_is_cached_for_the_card_and_loaded_by_the_next_process(sh
     launcher.configs.clear()
     monkeypatch.setattr(launcher.autotuner, "run", lambda *a, **k: pytest.fail("a cached key tuned again"))
     tried.clear()
-    _shrink_call()
+    shrink_call()
     assert tried == [fits.kwargs["BLOCK_T"]]
     assert tuned.PRESETS[launcher.name][other] == too_big.all_kwargs()
 
@@ -165,42 +100,6 @@ def test_the_tuned_cache_can_be_turned_off(monkeypatch, tmp_path):
                                                                                    "(2,)": {"num_warps": 8}}}
 
 
-def test_a_new_key_compiles_its_candidate_configs_side_by_side_before_tuning(monkeypatch):
-    """_precompile warms every pruned config up inside one Triton AsyncCompileMode; a TMA config's pre_hook sets
-    block shapes on copies of the descriptors (aliased as the originals), never on the originals."""
-    import triton.language as tl
-    from triton.runtime import _async_compile
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    @triton.jit
-    def kernel(a_desc, b_desc, n, BLOCK: tl.constexpr):
-        pass
-
-    def block_shapes(nargs):
-        nargs["a_desc"].block_shape = [nargs["BLOCK"], 8]
-        nargs["b_desc"].block_shape = [nargs["BLOCK"], 16]
-
-    configs_ = [triton.Config({"BLOCK": b}, num_warps=4, num_stages=2, pre_hook=block_shapes) for b in (16, 32, 64)]
-    launcher = configs.TunedLauncher(triton.autotune(
-        configs_, key=["n"], prune_configs_by={"early_config_prune": lambda cs, nargs, **kw: cs[1:]})(kernel))
-    tuned.LAUNCHERS.remove(launcher)
-    warmed = []
-
-    class Recording:
-        def warmup(self, a_desc, b_desc, n, grid, **kwargs):
-            assert _async_compile.active_mode.get() is not None
-            warmed.append((kwargs["BLOCK"], list(a_desc.block_shape), list(b_desc.block_shape), a_desc is b_desc,
-                           a_desc is shared))
-    monkeypatch.setattr(launcher.autotuner, "fn", Recording())
-    monkeypatch.setattr(configs, "INTERPRETED", False)
-    t = torch.zeros(64, 64)
-    shared = TensorDescriptor.from_tensor(t, [1, 1])
-    launcher._precompile((shared, shared, 7), {})
-    assert warmed == [(32, [32, 16], [32, 16], True, False), (64, [64, 16], [64, 16], True, False)]
-    assert shared.block_shape == [1, 1]
-    assert _async_compile.active_mode.get() is None
-
-
 def test_a_torn_cache_file_is_passed_over_with_a_warning(monkeypatch, tmp_path):
     """Another process's write cut short (or a foreign file) leaves the card's keys to tune, never a failure."""
     monkeypatch.setenv("PTLM_TUNED_CACHE", str(tmp_path))
@@ -213,23 +112,7 @@ def test_a_torn_cache_file_is_passed_over_with_a_warning(monkeypatch, tmp_path):
     assert tuned.PRESETS == {} and "Card A" in tuned._cards_loaded
 
 
-# ------------------------------------------------------------------ files of another shape, precedence, refusals
-def _refusing_where(launcher, refuse):
-    """The launcher's kernel, except that a config for which refuse(meta) holds is refused as Triton refuses a
-    kernel over the GPU's shared memory (before launching anything)."""
-    jit = launcher.autotuner.fn
-
-    class Refusing:                        # launched as fn[grid](...) by TunedLauncher, fn.run(...) by Autotuner
-        def run(self, *args, **kwargs):
-            if refuse(kwargs):
-                raise OutOfResources(294912, 232448, "shared memory")
-            return jit.run(*args, **kwargs)
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: self.run(*args, grid=grid, warmup=False, **kwargs)
-    return Refusing()
-
-
+# ------------------------------------------------------------------ files of another shape, precedence
 @pytest.fixture
 def card_a(monkeypatch, tmp_path):
     """A process on card CARD with an empty package dir and its own cache dir; nothing loaded yet."""
@@ -249,7 +132,7 @@ def tuning_shrink(monkeypatch):
     """K._lora_shrink with no choices made, offering two configs (so a new key tunes and is remembered)."""
     launcher = K._lora_shrink
     base = launcher.autotuner.configs[0]
-    other = _config_like(base, BLOCK_T=2 * base.kwargs["BLOCK_T"])
+    other = config_like(base, BLOCK_T=2 * base.kwargs["BLOCK_T"])
     monkeypatch.setattr(launcher, "configs", {})
     monkeypatch.setattr(launcher.autotuner, "configs", [base, other])
     monkeypatch.setattr(launcher.autotuner, "cache", {})
@@ -274,7 +157,7 @@ def test_a_foreign_but_well_formed_cache_file_does_not_crash_an_op(card_a, tunin
     not objects: another tool's or version's) is passed over on load and replaced by the next choice tuned (it
     used to raise out of the first launch of the process, or out of the launch tuning a new key)."""
     (card_a / "cache" / CARD_FILE).write_text(content)
-    _shrink_call()
+    shrink_call()
     cached = json.loads((card_a / "cache" / CARD_FILE).read_text())
     assert tuned.key_text(SHRINK_KEY) in cached["kernels"][tuning_shrink.name]
 
@@ -284,7 +167,7 @@ def test_a_torn_cache_file_is_rewritten_by_the_next_tuned_key(card_a, tuning_shr
     """A torn file (a writer killed, a full disk) is skipped on load and replaced by the next choice tuned (the
     cache used to stay dead: remember refused to write over a file that does not parse)."""
     (card_a / "cache" / CARD_FILE).write_text('{"card": "Card A 80GB", "kernels": {"k": {"(1,)": {"num_wa')
-    _shrink_call()
+    shrink_call()
     cached = json.loads((card_a / "cache" / CARD_FILE).read_text())
     assert tuned.key_text(SHRINK_KEY) in cached["kernels"][tuning_shrink.name]
 
@@ -308,35 +191,3 @@ def test_ptlm_tuned_file_wins_over_the_package_and_the_cache(card_a):
         tuned.preset("kern", key, offered)
 
 
-@pytest.mark.parametrize("autotune", [False, True])
-def test_a_refused_preset_falls_back_only_to_its_split_factors(monkeypatch, autotune):
-    """A loaded choice the GPU refuses is forgotten; the launch then takes only a config of the same split factors
-    (the caller sized its workspaces and zeroed outputs for them), untimed. None here: a clear error, and the next
-    call chooses afresh. (It used to launch SPLIT_K=2 into the (y, y) workspace made for SPLIT_K=1: a wrong y.)"""
-    launcher = K._lora_decode
-    split = launcher.autotuner.configs[0]                         # the interpreter's one config: SPLIT_K=2
-    assert split.kwargs["SPLIT_K"] > 1
-    unsplit = _config_like(split, SPLIT_K=1)
-    monkeypatch.setattr(launcher, "configs", {})
-    monkeypatch.setattr(launcher.autotuner, "configs", [unsplit, split])
-    monkeypatch.setattr(launcher.autotuner, "cache", {})
-    monkeypatch.setattr(launcher.autotuner, "do_bench", lambda fn, quantiles: (fn(), [1.0, 1.0, 1.0])[1])
-    monkeypatch.setattr(launcher.autotuner, "fn", _refusing_where(launcher, lambda meta: meta["SPLIT_K"] == 1))
-    monkeypatch.setattr(configs, "AUTOTUNE", autotune)
-    monkeypatch.setattr(tuned, "remember", lambda *args: None)
-    M, N, Kd, R = 8, 32, 64, 4
-    key = (8, N, Kd, R, True, False, False, True, False) + (torch.float32,) * 4
-    monkeypatch.setattr(tuned, "PRESETS", {launcher.name: {tuned.key_text(key): unsplit.all_kwargs()}})
-    gen = torch.Generator().manual_seed(0)
-    x, w = torch.randn(M, Kd, generator=gen), torch.randn(N, Kd, generator=gen)
-    a, b = torch.randn(R, Kd, generator=gen), torch.randn(N, R, generator=gen)
-    x, w, a, b = (t.to(DEVICE) for t in (x, w, a, b))
-    # y at the start of a larger buffer: what the fallback writes past y's end (2 splits of M (N + R) fp32
-    # partials into a workspace of M N elements) lands there instead of past the allocation.
-    buffer = torch.zeros(8 * M * (N + R), device=DEVICE)
-    with pytest.raises(RuntimeError, match="does not fit this GPU / Triton .* nor does another config with its "
-                                           "splits {'SPLIT_K': 1}; the choice is forgotten"):
-        K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=True, out=buffer[:M * N].view(M, N))
-    assert tuned.PRESETS[launcher.name] == {}
-    y, _ = K.lora_matmul(x, w, a, b, 0.5, None, fuse_shrink=True)
-    torch.testing.assert_close(y, x @ w.T + 0.5 * (x @ a.T) @ b.T, rtol=1e-4, atol=1e-4)

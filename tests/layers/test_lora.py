@@ -1,5 +1,5 @@
-"""LoraLinear and ModulesToSave on their own: parameters and keys, forward and gradients against plain PyTorch,
-merging, dtypes, dropout, several adapters, and the Triton kernels through the layer."""
+"""LoraLinear on its own: parameters and keys, forward and gradients against plain PyTorch, merging, dtypes,
+dropout, several adapters, and the Triton kernels through the layer."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ptlm_engine.layers import LoraLinear, ModulesToSave
+from ptlm_engine.layers import LoraLinear
 from tests.helpers import needs_triton
 
 
@@ -152,35 +152,6 @@ def test_several_adapters_one_active():
     layer.remove_adapter("b")
     assert layer.active_adapter is None and list(layer.lora_A) == ["a"] and "b" not in layer.scale
     torch.testing.assert_close(layer(x), base(x))
-
-
-def test_modules_to_save_keeps_keys_and_switches_copies():
-    torch.manual_seed(0)
-    original = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
-    wrapper = ModulesToSave(original)
-    assert wrapper.state_dict().keys() == original.state_dict().keys()
-    wrapper.add_adapter("a")
-    assert "modules_to_save.a.0.weight" in wrapper.state_dict()
-    with torch.no_grad():
-        wrapper.modules_to_save["a"][0].weight.add_(1.0)
-    wrapper.eval()
-    assert not original.training and not original[1].training
-    x = torch.randn(4, 8)
-    torch.testing.assert_close(wrapper(x), original(x))                              # none active
-    wrapper.active_adapter = "a"
-    torch.testing.assert_close(wrapper(x), wrapper.modules_to_save["a"](x))
-    assert not torch.allclose(wrapper(x), original(x))
-
-
-def test_modules_to_save_original_follows_dtype_changes():
-    """model.to() replaces buffers; the original module (run when no adapter is active) must see them."""
-    original = nn.BatchNorm1d(8).eval()
-    wrapper = ModulesToSave(original)
-    wrapper.add_adapter("a")
-    wrapper.to(torch.float64)
-    assert original.running_mean.dtype == original.weight.dtype == torch.float64
-    wrapper(torch.randn(4, 8, dtype=torch.float64))
-    assert wrapper.num_features == 8                                                 # attributes of the original
 
 
 @needs_triton
