@@ -422,7 +422,10 @@ def remove_adapter(model: nn.Module, name: str) -> None:
     del reg.configs[name], reg.slots[name], reg.targets[name]
     inject.link_projection_groups(model)
     if reg.active == name:
+        # Every layer was told the name, also those without it: an adapter added later under it must not run.
         reg.active = None
+        for _, layer in inject.adapter_layers(model):
+            layer.active_adapter = None
     if reg.configs:
         _set_trainable(model, reg)
     else:

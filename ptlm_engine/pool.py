@@ -263,21 +263,21 @@ class AdapterBatch:
         adapters = {slot: name for name, slot in self.adapters.items() if name in names}
         return adapters, [adapters.get(slot) for slot in range(self.num_slots)]
 
-    def _check(self, x: Tensor) -> None:
-        rows, n = len(self.names), x.shape[0] if x.dim() >= 2 else 0
+    def check_rows(self, n: int, shape: tuple | None = None) -> None:
+        """ValueError unless a batch of n rows (an input of `shape`, for the message) fits the mapping: n rows,
+        or inside generate a multiple of them. Layers that keep per-row layouts per batch size check every
+        call, since whether a size fits depends on `expanding`."""
+        rows = len(self.names)
         if n != rows and not (self.expanding and n > 0 and n % rows == 0):
-            shape = "a multiple of" if self.expanding else "equal to"
-            raise ValueError(f"adapter_batch maps {rows} rows, but a layer got input of shape {tuple(x.shape)}: "
-                             f"its batch size (dim 0) must be {shape} the number of names")
+            got = f"input of shape {shape}" if shape is not None else f"a batch of {n}"
+            must = "a multiple of" if self.expanding else "equal to"
+            raise ValueError(f"adapter_batch maps {rows} rows, but a layer got {got}: its batch size (dim 0) must "
+                             f"be {must} the number of names")
 
     def row_slots(self, n: int) -> list[int]:
         """The slot id (-1: none) of each of n rows, on the host; ValueError if n does not fit the mapping."""
-        rows = len(self.names)
-        if n != rows and not (self.expanding and n > 0 and n % rows == 0):
-            shape = "a multiple of" if self.expanding else "equal to"
-            raise ValueError(f"adapter_batch maps {rows} rows, but a layer got a batch of {n}: its batch size "
-                             f"(dim 0) must be {shape} the number of names")
-        return [s for s in self.slot_ids for _ in range(n // rows)]
+        self.check_rows(n)
+        return [s for s in self.slot_ids for _ in range(n // len(self.names))]
 
     def remap(self, names: Sequence[str | None]) -> None:
         """Row i runs names[i] from now on: as many rows as before, each adapter one of the batch's (or None).
@@ -295,7 +295,7 @@ class AdapterBatch:
                         kept.copy_(new)
 
     def _token_index(self, device: torch.device, shape: torch.Size) -> Tensor:
-        """Each token's slot id (shape, int32) for tokens of `shape` (batch first, its size checked by _check),
+        """Each token's slot id (shape, int32) for tokens of `shape` (batch first, its size checked by check_rows),
         from the row tensor on `device` (made there if the model moved inside the block), a row repeated in
         place as `generate` repeats it."""
         rows = self._rows.get(device)                                               # (rows,)
@@ -312,7 +312,7 @@ class AdapterBatch:
         reference runs, which does not group tokens). Both are kept per input shape for the block's lifetime;
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
-        self._check(x)                      # also on a hit: whether a shape is allowed depends on `expanding`
+        self.check_rows(x.shape[0] if x.dim() >= 2 else 0, tuple(x.shape))   # also on a hit (see check_rows)
         if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
             return self._token_index(x.device, shape), None
         key = (x.device, shape)

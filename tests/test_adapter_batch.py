@@ -1,6 +1,7 @@
 """pe.adapter_batch on tiny HF models: one adapter per row, checked against each row run alone with its adapter
 active and against HF PEFT's `adapter_names=`; generation (greedy, sampled sequences, beams), gradients of
 several adapters trained at once, bad mappings, and the state around the block."""
+import copy
 import zlib
 
 import peft
@@ -607,3 +608,21 @@ def test_adding_an_adapter_under_inference_mode(tiny, output):
         with pe.adapter_batch(llama, ["a", "b"]):
             mixed = output(llama, ids)
     assert mixed.shape[0] == 2
+
+
+@pytest.mark.parametrize("config", [pe.PrefixConfig(num_virtual_tokens=3), pe.PromptConfig(num_virtual_tokens=3)],
+                         ids=["prefix", "prompt"])
+def test_batch_size_is_checked_again_after_generate_expanded_it(tiny, config):
+    """Inside generate a beam search repeats each row; afterwards a plain forward in the block must again have
+    exactly one row per name. Layers that keep per-row layouts per batch size (prefix, prompt) check it at
+    every call, not only when they build a layout."""
+    model = tiny("llama")
+    pe.add_adapter(model, "a", config)
+    pe.add_adapter(model, "b", copy.deepcopy(config))
+    ids = _ids(2, 4)
+    with torch.no_grad(), pe.adapter_batch(model, ["a", "b"]):
+        with pytest.raises(ValueError, match="adapter_batch maps 2 rows"):
+            model(input_ids=_ids(4))
+        model.generate(ids, max_new_tokens=2, num_beams=2, pad_token_id=0)
+        with pytest.raises(ValueError, match="adapter_batch maps 2 rows"):
+            model(input_ids=_ids(4))

@@ -199,6 +199,30 @@ def test_remove_restores_modules_keys_and_flags(tiny, ids, output, randomize_ada
     torch.testing.assert_close(output(llama, ids), y0)
 
 
+def test_an_adapter_added_again_under_the_removed_active_name_stays_inactive(tiny, ids):
+    """set_active_adapter tells every adapter layer the name, also those without the adapter (v_proj here):
+    removing the active adapter resets them all, so a later adapter of that name runs only once activated."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["v_proj"]))
+    pe.set_active_adapter(llama, "a")
+    pe.remove_adapter(llama, "a")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["v_proj"]))
+    with torch.no_grad():                              # random values in both, without activating either
+        for name, p in llama.named_parameters():
+            if ".lora_" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    assert pe.active_adapter(llama) is None
+    with torch.no_grad():
+        with pe.adapter_batch(llama, [None, None]):
+            base_rows = llama(input_ids=ids).logits
+        plain = llama(input_ids=ids).logits
+    torch.testing.assert_close(plain, base_rows)
+    pe.remove_adapter(llama, "b")                      # the re-added 'a' is the only one: still inactive
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=ids).logits, base_rows)
+
+
 def test_unload_with_merge_keeps_the_adapted_function(tiny, ids, output, randomize_adapters):
     bert = tiny("bert_cls")
     keys = list(bert.state_dict())

@@ -103,8 +103,9 @@ class ModulesToSave(AdapterLayer):
         """Adapter name -> (rows,) indices of its rows in an input whose batch is first.shape[0], built on the host
         from the mapping (no device sync) once per (device, batch size)."""
         key = (first.device, first.shape[0])
+        self.batch.check_rows(first.shape[0])                                       # also on a hit (see check_rows)
         if key not in self._batch_rows:
-            slots = self.batch.row_slots(first.shape[0])                            # checks the batch size
+            slots = self.batch.row_slots(first.shape[0])
             with torch.inference_mode(False):   # kept across calls (see pool.AdapterPool)
                 self._batch_rows[key] = {
                     name: torch.tensor([i for i, s in enumerate(slots) if s == self.batch.adapters[name]],

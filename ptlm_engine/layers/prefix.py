@@ -13,7 +13,7 @@ only real tokens, so generation works unchanged) and is added by the attention f
 - A forward pre-hook on the backbone (the innermost module holding every self-attention layer whose forward
   takes position_ids: model.base_model in most models, model.decoder in OPT's) shifts every row's position ids
   by its P, building them as the model does where the caller gave none (HF's arange after the cached tokens,
-  or an architecture's own rule, DEFAULT_POSITIONS), as PEFT's cache of P does.
+  or an architecture's own rule, layers.positions), as PEFT's cache of P does.
 - The attention function (after rotary and the KV-cache update) takes the layer's prefix keys / values per row
   and runs functional.prefix_attention with causal / key_padding_mask from the recorded layout: the prefix is
   never concatenated. Rows of a mixed batch may have different adapters, different P or none: prefix_lengths
@@ -41,21 +41,13 @@ from ptlm_engine import functional
 from ptlm_engine.config import PrefixConfig
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype
+from ptlm_engine.layers.positions import position_rule
 
 LAYER_NAME = "ptlm_prefix"               # the PrefixTuning module's attribute on the model root
 ORIGINAL_IMPLEMENTATIONS = ("sdpa", "eager")
 _IMPLEMENTATION = "ptlm_prefix_{}"        # the registered attention / mask function replacing each original
 _ENTRY = "_ptlm_prefix_attention"         # in an attention module's __dict__: (PrefixTuning, layer index)
 _LAYOUT = "_ptlm_mask_layout"             # on a mask tensor our mask function made: its MaskLayout
-# How an architecture numbers its tokens where the caller gives no position ids, by config.model_type, where it
-# is not HF's usual arange after the cached tokens (PEFT's prefix, a cache of P entries, shifts them as such):
-# "padding_idx": fairseq's numbering from pad_token_id + 1 over the non-pad tokens (RoBERTa family);
-# "attention_mask": the running count of the attention mask's ones, from 0 (OPT).
-DEFAULT_POSITIONS: dict[str, str] = {
-    **dict.fromkeys(["roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm",
-                     "data2vec-text"], "padding_idx"),
-    "opt": "attention_mask",
-}
 
 
 # -------------------------------------------------------------------------------------------------- geometry
@@ -318,9 +310,8 @@ class PrefixTuning(AdapterLayer):
         n, length = inputs.shape[:2]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        rule = DEFAULT_POSITIONS.get(getattr(self._model_config, "model_type", None))
-        pad = getattr(self._model_config, "pad_token_id", None)
-        if rule == "padding_idx" and pad is not None:
+        rule, pad = position_rule(self._model_config)
+        if rule == "padding_idx":
             if ids is None:     # from embeddings the model can tell neither pads nor the cache: it ignores both
                 return torch.arange(pad + 1, pad + 1 + length, device=inputs.device).unsqueeze(0)
             real = ids.ne(pad).long()
@@ -346,9 +337,10 @@ class PrefixTuning(AdapterLayer):
                 return None
             return [name], None, None, self.encoders[name].num_virtual_tokens
         key = (device, n)
+        self.batch.check_rows(n)                                                   # also on a hit (see check_rows)
         if key not in self._batch_cache:
             here = {slot: name for name, slot in self.batch.adapters.items() if name in self.encoders}
-            slots = self.batch.row_slots(n)                                        # checks the batch size
+            slots = self.batch.row_slots(n)
             names = list(dict.fromkeys(here[s] for s in slots if s in here))
             if not names:
                 found = None

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ptlm_engine.config import PromptConfig
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype
+from ptlm_engine.layers.positions import position_rule
 
 LAYER_NAME = "ptlm_prompt"   # the layer's attribute on the model
 
@@ -255,6 +256,8 @@ class PromptTuning(AdapterLayer):
 
     def _layout_for(self, n: int, device: torch.device) -> _Layout | None:
         key = (device, n, self.active_adapter if self.batch is None else None)
+        if self.batch is not None:
+            self.batch.check_rows(n)                                                # also on a hit (see check_rows)
         if key not in self._layouts:
             row_names = self._row_names(n)
             lengths = {name: p.shape[0] for name, p in self.prompt_embeddings.items()}
@@ -301,11 +304,13 @@ class PromptTuning(AdapterLayer):
             if mask is None:
                 mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
             kw["attention_mask"] = torch.cat([layout.mask.to(mask.dtype), mask], dim=1)
-        if positions is not None or layout.padded:
-            if positions is None:
-                positions = torch.arange(length, device=embeds.device).unsqueeze(0)      # (1, L)
-            first = torch.where(layout.copies_first_token, positions[:, :1], layout.positions)
-            kw["position_ids"] = torch.cat([first, positions + layout.shift], dim=1)      # (n, Qmax + L)
+        if positions is not None:
+            real, virtual = positions + layout.shift, layout.positions                    # (n, L), (n, Qmax)
+        elif layout.padded:
+            real, virtual = self._own_positions(layout, ids, length, embeds.device)
+        if positions is not None or (layout.padded and real is not None):
+            first = torch.where(layout.copies_first_token, real[:, :1], virtual)
+            kw["position_ids"] = torch.cat([first, real], dim=1)                          # (n, Qmax + L)
         types = kw.get("token_type_ids")
         if types is not None:
             first = torch.where(layout.copies_first_token, types[:, :1], 0)
@@ -326,10 +331,37 @@ class PromptTuning(AdapterLayer):
                 mask = torch.ones(layout.mask.shape[0], cached - layout.qmax + length, dtype=torch.long,
                                   device=layout.mask.device)
             kw["attention_mask"] = torch.cat([layout.mask.to(mask.dtype), mask], dim=1)
-        if positions is not None or layout.padded:
-            if positions is None:   # the row's own count: its tokens so far, without the padding
-                positions = torch.arange(length, device=layout.shift.device).unsqueeze(0) + (cached - layout.qmax)
+        if positions is not None:
             kw["position_ids"] = positions + layout.shift
+        elif layout.padded:
+            own = self._own_positions(layout, kw.get("input_ids"), length, layout.shift.device,
+                                      past=cached - layout.qmax)[0]
+            if own is not None:
+                kw["position_ids"] = own
+
+    def _own_positions(self, layout: _Layout, ids: Tensor | None, length: int, device: torch.device,
+                       past: int | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Where a padded layout needs position ids the caller did not give: (real (n, L), virtual (n, Qmax)), each
+        row's as it numbers them alone (its q_i virtual tokens, then its tokens; `past`: the cached tokens beyond
+        the padding, at a decoding step, where only real ones come), by the model's own rule (layers.positions).
+        None where the model's numbering over the padded attention mask already gives them (OPT's running count;
+        RoBERTa's from embeddings at a decoding step, which ignores the cache alone too)."""
+        rule, pad = position_rule(getattr(self._model, "config", None))
+        if rule == "attention_mask" or (rule == "padding_idx" and past is not None and ids is None):
+            return None, None
+        start = 0 if past is None else past
+        real = torch.arange(start, start + length, device=device).unsqueeze(0) + layout.shift        # (n, L)
+        virtual = layout.positions
+        if rule == "padding_idx":
+            # Alone, a row reaches the model as embeddings where virtual tokens are prepended (sequential from
+            # pad + 1), else as its input_ids, numbered over its non-pad tokens after its cache: a row without
+            # virtual tokens at the prefill, every row at a decoding step.
+            real, virtual = real + pad + 1, virtual + pad + 1
+            if ids is not None:
+                kept = ids.ne(pad).long()
+                fairseq = (kept.cumsum(1) + start + layout.shift) * kept + pad
+                real = fairseq if past is not None else torch.where(layout.copies_first_token, fairseq, real)
+        return real, virtual
 
     def extra_repr(self) -> str:
         return f"adapters={ {n: tuple(p.shape) for n, p in self.prompt_embeddings.items()} }, " \

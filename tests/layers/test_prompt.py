@@ -9,6 +9,7 @@ from transformers import DynamicCache, StaticCache
 
 import ptlm_engine as pe
 from ptlm_engine.layers.prompt import LAYER_NAME, PromptTuning, _layout, initial_prompt, text_token_ids
+from tests.helpers import run_alone
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -112,3 +113,94 @@ def test_release_removes_the_hook_and_copies_keep_their_own(tiny):
     ids = torch.randint(0, 128, (1, 4))
     assert twin(input_ids=ids).logits.shape == (1, 7, 128)                           # the copy still prepends
     assert model(input_ids=ids).logits.shape == (1, 4, 128)
+
+
+# ------------------------------------------------------------------------- positions by the model's own rule
+VOCAB = 128
+
+
+def _roberta(decoder=False):
+    from transformers import RobertaConfig, RobertaForCausalLM, RobertaModel
+    config = RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=VOCAB, max_position_embeddings=40, pad_token_id=1, hidden_dropout_prob=0.0,
+                           attention_probs_dropout_prob=0.0, is_decoder=decoder)
+    torch.manual_seed(0)
+    return (RobertaForCausalLM if decoder else RobertaModel)(config).eval()
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                    vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=64,
+                                    dropout=0.0, attention_dropout=0.0, pad_token_id=1)).eval()
+
+
+def _with_prompts(model, prefix=False):
+    """Prompt adapters of 3 and 5 virtual tokens (and a prefix adapter), random values."""
+    pe.add_adapter(model, "p3", pe.PromptConfig(num_virtual_tokens=3))
+    pe.add_adapter(model, "p5", pe.PromptConfig(num_virtual_tokens=5))
+    if prefix:
+        pe.add_adapter(model, "pre", pe.PrefixConfig(num_virtual_tokens=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+def _ids(rows, length=6):
+    return torch.randint(2, VOCAB, (rows, length), generator=torch.Generator().manual_seed(3))   # never pad (1)
+
+
+Q = {"p3": 3, "p5": 5}
+
+
+def test_roberta_rows_of_different_prompt_lengths_get_their_own_positions():
+    """RoBERTa numbers from padding_idx + 1 (from embeddings, which prompt tuning passes: sequentially; from
+    input_ids over the non-pad tokens): a padded mixed layout builds each row's position ids by that rule."""
+    model = _with_prompts(_roberta())
+    mapping = ["p3", "p5", None]
+    ids = _ids(len(mapping))
+    ids[2, 3] = 1                                  # a pad id inside the row without a prompt: fairseq skips it
+    with torch.no_grad():
+        with pe.adapter_batch(model, mapping):
+            mixed = model(input_ids=ids).last_hidden_state
+        for row, name in enumerate(mapping):
+            alone = run_alone(model, name, lambda: model(input_ids=ids[row:row + 1]).last_hidden_state)
+            torch.testing.assert_close(mixed[row, 5 - Q.get(name, 0):], alone[0], msg=f"row {row} ({name})")
+
+
+@pytest.mark.parametrize("kind", ["roberta", "opt"])
+def test_padded_layout_positions_at_prefill_and_decoding_steps_match_each_row_alone(kind):
+    """Left-padded rows (OPT counts the mask's ones; RoBERTa numbers non-pad ids after its cache) of prompt
+    adapters of different lengths, a prefix and no adapter: the prefill and two decoding steps without position
+    ids, each row's logits against the same steps run alone."""
+    model = _with_prompts(_roberta(decoder=True) if kind == "roberta" else _opt(), prefix=True)
+    mapping = ["p3", "p5", "pre", None]
+    ids = _ids(len(mapping))
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([2, 1, 2, 3]):
+        mask[row, :pad], ids[row, :pad] = 0, 1
+    steps = _ids(len(mapping), 2)
+
+    def run(rows):
+        cache = DynamicCache()
+        out = [model(input_ids=ids[rows], attention_mask=mask[rows], cache=cache, use_cache=True).logits]
+        step_mask = mask[rows]
+        for j in range(steps.shape[1]):
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+            out.append(model(input_ids=steps[rows, j:j + 1], attention_mask=step_mask, cache=cache,
+                             use_cache=True).logits)
+        return out
+
+    with torch.no_grad():
+        with pe.adapter_batch(model, mapping):
+            mixed = run(slice(None))
+        for row, name in enumerate(mapping):
+            alone = run_alone(model, name, lambda: run(slice(row, row + 1)))
+            q = Q.get(name, 0)
+            valid = torch.cat([torch.ones(q, dtype=torch.bool), mask[row].bool()])
+            torch.testing.assert_close(mixed[0][row, 5 - q:][valid], alone[0][0, valid], msg=f"row {row} prefill")
+            for j in range(1, len(mixed)):
+                torch.testing.assert_close(mixed[j][row], alone[j][0], msg=f"row {row} ({name}) step {j}")
