@@ -22,12 +22,14 @@ class LoraConfig:
       None: the per-architecture default for the model's `config.model_type` (see inject.DEFAULT_TARGET_MODULES).
     layers_to_transform: only modules in these layer indices: the N of the first ".<name>.N." in a module's
       dotted name, or of the first "<layers_pattern>.N." with layers_pattern (e.g. "blocks"); not with a regex
-      (PEFT rejects that combination too).
+      (PEFT rejects that combination too). A target_modules entry equal to a module's whole dotted name takes it
+      in any layer, as in PEFT.
     layers_pattern: the name(s) of the model's block list, for layers_to_transform.
     bias: which base biases train with the adapter — "none", "all" (every bias of the model), or "lora_only"
       (the biases of the layers that carry this adapter).
-    modules_to_save: names (matched like target_modules) of modules of which the adapter trains and saves a full
-      copy; the original module is kept and used whenever the adapter is not active.
+    modules_to_save: names of modules of which the adapter trains and saves a full copy; the original module is
+      kept and used whenever the adapter is not active. As in PEFT, a name matches every module whose dotted name
+      ends with it, dot or not ("norm" also takes each "input_layernorm").
     rank_pattern / alpha_pattern: {regex: rank} / {regex: alpha} for the modules that differ from r / alpha; a
       module takes the first key that matches the end of its dotted name at a dot (PEFT's get_pattern_key:
       re.match(r"(.*\\.)?(key)$", name)), e.g. {"v_proj": 16, r"layers\\.0\\.self_attn\\.q_proj": 4}.

@@ -108,12 +108,12 @@ def _within_any(name: str, names: list[str]) -> bool:
     return any(re.match(rf"(?:^|.*\.){re.escape(n)}(?:$|\..*)", name) for n in names)
 
 
-def layer_index(name: str, layers_pattern: list[str] | str | None = None) -> int | None:
+def layer_index(name: str, layers_pattern: list[str] | str | None = None, leading: bool = True) -> int | None:
     """The layer index of the module `name` as PEFT finds it for layers_to_transform: the number of the first
-    "<pattern>.N." part, or without a pattern of the first ".<any>.N." part, else (where PEFT finds none) of a
-    leading "<any>.N." (a plain model's own block list, "layers.N.")."""
+    "<pattern>.N." part, or without a pattern of the first ".<any>.N." part, else (where PEFT finds none; not
+    with leading=False) of a leading "<any>.N." (a plain model's own block list, "layers.N.")."""
     if layers_pattern is None:
-        match = re.match(r".*?\.[^.]*\.(\d+)\.", name) or re.match(r"[^.]*\.(\d+)\.", name)
+        match = re.match(r".*?\.[^.]*\.(\d+)\.", name) or (re.match(r"[^.]*\.(\d+)\.", name) if leading else None)
         return None if match is None else int(match.group(1))
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
         match = re.match(rf"(?:|.*?\.)(?:{pattern})\.(\d+)\.", name)
@@ -153,6 +153,8 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if spec == ALL_LINEAR:
             is_head = module is head or name == "lm_head" or name.endswith(".lm_head")
             hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
+        elif isinstance(spec, list) and name in spec:
+            return excluded is None or not _named(name, excluded)     # named whole: in any layer, as in PEFT
         else:
             hit = _named(name, spec)
         return hit and (layers is None or layer_index(name, config.layers_pattern) in layers) \
@@ -203,7 +205,8 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
         return []
     found: list[str] = []
     for name, module in _walk(model):
-        if not name or not _matches_names(name, names) or any(name.startswith(f + ".") for f in found):
+        # PEFT's rule here is a plain suffix (its _set_trainable: "norm" also copies every input_layernorm).
+        if not name or not any(name.endswith(n) for n in names) or any(name.startswith(f + ".") for f in found):
             continue
         if isinstance(module, LoraLinear):
             raise ValueError(f"modules_to_save: {name!r} already carries LoRA adapters")

@@ -13,6 +13,7 @@ from collections.abc import Callable, Container, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ptlm_engine import functional
 from ptlm_engine.ops.lora import triton_enabled
@@ -24,17 +25,35 @@ def free_slot(taken: Iterable[int]) -> int:
     return next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
 
-def _stamp(params: Sequence[Tensor]) -> tuple:
-    """What identifies the values of an adapter's Parameters: the objects, their storage and their version
-    counters (which every in-place write bumps: optimizer steps, copy_, load_state_dict). Weakrefs, so that a
-    replaced Parameter is not kept alive by the pool."""
-    return tuple((weakref.ref(p), p.data_ptr(), p._version) for p in params)
+# Fused optimizers (torch's fused=True AdamW / Adam / SGD, HF Trainer's default adamw_torch_fused, kernels of
+# other libraries) write Parameters without bumping their version counters. So every step of any torch.optim
+# optimizer counts as a write to every Parameter: stamps hold the number of steps taken in this process.
+_optimizer_steps = 0
 
 
-def _same(stamp: tuple | None, params: Sequence[Tensor]) -> bool:
-    # Compared item by item: weakrefs compare their referents with ==, which for tensors is elementwise.
-    return stamp is not None and len(stamp) == len(params) and all(
-        ref() is p and ptr == p.data_ptr() and version == p._version for (ref, ptr, version), p in zip(stamp, params))
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def stamp(params: Sequence[Tensor]) -> tuple:
+    """What identifies the values of Parameters, for caches of what they compute: the objects, their storage,
+    their version counters (which in-place writes bump: copy_ under no_grad, load_state_dict, foreach and
+    for-loop optimizer steps) and the optimizer steps taken (see above). Weakrefs, so that a replaced Parameter
+    is not kept alive by a cache. Writes through `.data` bump nothing and are not seen."""
+    return _optimizer_steps, tuple((weakref.ref(p), p.data_ptr(), p._version) for p in params)
+
+
+def unchanged(kept: tuple | None, params: Sequence[Tensor]) -> bool:
+    """Whether `params` still have the values `kept` (a stamp of them) identified."""
+    if kept is None or kept[0] != _optimizer_steps or len(kept[1]) != len(params):
+        return False
+    # Item by item: weakrefs compare their referents with ==, which for tensors is elementwise.
+    return all(ref() is p and ptr == p.data_ptr() and version == p._version
+               for (ref, ptr, version), p in zip(kept[1], params))
 
 
 class AdapterPool:
@@ -149,28 +168,28 @@ class AdapterPool:
 
     def sync(self, slot: int, params: Sequence[Tensor]) -> None:
         """Copy the adapter in `slot` again if its Parameters changed since the last copy."""
-        if not _same(self._stamps[slot], params):
+        if not unchanged(self._stamps[slot], params):
             self._write(slot, params)
 
     def sync_batch(self, params: Callable[[], list[Tensor]], adapters: dict[int, str],
                    parameters: Callable[[str], Sequence[Tensor]], frozen: object | None = None) -> None:
         """`sync` every adapter of a mixed batch, on the serving path of every layer at every step: one flat
-        stamp of `params()`, all their Parameters (the objects, their storage and version counters), decides
+        stamp of `params()`, all their Parameters (the objects, their storage, version counters and the optimizer steps), decides
         whether any slot needs its own check; only then each adapter (slot -> name in `adapters`) is synced with
         its `parameters(name)`. With 32 LoRA adapters, ~30 us per layer call on the dev CPU against 140-180 us for
         the per-slot checks. `frozen`: AdapterBatch.frozen, a token while the Parameters cannot change; under the
         token of the last check nothing is checked again (the stamp, which keeps the token, is dropped whenever
         the pool's contents change)."""
-        stamp = self._batch_stamp
-        if frozen is not None and stamp is not None and stamp[2] is frozen:
+        kept = self._batch_stamp
+        if frozen is not None and kept is not None and kept[2] is frozen:
             return
         self._check_batch(params(), adapters, parameters, frozen)
 
     def _check_batch(self, params: list[Tensor], adapters: dict[int, str],
                      parameters: Callable[[str], Sequence[Tensor]], frozen: object | None) -> None:
-        state = (*(p._version for p in params), *(p.data_ptr() for p in params))
-        stamp = self._batch_stamp                # holds the Parameters themselves, so `is` compares live objects
-        if stamp is None or stamp[1] != state or not all(map(operator.is_, params, stamp[0])):
+        state = (_optimizer_steps, *(p._version for p in params), *(p.data_ptr() for p in params))
+        kept = self._batch_stamp                 # holds the Parameters themselves, so `is` compares live objects
+        if kept is None or kept[1] != state or not all(map(operator.is_, params, kept[0])):
             for slot, name in adapters.items():
                 self.sync(slot, parameters(name))
         self._batch_stamp = (params, state, frozen)
@@ -183,7 +202,7 @@ class AdapterPool:
                 stacked[slot] = param
             else:                                  # the adapter's own width, the rest of the slot stays zero
                 stacked[(slot, *[slice(None)] * (dim - 1), slice(None, param.shape[dim - 1]))] = param
-        self._stamps[slot] = _stamp(params)
+        self._stamps[slot] = stamp(params)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
@@ -306,13 +325,18 @@ class AdapterBatch:
         return rows.view(-1, *[1] * (len(shape) - 1)).expand(shape)
 
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
-        """For x (..., d_in): (index, segments). index (...) int32 is each token's slot id (its row's);
+        """For x (..., d_in): (index, segments). index (...) int32 is each token's slot id (its row's; a 2-D x
+        of rows·k tokens holds each row's k tokens one after another);
         segments are the tokens grouped by slot (functional.token_segments over num_slots), which the Triton
         kernels need: made once here for all layers rather than sorted again in each one (None where the
         reference runs, which does not group tokens). Both are kept per input shape for the block's lifetime;
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
-        self.check_rows(x.shape[0] if x.dim() >= 2 else 0, tuple(x.shape))   # also on a hit (see check_rows)
+        n = x.shape[0] if x.dim() >= 2 else 0
+        # A 2-D x of k tokens per row is a (rows, k, d) batch flattened row-major (OPT's decoder layer feeds fc1
+        # and fc2 so): row i owns tokens i·k … i·k+k-1, which is how _token_index repeats a row.
+        if not (x.dim() == 2 and n > 0 and n % len(self.names) == 0):
+            self.check_rows(n, tuple(x.shape))                              # also on a hit (see check_rows)
         if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
             return self._token_index(x.device, shape), None
         key = (x.device, shape)

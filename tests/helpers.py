@@ -3,6 +3,7 @@ float64 reference and held to PyTorch's own low-precision error, mixed-batch row
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 
 import pytest
@@ -169,3 +170,20 @@ def assert_base_restored(model, state: dict, hooks: int) -> None:
     assert sorted(model.state_dict()) == sorted(state)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert hook_count(model) == hooks
+
+
+# ------------------------------------------------------------------------------ files written by HF PEFT
+def peft_file(model, config, path, seed=0):
+    """PEFT's model over `model` with `config`, random values in every trainable tensor, saved to `path`."""
+    import peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    theirs.eval()
+    theirs.save_pretrained(path)
+    return theirs

@@ -7,11 +7,12 @@ import zlib
 import peft
 import pytest
 import torch
+from transformers import OPTConfig, OPTForCausalLM
 
 import ptlm_engine as pe
 from ptlm_engine import api, inject
 from ptlm_engine.pool import AdapterPool
-from tests.helpers import needs_triton, run_alone
+from tests.helpers import needs_triton, peft_file, run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
@@ -626,3 +627,27 @@ def test_batch_size_is_checked_again_after_generate_expanded_it(tiny, config):
         model.generate(ids, max_new_tokens=2, num_beams=2, pad_token_id=0)
         with pytest.raises(ValueError, match="adapter_batch maps 2 rows"):
             model(input_ids=_ids(4))
+
+
+def _opt():
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                    vocab_size=128, max_position_embeddings=40, word_embed_proj_dim=64,
+                                    pad_token_id=1, dropout=0.0, attention_dropout=0.0)).eval()
+
+
+def test_mixed_batch_over_a_peft_all_linear_adapter_on_opt(ids, tmp_path, output):
+    """An OPT LoRA file of PEFT's "all-linear" loads and runs alone, but a mixed batch over it fails: OPT's
+    decoder layer flattens the hidden states to (B*T, d) before fc1 / fc2, and the LoRA layer's batch mapping
+    (pool.AdapterBatch.tokens / check_rows) takes dim 0 for the batch ("adapter_batch maps 2 rows, but a layer
+    got input of shape (16, 64)")."""
+    theirs = peft_file(_opt(), peft.LoraConfig(r=4, target_modules="all-linear"), tmp_path)
+    expected = output(theirs, ids)
+    ours = _opt()
+    pe.load_adapter(ours, tmp_path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+    base = output(_opt(), ids)
+    with pe.adapter_batch(ours, ["a", None]), torch.no_grad():
+        mixed = output(ours, ids)
+    torch.testing.assert_close(mixed[0], expected[0])
+    torch.testing.assert_close(mixed[1], base[1])

@@ -6,6 +6,9 @@ Tensor keys, with the adapter name left out (PEFT puts it back on loading):
   base_model.model.<module>.<key>             each state-dict entry of a modules_to_save copy
   base_model.model.<module>.base_layer.bias   bias of a LoRA-wrapped module (bias "all" / "lora_only")
   base_model.model.<module>.bias              bias of any other module (bias "all")
+  base_model.model.<embed_tokens / lm_head>[.base_layer].weight
+                                              a base embedding / head weight: PEFT's save_embedding_layers, which
+                                              loading writes into the model, as PEFT does (not written here)
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
-from ptlm_engine.io.files import Format, TensorMatcher, key, load_copies, saved_copies
+from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, key, load_copies, saved_copies
+from ptlm_engine.layers import ModulesToSave
 
 # PEFT config keys that do not change what a loaded LoRA adapter computes (bookkeeping, initialisation
 # schemes whose result is in the file, fan_in_fan_out which follows the layer type here as in PEFT).
@@ -23,6 +27,9 @@ _INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "rev
                     "inference_mode", "peft_version", "fan_in_fan_out", "init_lora_weights", "loftq_config",
                     "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
                     "qalora_group_size", "ensure_weight_tying"}
+# Module names whose base weights PEFT files with an adapter (its EMBEDDING_LAYER_NAMES: save_embedding_layers,
+# on by default where target_modules names one of them, or where the vocabulary was resized).
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 # init_lora_weights values with which PEFT rewrites W0 at init (and again on load).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda")
 # PEFT config keys read into LoraConfig (PEFT name -> ours).
@@ -48,8 +55,11 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
     tensors.update(saved_copies(model, name, config.modules_to_save))
 
     target_modules = config.target_modules
-    if target_modules is None or target_modules == ALL_LINEAR:
-        target_modules = sorted(p for p, _ in layers)   # what was resolved, as PEFT records "all-linear"
+    if target_modules is None or target_modules == ALL_LINEAR or config.layers_to_transform is not None and any(
+            inject.layer_index(p, config.layers_pattern, leading=False) is None for p, _ in layers):
+        # What was resolved, as PEFT records "all-linear"; also where PEFT would find no layer index in a target's
+        # name (a plain model's top-level block list): a module named whole is taken in any layer.
+        target_modules = sorted(p for p, _ in layers)
     peft_config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
@@ -78,17 +88,18 @@ def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path
           others_saved: Sequence[str] = ()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
     adapter. Loading a bias other than "none" overwrites those base biases, as in PEFT (undone on failure), but
-    not those of the modules a combined adapter's other parts keep copies of (`others_saved`)."""
+    not those of the modules a combined adapter's other parts keep copies of (`others_saved`); so do embedding /
+    LM-head base weights in the file (save_embedding_layers)."""
     targets = inject.find_lora_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     others = inject.find_modules_to_save(model, list(others_saved)) if others_saved else []
-    lora_weights, copies, biases = _match_tensors(model, config, targets, saved, tensors, path, others)
+    lora_weights, copies, base_writes = _match_tensors(model, config, targets, saved, tensors, path, others)
 
     def apply(name: str):
-        old_biases = [(param, param.detach().clone()) for param, _ in biases]
+        old_values = [(param, param.detach().clone()) for param, _ in base_writes]
 
         def undo():
-            for param, value in old_biases:
+            for param, value in old_values:
                 param.copy_(value)
         try:
             for target, (lora_A, lora_B) in lora_weights.items():
@@ -96,7 +107,7 @@ def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path
                 layer.lora_A[name].weight.copy_(lora_A)
                 layer.lora_B[name].weight.copy_(lora_B)
             load_copies(model, name, copies)
-            for param, value in biases:
+            for param, value in base_writes:
                 param.copy_(value)
         except BaseException:
             undo()
@@ -117,19 +128,28 @@ def read_config(raw: dict, file: str) -> LoraConfig:
         raise ValueError(f"{file}: init_lora_weights={init!r} (or loftq_config) rewrites the base weights at "
                          "init, which loading here does not redo; convert the adapter to plain LoRA with PEFT first "
                          "(its path_initial_model_for_weight_conversion)")
-    fields = {ours: raw[peft] for peft, ours in _PEFT_FIELDS.items() if raw.get(peft) is not None}
-    if not fields.get("layers_pattern", True):   # PEFT reads an empty layers_pattern as none
-        del fields["layers_pattern"]
+    if raw.get("ensure_weight_tying") and (raw.get("modules_to_save") or _names_embedding(raw.get("target_modules"))):
+        # PEFT then keeps one trained copy (or one LoRA) for the input embeddings and the tied LM head.
+        raise ValueError(f"{file}: ensure_weight_tying=True with modules_to_save or embedding / LM-head targets "
+                         "(PEFT then shares one copy between tied modules) is not supported here")
+    # PEFT reads an empty list (or layers_pattern "") as none.
+    fields = {ours: raw[peft] for peft, ours in _PEFT_FIELDS.items()
+              if raw.get(peft) is not None and not (peft != "target_modules" and raw[peft] in ([], ""))}
     try:
         return LoraConfig(**fields)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
 
 
+def _names_embedding(target_modules) -> bool:
+    names = [target_modules] if isinstance(target_modules, str) else target_modules or []
+    return any(n.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES for n in names)
+
+
 def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str],
                    tensors: dict[str, Tensor], path, others: list[str]) -> tuple[dict, dict, list]:
     """Pair every file tensor with its place in the model and check its shape, before anything changes:
-    (LoRA weights by target, copy state dicts by modules_to_save name, [(bias Parameter, value)])."""
+    (LoRA weights by target, copy state dicts by modules_to_save name, [(base bias or weight Parameter, value)])."""
     match = TensorMatcher(tensors)
     lora_weights = {}
     for target in targets:
@@ -152,8 +172,28 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
         plain, wrapped = key(module_path, "bias"), key(module_path, "base_layer.bias")
         expected, other = (wrapped, plain) if module_path in targets else (plain, wrapped)
         biases.append((param, match.take(other if other in match.remaining else expected, param.shape)))
+    biases += _embedding_weights(model, match)
     match.check(path, model)
     return lora_weights, copies, biases
+
+
+def _embedding_weights(model: nn.Module, match: TensorMatcher) -> list:
+    """[(base weight Parameter, value)] for the embedding / LM-head base weights the file holds (see the module
+    docstring): under <module>.base_layer.weight where PEFT's LoRA layer wrapped the module, else <module>.weight."""
+    found = []
+    for k in list(match.remaining):
+        path = k.removeprefix(PREFIX).removesuffix(".weight").removesuffix(".base_layer")
+        named = path.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES
+        if not (named and k.startswith(PREFIX) and k.endswith(".weight")):
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue                                   # not a module of this model: reported as unexpected
+        weight = module._parameters.get("weight") if not isinstance(module, ModulesToSave) else None
+        if isinstance(weight, nn.Parameter):
+            found.append((weight, match.take(k, weight.shape)))
+    return found
 
 
 FORMAT = Format("LORA", LoraConfig, read_config, dump, match)

@@ -78,7 +78,8 @@ def read_config(raw: dict, file: str) -> PromptConfig:
     try:
         return PromptConfig(num_virtual_tokens=raw.get("num_virtual_tokens"), init=_FROM_PEFT_INIT[init],
                             init_text=raw.get("prompt_tuning_init_text"),
-                            tokenizer=raw.get("tokenizer_name_or_path"), modules_to_save=raw.get("modules_to_save"))
+                            tokenizer=raw.get("tokenizer_name_or_path"),
+                            modules_to_save=raw.get("modules_to_save") or None)   # PEFT reads [] as none
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from e
 

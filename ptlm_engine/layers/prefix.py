@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -42,6 +41,7 @@ from ptlm_engine.config import PrefixConfig
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype
 from ptlm_engine.layers.positions import position_rule
+from ptlm_engine.pool import stamp, unchanged
 
 LAYER_NAME = "ptlm_prefix"               # the PrefixTuning module's attribute on the model root
 ORIGINAL_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -89,17 +89,6 @@ def prefix_geometry(config) -> PrefixGeometry:
 
 
 # --------------------------------------------------------------------------------------------------- encoder
-def _stamp(params: list[Tensor]) -> tuple:
-    """What identifies the values of Parameters (as pool._stamp): the objects, storage and version counters."""
-    return tuple((weakref.ref(p), p.data_ptr(), p._version) for p in params)
-
-
-def _same(stamp: tuple | None, params: list[Tensor]) -> bool:
-    # Item by item: weakrefs compare their referents with ==, which for tensors is elementwise.
-    return stamp is not None and len(stamp) == len(params) and all(
-        ref() is p and ptr == p.data_ptr() and version == p._version for (ref, ptr, version), p in zip(stamp, params))
-
-
 class PrefixEncoder(nn.Module):
     """One adapter's prefix, as PEFT's PrefixEncoder: `embedding` (P, width) itself, or with projection an
     embedding (P, token_dim) -> Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(..., width).
@@ -139,11 +128,11 @@ class PrefixEncoder(nn.Module):
         """(P, width) in `dtype` without autograd, kept until the Parameters change."""
         params = list(self.parameters())
         kept = self._served.get(dtype)
-        if kept is not None and _same(kept[0], params):
+        if kept is not None and unchanged(kept[0], params):
             return kept[1]
         with torch.inference_mode(False), torch.no_grad():   # kept across calls: no inference tensors
             values = self.values().to(dtype)
-        self._served[dtype] = (_stamp(params), values)
+        self._served[dtype] = (stamp(params), values)
         return values
 
     def __getstate__(self) -> dict:
@@ -366,7 +355,7 @@ class PrefixTuning(AdapterLayer):
         key = ("values", rows.device, n, dtype)
         params = [p for encoder in encoders for p in encoder.parameters()]
         kept = self._batch_cache.get(key)
-        if not trains and kept is not None and _same(kept[0], params):
+        if not trains and kept is not None and unchanged(kept[0], params):
             return kept[1]
         p_max = max(encoder.num_virtual_tokens for encoder in encoders)
         with torch.inference_mode(False):                     # kept across calls when serving
@@ -375,7 +364,7 @@ class PrefixTuning(AdapterLayer):
                 nn.functional.pad(values, (0, 0, 0, p_max - values.shape[0])) for values in each]
             values = torch.stack(stack).index_select(0, rows)                     # (n, P_max, width)
         if not trains:
-            self._batch_cache[key] = (_stamp(params), values)
+            self._batch_cache[key] = (stamp(params), values)
         return values
 
     def __getstate__(self) -> dict:
@@ -475,6 +464,11 @@ def _attention_function(original: str) -> Callable:
         if key.shape[1] != g.num_heads or key.shape[3] != g.head_dim:
             raise ValueError(f"prefix tuning: layer {layer_idx}'s keys have shape {tuple(key.shape)}, but the prefix "
                              f"has {g.num_heads} heads of {g.head_dim} (from the model config)")
+        if torch.is_autocast_enabled(query.device.type):
+            # Under autocast q / k may come out of rotary in float32 while v is in the autocast dtype; the original
+            # implementation's matmuls run in the autocast dtype, and so does the fused op.
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = context.prefix(layer_idx, query.shape[0], query.dtype)
         lengths = context.lengths
         exact = _exact_layout(module, query, key, value, attention_mask, original, kwargs)
@@ -553,15 +547,17 @@ def hooked_attention(model: nn.Module, adding: bool = False) -> list[str]:
 
 
 def _backbone(model: nn.Module, attention: list[str]) -> nn.Module | None:
-    """The innermost module holding every self-attention module whose forward takes position_ids: the one that
-    runs in every pass (OPTForCausalLM calls model.decoder, not its base_model), or None."""
+    """The innermost module holding every self-attention module whose forward takes the tokens (input_ids or
+    inputs_embeds) and position_ids: the one that runs in every pass (OPTForCausalLM calls model.decoder, not
+    its base_model; a one-layer model's decoder layer takes position_ids but not the tokens), or None."""
     parts = [name.split(".") for name in attention]
     common = 0
     while all(len(p) > common and p[common] == parts[0][common] for p in parts):
         common += 1
     for depth in range(common, -1, -1):
         module = model.get_submodule(".".join(parts[0][:depth]))
-        if "position_ids" in inspect.signature(module.forward).parameters:
+        parameters = inspect.signature(module.forward).parameters
+        if "position_ids" in parameters and ("input_ids" in parameters or "inputs_embeds" in parameters):
             return module
     return None
 

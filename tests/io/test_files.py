@@ -2,7 +2,9 @@
 missing and bad files (LoRA files here) that must fail clearly without touching the model, rollback when copying
 fails, the name check, combined adapters (one part directory per method) and saving over the other layout."""
 import json
+import warnings
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -195,3 +197,22 @@ def test_saving_a_combined_adapter_over_a_single_one_loads_the_combined_one(tiny
     torch.testing.assert_close(output(fresh, ids), expected)
     pe.save_adapter(model, "old", path)         # and back: the part directories go
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_saving_keeps_a_peft_adapter_named_like_a_combined_part(tiny, tmp_path, randomize_adapters):
+    """PEFT files a second adapter named "lora" in `dir/lora/` (save_pretrained of a model with "default" and
+    "lora"). Saving one of ours into `dir` (e.g. the default one, loaded and fine-tuned) deletes that other
+    adapter's files: io/__init__.py _clear_other_layout removes every `dir/<peft_type lower>/` as a stale part of
+    a combined adapter, whoever wrote it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+        theirs.add_adapter("lora", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    theirs.save_pretrained(tmp_path)
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    ours = tiny("llama")
+    pe.load_adapter(ours, tmp_path, name="default")
+    randomize_adapters(ours)
+    pe.save_adapter(ours, "default", tmp_path)
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()

@@ -6,9 +6,11 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine import io
+from tests.helpers import peft_file
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -99,3 +101,114 @@ def test_peft_lora_file_whose_init_rewrote_the_base_weights(tiny, tmp_path, ids,
     except ValueError:
         return                                                        # a clear refusal is fine too
     torch.testing.assert_close(output(ours, ids), expected)
+
+
+# ------------------------------------------------------------------- PEFT's own files: what they compute
+
+
+# ------------------------------------------------------------------------------------------ PEFT -> ptlm
+def test_peft_lora_file_with_lm_head_target_loads(tiny, ids, tmp_path, output):
+    """LoRA on lm_head (an nn.Linear, which ptlm wraps too): PEFT's save_pretrained (save_embedding_layers="auto")
+    also writes the base head, `lm_head.base_layer.weight`, and loads it back; ptlm refuses the file as
+    'unexpected base_model.model.lm_head.base_layer.weight'."""
+    theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), tmp_path)
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    expected = output(theirs, ids)
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
+    ours = tiny("llama")
+    pe.load_adapter(ours, tmp_path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+def test_peft_lora_file_with_ensure_weight_tying_loads_or_is_refused_clearly(tiny, ids, tmp_path, output):
+    """GPT-2 (lm_head tied to wte), modules_to_save=["lm_head"], ensure_weight_tying=True: PEFT keeps one trained
+    copy for wte and lm_head (its file lists modules_to_save ["transformer.wte"] and holds both keys).
+    ensure_weight_tying is in io/lora.py's _INERT_PEFT_KEYS, but it changes what the file computes: ptlm refuses
+    the file with "unexpected base_model.model.lm_head.weight", naming neither the field nor the tying."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"], ensure_weight_tying=True)
+    theirs = peft_file(tiny("gpt2"), config, tmp_path)
+    expected = output(theirs, ids)
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("gpt2"), tmp_path), ids), expected)
+    ours = tiny("gpt2")
+    try:
+        pe.load_adapter(ours, tmp_path, name="a")
+    except ValueError as e:                                   # a clear refusal would be acceptable
+        assert "ensure_weight_tying" in str(e), str(e)
+        return
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+@pytest.mark.parametrize("field,value", [("exclude_modules", []), ("modules_to_save", []),
+                                         ("layers_to_transform", [])])
+def test_peft_lora_file_with_an_empty_list_loads(tiny, ids, tmp_path, output, field, value):
+    """PEFT writes an empty list as given (training scripts often default these fields to []) and reads it as
+    "none"; io/lora.py's read_config passes [] through to LoraConfig, which refuses it ("must not be an empty
+    list"), though it already reads an empty layers_pattern as none."""
+    theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], **{field: value}), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == value
+    expected = output(theirs, ids)
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
+    ours = tiny("llama")
+    pe.load_adapter(ours, tmp_path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+def test_peft_modules_to_save_names_match_as_peft_matches_them(tiny, ids, tmp_path, output):
+    """PEFT matches a modules_to_save entry as a plain suffix of the module name (utils/other.py _set_trainable:
+    key.endswith(name)): "norm" on Llama keeps copies of model.norm and of every input_layernorm /
+    post_attention_layernorm, and its file holds all five. ptlm matches at a dot only (inject._matches_names), so
+    it expects model.norm alone and refuses PEFT's file ('unexpected ...input_layernorm.weight')."""
+    theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]),
+                        tmp_path)
+    expected = output(theirs, ids)
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
+    ours = tiny("llama")
+    pe.load_adapter(ours, tmp_path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+def test_peft_layers_to_transform_leaves_exact_target_names_alone(tiny, ids, tmp_path, output):
+    """PEFT applies layers_to_transform only to targets matched as a name suffix; an entry equal to the whole
+    module name targets it whatever its layer (tuners_utils.check_target_module_exists: `key in target_modules`
+    skips the layer check). target_modules ["query", "classifier"] with layers_to_transform [0] on BERT: PEFT
+    puts LoRA on layer 0's query and on the classifier; ptlm (inject.find_lora_targets) drops the classifier,
+    which has no layer index, and refuses the file ('unexpected base_model.model.classifier.lora_A.weight')."""
+    config = peft.LoraConfig(r=4, target_modules=["query", "classifier"], layers_to_transform=[0])
+    theirs = peft_file(tiny("bert_cls"), config, tmp_path)
+    assert "base_model.model.classifier.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    expected = output(theirs, ids)
+    ours = tiny("bert_cls")
+    pe.load_adapter(ours, tmp_path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+# ------------------------------------------------------------------------------------------ ptlm -> PEFT
+class _Blocks(nn.Module):
+    """A plain PyTorch model whose block list is the top-level `layers` (layers.N.proj)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.ModuleDict({"proj": nn.Linear(8, 8)}) for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.layers:
+            x = block["proj"](x)
+        return x
+
+
+def test_layers_to_transform_on_a_top_level_block_list_loads_in_peft(tmp_path, randomize_adapters):
+    """inject.layer_index reads "layers.1.proj" as layer 1 where PEFT finds no layer index (its pattern needs a
+    segment before the block list), and save_adapter writes target_modules ["proj"] + layers_to_transform [1]
+    as given: PeftModel.from_pretrained on the same model raises "Target modules {'proj'} not found". The file
+    should name what was resolved (as it does for "all-linear"), which PEFT matches exactly."""
+    ours = _Blocks()
+    pe.add_adapter(ours, "a", pe.LoraConfig(r=2, target_modules=["proj"], layers_to_transform=[1]))
+    randomize_adapters(ours)
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ours(x)
+    pe.save_adapter(ours, "a", tmp_path)
+    theirs = peft.PeftModel.from_pretrained(_Blocks(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), expected)
