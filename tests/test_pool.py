@@ -253,3 +253,28 @@ def test_layer_under_autocast_rebuilds_the_pool_in_the_compute_dtype():
             y16 = layer(x)
     assert layer.pool.dtype == torch.bfloat16 and y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=3e-2, atol=3e-2)
+
+
+def test_mixed_batch_serving_after_a_fused_adamw_step_inside_the_block(tiny, ids):
+    """README: 'an optimizer step inside the block is seen at the next one'. With AdamW(fused=True) it is not: the
+    multi-adapter LoRA serving path reads the layer's pool, refreshed only when a Parameter's version counter moved,
+    and fused optimizer kernels do not bump it; the rows are served with the weights from before the step."""
+    model = tiny("llama")
+    for name, seed in (("a", 1), ("b", 2)):
+        pe.add_adapter(model, name, pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        pe.set_active_adapter(model, name)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    ids = torch.cat([ids, ids])
+    with pe.adapter_batch(model, ["a", "b", None, "a"]):
+        with torch.no_grad():
+            model(input_ids=ids)                                  # serving: the pools are filled
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2, fused=True)
+        model(input_ids=ids).logits.square().mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            served = model(input_ids=ids).logits
+        trained = model(input_ids=ids).logits.detach()          # with gradients: the Parameters themselves
+    torch.testing.assert_close(served, trained)

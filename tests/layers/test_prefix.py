@@ -187,3 +187,88 @@ def test_backbone_arguments_positional_or_keyword(tiny):
     torch.testing.assert_close(by_position, by_keyword)
     torch.testing.assert_close(default, by_keyword)
     assert not torch.allclose(default, base)
+
+
+# --------------------------------------------------------------- training: autocast, one layer, fused optimizers
+def test_prefix_tuning_trains_under_cpu_bf16_autocast_like_peft(tiny, ids):
+    """Mixed-precision training (torch.autocast, as Trainer(bf16=True) does) of a Llama prefix adapter: PEFT trains,
+    and so does a LoRA / bottleneck / prompt adapter here. Llama's rotary embedding returns float32 q / k under
+    autocast while v stays bfloat16, and the prefix attention op is handed those mixed dtypes as they are."""
+    ours = tiny("llama")
+    pe.add_adapter(ours, "p", pe.PrefixConfig(num_virtual_tokens=3))
+    theirs = peft.get_peft_model(tiny("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        values = 0.1 * torch.randn(ours.ptlm_prefix.encoders["p"].embedding.weight.shape,
+                                   generator=torch.Generator().manual_seed(0))
+        ours.ptlm_prefix.encoders["p"].embedding.weight.copy_(values)
+        theirs.prompt_encoder["default"].embedding.weight.copy_(values)
+    ours.train(), theirs.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_peft = theirs(input_ids=ids, labels=ids).loss
+        loss = ours(input_ids=ids, labels=ids).loss
+    loss.backward(), loss_peft.backward()
+    torch.testing.assert_close(loss, loss_peft, rtol=2e-2, atol=2e-2)
+    grad, grad_peft = ours.ptlm_prefix.encoders["p"].embedding.weight.grad, \
+        theirs.prompt_encoder["default"].embedding.weight.grad
+    assert grad.dtype == torch.float32
+    assert ((grad - grad_peft).norm() / grad_peft.norm()).item() < 5e-2
+
+
+def _one_layer_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, intermediate_size=64, vocab_size=64)).eval()
+
+
+def test_prefix_tuning_of_a_one_layer_llama_matches_peft():
+    """A one-block decoder: PEFT's prefix changes the outputs and trains; here the prefix is silently ignored (the
+    outputs are the base model's and the loss has no gradient). With a single self-attention module the 'backbone'
+    search picks the decoder layer itself (its forward takes position_ids), whose pre-hook sees no input_ids /
+    inputs_embeds and so never sets the pass's prefix context."""
+    ours, theirs = _one_layer_llama(), peft.get_peft_model(
+        _one_layer_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    pe.add_adapter(ours, "p", pe.PrefixConfig(num_virtual_tokens=3))
+    encoder, encoder_peft = ours.ptlm_prefix.encoders["p"], theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(torch.randn(encoder.embedding.weight.shape,
+                                                   generator=torch.Generator().manual_seed(0)))
+        encoder_peft.embedding.weight.copy_(encoder.embedding.weight)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    ours.train(), theirs.train()
+    loss, loss_peft = ours(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, loss_peft)
+    loss.backward(), loss_peft.backward()
+    torch.testing.assert_close(encoder.embedding.weight.grad, encoder_peft.embedding.weight.grad)
+
+
+def _eval_loss(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).loss
+
+
+def test_trainer_default_fused_adamw_then_evaluate_sees_the_trained_prefix(tiny, tmp_path):
+    """HF Trainer's default optimizer (adamw_torch_fused) trains a prefix adapter with projection; evaluate()
+    afterwards must score the trained prefix. torch's fused optimizer kernels update the Parameters without
+    bumping their version counters, and PrefixEncoder.served keeps its MLP output keyed on (object, data_ptr,
+    _version) stamps, so evaluation keeps serving the prefix computed before training (pool.AdapterPool's stamps
+    for mixed-batch / half-precision serving have the same blind spot)."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+    model = tiny("llama")
+    pe.add_adapter(model, "p", pe.PrefixConfig(num_virtual_tokens=4, projection=True))
+    data = torch.randint(0, 128, (4, 8), generator=torch.Generator().manual_seed(3))
+    rows = [{"input_ids": row, "labels": row} for row in data]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=4,
+                             max_steps=4, learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    assert "fused" in str(args.optim).lower()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    fresh = _eval_loss(copy.deepcopy(model), data).item()    # a copy computes its prefix again
+    assert abs(fresh - before) > 1e-3                        # training did change the prefix
+    assert after == pytest.approx(fresh, rel=1e-5)
