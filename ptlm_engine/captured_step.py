@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ptlm_engine.pool import note_parameter_writes
+
 
 def _output_loss(output) -> Tensor:
     """A transformers output's loss (attribute or key), or the output itself when it is the loss."""
@@ -175,6 +177,7 @@ class CapturedTrainStep:
         if self.graph is None:
             return self._eager_step()
         self.graph.replay()
+        note_parameter_writes()              # the replayed optimizer step runs no hook and bumps no version counter
         return self.loss.clone()             # the graph's loss is overwritten by the next replay
 
 

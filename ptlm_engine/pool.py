@@ -31,12 +31,14 @@ def free_slot(taken: Iterable[int]) -> int:
 _optimizer_steps = 0
 
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
+def note_parameter_writes() -> None:
+    """Count a write to Parameters that their version counters do not show (a fused optimizer step, a CUDA graph
+    replaying one): every stamp taken before it is stale."""
     global _optimizer_steps
     _optimizer_steps += 1
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+register_optimizer_step_post_hook(lambda optimizer, args, kwargs: note_parameter_writes())
 
 
 def stamp(params: Sequence[Tensor]) -> tuple:

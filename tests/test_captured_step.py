@@ -256,3 +256,33 @@ def test_eager_captured_step_ignores_gradients_left_before_it(monkeypatch):
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         if p.requires_grad:
             assert torch.equal(p, q), name
+
+
+def test_serving_after_a_replay_sees_the_parameters_it_wrote(tiny, ids):
+    """A replay writes the trainable Parameters from the graph: no optimizer hook runs and no version counter
+    moves, so the step itself tells the serving copies (the adapters' pools) that they are stale. A stand-in graph
+    writes the Parameters as a replayed optimizer step does."""
+    model = tiny("llama")
+    for name in ("a", "b"):
+        pe.add_adapter(model, name, pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pe.set_active_adapter(model, "a")
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = {"input_ids": ids, "labels": ids}
+    step = pe.capture_train_step(model, torch.optim.SGD(params, lr=0.1), batch, graph=False)
+
+    class Replay:
+        def replay(self):
+            for p in params:
+                p.data.add_(0.5)                     # through .data: as a graph, no version counter moves
+    step.graph, step.loss = Replay(), torch.zeros(())
+
+    def served():
+        with torch.no_grad(), pe.adapter_batch(model, ["a", "b"]):
+            return model(input_ids=ids).logits
+    before = served()
+    step(batch)
+    after = served()
+    with pe.adapter_batch(model, ["a", "b"]):        # with gradients: the Parameters themselves, stacked
+        expected = model(input_ids=ids).logits.detach()
+    torch.testing.assert_close(after, expected)
+    assert not torch.allclose(after, before)
