@@ -40,7 +40,7 @@ if [ "$tests_s" -gt 0 ]; then
     groups=("tests/kernels/test_lora_multi.py tests/kernels/test_lora.py -k dependent"
             "tests/test_captured_step.py tests/test_adapter_batch.py -k captured_step|learning_rate|mixed_batch_step|remap"
             "$lora_files -k $first_lora"
-            "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/test_*.py tests/kernels/test_bottleneck.py"
+            "$(ls tests/kernels/test_{rms_norm,silu_mul,rotary,cross_entropy}.py 2>/dev/null | tr '\n' ' ') tests/kernels/test_prefix_attention.py tests/kernels/test_bottleneck_multi.py tests/ops tests/layers tests/test_*.py tests/kernels/test_bottleneck.py"
             "$lora_files -k not ($first_lora|dependent)")
     codes=""
     : >"$out/gpu_tests.log"
