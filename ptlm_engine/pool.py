@@ -58,6 +58,16 @@ def unchanged(kept: tuple | None, params: Sequence[Tensor]) -> bool:
                for (ref, ptr, version), p in zip(kept[1], params))
 
 
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-slot floats (scales, ...) for tensors of `dtype`: float32, which the kernels read, or
+    float64 on a float64 model (the reference path), so that a scale such as 1/3 is the layer's own."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scalar(kind: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    return scalar_dtype(dtype) if kind == torch.float32 else kind
+
+
 class AdapterPool:
     """One layer's adapters stacked where one kernel launch reaches all of them: a cache of their Parameters.
 
@@ -93,8 +103,8 @@ class AdapterPool:
             for name, shape in stacked.items():
                 setattr(self, name, torch.zeros(0, *(0 if n is None else n for n in shape), device=device,
                                                 dtype=dtype))
-            for name, scalar_dtype in scalars.items():
-                setattr(self, name, torch.zeros(0, device=device, dtype=scalar_dtype))
+            for name, kind in scalars.items():     # a float32 kind follows the pool's dtype (scalar_dtype)
+                setattr(self, name, torch.zeros(0, device=device, dtype=_scalar(kind, dtype)))
         self._stamps: list[tuple | None] = []        # per slot: the stamp of the Parameters last copied in
         self._batch_stamp: tuple | None = None       # sync_batch's one stamp of a whole batch's Parameters
         self._views: dict = {}                       # count -> slots(count), until the tensors are reallocated
@@ -231,8 +241,8 @@ class AdapterPool:
         same capacity and scalars; every tensor is copied in again by the next `sync` of its slot."""
         for name in self.stacked:
             setattr(self, name, torch.zeros(getattr(self, name).shape, device=device, dtype=dtype))
-        for name in self.scalars:
-            setattr(self, name, getattr(self, name).to(device))
+        for name, kind in self.scalars.items():
+            setattr(self, name, getattr(self, name).to(device=device, dtype=_scalar(kind, dtype)))
         self._stamps = [None] * self.capacity
         self._batch_stamp = None
         self._views = {}

@@ -1,7 +1,8 @@
 """Plain-PyTorch definitions of every op: the ground truth for tests, the CPU fallback and a benchmark provider.
 
 Each function here computes exactly what the matching Triton launcher in `ptlm_engine.kernels` computes,
-with no fusion, in the input dtype (tests upcast the inputs to float64 for the ground truth).
+with no fusion; the LoRA ops, like the kernels, accumulate in float32 (float64 on float64 inputs) and round
+once to the input dtype (tests upcast the inputs to float64 for the ground truth).
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def lora_shrink(x: Tensor, lora_A: Tensor, scale: float, keep_mask: Tensor | Non
     return scale * (x @ lora_A.float().t())
 
 
+def _wide(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(torch.promote_types(dtype, torch.float32))
+
+
 def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
     """x W0^T + bias: the frozen projection every LoRA op adds to (weight as for lora_linear)."""
     y = x @ (weight if fan_in_fan_out else weight.t())
@@ -30,12 +35,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     """y = x W0^T + bias + scale * dropout(x) A^T B^T.
 
     x (..., d_in); weight (d_out, d_in), or (d_in, d_out) with fan_in_fan_out (GPT-2's Conv1D);
-    lora_A (r, d_in); lora_B (d_out, r), in x's dtype or float32 (master weights: cast to x's dtype here, as
-    the kernels do); keep_mask: the dropout keep mask (same shape as x) or None.
+    lora_A (r, d_in); lora_B (d_out, r), in x's dtype or float32 (master weights): as the kernels, A is read in
+    x's dtype, B as it is, and x A^T stays in float32; keep_mask: the dropout keep mask (same shape as x) or None.
     """
+    dtype = x.dtype
+    x = _wide(x, dtype)
     x_lora = x if keep_mask is None else x * keep_mask / (1.0 - dropout)
-    lora = (x_lora @ lora_A.to(x.dtype).t()) @ lora_B.to(x.dtype).t()
-    return _base_linear(x, weight, bias, fan_in_fan_out) + scale * lora
+    lora = (x_lora @ _wide(lora_A.to(dtype), dtype).t()) @ _wide(lora_B, dtype).t()
+    return (_base_linear(x, _wide(weight, dtype), _wide(bias, dtype), fan_in_fan_out) + scale * lora).to(dtype)
 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -48,7 +55,9 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone; dropouts (S,)
     per-slot LoRA dropout with keep_mask (T, d_in) its keep mask, or None.
     """
-    y = _base_linear(x, weight, bias, fan_in_fan_out)
+    dtype = x.dtype
+    x = _wide(x, dtype)
+    y = _base_linear(x, _wide(weight, dtype), _wide(bias, dtype), fan_in_fan_out)
     has = adapter_index >= 0
     slot = adapter_index.clamp_min(0).long()
     coef = scales[slot] * has                                                                      # (T,)
@@ -56,15 +65,17 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     if keep_mask is not None:
         x_lora = x * keep_mask
         coef = coef / (1.0 - dropouts[slot])
-    xa = torch.einsum("ti,tri->tr", x_lora, lora_A[slot]) * coef.to(x.dtype)[:, None]             # (T, r_max)
-    return y + torch.einsum("tr,tor->to", xa, lora_B[slot])
+    xa = torch.einsum("ti,tri->tr", x_lora, _wide(lora_A[slot].to(dtype), dtype)) * coef.to(x.dtype)[:, None]
+    return (y + torch.einsum("tr,tor->to", xa, _wide(lora_B[slot], dtype))).to(dtype)
 
 
 def _members(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],
              fan_in_fan_out: bool, with_adapter) -> list[Tensor]:
     """Each member's output of a grouped op: with_adapter(g), or the base projection where lora_As[g] is None."""
-    return [_base_linear(x, w, b, fan_in_fan_out) if a is None else with_adapter(g)
-            for g, (w, b, a) in enumerate(zip(weights, biases, lora_As))]
+    def base(g):
+        wide = [_wide(t, x.dtype) for t in (x, weights[g], biases[g])]
+        return _base_linear(*wide, fan_in_fan_out).to(x.dtype)
+    return [base(g) if a is None else with_adapter(g) for g, a in enumerate(lora_As)]
 
 
 def lora_linear_grouped(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],

@@ -651,3 +651,59 @@ def test_mixed_batch_over_a_peft_all_linear_adapter_on_opt(ids, tmp_path, output
         mixed = output(ours, ids)
     torch.testing.assert_close(mixed[0], expected[0])
     torch.testing.assert_close(mixed[1], base[1])
+
+
+# ------------------------------------------------------------------ float64: per-slot scales in float64
+def _maxdiff(a, b) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def _randomize64(model, seed=0, scale=0.1):
+    """Random values, drawn in float64, in every trainable tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------ float64 mixed batches
+@pytest.mark.parametrize("config", [
+    pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"]),                  # scale 1/3
+    pe.LoraConfig(r=3, alpha=3, use_rslora=True, target_modules=["q_proj", "v_proj"]),  # scale sqrt(3)
+    pe.BottleneckConfig(bottleneck=8, scale=0.3),
+], ids=["lora", "lora_rslora", "bottleneck"])
+def test_float64_mixed_batch_row_equals_row_alone(tiny, ids, output, config):
+    """Float64 model: a mixed batch's row must equal that row run alone (README, Mixed batches) to float64
+    precision. Alone, the layer multiplies by the Python-float scale; in the batch the per-slot scales are kept
+    as float32 (LoraLinear.set_batch / BottleneckLayer.set_batch, slot_values(..., torch.float32)), so any scale
+    that float32 cannot represent (1/3, sqrt(3), 0.3) is off by ~3e-8 relative: rows differ by ~5e-8 where float64
+    gives ~1e-16. Tolerance 1e-12 (same ops on the same float64 values otherwise)."""
+    model = tiny("llama").double()
+    pe.add_adapter(model, "a", config)
+    _randomize64(model)
+    with torch.no_grad():
+        alone = output(model, ids)
+        with pe.adapter_batch(model, ["a", "a"]):
+            mixed = output(model, ids)
+    err = _maxdiff(mixed, alone)
+    assert err < 1e-12, f"mixed-batch rows differ from the rows alone by {err:.2e}"
+
+
+def test_float64_mixed_batch_training_matches_alone(tiny, ids, output):
+    """The training path of a float64 mixed batch (adapters stacked on the fly) uses the same float32 per-slot
+    scales: the LoRA gradients of a row-by-row batch must equal those of the adapter alone to float64 precision
+    (relative 1e-10; the float32 scale puts them ~1e-8 off)."""
+    model = tiny("llama").double()
+    pe.add_adapter(model, "a", pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"]))
+    _randomize64(model)
+    model.train()
+    output(model, ids).square().sum().backward()
+    alone = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    with pe.adapter_batch(model, ["a", "a"]):
+        output(model, ids).square().sum().backward()
+    for n, p in model.named_parameters():
+        if n in alone:
+            rel = _maxdiff(p.grad, alone[n]) / alone[n].abs().max().item()
+            assert rel < 1e-10, f"{n}: mixed-batch gradient off by {rel:.2e} (relative)"

@@ -428,3 +428,19 @@ def test_fused_llama_bf16_on_cuda():
     assert rel_err(got[1], want[1]) <= 1e-2
     for name, grad in want[2].items():
         assert rel_err(got[2][name], grad) <= 3e-2, name
+
+
+def test_fused_loss_under_autocast_leaves_float64_head_in_float64(tiny, ids):
+    """fuse_base_ops' fused causal-LM loss under `torch.autocast("cpu", dtype=torch.bfloat16)` on a float64 model:
+    transformers' lm_head is not autocast there (float64 is not eligible), so its loss is
+    cross_entropy(float64 logits .float()), which the fused loss matches to 1.2e-7 outside autocast.
+    base_ops._head_loss casts hidden and the head's weight to bf16 whenever autocast is on, so the loss comes from
+    bf16 logits: ~3e-5 off. Tolerance 2e-6 (a few float32 roundings of a loss of ~5)."""
+    model = tiny("llama").double().train()
+    fused = tiny("llama").double().train()
+    assert pe.fuse_base_ops(fused)["loss"] == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(input_ids=ids, labels=ids).loss
+        got = fused(input_ids=ids, labels=ids).loss
+    err = abs(got.item() - expected.item())
+    assert err < 2e-6, f"fused loss {got.item()!r} vs transformers' {expected.item()!r} (off by {err:.1e})"

@@ -113,6 +113,32 @@ def saved_copies(model: nn.Module, name: str, names: list[str] | None) -> dict[s
             for k, v in wrapper.modules_to_save[name].state_dict().items()}
 
 
+# The modules PEFT's prompt-learning task models add to modules_to_save (PeftModelForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering), whatever the config says.
+TASK_MODULES = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
+                "QUESTION_ANS": ["qa_outputs"]}
+
+
+def task_copies(model: nn.Module, task_type: str, names: list[str] | None) -> tuple[list[str] | None, dict]:
+    """For a prompt-learning file of `task_type`: the modules_to_save to write (`names` and the task's modules
+    PEFT adds, where the model has them) and, by file key, the state dicts of the task's modules the adapter does
+    not copy itself, as they are in the base model: PEFT loads a copy of each from the file, and a copy of the
+    base module computes what the base module does."""
+    added = [n for n in TASK_MODULES.get(task_type, []) if n not in (names or [])]
+    found = [n for n in added if any(path.endswith(n) for path, _ in model.named_modules() if path)]
+    if not found:
+        return names, {}
+    own = set(inject.find_modules_to_save(model, names)) if names else set()
+    tensors = {}
+    for path in inject.find_modules_to_save(model, found):
+        if path in own or any(path.startswith(o + ".") for o in own):
+            continue
+        module = model.get_submodule(path)
+        original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
+        tensors.update({key(path, k): v for k, v in original.state_dict().items()})
+    return [*(names or []), *found], tensors
+
+
 class TensorMatcher:
     """Pairs file tensors with their places in a model before anything changes: `take` pops a key and checks
     its shape, collecting every problem; `check` raises one ValueError listing them all and the unused keys."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import PrefixConfig
-from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, load_copies, saved_copies
+from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, load_copies, saved_copies, task_copies
 from ptlm_engine.layers.prefix import LAYER_NAME, PrefixTuning, find_prefix_targets, prefix_geometry
 
 KEY = "prompt_embeddings"
@@ -41,17 +41,19 @@ def dump(model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, T
     with torch.no_grad():
         tensors = {KEY: encoder.values()}
     copies = saved_copies(model, name, config.modules_to_save)
+    kind = type(model).__name__
+    task = next((task for ending, task in _TASK_TYPES if kind.endswith(ending)), "FEATURE_EXTRACTION")
+    modules_to_save, task_modules = task_copies(model, task, config.modules_to_save)
+    copies.update(task_modules)
     tensors.update({_PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     g = layer.geometry
-    kind = type(model).__name__
     peft_config = {
-        "peft_type": "PREFIX_TUNING", "inference_mode": True, "init_weights": None,
-        "task_type": next((task for ending, task in _TASK_TYPES if kind.endswith(ending)), "FEATURE_EXTRACTION"),
+        "peft_type": "PREFIX_TUNING", "inference_mode": True, "init_weights": None, "task_type": task,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "num_virtual_tokens": config.num_virtual_tokens, "num_layers": g.num_layers, "token_dim": g.token_dim,
         "num_attention_heads": g.num_heads, "num_transformer_submodules": 1,
         "prefix_projection": config.projection, "encoder_hidden_size": config.encoder_hidden_size or g.token_dim,
-        "modules_to_save": config.modules_to_save,
+        "modules_to_save": modules_to_save,
     }
     return tensors, peft_config
 

@@ -19,7 +19,7 @@ from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype, compute_dtype
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
-from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, scalar_dtype, slot_values
 
 LAYER_NAME = "ptlm_bottleneck"   # the layer's attribute name in the module it hooks
 LAYER_NORM_EPS = 1e-5            # of an adapter's own LayerNorm (BottleneckConfig.layer_norm)
@@ -165,7 +165,7 @@ class BottleneckLayer(AdapterLayer):
             self.pool.reserve(batch.num_slots - 1)
         device = self.pool.device
         self.batch_sizes = slot_values(here, self.bottleneck, torch.int32, device)
-        self.batch_scales = slot_values(here, self.scale, torch.float32, device)
+        self.batch_scales = slot_values(here, self.scale, scalar_dtype(self.pool.dtype), device)
         acts = {name: BOTTLENECK_ACT_CODES[act] for name, act in self.act.items()}
         self.batch_acts = slot_values(here, acts, torch.int32, device)
         norms = {self.batch_adapters[slot] in self.layer_norm for slot in self.batch_adapters}

@@ -11,7 +11,7 @@ from ptlm_engine import functional
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.ops.lora import as_dtype
 from ptlm_engine.ops.lora_multi import LoraSlots
-from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, slot_values
+from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, scalar_dtype, slot_values
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -29,7 +29,7 @@ def lora_pool(d_in: int, d_out: int, device: torch.device, dtype: torch.dtype) -
 
 def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """The one dtype the fused op runs in: the autocast dtype inside torch.autocast (what F.linear would use
-    there), else the base weight's dtype.
+    there; not for float64, which autocast does not cast), else the base weight's dtype.
 
     x, the LoRA weights (float32 on a half-precision base) and, under autocast, W0 and the bias are cast to it,
     so the layer returns the dtype the base layer returns, as PEFT's LoRA layer does. PEFT computes the LoRA
@@ -37,8 +37,8 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     Triton kernels keep its r-wide intermediate in float32), and the gradients reach float32 LoRA weights
     through the casts.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
+    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
+        return torch.get_autocast_dtype(x.device.type)     # autocast leaves float64 tensors as they are
     return weight.dtype
 
 
@@ -132,7 +132,7 @@ class LoraLinear(AdapterLayer):
         # lacks the slot's adapter), dropout probabilities for both paths (None when all are 0).
         device = self.weight.device
         self.batch_ranks = slot_values(here, self.r, torch.int32, device)
-        self.batch_scales = slot_values(here, self.scale, torch.float32, device)
+        self.batch_scales = slot_values(here, self.scale, scalar_dtype(self.weight.dtype), device)
         self.batch_dropouts = slot_values(here, self.dropout, torch.float32, device) \
             if any(self.dropout[n] for n in self.batch_adapters.values()) else None
 
@@ -236,23 +236,27 @@ class LoraLinear(AdapterLayer):
         self.set_batch(self.batch)                         # its per-slot tensors to the new device
         return self
 
+    def _merge_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.weight.dtype, torch.float32)        # float32, or float64 on a float64 base
+
     def delta_weight(self, name: str) -> Tensor:
-        """scale · B A in float32, laid out like `weight`."""
-        delta = self.scale[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+        """scale · B A in float32 (float64 on a float64 base), laid out like `weight`."""
+        dtype = self._merge_dtype()
+        delta = self.scale[name] * (self.lora_B[name].weight.to(dtype) @ self.lora_A[name].weight.to(dtype))
         return delta.t() if self.fan_in_fan_out else delta                  # (d_out, d_in) or (d_in, d_out)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
-        """W0 += scale · B A, summed in float32 and rounded once to W0's dtype."""
+        """W0 += scale · B A, summed in float32 (float64 on a float64 base) and rounded once to W0's dtype."""
         if self.merged_adapter is not None:
             raise ValueError(f"adapter {self.merged_adapter!r} is already merged into this layer")
-        self.weight.copy_(self.weight.float() + self.delta_weight(name))
+        self.weight.copy_(self.weight.to(self._merge_dtype()) + self.delta_weight(name))
         self.merged_adapter = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W0 -= scale · B A; in half precision W0 comes back up to one rounding of the merged weight."""
-        self.weight.copy_(self.weight.float() - self.delta_weight(self.merged_adapter))
+        self.weight.copy_(self.weight.to(self._merge_dtype()) - self.delta_weight(self.merged_adapter))
         self.merged_adapter = None
 
     def extra_repr(self) -> str:

@@ -448,6 +448,9 @@ def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+_UNFUSED_OPTIONS = ("softcap", "s_aux")
+
+
 def _attention_function(original: str) -> Callable:
     def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                  attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -464,15 +467,25 @@ def _attention_function(original: str) -> Callable:
         if key.shape[1] != g.num_heads or key.shape[3] != g.head_dim:
             raise ValueError(f"prefix tuning: layer {layer_idx}'s keys have shape {tuple(key.shape)}, but the prefix "
                              f"has {g.num_heads} heads of {g.head_dim} (from the model config)")
-        if torch.is_autocast_enabled(query.device.type):
+        if torch.is_autocast_enabled(query.device.type) and torch.float64 not in (query.dtype, value.dtype):
             # Under autocast q / k may come out of rotary in float32 while v is in the autocast dtype; the original
-            # implementation's matmuls run in the autocast dtype, and so does the fused op.
+            # implementation's matmuls run in the autocast dtype, and so does the fused op (autocast leaves float64
+            # as it is).
             dtype = torch.get_autocast_dtype(query.device.type)
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         prefix_k, prefix_v = context.prefix(layer_idx, query.shape[0], query.dtype)
         lengths = context.lengths
+        window = kwargs.get("sliding_window")
+        if window is not None and prefix_k.shape[2] + key.shape[2] > window:
+            # PEFT's prefix, a cache of P, leaves the window of the later queries; here every query sees it all.
+            raise ValueError(f"prefix tuning: layer {layer_idx} attends within a sliding window of {window} tokens, "
+                             f"shorter than the {prefix_k.shape[2]} virtual + {key.shape[2]} tokens; a prefix "
+                             "works with sliding-window attention only while the window holds the whole sequence")
         exact = _exact_layout(module, query, key, value, attention_mask, original, kwargs)
-        if exact is None or dropout > 0.0 or kwargs.get("output_attentions"):
+        # Options of the attention function the fused op does not have (Gemma2's logit soft-capping, attention
+        # sinks) run the original over [prefix ; keys].
+        unfused = any(kwargs.get(option) is not None for option in _UNFUSED_OPTIONS)
+        if exact is None or unfused or dropout > 0.0 or kwargs.get("output_attentions"):
             return _concatenated(function, module, query, key, value, attention_mask, prefix_k, prefix_v, lengths,
                                  original, {"scaling": scaling, "dropout": dropout, **kwargs})
         causal, padding, key, value = exact

@@ -91,20 +91,23 @@ def text_token_ids(config: PromptConfig, vocab_size: int) -> list[int]:
     return (ids * math.ceil(q / len(ids)))[:q]
 
 
-def initial_prompt(word_embeddings: Tensor, config: PromptConfig) -> Tensor:
-    """(Q, hidden) float32 on word_embeddings' device, as PEFT's PromptEmbedding: "random" N(0, 1) (an
-    nn.Embedding's init), "vocab" the rows of randomly drawn token ids, "text" init_text's token rows. The
-    N(0, 1) values are drawn on the CPU in every mode and before the token ids, as PEFT draws them, so the same
-    seed gives PEFT's values."""
-    q, (vocab_size, hidden) = config.num_virtual_tokens, word_embeddings.shape
+def initial_prompt(embeddings: nn.Module, config: PromptConfig) -> Tensor:
+    """(Q, hidden) float32 on the device of `embeddings` (the model's input embedding module), as PEFT's
+    PromptEmbedding: "random" N(0, 1) (an nn.Embedding's init), "vocab" the embeddings of randomly drawn token
+    ids, "text" those of init_text's tokens: the module's outputs, as PEFT takes them (Gemma's scale its rows by
+    sqrt(hidden)), without autograd. The N(0, 1) values are drawn on the CPU in every mode and before the token
+    ids, as PEFT draws them, so the same seed gives PEFT's values."""
+    weight = embeddings.weight
+    q, (vocab_size, hidden) = config.num_virtual_tokens, weight.shape
     prompt = torch.randn(q, hidden)
     if config.init == "random":
-        return prompt.to(word_embeddings.device)
+        return prompt.to(weight.device)
     if config.init == "vocab":
         ids = torch.randint(0, vocab_size, (q,), dtype=torch.long)
     else:
         ids = torch.tensor(text_token_ids(config, vocab_size), dtype=torch.long)
-    return word_embeddings.detach()[ids.to(word_embeddings.device)].float()
+    with torch.no_grad():
+        return embeddings(ids.to(weight.device)).float()
 
 
 # ------------------------------------------------------------------------------------------- per-row layout
@@ -396,4 +399,4 @@ def attach_prompt(model: nn.Module, path: str, name: str, config: PromptConfig, 
     if layer is None:
         layer = PromptTuning(model).train(model.training)
         setattr(model, path, layer)
-    layer.add_adapter(name, initial_prompt(model.get_input_embeddings().weight, config), slot)
+    layer.add_adapter(name, initial_prompt(model.get_input_embeddings(), config), slot)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear
 from tests.helpers import needs_triton
 
@@ -221,7 +222,8 @@ def test_compiles_without_graph_breaks():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_serving_a_float32_adapter_on_a_half_base_reads_the_pool_copy(dtype, monkeypatch):
     """Without gradients the layer reads the adapter from its pool (already in the compute dtype) rather than
-    casting it at every call; the output matches the cast path's and follows edits of the Parameters."""
+    casting it at every call; the output matches the training path's (which reads the float32 B as it is: one
+    rounding of B apart) and follows edits of the Parameters."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     torch.manual_seed(3)
     base = nn.Linear(24, 40).to(dtype)
@@ -237,7 +239,89 @@ def test_serving_a_float32_adapter_on_a_half_base_reads_the_pool_copy(dtype, mon
             served = layer(x)
         traced = layer(x)                                    # gradients enabled: the casts run in the graph
         assert traced.requires_grad and not served.requires_grad
-        torch.testing.assert_close(served, traced.detach(), rtol=0, atol=0)
+        atol = 2 * torch.finfo(dtype).eps * traced.abs().max().item()           # B's rounding, at the output
+        torch.testing.assert_close(served, traced.detach(), rtol=0, atol=atol)
         with torch.no_grad():
             layer.lora_B["a"].weight.mul_(-2.0)                # an edit the next served call must see
     assert layer.pool.dtype == dtype
+
+
+# ----------------------------------------------------------------------------- float64 models, autocast
+F64_TOL = 1e-12       # float64 computations here are exact to ~1e-15 relative; float32 rounding shows at ~1e-8
+
+
+def _maxdiff(a, b) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def _randomize64(model, seed=0, scale=0.1):
+    """Random values, drawn in float64, in every trainable tensor (LoRA B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------- float64 merge
+def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
+    """A float64 model: merge_adapter must give the unmerged outputs and unmerge must give back W0, both to
+    float64 precision (PEFT's merge computes the delta in the weight's dtype: its merged outputs equal the unmerged
+    ones to ~1e-16 and unmerge restores W0 to ~1e-17). Here merge/unmerge go through float32 (W0.float() +
+    delta in float32), which rounds W0 and the delta to float32: errors of ~1e-8, four orders of magnitude above
+    float64's own. Tolerance 1e-12, far above float64 rounding, far below float32's."""
+    model = tiny("llama").double()
+    pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    _randomize64(model)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    w0 = weight.detach().clone()
+    with torch.no_grad():
+        unmerged = output(model, ids)
+    pe.merge_adapter(model, "a")
+    with torch.no_grad():
+        merged = output(model, ids)
+    pe.unmerge_adapter(model, "a")
+    assert weight.dtype == torch.float64
+    err_out, err_w = _maxdiff(merged, unmerged), _maxdiff(weight, w0)
+    assert err_out < F64_TOL, f"merged outputs differ from unmerged by {err_out:.2e}"
+    assert err_w < F64_TOL, f"unmerge restored W0 only to {err_w:.2e}"
+
+
+def test_unload_merge_float64_matches_exact_merge(tiny):
+    """unload(merge=True) on a float64 model must leave W0 + scale·B·A computed in float64 (what PEFT's
+    merge_and_unload gives), not W0 rounded through float32 (~1e-8 off). Tolerance 1e-12."""
+    model = tiny("llama").double()
+    pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    _randomize64(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    expected = layer.weight.detach() + 2.0 * layer.lora_B["a"].weight.detach() @ layer.lora_A["a"].weight.detach()
+    pe.unload(model, merge=True)
+    got = model.model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.float64
+    err = _maxdiff(got, expected)
+    assert err < F64_TOL, f"merged weight off by {err:.2e}"
+
+
+# ------------------------------------------------------------------------------------- autocast on float64
+@pytest.mark.parametrize("config", [
+    pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+    pe.PrefixConfig(num_virtual_tokens=3),
+    pe.BottleneckConfig(bottleneck=8),
+], ids=["lora", "prefix", "bottleneck"])
+def test_autocast_leaves_float64_model_in_float64(tiny, ids, output, config):
+    """torch.autocast never casts float64 tensors (they are not autocast-eligible): a float64 model runs in float64
+    inside `torch.autocast("cpu", dtype=torch.bfloat16)`, the base model and HF PEFT's LoRA / prefix models alike
+    (same outputs as outside the block, exactly). compute_dtype (layers/lora.py) returns the autocast dtype
+    whenever autocast is on, so LoRA casts x and W0 to bf16 and the next layer crashes on a bf16 / float64 mix, the
+    prefix attention casts q/k/v to bf16 and crashes, and the bottleneck adapter computes in bf16 (~1e-3 off).
+    Expected: the float64 outputs of the same model outside autocast, to 1e-12."""
+    model = tiny("llama").double()
+    pe.add_adapter(model, "a", config)
+    _randomize64(model)
+    with torch.no_grad():
+        expected = output(model, ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = output(model, ids)
+    assert got.dtype == torch.float64
+    err = _maxdiff(got, expected)
+    assert err < F64_TOL, f"under autocast the float64 model's outputs moved by {err:.2e}"

@@ -272,3 +272,69 @@ def test_trainer_default_fused_adamw_then_evaluate_sees_the_trained_prefix(tiny,
     fresh = _eval_loss(copy.deepcopy(model), data).item()    # a copy computes its prefix again
     assert abs(fresh - before) > 1e-3                        # training did change the prefix
     assert after == pytest.approx(fresh, rel=1e-5)
+
+
+# ---------------------------------------------------------------- attention options: sliding window, soft-capping
+def _seeded_prefix_pair(base, tokens=3, task="CAUSAL_LM"):
+    """Our copy of `base` with prefix adapter 'a' (seeded values) and PEFT's with the same embedding."""
+    ours = copy.deepcopy(base)
+    pe.add_adapter(ours, "a", pe.PrefixConfig(num_virtual_tokens=tokens))
+    weight = getattr(ours, LAYER_NAME).encoders["a"].embedding.weight
+    with torch.no_grad():
+        weight.copy_(0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(5)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type=task,
+                                                                                   num_virtual_tokens=tokens))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].embedding.weight.copy_(weight)
+    return ours, theirs
+
+
+def _sliding(kind, window):
+    from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
+    torch.manual_seed(0)
+    shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=128, sliding_window=window)
+    if kind == "mistral":
+        return MistralForCausalLM(MistralConfig(**shape)).eval()
+    return Phi3ForCausalLM(Phi3Config(**shape, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attention_dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "phi3"])
+def test_a_sliding_window_holding_prefix_and_sequence_matches_peft_and_a_shorter_one_is_refused(kind):
+    """Mistral / Phi-3 attend within config.sliding_window (no layer_types). While the window holds the P virtual
+    tokens and the whole sequence the prefix is exact (PEFT's equal); where it does not, PEFT's prefix (a cache of
+    P) leaves the later queries' window, which the fused prefix does not model: a clear error, not other values."""
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    ours, theirs = _seeded_prefix_pair(_sliding(kind, window=10))          # 3 + 7 tokens: the window holds them
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    ours, _ = _seeded_prefix_pair(_sliding(kind, window=9))
+    with torch.no_grad(), pytest.raises(ValueError, match="sliding window of 9 tokens"):
+        ours(input_ids=ids)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gemma2_soft_capped_attention_matches_peft(padded):
+    """Gemma2 passes softcap=attn_logit_softcapping to the attention function, which the fused op does not have:
+    the original runs over [prefix ; keys] instead, capping as PEFT's (q_proj scaled up so that the cap bites)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    base = Gemma2ForCausalLM(Gemma2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=128, head_dim=16, layer_types=["full_attention"] * 2, attn_logit_softcapping=1.0,
+        attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+    ours, theirs = _seeded_prefix_pair(base)
+    ids = torch.randint(2, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :2] = 0
+    with torch.no_grad():
+        y = ours(input_ids=ids, attention_mask=mask).logits
+        y_peft = theirs(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(y[mask.bool()], y_peft[mask.bool()], rtol=1e-5, atol=1e-5)

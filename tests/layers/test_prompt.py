@@ -23,16 +23,17 @@ class WordTokenizer:
 
 
 def test_initial_prompt_modes():
-    weight = torch.randn(50, 6, dtype=torch.float16)
+    embeddings = torch.nn.Embedding.from_pretrained(torch.randn(50, 6, dtype=torch.float16))
+    weight = embeddings.weight
     torch.manual_seed(0)
-    random = initial_prompt(weight, pe.PromptConfig(num_virtual_tokens=300))
+    random = initial_prompt(embeddings, pe.PromptConfig(num_virtual_tokens=300))
     assert random.dtype == torch.float32 and random.shape == (300, 6)
     assert abs(random.std().item() - 1) < 0.1 and abs(random.mean().item()) < 0.1
-    vocab = initial_prompt(weight, pe.PromptConfig(num_virtual_tokens=7, init="vocab"))
+    vocab = initial_prompt(embeddings, pe.PromptConfig(num_virtual_tokens=7, init="vocab"))
     assert all(any(torch.equal(row.half(), w) for w in weight) for row in vocab)
     text = pe.PromptConfig(num_virtual_tokens=7, init="text", init_text="w4 w9", tokenizer=WordTokenizer())
     assert text_token_ids(text, 50) == [1, 4, 9, 1, 4, 9, 1]
-    torch.testing.assert_close(initial_prompt(weight, text), weight[[1, 4, 9, 1, 4, 9, 1]].float())
+    torch.testing.assert_close(initial_prompt(embeddings, text), weight[[1, 4, 9, 1, 4, 9, 1]].float())
     short = pe.PromptConfig(num_virtual_tokens=2, init="text", init_text="w4 w9", tokenizer=WordTokenizer())
     assert text_token_ids(short, 50) == [1, 4]
 
@@ -204,3 +205,27 @@ def test_padded_layout_positions_at_prefill_and_decoding_steps_match_each_row_al
             torch.testing.assert_close(mixed[0][row, 5 - q:][valid], alone[0][0, valid], msg=f"row {row} prefill")
             for j in range(1, len(mixed)):
                 torch.testing.assert_close(mixed[j][row], alone[j][0], msg=f"row {row} ({name}) step {j}")
+
+
+@pytest.mark.parametrize("init", ["vocab", "text"])
+def test_token_initialisation_takes_the_embedding_modules_outputs_as_peft(init):
+    """Gemma's input embeddings scale the rows they look up by sqrt(hidden); PEFT's SAMPLE_VOCAB / TEXT init calls
+    the embedding module, so the same seed gives its values, and virtual tokens as large as real ones."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+    torch.manual_seed(0)
+    base = GemmaForCausalLM(GemmaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=128, vocab_size=128, head_dim=16))
+    ours = copy.deepcopy(base)
+    text = {"init_text": "w4 w9", "tokenizer": WordTokenizer()} if init == "text" else {}
+    torch.manual_seed(7)
+    pe.add_adapter(ours, "a", pe.PromptConfig(num_virtual_tokens=4, init=init, **text))
+    ids = [1, 4, 9, 1] if init == "text" else None
+    embeddings = base.get_input_embeddings()
+    if init == "vocab":
+        torch.manual_seed(7)
+        torch.randn(4, 64)                                          # the N(0, 1) draw comes first, as in PEFT
+        ids = torch.randint(0, 128, (4,)).tolist()
+    with torch.no_grad():
+        expected = embeddings(torch.tensor(ids))
+    torch.testing.assert_close(ours.ptlm_prompt.prompt_embeddings["a"].detach(), expected)
+    assert not torch.allclose(expected, embeddings.weight[ids])     # the module scales its rows
