@@ -7,8 +7,10 @@ AdapterRegistry on the model; per-layer state lives in the layers.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -35,12 +37,27 @@ class AdapterRegistry:
     batch: AdapterBatch | None = None                                         # inside adapter_batch
     disabled: int = 0                    # disable_adapters blocks in progress (nested blocks count each)
     remerge: str | None = None           # the merged adapter the outermost of them took out, to merge back on exit
-    base_requires_grad: list[tuple[nn.Parameter, bool]] = dataclasses.field(default_factory=list)
+    # Each base Parameter's requires_grad before the first adapter, by name (load_state_dict(assign=True) replaces
+    # the Parameter objects).
+    base_requires_grad: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+    def __getstate__(self) -> dict:
+        # A copy of the model inside adapter_batch would keep the block's mapping (and its layers theirs) for good.
+        if self.batch is not None:
+            raise RuntimeError("cannot copy or pickle a model inside adapter_batch: leave the block first")
+        return self.__dict__
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model itself, also when torch.compile has wrapped it (its OptimizedModule keeps it in _orig_mod)."""
-    return getattr(model, "_orig_mod", model)
+    """The model itself, also when torch.compile has wrapped it (its OptimizedModule keeps it in _orig_mod), or
+    DataParallel / DistributedDataParallel (in .module)."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def registry(model: nn.Module) -> AdapterRegistry:
@@ -55,6 +72,9 @@ def _known(reg: AdapterRegistry, name: str) -> None:
         raise ValueError(f"no adapter named {name!r}; the model has {sorted(reg.configs)}")
 
 
+_BATCH_CLAIM = threading.Lock()   # adapter_batch's check and claim of a model's registry, as one step
+
+
 def _not_in_batch(reg: AdapterRegistry | None, what: str) -> None:
     # The layers of a mixed batch hold its mapping and slot layout, which a lifecycle change would invalidate.
     if reg is not None and reg.batch is not None:
@@ -62,8 +82,9 @@ def _not_in_batch(reg: AdapterRegistry | None, what: str) -> None:
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
-    # Adapter names become ModuleDict keys, so they must be valid attribute names there.
-    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+    # Adapter names become ModuleDict / ParameterDict keys, so they must be valid attribute names there.
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name) \
+            or hasattr(nn.ParameterDict(), name):
         raise ValueError(f"adapter name must be a non-empty string without '.' that is not a Module attribute, "
                          f"got {name!r}")
     reg = getattr(model, _REGISTRY, None)
@@ -75,7 +96,16 @@ def check_new_name(model: nn.Module, name: str) -> None:
 def adapter_configs(model: nn.Module) -> dict[str, object]:
     """The adapters on the model, by name (empty when there are none)."""
     reg = getattr(unwrap(model), _REGISTRY, None)
-    return {} if reg is None else dict(reg.configs)
+    return {} if reg is None else {name: _copy_config(config) for name, config in reg.configs.items()}
+
+
+def _copy_config(config):
+    """A copy of an adapter's config (or tuple of them) that changing does not change the adapter; a prompt
+    config's tokenizer object is shared, not copied."""
+    if isinstance(config, tuple):
+        return tuple(_copy_config(part) for part in config)
+    tokenizer = getattr(config, "tokenizer", None)
+    return copy.deepcopy(config, {} if tokenizer is None else {id(tokenizer): tokenizer})
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -104,7 +134,8 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
 
     reg = getattr(model, _REGISTRY, None)
     if reg is None:
-        reg = AdapterRegistry(base_requires_grad=[(p, p.requires_grad) for p in model.parameters()])
+        flags = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        reg = AdapterRegistry(base_requires_grad=flags)
         setattr(model, _REGISTRY, reg)
     slot = free_slot(reg.slots.values())
     with torch.inference_mode(False):      # Parameters, not inference tensors (they train, and the pool stamps them)
@@ -197,7 +228,23 @@ def merge_adapter(model: nn.Module, name: str) -> None:
     if reg.active != name:
         raise ValueError(f"only the active adapter can be merged: {name!r} is not active ({reg.active!r}); "
                          "call set_active_adapter first")
+    _check_untied(model, name)
     _merge(model, reg, name)
+
+
+def _check_untied(model: nn.Module, name: str) -> None:
+    """ValueError where a layer of adapter `name` has a weight another module shares (GPT-2's lm_head and wte):
+    merging into it would change that module too."""
+    owners: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(path)
+    for path, layer in inject.lora_layers(model):
+        shared = [o for o in owners.get(id(layer.weight), []) if o != path]
+        if name in layer.lora_A and shared:
+            raise ValueError(f"adapter {name!r} has a LoRA layer at {path!r}, whose weight {shared} share (tied "
+                             "weights): merging would change them too; keep the adapter unmerged")
 
 
 def _kinds(reg: AdapterRegistry, name: str) -> str:
@@ -253,7 +300,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         reg.disabled -= 1
-        if reg.disabled == 0 and getattr(model, _REGISTRY, None) is reg:   # not unloaded inside
+        if reg.disabled == 0 and not reg.configs:                     # every adapter removed inside
+            delattr(model, _REGISTRY)
+        elif reg.disabled == 0:
             _enable_layers(model, True)
             name, reg.remerge = reg.remerge, None
             if name is not None:
@@ -295,26 +344,26 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
     """
     model = unwrap(model)
     reg = registry(model)
-    _not_in_batch(reg, "open another adapter_batch")
     _check_mapping(model, reg, names)
     layers = [layer for _, layer in inject.adapter_layers(model)]
     batch = AdapterBatch(names, reg.slots, {p.device for p in model.parameters()})
     batch.frozen = object() if static else None
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     own_generate = model.__dict__.get("generate")   # an instance attribute of the user's own, put back on exit
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in layers:
-        for name in batch.adapters:
-            if name in layer.adapter_names():
-                for p in layer.adapter_parameters(name):
-                    p.requires_grad_(True)
-        layer.set_batch(batch)
-    if callable(getattr(model, "generate", None)):
-        model.generate = _expanding(model.generate, batch)
-    reg.batch = batch
+    with _BATCH_CLAIM:                                 # another thread's block is refused from the claim on
+        _not_in_batch(reg, "open another adapter_batch")
+        reg.batch = batch
     try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer in layers:
+            for name in batch.adapters:
+                if name in layer.adapter_names():
+                    for p in layer.adapter_parameters(name):
+                        p.requires_grad_(True)
+            layer.set_batch(batch)
+        if callable(getattr(model, "generate", None)):
+            model.generate = _expanding(model.generate, batch)
         yield model
     finally:
         reg.batch = None
@@ -433,15 +482,17 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Remove every adapter and put all original modules back; returns the (same) model.
+    """Remove every adapter and put all original modules back; returns the model it was given.
 
     merge=False: merged adapters are unmerged first, so the base weights are the base model's again.
     merge=True: the active adapter is merged into the base weights and its modules_to_save copies' values are
     written into the original modules, leaving a plain model that computes what the adapted model did.
     """
-    model = unwrap(model)
+    given, model = model, unwrap(model)
     reg = registry(model)
     _not_in_batch(reg, "unload")
+    if merge and reg.active is not None and reg.merged is None and isinstance(reg.configs[reg.active], LoraConfig):
+        _check_untied(model, reg.active)
     if merge and reg.active is not None and not isinstance(reg.configs[reg.active], LoraConfig):
         raise ValueError(f"unload(merge=True): the active adapter {reg.active!r} is a {_kinds(reg, reg.active)}: "
                          "only LoRA adapters merge into the base weights (unload without merge, or activate a "
@@ -465,10 +516,14 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     _release(model, reg)
     for copied, original in flags:
         copied.requires_grad_(original.requires_grad)
-    return model
+    return given
 
 
 def _release(model: nn.Module, reg: AdapterRegistry) -> None:
-    for p, requires_grad in reg.base_requires_grad:
-        p.requires_grad_(requires_grad)
-    delattr(model, _REGISTRY)
+    """The model has no adapters left: its base Parameters get back their requires_grad, and the registry goes
+    (inside disable_adapters once the outermost block ends: adapters added inside stay disabled until then)."""
+    for n, p in model.named_parameters(remove_duplicate=False):    # tied names each (an unload may untie them)
+        if n in reg.base_requires_grad:
+            p.requires_grad_(reg.base_requires_grad[n])
+    if reg.disabled == 0:
+        delattr(model, _REGISTRY)

@@ -210,6 +210,9 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
             continue
         if isinstance(module, LoraLinear):
             raise ValueError(f"modules_to_save: {name!r} already carries LoRA adapters")
+        if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
+            raise ValueError(f"modules_to_save: {name!r} is an adapter layer ({type(module).__name__}), which the "
+                             "API drives itself; choose a module of the model")
         found.append(name)
     if not found:
         raise ValueError(f"modules_to_save {names!r} matched no module of {type(model).__name__}")

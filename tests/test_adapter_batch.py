@@ -707,3 +707,75 @@ def test_float64_mixed_batch_training_matches_alone(tiny, ids, output):
         if n in alone:
             rel = _maxdiff(p.grad, alone[n]) / alone[n].abs().max().item()
             assert rel < 1e-10, f"{n}: mixed-batch gradient off by {rel:.2e} (relative)"
+
+
+def test_copying_or_pickling_inside_the_block_is_refused(tiny):
+    """A copy taken inside a block would keep the block's mapping (its layers', its generate wrapper's) for good:
+    deepcopy and pickle refuse with a clear error there; outside the block they work."""
+    import pickle
+    model = tiny("llama")
+    pe.add_adapter(model, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    pe.add_adapter(model, "b", pe.LoraConfig(r=4, target_modules=["v_proj"]))
+    with pe.adapter_batch(model, ["a", "b"]):
+        with pytest.raises(RuntimeError, match="inside adapter_batch"):
+            copy.deepcopy(model)
+        with pytest.raises(RuntimeError, match="inside adapter_batch"):
+            pickle.dumps(model)
+    pickle.loads(pickle.dumps(copy.deepcopy(model)))
+
+
+def test_two_threads_opening_adapter_batch_blocks(tiny, ids, output):
+    """adapter_batch checks that no block is open, then sets every layer's mapping, and only then records its
+    batch in the registry (reg.batch): a second thread entering while the first is still setting its layers
+    passes the check, and its exit resets the layers the first one had already set. The first block then runs
+    part of the model without its mapping, silently. (The interleaving is made deterministic by pausing the
+    first thread in one layer's set_batch; a thread switch there is all it takes.) Either the second block is
+    refused, or each block computes its own mapping."""
+    import threading
+
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomize_lora(llama)
+    expected = {}
+    for name in ("a", "b"):
+        pe.set_active_adapter(llama, name)
+        expected[name] = output(llama, ids)
+    pe.set_active_adapter(llama, None)
+
+    layer = llama.model.layers[1].self_attn.v_proj                  # set after the layers before it
+    original = layer.set_batch
+    first_inside, second_done = threading.Event(), threading.Event()
+
+    def paused_set_batch(batch):
+        original(batch)
+        if batch is not None and threading.current_thread().name == "first" and not first_inside.is_set():
+            first_inside.set()
+            second_done.wait(timeout=20)
+
+    layer.set_batch = paused_set_batch
+    results = {}
+
+    def first():
+        with torch.no_grad(), pe.adapter_batch(llama, ["a", "a"]):
+            results["first"] = output(llama, ids)
+
+    def second():
+        first_inside.wait(timeout=20)
+        try:
+            with torch.no_grad(), pe.adapter_batch(llama, ["b", "b"]):
+                results["second"] = output(llama, ids)
+        except ValueError as e:
+            results["second"] = e
+        finally:
+            second_done.set()
+
+    threads = [threading.Thread(target=first, name="first"), threading.Thread(target=second, name="second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    del layer.set_batch
+    torch.testing.assert_close(results["first"], expected["a"])
+    if not isinstance(results["second"], ValueError):
+        torch.testing.assert_close(results["second"], expected["b"])

@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear, ModulesToSave
@@ -358,3 +359,152 @@ def test_gradient_checkpointing_recomputes_the_same_dropout(tiny, monkeypatch, b
     assert plain.keys() == checkpointed.keys() and all(g is not None for g in plain.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------ robustness: names, copies, wrappers
+def _randomize_named(model, seed=0, match=("lora_", "ptlm_", "modules_to_save")):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(k in name for k in match):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def _flags(model):
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["get", "copy", "setdefault"])
+def test_prompt_adapter_name_clashing_with_parameterdict_methods(tiny, ids, output, name):
+    """check_new_name only rejects names that are attributes of nn.ModuleDict, but prompt adapters live in an
+    nn.ParameterDict, whose methods (get, copy, setdefault, fromkeys, popitem) cannot be keys: add_adapter then
+    fails with a KeyError after it created the registry and installed the prompt layer and its hook. Either the
+    name works, or a ValueError comes before anything changes."""
+    llama = tiny("llama")
+    keys = list(llama.state_dict())
+    y0 = output(llama, ids)
+    try:
+        pe.add_adapter(llama, name, pe.PromptConfig(num_virtual_tokens=2))
+    except ValueError:
+        assert not hasattr(llama, "ptlm_adapters") and not hasattr(llama, "ptlm_prompt")
+        assert list(llama.state_dict()) == keys and not llama._forward_pre_hooks
+        torch.testing.assert_close(output(llama, ids), y0)
+    else:
+        assert pe.adapter_configs(llama).keys() == {name} and pe.active_adapter(llama) == name
+
+
+def test_adapter_configs_returns_copies(tiny, ids, output, randomize_adapters, tmp_path):
+    """adapter_configs hands out the registry's own config objects: mutating what it returned changes the
+    model's adapter (what save_adapter writes, which biases set_active_adapter trains)."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    randomize_adapters(llama)
+    y = output(llama, ids)
+    config = pe.adapter_configs(llama)["a"]
+    config.alpha = 800.0
+    config.bias = "all"
+    assert pe.adapter_configs(llama)["a"].alpha == 8 and pe.adapter_configs(llama)["a"].bias == "none"
+    pe.set_active_adapter(llama, "a")
+    assert not any(p.requires_grad for n, p in llama.named_parameters() if n.endswith(".bias"))
+    pe.save_adapter(llama, "a", tmp_path)
+    fresh = tiny("llama")
+    pe.load_adapter(fresh, tmp_path, "a")
+    torch.testing.assert_close(output(fresh, ids), y)
+
+
+def test_unload_after_load_state_dict_assign_restores_base_requires_grad(tiny):
+    """load_state_dict(assign=True) replaces the Parameter objects (the layers are written to follow it); the
+    registry remembers the base's requires_grad flags by Parameter object, so after unload / removing the last
+    adapter the new base Parameters stay frozen instead of getting back the flags they had before the first
+    adapter."""
+    llama = tiny("llama")
+    before = _flags(llama)
+    assert all(before.values())
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    state = {k: v.clone() for k, v in llama.state_dict().items()}
+    llama.load_state_dict(state, strict=True, assign=True)
+    pe.unload(llama)
+    assert _flags(llama) == before
+
+
+def test_merging_into_a_tied_weight_is_refused(tiny, ids, output):
+    """GPT-2's lm_head shares its weight with wte: folding B A into it would change the input embeddings too (the
+    merged model computing something else than the adapted one). merge_adapter and unload(merge=True) refuse it
+    before anything changes."""
+    gpt2 = tiny("gpt2")
+    assert gpt2.lm_head.weight is gpt2.transformer.wte.weight
+    pe.add_adapter(gpt2, "a", pe.LoraConfig(r=4, target_modules=["lm_head"]))
+    _randomize_named(gpt2)
+    y = output(gpt2, ids)
+    with pytest.raises(ValueError, match="tied"):
+        pe.merge_adapter(gpt2, "a")
+    with pytest.raises(ValueError, match="tied"):
+        pe.unload(gpt2, merge=True)
+    torch.testing.assert_close(output(gpt2, ids), y, rtol=0, atol=0)
+
+
+def test_data_parallel_wrapped_model(tiny, ids, output, tmp_path):
+    """Through an nn.DataParallel wrapper (on the CPU it just calls its module) the API sees only torch.compile's
+    _orig_mod, so the adapter's registry lives on the wrapper and the module paths start with "module.": the
+    model itself says it has no adapters, and save_adapter writes keys (base_model.model.module.model...) that
+    neither load_adapter nor PEFT can put into the model."""
+    llama = tiny("llama")
+    wrapped = nn.DataParallel(llama)
+    pe.add_adapter(wrapped, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    _randomize_named(llama)
+    y = output(wrapped, ids)
+    assert list(pe.adapter_configs(llama)) == ["a"]
+    pe.save_adapter(wrapped, "a", tmp_path)
+    fresh = tiny("llama")
+    pe.load_adapter(fresh, tmp_path, "a")
+    torch.testing.assert_close(output(fresh, ids), y)
+
+
+def test_adapters_added_inside_disable_adapters_after_removing_all(tiny, ids, output):
+    """disable_adapters promises that adapters added inside the block are skipped too. Removing the last adapter
+    inside the block deletes the registry (and its count of open blocks), so an adapter added afterwards, still
+    inside the block, runs."""
+    llama = tiny("llama")
+    base = output(llama, ids)
+    pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pe.disable_adapters(llama):
+        pe.remove_adapter(llama, "a")
+        pe.add_adapter(llama, "b", pe.LoraConfig(r=4, target_modules=["v_proj"]))
+        _randomize_named(llama)
+        torch.testing.assert_close(output(llama, ids), base)
+
+
+def test_unload_of_a_compiled_model_returns_it(tiny):
+    """unload's docstring: 'returns the (same) model'. Given a torch.compile'd model (which the API sees
+    through), it returns the inner module instead: `model = pe.unload(model)` drops the compilation."""
+    llama = tiny("llama")
+    compiled = torch.compile(llama, backend="eager")
+    pe.add_adapter(compiled, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert pe.unload(compiled) is compiled
+    assert not any(isinstance(m, LoraLinear) for m in llama.modules())
+
+
+@pytest.mark.parametrize("first,layer", [
+    (pe.PrefixConfig(num_virtual_tokens=2), "ptlm_prefix"),
+    (pe.BottleneckConfig(bottleneck=4, layers_to_transform=0), "ptlm_bottleneck"),
+], ids=["prefix", "bottleneck"])
+def test_modules_to_save_naming_another_adapters_layer(tiny, ids, output, first, layer):
+    """find_modules_to_save promises a ValueError for a match that IS an adapter layer, but checks only LoRA
+    layers for that (others only for containing one): modules_to_save naming a prefix / bottleneck layer (the
+    plain suffix rule also matches "prefix", "bottleneck") wraps that adapter layer in a ModulesToSave. The
+    layer inside is then out of the API's reach: disable_adapters leaves it running, and unload leaves it (its
+    hooks, the switched attention implementation, its state-dict keys) on the model."""
+    llama = tiny("llama")
+    keys = list(llama.state_dict())
+    base = output(llama, ids)
+    pe.add_adapter(llama, "p", first)
+    _randomize_named(llama)
+    try:
+        pe.add_adapter(llama, "a", pe.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=[layer]))
+    except ValueError:
+        pass
+    with pe.disable_adapters(llama):
+        torch.testing.assert_close(output(llama, ids), base)
+    pe.unload(llama)
+    assert list(llama.state_dict()) == keys
+    torch.testing.assert_close(output(llama, ids), base)
