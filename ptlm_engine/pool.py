@@ -108,6 +108,7 @@ class AdapterPool:
         self._stamps: list[tuple | None] = []        # per slot: the stamp of the Parameters last copied in
         self._batch_stamp: tuple | None = None       # sync_batch's one stamp of a whole batch's Parameters
         self._views: dict = {}                       # count -> slots(count), until the tensors are reallocated
+        self._put: dict[int, dict[str, float]] = {}  # per slot: the scalars put (move writes them again, exact)
 
     @property
     def capacity(self) -> int:
@@ -175,6 +176,7 @@ class AdapterPool:
         getattr(self, next(iter(self.scalars)))[slot] = width
         for name, value in scalars.items():
             getattr(self, name)[slot] = value
+        self._put[slot] = dict(scalars)
         self._write(slot, params)
         self._batch_stamp = None
 
@@ -223,6 +225,7 @@ class AdapterPool:
             getattr(self, name)[slot].zero_()
         for name in self.scalars:
             getattr(self, name)[slot] = 0
+        self._put.pop(slot, None)
         self._stamps[slot] = None
         self._batch_stamp = None
 
@@ -243,6 +246,9 @@ class AdapterPool:
             setattr(self, name, torch.zeros(getattr(self, name).shape, device=device, dtype=dtype))
         for name, kind in self.scalars.items():
             setattr(self, name, getattr(self, name).to(device=device, dtype=_scalar(kind, dtype)))
+        for slot, values in self._put.items():      # again from the numbers put: float32 -> float64 stays exact
+            for name, value in values.items():
+                getattr(self, name)[slot] = value
         self._stamps = [None] * self.capacity
         self._batch_stamp = None
         self._views = {}

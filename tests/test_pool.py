@@ -278,3 +278,24 @@ def test_mixed_batch_serving_after_a_fused_adamw_step_inside_the_block(tiny, ids
             served = model(input_ids=ids).logits
         trained = model(input_ids=ids).logits.detach()          # with gradients: the Parameters themselves
     torch.testing.assert_close(served, trained)
+
+
+@pytest.mark.parametrize("config", [pe.BottleneckConfig(bottleneck=4, act="gelu", scale=1 / 3),
+                                    pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"])],
+                         ids=["bottleneck", "lora"])
+def test_a_pool_moved_to_float64_serves_the_exact_scales(tiny, ids, config):
+    """model.double() after adding: the pools move, and their per-slot scales (1/3 is not a float32) are written
+    again from the numbers put, not widened from their float32 copies; served mixed rows equal the rows alone to
+    float64's precision."""
+    model = tiny("llama")
+    pe.add_adapter(model, "a", config)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()),
+                                          dtype=torch.float64))
+        with pe.adapter_batch(model, ["a", "a"]):
+            served = model(input_ids=ids).logits
+        alone = model(input_ids=ids).logits
+    torch.testing.assert_close(served, alone, rtol=1e-12, atol=1e-12)
