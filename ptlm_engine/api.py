@@ -128,9 +128,9 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
     methods = [inject.method_for(part) for part in parts]
     parts = [dataclasses.replace(part) for part in parts]   # our own copies, validated again
     targets = [method.find_targets(model, part) for method, part in zip(methods, parts)]
-    saved = inject.find_modules_to_save(model, _modules_to_save(parts),
-                                        [p for part, paths in zip(parts, targets) if not isinstance(part, LoraConfig)
-                                         for p in paths])
+    # Every part's new layers: a module one part keeps a copy of must hold none of another part's layers.
+    saved = inject.find_modules_to_save(model, _modules_to_save(parts), [p for paths in targets for p in paths])
+    _check_parts_saved(model, parts)
 
     reg = getattr(model, _REGISTRY, None)
     if reg is None:
@@ -156,8 +156,9 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
 
 
 def _parts(config) -> list:
-    """The configs of one adapter: [config], or the list of a task that combines methods (LoRA first: it wraps
-    modules that other methods may hook), with at most one config per method."""
+    """The configs of one adapter: [config], or the list of a task that combines methods, with at most one config
+    per method, in inject.METHODS' order (LoRA first: it wraps modules that other methods may hook; a combined
+    adapter's files load back in the same order)."""
     if not isinstance(config, (list, tuple)):
         return [config]
     if not config:
@@ -166,7 +167,9 @@ def _parts(config) -> list:
     if len(set(kinds)) != len(kinds):
         raise ValueError(f"a combined adapter takes at most one config per method, got "
                          f"{[k.__name__ for k in kinds]}")
-    return sorted(config, key=lambda part: not isinstance(part, LoraConfig))
+    order = list(inject.METHODS)
+    return sorted(config, key=lambda part: next((i for i, kind in enumerate(order) if isinstance(part, kind)),
+                                                len(order)))
 
 
 def _modules_to_save(parts: list) -> list[str] | None:
@@ -245,6 +248,18 @@ def _check_untied(model: nn.Module, name: str) -> None:
         if name in layer.lora_A and shared:
             raise ValueError(f"adapter {name!r} has a LoRA layer at {path!r}, whose weight {shared} share (tied "
                              "weights): merging would change them too; keep the adapter unmerged")
+
+
+def _check_parts_saved(model: nn.Module, parts: list) -> None:
+    """ValueError where one part's modules_to_save lies inside another part's (each part's file holds its own
+    copies: a copy inside another's would be neither's)."""
+    found = [inject.find_modules_to_save(model, getattr(part, "modules_to_save", None)) for part in parts]
+    for i, paths in enumerate(found):
+        for j, others in enumerate(found):
+            inner = next((p for p in paths for o in others if i != j and p.startswith(o + ".")), None)
+            if inner is not None:
+                raise ValueError(f"modules_to_save: {inner!r} (of the {type(parts[i]).__name__} part) lies inside a "
+                                 f"module the {type(parts[j]).__name__} part keeps a copy of; name it in one part")
 
 
 def _kinds(reg: AdapterRegistry, name: str) -> str:

@@ -272,8 +272,10 @@ def _causal_lm_loss():
 
 
 def _plain_head(head) -> bool:
-    """An nn.Linear running its own forward with no hooks: its weight and bias are all the logits are made of."""
-    return isinstance(head, nn.Linear) and not isinstance(head, AdapterLayer) and not hooked(head)
+    """An nn.Linear running nn.Linear's forward (not a subclass's: quantized or scaled heads) with no hooks: its
+    weight and bias are all the logits are made of."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward \
+        and not isinstance(head, AdapterLayer) and not hooked(head)
 
 
 def _fusable_loss(model: nn.Module) -> bool:

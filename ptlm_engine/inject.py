@@ -218,7 +218,7 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
         raise ValueError(f"modules_to_save {names!r} matched no module of {type(model).__name__}")
     layers = [path for path, layer in adapter_layers(model) if not isinstance(layer, ModulesToSave)]
     for path in [*layers, *new_layers]:
-        inside = next((f for f in found if path.startswith(f + ".")), None)
+        inside = next((f for f in found if path.startswith(f + ".") or (path == f and path in new_layers)), None)
         if inside is not None:
             raise ValueError(f"modules_to_save: {inside!r} contains the adapter layer {path!r}, which its "
                              "copies would bypass; choose a module that holds no adapter layer")

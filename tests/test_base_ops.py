@@ -14,6 +14,7 @@ import weakref
 
 import pytest
 import torch
+from torch import nn
 from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
@@ -444,3 +445,58 @@ def test_fused_loss_under_autocast_leaves_float64_head_in_float64(tiny, ids):
         got = fused(input_ids=ids, labels=ids).loss
     err = abs(got.item() - expected.item())
     assert err < 2e-6, f"fused loss {got.item()!r} vs transformers' {expected.item()!r} (off by {err:.1e})"
+
+
+# ----------------------------------------------------------------------- what the fused modules must not drop
+class _ScaledHead(nn.Linear):
+    """An nn.Linear subclass with its own forward (muP / Granite-style output scaling; quantized heads are
+    nn.Linear subclasses whose forward is not F.linear(x, weight, bias) either)."""
+
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _halve_grad_output(module, grad_output):
+    return (grad_output[0] * 0.5,)
+
+
+def _same_training_step(base, **fuse):
+    fused = copy.deepcopy(base)
+    pe.fuse_base_ops(fused, **fuse)
+    want = _step(base)
+    _assert_same_step(_step(fused), want, torch.float32, n_grads=len(want[2]))
+
+
+def test_the_loss_is_not_fused_over_a_head_with_its_own_forward():
+    base = _build(LlamaConfig, LlamaForCausalLM)
+    head = _ScaledHead(SIZES["hidden_size"], SIZES["vocab_size"], bias=False)
+    head.weight = base.lm_head.weight
+    base.lm_head = head
+    _same_training_step(base)
+
+
+@pytest.mark.parametrize("where", ["lm_head", "norm"])
+def test_modules_with_backward_hooks_are_not_fused(where):
+    """A backward hook (gradient scaling, clipping, importance tracking) runs only where the module runs: the fused
+    loss never calls lm_head, a fused norm replaces the module."""
+    base = _build(LlamaConfig, LlamaForCausalLM)
+    (base.lm_head if where == "lm_head" else base.model.norm).register_full_backward_pre_hook(_halve_grad_output)
+    _same_training_step(base, loss=where == "lm_head")
+
+
+def test_unfuse_puts_norms_back_in_the_models_mode_with_the_hooks_registered_meanwhile():
+    """The replaced norms sit outside the module tree while fused (model.eval() does not reach them): unfuse gives
+    them the fused modules' mode, and the hooks registered on those (their dicts: the handles still remove them)."""
+    model = _build(LlamaConfig, LlamaForCausalLM)
+    pe.fuse_base_ops(model)
+    model.eval()
+    calls = []
+    handle = model.model.norm.register_forward_hook(lambda module, args, output: calls.append(1))
+    pe.unfuse_base_ops(model)
+    assert [name for name, m in model.named_modules() if m.training] == []
+    with torch.no_grad():
+        model(input_ids=_ids())
+    handle.remove()
+    with torch.no_grad():
+        model(input_ids=_ids())
+    assert calls == [1]

@@ -10,9 +10,10 @@ import os
 import torch
 from torch import nn
 
-from ptlm_engine import api
+from ptlm_engine import api, inject
 from ptlm_engine.io import bottleneck, lora, prefix, prompt
-from ptlm_engine.io.files import CONFIG_NAME, PREFIX, WEIGHTS_NAME, Format, locate, read_json, read_tensors, write
+from ptlm_engine.io.files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME, Format, locate, read_json, read_tensors,
+                                  with_task_modules, write)
 
 FORMATS: list[Format] = [lora.FORMAT, bottleneck.FORMAT, prefix.FORMAT, prompt.FORMAT]
 
@@ -33,6 +34,8 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     _clear_other_layout(path, [fmt.peft_type.lower() for fmt in written] if isinstance(config, tuple) else None)
     for part, fmt in zip(parts, written):
         tensors, file_config = fmt.dump(model, name, part)
+        if not isinstance(config, tuple):   # a combined adapter's parts load here only (each part's own copies)
+            with_task_modules(model, tensors, file_config)
         write(os.path.join(path, fmt.peft_type.lower()) if isinstance(config, tuple) else path,
               tensors, file_config)
 
@@ -111,8 +114,11 @@ def read_config(path: str | os.PathLike, *, revision: str | None = None, subfold
 def _part_dirs(path: str | os.PathLike) -> list[str]:
     """[path] for one adapter; the subdirectories holding an adapter config for a combined one."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        parts = sorted(os.path.join(path, d) for d in os.listdir(path)
-                       if os.path.isfile(os.path.join(path, d, CONFIG_NAME)))
+        # In the order add_adapter keeps a combined adapter's parts (inject.METHODS'), so a round trip keeps it.
+        methods = list(inject.METHODS)
+        rank = {fmt.peft_type.lower(): methods.index(fmt.config_type) for fmt in FORMATS}
+        parts = [os.path.join(path, d) for d in sorted(os.listdir(path), key=lambda d: (rank.get(d, len(rank)), d))
+                 if os.path.isfile(os.path.join(path, d, CONFIG_NAME))]
         if parts:
             return parts
     return [os.fspath(path)]

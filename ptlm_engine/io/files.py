@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ptlm_engine import inject
-from ptlm_engine.layers import ModulesToSave
+from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -117,26 +117,35 @@ def saved_copies(model: nn.Module, name: str, names: list[str] | None) -> dict[s
 # ...ForTokenClassification, ...ForQuestionAnswering), whatever the config says.
 TASK_MODULES = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"],
                 "QUESTION_ANS": ["qa_outputs"]}
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING")
+PROMPT_LEARNING_PREFIX = "base_model."   # their modules_to_save keys: the model directly under the PeftModel
 
 
-def task_copies(model: nn.Module, task_type: str, names: list[str] | None) -> tuple[list[str] | None, dict]:
-    """For a prompt-learning file of `task_type`: the modules_to_save to write (`names` and the task's modules
-    PEFT adds, where the model has them) and, by file key, the state dicts of the task's modules the adapter does
-    not copy itself, as they are in the base model: PEFT loads a copy of each from the file, and a copy of the
-    base module computes what the base module does."""
-    added = [n for n in TASK_MODULES.get(task_type, []) if n not in (names or [])]
-    found = [n for n in added if any(path.endswith(n) for path, _ in model.named_modules() if path)]
-    if not found:
-        return names, {}
-    own = set(inject.find_modules_to_save(model, names)) if names else set()
-    tensors = {}
-    for path in inject.find_modules_to_save(model, found):
-        if path in own or any(path.startswith(o + ".") for o in own):
-            continue
+def with_task_modules(model: nn.Module, tensors: dict[str, Tensor], config: dict) -> None:
+    """A single prompt-learning adapter's file (tensors and JSON config, completed in place) as PEFT's task model
+    loads it: that model adds the task's modules (TASK_MODULES) to modules_to_save and loads a copy of each from
+    the file, so a module the adapter keeps no copy of is filed with its base values (a copy of the base module
+    computes what it does) and named in modules_to_save."""
+    if config.get("peft_type") not in PROMPT_LEARNING:
+        return
+    names = list(config.get("modules_to_save") or [])
+    added = [n for n in TASK_MODULES.get(config.get("task_type"), []) if n not in names]
+    paths: list[str] = []
+    for path, module in model.named_modules():      # PEFT's plain-suffix match; a match covers what it holds
+        if path and any(path.endswith(n) for n in added) and not any(path.startswith(p + ".") for p in paths):
+            paths.append(path)
+    taken = [n for n in added if any(p.endswith(n) for p in paths)]
+    if not taken:
+        return
+    for path in paths:
         module = model.get_submodule(path)
-        original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
-        tensors.update({key(path, k): v for k, v in original.state_dict().items()})
-    return [*(names or []), *found], tensors
+        if isinstance(module, (ModulesToSave, LoraLinear)):
+            module = module.original_module             # the base module (another adapter's copy or LoRA aside)
+        elif isinstance(module, AdapterLayer):
+            continue
+        for k, v in module.state_dict().items():
+            tensors.setdefault(PROMPT_LEARNING_PREFIX + f"{path}.{k}", v)
+    config["modules_to_save"] = [*names, *taken]
 
 
 class TensorMatcher:

@@ -16,11 +16,10 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import PrefixConfig
-from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, load_copies, saved_copies, task_copies
+from ptlm_engine.io.files import PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, load_copies, saved_copies
 from ptlm_engine.layers.prefix import LAYER_NAME, PrefixTuning, find_prefix_targets, prefix_geometry
 
 KEY = "prompt_embeddings"
-_PROMPT_PREFIX = "base_model."   # PEFT's key prefix of a prompt-learning model's modules_to_save copies
 
 # PEFT config keys that do not change what a loaded prefix computes: bookkeeping, initialisation (its result is
 # in the file), the MLP's width (not in the file), and the geometry, which the tensor's shape is checked against.
@@ -41,11 +40,9 @@ def dump(model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, T
     with torch.no_grad():
         tensors = {KEY: encoder.values()}
     copies = saved_copies(model, name, config.modules_to_save)
+    tensors.update({PROMPT_LEARNING_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     kind = type(model).__name__
     task = next((task for ending, task in _TASK_TYPES if kind.endswith(ending)), "FEATURE_EXTRACTION")
-    modules_to_save, task_modules = task_copies(model, task, config.modules_to_save)
-    copies.update(task_modules)
-    tensors.update({_PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     g = layer.geometry
     peft_config = {
         "peft_type": "PREFIX_TUNING", "inference_mode": True, "init_weights": None, "task_type": task,
@@ -53,7 +50,7 @@ def dump(model: nn.Module, name: str, config: PrefixConfig) -> tuple[dict[str, T
         "num_virtual_tokens": config.num_virtual_tokens, "num_layers": g.num_layers, "token_dim": g.token_dim,
         "num_attention_heads": g.num_heads, "num_transformer_submodules": 1,
         "prefix_projection": config.projection, "encoder_hidden_size": config.encoder_hidden_size or g.token_dim,
-        "modules_to_save": modules_to_save,
+        "modules_to_save": config.modules_to_save,
     }
     return tensors, peft_config
 
@@ -85,8 +82,8 @@ def match(model: nn.Module, config: PrefixConfig, tensors: dict[str, Tensor], pa
     find_prefix_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     width = prefix_geometry(model.config).width
-    matcher = TensorMatcher({PREFIX + k.removeprefix(_PROMPT_PREFIX) if k.startswith(_PROMPT_PREFIX) else k: v
-                             for k, v in tensors.items()})
+    matcher = TensorMatcher({PREFIX + k.removeprefix(PROMPT_LEARNING_PREFIX) if k.startswith(PROMPT_LEARNING_PREFIX)
+                             else k: v for k, v in tensors.items()})
     values = matcher.take(KEY, (config.num_virtual_tokens, width))
     copies = matcher.copies(model, saved)
     matcher.check(path, model)

@@ -22,11 +22,10 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import PromptConfig
-from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, load_copies, saved_copies, task_copies
+from ptlm_engine.io.files import PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, load_copies, saved_copies
 from ptlm_engine.layers import ModulesToSave
 from ptlm_engine.layers.prompt import LAYER_NAME, find_prompt_targets, task_type
 
-PROMPT_PREFIX = "base_model."
 _INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
 _FROM_PEFT_INIT = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "random"}
 # Keys that do not change what a loaded prompt computes (bookkeeping; the model's sizes, checked through the
@@ -44,16 +43,13 @@ def dump(model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, T
     prompt = getattr(model, LAYER_NAME).prompt_embeddings[name]                       # (Q, hidden)
     tensors = {"prompt_embeddings": prompt}
     copies = saved_copies(model, name, config.modules_to_save)
-    task = task_type(model)
-    modules_to_save, task_modules = task_copies(model, task, config.modules_to_save)
-    copies.update(task_modules)
-    tensors.update({PROMPT_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
+    tensors.update({PROMPT_LEARNING_PREFIX + k.removeprefix(PREFIX): v for k, v in copies.items()})
     tokenizer = config.tokenizer if isinstance(config.tokenizer, str) else \
         getattr(config.tokenizer, "name_or_path", None) or None
     init = "random" if config.init == "text" and tokenizer is None else config.init
     model_config = getattr(model, "config", None)
     peft_config = {
-        "peft_type": "PROMPT_TUNING", "task_type": task, "inference_mode": True,
+        "peft_type": "PROMPT_TUNING", "task_type": task_type(model), "inference_mode": True,
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "num_virtual_tokens": config.num_virtual_tokens, "token_dim": prompt.shape[1],
         "num_transformer_submodules": 1,
@@ -61,7 +57,7 @@ def dump(model: nn.Module, name: str, config: PromptConfig) -> tuple[dict[str, T
         "num_layers": getattr(model_config, "num_hidden_layers", None),
         "prompt_tuning_init": _INITS[init], "prompt_tuning_init_text": config.init_text,
         "tokenizer_name_or_path": tokenizer, "tokenizer_kwargs": None,
-        "modules_to_save": modules_to_save,
+        "modules_to_save": config.modules_to_save,
     }
     return tensors, peft_config
 
@@ -99,7 +95,7 @@ def match(model: nn.Module, config: PromptConfig, tensors: dict[str, Tensor], pa
     for target in saved:
         module = model.get_submodule(target)
         original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
-        copies[target] = {k: matcher.take(f"{PROMPT_PREFIX}{target}.{k}", v.shape)
+        copies[target] = {k: matcher.take(f"{PROMPT_LEARNING_PREFIX}{target}.{k}", v.shape)
                           for k, v in original.state_dict().items()}
     matcher.check(path, model)
 

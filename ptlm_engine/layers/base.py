@@ -10,11 +10,11 @@ from torch import nn
 
 
 def hooked(module: nn.Module) -> bool:
-    """Whether calling the module runs more than its class's forward: forward hooks, pre-hooks, or an
-    instance-level forward (accelerate's add_hook_to_module sets one, and `_hf_hook`). Code that computes the
-    module's output itself, or replaces the module, would silently drop them."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                or hasattr(module, "_hf_hook"))
+    """Whether calling the module runs more than its class's forward: forward hooks, pre-hooks, backward hooks,
+    or an instance-level forward (accelerate's add_hook_to_module sets one, and `_hf_hook`). Code that computes
+    the module's output itself, or replaces the module, would silently drop them."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__ or hasattr(module, "_hf_hook"))
 
 
 class AdapterLayer(nn.Module):
