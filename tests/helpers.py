@@ -187,3 +187,17 @@ def peft_file(model, config, path, seed=0):
     theirs.eval()
     theirs.save_pretrained(path)
     return theirs
+
+
+# ------------------------------------------------------------------------------------------ float64 models
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def randomize_trainable64(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Random values, drawn in float64, in every trainable tensor (LoRA B starts at zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))

@@ -12,7 +12,7 @@ from transformers import OPTConfig, OPTForCausalLM
 import ptlm_engine as pe
 from ptlm_engine import api, inject
 from ptlm_engine.pool import AdapterPool
-from tests.helpers import needs_triton, peft_file, run_alone
+from tests.helpers import max_abs_diff, needs_triton, peft_file, randomize_trainable64, run_alone
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),   # PEFT: "fan_in_fan_out ... Conv1D"
@@ -654,20 +654,6 @@ def test_mixed_batch_over_a_peft_all_linear_adapter_on_opt(ids, tmp_path, output
 
 
 # ------------------------------------------------------------------ float64: per-slot scales in float64
-def _maxdiff(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
-
-
-def _randomize64(model, seed=0, scale=0.1):
-    """Random values, drawn in float64, in every trainable tensor."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-
-
-# ------------------------------------------------------------------------------------ float64 mixed batches
 @pytest.mark.parametrize("config", [
     pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"]),                  # scale 1/3
     pe.LoraConfig(r=3, alpha=3, use_rslora=True, target_modules=["q_proj", "v_proj"]),  # scale sqrt(3)
@@ -681,12 +667,12 @@ def test_float64_mixed_batch_row_equals_row_alone(tiny, ids, output, config):
     gives ~1e-16. Tolerance 1e-12 (same ops on the same float64 values otherwise)."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", config)
-    _randomize64(model)
+    randomize_trainable64(model)
     with torch.no_grad():
         alone = output(model, ids)
         with pe.adapter_batch(model, ["a", "a"]):
             mixed = output(model, ids)
-    err = _maxdiff(mixed, alone)
+    err = max_abs_diff(mixed, alone)
     assert err < 1e-12, f"mixed-batch rows differ from the rows alone by {err:.2e}"
 
 
@@ -696,7 +682,7 @@ def test_float64_mixed_batch_training_matches_alone(tiny, ids, output):
     (relative 1e-10; the float32 scale puts them ~1e-8 off)."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"]))
-    _randomize64(model)
+    randomize_trainable64(model)
     model.train()
     output(model, ids).square().sum().backward()
     alone = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -705,7 +691,7 @@ def test_float64_mixed_batch_training_matches_alone(tiny, ids, output):
         output(model, ids).square().sum().backward()
     for n, p in model.named_parameters():
         if n in alone:
-            rel = _maxdiff(p.grad, alone[n]) / alone[n].abs().max().item()
+            rel = max_abs_diff(p.grad, alone[n]) / alone[n].abs().max().item()
             assert rel < 1e-10, f"{n}: mixed-batch gradient off by {rel:.2e} (relative)"
 
 

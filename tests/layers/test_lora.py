@@ -9,7 +9,7 @@ from transformers.pytorch_utils import Conv1D
 
 import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear
-from tests.helpers import needs_triton
+from tests.helpers import max_abs_diff, needs_triton, randomize_trainable64
 
 
 def _layer(kind="linear", bias=True, d_in=24, d_out=40, r=4, seed=0):
@@ -250,19 +250,6 @@ def test_serving_a_float32_adapter_on_a_half_base_reads_the_pool_copy(dtype, mon
 F64_TOL = 1e-12       # float64 computations here are exact to ~1e-15 relative; float32 rounding shows at ~1e-8
 
 
-def _maxdiff(a, b) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
-
-
-def _randomize64(model, seed=0, scale=0.1):
-    """Random values, drawn in float64, in every trainable tensor (LoRA B starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-
-
 # ----------------------------------------------------------------------------------------------- float64 merge
 def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
     """A float64 model: merge_adapter must give the unmerged outputs and unmerge must give back W0, both to
@@ -272,7 +259,7 @@ def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
     float64's own. Tolerance 1e-12, far above float64 rounding, far below float32's."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
-    _randomize64(model)
+    randomize_trainable64(model)
     weight = model.model.layers[0].self_attn.q_proj.weight
     w0 = weight.detach().clone()
     with torch.no_grad():
@@ -282,7 +269,7 @@ def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
         merged = output(model, ids)
     pe.unmerge_adapter(model, "a")
     assert weight.dtype == torch.float64
-    err_out, err_w = _maxdiff(merged, unmerged), _maxdiff(weight, w0)
+    err_out, err_w = max_abs_diff(merged, unmerged), max_abs_diff(weight, w0)
     assert err_out < F64_TOL, f"merged outputs differ from unmerged by {err_out:.2e}"
     assert err_w < F64_TOL, f"unmerge restored W0 only to {err_w:.2e}"
 
@@ -292,13 +279,13 @@ def test_unload_merge_float64_matches_exact_merge(tiny):
     merge_and_unload gives), not W0 rounded through float32 (~1e-8 off). Tolerance 1e-12."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
-    _randomize64(model)
+    randomize_trainable64(model)
     layer = model.model.layers[0].self_attn.q_proj
     expected = layer.weight.detach() + 2.0 * layer.lora_B["a"].weight.detach() @ layer.lora_A["a"].weight.detach()
     pe.unload(model, merge=True)
     got = model.model.layers[0].self_attn.q_proj.weight
     assert got.dtype == torch.float64
-    err = _maxdiff(got, expected)
+    err = max_abs_diff(got, expected)
     assert err < F64_TOL, f"merged weight off by {err:.2e}"
 
 
@@ -317,11 +304,11 @@ def test_autocast_leaves_float64_model_in_float64(tiny, ids, output, config):
     Expected: the float64 outputs of the same model outside autocast, to 1e-12."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", config)
-    _randomize64(model)
+    randomize_trainable64(model)
     with torch.no_grad():
         expected = output(model, ids)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = output(model, ids)
     assert got.dtype == torch.float64
-    err = _maxdiff(got, expected)
+    err = max_abs_diff(got, expected)
     assert err < F64_TOL, f"under autocast the float64 model's outputs moved by {err:.2e}"
