@@ -458,6 +458,11 @@ def _expanding(generate, batch: AdapterBatch):
     adapters' Parameters do not change (each layer checks its pool once per call: AdapterBatch.frozen)."""
     @functools.wraps(generate)
     def generate_mixed(*args, **kwargs):
+        # Only generate's own repeats (beams, sequences) may multiply the rows: its input has one row per name.
+        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != len(batch.names):
+            raise ValueError(f"adapter_batch maps {len(batch.names)} rows, but generate got a batch of "
+                             f"{inputs.shape[0]}: its batch size (dim 0) must equal the number of names")
         frozen = batch.frozen                              # a static block's token holds for its whole lifetime
         batch.expanding, batch.frozen = True, object() if frozen is None else frozen
         try:

@@ -7,7 +7,7 @@ import zlib
 import peft
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import CompileConfig, OPTConfig, OPTForCausalLM
 
 import ptlm_engine as pe
 from ptlm_engine import api, inject
@@ -765,3 +765,66 @@ def test_two_threads_opening_adapter_batch_blocks(tiny, ids, output):
     torch.testing.assert_close(results["first"], expected["a"])
     if not isinstance(results["second"], ValueError):
         torch.testing.assert_close(results["second"], expected["b"])
+
+
+# ------------------------------------------------------------------------- generate: batch size, compiled prefix
+GEN_KW = dict(max_new_tokens=3, min_new_tokens=3, pad_token_id=0, do_sample=False)
+
+
+def _gen_model(tiny, configs):
+    model = tiny("llama")
+    for name, config in configs.items():
+        pe.add_adapter(model, name, config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "ptlm_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _aot_compile_config():
+    config = CompileConfig(backend="aot_eager", fullgraph=True, mode=None)
+    config._compile_all_devices = True                # generate compiles on CUDA only by default
+    return config
+
+
+GEN_CONFIGS = {
+    "lora": lambda: {"a": pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                     "b": pe.LoraConfig(r=8, alpha=8, target_modules=["q_proj", "v_proj"])},
+    "prefix": lambda: {"a": pe.PrefixConfig(num_virtual_tokens=3), "b": pe.PrefixConfig(num_virtual_tokens=5)},
+    "prompt": lambda: {"a": pe.PromptConfig(num_virtual_tokens=3), "b": pe.PromptConfig(num_virtual_tokens=5)},
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+def test_generate_in_a_block_refuses_an_input_batch_of_another_size(tiny, method):
+    """The block maps 2 rows; generate given 4 input rows (not beams / num_return_sequences: the user's own batch)
+    is refused, as a plain forward of 4 rows is (it ran rows 0-1 with 'a' and rows 2-3 with the base model)."""
+    model = _gen_model(tiny, GEN_CONFIGS[method]())
+    with torch.no_grad(), pe.adapter_batch(model, ["a", None]):
+        model.generate(_ids(2, 5), **GEN_KW)                                      # the mapped size: fine
+        with pytest.raises(ValueError, match="adapter_batch maps 2 rows"):
+            model(input_ids=_ids(4, 5))                                       # a forward refuses 4 rows ...
+        with pytest.raises(ValueError, match="adapter_batch maps 2 rows"):
+            model.generate(_ids(4, 5), **GEN_KW)                                  # ... so must generate
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
+def test_prefix_generate_with_static_cache_and_compiled_forward(tiny, mixed):
+    """generate(cache_implementation="static", compile_config=CompileConfig(fullgraph=True)) gives eager's tokens
+    with a prefix adapter, alone and in a block: the prefix's kept values are computed in the graph when traced (a
+    trace cannot compare the stamps' data pointers)."""
+    model = _gen_model(tiny, GEN_CONFIGS["prefix"]())
+    ids = _ids(4, 5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        if mixed:
+            with pe.adapter_batch(model, ["a", "b", None, "a"]):
+                eager = model.generate(ids, **GEN_KW)
+                static = model.generate(ids, cache_implementation="static", compile_config=_aot_compile_config(),
+                                        **GEN_KW)
+        else:
+            eager = model.generate(ids, **GEN_KW)
+            static = model.generate(ids, cache_implementation="static", compile_config=_aot_compile_config(), **GEN_KW)
+    torch.testing.assert_close(static, eager, rtol=0, atol=0)

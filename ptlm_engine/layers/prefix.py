@@ -125,7 +125,10 @@ class PrefixEncoder(nn.Module):
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
 
     def served(self, dtype: torch.dtype) -> Tensor:
-        """(P, width) in `dtype` without autograd, kept until the Parameters change."""
+        """(P, width) in `dtype` without autograd, kept until the Parameters change (computed in the graph when
+        traced: a trace cannot check the stamps)."""
+        if torch.compiler.is_compiling():
+            return self.values().detach().to(dtype)
         params = list(self.parameters())
         kept = self._served.get(dtype)
         if kept is not None and unchanged(kept[0], params):
@@ -351,7 +354,7 @@ class PrefixTuning(AdapterLayer):
         """(n, P_max, width): row b's adapter's values, zero-padded to the longest P (zeros for rows without
         one). With gradients it is built in the graph (each adapter gets its own rows' gradient); serving keeps
         it for the batch until a Parameter changes."""
-        trains = any(encoder.trains() for encoder in encoders)
+        trains = any(encoder.trains() for encoder in encoders) or torch.compiler.is_compiling()   # in the graph
         key = ("values", rows.device, n, dtype)
         params = [p for encoder in encoders for p in encoder.parameters()]
         kept = self._batch_cache.get(key)
