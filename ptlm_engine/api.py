@@ -525,9 +525,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
             if reg.active in wrapper.modules_to_save:
                 # The copy itself takes the module's place (as PEFT's merge_and_unload): writing its values into
                 # the original would also change whatever shares its Parameters (GPT-2's tied wte / lm_head).
-                copy, original = wrapper.modules_to_save[reg.active], wrapper.original_module
-                flags += zip(copy.parameters(), original.parameters())
-                wrapper.replace_original(copy)
+                kept, original = wrapper.modules_to_save[reg.active], wrapper.original_module
+                flags += zip(kept.parameters(), original.parameters())
+                wrapper.replace_original(kept)
     elif reg.merged is not None:
         _unmerge(model, reg)
     inject.unlink_projection_groups(model)

@@ -27,15 +27,15 @@ def free_slot(taken: Iterable[int]) -> int:
 
 # Fused optimizers (torch's fused=True AdamW / Adam / SGD, HF Trainer's default adamw_torch_fused, kernels of
 # other libraries) write Parameters without bumping their version counters. So every step of any torch.optim
-# optimizer counts as a write to every Parameter: stamps hold the number of steps taken in this process.
-_optimizer_steps = 0
+# optimizer counts as a write to every Parameter: stamps hold the number of such writes in this process.
+_parameter_writes = 0
 
 
 def note_parameter_writes() -> None:
     """Count a write to Parameters that their version counters do not show (a fused optimizer step, a CUDA graph
     replaying one): every stamp taken before it is stale."""
-    global _optimizer_steps
-    _optimizer_steps += 1
+    global _parameter_writes
+    _parameter_writes += 1
 
 
 register_optimizer_step_post_hook(lambda optimizer, args, kwargs: note_parameter_writes())
@@ -44,14 +44,14 @@ register_optimizer_step_post_hook(lambda optimizer, args, kwargs: note_parameter
 def stamp(params: Sequence[Tensor]) -> tuple:
     """What identifies the values of Parameters, for caches of what they compute: the objects, their storage,
     their version counters (which in-place writes bump: copy_ under no_grad, load_state_dict, foreach and
-    for-loop optimizer steps) and the optimizer steps taken (see above). Weakrefs, so that a replaced Parameter
-    is not kept alive by a cache. Writes through `.data` bump nothing and are not seen."""
-    return _optimizer_steps, tuple((weakref.ref(p), p.data_ptr(), p._version) for p in params)
+    for-loop optimizer steps) and the writes counted above (optimizer steps, replays). Weakrefs, so that a
+    replaced Parameter is not kept alive by a cache. Writes through `.data` bump nothing and are not seen."""
+    return _parameter_writes, tuple((weakref.ref(p), p.data_ptr(), p._version) for p in params)
 
 
 def unchanged(kept: tuple | None, params: Sequence[Tensor]) -> bool:
     """Whether `params` still have the values `kept` (a stamp of them) identified."""
-    if kept is None or kept[0] != _optimizer_steps or len(kept[1]) != len(params):
+    if kept is None or kept[0] != _parameter_writes or len(kept[1]) != len(params):
         return False
     # Item by item: weakrefs compare their referents with ==, which for tensors is elementwise.
     return all(ref() is p and ptr == p.data_ptr() and version == p._version
@@ -188,10 +188,10 @@ class AdapterPool:
     def sync_batch(self, params: Callable[[], list[Tensor]], adapters: dict[int, str],
                    parameters: Callable[[str], Sequence[Tensor]], frozen: object | None = None) -> None:
         """`sync` every adapter of a mixed batch, on the serving path of every layer at every step: one flat
-        stamp of `params()`, all their Parameters (the objects, their storage, version counters and the optimizer steps), decides
-        whether any slot needs its own check; only then each adapter (slot -> name in `adapters`) is synced with
-        its `parameters(name)`. With 32 LoRA adapters, ~30 us per layer call on the dev CPU against 140-180 us for
-        the per-slot checks. `frozen`: AdapterBatch.frozen, a token while the Parameters cannot change; under the
+        stamp of `params()`, all their Parameters (the objects, their storage and version counters, and the writes
+        counted), decides whether any slot needs its own check; only then each adapter (slot -> name in `adapters`)
+        is synced with its `parameters(name)`. With 32 LoRA adapters, ~30 us per layer call on the dev CPU against
+        140-180 us for the per-slot checks. `frozen`: AdapterBatch.frozen, a token while the Parameters cannot change; under the
         token of the last check nothing is checked again (the stamp, which keeps the token, is dropped whenever
         the pool's contents change)."""
         kept = self._batch_stamp
@@ -201,7 +201,7 @@ class AdapterPool:
 
     def _check_batch(self, params: list[Tensor], adapters: dict[int, str],
                      parameters: Callable[[str], Sequence[Tensor]], frozen: object | None) -> None:
-        state = (_optimizer_steps, *(p._version for p in params), *(p.data_ptr() for p in params))
+        state = (_parameter_writes, *(p._version for p in params), *(p.data_ptr() for p in params))
         kept = self._batch_stamp                 # holds the Parameters themselves, so `is` compares live objects
         if kept is None or kept[1] != state or not all(map(operator.is_, params, kept[0])):
             for slot, name in adapters.items():
