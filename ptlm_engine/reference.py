@@ -180,6 +180,9 @@ def bottleneck_adapter_multi(h: Tensor, down_weight: Tensor, down_bias: Tensor, 
     adapter_index (T,) integer slot per token.
     """
     base = h if residual is None else residual
+    if torch.compiler.is_compiling():
+        return base + _bottleneck_multi_delta_static(h, down_weight, down_bias, up_weight, up_bias, sizes, scales,
+                                                     acts, adapter_index).to(base.dtype)
     delta = torch.zeros_like(base)
     for a in adapter_index.unique().tolist():
         m = int(sizes[a]) if a >= 0 else 0
@@ -190,6 +193,24 @@ def bottleneck_adapter_multi(h: Tensor, down_weight: Tensor, down_bias: Tensor, 
                                 BOTTLENECK_ACTIVATIONS[int(acts[a])])
         delta = delta.index_add(0, rows, (scales[a] * out).to(base.dtype))
     return base + delta
+
+
+def _bottleneck_multi_delta_static(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tensor,
+                                   up_bias: Tensor, sizes: Tensor, scales: Tensor, acts: Tensor,
+                                   adapter_index: Tensor) -> Tensor:
+    """bottleneck_adapter_multi's scaled branch without the host's look at which slots occur, for a traced graph:
+    every slot runs over all tokens (S dense passes, no (T, m_max, d) gather) and each token keeps its own.
+    Slots are zero beyond their width and the activations vanish at zero, so no width mask is needed."""
+    act_fns = [{"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[name]
+               for name in BOTTLENECK_ACTIVATIONS]
+    delta = torch.zeros_like(h)
+    for a in range(down_weight.shape[0]):
+        z = torch.nn.functional.linear(h, down_weight[a], down_bias[a])                    # (T, m_max)
+        z = sum(torch.where(acts[a] == code, fn(z), 0) for code, fn in enumerate(act_fns))
+        out = torch.nn.functional.linear(z, up_weight[a], up_bias[a])                      # (T, d)
+        mine = (adapter_index == a) & (sizes[a] > 0)                                       # (T,)
+        delta = delta + torch.where(mine[:, None], scales[a] * out, 0).to(h.dtype)
+    return delta
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -794,6 +794,8 @@ GEN_CONFIGS = {
                      "b": pe.LoraConfig(r=8, alpha=8, target_modules=["q_proj", "v_proj"])},
     "prefix": lambda: {"a": pe.PrefixConfig(num_virtual_tokens=3), "b": pe.PrefixConfig(num_virtual_tokens=5)},
     "prompt": lambda: {"a": pe.PromptConfig(num_virtual_tokens=3), "b": pe.PromptConfig(num_virtual_tokens=5)},
+    "bottleneck": lambda: {"a": pe.BottleneckConfig(bottleneck=4, act="gelu"),
+                           "b": pe.BottleneckConfig(bottleneck=6, act="silu", placement="pfeiffer")},
 }
 
 
@@ -810,12 +812,17 @@ def test_generate_in_a_block_refuses_an_input_batch_of_another_size(tiny, method
             model.generate(_ids(4, 5), **GEN_KW)                                  # ... so must generate
 
 
+@pytest.mark.parametrize("method,backend", [("prefix", "default"), ("bottleneck", "reference"),
+                                            pytest.param("bottleneck", "triton", marks=needs_triton)])
 @pytest.mark.parametrize("mixed", [False, True], ids=["single", "mixed"])
-def test_prefix_generate_with_static_cache_and_compiled_forward(tiny, mixed):
+def test_generate_with_static_cache_and_compiled_forward_per_method(tiny, method, backend, mixed, monkeypatch):
     """generate(cache_implementation="static", compile_config=CompileConfig(fullgraph=True)) gives eager's tokens
-    with a prefix adapter, alone and in a block: the prefix's kept values are computed in the graph when traced (a
-    trace cannot compare the stamps' data pointers)."""
-    model = _gen_model(tiny, GEN_CONFIGS["prefix"]())
+    alone and in a block. Prefix: its kept values are computed in the graph when traced (a trace cannot compare
+    the stamps' data pointers). Bottleneck on the reference backend: the mixed batch's slots run without the
+    host's look at which slots occur (a data-dependent loop breaks fullgraph)."""
+    if backend != "default":
+        monkeypatch.setenv("PTLM_BACKEND", backend)
+    model = _gen_model(tiny, GEN_CONFIGS[method]())
     ids = _ids(4, 5)
     torch._dynamo.reset()
     with torch.no_grad():
