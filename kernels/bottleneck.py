@@ -104,7 +104,7 @@ def chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
 def _activate(z, act):
     """act(z) for an activation code (constexpr in the one-adapter kernels, read per slot in the multi ones)."""
     if act == RELU:
-        a = tl.maximum(z, 0.0)
+        a = tl.where(z < 0.0, 0.0, z)               # NaN stays NaN, as torch.relu (tl.maximum would drop it)
     elif act == GELU:
         a = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT2))
     else:
@@ -116,7 +116,7 @@ def _activate(z, act):
 def _activate_with_grad(z, act):
     """(act(z), act'(z)); relu' is 1 where z > 0, as PyTorch's threshold_backward."""
     if act == RELU:
-        a = tl.maximum(z, 0.0)
+        a = tl.where(z < 0.0, 0.0, z)
         grad = tl.where(z > 0.0, 1.0, 0.0)
     elif act == GELU:
         cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2))

@@ -58,15 +58,32 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     dtype = x.dtype
     x = _wide(x, dtype)
     y = _base_linear(x, _wide(weight, dtype), _wide(bias, dtype), fan_in_fan_out)
-    has = adapter_index >= 0
-    slot = adapter_index.clamp_min(0).long()
-    coef = scales[slot] * has                                                                      # (T,)
-    x_lora = x
-    if keep_mask is not None:
-        x_lora = x * keep_mask
-        coef = coef / (1.0 - dropouts[slot])
-    xa = torch.einsum("ti,tri->tr", x_lora, _wide(lora_A[slot].to(dtype), dtype)) * coef.to(x.dtype)[:, None]
-    return (y + torch.einsum("tr,tor->to", xa, _wide(lora_B[slot], dtype))).to(dtype)
+    x_lora = x if keep_mask is None else x * keep_mask
+    coefs = scales if keep_mask is None else scales / (1.0 - dropouts)                            # (S,)
+    if torch.compiler.is_compiling():
+        return (y + _lora_multi_delta_static(x_lora, lora_A.to(dtype), lora_B, coefs, adapter_index)).to(dtype)
+    for a in adapter_index.unique().tolist():          # each slot over its own tokens: a mixed batch costs its ranks
+        if a < 0:
+            continue
+        rows = (adapter_index == a).nonzero()[:, 0]
+        xa = (x_lora[rows] @ _wide(lora_A[a].to(dtype), dtype).t()) * coefs[a].to(x.dtype)          # (t_a, r_max)
+        term = xa @ _wide(lora_B[a], dtype).t()                                                  # (t_a, d_out)
+        y = y.to(torch.promote_types(y.dtype, term.dtype))         # autocast may have given y or term bf16
+        y.index_add_(0, rows, term.to(y.dtype))                     # y: this call's own, not saved for backward
+    return y.to(dtype)
+
+
+def _lora_multi_delta_static(x: Tensor, lora_A: Tensor, lora_B: Tensor, coefs: Tensor,
+                             adapter_index: Tensor) -> Tensor:
+    """lora_linear_multi's adapter term without the host's look at which slots occur, for a traced graph: every
+    slot runs over all tokens (S dense GEMM pairs, no (T, r_max, d_in) gather) and each token keeps its own slot's
+    term, selected (not masked by a product: another slot's NaN stays in that slot's rows). x (T, d_in) widened;
+    lora_A already read as the input's dtype."""
+    delta = x.new_zeros((x.shape[0], lora_B.shape[1]))                                          # (T, d_out)
+    for a in range(lora_A.shape[0]):
+        term = ((x @ _wide(lora_A[a], x.dtype).t()) * coefs[a].to(x.dtype)) @ _wide(lora_B[a], x.dtype).t()
+        delta = torch.where((adapter_index == a)[:, None], term, delta)
+    return delta
 
 
 def _members(x: Tensor, weights: list[Tensor], biases: list[Tensor | None], lora_As: list[Tensor | None],
@@ -199,14 +216,16 @@ def _bottleneck_multi_delta_static(h: Tensor, down_weight: Tensor, down_bias: Te
                                    up_bias: Tensor, sizes: Tensor, scales: Tensor, acts: Tensor,
                                    adapter_index: Tensor) -> Tensor:
     """bottleneck_adapter_multi's scaled branch without the host's look at which slots occur, for a traced graph:
-    every slot runs over all tokens (S dense passes, no (T, m_max, d) gather) and each token keeps its own.
-    Slots are zero beyond their width and the activations vanish at zero, so no width mask is needed."""
+    every slot runs over all tokens (S dense passes, no (T, m_max, d) gather) and each token keeps its own,
+    selected (another slot's NaN stays in that slot's rows)."""
     act_fns = [{"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[name]
                for name in BOTTLENECK_ACTIVATIONS]
+    units = torch.arange(down_weight.shape[1], device=h.device)                                 # (m_max,)
     delta = torch.zeros_like(h)
     for a in range(down_weight.shape[0]):
         z = torch.nn.functional.linear(h, down_weight[a], down_bias[a])                    # (T, m_max)
         z = sum(torch.where(acts[a] == code, fn(z), 0) for code, fn in enumerate(act_fns))
+        z = torch.where(units < sizes[a], z, 0)                                            # the slot's own width
         out = torch.nn.functional.linear(z, up_weight[a], up_bias[a])                      # (T, d)
         mine = (adapter_index == a) & (sizes[a] > 0)                                       # (T,)
         delta = delta + torch.where(mine[:, None], scales[a] * out, 0).to(h.dtype)

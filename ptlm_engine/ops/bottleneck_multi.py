@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.bottleneck import check_residual, check_same, runs_triton
-from ptlm_engine.ops.checks import check_index_range, unit_stride
-from ptlm_engine.ops.lora import _needs_grad
+from ptlm_engine.ops.checks import check_index_range, check_table_range, is_index_dtype, unit_stride
+from ptlm_engine.ops.lora import _needs_grad, first_order
 from ptlm_engine.ops.lora_multi import token_segments
 
 try:
@@ -57,9 +57,9 @@ def _check(h: Tensor, slots: BottleneckSlots, adapter_index: Tensor, residual: T
         if tuple(getattr(slots, name).shape) != shape:
             raise ValueError(f"{name}: expected shape {shape}, got {tuple(getattr(slots, name).shape)}")
     for name in ("sizes", "acts"):
-        if getattr(slots, name).dtype.is_floating_point:
+        if not is_index_dtype(getattr(slots, name).dtype):
             raise ValueError(f"{name}: expected integers, got {getattr(slots, name).dtype}")
-    if tuple(adapter_index.shape) != tuple(h.shape[:-1]) or adapter_index.dtype.is_floating_point:
+    if tuple(adapter_index.shape) != tuple(h.shape[:-1]) or not is_index_dtype(adapter_index.dtype):
         raise ValueError(f"adapter_index: expected integers of shape {tuple(h.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     check_residual(h, residual)
@@ -148,6 +148,7 @@ class BottleneckMultiFunction(torch.autograd.Function):
     setup_context = staticmethod(_setup_context)
 
     @staticmethod
+    @first_order("BottleneckMultiFunction")
     def backward(ctx, dy, _dz):
         return _grads(ctx, dy, _backward)
 
@@ -157,8 +158,10 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
                                 residual: Tensor | None = None,
                                 segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(h, slots, adapter_index, residual)
-    if segments is None:                   # given segments (a served batch's) come with an index built in range
+    if segments is None:           # a user's call; a served batch's segments come with an index and tables in range
         check_index_range(adapter_index, slots.down_weight.shape[0])
+        check_table_range("sizes", slots.sizes, 0, slots.down_weight.shape[1])
+        check_table_range("acts", slots.acts, 0, len(reference.BOTTLENECK_ACTIVATIONS) - 1)
     flat = h.dim() != 2
     h2d = h.reshape(-1, h.shape[-1]) if flat else h                                  # (T, d)
     res2d = residual.reshape(h2d.shape) if flat and residual is not None else residual

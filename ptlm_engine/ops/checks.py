@@ -26,6 +26,23 @@ def unit_stride(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.dim() != 1 or t.stride(0) == 1 else t.contiguous()
 
 
+def is_index_dtype(dtype: torch.dtype) -> bool:
+    """Integers only: a bool mask passed as a slot index is refused, as torch's own index ops refuse it."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def check_table_range(name: str, table: Tensor | None, low: float, high: float, high_open: bool = False) -> None:
+    """A per-slot table's values in [low, high] ([low, high) with high_open), checked where it costs no device
+    sync, as check_index_range: a user's tables reach the kernels as they are (a rank above r_max reads past the
+    slot, a dropout of 1 divides by zero)."""
+    if table is None or table.device.type != "cpu" or table.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = (v.item() for v in torch.aminmax(table))
+    if lo < low or hi > high or (high_open and hi >= high) or lo != lo or hi != hi:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name}: expected values in [{low}, {high}{bracket}, got values from {lo} to {hi}")
+
+
 def check_index_range(index: Tensor, count: int) -> None:
     """adapter_index values in [-1, count) (-1: no adapter). Checked where it costs no device sync (a CPU index,
     eagerly): on a GPU the serving path stays sync-free, and an index out of range is the caller's error there

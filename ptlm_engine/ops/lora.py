@@ -129,6 +129,20 @@ torch.library.register_autograd("ptlm::lora_linear_fwd", lambda ctx, dy, _dxa: _
                                 setup_context=_setup_context)
 
 
+def first_order(name: str):
+    """A Function's backward that refuses create_graph=True: the kernels' gradients are not differentiable
+    themselves, so a double backward (gradient penalties, MAML) would miss their terms silently
+    (once_differentiable's error node is not connected to the inputs: torch reports them "not used")."""
+    def wrap(backward):
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{name}: ptlm's kernels have no double backward (create_graph=True); "
+                                   "PTLM_BACKEND=reference runs the plain-PyTorch ops, which have one")
+            return backward(ctx, *grads)
+        return checked
+    return wrap
+
+
 def eager_function(name: str, forward, setup_context, backward, grad_outputs: int | None = None,
                    materialize_grads: bool = True) -> type[torch.autograd.Function]:
     """An op's eager autograd Function over the same implementations as its custom ops: forward(*args), then
@@ -145,7 +159,7 @@ def eager_function(name: str, forward, setup_context, backward, grad_outputs: in
         ctx.set_materialize_grads(materialize_grads)
         return out
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
-                                                   "backward": staticmethod(backward)})
+                                                   "backward": staticmethod(first_order(name)(backward))})
 
 
 LoraLinearFunction = eager_function("LoraLinearFunction", _forward, _setup_context,

@@ -26,9 +26,9 @@ from ptlm_engine import reference
 from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
 from ptlm_engine.ops.checks import (check_adapter_dtypes, check_floating, check_index_range, check_like,
-                                   unit_stride)
-from ptlm_engine.ops.lora import _base_grads, as_dtype, lora_kernels, triton_enabled
-from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, token_segments
+                                   is_index_dtype, unit_stride)
+from ptlm_engine.ops.lora import _base_grads, as_dtype, first_order, lora_kernels, triton_enabled
+from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, check_slot_tables, token_segments
 
 try:
     from ptlm_engine.kernels import lora_grouped as grouped_kernels
@@ -92,7 +92,7 @@ def _check_multi(x: Tensor, weights, biases, slots: Sequence[LoraSlots | None], 
     """Shapes, dtypes and devices; no torch op runs (every grouped layer call of a served batch pays this)."""
     d_outs = _check_members(x, weights, biases, fan_in_fan_out, slots=slots)
     d_in = x.shape[-1]
-    if adapter_index.shape != x.shape[:-1] or adapter_index.dtype.is_floating_point:
+    if adapter_index.shape != x.shape[:-1] or not is_index_dtype(adapter_index.dtype):
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     dtype, device = x.dtype, x.device
@@ -324,6 +324,7 @@ class LoraLinearGroupedFunction(torch.autograd.Function):
         return (*ys, *xas)
 
     @staticmethod
+    @first_order("LoraLinearGroupedFunction")
     def backward(ctx, *grads):
         G, need = ctx.members, ctx.needs_input_grad
         need_lists = [need[5 + i * G:5 + (i + 1) * G] for i in range(4)]
@@ -445,6 +446,7 @@ class LoraLinearMultiGroupedFunction(torch.autograd.Function):
         return (*ys, *xas)
 
     @staticmethod
+    @first_order("LoraLinearMultiGroupedFunction")
     def backward(ctx, *grads):
         G, need = ctx.members, ctx.needs_input_grad
         need_lists = [need[7 + i * G:7 + (i + 1) * G] for i in range(4)]
@@ -505,8 +507,11 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
                                  segments: tuple[Tensor, Tensor] | None = None) -> list[Tensor]:
     _check_multi(x, weights, biases, slots, adapter_index, fan_in_fan_out)
     num_slots = next((s.lora_A.shape[0] for s in slots if s is not None), None)
-    if segments is None and num_slots is not None:   # given segments (a served batch's) come with an index in range
+    if segments is None and num_slots is not None:   # a user's call (a served batch's segments come checked)
         check_index_range(adapter_index, num_slots)
+        for g, member in enumerate(slots):
+            if member is not None:
+                check_slot_tables(f"slots[{g}].", member)
     G = len(weights)
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)

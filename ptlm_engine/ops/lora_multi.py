@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_index_range, check_like, unit_stride
+from ptlm_engine.ops.checks import check_index_range, check_like, check_table_range, is_index_dtype, unit_stride
 from ptlm_engine.ops.lora import (_base_grads, as_dtype, eager_function, lora_kernels, run_op,
                                   triton_enabled)
 
@@ -50,7 +50,15 @@ def check_slot_shapes(prefix: str, slots: LoraSlots, d_in: int, d_out: int) -> i
             raise ValueError(f"{prefix}{name}: expected a tensor of shape ({S},), got None")
         if t is not None and t.shape != (S,):
             raise ValueError(f"{prefix}{name}: expected shape ({S},), got {tuple(t.shape)}")
+    if not is_index_dtype(ranks.dtype):
+        raise ValueError(f"{prefix}ranks: expected integers, got {ranks.dtype}")
     return S
+
+
+def check_slot_tables(prefix: str, slots: LoraSlots) -> None:
+    """The per-slot tables' values (where free: CPU tables, eagerly): ranks in [0, r_max], dropouts in [0, 1)."""
+    check_table_range(f"{prefix}ranks", slots.ranks, 0, slots.lora_A.shape[1])
+    check_table_range(f"{prefix}dropouts", slots.dropouts, 0.0, 1.0, high_open=True)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, adapter_index: Tensor,
@@ -65,7 +73,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
     A, B, ranks, scales, dropouts = slots
     if bias is not None and bias.shape != (d_out,):
         raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
-    if adapter_index.shape != x.shape[:-1] or adapter_index.dtype.is_floating_point:
+    if adapter_index.shape != x.shape[:-1] or not is_index_dtype(adapter_index.dtype):
         raise ValueError(f"adapter_index: expected integers of shape {tuple(x.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     dtype, device = x.dtype, x.device
@@ -191,8 +199,9 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
                          adapter_index: Tensor, fan_in_fan_out: bool,
                          segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
     _check(x, weight, bias, slots, adapter_index, fan_in_fan_out)
-    if segments is None:                   # given segments (a served batch's) come with an index built in range
+    if segments is None:           # a user's call; a served batch's segments come with an index and tables in range
         check_index_range(adapter_index, slots.lora_A.shape[0])
+        check_slot_tables("", slots)
     # Every layer of a served batch pays this path: views and casts only where the inputs need them.
     flat = x.dim() != 2
     x2d = x.reshape(-1, x.shape[-1]) if flat else x                                 # (T, d_in)
