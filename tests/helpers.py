@@ -189,6 +189,30 @@ def peft_file(model, config, path, seed=0):
     return theirs
 
 
+def assert_loads_like_peft(tiny, kind, theirs, path, ids, output, check_peft=True):
+    """PEFT's model `theirs`, saved to `path`: PeftModel.from_pretrained over a fresh tiny(kind) reads the file back
+    to its outputs on `ids` (unless check_peft is False), and so does load_adapter (as adapter 'a')."""
+    expected = output(theirs, ids)
+    if check_peft:
+        import peft
+        torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny(kind), path), ids), expected)
+    ours = tiny(kind)
+    pe.load_adapter(ours, path, name="a")
+    torch.testing.assert_close(output(ours, ids), expected)
+
+
+# ------------------------------------------------------------------------------------------ ptlm's own files
+def assert_reloads_same(tiny, kind, model, name, path, ids, output):
+    """Adapter `name` of `model` saved to `path` and loaded under the same name into a fresh tiny(kind) gives the
+    model's outputs on `ids`; returns the fresh model."""
+    expected = output(model, ids)
+    pe.save_adapter(model, name, path)
+    fresh = tiny(kind)
+    pe.load_adapter(fresh, path, name=name)
+    torch.testing.assert_close(output(fresh, ids), expected)
+    return fresh
+
+
 # ------------------------------------------------------------------------------------------ float64 models
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()

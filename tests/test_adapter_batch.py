@@ -637,10 +637,10 @@ def _opt():
 
 
 def test_mixed_batch_over_a_peft_all_linear_adapter_on_opt(ids, tmp_path, output):
-    """An OPT LoRA file of PEFT's "all-linear" loads and runs alone, but a mixed batch over it fails: OPT's
-    decoder layer flattens the hidden states to (B*T, d) before fc1 / fc2, and the LoRA layer's batch mapping
-    (pool.AdapterBatch.tokens / check_rows) takes dim 0 for the batch ("adapter_batch maps 2 rows, but a layer
-    got input of shape (16, 64)")."""
+    """An OPT LoRA file of PEFT's "all-linear" loads, runs alone as PEFT's model does, and serves a mixed batch:
+    OPT's decoder layer flattens the hidden states to (B*T, d) before fc1 / fc2, and each row's T tokens there
+    keep its adapter (regression: dim 0 was taken for the batch, "adapter_batch maps 2 rows, but a layer got input
+    of shape (16, 64)")."""
     theirs = peft_file(_opt(), peft.LoraConfig(r=4, target_modules="all-linear"), tmp_path)
     expected = output(theirs, ids)
     ours = _opt()
@@ -660,11 +660,9 @@ def test_mixed_batch_over_a_peft_all_linear_adapter_on_opt(ids, tmp_path, output
     pe.BottleneckConfig(bottleneck=8, scale=0.3),
 ], ids=["lora", "lora_rslora", "bottleneck"])
 def test_float64_mixed_batch_row_equals_row_alone(tiny, ids, output, config):
-    """Float64 model: a mixed batch's row must equal that row run alone (README, Mixed batches) to float64
-    precision. Alone, the layer multiplies by the Python-float scale; in the batch the per-slot scales are kept
-    as float32 (LoraLinear.set_batch / BottleneckLayer.set_batch, slot_values(..., torch.float32)), so any scale
-    that float32 cannot represent (1/3, sqrt(3), 0.3) is off by ~3e-8 relative: rows differ by ~5e-8 where float64
-    gives ~1e-16. Tolerance 1e-12 (same ops on the same float64 values otherwise)."""
+    """Float64 model: a mixed batch's row equals that row run alone (README, Mixed batches) to float64 precision,
+    also for scales float32 cannot represent (1/3, sqrt(3), 0.3): the per-slot scales stay in float64 (kept as
+    float32 they put rows ~5e-8 off where float64 gives ~1e-16). Tolerance 1e-12."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", config)
     randomize_trainable64(model)
@@ -677,9 +675,9 @@ def test_float64_mixed_batch_row_equals_row_alone(tiny, ids, output, config):
 
 
 def test_float64_mixed_batch_training_matches_alone(tiny, ids, output):
-    """The training path of a float64 mixed batch (adapters stacked on the fly) uses the same float32 per-slot
-    scales: the LoRA gradients of a row-by-row batch must equal those of the adapter alone to float64 precision
-    (relative 1e-10; the float32 scale puts them ~1e-8 off)."""
+    """The training path of a float64 mixed batch (adapters stacked on the fly) keeps its per-slot scales in
+    float64 too: the LoRA gradients of a row-by-row batch equal those of the adapter alone to float64 precision
+    (relative 1e-10; a float32 scale puts them ~1e-8 off)."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=3, alpha=1, target_modules=["q_proj", "v_proj"]))
     randomize_trainable64(model)
@@ -711,12 +709,10 @@ def test_copying_or_pickling_inside_the_block_is_refused(tiny):
 
 
 def test_two_threads_opening_adapter_batch_blocks(tiny, ids, output):
-    """adapter_batch checks that no block is open, then sets every layer's mapping, and only then records its
-    batch in the registry (reg.batch): a second thread entering while the first is still setting its layers
-    passes the check, and its exit resets the layers the first one had already set. The first block then runs
-    part of the model without its mapping, silently. (The interleaving is made deterministic by pausing the
-    first thread in one layer's set_batch; a thread switch there is all it takes.) Either the second block is
-    refused, or each block computes its own mapping."""
+    """A second thread opening a block while the first is still setting its layers' mappings is refused (the
+    model is claimed under a lock first), or computes its own mapping; the first block runs with its whole
+    mapping either way (regression: the second block passed the check and its exit reset the first one's layers,
+    silently). The first thread is paused in one layer's set_batch to make the interleaving deterministic."""
     import threading
 
     llama = tiny("llama")
@@ -802,7 +798,7 @@ GEN_CONFIGS = {
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
 def test_generate_in_a_block_refuses_an_input_batch_of_another_size(tiny, method):
     """The block maps 2 rows; generate given 4 input rows (not beams / num_return_sequences: the user's own batch)
-    is refused, as a plain forward of 4 rows is (it ran rows 0-1 with 'a' and rows 2-3 with the base model)."""
+    is refused, as a plain forward of 4 rows is (regression: it ran rows 0-1 with 'a', 2-3 with the base)."""
     model = _gen_model(tiny, GEN_CONFIGS[method]())
     with torch.no_grad(), pe.adapter_batch(model, ["a", None]):
         model.generate(_ids(2, 5), **GEN_KW)                                      # the mapped size: fine

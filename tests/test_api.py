@@ -8,7 +8,7 @@ from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear, ModulesToSave
-from tests.helpers import hook_count, needs_triton
+from tests.helpers import assert_reloads_same, hook_count, needs_triton
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -376,10 +376,9 @@ def _flags(model):
 
 @pytest.mark.parametrize("name", ["get", "copy", "setdefault"])
 def test_prompt_adapter_name_clashing_with_parameterdict_methods(tiny, ids, output, name):
-    """check_new_name only rejects names that are attributes of nn.ModuleDict, but prompt adapters live in an
-    nn.ParameterDict, whose methods (get, copy, setdefault, fromkeys, popitem) cannot be keys: add_adapter then
-    fails with a KeyError after it created the registry and installed the prompt layer and its hook. Either the
-    name works, or a ValueError comes before anything changes."""
+    """Prompt adapters live in an nn.ParameterDict, whose methods (get, copy, setdefault, fromkeys, popitem) cannot
+    be keys. Such a name either works, or is refused with a ValueError before anything changes (no registry, no
+    prompt layer or hook left behind, as a KeyError halfway through add_adapter once did)."""
     llama = tiny("llama")
     keys = list(llama.state_dict())
     y0 = output(llama, ids)
@@ -394,8 +393,8 @@ def test_prompt_adapter_name_clashing_with_parameterdict_methods(tiny, ids, outp
 
 
 def test_adapter_configs_returns_copies(tiny, ids, output, randomize_adapters, tmp_path):
-    """adapter_configs hands out the registry's own config objects: mutating what it returned changes the
-    model's adapter (what save_adapter writes, which biases set_active_adapter trains)."""
+    """adapter_configs returns copies: mutating what it returned leaves the model's adapter alone (what
+    save_adapter writes, which biases set_active_adapter trains)."""
     llama = tiny("llama")
     pe.add_adapter(llama, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
     randomize_adapters(llama)
@@ -413,10 +412,9 @@ def test_adapter_configs_returns_copies(tiny, ids, output, randomize_adapters, t
 
 
 def test_unload_after_load_state_dict_assign_restores_base_requires_grad(tiny):
-    """load_state_dict(assign=True) replaces the Parameter objects (the layers are written to follow it); the
-    registry remembers the base's requires_grad flags by Parameter object, so after unload / removing the last
-    adapter the new base Parameters stay frozen instead of getting back the flags they had before the first
-    adapter."""
+    """load_state_dict(assign=True) replaces the Parameter objects (the layers follow it); unload still gives the
+    base Parameters the requires_grad flags they had before the first adapter, remembered by name (regression:
+    remembered by Parameter object, the new Parameters stayed frozen)."""
     llama = tiny("llama")
     before = _flags(llama)
     assert all(before.values())
@@ -444,26 +442,20 @@ def test_merging_into_a_tied_weight_is_refused(tiny, ids, output):
 
 
 def test_data_parallel_wrapped_model(tiny, ids, output, tmp_path):
-    """Through an nn.DataParallel wrapper (on the CPU it just calls its module) the API sees only torch.compile's
-    _orig_mod, so the adapter's registry lives on the wrapper and the module paths start with "module.": the
-    model itself says it has no adapters, and save_adapter writes keys (base_model.model.module.model...) that
-    neither load_adapter nor PEFT can put into the model."""
+    """The API sees through an nn.DataParallel wrapper (on the CPU it just calls its module) as through
+    torch.compile: the adapter's registry lives on the model itself, and save_adapter writes the model's own keys
+    (not base_model.model.module.model...), which load_adapter puts into a plain model."""
     llama = tiny("llama")
     wrapped = nn.DataParallel(llama)
     pe.add_adapter(wrapped, "a", pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     _randomize_named(llama)
-    y = output(wrapped, ids)
     assert list(pe.adapter_configs(llama)) == ["a"]
-    pe.save_adapter(wrapped, "a", tmp_path)
-    fresh = tiny("llama")
-    pe.load_adapter(fresh, tmp_path, "a")
-    torch.testing.assert_close(output(fresh, ids), y)
+    assert_reloads_same(tiny, "llama", wrapped, "a", tmp_path, ids, output)
 
 
 def test_adapters_added_inside_disable_adapters_after_removing_all(tiny, ids, output):
-    """disable_adapters promises that adapters added inside the block are skipped too. Removing the last adapter
-    inside the block deletes the registry (and its count of open blocks), so an adapter added afterwards, still
-    inside the block, runs."""
+    """disable_adapters skips adapters added inside the block too, also after the last adapter was removed inside
+    it: the block's count survives (regression: it went with the registry, and a later adapter ran)."""
     llama = tiny("llama")
     base = output(llama, ids)
     pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -475,8 +467,8 @@ def test_adapters_added_inside_disable_adapters_after_removing_all(tiny, ids, ou
 
 
 def test_unload_of_a_compiled_model_returns_it(tiny):
-    """unload's docstring: 'returns the (same) model'. Given a torch.compile'd model (which the API sees
-    through), it returns the inner module instead: `model = pe.unload(model)` drops the compilation."""
+    """unload returns the model it was given: for a torch.compile'd model (which the API sees through) the compiled
+    wrapper, not the inner module, so `model = pe.unload(model)` keeps the compilation."""
     llama = tiny("llama")
     compiled = torch.compile(llama, backend="eager")
     pe.add_adapter(compiled, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -489,11 +481,10 @@ def test_unload_of_a_compiled_model_returns_it(tiny):
     (pe.BottleneckConfig(bottleneck=4, layers_to_transform=0), "ptlm_bottleneck"),
 ], ids=["prefix", "bottleneck"])
 def test_modules_to_save_naming_another_adapters_layer(tiny, ids, output, first, layer):
-    """find_modules_to_save promises a ValueError for a match that IS an adapter layer, but checks only LoRA
-    layers for that (others only for containing one): modules_to_save naming a prefix / bottleneck layer (the
-    plain suffix rule also matches "prefix", "bottleneck") wraps that adapter layer in a ModulesToSave. The
-    layer inside is then out of the API's reach: disable_adapters leaves it running, and unload leaves it (its
-    hooks, the switched attention implementation, its state-dict keys) on the model."""
+    """modules_to_save naming a prefix / bottleneck adapter layer (the plain suffix rule also matches "prefix",
+    "bottleneck") is refused as one naming a LoRA layer is: wrapped in a ModulesToSave, the layer would be out of
+    the API's reach. Either way disable_adapters gives the base outputs and unload leaves the base model (keys
+    and outputs)."""
     llama = tiny("llama")
     keys = list(llama.state_dict())
     base = output(llama, ids)
@@ -538,11 +529,9 @@ def _assert_restored_all(model, snapshot):
 def test_lora_part_inside_another_parts_modules_to_save(tiny, ids, output, kind, lora, other):
     """A LoRA part targeting a module that another part of the same adapter keeps a copy of: alone, a LoraConfig
     leaves its own modules_to_save out of its targets (as PEFT), and a module that already carries LoRA is refused
-    as modules_to_save; within one combined adapter neither happens (api.add_adapter passes only the non-LoRA parts'
-    paths as new_layers to find_modules_to_save, find_lora_targets sees only its own modules_to_save). The
-    ModulesToSave then wraps the LoraLinear (copying it): the adapter cannot be mapped in a mixed batch
-    ("missing from ..."), and remove_adapter leaves a LoraLinear in the model. Either refusing the config or
-    leaving the module out of the LoRA targets would do; here the adapter must at least work and go away cleanly."""
+    as modules_to_save. Within one combined adapter the config is refused before anything changes; an adapter
+    that were accepted would have to map in a mixed batch and go away cleanly (no ModulesToSave wrapping a
+    LoraLinear left behind)."""
     model = tiny(kind)
     before = _snapshot_all(model)
     try:
@@ -567,10 +556,9 @@ def test_lora_part_inside_another_parts_modules_to_save(tiny, ids, output, kind,
                          ids=["lora-inner", "lora-outer"])
 def test_nested_modules_to_save_across_parts_save_and_load(tiny, tmp_path, ids, output, randomize_adapters,
                                                            lora_saved, other_saved):
-    """One part keeps a copy of `mlp`, the other of `down_proj` (inside it). add_adapter accepts it (the inner
-    module is covered by the outer copy), but save_adapter crashes: the part naming the inner module looks it up
-    again (io/files.py saved_copies -> inject.find_modules_to_save), which no longer sees modules inside a
-    ModulesToSave: "modules_to_save ['down_proj'] matched no module"."""
+    """One part keeps a copy of `mlp`, the other of `down_proj` (inside it): add_adapter refuses it before anything
+    changes; an adapter that were accepted would have to save and load back to the same outputs (regression: it
+    was accepted, and save_adapter raised "modules_to_save ['down_proj'] matched no module")."""
     model = tiny("llama")
     before = _snapshot_all(model)
     try:
@@ -580,8 +568,4 @@ def test_nested_modules_to_save_across_parts_save_and_load(tiny, tmp_path, ids, 
         _assert_restored_all(model, before)
         return
     randomize_adapters(model)
-    expected = output(model, ids)
-    pe.save_adapter(model, "a", tmp_path / "a")
-    fresh = tiny("llama")
-    pe.load_adapter(fresh, tmp_path / "a", name="a")
-    torch.testing.assert_close(output(fresh, ids), expected)
+    assert_reloads_same(tiny, "llama", model, "a", tmp_path / "a", ids, output)

@@ -289,8 +289,8 @@ def _small_llama(dtype=torch.float32, **extra):
 
 def test_gated_mlp_fusion_leaves_other_silu_mlps_alone(monkeypatch):
     """FalconH1's MLP has gate_proj / up_proj / down_proj and a SiLU act_fn, but computes
-    down(up(x) * silu(gate(x) * gate_multiplier)) * down_multiplier. fuse_base_ops matches MLPs by structure, not by
-    a table, and replaces its forward with down(silu(gate(x)) * up(x)): the model's outputs silently change."""
+    down(up(x) * silu(gate(x) * gate_multiplier)) * down_multiplier: fuse_base_ops leaves it alone, so the outputs
+    stay the model's (regression: matched by structure, it was given down(silu(gate(x)) * up(x)))."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     from transformers import FalconH1Config, FalconH1ForCausalLM
     torch.manual_seed(0)
@@ -313,9 +313,8 @@ def test_gated_mlp_fusion_leaves_other_silu_mlps_alone(monkeypatch):
 def test_fused_loss_keeps_loss_scaling_fp16_with_num_items_in_batch(monkeypatch):
     """fp16 training with a GradScaler and HF Trainer's gradient accumulation (num_items_in_batch = the tokens of
     all micro-batches). HF's loss rounds the logits' gradient to fp16 *after* the scaler's factor is applied
-    (backward of the scaled loss); the fused loss computes (softmax - onehot) / num_items_in_batch in fp16 in the
-    forward, where it underflows, and multiplies by the scaler's factor only in backward. The LoRA gradients differ
-    from HF's by up to ~17% (they agree to fp16 rounding without the scaler's factor)."""
+    (backward of the scaled loss); the fused loss's LoRA gradients agree with HF's to 1e-2 (regression: computing
+    (softmax - onehot) / num_items_in_batch in fp16 before the scaler's factor underflowed, ~17% off)."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     vocab = 8192
     base = _small_llama(torch.float16, vocab_size=vocab)
@@ -340,7 +339,7 @@ def test_fused_loss_keeps_loss_scaling_fp16_with_num_items_in_batch(monkeypatch)
 
 def test_fused_loss_takes_flat_shift_labels(monkeypatch):
     """ForCausalLMLoss flattens shift_labels (shift_labels.view(-1)), so a (B * L,) shift_labels works with
-    transformers' loss; the fused loss refuses it with a ValueError."""
+    transformers' loss; the fused loss takes it too and gives the same loss (regression: a ValueError)."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     base = _small_llama()
     fused = copy.deepcopy(base)
@@ -353,10 +352,9 @@ def test_fused_loss_takes_flat_shift_labels(monkeypatch):
 
 
 def test_fuse_after_modules_to_save_mlp_keeps_training_the_copy(monkeypatch):
-    """LoRA with modules_to_save=["mlp"] first, then fuse_base_ops: the ModulesToSave wrapper exposes the
-    original's gate_proj / up_proj / down_proj / act_fn (its children and __getattr__), so _fusable_mlp takes the
-    wrapper itself and gives it the fused forward, which runs the original (frozen) projections: the adapter's
-    trainable MLP copy is bypassed, gets no gradient, and its weights do not affect the output."""
+    """LoRA with modules_to_save=["mlp"] first, then fuse_base_ops: the adapter's trainable MLP copy still runs,
+    gets its gradients and sets the loss. The ModulesToSave wrapper exposes the original's gate_proj / up_proj /
+    down_proj / act_fn (its children and __getattr__); fusing the wrapper itself would run the frozen original."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     config = pe.LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["mlp"])
     base = _small_llama()
@@ -382,9 +380,8 @@ def test_fuse_after_modules_to_save_mlp_keeps_training_the_copy(monkeypatch):
 
 def test_unfuse_restores_modules_fused_before_modules_to_save(monkeypatch):
     """fuse_base_ops, then LoRA with modules_to_save on the decoder norms (LongLoRA-style trainable norms), then
-    unfuse_base_ops: the FusedRMSNorm modules inside the ModulesToSave wrappers (the copies and the wrapped
-    original_module) stay, as do the wrappers' MLP / attention forwards where those are saved. unfuse does not
-    give back the original modules."""
+    unfuse_base_ops: no FusedRMSNorm is left, neither among the ModulesToSave copies nor as a wrapped
+    original_module; unfuse gives back the original modules."""
     monkeypatch.setenv("PTLM_BACKEND", "reference")
     from ptlm_engine.layers.rms_norm import FusedRMSNorm
     model = _small_llama()
@@ -434,9 +431,9 @@ def test_fused_llama_bf16_on_cuda():
 def test_fused_loss_under_autocast_leaves_float64_head_in_float64(tiny, ids):
     """fuse_base_ops' fused causal-LM loss under `torch.autocast("cpu", dtype=torch.bfloat16)` on a float64 model:
     transformers' lm_head is not autocast there (float64 is not eligible), so its loss is
-    cross_entropy(float64 logits .float()), which the fused loss matches to 1.2e-7 outside autocast.
-    base_ops._head_loss casts hidden and the head's weight to bf16 whenever autocast is on, so the loss comes from
-    bf16 logits: ~3e-5 off. Tolerance 2e-6 (a few float32 roundings of a loss of ~5)."""
+    cross_entropy(float64 logits .float()), and the fused loss leaves the float64 head in float64 as well
+    (regression: it cast hidden and weight to bf16, ~3e-5 off). Tolerance 2e-6 (a few float32 roundings of a loss
+    of ~5)."""
     model = tiny("llama").double().train()
     fused = tiny("llama").double().train()
     assert pe.fuse_base_ops(fused)["loss"] == 1

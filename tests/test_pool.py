@@ -256,9 +256,9 @@ def test_layer_under_autocast_rebuilds_the_pool_in_the_compute_dtype():
 
 
 def test_mixed_batch_serving_after_a_fused_adamw_step_inside_the_block(tiny, ids):
-    """README: 'an optimizer step inside the block is seen at the next one'. With AdamW(fused=True) it is not: the
-    multi-adapter LoRA serving path reads the layer's pool, refreshed only when a Parameter's version counter moved,
-    and fused optimizer kernels do not bump it; the rows are served with the weights from before the step."""
+    """README: 'an optimizer step inside the block is seen at the next one', also with AdamW(fused=True), whose
+    kernels bump no version counter: the rows served after the step are those the Parameters themselves give
+    (regression: the pool was refreshed only when a version counter moved, and served the weights from before)."""
     model = tiny("llama")
     for name, seed in (("a", 1), ("b", 2)):
         pe.add_adapter(model, name, pe.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))

@@ -9,13 +9,12 @@ from ptlm_engine import reference
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_lora_ops_in_half_precision_round_once_with_an_fp32_intermediate(dtype):
     """README ("Backends and dtypes"): on a half-precision base the fused op runs in the base dtype "with its r-wide
-    intermediate in fp32" (and reference.py: its functions compute "exactly what the matching Triton launcher
-    computes"; the kernels keep xa = s·x·Aᵀ in fp32, read B as fp32 and round once). PEFT too computes the LoRA
-    branch in fp32 and rounds once. With W0 = 0 each output is then one rounding of s·(x A_h^T) B^T (A_h: A read as x's
-    dtype, here already representable): |err| <= 1 eps·|exact| per element (the Triton kernel under the
-    interpreter gives 0.79 in fp16). The CPU reference (the default off CUDA) rounds xa, B, the product and the
-    scaled product to half precision: errors over a hundred times that bound where the r terms cancel, and about
-    twice the kernel's (and PEFT's) error on average. Tolerance: 1 eps·|exact| + 2^-20·rms (fp32 sums)."""
+    intermediate in fp32"; the kernels keep xa = s·x·Aᵀ in fp32, read B as fp32 and round once, PEFT too computes
+    the LoRA branch in fp32 and rounds once, and the CPU reference (the default off CUDA) computes the same. With
+    W0 = 0 each output is then one rounding of s·(x A_h^T) B^T (A_h: A read as x's dtype, here representable):
+    |err| <= 1 eps·|exact| per element (the Triton kernel under the interpreter gives 0.79 in fp16). Rounding xa,
+    B and the products to half precision, as the reference once did, gives errors over a hundred times that bound
+    where the r terms cancel. Tolerance: 1 eps·|exact| + 2^-20·rms (fp32 sums)."""
     g = torch.Generator().manual_seed(0)
     T, d_in, d_out, r = 64, 64, 48, 8
     x = torch.randn(T, d_in, generator=g).to(dtype)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import ptlm_engine as pe
 from ptlm_engine import io
 from ptlm_engine.layers import LoraLinear
+from tests.helpers import assert_reloads_same
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -170,11 +171,7 @@ def test_combined_adapter_with_modules_to_save_round_trips(tiny, tmp_path, ids, 
     model = tiny(kind)
     pe.add_adapter(model, "a", parts())
     randomize_adapters(model)
-    expected = output(model, ids)
-    pe.save_adapter(model, "a", tmp_path / "a")
-    fresh = tiny(kind)
-    pe.load_adapter(fresh, tmp_path / "a", name="a")
-    torch.testing.assert_close(output(fresh, ids), expected)
+    assert_reloads_same(tiny, kind, model, "a", tmp_path / "a", ids, output)
 
 
 def test_saving_a_combined_adapter_over_a_single_one_loads_the_combined_one(tiny, tmp_path, ids, output,
@@ -200,10 +197,9 @@ def test_saving_a_combined_adapter_over_a_single_one_loads_the_combined_one(tiny
 
 
 def test_saving_keeps_a_peft_adapter_named_like_a_combined_part(tiny, tmp_path, randomize_adapters):
-    """PEFT files a second adapter named "lora" in `dir/lora/` (save_pretrained of a model with "default" and
-    "lora"). Saving one of ours into `dir` (e.g. the default one, loaded and fine-tuned) deletes that other
-    adapter's files: io/__init__.py _clear_other_layout removes every `dir/<peft_type lower>/` as a stale part of
-    a combined adapter, whoever wrote it."""
+    """PEFT's save_pretrained of a model with adapters "default" and "lora" files the second in `dir/lora/`.
+    Saving one of ours into `dir` (the default one, loaded and fine-tuned) keeps that other adapter's files: only
+    part directories of a combined adapter we wrote are cleared (regression: every `dir/<method>/` was removed)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -224,61 +220,45 @@ def test_saving_keeps_a_peft_adapter_named_like_a_combined_part(tiny, tmp_path, 
                          ids=["prefix", "prompt"])
 def test_trained_classifier_copy_of_lora_part_survives_save_and_load(tiny, tmp_path, ids, output, randomize_adapters,
                                                                      other):
-    """LoRA part keeps a trained copy of the classifier (modules_to_save); the prefix / prompt part of the same
-    adapter has none. Saving writes the *base* classifier into the prefix / prompt part's file (PEFT's SEQ_CLS task
-    modules, io/files.py task_copies, which only skips the part's own modules_to_save), and loading applies that
-    part after the LoRA part, overwriting the trained copy with the base values: the reloaded adapter computes
-    something else."""
+    """The LoRA part keeps a trained copy of the classifier (modules_to_save), the prefix / prompt part none. The
+    reloaded adapter computes what the saved one did: the classifier copy PEFT's SEQ_CLS task model keeps is filed
+    for single prompt-learning adapters only, so no base classifier in the other part's file overwrites the LoRA
+    part's trained copy on loading."""
     model = tiny("bert_cls")
     pe.add_adapter(model, "a", [pe.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]), other])
     randomize_adapters(model)
-    expected = output(model, ids)
-    pe.save_adapter(model, "a", tmp_path / "a")
-    fresh = tiny("bert_cls")
-    pe.load_adapter(fresh, tmp_path / "a", name="a")
-    torch.testing.assert_close(output(fresh, ids), expected)
+    assert_reloads_same(tiny, "bert_cls", model, "a", tmp_path / "a", ids, output)
 
 
 @pytest.mark.parametrize("other", [pe.PrefixConfig(num_virtual_tokens=3), pe.PromptConfig(num_virtual_tokens=3)],
                          ids=["prefix", "prompt"])
 def test_lora_bias_all_with_prompt_learning_part_on_seq_cls_loads_back(tiny, tmp_path, ids, output,
                                                                       randomize_adapters, other):
-    """LoRA(bias="all") + prefix / prompt on a sequence classifier: save_adapter writes files load_adapter refuses
-    ("unexpected base_model.model.classifier.bias"): the prefix / prompt part's file adds the classifier to its
-    modules_to_save (task_copies), so the LoRA part's match leaves the classifier bias out (others_saved), but the
-    LoRA part's file holds it (dump saw no copy of it)."""
+    """LoRA(bias="all") + a prefix / prompt part on a sequence classifier: the files save_adapter writes load back
+    to the same outputs (regression: the LoRA part's file held a classifier bias that loading then refused as
+    unexpected)."""
     model = tiny("bert_cls")
     pe.add_adapter(model, "a", [pe.LoraConfig(r=4, target_modules=["query"], bias="all"), other])
     randomize_adapters(model)
-    expected = output(model, ids)
-    pe.save_adapter(model, "a", tmp_path / "a")
-    fresh = tiny("bert_cls")
-    pe.load_adapter(fresh, tmp_path / "a", name="a")
-    torch.testing.assert_close(output(fresh, ids), expected)
+    assert_reloads_same(tiny, "bert_cls", model, "a", tmp_path / "a", ids, output)
 
 
 @pytest.mark.parametrize("other", [pe.PrefixConfig(num_virtual_tokens=2), pe.PromptConfig(num_virtual_tokens=2)],
                          ids=["prefix", "prompt"])
 def test_lora_on_classifier_with_prompt_learning_part_saves(tiny, tmp_path, ids, output, randomize_adapters, other):
-    """LoRA on the classifier + a prefix / prompt part of the same adapter on a sequence classifier: add_adapter
-    accepts it, the adapter trains and serves, but save_adapter raises "modules_to_save: 'classifier' already
-    carries LoRA adapters": the prefix / prompt part's dump adds PEFT's SEQ_CLS task modules to its
-    modules_to_save (io/files.py task_copies) and looks them up with find_modules_to_save, which refuses a LoRA
-    layer; the adapter cannot be saved at all."""
+    """LoRA on the classifier + a prefix / prompt part of the same adapter on a sequence classifier: what
+    add_adapter accepts also saves and loads back to the same outputs (regression: save_adapter refused, the
+    classifier "already carries LoRA adapters")."""
     model = tiny("bert_cls")
     pe.add_adapter(model, "a", [pe.LoraConfig(r=3, target_modules=["query", "classifier"]), other])
     randomize_adapters(model)
-    expected = output(model, ids)
-    pe.save_adapter(model, "a", tmp_path / "a")
-    fresh = tiny("bert_cls")
-    pe.load_adapter(fresh, tmp_path / "a", name="a")
-    torch.testing.assert_close(output(fresh, ids), expected)
+    assert_reloads_same(tiny, "bert_cls", model, "a", tmp_path / "a", ids, output)
 
 
 def test_resaving_a_loaded_combined_adapter_gives_identical_files(tiny, tmp_path, randomize_adapters):
-    """Saved, loaded and saved again, a combined adapter's files are the same. On a sequence classifier with a
-    classifier copy in the prompt part, the prefix part's file first holds the *base* classifier (task_copies: the
-    part has no copy of its own), after loading it holds the adapter's trained copy."""
+    """Saved, loaded and saved again, a combined adapter's files are the same, also on a sequence classifier whose
+    prompt part keeps a classifier copy (the prefix part's file must not hold the base classifier the first time
+    and the trained copy the second)."""
     from safetensors.torch import load_file
     model = tiny("bert_cls")
     pe.add_adapter(model, "a", [pe.LoraConfig(r=3, target_modules=["query"]), pe.PrefixConfig(num_virtual_tokens=2),
@@ -297,11 +277,9 @@ def test_resaving_a_loaded_combined_adapter_gives_identical_files(tiny, tmp_path
 
 
 def test_loaded_combined_adapter_keeps_its_config(tiny, tmp_path, randomize_adapters):
-    """(Minor.) A combined adapter's config, loaded back (and read_config of its directory), lists its parts in the
-    order of the part directories' names (io/__init__.py _part_dirs sorts them: bottleneck, lora, prefix_tuning,
-    prompt_tuning), not the adapter's own order (api._parts: LoRA first, then as given), so adapter_configs of the
-    loaded adapter differs from the saved one's (tests/io/test_files.py asserts this equality for LoRA + prefix,
-    whose orders happen to agree)."""
+    """A combined adapter's config, loaded back (and read_config of its directory), lists its parts in the
+    adapter's own order (the methods' order, LoRA first), not in the order of the part directories' names: the
+    loaded adapter's config equals the saved one's."""
     from ptlm_engine.io import read_config
     model = tiny("llama")
     pe.add_adapter(model, "a", [pe.PromptConfig(num_virtual_tokens=2), pe.BottleneckConfig(bottleneck=4),

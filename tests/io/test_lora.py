@@ -10,7 +10,7 @@ from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine import io
-from tests.helpers import peft_file
+from tests.helpers import assert_loads_like_peft, peft_file
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -83,8 +83,9 @@ def test_read_config_maps_peft_fields(tmp_path):
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_peft_lora_file_whose_init_rewrote_the_base_weights(tiny, tmp_path, ids, output, init):
-    """PiSSA / OLoRA move the principal part of W0 into A and B and leave W0 - B0 A0 in the base layer, which
-    PEFT redoes on loading; here such a file is refused (it loaded onto the unchanged W0: the part counted twice)."""
+    """PiSSA / OLoRA move the principal part of W0 into A and B and leave W0 - B0 A0 in the base layer, which PEFT
+    redoes on loading; load_adapter refuses such a file with a ValueError (computing PEFT's outputs would do too;
+    loaded onto the unchanged W0, the principal part would count twice)."""
     theirs = peft.get_peft_model(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                 init_lora_weights=init))
     with torch.no_grad():
@@ -108,23 +109,19 @@ def test_peft_lora_file_whose_init_rewrote_the_base_weights(tiny, tmp_path, ids,
 
 # ------------------------------------------------------------------------------------------ PEFT -> ptlm
 def test_peft_lora_file_with_lm_head_target_loads(tiny, ids, tmp_path, output):
-    """LoRA on lm_head (an nn.Linear, which ptlm wraps too): PEFT's save_pretrained (save_embedding_layers="auto")
-    also writes the base head, `lm_head.base_layer.weight`, and loads it back; ptlm refuses the file as
-    'unexpected base_model.model.lm_head.base_layer.weight'."""
+    """LoRA on lm_head: PEFT's save_pretrained (save_embedding_layers="auto") also writes the base head,
+    `lm_head.base_layer.weight`, and writes it into the model on loading; load_adapter takes it as PEFT does and
+    computes PEFT's outputs."""
     theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]), tmp_path)
     assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter_model.safetensors")
-    expected = output(theirs, ids)
-    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
-    ours = tiny("llama")
-    pe.load_adapter(ours, tmp_path, name="a")
-    torch.testing.assert_close(output(ours, ids), expected)
+    assert_loads_like_peft(tiny, "llama", theirs, tmp_path, ids, output)
 
 
 def test_peft_lora_file_with_ensure_weight_tying_loads_or_is_refused_clearly(tiny, ids, tmp_path, output):
     """GPT-2 (lm_head tied to wte), modules_to_save=["lm_head"], ensure_weight_tying=True: PEFT keeps one trained
     copy for wte and lm_head (its file lists modules_to_save ["transformer.wte"] and holds both keys).
-    ensure_weight_tying is in io/lora.py's _INERT_PEFT_KEYS, but it changes what the file computes: ptlm refuses
-    the file with "unexpected base_model.model.lm_head.weight", naming neither the field nor the tying."""
+    load_adapter refuses such a file with a ValueError naming ensure_weight_tying (computing PEFT's outputs would
+    do too; an "unexpected key" error naming neither the field nor the tying would not)."""
     config = peft.LoraConfig(r=4, target_modules=["c_attn"], modules_to_save=["lm_head"], ensure_weight_tying=True)
     theirs = peft_file(tiny("gpt2"), config, tmp_path)
     expected = output(theirs, ids)
@@ -142,44 +139,32 @@ def test_peft_lora_file_with_ensure_weight_tying_loads_or_is_refused_clearly(tin
                                          ("layers_to_transform", [])])
 def test_peft_lora_file_with_an_empty_list_loads(tiny, ids, tmp_path, output, field, value):
     """PEFT writes an empty list as given (training scripts often default these fields to []) and reads it as
-    "none"; io/lora.py's read_config passes [] through to LoraConfig, which refuses it ("must not be an empty
-    list"), though it already reads an empty layers_pattern as none."""
+    "none"; load_adapter reads it as none too (LoraConfig itself still refuses an empty list)."""
     theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], **{field: value}), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())[field] == value
-    expected = output(theirs, ids)
-    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
-    ours = tiny("llama")
-    pe.load_adapter(ours, tmp_path, name="a")
-    torch.testing.assert_close(output(ours, ids), expected)
+    assert_loads_like_peft(tiny, "llama", theirs, tmp_path, ids, output)
 
 
 def test_peft_modules_to_save_names_match_as_peft_matches_them(tiny, ids, tmp_path, output):
     """PEFT matches a modules_to_save entry as a plain suffix of the module name (utils/other.py _set_trainable:
     key.endswith(name)): "norm" on Llama keeps copies of model.norm and of every input_layernorm /
-    post_attention_layernorm, and its file holds all five. ptlm matches at a dot only (inject._matches_names), so
-    it expects model.norm alone and refuses PEFT's file ('unexpected ...input_layernorm.weight')."""
+    post_attention_layernorm, and its file holds all five. load_adapter matches the same five and computes PEFT's
+    outputs (regression: a match at a dot only expected model.norm alone and refused the file)."""
     theirs = peft_file(tiny("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["norm"]),
                         tmp_path)
-    expected = output(theirs, ids)
-    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(tiny("llama"), tmp_path), ids), expected)
-    ours = tiny("llama")
-    pe.load_adapter(ours, tmp_path, name="a")
-    torch.testing.assert_close(output(ours, ids), expected)
+    assert_loads_like_peft(tiny, "llama", theirs, tmp_path, ids, output)
 
 
 def test_peft_layers_to_transform_leaves_exact_target_names_alone(tiny, ids, tmp_path, output):
     """PEFT applies layers_to_transform only to targets matched as a name suffix; an entry equal to the whole
     module name targets it whatever its layer (tuners_utils.check_target_module_exists: `key in target_modules`
     skips the layer check). target_modules ["query", "classifier"] with layers_to_transform [0] on BERT: PEFT
-    puts LoRA on layer 0's query and on the classifier; ptlm (inject.find_lora_targets) drops the classifier,
-    which has no layer index, and refuses the file ('unexpected base_model.model.classifier.lora_A.weight')."""
+    puts LoRA on layer 0's query and on the classifier, which has no layer index; load_adapter takes both and
+    computes PEFT's outputs."""
     config = peft.LoraConfig(r=4, target_modules=["query", "classifier"], layers_to_transform=[0])
     theirs = peft_file(tiny("bert_cls"), config, tmp_path)
     assert "base_model.model.classifier.lora_A.weight" in load_file(tmp_path / "adapter_model.safetensors")
-    expected = output(theirs, ids)
-    ours = tiny("bert_cls")
-    pe.load_adapter(ours, tmp_path, name="a")
-    torch.testing.assert_close(output(ours, ids), expected)
+    assert_loads_like_peft(tiny, "bert_cls", theirs, tmp_path, ids, output, check_peft=False)
 
 
 # ------------------------------------------------------------------------------------------ ptlm -> PEFT
@@ -198,10 +183,11 @@ class _Blocks(nn.Module):
 
 
 def test_layers_to_transform_on_a_top_level_block_list_loads_in_peft(tmp_path, randomize_adapters):
-    """inject.layer_index reads "layers.1.proj" as layer 1 where PEFT finds no layer index (its pattern needs a
-    segment before the block list), and save_adapter writes target_modules ["proj"] + layers_to_transform [1]
-    as given: PeftModel.from_pretrained on the same model raises "Target modules {'proj'} not found". The file
-    should name what was resolved (as it does for "all-linear"), which PEFT matches exactly."""
+    """A plain model whose block list is top-level ("layers.1.proj"): PEFT finds no layer index there (its pattern
+    needs a segment before the block list), so save_adapter names the resolved targets (as it does for
+    "all-linear"), which PEFT matches exactly: PeftModel.from_pretrained loads the file and computes our outputs
+    (regression: the file gave target_modules ["proj"] + layers_to_transform [1], and PEFT raised "Target modules
+    {'proj'} not found")."""
     ours = _Blocks()
     pe.add_adapter(ours, "a", pe.LoraConfig(r=2, target_modules=["proj"], layers_to_transform=[1]))
     randomize_adapters(ours)

@@ -252,11 +252,10 @@ F64_TOL = 1e-12       # float64 computations here are exact to ~1e-15 relative; 
 
 # ----------------------------------------------------------------------------------------------- float64 merge
 def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
-    """A float64 model: merge_adapter must give the unmerged outputs and unmerge must give back W0, both to
-    float64 precision (PEFT's merge computes the delta in the weight's dtype: its merged outputs equal the unmerged
-    ones to ~1e-16 and unmerge restores W0 to ~1e-17). Here merge/unmerge go through float32 (W0.float() +
-    delta in float32), which rounds W0 and the delta to float32: errors of ~1e-8, four orders of magnitude above
-    float64's own. Tolerance 1e-12, far above float64 rounding, far below float32's."""
+    """A float64 model: merge_adapter gives the unmerged outputs and unmerge gives back W0, both to float64
+    precision, as PEFT's merge does (it computes the delta in the weight's dtype: merged outputs equal the unmerged
+    ones to ~1e-16, unmerge restores W0 to ~1e-17). A merge through float32 would be ~1e-8 off. Tolerance 1e-12,
+    far above float64 rounding, far below float32's."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     randomize_trainable64(model)
@@ -275,7 +274,7 @@ def test_merge_unmerge_float64_keeps_float64_precision(tiny, ids, output):
 
 
 def test_unload_merge_float64_matches_exact_merge(tiny):
-    """unload(merge=True) on a float64 model must leave W0 + scale·B·A computed in float64 (what PEFT's
+    """unload(merge=True) on a float64 model leaves W0 + scale·B·A computed in float64 (what PEFT's
     merge_and_unload gives), not W0 rounded through float32 (~1e-8 off). Tolerance 1e-12."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", pe.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
@@ -297,11 +296,10 @@ def test_unload_merge_float64_matches_exact_merge(tiny):
 ], ids=["lora", "prefix", "bottleneck"])
 def test_autocast_leaves_float64_model_in_float64(tiny, ids, output, config):
     """torch.autocast never casts float64 tensors (they are not autocast-eligible): a float64 model runs in float64
-    inside `torch.autocast("cpu", dtype=torch.bfloat16)`, the base model and HF PEFT's LoRA / prefix models alike
-    (same outputs as outside the block, exactly). compute_dtype (layers/lora.py) returns the autocast dtype
-    whenever autocast is on, so LoRA casts x and W0 to bf16 and the next layer crashes on a bf16 / float64 mix, the
-    prefix attention casts q/k/v to bf16 and crashes, and the bottleneck adapter computes in bf16 (~1e-3 off).
-    Expected: the float64 outputs of the same model outside autocast, to 1e-12."""
+    inside `torch.autocast("cpu", dtype=torch.bfloat16)`, the base model and HF PEFT's LoRA / prefix models alike.
+    So do our LoRA, prefix and bottleneck layers: the same float64 outputs as outside autocast, to 1e-12
+    (regression: they cast to bf16 whenever autocast was on, and crashed on bf16 / float64 mixes or came out
+    ~1e-3 off)."""
     model = tiny("llama").double()
     pe.add_adapter(model, "a", config)
     randomize_trainable64(model)

@@ -191,9 +191,9 @@ def test_backbone_arguments_positional_or_keyword(tiny):
 
 # --------------------------------------------------------------- training: autocast, one layer, fused optimizers
 def test_prefix_tuning_trains_under_cpu_bf16_autocast_like_peft(tiny, ids):
-    """Mixed-precision training (torch.autocast, as Trainer(bf16=True) does) of a Llama prefix adapter: PEFT trains,
-    and so does a LoRA / bottleneck / prompt adapter here. Llama's rotary embedding returns float32 q / k under
-    autocast while v stays bfloat16, and the prefix attention op is handed those mixed dtypes as they are."""
+    """Mixed-precision training (torch.autocast, as Trainer(bf16=True) does) of a Llama prefix adapter trains as
+    PEFT's does: the same loss and a float32 gradient close to PEFT's. Llama's rotary embedding returns float32
+    q / k under autocast while v stays bfloat16; the prefix layer casts q / k / v to the autocast dtype."""
     ours = tiny("llama")
     pe.add_adapter(ours, "p", pe.PrefixConfig(num_virtual_tokens=3))
     theirs = peft.get_peft_model(tiny("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
@@ -222,10 +222,9 @@ def _one_layer_llama():
 
 
 def test_prefix_tuning_of_a_one_layer_llama_matches_peft():
-    """A one-block decoder: PEFT's prefix changes the outputs and trains; here the prefix is silently ignored (the
-    outputs are the base model's and the loss has no gradient). With a single self-attention module the 'backbone'
-    search picks the decoder layer itself (its forward takes position_ids), whose pre-hook sees no input_ids /
-    inputs_embeds and so never sets the pass's prefix context."""
+    """A one-block decoder: the prefix changes the outputs and trains as PEFT's does (same loss, same gradient).
+    The prefix's backbone is the module taking the tokens, not the single decoder layer (regression: with one
+    self-attention module the prefix was silently ignored)."""
     ours, theirs = _one_layer_llama(), peft.get_peft_model(
         _one_layer_llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     pe.add_adapter(ours, "p", pe.PrefixConfig(num_virtual_tokens=3))
@@ -250,10 +249,9 @@ def _eval_loss(model, ids):
 
 def test_trainer_default_fused_adamw_then_evaluate_sees_the_trained_prefix(tiny, tmp_path):
     """HF Trainer's default optimizer (adamw_torch_fused) trains a prefix adapter with projection; evaluate()
-    afterwards must score the trained prefix. torch's fused optimizer kernels update the Parameters without
-    bumping their version counters, and PrefixEncoder.served keeps its MLP output keyed on (object, data_ptr,
-    _version) stamps, so evaluation keeps serving the prefix computed before training (pool.AdapterPool's stamps
-    for mixed-batch / half-precision serving have the same blind spot)."""
+    afterwards scores the trained prefix. torch's fused optimizer kernels update the Parameters without bumping
+    their version counters, so the prefix's kept MLP output also sees optimizer steps (regression: evaluation
+    served the prefix computed before training)."""
     import copy
 
     from transformers import Trainer, TrainingArguments
