@@ -352,10 +352,15 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
     writes through `.data` bypass the version counter and are not seen. With gradients, or inside torch.compile,
     a layer stacks the Parameters themselves on the fly instead.
 
-    On exit the active adapter, the requires_grad flags and the layers are as before. Raises ValueError, before
-    anything changes, for an empty mapping, a name that is neither a string nor None, an unknown adapter, a
-    merged adapter (mixed batches need unmerged weights), or an adapter missing from a layer its config
-    targeted.
+    Backward may also run after the block (HF Trainer's training_step calls it after compute_loss): a block that
+    closes with gradients enabled leaves its mapped adapters trainable (requires_grad; set_active_adapter
+    freezes all but one again). Gradient checkpointing, which recomputes the forward inside backward, needs
+    backward inside the block: after it, the recomputation raises RuntimeError.
+
+    On exit the active adapter, the requires_grad flags (but the above) and the layers are as before. Raises
+    ValueError, before anything changes, for an empty mapping, a name that is neither a string nor None, an
+    unknown adapter, a merged adapter (mixed batches need unmerged weights), or an adapter missing from a layer
+    its config targeted.
     """
     model = unwrap(model)
     reg = registry(model)
@@ -368,6 +373,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
     with _BATCH_CLAIM:                                 # another thread's block is refused from the claim on
         _not_in_batch(reg, "open another adapter_batch")
         reg.batch = batch
+    mapped = set()                                     # the mapped adapters' Parameters
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -376,16 +382,21 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
                 if name in layer.adapter_names():
                     for p in layer.adapter_parameters(name):
                         p.requires_grad_(True)
+                        mapped.add(p)
             layer.set_batch(batch)
         if callable(getattr(model, "generate", None)):
             model.generate = _expanding(model.generate, batch)
         yield model
     finally:
         reg.batch = None
+        # A block closing with gradients enabled may leave a graph whose backward runs after it (HF Trainer calls
+        # backward after compute_loss): its mapped adapters stay trainable, or autograd would drop their gradients.
+        training = torch.is_grad_enabled()
         for layer in layers:
             layer.set_batch(None)
+            layer.closed_batch = batch if training else None
         for p, flag in requires_grad:
-            p.requires_grad_(flag)
+            p.requires_grad_(flag or (training and p in mapped))
         if own_generate is None:
             model.__dict__.pop("generate", None)
         else:

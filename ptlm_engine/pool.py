@@ -191,9 +191,9 @@ class AdapterPool:
         stamp of `params()`, all their Parameters (the objects, their storage and version counters, and the writes
         counted), decides whether any slot needs its own check; only then each adapter (slot -> name in `adapters`)
         is synced with its `parameters(name)`. With 32 LoRA adapters, ~30 us per layer call on the dev CPU against
-        140-180 us for the per-slot checks. `frozen`: AdapterBatch.frozen, a token while the Parameters cannot change; under the
-        token of the last check nothing is checked again (the stamp, which keeps the token, is dropped whenever
-        the pool's contents change)."""
+        140-180 us for the per-slot checks. `frozen`: AdapterBatch.frozen, a token while the Parameters cannot
+        change; under the token of the last check nothing is checked again (the stamp, which keeps the token, is
+        dropped whenever the pool's contents change)."""
         kept = self._batch_stamp
         if frozen is not None and kept is not None and kept[2] is frozen:
             return
@@ -283,6 +283,9 @@ class AdapterBatch:
         # in generate), kept for the block's lifetime so a CUDA graph captured on one stays valid while the
         # other runs eagerly.
         self._tokens: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
+        # Copies of those for forwards that record a graph (eager training): autograd saves them for a backward
+        # that may run after a remap rewrote the kept ones in place; dropped at each remap.
+        self._snapshots: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
         self.expanding = False
         # A token while the adapters' Parameters cannot change (each model.generate call; a static block's whole
         # lifetime), None otherwise: a layer checks its pool against the Parameters once per token
@@ -316,12 +319,20 @@ class AdapterBatch:
         self.check_rows(n)
         return [s for s in self.slot_ids for _ in range(n // len(self.names))]
 
+    def has_rows(self, slot: int) -> bool:
+        """Whether the adapter in `slot` gets a gradient from this forward: it has rows now, or the forward is
+        traced or captured (a remap may give it rows when the graph replays)."""
+        if slot in self.slot_ids:
+            return True
+        return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
     def remap(self, names: Sequence[str | None]) -> None:
         """Row i runs names[i] from now on: as many rows as before, each adapter one of the batch's (or None).
         The per-device row tensors and every kept token index and grouping are rewritten in place, so whatever
         holds them (a CUDA graph captured in the block) sees the new mapping; num_slots stays."""
         slot_ids = [-1 if name is None else self.adapters[name] for name in names]
         self.names, self.slot_ids = list(names), slot_ids
+        self._snapshots = {}
         with torch.inference_mode(False), torch.no_grad():
             for rows in self._rows.values():
                 rows.copy_(torch.tensor(slot_ids, dtype=torch.int32))
@@ -363,4 +374,10 @@ class AdapterBatch:
                 index = self._token_index(x.device, shape).clone()
                 segments = functional.token_segments(index, self.num_slots) if triton_enabled(x) else None
             self._tokens[key] = (index, segments)
-        return self._tokens[key]
+        if not torch.is_grad_enabled() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._tokens[key]       # a captured step's backward replays with its forward: the kept ones
+        if key not in self._snapshots:     # a pending backward keeps its forward's mapping across a remap
+            index, segments = self._tokens[key]
+            with torch.inference_mode(False), torch.no_grad():
+                self._snapshots[key] = (index.clone(), None if segments is None else tuple(t.clone() for t in segments))
+        return self._snapshots[key]

@@ -6,6 +6,7 @@ derive from it, so that activation, disabling, mixed batches, trainability and r
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -33,6 +34,10 @@ class AdapterLayer(nn.Module):
     """
 
     remaps_in_place = False
+    # The mixed batch of a block that closed with gradients enabled, until this layer's next forward: a
+    # backward after the block that recomputes the forward (gradient checkpointing) would run without the
+    # block's mapping, so check_recomputation refuses it.
+    closed_batch = None
 
     def __init__(self):
         super().__init__()
@@ -42,6 +47,15 @@ class AdapterLayer(nn.Module):
 
     def adapter_names(self) -> list[str]:
         raise NotImplementedError
+
+    def check_recomputation(self) -> None:
+        """The first forward after a training block closed: RuntimeError where it runs inside a backward (gradient
+        checkpointing recomputing the block's forward, whose rows' adapters the layer no longer knows)."""
+        self.closed_batch = None
+        if torch._C._current_graph_task_id() >= 0:
+            raise RuntimeError("gradient checkpointing recomputed a forward of a pe.adapter_batch block after the "
+                               "block closed, without its per-row adapters: call backward inside the block (with "
+                               "HF Trainer, open it in training_step rather than compute_loss)")
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The Parameters adapter `name` trains in this layer (made trainable when it is active or mapped)."""

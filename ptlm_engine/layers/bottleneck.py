@@ -187,6 +187,8 @@ class BottleneckLayer(AdapterLayer):
 
     def _on_output(self, module: nn.Module, args: tuple, output):
         x, self._input = self._input, None                 # never kept beyond the call
+        if self.closed_batch is not None and self.batch is None:
+            self.check_recomputation()
         if not self.adapters_enabled:
             return None
         out = output[0] if isinstance(output, tuple) else output
@@ -298,7 +300,9 @@ class BottleneckLayer(AdapterLayer):
                 tensors = blank
             else:
                 pad = m_max - self.bottleneck[name]
-                down_weight, down_bias, up_weight, up_bias, *norm = (p.to(dtype) for p in self.adapter_parameters(name))
+                live = self.batch.has_rows(slot)                  # no rows since a remap: no gradient (None)
+                down_weight, down_bias, up_weight, up_bias, *norm = (
+                    (p if live else p.detach()).to(dtype) for p in self.adapter_parameters(name))
                 tensors = [F.pad(down_weight, (0, 0, 0, pad)), F.pad(down_bias, (0, pad)),   # (m_max, d), (m_max,)
                            F.pad(up_weight, (0, pad)), up_bias, *(norm or blank[4:])]       # (d, m_max), (d,)...
             for stack, tensor in zip(stacks, tensors):

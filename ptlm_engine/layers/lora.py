@@ -144,6 +144,8 @@ class LoraLinear(AdapterLayer):
     group = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.closed_batch is not None and self.batch is None:
+            self.check_recomputation()
         if self.group is not None:
             y = self.group.output(self, x)                 # None: the group cannot run fused, go on alone
             if y is not None:
@@ -213,7 +215,8 @@ class LoraLinear(AdapterLayer):
 
     def _stacked_slots(self, dtype: torch.dtype) -> LoraSlots:
         """The batch's adapters' own Parameters stacked, zero-padded to their largest rank, so that autograd
-        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros."""
+        routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros. An adapter with
+        no rows since a remap gets no gradient (None, as in a block without it), not zeros."""
         r_max = max(self.r[name] for name in self.batch_adapters.values())
         blank_A = self.weight.new_zeros(r_max, self.in_features, dtype=dtype)
         blank_B = self.weight.new_zeros(self.out_features, r_max, dtype=dtype)
@@ -225,8 +228,11 @@ class LoraLinear(AdapterLayer):
                 stack_B.append(blank_B)
                 continue
             pad = r_max - self.r[name]
-            stack_A.append(F.pad(self.lora_A[name].weight.to(dtype), (0, 0, 0, pad)))     # (r_max, d_in)
-            stack_B.append(F.pad(self.lora_B[name].weight.to(dtype), (0, pad)))           # (d_out, r_max)
+            lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+            if not self.batch.has_rows(slot):
+                lora_A, lora_B = lora_A.detach(), lora_B.detach()
+            stack_A.append(F.pad(lora_A.to(dtype), (0, 0, 0, pad)))                       # (r_max, d_in)
+            stack_B.append(F.pad(lora_B.to(dtype), (0, pad)))                             # (d_out, r_max)
         return LoraSlots(torch.stack(stack_A), torch.stack(stack_B), self.batch_ranks, self.batch_scales)
 
     def _apply(self, fn, recurse=True):
