@@ -275,6 +275,7 @@ class AdapterBatch:
     def __init__(self, names: Sequence[str | None], slot_of: dict[str, int], devices: Iterable[torch.device]):
         self.names = list(names)
         self.slot_ids = [-1 if name is None else slot_of[name] for name in self.names]
+        self._live_slots = set(self.slot_ids)
         self.adapters = {name: slot_of[name] for name in dict.fromkeys(self.names) if name is not None}
         # The slot ids this batch indexes are 0 … num_slots-1: every layer passes that many slots to the op.
         self.num_slots = max(self.slot_ids) + 1
@@ -322,7 +323,7 @@ class AdapterBatch:
     def has_rows(self, slot: int) -> bool:
         """Whether the adapter in `slot` gets a gradient from this forward: it has rows now, or the forward is
         traced or captured (a remap may give it rows when the graph replays)."""
-        if slot in self.slot_ids:
+        if slot in self._live_slots:
             return True
         return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -331,7 +332,7 @@ class AdapterBatch:
         The per-device row tensors and every kept token index and grouping are rewritten in place, so whatever
         holds them (a CUDA graph captured in the block) sees the new mapping; num_slots stays."""
         slot_ids = [-1 if name is None else self.adapters[name] for name in names]
-        self.names, self.slot_ids = list(names), slot_ids
+        self.names, self.slot_ids, self._live_slots = list(names), slot_ids, set(slot_ids)
         self._snapshots = {}
         with torch.inference_mode(False), torch.no_grad():
             for rows in self._rows.values():
