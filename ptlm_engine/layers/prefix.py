@@ -605,9 +605,11 @@ def _check_model(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, int
     if getattr(config, "reorder_and_upcast_attn", False):
         raise ValueError(f"prefix tuning does not support reorder_and_upcast_attn=True ({kind})")
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise ValueError(f"prefix tuning supports full attention in every layer; {kind} has layer types "
-                         f"{sorted(layer_types)}")
+    if not layer_types <= {"full_attention", "sliding_attention"}:
+        # Sliding layers work while their window holds prefix and sequence (checked per call); other kinds
+        # (chunked, linear attention) attend in patterns the prefix has no place in.
+        raise ValueError(f"prefix tuning supports full and sliding-window attention layers; {kind} has layer "
+                         f"types {sorted(layer_types)}")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise ValueError("prefix tuning does not work with gradient checkpointing (as in PEFT); disable it first")
     geometry = prefix_geometry(config)
