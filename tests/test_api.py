@@ -8,7 +8,7 @@ from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine.layers import LoraLinear, ModulesToSave
-from tests.helpers import assert_reloads_same, hook_count, needs_triton
+from tests.helpers import assert_reloads_same, hook_count, needs_triton, run_alone
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -175,6 +175,27 @@ def test_disable_adapters_with_lifecycle_calls_inside(tiny, ids, output, randomi
     torch.testing.assert_close(output(llama, ids), base)
     pe.set_active_adapter(llama, "d")
     torch.testing.assert_close(output(llama, ids), y_d)
+
+
+def test_disable_adapters_inside_a_mixed_batch_block(tiny, ids, output, randomize_adapters):
+    """disable_adapters inside adapter_batch gives every row the base model's output, and after it each row has its
+    own adapter again, as with one adapter active (the lifecycle calls refused inside the block:
+    tests/test_adapter_batch.py)."""
+    llama = tiny("llama")
+    for name, r in (("a", 4), ("b", 8)):
+        pe.add_adapter(llama, name, pe.LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+        pe.set_active_adapter(llama, name)
+        randomize_adapters(llama, seed=r)
+    names, ids = ["a", "b", None], torch.cat([ids, ids[:1]])
+    with torch.no_grad():
+        base = run_alone(llama, None, lambda: output(llama, ids))
+        alone = [run_alone(llama, name, lambda: output(llama, ids[row:row + 1]))[0] for row, name in enumerate(names)]
+        with pe.adapter_batch(llama, names):
+            with pe.disable_adapters(llama):
+                torch.testing.assert_close(output(llama, ids), base)
+            mixed = output(llama, ids)
+    torch.testing.assert_close(mixed, torch.stack(alone))
+    assert not torch.allclose(mixed[:2], base[:2])
 
 
 def test_remove_restores_modules_keys_and_flags(tiny, ids, output, randomize_adapters):

@@ -14,6 +14,7 @@ from ptlm_engine.layers.bottleneck import bottleneck_pool
 from ptlm_engine.layers.lora import lora_pool
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots
 from ptlm_engine.pool import AdapterBatch, free_slot
+from tests.helpers import run_alone, seeded_ids, state_copy
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -160,6 +161,61 @@ def test_slot_ids_are_model_wide_and_reused(tiny):
         assert v.batch_adapters == {} and q.batch_adapters == {2: "c"}
 
 
+def _lora(r):
+    return pe.LoraConfig(r=r, target_modules=["q_proj", "v_proj"])
+
+
+def _llama_a_b(tiny, randomize_adapters=None):
+    """A tiny Llama with LoRA adapters "a" (r 4) and "b" (r 8), random values in each if randomize_adapters is
+    given (fresh adapters change nothing)."""
+    llama = tiny("llama")
+    for name, r in (("a", 4), ("b", 8)):
+        pe.add_adapter(llama, name, _lora(r))
+        if randomize_adapters is not None:
+            pe.set_active_adapter(llama, name)
+            randomize_adapters(llama, seed=r)
+    return llama
+
+
+def _served_rows_alone(model, names, ids, output, **tolerance):
+    """The mixed batch's output over `names`, after checking each row against that row run alone with its adapter
+    (None: the base model)."""
+    with torch.no_grad():
+        with pe.adapter_batch(model, names):
+            mixed = output(model, ids)
+        for row, name in enumerate(names):
+            alone = run_alone(model, name, lambda: output(model, ids[row:row + 1]))
+            torch.testing.assert_close(mixed[row], alone[0], **tolerance)
+    return mixed
+
+
+def test_add_remove_cycles_reuse_slots_and_keep_the_capacity(tiny, output, randomize_adapters):
+    """Adapters of ranks 1 to 256 added and removed twice over next to one that stays, with a mixed batch in
+    between: each row is its adapter's alone, removed adapters' slots are zeroed and reused (ids stay low), the
+    capacity stays what the most adapters present at once need (a power of two), and adding into room already
+    there reallocates nothing: a server swapping adapters keeps its pools bounded."""
+    llama = tiny("llama")
+    pe.add_adapter(llama, "keep", _lora(4))
+    randomize_adapters(llama, seed=100)
+    q = llama.model.layers[0].self_attn.q_proj
+    seen = []
+    for cycle in range(2):
+        for i, r in enumerate([1, 3, 256, 2, 17]):
+            pe.add_adapter(llama, f"a{i}", _lora(r))
+            pe.set_active_adapter(llama, f"a{i}")
+            randomize_adapters(llama, seed=10 * cycle + i)
+        _served_rows_alone(llama, ["a2", "keep", "a0"], seeded_ids(3), output)
+        seen.append((q.pool.capacity, sorted(q.slot.values())))
+        for i in range(5):
+            pe.remove_adapter(llama, f"a{i}")
+        assert q.slot == {"keep": 0} and not q.pool.ranks[1:].any() and not q.pool.lora_A[1:].any()
+    assert seen == [(8, [0, 1, 2, 3, 4, 5])] * 2
+    storage = q.pool.lora_A.data_ptr()
+    for i in range(5):                                          # room for them: "keep"'s slot is not copied again
+        pe.add_adapter(llama, f"b{i}", _lora(4))
+        assert q.pool.lora_A.data_ptr() == storage
+
+
 def test_pool_follows_the_model_to_float64(tiny, output, randomize_adapters):
     llama = tiny("llama")
     pe.add_adapter(llama, "a", pe.LoraConfig(r=4, target_modules=["q_proj"]))
@@ -176,6 +232,24 @@ def test_pool_follows_the_model_to_float64(tiny, output, randomize_adapters):
     torch.testing.assert_close(mixed[1], output(llama, ids[1:])[0])
 
 
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "float_after_half"])
+def test_pools_follow_the_model_to_half_precision_and_back(tiny, output, randomize_adapters, convert):
+    """model.half(), .to(torch.bfloat16) or .half().float() after adapters were added and served in a mixed batch:
+    the pools follow the model, each mixed row is its adapter's alone in the new dtype, and the rows stay within
+    that dtype's rounding of the float32 ones."""
+    llama = _llama_a_b(tiny, randomize_adapters)
+    ids = seeded_ids(3)
+    want = _served_rows_alone(llama, ["a", "b", None], ids, output)
+    if convert == "float_after_half":
+        llama.half().float()
+    else:
+        llama.to(torch.float16 if convert == "half" else torch.bfloat16)
+    mixed = _served_rows_alone(llama, ["a", "b", None], ids, output)
+    assert mixed.dtype == inject.lora_layers(llama)[0][1].pool.dtype == llama.lm_head.weight.dtype
+    atol = {"half": 5e-2, "bfloat16": 2e-1, "float_after_half": 5e-2}[convert]
+    torch.testing.assert_close(mixed.float(), want, rtol=0, atol=atol)
+
+
 def test_model_with_a_pool_copies_and_pickles(tiny, output, randomize_adapters):
     gpt2 = tiny("gpt2")
     pe.add_adapter(gpt2, "a", pe.LoraConfig(r=4, target_modules=["c_attn"]))
@@ -188,6 +262,32 @@ def test_model_with_a_pool_copies_and_pickles(tiny, output, randomize_adapters):
         with torch.no_grad(), pe.adapter_batch(clone, ["a", None]):
             mixed = output(clone, ids)
         torch.testing.assert_close(mixed[0], output(gpt2, ids[:1])[0])
+
+
+@pytest.mark.parametrize("assign", [False, True], ids=["copy", "assign"])
+def test_load_state_dict_into_filled_pools_serves_the_loaded_values(tiny, output, randomize_adapters, assign):
+    """load_state_dict (copying, or with assign=True, which puts new Parameter objects in) into a model whose pools a
+    mixed batch already filled: the next mixed batch serves the loaded values, as in the model they came from."""
+    ids = seeded_ids(3)
+    source = _llama_a_b(tiny, randomize_adapters)
+    want = _served_rows_alone(source, ["a", "b", None], ids, output)
+    llama = _llama_a_b(tiny)
+    _served_rows_alone(llama, ["a", "b", None], ids, output)                # the pools hold the fresh adapters
+    llama.load_state_dict(state_copy(source), assign=assign)
+    torch.testing.assert_close(_served_rows_alone(llama, ["a", "b", None], ids, output), want)
+
+
+def test_a_deepcopy_of_a_model_with_filled_pools_has_pools_of_its_own(tiny, output, randomize_adapters):
+    """copy.deepcopy of a model a mixed batch has served: new values in the copy's adapter reach the copy's rows and
+    leave the original's as they were (the pools are copied, not shared)."""
+    ids = seeded_ids(3)
+    llama = _llama_a_b(tiny, randomize_adapters)
+    served = _served_rows_alone(llama, ["a", "b", None], ids, output)
+    twin = copy.deepcopy(llama)
+    pe.set_active_adapter(twin, "a")
+    randomize_adapters(twin, seed=99)
+    assert not torch.allclose(_served_rows_alone(twin, ["a", "b", None], ids, output)[0], served[0])
+    torch.testing.assert_close(_served_rows_alone(llama, ["a", "b", None], ids, output), served)
 
 
 def _layer_with_two_adapters():

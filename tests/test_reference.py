@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import ptlm_engine as pe
 from ptlm_engine import reference
+from tests.helpers import randomize_trainable64, run_alone
 
 
 # --------------------------------------------------------------------- half precision: the LoRA branch's rounding
@@ -31,6 +33,59 @@ def test_lora_ops_in_half_precision_round_once_with_an_fp32_intermediate(dtype):
         worst = ((out.double() - exact).abs() / bound).max().item()
         assert out.dtype == dtype
         assert worst <= 1.0, f"error up to {worst:.1f}x the one-rounding bound"
+
+
+# ------------------------------------------------------------------------- mixed batch: one slot's NaN
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_lora_multi_rows_keep_out_of_another_slots_nan(traced):
+    """A NaN in slot 0's lora_A (a diverged adapter) reaches slot 0's tokens only: a token with index -1 gets
+    x W0^T + bias and the other slots' tokens their own terms, as with the Triton kernels and as each row run
+    alone. Eagerly and traced (torch.compile fullgraph: a static-cache compiled generate on a CPU or float64
+    model), where every slot runs over all tokens and each token's term is selected, not masked by a product
+    (regression: masked by a product, 0 · NaN = NaN put slot 0's NaN into the -1 rows, traced into every row)."""
+    g = torch.Generator().manual_seed(4)
+    T, d_in, d_out, ranks = 4, 7, 5, [4, 2, 1]
+    x = torch.randn(T, d_in, generator=g)
+    weight, bias = torch.randn(d_out, d_in, generator=g), torch.randn(d_out, generator=g)
+    lora_A = torch.randn(3, 4, d_in, generator=g)
+    lora_B = torch.randn(3, d_out, 4, generator=g)
+    for s, r in enumerate(ranks):                                                     # zeros beyond each rank
+        lora_A[s, r:], lora_B[s, :, r:] = 0, 0
+    scales, index = torch.tensor([0.5, 1.5, 0.75]), torch.tensor([1, -1, 2, 0])
+    want = reference.lora_linear_multi(x.double(), weight.double(), bias.double(), lora_A.double(), lora_B.double(),
+                                       scales.double(), index)
+    lora_A[0, 0, 0] = float("nan")
+    fn = reference.lora_linear_multi
+    if traced:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, backend="eager", fullgraph=True)
+    y = fn(x, weight, bias, lora_A, lora_B, scales, index)
+    assert torch.isnan(y[3]).all()                                                  # slot 0's own row
+    assert torch.isfinite(y[:3]).all(), f"rows without slot 0 became NaN: {torch.isnan(y).any(1).tolist()}"
+    torch.testing.assert_close(y[:3].double(), want[:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y[1].double(), x[1].double() @ weight.double().t() + bias.double())
+
+
+def test_float64_model_mixed_batch_rows_keep_out_of_a_diverged_adapters_nan(tiny, ids):
+    """A float64 model (served by the reference, whatever the backend) maps rows to adapter "a", to the base model
+    (None) and to "b"; "a" has diverged (a NaN in one lora_A weight). The rows without "a" are those they give
+    alone: the None row is the base model's output (regression: it came out all NaN)."""
+    model = tiny("llama").double()
+    for name, r in (("a", 4), ("b", 2)):
+        pe.add_adapter(model, name, pe.LoraConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    randomize_trainable64(model, seed=1)                                            # "a", the active one
+    pe.set_active_adapter(model, "b")
+    randomize_trainable64(model, seed=2)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_A["a"].weight[0, 0] = float("nan")
+        ids = torch.cat([ids, ids[:1]])
+        with pe.adapter_batch(model, ["a", None, "b"]):
+            mixed = model(input_ids=ids).logits
+        alone = [run_alone(model, name, lambda: model(input_ids=ids[row:row + 1]).logits[0])
+                 for row, name in ((1, None), (2, "b"))]
+    assert torch.isnan(mixed[0]).all()
+    torch.testing.assert_close(mixed[1], alone[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mixed[2], alone[1], rtol=1e-10, atol=1e-10)
 
 
 # ------------------------------------------------------------------------- bottleneck mixed batch, traced

@@ -146,10 +146,15 @@ def test_failure_while_copying_rolls_back(tiny, saved, monkeypatch):
     assert {n: p.requires_grad for n, p in fresh.named_parameters()} == flags
 
 
-def test_name_taken(saved):
+def test_name_taken(saved, randomize_adapters):
+    """Loading under a name the model already has is refused before anything changes: that adapter keeps its own
+    values (the file's would silently replace them)."""
     gpt2, path = saved(target_modules=["c_attn"])
+    randomize_adapters(gpt2, seed=1)                                   # 'a' no longer holds the file's values
+    state = _state(gpt2)
     with pytest.raises(ValueError, match="already has an adapter named 'a'"):
         pe.load_adapter(gpt2, path, name="a")
+    _assert_unchanged(gpt2, state, adapters=["a"])
 
 
 @pytest.mark.parametrize("kind,parts", [

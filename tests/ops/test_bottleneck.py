@@ -90,6 +90,23 @@ def test_only_the_adapter_trains_and_inference_matches_training():
     assert torch.equal(y.detach(), y_inf)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_relu_keeps_nan(train):
+    """A NaN reaching a ReLU adapter comes out NaN, as torch.relu(nan) and nn.ReLU give (PEFT-style adapters built
+    from nn.ReLU propagate it): a NaN that vanishes would hide a diverged run. Parallel placement: the NaN is in h,
+    the residual is finite; the other rows keep float64's values (regression: the kernels' ReLU, Triton's maximum,
+    returned 0 for NaN)."""
+    torch.manual_seed(6)
+    h, wd, bd, wu, bu, res = _inputs((3,), 6, 3, torch.float32, residual=True)
+    with torch.no_grad():
+        h[0, 2] = float("nan")
+    with torch.set_grad_enabled(train):
+        y = bottleneck_adapter(h, wd, bd, wu, bu, "relu", 1.0, res)
+    y64 = reference.bottleneck_adapter(*[t.double() for t in (h, wd, bd, wu, bu)], "relu", 1.0, res.double())
+    assert torch.isnan(y64[0]).all() and torch.isnan(y[0]).all()
+    assert_matches(y[1:], y64[1:], None, torch.float32, "rows without NaN")
+
+
 def test_reference_fallbacks(monkeypatch):
     """float64, widths over 256 and PTLM_BACKEND=reference all run the PyTorch reference."""
     torch.manual_seed(4)

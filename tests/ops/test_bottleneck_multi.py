@@ -73,13 +73,60 @@ def _check_float64(lead, dtype, residual, far=False):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
-def test_index_out_of_range_raises_value_error(backend, monkeypatch):
-    """Checked where it costs no device sync (a CPU index, without given segments)."""
+@pytest.mark.parametrize("bad", [2, -2, 2**40])
+def test_index_out_of_range_raises_value_error(backend, bad, monkeypatch):
+    """Checked where it costs no device sync (a CPU index, without given segments); 2^40 is not cut to 32 bits
+    first."""
     monkeypatch.setenv("PTLM_BACKEND", backend)
     h, slots, _, _ = _inputs((5,), 8, [3, 2], [0, 1], torch.float32)
     slots = BottleneckSlots(*(t.detach().cpu() for t in slots))
     with pytest.raises(ValueError, match=r"adapter_index: expected slot ids in \[-1, 2\)"):
-        bottleneck_adapter_multi(h.detach().cpu(), slots, torch.tensor([0, 1, 2, -1, 0]))
+        bottleneck_adapter_multi(h.detach().cpu(), slots, torch.tensor([0, 1, bad, -1, 0]))
+
+
+def test_bool_index_is_refused():
+    """A bool adapter_index (a "has an adapter" mask passed by mistake) is not a slot index: torch's index ops
+    (index_select, F.embedding) refuse bool indices, and so does the op, with a ValueError naming adapter_index
+    (regression: the kernels read True as slot 1, the reference failed with an unrelated error)."""
+    h, slots, _, _ = _inputs((4,), 6, [3, 2], [0, 1], torch.float32)
+    with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(4,\)"):
+        bottleneck_adapter_multi(h, slots, torch.tensor([True, False, True, True], device=DEVICE))
+
+
+@pytest.mark.parametrize("table,values,message", [
+    ("sizes", [3, -2, 1], r"sizes: expected values in \[0, 3\]"),
+    ("sizes", [3, 4, 1], r"sizes: expected values in \[0, 3\]"),
+    ("acts", [0, 7, 0], r"acts: expected values in \[0, 2\]"),
+], ids=["negative_size", "size_above_m_max", "unknown_act_code"])
+def test_slot_tables_out_of_range_raise_value_error(table, values, message):
+    """The user's slot tables (BottleneckSlots.sizes and acts) outside what the stacked tensors and the kernels can
+    mean are a ValueError, as an adapter_index out of range is; checked where it costs no device sync (CPU tables,
+    without given segments). Regression: a negative size or an unknown activation code computed something
+    silently (the reference failed with an IndexError on the code)."""
+    h, slots, _, _ = _inputs((4,), 6, [3, 2, 1], [0, 1, 2], torch.float32)
+    slots = BottleneckSlots(*(t.detach().cpu() for t in slots))
+    slots = slots._replace(**{table: torch.tensor(values, dtype=torch.int32)})
+    with pytest.raises(ValueError, match=message):
+        bottleneck_adapter_multi(h.detach().cpu(), slots, torch.tensor([0, 1, 2, -1]))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_multi_relu_keeps_nan(train):
+    """A NaN reaching a ReLU slot comes out NaN in its row, as torch.relu(nan) and nn.ReLU give: a NaN that vanishes
+    would hide a diverged run. Parallel placement: the NaN is in h, the residual is finite; the row without an
+    adapter and the other rows keep float64's values (regression: the kernels' ReLU, Triton's maximum, returned 0
+    for NaN)."""
+    torch.manual_seed(6)
+    h, slots, _, res = _inputs((3,), 6, [3], [0], torch.float32, residual=True)
+    with torch.no_grad():
+        h[0, 2] = float("nan")
+    index = torch.tensor([0, 0, -1], device=DEVICE)
+    with torch.set_grad_enabled(train):
+        y = bottleneck_adapter_multi(h, slots, index, res)
+    y64 = reference.bottleneck_adapter_multi(h.double(), *[t.double() for t in _weights(slots)], slots.sizes,
+                                             slots.scales.double(), slots.acts, index, res.double())
+    assert torch.isnan(y64[0]).all() and torch.isnan(y[0]).all()
+    assert_matches(y[1:], y64[1:], None, torch.float32, "rows without NaN")
 
 
 @needs_triton

@@ -91,6 +91,20 @@ def test_non_contiguous_input():
     assert_matches(y, y64, None, torch.float32, "y")
 
 
+@pytest.mark.parametrize("lead,expanded", [((0,), False), ((0, 3), False), ((1,), False), ((4,), True)],
+                         ids=["empty", "batch0_3d", "one", "expanded"])
+def test_empty_single_token_and_expanded_inputs(lead, expanded):
+    """No token (T = 0, also a 3-D batch of 0), one token, and an x expanded from one row (stride 0, as
+    x[:1].expand(4, -1) gives): y has x's leading dims and float64's values, as F.linear gives for any of them."""
+    torch.manual_seed(8)
+    x, w, b, a, bb = (t.detach() for t in _inputs((1,) if expanded else lead, 7, 5, 3, torch.float32))
+    x = x.expand(*lead, 7)
+    y = lora_linear(x, w, b, a, bb, scale=0.5)
+    y64 = reference.lora_linear(x.double(), w.double(), b.double(), a.double(), bb.double(), 0.5)
+    assert y.shape == (*lead, 5)
+    assert_matches(y, y64, None, torch.float32, "y")
+
+
 @needs_triton
 @pytest.mark.parametrize("T", [5, 70])     # decode; prefill
 def test_rows_far_apart_in_memory(T):
@@ -130,6 +144,64 @@ def test_dropout_uses_one_mask_for_forward_and_backward():
     for name, g, g64 in zip(["dx", "dW", "dbias", "dA", "dB"], grads, grads64):
         if g is not None:
             assert_matches(g, g64, None, torch.float32, name)
+
+
+@pytest.mark.parametrize("grads,r", [(grads, r) for r in (1, 256) for grads in [("x",), ("lora_A",), ("lora_B",), ()]]
+                         + [(("x", "lora_A", "lora_B"), 256)],
+                         ids=lambda v: ("-".join(v) or "none") if isinstance(v, tuple) else f"r{v}")
+def test_gradients_exactly_where_requires_grad_is_set(grads, r):
+    """Each of x, lora_A and lora_B gets a gradient exactly when it requires one (a frozen input, a frozen A or B),
+    as autograd gives for torch's own ops, equal to float64 autograd's; with none requiring one the output has no
+    graph. r = 1 and r = 256 (all three at r = 1: test_forward_backward_matches_float64)."""
+    torch.manual_seed(r)
+    ts = _inputs((3,), 7, 5, r, torch.float32)
+    for t, name in zip(ts, ("x", "weight", "bias", "lora_A", "lora_B")):
+        t.requires_grad_(name in grads)
+    if not grads:
+        y = lora_linear(*ts, scale=0.7)
+        assert not y.requires_grad
+        assert_matches(y, reference.lora_linear(*[t.double() for t in ts], 0.7), None, torch.float32, "y")
+        return
+    dy = torch.randn(3, 5, device=DEVICE)
+    y, grads32 = _run(lora_linear, ts, dy, scale=0.7)
+    y64, grads64 = _run(reference.lora_linear, [_leaf64(t) for t in ts], dy.double(), scale=0.7)
+    assert_matches(y, y64, None, torch.float32, "y")
+    assert_grads_match(["dx", "dW", "dbias", "dA", "dB"], grads32, grads64, [None] * 5, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_double_backward_runs_on_the_reference_and_is_refused_by_the_kernels(backend, monkeypatch):
+    """A double backward (gradient penalties, MAML: gradients taken with create_graph=True, then differentiated)
+    through lora_linear with a trainable base weight. The reference's plain torch ops compute it (float64's
+    value); the kernels' gradients are not differentiable themselves, so the kernel path refuses it with a
+    RuntimeError naming the double backward, as torch's once_differentiable Functions refuse one, rather than give
+    a value missing their terms (regression: d/dx of (sum dL/dA + sum dL/dW) came out silently wrong)."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    torch.manual_seed(10)
+    ts = _inputs((4,), 7, 5, 3, torch.float32, train_base=True)
+
+    def second(fn, x, w, b, a, bb):
+        y = fn(x, w, b, a, bb, 0.5)
+        grad_a, grad_w = torch.autograd.grad(y.pow(2).sum(), (a, w), create_graph=True)
+        return torch.autograd.grad(grad_a.sum() + grad_w.sum(), x)[0]
+
+    want = second(reference.lora_linear, *[_leaf64(t) for t in ts])
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="double backward"):
+            second(lora_linear, *ts)
+    else:
+        assert_matches(second(lora_linear, *ts), want, None, torch.float32, "d/dx of the first gradients")
+
+
+def test_nan_in_x_stays_in_its_row_and_nan_in_lora_A_shows_at_scale_zero():
+    """A NaN in one token of x makes that token's output NaN and no other token's; a NaN in lora_A comes out even at
+    scale 0 (0 · NaN = NaN, as PEFT's lora_B(lora_A(x)) * scaling gives): a diverged adapter is not hidden."""
+    torch.manual_seed(9)
+    x, w, b, a, bb = (t.detach().clone() for t in _inputs((3,), 7, 5, 2, torch.float32))
+    x[0, 1] = float("nan")
+    assert torch.isnan(lora_linear(x, w, b, a, bb, scale=0.5)).any(1).tolist() == [True, False, False]
+    a[0, 0] = float("nan")
+    assert torch.isnan(lora_linear(x[1:], w, b, a, bb, scale=0.0)).all()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -113,6 +113,37 @@ def test_mixed_batch_equals_each_row_with_its_own_adapter():
         torch.testing.assert_close(y[t:t + 1], row, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["empty", "batch0_3d", "one", "4d", "expanded", "transposed"])
+def test_multi_edge_shapes_and_strides(case):
+    """No token (T = 0, also a 3-D batch of 0), one token, 4-D leading dims, an x expanded from one row (stride 0)
+    and a transposed x: y has x's leading dims and float64's values, as F.linear gives for any of them."""
+    torch.manual_seed(7)
+    lead = {"empty": (0,), "batch0_3d": (0, 3), "one": (1,), "4d": (2, 1, 3)}.get(case, (4,))
+    x, w, bias, slots, index = _inputs(lead, 7, 5, [4, 2, 1], torch.float32)
+    x = x.detach()
+    if case == "expanded":
+        x = x[:1].expand(4, 7)
+    elif case == "transposed":
+        x = x.t().contiguous().t()
+    y = lora_linear_multi(x, w, bias, slots, index)
+    y64 = reference.lora_linear_multi(x.double().reshape(-1, 7), w.double(), bias.double(), slots.lora_A.double(),
+                                      slots.lora_B.double(), slots.scales.double(), index.reshape(-1))
+    assert y.shape == (*lead, 5)
+    assert_matches(y, y64.reshape(y.shape), None, torch.float32, "y")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
+def test_multi_index_of_any_integer_dtype(dtype):
+    """adapter_index as int32, int16 or uint8 (a mapping built by the caller), as torch's index ops take any integer
+    dtype: the same output as with int64."""
+    torch.manual_seed(11)
+    x, w, bias, slots, _ = _inputs((4,), 7, 5, [4, 2, 1], torch.float32)
+    index = torch.tensor([2, 0, 1, 0], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(lora_linear_multi(x, w, bias, slots, index.to(dtype)),
+                                   lora_linear_multi(x, w, bias, slots, index))
+
+
 class _TorchOps(TorchDispatchMode):
     """The names of the torch ops run inside the block."""
 
@@ -180,9 +211,10 @@ def test_multi_strided_vectors():
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("bad", [2, 5, -2])
+@pytest.mark.parametrize("bad", [2, 5, -2, 2**40])
 def test_multi_index_out_of_range_raises_value_error(backend, bad, monkeypatch):
-    """Checked where it costs no device sync (a CPU index, without given segments)."""
+    """Checked where it costs no device sync (a CPU index, without given segments); 2^40 is not cut to 32 bits
+    first."""
     monkeypatch.setenv("PTLM_BACKEND", backend)
     x, w, bias, slots, _ = _inputs((5,), 8, 6, [3, 3], torch.float32)
     index = torch.tensor([0, 1, bad, 0, -1])
@@ -194,6 +226,8 @@ def test_multi_bad_input_raises_value_error():
     x, w, bias, slots, index = _inputs((5,), 8, 6, [2, 3], torch.float32)
     with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(5,\)"):
         lora_linear_multi(x, w, bias, slots, index[:4])
+    with pytest.raises(ValueError, match=r"adapter_index: expected device"):
+        lora_linear_multi(x, w, bias, slots, index.to("meta"))
     with pytest.raises(ValueError, match=r"lora_B: expected stacked slots \(2, 6, 3\)"):
         lora_linear_multi(x, w, bias, slots._replace(lora_B=slots.lora_B[:, :, :2]), index)
     with pytest.raises(ValueError, match=r"scales: expected shape \(2,\), got \(1,\)"):
@@ -210,6 +244,34 @@ def test_multi_bad_input_raises_value_error():
         lora_linear_multi(x.to("meta"), w.to("meta"), bias.to("meta"), slots._replace(
             lora_A=slots.lora_A.to("meta"), lora_B=slots.lora_B.to("meta"), ranks=slots.ranks.to("meta")),
             index.to("meta"))
+
+
+def test_multi_bool_index_is_refused():
+    """A bool adapter_index (a "has an adapter" mask passed by mistake) is not a slot index: torch's index ops
+    (index_select, F.embedding) refuse bool indices, and so does the op, with a ValueError naming adapter_index
+    (regression: the kernels read True as slot 1)."""
+    x, w, bias, slots, _ = _inputs((4,), 8, 6, [3, 3], torch.float32)
+    with pytest.raises(ValueError, match=r"adapter_index: expected integers of shape \(4,\)"):
+        lora_linear_multi(x, w, bias, slots, torch.tensor([True, False, True, True], device=DEVICE))
+
+
+@pytest.mark.parametrize("table,values,message", [
+    ("ranks", [4, 2, 9], r"ranks: expected values in \[0, 4\]"),
+    ("ranks", [-1, 2, 1], r"ranks: expected values in \[0, 4\]"),
+    ("dropouts", [0.0, 1.0, 0.0], r"dropouts: expected values in \[0.0, 1.0\)"),
+    ("dropouts", [-0.5, 0.0, 0.0], r"dropouts: expected values in \[0.0, 1.0\)"),
+], ids=["rank_above_r_max", "negative_rank", "dropout_one", "negative_dropout"])
+def test_multi_slot_tables_out_of_range_raise_value_error(table, values, message):
+    """The user's slot tables (LoraSlots.ranks and dropouts) outside what the stacked tensors and the kernels can
+    mean are a ValueError, as an adapter_index out of range and lora_linear's dropout outside [0, 1) are; checked
+    where it costs no device sync (CPU tables, without given segments). Regression: a rank above r_max made the
+    kernels read the next slot's rows (past the tensor for the last slot), a dropout of 1 gave NaN rows, a negative
+    rank or dropout computed something silently."""
+    x, w, bias, slots, _ = _inputs((4,), 8, 6, [4, 2, 1], torch.float32)
+    slots = LoraSlots(*(t.detach().cpu() for t in slots[:4]))
+    slots = slots._replace(**{table: torch.tensor(values, dtype=torch.int32 if table == "ranks" else torch.float32)})
+    with pytest.raises(ValueError, match=message):
+        lora_linear_multi(x.detach().cpu(), w.cpu(), bias.cpu(), slots, torch.tensor([0, 1, 2, -1]))
 
 
 @needs_triton
