@@ -176,7 +176,7 @@ class AdapterPool:
         getattr(self, next(iter(self.scalars)))[slot] = width
         for name, value in scalars.items():
             getattr(self, name)[slot] = value
-        self._put[slot] = dict(scalars)
+        self._put[slot] = {next(iter(self.scalars)): width, **scalars}
         self._write(slot, params)
         self._batch_stamp = None
 
@@ -241,11 +241,12 @@ class AdapterPool:
     @torch.inference_mode(False)
     def move(self, device: torch.device, dtype: torch.dtype) -> None:
         """Reallocate on `device` in `dtype` (the layer moved, or the compute dtype changed under autocast): the
-        same capacity and scalars; every tensor is copied in again by the next `sync` of its slot."""
+        same capacity and scalars; every tensor is copied in again by the next `sync` of its slot. Nothing is
+        copied from the old tensors, which may be on the meta device (a model built empty, then `to_empty`)."""
         for name in self.stacked:
             setattr(self, name, torch.zeros(getattr(self, name).shape, device=device, dtype=dtype))
         for name, kind in self.scalars.items():
-            setattr(self, name, getattr(self, name).to(device=device, dtype=_scalar(kind, dtype)))
+            setattr(self, name, torch.zeros(self.capacity, device=device, dtype=_scalar(kind, dtype)))
         for slot, values in self._put.items():      # again from the numbers put: float32 -> float64 stays exact
             for name, value in values.items():
                 getattr(self, name)[slot] = value

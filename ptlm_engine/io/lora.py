@@ -62,6 +62,8 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
         target_modules = sorted(p for p, _ in layers)
     peft_config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        # What PEFT writes without a task_type: the base model's class, which AutoPeftModel loads the base by.
+        "auto_mapping": {"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": target_modules, "layers_to_transform": config.layers_to_transform,

@@ -599,6 +599,8 @@ def _check_model(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, int
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError(f"prefix tuning supports decoder-only and encoder-only models; {kind} has cross-attention")
     original = config._attn_implementation or "eager"
+    # A model built from an adapted model's config carries ptlm's name (its functions fall back to the original).
+    original = next((o for o in ORIGINAL_IMPLEMENTATIONS if original == _IMPLEMENTATION.format(o)), original)
     if original not in ORIGINAL_IMPLEMENTATIONS:
         raise ValueError(f"prefix tuning runs through the {' or '.join(map(repr, ORIGINAL_IMPLEMENTATIONS))} "
                          f"attention; {kind} uses {original!r} (load it with attn_implementation='sdpa')")

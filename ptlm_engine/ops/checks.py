@@ -65,4 +65,6 @@ def check_like(ref_name: str, ref: Tensor, named: dict[str, Tensor | None], dtyp
         if dtype and t.dtype != ref.dtype:
             raise ValueError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {t.dtype}")
         if device and t.device != ref.device:
-            raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}")
+            why = (" (weights with no data: offloaded by accelerate hooks, which ptlm's layers do not run since they "
+                   "read their weights directly, or a model built empty and never loaded)") if t.is_meta else ""
+            raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {t.device}{why}")
