@@ -1,7 +1,9 @@
 """Prefix tuning on tiny Llama / GPT-2 / BERT against HF PEFT's PREFIX_TUNING on the same weights: outputs and
 gradients (with and without padding, with and without the projection MLP), every generation step against PEFT's
 forward teacher-forced on the generated tokens (PEFT 0.21's own generate drops the prefix under transformers 5),
-files both ways, mixed batches (prefix adapters of different lengths, LoRA and base rows), and removal."""
+a row whose keys are all padded, other architectures (OPT, RoBERTa, Qwen3, Gemma, GPT-NeoX), files both ways,
+mixed batches (prefix adapters of different lengths, LoRA and base rows; each decode step against the forward),
+and removal."""
 import copy
 import json
 import warnings
@@ -85,6 +87,19 @@ def test_outputs_and_gradients_match_peft(tiny, kind, projection):
         torch.testing.assert_close(_main(ours(input_ids=ids)), _main(theirs(input_ids=ids)))
 
 
+def test_fully_padded_row_still_sees_its_prefix_like_peft(tiny):
+    """A row whose attention mask is all zeros attends to its prefix alone, as PEFT's mask extended by P leading
+    ones makes it: finite logits equal to PEFT's (not NaN, not the uniform attention SDPA gives a row that sees
+    no key)."""
+    ours, theirs = _pair(tiny, "llama")
+    ids, mask = _ids(2, 6), _padding(2, 6)
+    mask[1] = 0
+    with torch.no_grad():
+        y, y_peft = ours(input_ids=ids, attention_mask=mask).logits, theirs(input_ids=ids, attention_mask=mask).logits
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_peft)
+
+
 def _opt():
     return transformers.OPTForCausalLM(transformers.OPTConfig(
         hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=128,
@@ -97,11 +112,23 @@ def _roberta():
         max_position_embeddings=40, pad_token_id=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-@pytest.mark.parametrize("build,task", [(_opt, "CAUSAL_LM"), (_roberta, "FEATURE_EXTRACTION")], ids=["opt", "roberta"])
-def test_models_that_number_positions_their_own_way_match_peft(build, task):
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=128)
+
+
+@pytest.mark.parametrize("build,task", [
+    (_opt, "CAUSAL_LM"), (_roberta, "FEATURE_EXTRACTION"),
+    (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**SHAPE, num_key_value_heads=2, head_dim=24)),
+     "CAUSAL_LM"),
+    (lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**SHAPE, num_key_value_heads=2, head_dim=24)),
+     "CAUSAL_LM"),
+    (lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**SHAPE, rotary_pct=0.5)), "CAUSAL_LM"),
+], ids=["opt", "roberta", "qwen3_head_dim_24", "gemma_head_dim_24", "neox_partial_rotary"])
+def test_other_architectures_match_peft(build, task):
     """OPTForCausalLM runs model.decoder, not its base_model (the prefix's hook sits on the decoder), and counts
-    positions over the attention mask; RoBERTa numbers them from pad_token_id + 1 over the non-pad tokens. With
-    left padding (pad tokens in the ids) and no position ids given, each equals PEFT's prefix (a cache of P)."""
+    positions over the attention mask; RoBERTa numbers them from pad_token_id + 1 over the non-pad tokens; Qwen3
+    (with q / k norms) and Gemma have a head_dim other than hidden_size / heads; GPT-NeoX rotates a part of each
+    head only. With left padding (pad tokens in the ids) and no position ids given, each equals PEFT's prefix (a
+    cache of P)."""
     torch.manual_seed(0)
     base = build().eval()
     ours = copy.deepcopy(base)
@@ -242,6 +269,30 @@ def test_mixed_batch_generate(tiny, how):
             alone = run_alone(model, name, lambda: model.generate(ids[row:row + 1], attention_mask=torch.ones_like(
                 ids[row:row + 1]), **kw))
             torch.testing.assert_close(mixed[2 * row:2 * row + 2], alone, msg=f"row {row} ({name})")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_mixed_batch_generation_steps_match_teacher_forced_forward(tiny, backend, monkeypatch):
+    """Prefixes of 5 and 3 tokens and a base row, left padding: every decode step's logits (Lq = 1 against the
+    cache, each row its own P through prefix_lengths) equal the block's forward of the generated sequences with
+    generate's position ids, with a dynamic cache and (reference backend) a static one."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    model = tiny("llama")
+    for name, tokens in (("p3", 3), ("p5", 5)):
+        pe.add_adapter(model, name, pe.PrefixConfig(num_virtual_tokens=tokens))
+        _randomize(model, name)
+    pe.set_active_adapter(model, None)
+    ids, mask = _ids(3, 6), _padding(3, 6)
+    full = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
+    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
+    caches = [{}, {"cache_implementation": "static"}] if backend == "reference" else [{}]
+    with torch.no_grad(), pe.adapter_batch(model, ["p5", None, "p3"]):
+        for kw in caches:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
+            forced = model(input_ids=out.sequences, attention_mask=full, position_ids=positions).logits
+            for step, logits in enumerate(out.logits):
+                torch.testing.assert_close(logits, forced[:, 5 + step], msg=f"{kw} step {step}")
 
 
 def test_mixed_batch_gradients_per_adapter(tiny):

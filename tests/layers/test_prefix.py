@@ -290,14 +290,24 @@ def _seeded_prefix_pair(base, tokens=3, task="CAUSAL_LM"):
 
 
 def _sliding(kind, window):
-    from transformers import MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM
+    """A tiny model attending within a sliding window of `window` tokens: Mistral / Phi-3 (config.sliding_window,
+    no layer_types), Gemma2 (layer_types alternating sliding / full, soft-capped logits), Qwen2 with
+    use_sliding_window (every layer 'sliding_attention')."""
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(0)
     shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=128, sliding_window=window)
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(**shape)).eval()
-    return Phi3ForCausalLM(Phi3Config(**shape, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                      attention_dropout=0.0)).eval()
+    build = {
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**shape)),
+        "phi3": lambda: Phi3ForCausalLM(Phi3Config(**shape, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                   attention_dropout=0.0)),
+        "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=24)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, max_window_layers=0)),
+    }[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return build().eval()
 
 
 @pytest.mark.parametrize("kind", ["mistral", "phi3"])
@@ -312,6 +322,35 @@ def test_a_sliding_window_holding_prefix_and_sequence_matches_peft_and_a_shorter
     ours, _ = _seeded_prefix_pair(_sliding(kind, window=9))
     with torch.no_grad(), pytest.raises(ValueError, match="sliding window of 9 tokens"):
         ours(input_ids=ids)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "qwen2", "mistral"])
+def test_sliding_window_layer_types_match_peft_in_each_generation_step(kind):
+    """Gemma2 (layer_types alternating 'sliding_attention' / 'full_attention', soft-capped logits) and Qwen2 with
+    use_sliding_window (every layer 'sliding_attention') take a prefix as Mistral does, and PEFT 0.21 runs all
+    three: with a window of 12 holding 3 virtual + 5 prompt + 4 generated tokens and a left-padded row, every
+    greedy step with a dynamic and a static cache (cache_implementation="static") equals PEFT's forward
+    teacher-forced on the generated tokens, and so does our forward of them. Regression: a config whose
+    layer_types was not all 'full_attention' was refused."""
+    ours, theirs = _seeded_prefix_pair(_sliding(kind, window=12))
+    ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    full = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], 1)
+    positions = (full.cumsum(-1) - 1).masked_fill(full == 0, 0)
+    with torch.no_grad():
+        for kw in ({}, {"cache_implementation": "static"}):
+            out = ours.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
+            forced = theirs(input_ids=out.sequences, attention_mask=full, position_ids=positions).logits
+            for step, logits in enumerate(out.logits):
+                torch.testing.assert_close(logits, forced[:, 4 + step], msg=f"{kw} step {step}")
+        y = ours(input_ids=out.sequences, attention_mask=full, position_ids=positions).logits
+        with pe.disable_adapters(ours):
+            y_base = ours(input_ids=out.sequences, attention_mask=full, position_ids=positions).logits
+    valid = full.bool()
+    torch.testing.assert_close(y[valid], forced[valid])
+    assert not torch.allclose(y[valid], y_base[valid])
 
 
 @pytest.mark.parametrize("padded", [False, True])

@@ -1,7 +1,11 @@
 """The prefix-attention op (custom ops + autograd) against a float64 reference: values and gradients through
 the functional call with HF-layout (transposed) inputs and a shared prefix expanded over the batch, a query
-that sees no key, the reference's own semantics, bad input, both dQ modes of the backward, backends,
-torch.library checks, torch.compile."""
+that sees no key, edge shapes and masks (grouped-query ratios, odd head dims, Lq < Lk, P > L, no or an empty
+prefix, fully padded rows, per-row lengths out of range, negative scales, fp16 logits in the hundreds), the
+reference's own semantics, bad input, both dQ modes of the backward, backends, torch.library checks,
+torch.compile."""
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,14 +98,104 @@ def test_query_that_sees_no_key_gives_zero_and_finite_gradients():
     assert all(torch.isfinite(g).all() and torch.equal(g[1], torch.zeros_like(g[1])) for g in grads_ref)
 
 
+EDGE_CASES = {
+    # name: (B, Hq, Hkv, Lq, Lk, P (None: no prefix), D, keywords of the call, lengths and padding as lists)
+    "decode_gqa4_d96_mixed_lengths": (2, 4, 1, 1, 17, 3, 96, dict(prefix_lengths=[1, 3])),
+    "gqa8_d112_P_larger_than_L": (1, 8, 1, 3, 17, 20, 112, {}),
+    "no_prefix_odd_L17_d64": (2, 2, 2, 17, 17, None, 64, {}),
+    "empty_prefix_P0": (1, 1, 1, 3, 3, 0, 16, {}),
+    "bidirectional_d8_Lq_lt_Lk": (2, 2, 2, 5, 9, 2, 8, dict(causal=False)),
+    "d80_zero_and_full_lengths": (2, 2, 1, 3, 3, 5, 80, dict(prefix_lengths=[0, 5])),
+    "d256_L1": (1, 1, 1, 1, 1, 1, 256, {}),
+    "all_keys_padded_prefix_still_seen": (2, 2, 1, 4, 6, 3, 16, dict(
+        prefix_lengths=[2, 3], key_padding_mask=[[False] * 6, [True, False, True, False, True, True]])),
+    "lengths_out_of_range_clamped": (2, 2, 1, 5, 5, 4, 16, dict(prefix_lengths=[7, -2])),
+    "negative_scale": (1, 1, 1, 3, 3, 2, 16, dict(scale=-0.7)),
+    # gradients too, in both dQ modes
+    "gqa4_d80_P20_lengths": (2, 4, 1, 5, 9, 20, 80, dict(prefix_lengths=[20, 3])),
+    "gqa8_d96_padding": (2, 8, 1, 3, 3, 2, 96, dict(prefix_lengths=[0, 2],
+                                                   key_padding_mask=[[False] * 3, [True, False, True]])),
+    "negative_scale_bidirectional": (1, 2, 2, 17, 17, 3, 16, dict(scale=-0.9, causal=False)),
+}
+GRAD_CASES = ["gqa4_d80_P20_lengths", "gqa8_d96_padding", "negative_scale_bidirectional"]
+
+
+def _edge_case(name):
+    """EDGE_CASES[name]: fp32 leaves as _inputs makes them (a prefix per row; None where P is None) and the
+    call's keywords with lengths (int32) and padding (bool) on DEVICE."""
+    B, Hq, Hkv, Lq, Lk, P, D, kw = EDGE_CASES[name]
+    torch.manual_seed(zlib.crc32(name.encode()))
+    leaves = list(_inputs(B, Hq, Hkv, Lq, Lk, P or 0, D, torch.float32, shared=False))
+    if P is None:
+        leaves[3:] = [None, None]
+    kw = dict(kw)
+    if "prefix_lengths" in kw:
+        kw["prefix_lengths"] = torch.tensor(kw["prefix_lengths"], dtype=torch.int32, device=DEVICE)
+    if "key_padding_mask" in kw:
+        kw["key_padding_mask"] = torch.tensor(kw["key_padding_mask"], device=DEVICE)
+    return leaves, kw
+
+
+@needs_triton
+@pytest.mark.parametrize("name", [name for name in EDGE_CASES if name not in GRAD_CASES])
+def test_edge_shapes_and_masks_match_float64(name):
+    """Grouped-query ratios 4 and 8, head dims 8 / 64 / 80 / 96 / 112 / 256, a decode step and Lq < Lk without
+    the causal mask, more prefix entries than tokens, no prefix or an empty one, per-row lengths 0, P and out
+    of range (clamped to [0, P]), a negative scale: SDPA's semantics over [prefix ; keys], as the reference
+    (itself checked against SDPA below) computes them in float64. A row whose keys are all padded still
+    attends to its prefix, as PEFT's attention mask extended by P leading ones makes it."""
+    leaves, kw = _edge_case(name)
+    q, k, v, pk, pv = (None if t is None else t.detach() for t in leaves)
+    args = [q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pk, pv]
+    o = prefix_attention(*args, **kw)
+    o64 = reference.prefix_attention(*(None if a is None else a.double() for a in args), **kw)
+    assert o.shape == o64.shape and o.is_contiguous()
+    assert_matches(o, o64, None, torch.float32, name)
+
+
+@needs_triton
+@pytest.mark.parametrize("dq_mode", K.DQ_MODES)
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradients_on_edge_shapes_match_float64(name, dq_mode):
+    """fp32 output and gradients of q, k, v and the per-row prefix from each backward (fused with atomic dQ,
+    split) against the reference in float64: grouped-query heads summing into one kv head, P > Lk with
+    per-row lengths, a row with no prefix and every key padded, a negative scale without the causal mask."""
+    leaves, kw = _edge_case(name)
+    do = torch.randn_like(leaves[0])
+    o, grads = _run(prefix_attention, leaves, do, dq_mode=dq_mode, **kw)
+    o64, grads64 = _run(reference.prefix_attention, _leaves(leaves, torch.float64), do.double(), **kw)
+    assert_matches(o, o64, None, torch.float32, "o")
+    for grad_name, g, g64 in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], grads, grads64):
+        assert_matches(g, g64, None, torch.float32, grad_name)
+
+
+@needs_triton
+def test_fp16_logits_in_the_hundreds_within_sdpas_own_error():
+    """fp16 q, keys and prefix keys of magnitude ~20 (logits in the hundreds, a one-hot softmax): the output
+    stays finite and its error against float64 is at most 2x that of torch's fp16 SDPA over the concatenation
+    with an explicit mask."""
+    torch.manual_seed(11)
+    B, H, L, P, D = 1, 2, 5, 2, 16
+    q, k, v, pk, pv = (magnitude * t.detach() for magnitude, t in
+                       zip((20, 20, 1, 20, 1), _inputs(B, H, H, L, L, P, D, torch.float16, shared=False)))
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), pk, pv)
+    o = prefix_attention(*args)
+    o64 = reference.prefix_attention(*(a.double() for a in args))
+    mask = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, L, dtype=torch.bool).tril()], 1)
+    o_sdpa = F.scaled_dot_product_attention(args[0], torch.cat([pk, args[1]], 2), torch.cat([pv, args[2]], 2),
+                                            attn_mask=mask.to(DEVICE))
+    assert_matches(o, o64, o_sdpa, torch.float16, "o")
+
+
 def test_reference_equals_sdpa_over_the_concatenation():
     """The reference's definition: causal attention over [prefix ; sequence] with the prefix always seen, and
-    a KV cache's queries at the last Lq positions; lengths and padding drop keys from the softmax."""
+    a KV cache's queries at the last Lq positions; lengths (clamped to [0, P]) and padding drop keys from the
+    softmax, and a row whose keys are all padded attends to its prefix alone."""
     torch.manual_seed(3)
-    B, H, Lq, Lk, P, D = 2, 2, 3, 8, 4, 16
+    B, H, Lq, Lk, P, D = 3, 2, 3, 8, 4, 16
     q, k, v = torch.randn(B, H, Lq, D), torch.randn(B, H, Lk, D), torch.randn(B, H, Lk, D)
     pk, pv = torch.randn(B, H, P, D), torch.randn(B, H, P, D)
-    plen, kpm = torch.tensor([4, 2]), torch.arange(Lk)[None, :] >= torch.tensor([0, 3])[:, None]
+    plen, kpm = torch.tensor([7, 2, -2]), torch.arange(Lk)[None, :] >= torch.tensor([0, 8, 3])[:, None]
     allowed = torch.cat([(torch.arange(P)[None, :] < plen[:, None])[:, None, None, :].expand(B, 1, Lq, P),
                          torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)[None, None] & kpm[:, None, None, :]], -1)
     want = F.scaled_dot_product_attention(q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), attn_mask=allowed)
