@@ -120,6 +120,8 @@ class _NoRegistry(nn.Module):
     (lambda m: setattr(m.config, "_attn_implementation_internal", "flash_attention_2") or m, "'flash_attention_2'"),
     (lambda m: m.gradient_checkpointing_enable() or m, "gradient checkpointing"),
     (lambda m: setattr(m.config, "is_encoder_decoder", True) or m, "cross-attention"),
+    (lambda m: setattr(m.config, "layer_types", ["chunked_attention", "full_attention"]) or m,
+     "supports full and sliding-window attention layers"),
     (lambda m: setattr(m, LAYER_NAME, nn.Identity()) or m, "already has an attribute"),
 ])
 def test_unsupported_models_are_refused_before_any_change(tiny, change, match):
