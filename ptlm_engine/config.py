@@ -60,6 +60,8 @@ class LoraConfig:
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         self.target_modules = _names_or_pattern("LoraConfig.target_modules", self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR                            # PEFT reads it in any case
         if isinstance(self.modules_to_save, str):
             raise ValueError("LoraConfig.modules_to_save must be a list of module names, not a string")
         self.modules_to_save = _names_or_pattern("LoraConfig.modules_to_save", self.modules_to_save)

@@ -179,13 +179,15 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not wanted(name, module):
             continue
         if not isinstance(module, LoraLinear) and _builder(module) is None:
-            supported = ", ".join(t.__name__ for t, _ in LORA_LAYER_BUILDERS)
-            raise ValueError(f"target module {name!r} is a {type(module).__name__}; LoRA supports {supported}")
+            supported = ", ".join(f"{t.__module__}.{t.__name__}" for t, _ in LORA_LAYER_BUILDERS)
+            raise ValueError(f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}; "
+                             f"LoRA supports {supported}")
         if not isinstance(module, LoraLinear) and hooked(module):
             raise ValueError(f"target module {name!r} has forward hooks (its own, or accelerate's), which its LoRA "
                              "layer would bypass: it computes the base projection itself; remove them first, or "
                              "leave the module out (exclude_modules)")
         targets.append(name)
+    _check_fused_experts(model, spec, targets)
     if not targets:
         where = "" if layers is None else f" in layers {sorted(layers)}"
         unless = "" if excluded is None else f" outside exclude_modules {excluded!r}"
@@ -195,6 +197,24 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if unused:
             warnings.warn(f"LoraConfig.{what} keys {unused} select none of the targeted modules", stacklevel=3)
     return targets
+
+
+def _check_fused_experts(model: nn.Module, spec, targets: list[str]) -> None:
+    """Mixture-of-experts models of transformers 5 hold their experts as fused 3-D Parameters, not Linear
+    modules. PEFT maps "all-linear" and the transformers-4 expert names (w1 / w2 / w3, gate_proj / up_proj ...)
+    onto them (target_parameters), which LoRA layers here cannot wrap: refused rather than silently adapting
+    fewer modules than PEFT would."""
+    fused = next((name for name, m in model.named_modules()
+                  if any(p.dim() == 3 for p in m.parameters(recurse=False))), None)
+    if fused is None:
+        return
+    missing = [n for n in spec if not any(t == n or t.endswith("." + n) for t in targets)] \
+        if isinstance(spec, list) else []
+    if spec == ALL_LINEAR or missing:
+        what = "'all-linear'" if spec == ALL_LINEAR else f"target_modules {missing}"
+        raise ValueError(f"{type(model).__name__} holds its experts as fused parameters ({fused!r}); PEFT maps "
+                         f"{what} onto them, which LoRA layers here cannot wrap: name the Linear modules to adapt "
+                         "(e.g. the attention projections)")
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: Sequence[str] = ()) -> list[str]:

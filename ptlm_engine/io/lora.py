@@ -124,6 +124,9 @@ def read_config(raw: dict, file: str) -> LoraConfig:
         if field not in _PEFT_FIELDS and field not in _INERT_PEFT_KEYS and value not in (None, False, {}, [], ""):
             raise ValueError(f"{file}: {field}={value!r} asks for a PEFT feature this engine does not support")
     init = raw.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "mica":
+        raise ValueError(f"{file}: init_lora_weights='mica' is a LoRA variant (PEFT keeps lora_B frozen), which "
+                         "this engine does not implement")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) or raw.get("loftq_config"):
         # PEFT's PiSSA / OLoRA / CorDA / LoftQ move part of W0 into A and B at init and leave W0 rewritten:
         # PeftModel.from_pretrained redoes that on load; these files on the unchanged base would count it twice.
