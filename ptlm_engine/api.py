@@ -352,10 +352,10 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
     writes through `.data` bypass the version counter and are not seen. With gradients, or inside torch.compile,
     a layer stacks the Parameters themselves on the fly instead.
 
-    Backward may also run after the block (HF Trainer's training_step calls it after compute_loss): a block that
-    closes with gradients enabled leaves its mapped adapters trainable (requires_grad; set_active_adapter
-    freezes all but one again). Gradient checkpointing, which recomputes the forward inside backward, needs
-    backward inside the block: after it, the recomputation raises RuntimeError.
+    Backward may also run after the block (HF Trainer's training_step calls it after compute_loss): a block in
+    which a layer ran with gradients enabled leaves its mapped adapters trainable (requires_grad;
+    set_active_adapter freezes all but one again). Gradient checkpointing, which recomputes the forward inside
+    backward, needs backward inside the block: after it, the recomputation raises RuntimeError.
 
     On exit the active adapter, the requires_grad flags (but the above) and the layers are as before. Raises
     ValueError, before anything changes, for an empty mapping, a name that is neither a string nor None, an
@@ -389,14 +389,13 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
         yield model
     finally:
         reg.batch = None
-        # A block closing with gradients enabled may leave a graph whose backward runs after it (HF Trainer calls
+        # A block whose layers ran with gradients may leave a graph whose backward runs after it (HF Trainer calls
         # backward after compute_loss): its mapped adapters stay trainable, or autograd would drop their gradients.
-        training = torch.is_grad_enabled()
         for layer in layers:
             layer.set_batch(None)
-            layer.closed_batch = batch if training else None
+            layer.after_block = batch.used
         for p, flag in requires_grad:
-            p.requires_grad_(flag or (training and p in mapped))
+            p.requires_grad_(flag or (batch.trained and p in mapped))
         if own_generate is None:
             model.__dict__.pop("generate", None)
         else:
@@ -453,6 +452,12 @@ def _check_mapping(model: nn.Module, reg: AdapterRegistry, names: Sequence[str |
                          f"mixed batches need unmerged weights (unmerge_adapter it first)")
     for name in mapped:
         slot = reg.slots[name]
+        routed = next((path for path in reg.targets[name] if ".experts." in f".{path}."), None)
+        if routed is not None:
+            # A mixture-of-experts layer runs each expert on the tokens routed to it: a subset the per-row
+            # mapping cannot follow (transformers' expert lists are named "experts").
+            raise ValueError(f"adapter {name!r} has layers in routed experts ({routed!r}), which get a subset of "
+                             "the tokens: mixed batches cannot map their rows; serve it alone (set_active_adapter)")
         for path in reg.targets[name]:
             try:
                 layer = model.get_submodule(path)
@@ -470,7 +475,8 @@ def _expanding(generate, batch: AdapterBatch):
     @functools.wraps(generate)
     def generate_mixed(*args, **kwargs):
         # Only generate's own repeats (beams, sequences) may multiply the rows: its input has one row per name.
-        inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        inputs = args[0] if args else next((kwargs[k] for k in ("inputs", "input_ids", "inputs_embeds")
+                                            if kwargs.get(k) is not None), None)
         if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and inputs.shape[0] != len(batch.names):
             raise ValueError(f"adapter_batch maps {len(batch.names)} rows, but generate got a batch of "
                              f"{inputs.shape[0]}: its batch size (dim 0) must equal the number of names")

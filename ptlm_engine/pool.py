@@ -289,6 +289,8 @@ class AdapterBatch:
         # that may run after a remap rewrote the kept ones in place; dropped at each remap.
         self._snapshots: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
         self.expanding = False
+        # Whether a layer ran with the batch, and whether one did with gradients enabled (a training block).
+        self.used = self.trained = False
         # A token while the adapters' Parameters cannot change (each model.generate call; a static block's whole
         # lifetime), None otherwise: a layer checks its pool against the Parameters once per token
         # (AdapterPool.sync_batch touched 64 Parameters per layer call with 32 adapters: 15 of a 42 ms decode
@@ -309,6 +311,8 @@ class AdapterBatch:
         """ValueError unless a batch of n rows (an input of `shape`, for the message) fits the mapping: n rows,
         or inside generate a multiple of them. Layers that keep per-row layouts per batch size check every
         call, since whether a size fits depends on `expanding`."""
+        self.used = True
+        self.trained = self.trained or torch.is_grad_enabled()
         rows = len(self.names)
         if n != rows and not (self.expanding and n > 0 and n % rows == 0):
             got = f"input of shape {shape}" if shape is not None else f"a batch of {n}"
@@ -364,6 +368,8 @@ class AdapterBatch:
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
         n = x.shape[0] if x.dim() >= 2 else 0
+        self.used = True
+        self.trained = self.trained or torch.is_grad_enabled()
         # A 2-D x of k tokens per row is a (rows, k, d) batch flattened row-major (OPT's decoder layer feeds fc1
         # and fc2 so): row i owns tokens i·k … i·k+k-1, which is how _token_index repeats a row.
         if not (x.dim() == 2 and n > 0 and n % len(self.names) == 0):

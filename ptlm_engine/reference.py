@@ -47,13 +47,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
 
 def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                       scales: Tensor, adapter_index: Tensor, fan_in_fan_out: bool = False,
-                      dropouts: Tensor | None = None, keep_mask: Tensor | None = None) -> Tensor:
+                      dropouts: Tensor | None = None, keep_mask: Tensor | None = None,
+                      ranks: Tensor | None = None) -> Tensor:
     """Each token t with its own adapter a = adapter_index[t]:
     y[t] = x[t] W0^T + bias + s_a dropout_a(x[t]) A_a^T B_a^T.
 
-    x (T, d_in); lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max), stacked slots zero beyond each slot's
-    rank; scales (S,); adapter_index (T,) integer slot per token, -1 for the base model alone; dropouts (S,)
-    per-slot LoRA dropout with keep_mask (T, d_in) its keep mask, or None.
+    x (T, d_in); lora_A (S, r_max, d_in) and lora_B (S, d_out, r_max), stacked slots; ranks (S,) each slot's
+    rank, whose first ranks[a] rows / columns alone count (as in the kernels), or None: all r_max; scales (S,);
+    adapter_index (T,) integer slot per token, -1 for the base model alone; dropouts (S,) per-slot LoRA dropout
+    with keep_mask (T, d_in) its keep mask, or None.
     """
     dtype = x.dtype
     x = _wide(x, dtype)
@@ -61,27 +63,32 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     x_lora = x if keep_mask is None else x * keep_mask
     coefs = scales if keep_mask is None else scales / (1.0 - dropouts)                            # (S,)
     if torch.compiler.is_compiling():
-        return (y + _lora_multi_delta_static(x_lora, lora_A.to(dtype), lora_B, coefs, adapter_index)).to(dtype)
+        return (y + _lora_multi_delta_static(x_lora, lora_A.to(dtype), lora_B, coefs, adapter_index, ranks)).to(dtype)
     for a in adapter_index.unique().tolist():          # each slot over its own tokens: a mixed batch costs its ranks
         if a < 0:
             continue
+        r = lora_A.shape[1] if ranks is None else int(ranks[a])
         rows = (adapter_index == a).nonzero()[:, 0]
-        xa = (x_lora[rows] @ _wide(lora_A[a].to(dtype), dtype).t()) * coefs[a].to(x.dtype)          # (t_a, r_max)
-        term = xa @ _wide(lora_B[a], dtype).t()                                                  # (t_a, d_out)
+        xa = (x_lora[rows] @ _wide(lora_A[a, :r].to(dtype), dtype).t()) * coefs[a].to(x.dtype)          # (t_a, r)
+        term = xa @ _wide(lora_B[a, :, :r], dtype).t()                                            # (t_a, d_out)
         y = y.to(torch.promote_types(y.dtype, term.dtype))         # autocast may have given y or term bf16
         y.index_add_(0, rows, term.to(y.dtype))                     # y: this call's own, not saved for backward
     return y.to(dtype)
 
 
 def _lora_multi_delta_static(x: Tensor, lora_A: Tensor, lora_B: Tensor, coefs: Tensor,
-                             adapter_index: Tensor) -> Tensor:
+                             adapter_index: Tensor, ranks: Tensor | None) -> Tensor:
     """lora_linear_multi's adapter term without the host's look at which slots occur, for a traced graph: every
     slot runs over all tokens (S dense GEMM pairs, no (T, r_max, d_in) gather) and each token keeps its own slot's
     term, selected (not masked by a product: another slot's NaN stays in that slot's rows). x (T, d_in) widened;
     lora_A already read as the input's dtype."""
     delta = x.new_zeros((x.shape[0], lora_B.shape[1]))                                          # (T, d_out)
+    units = torch.arange(lora_A.shape[1], device=x.device)                                       # (r_max,)
     for a in range(lora_A.shape[0]):
-        term = ((x @ _wide(lora_A[a], x.dtype).t()) * coefs[a].to(x.dtype)) @ _wide(lora_B[a], x.dtype).t()
+        xa = (x @ _wide(lora_A[a], x.dtype).t()) * coefs[a].to(x.dtype)                          # (T, r_max)
+        if ranks is not None:
+            xa = torch.where(units < ranks[a], xa, 0)                                           # the slot's rank
+        term = xa @ _wide(lora_B[a], x.dtype).t()
         delta = torch.where((adapter_index == a)[:, None], term, delta)
     return delta
 
@@ -112,7 +119,8 @@ def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Ten
                               lora_As: list[Tensor | None], lora_Bs: list[Tensor | None],
                               scales: list[Tensor | None], adapter_index: Tensor, fan_in_fan_out: bool = False,
                               dropouts: list[Tensor | None] | None = None,
-                              keep_masks: list[Tensor | None] | None = None) -> list[Tensor]:
+                              keep_masks: list[Tensor | None] | None = None,
+                              ranks: list[Tensor | None] | None = None) -> list[Tensor]:
     """Projections sharing x and one per-token mapping, each member g as lora_linear_multi over its own stacked
     slots (lora_As[g] (S, r_max_g, d_in), lora_Bs[g], scales[g] (S,)), or x W_g^T + bias_g where lora_As[g] is
     None. dropouts[g] (S,) with keep_masks[g] (T, d_in): member g's dropout, or None."""
@@ -120,7 +128,7 @@ def lora_linear_multi_grouped(x: Tensor, weights: list[Tensor], biases: list[Ten
         p = None if dropouts is None else dropouts[g]
         keep = None if keep_masks is None else keep_masks[g]
         return lora_linear_multi(x, weights[g], biases[g], lora_As[g], lora_Bs[g], scales[g], adapter_index,
-                                 fan_in_fan_out, p, keep)
+                                 fan_in_fan_out, p, keep, None if ranks is None else ranks[g])
     return _members(x, weights, biases, lora_As, fan_in_fan_out, with_adapter)
 
 

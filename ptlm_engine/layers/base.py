@@ -34,10 +34,10 @@ class AdapterLayer(nn.Module):
     """
 
     remaps_in_place = False
-    # The mixed batch of a block that closed with gradients enabled, until this layer's next forward: a
+    # True from the close of a pe.adapter_batch block that ran a forward until this layer's next forward: a
     # backward after the block that recomputes the forward (gradient checkpointing) would run without the
     # block's mapping, so check_recomputation refuses it.
-    closed_batch = None
+    after_block = False
 
     def __init__(self):
         super().__init__()
@@ -51,7 +51,7 @@ class AdapterLayer(nn.Module):
     def check_recomputation(self) -> None:
         """The first forward after a training block closed: RuntimeError where it runs inside a backward (gradient
         checkpointing recomputing the block's forward, whose rows' adapters the layer no longer knows)."""
-        self.closed_batch = None
+        self.after_block = False
         if torch._C._current_graph_task_id() >= 0:
             raise RuntimeError("gradient checkpointing recomputed a forward of a pe.adapter_batch block after the "
                                "block closed, without its per-row adapters: call backward inside the block (with "

@@ -187,7 +187,7 @@ class BottleneckLayer(AdapterLayer):
 
     def _on_output(self, module: nn.Module, args: tuple, output):
         x, self._input = self._input, None                 # never kept beyond the call
-        if self.closed_batch is not None and self.batch is None:
+        if self.after_block and self.batch is None:
             self.check_recomputation()
         if not self.adapters_enabled:
             return None

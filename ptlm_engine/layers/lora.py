@@ -144,7 +144,7 @@ class LoraLinear(AdapterLayer):
     group = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.closed_batch is not None and self.batch is None:
+        if self.after_block and self.batch is None:
             self.check_recomputation()
         if self.group is not None:
             y = self.group.output(self, x)                 # None: the group cannot run fused, go on alone

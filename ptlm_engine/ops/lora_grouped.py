@@ -523,7 +523,7 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
         slot = index.clamp_min(0).long()
         keeps = [None if p is None else torch.rand_like(x2d) >= p[slot][:, None] for p in dropouts]
         ys = reference.lora_linear_multi_grouped(x2d, weights, biases, lora_As, lora_Bs, _slot_field(slots, "scales"),
-                                                 index, fan_in_fan_out, dropouts, keeps)
+                                                 index, fan_in_fan_out, dropouts, keeps, _slot_field(slots, "ranks"))
     else:
         index, biases = unit_stride(as_dtype(index, torch.int32)), [unit_stride(b) for b in biases]
         order, bounds = token_segments(index, num_slots or 0) if segments is None else segments

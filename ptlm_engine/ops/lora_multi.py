@@ -212,7 +212,7 @@ def lora_linear_multi_op(x: Tensor, weight: Tensor, bias: Tensor | None, slots: 
         if dropouts is not None:
             keep = torch.rand_like(x2d) >= dropouts[index.clamp_min(0).long()][:, None]
         y = reference.lora_linear_multi(x2d, weight, bias, slots.lora_A, slots.lora_B, slots.scales, index,
-                                        fan_in_fan_out, dropouts, keep)
+                                        fan_in_fan_out, dropouts, keep, slots.ranks)
     else:
         index, bias = unit_stride(as_dtype(index, torch.int32)), unit_stride(bias)
         # The batch's token grouping: shared by every layer (AdapterBatch.tokens); sorted here only when not given.
