@@ -333,6 +333,17 @@ def _trainer_model(tiny):
 TASKS = ["a", "b", "b", "a"]
 
 
+def _assert_trains_as_alone(tiny, trainer_cls):
+    """One Trainer step over TASKS moves each adapter as one SGD step on its own rows alone does."""
+    model = _trainer_model(tiny)
+    twin = copy.deepcopy(model)
+    ids = _trainer_run(model, trainer_cls, TASKS)
+    _trainer_twin_step(twin, ids, TASKS)
+    theirs = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert (p - theirs[n]).abs().max().item() < 1e-7, n    # transformers' loss upcasts logits to float32
+
+
 def test_trainer_training_step_recipe(tiny, reference_backend):
     """HF Trainer with training_step overridden to open adapter_batch over the batch's task column (forward and
     backward inside it): one step moves each adapter as a step on its own rows alone does."""
@@ -343,20 +354,14 @@ def test_trainer_training_step_recipe(tiny, reference_backend):
             with pe.adapter_batch(model, inputs.pop("task")):
                 return super().training_step(model, inputs, num_items_in_batch)
 
-    model = _trainer_model(tiny)
-    twin = copy.deepcopy(model)
-    ids = _trainer_run(model, MixedTrainer, TASKS)
-    _trainer_twin_step(twin, ids, TASKS)
-    theirs = dict(twin.named_parameters())
-    for n, p in model.named_parameters():
-        assert (p - theirs[n]).abs().max().item() < 1e-7, n    # transformers' loss upcasts logits to float32
+    _assert_trains_as_alone(tiny, MixedTrainer)
 
 
 # ------------------------------------------------------------------------------------- backward after the block
 def test_backward_after_the_block_exits_trains_every_mapped_adapter(tiny, reference_backend):
     """The loss computed inside `with pe.adapter_batch(...)` and `.backward()` called after the block (the pattern
     torch documents for autocast, and what HF Trainer does when compute_loss opens the block) gives every mapped
-    adapter its rows' gradient: a block closing with gradients enabled leaves its mapped adapters trainable
+    adapter its rows' gradient: a block whose layers ran with gradients leaves its mapped adapters trainable
     (regression: the exit restored requires_grad=False and autograd's AccumulateGrad skipped them silently);
     set_active_adapter freezes all but one again."""
     model = _model(tiny, "llama1", pe.LoraConfig(r=3), [pe.BottleneckConfig(bottleneck=3),
@@ -384,13 +389,7 @@ def test_trainer_compute_loss_recipe_trains_every_adapter(tiny, reference_backen
                 out = model(**inputs)
             return (out.loss, out) if return_outputs else out.loss
 
-    model = _trainer_model(tiny)
-    twin = copy.deepcopy(model)
-    ids = _trainer_run(model, MixedTrainer, TASKS)
-    _trainer_twin_step(twin, ids, TASKS)
-    theirs = dict(twin.named_parameters())
-    for n, p in model.named_parameters():
-        assert (p - theirs[n]).abs().max().item() < 1e-7, f"{n} not trained as alone"
+    _assert_trains_as_alone(tiny, MixedTrainer)
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
