@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptlm_engine as pe
-from tests.helpers import max_abs_diff, run_alone
+from tests.helpers import max_abs_diff, needs_triton, run_alone
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -213,7 +213,8 @@ def _mixed_methods_model():
     pe.add_adapter(model, "x2", pe.PrefixConfig(num_virtual_tokens=2))
     pe.add_adapter(model, "x4", pe.PrefixConfig(num_virtual_tokens=4))
     pe.add_adapter(model, "head", pe.LoraConfig(r=2, target_modules=["k_proj"], modules_to_save=["lm_head"]))
-    pe.add_adapter(model, "combo", [pe.LoraConfig(r=2, target_modules=["o_proj"]), pe.PromptConfig(num_virtual_tokens=2)])
+    pe.add_adapter(model, "combo", [pe.LoraConfig(r=2, target_modules=["o_proj"]),
+                                    pe.PromptConfig(num_virtual_tokens=2)])
     _randomize(model, scale=0.5)
     return model
 
@@ -375,9 +376,7 @@ def test_generate_refuses_another_batch_size_given_as_inputs_keyword(monkeypatch
             model.generate(input_ids=None, inputs_embeds=model.get_input_embeddings()(ids), **GEN)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() or __import__("ptlm_engine.kernels.configs", fromlist=["x"]).INTERPRETED),
-    reason="needs CUDA or TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 def test_reference_multi_lora_honours_slot_ranks(monkeypatch, backend):
     """functional.lora_linear_multi with LoraSlots built by hand: a slot's rank says how many of the r_max rows of
     A / columns of B it uses (rank 0: no adapter in that slot), on both backends, with and without segments, also
@@ -388,7 +387,8 @@ def test_reference_multi_lora_honours_slot_ranks(monkeypatch, backend):
     S, r, d_in, d_out, T = 3, 8, 24, 20, 13
     A, B = torch.randn(S, r, d_in, generator=gen), torch.randn(S, d_out, r, generator=gen)
     ranks, scales = torch.tensor([2, 8, 0], dtype=torch.int32), torch.tensor([0.5, 1.0, 2.0])
-    x, W, b = torch.randn(T, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen), torch.randn(d_out, generator=gen)
+    x, W = torch.randn(T, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen)
+    b = torch.randn(d_out, generator=gen)
     idx = torch.tensor([0, 1, 2, -1, 0, 2, 1, 1, 0, -1, 2, 0, 1], dtype=torch.int32)
     expected = x @ W.T + b
     for t in range(T):
@@ -450,8 +450,7 @@ def test_training_block_batch_released_by_the_next_forward(monkeypatch):
 
 
 # --------------------------------------------------------------------------- Triton kernels (interpreter)
-@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("ptlm_engine.kernels.configs", fromlist=["x"]).INTERPRETED),
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@needs_triton
 def test_triton_mixed_ranks_and_targets_match_float64_reference(monkeypatch):
     """The Triton multi-adapter path (grouped q/k/v with members lacking adapters, ranks 1..64 in one batch, a
     bottleneck row, a None row) against the same batch on a float64 copy run by the reference."""
