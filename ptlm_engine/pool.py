@@ -58,6 +58,11 @@ def unchanged(kept: tuple | None, params: Sequence[Tensor]) -> bool:
                for (ref, ptr, version), p in zip(kept[1], params))
 
 
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured (its replays run the kernels on whatever the tensors hold then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of per-slot floats (scales, ...) for tensors of `dtype`: float32, which the kernels read, or
     float64 on a float64 model (the reference path), so that a scale such as 1/3 is the layer's own."""
@@ -311,8 +316,7 @@ class AdapterBatch:
         """ValueError unless a batch of n rows (an input of `shape`, for the message) fits the mapping: n rows,
         or inside generate a multiple of them. Layers that keep per-row layouts per batch size check every
         call, since whether a size fits depends on `expanding`."""
-        self.used = True
-        self.trained = self.trained or torch.is_grad_enabled()
+        self._note_call()
         rows = len(self.names)
         if n != rows and not (self.expanding and n > 0 and n % rows == 0):
             got = f"input of shape {shape}" if shape is not None else f"a batch of {n}"
@@ -325,12 +329,17 @@ class AdapterBatch:
         self.check_rows(n)
         return [s for s in self.slot_ids for _ in range(n // len(self.names))]
 
+    def _note_call(self) -> None:
+        """A layer runs with the batch (with gradients enabled: the block trains)."""
+        self.used = True
+        self.trained = self.trained or torch.is_grad_enabled()
+
     def has_rows(self, slot: int) -> bool:
         """Whether the adapter in `slot` gets a gradient from this forward: it has rows now, or the forward is
         traced or captured (a remap may give it rows when the graph replays)."""
         if slot in self._live_slots:
             return True
-        return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        return torch.compiler.is_compiling() or _capturing()
 
     def remap(self, names: Sequence[str | None]) -> None:
         """Row i runs names[i] from now on: as many rows as before, each adapter one of the batch's (or None).
@@ -368,8 +377,7 @@ class AdapterBatch:
         ValueError if x's batch size does not fit the mapping."""
         shape = x.shape[:-1]
         n = x.shape[0] if x.dim() >= 2 else 0
-        self.used = True
-        self.trained = self.trained or torch.is_grad_enabled()
+        self._note_call()
         # A 2-D x of k tokens per row is a (rows, k, d) batch flattened row-major (OPT's decoder layer feeds fc1
         # and fc2 so): row i owns tokens i·k … i·k+k-1, which is how _token_index repeats a row.
         if not (x.dim() == 2 and n > 0 and n % len(self.names) == 0):
@@ -382,7 +390,7 @@ class AdapterBatch:
                 index = self._token_index(x.device, shape).clone()
                 segments = functional.token_segments(index, self.num_slots) if triton_enabled(x) else None
             self._tokens[key] = (index, segments)
-        if not torch.is_grad_enabled() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not torch.is_grad_enabled() or _capturing():
             return self._tokens[key]       # a captured step's backward replays with its forward: the kept ones
         if key not in self._snapshots:     # a pending backward keeps its forward's mapping across a remap
             index, segments = self._tokens[key]

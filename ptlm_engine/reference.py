@@ -172,13 +172,14 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor | None = 
 
 
 BOTTLENECK_ACTIVATIONS = ("relu", "gelu", "silu")  # a bottleneck slot's activation code is its index here
+_BOTTLENECK_ACT_FNS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
 
 def bottleneck_branch(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                       up_bias: Tensor | None, act: str) -> Tensor:
     """act(h Wd^T + bd) Wu^T + bu, act relu, gelu (exact, erf: nn.GELU()) or silu."""
     F = torch.nn.functional
-    act_fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act]
+    act_fn = _BOTTLENECK_ACT_FNS[act]
     return F.linear(act_fn(F.linear(h, down_weight, down_bias)), up_weight, up_bias)
 
 
@@ -226,8 +227,7 @@ def _bottleneck_multi_delta_static(h: Tensor, down_weight: Tensor, down_bias: Te
     """bottleneck_adapter_multi's scaled branch without the host's look at which slots occur, for a traced graph:
     every slot runs over all tokens (S dense passes, no (T, m_max, d) gather) and each token keeps its own,
     selected (another slot's NaN stays in that slot's rows)."""
-    act_fns = [{"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}[name]
-               for name in BOTTLENECK_ACTIVATIONS]
+    act_fns = [_BOTTLENECK_ACT_FNS[name] for name in BOTTLENECK_ACTIVATIONS]
     units = torch.arange(down_weight.shape[1], device=h.device)                                 # (m_max,)
     delta = torch.zeros_like(h)
     for a in range(down_weight.shape[0]):
