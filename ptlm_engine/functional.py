@@ -9,6 +9,7 @@ from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES, bottleneck_adapter_
 from ptlm_engine.ops.bottleneck_multi import BottleneckSlots, bottleneck_adapter_multi_op
 from ptlm_engine.ops.cross_entropy import linear_cross_entropy_op
 from ptlm_engine.ops.lora import lora_linear_op
+from ptlm_engine.ops.lora_embedding import lora_embedding_multi_op, lora_embedding_op
 from ptlm_engine.ops.lora_grouped import lora_linear_grouped_op, lora_linear_multi_grouped_op
 from ptlm_engine.ops.lora_multi import LoraSlots, lora_linear_multi_op, token_segments  # noqa: F401
 from ptlm_engine.ops.prefix_attention import prefix_attention_op
@@ -38,6 +39,27 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, slots: Lor
     one batch (computed here when None). Gradients reach each slot's A and B from its own tokens only.
     """
     return lora_linear_multi_op(x, weight, bias, slots, adapter_index, fan_in_fan_out, segments)
+
+
+def lora_embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0,
+                   padding_idx: int | None = None, embed_scale: float = 1.0) -> Tensor:
+    """LoRA on an embedding table: y = embed_scale * (weight[ids] + scale * A[:, ids]^T B^T), fused.
+
+    ids (...) token ids; weight (V, d); lora_A (r, V) and lora_B (d, r), HF PEFT's lora_embedding_A / _B.
+    A's column padding_idx gets no gradient, as F.embedding's table row. Returns (..., d) in weight's dtype.
+    """
+    return lora_embedding_op(ids, weight, lora_A, lora_B, scale, padding_idx, embed_scale)
+
+
+def lora_embedding_multi(ids: Tensor, weight: Tensor, slots: LoraSlots, adapter_index: Tensor,
+                         padding_idx: int | None = None, embed_scale: float = 1.0,
+                         segments: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Every token with its own adapter: y[t] = embed_scale * (weight[id_t] + s_a A_a[:, id_t]^T B_a^T).
+
+    slots: stacked adapters as for lora_linear_multi with d_in = V (lora_A (S, r_max, V), lora_B (S, d, r_max);
+    dropouts None); adapter_index (...) as ids, -1 for the table alone; segments as for lora_linear_multi.
+    """
+    return lora_embedding_multi_op(ids, weight, slots, adapter_index, padding_idx, embed_scale, segments)
 
 
 def lora_linear_grouped(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor | None],

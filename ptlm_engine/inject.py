@@ -16,8 +16,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ptlm_engine.bottleneck_sites import attach_bottleneck, find_bottleneck_targets
 from ptlm_engine.config import ALL_LINEAR, BottleneckConfig, LoraConfig, PrefixConfig, PromptConfig, selects
-from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
+from ptlm_engine.layers import AdapterLayer, LoraEmbedding, LoraLinear, ModulesToSave
 from ptlm_engine.layers.base import hooked
+from ptlm_engine.layers.lora_embedding import check_embedding
 from ptlm_engine.layers.lora_group import ProjectionGroup
 from ptlm_engine.layers.prefix import LAYER_NAME as PREFIX_LAYER, attach_prefix, find_prefix_targets, hooked_attention
 from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
@@ -26,6 +27,7 @@ from ptlm_engine.layers.prompt import attach_prompt, find_prompt_targets
 LORA_LAYER_BUILDERS: list[tuple[type[nn.Module], Callable[[nn.Module], LoraLinear]]] = [
     (nn.Linear, lambda module: LoraLinear(module, fan_in_fan_out=False)),
     (Conv1D, lambda module: LoraLinear(module, fan_in_fan_out=True)),   # GPT-2: weight stored (d_in, d_out)
+    (nn.Embedding, LoraEmbedding),                                         # named targets only (not all-linear)
 ]
 
 # Targets used when LoraConfig.target_modules is None, by `model.config.model_type`: the attention query and
@@ -126,6 +128,13 @@ def _builder(module: nn.Module) -> Callable[[nn.Module], LoraLinear] | None:
     return next((build for base_type, build in LORA_LAYER_BUILDERS if isinstance(module, base_type)), None)
 
 
+def _linear(module: nn.Module) -> bool:
+    """A linear layer, wrapped or not: what "all-linear" selects (never embeddings, as in PEFT)."""
+    if isinstance(module, LoraLinear):
+        return not isinstance(module, LoraEmbedding)
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     return get() if callable(get) else None
@@ -152,7 +161,7 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     def wanted(name: str, module: nn.Module) -> bool:
         if spec == ALL_LINEAR:
             is_head = module is head or name == "lm_head" or name.endswith(".lm_head")
-            hit = (isinstance(module, LoraLinear) or _builder(module) is not None) and not is_head
+            hit = _linear(module) and not is_head
         elif isinstance(spec, list) and name in spec:
             return excluded is None or not _named(name, excluded)     # named whole: in any layer, as in PEFT
         else:
@@ -182,6 +191,8 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             supported = ", ".join(f"{t.__module__}.{t.__name__}" for t, _ in LORA_LAYER_BUILDERS)
             raise ValueError(f"target module {name!r} is a {type(module).__module__}.{type(module).__name__}; "
                              f"LoRA supports {supported}")
+        if isinstance(module, nn.Embedding):
+            check_embedding(name, module)
         if not isinstance(module, LoraLinear) and hooked(module):
             raise ValueError(f"target module {name!r} has forward hooks (its own, or accelerate's), which its LoRA "
                              "layer would bypass: it computes the base projection itself; remove them first, or "

@@ -76,6 +76,38 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     return y.to(dtype)
 
 
+def lora_embedding_multi(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scales: Tensor,
+                         adapter_index: Tensor, ranks: Tensor | None = None, padding_idx: int | None = None,
+                         embed_scale: float = 1.0) -> Tensor:
+    """Each token t with its own adapter a = adapter_index[t]: y[t] = es (E[id_t] + s_a A_a[:, id_t]^T B_a^T).
+
+    ids (T,) token ids; weight E (V, d); lora_A (S, r_max, V) and lora_B (S, d, r_max), stacked slots in PEFT's
+    lora_embedding_A / _B layout, of which each slot's first ranks[a] ranks count (None: all r_max); scales (S,);
+    adapter_index (T,), -1 for the base embedding alone; es = embed_scale. A's column padding_idx gets no
+    gradient (F.embedding's rule, which PEFT's LoRA embedding follows). Accumulates in float32, rounds once.
+    """
+    dtype = weight.dtype
+    wide = torch.promote_types(dtype, torch.float32)
+    y = torch.nn.functional.embedding(ids, _wide(weight, dtype), padding_idx)                     # (T, d)
+    slot = adapter_index.clamp_min(0).long()
+    xa = lora_A[slot, :, ids].to(wide) * scales[slot].to(wide)[:, None]                           # (T, r_max)
+    live = (adapter_index >= 0)[:, None]
+    if ranks is not None:
+        live = live & (torch.arange(lora_A.shape[1], device=ids.device) < ranks[slot][:, None])
+    xa = torch.where(live, xa, 0)
+    if padding_idx is not None:
+        xa = torch.where((ids == padding_idx)[:, None], xa.detach(), xa)
+    if torch.compiler.is_compiling():                   # every slot densely, each token keeping its own (see below)
+        for a in range(lora_A.shape[0]):
+            y = torch.where((adapter_index == a)[:, None], y + xa @ _wide(lora_B[a], dtype).t(), y)
+    else:
+        for a in adapter_index.unique().tolist():       # each slot over its own tokens
+            if a >= 0:
+                rows = (adapter_index == a).nonzero()[:, 0]
+                y = y.index_add(0, rows, xa[rows] @ _wide(lora_B[a], dtype).t())
+    return (y * embed_scale).to(dtype)
+
+
 def _lora_multi_delta_static(x: Tensor, lora_A: Tensor, lora_B: Tensor, coefs: Tensor,
                              adapter_index: Tensor, ranks: Tensor | None) -> Tensor:
     """lora_linear_multi's adapter term without the host's look at which slots occur, for a traced graph: every

@@ -88,9 +88,9 @@ def test_unknown_architecture_needs_targets():
 
 
 def test_unsupported_module_type_is_named(tiny):
-    with pytest.raises(ValueError, match=r"'model.embed_tokens' is a torch.nn.modules.sparse.Embedding; "
+    with pytest.raises(ValueError, match=r"'model.norm' is a transformers.models.llama.modeling_llama.LlamaRMSNorm; "
                                          r"LoRA supports torch.nn.modules.linear.Linear"):
-        _targets(tiny("llama"), target_modules=["embed_tokens"])
+        _targets(tiny("llama"), target_modules=["norm"])
 
 
 def test_wrap_and_restore_in_place(tiny):

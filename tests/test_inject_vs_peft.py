@@ -166,6 +166,12 @@ GRID = [
     ("distilbert", dict(r=4, target_modules=["q_lin", "v_lin"], modules_to_save=["pre_classifier", "classifier"],
                         bias="all")),
     ("opt", dict(r=4, target_modules=["q_proj", "fc1"], bias="lora_only", modules_to_save=["lm_head"])),
+    ("llama", dict(r=4, target_modules=["q_proj", "embed_tokens"], rank_pattern={"embed_tokens": 2})),
+    ("gpt2", dict(r=4, target_modules=["wte", "c_attn"])),                               # tied to the head
+    ("opt", dict(r=4, target_modules=["embed_tokens", "q_proj"])),
+    ("bert_cls", dict(r=4, target_modules=["word_embeddings", "query"])),
+    ("bart", dict(r=4, target_modules=["embed_tokens", "q_proj"])),                       # scaled, shared table
+    ("t5", dict(r=4, target_modules=["shared", "q"])),
 ]
 
 
@@ -195,7 +201,7 @@ def test_grid_our_files_compute_peft_outputs(kind, kw, tmp_path):
     ("llama", dict(target_modules=r".*(q_proj|norm)"), "LlamaRMSNorm"),
     ("llama", dict(target_modules=["nope"]), "matched no module"),
     ("llama", dict(target_modules=["q_proj"], exclude_modules=["q_proj"]), "matched no module"),
-    ("llama", dict(target_modules=["q_proj", "embed_tokens"]), "Embedding"),   # PEFT adapts it; refused clearly
+    ("opt", dict(target_modules=["q_proj", "embed_positions"]), "its own forward"),   # positions, not tokens
     ("phi3", dict(), "no default for model_type 'phi3'"),
 ])
 def test_grid_refusals_are_clear(kind, kw, match):

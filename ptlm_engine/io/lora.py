@@ -3,6 +3,8 @@
 Tensor keys, with the adapter name left out (PEFT puts it back on loading):
   base_model.model.<module>.lora_A.weight     (r, d_in)
   base_model.model.<module>.lora_B.weight     (d_out, r)
+  base_model.model.<module>.lora_embedding_A  (r, V)      LoRA on an embedding table (V, d)
+  base_model.model.<module>.lora_embedding_B  (d, r)
   base_model.model.<module>.<key>             each state-dict entry of a modules_to_save copy
   base_model.model.<module>.base_layer.bias   bias of a LoRA-wrapped module (bias "all" / "lora_only")
   base_model.model.<module>.bias              bias of any other module (bias "all")
@@ -19,7 +21,7 @@ from torch import Tensor, nn
 from ptlm_engine import inject
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
 from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, key, load_copies, saved_copies
-from ptlm_engine.layers import ModulesToSave
+from ptlm_engine.layers import LoraEmbedding, ModulesToSave
 
 # PEFT config keys that do not change what a loaded LoRA adapter computes (bookkeeping, initialisation
 # schemes whose result is in the file, fan_in_fan_out which follows the layer type here as in PEFT).
@@ -46,8 +48,9 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
     layers = [(p, layer) for p, layer in inject.lora_layers(model) if name in layer.lora_A]
     tensors: dict[str, Tensor] = {}
     for p, layer in layers:
-        tensors[key(p, "lora_A.weight")] = layer.lora_A[name].weight
-        tensors[key(p, "lora_B.weight")] = layer.lora_B[name].weight
+        key_A, key_B = layer.file_keys
+        tensors[key(p, key_A)] = layer.lora_A[name].weight
+        tensors[key(p, key_B)] = layer.lora_B[name].weight
     lora_paths = {p for p, _ in layers}
     for p, bias in _bias_params(model, config.bias, lora_paths, owner=name).items():
         # PEFT's LoRA layer holds the wrapped module as `base_layer`, so that is where PEFT files its bias.
@@ -67,7 +70,9 @@ def dump(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict[str, Ten
         "base_model_name_or_path": getattr(model, "name_or_path", None) or None,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "use_rslora": config.use_rslora,
         "target_modules": target_modules, "layers_to_transform": config.layers_to_transform,
-        "layers_pattern": config.layers_pattern, "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        # GPT-2's Conv1D layout; PEFT's LoRA embeddings read no such flag (and it warns of it on a Linear)
+        "layers_pattern": config.layers_pattern,
+        "fan_in_fan_out": any(layer.fan_in_fan_out and not isinstance(layer, LoraEmbedding) for _, layer in layers),
         "bias": config.bias, "modules_to_save": config.modules_to_save, "rank_pattern": dict(config.rank_pattern),
         "alpha_pattern": dict(config.alpha_pattern), "exclude_modules": config.exclude_modules,
     }
@@ -160,8 +165,9 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
     for target in targets:
         layer = inject.as_lora_layer(model.get_submodule(target))
         r = config.rank_for(target)
-        lora_A = match.take(key(target, "lora_A.weight"), (r, layer.in_features))
-        lora_B = match.take(key(target, "lora_B.weight"), (layer.out_features, r))
+        key_A, key_B = layer.file_keys
+        lora_A = match.take(key(target, key_A), (r, layer.in_features))
+        lora_B = match.take(key(target, key_B), (layer.out_features, r))
         lora_weights[target] = (lora_A, lora_B)
     copies = match.copies(model, saved)
     # With bias "all", PEFT also files modules_to_save biases as <module>.original_module.bias and

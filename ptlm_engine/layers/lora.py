@@ -60,11 +60,12 @@ class LoraLinear(AdapterLayer):
     """
 
     remaps_in_place = True      # rows reach it through the batch's token index and grouping
+    file_keys = ("lora_A.weight", "lora_B.weight")    # A's and B's leaves in PEFT's files
 
     def __init__(self, base: nn.Module, fan_in_fan_out: bool):
         super().__init__()
         self.register_parameter("weight", base.weight)   # (d_out, d_in), or (d_in, d_out) with fan_in_fan_out
-        self.register_parameter("bias", base.bias)       # (d_out,) or None
+        self.register_parameter("bias", getattr(base, "bias", None))   # (d_out,) or None (an embedding has none)
         self.fan_in_fan_out = fan_in_fan_out
         d_out, d_in = self.weight.shape[::-1] if fan_in_fan_out else self.weight.shape
         self.in_features, self.out_features = d_in, d_out
@@ -89,12 +90,17 @@ class LoraLinear(AdapterLayer):
         factory = {"device": self.weight.device, "dtype": adapter_dtype(self.weight.dtype)}
         lora_A = nn.Linear(self.in_features, r, bias=False, **factory)       # weight (r, d_in)
         lora_B = nn.Linear(r, self.out_features, bias=False, **factory)      # weight (d_out, r)
-        nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(lora_B.weight)
+        self.init_adapter(lora_A.weight, lora_B.weight)
         self.lora_A[name], self.lora_B[name] = lora_A, lora_B
         self.r[name], self.scale[name], self.dropout[name] = r, scale, dropout
         self.slot[name] = free_slot(self.slot.values()) if slot is None else slot
         self.pool.put(self.slot[name], [lora_A.weight, lora_B.weight], scales=scale)
+
+    @staticmethod
+    @torch.no_grad()
+    def init_adapter(lora_A: Tensor, lora_B: Tensor) -> None:
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A)

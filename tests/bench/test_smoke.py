@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from bench import (base_ops, bottleneck, gpu_suite, harness, lora, lora_grouped, lora_multi, model_generate,
-                   model_multi_train, model_train, prefix_attention, report)
+from bench import (base_ops, bottleneck, gpu_suite, harness, lora, lora_embedding, lora_grouped, lora_multi,
+                   model_generate, model_multi_train, model_train, prefix_attention, report)
 
 FAST = ["--warmup-ms", "0", "--rep-ms", "1"]
 
@@ -323,3 +323,20 @@ def test_decode_configs_smoke(tmp_path):
     assert {(r["op"], r["mode"]) for r in rows} == {("lora", "fwd"), ("lora", "bwd"), ("multi", "fwd")}
     assert all(r["ms"] and r["cublas_ms"] for r in rows), rows
     assert (tmp_path / "decode_configs.json").exists()
+
+
+def test_lora_embedding_smoke_rows_floor_and_providers(tmp_path):
+    results = lora_embedding.main(["--smoke", "--out", str(tmp_path), "--tokens", "16", *FAST])
+    # one adapter: floor, lookup (fwd only), eager, peft, ptlm; a mixed batch of 4: floor, lookup (fwd), ptlm
+    assert len(results.rows) == 9 + 5 and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in results.rows)
+    assert "| V | d | r | T | adapters | mode | timing | floor | lookup | eager | peft | ptlm |" in \
+        (tmp_path / "lora_embedding.md").read_text()
+    nbytes, _ = lora_embedding.cost({"V": 32000, "d": 4096, "r": 16, "T": 16384, "adapters": 1}, "fwd")
+    assert nbytes == 2 * (2 * 16384 * 4096 + 16384 * 16 + 4096 * 16)
+    # every provider computes the same adapter
+    (s,) = lora_embedding.make_sets({"V": 29, "d": 24, "r": 4, "T": 12, "adapters": 1}, 1, torch.device("cpu"),
+                                    torch.float64)
+    with torch.no_grad():
+        outs = [lora_embedding._forward(p, s)[0]() for p in ("eager", "peft", "ptlm")]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0])
