@@ -4,14 +4,16 @@ y[t] = es * (E[id_t] + s_a A_a[:, id_t]^T B_a^T), a = adapter_index[t], over sta
 B (S, d, r_max) in HF PEFT's lora_embedding_A / lora_embedding_B layout (A's columns are vocabulary entries);
 es is the embedding's own output scale (Gemma's scaled embeddings; 1 elsewhere). One adapter is S = 1.
 
-A program owns BLOCK_T tokens × BLOCK_D columns: it gathers each token's E row and its r-wide A column, and
-adds the rank-r product with B one rank at a time (each row may read another slot's B, so no tensor-core tile
-is shared). Programs of the first column block also store xa[t] = s_a A_a[:, id_t] (fp32, zero beyond the
-slot's rank and for rows without one), what backward needs; dA and dB come from the multi-adapter LoRA
-kernels (kernels.lora_multi) and a scatter-add, in ops.lora_embedding.
+A program owns BLOCK_T tokens, taken in slot-sorted order (token_segments), and a range of columns. It gathers
+each token's r-wide A column once (xa, scaled, fp32), then per BLOCK_D columns adds, for each run of rows that
+share a slot (one or two runs in a sorted block), xa @ B_a's (BLOCK_D, R_PAD) tile on tensor cores, and the
+tokens' E rows. Programs of the first column range also store xa (zero beyond each slot's rank and for rows
+without one), what backward needs; dA and dB come from the multi-adapter LoRA kernels (kernels.lora_multi) and
+a scatter-add, in ops.lora_embedding. Tokens whose id lies outside [0, V) read nothing and get a zero row.
 
-Floor: bytes = T d b (E rows) + T d b (y) + T r 4 (A, xa) -> at T = 4096, d = 4096, bf16: 67 MB, 22 us on an
-H100 (3.0 TB/s); B (S d r) stays in L2. Tokens whose id lies outside [0, V) read nothing and get a zero row.
+Floor: bytes = T d b (E rows) + T d b (y) + T r b (A) + S d r b (B) -> at T = 4096, d = 4096, r = 16, bf16:
+67 MB, 22 us on an H100 (3.0 TB/s). A's gather reads one sector per (token, rank): T r 32 bytes through L2
+(2 MB at T = 4096), once per token since a program spans many column tiles when there are enough token blocks.
 """
 from __future__ import annotations
 
@@ -20,64 +22,85 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, next_pow2
+from .lora import _dot
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PROGRAMS = 512          # enough programs to fill a GPU: column ranges are split until token blocks x ranges reach it
 
 
-def block_sizes(T: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps): 16 tokens × up to 256 columns a program."""
-    block_d = min(256, max(16, next_pow2(D)))
-    return min(16, max(1, next_pow2(T))), block_d, max(1, min(4, block_d // 64))
+def launch_shape(T: int, D: int, r_max: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_T, BLOCK_D, R_PAD, columns per program, num_warps)."""
+    r_pad = max(16, next_pow2(r_max))
+    block_t = 16 if T <= 16 else 32
+    block_d = 128 if r_pad <= 64 else 64
+    tiles = cdiv(D, block_d)
+    ranges = min(tiles, max(1, cdiv(PROGRAMS, cdiv(T, block_t))))
+    return block_t, block_d, r_pad, cdiv(tiles, ranges) * block_d, 4
 
 
 @triton.jit
 def _lora_embedding_fwd_kernel(
-    ids_ptr, index_ptr, w_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, y_ptr, xa_ptr,
-    T, D, V, R_MAX, WIDTH, embed_scale,
+    ids_ptr, index_ptr, order_ptr, w_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, y_ptr, xa_ptr,
+    T, D, V, R_MAX, WIDTH, COLS, embed_scale,
     stride_w, stride_as, stride_ar, stride_av, stride_bs, stride_bd, stride_br, stride_y,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, R_PAD: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
-    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    in_vocab = row_ok & (ids >= 0) & (ids < V)
+    pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_ok = pos < T
+    rows = tl.load(order_ptr + pos, mask=pos_ok, other=0).to(tl.int64)             # tokens in slot order
+    ids = tl.load(ids_ptr + rows, mask=pos_ok, other=0).to(tl.int64)
+    in_vocab = pos_ok & (ids >= 0) & (ids < V)
     ids = tl.where(in_vocab, ids, 0)
-    slot = tl.load(index_ptr + rows, mask=row_ok, other=-1)
-    has = in_vocab & (slot >= 0)
+    slot = tl.load(index_ptr + rows, mask=pos_ok, other=-1).to(tl.int32)
+    slotted = pos_ok & (slot >= 0)
+    has = in_vocab & slotted
     s = tl.where(has, slot, 0).to(tl.int64)
     rank = tl.load(ranks_ptr + s, mask=has, other=0)
     scale = tl.load(scales_ptr + s, mask=has, other=0.0)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    a_col = a_ptr + s * stride_as + ids * stride_av                                 # (BLOCK_T,) A_a[0, id]
-    b_rows = b_ptr + s[:, None] * stride_bs + cols[None, :].to(tl.int64) * stride_bd  # (BLOCK_T, BLOCK_D)
-    xa_row = xa_ptr + rows.to(tl.int64) * WIDTH
-    first = pid_d == 0
-    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for k in range(0, R_MAX):
-        live = has & (k < rank)
-        a = tl.load(a_col + k * stride_ar, mask=live, other=0.0).to(tl.float32) * scale       # (BLOCK_T,)
-        tl.store(xa_row + k, a, mask=row_ok & first)
-        b = tl.load(b_rows + k * stride_br, mask=live[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += a[:, None] * b
-    for k in range(R_MAX, WIDTH):                                                   # xa's padding columns
-        tl.store(xa_row + k, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=row_ok & first)
-    base = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=in_vocab[:, None] & col_ok[None, :],
-                   other=0.0).to(tl.float32)
-    y = (base + acc) * embed_scale
-    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+
+    # xa (BLOCK_T, R_PAD): each token's A column, gathered once
+    kk = tl.arange(0, R_PAD)
+    live = has[:, None] & (kk[None, :] < rank[:, None])
+    xa = tl.load(a_ptr + s[:, None] * stride_as + kk[None, :] * stride_ar + ids[:, None] * stride_av, mask=live,
+                 other=0.0).to(tl.float32) * scale[:, None]
+    tl.store(xa_ptr + rows[:, None] * WIDTH + kk[None, :], xa,
+             mask=pos_ok[:, None] & (kk[None, :] < WIDTH) & (pid_d == 0))
+
+    # runs: the distinct slots of the (sorted) block, walked in increasing order
+    prev = tl.load(order_ptr + pos - 1, mask=pos_ok & (pos > pid_t * BLOCK_T), other=0)
+    prev_slot = tl.load(index_ptr + prev, mask=pos_ok & (pos > pid_t * BLOCK_T), other=-1).to(tl.int32)
+    runs = tl.sum((slotted & (slot != prev_slot)).to(tl.int32), axis=0)
+    x_lora = xa if FP32_DOT else xa.to(b_ptr.dtype.element_ty)
+    k_ok = kk < R_MAX
+
+    col_end = tl.minimum(pid_d * COLS + COLS, D)
+    for c0 in range(pid_d * COLS, col_end, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < col_end
+        acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+        current = tl.full([], -1, tl.int32)
+        for _ in range(0, runs):
+            current = tl.min(tl.where(slotted & (slot > current), slot, 2147483647), axis=0)
+            b = tl.load(b_ptr + current.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bd
+                        + kk[None, :] * stride_br, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            mine = tl.where((slot == current)[:, None], x_lora, 0.0)            # the run's rows; b (BLOCK_D, R_PAD)
+            acc = _dot(mine.to(b.dtype), tl.trans(b), acc, FP32_DOT)
+        base = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=in_vocab[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
+        y = ((base + acc) * embed_scale).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y, mask=pos_ok[:, None] & col_ok[None, :])
 
 
 def lora_embedding_forward(ids: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                           adapter_index: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-                           embed_scale: float, width: int,
+                           adapter_index: torch.Tensor, order: torch.Tensor, ranks: torch.Tensor,
+                           scales: torch.Tensor, embed_scale: float, width: int,
                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (T, d) in weight's dtype, `out` if given, with unit column stride; xa (T, width) fp32). ids,
-    adapter_index (T,) int32 or int64 contiguous; weight (V, d) with unit column stride; lora_A (S, r_max, V),
-    lora_B (S, d, r_max) any strides, any float dtype; ranks (S,) int32, scales (S,) fp32; width >= r_max."""
+    adapter_index (T,) integers, contiguous; order (T,) the tokens sorted by slot (token_segments); weight (V, d)
+    with unit column stride; lora_A (S, r_max, V), lora_B (S, d, r_max) any strides, in one float dtype;
+    ranks (S,) int32, scales (S,) fp32; width: r_max rounded up to a multiple of 16 (padded_rank)."""
     T = ids.shape[0]
     V, D = weight.shape
     r_max = lora_A.shape[1]
@@ -85,12 +108,13 @@ def lora_embedding_forward(ids: torch.Tensor, weight: torch.Tensor, lora_A: torc
     xa = torch.empty((T, width), device=weight.device, dtype=torch.float32)
     if T == 0:
         return y, xa
-    block_t, block_d, warps = block_sizes(T, D)
+    block_t, block_d, r_pad, cols, warps = launch_shape(T, D, r_max)
+    assert r_max <= width <= r_pad, (r_max, width)
     sa, sb = lora_A.stride(), lora_B.stride()
-    _lora_embedding_fwd_kernel[(cdiv(T, block_t), cdiv(D, block_d))](
-        ids, adapter_index, weight, lora_A, lora_B, ranks, scales, y, xa,
-        T, D, V, r_max, width, float(embed_scale),
+    _lora_embedding_fwd_kernel[(cdiv(T, block_t), cdiv(D, cols))](
+        ids, adapter_index, order, weight, lora_A, lora_B, ranks, scales, y, xa,
+        T, D, V, r_max, width, cols, float(embed_scale),
         weight.stride(0), sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], y.stride(0),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
+        FP32_DOT=lora_B.dtype == torch.float32, BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=r_pad, num_warps=warps,
     )
     return y, xa

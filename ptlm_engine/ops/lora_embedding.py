@@ -36,7 +36,7 @@ def _forward(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, ranks:
              embed_scale: float) -> tuple[Tensor, Tensor]:
     """ids (T,) -> y (T, d), xa (T, r_pad) fp32 = s_a A_a[:, id] per token (saved for backward)."""
     width = multi_kernels.padded_rank(lora_A.shape[1])
-    return embedding_kernels.lora_embedding_forward(ids, weight, lora_A, lora_B, adapter_index, ranks, scales,
+    return embedding_kernels.lora_embedding_forward(ids, weight, lora_A, lora_B, adapter_index, order, ranks, scales,
                                                     embed_scale, width)
 
 

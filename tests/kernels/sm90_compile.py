@@ -31,6 +31,7 @@ from ptlm_engine.kernels import bottleneck as B  # noqa: E402
 from ptlm_engine.kernels import bottleneck_multi as BM  # noqa: E402
 from ptlm_engine.kernels import cross_entropy as CE  # noqa: E402
 from ptlm_engine.kernels import lora as L  # noqa: E402
+from ptlm_engine.kernels import lora_embedding as LE  # noqa: E402
 from ptlm_engine.kernels import lora_grouped as G  # noqa: E402
 from ptlm_engine.kernels import lora_multi as M  # noqa: E402
 from ptlm_engine.kernels import prefix_attention as PA  # noqa: E402
@@ -259,6 +260,13 @@ KERNELS.update({
                {f"{p}_ptr": "x" for p in ("q", "k", "cos", "sin", "qo", "ko")},
                [dict(BACKWARD=False), dict(BACKWARD=True)]),
 })
+# LoRA on embeddings at d = 4096 and many token blocks, r = 16 and r = 128 (its 64-column tiles)
+_EMB = [LE.launch_shape(16384, 4096, r) for r in (16, 128)]
+KERNELS["lora_embedding.forward"] = (
+    _fixed(LE._lora_embedding_fwd_kernel, *(triton.Config({"BLOCK_T": bt, "BLOCK_D": bd, "R_PAD": rp}, num_warps=w,
+                                                          num_stages=1) for bt, bd, rp, _, w in _EMB)),
+    {"ids_ptr": "*i64", "index_ptr": "*i32", "order_ptr": "*i32", "w_ptr": "x", "a_ptr": "x", "b_ptr": "x",
+     "ranks_ptr": "*i32", "scales_ptr": "*fp32", "y_ptr": "x", "xa_ptr": "*fp32", "embed_scale": "fp32"}, [{}])
 # the loss's chunk kernel at the training step's vocabulary (V = 32000: BLOCK_V = MAX_BLOCK_V, several steps a row)
 CE_BLOCK, CE_WARPS = CE.block_shape(32000)
 KERNELS["cross_entropy"] = (_fixed(CE._cross_entropy_kernel, triton.Config({"BLOCK_V": CE_BLOCK}, num_warps=CE_WARPS,
