@@ -8,7 +8,8 @@ forward pre-hook on the model that rewrites the call's keyword arguments:
   [Q virtual tokens ; the embedded input_ids (or the given inputs_embeds)], with `attention_mask` gaining Q
   leading ones, per-token `labels` Q leading -100, `token_type_ids` Q leading zeros (as PEFT's classification
   models; its causal-LM and feature-extraction models drop given token types instead), and `position_ids`
-  (where given) 0 … Q−1 for the virtual tokens and p + Q for the real ones. Without position ids the model
+  (where given) 0 … Q−1 for the virtual tokens and p + Q for the real ones, question answering's span labels
+  (start_positions / end_positions) p + Q (PEFT 0.21 leaves them pointing at the virtual tokens). Without position ids the model
   numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops given position ids, which
   is the same where they count 0 … L−1, as generate's do without padding). The outputs include the Q virtual
   positions, as PEFT's;
@@ -25,7 +26,8 @@ positions ; its q_i virtual tokens ; its tokens], so column Qmax + j holds token
 q_i + L valid columns compute what the row computes alone (its tokens at positions p + q_i). Padding positions
 are masked (0) as keys; each copies the row's first valid position (embedding, position id, token type), so a
 bidirectional encoder computes there exactly the output of that first position and a first-token pooler (BERT's
-classifier) reads what the row alone would. With causal-LM labels, the first label of a row without virtual
+classifier) reads what the row alone would; a last-token classifier (Llama's, GPT-2's) reads a row without
+virtual tokens at its last non-pad token, as alone from its input_ids. With causal-LM labels, the first label of a row without virtual
 tokens is masked too, as alone it predicts nothing.
 
 Per-row layouts are built on the host from the batch's mapping, once per (device, batch size): no device->host
@@ -232,6 +234,7 @@ class PromptTuning(AdapterLayer):
         self.batch, self._layouts = batch, {}
 
     def release(self) -> None:
+        self._drop_pool_hook()
         model = self._model
         model._forward_pre_hooks.pop(self._hook_id, None)
         model._forward_pre_hooks_with_kwargs.pop(self._hook_id, None)
@@ -268,6 +271,7 @@ class PromptTuning(AdapterLayer):
         return self._layouts[key]
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
+        self._drop_pool_hook()                             # a call that failed before its head ran left it
         if not self.applies():
             return None
         kw = {**dict(zip(self._arg_names, args)), **kwargs}
@@ -318,6 +322,13 @@ class PromptTuning(AdapterLayer):
         if types is not None:
             first = torch.where(layout.copies_first_token, types[:, :1], 0)
             kw["token_type_ids"] = torch.cat([first.expand(n, layout.qmax), types], dim=1)
+        for span in ("start_positions", "end_positions"):                               # question answering
+            given = kw.get(span)
+            if isinstance(given, Tensor) and given.shape == (n,):
+                # token p sits at column Qmax + p; p >= L (ignored by the loss) stays past the last column
+                kw[span] = torch.where(given < length, given + layout.qmax, layout.qmax + length)
+        if self._labels == "sequence" and layout.padded and ids is not None:
+            self._pool_like_alone(layout, ids)
         labels = kw.get("labels")
         if labels is not None and self._labels != "sequence" and labels.shape == (n, length):
             head = labels.new_full((n, layout.qmax), -100)
@@ -326,6 +337,34 @@ class PromptTuning(AdapterLayer):
                 first = torch.where(layout.copies_first_token, -100, labels[:, :1])
                 labels = torch.cat([first, labels[:, 1:]], dim=1)
             kw["labels"] = torch.cat([head, labels], dim=1)
+
+    def _pool_like_alone(self, layout: _Layout, ids: Tensor) -> None:
+        """Last-token classifiers (HF's ...ForSequenceClassification with a `score` head and a pad_token_id) pool,
+        given inputs_embeds, every row's last column; alone, a row without virtual tokens keeps its input_ids and
+        pools its last non-pad token (HF's rule), column Qmax + j here. A hook on the head, for this call only,
+        puts those rows' logits of that column in the last one (the head's other columns are not returned)."""
+        head = getattr(self._model, "score", None)
+        pad = getattr(getattr(self._model, "config", None), "pad_token_id", None)
+        if not isinstance(head, nn.Module) or pad is None:
+            return
+        n, length = ids.shape
+        own = (torch.arange(length, device=ids.device) * ids.ne(pad)).argmax(-1)               # (n,)
+        last = torch.where(layout.copies_first_token[:, 0], own + layout.qmax, layout.qmax + length - 1)
+
+        def pick(module, args, out):
+            self._drop_pool_hook()
+            if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == (n, layout.qmax + length)):
+                return None
+            pooled = out[torch.arange(n, device=out.device), last.to(out.device)]              # (n, labels)
+            return torch.cat([out[:, :-1], pooled.unsqueeze(1)], dim=1)
+        self._pool_hook = head.register_forward_hook(pick)
+
+    _pool_hook = None
+
+    def _drop_pool_hook(self) -> None:
+        if self._pool_hook is not None:
+            self._pool_hook.remove()
+            self._pool_hook = None
 
     def _continue(self, kw: dict, layout: _Layout, length: int, cached: int) -> None:
         mask, positions = kw.get("attention_mask"), kw.get("position_ids")
