@@ -9,8 +9,8 @@ forward pre-hook on the model that rewrites the call's keyword arguments:
   leading ones, per-token `labels` Q leading -100, `token_type_ids` Q leading zeros (as PEFT's classification
   models; its causal-LM and feature-extraction models drop given token types instead), and `position_ids`
   (where given) 0 … Q−1 for the virtual tokens and p + Q for the real ones, question answering's span labels
-  (start_positions / end_positions) p + Q (PEFT 0.21 leaves them pointing at the virtual tokens). Without position ids the model
-  numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops given position ids, which
+  (start_positions / end_positions) p + Q (PEFT 0.21 leaves them pointing at the virtual tokens). Without
+  position ids the model numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops given position ids, which
   is the same where they count 0 … L−1, as generate's do without padding). The outputs include the Q virtual
   positions, as PEFT's;
 - a call with a non-empty cache continues a sequence whose cache already holds the virtual tokens (generate's
@@ -27,8 +27,8 @@ q_i + L valid columns compute what the row computes alone (its tokens at positio
 are masked (0) as keys; each copies the row's first valid position (embedding, position id, token type), so a
 bidirectional encoder computes there exactly the output of that first position and a first-token pooler (BERT's
 classifier) reads what the row alone would; a last-token classifier (Llama's, GPT-2's) reads a row without
-virtual tokens at its last non-pad token, as alone from its input_ids. With causal-LM labels, the first label of a row without virtual
-tokens is masked too, as alone it predicts nothing.
+virtual tokens at its last non-pad token, as alone from its input_ids. With causal-LM labels, the first label of
+a row without virtual tokens is masked too, as alone it predicts nothing.
 
 Per-row layouts are built on the host from the batch's mapping, once per (device, batch size): no device->host
 sync. Cache lengths come from `cache.get_seq_length()` (a host int for dynamic caches, which HF reads too).
