@@ -10,9 +10,9 @@ forward pre-hook on the model that rewrites the call's keyword arguments:
   models; its causal-LM and feature-extraction models drop given token types instead), and `position_ids`
   (where given) 0 … Q−1 for the virtual tokens and p + Q for the real ones, question answering's span labels
   (start_positions / end_positions) p + Q (PEFT 0.21 leaves them pointing at the virtual tokens). Without
-  position ids the model numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops given position ids, which
-  is the same where they count 0 … L−1, as generate's do without padding). The outputs include the Q virtual
-  positions, as PEFT's;
+  position ids the model numbers the Q + L positions 0 … Q+L−1 itself: what PEFT's forward does (it drops
+  given position ids, which is the same where they count 0 … L−1, as generate's do without padding). The
+  outputs include the Q virtual positions, as PEFT's;
 - a call with a non-empty cache continues a sequence whose cache already holds the virtual tokens (generate's
   decoding steps, chunked prefill): nothing is prepended; the mask gains the Q leading positions and given
   position ids move up by Q. (PEFT 0.21 under transformers 5 re-inserts the prompt at every step instead.) A new
