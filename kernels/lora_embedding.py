@@ -6,7 +6,8 @@ es is the embedding's own output scale (Gemma's scaled embeddings; 1 elsewhere).
 
 A program owns BLOCK_T tokens, taken in slot-sorted order (token_segments), and a range of columns. It gathers
 each token's r-wide A column once (xa, scaled, fp32), then per BLOCK_D columns adds, for each run of rows that
-share a slot (one or two runs in a sorted block), xa @ B_a's (BLOCK_D, R_PAD) tile on tensor cores, and the
+share a slot (one or two runs in a sorted block), xa @ B_a's (BLOCK_D, R_PAD) tile on tensor cores (tf32 for a
+half-precision table, whose fp32 xa keeps fp16's mantissa; exact for an fp32 one), and the
 tokens' E rows. Programs of the first column range also store xa (zero beyond each slot's rank and for rows
 without one), what backward needs; dA and dB come from the multi-adapter LoRA kernels (kernels.lora_multi) and
 a scatter-add, in ops.lora_embedding. Tokens whose id lies outside [0, V) read nothing and get a zero row.
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, next_pow2
-from .lora import _dot
+from .lora import _dot_fp32
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PROGRAMS = 512          # enough programs to fill a GPU: column ranges are split until token blocks x ranges reach it
@@ -72,7 +73,6 @@ def _lora_embedding_fwd_kernel(
     prev = tl.load(order_ptr + pos - 1, mask=pos_ok & (pos > pid_t * BLOCK_T), other=0)
     prev_slot = tl.load(index_ptr + prev, mask=pos_ok & (pos > pid_t * BLOCK_T), other=-1).to(tl.int32)
     runs = tl.sum((slotted & (slot != prev_slot)).to(tl.int32), axis=0)
-    x_lora = xa if FP32_DOT else xa.to(b_ptr.dtype.element_ty)
     k_ok = kk < R_MAX
 
     col_end = tl.minimum(pid_d * COLS + COLS, D)
@@ -85,8 +85,8 @@ def _lora_embedding_fwd_kernel(
             current = tl.min(tl.where(slotted & (slot > current), slot, 2147483647), axis=0)
             b = tl.load(b_ptr + current.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bd
                         + kk[None, :] * stride_br, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            mine = tl.where((slot == current)[:, None], x_lora, 0.0)            # the run's rows; b (BLOCK_D, R_PAD)
-            acc = _dot(mine.to(b.dtype), tl.trans(b), acc, FP32_DOT)
+            mine = tl.where((slot == current)[:, None], xa, 0.0)                # the run's rows; b (BLOCK_D, R_PAD)
+            acc = _dot_fp32(mine, tl.trans(b.to(tl.float32)), acc, FP32_DOT)
         base = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=in_vocab[:, None] & col_ok[None, :],
                        other=0.0).to(tl.float32)
         y = ((base + acc) * embed_scale).to(y_ptr.dtype.element_ty)
@@ -99,7 +99,7 @@ def lora_embedding_forward(ids: torch.Tensor, weight: torch.Tensor, lora_A: torc
                            out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y (T, d) in weight's dtype, `out` if given, with unit column stride; xa (T, width) fp32). ids,
     adapter_index (T,) integers, contiguous; order (T,) the tokens sorted by slot (token_segments); weight (V, d)
-    with unit column stride; lora_A (S, r_max, V), lora_B (S, d, r_max) any strides, in one float dtype;
+    with unit column stride; lora_A (S, r_max, V), lora_B (S, d, r_max) any strides, in weight's dtype or fp32;
     ranks (S,) int32, scales (S,) fp32; width: r_max rounded up to a multiple of 16 (padded_rank)."""
     T = ids.shape[0]
     V, D = weight.shape
@@ -115,6 +115,6 @@ def lora_embedding_forward(ids: torch.Tensor, weight: torch.Tensor, lora_A: torc
         ids, adapter_index, order, weight, lora_A, lora_B, ranks, scales, y, xa,
         T, D, V, r_max, width, cols, float(embed_scale),
         weight.stride(0), sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], y.stride(0),
-        FP32_DOT=lora_B.dtype == torch.float32, BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=r_pad, num_warps=warps,
+        FP32_DOT=weight.dtype == torch.float32, BLOCK_T=block_t, BLOCK_D=block_d, R_PAD=r_pad, num_warps=warps,
     )
     return y, xa

@@ -125,6 +125,7 @@ def shrink_round_step(y, x, a_rows, live, offs_t, offs_k, in_k, K, seed_ptr, p, 
         x = tl.where(_keep_mask(seed_ptr, offs_t[:, None] * K + offs_k[None, :], p), x, 0.0)
     a = tl.load(a_rows + offs_k[None, None, :] * stride_ak, mask=live & in_k[None, None, :],
                 other=0.0)                                                              # (RUNS, BLOCK_R, BLOCK_K)
+    a = a.to(x.dtype)                                         # float32 master adapters: read as x's dtype
     return _dot(x, tl.trans(tl.reshape(a, (RUNS * BLOCK_R, BLOCK_K))), y, FP32_DOT)
 
 

@@ -23,6 +23,13 @@ def _wide(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(torch.promote_types(dtype, torch.float32))
 
 
+def _read_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t's values rounded to `dtype`, as a kernel reads an fp32 master weight in the layer's dtype, with the
+    gradient still in t's own dtype (a cast in the graph would compute it in `dtype`: an fp16 gradient of a
+    loss scaled as GradScaler does overflows where PEFT's fp32 one does not)."""
+    return t if t.dtype == dtype else t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
 def _base_linear(x: Tensor, weight: Tensor, bias: Tensor | None, fan_in_fan_out: bool) -> Tensor:
     """x W0^T + bias: the frozen projection every LoRA op adds to (weight as for lora_linear)."""
     y = x @ (weight if fan_in_fan_out else weight.t())
@@ -41,7 +48,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     dtype = x.dtype
     x = _wide(x, dtype)
     x_lora = x if keep_mask is None else x * keep_mask / (1.0 - dropout)
-    lora = (x_lora @ _wide(lora_A.to(dtype), dtype).t()) @ _wide(lora_B, dtype).t()
+    lora = (x_lora @ _wide(_read_as(lora_A, dtype), dtype).t()) @ _wide(lora_B, dtype).t()
     return (_base_linear(x, _wide(weight, dtype), _wide(bias, dtype), fan_in_fan_out) + scale * lora).to(dtype)
 
 
@@ -63,13 +70,14 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     x_lora = x if keep_mask is None else x * keep_mask
     coefs = scales if keep_mask is None else scales / (1.0 - dropouts)                            # (S,)
     if torch.compiler.is_compiling():
-        return (y + _lora_multi_delta_static(x_lora, lora_A.to(dtype), lora_B, coefs, adapter_index, ranks)).to(dtype)
+        delta = _lora_multi_delta_static(x_lora, _read_as(lora_A, dtype), lora_B, coefs, adapter_index, ranks)
+        return (y + delta).to(dtype)
     for a in adapter_index.unique().tolist():          # each slot over its own tokens: a mixed batch costs its ranks
         if a < 0:
             continue
         r = lora_A.shape[1] if ranks is None else int(ranks[a])
         rows = (adapter_index == a).nonzero()[:, 0]
-        xa = (x_lora[rows] @ _wide(lora_A[a, :r].to(dtype), dtype).t()) * coefs[a].to(x.dtype)          # (t_a, r)
+        xa = (x_lora[rows] @ _wide(_read_as(lora_A[a, :r], dtype), dtype).t()) * coefs[a].to(x.dtype)   # (t_a, r)
         term = xa @ _wide(lora_B[a, :, :r], dtype).t()                                            # (t_a, d_out)
         y = y.to(torch.promote_types(y.dtype, term.dtype))         # autocast may have given y or term bf16
         y.index_add_(0, rows, term.to(y.dtype))                     # y: this call's own, not saved for backward

@@ -224,6 +224,11 @@ class LoraLinear(AdapterLayer):
         routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros. An adapter with
         no rows since a remap gets no gradient (None, as in a block without it), not zeros."""
         r_max = max(self.r[name] for name in self.batch_adapters.values())
+        # float32 master adapters stay float32 (the ops read them as the compute dtype): a stack cast to fp16 would
+        # get fp16 gradients, which overflow under a GradScaler's loss scale where the fp32 ones do not
+        if dtype in (torch.float16, torch.bfloat16) and any(
+                self.lora_A[name].weight.dtype == torch.float32 for name in self.batch_adapters.values()):
+            dtype = torch.float32
         blank_A = self.weight.new_zeros(r_max, self.in_features, dtype=dtype)
         blank_B = self.weight.new_zeros(self.out_features, r_max, dtype=dtype)
         stack_A, stack_B = [], []

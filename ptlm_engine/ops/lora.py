@@ -193,12 +193,25 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def traced() -> bool:
+    """Whether the ops take their torch.library custom ops: while torch.compile traces.
+
+    torch.func transforms (grad, vmap, jacrev over functional_call) run neither those (torch wraps a custom op's
+    autograd in a Function without setup_context, which torch.func refuses) nor the eager Functions: refused
+    here by name, rather than with torch's error from deep inside the op."""
+    if torch._C._are_functorch_transforms_active():
+        raise RuntimeError("torch.func transforms (grad, vmap, jacrev, ...) cannot differentiate ptlm's Triton "
+                           "kernels: use loss.backward() / torch.autograd.grad, or PTLM_BACKEND=reference (plain "
+                           "PyTorch ops, which torch.func transforms)")
+    return torch.compiler.is_compiling()
+
+
 def run_op(args: tuple, custom_op, function: type[torch.autograd.Function], forward,
            grad_inputs: tuple[Tensor | None, ...]):
-    """An op's three paths on the same args: its torch.library custom op while torch.compile traces, its eager
+    """An op's three paths on the same args: its torch.library custom op while traced (traced()), its eager
     autograd Function where one of grad_inputs needs a gradient, else the bare forward (inference: no autograd
     bookkeeping at all)."""
-    if torch.compiler.is_compiling():
+    if traced():
         return custom_op(*args)
     if _needs_grad(*grad_inputs):
         return function.apply(*args)

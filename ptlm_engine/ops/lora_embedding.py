@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_floating, check_index_range, check_like, is_index_dtype, unit_stride
+from ptlm_engine.ops.checks import (check_adapter_dtypes, check_floating, check_index_range, check_like, is_index_dtype,
+                                    unit_stride)
 from ptlm_engine.ops.lora import as_dtype, eager_function, run_op, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, check_slot_tables, token_segments
 
@@ -119,8 +120,7 @@ def _check(ids: Tensor, weight: Tensor, slots: LoraSlots, adapter_index: Tensor)
     check_floating("weight", weight)
     V, d = weight.shape
     check_slot_shapes("", slots, V, d)
-    for name in ("lora_A", "lora_B"):
-        check_floating(name, getattr(slots, name))
+    check_adapter_dtypes("weight", weight, {"lora_A": slots.lora_A, "lora_B": slots.lora_B})
     if adapter_index.shape != ids.shape or not is_index_dtype(adapter_index.dtype):
         raise ValueError(f"adapter_index: expected integers of shape {tuple(ids.shape)} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
@@ -142,8 +142,7 @@ def lora_embedding_multi_op(ids: Tensor, weight: Tensor, slots: LoraSlots, adapt
         check_index_range(adapter_index, slots.lora_A.shape[0])
         check_slot_tables("", slots)
     flat_ids, index = ids.reshape(-1), adapter_index.reshape(-1)                    # (T,)
-    # One compute dtype, the table's: the kernels read the slots as they come, the backward's in weight's dtype.
-    lora_A, lora_B = as_dtype(slots.lora_A, weight.dtype), as_dtype(slots.lora_B, weight.dtype)
+    lora_A, lora_B = slots.lora_A, slots.lora_B     # in weight's dtype, or float32 masters (fp32 gradients)
     if not (triton_enabled(weight) and weight.dtype in embedding_kernels.SUPPORTED_DTYPES):
         y = reference.lora_embedding_multi(flat_ids, weight, lora_A, lora_B, slots.scales, index, slots.ranks,
                                            padding_idx, embed_scale)

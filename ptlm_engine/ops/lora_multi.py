@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_index_range, check_like, check_table_range, is_index_dtype, unit_stride
+from ptlm_engine.ops.checks import (check_adapter_dtypes, check_index_range, check_like, check_table_range,
+                                    is_index_dtype, unit_stride)
 from ptlm_engine.ops.lora import (_base_grads, as_dtype, eager_function, lora_kernels, run_op,
                                   triton_enabled)
 
@@ -83,7 +84,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, slots: LoraSlots, ada
             == device and (bias is None or bias.device == device)
             and (dropouts is None or dropouts.device == device)):
         return
-    check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B}, device=False)
+    check_like("x", x, {"weight": weight, "bias": bias}, device=False)
+    check_adapter_dtypes("x", x, {"lora_A": A, "lora_B": B})
     check_like("x", x, {"weight": weight, "bias": bias, "lora_A": A, "lora_B": B, "ranks": ranks,
                         "scales": scales, "dropouts": dropouts, "adapter_index": adapter_index}, dtype=False)
 
