@@ -419,20 +419,23 @@ _grads = TunedLauncher(triton.autotune(
 
 def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor,
                         up_weight: torch.Tensor, scale: float, act: int, add_dy: bool, need_dh: bool,
-                        rows_per_chunk: int | None = None, out: torch.Tensor | None = None):
+                        rows_per_chunk: int | None = None, out: torch.Tensor | None = None,
+                        grad_dtype: torch.dtype | None = None):
     """Gradients of y = base + s (act(h Wd^T + bd) Wu^T + bu) given dy, from h and the forward's z.
 
     dy, h (T, d) any strides; z (T, m); down_weight (m, d); up_weight (d, m). add_dy: base is h (dh gains dy);
     need_dh: compute dh at all. rows_per_chunk: rows per partial sum of the weight gradients (None picks per
     shape). `out` (T, d), if given, receives dh. Returns dh (T, d) or None, d_down_weight (m, d) and d_down_bias
-    (m,) in down_weight's dtype, d_up_weight (d, m) and d_up_bias (d,) in up_weight's (fp32 sums either way).
+    (m,) in down_weight's dtype, d_up_weight (d, m) and d_up_bias (d,) in up_weight's (fp32 sums either way), or
+    all four in grad_dtype if given (float32 master weights read here in h's dtype).
     """
     T, D = h.shape
     M = down_weight.shape[0]
     dh = (torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out) if need_dh else None
+    down_dtype, up_dtype = (grad_dtype, grad_dtype) if grad_dtype is not None else (down_weight.dtype, up_weight.dtype)
     if T == 0:
-        return dh, down_weight.new_zeros((M, D)), down_weight.new_zeros((M,)), up_weight.new_zeros((D, M)), \
-            up_weight.new_zeros((D,))
+        return dh, down_weight.new_zeros((M, D), dtype=down_dtype), down_weight.new_zeros((M,), dtype=down_dtype), \
+            up_weight.new_zeros((D, M), dtype=up_dtype), up_weight.new_zeros((D,), dtype=up_dtype)
     m_pad = width_tile(M)
     a_dz = torch.empty((2, T, M), device=h.device, dtype=h.dtype)       # a = act(z) and dz, one layout
     grid = lambda meta: (cdiv(T, meta["BLOCK_T"]),)
@@ -446,8 +449,8 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
     )
     chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk)
-    d_wu, d_bu = up_weight.new_empty((D, M)), up_weight.new_empty((D,))
-    d_wd, d_bd = down_weight.new_empty((M, D)), down_weight.new_empty((M,))
+    d_wu, d_bu = up_weight.new_empty((D, M), dtype=up_dtype), up_weight.new_empty((D,), dtype=up_dtype)
+    d_wd, d_bd = down_weight.new_empty((M, D), dtype=down_dtype), down_weight.new_empty((M,), dtype=down_dtype)
     counters, part = (split_state(h.device, cdiv(D, 16), chunks * (2 * D * M + D + M)) if chunks > 1
                       else (d_wu, d_wu))
     grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)

@@ -23,7 +23,7 @@ def _wide(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(torch.promote_types(dtype, torch.float32))
 
 
-def _read_as(t: Tensor, dtype: torch.dtype) -> Tensor:
+def read_as(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t's values rounded to `dtype`, as a kernel reads an fp32 master weight in the layer's dtype, with the
     gradient still in t's own dtype (a cast in the graph would compute it in `dtype`: an fp16 gradient of a
     loss scaled as GradScaler does overflows where PEFT's fp32 one does not)."""
@@ -48,7 +48,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     dtype = x.dtype
     x = _wide(x, dtype)
     x_lora = x if keep_mask is None else x * keep_mask / (1.0 - dropout)
-    lora = (x_lora @ _wide(_read_as(lora_A, dtype), dtype).t()) @ _wide(lora_B, dtype).t()
+    lora = (x_lora @ _wide(read_as(lora_A, dtype), dtype).t()) @ _wide(lora_B, dtype).t()
     return (_base_linear(x, _wide(weight, dtype), _wide(bias, dtype), fan_in_fan_out) + scale * lora).to(dtype)
 
 
@@ -70,14 +70,14 @@ def lora_linear_multi(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Te
     x_lora = x if keep_mask is None else x * keep_mask
     coefs = scales if keep_mask is None else scales / (1.0 - dropouts)                            # (S,)
     if torch.compiler.is_compiling():
-        delta = _lora_multi_delta_static(x_lora, _read_as(lora_A, dtype), lora_B, coefs, adapter_index, ranks)
+        delta = _lora_multi_delta_static(x_lora, read_as(lora_A, dtype), lora_B, coefs, adapter_index, ranks)
         return (y + delta).to(dtype)
     for a in adapter_index.unique().tolist():          # each slot over its own tokens: a mixed batch costs its ranks
         if a < 0:
             continue
         r = lora_A.shape[1] if ranks is None else int(ranks[a])
         rows = (adapter_index == a).nonzero()[:, 0]
-        xa = (x_lora[rows] @ _wide(_read_as(lora_A[a, :r], dtype), dtype).t()) * coefs[a].to(x.dtype)   # (t_a, r)
+        xa = (x_lora[rows] @ _wide(read_as(lora_A[a, :r], dtype), dtype).t()) * coefs[a].to(x.dtype)   # (t_a, r)
         term = xa @ _wide(lora_B[a, :, :r], dtype).t()                                            # (t_a, d_out)
         y = y.to(torch.promote_types(y.dtype, term.dtype))         # autocast may have given y or term bf16
         y.index_add_(0, rows, term.to(y.dtype))                     # y: this call's own, not saved for backward
@@ -217,10 +217,20 @@ _BOTTLENECK_ACT_FNS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "si
 
 def bottleneck_branch(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
                       up_bias: Tensor | None, act: str) -> Tensor:
-    """act(h Wd^T + bd) Wu^T + bu, act relu, gelu (exact, erf: nn.GELU()) or silu."""
+    """act(h Wd^T + bd) Wu^T + bu, act relu, gelu (exact, erf: nn.GELU()) or silu, in h's dtype.
+
+    float32 master weights on a half-precision h give the values of their h-dtype copies (what serving reads), and
+    float32 gradients, from the same branch computed in float32 (see read_as)."""
     F = torch.nn.functional
     act_fn = _BOTTLENECK_ACT_FNS[act]
-    return F.linear(act_fn(F.linear(h, down_weight, down_bias)), up_weight, up_bias)
+    weights = (down_weight, down_bias, up_weight, up_bias)
+    if down_weight.dtype == h.dtype:
+        return F.linear(act_fn(F.linear(h, down_weight, down_bias)), up_weight, up_bias)
+    wd, bd, wu, bu = (None if t is None else t.detach().to(h.dtype) for t in weights)
+    served = F.linear(act_fn(F.linear(h.detach(), wd, bd)), wu, bu)
+    wd, bd, wu, bu = (None if t is None else read_as(t, h.dtype) for t in weights)
+    wide = F.linear(act_fn(F.linear(h.to(wd.dtype), wd, bd)), wu, bu)
+    return (wide + (served.to(wide.dtype) - wide).detach()).to(h.dtype)
 
 
 def bottleneck_adapter(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
@@ -270,8 +280,11 @@ def _bottleneck_multi_delta_static(h: Tensor, down_weight: Tensor, down_bias: Te
     act_fns = [_BOTTLENECK_ACT_FNS[name] for name in BOTTLENECK_ACTIVATIONS]
     units = torch.arange(down_weight.shape[1], device=h.device)                                 # (m_max,)
     delta = torch.zeros_like(h)
+    wide = h.to(down_weight.dtype)                  # float32 masters on a half h: computed as bottleneck_branch
+    down_weight, down_bias, up_weight, up_bias = (read_as(t, h.dtype)
+                                                  for t in (down_weight, down_bias, up_weight, up_bias))
     for a in range(down_weight.shape[0]):
-        z = torch.nn.functional.linear(h, down_weight[a], down_bias[a])                    # (T, m_max)
+        z = torch.nn.functional.linear(wide, down_weight[a], down_bias[a])                 # (T, m_max)
         z = sum(torch.where(acts[a] == code, fn(z), 0) for code, fn in enumerate(act_fns))
         z = torch.where(units < sizes[a], z, 0)                                            # the slot's own width
         out = torch.nn.functional.linear(z, up_weight[a], up_bias[a])                      # (T, d)

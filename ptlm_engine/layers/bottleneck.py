@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptlm_engine import functional
+from ptlm_engine.reference import read_as
 from ptlm_engine.layers.base import AdapterLayer
 from ptlm_engine.layers.lora import adapter_dtype, compute_dtype
 from ptlm_engine.ops.bottleneck import BOTTLENECK_ACT_CODES
@@ -42,6 +43,13 @@ def _hidden_states(args: tuple, kwargs: dict) -> Tensor | None:
     (Llama's decoder layer calls self_attn(hidden_states=...))."""
     return args[0] if args else kwargs.get("hidden_states")
 
+
+
+def _master(p: Tensor, dtype: torch.dtype) -> Tensor:
+    """An adapter tensor as the ops take it in `dtype`: float32 master weights on a half-precision base as they
+    are (the ops read them as `dtype` and return float32 gradients, which a GradScaler-scaled loss cannot overflow
+    as fp16 ones would), anything else cast."""
+    return p if p.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16) else p.to(dtype)
 
 class BottleneckLayer(AdapterLayer):
     """Named bottleneck adapters on the output of `site` (a sub-layer, or the module right after its output
@@ -216,7 +224,7 @@ class BottleneckLayer(AdapterLayer):
             h, residual = out.to(dtype), None
         if name in self.layer_norm:        # the adapter reads LN(h); the residual stays the stream
             residual = h if residual is None else residual
-            h = F.layer_norm(h, (self.d,), *weights[4:], LAYER_NORM_EPS)
+            h = self._layer_norm(h, *weights[4:])
         y = functional.bottleneck_adapter(h, *weights[:4], self.act[name], self.scale[name], residual)
         return y.to(out.dtype)
 
@@ -227,7 +235,7 @@ class BottleneckLayer(AdapterLayer):
         params = self.adapter_parameters(name)
         if all(p.dtype == dtype for p in params) or torch.compiler.is_compiling() or (
                 torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            return [p.to(dtype) for p in params]
+            return [_master(p, dtype) for p in params]
         self.pool.place(device, dtype)
         slot, m = self.slot[name], self.bottleneck[name]
         self.pool.sync(slot, params)
@@ -254,10 +262,19 @@ class BottleneckLayer(AdapterLayer):
         y = functional.bottleneck_adapter_multi(h, slots, index, residual, segments)
         return y.to(out.dtype)
 
+    def _layer_norm(self, h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """LN(h) · weight + bias in h's dtype, weight and bias (d,) or per token (..., d): computed in float32 with
+        weight and bias read as h's dtype, rounded once. float32 masters (training on a half-precision base) get
+        float32 gradients (an fp16 sum over the tokens overflows under a GradScaler's loss scale), and their
+        pool's h-dtype copies (serving) give the same values."""
+        wide = torch.promote_types(h.dtype, torch.float32)
+        normed = F.layer_norm(h.to(wide), (self.d,), eps=LAYER_NORM_EPS)
+        return (normed * read_as(weight, h.dtype).to(wide) + read_as(bias, h.dtype).to(wide)).to(h.dtype)
+
     def _normalised_rows(self, h: Tensor, index: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """h (..., d) with each row normalised by its adapter's LayerNorm (weight, bias (num_slots, d), gathered
         per token on the device), rows whose adapter has none left as they are."""
-        normalised = F.layer_norm(h, (self.d,), eps=LAYER_NORM_EPS) * weight[index] + bias[index]
+        normalised = self._layer_norm(h, weight[index], bias[index])
         if self.batch_layer_norms is True:  # rows without an adapter here keep the residual whatever they read
             return normalised
         return torch.where(self.batch_layer_norms[index].unsqueeze(-1), normalised, h)
@@ -289,6 +306,9 @@ class BottleneckLayer(AdapterLayer):
         routes each slot's gradient to that adapter's leaves; slots of other adapters are zeros, as are the
         LayerNorm slots of adapters without one."""
         m_max = max(self.bottleneck[name] for name in self.batch_adapters.values())
+        params = self._batch_params()
+        if any(_master(p, dtype) is p and p.dtype != dtype for p in params):
+            dtype = torch.float32                          # float32 masters stacked as they are (see _master)
         like = self.pool.down_weight
         zeros = like.new_zeros(self.d, dtype=dtype)                                       # (d,)
         blank = [like.new_zeros(m_max, self.d, dtype=dtype), like.new_zeros(m_max, dtype=dtype),
@@ -302,7 +322,7 @@ class BottleneckLayer(AdapterLayer):
                 pad = m_max - self.bottleneck[name]
                 live = self.batch.has_rows(slot)                  # no rows since a remap: no gradient (None)
                 down_weight, down_bias, up_weight, up_bias, *norm = (
-                    (p if live else p.detach()).to(dtype) for p in self.adapter_parameters(name))
+                    _master(p if live else p.detach(), dtype) for p in self.adapter_parameters(name))
                 tensors = [F.pad(down_weight, (0, 0, 0, pad)), F.pad(down_bias, (0, pad)),   # (m_max, d), (m_max,)
                            F.pad(up_weight, (0, pad)), up_bias, *(norm or blank[4:])]       # (d, m_max), (d,)...
             for stack, tensor in zip(stacks, tensors):

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.checks import check_floating, check_like, unit_stride
-from ptlm_engine.ops.lora import _needs_grad, eager_function, traced, triton_enabled
+from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like, unit_stride
+from ptlm_engine.ops.lora import _needs_grad, as_dtype, eager_function, traced, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import bottleneck as bottleneck_kernels
@@ -36,15 +36,20 @@ def runs_triton(h: Tensor, width: int) -> bool:
 # ------------------------------------------------------------------------------------------ implementations
 def _forward(h: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor,
              up_bias: Optional[Tensor], residual: Optional[Tensor], scale: float, act: int) -> tuple[Tensor, Tensor]:
-    """h (T, d) -> y (T, d), z (T, m) = h Wd^T + bd in h's dtype (saved for backward)."""
-    return bottleneck_kernels.bottleneck_forward(h, down_weight, down_bias, up_weight, up_bias, scale, act, residual)
+    """h (T, d) -> y (T, d), z (T, m) = h Wd^T + bd in h's dtype (saved for backward). The adapter's tensors
+    in h's dtype, or float32 master weights, read as h's dtype (a copy of m·d elements each)."""
+    wd, bd, wu, bu = (None if t is None else as_dtype(t, h.dtype) for t in (down_weight, down_bias, up_weight, up_bias))
+    return bottleneck_kernels.bottleneck_forward(h, wd, bd, wu, bu, scale, act, residual)
 
 
 def _backward(dy: Tensor, h: Tensor, z: Tensor, down_weight: Tensor, up_weight: Tensor, scale: float, act: int,
               has_residual: bool, need_dh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dh = [dy +] dz Wd; dWd = dz^T h; dbd = sum dz; dWu = s dy^T a; dbu = s sum dy (dz = s (dy Wu) act'(z))."""
+    """dh = [dy +] dz Wd; dWd = dz^T h; dbd = sum dz; dWu = s dy^T a; dbu = s sum dy (dz = s (dy Wu) act'(z)).
+    The weight gradients in the weights' dtype: float32 masters get float32 sums, never rounded to h's dtype (an
+    fp16 gradient of a GradScaler-scaled loss overflows)."""
     dh, d_wd, d_bd, d_wu, d_bu = bottleneck_kernels.bottleneck_backward(
-        dy, h, z, down_weight, up_weight, scale, act, not has_residual, need_dh)
+        dy, h, z, as_dtype(down_weight, h.dtype), as_dtype(up_weight, h.dtype), scale, act, not has_residual, need_dh,
+        grad_dtype=down_weight.dtype)
     return (dy.new_empty((0,)) if dh is None else dh), d_wd, d_bd, d_wu, d_bu
 
 
@@ -105,6 +110,15 @@ def check_same(h: Tensor, named: dict[str, Tensor | None], dtype: bool = True) -
     check_like("h", h, named, dtype)
 
 
+def check_adapter_tensors(h: Tensor, named: dict[str, Tensor | None]) -> None:
+    """The adapter's tensors on h's device, in one dtype: h's, or float32 (master weights on a half-precision h)."""
+    check_same(h, named, dtype=False)
+    check_adapter_dtypes("h", h, named)
+    dtypes = {t.dtype for t in named.values() if t is not None}
+    if len(dtypes) > 1:
+        raise ValueError(f"{', '.join(named)}: expected one dtype, got {sorted(map(str, dtypes))}")
+
+
 def check_residual(h: Tensor, residual: Tensor | None) -> None:
     if residual is not None and residual.shape != h.shape:
         raise ValueError(f"residual: expected shape {tuple(h.shape)} (the shape of h), got {tuple(residual.shape)}")
@@ -125,8 +139,9 @@ def _check(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: 
     if up_bias is not None and tuple(up_bias.shape) != (d,):
         raise ValueError(f"up_bias: expected shape ({d},), got {tuple(up_bias.shape)}")
     check_residual(h, residual)
-    check_same(h, {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight, "up_bias": up_bias,
-                   "residual": residual})
+    check_adapter_tensors(h, {"down_weight": down_weight, "down_bias": down_bias, "up_weight": up_weight,
+                              "up_bias": up_bias})
+    check_same(h, {"residual": residual})
 
 
 def bottleneck_adapter_op(h: Tensor, down_weight: Tensor, down_bias: Tensor | None, up_weight: Tensor,
@@ -145,6 +160,7 @@ def bottleneck_adapter_op(h: Tensor, down_weight: Tensor, down_bias: Tensor | No
     elif _needs_grad(h, down_weight, down_bias, up_weight, up_bias, residual):
         y, _ = BottleneckFunction.apply(*args)
     else:  # inference: no autograd bookkeeping, and z is not kept
-        y, _ = bottleneck_kernels.bottleneck_forward(h2d, down_weight, down_bias, up_weight, up_bias, float(scale),
-                                                     code, res2d, save_z=False)
+        wd, bd, wu, bu = (None if t is None else as_dtype(t, h.dtype)
+                          for t in (down_weight, down_bias, up_weight, up_bias))
+        y, _ = bottleneck_kernels.bottleneck_forward(h2d, wd, bd, wu, bu, float(scale), code, res2d, save_z=False)
     return y.reshape(h.shape) if flat else y

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from ptlm_engine import reference
-from ptlm_engine.ops.bottleneck import check_residual, check_same, runs_triton
+from ptlm_engine.ops.bottleneck import check_adapter_tensors, check_residual, check_same, runs_triton
 from ptlm_engine.ops.checks import check_index_range, check_table_range, is_index_dtype, unit_stride
-from ptlm_engine.ops.lora import _needs_grad, first_order, traced
+from ptlm_engine.ops.lora import _needs_grad, as_dtype, first_order, traced
 from ptlm_engine.ops.lora_multi import token_segments
 
 try:
@@ -63,8 +63,9 @@ def _check(h: Tensor, slots: BottleneckSlots, adapter_index: Tensor, residual: T
         raise ValueError(f"adapter_index: expected integers of shape {tuple(h.shape[:-1])} (one per token), "
                          f"got {adapter_index.dtype} {tuple(adapter_index.shape)}")
     check_residual(h, residual)
-    check_same(h, {"down_weight": wd, "down_bias": slots.down_bias, "up_weight": slots.up_weight,
-                   "up_bias": slots.up_bias, "residual": residual})
+    check_adapter_tensors(h, {"down_weight": wd, "down_bias": slots.down_bias, "up_weight": slots.up_weight,
+                              "up_bias": slots.up_bias})
+    check_same(h, {"residual": residual})
     check_same(h, {"sizes": slots.sizes, "scales": slots.scales, "acts": slots.acts, "adapter_index": adapter_index},
                dtype=False)
 
@@ -81,17 +82,19 @@ def _forward(h: Tensor, down_weight: Tensor, down_bias: Tensor, up_weight: Tenso
              residual: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """h (T, d) -> y (T, d), z (T, m_max) per token's own slot and width (saved for backward)."""
     segments = (order, bounds) if _slot_blocks(h.shape[0]) else None
-    return multi_kernels.bottleneck_multi_forward(h, down_weight, down_bias, up_weight, up_bias, sizes, scales, acts,
-                                                  adapter_index, segments, residual)
+    wd, bd, wu, bu = (as_dtype(t, h.dtype) for t in (down_weight, down_bias, up_weight, up_bias))  # fp32 masters
+    return multi_kernels.bottleneck_multi_forward(h, wd, bd, wu, bu, sizes, scales, acts, adapter_index, segments,
+                                                  residual)
 
 
 def _backward(dy: Tensor, h: Tensor, z: Tensor, down_weight: Tensor, up_weight: Tensor, sizes: Tensor,
               scales: Tensor, acts: Tensor, adapter_index: Tensor, order: Tensor, bounds: Tensor, has_residual: bool,
               need_dh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per token as the one-adapter op with its own slot; each slot's weight gradients sum over its tokens."""
+    """Per token as the one-adapter op with its own slot; each slot's weight gradients sum over its tokens (float32
+    sums, in the slots' dtype: float32 masters' are never rounded to h's)."""
     dh, d_wd, d_bd, d_wu, d_bu = multi_kernels.bottleneck_multi_backward(
-        dy, h, z, down_weight, up_weight, sizes, scales, acts, adapter_index, order, bounds, not has_residual,
-        need_dh, _slot_blocks(h.shape[0]))
+        dy, h, z, as_dtype(down_weight, h.dtype), as_dtype(up_weight, h.dtype), sizes, scales, acts, adapter_index,
+        order, bounds, not has_residual, need_dh, _slot_blocks(h.shape[0]))
     dtype = down_weight.dtype
     return (dy.new_empty((0,)) if dh is None else dh), d_wd.to(dtype), d_bd.to(dtype), d_wu.to(dtype), d_bu.to(dtype)
 
@@ -180,8 +183,8 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
             segments = None
         elif segments is None:
             segments = token_segments(index, wd.shape[0])
-        y, _ = multi_kernels.bottleneck_multi_forward(h2d, wd, bd, wu, bu, sizes, scales, acts, index, segments,
-                                                      res2d, save_z=False)
+        y, _ = multi_kernels.bottleneck_multi_forward(h2d, *(as_dtype(t, h.dtype) for t in (wd, bd, wu, bu)), sizes,
+                                                      scales, acts, index, segments, res2d, save_z=False)
         return y.reshape(h.shape) if flat else y
     order, bounds = token_segments(index, wd.shape[0]) if segments is None else segments
     args = (h2d, wd, bd, wu, bu, sizes, scales, acts, index, order, bounds, res2d)

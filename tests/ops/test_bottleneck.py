@@ -198,3 +198,25 @@ def test_forward_backward_have_no_host_sync_and_replay_in_a_cuda_graph(T):
         y64 = reference.bottleneck_adapter(h_in.double(), wd.double(), bd.double(), wu.double(), bu.double(), "relu",
                                            2.0)
         assert_matches(y, y64, None, torch.bfloat16, "graph replay")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_float32_masters_on_fp16_get_float32_gradients_under_a_scaled_loss(backend, monkeypatch):
+    """fp16 h with float32 adapter weights and the loss times 65536 (GradScaler's initial scale): the weights'
+    gradients (~1e6 here, beyond fp16's 65504) are float32 sums, finite and close to float64's; an inf would make
+    GradScaler skip every step. The values are those of the weights read as fp16."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    torch.manual_seed(5)
+    h = (30 * torch.randn(32, 64)).half().to(DEVICE)
+    values = (torch.randn(8, 64) * 0.2, torch.randn(8), torch.randn(64, 8) * 0.2, torch.randn(64))
+    weights = [t.to(DEVICE).requires_grad_() for t in values]
+    y = bottleneck_adapter(h, *weights, "relu", 1.0)
+    assert y.dtype == torch.float16
+    (y.float().square().mean() * 65536).backward()
+    weights64 = [w.detach().half().double().requires_grad_() for w in weights]
+    y64 = bottleneck_adapter(h.double(), *weights64, "relu", 1.0)
+    (y64.square().mean() * 65536).backward()
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+    for w, w64 in zip(weights, weights64):
+        assert w.grad.dtype == torch.float32
+        assert_matches(w.grad, w64.grad, None, torch.float16, "weight gradient")

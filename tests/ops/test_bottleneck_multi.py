@@ -224,3 +224,25 @@ def test_multi_has_no_host_sync_and_replays_in_a_cuda_graph_with_a_new_mapping()
                 expected = reference.bottleneck_adapter_multi(h.double(), *[t.double() for t in _weights(frozen)],
                                                               frozen.sizes, frozen.scales.double(), frozen.acts, index)
                 assert_matches(y, expected, None, torch.bfloat16, f"graph replay, T={T}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_float32_slots_on_fp16_get_float32_gradients_under_a_scaled_loss(backend, monkeypatch):
+    """As the one-adapter op: float32 stacked slots on an fp16 h, the loss times 65536 (GradScaler's initial
+    scale): each slot's gradients are float32 sums over its own tokens, finite and close to float64's."""
+    monkeypatch.setenv("PTLM_BACKEND", backend)
+    torch.manual_seed(6)
+    (wd, bd, wu, bu), (sizes, scales, acts) = bottleneck_slots64(64, [8, 5], [0, 2])
+    h = (30 * torch.randn(70, 64)).half().to(DEVICE)
+    index = torch.randint(-1, 2, (70,), device=DEVICE)
+    weights = [(t.float() * 0.5).to(DEVICE).requires_grad_() for t in (wd, bd, wu, bu)]
+    y = bottleneck_adapter_multi(h, BottleneckSlots(*weights, sizes, scales, acts), index)
+    assert y.dtype == torch.float16
+    (y.float().square().mean() * 65536).backward()
+    weights64 = [w.detach().half().double().requires_grad_() for w in weights]
+    y64 = bottleneck_adapter_multi(h.double(), BottleneckSlots(*weights64, sizes, scales.double(), acts), index)
+    (y64.square().mean() * 65536).backward()
+    torch.testing.assert_close(y.double(), y64, rtol=2e-2, atol=2e-2)
+    for w, w64 in zip(weights, weights64):
+        assert w.grad.dtype == torch.float32
+        assert_matches(w.grad, w64.grad, None, torch.float16, "slot gradient")
