@@ -225,3 +225,14 @@ def randomize_trainable64(model, seed: int = 0, scale: float = 0.1) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+
+
+class LogitsOf(torch.nn.Module):
+    """model(input_ids=x, use_cache=False).logits as a module of one tensor input (what torch.export traces)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(input_ids=x, use_cache=False).logits

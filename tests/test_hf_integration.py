@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
 import ptlm_engine as pe
+from tests.helpers import LogitsOf
 
 pytestmark = pytest.mark.usefixtures("reference_backend")
 
@@ -334,17 +335,9 @@ def test_torch_save_deepcopy_and_export(method):
     with torch.no_grad():
         assert torch.equal(loaded.generate(ids, max_new_tokens=3, do_sample=False),
                            model.generate(ids, max_new_tokens=3, do_sample=False))
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(input_ids=x, use_cache=False).logits
     if method not in ("lora", "prefix"):
         return
-    exported = torch.export.export(Logits(model), (ids,))
+    exported = torch.export.export(LogitsOf(model), (ids,))
     torch.testing.assert_close(exported.module()(ids), expected)
 
 

@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ptlm_engine as pe
-from tests.helpers import needs_triton
+from tests.helpers import LogitsOf, needs_triton
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -486,17 +486,9 @@ def test_torch_export_of_a_half_model_with_float32_adapters():
     """torch.export of an fp16 model with a float32 LoRA adapter runs and matches eager to fp16 rounding."""
     model = _adapted("lora", torch.float16)
     ids = _ids()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            return self.inner(input_ids=x, use_cache=False).logits
     with torch.no_grad():
         y = model(input_ids=ids, use_cache=False).logits
-    exported = torch.export.export(Logits(model), (ids,))
+    exported = torch.export.export(LogitsOf(model), (ids,))
     torch.testing.assert_close(exported.module()(ids), y, **TOL[torch.float16])
 
 
