@@ -107,12 +107,14 @@ def lora_embedding_multi(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Te
         xa = torch.where((ids == padding_idx)[:, None], xa.detach(), xa)
     if torch.compiler.is_compiling():                   # every slot densely, each token keeping its own (see below)
         for a in range(lora_A.shape[0]):
-            y = torch.where((adapter_index == a)[:, None], y + xa @ _wide(lora_B[a], dtype).t(), y)
+            term = (xa @ _wide(lora_B[a], dtype).t()).to(y.dtype)
+            y = torch.where((adapter_index == a)[:, None], y + term, y)
     else:
         for a in adapter_index.unique().tolist():       # each slot over its own tokens
             if a >= 0:
                 rows = (adapter_index == a).nonzero()[:, 0]
-                y = y.index_add(0, rows, xa[rows] @ _wide(lora_B[a], dtype).t())
+                # the lookup is no autocast op, the matmul is: its term comes back in y's dtype
+                y = y.index_add(0, rows, (xa[rows] @ _wide(lora_B[a], dtype).t()).to(y.dtype))
     return (y * embed_scale).to(dtype)
 
 
