@@ -256,9 +256,11 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
     block(bottleneck.compact_table(rows) + bottleneck.compact_table(rows, "graph") + bottleneck.target_checks(rows))
     block(prefix_attention.compact_table(rows) + prefix_attention.target_checks(rows))
     block(model_generate.summary(rows) + model_multi_train.summary(rows))
-    failed = sum(1 for r in rows if r.get("ms") is None)
-    lines.append(f"{len(rows)} rows, {failed} failed, {skipped} cases skipped for the budget; {wall_s:.0f} s; "
-                 f"files in {out}")
+    untimed = [r for r in rows if r.get("ms") is None]
+    over_budget = sum(1 for r in untimed if r.get("note") == harness.BUDGET_SKIP_NOTE)
+    failed = len(untimed) - over_budget
+    lines.append(f"{len(rows)} rows, {failed} failed, {skipped + over_budget} cases skipped for the budget; "
+                 f"{wall_s:.0f} s; files in {out}")
     return lines
 
 

@@ -523,6 +523,8 @@ def provider_row(row: dict, fill: Callable[[], Any]) -> Any:
 
 
 LAYER_SMOKE = "tiny shapes on CPU (set PTLM_BACKEND=reference)"
+# A model-level row that a run's deadline left untimed (ms None): counted as skipped, not as failed.
+BUDGET_SKIP_NOTE = "skipped for the time budget"
 MODEL_SMOKE = "tiny decoder on CPU"
 
 

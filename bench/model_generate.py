@@ -329,7 +329,7 @@ def run_family(family: str, providers: list[str], args, device: torch.device, lo
             for loop in args.loops:
                 if time.monotonic() > args.deadline:
                     rows.append({"op": OP, "provider": provider, "mode": "greedy", "timing": timing_of(loop, device),
-                                 **shape(args, config), "ms": None, "note": "skipped for the time budget"})
+                                 **shape(args, config), "ms": None, "note": harness.BUDGET_SKIP_NOTE})
                     continue
                 row, tokens = measure(provider, loop, model, config, prompt, args, device)
                 base_bytes, adapter_bytes = step_bytes(config, args, row.get("adapters", 0),

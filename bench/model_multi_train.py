@@ -105,7 +105,7 @@ def run(args, device: torch.device, log=print) -> list[dict]:
         if time.monotonic() > args.deadline:
             rows.append({"op": OP, "provider": provider, "mode": "train", "timing": timing, "batch": args.batch,
                          "seq": args.seq, "r": args.rank, "adapters": args.adapters, "ms": None,
-                         "note": "skipped for the time budget"})
+                         "note": harness.BUDGET_SKIP_NOTE})
         else:
             rows.append(measure(provider, args, device, timing))
         r = rows[-1]

@@ -69,7 +69,7 @@ def _lora_embedding_fwd_kernel(
     tl.store(xa_ptr + rows[:, None] * WIDTH + kk[None, :], xa,
              mask=pos_ok[:, None] & (kk[None, :] < WIDTH) & (pid_d == 0))
 
-    # runs: the distinct slots of the (sorted) block, walked in increasing order
+    # runs: the distinct slots of the (sorted) block, walked in increasing order (each once, sorted or not)
     prev = tl.load(order_ptr + pos - 1, mask=pos_ok & (pos > pid_t * BLOCK_T), other=0)
     prev_slot = tl.load(index_ptr + prev, mask=pos_ok & (pos > pid_t * BLOCK_T), other=-1).to(tl.int32)
     runs = tl.sum((slotted & (slot != prev_slot)).to(tl.int32), axis=0)
@@ -83,8 +83,10 @@ def _lora_embedding_fwd_kernel(
         current = tl.full([], -1, tl.int32)
         for _ in range(0, runs):
             current = tl.min(tl.where(slotted & (slot > current), slot, 2147483647), axis=0)
+            # (past the block's last slot only if `order` was not slot-sorted: then nothing is read)
             b = tl.load(b_ptr + current.to(tl.int64) * stride_bs + cols[:, None].to(tl.int64) * stride_bd
-                        + kk[None, :] * stride_br, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                        + kk[None, :] * stride_br, mask=col_ok[:, None] & k_ok[None, :] & (current < 2147483647),
+                        other=0.0)
             mine = tl.where((slot == current)[:, None], xa, 0.0)                # the run's rows; b (BLOCK_D, R_PAD)
             acc = _dot_fp32(mine, tl.trans(b.to(tl.float32)), acc, FP32_DOT)
         base = tl.load(w_ptr + ids[:, None] * stride_w + cols[None, :], mask=in_vocab[:, None] & col_ok[None, :],

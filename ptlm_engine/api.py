@@ -109,6 +109,8 @@ def _copy_config(config):
 
 
 def active_adapter(model: nn.Module) -> str | None:
+    """The name of the adapter the model runs outside mixed batches (set_active_adapter's), or None: none active,
+    or no adapters at all."""
     reg = getattr(unwrap(model), _REGISTRY, None)
     return None if reg is None else reg.active
 

@@ -140,7 +140,8 @@ def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -
 def apply_rotary_op(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int) -> tuple[Tensor, Tensor]:
     _check(q, k, cos, sin, unsqueeze_dim)
     if not runs_triton(q, k, cos, sin):
-        return reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)
+        q_out, k_out = reference.apply_rotary(q, k, cos, sin, unsqueeze_dim)   # laid out as the inputs
+        return q_out.contiguous(), k_out.contiguous()
     return apply_checked(q, k, cos, sin, unsqueeze_dim)
 
 

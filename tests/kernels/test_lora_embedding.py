@@ -83,3 +83,20 @@ def test_empty():
                                      torch.ones(1, dtype=torch.int32, device=DEVICE), torch.ones(1, device=DEVICE),
                                      1.0, 16)
     assert y.shape == (0, 4) and xa.shape == (0, 16)
+
+
+def test_tokens_in_any_order_still_get_their_own_slot():
+    """`order` not sorted by slot (a caller's own grouping): each row still reads its own slot's B, once."""
+    torch.manual_seed(7)
+    V, d, T = 31, 40, 37
+    a64, b64, ranks, scales = lora_slots64(3, V, d, [4, 2, 3])
+    w = torch.randn(V, d, device=DEVICE)
+    ids = torch.randint(0, V, (T,), device=DEVICE)
+    index = torch.randint(-1, 3, (T,), device=DEVICE)
+    y = torch.full((T, d), float("nan"), device=DEVICE)
+    order = torch.randperm(T, device=DEVICE).to(torch.int32)
+    K.lora_embedding_forward(ids, w, a64.float().to(DEVICE), b64.float().to(DEVICE), index, order, ranks, scales,
+                             1.0, 16, out=y)
+    y64 = reference.lora_embedding_multi(ids, w.double(), a64.to(DEVICE), b64.to(DEVICE), scales.double(), index,
+                                         ranks)
+    assert_matches(y, y64, None, torch.float32, "y")
