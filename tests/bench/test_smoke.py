@@ -340,3 +340,14 @@ def test_lora_embedding_smoke_rows_floor_and_providers(tmp_path):
         outs = [lora_embedding._forward(p, s)[0]() for p in ("eager", "peft", "ptlm")]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0])
+
+
+def test_gpu_suite_summary_counts_rows_the_deadline_left_untimed_as_skipped(tmp_path):
+    """Model-level rows past their phase's deadline (ms None, harness.BUDGET_SKIP_NOTE) are skipped cases, not
+    failures; a row without a time for any other reason is a failure."""
+    meta = {"card": "cpu", "torch": "t", "triton": "t", "transformers": "t", "peft": "p", "ptlm_backend": "reference"}
+    ceilings = {"copy_GBps": 1.0, "gemm_dtype": "float32", "gemm_TFLOPs": 1.0}
+    rows = [{"op": "x", "provider": "a", "ms": None, "note": harness.BUDGET_SKIP_NOTE},
+            {"op": "x", "provider": "b", "ms": None, "note": "RuntimeError: boom"}]
+    lines = gpu_suite.summary(harness.Results(meta, ceilings, rows), rows, 3, tmp_path, 1.0)
+    assert lines[-1].startswith("2 rows, 1 failed, 4 cases skipped for the budget;")
