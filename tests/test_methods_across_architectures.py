@@ -642,6 +642,29 @@ def test_question_answering_span_positions_follow_the_shifted_tokens():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_question_answering_in_a_mixed_batch_equals_each_row_alone():
+    """Rows with prompts of different lengths, and none, in one QA batch: each row's span logits over its own
+    columns equal its logits alone, the padding columns before a shorter prompt carry no softmax mass, and the
+    batch's span loss is the mean of the rows' losses alone."""
+    model = build("bert_qa")
+    pe.add_adapter(model, "a", pe.PromptConfig(num_virtual_tokens=3))
+    pe.add_adapter(model, "b", pe.PromptConfig(num_virtual_tokens=5))
+    randomize(model)
+    ids = ids_for(3)
+    start, end = torch.tensor([1, 0, 5]), torch.tensor([2, 4, 5])
+    mapping = ["a", "b", None]
+    with torch.no_grad(), pe.adapter_batch(model, mapping):
+        mixed = model(input_ids=ids, start_positions=start, end_positions=end)
+    losses = []
+    for row, (name, q) in enumerate(zip(mapping, (3, 5, 0))):
+        alone = run_alone(model, name, lambda: model(input_ids=ids[row:row + 1], start_positions=start[row:row + 1],
+                                                     end_positions=end[row:row + 1]))
+        torch.testing.assert_close(mixed.start_logits[row, 5 - q:], alone.start_logits[0].detach())
+        torch.testing.assert_close(mixed.end_logits[row, 5 - q:], alone.end_logits[0].detach())
+        losses.append(alone.loss.detach())
+    torch.testing.assert_close(mixed.loss, torch.stack(losses).mean())
+
+
 # ------------------------------------------------------------------------------------- prompt caching
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "opt", "gemma2"])
 def test_prompt_cache_continuation_and_left_padded_generation(kind):

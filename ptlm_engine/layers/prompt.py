@@ -27,7 +27,8 @@ q_i + L valid columns compute what the row computes alone (its tokens at positio
 are masked (0) as keys; each copies the row's first valid position (embedding, position id, token type), so a
 bidirectional encoder computes there exactly the output of that first position and a first-token pooler (BERT's
 classifier) reads what the row alone would; a last-token classifier (Llama's, GPT-2's) reads a row without
-virtual tokens at its last non-pad token, as alone from its input_ids. With causal-LM labels, the first label of
+virtual tokens at its last non-pad token, as alone from its input_ids; a question-answering head's padding
+columns get the lowest logit, so a row's span loss is its loss alone. With causal-LM labels, the first label of
 a row without virtual tokens is masked too, as alone it predicts nothing.
 
 Per-row layouts are built on the host from the batch's mapping, once per (device, batch size): no device->host
@@ -329,6 +330,8 @@ class PromptTuning(AdapterLayer):
                 kw[span] = torch.where(given < length, given + layout.qmax, layout.qmax + length)
         if self._labels == "sequence" and layout.padded and ids is not None:
             self._pool_like_alone(layout, ids)
+        elif layout.padded and isinstance(getattr(self._model, "qa_outputs", None), nn.Module):
+            self._hide_padding_spans(layout, n, length)
         labels = kw.get("labels")
         if labels is not None and self._labels != "sequence" and labels.shape == (n, length):
             head = labels.new_full((n, layout.qmax), -100)
@@ -359,7 +362,20 @@ class PromptTuning(AdapterLayer):
             return torch.cat([out[:, :-1], pooled.unsqueeze(1)], dim=1)
         self._pool_hook = head.register_forward_hook(pick)
 
-    _pool_hook = None
+    def _hide_padding_spans(self, layout: _Layout, n: int, length: int) -> None:
+        """Question answering (a `qa_outputs` head) in a padded mixed layout: the padding columns before a row's
+        virtual tokens are no positions of that row alone, so their span logits are the dtype's lowest value (no
+        softmax mass: the span loss is the row's alone), for this call only."""
+        padding = torch.cat([~layout.mask, layout.mask.new_zeros((n, length))], dim=1)           # (n, Qmax + L)
+
+        def hide(module, args, out):
+            self._drop_pool_hook()
+            if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == padding.shape):
+                return None
+            return out.masked_fill(padding.to(out.device).unsqueeze(-1), torch.finfo(out.dtype).min)
+        self._pool_hook = self._model.qa_outputs.register_forward_hook(hide)
+
+    _pool_hook = None                                      # a head's one-call hook (_pool_like_alone, _hide_...)
 
     def _drop_pool_hook(self) -> None:
         if self._pool_hook is not None:
