@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ptlm_engine import reference
 from ptlm_engine.ops.checks import check_adapter_dtypes, check_floating, check_like, unit_stride
-from ptlm_engine.ops.lora import _needs_grad, as_dtype, eager_function, traced, triton_enabled
+from ptlm_engine.ops.lora import _needs_grad, as_dtype, eager_function, takes_custom_op, triton_enabled
 
 try:  # Triton is a Linux-only dependency; without it every op runs the reference.
     from ptlm_engine.kernels import bottleneck as bottleneck_kernels
@@ -155,7 +155,7 @@ def bottleneck_adapter_op(h: Tensor, down_weight: Tensor, down_bias: Tensor | No
     res2d = residual.reshape(h2d.shape) if flat and residual is not None else residual
     down_bias, up_bias = unit_stride(down_bias), unit_stride(up_bias)     # the kernels read them as contiguous
     args = (h2d, down_weight, down_bias, up_weight, up_bias, res2d, float(scale), code)
-    if traced():
+    if takes_custom_op():
         y, _ = bottleneck_fwd(*args)
     elif _needs_grad(h, down_weight, down_bias, up_weight, up_bias, residual):
         y, _ = BottleneckFunction.apply(*args)

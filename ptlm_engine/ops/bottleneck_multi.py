@@ -16,7 +16,7 @@ from torch import Tensor
 from ptlm_engine import reference
 from ptlm_engine.ops.bottleneck import check_adapter_tensors, check_residual, check_same, runs_triton
 from ptlm_engine.ops.checks import check_index_range, check_table_range, is_index_dtype, unit_stride
-from ptlm_engine.ops.lora import _needs_grad, as_dtype, first_order, traced
+from ptlm_engine.ops.lora import _needs_grad, as_dtype, first_order, takes_custom_op
 from ptlm_engine.ops.lora_multi import token_segments
 
 try:
@@ -177,7 +177,7 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
     index = unit_stride(index.to(torch.int32))
     sizes, scales, acts = (unit_stride(t.to(dtype)) for t, dtype in
                            ((slots.sizes, torch.int32), (slots.scales, torch.float32), (slots.acts, torch.int32)))
-    training = traced() or _needs_grad(h, wd, bd, wu, bu, residual)
+    training = takes_custom_op() or _needs_grad(h, wd, bd, wu, bu, residual)
     if not training:  # inference: no autograd bookkeeping, z is not kept, and decode needs no sort at all
         if not _slot_blocks(h2d.shape[0]):
             segments = None
@@ -188,7 +188,7 @@ def bottleneck_adapter_multi_op(h: Tensor, slots: BottleneckSlots, adapter_index
         return y.reshape(h.shape) if flat else y
     order, bounds = token_segments(index, wd.shape[0]) if segments is None else segments
     args = (h2d, wd, bd, wu, bu, sizes, scales, acts, index, order, bounds, res2d)
-    if traced():
+    if takes_custom_op():
         y, _ = bottleneck_multi_fwd(*args)
     else:
         y, _ = BottleneckMultiFunction.apply(*args)

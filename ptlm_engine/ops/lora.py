@@ -193,7 +193,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def traced() -> bool:
+def takes_custom_op() -> bool:
     """Whether the ops take their torch.library custom ops: while torch.compile traces.
 
     torch.func transforms (grad, vmap, jacrev over functional_call) run neither those (torch wraps a custom op's
@@ -208,10 +208,10 @@ def traced() -> bool:
 
 def run_op(args: tuple, custom_op, function: type[torch.autograd.Function], forward,
            grad_inputs: tuple[Tensor | None, ...]):
-    """An op's three paths on the same args: its torch.library custom op while traced (traced()), its eager
-    autograd Function where one of grad_inputs needs a gradient, else the bare forward (inference: no autograd
-    bookkeeping at all)."""
-    if traced():
+    """An op's three paths on the same args: its torch.library custom op while torch.compile traces
+    (takes_custom_op), its eager autograd Function where one of grad_inputs needs a gradient, else the bare forward
+    (inference: no autograd bookkeeping at all)."""
+    if takes_custom_op():
         return custom_op(*args)
     if _needs_grad(*grad_inputs):
         return function.apply(*args)

@@ -27,7 +27,7 @@ from ptlm_engine.ops import lora as lora_ops
 from ptlm_engine.ops import lora_multi as multi_ops
 from ptlm_engine.ops.checks import (check_adapter_dtypes, check_floating, check_index_range, check_like,
                                    is_index_dtype, unit_stride)
-from ptlm_engine.ops.lora import _base_grads, as_dtype, first_order, lora_kernels, traced, triton_enabled
+from ptlm_engine.ops.lora import _base_grads, as_dtype, first_order, lora_kernels, takes_custom_op, triton_enabled
 from ptlm_engine.ops.lora_multi import LoraSlots, check_slot_shapes, check_slot_tables, token_segments
 
 try:
@@ -484,7 +484,7 @@ def lora_linear_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: Sequenc
         seeds = torch.randint(0, 2**31 - 1, (G,), device=x.device) if drops else None
         biases = [unit_stride(b) for b in biases]
         args = (x2d, weights, biases, lora_As, lora_Bs, scales, dropouts, seeds, fan_in_fan_out)
-        if traced():
+        if takes_custom_op():
             ys, _ = lora_linear_grouped_fwd(x2d, weights, *(_placeholders(t, x) for t in (biases, lora_As, lora_Bs)),
                                             *args[5:])
         elif _needs_grad(x, weights, biases, lora_As, lora_Bs):
@@ -531,7 +531,7 @@ def lora_linear_multi_grouped_op(x: Tensor, weights: Sequence[Tensor], biases: S
         ranks, scales = _slot_field(slots, "ranks", torch.int32), _slot_field(slots, "scales", torch.float32)
         args = (x2d, weights, biases, lora_As, lora_Bs, ranks, scales, dropouts, index, order, bounds, seeds,
                 fan_in_fan_out)
-        if traced():
+        if takes_custom_op():
             ys, _ = lora_linear_multi_grouped_fwd(x2d, weights, *(_placeholders(t, x) for t in args[2:8]), *args[8:])
         elif _needs_grad(x, weights, biases, lora_As, lora_Bs):
             ys = LoraLinearMultiGroupedFunction.apply(x2d, index, order, bounds, seeds, fan_in_fan_out, G, *weights,
