@@ -235,7 +235,7 @@ class PromptTuning(AdapterLayer):
         self.batch, self._layouts = batch, {}
 
     def release(self) -> None:
-        self._drop_pool_hook()
+        self._drop_head_hook()
         model = self._model
         model._forward_pre_hooks.pop(self._hook_id, None)
         model._forward_pre_hooks_with_kwargs.pop(self._hook_id, None)
@@ -272,7 +272,7 @@ class PromptTuning(AdapterLayer):
         return self._layouts[key]
 
     def _prepend(self, model: nn.Module, args: tuple, kwargs: dict):
-        self._drop_pool_hook()                             # a call that failed before its head ran left it
+        self._drop_head_hook()                             # a call that failed before its head ran left it
         if not self.applies():
             return None
         kw = {**dict(zip(self._arg_names, args)), **kwargs}
@@ -355,12 +355,12 @@ class PromptTuning(AdapterLayer):
         last = torch.where(layout.copies_first_token[:, 0], own + layout.qmax, layout.qmax + length - 1)
 
         def pick(module, args, out):
-            self._drop_pool_hook()
+            self._drop_head_hook()
             if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == (n, layout.qmax + length)):
                 return None
             pooled = out[torch.arange(n, device=out.device), last.to(out.device)]              # (n, labels)
             return torch.cat([out[:, :-1], pooled.unsqueeze(1)], dim=1)
-        self._pool_hook = head.register_forward_hook(pick)
+        self._head_hook = head.register_forward_hook(pick)
 
     def _hide_padding_spans(self, layout: _Layout, n: int, length: int) -> None:
         """Question answering (a `qa_outputs` head) in a padded mixed layout: the padding columns before a row's
@@ -369,18 +369,18 @@ class PromptTuning(AdapterLayer):
         padding = torch.cat([~layout.mask, layout.mask.new_zeros((n, length))], dim=1)           # (n, Qmax + L)
 
         def hide(module, args, out):
-            self._drop_pool_hook()
+            self._drop_head_hook()
             if not (isinstance(out, Tensor) and out.dim() == 3 and out.shape[:2] == padding.shape):
                 return None
             return out.masked_fill(padding.to(out.device).unsqueeze(-1), torch.finfo(out.dtype).min)
-        self._pool_hook = self._model.qa_outputs.register_forward_hook(hide)
+        self._head_hook = self._model.qa_outputs.register_forward_hook(hide)
 
-    _pool_hook = None                                      # a head's one-call hook (_pool_like_alone, _hide_...)
+    _head_hook = None                      # a head's one-call hook (_pool_like_alone, _hide_padding_spans)
 
-    def _drop_pool_hook(self) -> None:
-        if self._pool_hook is not None:
-            self._pool_hook.remove()
-            self._pool_hook = None
+    def _drop_head_hook(self) -> None:
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
 
     def _continue(self, kw: dict, layout: _Layout, length: int, cached: int) -> None:
         mask, positions = kw.get("attention_mask"), kw.get("position_ids")
