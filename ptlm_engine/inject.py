@@ -169,10 +169,18 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         return hit and (layers is None or layer_index(name, config.layers_pattern) in layers) \
             and (excluded is None or not _named(name, excluded))
 
+    # nn.MultiheadAttention passes out_proj's weight to F.multi_head_attention_forward and never calls the
+    # module: a LoRA layer there would change nothing.
+    unused_linears = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     targets = []
     for name, module in _walk(model):
         if not name or _within_any(name, config.modules_to_save or []):
             continue
+        if id(module) in unused_linears and wanted(name, module):
+            if spec == ALL_LINEAR:
+                continue
+            raise ValueError(f"target module {name!r} is an nn.MultiheadAttention's out_proj, whose weight the "
+                             "attention reads directly (the module is never called): LoRA cannot adapt it")
         if isinstance(module, ModulesToSave):
             # Inside another adapter's modules_to_save a LoRA layer would reach only the original module, not
             # that adapter's copy; named targets there are an error, "all-linear" leaves them out (the file
@@ -215,8 +223,7 @@ def _check_fused_experts(model: nn.Module, spec, targets: list[str]) -> None:
     modules. PEFT maps "all-linear" and the transformers-4 expert names (w1 / w2 / w3, gate_proj / up_proj ...)
     onto them (target_parameters), which LoRA layers here cannot wrap: refused rather than silently adapting
     fewer modules than PEFT would."""
-    fused = next((name for name, m in model.named_modules()
-                  if any(p.dim() == 3 for p in m.parameters(recurse=False))), None)
+    fused = next((name for name, m in model.named_modules() if _fused_experts(m)), None)
     if fused is None:
         return
     missing = [n for n in spec if not any(t == n or t.endswith("." + n) for t in targets)] \
@@ -226,6 +233,14 @@ def _check_fused_experts(model: nn.Module, spec, targets: list[str]) -> None:
         raise ValueError(f"{type(model).__name__} holds its experts as fused parameters ({fused!r}); PEFT maps "
                          f"{what} onto them, which LoRA layers here cannot wrap: name the Linear modules to adapt "
                          "(e.g. the attention projections)")
+
+
+def _fused_experts(module: nn.Module) -> bool:
+    """transformers 5's experts modules: two or more stacked (experts, ·, ·) weights, e.g. gate_up_proj and
+    down_proj; a convolution's or a (1, L, d) position table's lone 3-D weight is none."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return False
+    return sum(p.dim() == 3 for p in module.parameters(recurse=False)) >= 2
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: Sequence[str] = ()) -> list[str]:

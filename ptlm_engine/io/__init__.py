@@ -41,18 +41,17 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
 
 
 def _clear_other_layout(path, part_dirs: list[str] | None) -> None:
-    """Before saving into `path`: the adapter files an earlier save there left that this one would not overwrite
-    and load_adapter would read (a single adapter's top-level files under a combined one's parts, which loading
-    prefers; a combined adapter's part directories, all, or those of parts this one lacks). Beside a single
-    adapter's top-level files, subdirectories are no combined adapter's parts (HF PEFT saves its other adapters
-    there, `path/<adapter name>`): they stay."""
-    top = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
-    if part_dirs is None and os.path.isfile(top[0]):
+    """Before saving a combined adapter into `path`: the adapter files an earlier save there left that this one
+    would not overwrite and load_adapter would read (a single adapter's top-level files, which loading prefers to
+    the parts; part directories of methods this one lacks). A single adapter's save removes nothing: its top-level
+    files are what loading reads, and the subdirectories may be HF PEFT's other adapters (`path/<adapter name>`,
+    a name that can be "lora")."""
+    if part_dirs is None:
         return
-    stale = top if part_dirs is not None else []
+    stale = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
     for fmt in FORMATS:
         sub = fmt.peft_type.lower()
-        if part_dirs is None or sub not in part_dirs:
+        if sub not in part_dirs:
             stale += [os.path.join(path, sub, CONFIG_NAME), os.path.join(path, sub, WEIGHTS_NAME)]
     for file in stale:
         if os.path.isfile(file):

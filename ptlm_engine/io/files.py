@@ -18,6 +18,7 @@ from ptlm_engine.layers import AdapterLayer, LoraLinear, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."   # PeftModel -> the method's model wrapper (.base_model) -> the model (.model)
 
 
@@ -85,24 +86,47 @@ def read_json(path: str | os.PathLike) -> tuple[dict, str]:
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The adapter's tensors: adapter_model.safetensors, else the pickled adapter_model.bin that PEFT writes with
+    safe_serialization=False (and before 0.6 always), read as PEFT does with weights only."""
     file = os.path.join(path, WEIGHTS_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"no adapter weights: {file} does not exist (only safetensors are read)")
+        pickled = os.path.join(path, PICKLED_WEIGHTS_NAME)
+        if os.path.isfile(pickled):
+            return _read_pickled(pickled)
+        raise FileNotFoundError(f"no adapter weights: neither {file} nor {PICKLED_WEIGHTS_NAME} there")
     try:
         return load_file(file)
     except Exception as e:   # safetensors raises its own error types for truncated or garbled files
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
+def _read_pickled(file: str) -> dict[str, Tensor]:
+    try:
+        tensors = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:   # unpickling raises many types for garbled files or disallowed objects
+        raise ValueError(f"{file}: not a readable torch.save file of tensors ({e})") from e
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{file}: expected a dict of tensors by name, got {type(tensors).__name__}")
+    return tensors
+
+
 def write(path: str | os.PathLike, tensors: dict[str, Tensor], config: dict) -> None:
-    # Own contiguous CPU copies: safetensors refuses tensors that share memory (tied weights in a copy).
-    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format, copy=True) for k, v in tensors.items()}
+    # Own contiguous CPU copies: safetensors refuses tensors that share memory (tied weights in a copy). A tensor
+    # sharded by FSDP2 (a DTensor) is gathered whole first (a collective: every rank saves, as with FSDP's state
+    # dicts).
+    tensors = {k: _whole(v).detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+               for k, v in tensors.items()}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         # top-level keys sorted, as PEFT writes them; nested dicts in their order: the first rank_pattern /
         # alpha_pattern key that matches a module decides, so their order is part of the adapter
         json.dump(dict(sorted(config.items())), f, indent=2)
+
+
+def _whole(t: Tensor) -> Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def saved_copies(model: nn.Module, name: str, names: list[str] | None) -> dict[str, Tensor]:

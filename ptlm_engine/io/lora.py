@@ -8,7 +8,7 @@ Tensor keys, with the adapter name left out (PEFT puts it back on loading):
   base_model.model.<module>.<key>             each state-dict entry of a modules_to_save copy
   base_model.model.<module>.base_layer.bias   bias of a LoRA-wrapped module (bias "all" / "lora_only")
   base_model.model.<module>.bias              bias of any other module (bias "all")
-  base_model.model.<embed_tokens / lm_head>[.base_layer].weight
+  base_model.model.<embed_tokens / lm_head>[.base_layer].weight, or the model's own input / output embedding
                                               a base embedding / head weight: PEFT's save_embedding_layers, which
                                               loading writes into the model, as PEFT does (not written here)
 """
@@ -191,16 +191,21 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
 def _embedding_weights(model: nn.Module, match: TensorMatcher) -> list:
     """[(base weight Parameter, value)] for the embedding / LM-head base weights the file holds (see the module
     docstring): under <module>.base_layer.weight where PEFT's LoRA layer wrapped the module, else <module>.weight."""
+    # PEFT files the tables by the model's own names (GPT-2's transformer.wte, BERT's word_embeddings, T5's
+    # shared): the model's input and output embeddings, whatever their names.
+    tables = [get() for get in (getattr(model, n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
+              if callable(get)]
     found = []
     for k in list(match.remaining):
         path = k.removeprefix(PREFIX).removesuffix(".weight").removesuffix(".base_layer")
-        named = path.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES
-        if not (named and k.startswith(PREFIX) and k.endswith(".weight")):
+        if not (k.startswith(PREFIX) and k.endswith(".weight")):
             continue
         try:
             module = model.get_submodule(path)
         except AttributeError:
             continue                                   # not a module of this model: reported as unexpected
+        if path.rsplit(".", 1)[-1] not in _EMBEDDING_LAYER_NAMES and not any(module is t for t in tables):
+            continue
         weight = module._parameters.get("weight") if not isinstance(module, ModulesToSave) else None
         if isinstance(weight, nn.Parameter):
             found.append((weight, match.take(k, weight.shape)))

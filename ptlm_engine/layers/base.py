@@ -73,3 +73,8 @@ class AdapterLayer(nn.Module):
         return the module to put back in its place (the original module it wrapped), or None when the layer
         was added to the model rather than wrapping a module (its attribute is then deleted)."""
         raise NotImplementedError
+
+
+def autocast_on(t: torch.Tensor) -> bool:
+    """Whether autocast is on for `t`'s device (the meta device has none: shape inference on meta tensors)."""
+    return t.device.type != "meta" and torch.is_autocast_enabled(t.device.type)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ptlm_engine import functional
-from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.base import AdapterLayer, autocast_on
 from ptlm_engine.ops.lora import as_dtype
 from ptlm_engine.ops.lora_multi import LoraSlots
 from ptlm_engine.pool import AdapterBatch, AdapterPool, free_slot, scalar_dtype, slot_values
@@ -37,7 +37,7 @@ def compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     Triton kernels keep its r-wide intermediate in float32), and the gradients reach float32 LoRA weights
     through the casts.
     """
-    if torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, weight.dtype):
+    if autocast_on(x) and torch.float64 not in (x.dtype, weight.dtype):
         return torch.get_autocast_dtype(x.device.type)     # autocast leaves float64 tensors as they are
     return weight.dtype
 

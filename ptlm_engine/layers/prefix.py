@@ -38,7 +38,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ptlm_engine import functional
 from ptlm_engine.config import PrefixConfig
-from ptlm_engine.layers.base import AdapterLayer
+from ptlm_engine.layers.base import AdapterLayer, autocast_on
 from ptlm_engine.layers.lora import adapter_dtype
 from ptlm_engine.layers.positions import position_rule
 from ptlm_engine.pool import stamp, unchanged
@@ -470,7 +470,7 @@ def _attention_function(original: str) -> Callable:
         if key.shape[1] != g.num_heads or key.shape[3] != g.head_dim:
             raise ValueError(f"prefix tuning: layer {layer_idx}'s keys have shape {tuple(key.shape)}, but the prefix "
                              f"has {g.num_heads} heads of {g.head_dim} (from the model config)")
-        if torch.is_autocast_enabled(query.device.type) and torch.float64 not in (query.dtype, value.dtype):
+        if autocast_on(query) and torch.float64 not in (query.dtype, value.dtype):
             # Under autocast q / k may come out of rotary in float32 while v is in the autocast dtype; the original
             # implementation's matmuls run in the autocast dtype, and so does the fused op (autocast leaves float64
             # as it is).

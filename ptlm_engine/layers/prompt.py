@@ -286,11 +286,13 @@ class PromptTuning(AdapterLayer):
         layout = self._layout_for(tokens.shape[0], tokens.device)
         if layout is None:
             return None
+        # The cache first: generate builds a 4-D mask (or a dict of them) for a static cache, which the cache's
+        # error names better than the mask's.
+        cached = _cache_length(kw.get("cache", kw.get("past_key_values")))
         mask = kw.get("attention_mask")
         if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
             raise ValueError("prompt tuning needs a 2-D attention_mask (batch, length), got "
                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
-        cached = _cache_length(kw.get("cache", kw.get("past_key_values")))
         if cached == 0:
             self._prefill(kw, layout, ids, embeds)
         else:

@@ -47,7 +47,7 @@ def chunk_rows(T: int, V: int, d: int, elem_bytes: int) -> int:
     """Rows per chunk (see the module docstring)."""
     budget = min(max(T * d * elem_bytes, CHUNK_BYTES[0]), CHUNK_BYTES[1])
     rows = max(1, min(T, budget // (V * elem_bytes)))
-    chunks = -(-T // rows)
+    chunks = max(1, -(-T // rows))      # T = 0: one empty chunk
     return max(1, -(-T // chunks))
 
 

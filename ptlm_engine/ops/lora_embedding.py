@@ -138,6 +138,11 @@ def lora_embedding_multi_op(ids: Tensor, weight: Tensor, slots: LoraSlots, adapt
     _check(ids, weight, slots, adapter_index)
     if slots.dropouts is not None:
         raise ValueError("dropouts: LoRA on an embedding has no dropout (as in PEFT); pass None")
+    if padding_idx is not None:     # as F.embedding: in [-V, V), a negative one counts from the end
+        V = weight.shape[0]
+        if not -V <= padding_idx < V:
+            raise ValueError(f"padding_idx: expected a value in [{-V}, {V}) (the table's rows), got {padding_idx}")
+        padding_idx = int(padding_idx) % V
     if segments is None:
         check_index_range(adapter_index, slots.lora_A.shape[0])
         check_slot_tables("", slots)
