@@ -64,7 +64,7 @@ def test_missing_files(tiny, saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json does not exist"):
         pe.load_adapter(fresh, tmp_path / "nowhere")
     (path / "adapter_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="only safetensors"):
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin"):
         pe.load_adapter(fresh, path)
     _assert_unchanged(fresh, state)
 
