@@ -10,6 +10,8 @@ import torch
 from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
                           LlamaConfig, LlamaForCausalLM)
 
+from tests.helpers import randomize_trainable
+
 VOCAB = 128
 
 
@@ -77,10 +79,4 @@ def output():
 def randomize_adapters():
     """randomize_adapters(model, seed=0): random values in every trainable tensor (LoRA B starts at zero, so a
     fresh adapter changes nothing)."""
-    def randomize(model, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return randomize
+    return randomize_trainable

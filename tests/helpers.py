@@ -2,9 +2,11 @@
 float64 reference and held to PyTorch's own low-precision error, mixed-batch rows run alone."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import zlib
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -216,6 +218,31 @@ def assert_reloads_same(tiny, kind, model, name, path, ids, output):
 # ------------------------------------------------------------------------------------------ float64 models
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def pristine_builder(builders: dict[str, Callable[[], torch.nn.Module]]) -> Callable[[str], torch.nn.Module]:
+    """build(kind): a fresh copy of the tiny random model `kind` of `builders` (the same weights every call, seeded
+    by its name), in eval mode."""
+    pristine: dict = {}
+
+    def build(kind: str) -> torch.nn.Module:
+        if kind not in pristine:
+            torch.manual_seed(zlib.crc32(kind.encode()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pristine[kind] = builders[kind]().eval()
+        return copy.deepcopy(pristine[kind])
+    return build
+
+
+def randomize_trainable(model, seed: int = 0, scale: float = 0.1) -> None:
+    """Random values, in each tensor's dtype, in every trainable tensor (LoRA B starts at zero, so a fresh adapter
+    changes nothing)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
 def randomize_trainable64(model, seed: int = 0, scale: float = 0.1) -> None:

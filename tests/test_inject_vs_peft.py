@@ -5,7 +5,6 @@ in PEFT files."""
 import copy
 import re
 import warnings
-import zlib
 
 import peft
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 
 import ptlm_engine as pe
 from ptlm_engine import inject
+from tests.helpers import pristine_builder
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -57,17 +57,7 @@ BUILDERS = {
         attention_dropout=0.0, activation_dropout=0.0)),
     "mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)),
 }
-_PRISTINE: dict = {}
-
-
-def build(kind):
-    """A fresh copy of the tiny random model `kind` (the same weights every call), in eval mode."""
-    if kind not in _PRISTINE:
-        torch.manual_seed(zlib.crc32(kind.encode()))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _PRISTINE[kind] = BUILDERS[kind]().eval()
-    return copy.deepcopy(_PRISTINE[kind])
+build = pristine_builder(BUILDERS)
 
 
 def peft_config(kw):

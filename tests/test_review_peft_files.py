@@ -1,10 +1,8 @@
 """Review: adapter-file interop with HF PEFT 0.21 in depth (io/*.py), the cases PEFT users produce that the
 other file tests leave out. Each LoRA case goes both ways: PEFT's save_pretrained -> pe.load_adapter gives PEFT's
 outputs, and pe.add_adapter + random weights + pe.save_adapter -> PeftModel.from_pretrained gives ours."""
-import copy
 import json
 import warnings
-import zlib
 
 import peft
 import pytest
@@ -15,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import ptlm_engine as pe
 from ptlm_engine import inject
 from ptlm_engine.io import read_config
+from tests.helpers import pristine_builder, randomize_trainable
 
 pytestmark = [pytest.mark.usefixtures("reference_backend"),
               pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -46,16 +45,7 @@ BUILDERS = {
                                                           num_decoder_layers=2, num_heads=4, vocab_size=V,
                                                           dropout_rate=0.0, decoder_start_token_id=0)),
 }
-_PRISTINE: dict = {}
-
-
-def build(kind):
-    if kind not in _PRISTINE:
-        torch.manual_seed(zlib.crc32(kind.encode()))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _PRISTINE[kind] = BUILDERS[kind]().eval()
-    return copy.deepcopy(_PRISTINE[kind])
+build = pristine_builder(BUILDERS)
 
 
 IDS = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -74,19 +64,11 @@ def out(model, ids=IDS):
     raise AssertionError(type(o))
 
 
-def randomize_trainable(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
 def peft_saved(kind, config, path, adapter_name="default", **save_kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(build(kind), config, adapter_name=adapter_name)
-    randomize_trainable(theirs)
+    randomize_trainable(theirs, scale=0.2)
     theirs.eval()
     theirs.save_pretrained(path, **save_kw)
     return theirs
@@ -110,6 +92,16 @@ def assert_unchanged(model, snap):
     assert now.keys() == state.keys()
     assert all(torch.equal(now[k], state[k]) for k in state)
     assert not pe.adapter_configs(model)
+
+
+def assert_load_refused(kind, path, match=None):
+    """Loading the files in `path` into a fresh `kind` model raises a ValueError (matching `match`) and changes
+    nothing."""
+    ours = build(kind)
+    snap = snapshot(ours)
+    with pytest.raises(ValueError, match=match):
+        pe.load_adapter(ours, path, name="a")
+    assert_unchanged(ours, snap)
 
 
 def _ours_kw(peft_kw):
@@ -182,7 +174,7 @@ def test_our_lora_file_loads_in_peft(case, tmp_path):
     kind, kw = LORA_CASES[case]
     ours = build(kind)
     pe.add_adapter(ours, "mine", pe.LoraConfig(**{**_ours_kw(kw), **_OUR_HEAD_COPY.get(case, {})}))
-    randomize_trainable(ours, seed=3)
+    randomize_trainable(ours, seed=3, scale=0.2)
     pe.save_adapter(ours, "mine", tmp_path)
     theirs = from_pretrained(kind, tmp_path)
     torch.testing.assert_close(out(theirs), out(ours), atol=1e-5, rtol=1e-5)
@@ -290,11 +282,7 @@ def test_garbled_bin_file_is_refused_clearly_and_changes_nothing(tmp_path):
     _bin_file(tmp_path)
     data = (tmp_path / "adapter_model.bin").read_bytes()
     (tmp_path / "adapter_model.bin").write_bytes(data[: len(data) // 2])
-    ours = build("llama")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match="adapter_model.bin"):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("llama", tmp_path, "adapter_model.bin")
 
 
 def test_peft_bin_file_loads(tmp_path):
@@ -331,7 +319,7 @@ def test_prefix_files_both_ways(kind, projection, tmp_path):
     mine = build(kind)
     pe.add_adapter(mine, "p", pe.PrefixConfig(num_virtual_tokens=3, projection=projection,
                                               encoder_hidden_size=16 if projection else None))
-    randomize_trainable(mine, seed=4)
+    randomize_trainable(mine, seed=4, scale=0.2)
     pe.save_adapter(mine, "p", tmp_path / "ours")
     back = from_pretrained(kind, tmp_path / "ours")
     torch.testing.assert_close(out(back), out(mine), atol=1e-5, rtol=1e-5)
@@ -373,11 +361,7 @@ def test_t5_prompt_learning_files_are_refused_clearly_and_change_nothing(method,
     cfg = (peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3) if method == "prefix" else
            peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
     peft_saved("t5", cfg, tmp_path)
-    ours = build("t5")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match="num_transformer_submodules|encoder-decoder"):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("t5", tmp_path, "num_transformer_submodules|encoder-decoder")
 
 
 # ------------------------------------------------------------------------------------------ malformed inputs
@@ -438,11 +422,7 @@ def test_tensor_problems_in_a_peft_file_are_refused_and_change_nothing(what, mat
         elif what == "int_dtype":
             t[k] = t[k].to(torch.int32)
     _edit(tmp_path, change)
-    ours = build("llama")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match=match):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("llama", tmp_path, match)
 
 
 @pytest.mark.parametrize("src,dst,match", [
@@ -453,21 +433,13 @@ def test_tensor_problems_in_a_peft_file_are_refused_and_change_nothing(what, mat
 ])
 def test_base_model_mismatch_is_refused_and_changes_nothing(src, dst, match, tmp_path):
     peft_saved(src, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), tmp_path)
-    ours = build(dst)
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match=match):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused(dst, tmp_path, match)
 
 
 def test_layers_to_transform_beyond_the_model_is_refused(tmp_path):
     """An adapter for layer 2 only (of a 3-layer model) matches nothing in a 2-layer model."""
     peft_saved("llama3", peft.LoraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[2]), tmp_path)
-    ours = build("llama")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("llama", tmp_path)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
@@ -475,20 +447,12 @@ def test_prompt_learning_file_for_another_base_is_refused(method, tmp_path):
     cfg = (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3) if method == "prefix" else
            peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     peft_saved("llama3", cfg, tmp_path)
-    ours = build("llama_wide" if method == "prompt" else "llama")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match="shape"):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("llama_wide" if method == "prompt" else "llama", tmp_path, "shape")
 
 
 def test_trainable_token_indices_file_is_refused_by_name(tmp_path):
     peft_saved("llama", peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 7]), tmp_path)
-    ours = build("llama")
-    snap = snapshot(ours)
-    with pytest.raises(ValueError, match="trainable_token_indices"):
-        pe.load_adapter(ours, tmp_path, name="a")
-    assert_unchanged(ours, snap)
+    assert_load_refused("llama", tmp_path, "trainable_token_indices")
 
 
 # ------------------------------------------------------------------- findings: save_embedding_layers, layouts

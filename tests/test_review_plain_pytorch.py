@@ -513,21 +513,24 @@ def test_transformer_decoder_layer_linears():
     assert max_diff(mixed[0], base[0]) < 1e-5 and max_diff(mixed[1], y[1]) < 1e-5
 
 
+class SharedLinear(nn.Module):
+    """One Linear under two attribute names (fc2 is fc), called through both."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+        self.fc2 = self.fc
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc(x)))
+
+
 @pytest.mark.xfail(strict=True, reason="BUG: a Linear shared by two attributes (self.fc2 = self.fc) is wrapped at "
                    "its first name only (inject._walk uses named_modules(), which drops aliases): calls through the "
                    "other name run the base Linear, silently, and naming the alias ('fc2') says 'matched no module'")
 def test_shared_linear_gets_the_adapter_at_every_use():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(D, D)
-            self.fc2 = self.fc
-
-        def forward(self, x):
-            return self.fc2(torch.relu(self.fc(x)))
-
     torch.manual_seed(0)
-    m = Shared()
+    m = SharedLinear()
     x = torch.randn(2, D)
     try:
         pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
@@ -544,13 +547,7 @@ def test_shared_linear_gets_the_adapter_at_every_use():
 
 
 def test_shared_linear_unload_restores_both_names():
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(D, D)
-            self.fc2 = self.fc
-
-    m = Shared()
+    m = SharedLinear()
     fc = m.fc
     pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
     pe.unload(m)

@@ -31,7 +31,10 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
     config = reg.configs[name]
     parts = list(config) if isinstance(config, tuple) else [config]
     written = [next(f for f in FORMATS if isinstance(part, f.config_type)) for part in parts]
-    _clear_other_layout(path, [fmt.peft_type.lower() for fmt in written] if isinstance(config, tuple) else None)
+    if isinstance(config, tuple):
+        # A single adapter's save removes nothing: its top-level files are what loading reads, and the
+        # subdirectories may be HF PEFT's other adapters (`path/<adapter name>`, a name that can be "lora").
+        _clear_other_layout(path, [fmt.peft_type.lower() for fmt in written])
     for part, fmt in zip(parts, written):
         tensors, file_config = fmt.dump(model, name, part)
         if not isinstance(config, tuple):   # a combined adapter's parts load here only (each part's own copies)
@@ -40,14 +43,10 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> None:
               tensors, file_config)
 
 
-def _clear_other_layout(path, part_dirs: list[str] | None) -> None:
-    """Before saving a combined adapter into `path`: the adapter files an earlier save there left that this one
-    would not overwrite and load_adapter would read (a single adapter's top-level files, which loading prefers to
-    the parts; part directories of methods this one lacks). A single adapter's save removes nothing: its top-level
-    files are what loading reads, and the subdirectories may be HF PEFT's other adapters (`path/<adapter name>`,
-    a name that can be "lora")."""
-    if part_dirs is None:
-        return
+def _clear_other_layout(path, part_dirs: list[str]) -> None:
+    """Before saving a combined adapter with parts `part_dirs` into `path`: the adapter files an earlier save
+    there left that this one would not overwrite and load_adapter would read (a single adapter's top-level files,
+    which loading prefers to the parts; part directories of methods this one lacks)."""
     stale = [os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)]
     for fmt in FORMATS:
         sub = fmt.peft_type.lower()
