@@ -2,13 +2,13 @@
 # One device call of at most ~9 minutes on an H100: install, the gpu-marked tests (bf16 correctness, sync-free
 # and CUDA-graph checks; no tuning: each shape takes its first config that fits), then bench.gpu_suite's
 # session profile. Writes 8 files to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json,
-# triton-cache.tgz); prints the suite's summary, then the test verdicts.
+# triton-cache.txz, or its two parts .a / .b in place of the png); prints the suite's summary, then the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
 #   A follow-up call on the warm machine: bash bench/gpu_session.sh OUT --tests-s 0 --phases model_multi --budget-s 240
 #
-# Compiled kernels outlive the machine: Triton's cache (binaries only) comes back as OUT/triton-cache.tgz when it
-# is under 15 MiB; put it at .device-cache/triton-cache.tgz (git ignores the folder) and name .device-cache in the
+# Compiled kernels outlive the machine: Triton's cache (binaries only) comes back as OUT/triton-cache.txz (or
+# .txz.a and .txz.b); put the file(s) in .device-cache/ (git ignores the folder) and name .device-cache in the
 # next call's `carry`: the 2026-11-26 suite spent 187 of its 334 s in first calls, mostly compiling.
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUT [--tests-s S] [gpu_suite arguments]}
@@ -20,8 +20,9 @@ export PYTHONUNBUFFERED=1
 # One absolute cache path on every machine: a cache entry names its files by absolute path.
 export TRITON_CACHE_DIR=/tmp/ptlm-triton-cache TRITON_STORE_BINARY_ONLY=1
 mkdir -p "$TRITON_CACHE_DIR"
-if [ -f .device-cache/triton-cache.tgz ]; then
-    tar -xzf .device-cache/triton-cache.tgz -C "$TRITON_CACHE_DIR" && echo "triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries carried in"
+if ls .device-cache/triton-cache.txz* >/dev/null 2>&1; then
+    cat .device-cache/triton-cache.txz* | tar -xJf - -C "$TRITON_CACHE_DIR" &&
+        echo "triton cache: $(ls "$TRITON_CACHE_DIR" | wc -l) entries carried in"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if ! python3 -m pip install -q --no-build-isolation --no-deps -e . >"$out/suite.log" 2>&1; then
@@ -55,9 +56,15 @@ if [ "$tests_s" -gt 0 ]; then
         code=$?
         codes="$codes${codes:+, }$code"
         if [ "$group" = "${groups[0]}" ] && [ "$code" != 0 ]; then
-            # the matmuls as the shrinks' programmatic dependents misbehaved (or the cap cut them): the suite
-            # launches them one after the other
-            export PTLM_PDL=0; echo "PTLM_PDL=0: the dependent-launch tests exited $code"
+            if [ "$code" = 124 ] && grep -q " PASSED" "$out/gpu_tests.log" &&
+                    ! grep -qE " (FAILED|ERROR)" "$out/gpu_tests.log"; then
+                # cut by the cap while compiling (2026-11-27: two passed, the third compiling at 60 s): PDL stays on
+                echo "the dependent-launch tests were cut at the cap, none failed: PTLM_PDL stays on"
+            else
+                # the matmuls as the shrinks' programmatic dependents misbehaved: the suite launches them one
+                # after the other
+                export PTLM_PDL=0; echo "PTLM_PDL=0: the dependent-launch tests exited $code"
+            fi
         fi
     done
     tests="gpu tests: exit $codes after $(( $(date +%s) - start )) s (124: cut at ${tests_s} s)"
@@ -75,9 +82,15 @@ if [ $rc -ne 0 ]; then tail -30 "$out/suite.log" | cut -c1-200; fi
 # The device tool returns the last 12,000 characters: the suite's summary first, the test verdicts last.
 sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-160 | head -70
 echo "suite: exit $rc"
-tar -czf "$out/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
-if [ "$(stat -c %s "$out/triton-cache.tgz" 2>/dev/null || echo 0)" -gt $((15 << 20)) ]; then
-    rm -f "$out/triton-cache.tgz"; echo "triton cache: over 15 MiB, not returned"
+# xz: 2026-11-27's gzip of one session's cache was over the tool's 16 MiB per file. Over 15 MiB it comes back
+# in two parts in place of results.png (8 files at most); over 30 MiB not at all.
+tar -cf - -C "$TRITON_CACHE_DIR" . 2>/dev/null | xz -T0 -6 >"$out/triton-cache.txz" || rm -f "$out/triton-cache.txz"
+size=$(stat -c %s "$out/triton-cache.txz" 2>/dev/null || echo 0)
+if [ "$size" -gt $((30 << 20)) ]; then
+    rm -f "$out/triton-cache.txz"; echo "triton cache: $((size >> 20)) MiB compressed, not returned"
+elif [ "$size" -gt $((15 << 20)) ]; then
+    split -b 15M -a 1 "$out/triton-cache.txz" "$out/triton-cache.txz."
+    rm -f "$out/triton-cache.txz" "$out/results.png"; echo "triton cache: $((size >> 20)) MiB in two parts"
 fi
 echo "$tests"
 if [ -f "$out/gpu_tests.log" ]; then

@@ -93,7 +93,7 @@ PHASES = list(FULL_RESERVE_S)
 # would leave the process's CUDA context unusable for every phase after it (each phase's files are saved).
 SESSION_PHASES = ["lora", "multi", "prefix", "bottleneck", "base_ops", "grouped", "model_train"]
 # phases whose ptlm rows miss their targets by more than launch overhead explains: each kernel's share logged
-KERNEL_PHASES = ["bottleneck", "prefix"]
+KERNEL_PHASES = ["bottleneck", "prefix", "multi"]
 
 
 def parse_args(argv):
@@ -293,7 +293,8 @@ def main(argv: list[str] | None = None) -> harness.Results:
     phase_deadlines = deadlines(args.phases, args.reserve_s, start, args.budget_s)
     for name in args.phases:
         deadline = phase_deadlines[name]
-        log(f"[{time.monotonic() - start:5.0f} s] phase {name} (until {deadline - start:.0f} s)")
+        log(f"[{time.monotonic() - start:5.0f} s] phase {name} (until {deadline - start:.0f} s); host "
+            f"{harness.host_launch_us(device):.1f} us per eager op")
         if name in ROW_PHASES:
             if time.monotonic() < deadline:
                 rows.extend(ROW_PHASES[name](args, device, deadline))

@@ -89,6 +89,19 @@ def free_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- timing
+def host_launch_us(device: torch.device, calls: int = 2000) -> float:
+    """Host microseconds per eager op on a one-element tensor (an elementwise kernel launch on CUDA): the plain
+    rows' host-bound floor. 2026-11-27 every plain row of the H100 suite, cuBLAS's and eager PyTorch's too, ran
+    1.5-5x slower than on 2026-11-26 with the same device times; logged per phase so the host's state shows."""
+    x = torch.zeros(1, device=device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        x.add_(1.0)
+    sync(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

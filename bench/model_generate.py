@@ -31,7 +31,12 @@ runs after a warm-up run. peft_mixed's eager loop decodes only --peft-mixed-toke
 wall time is extrapolated per decode step: prefill + (new_tokens - 1) x (measured decode time / steps run).
 Correctness: the first --check-tokens tokens of --check-rows rows of the mixed batch against the same rows run
 alone with their adapter active (eager loop), and the graph loop's tokens against the eager loop's: mismatch
-counts (bf16 near-ties can flip a greedy token; the CPU smoke runs in float32).
+counts (bf16 near-ties can flip a greedy token; the CPU smoke runs in float32). To tell a near-tie from a bug,
+the check also reports the max abs difference of the first decode step's logits (after the prefill; the mixed
+batch's prefill run once more) between each mixed row and the row alone, next to the adapters' own effect on
+them (row alone vs base, min over rows), and the alone run's top-1 - top-2 logit margin where a token first
+flips (min over rows): a bug shows a logit difference comparable to the adapters' effect, bf16 rounding one
+far below it, and a flip on a small margin.
 
     python -m bench.model_generate --out DIR [--providers base,ptlm_one,...] [--loops eager,graph] [--repeats 3]
     python -m bench.model_generate --smoke --out DIR      # a tiny decoder on CPU
@@ -60,6 +65,9 @@ TARGET_MIXED_VS_BASE, TARGET_MIXED_VS_PEFT = 0.90, 20.0
 
 # Per-row counts of the correctness check, out of `checked_tokens`.
 CHECKS = ["mismatch_vs_alone", "differ_from_base", "mismatch_vs_eager"]
+# Its logit numbers (eager mixed row only): max |mixed - alone| and min over rows of max |alone - base| of the first
+# decode step's logits, and the alone run's top-1 - top-2 margin at the first flipped token (None: no flip).
+LOGIT_CHECKS = ["logit_diff_vs_alone", "logit_diff_alone_vs_base", "flip_margin"]
 
 TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "prompt", "new_tokens", "r", "adapters"],
                            values=["tok_s"], ratios=[("ptlm_mixed", "base", "tok_s"),
@@ -144,22 +152,26 @@ class EagerGreedy:
         self.model, self.config, self.forward_kwargs, self.device = model, config, forward_kwargs, device
         self.cache_arg = cache_argument()
 
-    def _next(self, ids: torch.Tensor, cache) -> torch.Tensor:
+    def _next(self, ids: torch.Tensor, cache, logits_out: list | None) -> torch.Tensor:
         logits = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self.cache_arg: cache},
                             **self.forward_kwargs).logits
+        if logits_out is not None:
+            logits_out.append(logits[:, -1].float())                                    # (batch, vocab)
         return logits[:, -1].argmax(-1, keepdim=True)                                   # (batch, 1)
 
-    def generate(self, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:
-        """(tokens (batch, new_tokens), prefill seconds, total seconds)."""
+    def generate(self, prompt: torch.Tensor, new_tokens: int,
+                 logits_out: list | None = None) -> tuple[torch.Tensor, float, float]:
+        """(tokens (batch, new_tokens), prefill seconds, total seconds); with a list `logits_out`, each step's
+        logits (batch, vocab, in float32) are appended to it (the check's runs; the timed runs keep none)."""
         from transformers import DynamicCache
         harness.sync(self.device)
         t0 = time.perf_counter()
         cache = DynamicCache(config=self.config)
-        tokens = [self._next(prompt, cache)]
+        tokens = [self._next(prompt, cache, logits_out)]
         harness.sync(self.device)
         t_prefill = time.perf_counter()
         for _ in range(new_tokens - 1):
-            tokens.append(self._next(tokens[-1], cache))
+            tokens.append(self._next(tokens[-1], cache, logits_out))
         out = torch.cat(tokens, dim=1)
         harness.sync(self.device)
         return out, t_prefill - t0, time.perf_counter() - t0
@@ -300,20 +312,40 @@ def shape(args, config) -> dict:
 def check_mixed_rows(model: nn.Module, config, prompt: torch.Tensor, mixed_tokens: torch.Tensor, args,
                      device: torch.device) -> dict:
     """The mixed batch's first --check-tokens tokens of --check-rows rows against the same rows decoded alone
-    (eager loop) with their adapter active, and with no adapter (the base: shows the adapters matter)."""
+    (eager loop) with their adapter active, and with no adapter (the base: shows the adapters matter).
+
+    Logits (LOGIT_CHECKS): the mixed batch's prefill runs once more, in the timed run's mapping (provider_setup of
+    ptlm_mixed), for the first decode step's logits of the checked rows; against the row alone (max over rows) and,
+    as scale, the row alone against the base (min over rows); and where a row's token first differs from the
+    alone run's, the alone run's top-1 - top-2 logit margin at that step (min over rows; None without a flip)."""
     import ptlm_engine as pe
     names, k = row_names(args), args.check_tokens
     rows = range(min(args.check_rows, args.batch))
+    mixed_logits: list[torch.Tensor] = []
+    with provider_setup("ptlm_mixed", model, names) as forward_kwargs:
+        EagerGreedy(model, config, forward_kwargs, device).generate(prompt, 1, mixed_logits)
     vs_alone = vs_base = 0
+    diff_vs_alone, alone_vs_base, margins = 0.0, None, []
     for row in rows:
         loop = EagerGreedy(model, config, {}, device)
         pe.set_active_adapter(model, names[row])
-        alone, _, _ = loop.generate(prompt[row:row + 1], k)
+        alone_logits: list[torch.Tensor] = []
+        alone, _, _ = loop.generate(prompt[row:row + 1], k, alone_logits)
+        base_logits: list[torch.Tensor] = []
         with pe.disable_adapters(model):
-            base, _, _ = loop.generate(prompt[row:row + 1], k)
+            base, _, _ = loop.generate(prompt[row:row + 1], k, base_logits)
         vs_alone += int((alone[0] != mixed_tokens[row, :k]).sum())
         vs_base += int((base[0] != mixed_tokens[row, :k]).sum())
-    return {"mismatch_vs_alone": vs_alone, "differ_from_base": vs_base, "checked_tokens": len(rows) * k}
+        diff_vs_alone = max(diff_vs_alone, float((mixed_logits[0][row] - alone_logits[0][0]).abs().max()))
+        effect = float((alone_logits[0][0] - base_logits[0][0]).abs().max())
+        alone_vs_base = effect if alone_vs_base is None else min(alone_vs_base, effect)
+        flips = (alone[0] != mixed_tokens[row, :k]).nonzero()
+        if len(flips):
+            top2 = alone_logits[int(flips[0, 0])][0].topk(2).values
+            margins.append(float(top2[0] - top2[1]))
+    return {"mismatch_vs_alone": vs_alone, "differ_from_base": vs_base, "checked_tokens": len(rows) * k,
+            "logit_diff_vs_alone": diff_vs_alone, "logit_diff_alone_vs_base": alone_vs_base,
+            "flip_margin": min(margins, default=None)}
 
 
 def run_family(family: str, providers: list[str], args, device: torch.device, log) -> list[dict]:
@@ -375,10 +407,16 @@ def row_line(row: dict) -> str:
     head = f"  {OP} {row['provider']:10s} {row['timing']:6s}"
     if row["ms"] is None:
         return f"{head} not timed: {row['note']}"
-    checks = "".join(f", {k} {row[k]}" for k in CHECKS if k in row)
+    checks = "".join(f", {k} {row[k]}" for k in CHECKS if k in row) + logit_checks(row, ", ")
     return (f"{head} {row['tok_s']:9,.0f} tok/s  prefill {row['prefill_ms']:7.1f} ms  step {row['step_ms']:6.2f} ms"
             f"  peak {row.get('peak_gb') or 0:5.1f} GB  (warm-up {row['first_call_s']:.1f} s{checks})"
             + (f"  [{row['note']}]" if row.get("note") else ""))
+
+
+def logit_checks(row: dict, lead: str, name=str) -> str:
+    """The row's LOGIT_CHECKS that it has, each as `lead name value` (3 significant digits; None: "none")."""
+    return "".join(f"{lead}{name(k)} " + ("none" if row[k] is None else f"{row[k]:.3g}")
+                   for k in LOGIT_CHECKS if k in row)
 
 
 def run(args, device: torch.device, log=print) -> list[dict]:
@@ -427,7 +465,8 @@ def summary(rows: list[dict]) -> list[str]:
                      f"{mixed['step_gb']:.2f} GB with {mixed['adapters']} adapters: at one rate ptlm_mixed/base "
                      f"<= {mixed['bytes_bound']:.2f}")
     checks = [f"[{r['timing']}] " + ", ".join(f"{k.replace('_', ' ')} {r[k]}" for k in CHECKS if k in r)
-              + f" of {r['checked_tokens']} first tokens" for r in rows if "checked_tokens" in r]
+              + f" of {r['checked_tokens']} first tokens" + logit_checks(r, ", ", lambda k: k.replace("_", " "))
+              for r in rows if "checked_tokens" in r]
     if checks:
         lines.append("  ptlm_mixed check " + "; ".join(checks))
     lines += [f"  {r['provider']} [{r['timing']}]: {r['timed_new_tokens']} of {r['new_tokens']} new tokens timed, "

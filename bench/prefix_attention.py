@@ -7,7 +7,10 @@ q, k, v (B, H, L, D) and prefixes of P keys / values per head; bf16, causal. "fw
                   (an expanded view; its gradient sums the rows); its default backward: one fused pass over
                   key blocks, dQ summed with fp32 atomics (dq_mode="atomic")
   ptlm_ptr        the same with the kernels' pointer loads (PTLM_PREFIX_TMA=0 for this provider only): on
-                  Hopper ptlm reads q, k, v, dO through TMA descriptors and adds dQ with bulk reductions
+                  Hopper ptlm's forward reads q, k, v through TMA descriptors (its backward does not: slower
+                  on the H100, 2026-11-27)
+  ptlm_tma        fwd+bwd only: the same with TMA in the backward too (PTLM_PREFIX_TMA=1 for this provider
+                  only: q, dO through descriptors, dQ added with bulk reductions)
   ptlm_split      fwd+bwd only: the same with the split, atomic-free backward (dq_mode="split": a dK / dV
                   pass and a dQ pass; what torch.use_deterministic_algorithms(True) selects)
   ptlm_mixed      the same with a prefix per row (B, H, P, D) of mixed lengths (MIXED_FRACTIONS of P, 0 = none)
@@ -47,7 +50,8 @@ OP = "prefix_attention"
 LENGTHS = [512, 2048, 8192]
 PREFIXES = [16, 64, 256]
 BATCH, HEADS, HEAD_DIM = 8, 32, 128
-PROVIDERS = ["floor", "sdpa_causal", "ptlm", "ptlm_ptr", "ptlm_split", "ptlm_mixed", "sdpa_preconcat", "sdpa_concat"]
+PROVIDERS = ["floor", "sdpa_causal", "ptlm", "ptlm_ptr", "ptlm_tma", "ptlm_split", "ptlm_mixed", "sdpa_preconcat",
+             "sdpa_concat"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0, 1.0, 0.5, 0.25)    # row b's prefix length / P, cycled over rows
 
@@ -55,7 +59,7 @@ SMOKE = dict(lengths=[16, 40], prefixes=[4], batch=2, heads=2, head_dim=16)
 
 TABLE = harness.table_spec(keys=["B", "H", "D", "L", "P"], values=["ms", "tflops"],
                            ratios=[("ptlm", "sdpa_causal", "ms"), ("ptlm", "ptlm_ptr", "ms"),
-                                   ("ptlm_split", "sdpa_causal", "ms"),
+                                   ("ptlm", "ptlm_tma", "ms"), ("ptlm_split", "sdpa_causal", "ms"),
                                    ("ptlm", "ptlm_split", "ms"), ("ptlm_mixed", "ptlm", "ms"),
                                    ("ptlm", "sdpa_preconcat", "ms"), ("ptlm", "sdpa_concat", "ms"),
                                    ("ptlm", "floor", "ms")])
@@ -127,13 +131,13 @@ def _forward(provider: str, s: AttentionSet, lengths: torch.Tensor):
     L, P = s.q.shape[2], s.prefix_k.shape[2]
     if provider == "sdpa_causal":
         return (lambda: F.scaled_dot_product_attention(s.q, s.k, s.v, is_causal=True)), [s.q, s.k, s.v]
-    if provider in ("ptlm", "ptlm_ptr", "ptlm_split", "ptlm_mixed"):
+    if provider in ("ptlm", "ptlm_ptr", "ptlm_tma", "ptlm_split", "ptlm_mixed"):
         from ptlm_engine.functional import prefix_attention
         from ptlm_engine.ops.prefix_attention import prefix_attention_op
         if s.q.is_cuda and ptlm_backend(s.q) != "triton":
             raise RuntimeError("ptlm would run its PyTorch reference on CUDA, not the Triton kernels: is the "
                                "package installed (ptlm_engine.kernels importable) and PTLM_BACKEND unset?")
-        if provider in ("ptlm", "ptlm_ptr"):
+        if provider in ("ptlm", "ptlm_ptr", "ptlm_tma"):
             return (lambda: prefix_attention(s.q, s.k, s.v, *_shared(s))), [s.q, s.k, s.v, s.prefix_k, s.prefix_v]
         if provider == "ptlm_split":
             return ((lambda: prefix_attention_op(s.q, s.k, s.v, *_shared(s), None, True, None, None, dq_mode="split")),
@@ -156,13 +160,13 @@ def _forward(provider: str, s: AttentionSet, lengths: torch.Tensor):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[AttentionSet]):
-    if provider == "ptlm_split" and mode == "fwd":  # the same forward as ptlm
+    if provider in ("ptlm_split", "ptlm_tma") and mode == "fwd":  # the same forward as ptlm
         return None
     lengths = mixed_lengths(shape, sets[0].q.device)
     calls = harness.mode_calls([(*_forward(provider, s, lengths), s.do) for s in sets], mode)
-    if provider == "ptlm_ptr":  # the same kernels with their TMA descriptors switched off, forward and backward
+    if provider in ("ptlm_ptr", "ptlm_tma"):  # the same kernels with TMA off, or on in the backward too
         from ptlm_engine.kernels import prefix_attention as kernels
-        return [harness.with_setting(kernels, "TMA", False, call) for call in calls]
+        return [harness.with_setting(kernels, "TMA", provider == "ptlm_tma", call) for call in calls]
     return calls
 
 

@@ -185,17 +185,19 @@ def case_prefix():
 
 
 def case_bottleneck():
-    """kernels.bottleneck(_multi) at bench.bottleneck's d = 768, m = 64, T = 16384 (one adapter and 32)."""
-    h = _t(16384, 768, grad=True)
-    wd, bd, wu, bu = _t(64, 768, grad=True), _t(64, grad=True), _t(768, 64, grad=True), _t(768, grad=True)
-    _backward(functional.bottleneck_adapter(h, wd, bd, wu, bu, "relu"), h, wd, bd, wu, bu)
-    slots = functional.BottleneckSlots(*(_t(32, *s, grad=True) for s in ((64, 768), (64,), (768, 64), (768,))),
-                                       sizes=_t(32, dtype=torch.int32), scales=_t(32, dtype=torch.float32),
-                                       acts=_t(32, dtype=torch.int32))
-    for T in (16, 16384):
-        x, index = _t(T, 768, grad=True), _t(T, dtype=torch.int32)
-        out = functional.bottleneck_adapter_multi(x, slots, index)
-        _backward(out, x, *slots[:4])
+    """kernels.bottleneck(_multi) at bench.bottleneck's T = 16384 (one adapter and 32): d = 768, m = 64 and
+    d = 4096, m = 256 (the wide backward)."""
+    for d, m in ((768, 64), (4096, 256)):
+        h = _t(16384, d, grad=True)
+        wd, bd, wu, bu = _t(m, d, grad=True), _t(m, grad=True), _t(d, m, grad=True), _t(d, grad=True)
+        _backward(functional.bottleneck_adapter(h, wd, bd, wu, bu, "relu"), h, wd, bd, wu, bu)
+        slots = functional.BottleneckSlots(*(_t(32, *s, grad=True) for s in ((m, d), (m,), (d, m), (d,))),
+                                           sizes=_t(32, dtype=torch.int32), scales=_t(32, dtype=torch.float32),
+                                           acts=_t(32, dtype=torch.int32))
+        for T in (16, 16384):
+            x, index = _t(T, d, grad=True), _t(T, dtype=torch.int32)
+            out = functional.bottleneck_adapter_multi(x, slots, index)
+            _backward(out, x, *slots[:4])
 
 
 def case_base_ops():

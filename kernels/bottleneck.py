@@ -20,7 +20,11 @@ Backward, two kernels (g = s dy is never materialised):
          chunk order (deterministic) and writes the gradients in the weights' dtypes. No reduction or cast
          launches follow (2026-11-26 they were 8 of the backward's 11 launches, 29 of its 155 us at d = 768).
 dy is read twice (once per kernel), h once, dh written once; a and dz (m wide) are re-read per column block,
-mostly from L2.
+mostly from L2. Wide bottlenecks (width tile >= WIDE_M_PAD = 128) split the grads kernel in two, since two
+(BLOCK_D, m) fp32 tiles beside dh's left only 32-column blocks:
+- weight grads: a program owns a (BLOCK_D, BLOCK_M) tile of dWu and dWd^T over one chunk of rows (its m tiles
+         side by side, so dy and h come from HBM once), chunks summed as above;
+- input grad:  dh = [dy +] dz Wd, the forward's pass 2 (rows_expand) with dz for a and Wd^T for Wu.
 
 Floor (H100: 3.0 TB/s copy, 790 TFLOP/s bf16; b bytes per element; [..] only with a residual):
   fwd      bytes = b (2 T d [+ T d] + 2 m d)      flops = 4 T d m
@@ -38,7 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_configs import grads_configs, prune_grads, prune_rows, rows_configs, split_limit
+from .bottleneck_configs import (MAX_SPLIT, grads_configs, prune_grads, prune_rows, prune_wide_grads, rows_configs,
+                                 split_limit, wide_grads_configs)
 from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora import _dot
 from .split_state import arrive_last, split_state
@@ -46,6 +51,11 @@ from .split_state import arrive_last, split_state
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 256           # the fused kernels hold a row block's whole bottleneck in registers
 MIN_WIDTH_TILE = 16       # tl.dot needs 16 along every dimension
+# Width tiles from here on take the wide backward: the weight gradients in (d, m) tiles without dh, dh its own
+# kernel. The narrow kernel holds the whole width twice per column block beside its dh tile: at m = 256 the
+# tuner could only fit 32-column blocks, re-reading a and dz 128 times at d = 4096 (H100, 2026-11-27, T = 16384,
+# bf16: 2.51 ms, the whole fwd+bwd 3.1x eager PyTorch's).
+WIDE_M_PAD = 128
 
 # Activation codes, as in BottleneckSlots.acts (jit code may read only constexpr globals).
 RELU = tl.constexpr(0)
@@ -87,6 +97,14 @@ def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
     T, D = h.shape
     y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
     return y, torch.empty((T, width), device=h.device, dtype=h.dtype) if save_z else None
+
+
+def wide_chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
+    """Rows per chunk of the wide gradient kernel: one wave of 128 x 128 tiles, one program per SM, the fp32
+    partials of all chunks at most the bytes of dy's and h's rows they sum (chunks * m_pad * 4 <= T)."""
+    tiles = cdiv(D, 128) * cdiv(m_pad, 128)
+    chunks = min(MAX_SPLIT, max(1, target_programs(device, per_sm=1) // tiles), max(1, T // (4 * m_pad)))
+    return cdiv(T, chunks)
 
 
 def chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
@@ -187,19 +205,33 @@ def adapter_forward(
                  mask=rows[:, None] & mask_m[None, :] & (d_lo == 0))
     a = _activate(z, act).to(wu_ptr.dtype.element_ty)  # zero beyond width: act(0) = 0 for every act
     # pass 2: y = base + s (a Wu^T + bu), this program's columns
+    rows_expand(a, wu_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
+                stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum, stride_bud,
+                True, HAS_BU, FP32_DOT, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def rows_expand(a, w_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
+                stride_bt, stride_bd, stride_yt, stride_yd, stride_wd, stride_wm, stride_bud,
+                HAS_BASE: tl.constexpr, HAS_BU: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """y = [base +] s (a W^T [+ bu]) on the rows `rows` of token block `tok`, columns [d_lo, d_hi) in BLOCK_D
+    chunks, each written once: a (BLOCK_T, M_PAD) on chip, W[d, m] at w_ptr + d stride_wd + m stride_wm."""
     for d0 in range(d_lo, d_hi, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d_hi
-        wu = tl.load(wu_ptr + offs_d[None, :] * stride_wud + offs_m[:, None] * stride_wum,
-                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)                         # (M_PAD, BLOCK_D)
-        out = _dot(a, wu, tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32), FP32_DOT)
+        w = tl.load(w_ptr + offs_d[None, :] * stride_wd + offs_m[:, None] * stride_wm,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)                          # (M_PAD, BLOCK_D)
+        out = _dot(a, w, tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32), FP32_DOT)
         if HAS_BU:
             out += tl.load(bu_ptr + offs_d * stride_bud, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        out = scale * out
         mask = rows[:, None] & mask_d[None, :]
-        base = tl.load(base_ptr + tok[:, None] * stride_bt + offs_d[None, :] * stride_bd, mask=mask, other=0.0,
-                       eviction_policy="evict_first")
-        tl.store(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd,
-                 (base.to(tl.float32) + scale * out).to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BASE:
+            out += tl.load(base_ptr + tok[:, None] * stride_bt + offs_d[None, :] * stride_bd, mask=mask, other=0.0,
+                           eviction_policy="evict_first").to(tl.float32)
+        tl.store(y_ptr + tok[:, None] * stride_yt + offs_d[None, :] * stride_yd, out.to(y_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -223,15 +255,16 @@ def adapter_rows_backward(
 
 @triton.jit
 def grad_sums(
-    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, order_ptr, start, end, offs_d, width, D,
+    dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, order_ptr, start, end, offs_d, m_lo, width, D,
     stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
     stride_dht, stride_dhd,
     HAS_ORDER: tl.constexpr, ADD_DY: tl.constexpr, NEED_DH: tl.constexpr, FP32_DOT: tl.constexpr,
     M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Over rows start..end (positions in `order` when HAS_ORDER) on columns offs_d: stores dh = [dy +] dz Wd
-    and returns the fp32 sums dy^T a (BLOCK_D, M_PAD), dz^T h (M_PAD, BLOCK_D), sum dy, sum dz."""
-    offs_m = tl.arange(0, M_PAD)
+    """Over rows start..end (positions in `order` when HAS_ORDER) on columns offs_d and bottleneck columns
+    m_lo + [0, M_PAD): stores dh = [dy +] dz Wd (NEED_DH: only where the tile spans the whole width, m_lo = 0) and
+    returns the fp32 sums dy^T a (BLOCK_D, M_PAD), dz^T h (M_PAD, BLOCK_D), sum dy, sum dz."""
+    offs_m = m_lo + tl.arange(0, M_PAD)
     mask_m = offs_m < width
     mask_d = offs_d < D
     wd = tl.load(wd_ptr + offs_m[:, None] * stride_wdm + offs_d[None, :] * stride_wdd,
@@ -348,15 +381,50 @@ _rows_backward = TunedLauncher(triton.autotune(
 
 @triton.jit
 def _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m, mask_m, D, M,
-                 with_bd):
-    """Column block offs_d of dWu (D, M), dWd (M, D), dbu (D,) and, with with_bd, dbd (M,): contiguous, in the
-    pointers' dtypes."""
+                 with_bu, with_bd):
+    """Tile (offs_d, offs_m) of dWu (D, M) and dWd (M, D), with with_bu dbu's offs_d (D,) and with with_bd dbd's
+    offs_m (M,): contiguous, in the pointers' dtypes."""
     tl.store(dwu_ptr + offs_d[:, None] * M + offs_m[None, :], d_wu.to(dwu_ptr.dtype.element_ty),
              mask=mask_d[:, None] & mask_m[None, :])
     tl.store(dwd_ptr + offs_m[:, None] * D + offs_d[None, :], d_wd.to(dwd_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    tl.store(dbu_ptr + offs_d, d_bu.to(dbu_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dbu_ptr + offs_d, d_bu.to(dbu_ptr.dtype.element_ty), mask=mask_d & with_bu)
     tl.store(dbd_ptr + offs_m, d_bd.to(dbd_ptr.dtype.element_ty), mask=mask_m & with_bd)
+
+
+@triton.jit
+def _finish_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr, chunk, CHUNKS,
+                  tile, offs_d, offs_m, D, M, with_bu, with_bd):
+    """A chunk's sums over one gradient tile: stored as the gradients (one chunk), else as this chunk's partials
+    in the workspace, per chunk [dWu (D, M) | dWd (M, D) | dbu (D) | dbd (M)]; the last chunk of the tile to
+    arrive (counter `tile`) adds them up in chunk order, whichever it is (deterministic), and stores the sums."""
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    if CHUNKS == 1:
+        _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m, mask_m,
+                     D, M, with_bu, with_bd)
+    else:
+        per_chunk = 2 * D * M + D + M
+        part = part_ptr + chunk * per_chunk
+        _store_grads(d_wu, d_wd, d_bu, d_bd, part, part + D * M, part + 2 * D * M, part + 2 * D * M + D,
+                     offs_d, mask_d, offs_m, mask_m, D, M, with_bu, with_bd)
+        if arrive_last(count_ptr, tile, CHUNKS):
+            tl.atomic_xchg(count_ptr + tile, 0)
+            d_wu = tl.zeros_like(d_wu)
+            d_wd = tl.zeros_like(d_wd)
+            d_bu = tl.zeros_like(d_bu)
+            d_bd = tl.zeros_like(d_bd)
+            for c in range(CHUNKS):
+                part = part_ptr + c * per_chunk
+                d_wu += tl.load(part + offs_d[:, None] * M + offs_m[None, :], mask=mask_d[:, None] & mask_m[None, :],
+                                other=0.0, cache_modifier=".cg")
+                d_wd += tl.load(part + D * M + offs_m[:, None] * D + offs_d[None, :],
+                                mask=mask_m[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+                d_bu += tl.load(part + 2 * D * M + offs_d, mask=mask_d & with_bu, other=0.0, cache_modifier=".cg")
+                d_bd += tl.load(part + 2 * D * M + D + offs_m, mask=mask_m & with_bd, other=0.0,
+                                cache_modifier=".cg")
+            _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m,
+                         mask_m, D, M, with_bu, with_bd)
 
 
 @triton.jit
@@ -369,52 +437,81 @@ def _grads_kernel(
     ADD_DY: tl.constexpr, NEED_DH: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """Narrow bottlenecks: a program owns BLOCK_D columns over the whole width, dh on its tile included."""
     num_d = tl.cdiv(D, BLOCK_D)
     pid_d = tl.program_id(0) % num_d       # column blocks of one chunk run side by side: its a, dz stay in L2
     chunk = tl.program_id(0) // num_d
     start = chunk * CHUNK
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_wu, d_wd, d_bu, d_bd = grad_sums(
-        dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dh_ptr, start, tl.minimum(T, start + CHUNK), offs_d, M, D,
+        dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr, dh_ptr, dh_ptr, start, tl.minimum(T, start + CHUNK), offs_d, 0, M, D,
         stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm, stride_wdd,
         stride_dht, stride_dhd,
         False, ADD_DY, NEED_DH, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
-    d_wu *= scale
-    d_bu *= scale
+    _finish_grads(scale * d_wu, d_wd, scale * d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
+                  chunk, CHUNKS, pid_d, offs_d, tl.arange(0, M_PAD), D, M, True, pid_d == 0)
+
+
+@triton.jit
+def _weight_grads_kernel(
+    dy_ptr, h_ptr, a_ptr, dz_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
+    T, D, M, T_BUCKET, CHUNK, CHUNKS,
+    stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am,
+    scale,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Wide bottlenecks (WIDE_M_PAD and up): a program owns a (BLOCK_D, BLOCK_M) tile of the weight gradients, no
+    dh (_input_grad_kernel's). The m tiles of a column block run side by side, their dy and h rows read once from
+    HBM; a chunk's tiles run side by side, its a, dz rows in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid_m = tl.program_id(0) % num_m
+    pid_d = (tl.program_id(0) // num_m) % num_d
+    chunk = tl.program_id(0) // (num_m * num_d)
+    start = chunk * CHUNK
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_wu, d_wd, d_bu, d_bd = grad_sums(
+        dy_ptr, h_ptr, a_ptr, dz_ptr, dy_ptr, dy_ptr, dy_ptr, start, tl.minimum(T, start + CHUNK), offs_d,
+        pid_m * BLOCK_M, M, D,
+        stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, 0, 0, 0, 0,
+        False, False, False, FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)
+    _finish_grads(scale * d_wu, d_wd, scale * d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
+                  chunk, CHUNKS, pid_d * num_m + pid_m, offs_d, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), D, M,
+                  pid_m == 0, pid_d == 0)
+
+
+@triton.jit
+def _input_grad_kernel(
+    dy_ptr, dz_ptr, wd_ptr, dh_ptr,
+    T, D, M, T_BUCKET,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wdm, stride_wdd, stride_dht, stride_dhd,
+    ADD_DY: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Wide bottlenecks: dh = [dy +] dz Wd on a row block's columns [d_lo, d_hi), the forward's pass 2 with dz
+    for a and Wd^T for Wu."""
+    block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
+    tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tok < T
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
-    mask_d = offs_d < D
-    if CHUNKS == 1:
-        _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m, mask_m,
-                     D, M, pid_d == 0)
-    else:
-        # this chunk's partial sums in the workspace, per chunk [dWu (D, M) | dWd (M, D) | dbu (D) | dbd (M)]
-        per_chunk = 2 * D * M + D + M
-        part = part_ptr + chunk * per_chunk
-        _store_grads(d_wu, d_wd, d_bu, d_bd, part, part + D * M, part + 2 * D * M, part + 2 * D * M + D,
-                     offs_d, mask_d, offs_m, mask_m, D, M, pid_d == 0)
-        if arrive_last(count_ptr, pid_d, CHUNKS):
-            tl.atomic_xchg(count_ptr + pid_d, 0)
-            d_wu = tl.zeros((BLOCK_D, M_PAD), dtype=tl.float32)
-            d_wd = tl.zeros((M_PAD, BLOCK_D), dtype=tl.float32)
-            d_bu = tl.zeros((BLOCK_D,), dtype=tl.float32)
-            d_bd = tl.zeros((M_PAD,), dtype=tl.float32)
-            for c in range(CHUNKS):         # in chunk order, whichever program arrives last: deterministic
-                part = part_ptr + c * per_chunk
-                d_wu += tl.load(part + offs_d[:, None] * M + offs_m[None, :], mask=mask_d[:, None] & mask_m[None, :],
-                                other=0.0, cache_modifier=".cg")
-                d_wd += tl.load(part + D * M + offs_m[:, None] * D + offs_d[None, :],
-                                mask=mask_m[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
-                d_bu += tl.load(part + 2 * D * M + offs_d, mask=mask_d, other=0.0, cache_modifier=".cg")
-                d_bd += tl.load(part + 2 * D * M + D + offs_m, mask=mask_m & (pid_d == 0), other=0.0,
-                                cache_modifier=".cg")
-            _store_grads(d_wu, d_wd, d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, offs_d, mask_d, offs_m,
-                         mask_m, D, M, pid_d == 0)
+    dz = tl.load(dz_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=rows[:, None] & mask_m[None, :],
+                 other=0.0)                                                                     # (BLOCK_T, M_PAD)
+    rows_expand(dz, wd_ptr, dy_ptr, dh_ptr, dh_ptr, tok, rows, offs_m, mask_m, 1.0, d_lo, d_hi,
+                stride_dyt, stride_dyd, stride_dht, stride_dhd, stride_wdd, stride_wdm, 0,
+                ADD_DY, False, FP32_DOT, BLOCK_T, BLOCK_D)
 
 
 _grads = TunedLauncher(triton.autotune(
     grads_configs(), key=["T_BUCKET", "D", "M_PAD", "NEED_DH"], prune_configs_by={"early_config_prune": prune_grads},
     do_bench=tune_bench)(_grads_kernel))
+_weight_grads = TunedLauncher(triton.autotune(
+    wide_grads_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_wide_grads},
+    do_bench=tune_bench)(_weight_grads_kernel))
+_input_grad = TunedLauncher(triton.autotune(
+    rows_configs(), key=["T_BUCKET", "D", "M_PAD", "ADD_DY"], prune_configs_by={"early_config_prune": prune_rows},
+    do_bench=tune_bench)(_input_grad_kernel))
 
 
 def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down_weight: torch.Tensor,
@@ -447,12 +544,32 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
         float(scale),
         ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
     )
-    chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
+    wide = m_pad >= WIDE_M_PAD
+    chunk = rows_per_chunk or (wide_chunk_rows if wide else chunk_rows)(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk)
     d_wu, d_bu = up_weight.new_empty((D, M), dtype=up_dtype), up_weight.new_empty((D,), dtype=up_dtype)
     d_wd, d_bd = down_weight.new_empty((M, D), dtype=down_dtype), down_weight.new_empty((M,), dtype=down_dtype)
-    counters, part = (split_state(h.device, cdiv(D, 16), chunks * (2 * D * M + D + M)) if chunks > 1
-                      else (d_wu, d_wu))
+    counters, part = (split_state(h.device, cdiv(D, 16) * cdiv(m_pad, 16), chunks * (2 * D * M + D + M))
+                      if chunks > 1 else (d_wu, d_wu))
+    if wide:
+        grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * cdiv(M, meta["BLOCK_M"]) * chunks,)
+        _weight_grads.launch((t_bucket(T), D, m_pad, dy.dtype), grid,
+            dy, h, a_dz[0], a_dz[1], d_wu, d_wd, d_bu, d_bd, part, counters,
+            T, D, M, t_bucket(T), chunk, chunks,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), a_dz.stride(1), a_dz.stride(2),
+            float(scale),
+            FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+        )
+        if need_dh:
+            grid = lambda meta: row_grid(T, D, meta, 1, h.device)
+            _input_grad.launch((t_bucket(T), D, m_pad, add_dy, dy.dtype), grid,
+                dy, a_dz[1], down_weight, dh,
+                T, D, M, t_bucket(T),
+                dy.stride(0), dy.stride(1), a_dz.stride(1), a_dz.stride(2), down_weight.stride(0),
+                down_weight.stride(1), dh.stride(0), dh.stride(1),
+                ADD_DY=add_dy, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+            )
+        return dh, d_wd, d_bd, d_wu, d_bu
     grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)
     _grads.launch((t_bucket(T), D, m_pad, need_dh, add_dy, dy.dtype), grid,
         dy, h, a_dz[0], a_dz[1], down_weight, dy if dh is None else dh, d_wu, d_wd, d_bu, d_bd, part, counters,

@@ -31,6 +31,15 @@ def grads_configs():
         (64, 32, 8, 3), (32, 32, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 2), (16, 64, 4, 4))]
 
 
+def wide_grads_configs():
+    """(BLOCK_D, BLOCK_M) tiles of the wide bottlenecks' weight gradients (no dh tile beside them) x one chunk."""
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_T=16, BLOCK_D=32, BLOCK_M=64)]
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd, BLOCK_M=bm) for bt, bd, bm, w, s in (
+        (32, 128, 128, 8, 4), (64, 128, 128, 8, 2), (64, 64, 128, 4, 3), (64, 128, 64, 4, 3), (32, 64, 256, 8, 3),
+        (64, 64, 128, 8, 3))]
+
+
 def multi_rows_configs():
     """The row kernels' tiles for the multi-adapter kernels, fewer: each compiles one copy of the adapter per
     width tile up to the widest slot's (up to five), so every config costs several times the compile time."""
@@ -61,6 +70,17 @@ def prune_rows(configs, named_args, **kwargs):
     t, m_pad = args["T_BUCKET"], args["M_PAD"]
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t)
             and _fits(c, c.kwargs["BLOCK_T"] * m_pad, (c.kwargs["BLOCK_T"] + m_pad) * c.kwargs["BLOCK_D"])]
+    return kept or configs[-1:]
+
+
+def prune_wide_grads(configs, named_args, **kwargs):
+    """Tiles within the width, two fp32 gradient tiles in up to 128 registers a thread (nothing else stays on
+    chip: no dh tile, no Wd), dy, h, a, dz staged; no row tile far larger than T."""
+    args = {**named_args, **kwargs}
+    t, m_pad = args["T_BUCKET"], args["M_PAD"]
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t) and c.kwargs["BLOCK_M"] <= m_pad
+            and 2 * c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_M"] <= 128 * 32 * c.num_warps
+            and _fits(c, 0, 2 * c.kwargs["BLOCK_T"] * (c.kwargs["BLOCK_D"] + c.kwargs["BLOCK_M"]))]
     return kept or configs[-1:]
 
 

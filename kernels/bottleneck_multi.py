@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, column_shares, forward_outputs,
-                         grad_sums, row_block_and_columns, row_grid, share_columns, width_tile)
-from .bottleneck_configs import grads_configs, multi_rows_configs, prune_grads, prune_rows
+from .bottleneck import (WIDE_M_PAD, adapter_forward, adapter_rows_backward, chunk_rows, column_shares,
+                         forward_outputs, grad_sums, row_block_and_columns, row_grid, rows_expand, share_columns,
+                         wide_chunk_rows, width_tile)
+from .bottleneck_configs import (grads_configs, multi_rows_configs, prune_grads, prune_rows, prune_wide_grads,
+                                 wide_grads_configs)
 from .configs import DECODE_MAX_T, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora_multi import token_segments  # noqa: F401
 
@@ -359,7 +361,7 @@ def _multi_grads_kernel(
                     if _runs_at_tile(width, c):
                         d_wu, d_wd, d_bu, d_bd = grad_sums(
                             dy_ptr, h_ptr, a_ptr, dz_ptr, wd_ptr + s64 * stride_wds, dh_ptr, order_ptr, start, end,
-                            offs_d, width, D,
+                            offs_d, 0, width, D,
                             stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, stride_wdm,
                             stride_wdd, stride_dht, stride_dhd,
                             True, ADD_DY, NEED_DH, FP32_DOT, 1 << c, BLOCK_T, BLOCK_D)
@@ -375,6 +377,78 @@ def _multi_grads_kernel(
                         tl.atomic_add(dbd_ptr + s64 * M_MAX + offs_m, d_bd, mask=mask_m & (pid_d == 0))
 
 
+@triton.jit
+def _multi_weight_grads_kernel(
+    dy_ptr, h_ptr, a_ptr, dz_ptr, order_ptr, bounds_ptr, sizes_ptr, scales_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr,
+    T, D, S, M_MAX, T_BUCKET, CHUNK,
+    stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am,
+    FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Wide bottlenecks (kernels.bottleneck.WIDE_M_PAD): a program owns a (BLOCK_D, BLOCK_M) tile of one chunk's
+    slot's weight gradients (no dh: _multi_input_grad_kernel's), added into the slot's with fp32 atomics; tiles
+    past the slot's width exit."""
+    num_m = tl.cdiv(M_MAX, BLOCK_M)
+    num_d = tl.cdiv(D, BLOCK_D)
+    pid_m = tl.program_id(0) % num_m
+    pid_d = (tl.program_id(0) // num_m) % num_d
+    seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0) // (num_m * num_d), CHUNK, S_PAD)
+    a_slot = tl.maximum(seg - 1, 0)
+    width = tl.where(seg > 0, tl.minimum(tl.load(sizes_ptr + a_slot), M_MAX), 0)
+    m_lo = pid_m * BLOCK_M
+    if (start < end) & (m_lo < width):
+        offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_wu, d_wd, d_bu, d_bd = grad_sums(
+            dy_ptr, h_ptr, a_ptr, dz_ptr, dy_ptr, dy_ptr, order_ptr, start, end, offs_d, m_lo, width, D,
+            stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, 0, 0, 0, 0,
+            True, False, False, FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)
+        scale = tl.load(scales_ptr + a_slot)
+        s64 = a_slot.to(tl.int64)
+        offs_m = m_lo + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < width
+        mask_d = offs_d < D
+        # into slot a's gradients, contiguous (S, D, M_MAX), (S, M_MAX, D), (S, D), (S, M_MAX)
+        tl.atomic_add(dwu_ptr + s64 * D * M_MAX + offs_d[:, None] * M_MAX + offs_m[None, :], scale * d_wu,
+                      mask=mask_d[:, None] & mask_m[None, :])
+        tl.atomic_add(dwd_ptr + s64 * M_MAX * D + offs_m[:, None] * D + offs_d[None, :], d_wd,
+                      mask=mask_m[:, None] & mask_d[None, :])
+        tl.atomic_add(dbu_ptr + s64 * D + offs_d, scale * d_bu, mask=mask_d & (pid_m == 0))
+        tl.atomic_add(dbd_ptr + s64 * M_MAX + offs_m, d_bd, mask=mask_m & (pid_d == 0))
+
+
+@triton.jit
+def _multi_input_grad_kernel(
+    dy_ptr, dz_ptr, wd_ptr, dh_ptr, order_ptr, bounds_ptr, sizes_ptr,
+    T, D, S, M_MAX, T_BUCKET,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wds, stride_wdm, stride_wdd, stride_dht, stride_dhd,
+    ADD_DY: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Wide bottlenecks: dh = [dy +] dz Wd_a over blocks of one slot's rows (axis 0, segment_chunk) and column
+    shares (axis 1); rows with no adapter (or an empty slot) get dy or 0."""
+    seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
+    if start < end:
+        d_lo, d_hi = share_columns(tl.program_id(1), tl.num_programs(1), D, BLOCK_D)
+        pos = start + tl.arange(0, BLOCK_T)
+        rows = pos < end
+        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
+        a_slot = tl.maximum(seg - 1, 0)
+        width = tl.where(seg > 0, tl.minimum(tl.load(sizes_ptr + a_slot), M_MAX), 0)
+        offs_m = tl.arange(0, M_PAD)
+        mask_m = offs_m < width
+        dz = tl.load(dz_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm,
+                     mask=rows[:, None] & mask_m[None, :], other=0.0)                            # (BLOCK_T, M_PAD)
+        rows_expand(dz, wd_ptr + a_slot.to(tl.int64) * stride_wds, dy_ptr, dh_ptr, dh_ptr, tok, rows, offs_m, mask_m,
+                    1.0, d_lo, d_hi, stride_dyt, stride_dyd, stride_dht, stride_dhd, stride_wdd, stride_wdm, 0,
+                    ADD_DY, False, FP32_DOT, BLOCK_T, BLOCK_D)
+
+
+_multi_weight_grads = TunedLauncher(triton.autotune(
+    wide_grads_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_wide_grads},
+    reset_to_zero=["dwu_ptr", "dwd_ptr", "dbu_ptr", "dbd_ptr"], do_bench=tune_bench)(_multi_weight_grads_kernel))
+_multi_input_grad = TunedLauncher(triton.autotune(
+    multi_rows_configs(), key=["T_BUCKET", "D", "M_PAD", "S_PAD", "ADD_DY"],
+    prune_configs_by={"early_config_prune": prune_rows}, do_bench=tune_bench)(_multi_input_grad_kernel))
 _multi_grads = TunedLauncher(triton.autotune(
     grads_configs(), key=["T_BUCKET", "D", "M_PAD", "NEED_DH"], prune_configs_by={"early_config_prune": prune_grads},
     reset_to_zero=["dwu_ptr", "dwd_ptr", "dbu_ptr", "dbd_ptr"], do_bench=tune_bench)(_multi_grads_kernel))
@@ -418,6 +492,26 @@ def bottleneck_multi_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor
         _multi_rows_backward.launch((t_bucket(T), D, m_pad, dy.dtype, up_weight.dtype), grid,
             *operands, adapter_index, sizes, scales, acts, T, D, m_max, t_bucket(T), *strides,
             FP32_DOT=fp32_dot, M_PAD=m_pad)
+    if m_pad >= WIDE_M_PAD:
+        chunk = rows_per_chunk or wide_chunk_rows(T, D, m_pad, h.device)
+        chunks = cdiv(T, chunk) + S + 1   # each segment adds at most one partial chunk
+        grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * cdiv(m_max, meta["BLOCK_M"]) * chunks,)
+        _multi_weight_grads.launch((t_bucket(T), D, m_pad, dy.dtype), grid,
+            dy, h, a_dz[0], a_dz[1], order, bounds, sizes, scales, d_wu, d_wd, d_bu, d_bd,
+            T, D, S, m_max, t_bucket(T), chunk,
+            dy.stride(0), dy.stride(1), h.stride(0), h.stride(1), a_dz.stride(1), a_dz.stride(2),
+            FP32_DOT=fp32_dot, M_PAD=m_pad, S_PAD=next_pow2(S + 1),
+        )
+        if need_dh:
+            grid = lambda meta: _segment_grid(T, D, S, meta, h.device)
+            _multi_input_grad.launch((t_bucket(T), D, m_pad, next_pow2(S + 1), add_dy, dy.dtype), grid,
+                dy, a_dz[1], down_weight, dh, order, bounds, sizes,
+                T, D, S, m_max, t_bucket(T),
+                dy.stride(0), dy.stride(1), a_dz.stride(1), a_dz.stride(2), *down_weight.stride(),
+                dh.stride(0), dh.stride(1),
+                ADD_DY=add_dy, FP32_DOT=fp32_dot, M_PAD=m_pad, S_PAD=next_pow2(S + 1),
+            )
+        return dh, d_wd, d_bd, d_wu, d_bu
     chunk = rows_per_chunk or chunk_rows(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk) + S + 1       # each segment adds at most one partial chunk
     grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * chunks,)

@@ -57,9 +57,11 @@ def _lora_embedding_fwd_kernel(
     slot = tl.load(index_ptr + rows, mask=pos_ok, other=-1).to(tl.int32)
     slotted = pos_ok & (slot >= 0)
     has = in_vocab & slotted
-    s = tl.where(has, slot, 0).to(tl.int64)
-    rank = tl.load(ranks_ptr + s, mask=has, other=0)
-    scale = tl.load(scales_ptr + s, mask=has, other=0.0)
+    # `has` as a select condition or load mask here failed Triton 3.6's sm_90 layout pass (the mask's layout
+    # differed from the pointers'); `live` below masks the rows without it
+    s = tl.maximum(slot, 0).to(tl.int64)
+    rank = tl.load(ranks_ptr + s, mask=slotted, other=0)
+    scale = tl.load(scales_ptr + s, mask=slotted, other=0.0)
 
     # xa (BLOCK_T, R_PAD): each token's A column, gathered once
     kk = tl.arange(0, R_PAD)

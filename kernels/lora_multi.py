@@ -39,7 +39,9 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
 # adapters, CUDA graph): the pointer tile ran its GEMM at ~65% of cuBLAS; the TMA base GEMM (716 TFLOP/s) with
 # a separate expand pass over y was level with it at T = 1024, 2% faster at 4096 (the pass spent the gain).
-TMA_MIN_T = 512
+# 2026-11-27 (same shapes, programmatic launches off): the TMA tile over the sorted copy 0.0818 ms at T = 1024
+# against the pointer tile's 0.0785, so it starts above 1024 (the rule the 2026-11-26 prediction set).
+TMA_MIN_T = 1024
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB

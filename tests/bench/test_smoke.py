@@ -126,7 +126,7 @@ def test_gpu_suite_smoke_files_and_summary(tmp_path, capsys):
     assert "tuned.json" in files
     # the kernel phases' ptlm rows say where each call's time went (on the CPU: its ops' CPU time)
     for r in rows:
-        profiled = (r["op"] in (bottleneck.OP, prefix_attention.OP) and r["provider"].startswith("ptlm")
+        profiled = (r["op"] in (bottleneck.OP, prefix_attention.OP, lora_multi.OP) and r["provider"].startswith("ptlm")
                     and r["timing"] == "plain" and r["ms"])
         assert bool(r.get("kernels")) == bool(profiled), r
     assert "Generation tok/s" in summary and "ptlm_mixed/ptlm_sequential" in summary
@@ -240,6 +240,10 @@ def test_model_generate_smoke_loops_and_checks(tmp_path):
     mixed = by["ptlm_mixed", "eager"]
     assert mixed["mismatch_vs_alone"] == 0 and mixed["differ_from_base"] > 0 and mixed["checked_tokens"] == 8
     assert by["ptlm_mixed", "static"]["mismatch_vs_eager"] == 0
+    # first-step logits: the mixed row as the row alone (float32), far below the adapters' effect; no flipped token
+    assert 0 <= mixed["logit_diff_vs_alone"] < 1e-3 * mixed["logit_diff_alone_vs_base"] and mixed["flip_margin"] is None
+    assert not any(k in r for r in results.rows if r is not mixed for k in model_generate.LOGIT_CHECKS)
+    assert "logit diff alone vs base" in "\n".join(results.notes)
     assert "ptlm_mixed/base" in "\n".join(results.notes)
     assert 0 < mixed["bytes_bound"] < by["ptlm_one", "eager"]["bytes_bound"] < by["base", "eager"]["bytes_bound"] == 1
     assert "at one rate ptlm_mixed/base <=" in "\n".join(results.notes)
@@ -270,8 +274,8 @@ def test_model_multi_train_smoke(tmp_path):
 def test_prefix_attention_smoke_and_floor(tmp_path):
     from bench import prefix_attention as pa
     rows = pa.main(["--smoke", "--out", str(tmp_path), "--lengths", "16", *FAST]).rows
-    # 1 shape x 2 modes x 8 providers (ptlm_split: fwd+bwd only), each with a positive time and the same floor
-    assert len(rows) == 15 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
+    # 1 shape x 2 modes x 9 providers (ptlm_split, ptlm_tma: fwd+bwd only), each with a positive time
+    assert len(rows) == 16 and {r["provider"] for r in rows} == set(pa.PROVIDERS)
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows), rows
     assert "ptlm_mixed/ptlm  <= 1.05" in (tmp_path / "prefix_attention.md").read_text()
     shape = {"B": 8, "H": 32, "D": 128, "L": 8192, "P": 16}

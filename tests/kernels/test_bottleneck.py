@@ -80,6 +80,18 @@ def test_kernels_strided_inputs_and_no_biases():
     _check_case(21, 40, 9, "gelu", torch.float32, residual=True, biases=False, strided=True)
 
 
+@pytest.mark.parametrize("T,d,m,act,dtype,residual,biases,strided,rows_per_chunk", [
+    (37, 72, 200, "gelu", torch.float32, False, True, False, 16),     # 4 m tiles of 64, the last ragged; 3 chunks
+    (21, 40, 128, "silu", torch.float16, True, False, False, None),
+    (19, 33, 100, "relu", torch.float32, False, True, True, 8),
+])
+def test_wide_backward(T, d, m, act, dtype, residual, biases, strided, rows_per_chunk):
+    """Widths from WIDE_M_PAD on: the weight gradients in (d, m) tiles, dh its own kernel."""
+    assert K.width_tile(m) >= K.WIDE_M_PAD
+    torch.manual_seed(T + m)
+    _check_case(T, d, m, act, dtype, residual, biases, strided, rows_per_chunk)
+
+
 def test_backward_without_dh_and_empty_token_dimension():
     torch.manual_seed(4)
     h, wd, wu = rand(11, 24, dtype=torch.float32), rand(6, 24, dtype=torch.float32), rand(24, 6, dtype=torch.float32)
@@ -93,13 +105,14 @@ def test_backward_without_dh_and_empty_token_dimension():
     assert dh.shape == (0, 24) and not d_wd.any() and d_bd.shape == (6,) and not d_wu.any() and d_bu.shape == (24,)
 
 
-def test_chunked_weight_gradients_are_deterministic_and_leave_the_counters_zero():
-    """The last chunk of each column block sums every chunk's partials in chunk order: a second launch gives the
+@pytest.mark.parametrize("m", [12, 130], ids=["narrow", "wide"])
+def test_chunked_weight_gradients_are_deterministic_and_leave_the_counters_zero(m):
+    """The last chunk of each gradient tile sums every chunk's partials in chunk order: a second launch gives the
     same bits, and the arrival counters are zero again after each (as a CUDA graph replay needs)."""
     from ptlm_engine.kernels.split_state import split_state
     torch.manual_seed(6)
     h, dy = rand(45, 80, dtype=torch.float32), rand(45, 80, dtype=torch.float32)
-    wd, wu = rand(12, 80, dtype=torch.float32, scale=0.1), rand(80, 12, dtype=torch.float32, scale=0.3)
+    wd, wu = rand(m, 80, dtype=torch.float32, scale=0.1), rand(80, m, dtype=torch.float32, scale=0.3)
     _, z = K.bottleneck_forward(h, wd, None, wu, None, 1.3, 2)
     first = K.bottleneck_backward(dy, h, z, wd, wu, 1.3, 2, True, True, rows_per_chunk=8)   # 6 chunks
     assert not split_state(h.device, 1, 0)[0].any()

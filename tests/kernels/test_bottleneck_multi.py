@@ -141,6 +141,16 @@ def test_multi_kernels_wide_slot_and_decode_lanes():
     _check(6, 24, [3, 256, 7, 16, 9, 1], [0, 1, 2, 1, 0, 2], torch.float32, "each", True, False)
 
 
+@pytest.mark.parametrize("kind,residual,sorted_rows", [("random", False, True), ("one", True, False),
+                                                        ("each", True, True), ("none", False, False)])
+def test_multi_kernels_wide_backward(kind, residual, sorted_rows):
+    """A widest tile from WIDE_M_PAD on: the weight gradients in (d, m) tiles of each chunk's slot (tiles past a
+    narrow slot's width skip), dh its own kernel over blocks of one slot's rows. Widths 150 (3 tiles of 64 under
+    the interpreter, the last ragged), 64, 5 and an empty slot; T = 41 in chunks of 16 rows."""
+    torch.manual_seed(11)
+    _check(41, 40, [150, 64, 0, 5], [1, 2, 0, 0], torch.float32, kind, residual, sorted_rows, rows_per_chunk=16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T,sorted_rows", [(1, False), (64, False), (4096, True)])
