@@ -119,6 +119,21 @@ def segment_chunk(bounds_ptr, S, chunk, CHUNK, S_PAD: tl.constexpr):
 
 
 @triton.jit
+def segment_tokens(order_ptr, start, end, BLOCK_T: tl.constexpr):
+    """(tokens, live) of rows start..end of the slot-sorted order, BLOCK_T of them."""
+    pos = start + tl.arange(0, BLOCK_T)
+    rows = pos < end
+    return tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64), rows
+
+
+@triton.jit
+def segment_slot(seg, sizes_ptr, M_MAX):
+    """(slot, width) of segment seg: slot seg - 1 and its width; 0 and 0 for segment 0 (no adapter)."""
+    slot = tl.maximum(seg - 1, 0)
+    return slot, tl.where(seg > 0, tl.minimum(tl.load(sizes_ptr + slot), M_MAX), 0)
+
+
+@triton.jit
 def _segment_forward_kernel(
     h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, order_ptr, bounds_ptr, sizes_ptr, scales_ptr,
     acts_ptr,
@@ -133,9 +148,7 @@ def _segment_forward_kernel(
     seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
     if start < end:
         d_lo, d_hi = share_columns(tl.program_id(1), tl.num_programs(1), D, BLOCK_D)
-        pos = start + tl.arange(0, BLOCK_T)
-        rows = pos < end
-        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
+        tok, rows = segment_tokens(order_ptr, start, end, BLOCK_T)
         if seg > 0:
             _slot_forward(h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, sizes_ptr, scales_ptr,
                           acts_ptr, seg - 1, tok, rows, D, M_MAX, d_lo, d_hi,
@@ -273,9 +286,7 @@ def _segment_rows_backward_kernel(
 ):
     seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
     if (start < end) & (seg > 0):          # segment 0, the tokens with no adapter, has no row pass
-        pos = start + tl.arange(0, BLOCK_T)
-        rows = pos < end
-        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
+        tok, rows = segment_tokens(order_ptr, start, end, BLOCK_T)
         _slot_rows_backward(dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr, sizes_ptr, scales_ptr, acts_ptr, seg - 1, tok,
                             rows, D, M_MAX, stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wus, stride_wud,
                             stride_wum, stride_at, stride_am, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
@@ -347,8 +358,7 @@ def _multi_grads_kernel(
     seg, start, end = segment_chunk(bounds_ptr, S, chunk, CHUNK, S_PAD)
     if start < end:
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        a_slot = seg - 1
-        width = tl.where(a_slot >= 0, tl.minimum(tl.load(sizes_ptr + tl.maximum(a_slot, 0)), M_MAX), 0)
+        a_slot, width = segment_slot(seg, sizes_ptr, M_MAX)
         if width == 0:  # no adapter, or an empty slot
             if NEED_DH:
                 _dh_without_adapter(dy_ptr, dh_ptr, order_ptr, start, end, offs_d, D, stride_dyt, stride_dyd,
@@ -393,8 +403,7 @@ def _multi_weight_grads_kernel(
     pid_m = tl.program_id(0) % num_m
     pid_d = (tl.program_id(0) // num_m) % num_d
     seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0) // (num_m * num_d), CHUNK, S_PAD)
-    a_slot = tl.maximum(seg - 1, 0)
-    width = tl.where(seg > 0, tl.minimum(tl.load(sizes_ptr + a_slot), M_MAX), 0)
+    a_slot, width = segment_slot(seg, sizes_ptr, M_MAX)
     m_lo = pid_m * BLOCK_M
     if (start < end) & (m_lo < width):
         offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -429,11 +438,8 @@ def _multi_input_grad_kernel(
     seg, start, end = segment_chunk(bounds_ptr, S, tl.program_id(0), BLOCK_T, S_PAD)
     if start < end:
         d_lo, d_hi = share_columns(tl.program_id(1), tl.num_programs(1), D, BLOCK_D)
-        pos = start + tl.arange(0, BLOCK_T)
-        rows = pos < end
-        tok = tl.load(order_ptr + pos, mask=rows, other=0).to(tl.int64)
-        a_slot = tl.maximum(seg - 1, 0)
-        width = tl.where(seg > 0, tl.minimum(tl.load(sizes_ptr + a_slot), M_MAX), 0)
+        tok, rows = segment_tokens(order_ptr, start, end, BLOCK_T)
+        a_slot, width = segment_slot(seg, sizes_ptr, M_MAX)
         offs_m = tl.arange(0, M_PAD)
         mask_m = offs_m < width
         dz = tl.load(dz_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm,
