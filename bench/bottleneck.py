@@ -10,6 +10,9 @@ and biases with torch.autograd.grad against a random dy, so nothing accumulates 
   eager       h + s·F.linear(act(F.linear(h, Wd, bd)), Wu, bu) in plain PyTorch (one adapter)
   ptlm        ptlm_engine.functional.bottleneck_adapter (one adapter) or bottleneck_adapter_multi (mixed batch)
   ptlm_multi  bottleneck_adapter_multi with every token on slot 0 (one adapter): the multi kernels' own cost
+  ptlm_wide   fwd+bwd, one adapter: ptlm with the wide backward at every width (kernels.bottleneck.WIDE_M_PAD
+              lowered to 16: weight gradients and dh in separate kernels), beside ptlm's fused gradient kernel
+              below m = 128
   floor       not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b = bytes per element, A adapters used, Houlsby placement: no separate residual):
@@ -42,7 +45,7 @@ DIMS = [768, 4096]
 WIDTHS = [16, 64, 256]
 TOKENS = [1024, 4096, 16384]
 ADAPTERS = [1, 32]
-PROVIDERS = ["floor", "eager", "ptlm", "ptlm_multi"]
+PROVIDERS = ["floor", "eager", "ptlm", "ptlm_multi", "ptlm_wide"]
 MODES = ["fwd", "fwd+bwd"]
 SCALE = 2.0
 SEED = 0
@@ -51,7 +54,7 @@ SMOKE_DIMS, SMOKE_WIDTHS, SMOKE_TOKENS, SMOKE_ADAPTERS = [64], [8], [16, 64], [1
 
 KEYS = ["d", "m", "T", "adapters"]
 TABLE = harness.table_spec(keys=KEYS, ratios=[("ptlm", "eager", "ms"), ("ptlm", "floor", "ms"),
-                                              ("ptlm_multi", "ptlm", "ms")])
+                                              ("ptlm_multi", "ptlm", "ms"), ("ptlm_wide", "ptlm", "ms")])
 TARGET = 1.25  # ptlm / floor: at least 80% of the floor's bandwidth
 
 
@@ -106,13 +109,13 @@ def set_bytes(shape: dict, elem_bytes: int = 2) -> int:
 def _forward(provider: str, s: AdapterSet, act: str):
     """(forward of one set, the tensors whose gradients fwd+bwd takes)."""
     wd, bd, wu, bu = s.slots[:4]
-    if provider in ("ptlm", "ptlm_multi") and s.h.is_cuda and ptlm_backend(s.h) != "triton":
+    if provider.startswith("ptlm") and s.h.is_cuda and ptlm_backend(s.h) != "triton":
         raise RuntimeError("ptlm would run its PyTorch reference on CUDA, not the Triton kernels: is the "
                            "package installed (ptlm_engine.kernels importable) and PTLM_BACKEND unset?")
     if provider == "eager":
         fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act]
         return (lambda: s.h + SCALE * F.linear(fn(F.linear(s.h, wd[0], bd[0])), wu[0], bu[0])), [s.h, wd, bd, wu, bu]
-    if provider == "ptlm" and wd.shape[0] == 1:
+    if provider in ("ptlm", "ptlm_wide") and wd.shape[0] == 1:
         from ptlm_engine.functional import bottleneck_adapter
         return (lambda: bottleneck_adapter(s.h, wd[0], bd[0], wu[0], bu[0], act, SCALE)), [s.h, wd, bd, wu, bu]
     if provider in ("ptlm", "ptlm_multi"):
@@ -122,9 +125,15 @@ def _forward(provider: str, s: AdapterSet, act: str):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[AdapterSet], act: str):
-    if provider in ("eager", "ptlm_multi") and shape["adapters"] != 1:
+    if provider in ("eager", "ptlm_multi", "ptlm_wide") and shape["adapters"] != 1:
         return None
-    return harness.mode_calls([(*_forward(provider, s, act), s.dy) for s in sets], mode)
+    if provider == "ptlm_wide" and mode == "fwd":     # the same forward as ptlm
+        return None
+    calls = harness.mode_calls([(*_forward(provider, s, act), s.dy) for s in sets], mode)
+    if provider == "ptlm_wide":
+        from ptlm_engine.kernels import bottleneck as kernels
+        return [harness.with_setting(kernels, "WIDE_M_PAD", 16, call) for call in calls]
+    return calls
 
 
 def grid(dims, widths, tokens, adapters, providers, modes, device: torch.device, dtype: torch.dtype = torch.bfloat16,
