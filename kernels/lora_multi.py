@@ -22,6 +22,8 @@ new mapping in the same buffers.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -42,6 +44,11 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # 2026-11-27 (same shapes, programmatic launches off): the TMA tile over the sorted copy 0.0818 ms at T = 1024
 # against the pointer tile's 0.0785, so it starts above 1024 (the rule the 2026-11-26 prediction set).
 TMA_MIN_T = 1024
+# The decode matmul's expand (a given xa, forward) as one pipelined pass over the batch's slot span (dense_expand)
+# instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS slots. Off until the card has timed it
+# (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns it on); PTLM_MULTI_DENSE=1 / 0.
+DENSE_EXPAND = os.environ.get("PTLM_MULTI_DENSE", "0") == "1"
+DENSE_MAX_SLOTS = 64
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
@@ -362,6 +369,34 @@ def runs_expand(lora, slot, run, runs, first_round, round_step, offs_m, offs_n, 
 
 
 @triton.jit
+def dense_expand(lora, slot, first, step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, WIDTH,
+                 stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """lora += each row's xa B_a^T as one pass over the block's slot span [lo, hi] x WIDTH / BLOCK_R rank steps,
+    steps first, first + step, ... (split-K decode programs share them out): a step's B tile (BLOCK_R, BLOCK_N)
+    and xa tile (the step's slot's rows only) have addresses that depend on the step alone, so the loop pipelines
+    its loads, where runs_expand's rounds wait on each other; B is read only for slots some row uses. A slot
+    span of S steps costs S loop iterations: DENSE_MAX_SLOTS bounds the pool that takes it."""
+    used = slot >= 0
+    lo = tl.min(tl.where(used, slot, 2147483647), axis=0)
+    hi = tl.max(tl.where(used, slot, -1), axis=0)
+    steps = WIDTH // BLOCK_R
+    rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
+    offs_i = tl.arange(0, BLOCK_R)
+    for i in range(first, tl.maximum(hi - lo + 1, 0) * steps, step):
+        j = lo + i // steps
+        offs_r = (i % steps) * BLOCK_R + offs_i
+        mine = slot == j
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=mine[:, None] & (offs_r[None, :] < rank[:, None]), other=0.0)       # (BLOCK_M, BLOCK_R)
+        b = tl.load(b_ptr + j.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                    mask=(offs_r[:, None] < tl.load(ranks_ptr + j)) & mask_n[None, :]
+                    & (tl.max(mine.to(tl.int32), axis=0) > 0), other=0.0)                    # (BLOCK_R, BLOCK_N)
+        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
+    return lora
+
+
+@triton.jit
 def _multi_matmul_kernel(
     x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
     M, N, K, T_BUCKET,
@@ -493,7 +528,7 @@ def _multi_decode_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
     stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -505,7 +540,8 @@ def _multi_decode_kernel(
     term is linear in xa, so each split expands its own partial shrink over its K columns, x_k A_a,k^T (scaled,
     with X_DROPOUT's mask); column block 0 also leaves those partials for the last of its splits to sum into
     xa (M, WIDTH), which backward needs. Each program reads the rows' A over its K share from L2: at most
-    decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's."""
+    decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's. DENSE: the
+    forward's expand (given xa) as dense_expand's pass over the slot span instead of runs_expand's rounds."""
     pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -535,9 +571,13 @@ def _multi_decode_kernel(
     elif not OUT_DROPOUT:
         if WAIT_PRIOR:
             gdc_wait()
-        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
-                          BLOCK_N)
+        if DENSE:
+            acc = dense_expand(acc, slot, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, WIDTH,
+                               stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
+        else:
+            acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                              BLOCK_N)
     if SPLIT_K == 1:
         store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
     elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
@@ -597,7 +637,7 @@ def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts
 
 _multi_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT",
-                                 "HAS_BIAS"],
+                                 "HAS_BIAS", "DENSE"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
 
 
@@ -680,7 +720,9 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
     N = weight.shape[0]
     bucket = t_bucket(M)
     fuse = lora_A is not None
-    key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    dense = bool(DENSE_EXPAND) and not fuse and dropouts is None and lora_B.shape[0] <= DENSE_MAX_SLOTS
+    key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype,
+           lora_B.dtype) + (("dense",) if dense else ())     # the tuned choices' keys stay as they were
     width = xa.shape[1]
     part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y)
     a = lora_A if fuse else lora_B            # the unfused kernel reads no A, nor scales
@@ -693,7 +735,7 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, FUSE_SHRINK=fuse, X_DROPOUT=fuse and dropouts is not None,
         OUT_DROPOUT=not fuse and dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
+        DENSE=dense, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
     )
 
 

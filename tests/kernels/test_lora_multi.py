@@ -165,6 +165,35 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
 
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("kind", ["random", "one", "each", "none"])
+def test_multi_decode_dense_expand(kind, split, monkeypatch):
+    """The decode matmul's expand as one pass over the slot span (PTLM_MULTI_DENSE): mixed ranks up to 40 (three
+    rank steps), slots with no rows inside the span, -1 rows, K split 1 or 3 ways; tokens as they come and
+    slot-sorted. Pools over DENSE_MAX_SLOTS keep the runs."""
+    import triton
+    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+    meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
+    monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(M._multi_decode, "configs", {})
+    torch.manual_seed(12)
+    _check(13, 37, 41, [16, 4, 40, 1, 9], torch.float32, kind)
+    assert all(key[-1] == "dense" for key in M._multi_decode.configs)
+    monkeypatch.setattr(M, "DENSE_MAX_SLOTS", 4)
+    _check(13, 37, 41, [16, 4, 40, 1, 9], torch.float32, kind)
+    assert any(key[-1] != "dense" for key in M._multi_decode.configs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 16, 64])
+def test_multi_decode_dense_expand_realistic(T, dtype, monkeypatch):
+    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+    torch.manual_seed(T)
+    _check(T, 4096, 4096, [16] * 32, dtype, "random")
+
+
 def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, stages):
     """lora_multi_decode (one launch: each split expands its own partial shrink, column block 0's partials summed
     into xa) against float64 on poisoned outputs, tokens as they come and slot-sorted; with input dropout against
