@@ -93,7 +93,7 @@ PHASES = list(FULL_RESERVE_S)
 # would leave the process's CUDA context unusable for every phase after it (each phase's files are saved).
 SESSION_PHASES = ["lora", "multi", "prefix", "bottleneck", "base_ops", "grouped", "model_train"]
 # phases whose ptlm rows miss their targets by more than launch overhead explains: each kernel's share logged
-KERNEL_PHASES = ["bottleneck", "prefix", "multi"]
+KERNEL_PHASES = ["lora", "multi", "bottleneck", "prefix"]
 
 
 def parse_args(argv):
