@@ -46,6 +46,7 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
                       prefill_matmul_configs, prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
+from . import lora_multi as multi_kernels
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (ROUND_ELEMENTS, TMA_MIN_T, _block_tokens, copy_sorted_rows, lora_multi_matmul,
                          multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
@@ -641,8 +642,8 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
     adapters reach (rows in batch order: each row's output is its own; it reads no xa, so waits for nothing)."""
     if HAS_LORA:
@@ -650,7 +651,7 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                           HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                          WAIT_PRIOR=WAIT_PRIOR)
+                          WAIT_PRIOR=WAIT_PRIOR, DENSE=DENSE)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -670,8 +671,8 @@ def _grouped_multi_matmul_kernel(
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
@@ -680,7 +681,7 @@ def _grouped_multi_matmul_kernel(
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
                            y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
                            stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M, BLOCK_N,
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R, BLOCK_M, BLOCK_N,
                            BLOCK_K)
     elif MEMBERS > 1:
         if pid < end1:
@@ -688,19 +689,19 @@ def _grouped_multi_matmul_kernel(
             _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
                                bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
                                stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M,
-                               BLOCK_N, BLOCK_K)
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
         elif MEMBERS > 2:
             pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
                                bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
                                stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, BLOCK_R, BLOCK_M,
-                               BLOCK_N, BLOCK_K)
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R,
+                               BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _MULTI_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "MEMBERS", "HAS_ORDER", "LORA0", "LORA1", "LORA2",
-                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2"]
+                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "DENSE"]
 _grouped_multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MULTI_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_grouped_multi_matmul_kernel))
@@ -764,13 +765,15 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     widths = [w.shape[0] for w in weights]
     kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
     bucket = t_bucket(M)
+    dense = (bool(multi_kernels.DENSE_EXPAND) and M <= DECODE_MAX_T
+             and all(b.shape[0] <= multi_kernels.DENSE_MAX_SLOTS for b in lora_Bs if b is not None))
     key = (bucket, K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
-           *(b.dtype for b in lora_Bs if b is not None))
+           *(b.dtype for b in lora_Bs if b is not None)) + (("dense",) if dense else ())
     kernel.launch(key, _tile_grid(M, widths),
         x, adapter_index, adapter_index if order is None else order, *members,
         M, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
+        FP32_DOT=x.dtype == torch.float32, DENSE=dense, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
     )
     return ys

@@ -44,8 +44,8 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # 2026-11-27 (same shapes, programmatic launches off): the TMA tile over the sorted copy 0.0818 ms at T = 1024
 # against the pointer tile's 0.0785, so it starts above 1024 (the rule the 2026-11-26 prediction set).
 TMA_MIN_T = 1024
-# The decode matmul's expand (a given xa, forward) as one pipelined pass over the batch's slot span (dense_expand)
-# instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS slots. Off until the card has timed it
+# The decode matmuls' expand (a given xa, forward; this op's and kernels.lora_grouped's) as one pipelined pass over
+# the batch's slot span (dense_expand) instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS slots. Off until the card has timed it
 # (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns it on); PTLM_MULTI_DENSE=1 / 0.
 DENSE_EXPAND = os.environ.get("PTLM_MULTI_DENSE", "0") == "1"
 DENSE_MAX_SLOTS = 64
@@ -295,10 +295,11 @@ def multi_matmul_tile(
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False,
+    ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False, DENSE: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
-    y's values (the grouped backward's dx over its members).
+    y's values (the grouped backward's dx over its members). DENSE: the forward's expand as dense_expand's pass
+    (the grouped decode's, under DENSE_EXPAND).
     WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
     the expand (nothing before reads what it writes)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
@@ -324,8 +325,13 @@ def multi_matmul_tile(
     if not OUT_DROPOUT:
         if WAIT_PRIOR:
             gdc_wait()
-        acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
-                          stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
+        if DENSE:
+            acc = dense_expand(acc, slot, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
+                               stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
+        else:
+            acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                              BLOCK_N)
     store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
@@ -369,10 +375,10 @@ def runs_expand(lora, slot, run, runs, first_round, round_step, offs_m, offs_n, 
 
 
 @triton.jit
-def dense_expand(lora, slot, first, step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, WIDTH,
+def dense_expand(lora, slot, first, step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                  stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr,
                  BLOCK_R: tl.constexpr):
-    """lora += each row's xa B_a^T as one pass over the block's slot span [lo, hi] x WIDTH / BLOCK_R rank steps,
+    """lora += each row's xa B_a^T as one pass over the block's slot span [lo, hi] x its rows' rank steps,
     steps first, first + step, ... (split-K decode programs share them out): a step's B tile (BLOCK_R, BLOCK_N)
     and xa tile (the step's slot's rows only) have addresses that depend on the step alone, so the loop pipelines
     its loads, where runs_expand's rounds wait on each other; B is read only for slots some row uses. A slot
@@ -380,8 +386,8 @@ def dense_expand(lora, slot, first, step, offs_m, offs_n, mask_n, xa_ptr, b_ptr,
     used = slot >= 0
     lo = tl.min(tl.where(used, slot, 2147483647), axis=0)
     hi = tl.max(tl.where(used, slot, -1), axis=0)
-    steps = WIDTH // BLOCK_R
     rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
+    steps = tl.cdiv(tl.max(rank, axis=0), BLOCK_R)
     offs_i = tl.arange(0, BLOCK_R)
     for i in range(first, tl.maximum(hi - lo + 1, 0) * steps, step):
         j = lo + i // steps
@@ -572,7 +578,7 @@ def _multi_decode_kernel(
         if WAIT_PRIOR:
             gdc_wait()
         if DENSE:
-            acc = dense_expand(acc, slot, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, WIDTH,
+            acc = dense_expand(acc, slot, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                                stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
         else:
             acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,

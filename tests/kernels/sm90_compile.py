@@ -110,7 +110,7 @@ GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                          **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
                          **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
                         [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
-                              HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True)])
+                              HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True, DENSE=dense) for dense in (False, True)])
 
 
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)

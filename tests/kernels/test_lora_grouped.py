@@ -237,6 +237,28 @@ def test_grouped_multi_kernels_many_runs_per_block(T, monkeypatch):
     _check_multi(T, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "each")
 
 
+@pytest.mark.parametrize("kind", ["random", "each", "one", "none"])
+def test_grouped_multi_decode_dense_expand(kind, monkeypatch):
+    """The member tiles' expand as one pass over the slot span (kernels.lora_multi.DENSE_EXPAND) at decode:
+    ranks up to 20 (two rank steps), a member without slots, slots of rank 0; the prefill (T = 70) keeps the
+    runs."""
+    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+    monkeypatch.setattr(G._grouped_multi_matmul_decode, "configs", {})
+    torch.manual_seed(9)
+    _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, kind)
+    assert G._grouped_multi_matmul_decode.configs and all(key[-1] == "dense"
+                                                          for key in G._grouped_multi_matmul_decode.configs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T", [1, 64])
+def test_grouped_multi_decode_dense_expand_llama_shapes(T, monkeypatch):
+    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+    torch.manual_seed(T)
+    _check_multi(T, 4096, (4096, 1024, 1024), ([8, 16, 64, 128], None, [16, 0, 16, 32]), torch.bfloat16, "random")
+
+
 def test_grouped_multi_kernels_prefill_two_members():
     torch.manual_seed(8)
     _check_multi(70, 33, (19, 26), ([40, 17, 2, 8], [5, 5, 5, 5]), torch.float32, "random")
