@@ -84,6 +84,7 @@ sed -n '/^ptlm_engine GPU suite on/,$p' "$out/suite.log" | cut -c1-160 | head -7
 echo "suite: exit $rc"
 # xz: 2026-11-27's gzip of one session's cache was over the tool's 16 MiB per file. Over 15 MiB it comes back
 # in two parts in place of results.png (8 files at most); over 30 MiB not at all.
+command -v xz >/dev/null || echo "triton cache: no xz on this machine, not returned"
 tar -cf - -C "$TRITON_CACHE_DIR" . 2>/dev/null | xz -T0 -6 >"$out/triton-cache.txz" || rm -f "$out/triton-cache.txz"
 size=$(stat -c %s "$out/triton-cache.txz" 2>/dev/null || echo 0)
 if [ "$size" -gt $((30 << 20)) ]; then
