@@ -203,7 +203,8 @@ def adapter_forward(
     if STORE_Z:  # the first column share keeps z for backward
         tl.store(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, z.to(z_ptr.dtype.element_ty),
                  mask=rows[:, None] & mask_m[None, :] & (d_lo == 0))
-    a = _activate(z, act).to(wu_ptr.dtype.element_ty)  # zero beyond width: act(0) = 0 for every act
+    # zero beyond width (also where an inf in h made z's zero-weight lanes inf * 0 = NaN)
+    a = tl.where(mask_m[None, :], _activate(z, act), 0.0).to(wu_ptr.dtype.element_ty)
     # pass 2: y = base + s (a Wu^T + bu), this program's columns
     rows_expand(a, wu_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
                 stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum, stride_bud,

@@ -257,7 +257,9 @@ def lora_matmul_tile(
                 x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
             xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
     if FUSE_SHRINK:
-        xa = xa * shrink_scale
+        # ranks past R read zero A rows, but an inf in x makes inf * 0 = NaN there, which B's zero rows would
+        # carry into y (NaN * 0): PyTorch's x A^T has no such lanes
+        xa = tl.where(offs_r[None, :] < R, xa * shrink_scale, 0.0)
         if pid_n == 0:  # every column block computed the same xa; one stores it for backward
             tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
                      mask=mask_m[:, None] & (offs_r[None, :] < R))
@@ -354,7 +356,7 @@ def _lora_decode_kernel(
 
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FUSE_SHRINK:
-        xa = xa * scale
+        xa = tl.where(mask_r[None, :], xa * scale, 0.0)              # no NaN lanes past R (inf * 0): see the tile
         b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # (BLOCK_R, BLOCK_N)
         lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)

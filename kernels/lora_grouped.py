@@ -571,13 +571,15 @@ def _grouped_multi_shrink_kernel(
                 acc1 = shrink_round_pick(acc1, y1, mine, RUNS, BLOCK_R)
             if MEMBERS > 2:
                 acc2 = shrink_round_pick(acc2, y2, mine, RUNS, BLOCK_R)
-    acc0 = acc0 * row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0)
+    # ranks past a row's own: zero, not the inf * 0 = NaN an inf in x leaves there (kernels.lora_multi.runs_shrink)
+    lanes = (first_r + tl.arange(0, BLOCK_R))[None, :]
+    acc0 = tl.where(lanes < rank0[:, None], acc0 * row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0), 0.0)
     _store_xa(acc0, out0_ptr, offs_t, mask_t, WIDTH0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
     if MEMBERS > 1:
-        acc1 = acc1 * row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1)
+        acc1 = tl.where(lanes < rank1[:, None], acc1 * row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1), 0.0)
         _store_xa(acc1, out1_ptr, offs_t, mask_t, WIDTH1, stride_o1t, stride_o1r, SPLIT_K, BLOCK_R)
     if MEMBERS > 2:
-        acc2 = acc2 * row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2)
+        acc2 = tl.where(lanes < rank2[:, None], acc2 * row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2), 0.0)
         _store_xa(acc2, out2_ptr, offs_t, mask_t, WIDTH2, stride_o2t, stride_o2r, SPLIT_K, BLOCK_R)
 
 

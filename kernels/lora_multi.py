@@ -231,7 +231,9 @@ def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run,
                 y = shrink_round_step(y, x, a_rows, live, offs_t, offs_k, in_k, K, seed_ptr, p, stride_ak, DROPOUT,
                                       FP32_DOT, RUNS, BLOCK_R, BLOCK_K)
             acc = shrink_round_pick(acc, y, mine, RUNS, BLOCK_R)
-    return acc
+    # ranks past a row's own read zero A rows: an inf in x would leave inf * 0 = NaN there for B's zero rows to
+    # carry into y
+    return tl.where((first_r + tl.arange(0, BLOCK_R))[None, :] < rank[:, None], acc, 0.0)
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
