@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ptlm_engine import functional
-from ptlm_engine.layers.base import AdapterLayer, hooked
+from ptlm_engine.layers.base import AdapterLayer, autocast_on, hooked
 from ptlm_engine.layers.modules_to_save import ModulesToSave
 from ptlm_engine.layers.rms_norm import FusedRMSNorm
 from ptlm_engine.ops.rotary import apply_checked, runs_fused
@@ -298,7 +298,7 @@ def _head_loss(hidden, head: nn.Linear, targets, ignore_index: int, num_items_in
     """transformers' cross_entropy(lm_head(hidden).float(), targets) (mean, or sum / num_items_in_batch), fused."""
     weight, bias = head.weight, head.bias
     device_type = hidden.device.type
-    if not torch.is_autocast_enabled(device_type) or torch.float64 in (hidden.dtype, weight.dtype):
+    if not autocast_on(hidden) or torch.float64 in (hidden.dtype, weight.dtype):
         # autocast leaves float64 as it is
         return functional.linear_cross_entropy(hidden, weight, targets, ignore_index, "mean", bias, num_items_in_batch)
     dtype = torch.get_autocast_dtype(device_type)               # F.linear's autocast: the logits in this dtype

@@ -497,3 +497,14 @@ def test_unfuse_puts_norms_back_in_the_models_mode_with_the_hooks_registered_mea
     with torch.no_grad():
         model(input_ids=_ids())
     assert calls == [1]
+
+
+def test_fused_loss_runs_on_meta_tensors(monkeypatch):
+    """The fused loss's autocast check holds on the meta device (shape inference), which has no autocast state:
+    torch.is_autocast_enabled("meta") raises, as the adapter layers' check did before layers.base.autocast_on.
+    (The reference backend: the interpreter cannot run kernels on storage-less tensors.)"""
+    monkeypatch.setenv("PTLM_BACKEND", "reference")
+    hidden = torch.empty(4, 8, device="meta")
+    head = nn.Linear(8, 11, bias=False, device="meta")
+    loss = base_ops._head_loss(hidden, head, torch.zeros(4, dtype=torch.long, device="meta"), -100, None)
+    assert loss.shape == () and loss.device.type == "meta"
