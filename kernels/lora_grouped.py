@@ -46,11 +46,11 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
                       prefill_matmul_configs, prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
-from . import lora_multi as multi_kernels
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (ROUND_ELEMENTS, TMA_MIN_T, _block_tokens, copy_sorted_rows, lora_multi_matmul,
-                         multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
-                         shrink_round_pick, shrink_round_step, shrink_round_x, slot_runs, wait_flags)
+from .lora_multi import (ROUND_ELEMENTS, TMA_MIN_T, _block_tokens, copy_sorted_rows, dense_expand_applies,
+                         lora_multi_matmul, multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout,
+                         row_scale, shrink_round, shrink_round_pick, shrink_round_step, shrink_round_x, slot_runs,
+                         wait_flags)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -767,8 +767,7 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     widths = [w.shape[0] for w in weights]
     kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
     bucket = t_bucket(M)
-    dense = (bool(multi_kernels.DENSE_EXPAND) and M <= DECODE_MAX_T
-             and all(b.shape[0] <= multi_kernels.DENSE_MAX_SLOTS for b in lora_Bs if b is not None))
+    dense = M <= DECODE_MAX_T and dense_expand_applies(*lora_Bs)
     key = (bucket, K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
            *(b.dtype for b in lora_Bs if b is not None)) + (("dense",) if dense else ())
     kernel.launch(key, _tile_grid(M, widths),

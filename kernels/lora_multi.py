@@ -44,11 +44,18 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # 2026-11-27 (same shapes, programmatic launches off): the TMA tile over the sorted copy 0.0818 ms at T = 1024
 # against the pointer tile's 0.0785, so it starts above 1024 (the rule the 2026-11-26 prediction set).
 TMA_MIN_T = 1024
-# The decode matmuls' expand (a given xa, forward; this op's and kernels.lora_grouped's) as one pipelined pass over
-# the batch's slot span (dense_expand) instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS slots. Off until the card has timed it
-# (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns it on); PTLM_MULTI_DENSE=1 / 0.
+# The decode matmuls' expand (a given xa, forward; this op's and kernels.lora_grouped's) as one pipelined pass
+# over the batch's slot span (dense_expand) instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS
+# slots. Off until the card has timed it (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns
+# it on); PTLM_MULTI_DENSE=1 / 0.
 DENSE_EXPAND = os.environ.get("PTLM_MULTI_DENSE", "0") == "1"
 DENSE_MAX_SLOTS = 64
+
+
+def dense_expand_applies(*lora_Bs: torch.Tensor | None) -> bool:
+    """Whether a decode matmul over these stacked B (None: a member without adapters) takes dense_expand: it is
+    on (read per call: benchmarks switch it) and every pool has at most DENSE_MAX_SLOTS slots."""
+    return bool(DENSE_EXPAND) and all(b.shape[0] <= DENSE_MAX_SLOTS for b in lora_Bs if b is not None)
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
@@ -728,7 +735,7 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
     N = weight.shape[0]
     bucket = t_bucket(M)
     fuse = lora_A is not None
-    dense = bool(DENSE_EXPAND) and not fuse and dropouts is None and lora_B.shape[0] <= DENSE_MAX_SLOTS
+    dense = not fuse and dropouts is None and dense_expand_applies(lora_B)
     key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype,
            lora_B.dtype) + (("dense",) if dense else ())     # the tuned choices' keys stay as they were
     width = xa.shape[1]
