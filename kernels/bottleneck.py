@@ -20,8 +20,8 @@ Backward, two kernels (g = s dy is never materialised):
          chunk order (deterministic) and writes the gradients in the weights' dtypes. No reduction or cast
          launches follow (2026-11-26 they were 8 of the backward's 11 launches, 29 of its 155 us at d = 768).
 dy is read twice (once per kernel), h once, dh written once; a and dz (m wide) are re-read per column block,
-mostly from L2. Wide bottlenecks (width tile >= WIDE_M_PAD = 128) split the grads kernel in two, since two
-(BLOCK_D, m) fp32 tiles beside dh's left only 32-column blocks:
+mostly from L2. Wide bottlenecks (width tile >= WIDE_M_PAD = 128, or 64 at d >= 2048: wide_backward) split the
+grads kernel in two, since two (BLOCK_D, m) fp32 tiles beside dh's left only 32-column blocks:
 - weight grads: a program owns a (BLOCK_D, BLOCK_M) tile of dWu and dWd^T over one chunk of rows (its m tiles
          side by side, so dy and h come from HBM once), chunks summed as above;
 - input grad:  dh = [dy +] dz Wd, the forward's pass 2 (rows_expand) with dz for a and Wd^T for Wu.
@@ -54,8 +54,11 @@ MIN_WIDTH_TILE = 16       # tl.dot needs 16 along every dimension
 # Width tiles from here on take the wide backward: the weight gradients in (d, m) tiles without dh, dh its own
 # kernel. The narrow kernel holds the whole width twice per column block beside its dh tile: at m = 256 the
 # tuner could only fit 32-column blocks, re-reading a and dz 128 times at d = 4096 (H100, 2026-11-27, T = 16384,
-# bf16: 2.51 ms, the whole fwd+bwd 3.1x eager PyTorch's).
+# bf16: 2.51 ms, the whole fwd+bwd 3.1x eager PyTorch's). Half that width takes it too where d is large: at
+# m = 64 the pair ran 0.468 ms at d = 4096 against the fused kernel's 0.536, 0.131 against 0.127 at d = 768
+# (2026-11-28, the same shapes, fwd+bwd, CUDA graphs).
 WIDE_M_PAD = 128
+WIDE_MIN_D = 2048
 
 # Activation codes, as in BottleneckSlots.acts (jit code may read only constexpr globals).
 RELU = tl.constexpr(0)
@@ -97,6 +100,11 @@ def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
     T, D = h.shape
     y = torch.empty((T, D), device=h.device, dtype=h.dtype) if out is None else out
     return y, torch.empty((T, width), device=h.device, dtype=h.dtype) if save_z else None
+
+
+def wide_backward(D: int, m_pad: int) -> bool:
+    """Whether the backward of a width tile m_pad at hidden size D takes the wide pair of gradient kernels."""
+    return m_pad >= WIDE_M_PAD or (2 * m_pad >= WIDE_M_PAD and D >= WIDE_MIN_D)
 
 
 def wide_chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
@@ -545,7 +553,7 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
         float(scale),
         ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
     )
-    wide = m_pad >= WIDE_M_PAD
+    wide = wide_backward(D, m_pad)
     chunk = rows_per_chunk or (wide_chunk_rows if wide else chunk_rows)(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk)
     d_wu, d_bu = up_weight.new_empty((D, M), dtype=up_dtype), up_weight.new_empty((D,), dtype=up_dtype)

@@ -195,6 +195,9 @@ def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     hidden2d = hidden.reshape(-1, d)                                                   # (T, d), a view if it can
     targets1d = targets.reshape(-1).long().contiguous()                                # (T,)
     T = hidden2d.shape[0]
+    if T:  # torch's cross_entropy refuses these too; checked on the device, no host sync (CUDA: at the next sync)
+        torch._assert_async(((targets1d == ignore_index) | (targets1d.clamp(0, V - 1) == targets1d)).all(),
+                            "linear_cross_entropy: a target outside [0, V) that is not ignore_index")
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     scale = _scale(targets1d, int(ignore_index), reduction, num_items_in_batch, acc_dtype)
     rows = chunk_size or chunk_rows(T, V, d, hidden.element_size())

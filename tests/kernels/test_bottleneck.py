@@ -92,6 +92,16 @@ def test_wide_backward(T, d, m, act, dtype, residual, biases, strided, rows_per_
     _check_case(T, d, m, act, dtype, residual, biases, strided, rows_per_chunk)
 
 
+def test_wide_backward_rule_and_half_width_at_large_d(monkeypatch):
+    """The wide pair from WIDE_M_PAD on, and from half of it where d >= WIDE_MIN_D (here lowered to a tiny d)."""
+    assert K.wide_backward(4096, 64) and K.wide_backward(128, 128) and not K.wide_backward(768, 64)
+    assert not K.wide_backward(4096, 32)
+    monkeypatch.setattr(K, "WIDE_MIN_D", 40)
+    assert K.wide_backward(41, K.width_tile(50))
+    torch.manual_seed(50)
+    _check_case(23, 41, 50, "relu", torch.float32, False, True, False, None)
+
+
 def test_backward_without_dh_and_empty_token_dimension():
     torch.manual_seed(4)
     h, wd, wu = rand(11, 24, dtype=torch.float32), rand(6, 24, dtype=torch.float32), rand(24, 6, dtype=torch.float32)

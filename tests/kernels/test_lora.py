@@ -416,10 +416,10 @@ def test_tma_path_is_automatic_on_hopper_bf16(d_in, d_out, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HOPPER or K.INTERPRETED, reason="needs a Hopper GPU (griddepcontrol, TMA)")
-def test_dependent_tma_matmul_matches_ordinary_launches(monkeypatch):
+def test_dependent_tma_matmul_matches_ordinary_launches(monkeypatch, unsplit_shrinks):
     """The TMA matmul launched as its shrink's programmatic dependent (configs.PDL) gives what ordinary launches
     give, bit for bit: forward and dx, eager and replayed from a CUDA graph on new inputs; also the grouped
-    forward, whose first member's GEMM follows the shared shrink."""
+    forward, whose first member's GEMM follows the shared shrink (shrinks unsplit: see unsplit_shrinks)."""
     from ptlm_engine.kernels import configs
     from ptlm_engine.kernels import lora_grouped as G
     torch.manual_seed(17)

@@ -345,10 +345,11 @@ def test_matmul_launches_as_the_shrinks_dependent_only_on_hopper():
 @pytest.mark.gpu
 @pytest.mark.skipif(K.INTERPRETED or not HOPPER, reason="needs a Hopper GPU (griddepcontrol)")
 @pytest.mark.parametrize("T", [16, 64, 200])
-def test_dependent_matmul_matches_ordinary_launches(T):
+def test_dependent_matmul_matches_ordinary_launches(T, unsplit_shrinks):
     """The matmul launched as the shrink's programmatic dependent (it streams W0 while the shrink ends and waits
     for xa before its expand) gives what ordinary launches give, bit for bit: eager, and replayed from a CUDA
-    graph with a new mapping written into the same buffers; also the grouped pair."""
+    graph with a new mapping written into the same buffers; also the grouped pair (shrinks unsplit, in one summation
+    order: see unsplit_shrinks)."""
     from ptlm_engine.kernels import lora_grouped as G
     torch.manual_seed(T)
     S, d_in, d_out, dtype = 32, 4096, 4096, torch.bfloat16
