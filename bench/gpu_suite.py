@@ -148,7 +148,9 @@ def multi_grids(args, device: torch.device, graph: bool) -> list[GridPhase]:
     points = lora_multi.points_by_mode(args.smoke, False, lora_multi.MODES)
     if args.points.multi_tokens is not None:          # the session: the 32-adapter core at fewer T, then variants
         shapes, tokens = lora_multi.LAYER_SHAPES, args.points.multi_tokens
-        points = {"fwd": lora_multi.default_points(shapes[:1], tokens, [16, 4096], [256]),
+        # the adapter sweep at T = 64 too: whether decode's cost over cuBLAS there grows with the adapters (the
+        # runs of the expand) or comes with the 64-row tile itself (2026-11-28: 28.3 us at A = 32, 16-19 at T = 16)
+        points = {"fwd": lora_multi.default_points(shapes[:1], tokens, [16, 64, 4096], [256]),
                   "fwd+bwd": lora_multi.train_points(shapes[:1], [4096])}
     return lora_multi.phases(points, lora_multi.PROVIDERS, device, graph, lora_multi.layer_dtype(device))
 

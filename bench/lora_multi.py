@@ -17,9 +17,9 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm            ptlm_engine.functional.lora_linear_multi (Triton on CUDA), given the batch's token grouping
                   (token_segments) made once per set, outside the timed call: per-batch work that a model does
                   once for all its layers (AdapterBatch.tokens), as gather_bmm's row -> slot map
-  ptlm_onepass    T > 64: ptlm with the one-pass pointer tile at prefill (the base GEMM over slot-sorted rows, the
-                  expand in its epilogue) instead of Hopper's TMA tile over the shrink's sorted copy of x
-                  (kernels.lora.TMA_PREFILL off for the call): the side-by-side
+  ptlm_tma        T > 64 on Hopper: ptlm with the TMA tile over the shrink's slot-sorted copy of x at prefill
+                  (kernels.lora.TMA_PREFILL forced for the call) instead of the one-pass pointer tile it takes up
+                  to kernels.lora_multi.TMA_MIN_T tokens: the side-by-side
   ptlm_serial     Hopper, where the op launches a shrink then a matmul (not the few tokens it serves in one
                   launch): ptlm with the matmul an ordinary launch after the shrink instead of its programmatic
                   dependent (kernels.configs.PDL off for the call): what the overlap saves
@@ -69,7 +69,7 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_dense", "ptlm_onepass", "ptlm_mean_rank", "gather_bmm",
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_dense", "ptlm_tma", "ptlm_mean_rank", "gather_bmm",
              "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
@@ -277,15 +277,15 @@ def dense_applies(shape: dict) -> bool:
 def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
     if ((provider == "peft" and not peft_applies(shape, mode))
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
-            or (provider == "ptlm_onepass" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
+            or (provider == "ptlm_tma" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "ptlm_serial" and not serial_applies(shape, sets[0].x))
             or (provider == "ptlm_dense" and not dense_applies(shape))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
-    if provider == "ptlm_onepass":  # forward and backward both on the one-pass tile
+    if provider == "ptlm_tma":  # forward and backward both on the TMA tile
         from ptlm_engine.kernels import lora as lora_kernels
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
-        return [harness.with_setting(lora_kernels, "TMA_PREFILL", False, call) for call in calls]
+        return [harness.with_setting(lora_kernels, "TMA_PREFILL", True, call) for call in calls]
     if provider == "ptlm_serial":
         from ptlm_engine.kernels import configs as kernel_configs
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
@@ -483,7 +483,7 @@ def summary(rows: list[dict]) -> list[str]:
         lines += [f"50% base-only rows, ptlm / all rows with adapters, {case} [{timing}]: {' '.join(cells)}"
                   for case, cells in half.items()]
     timing = "graph" if any(t == "graph" for _, _, t, _ in cases) else "plain"   # plain rows are host-bound
-    for other, what in (("ptlm_onepass", "prefill, TMA tile over sorted rows / pointer tile"),
+    for other, what in (("ptlm_tma", "prefill, pointer tile / TMA tile over sorted rows"),
                         ("ptlm_dense", "decode, the runs' rounds / one pass over the slot span")):
         passes = [f"{_label(p)} {mode} {v['ptlm'] / v[other]:.2f}" for p, mode, t, v in cases
                   if t == timing and "ptlm" in v and other in v]

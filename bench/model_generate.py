@@ -286,6 +286,7 @@ def measure(provider: str, loop: str, model: nn.Module, config, prompt: torch.Te
         wall = statistics.median(walls)
         row.update(ms=wall * 1e3, tok_s=args.batch * args.new_tokens / wall,
                    prefill_ms=statistics.median(prefills) * 1e3, step_ms=statistics.median(decode_steps) * 1e3,
+                   prefill_ms_min=min(prefills) * 1e3, prefill_ms_max=max(prefills) * 1e3,
                    timed_new_tokens=steps)
         if device.type == "cuda":
             row["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -408,7 +409,9 @@ def row_line(row: dict) -> str:
     if row["ms"] is None:
         return f"{head} not timed: {row['note']}"
     checks = "".join(f", {k} {row[k]}" for k in CHECKS if k in row) + logit_checks(row, ", ")
-    return (f"{head} {row['tok_s']:9,.0f} tok/s  prefill {row['prefill_ms']:7.1f} ms  step {row['step_ms']:6.2f} ms"
+    spread = (f" ({row['prefill_ms_min']:.1f}-{row['prefill_ms_max']:.1f})" if "prefill_ms_min" in row else "")
+    return (f"{head} {row['tok_s']:9,.0f} tok/s  prefill {row['prefill_ms']:7.1f} ms{spread}"
+            f"  step {row['step_ms']:6.2f} ms"
             f"  peak {row.get('peak_gb') or 0:5.1f} GB  (warm-up {row['first_call_s']:.1f} s{checks})"
             + (f"  [{row['note']}]" if row.get("note") else ""))
 

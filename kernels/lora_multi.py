@@ -42,8 +42,11 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # adapters, CUDA graph): the pointer tile ran its GEMM at ~65% of cuBLAS; the TMA base GEMM (716 TFLOP/s) with
 # a separate expand pass over y was level with it at T = 1024, 2% faster at 4096 (the pass spent the gain).
 # 2026-11-27 (same shapes, programmatic launches off): the TMA tile over the sorted copy 0.0818 ms at T = 1024
-# against the pointer tile's 0.0785, so it starts above 1024 (the rule the 2026-11-26 prediction set).
-TMA_MIN_T = 1024
+# against the pointer tile's 0.0785, so it started above 1024 (the rule the 2026-11-26 prediction set).
+# 2026-11-28 at T = 4096 it lost too: 1.05-1.08x the pointer tile forward (1, 4, 32, 128 adapters), 1.20x
+# fwd+bwd; its shrink, which also writes the sorted copy, ran 41.8 us against 20.1. So it starts above 8192,
+# where it was never timed (PTLM_TMA_PREFILL=1 forces it at any T).
+TMA_MIN_T = 8192
 # The decode matmuls' expand (a given xa, forward; this op's and kernels.lora_grouped's) as one pipelined pass
 # over the batch's slot span (dense_expand) instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS
 # slots. Off until the card has timed it (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns
