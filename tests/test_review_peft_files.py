@@ -467,13 +467,9 @@ EMB_FILES = {
     "llama_prompt": ("llama", lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     "llama_prefix": ("llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
 }
-_EMB_BUG = pytest.mark.xfail(strict=True, reason=(
-    "BUG: a prompt-learning PEFT file with save_embedding_layers=True is refused ('unexpected ...'): "
-    "io/prefix.py, io/prompt.py match() accept no base tables at all"))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[_EMB_BUG] if c.endswith(("_prompt", "_prefix")) else [])
-                                  for c in EMB_FILES])
+@pytest.mark.parametrize("case", list(EMB_FILES))
 def test_peft_file_with_save_embedding_layers_loads_like_peft(case, tmp_path):
     kind, config = EMB_FILES[case]
     peft_saved(kind, config(), tmp_path, save_embedding_layers=True)
@@ -487,6 +483,28 @@ def test_peft_file_with_save_embedding_layers_loads_like_peft(case, tmp_path):
     ours = build(kind)
     pe.load_adapter(ours, tmp_path, name="a")
     torch.testing.assert_close(out(ours), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["llama_lora", "llama_prompt", "llama_prefix"])
+def test_base_tables_from_a_peft_file_stay_in_the_model_not_in_our_save(case, tmp_path):
+    """The tables such a file holds are written into the model's own embeddings (as PEFT does); save_adapter then
+    writes the adapter alone, for every method (the tables are the base's now, not the adapter's); a file whose
+    table does not fit is refused with the model unchanged."""
+    kind, config = EMB_FILES[case]
+    peft_saved(kind, config(), tmp_path / "peft", save_embedding_layers=True)
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    table = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[table][int(IDS[0, 0])] = 0.25
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors", metadata={"format": "pt"})
+    ours = build(kind)
+    pe.load_adapter(ours, tmp_path / "peft", name="a")
+    torch.testing.assert_close(ours.model.embed_tokens.weight[int(IDS[0, 0])], torch.full((32,), 0.25))
+    pe.save_adapter(ours, "a", tmp_path / "ours")
+    written = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert not [k for k in written if k.endswith(("embed_tokens.weight", "lm_head.weight"))], sorted(written)
+    tensors[table] = tensors[table][:-1]
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert_load_refused(kind, tmp_path / "peft", "embed_tokens.weight: shape")
 
 
 def test_saving_beside_a_peft_adapter_named_lora_keeps_its_files(tmp_path):

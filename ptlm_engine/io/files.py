@@ -44,9 +44,10 @@ class Format:
     match: Callable[[nn.Module, Any, dict[str, Tensor], str], Callable[[str], Callable[[], None]]]
 
 
-def key(module_path: str, leaf: str) -> str:
-    """The file key of `leaf` (e.g. "lora_A.weight") in the module `module_path` ("" for the model itself)."""
-    return f"{PREFIX}{module_path}.{leaf}" if module_path else f"{PREFIX}{leaf}"
+def key(module_path: str, leaf: str, prefix: str = PREFIX) -> str:
+    """The file key of `leaf` (e.g. "lora_A.weight") in the module `module_path` ("" for the model itself);
+    `prefix`: the model's place in PEFT's model (PREFIX, or PROMPT_LEARNING_PREFIX for prompt-learning files)."""
+    return f"{prefix}{module_path}.{leaf}" if module_path else f"{prefix}{leaf}"
 
 
 def locate(path: str | os.PathLike, revision: str | None = None, subfolder: str | None = None) -> str:
@@ -192,13 +193,22 @@ class TensorMatcher:
             return value
         return None
 
-    def copies(self, model: nn.Module, saved: list[str]) -> dict[str, dict[str, Tensor]]:
-        """The modules_to_save copies' state dicts, by module path."""
+    def copies(self, model: nn.Module, saved: list[str], prefix: str = PREFIX) -> dict[str, dict[str, Tensor]]:
+        """The modules_to_save copies' state dicts, by module path (file keys under `prefix`, see key())."""
         copies = {}
         for target in saved:
             module = model.get_submodule(target)
             original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
-            copies[target] = {k: self.take(key(target, k), value.shape) for k, value in original.state_dict().items()}
+            copies[target] = {k: self.take(key(target, k, prefix), value.shape)
+                              for k, value in original.state_dict().items()}
+        # PEFT also files entries of a modules_to_save module as <module>.original_module.<key> and
+        # <module>.modules_to_save.<key> where it saves the module's whole state besides the copy (LoRA's bias
+        # "all" for biases, save_embedding_layers for a copied embedding / LM head): the base's own, and a
+        # duplicate of the copy's. Neither is loaded (as the copy's own keys are).
+        duplicates = tuple(key(target, leaf, prefix) for target in saved
+                           for leaf in ("original_module.", "modules_to_save."))
+        for k in [k for k in self.remaining if duplicates and k.startswith(duplicates)]:
+            del self.remaining[k]
         return copies
 
     def check(self, path, model: nn.Module) -> None:
@@ -212,3 +222,54 @@ class TensorMatcher:
 def load_copies(model: nn.Module, name: str, copies: dict[str, dict[str, Tensor]]) -> None:
     for target, state in copies.items():
         model.get_submodule(target).modules_to_save[name].load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------- base embedding tables
+# Module names whose base weights PEFT files with an adapter (its EMBEDDING_LAYER_NAMES: save_embedding_layers,
+# on by default where a LoRA's target_modules names one of them, or where the vocabulary was resized).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def embedding_weights(model: nn.Module, match: TensorMatcher, prefix: str = PREFIX) -> list:
+    """[(base weight Parameter, value)] for the base embedding / LM-head weights the file holds (PEFT's
+    save_embedding_layers, for every method; PeftModel.from_pretrained writes them into the model): under
+    `prefix`<module>.base_layer.weight where PEFT's LoRA layer wrapped the module, else `prefix`<module>.weight
+    (`prefix` as in key())."""
+    # PEFT files the tables by the model's own names (GPT-2's transformer.wte, BERT's word_embeddings, T5's
+    # shared): the model's input and output embeddings, whatever their names.
+    tables = [get() for get in (getattr(model, n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
+              if callable(get)]
+    found = []
+    for k in list(match.remaining):
+        if not (k.startswith(prefix) and k.endswith(".weight")):
+            continue
+        path = k.removeprefix(prefix).removesuffix(".weight").removesuffix(".base_layer")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue                                   # not a module of this model: reported as unexpected
+        if path.rsplit(".", 1)[-1] not in EMBEDDING_LAYER_NAMES and not any(module is t for t in tables):
+            continue
+        weight = module._parameters.get("weight") if not isinstance(module, ModulesToSave) else None
+        if isinstance(weight, nn.Parameter):
+            found.append((weight, match.take(k, weight.shape)))
+    return found
+
+
+def overwrite(writes: list[tuple[nn.Parameter, Tensor]], load: Callable[[], None]) -> Callable[[], None]:
+    """Call `load()` (which fills the new adapter's own parameters), then copy each value of `writes` into its
+    base parameter (biases, embedding tables; under no_grad, as Format.apply runs); returns undo(), which
+    restores those base parameters, and restores them itself before re-raising if any step fails."""
+    old_values = [(param, param.detach().clone()) for param, _ in writes]
+
+    def undo():
+        for param, value in old_values:
+            param.copy_(value)
+    try:
+        load()
+        for param, value in writes:
+            param.copy_(value)
+    except BaseException:
+        undo()
+        raise
+    return undo

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import ALL_LINEAR, LoraConfig
-from ptlm_engine.io.files import PREFIX, Format, TensorMatcher, key, load_copies, saved_copies
-from ptlm_engine.layers import LoraEmbedding, ModulesToSave
+from ptlm_engine.io.files import (EMBEDDING_LAYER_NAMES, Format, TensorMatcher, embedding_weights, key, load_copies,
+                                  overwrite, saved_copies)
+from ptlm_engine.layers import LoraEmbedding
 
 # PEFT config keys that do not change what a loaded LoRA adapter computes (bookkeeping, initialisation
 # schemes whose result is in the file, fan_in_fan_out which follows the layer type here as in PEFT).
@@ -29,9 +30,6 @@ _INERT_PEFT_KEYS = {"peft_type", "auto_mapping", "base_model_name_or_path", "rev
                     "inference_mode", "peft_version", "fan_in_fan_out", "init_lora_weights", "loftq_config",
                     "eva_config", "corda_config", "lora_ga_config", "megatron_config", "megatron_core",
                     "qalora_group_size", "ensure_weight_tying"}
-# Module names whose base weights PEFT files with an adapter (its EMBEDDING_LAYER_NAMES: save_embedding_layers,
-# on by default where target_modules names one of them, or where the vocabulary was resized).
-_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 # init_lora_weights values with which PEFT rewrites W0 at init (and again on load).
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda")
 # PEFT config keys read into LoraConfig (PEFT name -> ours).
@@ -103,23 +101,13 @@ def match(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], path
     lora_weights, copies, base_writes = _match_tensors(model, config, targets, saved, tensors, path, others)
 
     def apply(name: str):
-        old_values = [(param, param.detach().clone()) for param, _ in base_writes]
-
-        def undo():
-            for param, value in old_values:
-                param.copy_(value)
-        try:
+        def load():
             for target, (lora_A, lora_B) in lora_weights.items():
                 layer = model.get_submodule(target)
                 layer.lora_A[name].weight.copy_(lora_A)
                 layer.lora_B[name].weight.copy_(lora_B)
             load_copies(model, name, copies)
-            for param, value in base_writes:
-                param.copy_(value)
-        except BaseException:
-            undo()
-            raise
-        return undo
+        return overwrite(base_writes, load)
     return apply
 
 
@@ -153,7 +141,7 @@ def read_config(raw: dict, file: str) -> LoraConfig:
 
 def _names_embedding(target_modules) -> bool:
     names = [target_modules] if isinstance(target_modules, str) else target_modules or []
-    return any(n.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES for n in names)
+    return any(n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES for n in names)
 
 
 def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], saved: list[str],
@@ -170,12 +158,6 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
         lora_B = match.take(key(target, key_B), (layer.out_features, r))
         lora_weights[target] = (lora_A, lora_B)
     copies = match.copies(model, saved)
-    # With bias "all", PEFT also files modules_to_save biases as <module>.original_module.bias and
-    # <module>.modules_to_save.bias: the base's own, and a duplicate of the copy's.
-    duplicates = tuple(key(target, leaf) for target in saved for leaf in ("original_module.", "modules_to_save."))
-    for k in [k for k in match.remaining if duplicates and k.startswith(duplicates)]:
-        del match.remaining[k]
-
     biases = []
     for module_path, param in _bias_params(model, config.bias, set(targets), [*saved, *others]).items():
         # PEFT files a bias under base_layer where its LoRA layer wraps the module, which depends on the
@@ -183,33 +165,9 @@ def _match_tensors(model: nn.Module, config: LoraConfig, targets: list[str], sav
         plain, wrapped = key(module_path, "bias"), key(module_path, "base_layer.bias")
         expected, other = (wrapped, plain) if module_path in targets else (plain, wrapped)
         biases.append((param, match.take(other if other in match.remaining else expected, param.shape)))
-    biases += _embedding_weights(model, match)
+    biases += embedding_weights(model, match)
     match.check(path, model)
     return lora_weights, copies, biases
-
-
-def _embedding_weights(model: nn.Module, match: TensorMatcher) -> list:
-    """[(base weight Parameter, value)] for the embedding / LM-head base weights the file holds (see the module
-    docstring): under <module>.base_layer.weight where PEFT's LoRA layer wrapped the module, else <module>.weight."""
-    # PEFT files the tables by the model's own names (GPT-2's transformer.wte, BERT's word_embeddings, T5's
-    # shared): the model's input and output embeddings, whatever their names.
-    tables = [get() for get in (getattr(model, n, None) for n in ("get_input_embeddings", "get_output_embeddings"))
-              if callable(get)]
-    found = []
-    for k in list(match.remaining):
-        path = k.removeprefix(PREFIX).removesuffix(".weight").removesuffix(".base_layer")
-        if not (k.startswith(PREFIX) and k.endswith(".weight")):
-            continue
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            continue                                   # not a module of this model: reported as unexpected
-        if path.rsplit(".", 1)[-1] not in _EMBEDDING_LAYER_NAMES and not any(module is t for t in tables):
-            continue
-        weight = module._parameters.get("weight") if not isinstance(module, ModulesToSave) else None
-        if isinstance(weight, nn.Parameter):
-            found.append((weight, match.take(k, weight.shape)))
-    return found
 
 
 FORMAT = Format("LORA", LoraConfig, read_config, dump, match)

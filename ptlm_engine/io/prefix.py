@@ -5,6 +5,9 @@ modules_to_save copies are filed under "base_model.<module>", not "base_model.mo
   prompt_embeddings          (P, num_layers · 2 · token_dim): every layer's prefix keys and values — with
                              prefix_projection, the MLP's output (PEFT saves that, not the MLP)
   base_model.<module>.<key>  each state-dict entry of a modules_to_save copy
+  base_model.<input / output embedding>.weight
+                             a base embedding / LM-head weight: PEFT's save_embedding_layers, which loading writes
+                             into the model, as PEFT does (not written here, as for LoRA: see io/lora.py)
 
 A projected prefix therefore loads as a plain prefix holding the MLP's output (what it computes): the MLP itself
 is not in the file, in PEFT's format as here.
@@ -16,7 +19,8 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import PrefixConfig
-from ptlm_engine.io.files import PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, load_copies, saved_copies
+from ptlm_engine.io.files import (PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, embedding_weights,
+                                  load_copies, overwrite, saved_copies)
 from ptlm_engine.layers.prefix import LAYER_NAME, PrefixTuning, find_prefix_targets, prefix_geometry
 
 KEY = "prompt_embeddings"
@@ -78,20 +82,22 @@ def read_config(raw: dict, file: str) -> PrefixConfig:
 
 def match(model: nn.Module, config: PrefixConfig, tensors: dict[str, Tensor], path, _others_saved=()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
-    prefix adapter (it overwrites nothing outside the adapter: its undo does nothing)."""
+    prefix adapter. Base embedding / LM-head weights in the file overwrite the model's, as in PEFT (undone on
+    failure)."""
     find_prefix_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     width = prefix_geometry(model.config).width
-    matcher = TensorMatcher({PREFIX + k.removeprefix(PROMPT_LEARNING_PREFIX) if k.startswith(PROMPT_LEARNING_PREFIX)
-                             else k: v for k, v in tensors.items()})
+    matcher = TensorMatcher(tensors)
     values = matcher.take(KEY, (config.num_virtual_tokens, width))
-    copies = matcher.copies(model, saved)
+    copies = matcher.copies(model, saved, PROMPT_LEARNING_PREFIX)
+    base_writes = embedding_weights(model, matcher, PROMPT_LEARNING_PREFIX)
     matcher.check(path, model)
 
     def apply(name: str):
-        getattr(model, LAYER_NAME).encoders[name].embedding.weight.copy_(values)
-        load_copies(model, name, copies)
-        return lambda: None
+        def load():
+            getattr(model, LAYER_NAME).encoders[name].embedding.weight.copy_(values)
+            load_copies(model, name, copies)
+        return overwrite(base_writes, load)
     return apply
 
 

@@ -4,6 +4,9 @@ Tensor keys (PEFT's prompt-learning PeftModel holds the model itself as `base_mo
 so its modules_to_save keys have no ".model"):
   prompt_embeddings             (num_virtual_tokens, token_dim)
   base_model.<module>.<key>     each state-dict entry of a modules_to_save copy
+  base_model.<input / output embedding>.weight
+                                a base embedding / LM-head weight: PEFT's save_embedding_layers, which loading
+                                writes into the model, as PEFT does (not written here, as for LoRA: see io/lora.py)
 
 The config records num_virtual_tokens, token_dim (the embeddings' width), num_transformer_submodules (1: decoder
 or encoder models; 2 is PEFT's encoder-decoder layout, not supported here), num_attention_heads and num_layers
@@ -22,8 +25,8 @@ from torch import Tensor, nn
 
 from ptlm_engine import inject
 from ptlm_engine.config import PromptConfig
-from ptlm_engine.io.files import PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, load_copies, saved_copies
-from ptlm_engine.layers import ModulesToSave
+from ptlm_engine.io.files import (PREFIX, PROMPT_LEARNING_PREFIX, Format, TensorMatcher, embedding_weights,
+                                  load_copies, overwrite, saved_copies)
 from ptlm_engine.layers.prompt import LAYER_NAME, find_prompt_targets, task_type
 
 _INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -85,24 +88,21 @@ def read_config(raw: dict, file: str) -> PromptConfig:
 
 def match(model: nn.Module, config: PromptConfig, tensors: dict[str, Tensor], path, _others_saved=()):
     """Check PEFT-layout tensors against the model; return the function that copies them into a newly added
-    adapter (nothing outside the adapter is written, so its undo does nothing)."""
+    adapter. Base embedding / LM-head weights in the file overwrite the model's, as in PEFT (undone on failure)."""
     find_prompt_targets(model, config)
     saved = inject.find_modules_to_save(model, config.modules_to_save)
     matcher = TensorMatcher(tensors)
     hidden = model.get_input_embeddings().weight.shape[1]
     prompt = matcher.take("prompt_embeddings", (config.num_virtual_tokens, hidden))
-    copies = {}
-    for target in saved:
-        module = model.get_submodule(target)
-        original = module.original_module if isinstance(module, ModulesToSave) else module   # another adapter's
-        copies[target] = {k: matcher.take(f"{PROMPT_LEARNING_PREFIX}{target}.{k}", v.shape)
-                          for k, v in original.state_dict().items()}
+    copies = matcher.copies(model, saved, PROMPT_LEARNING_PREFIX)
+    base_writes = embedding_weights(model, matcher, PROMPT_LEARNING_PREFIX)
     matcher.check(path, model)
 
     def apply(name: str):
-        getattr(model, LAYER_NAME).prompt_embeddings[name].copy_(prompt)
-        load_copies(model, name, copies)
-        return lambda: None
+        def load():
+            getattr(model, LAYER_NAME).prompt_embeddings[name].copy_(prompt)
+            load_copies(model, name, copies)
+        return overwrite(base_writes, load)
     return apply
 
 
