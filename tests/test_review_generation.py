@@ -66,6 +66,7 @@ ADAPTERS = {
     "p4": lambda kind: pe.PrefixConfig(num_virtual_tokens=4, projection=True),
     "q2": lambda kind: pe.PromptConfig(num_virtual_tokens=2),
     "q3": lambda kind: pe.PromptConfig(num_virtual_tokens=3, init="vocab"),
+    "q9": lambda kind: pe.PromptConfig(num_virtual_tokens=9),
 }
 
 GROUPS = {
@@ -452,12 +453,11 @@ def test_sliding_window_prefix_beyond_window_is_refused(kind, cache, reference_b
     alone(model, None, lambda: model.generate(ids[:1], attention_mask=mask[:1], **kw))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: in a mixed batch with a prompt-tuning row, a prefix row on a "
-                   "sliding-window model is refused although it fits the window alone: the window check in "
-                   "prefix.py's attention function counts key.shape[2], which includes the Qmax masked padding "
-                   "columns the prompt layout adds to every row (4 virtual + 9 tokens > 12, alone 4 + 7)")
 @pytest.mark.parametrize("kind", ["mistral", "gemma3"])
 def test_sliding_window_prefix_row_next_to_a_prompt_row_equals_alone(kind, reference_backend):
+    """Regression: a prefix row next to a prompt-tuning row was refused although it fits the window alone: the
+    check counted the Qmax padding columns the prompt layout puts before every row (4 virtual + 9 > 12, alone
+    4 + 7)."""
     mapping = ["p4", "q3"]
     model = adapted(kind, mapping)
     ids, mask = left_padded(len(mapping))
@@ -468,6 +468,39 @@ def test_sliding_window_prefix_row_next_to_a_prompt_row_equals_alone(kind, refer
         mixed = model.generate(ids, attention_mask=mask, **kw)
     for row, one in enumerate(expected):
         assert torch.equal(mixed[row:row + 1], one), row
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_sliding_window_prefix_row_next_to_long_prompt_rows_equals_alone(kind, reference_backend):
+    """9 virtual tokens of a prompt row make the mixed sequence (9 + 5 + 2 fed back) longer than the window of 12,
+    so the sliding caches drop their oldest columns, the prefix row's layout padding: the check counts the columns
+    before that drop less that padding (2 virtual + 7 tokens <= 12), and every row equals itself alone."""
+    mapping = ["p2", "q9"]
+    model = adapted(kind, mapping)
+    ids, mask = left_padded(len(mapping))
+    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    expected = [alone(model, name, lambda: model.generate(ids[row:row + 1], attention_mask=mask[row:row + 1], **kw))
+                for row, name in enumerate(mapping)]
+    with torch.no_grad(), pe.adapter_batch(model, mapping):
+        mixed = model.generate(ids, attention_mask=mask, **kw)
+    for row, one in enumerate(expected):
+        assert torch.equal(mixed[row:row + 1], one), row
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+def test_sliding_window_prefix_row_next_to_a_prompt_row_beyond_window_is_refused(kind, reference_backend):
+    """The prompt layout's padding columns do not count, the row's own tokens do: 4 virtual + 5 tokens + 4 fed
+    back > 12 is refused in the mixed batch with the numbers of the row alone; the prompt row alone is fine."""
+    mapping = ["p4", "q3"]
+    model = adapted(kind, mapping)
+    ids, mask = left_padded(len(mapping))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    refused = r"sliding window of 12 tokens, shorter than the 4 virtual \+ 9 tokens"
+    with torch.no_grad(), pe.adapter_batch(model, mapping), pytest.raises(ValueError, match=refused + " of row 0;"):
+        model.generate(ids, attention_mask=mask, **kw)
+    with pytest.raises(ValueError, match=refused + ";"):
+        alone(model, "p4", lambda: model.generate(ids[:1], attention_mask=mask[:1], **kw))
+    alone(model, "q3", lambda: model.generate(ids[1:], attention_mask=mask[1:], **kw))
 
 
 # ============================================================================================ right padding

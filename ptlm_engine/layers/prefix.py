@@ -41,6 +41,7 @@ from ptlm_engine.config import PrefixConfig
 from ptlm_engine.layers.base import AdapterLayer, autocast_on
 from ptlm_engine.layers.lora import adapter_dtype
 from ptlm_engine.layers.positions import position_rule
+from ptlm_engine.layers.prompt import UNUSED_COLUMNS
 from ptlm_engine.pool import stamp, unchanged
 
 LAYER_NAME = "ptlm_prefix"               # the PrefixTuning module's attribute on the model root
@@ -159,12 +160,38 @@ class PrefixContext:
 
     Either one adapter for every row (`rows` None: its (P, width) values, handed to the op as an expanded view,
     never copied per row), or per row (`rows` (n,) index into [none, adapter 0, adapter 1, …], gathered once
-    per pass into (n, P_max, width); rows without a prefix read zeros and see none of them)."""
+    per pass into (n, P_max, width); rows without a prefix read zeros and see none of them).
+
+    For the sliding-window check (`window_need`), on the host: `tokens` each row's P (an int: every row's),
+    `unused` each row's leading columns a mixed batch's prompt layout added and the row masks out (None: none),
+    `total` the pass's key columns before any sliding cache dropped old ones (None: not known)."""
 
     def __init__(self, layer: "PrefixTuning", names: list[str], rows: Tensor | None, lengths: Tensor | None,
-                 n: int):
+                 n: int, tokens: int | tuple[int, ...], unused: tuple[int, ...] | None = None,
+                 total: int | None = None):
         self.layer, self.names, self.rows, self.lengths, self.n = layer, names, rows, lengths, n
+        self.tokens, self.unused, self.total = tokens, unused, total
         self._values: dict[torch.dtype, Tensor] = {}
+        self._needs: dict[tuple[int, int], tuple[int, int, int]] = {}
+
+    def window_need(self, columns: int, window: int) -> tuple[int, int, int]:
+        """(row, P, its columns) of the row with a prefix that needs the most of a sliding window of `window`, at
+        a layer whose attention got `columns` keys: its P virtual tokens and its columns, which are the pass's
+        (before a sliding cache dropped its oldest ones) less the padding columns a mixed batch's prompt layout put
+        before the row, which it masks out and does not have alone. The row's own padding counts, as it does alone
+        and in PEFT's prefix cache (which sits before it). Host ints only (no device sync), once per pass."""
+        key = columns, window
+        if key not in self._needs:
+            unused = self.unused
+            if self.total is not None:
+                columns = max(columns, self.total)
+            elif columns >= window:              # a sliding cache may have dropped leading (unused) columns
+                unused = None
+            tokens = (self.tokens,) * self.n if isinstance(self.tokens, int) else self.tokens
+            unused = (0,) * self.n if unused is None else unused
+            _, row = max((p - unused[b], -b) for b, p in enumerate(tokens) if p > 0)   # the first of the most
+            self._needs[key] = -row, tokens[-row], columns - unused[-row]
+        return self._needs[key]
 
     def values(self, dtype: torch.dtype) -> Tensor:
         """(P, width) shared, or (n, P_max, width) per row, in `dtype`; computed at the pass's first layer."""
@@ -284,8 +311,13 @@ class PrefixTuning(AdapterLayer):
             # prefix's gradient, non-reentrant fail in its checks.
             raise ValueError("prefix tuning does not work with gradient checkpointing (as in PEFT); "
                              "model.gradient_checkpointing_disable() first")
-        names, rows, lengths, offsets = found
-        self.context = PrefixContext(self, names, rows, lengths, inputs.shape[0])
+        names, rows, lengths, offsets, tokens = found
+        mask = self._argument("attention_mask", args, kwargs)
+        unused = getattr(mask, UNUSED_COLUMNS, None) if isinstance(mask, Tensor) else None
+        total = self._key_columns(kwargs, inputs.shape[1]) \
+            if getattr(self._model_config, "sliding_window", None) is not None else None
+        self.context = PrefixContext(self, names, rows, lengths, inputs.shape[0], tokens,
+                                     unused if unused is not None and len(unused) == inputs.shape[0] else None, total)
         positions = self._argument("position_ids", args, kwargs)
         positions = self._default_positions(ids, inputs, args, kwargs, offsets) if positions is None \
             else positions + offsets
@@ -295,6 +327,18 @@ class PrefixTuning(AdapterLayer):
         else:
             kwargs = {**kwargs, "position_ids": positions}
         return args, kwargs
+
+    @staticmethod
+    def _key_columns(kwargs: dict, length: int) -> int | None:
+        """The key columns of this pass's attention before a sliding cache drops any: the cached tokens and the
+        `length` new ones, where the cache tells them on the host (not a static cache: its count is a tensor)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            return length
+        if getattr(cache, "is_compileable", False) or not hasattr(cache, "get_seq_length"):
+            return None
+        past = cache.get_seq_length()
+        return past + length if isinstance(past, int) else None
 
     def _default_positions(self, ids: Tensor | None, inputs: Tensor, args: tuple, kwargs: dict, offsets) -> Tensor:
         """The position ids the model would number the tokens with after a cache of P more entries (each row's P,
@@ -319,15 +363,17 @@ class PrefixTuning(AdapterLayer):
         self.context = None   # attention outside a pass of the backbone gets no prefix (see _attention)
 
     def _rows(self, n: int, device: torch.device):
-        """(adapter names, rows, lengths, position offsets) of a batch of n rows, or None when no row has a
-        prefix. One adapter for all rows: rows and lengths None, offsets its P (an int). Else rows (n,) long:
-        0 for none, 1 + k for names[k]; lengths (n,) int32 (None when every row sees all P_max entries);
-        offsets (n, 1) long. Built on the host from the mapping (no device sync), kept per batch size."""
+        """(adapter names, rows, lengths, position offsets, tokens) of a batch of n rows, or None when no row has
+        a prefix. One adapter for all rows: rows and lengths None, offsets and tokens its P (an int). Else rows
+        (n,) long: 0 for none, 1 + k for names[k]; lengths (n,) int32 (None when every row sees all P_max
+        entries); offsets (n, 1) long; tokens each row's P (a tuple). Built on the host from the mapping (no device
+        sync), kept per batch size."""
         if self.batch is None:
             name = self.active_adapter
             if name not in self.encoders:
                 return None
-            return [name], None, None, self.encoders[name].num_virtual_tokens
+            p = self.encoders[name].num_virtual_tokens
+            return [name], None, None, p, p
         key = (device, n)
         self.batch.check_rows(n)                                                   # also on a hit (see check_rows)
         if key not in self._batch_cache:
@@ -337,7 +383,8 @@ class PrefixTuning(AdapterLayer):
             if not names:
                 found = None
             elif len(names) == 1 and all(s in here for s in slots):
-                found = names, None, None, self.encoders[names[0]].num_virtual_tokens
+                p = self.encoders[names[0]].num_virtual_tokens
+                found = names, None, None, p, p
             else:
                 tokens = [self.encoders[here[s]].num_virtual_tokens if s in here else 0 for s in slots]
                 with torch.inference_mode(False):                                  # kept across calls
@@ -346,7 +393,7 @@ class PrefixTuning(AdapterLayer):
                     lengths = None if min(tokens) == max(tokens) else torch.tensor(tokens, dtype=torch.int32,
                                                                                    device=device)
                     offsets = torch.tensor(tokens, dtype=torch.long, device=device).unsqueeze(1)
-                found = names, rows, lengths, offsets
+                found = names, rows, lengths, offsets, tuple(tokens)
             self._batch_cache[key] = found
         return self._batch_cache[key]
 
@@ -476,14 +523,17 @@ def _attention_function(original: str) -> Callable:
             # as it is).
             dtype = torch.get_autocast_dtype(query.device.type)
             query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        window = kwargs.get("sliding_window")
+        if window is not None:
+            row, p, columns = context.window_need(key.shape[2], window)
+            if p + columns > window:
+                # PEFT's prefix, a cache of P, leaves the window of the later queries; here every query sees it all.
+                of_row = f" of row {row}" if context.n > 1 else ""
+                raise ValueError(f"prefix tuning: layer {layer_idx} attends within a sliding window of {window} "
+                                 f"tokens, shorter than the {p} virtual + {columns} tokens{of_row}; a prefix works "
+                                 "with sliding-window attention only while the window holds the whole sequence")
         prefix_k, prefix_v = context.prefix(layer_idx, query.shape[0], query.dtype)
         lengths = context.lengths
-        window = kwargs.get("sliding_window")
-        if window is not None and prefix_k.shape[2] + key.shape[2] > window:
-            # PEFT's prefix, a cache of P, leaves the window of the later queries; here every query sees it all.
-            raise ValueError(f"prefix tuning: layer {layer_idx} attends within a sliding window of {window} tokens, "
-                             f"shorter than the {prefix_k.shape[2]} virtual + {key.shape[2]} tokens; a prefix "
-                             "works with sliding-window attention only while the window holds the whole sequence")
         exact = _exact_layout(module, query, key, value, attention_mask, original, kwargs)
         # Options of the attention function the fused op does not have (Gemma2's logit soft-capping, attention
         # sinks) run the original over [prefix ; keys].

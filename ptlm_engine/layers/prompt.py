@@ -54,6 +54,9 @@ from ptlm_engine.layers.lora import adapter_dtype
 from ptlm_engine.layers.positions import position_rule
 
 LAYER_NAME = "ptlm_prompt"   # the layer's attribute on the model
+# On an attention mask the layer extends by a layout's block: that _Layout's `unused` (a tuple, host ints), for
+# prefix tuning's sliding-window check (layers.prefix), which must not count columns a row masks out for the layout.
+UNUSED_COLUMNS = "_ptlm_prompt_unused_columns"
 
 # Heads whose labels are per sequence (left as they are); causal-LM heads shift per-token labels by one.
 _SEQUENCE_HEADS = ("ForSequenceClassification", "ForMultipleChoice", "ForNextSentencePrediction")
@@ -126,6 +129,7 @@ class _Layout:
     positions (n, qmax): the virtual tokens' positions 0 … q_i−1 (0 at padding).
     copies_first_token (n, 1) bool: rows without virtual tokens, whose padding copies their first token.
     shift (n, 1): q_i, what each row's real positions move up by.
+    unused: Qmax − q_i per row, on the host: the padding columns the layout puts before a row's virtual tokens.
     """
     names: tuple[str, ...]
     qmax: int
@@ -135,6 +139,7 @@ class _Layout:
     positions: Tensor
     copies_first_token: Tensor
     shift: Tensor
+    unused: tuple[int, ...]
 
 
 def _layout(row_names: list[str | None], lengths: dict[str, int], device: torch.device) -> _Layout:
@@ -155,7 +160,15 @@ def _layout(row_names: list[str | None], lengths: dict[str, int], device: torch.
         def tensor(values, dtype=torch.long):
             return torch.tensor(values, dtype=dtype, device=device)
         return _Layout(names, qmax, min(qs) < qmax, tensor(index), tensor(mask, torch.bool), tensor(positions),
-                       tensor([[q == 0] for q in qs], torch.bool), tensor([[q] for q in qs]))
+                       tensor([[q == 0] for q in qs], torch.bool), tensor([[q] for q in qs]),
+                       tuple(qmax - q for q in qs))
+
+
+def _extended_mask(layout: _Layout, mask: Tensor) -> Tensor:
+    """[the layout's block mask ; `mask`], noting on it (UNUSED_COLUMNS) each row's unused leading columns."""
+    extended = torch.cat([layout.mask.to(mask.dtype), mask], dim=1)
+    setattr(extended, UNUSED_COLUMNS, layout.unused)
+    return extended
 
 
 def _cache_length(cache) -> int:
@@ -313,7 +326,7 @@ class PromptTuning(AdapterLayer):
         if mask is not None or layout.padded:
             if mask is None:
                 mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
-            kw["attention_mask"] = torch.cat([layout.mask.to(mask.dtype), mask], dim=1)
+            kw["attention_mask"] = _extended_mask(layout, mask)
         if positions is not None:
             real, virtual = positions + layout.shift, layout.positions                    # (n, L), (n, Qmax)
         elif layout.padded:
@@ -390,7 +403,7 @@ class PromptTuning(AdapterLayer):
             if mask is None:
                 mask = torch.ones(layout.mask.shape[0], cached - layout.qmax + length, dtype=torch.long,
                                   device=layout.mask.device)
-            kw["attention_mask"] = torch.cat([layout.mask.to(mask.dtype), mask], dim=1)
+            kw["attention_mask"] = _extended_mask(layout, mask)
         if positions is not None:
             kw["position_ids"] = positions + layout.shift
         elif layout.padded:

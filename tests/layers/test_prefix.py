@@ -326,6 +326,21 @@ def test_a_sliding_window_holding_prefix_and_sequence_matches_peft_and_a_shorter
         ours(input_ids=ids)
 
 
+def test_window_need_counts_a_row_without_the_prompt_layouts_padding():
+    """PrefixContext.window_need (host ints): the row with a prefix needing the most of the window, its P and its
+    columns: the pass's (before a sliding cache dropped some) less the padding a mixed batch's prompt layout put
+    before it; rows without a prefix need nothing. Where the pass's count is unknown and the layer got a window's
+    worth of keys (a sliding cache may have dropped some), the layout's padding is not taken off."""
+    context = lambda tokens, unused=None, total=None: prefix.PrefixContext(None, [], None, None, 3, tokens, unused,
+                                                                           total)
+    assert context((4, 0, 2), (3, 0, 3), total=10).window_need(10, 12) == (0, 4, 7)
+    assert context((4, 0, 2), (3, 0, 3), total=10).window_need(8, 12) == (0, 4, 7)   # 2 columns dropped
+    assert context((4, 0, 2), (3, 0, 3)).window_need(10, 12) == (0, 4, 7)
+    assert context((4, 0, 2), (3, 0, 3)).window_need(12, 12) == (0, 4, 12)
+    assert context((0, 2, 3)).window_need(5, 12) == (2, 3, 5)
+    assert context(2, (1, 0, 0)).window_need(6, 12) == (1, 2, 6)                      # one adapter: the first
+
+
 @pytest.mark.parametrize("kind", ["gemma2", "qwen2", "mistral"])
 def test_sliding_window_layer_types_match_peft_in_each_generation_step(kind):
     """Gemma2 (layer_types alternating 'sliding_attention' / 'full_attention', soft-capped logits) and Qwen2 with
