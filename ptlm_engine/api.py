@@ -149,6 +149,7 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
     reg.configs[name] = parts[0] if len(parts) == 1 else tuple(parts)
     reg.slots[name], reg.targets[name] = slot, [path for paths in targets for path in paths]
     inject.link_projection_groups(model)   # q/k/v and gate/up LoRA layers of a block run in one grouped op
+    inject.sync_fast_paths(model)          # torch's fused encoder layers would skip the adapter layers
     if reg.disabled:
         _enable_layers(model, False)       # inside disable_adapters the new layers are skipped too
     if len(reg.configs) == 1:
@@ -376,6 +377,7 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
         _not_in_batch(reg, "open another adapter_batch")
         reg.batch = batch
     mapped = set()                                     # the mapped adapters' Parameters
+    hooks = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -388,9 +390,14 @@ def adapter_batch(model: nn.Module, names: Sequence[str | None], static: bool = 
             layer.set_batch(batch)
         if callable(getattr(model, "generate", None)):
             model.generate = _expanding(model.generate, batch)
+        # Each forward pass's inputs tell the layers how many tokens a row holds (AdapterBatch.before_forward).
+        hooks += [model.register_forward_pre_hook(batch.before_forward, with_kwargs=True),
+                  model.register_forward_hook(batch.after_forward, always_call=True)]
         yield model
     finally:
         reg.batch = None
+        for hook in hooks:
+            hook.remove()
         # A block whose layers ran with gradients may leave a graph whose backward runs after it (HF Trainer calls
         # backward after compute_loss): its mapped adapters stay trainable, or autograd would drop their gradients.
         for layer in layers:
@@ -509,6 +516,7 @@ def remove_adapter(model: nn.Module, name: str) -> None:
                 inject.restore(model, path)
     del reg.configs[name], reg.slots[name], reg.targets[name]
     inject.link_projection_groups(model)
+    inject.sync_fast_paths(model)
     if reg.active == name:
         # Every layer was told the name, also those without it: an adapter added later under it must not run.
         reg.active = None
@@ -552,6 +560,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     inject.unlink_projection_groups(model)
     for path, _ in inject.adapter_layers(model):
         inject.restore(model, path)
+    inject.sync_fast_paths(model)
     _release(model, reg)
     for copied, original in flags:
         copied.requires_grad_(original.requires_grad)

@@ -60,6 +60,19 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             inside = name + "."
 
 
+def _walk_aliases(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """As _walk, but a module the model holds under several names (`self.fc2 = self.fc`, a block shared by two
+    parents) is yielded under each of them, first under the name _walk gives it."""
+    inside = None
+    for name, module in model.named_modules(remove_duplicate=False):
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        yield name, module
+        if isinstance(module, AdapterLayer):
+            inside = name + "."
+
+
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """Every module carrying adapters, of any method, by dotted name."""
     return [(name, m) for name, m in _walk(model) if isinstance(m, AdapterLayer)]
@@ -171,10 +184,15 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
     # nn.MultiheadAttention passes out_proj's weight to F.multi_head_attention_forward and never calls the
     # module: a LoRA layer there would change nothing.
-    unused_linears = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    targets = []
-    for name, module in _walk(model):
-        if not name or _within_any(name, config.modules_to_save or []):
+    unused_linears = _unused_linears(model)
+    saved_names = config.modules_to_save or []
+    # A module held under several names (self.fc2 = self.fc) is one target, under its first name: any of its
+    # names selects it, and its LoRA layer takes its place under every name (wrap_for_lora).
+    aliases: dict[int, list[str]] = {}
+    targets, targeted = [], set()
+    for name, module in _walk_aliases(model):
+        aliases.setdefault(id(module), []).append(name)
+        if not name or id(module) in targeted or _within_any(name, saved_names):
             continue
         if id(module) in unused_linears and wanted(name, module):
             if spec == ALL_LINEAR:
@@ -205,7 +223,14 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             raise ValueError(f"target module {name!r} has forward hooks (its own, or accelerate's), which its LoRA "
                              "layer would bypass: it computes the base projection itself; remove them first, or "
                              "leave the module out (exclude_modules)")
-        targets.append(name)
+        targets.append(aliases[id(module)][0])
+        targeted.add(id(module))
+    for target in targets:
+        module = model.get_submodule(target)
+        saved = next((a for a in aliases[id(module)] if _within_any(a, saved_names)), None)
+        if saved is not None:
+            raise ValueError(f"target module {target!r} is also {saved!r}, which lies in modules_to_save "
+                             f"{saved_names!r}: its copies would hold the LoRA layer; leave it out (exclude_modules)")
     _check_fused_experts(model, spec, targets)
     if not targets:
         where = "" if layers is None else f" in layers {sorted(layers)}"
@@ -216,6 +241,12 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if unused:
             warnings.warn(f"LoraConfig.{what} keys {unused} select none of the targeted modules", stacklevel=3)
     return targets
+
+
+def _unused_linears(model: nn.Module) -> set[int]:
+    """The ids of the Linear modules whose weights the model reads directly without calling them: each
+    nn.MultiheadAttention's out_proj."""
+    return {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 def _check_fused_experts(model: nn.Module, spec, targets: list[str]) -> None:
@@ -250,6 +281,7 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
     if not names:
         return []
     found: list[str] = []
+    unused = _unused_linears(model)
     for name, module in _walk(model):
         # PEFT's rule here is a plain suffix (its _set_trainable: "norm" also copies every input_layernorm).
         if not name or not any(name.endswith(n) for n in names) or any(name.startswith(f + ".") for f in found):
@@ -259,6 +291,10 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None, new_layers: 
         if isinstance(module, AdapterLayer) and not isinstance(module, ModulesToSave):
             raise ValueError(f"modules_to_save: {name!r} is an adapter layer ({type(module).__name__}), which the "
                              "API drives itself; choose a module of the model")
+        if id(module) in unused:
+            raise ValueError(f"modules_to_save: {name!r} is an nn.MultiheadAttention's out_proj, whose weight the "
+                             "attention reads directly (the module is never called): its copies would never run; "
+                             "save the whole attention module instead")
         found.append(name)
     if not found:
         raise ValueError(f"modules_to_save {names!r} matched no module of {type(model).__name__}")
@@ -284,9 +320,27 @@ def as_lora_layer(module: nn.Module) -> LoraLinear:
     return module if isinstance(module, LoraLinear) else _builder(module)(module)
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every place the model holds the module `name` (several where it is shared:
+    `self.fc2 = self.fc`), outside adapter layers, `name`'s own first."""
+    module = model.get_submodule(name)
     parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new)
+    first = model.get_submodule(parent_name)
+    holders = [(first, child_name)]
+    for _, parent in _walk(model):
+        if not isinstance(parent, AdapterLayer):
+            holders += [(parent, key) for key, child in parent._modules.items()
+                        if child is module and not (parent is first and key == child_name)]
+    return holders
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module | None) -> None:
+    """Put `new` in place of the module `name` wherever the model holds that module (None: delete it there)."""
+    for parent, key in _holders(model, name):
+        if new is None:
+            delattr(parent, key)
+        else:
+            setattr(parent, key, new)
 
 
 def wrap_for_lora(model: nn.Module, name: str) -> LoraLinear:
@@ -311,12 +365,44 @@ def restore(model: nn.Module, name: str) -> None:
     added to the model rather than wrapping a module)."""
     layer = model.get_submodule(name)
     original = layer.release()
-    if original is None:
-        parent_name, _, child_name = name.rpartition(".")
-        delattr(model.get_submodule(parent_name), child_name)
-        return
-    original.train(layer.training)
+    if original is not None:
+        original.train(layer.training)
     _replace(model, name, original)
+
+
+# --------------------------------------------------------------------------------------- torch's fast paths
+# Attributes an adapted nn.TransformerEncoderLayer / nn.TransformerEncoder keeps while its fast path is off: the
+# value of the switch from before.
+_FAST_PATH_WAS = "ptlm_fast_path_was"
+_NESTED_WAS = "ptlm_nested_tensor_was"
+
+
+def sync_fast_paths(model: nn.Module) -> None:
+    """Keep torch's encoder fast path off wherever adapter layers would miss it (call after adapters are added or
+    removed): in eval mode without gradients (frozen base weights), nn.TransformerEncoderLayer runs one fused op
+    (torch._transformer_encoder_layer_fwd) that reads the weights of self_attn, norm1/2 and linear1/2 and calls
+    none of those modules, so a LoRA or modules_to_save layer on any of them would be skipped silently. An encoder
+    layer holding an adapter layer gets activation_relu_or_gelu = 0 (a per-instance switch that only the fast
+    path reads: the activation itself is `activation`), and an nn.TransformerEncoder over such layers
+    use_nested_tensor = False (its nested-tensor input is for the fast path; the modules refuse it). Both get
+    their own values back once the encoder layer holds no adapter layer."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            _switch(module, "activation_relu_or_gelu", _FAST_PATH_WAS, 0, _holds_adapters(module))
+        elif isinstance(module, nn.TransformerEncoder) and hasattr(module, "use_nested_tensor"):
+            _switch(module, "use_nested_tensor", _NESTED_WAS, False, _holds_adapters(module.layers))
+
+
+def _holds_adapters(module: nn.Module) -> bool:
+    return any(isinstance(m, AdapterLayer) for m in module.modules())
+
+
+def _switch(module: nn.Module, attribute: str, keep: str, off: Any, adapted: bool) -> None:
+    if adapted and keep not in module.__dict__:
+        setattr(module, keep, getattr(module, attribute))
+        setattr(module, attribute, off)
+    elif not adapted and keep in module.__dict__:
+        setattr(module, attribute, module.__dict__.pop(keep))
 
 
 # ------------------------------------------------------------------------------------------------- methods

@@ -7,9 +7,10 @@ AdapterBatch is the per-row mapping that `pe.adapter_batch` hands to every layer
 """
 from __future__ import annotations
 
+import math
 import operator
 import weakref
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -268,6 +269,18 @@ def slot_values(here: Sequence[str | None], values: dict[str, float], dtype: tor
     return torch.tensor([0 if name is None else values[name] for name in here], dtype=dtype, device=device)
 
 
+def _tensors(values: Iterable, depth: int = 2) -> Iterable[Tensor]:
+    """The tensors among `values` and, `depth` levels down, in their mappings, lists and tuples (a batch dict
+    passed as the model's one argument)."""
+    for value in values:
+        if isinstance(value, Tensor):
+            yield value
+        elif depth and isinstance(value, Mapping):
+            yield from _tensors(value.values(), depth - 1)
+        elif depth and isinstance(value, (list, tuple)):
+            yield from _tensors(value, depth - 1)
+
+
 class AdapterBatch:
     """A mixed batch's mapping: one adapter name (None: the base model) per row.
 
@@ -294,6 +307,10 @@ class AdapterBatch:
         # that may run after a remap rewrote the kept ones in place; dropped at each remap.
         self._snapshots: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
         self.expanding = False
+        # Tokens per row (per name: a row generate repeats k times counts k rows' tokens) that the forward pass in
+        # progress shows: its model call's tensor inputs (see before_forward) and its layers' inputs of 3+ dims. A
+        # 2-D layer input of rows·k tokens is read as each row's k tokens one after another only for such a k.
+        self._per_row: set[int] = set()
         # Whether a layer ran with the batch, and whether one did with gradients enabled (a training block).
         self.used = self.trained = False
         # A token while the adapters' Parameters cannot change (each model.generate call; a static block's whole
@@ -318,11 +335,34 @@ class AdapterBatch:
         call, since whether a size fits depends on `expanding`."""
         self._note_call()
         rows = len(self.names)
-        if n != rows and not (self.expanding and n > 0 and n % rows == 0):
+        if not self._fits(n):
             got = f"input of shape {shape}" if shape is not None else f"a batch of {n}"
             must = "a multiple of" if self.expanding else "equal to"
             raise ValueError(f"adapter_batch maps {rows} rows, but a layer got {got}: its batch size (dim 0) must "
                              f"be {must} the number of names")
+
+    def before_forward(self, model, args: tuple, kwargs: dict) -> None:
+        """A forward pass of the model starts (pe.adapter_batch's forward pre-hook on the model): its tensor
+        inputs whose dim 0 is the batch (`check_rows`'s rule) give the tokens per row a flattened layer input may
+        hold: all dims after 0 of an integer or bool tensor (token ids, attention masks), all but the last
+        feature dim of a floating one (embeddings)."""
+        if torch.compiler.is_compiling():
+            return
+        self._per_row = set()
+        rows = len(self.names)
+        for value in _tensors((*args, *kwargs.values())):
+            if value.dim() >= 2 and self._fits(value.shape[0]):
+                features = value.is_floating_point() or value.is_complex()
+                self._per_row.add(value.shape[0] // rows * math.prod(value.shape[1:-1 if features else None]))
+
+    def after_forward(self, model, args: tuple, output) -> None:
+        """The forward pass ended (pe.adapter_batch's forward hook on the model, also on an error)."""
+        if not torch.compiler.is_compiling():
+            self._per_row = set()
+
+    def _fits(self, n: int) -> bool:
+        rows = len(self.names)
+        return n == rows or (self.expanding and n > 0 and n % rows == 0)
 
     def row_slots(self, n: int) -> list[int]:
         """The slot id (-1: none) of each of n rows, on the host; ValueError if n does not fit the mapping."""
@@ -370,7 +410,7 @@ class AdapterBatch:
 
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """For x (..., d_in): (index, segments). index (...) int32 is each token's slot id (its row's; a 2-D x
-        of rows·k tokens holds each row's k tokens one after another);
+        of rows·k tokens holds each row's k tokens one after another, for a k the forward shows: see _per_row);
         segments are the tokens grouped by slot (functional.token_segments over num_slots), which the Triton
         kernels need: made once here for all layers rather than sorted again in each one (None where the
         reference runs, which does not group tokens). Both are kept per input shape for the block's lifetime;
@@ -378,12 +418,25 @@ class AdapterBatch:
         shape = x.shape[:-1]
         n = x.shape[0] if x.dim() >= 2 else 0
         self._note_call()
+        rows = len(self.names)
         # A 2-D x of k tokens per row is a (rows, k, d) batch flattened row-major (OPT's decoder layer feeds fc1
         # and fc2 so): row i owns tokens i·k … i·k+k-1, which is how _token_index repeats a row.
-        if not (x.dim() == 2 and n > 0 and n % len(self.names) == 0):
+        flat = x.dim() == 2 and n != rows and n > 0 and n % rows == 0
+        if not flat:
             self.check_rows(n, tuple(x.shape))                              # also on a hit (see check_rows)
         if torch.compiler.is_compiling():   # a traced graph computes them rather than caching traced tensors
             return self._token_index(x.device, shape), None
+        if flat and rows > 1 and n // rows not in self._per_row:
+            # Nothing shows k tokens per row: the rows may be stacked along dim 0 instead (torch.cat([x, x2]),
+            # two views of one batch), which the row-major reading would give other rows' adapters.
+            seen = f"{sorted(self._per_row)} tokens per row" if self._per_row else "no tokens per row"
+            raise ValueError(f"adapter_batch maps {rows} rows, but a layer got input of shape {tuple(x.shape)}, "
+                             f"read as the rows' {n // rows} tokens each flattened one after another, while the "
+                             f"model's inputs and earlier layers show {seen}: its batch size (dim 0) must be equal "
+                             "to the number of names, or its rows' tokens flattened (B·L, d); rows stacked along "
+                             "dim 0 (torch.cat of two views) would get other rows' adapters")
+        if x.dim() >= 3:
+            self._per_row.add(n // rows * math.prod(shape[1:]))
         key = (x.device, shape)
         if key not in self._tokens:
             with torch.inference_mode(False):                                       # kept across calls

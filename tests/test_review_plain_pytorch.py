@@ -334,10 +334,6 @@ def test_adapter_batch_needs_batch_first_inputs_and_says_so(model, ids):
     assert max_diff(mixed, _alone(fl, ids, ["a", None, "a"])) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: AdapterBatch.tokens accepts any 2-D input whose dim 0 is a multiple "
-                   "of the rows as a row-major (rows, k, d) flattening, without a check: a plain model that stacks "
-                   "two views along dim 0 (torch.cat([x, x2]), siamese / contrastive) gets adapters on the wrong "
-                   "rows silently, where the README says the batch size (dim 0) must equal len(names)")
 def test_adapter_batch_2d_input_stacked_along_dim0_is_not_silently_misrouted():
     class TwoViews(nn.Module):
         def __init__(self):
@@ -364,6 +360,73 @@ def test_adapter_batch_2d_input_stacked_along_dim0_is_not_silently_misrouted():
     with pe.disable_adapters(m), torch.no_grad():
         row_base = m(x[1:])
     assert max_diff(mixed, torch.cat([row_a, row_base])) < 1e-5
+
+
+def test_adapter_batch_2d_input_needs_its_tokens_per_row_shown():
+    """A 2-D (rows·k, d) layer input is read as each row's k tokens one after another where the forward shows k
+    tokens per row (the model's inputs: ids (B, k), embeddings (B, k, d); or an earlier layer's (B, k, d)), and is
+    refused otherwise, naming dim 0; a one-row block maps every row to its one adapter either way."""
+    class TwoViews(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x):
+            y = self.fc(torch.cat([x, 2 * x]))
+            return y[: len(x)] + y[len(x):]
+
+    torch.manual_seed(0)
+    m = TwoViews()
+    pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
+    randomize_lora(m)
+    x = torch.randn(2, D)
+    with pytest.raises(ValueError, match=r"maps 2 rows.*shape \(4, 16\).*\[1\] tokens per row.*dim 0"):
+        with pe.adapter_batch(m, ["a", None]), torch.no_grad():
+            m(x)
+    with torch.no_grad():
+        alone = m(x[:1])
+        with pe.adapter_batch(m, ["a"]):
+            assert max_diff(m(x[:1]), alone) < 1e-6
+
+    class Embeds(nn.Module):                            # float (B, L, d) inputs, flattened to (B·L, d)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, x):
+            return self.fc(x.reshape(-1, D)).view(x.shape)
+
+    e = Embeds()
+    pe.add_adapter(e, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
+    randomize_lora(e)
+    x = torch.randn(3, 4, D)
+    with pe.adapter_batch(e, ["a", None, "a"]), torch.no_grad():
+        mixed = e(x)
+        fc = e.fc
+        with pytest.raises(ValueError, match="no tokens per row"):
+            fc(x.reshape(-1, D))                        # a layer called alone: nothing shows 4 tokens per row
+        fc(x)                                           # a (3, 4, d) input shows them
+        assert max_diff(fc(x.reshape(-1, D)).view(x.shape), mixed) < 1e-6
+    assert max_diff(mixed, _alone(e, x, ["a", None, "a"])) < 1e-5
+
+    class BatchDict(nn.Module):                         # one dict argument holding the (B, L, d) embeddings
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, D)
+
+        def forward(self, batch):
+            x = batch["embeds"]
+            return self.fc(x.reshape(-1, D)).view(x.shape)
+
+    b = BatchDict()
+    pe.add_adapter(b, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
+    randomize_lora(b)
+    with pe.adapter_batch(b, ["a", None, "a"]), torch.no_grad():
+        mixed = b({"embeds": x})
+    with torch.no_grad():
+        for i, name in enumerate(["a", None, "a"]):
+            with pe.adapter_batch(b, [name]):
+                assert max_diff(mixed[i], b({"embeds": x[i:i + 1]})[0]) < 1e-5
 
 
 # ------------------------------------------------------------------------------------ torch.nn building blocks
@@ -448,6 +511,18 @@ def test_multihead_attention_itself_refused_clearly():
     assert pe.adapter_configs(m) == {}
 
 
+def test_multihead_attention_out_proj_named_or_saved_is_refused():
+    """nn.MultiheadAttention reads out_proj.weight itself and never calls out_proj: a LoRA layer there, or a
+    modules_to_save copy of it, would never run, so naming it is a clear error (before the model changes)."""
+    m = nn.ModuleDict({"attn": nn.MultiheadAttention(D, H, batch_first=True), "fc": nn.Linear(D, D)})
+    with pytest.raises(ValueError, match="'attn.out_proj' is an nn.MultiheadAttention's out_proj"):
+        pe.add_adapter(m, "a", pe.LoraConfig(r=4, target_modules=["out_proj"]))
+    with pytest.raises(ValueError, match="modules_to_save: 'attn.out_proj' is an nn.MultiheadAttention's out_proj"):
+        pe.add_adapter(m, "a", pe.LoraConfig(r=4, target_modules=["fc"], modules_to_save=["out_proj"]))
+    assert pe.adapter_configs(m) == {} and type(m["fc"]) is nn.Linear
+    assert type(m["attn"].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
 def _randomized_layer(layer, targets):
     pe.add_adapter(layer, "a", pe.LoraConfig(r=4, target_modules=targets))
     randomize_lora(layer)
@@ -483,10 +558,6 @@ def test_transformer_encoder_layer_seq_first_eval():
     assert max_diff(layer(x), y) < 1e-5             # dropout 0: train and eval agree
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: nn.TransformerEncoderLayer(batch_first=True) in eval mode takes "
-                   "torch's fast path (torch._transformer_encoder_layer_fwd) reading linear1/linear2.weight directly "
-                   "(the base weights are frozen, so even with grad enabled), so LoRA on linear1/linear2 is "
-                   "silently ignored in eval; nothing in inject.py detects or refuses it")
 def test_transformer_encoder_layer_fast_path_does_not_drop_lora():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True)
@@ -496,6 +567,36 @@ def test_transformer_encoder_layer_fast_path_does_not_drop_lora():
     with torch.no_grad():
         fast = layer.eval()(x)
     assert max_diff(fast, slow) < 1e-5
+
+
+def test_transformer_encoder_fast_paths_off_while_adapted_and_back_after():
+    """An encoder layer holding an adapter layer (LoRA, a modules_to_save copy) keeps torch's fused eval path off
+    (activation_relu_or_gelu 0), and an nn.TransformerEncoder over it its nested-tensor path (a padding mask in
+    eval), until its last adapter layer goes: then both switches are what they were."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(D, H, 32, dropout=0.0, batch_first=True), 2,
+                                enable_nested_tensor=True)
+    x, pad = torch.randn(2, 5, D), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    assert enc.use_nested_tensor and enc.layers[0].activation_relu_or_gelu == 1
+    pe.add_adapter(enc, "a", pe.LoraConfig(r=4, target_modules=["layers.1.linear2"]))
+    randomize_lora(enc)
+    pe.add_adapter(enc, "b", pe.LoraConfig(r=4, target_modules=["layers.1.linear1"], modules_to_save=["0.norm1"]))
+    randomize_lora(enc, seed=1)
+    with torch.no_grad():
+        enc.layers[0].norm1.modules_to_save["b"].weight.mul_(2.0)
+    assert not enc.use_nested_tensor and [m.activation_relu_or_gelu for m in enc.layers] == [0, 0]
+    for name in ("a", "b"):
+        pe.set_active_adapter(enc, name)
+        slow = enc.train()(x, src_key_padding_mask=pad).detach()
+        with torch.no_grad():
+            fast = enc.eval()(x, src_key_padding_mask=pad)
+        assert max_diff(fast[~pad], slow[~pad]) < 1e-5
+    pe.remove_adapter(enc, "b")                     # layer 0 holds no adapter layer now; layer 1 still does
+    assert not enc.use_nested_tensor and [m.activation_relu_or_gelu for m in enc.layers] == [1, 0]
+    pe.unload(enc)
+    assert enc.use_nested_tensor and [m.activation_relu_or_gelu for m in enc.layers] == [1, 1]
+    assert all("ptlm" not in key for m in enc.modules() for key in vars(m))
 
 
 def test_transformer_decoder_layer_linears():
@@ -525,9 +626,6 @@ class SharedLinear(nn.Module):
         return self.fc2(torch.relu(self.fc(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a Linear shared by two attributes (self.fc2 = self.fc) is wrapped at "
-                   "its first name only (inject._walk uses named_modules(), which drops aliases): calls through the "
-                   "other name run the base Linear, silently, and naming the alias ('fc2') says 'matched no module'")
 def test_shared_linear_gets_the_adapter_at_every_use():
     torch.manual_seed(0)
     m = SharedLinear()
@@ -544,6 +642,25 @@ def test_shared_linear_gets_the_adapter_at_every_use():
         return t @ W.T + b + s * (t @ A.T) @ B.T
     with torch.no_grad():
         assert max_diff(m(x), lin(torch.relu(lin(x)))) < 1e-5
+
+
+def test_shared_linear_named_by_its_alias_is_one_layer_at_both_names():
+    torch.manual_seed(0)
+    m = SharedLinear()
+    x = torch.randn(2, D)
+    base = m(x).detach()
+    pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc2"]))     # the alias alone selects it
+    assert isinstance(m.fc, LoraLinear) and m.fc2 is m.fc and pe.adapter_configs(m)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["fc.lora_A.a.weight", "fc.lora_B.a.weight"]
+    randomize_lora(m)
+    y = m(x)
+    y.sum().backward()
+    assert max_diff(y, base) > 1e-3
+    with pe.adapter_batch(m, ["a", None]), torch.no_grad():
+        mixed = m(x)
+    assert max_diff(mixed[0], y[0]) < 1e-5 and max_diff(mixed[1], base[1]) < 1e-6
+    pe.remove_adapter(m, "a")
+    assert type(m.fc) is nn.Linear and m.fc2 is m.fc and max_diff(m(x), base) < 1e-6
 
 
 def test_shared_linear_unload_restores_both_names():
