@@ -46,25 +46,13 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 
 
 # ------------------------------------------------------------------------------------------------- walking
-def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _walk(model: nn.Module, aliases: bool = False) -> Iterator[tuple[str, nn.Module]]:
     """Every module of the model except those inside adapter layers (lora_A/lora_B, modules_to_save copies,
     the shared children of a ModulesToSave, an adapter's own modules); the adapter layers themselves are
-    included."""
+    included. With `aliases`, a module the model holds under several names (`self.fc2 = self.fc`, a block shared
+    by two parents) comes under each of them, first under the name it has without."""
     inside = None   # named_modules() is depth-first, so an adapter layer's subtree directly follows it
-    for name, module in model.named_modules():
-        if inside is not None and name.startswith(inside):
-            continue
-        inside = None
-        yield name, module
-        if isinstance(module, AdapterLayer):
-            inside = name + "."
-
-
-def _walk_aliases(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """As _walk, but a module the model holds under several names (`self.fc2 = self.fc`, a block shared by two
-    parents) is yielded under each of them, first under the name _walk gives it."""
-    inside = None
-    for name, module in model.named_modules(remove_duplicate=False):
+    for name, module in model.named_modules(remove_duplicate=not aliases):
         if inside is not None and name.startswith(inside):
             continue
         inside = None
@@ -190,7 +178,7 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # names selects it, and its LoRA layer takes its place under every name (wrap_for_lora).
     aliases: dict[int, list[str]] = {}
     targets, targeted = [], set()
-    for name, module in _walk_aliases(model):
+    for name, module in _walk(model, aliases=True):
         aliases.setdefault(id(module), []).append(name)
         if not name or id(module) in targeted or _within_any(name, saved_names):
             continue

@@ -454,28 +454,13 @@ def test_sliding_window_prefix_beyond_window_is_refused(kind, cache, reference_b
 
 
 @pytest.mark.parametrize("kind", ["mistral", "gemma3"])
-def test_sliding_window_prefix_row_next_to_a_prompt_row_equals_alone(kind, reference_backend):
-    """Regression: a prefix row next to a prompt-tuning row was refused although it fits the window alone: the
-    check counted the Qmax padding columns the prompt layout puts before every row (4 virtual + 9 > 12, alone
-    4 + 7)."""
-    mapping = ["p4", "q3"]
-    model = adapted(kind, mapping)
-    ids, mask = left_padded(len(mapping))
-    kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
-    expected = [alone(model, name, lambda: model.generate(ids[row:row + 1], attention_mask=mask[row:row + 1], **kw))
-                for row, name in enumerate(mapping)]        # p4 alone: 4 virtual + at most 7 tokens <= 12
-    with torch.no_grad(), pe.adapter_batch(model, mapping):
-        mixed = model.generate(ids, attention_mask=mask, **kw)
-    for row, one in enumerate(expected):
-        assert torch.equal(mixed[row:row + 1], one), row
-
-
-@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
-def test_sliding_window_prefix_row_next_to_long_prompt_rows_equals_alone(kind, reference_backend):
-    """9 virtual tokens of a prompt row make the mixed sequence (9 + 5 + 2 fed back) longer than the window of 12,
-    so the sliding caches drop their oldest columns, the prefix row's layout padding: the check counts the columns
-    before that drop less that padding (2 virtual + 7 tokens <= 12), and every row equals itself alone."""
-    mapping = ["p2", "q9"]
+@pytest.mark.parametrize("mapping", [["p4", "q3"], ["p2", "q9"]], ids=["prompt_row", "long_prompt_row"])
+def test_sliding_window_prefix_row_next_to_a_prompt_row_equals_alone(kind, mapping, reference_backend):
+    """A prefix row next to a prompt-tuning row that fits the window alone is not refused and equals itself alone.
+    prompt_row (regression): the check counted the Qmax padding columns the prompt layout puts before every row
+    (4 virtual + 9 > 12, alone 4 + 7). long_prompt_row: 9 virtual tokens make the mixed sequence (9 + 5 + 2 fed
+    back) longer than the window of 12, so the sliding caches drop their oldest columns, the prefix row's layout
+    padding: the check counts the columns before that drop less that padding (2 virtual + 7 tokens <= 12)."""
     model = adapted(kind, mapping)
     ids, mask = left_padded(len(mapping))
     kw = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -334,16 +334,19 @@ def test_adapter_batch_needs_batch_first_inputs_and_says_so(model, ids):
     assert max_diff(mixed, _alone(fl, ids, ["a", None, "a"])) < 1e-5
 
 
+class TwoViews(nn.Module):
+    """Two views of one batch stacked along dim 0 through one Linear (siamese / contrastive)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, D)
+
+    def forward(self, x):                               # x (B, d): both views through fc in one call
+        y = self.fc(torch.cat([x, 2 * x]))
+        return y[: len(x)] + y[len(x):]
+
+
 def test_adapter_batch_2d_input_stacked_along_dim0_is_not_silently_misrouted():
-    class TwoViews(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(D, D)
-
-        def forward(self, x):                           # x (B, d): both views through fc in one call
-            y = self.fc(torch.cat([x, 2 * x]))
-            return y[: len(x)] + y[len(x):]
-
     torch.manual_seed(0)
     m = TwoViews()
     pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
@@ -366,15 +369,6 @@ def test_adapter_batch_2d_input_needs_its_tokens_per_row_shown():
     """A 2-D (rows·k, d) layer input is read as each row's k tokens one after another where the forward shows k
     tokens per row (the model's inputs: ids (B, k), embeddings (B, k, d); or an earlier layer's (B, k, d)), and is
     refused otherwise, naming dim 0; a one-row block maps every row to its one adapter either way."""
-    class TwoViews(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(D, D)
-
-        def forward(self, x):
-            y = self.fc(torch.cat([x, 2 * x]))
-            return y[: len(x)] + y[len(x):]
-
     torch.manual_seed(0)
     m = TwoViews()
     pe.add_adapter(m, "a", pe.LoraConfig(r=2, target_modules=["fc"]))
