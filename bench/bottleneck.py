@@ -10,9 +10,9 @@ and biases with torch.autograd.grad against a random dy, so nothing accumulates 
   eager       h + s·F.linear(act(F.linear(h, Wd, bd)), Wu, bu) in plain PyTorch (one adapter)
   ptlm        ptlm_engine.functional.bottleneck_adapter (one adapter) or bottleneck_adapter_multi (mixed batch)
   ptlm_multi  bottleneck_adapter_multi with every token on slot 0 (one adapter): the multi kernels' own cost
-  ptlm_wide   fwd+bwd, one adapter: ptlm with the wide backward at every width (kernels.bottleneck.WIDE_M_PAD
-              lowered to 16: weight gradients and dh in separate kernels), beside ptlm's fused gradient kernel
-              below m = 128
+  ptlm_wide   fwd+bwd: ptlm with the wide backward at every width (kernels.bottleneck.WIDE_M_PAD lowered to
+              16: weight gradients and dh in separate kernels, one adapter or the mixed batch's), beside ptlm's
+              fused gradient kernel where it keeps it (m < 128; one adapter also m = 64 at d >= 2048)
   floor       not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b = bytes per element, A adapters used, Houlsby placement: no separate residual):
@@ -118,14 +118,14 @@ def _forward(provider: str, s: AdapterSet, act: str):
     if provider in ("ptlm", "ptlm_wide") and wd.shape[0] == 1:
         from ptlm_engine.functional import bottleneck_adapter
         return (lambda: bottleneck_adapter(s.h, wd[0], bd[0], wu[0], bu[0], act, SCALE)), [s.h, wd, bd, wu, bu]
-    if provider in ("ptlm", "ptlm_multi"):
+    if provider in ("ptlm", "ptlm_multi", "ptlm_wide"):
         from ptlm_engine.functional import bottleneck_adapter_multi
         return (lambda: bottleneck_adapter_multi(s.h, s.slots, s.index, segments=s.segments)), [s.h, wd, bd, wu, bu]
     raise ValueError(f"unknown provider {provider!r}")
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[AdapterSet], act: str):
-    if provider in ("eager", "ptlm_multi", "ptlm_wide") and shape["adapters"] != 1:
+    if provider in ("eager", "ptlm_multi") and shape["adapters"] != 1:
         return None
     if provider == "ptlm_wide" and mode == "fwd":     # the same forward as ptlm
         return None

@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck import (WIDE_M_PAD, adapter_forward, adapter_rows_backward, chunk_rows, column_shares,
+from . import bottleneck as single
+from .bottleneck import (adapter_forward, adapter_rows_backward, chunk_rows, column_shares,
                          forward_outputs, grad_sums, row_block_and_columns, row_grid, rows_expand, share_columns,
                          wide_chunk_rows, width_tile)
 from .bottleneck_configs import (grads_configs, multi_rows_configs, prune_grads, prune_rows, prune_wide_grads,
@@ -498,7 +499,7 @@ def bottleneck_multi_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor
         _multi_rows_backward.launch((t_bucket(T), D, m_pad, dy.dtype, up_weight.dtype), grid,
             *operands, adapter_index, sizes, scales, acts, T, D, m_max, t_bucket(T), *strides,
             FP32_DOT=fp32_dot, M_PAD=m_pad)
-    if m_pad >= WIDE_M_PAD:
+    if m_pad >= single.WIDE_M_PAD:    # read at each call: bench.bottleneck's ptlm_wide lowers it
         chunk = rows_per_chunk or wide_chunk_rows(T, D, m_pad, h.device)
         chunks = cdiv(T, chunk) + S + 1   # each segment adds at most one partial chunk
         grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * cdiv(m_max, meta["BLOCK_M"]) * chunks,)
