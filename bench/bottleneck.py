@@ -13,6 +13,9 @@ and biases with torch.autograd.grad against a random dy, so nothing accumulates 
   ptlm_wide   fwd+bwd: ptlm with the wide backward at every width (kernels.bottleneck.WIDE_M_PAD lowered to
               16: weight gradients and dh in separate kernels, one adapter or the mixed batch's), beside ptlm's
               fused gradient kernel where it keeps it (m < 128; one adapter also m = 64 at d >= 2048)
+  ptlm_split  one adapter: ptlm with the split forward at every width (kernels.bottleneck.SPLIT_FORWARD_M_PAD
+              lowered to 16: z = h Wd^T + bd in its own GEMM, then y from the stored z), beside ptlm's fused
+              forward kernel where it keeps it (m < 256)
   floor       not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b = bytes per element, A adapters used, Houlsby placement: no separate residual):
@@ -45,7 +48,7 @@ DIMS = [768, 4096]
 WIDTHS = [16, 64, 256]
 TOKENS = [1024, 4096, 16384]
 ADAPTERS = [1, 32]
-PROVIDERS = ["floor", "eager", "ptlm", "ptlm_multi", "ptlm_wide"]
+PROVIDERS = ["floor", "eager", "ptlm", "ptlm_multi", "ptlm_wide", "ptlm_split"]
 MODES = ["fwd", "fwd+bwd"]
 SCALE = 2.0
 SEED = 0
@@ -54,7 +57,8 @@ SMOKE_DIMS, SMOKE_WIDTHS, SMOKE_TOKENS, SMOKE_ADAPTERS = [64], [8], [16, 64], [1
 
 KEYS = ["d", "m", "T", "adapters"]
 TABLE = harness.table_spec(keys=KEYS, ratios=[("ptlm", "eager", "ms"), ("ptlm", "floor", "ms"),
-                                              ("ptlm_multi", "ptlm", "ms"), ("ptlm_wide", "ptlm", "ms")])
+                                              ("ptlm_multi", "ptlm", "ms"), ("ptlm_wide", "ptlm", "ms"),
+                                              ("ptlm_split", "ptlm", "ms")])
 TARGET = 1.25  # ptlm / floor: at least 80% of the floor's bandwidth
 
 
@@ -115,7 +119,7 @@ def _forward(provider: str, s: AdapterSet, act: str):
     if provider == "eager":
         fn = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[act]
         return (lambda: s.h + SCALE * F.linear(fn(F.linear(s.h, wd[0], bd[0])), wu[0], bu[0])), [s.h, wd, bd, wu, bu]
-    if provider in ("ptlm", "ptlm_wide") and wd.shape[0] == 1:
+    if provider in ("ptlm", "ptlm_wide", "ptlm_split") and wd.shape[0] == 1:
         from ptlm_engine.functional import bottleneck_adapter
         return (lambda: bottleneck_adapter(s.h, wd[0], bd[0], wu[0], bu[0], act, SCALE)), [s.h, wd, bd, wu, bu]
     if provider in ("ptlm", "ptlm_multi", "ptlm_wide"):
@@ -125,14 +129,15 @@ def _forward(provider: str, s: AdapterSet, act: str):
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[AdapterSet], act: str):
-    if provider in ("eager", "ptlm_multi") and shape["adapters"] != 1:
+    if provider in ("eager", "ptlm_multi", "ptlm_split") and shape["adapters"] != 1:
         return None
     if provider == "ptlm_wide" and mode == "fwd":     # the same forward as ptlm
         return None
     calls = harness.mode_calls([(*_forward(provider, s, act), s.dy) for s in sets], mode)
-    if provider == "ptlm_wide":
+    if provider in ("ptlm_wide", "ptlm_split"):
         from ptlm_engine.kernels import bottleneck as kernels
-        return [harness.with_setting(kernels, "WIDE_M_PAD", 16, call) for call in calls]
+        setting = "WIDE_M_PAD" if provider == "ptlm_wide" else "SPLIT_FORWARD_M_PAD"
+        return [harness.with_setting(kernels, setting, 16, call) for call in calls]
     return calls
 
 

@@ -10,7 +10,9 @@ y = base + s (a Wu^T + bu), chunk by chunk, each written once. h is read twice (
 mostly from L2) and never written. Saved for backward: z (T x m) in the input dtype, what PyTorch's own
 autograd keeps, half the bytes of fp32 (m/d of y's bytes; d-wide intermediates never touch memory). Where the
 row blocks alone leave SMs idle (small T) a grid axis splits pass 2's columns, each program repeating pass 1
-with Wd from L2.
+with Wd from L2. Width tiles from SPLIT_FORWARD_M_PAD = 256 on run it as two GEMMs instead, z = h Wd^T + bd in
+(BLOCK_T, BLOCK_M) tiles (_down_kernel, z stored), then pass 2 on the stored z (_up_kernel): the fused kernel's
+whole-width fp32 z tile leaves it 32-row blocks there, each reading both weights from L2 again.
 
 Backward, two kernels (g = s dy is never materialised):
 - rows:  da = dy Wu over d; then a = act(z) and dz = s da act'(z), both (T x m) in the input dtype.
@@ -42,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bottleneck_configs import (MAX_SPLIT, grads_configs, prune_grads, prune_rows, prune_wide_grads, rows_configs,
-                                 split_limit, wide_grads_configs)
+from .bottleneck_configs import (MAX_SPLIT, down_configs, grads_configs, prune_down, prune_grads, prune_rows,
+                                 prune_wide_grads, rows_configs, split_limit, wide_grads_configs)
 from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora import _dot
 from .split_state import arrive_last, split_state
@@ -59,6 +61,10 @@ MIN_WIDTH_TILE = 16       # tl.dot needs 16 along every dimension
 # (2026-11-28, the same shapes, fwd+bwd, CUDA graphs).
 WIDE_M_PAD = 128
 WIDE_MIN_D = 2048
+# Width tiles from here on take the split forward (_down_kernel, then _up_kernel): the fused kernel's (BLOCK_T,
+# 256) fp32 z tile left it 32-row blocks, so every 32 rows read Wd and Wu from L2 again (2 GB of L2 reads at
+# d = 4096, T = 16384: 288 us for a 90 us floor, H100, 2026-11-28). The split GEMM keeps 128-row tiles.
+SPLIT_FORWARD_M_PAD = 256
 
 # Activation codes, as in BottleneckSlots.acts (jit code may read only constexpr globals).
 RELU = tl.constexpr(0)
@@ -335,6 +341,61 @@ _forward = TunedLauncher(triton.autotune(
     do_bench=tune_bench)(_forward_kernel))
 
 
+@triton.jit
+def _down_kernel(
+    h_ptr, wd_ptr, bd_ptr, z_ptr,
+    T, D, M, T_BUCKET,
+    stride_ht, stride_hd, stride_wdm, stride_wdd, stride_zt, stride_zm,
+    HAS_BD: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split forward, first GEMM: z = h Wd^T + bd on a (BLOCK_T, BLOCK_M) tile, in z's dtype. A row block's m
+    tiles are neighbours in launch order, so its h rows come from L2 after the first."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tok = ((tl.program_id(0) // tiles_m) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tok < T
+    offs_m = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    z = rows_times_weight(h_ptr, wd_ptr, tok, rows, offs_m, mask_m, D, stride_ht, stride_hd, stride_wdd, stride_wdm,
+                          FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)                              # (BLOCK_T, BLOCK_M)
+    if HAS_BD:
+        z += tl.load(bd_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+    tl.store(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, z.to(z_ptr.dtype.element_ty),
+             mask=rows[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _up_kernel(
+    z_ptr, base_ptr, y_ptr, wu_ptr, bu_ptr,
+    T, D, M, T_BUCKET,
+    stride_zt, stride_zm, stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum,
+    scale,
+    ACT: tl.constexpr, HAS_BU: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Split forward, second GEMM: y = base + s (act(z) Wu^T + bu) on a row block's columns [d_lo, d_hi), the
+    fused kernel's pass 2 on the stored z (act of z as the backward recomputes it, in z's dtype)."""
+    block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
+    tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tok < T
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < M
+    z = tl.load(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=rows[:, None] & mask_m[None, :],
+                other=0.0).to(tl.float32)                                                       # (BLOCK_T, M_PAD)
+    a = tl.where(mask_m[None, :], _activate(z, ACT), 0.0).to(wu_ptr.dtype.element_ty)
+    rows_expand(a, wu_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
+                stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum, 1,
+                True, HAS_BU, FP32_DOT, BLOCK_T, BLOCK_D)
+
+
+_down = TunedLauncher(triton.autotune(
+    down_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_down},
+    do_bench=tune_bench)(_down_kernel))
+_up = TunedLauncher(triton.autotune(
+    rows_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_rows},
+    do_bench=tune_bench)(_up_kernel))
+
+
 def bottleneck_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: torch.Tensor | None,
                        up_weight: torch.Tensor, up_bias: torch.Tensor | None, scale: float, act: int,
                        residual: torch.Tensor | None = None, save_z: bool = True,
@@ -353,6 +414,25 @@ def bottleneck_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     base = h if residual is None else residual
     m_pad = width_tile(M)
     grid = lambda meta: row_grid(T, D, meta, 1, h.device)
+    if m_pad >= SPLIT_FORWARD_M_PAD:
+        if z is None:
+            z = torch.empty((T, M), device=h.device, dtype=h.dtype)                          # (T, m) scratch
+        _down.launch((t_bucket(T), D, m_pad, down_bias is None, h.dtype),
+            lambda meta: (cdiv(T, meta["BLOCK_T"]) * cdiv(M, meta["BLOCK_M"]),),
+            h, down_weight, z if down_bias is None else down_bias, z,
+            T, D, M, t_bucket(T),
+            h.stride(0), h.stride(1), down_weight.stride(0), down_weight.stride(1), z.stride(0), z.stride(1),
+            HAS_BD=down_bias is not None, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+        )
+        _up.launch((t_bucket(T), D, m_pad, act, up_bias is None, h.dtype, base.dtype), grid,
+            z, base, y, up_weight, y if up_bias is None else up_bias,
+            T, D, M, t_bucket(T),
+            z.stride(0), z.stride(1), base.stride(0), base.stride(1), y.stride(0), y.stride(1),
+            up_weight.stride(0), up_weight.stride(1),
+            float(scale),
+            ACT=act, HAS_BU=up_bias is not None, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
+        )
+        return y, (z if save_z else None)
     key = (t_bucket(T), D, m_pad, save_z, act, down_bias is None, up_bias is None, h.dtype, base.dtype)
     _forward.launch(key, grid,
         h, base, y, y if z is None else z, down_weight, y if down_bias is None else down_bias, up_weight,

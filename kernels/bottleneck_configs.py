@@ -40,6 +40,16 @@ def wide_grads_configs():
         (64, 64, 128, 8, 3))]
 
 
+def down_configs():
+    """(BLOCK_T, BLOCK_M) tiles of z = h Wd^T, d streamed in BLOCK_D chunks: the wide forward's first GEMM."""
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_T=16, BLOCK_M=32, BLOCK_D=32)]
+    # (128, 256) and (64, 256) tiles, and (64, 128) on 4 warps, spilled 156-624 B (ptxas for sm_90, Triton 3.6,
+    # unspecialised, 2026-11-28): left out
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_M=bm, BLOCK_D=bd) for bt, bm, bd, w, s in (
+        (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 128, 4, 3))]
+
+
 def multi_rows_configs():
     """The row kernels' tiles for the multi-adapter kernels, fewer: each compiles one copy of the adapter per
     width tile up to the widest slot's (up to five), so every config costs several times the compile time."""
@@ -81,6 +91,17 @@ def prune_wide_grads(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t) and c.kwargs["BLOCK_M"] <= m_pad
             and 2 * c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_M"] <= 128 * 32 * c.num_warps
             and _fits(c, 0, 2 * c.kwargs["BLOCK_T"] * (c.kwargs["BLOCK_D"] + c.kwargs["BLOCK_M"]))]
+    return kept or configs[-1:]
+
+
+def prune_down(configs, named_args, **kwargs):
+    """Tiles within the width, the fp32 tile in up to 128 registers a thread, h and Wd staged; no row tile far
+    larger than T."""
+    args = {**named_args, **kwargs}
+    t, m_pad = args["T_BUCKET"], args["M_PAD"]
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t) and c.kwargs["BLOCK_M"] <= m_pad
+            and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_M"] <= 128 * 32 * c.num_warps
+            and _fits(c, 0, (c.kwargs["BLOCK_T"] + c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_D"])]
     return kept or configs[-1:]
 
 

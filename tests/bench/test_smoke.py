@@ -291,10 +291,10 @@ def test_prefix_attention_smoke_and_floor(tmp_path):
 
 def test_bottleneck_smoke_rows_floor_and_providers(tmp_path):
     results = bottleneck.main(["--smoke", "--out", str(tmp_path), "--tokens", "16", *FAST])
-    # one adapter: floor, eager, ptlm, ptlm_multi and ptlm_wide (fwd+bwd only); a mixed batch of 4: floor, ptlm,
-    # ptlm_wide (fwd+bwd only); two modes each
-    assert len(results.rows) == 14 and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in results.rows)
-    assert "| d | m | T | adapters | mode | timing | floor | eager | ptlm | ptlm_multi | ptlm_wide |" in \
+    # one adapter: floor, eager, ptlm, ptlm_multi, ptlm_wide (fwd+bwd only) and ptlm_split; a mixed batch of 4:
+    # floor, ptlm, ptlm_wide (fwd+bwd only); two modes each
+    assert len(results.rows) == 16 and all(r["ms"] > 0 and r["floor_ms"] > 0 for r in results.rows)
+    assert "| d | m | T | adapters | mode | timing | floor | eager | ptlm | ptlm_multi | ptlm_split | ptlm_wide |" in \
         (tmp_path / "bottleneck.md").read_text()
     assert any("mixed batch / one adapter" in n for n in results.notes)
     shape = {"d": 4096, "m": 64, "T": 16384, "adapters": 1}

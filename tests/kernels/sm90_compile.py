@@ -156,6 +156,8 @@ KERNELS = {
                                                  "seed_ptr": "*i64", "out_ptr": "*fp32"}, [dict(MASK_G=True)]),
     "bottleneck.forward": (B._forward, BOTTLENECK_FORWARD,
                            [dict(ACT=1, HAS_BD=True, HAS_BU=False, STORE_Z=True, M_PAD=64)]),
+    "bottleneck.down": (B._down, BOTTLENECK_FORWARD, [dict(HAS_BD=True, M_PAD=256)]),
+    "bottleneck.up": (B._up, BOTTLENECK_FORWARD, [dict(ACT=1, HAS_BU=True, M_PAD=256)]),
     "bottleneck.rows_backward": (B._rows_backward, BOTTLENECK_ROWS, [dict(ACT=2, M_PAD=64)]),
     "bottleneck.grads": (B._grads, {**BOTTLENECK_GRADS, "part_ptr": "*fp32", "count_ptr": "*i32"},
                          [dict(ADD_DY=True, NEED_DH=True, M_PAD=64)]),

@@ -92,6 +92,24 @@ def test_wide_backward(T, d, m, act, dtype, residual, biases, strided, rows_per_
     _check_case(T, d, m, act, dtype, residual, biases, strided, rows_per_chunk)
 
 
+@pytest.mark.parametrize("T,d,m,act,dtype,residual,biases,strided", [
+    (37, 72, 40, "gelu", torch.float32, False, True, False),     # 2 m tiles of 32, the last ragged
+    (21, 40, 9, "silu", torch.float16, True, False, True),
+    (1, 33, 16, "relu", torch.float32, True, True, False),
+])
+def test_split_forward(T, d, m, act, dtype, residual, biases, strided, monkeypatch):
+    """Width tiles from SPLIT_FORWARD_M_PAD on (lowered here): z = h Wd^T + bd in its own GEMM, then y from the
+    stored z; the fused kernel never launches. Without save_z, y alone (z in a scratch buffer)."""
+    monkeypatch.setattr(K, "SPLIT_FORWARD_M_PAD", 16)
+    monkeypatch.setattr(K._forward, "launch", lambda *a, **k: pytest.fail("the fused forward launched"))
+    torch.manual_seed(T + m)
+    _check_case(T, d, m, act, dtype, residual, biases, strided)
+    h, wd, wu = rand(T, d, dtype=dtype), rand(m, d, dtype=dtype, scale=d ** -0.5), rand(d, m, dtype=dtype)
+    y, z = K.bottleneck_forward(h, wd, None, wu, None, 0.5, BOTTLENECK_ACT_CODES[act], save_z=False)
+    y_z, _ = K.bottleneck_forward(h, wd, None, wu, None, 0.5, BOTTLENECK_ACT_CODES[act])
+    assert z is None and torch.equal(y, y_z)
+
+
 def test_wide_backward_rule_and_half_width_at_large_d(monkeypatch):
     """The wide pair from WIDE_M_PAD on, and from half of it where d >= WIDE_MIN_D (here lowered to a tiny d)."""
     assert K.wide_backward(4096, 64) and K.wide_backward(128, 128) and not K.wide_backward(768, 64)
