@@ -12,7 +12,8 @@ autograd keeps, half the bytes of fp32 (m/d of y's bytes; d-wide intermediates n
 row blocks alone leave SMs idle (small T) a grid axis splits pass 2's columns, each program repeating pass 1
 with Wd from L2. Width tiles from SPLIT_FORWARD_M_PAD = 256 on run it as two GEMMs instead, z = h Wd^T + bd in
 (BLOCK_T, BLOCK_M) tiles (_down_kernel, z stored), then pass 2 on the stored z (_up_kernel): the fused kernel's
-whole-width fp32 z tile leaves it 32-row blocks there, each reading both weights from L2 again.
+whole-width fp32 z tile leaves it 32-row blocks there, each reading both weights from L2 again. The backward's
+rows kernel takes the same GEMM tiles there (_rows_backward_tiled_kernel).
 
 Backward, two kernels (g = s dy is never materialised):
 - rows:  da = dy Wu over d; then a = act(z) and dz = s da act'(z), both (T x m) in the input dtype.
@@ -45,7 +46,8 @@ import triton
 import triton.language as tl
 
 from .bottleneck_configs import (MAX_SPLIT, down_configs, grads_configs, prune_down, prune_grads, prune_rows,
-                                 prune_wide_grads, rows_configs, split_limit, wide_grads_configs)
+                                 prune_wide_grads, rows_configs, rows_tiled_configs, split_limit,
+                                 wide_grads_configs)
 from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora import _dot
 from .split_state import arrive_last, split_state
@@ -111,6 +113,12 @@ def forward_outputs(h: torch.Tensor, width: int, save_z: bool,
 def wide_backward(D: int, m_pad: int) -> bool:
     """Whether the backward of a width tile m_pad at hidden size D takes the wide pair of gradient kernels."""
     return m_pad >= WIDE_M_PAD or (2 * m_pad >= WIDE_M_PAD and D >= WIDE_MIN_D)
+
+
+def split_forward(m_pad: int) -> bool:
+    """Whether a width tile m_pad takes the split forward (two GEMMs), and the backward's rows kernel in GEMM
+    tiles over m likewise."""
+    return m_pad >= SPLIT_FORWARD_M_PAD
 
 
 def wide_chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
@@ -260,6 +268,14 @@ def adapter_rows_backward(
     mask_m = offs_m < width
     da = rows_times_weight(dy_ptr, wu_ptr, tok, rows, offs_m, mask_m, D, stride_dyt, stride_dyd, stride_wud,
                            stride_wum, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+    store_a_dz(da, z_ptr, a_ptr, dz_ptr, tok, rows, offs_m, mask_m, scale, act, stride_zt, stride_zm, stride_at,
+               stride_am)
+
+
+@triton.jit
+def store_a_dz(da, z_ptr, a_ptr, dz_ptr, tok, rows, offs_m, mask_m, scale, act, stride_zt, stride_zm, stride_at,
+               stride_am):
+    """Given da on the rows `rows` x columns offs_m: stores a = act(z) and dz = s da act'(z) there."""
     mask = rows[:, None] & mask_m[None, :]
     z = tl.load(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=mask, other=0.0)
     a, grad = _activate_with_grad(z.to(tl.float32), act)
@@ -414,7 +430,7 @@ def bottleneck_forward(h: torch.Tensor, down_weight: torch.Tensor, down_bias: to
     base = h if residual is None else residual
     m_pad = width_tile(M)
     grid = lambda meta: row_grid(T, D, meta, 1, h.device)
-    if m_pad >= SPLIT_FORWARD_M_PAD:
+    if split_forward(m_pad):
         if z is None:
             z = torch.empty((T, M), device=h.device, dtype=h.dtype)                          # (T, m) scratch
         _down.launch((t_bucket(T), D, m_pad, down_bias is None, h.dtype),
@@ -463,9 +479,34 @@ def _rows_backward_kernel(
                           FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
 
 
+@triton.jit
+def _rows_backward_tiled_kernel(
+    dy_ptr, z_ptr, wu_ptr, a_ptr, dz_ptr,
+    T, D, M, T_BUCKET,
+    stride_dyt, stride_dyd, stride_zt, stride_zm, stride_wud, stride_wum, stride_at, stride_am,
+    scale,
+    ACT: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The split path's rows kernel (wide bottlenecks): da = dy Wu on a (BLOCK_T, BLOCK_M) GEMM tile, then a and
+    dz there. A row block's m tiles are neighbours in launch order (dy's rows from L2 after the first)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tok = ((tl.program_id(0) // tiles_m) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tok < T
+    offs_m = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    da = rows_times_weight(dy_ptr, wu_ptr, tok, rows, offs_m, mask_m, D, stride_dyt, stride_dyd, stride_wud,
+                           stride_wum, FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)                   # (BLOCK_T, BLOCK_M)
+    store_a_dz(da, z_ptr, a_ptr, dz_ptr, tok, rows, offs_m, mask_m, scale, ACT, stride_zt, stride_zm, stride_at,
+               stride_am)
+
+
 _rows_backward = TunedLauncher(triton.autotune(
     rows_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_rows},
     do_bench=tune_bench)(_rows_backward_kernel))
+_rows_backward_tiled = TunedLauncher(triton.autotune(
+    rows_tiled_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_down},
+    do_bench=tune_bench)(_rows_backward_tiled_kernel))
 
 
 @triton.jit
@@ -624,15 +665,19 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
             up_weight.new_zeros((D, M), dtype=up_dtype), up_weight.new_zeros((D,), dtype=up_dtype)
     m_pad = width_tile(M)
     a_dz = torch.empty((2, T, M), device=h.device, dtype=h.dtype)       # a = act(z) and dz, one layout
-    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]),)
-    _rows_backward.launch((t_bucket(T), D, m_pad, act, dy.dtype), grid,
-        dy, z, up_weight, a_dz[0], a_dz[1],
-        T, D, M, t_bucket(T),
-        dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), up_weight.stride(0), up_weight.stride(1),
-        a_dz.stride(1), a_dz.stride(2),
-        float(scale),
-        ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad,
-    )
+    rows_args = (dy, z, up_weight, a_dz[0], a_dz[1],
+                 T, D, M, t_bucket(T),
+                 dy.stride(0), dy.stride(1), z.stride(0), z.stride(1), up_weight.stride(0), up_weight.stride(1),
+                 a_dz.stride(1), a_dz.stride(2),
+                 float(scale))
+    rows_key = (t_bucket(T), D, m_pad, act, dy.dtype)
+    if split_forward(m_pad):
+        tiles = lambda meta: (cdiv(T, meta["BLOCK_T"]) * cdiv(M, meta["BLOCK_M"]),)
+        _rows_backward_tiled.launch(rows_key, tiles,
+                                    *rows_args, ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad)
+    else:
+        _rows_backward.launch(rows_key, lambda meta: (cdiv(T, meta["BLOCK_T"]),),
+                              *rows_args, ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad)
     wide = wide_backward(D, m_pad)
     chunk = rows_per_chunk or (wide_chunk_rows if wide else chunk_rows)(T, D, m_pad, h.device)
     chunks = cdiv(T, chunk)

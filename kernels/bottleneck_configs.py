@@ -50,6 +50,15 @@ def down_configs():
         (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 8, 3), (64, 64, 128, 4, 3))]
 
 
+def rows_tiled_configs():
+    """(BLOCK_T, BLOCK_M) tiles of da = dy Wu for the wide bottlenecks' rows kernel, whose epilogue also holds z
+    and act'(z): 128-row tiles spilled 0.7-1 KB there (ptxas for sm_90, Triton 3.6, unspecialised, 2026-11-28)."""
+    if INTERPRETED:
+        return down_configs()
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_M=bm, BLOCK_D=bd) for bt, bm, bd, w, s in (
+        (64, 128, 64, 8, 3), (64, 64, 128, 4, 3), (64, 64, 64, 8, 3), (32, 128, 64, 4, 3))]
+
+
 def multi_rows_configs():
     """The row kernels' tiles for the multi-adapter kernels, fewer: each compiles one copy of the adapter per
     width tile up to the widest slot's (up to five), so every config costs several times the compile time."""

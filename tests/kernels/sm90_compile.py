@@ -159,6 +159,7 @@ KERNELS = {
     "bottleneck.down": (B._down, BOTTLENECK_FORWARD, [dict(HAS_BD=True, M_PAD=256)]),
     "bottleneck.up": (B._up, BOTTLENECK_FORWARD, [dict(ACT=1, HAS_BU=True, M_PAD=256)]),
     "bottleneck.rows_backward": (B._rows_backward, BOTTLENECK_ROWS, [dict(ACT=2, M_PAD=64)]),
+    "bottleneck.rows_backward_tiled": (B._rows_backward_tiled, BOTTLENECK_ROWS, [dict(ACT=1, M_PAD=256)]),
     "bottleneck.grads": (B._grads, {**BOTTLENECK_GRADS, "part_ptr": "*fp32", "count_ptr": "*i32"},
                          [dict(ADD_DY=True, NEED_DH=True, M_PAD=64)]),
     "bottleneck.weight_grads": (B._weight_grads, {**BOTTLENECK_GRADS, "part_ptr": "*fp32", "count_ptr": "*i32"},

@@ -99,9 +99,11 @@ def test_wide_backward(T, d, m, act, dtype, residual, biases, strided, rows_per_
 ])
 def test_split_forward(T, d, m, act, dtype, residual, biases, strided, monkeypatch):
     """Width tiles from SPLIT_FORWARD_M_PAD on (lowered here): z = h Wd^T + bd in its own GEMM, then y from the
-    stored z; the fused kernel never launches. Without save_z, y alone (z in a scratch buffer)."""
+    stored z, and the backward's rows kernel in (BLOCK_T, BLOCK_M) tiles; the whole-width kernels never launch.
+    Without save_z, y alone (z in a scratch buffer)."""
     monkeypatch.setattr(K, "SPLIT_FORWARD_M_PAD", 16)
-    monkeypatch.setattr(K._forward, "launch", lambda *a, **k: pytest.fail("the fused forward launched"))
+    for launcher in (K._forward, K._rows_backward):
+        monkeypatch.setattr(launcher, "launch", lambda *a, **k: pytest.fail("a whole-width kernel launched"))
     torch.manual_seed(T + m)
     _check_case(T, d, m, act, dtype, residual, biases, strided)
     h, wd, wu = rand(T, d, dtype=dtype), rand(m, d, dtype=dtype, scale=d ** -0.5), rand(d, m, dtype=dtype)
