@@ -25,8 +25,8 @@ Backward, two kernels (g = s dy is never materialised):
 dy is read twice (once per kernel), h once, dh written once; a and dz (m wide) are re-read per column block,
 mostly from L2. Wide bottlenecks (width tile >= WIDE_M_PAD = 128, or 64 at d >= 2048: wide_backward) split the
 grads kernel in two, since two (BLOCK_D, m) fp32 tiles beside dh's left only 32-column blocks:
-- weight grads: a program owns a (BLOCK_D, BLOCK_M) tile of dWu and dWd^T over one chunk of rows (its m tiles
-         side by side, so dy and h come from HBM once), chunks summed as above;
+- weight grads: a program owns a (BLOCK_D, BLOCK_M) tile of one of dWu, dWd^T over one chunk of rows (one fp32
+         accumulator: m tiles up to 256 wide, so dy and h are read once per m tile), chunks summed as above;
 - input grad:  dh = [dy +] dz Wd, the forward's pass 2 (rows_expand) with dz for a and Wd^T for Wu.
 
 Floor (H100: 3.0 TB/s copy, 790 TFLOP/s bf16; b bytes per element; [..] only with a residual):
@@ -46,8 +46,8 @@ import triton
 import triton.language as tl
 
 from .bottleneck_configs import (MAX_SPLIT, down_configs, grads_configs, prune_down, prune_grads, prune_rows,
-                                 prune_wide_grads, rows_configs, rows_tiled_configs, split_limit,
-                                 wide_grads_configs)
+                                 prune_weight_grad, rows_configs, rows_tiled_configs, split_limit,
+                                 weight_grad_configs)
 from .configs import INTERPRETED, TunedLauncher, cdiv, next_pow2, t_bucket, tune_bench  # noqa: F401
 from .lora import _dot
 from .split_state import arrive_last, split_state
@@ -121,10 +121,11 @@ def split_forward(m_pad: int) -> bool:
     return m_pad >= SPLIT_FORWARD_M_PAD
 
 
-def wide_chunk_rows(T: int, D: int, m_pad: int, device: torch.device) -> int:
-    """Rows per chunk of the wide gradient kernel: one wave of 128 x 128 tiles, one program per SM, the fp32
-    partials of all chunks at most the bytes of dy's and h's rows they sum (chunks * m_pad * 4 <= T)."""
-    tiles = cdiv(D, 128) * cdiv(m_pad, 128)
+def wide_chunk_rows(T: int, D: int, m_pad: int, device: torch.device, gradients: int = 1) -> int:
+    """Rows per chunk of the wide gradient kernel: one wave of 128 x 128 tiles (of each of `gradients` weight
+    gradients a program may own alone), one program per SM, the fp32 partials of all chunks at most the bytes of
+    dy's and h's rows they sum (chunks * m_pad * 4 <= T)."""
+    tiles = gradients * cdiv(D, 128) * cdiv(m_pad, 128)
     chunks = min(MAX_SPLIT, max(1, target_programs(device, per_sm=1) // tiles), max(1, T // (4 * m_pad)))
     return cdiv(T, chunks)
 
@@ -583,6 +584,39 @@ def _grads_kernel(
 
 
 @triton.jit
+def _rows_product(g_ptr, x_ptr, start, end, offs_d, mask_d, offs_m, mask_m, stride_gt, stride_gd, stride_xt,
+                  stride_xm, FP32_DOT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    """Over rows start..end: G[:, offs_d]^T X[:, offs_m] (BLOCK_D, BLOCK_M) and the column sums of G (BLOCK_D,)
+    and X (BLOCK_M,), fp32."""
+    acc = tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32)
+    sum_g = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    sum_x = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        tok = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        live = tok < end
+        g = tl.load(g_ptr + tok[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=live[:, None] & mask_d[None, :],
+                    other=0.0)                                                                  # (BLOCK_T, BLOCK_D)
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_m[None, :] * stride_xm, mask=live[:, None] & mask_m[None, :],
+                    other=0.0)                                                                  # (BLOCK_T, BLOCK_M)
+        acc = _dot(tl.trans(g), x, acc, FP32_DOT)
+        sum_g += tl.sum(g.to(tl.float32), axis=0)
+        sum_x += tl.sum(x.to(tl.float32), axis=0)
+    return acc, sum_g, sum_x
+
+
+@triton.jit
+def _store_weight_grad(acc, bias_d, bias_m, w_ptr, b_ptr, stride_wd, stride_wm, offs_d, mask_d, offs_m, mask_m,
+                       with_bias_d, with_bias_m):
+    """A (BLOCK_D, BLOCK_M) gradient tile at w_ptr + d stride_wd + m stride_wm in w's dtype, and its bias: over d
+    (bias_d at b_ptr + d, with_bias_d) or over m (bias_m at b_ptr + m, with_bias_m)."""
+    tl.store(w_ptr + offs_d[:, None] * stride_wd + offs_m[None, :] * stride_wm, acc.to(w_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & mask_m[None, :])
+    tl.store(b_ptr + offs_d, bias_d.to(b_ptr.dtype.element_ty), mask=mask_d & with_bias_d)
+    tl.store(b_ptr + offs_m, bias_m.to(b_ptr.dtype.element_ty), mask=mask_m & with_bias_m)
+
+
+@triton.jit
 def _weight_grads_kernel(
     dy_ptr, h_ptr, a_ptr, dz_ptr, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
     T, D, M, T_BUCKET, CHUNK, CHUNKS,
@@ -591,24 +625,66 @@ def _weight_grads_kernel(
     FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Wide bottlenecks (WIDE_M_PAD and up): a program owns a (BLOCK_D, BLOCK_M) tile of the weight gradients, no
-    dh (_input_grad_kernel's). The m tiles of a column block run side by side, their dy and h rows read once from
-    HBM; a chunk's tiles run side by side, its a, dz rows in L2."""
+    """Wide bottlenecks (wide_backward): a program owns a (BLOCK_D, BLOCK_M) tile of ONE weight gradient over one
+    chunk of rows: dWu = s dy^T a (its m tile 0 also dbu = s sum dy) or dWd^T = h^T dz (its d tile 0 also
+    dbd = sum dz). One fp32 accumulator leaves room for m tiles twice as wide as a program holding both (each m
+    tile re-reads its dy or h columns). A chunk's tiles run side by side, its rows in L2. Several chunks: partials
+    per chunk [dWu (D, M) | dWd (M, D) | dbu (D) | dbd (M)], the last of a tile's chunks to arrive adds them up in
+    chunk order (deterministic) and stores the gradient."""
     num_m = tl.cdiv(M, BLOCK_M)
     num_d = tl.cdiv(D, BLOCK_D)
-    pid_m = tl.program_id(0) % num_m
-    pid_d = (tl.program_id(0) // num_m) % num_d
-    chunk = tl.program_id(0) // (num_m * num_d)
+    tiles = num_m * num_d
+    pid = tl.program_id(0)
+    pid_m = pid % num_m
+    pid_d = (pid // num_m) % num_d
+    which = (pid // tiles) % 2                        # 0: dWu and dbu; 1: dWd and dbd
+    chunk = pid // (2 * tiles)
     start = chunk * CHUNK
+    end = tl.minimum(T, start + CHUNK)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_wu, d_wd, d_bu, d_bd = grad_sums(
-        dy_ptr, h_ptr, a_ptr, dz_ptr, dy_ptr, dy_ptr, dy_ptr, start, tl.minimum(T, start + CHUNK), offs_d,
-        pid_m * BLOCK_M, M, D,
-        stride_dyt, stride_dyd, stride_ht, stride_hd, stride_at, stride_am, 0, 0, 0, 0,
-        False, False, False, FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)
-    _finish_grads(scale * d_wu, d_wd, scale * d_bu, d_bd, dwu_ptr, dwd_ptr, dbu_ptr, dbd_ptr, part_ptr, count_ptr,
-                  chunk, CHUNKS, pid_d * num_m + pid_m, offs_d, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), D, M,
-                  pid_m == 0, pid_d == 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_d = offs_d < D
+    mask_m = offs_m < M
+    if which == 0:
+        acc, bias_d, bias_m = _rows_product(dy_ptr, a_ptr, start, end, offs_d, mask_d, offs_m, mask_m, stride_dyt,
+                                            stride_dyd, stride_at, stride_am, FP32_DOT, BLOCK_T, BLOCK_D, BLOCK_M)
+        acc = scale * acc
+        bias_d = scale * bias_d
+    else:
+        acc, bias_d, bias_m = _rows_product(h_ptr, dz_ptr, start, end, offs_d, mask_d, offs_m, mask_m, stride_ht,
+                                            stride_hd, stride_at, stride_am, FP32_DOT, BLOCK_T, BLOCK_D, BLOCK_M)
+    with_bias_d = (which == 0) & (pid_m == 0)       # dbu over d, once per d tile
+    with_bias_m = (which == 1) & (pid_d == 0)       # dbd over m, once per m tile
+    last = pid >= 0                                 # this program stores the gradient (one chunk: every one)
+    if CHUNKS > 1:
+        # this gradient's place among a chunk's partials (fp32, dWd stored (M, D) as the gradient)
+        stride_wd = tl.where(which == 0, M, 1)
+        stride_wm = tl.where(which == 0, 1, D)
+        w_off = which * D * M
+        b_off = 2 * D * M + which * D
+        part = part_ptr + chunk * (2 * D * M + D + M)
+        _store_weight_grad(acc, bias_d, bias_m, part + w_off, part + b_off, stride_wd, stride_wm, offs_d, mask_d,
+                           offs_m, mask_m, with_bias_d, with_bias_m)
+        tile = which * tiles + pid_d * num_m + pid_m
+        last = arrive_last(count_ptr, tile, CHUNKS)
+        if last:
+            tl.atomic_xchg(count_ptr + tile, 0)
+            acc = tl.zeros_like(acc)
+            bias_d = tl.zeros_like(bias_d)
+            bias_m = tl.zeros_like(bias_m)
+            for c in range(CHUNKS):
+                part = part_ptr + c * (2 * D * M + D + M)
+                acc += tl.load(part + w_off + offs_d[:, None] * stride_wd + offs_m[None, :] * stride_wm,
+                               mask=mask_d[:, None] & mask_m[None, :], other=0.0, cache_modifier=".cg")
+                bias_d += tl.load(part + b_off + offs_d, mask=mask_d & with_bias_d, other=0.0, cache_modifier=".cg")
+                bias_m += tl.load(part + b_off + offs_m, mask=mask_m & with_bias_m, other=0.0, cache_modifier=".cg")
+    if last:
+        if which == 0:
+            _store_weight_grad(acc, bias_d, bias_m, dwu_ptr, dbu_ptr, M, 1, offs_d, mask_d, offs_m, mask_m,
+                               with_bias_d, False)
+        else:
+            _store_weight_grad(acc, bias_d, bias_m, dwd_ptr, dbd_ptr, 1, D, offs_d, mask_d, offs_m, mask_m, False,
+                               with_bias_m)
 
 
 @triton.jit
@@ -637,7 +713,7 @@ _grads = TunedLauncher(triton.autotune(
     grads_configs(), key=["T_BUCKET", "D", "M_PAD", "NEED_DH"], prune_configs_by={"early_config_prune": prune_grads},
     do_bench=tune_bench)(_grads_kernel))
 _weight_grads = TunedLauncher(triton.autotune(
-    wide_grads_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_wide_grads},
+    weight_grad_configs(), key=["T_BUCKET", "D", "M_PAD"], prune_configs_by={"early_config_prune": prune_weight_grad},
     do_bench=tune_bench)(_weight_grads_kernel))
 _input_grad = TunedLauncher(triton.autotune(
     rows_configs(), key=["T_BUCKET", "D", "M_PAD", "ADD_DY"], prune_configs_by={"early_config_prune": prune_rows},
@@ -679,14 +755,15 @@ def bottleneck_backward(dy: torch.Tensor, h: torch.Tensor, z: torch.Tensor, down
         _rows_backward.launch(rows_key, lambda meta: (cdiv(T, meta["BLOCK_T"]),),
                               *rows_args, ACT=act, FP32_DOT=h.dtype == torch.float32, M_PAD=m_pad)
     wide = wide_backward(D, m_pad)
-    chunk = rows_per_chunk or (wide_chunk_rows if wide else chunk_rows)(T, D, m_pad, h.device)
+    chunk = rows_per_chunk or (wide_chunk_rows(T, D, m_pad, h.device, gradients=2) if wide
+                               else chunk_rows(T, D, m_pad, h.device))
     chunks = cdiv(T, chunk)
     d_wu, d_bu = up_weight.new_empty((D, M), dtype=up_dtype), up_weight.new_empty((D,), dtype=up_dtype)
     d_wd, d_bd = down_weight.new_empty((M, D), dtype=down_dtype), down_weight.new_empty((M,), dtype=down_dtype)
-    counters, part = (split_state(h.device, cdiv(D, 16) * cdiv(m_pad, 16), chunks * (2 * D * M + D + M))
+    counters, part = (split_state(h.device, 2 * cdiv(D, 16) * cdiv(m_pad, 16), chunks * (2 * D * M + D + M))
                       if chunks > 1 else (d_wu, d_wu))
     if wide:
-        grid = lambda meta: (cdiv(D, meta["BLOCK_D"]) * cdiv(M, meta["BLOCK_M"]) * chunks,)
+        grid = lambda meta: (2 * cdiv(D, meta["BLOCK_D"]) * cdiv(M, meta["BLOCK_M"]) * chunks,)
         _weight_grads.launch((t_bucket(T), D, m_pad, dy.dtype), grid,
             dy, h, a_dz[0], a_dz[1], d_wu, d_wd, d_bu, d_bd, part, counters,
             T, D, M, t_bucket(T), chunk, chunks,

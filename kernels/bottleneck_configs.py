@@ -59,6 +59,16 @@ def rows_tiled_configs():
         (64, 128, 64, 8, 3), (64, 64, 128, 4, 3), (64, 64, 64, 8, 3), (32, 128, 64, 4, 3))]
 
 
+def weight_grad_configs():
+    """(BLOCK_D, BLOCK_M) tiles of one weight gradient (dWu or dWd^T, one fp32 accumulator) x one chunk of rows:
+    the one-adapter wide backward. Wider m tiles than wide_grads_configs' (which hold both gradients): a tile
+    reads its chunk's dy or h columns once per m tile, its a or dz columns once per d tile (from L2)."""
+    if INTERPRETED:
+        return [_cfg(4, 1, BLOCK_T=16, BLOCK_D=32, BLOCK_M=32)]
+    return [_cfg(w, s, BLOCK_T=bt, BLOCK_D=bd, BLOCK_M=bm) for bt, bd, bm, w, s in (
+        (64, 128, 128, 8, 3), (32, 128, 256, 8, 3), (64, 128, 64, 4, 3), (32, 256, 128, 8, 3), (64, 64, 128, 4, 3))]
+
+
 def multi_rows_configs():
     """The row kernels' tiles for the multi-adapter kernels, fewer: each compiles one copy of the adapter per
     width tile up to the widest slot's (up to five), so every config costs several times the compile time."""
@@ -111,6 +121,16 @@ def prune_down(configs, named_args, **kwargs):
     kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t) and c.kwargs["BLOCK_M"] <= m_pad
             and c.kwargs["BLOCK_T"] * c.kwargs["BLOCK_M"] <= 128 * 32 * c.num_warps
             and _fits(c, 0, (c.kwargs["BLOCK_T"] + c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_D"])]
+    return kept or configs[-1:]
+
+
+def prune_weight_grad(configs, named_args, **kwargs):
+    """Tiles within the width, the fp32 tile in up to 128 registers a thread; no row tile far larger than T."""
+    args = {**named_args, **kwargs}
+    t, m_pad = args["T_BUCKET"], args["M_PAD"]
+    kept = [c for c in configs if c.kwargs["BLOCK_T"] <= max(16, t) and c.kwargs["BLOCK_M"] <= m_pad
+            and c.kwargs["BLOCK_D"] * c.kwargs["BLOCK_M"] <= 128 * 32 * c.num_warps
+            and _fits(c, 0, c.kwargs["BLOCK_T"] * (c.kwargs["BLOCK_D"] + c.kwargs["BLOCK_M"]))]
     return kept or configs[-1:]
 
 
