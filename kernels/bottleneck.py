@@ -207,6 +207,22 @@ def rows_times_weight(x_ptr, w_ptr, tok, rows, offs_m, mask_m, D, stride_xt, str
 
 
 @triton.jit
+def gemm_tile(x_ptr, w_ptr, T, D, M, stride_xt, stride_xd, stride_wd, stride_wm, FP32_DOT: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (BLOCK_T, BLOCK_M) tile of x W over all of d, fp32 (x (T, D); W[d, m] at w_ptr + d stride_wd
+    + m stride_wm), with its (tok, rows, offs_m, mask_m). A row block's m tiles are neighbours in launch order, so
+    its x rows come from L2 after the first."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tok = ((tl.program_id(0) // tiles_m) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    rows = tok < T
+    offs_m = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    acc = rows_times_weight(x_ptr, w_ptr, tok, rows, offs_m, mask_m, D, stride_xt, stride_xd, stride_wd, stride_wm,
+                            FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)
+    return acc, tok, rows, offs_m, mask_m
+
+
+@triton.jit
 def adapter_forward(
     h_ptr, base_ptr, y_ptr, z_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr,
     tok, rows, width, scale, act, D, d_lo, d_hi,
@@ -366,15 +382,9 @@ def _down_kernel(
     HAS_BD: tl.constexpr, FP32_DOT: tl.constexpr, M_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Split forward, first GEMM: z = h Wd^T + bd on a (BLOCK_T, BLOCK_M) tile, in z's dtype. A row block's m
-    tiles are neighbours in launch order, so its h rows come from L2 after the first."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tok = ((tl.program_id(0) // tiles_m) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rows = tok < T
-    offs_m = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    z = rows_times_weight(h_ptr, wd_ptr, tok, rows, offs_m, mask_m, D, stride_ht, stride_hd, stride_wdd, stride_wdm,
-                          FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)                              # (BLOCK_T, BLOCK_M)
+    """Split forward, first GEMM: z = h Wd^T + bd on a (BLOCK_T, BLOCK_M) tile, in z's dtype."""
+    z, tok, rows, offs_m, mask_m = gemm_tile(h_ptr, wd_ptr, T, D, M, stride_ht, stride_hd, stride_wdd, stride_wdm,
+                                             FP32_DOT, BLOCK_T, BLOCK_M, BLOCK_D)         # (BLOCK_T, BLOCK_M)
     if HAS_BD:
         z += tl.load(bd_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
     tl.store(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, z.to(z_ptr.dtype.element_ty),
@@ -490,14 +500,9 @@ def _rows_backward_tiled_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """The split path's rows kernel (wide bottlenecks): da = dy Wu on a (BLOCK_T, BLOCK_M) GEMM tile, then a and
-    dz there. A row block's m tiles are neighbours in launch order (dy's rows from L2 after the first)."""
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tok = ((tl.program_id(0) // tiles_m) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rows = tok < T
-    offs_m = (tl.program_id(0) % tiles_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    da = rows_times_weight(dy_ptr, wu_ptr, tok, rows, offs_m, mask_m, D, stride_dyt, stride_dyd, stride_wud,
-                           stride_wum, FP32_DOT, BLOCK_M, BLOCK_T, BLOCK_D)                   # (BLOCK_T, BLOCK_M)
+    dz there."""
+    da, tok, rows, offs_m, mask_m = gemm_tile(dy_ptr, wu_ptr, T, D, M, stride_dyt, stride_dyd, stride_wud,
+                                              stride_wum, FP32_DOT, BLOCK_T, BLOCK_M, BLOCK_D)  # (BLOCK_T, BLOCK_M)
     store_a_dz(da, z_ptr, a_ptr, dz_ptr, tok, rows, offs_m, mask_m, scale, ACT, stride_zt, stride_zm, stride_at,
                stride_am)
 
