@@ -195,7 +195,10 @@ def linear_cross_entropy_op(hidden: Tensor, weight: Tensor, targets: Tensor, ign
     hidden2d = hidden.reshape(-1, d)                                                   # (T, d), a view if it can
     targets1d = targets.reshape(-1).long().contiguous()                                # (T,)
     T = hidden2d.shape[0]
-    if T:  # torch's cross_entropy refuses these too; checked on the device, no host sync (CUDA: at the next sync)
+    # torch's cross_entropy refuses these too; checked on the device, no host sync (CUDA: at the next sync), but
+    # not inside a CUDA-graph capture (its eager warm-up checked the same code path)
+    if T and (hidden.device.type != "cuda" or torch.compiler.is_compiling()
+              or not torch.cuda.is_current_stream_capturing()):
         torch._assert_async(((targets1d == ignore_index) | (targets1d.clamp(0, V - 1) == targets1d)).all(),
                             "linear_cross_entropy: a target outside [0, V) that is not ignore_index")
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
