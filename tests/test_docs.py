@@ -579,21 +579,33 @@ def test_torch_func_grad_runs_on_the_reference_backend():
     assert set(grads) == set(params)
 
 
+RESULTS = REPO / "bench" / "results"
+
+
+def _md_rows(path, first: str) -> list[dict]:
+    """The rows of the Markdown table in `path` whose header starts with `first`, as {header: cell}."""
+    rows, header = [], None
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            header = None
+        elif cells[0] == first:
+            header = cells
+        elif header is not None and not set(cells[0]) <= {"-"}:
+            rows.append(dict(zip(header, cells)))
+    return rows
+
+
 def test_readme_benchmark_table_matches_the_results_file():
-    """README: the H100 table (device time relative to cuBLAS) is bench/results/h100-2026-11-26-s2-suite.md's
-    ptlm/cublas column (graph at T <= 64, plain above), and the training-step numbers are s2-train.md's."""
-    md = (REPO / "bench" / "results" / "h100-2026-11-26-s2-suite.md").read_text()
-    lora = {}
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 14 and cells[0].isdigit():
-            lora[(int(cells[1]), int(cells[3]), cells[4], cells[5])] = float(cells[11])
-    multi = {}
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 21 and cells[0].isdigit() and cells[2] == "32" and cells[3] == "uniform" \
-                and cells[4] == "16" and cells[5] == "0" and cells[7] == "fwd":
-            multi[(int(cells[6]), cells[8])] = float(cells[16])
+    """README: the H100 table (device time relative to cuBLAS, CUDA graphs) is the ptlm/cublas column of
+    bench/results/h100-2026-11-28-s4-lora-train.md (fwd+bwd rows: against the base's fwd+bwd) and of -kernels.md
+    (32 uniform rank-16 adapters), and the training-step numbers are -lora-train.md's."""
+    lora = {(int(r["d_out"]), int(r["T"]), r["mode"]): float(r["ptlm/cublas"])
+            for r in _md_rows(RESULTS / "h100-2026-11-28-s4-lora-train.md", "d_in")
+            if r.get("r") == "16" and r["timing"] == "graph" and r["d_in"] == "4096"}
+    multi = {int(r["T"]): float(r["ptlm/cublas"]) for r in _md_rows(RESULTS / "h100-2026-11-28-s4-kernels.md", "d_in")
+             if (r["adapters"], r["assign"], r["r"], r["base_pct"], r["mode"], r["timing"])
+             == ("32", "uniform", "16", "0", "fwd", "graph")}
     table = re.search(r"\| layer \| T = 1 .*?\n\n", README, re.S).group(0).splitlines()[2:]
     tokens = [1, 16, 64, 1024, 4096]
     rows = {"4096×4096 fwd": (4096, "fwd"), "4096×11008 fwd": (11008, "fwd"),
@@ -605,35 +617,42 @@ def test_readme_benchmark_table_matches_the_results_file():
             if cell == "—":
                 continue
             value = float(re.match(r"[\d.]+", cell).group(0))
-            timing = "graph" if t <= 64 or "(graph)" in cell else "plain"
             if label in rows:
-                d_out, mode = rows[label]
-                measured = lora[(d_out, t, mode, timing)]
+                measured = lora[(*rows[label][:1], t, rows[label][1])]
             else:
                 assert label.startswith("32 adapters"), label
-                measured = multi[(t, timing)]
+                measured = multi[t]
             assert abs(measured - value) <= 0.0051, (label, t, measured, value)
-    train = (REPO / "bench" / "results" / "h100-2026-11-26-s2-train.md").read_text()
-    assert "peft       plain 0.1419 s/step  19.94 GB" in train and "ptlm_fused plain 0.1060 s/step  10.62 GB" in train
-    assert "HF PEFT 0.142 s and 19.9 GB, ptlm with `pe.fuse_base_ops` 0.106 s and 10.6 GB" in README
+    train = (RESULTS / "h100-2026-11-28-s4-lora-train.md").read_text()
+    assert "peft       plain 0.1844 s/step  21.89 GB" in train and "graph 0.1475 s/step" in train
+    assert "ptlm_fused plain 0.1789 s/step  12.58 GB loss 10.150 | graph 0.0878 s/step  14.49 GB" in train
+    text = " ".join(README.split())
+    assert "0.0878 s and 14.5 GB; HF PEFT 0.1844 s and 21.9 GB (0.1475 s captured): 2.10×" in text
+    assert round(0.1844 / 0.0878, 2) == 2.10 and round(0.1475 / 0.0878, 2) == 1.68
 
 
 def test_readme_speed_figures_match_the_results():
-    """README (Benchmarks) states its H100 figures as in bench/results/h100-2026-11-26-s2-suite.md, each with its
-    direction: the prefix forward takes 1.57× SDPA's time; the bottleneck adapter is 2.3× (forward) and 1.45×
-    (forward+backward) faster than eager PyTorch; PEFT's mixed batch is 15–30× slower at T = 256–1024."""
-    md = (REPO / "bench" / "results" / "h100-2026-11-26-s2-suite.md").read_text()
-    prefix = next(line for line in md.splitlines() if line.startswith("| 8 | 32 | 128 | 2048 | 16 | fwd | plain"))
-    cells = [c.strip() for c in prefix.strip("|").split("|")]
-    sdpa_ms, ptlm_ms = float(cells[8]), float(cells[10])
-    bottleneck = next(line for line in md.splitlines() if line.startswith("| 768 | 64 | 16384 | 1 | fwd | graph"))
-    cells = [c.strip() for c in bottleneck.strip("|").split("|")]
-    eager_ms, bn_ms = float(cells[7]), float(cells[8])
+    """README (Benchmarks) states its H100 figures as in bench/results/h100-2026-11-28-s4-kernels.md, each with its
+    direction: prefix attention takes 1.49x / 1.50x SDPA's time; the bottleneck adapter (m 64) is faster than eager
+    PyTorch by 2.45x / 1.76x (d 768) and 2.09x / 1.86x (d 4096, the wide backward), CUDA graphs; PEFT's mixed batch
+    is 73x slower at T = 1024 (plain)."""
+    md = RESULTS / "h100-2026-11-28-s4-kernels.md"
     text = " ".join(README.split())
-    assert "the forward takes 1.57× SDPA's time" in text and "forward 2.3× faster than eager PyTorch" in text
-    assert "15–30× faster than PEFT's mixed batch at T = 256–1024" in text
-    assert round(eager_ms / bn_ms, 1) == 2.3
-    assert round(ptlm_ms / sdpa_ms, 2) == 1.57
+    prefix = {r["mode"]: float(r["ptlm ms"]) / float(r["sdpa_causal ms"]) for r in _md_rows(md, "B")
+              if (r["L"], r["P"], r["timing"]) == ("2048", "16", "plain")}
+    assert (round(prefix["fwd"], 2), round(prefix["fwd+bwd"], 2)) == (1.49, 1.50)
+    assert "1.49× SDPA's time forward, 1.50× forward+backward" in text
+    speedups = {}
+    for r in _md_rows(md, "d"):
+        if (r["m"], r["adapters"], r["timing"]) == ("64", "1", "graph"):
+            ptlm = float(r["ptlm_wide"] if r["d"] == "4096" and r["mode"] == "fwd+bwd" else r["ptlm"])
+            speedups[(r["d"], r["mode"])] = round(float(r["eager"]) / ptlm, 2)
+    assert speedups == {("768", "fwd"): 2.45, ("768", "fwd+bwd"): 1.76, ("4096", "fwd"): 2.09,
+                        ("4096", "fwd+bwd"): 1.86}
+    assert "d 768 forward 2.45×, forward+backward 1.76×; d 4096 2.09× and 1.86×" in text
+    peft = next(float(r["peft/ptlm"]) for r in _md_rows(md, "d_in")
+                if (r["adapters"], r["T"], r["mode"], r["timing"]) == ("32", "1024", "fwd", "plain"))
+    assert round(peft) == 73 and "73× faster than PEFT's mixed batch at T = 1024" in text
 
 
 # ------------------------------------------------------------------------ functional ops: the docstrings' contracts
