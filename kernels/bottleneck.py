@@ -402,17 +402,30 @@ def _up_kernel(
 ):
     """Split forward, second GEMM: y = base + s (act(z) Wu^T + bu) on a row block's columns [d_lo, d_hi), the
     fused kernel's pass 2 on the stored z (act of z as the backward recomputes it, in z's dtype)."""
+    stored_rows_expand(z_ptr, wu_ptr, base_ptr, y_ptr, bu_ptr, T, D, M, scale, ACT, stride_zt, stride_zm,
+                       stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum,
+                       True, True, HAS_BU, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def stored_rows_expand(s_ptr, w_ptr, base_ptr, y_ptr, bu_ptr, T, D, M, scale, act, stride_st, stride_sm,
+                       stride_bt, stride_bd, stride_yt, stride_yd, stride_wd, stride_wm,
+                       ACTIVATE: tl.constexpr, HAS_BASE: tl.constexpr, HAS_BU: tl.constexpr, FP32_DOT: tl.constexpr,
+                       M_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """rows_expand on this program's row block and columns (row_block_and_columns) of a (T, M) tensor read from
+    memory at s_ptr: act(s) with ACTIVATE (zero past M, in W's dtype), else s as stored."""
     block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
     tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     rows = tok < T
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
-    z = tl.load(z_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=rows[:, None] & mask_m[None, :],
-                other=0.0).to(tl.float32)                                                       # (BLOCK_T, M_PAD)
-    a = tl.where(mask_m[None, :], _activate(z, ACT), 0.0).to(wu_ptr.dtype.element_ty)
-    rows_expand(a, wu_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
-                stride_bt, stride_bd, stride_yt, stride_yd, stride_wud, stride_wum, 1,
-                True, HAS_BU, FP32_DOT, BLOCK_T, BLOCK_D)
+    a = tl.load(s_ptr + tok[:, None] * stride_st + offs_m[None, :] * stride_sm, mask=rows[:, None] & mask_m[None, :],
+                other=0.0)                                                                      # (BLOCK_T, M_PAD)
+    if ACTIVATE:
+        a = tl.where(mask_m[None, :], _activate(a.to(tl.float32), act), 0.0).to(w_ptr.dtype.element_ty)
+    rows_expand(a, w_ptr, base_ptr, y_ptr, bu_ptr, tok, rows, offs_m, mask_m, scale, d_lo, d_hi,
+                stride_bt, stride_bd, stride_yt, stride_yd, stride_wd, stride_wm, 1,
+                HAS_BASE, HAS_BU, FP32_DOT, BLOCK_T, BLOCK_D)
 
 
 _down = TunedLauncher(triton.autotune(
@@ -702,16 +715,9 @@ def _input_grad_kernel(
 ):
     """Wide bottlenecks: dh = [dy +] dz Wd on a row block's columns [d_lo, d_hi), the forward's pass 2 with dz
     for a and Wd^T for Wu."""
-    block, d_lo, d_hi = row_block_and_columns(T, D, BLOCK_T, BLOCK_D)
-    tok = (block * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    rows = tok < T
-    offs_m = tl.arange(0, M_PAD)
-    mask_m = offs_m < M
-    dz = tl.load(dz_ptr + tok[:, None] * stride_zt + offs_m[None, :] * stride_zm, mask=rows[:, None] & mask_m[None, :],
-                 other=0.0)                                                                     # (BLOCK_T, M_PAD)
-    rows_expand(dz, wd_ptr, dy_ptr, dh_ptr, dh_ptr, tok, rows, offs_m, mask_m, 1.0, d_lo, d_hi,
-                stride_dyt, stride_dyd, stride_dht, stride_dhd, stride_wdd, stride_wdm, 0,
-                ADD_DY, False, FP32_DOT, BLOCK_T, BLOCK_D)
+    stored_rows_expand(dz_ptr, wd_ptr, dy_ptr, dh_ptr, dh_ptr, T, D, M, 1.0, 0, stride_zt, stride_zm,
+                       stride_dyt, stride_dyd, stride_dht, stride_dhd, stride_wdd, stride_wdm,
+                       False, ADD_DY, False, FP32_DOT, M_PAD, BLOCK_T, BLOCK_D)
 
 
 _grads = TunedLauncher(triton.autotune(
