@@ -140,7 +140,8 @@ def add_adapter(model: nn.Module, name: str, config) -> None:
         reg = AdapterRegistry(base_requires_grad=flags)
         setattr(model, _REGISTRY, reg)
     slot = free_slot(reg.slots.values())
-    with torch.inference_mode(False):      # Parameters, not inference tensors (they train, and the pool stamps them)
+    # Parameters, not inference tensors (they train, and the pool stamps them)
+    with torch.inference_mode(False), inject.replacing(model):
         for method, part, paths in zip(methods, parts, targets):
             for path in paths:
                 method.attach(model, path, name, part, slot)
@@ -509,11 +510,12 @@ def remove_adapter(model: nn.Module, name: str) -> None:
         _unmerge(model, reg)
     if reg.remerge == name:
         reg.remerge = None
-    for path, layer in inject.adapter_layers(model):
-        if name in layer.adapter_names():
-            layer.remove_adapter(name)
-            if not layer.adapter_names():
-                inject.restore(model, path)
+    with inject.replacing(model):
+        for path, layer in inject.adapter_layers(model):
+            if name in layer.adapter_names():
+                layer.remove_adapter(name)
+                if not layer.adapter_names():
+                    inject.restore(model, path)
     del reg.configs[name], reg.slots[name], reg.targets[name]
     inject.link_projection_groups(model)
     inject.sync_fast_paths(model)
@@ -558,8 +560,9 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
     elif reg.merged is not None:
         _unmerge(model, reg)
     inject.unlink_projection_groups(model)
-    for path, _ in inject.adapter_layers(model):
-        inject.restore(model, path)
+    with inject.replacing(model):
+        for path, _ in inject.adapter_layers(model):
+            inject.restore(model, path)
     inject.sync_fast_paths(model)
     _release(model, reg)
     for copied, original in flags:

@@ -5,6 +5,7 @@ and the wrappers keep the original module objects so that `restore` puts back ex
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import warnings
@@ -308,6 +309,25 @@ def as_lora_layer(module: nn.Module) -> LoraLinear:
     return module if isinstance(module, LoraLinear) else _builder(module)(module)
 
 
+# While `replacing` runs: the ids of the modules the model holds under several names, found once.
+_SHARED = "_ptlm_shared_modules"
+
+
+@contextlib.contextmanager
+def replacing(model: nn.Module) -> Iterator[None]:
+    """Around a batch of adapter layers put in or taken out: which modules the model holds under several names is
+    found in one walk for all of them, where each replacement would otherwise walk the model to find a shared
+    module's other places (560 walks of 3,300 modules, ~1 s, for an 80-layer model's all-linear LoRA)."""
+    seen, shared = set(), set()
+    for _, module in _walk(model, aliases=True):
+        (shared if id(module) in seen else seen).add(id(module))
+    model.__dict__[_SHARED] = shared
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_SHARED, None)
+
+
 def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every place the model holds the module `name` (several where it is shared:
     `self.fc2 = self.fc`), outside adapter layers, `name`'s own first."""
@@ -315,6 +335,9 @@ def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
     parent_name, _, child_name = name.rpartition(".")
     first = model.get_submodule(parent_name)
     holders = [(first, child_name)]
+    shared = model.__dict__.get(_SHARED)
+    if shared is not None and id(module) not in shared:
+        return holders
     for _, parent in _walk(model):
         if not isinstance(parent, AdapterLayer):
             holders += [(parent, key) for key, child in parent._modules.items()
@@ -324,7 +347,11 @@ def _holders(model: nn.Module, name: str) -> list[tuple[nn.Module, str]]:
 
 def _replace(model: nn.Module, name: str, new: nn.Module | None) -> None:
     """Put `new` in place of the module `name` wherever the model holds that module (None: delete it there)."""
-    for parent, key in _holders(model, name):
+    holders = _holders(model, name)
+    shared = model.__dict__.get(_SHARED)
+    if shared is not None and new is not None and len(holders) > 1:
+        shared.add(id(new))                        # held under the same names now
+    for parent, key in holders:
         if new is None:
             delattr(parent, key)
         else:
