@@ -213,8 +213,8 @@ GRID_PHASES: dict[str, Callable[..., list[GridPhase]]] = {
     "lora": lora_grids, "lora_ranks": lora_rank_grids, "multi": multi_grids, "grouped": grouped_grids,
     "bottleneck": bottleneck_grids, "prefix": prefix_grids, "base_ops": base_ops_grids}
 ROW_PHASES: dict[str, Callable[..., list[dict]]] = {"model_train": model_train_rows, "model_multi": model_multi_rows}
-TABLES = {lora.OP: lora.TABLE, model_train.OP: model_train.TABLE, base_ops.OP: base_ops.TABLE, lora_multi.OP: lora_multi.TABLE,
-          lora_grouped.OP: lora_grouped.TABLE, bottleneck.OP: bottleneck.TABLE,
+TABLES = {lora.OP: lora.TABLE, model_train.OP: model_train.TABLE, base_ops.OP: base_ops.TABLE,
+          lora_multi.OP: lora_multi.TABLE, lora_grouped.OP: lora_grouped.TABLE, bottleneck.OP: bottleneck.TABLE,
           prefix_attention.OP: prefix_attention.TABLE, model_generate.OP: model_generate.TABLE,
           model_multi_train.OP: model_multi_train.TABLE}
 

@@ -487,7 +487,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--layer-warmup", type=int, default=None, help="untimed calls per layer case (20, smoke 1)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds of the layer cases' calls (10, smoke 1)")
-    p.add_argument("--profile-steps", type=int, default=None, help="cProfiled steps of the last ptlm provider (3, smoke 1)")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="cProfiled steps of the last ptlm provider (3, smoke 1)")
     p.add_argument("--top", type=int, default=15, help="functions listed from the profile")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (8; smoke 2)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (cpu 16, meta 1024; smoke 40)")

@@ -23,9 +23,9 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm_serial     Hopper, where the op launches a shrink then a matmul (not the few tokens it serves in one
                   launch): ptlm with the matmul an ordinary launch after the shrink instead of its programmatic
                   dependent (kernels.configs.PDL off for the call): what the overlap saves
-  ptlm_dense      T <= 64 where the op launches a shrink then the decode matmul: ptlm with the matmul's expand as
-                  one pipelined pass over the batch's slot span (kernels.lora_multi.DENSE_EXPAND on for the call,
-                  off by default until timed) instead of the runs' rounds
+  ptlm_in_loop    T <= 64 where the op launches a shrink then the decode matmul: ptlm with the matmul's expand
+                  inside its K loop, a round a K step (kernels.lora_multi.EXPAND_IN_LOOP on for the call, off by
+                  default until timed) instead of the runs' rounds after the loop
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -69,7 +69,7 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_dense", "ptlm_tma", "ptlm_mean_rank", "gather_bmm",
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_in_loop", "ptlm_tma", "ptlm_mean_rank", "gather_bmm",
              "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
@@ -95,7 +95,7 @@ POINT_KEYS = ["d_in", "d_out", "adapters", "assign", "r", "base_pct", "T"]
 TABLE = harness.table_spec(keys=POINT_KEYS, ratios=[("ptlm", "cublas", "ms"), ("ptlm", "floor", "ms"),
                                                     ("peft", "ptlm", "ms"), ("gather_bmm", "ptlm", "ms"),
                                                     ("ptlm", "ptlm_mean_rank", "ms"), ("ptlm", "ptlm_serial", "ms"),
-                                                    ("ptlm", "ptlm_dense", "ms")])
+                                                    ("ptlm", "ptlm_in_loop", "ms")])
 
 # vLLM's multi-LoRA layer (cuBLAS base GEMM + its lora_shrink / lora_expand, rank 16, bf16, one call captured in
 # a CUDA graph) on the project's H100, ms: /work/shared/design-notes.md. (d_in, d_out, T, adapters) -> ms.
@@ -265,13 +265,12 @@ def serial_applies(shape: dict, x: torch.Tensor) -> bool:
             and not multi_kernels.decode_fuses_shrink(shape["T"], r_max))
 
 
-def dense_applies(shape: dict) -> bool:
-    """ptlm_dense differs from ptlm: the decode matmul expands a given xa (not the few tokens whose matmul shrinks
-    for itself) from a pool of at most DENSE_MAX_SLOTS."""
+def in_loop_applies(shape: dict) -> bool:
+    """ptlm_in_loop differs from ptlm: the decode matmul expands a given xa (not the few tokens whose matmul
+    shrinks for itself)."""
     from ptlm_engine.kernels import lora_multi as multi_kernels
     r_max = 128 if shape["r"] == "mixed" else int(shape["r"])
-    return (shape["T"] <= DECODE_MAX_T and not multi_kernels.decode_fuses_shrink(shape["T"], r_max)
-            and shape["adapters"] <= multi_kernels.DENSE_MAX_SLOTS)
+    return shape["T"] <= DECODE_MAX_T and not multi_kernels.decode_fuses_shrink(shape["T"], r_max)
 
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
@@ -279,7 +278,7 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "ptlm_tma" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "ptlm_serial" and not serial_applies(shape, sets[0].x))
-            or (provider == "ptlm_dense" and not dense_applies(shape))
+            or (provider == "ptlm_in_loop" and not in_loop_applies(shape))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
     if provider == "ptlm_tma":  # forward and backward both on the TMA tile
@@ -290,10 +289,10 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
         from ptlm_engine.kernels import configs as kernel_configs
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
         return [harness.with_setting(kernel_configs, "PDL", False, call) for call in calls]
-    if provider == "ptlm_dense":
+    if provider == "ptlm_in_loop":
         from ptlm_engine.kernels import lora_multi as multi_kernels
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
-        return [harness.with_setting(multi_kernels, "DENSE_EXPAND", True, call) for call in calls]
+        return [harness.with_setting(multi_kernels, "EXPAND_IN_LOOP", True, call) for call in calls]
     return harness.mode_calls([(*_forward(provider, s), s.dy) for s in sets], mode)
 
 
@@ -484,7 +483,7 @@ def summary(rows: list[dict]) -> list[str]:
                   for case, cells in half.items()]
     timing = "graph" if any(t == "graph" for _, _, t, _ in cases) else "plain"   # plain rows are host-bound
     for other, what in (("ptlm_tma", "prefill, pointer tile / TMA tile over sorted rows"),
-                        ("ptlm_dense", "decode, the runs' rounds / one pass over the slot span")):
+                        ("ptlm_in_loop", "decode, the expand after the K loop / inside it")):
         passes = [f"{_label(p)} {mode} {v['ptlm'] / v[other]:.2f}" for p, mode, t, v in cases
                   if t == timing and "ptlm" in v and other in v]
         if passes:

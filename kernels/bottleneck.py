@@ -613,10 +613,10 @@ def _rows_product(g_ptr, x_ptr, start, end, offs_d, mask_d, offs_m, mask_m, stri
     for t0 in range(start, end, BLOCK_T):
         tok = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         live = tok < end
-        g = tl.load(g_ptr + tok[:, None] * stride_gt + offs_d[None, :] * stride_gd, mask=live[:, None] & mask_d[None, :],
-                    other=0.0)                                                                  # (BLOCK_T, BLOCK_D)
-        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_m[None, :] * stride_xm, mask=live[:, None] & mask_m[None, :],
-                    other=0.0)                                                                  # (BLOCK_T, BLOCK_M)
+        g = tl.load(g_ptr + tok[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+                    mask=live[:, None] & mask_d[None, :], other=0.0)          # (BLOCK_T, BLOCK_D)
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + offs_m[None, :] * stride_xm,
+                    mask=live[:, None] & mask_m[None, :], other=0.0)          # (BLOCK_T, BLOCK_M)
         acc = _dot(tl.trans(g), x, acc, FP32_DOT)
         sum_g += tl.sum(g.to(tl.float32), axis=0)
         sum_x += tl.sum(x.to(tl.float32), axis=0)

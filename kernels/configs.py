@@ -153,11 +153,15 @@ def tma_matmul_configs(pre_hook=None):
         (128, 64, 4, 4))]
 
 
-def shrink_configs():
-    """x (T, K) @ A^T (K, r): r is tiny, so small T splits K across programs (atomics) to fill the GPU."""
+def shrink_configs(round_splits: bool = False):
+    """x (T, K) @ A^T (K, r): r is tiny, so small T splits K across programs (atomics) to fill the GPU.
+    round_splits: the multi-adapter shrinks' decode configs also split a row block's rounds of runs
+    (SPLIT_ROUNDS programs side by side, kernels.lora_multi._multi_shrink_kernel)."""
     if INTERPRETED:
         return [_cfg(4, 1, BLOCK_T=16, BLOCK_K=32, SPLIT_K=1)]
     decode = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=128, SPLIT_K=s) for bt in (16, 64) for s in (1, 8, 32)]
+    if round_splits:
+        decode += [_cfg(4, 3, BLOCK_T=16, BLOCK_K=128, SPLIT_K=s, SPLIT_ROUNDS=g) for s in (8, 32) for g in (4, 8)]
     # Prefill splits K 2 or 4 ways too: at T=4096, K=4096 the best unsplit config ran 64 programs on the
     # 132 SMs, 0.030 ms against a 0.011 ms floor (H100, 2026-11-26), 14% of the layer's forward.
     prefill = [_cfg(4, 3, BLOCK_T=bt, BLOCK_K=bk, SPLIT_K=1) for bt in (64, 128) for bk in (64, 128)]
@@ -173,12 +177,13 @@ def weight_grad_configs():
 
 
 def prune_by_t(row_block: str, split: str | None = None):
-    """Drop configs whose row tile is far larger than T, and wide K/T-splits (beyond 4) at T > 1024, where the
-    row blocks alone nearly fill the GPU."""
+    """Drop configs whose row tile is far larger than T, wide K/T-splits (beyond 4) at T > 1024, where the
+    row blocks alone nearly fill the GPU, and split rounds of runs past decode (a prefill block holds few runs)."""
     def prune(configs, named_args, **kwargs):
         t = named_args["T_BUCKET"]
         kept = [c for c in configs if c.kwargs[row_block] <= max(16, t)
-                and (split is None or c.kwargs[split] <= 4 or t <= 1024)]
+                and (split is None or c.kwargs[split] <= 4 or t <= 1024)
+                and (c.kwargs.get("SPLIT_ROUNDS", 1) == 1 or t <= DECODE_MAX_T)]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 
@@ -209,11 +214,11 @@ class TunedLauncher:
             self.configs[key] = config
         return config[0]
 
-    def adds_into_output(self, key: tuple, split: str) -> bool:
-        """Whether the key's programs may add into a shared output (the `split` meta-parameter is not known to
-        be 1): the caller zeroes it then, and skips the memset launch otherwise."""
+    def adds_into_output(self, key: tuple, *splits: str) -> bool:
+        """Whether the key's programs may add into a shared output (a `splits` meta-parameter is not known to be
+        1; one a config leaves out is 1): the caller zeroes it then, and skips the memset launch otherwise."""
         meta = self.chosen(key)
-        return meta is None or meta[split] != 1
+        return meta is None or any(meta.get(split, 1) != 1 for split in splits)
 
     def launch(self, key: tuple, grid, *args, prepared: bool = False, **kwargs):
         """prepared: the caller has done what the key's known config's pre_hook does (`chosen` gave it)."""

@@ -47,10 +47,10 @@ from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, 
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (ROUND_ELEMENTS, TMA_MIN_T, _block_tokens, copy_sorted_rows, dense_expand_applies,
-                         lora_multi_matmul, multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout,
-                         row_scale, shrink_round, shrink_round_pick, shrink_round_step, shrink_round_x, slot_runs,
-                         wait_flags)
+from .lora_multi import (TMA_MIN_T, _block_tokens, copy_sorted_rows, expand_in_loop, lora_multi_matmul,
+                         multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
+                         shrink_round_pick, shrink_round_rows, shrink_round_step, shrink_round_x, shrink_runs,
+                         slot_runs, wait_flags)
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -76,7 +76,7 @@ def _shrink_step(acc, x, offs_t, offs_k, K, a_ptr, R, stride_ar, stride_ak, seed
 
 @triton.jit
 def _store_xa(acc, out_ptr, offs_t, mask_t, R, stride_ot, stride_or, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Write (or, split over K, add) one member's (BLOCK_T, BLOCK_R) xa tile: tokens offs_t, columns below R."""
+    """Write (or, with split programs, add) one member's (BLOCK_T, BLOCK_R) xa tile: tokens offs_t, columns below R."""
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, mask_t[:, None] & (offs_r[None, :] < R), SPLIT_K)
 
@@ -514,16 +514,19 @@ def _grouped_multi_shrink_kernel(
     stride_a2s, stride_a2r, stride_a2k, stride_o2t, stride_o2r,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, DROP0: tl.constexpr, DROP1: tl.constexpr, DROP2: tl.constexpr,
     FP32_DOT: tl.constexpr, STORE_X: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_ROUNDS: tl.constexpr = 1,
 ):
+    """The grid of kernels.lora_multi._multi_shrink_kernel (rounds split SPLIT_ROUNDS ways too), every member's
+    ranks r * 16.. in program (t, r, g * SPLIT_K + k)."""
     if LAUNCH_DEPENDENTS:  # the grouped matmul after this launch may start (it waits for what this one writes)
         gdc_launch_dependents()
     pid_t = tl.program_id(0)
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(2) % SPLIT_K
+    pid_g = tl.program_id(2) // SPLIT_K
     first_r = tl.program_id(1) * BLOCK_R
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
     if STORE_X:  # x's rows in slot-sorted order, once for every member's TMA tile
-        if tl.program_id(1) == 0:
+        if (tl.program_id(1) == 0) & (pid_g == 0):
             copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, stride_xk, SPLIT_K, BLOCK_T,
                              BLOCK_K)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
@@ -531,17 +534,15 @@ def _grouped_multi_shrink_kernel(
     acc0 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    # kernels.lora_multi.runs_shrink's rounds, each x tile loaded once for every member; the members' A tiles
-    # share its register budget (three members at 16 x 128 spilled 0.9 KB on their own: ptxas, sm_90)
-    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (MEMBERS * BLOCK_R * BLOCK_K),
-                                    ROUND_ELEMENTS // (BLOCK_R * BLOCK_T)))
+    # kernels.lora_multi.runs_shrink's rounds, each x tile loaded once for every member
+    RUNS: tl.constexpr = shrink_runs(MEMBERS, BLOCK_T, BLOCK_K)
     p0 = row_dropout(slot, dropouts0_ptr, DROP0)
     p1 = row_dropout(slot, dropouts1_ptr, DROP1)
     p2 = row_dropout(slot, dropouts2_ptr, DROP2)
     rank0 = per_row(ranks0_ptr, slot)
     rank1 = per_row(ranks1_ptr, slot) if MEMBERS > 1 else rank0
     rank2 = per_row(ranks2_ptr, slot) if MEMBERS > 2 else rank0
-    for g in range(0, runs, RUNS):
+    for g in range(pid_g * RUNS, runs, SPLIT_ROUNDS * RUNS):
         mine, run_slot = round_runs(slot, run, g, RUNS)                    # the members share the rows' runs
         a0_rows, live0, go = shrink_round(a0_ptr, rank0, mine, run_slot, first_r, stride_a0s, stride_a0r, BLOCK_R)
         a1_rows, live1, a2_rows, live2 = a0_rows, live0, a0_rows, live0
@@ -573,18 +574,22 @@ def _grouped_multi_shrink_kernel(
                 acc2 = shrink_round_pick(acc2, y2, mine, RUNS, BLOCK_R)
     # ranks past a row's own: zero, not the inf * 0 = NaN an inf in x leaves there (kernels.lora_multi.runs_shrink)
     lanes = (first_r + tl.arange(0, BLOCK_R))[None, :]
+    rows = mask_t
+    if SPLIT_ROUNDS > 1:  # the rows of this program's rounds; the others' programs add theirs
+        rows &= shrink_round_rows(slot, run, pid_g, SPLIT_ROUNDS, MEMBERS, BLOCK_T, BLOCK_K)
     acc0 = tl.where(lanes < rank0[:, None], acc0 * row_scale(slot, scales0_ptr, dropouts0_ptr, DROP0), 0.0)
-    _store_xa(acc0, out0_ptr, offs_t, mask_t, WIDTH0, stride_o0t, stride_o0r, SPLIT_K, BLOCK_R)
+    _store_xa(acc0, out0_ptr, offs_t, rows, WIDTH0, stride_o0t, stride_o0r, SPLIT_K * SPLIT_ROUNDS, BLOCK_R)
     if MEMBERS > 1:
         acc1 = tl.where(lanes < rank1[:, None], acc1 * row_scale(slot, scales1_ptr, dropouts1_ptr, DROP1), 0.0)
-        _store_xa(acc1, out1_ptr, offs_t, mask_t, WIDTH1, stride_o1t, stride_o1r, SPLIT_K, BLOCK_R)
+        _store_xa(acc1, out1_ptr, offs_t, rows, WIDTH1, stride_o1t, stride_o1r, SPLIT_K * SPLIT_ROUNDS, BLOCK_R)
     if MEMBERS > 2:
         acc2 = tl.where(lanes < rank2[:, None], acc2 * row_scale(slot, scales2_ptr, dropouts2_ptr, DROP2), 0.0)
-        _store_xa(acc2, out2_ptr, offs_t, mask_t, WIDTH2, stride_o2t, stride_o2r, SPLIT_K, BLOCK_R)
+        _store_xa(acc2, out2_ptr, offs_t, rows, WIDTH2, stride_o2t, stride_o2r, SPLIT_K * SPLIT_ROUNDS, BLOCK_R)
 
 
 _grouped_multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "MEMBERS", "HAS_ORDER", "DROP0", "DROP1", "DROP2", "STORE_X"],
+    shrink_configs(round_splits=True),
+    key=["T_BUCKET", "K", "MEMBERS", "HAS_ORDER", "DROP0", "DROP1", "DROP2", "STORE_X"],
     prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out0_ptr", "out1_ptr", "out2_ptr"],
     do_bench=tune_bench)(_grouped_multi_shrink_kernel))
 
@@ -616,7 +621,7 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
         raise ValueError("x_sorted holds x's rows in `order`: give it")
     bucket = t_bucket(T)
     key = (bucket, K, G, order is None, *drop, store_x, x.dtype, *(a.dtype for a in lora_As))
-    alloc = torch.zeros if _grouped_multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty
+    alloc = torch.zeros if _grouped_multi_shrink.adds_into_output(key, "SPLIT_K", "SPLIT_ROUNDS") else torch.empty
     outs = [alloc((T, w), device=x.device, dtype=torch.float32) for w in widths]
     members, strides = [], []
     for g in range(G):
@@ -626,7 +631,8 @@ def lora_grouped_multi_shrink(x: torch.Tensor, lora_As: Sequence[torch.Tensor], 
         strides += [*a.stride(), *out.stride()]
     members += members[:6] * (MAX_MEMBERS - G)
     strides += strides[:5] * (MAX_MEMBERS - G)
-    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R, meta["SPLIT_K"])
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), max(widths) // MULTI_BLOCK_R,
+                         meta["SPLIT_K"] * meta.get("SPLIT_ROUNDS", 1))
     _grouped_multi_shrink.launch(key, grid,
         x, adapter_index, adapter_index if order is None else order, *members, x_sorted if store_x else x,
         T, K, bucket, *_padded(widths, 0),
@@ -644,7 +650,7 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
     adapters reach (rows in batch order: each row's output is its own; it reads no xa, so waits for nothing)."""
@@ -653,7 +659,7 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                           HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                          WAIT_PRIOR=WAIT_PRIOR, DENSE=DENSE)
+                          WAIT_PRIOR=WAIT_PRIOR, IN_LOOP=IN_LOOP)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -673,7 +679,7 @@ def _grouped_multi_matmul_kernel(
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
-    WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -683,7 +689,7 @@ def _grouped_multi_matmul_kernel(
         _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
                            y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
                            stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R, BLOCK_M, BLOCK_N,
+                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N,
                            BLOCK_K)
     elif MEMBERS > 1:
         if pid < end1:
@@ -691,19 +697,19 @@ def _grouped_multi_matmul_kernel(
             _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
                                bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
                                stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R,
+                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
                                BLOCK_M, BLOCK_N, BLOCK_K)
         elif MEMBERS > 2:
             pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
             _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
                                bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
                                stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, DENSE, BLOCK_R,
+                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
                                BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 _MULTI_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "MEMBERS", "HAS_ORDER", "LORA0", "LORA1", "LORA2",
-                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "DENSE"]
+                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "IN_LOOP"]
 _grouped_multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MULTI_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_grouped_multi_matmul_kernel))
@@ -767,14 +773,14 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
     widths = [w.shape[0] for w in weights]
     kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
     bucket = t_bucket(M)
-    dense = M <= DECODE_MAX_T and dense_expand_applies(*lora_Bs)
+    in_loop = expand_in_loop(M)
     key = (bucket, K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
-           *(b.dtype for b in lora_Bs if b is not None)) + (("dense",) if dense else ())
+           *(b.dtype for b in lora_Bs if b is not None)) + (("in_loop",) if in_loop else ())
     kernel.launch(key, _tile_grid(M, widths),
         x, adapter_index, adapter_index if order is None else order, *members,
         M, K, bucket, *_padded(widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, DENSE=dense, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
+        FP32_DOT=x.dtype == torch.float32, IN_LOOP=in_loop, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
     )
     return ys

@@ -47,23 +47,25 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
 # fwd+bwd; its shrink, which also writes the sorted copy, ran 41.8 us against 20.1. So it starts above 8192,
 # where it was never timed (PTLM_TMA_PREFILL=1 forces it at any T).
 TMA_MIN_T = 8192
-# The decode matmuls' expand (a given xa, forward; this op's and kernels.lora_grouped's) as one pipelined pass
-# over the batch's slot span (dense_expand) instead of the runs' rounds, for pools of at most DENSE_MAX_SLOTS
-# slots. Off until the card has timed it (2026-11-27, not measured: bench.lora_multi's ptlm_dense provider turns
-# it on); PTLM_MULTI_DENSE=1 / 0.
-DENSE_EXPAND = os.environ.get("PTLM_MULTI_DENSE", "0") == "1"
-DENSE_MAX_SLOTS = 64
+# The decode matmuls' forward expand (a given xa; this op's and kernels.lora_grouped's) inside the base GEMM's K
+# loop, a (round, 16 ranks) pair every K step (expand_pair), instead of runs_expand's rounds after the loop, where
+# each round's dependent loads wait in turn while no W streams. Off until the card has timed it (bench.lora_multi's
+# ptlm_in_loop provider turns it on); PTLM_MULTI_IN_LOOP=1 / 0. It replaced a pass over the batch's slot span
+# after the loop (H100 2026-11-28, T = 64, 32 adapters: decode kernel 28.5 us against the rounds' 28.3).
+EXPAND_IN_LOOP = os.environ.get("PTLM_MULTI_IN_LOOP", "0") == "1"
 
 
-def dense_expand_applies(*lora_Bs: torch.Tensor | None) -> bool:
-    """Whether a decode matmul over these stacked B (None: a member without adapters) takes dense_expand: it is
-    on (read per call: benchmarks switch it) and every pool has at most DENSE_MAX_SLOTS slots."""
-    return bool(DENSE_EXPAND) and all(b.shape[0] <= DENSE_MAX_SLOTS for b in lora_Bs if b is not None)
+def expand_in_loop(T: int) -> bool:
+    """Whether a forward decode matmul over T tokens expands inside its K loop (read per call: benchmarks switch
+    EXPAND_IN_LOOP)."""
+    return bool(EXPAND_IN_LOOP) and T <= DECODE_MAX_T
+
 
 BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
 # of fp32, in registers before the dot (runs_expand, runs_shrink).
 ROUND_ELEMENTS = tl.constexpr(4096)
+
 
 @triton.jit
 def _block_tokens(order_ptr, pid, T, HAS_ORDER: tl.constexpr, BLOCK: tl.constexpr):
@@ -179,26 +181,34 @@ def _multi_shrink_kernel(
     stride_xt, stride_xk, stride_as, stride_ar, stride_ak, stride_ot, stride_or,
     HAS_ORDER: tl.constexpr, MASK_X: tl.constexpr, DIV_KEEP: tl.constexpr, FP32_DOT: tl.constexpr,
     STORE_X: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_ROUNDS: tl.constexpr = 1,
 ):
+    """Grid (row blocks, rank blocks, SPLIT_K * SPLIT_ROUNDS): program (t, r, g * SPLIT_K + k) shrinks split k of
+    K for the rows of row block t in rounds g, g + SPLIT_ROUNDS, ... of its runs (shrink_rounds), into ranks
+    r * 16... At decode a block's rounds are a chain of dependent loads (H100 2026-11-28, T = 16: 4.4 us at one
+    adapter, 14.1 at 128); SPLIT_ROUNDS programs take them side by side."""
     if LAUNCH_DEPENDENTS:  # the matmul after this launch may start (it waits for what this one writes)
         gdc_launch_dependents()
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(2) % SPLIT_K
+    pid_g = tl.program_id(2) // SPLIT_K
     offs_t, mask_t = _block_tokens(order_ptr, pid_t, T, HAS_ORDER, BLOCK_T)
     if STORE_X:
-        if pid_r == 0:
+        if (pid_r == 0) & (pid_g == 0):
             copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, stride_xk, SPLIT_K, BLOCK_T,
                              BLOCK_K)
     slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
     run, runs = slot_runs(idx_ptr, order_ptr, pid_t, T, slot, HAS_ORDER, BLOCK_T)
     acc = runs_shrink(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr,
-                      slot, run, runs, offs_t, pid_r * BLOCK_R, pid_k, K, stride_xt, stride_xk, stride_as, stride_ar,
-                      stride_ak, MASK_X, FP32_DOT, SPLIT_K, BLOCK_T, BLOCK_R, BLOCK_K)
+                      slot, run, runs, offs_t, pid_r * BLOCK_R, pid_k, pid_g, K, stride_xt, stride_xk, stride_as,
+                      stride_ar, stride_ak, MASK_X, FP32_DOT, SPLIT_K, SPLIT_ROUNDS, BLOCK_T, BLOCK_R, BLOCK_K)
     acc *= row_scale(slot, scales_ptr, dropouts_ptr, DIV_KEEP)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, mask_t[:, None], SPLIT_K)
+    rows = mask_t
+    if SPLIT_ROUNDS > 1:  # the rows of this program's rounds; the others' programs add theirs
+        rows &= shrink_round_rows(slot, run, pid_g, SPLIT_ROUNDS, 1, BLOCK_T, BLOCK_K)
+    store_split(out_ptr, offs_t, offs_r, stride_ot, stride_or, acc, rows[:, None], SPLIT_K * SPLIT_ROUNDS)
 
 
 @triton.jit
@@ -214,23 +224,41 @@ def copy_sorted_rows(x_ptr, xs_ptr, offs_t, mask_t, pid_t, pid_k, K, stride_xt, 
         tl.store(xs_ptr + pos[:, None] * K + offs_k[None, :], rows, mask=mask)
 
 
+@triton.constexpr_function
+def shrink_runs(members, block_t, block_k):
+    """Runs a shrink round takes: the round's A tile (of every member: kernels.lora_grouped) and its (BLOCK_T,
+    RUNS * 16) sum within ROUND_ELEMENTS each (three members at 16 x 128 spilled 0.9 KB on their own: ptxas,
+    sm_90)."""
+    return max(1, min(ROUND_ELEMENTS.value // (members * BLOCK_R * block_k),
+                      ROUND_ELEMENTS.value // (BLOCK_R * block_t)))
+
+
 @triton.jit
-def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run, runs, offs_t, first_r, pid_k, K,
-                stride_xt, stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
-                SPLIT_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def shrink_round_rows(slot, run, first_round, round_step, MEMBERS: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The rows with an adapter whose run falls in shrink rounds first_round, first_round + round_step, ..."""
+    RUNS: tl.constexpr = shrink_runs(MEMBERS, BLOCK_T, BLOCK_K)
+    return ((run // RUNS) % round_step == first_round) & (slot >= 0)
+
+
+@triton.jit
+def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run, runs, offs_t, first_r, pid_k,
+                first_round, K, stride_xt, stride_xk, stride_as, stride_ar, stride_ak, DROPOUT: tl.constexpr,
+                FP32_DOT: tl.constexpr, SPLIT_K: tl.constexpr, ROUND_STEP: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc (BLOCK_T, BLOCK_R) += keep * x A_a^T over ranks first_r.. of each row's slot and this program's K
-    columns (split as split-K programs split them).
+    columns (split as split-K programs split them), for the rows of rounds first_round, first_round + ROUND_STEP,
+    ... (shrink_round_rows; the others' stay as they are).
 
     RUNS runs a round: x's tile (the round's rows) times the round's A rows side by side, (BLOCK_K, RUNS * 16),
     accumulated over K as (BLOCK_T, RUNS * 16), of which each row keeps its own run's 16 columns. The extra
     columns are tensor-core work on data already loaded; a per-slot loop would instead chain a dependent rank
     load, tile loads and a dot per distinct slot of the block (~2 us each on the H100, 2026-11-26).
     kernels.lora_grouped runs the same round for up to three members over one x tile."""
-    # the round's A tile and its (BLOCK_T, RUNS * BLOCK_R) sum within ROUND_ELEMENTS each
-    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (BLOCK_R * BLOCK_K), ROUND_ELEMENTS // (BLOCK_R * BLOCK_T)))
+    RUNS: tl.constexpr = shrink_runs(1, BLOCK_T, BLOCK_K)
     p = row_dropout(slot, dropouts_ptr, DROPOUT)
     rank = per_row(ranks_ptr, slot)
-    for g in range(0, runs, RUNS):
+    for g in range(first_round * RUNS, runs, ROUND_STEP * RUNS):
         mine, run_slot = round_runs(slot, run, g, RUNS)
         a_rows, live, go = shrink_round(a_ptr, rank, mine, run_slot, first_r, stride_as, stride_ar, BLOCK_R)
         if go:
@@ -247,7 +275,7 @@ def runs_shrink(acc, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run,
 
 
 _multi_shrink = TunedLauncher(triton.autotune(
-    shrink_configs(), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP", "STORE_X"],
+    shrink_configs(round_splits=True), key=["T_BUCKET", "K", "HAS_ORDER", "MASK_X", "DIV_KEEP", "STORE_X"],
     prune_configs_by=prune_by_t("BLOCK_T", "SPLIT_K"), reset_to_zero=["out_ptr"],
     do_bench=tune_bench)(_multi_shrink_kernel))
 
@@ -277,12 +305,12 @@ def lora_multi_shrink(x: torch.Tensor, lora_A: torch.Tensor, adapter_index: torc
     if store_x and order is None:
         raise ValueError("x_sorted holds x's rows in `order`: give it")
     key = (bucket, K, order is None, dropouts is None, mask_x, store_x, x.dtype, lora_A.dtype)
-    # Split-K programs add into the output; unsplit, every element is stored once and no memset launches.
-    out = (torch.zeros if _multi_shrink.adds_into_output(key, "SPLIT_K") else torch.empty)(
+    # Split programs add into the output; unsplit, every element is stored once and no memset launches.
+    out = (torch.zeros if _multi_shrink.adds_into_output(key, "SPLIT_K", "SPLIT_ROUNDS") else torch.empty)(
         (T, width), device=x.device, dtype=torch.float32)
     if T == 0:
         return out
-    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"])
+    grid = lambda meta: (cdiv(T, meta["BLOCK_T"]), width // BLOCK_R, meta["SPLIT_K"] * meta.get("SPLIT_ROUNDS", 1))
     sx, sa = x.stride(), lora_A.stride()
     _multi_shrink.launch(
         key, grid,
@@ -307,11 +335,11 @@ def multi_matmul_tile(
     stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False, DENSE: tl.constexpr = False,
+    ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False, IN_LOOP: tl.constexpr = False,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
-    y's values (the grouped backward's dx over its members). DENSE: the forward's expand as dense_expand's pass
-    (the grouped decode's, under DENSE_EXPAND).
+    y's values (the grouped backward's dx over its members). IN_LOOP: the forward's expand inside the K loop
+    (expanded_k_loop; the grouped decode's, under EXPAND_IN_LOOP).
     WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
     the expand (nothing before reads what it writes)."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
@@ -330,17 +358,21 @@ def multi_matmul_tile(
         acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
-    for k0 in range(0, K, BLOCK_K):
-        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
-                                 stride_wk, BLOCK_K)
-        acc = _dot(x, w, acc, FP32_DOT)
-    if not OUT_DROPOUT:
+    if IN_LOOP and not OUT_DROPOUT:
         if WAIT_PRIOR:
             gdc_wait()
-        if DENSE:
-            acc = dense_expand(acc, slot, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr, stride_xam,
-                               stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
-        else:
+        acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, 0, K, K, slot, run, runs, 0, 1,
+                              xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
+                              stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N,
+                              BLOCK_K)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
+                                     stride_wn, stride_wk, BLOCK_K)
+            acc = _dot(x, w, acc, FP32_DOT)
+        if not OUT_DROPOUT:
+            if WAIT_PRIOR:
+                gdc_wait()
             acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                               stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                               BLOCK_N)
@@ -355,63 +387,94 @@ def _slot_dropout(lora, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr):
                     lora, 0.0)
 
 
+@triton.constexpr_function
+def expand_runs(block_m, block_n):
+    """Runs a round of the expand takes (runs_expand, expand_pair): B's (RUNS * 16, BLOCK_N) within
+    ROUND_ELEMENTS, xa's (BLOCK_M, RUNS * 16) within half of it, beside the (BLOCK_M, BLOCK_N) accumulator (8192
+    and 4096 spilled 0.7-2.2 KB at 128 x 128 to 64 x 256: ptxas, sm_90)."""
+    return max(1, min(ROUND_ELEMENTS.value // (2 * BLOCK_R * block_m), ROUND_ELEMENTS.value // (BLOCK_R * block_n)))
+
+
+@triton.jit
+def expand_step(lora, mine, run_slot, run_rank, r0, offs_m, offs_n, mask_n, xa_ptr, b_ptr, stride_xam, stride_xar,
+                stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr, RUNS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """lora (rows, BLOCK_N) += ranks r0.. of a round (round_runs: mine, run_slot; run_rank) as one tf32 dot of
+    K = RUNS * 16: the rows' xa in their own run's 16 columns (zero in the others) against the round's B rows
+    side by side. Loads are coalesced along xa's ranks and B's (RUNS, BLOCK_N, 16) tile; at decode the v2 per-row
+    gather read B's ranks 2 bytes of every 32-byte sector at a time."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    xa = tl.load(xa_ptr + offs_m[:, None, None] * stride_xam + offs_r[None, None, :] * stride_xar,
+                 mask=mine[:, :, None], other=0.0)                                     # (rows, RUNS, BLOCK_R)
+    b = tl.load(b_ptr + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_bs
+                + offs_n[None, :, None] * stride_bn + offs_r[None, None, :] * stride_br,
+                mask=(offs_r[None, None, :] < run_rank[:, None, None]) & mask_n[None, :, None],
+                other=0.0)                                                             # (RUNS, BLOCK_N, BLOCK_R)
+    b = tl.reshape(tl.permute(b, (0, 2, 1)), (RUNS * BLOCK_R, b.shape[1]))
+    return _dot_fp32(tl.reshape(xa, (xa.shape[0], RUNS * BLOCK_R)), b.to(tl.float32), lora, FP32_DOT)
+
+
 @triton.jit
 def runs_expand(lora, slot, run, runs, first_round, round_step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                 stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr,
                 BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """lora (BLOCK_M, BLOCK_N) += each row's xa B_a^T, RUNS runs a round as one tf32 dot of K = RUNS * 16: the
-    rows' xa in their own run's 16 columns (zero in the others) against the round's B rows side by side.
-    Rounds first_round, first_round + round_step, ... of the block's runs (split-K decode programs share
-    them out). Loads are coalesced along xa's ranks and B's (RUNS, BLOCK_N, 16) tile; at decode the v2
-    per-row gather read B's ranks 2 bytes of every 32-byte sector at a time."""
-    # B's (RUNS * 16, BLOCK_N) within ROUND_ELEMENTS, xa's (BLOCK_M, RUNS * 16) within half of it, beside the
-    # (BLOCK_M, BLOCK_N) accumulator (8192 and 4096 spilled 0.7-2.2 KB at 128 x 128 to 64 x 256: ptxas, sm_90)
-    RUNS: tl.constexpr = max(1, min(ROUND_ELEMENTS // (2 * BLOCK_R * BLOCK_M), ROUND_ELEMENTS // (BLOCK_R * BLOCK_N)))
+    """lora (BLOCK_M, BLOCK_N) += each row's xa B_a^T, RUNS runs a round (expand_step), each round over its own
+    runs' ranks only. Rounds first_round, first_round + round_step, ... of the block's runs (split-K decode
+    programs share them out)."""
+    RUNS: tl.constexpr = expand_runs(BLOCK_M, BLOCK_N)
     rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
-    offs_i = tl.arange(0, BLOCK_R)
-    b_cols = b_ptr + offs_n[None, :, None] * stride_bn
     for g in range(first_round * RUNS, runs, round_step * RUNS):
         mine, run_slot = round_runs(slot, run, g, RUNS)                            # (BLOCK_M, RUNS), (RUNS,)
         run_rank = _run_ranks(mine, rank)                                           # (RUNS,)
-        b_rows = b_cols + tl.maximum(run_slot, 0).to(tl.int64)[:, None, None] * stride_bs
         for r0 in range(0, tl.max(run_rank, axis=0), BLOCK_R):
-            offs_r = r0 + offs_i
-            xa = tl.load(xa_ptr + offs_m[:, None, None] * stride_xam + offs_r[None, None, :] * stride_xar,
-                         mask=mine[:, :, None], other=0.0)                             # (BLOCK_M, RUNS, BLOCK_R)
-            b = tl.load(b_rows + offs_r[None, None, :] * stride_br,
-                        mask=(offs_r[None, None, :] < run_rank[:, None, None]) & mask_n[None, :, None],
-                        other=0.0)                                                     # (RUNS, BLOCK_N, BLOCK_R)
-            b = tl.reshape(tl.permute(b, (0, 2, 1)), (RUNS * BLOCK_R, BLOCK_N))
-            lora = _dot_fp32(tl.reshape(xa, (BLOCK_M, RUNS * BLOCK_R)), b.to(tl.float32), lora, FP32_DOT)
+            lora = expand_step(lora, mine, run_slot, run_rank, r0, offs_m, offs_n, mask_n, xa_ptr, b_ptr, stride_xam,
+                               stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, RUNS, BLOCK_R)
     return lora
 
 
 @triton.jit
-def dense_expand(lora, slot, first, step, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                 stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
-    """lora += each row's xa B_a^T as one pass over the block's slot span [lo, hi] x its rows' rank steps,
-    steps first, first + step, ... (split-K decode programs share them out): a step's B tile (BLOCK_R, BLOCK_N)
-    and xa tile (the step's slot's rows only) have addresses that depend on the step alone, so the loop pipelines
-    its loads, where runs_expand's rounds wait on each other; B is read only for slots some row uses. A slot
-    span of S steps costs S loop iterations: DENSE_MAX_SLOTS bounds the pool that takes it."""
-    used = slot >= 0
-    lo = tl.min(tl.where(used, slot, 2147483647), axis=0)
-    hi = tl.max(tl.where(used, slot, -1), axis=0)
-    rank = per_row(ranks_ptr, slot)                                                             # (BLOCK_M,)
-    steps = tl.cdiv(tl.max(rank, axis=0), BLOCK_R)
-    offs_i = tl.arange(0, BLOCK_R)
-    for i in range(first, tl.maximum(hi - lo + 1, 0) * steps, step):
-        j = lo + i // steps
-        offs_r = (i % steps) * BLOCK_R + offs_i
-        mine = slot == j
-        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                     mask=mine[:, None] & (offs_r[None, :] < rank[:, None]), other=0.0)       # (BLOCK_M, BLOCK_R)
-        b = tl.load(b_ptr + j.to(tl.int64) * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                    mask=(offs_r[:, None] < tl.load(ranks_ptr + j)) & mask_n[None, :]
-                    & (tl.max(mine.to(tl.int32), axis=0) > 0), other=0.0)                    # (BLOCK_R, BLOCK_N)
-        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-    return lora
+def expand_pairs(slot, runs, ranks_ptr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(pairs, steps, rank) of a block's expand as (round, 16 ranks) pairs for expand_pair: every round takes the
+    steps of the block's largest rank (at decode a few rows; a step past a round's ranks loads nothing), at least
+    one; rank (BLOCK_M,) is each row's."""
+    RUNS: tl.constexpr = expand_runs(BLOCK_M, BLOCK_N)
+    rank = per_row(ranks_ptr, slot)
+    steps = tl.maximum(tl.cdiv(tl.max(rank, axis=0), BLOCK_R), 1)
+    return tl.cdiv(runs, RUNS) * steps, steps, rank
+
+
+@triton.jit
+def expand_pair(lora, i, steps, slot, run, rank, offs_m, offs_n, mask_n, xa_ptr, b_ptr, stride_xam, stride_xar,
+                stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """lora += pair i of the block's expand (expand_pairs): round i // steps, ranks (i % steps) * 16... Past the
+    last pair it loads nothing and its dot adds zeros, so the decode matmuls call it once every base K step
+    (IN_LOOP): its addresses depend on i and registers alone, its loads pipeline with W's, and the rounds' load
+    latencies hide behind W's stream instead of following it."""
+    RUNS: tl.constexpr = expand_runs(BLOCK_M, BLOCK_N)
+    mine, run_slot = round_runs(slot, run, (i // steps) * RUNS, RUNS)
+    return expand_step(lora, mine, run_slot, _run_ranks(mine, rank), (i % steps) * BLOCK_R, offs_m, offs_n, mask_n,
+                       xa_ptr, b_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, RUNS, BLOCK_R)
+
+
+@triton.jit
+def expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs, first, step,
+                    xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
+                    stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x W^T over K columns [k_lo, k_hi) and the expand's pairs first, first + step, ... (expand_pairs):
+    pair first + j * step at the j-th K step, the pairs left over after the loop (more pairs than K steps)."""
+    pairs, steps, rank = expand_pairs(slot, runs, ranks_ptr, BLOCK_R, BLOCK_M, BLOCK_N)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
+                                 stride_wk, BLOCK_K)
+        acc = _dot(x, w, acc, FP32_DOT)
+        acc = expand_pair(acc, first + (k0 - k_lo) // BLOCK_K * step, steps, slot, run, rank, offs_m, offs_n, mask_n,
+                          xa_ptr, b_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R,
+                          BLOCK_M, BLOCK_N)
+    for i in range(first + tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_K) * step, pairs, step):
+        acc = expand_pair(acc, i, steps, slot, run, rank, offs_m, offs_n, mask_n, xa_ptr, b_ptr, stride_xam,
+                          stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
+    return acc
 
 
 @triton.jit
@@ -546,7 +609,7 @@ def _multi_decode_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
     stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, DENSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -558,8 +621,8 @@ def _multi_decode_kernel(
     term is linear in xa, so each split expands its own partial shrink over its K columns, x_k A_a,k^T (scaled,
     with X_DROPOUT's mask); column block 0 also leaves those partials for the last of its splits to sum into
     xa (M, WIDTH), which backward needs. Each program reads the rows' A over its K share from L2: at most
-    decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's. DENSE: the
-    forward's expand (given xa) as dense_expand's pass over the slot span instead of runs_expand's rounds."""
+    decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's. IN_LOOP: the
+    forward's expand (given xa) inside the K loop, split p taking pairs p, p + SPLIT_K, ... (expanded_k_loop)."""
     pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
     offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -575,10 +638,19 @@ def _multi_decode_kernel(
                           stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                           BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
-                                 stride_wk, BLOCK_K)
-        acc = _dot(x, w, acc, FP32_DOT)
+    in_loop: tl.constexpr = IN_LOOP and not FUSE_SHRINK and not OUT_DROPOUT
+    if in_loop:
+        if WAIT_PRIOR:
+            gdc_wait()
+        acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs,
+                              pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                              BLOCK_N, BLOCK_K)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
+                                     stride_wn, stride_wk, BLOCK_K)
+            acc = _dot(x, w, acc, FP32_DOT)
     xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * WIDTH                 # (SPLIT_K, M, WIDTH) partials
     if FUSE_SHRINK:
         acc = _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr,
@@ -586,16 +658,12 @@ def _multi_decode_kernel(
                                  pid_k, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
                                  stride_ar, stride_ak, stride_bs, stride_bn, stride_br, X_DROPOUT, FP32_DOT, SPLIT_K,
                                  BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
-    elif not OUT_DROPOUT:
+    elif not OUT_DROPOUT and not in_loop:
         if WAIT_PRIOR:
             gdc_wait()
-        if DENSE:
-            acc = dense_expand(acc, slot, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                               stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R)
-        else:
-            acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
-                              BLOCK_N)
+        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                          BLOCK_N)
     if SPLIT_K == 1:
         store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
     elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
@@ -634,8 +702,8 @@ def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         if r0 < max_rank:
             xa = runs_shrink(xa, x_ptr, a_ptr, ranks_ptr, dropouts_ptr, seed_ptr, slot, run, runs, offs_m, r0, pid_k,
-                             K, stride_xm, stride_xk, stride_as, stride_ar, stride_ak, X_DROPOUT, FP32_DOT, SPLIT_K,
-                             BLOCK_M, BLOCK_R, BLOCK_K)
+                             0, K, stride_xm, stride_xk, stride_as, stride_ar, stride_ak, X_DROPOUT, FP32_DOT,
+                             SPLIT_K, 1, BLOCK_M, BLOCK_R, BLOCK_K)
             xa *= scale
             for g in range(0, runs):
                 mine = (run == g) & (slot >= 0)                                                # (BLOCK_M,)
@@ -655,7 +723,7 @@ def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts
 
 _multi_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT",
-                                 "HAS_BIAS", "DENSE"],
+                                 "HAS_BIAS", "IN_LOOP"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
 
 
@@ -738,9 +806,9 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
     N = weight.shape[0]
     bucket = t_bucket(M)
     fuse = lora_A is not None
-    dense = not fuse and dropouts is None and dense_expand_applies(lora_B)
+    in_loop = not fuse and dropouts is None and expand_in_loop(M)
     key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype,
-           lora_B.dtype) + (("dense",) if dense else ())     # the tuned choices' keys stay as they were
+           lora_B.dtype) + (("in_loop",) if in_loop else ())     # the tuned choices' keys stay as they were
     width = xa.shape[1]
     part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y)
     a = lora_A if fuse else lora_B            # the unfused kernel reads no A, nor scales
@@ -753,7 +821,7 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sy[0], sy[1],
         HAS_ORDER=order is not None, FUSE_SHRINK=fuse, X_DROPOUT=fuse and dropouts is not None,
         OUT_DROPOUT=not fuse and dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        DENSE=dense, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
+        IN_LOOP=in_loop, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
     )
 
 

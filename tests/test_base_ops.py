@@ -178,7 +178,8 @@ def test_rotary_patch_fuses_only_inside_fused_models(monkeypatch):
     pe.fuse_base_ops(fused)
     try:
         assert torch.equal(plain(input_ids=_ids()).logits, want) and fused_calls == []
-        q, k, cos, sin = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+        q, k = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 5, 16)
+        cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
         importlib.import_module(LLAMA).apply_rotary_pos_emb(q, k, cos, sin)
         assert fused_calls == []
         fused(input_ids=_ids())

@@ -22,11 +22,13 @@ def shrink(monkeypatch):
 
 @pytest.fixture
 def unsplit_shrinks(monkeypatch):
-    """Every shrink launcher offers only its SPLIT_K = 1 configs, with no choice made or loaded: split-K shrinks
-    add their partials with fp32 atomics, in no fixed order, so two runs of the same launch may differ in their
-    last bits; the tests that hold two launch modes to bit equality need each shrink's sum in one fixed order."""
+    """Every shrink launcher offers only its unsplit configs (SPLIT_K = 1, no SPLIT_ROUNDS), with no choice made
+    or loaded: split shrinks add their partials with fp32 atomics, in no fixed order, so two runs of the same
+    launch may differ in their last bits; the tests that hold two launch modes to bit equality need each shrink's
+    sum in one fixed order."""
     for launcher in tuned.LAUNCHERS:
         if "shrink" in launcher.name and "SPLIT_K" in launcher.autotuner.configs[0].kwargs:
             monkeypatch.setattr(launcher, "configs", {})
             monkeypatch.setattr(launcher.autotuner, "configs",
-                                [c for c in launcher.autotuner.configs if c.kwargs["SPLIT_K"] == 1])
+                                [c for c in launcher.autotuner.configs
+                                 if all(v == 1 for k, v in c.kwargs.items() if k.startswith("SPLIT"))])

@@ -110,7 +110,8 @@ GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
                          **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
                          **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
                         [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
-                              HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True, DENSE=dense) for dense in (False, True)])
+                              HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True, IN_LOOP=in_loop)
+                         for in_loop in (False, True)])
 
 
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)
@@ -135,15 +136,15 @@ KERNELS = {
                                        "scales_ptr": "*fp32", "dropouts_ptr": "*fp32", "seed_ptr": "*i64",
                                        "bias_ptr": "x", "y_ptr": "x", "part_ptr": "*fp32", "count_ptr": "*i32"},
                      [dict(HAS_ORDER=True, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
-                           WAIT_PRIOR=True, DENSE=False, BLOCK_M=64),
+                           WAIT_PRIOR=True, IN_LOOP=False, BLOCK_M=64),
                       dict(HAS_ORDER=True, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
-                           WAIT_PRIOR=True, DENSE=True, BLOCK_M=64),
+                           WAIT_PRIOR=True, IN_LOOP=True, BLOCK_M=64),
                       dict(HAS_ORDER=False, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False,
-                           WAIT_PRIOR=False, DENSE=False, BLOCK_M=16),
+                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16),
                       dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
-                           WAIT_PRIOR=False, DENSE=False, BLOCK_M=16),
+                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16),
                       dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=False,
-                           WAIT_PRIOR=False, DENSE=False, BLOCK_M=16)]),
+                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16)]),
     "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
     "multi.matmul_tma": (M._multi_matmul_tma, *MULTI_MATMUL_TMA),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
@@ -289,9 +290,10 @@ KERNELS["cross_entropy"] = (_fixed(CE._cross_entropy_kernel, triton.Config({"BLO
 def compile_one(launcher, types: dict, consts: dict, num_warps: int, num_stages: int):
     fn = launcher.autotuner.fn
     signature, constexprs = {}, {}
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
     for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        if name in consts or name in defaults:        # a constexpr a config leaves out takes its default
+            signature[name], constexprs[(i,)] = "constexpr", consts.get(name, defaults.get(name))
         else:
             signature[name] = types.get(name, "i32")
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)

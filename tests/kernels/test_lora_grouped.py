@@ -232,29 +232,42 @@ def test_grouped_multi_kernels_many_runs_per_block(T, monkeypatch):
     """Rounds cut to 2 runs (unsorted rows cycle through the slots: a run per row): the grouped shrink's rounds
     over one x tile for every member, and the member tiles' expand rounds, at decode and at prefill."""
     monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))     # the interpreter reads globals per call
-    monkeypatch.setattr(G, "ROUND_ELEMENTS", tl.constexpr(1024))
     torch.manual_seed(8)
     _check_multi(T, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "each")
 
 
 @pytest.mark.parametrize("kind", ["random", "each", "one", "none"])
-def test_grouped_multi_decode_dense_expand(kind, monkeypatch):
-    """The member tiles' expand as one pass over the slot span (kernels.lora_multi.DENSE_EXPAND) at decode:
-    ranks up to 20 (two rank steps), a member without slots, slots of rank 0; the prefill (T = 70) keeps the
-    runs."""
-    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+def test_grouped_multi_decode_expand_in_loop(kind, monkeypatch):
+    """The member tiles' expand inside their K loop (kernels.lora_multi.EXPAND_IN_LOOP) at decode: ranks up to
+    20 (two rank steps), a member without slots, slots of rank 0; the prefill (T = 70) keeps the rounds after the
+    loop."""
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
     monkeypatch.setattr(G._grouped_multi_matmul_decode, "configs", {})
     torch.manual_seed(9)
     _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, kind)
-    assert G._grouped_multi_matmul_decode.configs and all(key[-1] == "dense"
+    assert G._grouped_multi_matmul_decode.configs and all(key[-1] == "in_loop"
                                                           for key in G._grouped_multi_matmul_decode.configs)
+
+
+@pytest.mark.parametrize("round_split", [2, 3])
+def test_grouped_multi_shrink_round_split(round_split, monkeypatch):
+    """The grouped shrink's rounds shared out over SPLIT_ROUNDS programs (rounds cut to 2 runs, a run per row),
+    K split 2 ways: every member's rows of a program's rounds only, added into zeroed outputs."""
+    import triton
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))     # the interpreter reads globals per call
+    meta = {**G._grouped_multi_shrink.autotuner.configs[0].kwargs, "SPLIT_K": 2, "SPLIT_ROUNDS": round_split}
+    monkeypatch.setattr(G._grouped_multi_shrink.autotuner, "configs",
+                        [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(G._grouped_multi_shrink, "configs", {})
+    torch.manual_seed(10)
+    _check_multi(29, 37, (41, 17, 17), ([16, 4, 9, 1], None, [0, 20, 3, 0]), torch.float32, "each")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("T", [1, 64])
-def test_grouped_multi_decode_dense_expand_llama_shapes(T, monkeypatch):
-    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+def test_grouped_multi_decode_expand_in_loop_llama_shapes(T, monkeypatch):
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
     torch.manual_seed(T)
     _check_multi(T, 4096, (4096, 1024, 1024), ([8, 16, 64, 128], None, [16, 0, 16, 32]), torch.bfloat16, "random")
 

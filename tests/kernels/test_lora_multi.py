@@ -167,29 +167,68 @@ def test_multi_decode_kernel_splits_and_output_dropout(split, monkeypatch):
 
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("kind", ["random", "one", "each", "none"])
-def test_multi_decode_dense_expand(kind, split, monkeypatch):
-    """The decode matmul's expand as one pass over the slot span (PTLM_MULTI_DENSE): mixed ranks up to 40 (three
-    rank steps), slots with no rows inside the span, -1 rows, K split 1 or 3 ways; tokens as they come and
-    slot-sorted. Pools over DENSE_MAX_SLOTS keep the runs."""
+@pytest.mark.parametrize("round_elements", [4096, 1024])
+def test_multi_decode_expand_in_loop(kind, split, round_elements, monkeypatch):
+    """The decode matmul's expand inside its K loop (PTLM_MULTI_IN_LOOP), a (round, 16 ranks) pair a K step: mixed
+    ranks up to 40 (three rank steps), -1 rows, K split 1 or 3 ways; tokens as they come and slot-sorted. d_in 37
+    over 32-wide K steps leaves two steps (one a split) for up to 20 rows' pairs: most pairs follow the loop; with
+    rounds cut to 2 runs (1024) more so. An in-loop key of its own."""
     import triton
-    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(round_elements))  # the interpreter reads globals per call
     meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
     monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
     monkeypatch.setattr(M._multi_decode, "configs", {})
     torch.manual_seed(12)
     _check(13, 37, 41, [16, 4, 40, 1, 9], torch.float32, kind)
-    assert all(key[-1] == "dense" for key in M._multi_decode.configs)
-    monkeypatch.setattr(M, "DENSE_MAX_SLOTS", 4)
-    _check(13, 37, 41, [16, 4, 40, 1, 9], torch.float32, kind)
-    assert any(key[-1] != "dense" for key in M._multi_decode.configs)
+    assert M._multi_decode.configs and all(key[-1] == "in_loop" for key in M._multi_decode.configs)
+
+
+@pytest.mark.parametrize("T", [8, 61])
+def test_multi_decode_expand_in_loop_more_k_steps_than_pairs(T, monkeypatch):
+    """K steps outnumber the pairs (d_in 200: seven 32-wide steps, three slots): the steps past the last pair
+    load nothing and add nothing."""
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
+    torch.manual_seed(T)
+    _check(T, 200, 23, [16, 3, 24], torch.float16, "random")
+
+
+@pytest.mark.parametrize("round_split", [2, 3])
+@pytest.mark.parametrize("split", [1, 2])
+@pytest.mark.parametrize("kind", ["random", "each", "none"])
+def test_multi_shrink_round_split(kind, split, round_split, monkeypatch):
+    """The shrink with a row block's rounds of runs shared out over SPLIT_ROUNDS programs (atomics into a zeroed
+    output, each program's rows only), K split 1 or 2 ways, rounds cut to 2 runs; every row a different slot of
+    mixed ranks, -1 rows, no adapter at all. torch.empty is poisoned."""
+    import triton
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))     # the interpreter reads globals per call
+    meta = {**M._multi_shrink.autotuner.configs[0].kwargs, "SPLIT_K": split, "SPLIT_ROUNDS": round_split}
+    monkeypatch.setattr(M._multi_shrink.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(M._multi_shrink, "configs", {})
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    torch.manual_seed(13)
+    T, d_in, ranks = 29, 70, [16, 4, 40, 1, 9, 33, 2]
+    S = len(ranks)
+    a, _, rk, scales = lora_slots64(S, d_in, 8, ranks)
+    a = a.to(DEVICE, torch.float32)
+    x = torch.randn(T, d_in, device=DEVICE)
+    idx = _mapping(kind, T, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+    order, _ = M.token_segments(idx, S)
+    for rows in (None, order):
+        xa = M.lora_multi_shrink(x, a, idx, rk, scales, rows)
+        assert not xa[:, max(ranks):].any()
+        assert_matches(xa[:, :max(ranks)], xa64, None, torch.float32, "round-split shrink")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("T", [1, 16, 64])
-def test_multi_decode_dense_expand_realistic(T, dtype, monkeypatch):
-    monkeypatch.setattr(M, "DENSE_EXPAND", True)
+def test_multi_decode_expand_in_loop_realistic(T, dtype, monkeypatch):
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
     torch.manual_seed(T)
     _check(T, 4096, 4096, [16] * 32, dtype, "random")
 

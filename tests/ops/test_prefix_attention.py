@@ -48,9 +48,9 @@ def test_forward_backward_matches_float64(dtype):
     torch.manual_seed(1)
     B, Lq, Lk = 3, 5, 12
     leaves = _inputs(B, 4, 2, Lq, Lk, 7, 24, dtype)
+    padded_from = torch.tensor([0, 4, 11], device=DEVICE)
     kw = dict(prefix_lengths=torch.tensor([7, 0, 3], dtype=torch.int32, device=DEVICE),
-              key_padding_mask=torch.arange(Lk, device=DEVICE)[None, :] >= torch.tensor([0, 4, 11], device=DEVICE)[:, None],
-              scale=0.3)
+              key_padding_mask=torch.arange(Lk, device=DEVICE)[None, :] >= padded_from[:, None], scale=0.3)
     do = torch.randn(B, Lq, 4, 24, device=DEVICE, dtype=dtype)
     o, grads = _run(prefix_attention, leaves, do, **kw)
     o64, grads64 = _run(reference.prefix_attention, _leaves(leaves, torch.float64), do.double(), **kw)
