@@ -26,6 +26,9 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm_in_loop    T <= 64 where the op launches a shrink then the decode matmul: ptlm with the matmul's expand
                   inside its K loop, a round a K step (kernels.lora_multi.EXPAND_IN_LOOP on for the call, off by
                   default until timed) instead of the runs' rounds after the loop
+  ptlm_one_launch the same decodes as one launch: ptlm_in_loop with the shrink on the matmul launch's own first
+                  programs (kernels.lora_multi.SHRINK_PROGRAMS on for the call, off by default until timed), the
+                  matmul programs waiting for it before their last K steps, instead of a shrink launch and its memset
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -69,8 +72,8 @@ ADAPTERS = [1, 4, 32, 128]
 ASSIGNS = ["uniform", "zipf"]
 RANKS = [16, "mixed"]
 BASE_PCTS = [0, 50]
-PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_in_loop", "ptlm_tma", "ptlm_mean_rank", "gather_bmm",
-             "peft"]
+PROVIDERS = ["floor", "cublas", "ptlm", "ptlm_serial", "ptlm_in_loop", "ptlm_one_launch", "ptlm_tma", "ptlm_mean_rank",
+             "gather_bmm", "peft"]
 MODES = ["fwd", "fwd+bwd"]
 MIXED_RANKS = [8, 16, 32, 64, 128]
 ZIPF_S = 1.1
@@ -95,7 +98,7 @@ POINT_KEYS = ["d_in", "d_out", "adapters", "assign", "r", "base_pct", "T"]
 TABLE = harness.table_spec(keys=POINT_KEYS, ratios=[("ptlm", "cublas", "ms"), ("ptlm", "floor", "ms"),
                                                     ("peft", "ptlm", "ms"), ("gather_bmm", "ptlm", "ms"),
                                                     ("ptlm", "ptlm_mean_rank", "ms"), ("ptlm", "ptlm_serial", "ms"),
-                                                    ("ptlm", "ptlm_in_loop", "ms")])
+                                                    ("ptlm", "ptlm_in_loop", "ms"), ("ptlm", "ptlm_one_launch", "ms")])
 
 # vLLM's multi-LoRA layer (cuBLAS base GEMM + its lora_shrink / lora_expand, rank 16, bf16, one call captured in
 # a CUDA graph) on the project's H100, ms: /work/shared/design-notes.md. (d_in, d_out, T, adapters) -> ms.
@@ -266,8 +269,8 @@ def serial_applies(shape: dict, x: torch.Tensor) -> bool:
 
 
 def in_loop_applies(shape: dict) -> bool:
-    """ptlm_in_loop differs from ptlm: the decode matmul expands a given xa (not the few tokens whose matmul
-    shrinks for itself)."""
+    """ptlm_in_loop and ptlm_one_launch differ from ptlm: a decode the op serves with a shrink launch and a matmul
+    (not the few tokens whose matmul shrinks for itself)."""
     from ptlm_engine.kernels import lora_multi as multi_kernels
     r_max = 128 if shape["r"] == "mixed" else int(shape["r"])
     return shape["T"] <= DECODE_MAX_T and not multi_kernels.decode_fuses_shrink(shape["T"], r_max)
@@ -278,7 +281,7 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "ptlm_tma" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "ptlm_serial" and not serial_applies(shape, sets[0].x))
-            or (provider == "ptlm_in_loop" and not in_loop_applies(shape))
+            or (provider in ("ptlm_in_loop", "ptlm_one_launch") and not in_loop_applies(shape))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
     if provider == "ptlm_tma":  # forward and backward both on the TMA tile
@@ -289,10 +292,13 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
         from ptlm_engine.kernels import configs as kernel_configs
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
         return [harness.with_setting(kernel_configs, "PDL", False, call) for call in calls]
-    if provider == "ptlm_in_loop":
+    if provider in ("ptlm_in_loop", "ptlm_one_launch"):
         from ptlm_engine.kernels import lora_multi as multi_kernels
         calls = harness.mode_calls([(*_forward("ptlm", s), s.dy) for s in sets], mode)
-        return [harness.with_setting(multi_kernels, "EXPAND_IN_LOOP", True, call) for call in calls]
+        calls = [harness.with_setting(multi_kernels, "EXPAND_IN_LOOP", True, call) for call in calls]
+        if provider == "ptlm_one_launch":
+            calls = [harness.with_setting(multi_kernels, "SHRINK_PROGRAMS", True, call) for call in calls]
+        return calls
     return harness.mode_calls([(*_forward(provider, s), s.dy) for s in sets], mode)
 
 
@@ -483,7 +489,8 @@ def summary(rows: list[dict]) -> list[str]:
                   for case, cells in half.items()]
     timing = "graph" if any(t == "graph" for _, _, t, _ in cases) else "plain"   # plain rows are host-bound
     for other, what in (("ptlm_tma", "prefill, pointer tile / TMA tile over sorted rows"),
-                        ("ptlm_in_loop", "decode, the expand after the K loop / inside it")):
+                        ("ptlm_in_loop", "decode, the expand after the K loop / inside it"),
+                        ("ptlm_one_launch", "decode, a shrink launch + the matmul / one launch, expand inside")):
         passes = [f"{_label(p)} {mode} {v['ptlm'] / v[other]:.2f}" for p, mode, t, v in cases
                   if t == timing and "ptlm" in v and other in v]
         if passes:

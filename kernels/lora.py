@@ -322,7 +322,7 @@ def _lora_decode_kernel(
     writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = ((keep x2)^T xa)^T (R, N)
     (dA, rank-major as lora_A) in the epilogue, both in their buffers' dtypes: dx, dA and dB in one launch.
     """
-    pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
+    pid_n, pid_k, k_lo, k_hi = split_k_program(tl.program_id(0), K, BLOCK_K, SPLIT_K)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -398,11 +398,10 @@ def _lora_decode_kernel(
 
 
 @triton.jit
-def split_k_program(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """(column block, split, first k, end k) of this program in a split-K decode grid: the SPLIT_K splits of a
+def split_k_program(pid, K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """(column block, split, first k, end k) of program `pid` in a split-K decode grid: the SPLIT_K splits of a
     column block are neighbours, so they run (and finish) together; each takes whole BLOCK_K steps of K.
-    Also kernels.lora_multi's decode."""
-    pid = tl.program_id(0)
+    Also kernels.lora_multi's decode (its matmul programs after its shrink programs)."""
     pid_k = pid % SPLIT_K
     k_share = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_lo = pid_k * k_share
@@ -461,14 +460,16 @@ _lora_decode = TunedLauncher(triton.autotune(
                                  "WEIGHT_GRADS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_lora_decode_kernel))
 def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per_split: int, N: int,
-                  unused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  unused: torch.Tensor, extra_counters: int = 0,
+                  extra_workspace: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(partials workspace, arrival counters) for a split-K decode launch: per_split fp32 elements per split of
-    the key's config (the most any config splits while it tunes), or `unused` twice when it does not split."""
+    the key's config (the most any config splits while it tunes) and extra_workspace more, cdiv(N, 16) counters
+    and extra_counters more; `unused` twice when it neither splits nor asks for extra counters."""
     known = launcher.chosen(key)
     split = max(c.kwargs["SPLIT_K"] for c in launcher.autotuner.configs) if known is None else known["SPLIT_K"]
-    if split == 1:
+    if split == 1 and not extra_counters:
         return unused, unused
-    counters, workspace = split_state(device, cdiv(N, 16), split * per_split)
+    counters, workspace = split_state(device, cdiv(N, 16) + extra_counters, split * per_split + extra_workspace)
     return workspace, counters
 
 

@@ -36,6 +36,7 @@ from . import lora as lora_kernels
 from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_layout, _tma_programs, base_k_step,
                    grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
                    tma_guarded_launch, tma_k_loop)
+from .split_state import arrive_last
 
 # The multi-adapter prefill runs on the Hopper TMA tile (_multi_matmul_tma_kernel, over the shrink's slot-sorted
 # copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
@@ -65,6 +66,9 @@ BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
 # of fp32, in registers before the dot (runs_expand, runs_shrink).
 ROUND_ELEMENTS = tl.constexpr(4096)
+# Reads of a counter a decode program waits on before it gives up (wait_count): ~1 s on an H100, far past any
+# launch's shrink.
+MAX_SPINS = tl.constexpr(1 << 20)
 
 
 @triton.jit
@@ -359,12 +363,10 @@ def multi_matmul_tile(
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     if IN_LOOP and not OUT_DROPOUT:
-        if WAIT_PRIOR:
-            gdc_wait()
         acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, 0, K, K, slot, run, runs, 0, 1,
-                              xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
-                              stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N,
-                              BLOCK_K)
+                              xa_ptr, b_ptr, ranks_ptr, idx_ptr, 0, stride_xm, stride_xk, stride_wn, stride_wk,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, WAIT_PRIOR, False, FP32_DOT,
+                              BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         for k0 in range(0, K, BLOCK_K):
             x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
@@ -457,21 +459,55 @@ def expand_pair(lora, i, steps, slot, run, rank, offs_m, offs_n, mask_n, xa_ptr,
 
 
 @triton.jit
+def wait_count(ptr, total):
+    """Spin until the int32 counter at ptr reaches `total`, then what the programs that counted in stored before
+    (count_in) is visible to every thread of this one: the spinning read acquires, a CTA barrier follows. At
+    most MAX_SPINS reads: a counter that never fills gives wrong sums, not a hung GPU."""
+    seen = tl.atomic_add(ptr, 0, sem="acquire")
+    spins = 0
+    while (seen < total) & (spins < MAX_SPINS):
+        seen = tl.atomic_add(ptr, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
+
+
+@triton.jit
+def count_in(ptr):
+    """Add this program to the counter at ptr once every thread's stores are issued (release)."""
+    tl.debug_barrier()
+    tl.atomic_add(ptr, 1, sem="release")
+
+
+@triton.jit
 def expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs, first, step,
-                    xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar,
-                    stride_bs, stride_bn, stride_br, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc += x W^T over K columns [k_lo, k_hi) and the expand's pairs first, first + step, ... (expand_pairs):
-    pair first + j * step at the j-th K step, the pairs left over after the loop (more pairs than K steps)."""
+                    xa_ptr, b_ptr, ranks_ptr, ready_ptr, ready_total, stride_xm, stride_xk, stride_wn, stride_wk,
+                    stride_xam, stride_xar, stride_bs, stride_bn, stride_br, WAIT_PRIOR: tl.constexpr,
+                    WAIT_READY: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x W^T over K columns [k_lo, k_hi) and the expand's pairs first, first + step, ... (expand_pairs),
+    one a K step over the loop's last K steps, the pairs left over after it (more pairs than K steps). Whatever
+    writes xa is waited for only before those last steps, while W has streamed the others: the shrink this launch
+    depends on (WAIT_PRIOR), or this launch's own shrink programs (WAIT_READY: ready_total units counted in at
+    ready_ptr)."""
     pairs, steps, rank = expand_pairs(slot, runs, ranks_ptr, BLOCK_R, BLOCK_M, BLOCK_N)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    k_steps = tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_K)
+    k_mid = k_lo + tl.maximum(k_steps - tl.cdiv(tl.maximum(pairs - first, 0), step), 0) * BLOCK_K
+    for k0 in range(k_lo, k_mid, BLOCK_K):
         x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
                                  stride_wk, BLOCK_K)
         acc = _dot(x, w, acc, FP32_DOT)
-        acc = expand_pair(acc, first + (k0 - k_lo) // BLOCK_K * step, steps, slot, run, rank, offs_m, offs_n, mask_n,
-                          xa_ptr, b_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R,
-                          BLOCK_M, BLOCK_N)
-    for i in range(first + tl.cdiv(tl.maximum(k_hi - k_lo, 0), BLOCK_K) * step, pairs, step):
+    if WAIT_PRIOR:
+        gdc_wait()
+    if WAIT_READY:
+        wait_count(ready_ptr, ready_total)
+    for k0 in range(k_mid, k_hi, BLOCK_K):
+        x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk, stride_wn,
+                                 stride_wk, BLOCK_K)
+        acc = _dot(x, w, acc, FP32_DOT)
+        acc = expand_pair(acc, first + (k0 - k_mid) // BLOCK_K * step, steps, slot, run, rank, offs_m, offs_n,
+                          mask_n, xa_ptr, b_ptr, stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT,
+                          BLOCK_R, BLOCK_M, BLOCK_N)
+    for i in range(first + tl.cdiv(tl.maximum(k_hi - k_mid, 0), BLOCK_K) * step, pairs, step):
         acc = expand_pair(acc, i, steps, slot, run, rank, offs_m, offs_n, mask_n, xa_ptr, b_ptr, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N)
     return acc
@@ -611,7 +647,7 @@ def _multi_decode_kernel(
     HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SHRINK_SPLIT: tl.constexpr = 0, SHRINK_ROUNDS: tl.constexpr = 1,
 ):
     """The matmul at decode (M <= BLOCK_M rows), as kernels.lora's decode kernel: one row block, so W streams
     from HBM once, K split SPLIT_K ways with the last split of a column block summing the partials; the
@@ -622,8 +658,98 @@ def _multi_decode_kernel(
     with X_DROPOUT's mask); column block 0 also leaves those partials for the last of its splits to sum into
     xa (M, WIDTH), which backward needs. Each program reads the rows' A over its K share from L2: at most
     decode_fuses_shrink's rank budget over BLOCK_N of W's bytes. WAIT_PRIOR: as multi_matmul_tile's. IN_LOOP: the
-    forward's expand (given xa) inside the K loop, split p taking pairs p, p + SPLIT_K, ... (expanded_k_loop)."""
-    pid_n, pid_k, k_lo, k_hi = split_k_program(K, BLOCK_K, SPLIT_K)
+    forward's expand (given xa) inside the K loop, split p taking pairs p, p + SPLIT_K, ... (expanded_k_loop).
+
+    SHRINK_SPLIT > 0 (the forward at up to DECODE_MAX_T tokens, any rank): no shrink launch either; the launch's
+    first WIDTH / 16 x SHRINK_SPLIT x SHRINK_ROUNDS programs are the shrink's (_decode_shrink_program) and write
+    xa, and the matmul programs after them wait for it only before they expand, once W has streamed. Programs
+    start in launch order (as CUTLASS's serial split-K relies on), so the shrink programs, which wait for
+    nothing, hold their SMs before any matmul program waits."""
+    pid = tl.program_id(0)
+    if SHRINK_SPLIT > 0:
+        shrink = WIDTH // BLOCK_R * SHRINK_SPLIT * SHRINK_ROUNDS
+        if pid < shrink:
+            _decode_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
+                                   dropouts_ptr, seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr, M, N, K,
+                                   WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as, stride_ar,
+                                   stride_ak, HAS_ORDER, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_R,
+                                   BLOCK_M)
+        else:
+            _decode_matmul_program(
+                pid - shrink, tl.num_programs(0) - shrink, x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr,
+                ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, WIDTH,
+                T_BUCKET, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar,
+                stride_ak, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, FUSE_SHRINK, X_DROPOUT,
+                OUT_DROPOUT, HAS_BIAS, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
+                SHRINK_SPLIT, SHRINK_ROUNDS)
+    else:
+        _decode_matmul_program(
+            pid, tl.num_programs(0), x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
+            dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, WIDTH, T_BUCKET, stride_xm,
+            stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak, stride_bs,
+            stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS,
+            FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SHRINK_SPLIT, SHRINK_ROUNDS)
+
+
+# the shrink programs' K step: A rows of a round side by side within ROUND_ELEMENTS (shrink_runs)
+SHRINK_BLOCK_K = tl.constexpr(128)
+
+
+@triton.jit
+def _decode_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
+                           seed_ptr, ws_ptr, count_ptr, M, N, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
+                           stride_as, stride_ar, stride_ak, HAS_ORDER: tl.constexpr, X_DROPOUT: tl.constexpr,
+                           FP32_DOT: tl.constexpr, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr,
+                           BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Shrink program q of a decode launch (_multi_decode_kernel's SHRINK_SPLIT): ranks rb * 16.. over split ks
+    of K for the rows of rounds g, g + SHRINK_ROUNDS, ... of the block's runs (runs_shrink; q = (g * SHRINK_SPLIT
+    + ks) * WIDTH / 16 + rb), its partial stored into ws (SHRINK_SPLIT, M, WIDTH) fp32. The last of a unit's
+    (rb, g) SHRINK_SPLIT programs to arrive sums the unit's partials into xa in split order (no atomics on xa:
+    no memset, and the same bits every run) and counts the unit ready; unit g = 0 also writes zeros for the
+    rows without an adapter."""
+    num_rb = WIDTH // BLOCK_R
+    rb = q % num_rb
+    ks = q // num_rb % SHRINK_SPLIT
+    g = q // (num_rb * SHRINK_SPLIT)
+    offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
+    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+    run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
+    acc = runs_shrink(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr,
+                      seed_ptr, slot, run, runs, offs_m, rb * BLOCK_R, ks, g, K, stride_xm, stride_xk, stride_as,
+                      stride_ar, stride_ak, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_M, BLOCK_R,
+                      SHRINK_BLOCK_K)
+    acc *= row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)
+    rows = mask_m & (shrink_round_rows(slot, run, g, SHRINK_ROUNDS, 1, BLOCK_M, SHRINK_BLOCK_K)
+                     | ((g == 0) & (slot < 0)))
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    part = ws_ptr + offs_m[:, None] * WIDTH + offs_r[None, :]                               # split 0's
+    tl.store(part + ks * M * WIDTH, acc, mask=rows[:, None])
+    counters = count_ptr + tl.cdiv(N, 16)
+    unit = g * num_rb + rb
+    if arrive_last(counters, unit, SHRINK_SPLIT):
+        tl.atomic_xchg(counters + unit, 0)
+        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(SHRINK_SPLIT):
+            total += tl.load(part + s * M * WIDTH, mask=rows[:, None], other=0.0, cache_modifier=".cg")
+        tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, total, mask=rows[:, None])
+        count_in(counters + num_rb * SHRINK_ROUNDS)
+
+
+@triton.jit
+def _decode_matmul_program(
+    pid, matmul_programs,
+    x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, bias_ptr,
+    y_ptr, part_ptr, count_ptr,
+    M, N, K, WIDTH, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
+    stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SHRINK_SPLIT: tl.constexpr = 0, SHRINK_ROUNDS: tl.constexpr = 1,
+):
+    """Matmul program pid of _multi_decode_kernel (of matmul_programs)."""
+    pid_n, pid_k, k_lo, k_hi = split_k_program(pid, K, BLOCK_K, SPLIT_K)
     offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -639,13 +765,14 @@ def _multi_decode_kernel(
                           BLOCK_N)
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     in_loop: tl.constexpr = IN_LOOP and not FUSE_SHRINK and not OUT_DROPOUT
+    shrink_programs: tl.constexpr = SHRINK_SPLIT > 0
+    counters = count_ptr + tl.cdiv(N, 16)       # after the column blocks': the shrink units', ready, done
+    units = WIDTH // BLOCK_R * SHRINK_ROUNDS
     if in_loop:
-        if WAIT_PRIOR:
-            gdc_wait()
         acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs,
-                              pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, stride_xm, stride_xk, stride_wn, stride_wk,
-                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
-                              BLOCK_N, BLOCK_K)
+                              pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, counters + units, units, stride_xm, stride_xk,
+                              stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
+                              WAIT_PRIOR, shrink_programs, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         for k0 in range(k_lo, k_hi, BLOCK_K):
             x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
@@ -661,9 +788,15 @@ def _multi_decode_kernel(
     elif not OUT_DROPOUT and not in_loop:
         if WAIT_PRIOR:
             gdc_wait()
+        if shrink_programs:
+            wait_count(counters + units, units)
         acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                           stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                           BLOCK_N)
+    if shrink_programs:  # the last matmul program past its expand resets ready and done for the next launch
+        if arrive_last(counters, units + 1, matmul_programs):
+            tl.atomic_xchg(counters + units, 0)
+            tl.atomic_xchg(counters + units + 1, 0)
     if SPLIT_K == 1:
         store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
     elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
@@ -723,7 +856,7 @@ def _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts
 
 _multi_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT",
-                                 "HAS_BIAS", "IN_LOOP"],
+                                 "HAS_BIAS", "IN_LOOP", "SHRINK_SPLIT", "SHRINK_ROUNDS"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_multi_decode_kernel))
 
 
@@ -800,28 +933,40 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
 def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, lora_A=None,
                          scales=None, wait_prior: bool = False) -> None:
     """_multi_decode_kernel into y: the expand of a given xa (dropouts: the backward's output mask), or with
-    lora_A and scales its own shrink, written into xa (dropouts: the forward's input mask). wait_prior: as
+    lora_A and scales its own shrink, written into xa (dropouts: the forward's input mask): fused into each split
+    where decode_fuses_shrink, else on shrink programs (decode_shrink_grid). wait_prior: as
     _multi_matmul_launch's."""
     M, K = x.shape
     N = weight.shape[0]
+    width = xa.shape[1]
     bucket = t_bucket(M)
-    fuse = lora_A is not None
-    in_loop = not fuse and dropouts is None and expand_in_loop(M)
+    shrinks = lora_A is not None
+    fuse = shrinks and decode_fuses_shrink(M, lora_A.shape[1])
+    in_loop = expand_in_loop(M) and (shrinks and not fuse or not shrinks and dropouts is None)
+    block_m = max(16, next_pow2(M))
+    split_shrink, rounds = 0, 1
+    if shrinks and not fuse:  # runs: at most one a slot in slot-sorted order, else up to one a row
+        split_shrink, rounds = decode_shrink_grid(M, K, M if order is None else min(M, lora_A.shape[0]), block_m)
     key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype,
            lora_B.dtype) + (("in_loop",) if in_loop else ())     # the tuned choices' keys stay as they were
-    width = xa.shape[1]
-    part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y)
-    a = lora_A if fuse else lora_B            # the unfused kernel reads no A, nor scales
+    key += ("shrink", split_shrink) if split_shrink else ()    # the round groups follow the pool: not tuned apart
+    units = width // BLOCK_R * rounds
+    part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y,
+                                   extra_counters=units + 2 if split_shrink else 0,
+                                   extra_workspace=split_shrink * M * width)
+    a = lora_A if shrinks else lora_B            # the kernel without a shrink reads no A, nor scales
+    shrink_programs = units * split_shrink
     sx, sw, sxa, sa, sb, sy = x.stride(), weight.stride(), xa.stride(), a.stride(), lora_B.stride(), y.stride()
-    _multi_decode.launch(key, lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
+    _multi_decode.launch(key, lambda meta: (shrink_programs + cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
         x, weight, xa, a, lora_B, adapter_index, adapter_index if order is None else order, ranks,
         ranks if scales is None else scales, xa if dropouts is None else dropouts,
         adapter_index if seed is None else seed, bias if bias is not None else y, y, part, counters,
         M, N, K, width, bucket,
         sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sa[0], sa[1], sa[2], sb[0], sb[1], sb[2], sy[0], sy[1],
-        HAS_ORDER=order is not None, FUSE_SHRINK=fuse, X_DROPOUT=fuse and dropouts is not None,
-        OUT_DROPOUT=not fuse and dropouts is not None, HAS_BIAS=bias is not None, FP32_DOT=x.dtype == torch.float32,
-        IN_LOOP=in_loop, BLOCK_R=BLOCK_R, BLOCK_M=max(16, next_pow2(M)), **wait_flags(wait_prior and not fuse, x),
+        HAS_ORDER=order is not None, FUSE_SHRINK=fuse, X_DROPOUT=shrinks and dropouts is not None,
+        OUT_DROPOUT=not shrinks and dropouts is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32, IN_LOOP=in_loop, BLOCK_R=BLOCK_R, BLOCK_M=block_m,
+        SHRINK_SPLIT=split_shrink, SHRINK_ROUNDS=rounds, **wait_flags(wait_prior and not shrinks, x),
     )
 
 
@@ -829,12 +974,37 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
 # BLOCK_N columns a program, the fused shrink reads up to FUSED_SHRINK_RANKS / BLOCK_N of W's bytes in A from L2
 # (kernels.lora fuses up to rank 64 for one adapter, MAX_FUSED_RANK).
 FUSED_SHRINK_RANKS = 64
+# The forward at up to DECODE_MAX_T tokens beyond decode_fuses_shrink in one launch too, its shrink on programs of
+# its own (_decode_shrink_program) instead of a shrink launch, its memset and the gap before the matmul. Off until
+# the card has timed it (bench.lora_multi's ptlm_one_launch provider turns it on); PTLM_MULTI_SHRINK_PROGRAMS=1/0.
+SHRINK_PROGRAMS = os.environ.get("PTLM_MULTI_SHRINK_PROGRAMS", "0") == "1"
+# A shrink program's K steps (of SHRINK_BLOCK_K) in a round, and its rounds of runs at most: at T = 64 with 32
+# adapters (16 rounds of 2 runs, K = 4096) 64 programs of 2 rounds x 4 steps, ~4 us of dependent loads each
+# while the matmul programs stream W.
+SHRINK_K_STEPS = 4
+SHRINK_MAX_ROUNDS = 8
 
 
 def decode_fuses_shrink(T: int, r_max: int) -> bool:
-    """Whether lora_multi_decode serves T tokens of slots up to rank r_max in one launch: a few tokens of
-    low rank (T = 1..4 at rank 16, T = 1 at 64)."""
+    """Whether lora_multi_decode serves T tokens of slots up to rank r_max by expanding each split's own partial
+    shrink: a few tokens of low rank (T = 1..4 at rank 16, T = 1 at 64)."""
     return 0 < T and T * padded_rank(r_max) <= FUSED_SHRINK_RANKS
+
+
+def decode_one_launch(T: int, r_max: int) -> bool:
+    """Whether the forward over T tokens takes lora_multi_decode (one launch) rather than a shrink launch and
+    lora_multi_matmul: the few tokens decode_fuses_shrink takes, and with SHRINK_PROGRAMS (read per call) every
+    decode."""
+    return decode_fuses_shrink(T, r_max) or bool(SHRINK_PROGRAMS) and 0 < T <= DECODE_MAX_T
+
+
+def decode_shrink_grid(M: int, K: int, runs: int, block_m: int) -> tuple[int, int]:
+    """(K splits, round groups) of a decode launch's shrink programs (per 16 ranks): SHRINK_K_STEPS K steps a
+    round, and the rounds of the most runs the rows can form shared out over at most SHRINK_MAX_ROUNDS groups
+    (fewer groups than rounds is only slower). Read from the module per call (tests shrink them)."""
+    steps = cdiv(K, SHRINK_BLOCK_K.value)
+    rounds = cdiv(runs, shrink_runs(1, block_m, SHRINK_BLOCK_K.value))
+    return max(1, min(16, cdiv(steps, SHRINK_K_STEPS))), max(1, min(SHRINK_MAX_ROUNDS, rounds))
 
 
 def lora_multi_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -843,8 +1013,8 @@ def lora_multi_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tenso
                       dropouts: torch.Tensor | None = None,
                       seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, xa): lora_multi_matmul(x, weight, lora_multi_shrink(x, lora_A, ...), lora_B, ...) in one launch, for
-    the few tokens decode_fuses_shrink takes (a launch and its gap saved: at T = 1 the two launches cost 1.41x
-    cuBLAS against the one-adapter kernel's 1.09x, H100 2026-11-26). Arguments as those two take them."""
+    the tokens decode_one_launch takes (a launch and its gap saved: at T = 1 the two launches cost 1.41x cuBLAS
+    against the one-adapter kernel's 1.09x, H100 2026-11-26). Arguments as those two take them."""
     M, K = x.shape
     y = torch.empty((M, weight.shape[0]), device=x.device, dtype=x.dtype)
     xa = torch.empty((M, padded_rank(lora_A.shape[1])), device=x.device, dtype=torch.float32)

@@ -97,7 +97,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a dropout_a(x) A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     # row blocks walk the tokens in slot-sorted order: a block's rows form few runs of one slot
-    if multi_kernels.decode_fuses_shrink(x.shape[0], lora_A.shape[1]):   # a few tokens: one launch
+    if multi_kernels.decode_one_launch(x.shape[0], lora_A.shape[1]):
         return multi_kernels.lora_multi_decode(x, w, lora_A, lora_B, adapter_index, ranks, scales, bias, order,
                                                dropouts, seed)
     xs = multi_kernels.tma_sorted_rows(x, w)          # Hopper prefill: the shrink sorts x's rows for TMA

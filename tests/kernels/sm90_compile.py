@@ -144,7 +144,12 @@ KERNELS = {
                       dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
                            WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16),
                       dict(HAS_ORDER=True, FUSE_SHRINK=True, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=False,
-                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16)]),
+                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16),
+                      # the launch's own shrink programs (SHRINK_SPLIT), expanding inside the K loop or after it
+                      dict(HAS_ORDER=True, FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=True,
+                           WAIT_PRIOR=False, IN_LOOP=True, BLOCK_M=64, SHRINK_SPLIT=8, SHRINK_ROUNDS=8),
+                      dict(HAS_ORDER=True, FUSE_SHRINK=False, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=False,
+                           WAIT_PRIOR=False, IN_LOOP=False, BLOCK_M=16, SHRINK_SPLIT=8, SHRINK_ROUNDS=2)]),
     "multi.matmul_prefill": (M._multi_matmul_prefill, *MULTI_MATMUL),
     "multi.matmul_tma": (M._multi_matmul_tma, *MULTI_MATMUL_TMA),
     "multi.shrink": (M._multi_shrink, {"x_ptr": "x", "a_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",

@@ -233,10 +233,11 @@ def test_multi_decode_expand_in_loop_realistic(T, dtype, monkeypatch):
     _check(T, 4096, 4096, [16] * 32, dtype, "random")
 
 
-def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, stages):
+def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, stages, shrink_programs=False):
     """lora_multi_decode (one launch: each split expands its own partial shrink, column block 0's partials summed
-    into xa) against float64 on poisoned outputs, tokens as they come and slot-sorted; with input dropout against
-    the shrink + matmul pair under the same seed. K split `split` ways."""
+    into xa; with shrink_programs the launch's own shrink programs write xa) against float64 on poisoned outputs,
+    tokens as they come and slot-sorted; with input dropout against the shrink + matmul pair under the same seed.
+    K split `split` ways."""
     import triton
     meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
     monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=stages)])
@@ -246,7 +247,7 @@ def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, 
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     torch.manual_seed(T + split)
     S, r_max = len(ranks), max(ranks)
-    assert M.decode_fuses_shrink(T, r_max) and not M.decode_fuses_shrink(T + 4, r_max)
+    assert M.decode_fuses_shrink(T, r_max) != shrink_programs and not M.decode_fuses_shrink(T + 4, r_max)
     a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
     a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
     idx = _mapping(kind, T, S)
@@ -280,6 +281,39 @@ def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, 
 def test_multi_decode_fuses_its_shrink_at_a_few_tokens(T, ranks, kind, split, dtype, monkeypatch):
     """One row, rows of different slots, -1 rows, no adapter at all, mixed ranks, K split 1 or 3 ways."""
     _check_fused_decode(T, 70, 45, ranks, kind, split, dtype, monkeypatch, stages=1)
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+@pytest.mark.parametrize("T,ranks,kind", [(13, [16, 5, 40, 9, 1], "each"), (13, [16, 5, 40, 9, 1], "random"),
+                                          (9, [16, 8], "none"), (6, [24, 3], "one")])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_shrink_programs(T, ranks, kind, split, in_loop, monkeypatch):
+    """The decode launch's own shrink programs (SHRINK_PROGRAMS): K steps of 16 and one a program (70 columns:
+    5 splits), rounds cut to 2 runs and shared out over up to 3 groups, mixed ranks (three rank blocks), -1 rows,
+    no adapter at all; the expand after the K loop or inside it; K split 1 or 3 ways."""
+    import triton.language as tl
+    monkeypatch.setattr(M, "SHRINK_PROGRAMS", True)
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", in_loop)
+    monkeypatch.setattr(M, "SHRINK_BLOCK_K", tl.constexpr(16))        # the interpreter reads globals per call
+    monkeypatch.setattr(M, "SHRINK_K_STEPS", 1)
+    monkeypatch.setattr(M, "SHRINK_MAX_ROUNDS", 3)
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))
+    assert M.decode_one_launch(T, max(ranks)) and M.decode_shrink_grid(13, 70, 13, 16) == (5, 3)
+    _check_fused_decode(T, 70, 45, ranks, kind, split, torch.float32, monkeypatch, stages=1, shrink_programs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [16, 64])
+@pytest.mark.parametrize("split", [1, 3])
+def test_multi_decode_shrink_programs_realistic(T, split, dtype, monkeypatch):
+    """The decode launch's own shrink programs at 4096 x 4096 with 32 rank-16 adapters on a GPU: the counters'
+    waits and ordering are only exercised there."""
+    monkeypatch.setattr(M, "SHRINK_PROGRAMS", True)
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
+    _check_fused_decode(T, 4096, 4096, [16] * 32, "random", split, dtype, monkeypatch, stages=3,
+                        shrink_programs=True)
 
 
 @pytest.mark.gpu
