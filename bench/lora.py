@@ -8,6 +8,9 @@ and B with torch.autograd.grad against a random dy, so nothing accumulates into 
   ptlm    ptlm_engine.functional.lora_linear (fused Triton forward and backward)
   ptlm_serial  Hopper, T > 64: ptlm with its TMA matmul an ordinary launch after the shrink, not the shrink's
           programmatic dependent (kernels.configs.PDL off for the call): what the dependent launch saves
+  ptlm_shrink_programs  T <= 64, r <= 64: ptlm with the decode forward's shrink on the launch's own first
+          programs (kernels.lora.SHRINK_PROGRAMS on for the call, off by default until timed) instead of in every
+          program's K loop (A read once, not once per column block)
   floor   not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b = bytes per element, T tokens, W0 d_out×d_in, rank r):
@@ -40,7 +43,7 @@ OP = "lora_linear"
 LAYER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]     # (d_in, d_out): attention, up/gate, down
 TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
 RANKS = [8, 16, 64]
-PROVIDERS = ["floor", "cublas", "eager", "peft", "ptlm", "ptlm_serial"]
+PROVIDERS = ["floor", "cublas", "eager", "peft", "ptlm", "ptlm_serial", "ptlm_shrink_programs"]
 MODES = ["fwd", "fwd+bwd"]
 SCALE = 2.0                                                          # alpha / r = 32 / 16, as in model_train
 
@@ -50,7 +53,7 @@ SMOKE_RANKS = [8]
 
 TABLE = harness.table_spec(keys=["d_in", "d_out", "r", "T"],
                            ratios=[("ptlm", "cublas", "ms"), ("ptlm", "eager", "ms"), ("ptlm", "floor", "ms"),
-                                   ("ptlm", "ptlm_serial", "ms")])
+                                   ("ptlm", "ptlm_serial", "ms"), ("ptlm", "ptlm_shrink_programs", "ms")])
 
 # Targets from the project brief: fused forward against the bare base GEMM, training step against the base
 # layer's forward+backward.
@@ -129,7 +132,7 @@ def _forward(provider: str, s: LoraSet, r: int):
     if provider == "peft":
         layer = _peft_layer(s, r)
         return (lambda: layer(s.x)), [s.x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    if provider in ("ptlm", "ptlm_serial"):  # the serial one: PDL off around it (make_calls)
+    if provider in ("ptlm", "ptlm_serial", "ptlm_shrink_programs"):  # switched in make_calls
         from ptlm_engine.functional import lora_linear
         if s.x.is_cuda and ptlm_backend(s.x) != "triton":
             raise RuntimeError("ptlm would run its PyTorch reference on CUDA, not the Triton kernels: is the "
@@ -140,10 +143,14 @@ def _forward(provider: str, s: LoraSet, r: int):
 
 def make_calls(shape: dict, provider: str, mode: str, sets: list[LoraSet]):
     calls = harness.mode_calls([(*_forward(provider, s, shape["r"]), s.dy) for s in sets], mode)
-    if provider != "ptlm_serial":
+    if provider not in ("ptlm_serial", "ptlm_shrink_programs"):
         return calls
     from ptlm_engine.kernels import configs as kernel_configs
     from ptlm_engine.kernels import lora as lora_kernels
+    if provider == "ptlm_shrink_programs":                # where the forward fuses its shrink
+        if not lora_kernels.fuse_shrink_default(shape["T"], shape["r"]):
+            return None
+        return [harness.with_setting(lora_kernels, "SHRINK_PROGRAMS", True, call) for call in calls]
     if not (shape["T"] > lora_kernels.DECODE_MAX_T and kernel_configs.PDL
             and kernel_configs.dependent_launch(sets[0].x.device)):
         return None                          # only where the matmul would launch as the shrink's dependent

@@ -39,7 +39,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .configs import (DECODE_MAX_T, INTERPRETED, prefill_matmul_configs, prune_split_decode,  # noqa: F401
                       split_decode_configs, TunedLauncher, cdiv, dependent_launch, next_pow2, prune_by_t,
                       shrink_configs, t_bucket, tma_matmul_configs, tune_bench, wait_flags, weight_grad_configs)
-from .split_state import arrive_last, split_state
+from .split_state import arrive_last, count_in, split_state, wait_count
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -295,6 +295,20 @@ _MATMUL_KEY = ["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPO
 _lora_matmul_prefill = TunedLauncher(triton.autotune(
     prefill_matmul_configs(), key=_MATMUL_KEY, do_bench=tune_bench)(_lora_matmul_kernel))
 MAX_FUSED_RANK = 64  # the matmul holds the whole r-wide xa tile on chip
+# The forward at decode with its shrink on the launch's own first programs (_lora_shrink_program) instead of in
+# every program's K loop, where each program reads A over its K share from L2 (32 columns unsplit: half as many
+# bytes again as W). Off until the card has timed it (bench.lora's ptlm_shrink_programs provider turns it on);
+# PTLM_SHRINK_PROGRAMS=1 / 0.
+SHRINK_PROGRAMS = os.environ.get("PTLM_SHRINK_PROGRAMS", "0") == "1"
+# A shrink program's K step, and its K steps at most (so at most 16 programs: K = 4096 takes 8 of 4 steps).
+# kernels.lora_multi's shrink programs take the same.
+SHRINK_BLOCK_K = tl.constexpr(128)
+SHRINK_K_STEPS = 4
+
+
+def decode_shrink_split(K: int, block_k: int, k_steps: int) -> int:
+    """The shrink programs' shares of K: k_steps steps of block_k each, 1 to 16 of them."""
+    return max(1, min(16, cdiv(cdiv(K, block_k), k_steps)))
 
 
 # --------------------------------------------------------------------------------------- matmul, decode path
@@ -308,6 +322,7 @@ def _lora_decode_kernel(
     FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    SHRINK_SPLIT: tl.constexpr = 0,
 ):
     """y = x @ W^T + keep_out * (xa @ B^T) (+ bias) for M <= BLOCK_M rows: one row block, so W streams from HBM
     once; SPLIT_K programs per BLOCK_N columns, each over its share of K.
@@ -316,13 +331,89 @@ def _lora_decode_kernel(
     tile; the last split of a column block to finish (an atomic counter) sums the partials and runs the
     epilogue. Each program reads A only over its own K share: the fused shrink costs r / BLOCK_N of the W bytes
     in L2 reads (with one program per 32 columns and no split, it cost half as much again as W).
-    Without FUSE_SHRINK, xa (M, R) is given and split 0 adds its expand.
+    Without FUSE_SHRINK, xa (M, R) is given and split 0 adds its expand. SHRINK_SPLIT > 0 (the forward): xa is
+    not given but made in the same launch by its first SHRINK_SPLIT programs (_lora_shrink_program, each over a
+    share of K, A read once in all), and the split-0 programs wait for it after their K loop (in launch order the
+    shrink programs start first and wait for nothing; kernels.lora_multi's decode does the same).
 
     WEIGHT_GRADS (the backward, x = dy, W = W0^T, A = B^T, B = A^T, h = the forward's xa, x2 = its x) also
     writes dk = x^T h (K, R) (dB), each BLOCK_K rows of it by one program, and dn = ((keep x2)^T xa)^T (R, N)
     (dA, rank-major as lora_A) in the epilogue, both in their buffers' dtypes: dx, dA and dB in one launch.
     """
-    pid_n, pid_k, k_lo, k_hi = split_k_program(tl.program_id(0), K, BLOCK_K, SPLIT_K)
+    pid = tl.program_id(0)
+    if SHRINK_SPLIT > 0:
+        if pid < SHRINK_SPLIT:
+            _lora_shrink_program(pid, x_ptr, a_ptr, xa_ptr, seed_ptr, part_ptr + SPLIT_K * M * (N + R), count_ptr,
+                                 M, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak, scale, dropout_p, X_DROPOUT,
+                                 FP32_DOT, SHRINK_SPLIT, BLOCK_M, BLOCK_R)
+        else:
+            _lora_decode_program(
+                pid - SHRINK_SPLIT, x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr,
+                dk_ptr, dn_ptr, part_ptr, count_ptr, M, N, K, R, T_BUCKET, stride_xm, stride_xk, stride_wn,
+                stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_x2m, stride_x2n,
+                scale, dropout_p, FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE,
+                BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, SPLIT_K, SHRINK_SPLIT)
+    else:
+        _lora_decode_program(
+            pid, x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr, dk_ptr, dn_ptr, part_ptr,
+            count_ptr, M, N, K, R, T_BUCKET, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+            stride_bn, stride_br, stride_ym, stride_yn, stride_x2m, stride_x2n, scale, dropout_p, FUSE_SHRINK,
+            X_DROPOUT, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K,
+            SPLIT_K, SHRINK_SPLIT)
+
+
+@triton.jit
+def _lora_shrink_program(q, x_ptr, a_ptr, xa_ptr, seed_ptr, ws_ptr, count_ptr, M, N, K, R, stride_xm, stride_xk,
+                         stride_ar, stride_ak, scale, dropout_p, X_DROPOUT: tl.constexpr, FP32_DOT: tl.constexpr,
+                         SHRINK_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Shrink program q of a decode launch (_lora_decode_kernel's SHRINK_SPLIT): keep * x A^T over the q-th
+    share of K (whole SHRINK_BLOCK_K steps) into ws (SHRINK_SPLIT, M, BLOCK_R) fp32; the last of them to arrive
+    sums the shares in order into xa (M, R), scaled, and counts it ready."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    k_share = tl.cdiv(tl.cdiv(K, SHRINK_BLOCK_K), SHRINK_SPLIT) * SHRINK_BLOCK_K
+    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(q * k_share, tl.minimum(K, (q + 1) * k_share), SHRINK_BLOCK_K):
+        offs_k = k0 + tl.arange(0, SHRINK_BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                    # (BLOCK_M, SHRINK_BLOCK_K)
+        if X_DROPOUT:
+            x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                    mask=mask_r[None, :] & mask_k[:, None], other=0.0)                    # (SHRINK_BLOCK_K, BLOCK_R)
+        xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
+    part = ws_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :]                          # share 0's
+    tl.store(part + q * M * BLOCK_R, xa, mask=mask_m[:, None])
+    counters = count_ptr + tl.cdiv(N, 16)
+    if arrive_last(counters, 0, SHRINK_SPLIT):
+        tl.atomic_xchg(counters, 0)
+        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for s in tl.static_range(SHRINK_SPLIT):
+            total += tl.load(part + s * M * BLOCK_R, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+        # no NaN lanes past R (inf * 0): see the tile
+        tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], tl.where(mask_r[None, :], total * scale, 0.0),
+                 mask=mask_m[:, None] & mask_r[None, :])
+        count_in(counters + 1)
+
+
+@triton.jit
+def _lora_decode_program(
+    pid,
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr, dk_ptr, dn_ptr, part_ptr, count_ptr,
+    M, N, K, R, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
+    stride_x2m, stride_x2n,
+    scale, dropout_p,
+    FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    SHRINK_SPLIT: tl.constexpr = 0,
+):
+    """Matmul program pid of _lora_decode_kernel."""
+    pid_n, pid_k, k_lo, k_hi = split_k_program(pid, K, BLOCK_K, SPLIT_K)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -361,6 +452,9 @@ def _lora_decode_kernel(
                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # (BLOCK_R, BLOCK_N)
         lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
     else:
+        if SHRINK_SPLIT > 0:  # split 0 alone expands: it waits for the shrink programs' xa, then counts out
+            if pid_k == 0:
+                wait_count(count_ptr + tl.cdiv(N, 16) + 1, 1)
         for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
             offs_rr = r0 + offs_r
             xa_given = tl.load(xa_ptr + offs_m[:, None] * R + offs_rr[None, :],
@@ -368,6 +462,12 @@ def _lora_decode_kernel(
             b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
                         mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
             lora = _dot_fp32(xa_given, b.to(tl.float32), lora, FP32_DOT)
+    if SHRINK_SPLIT > 0:
+        if pid_k == 0:  # the last of them resets ready and done for the next launch
+            counters = count_ptr + tl.cdiv(N, 16)
+            if arrive_last(counters, 2, tl.cdiv(N, BLOCK_N)):
+                tl.atomic_xchg(counters + 1, 0)
+                tl.atomic_xchg(counters + 2, 0)
     if OUT_DROPOUT:  # the mask is elementwise, so it applies to each split's part of the LoRA term
         acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
     else:
@@ -457,7 +557,7 @@ def _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mas
 
 _lora_decode = TunedLauncher(triton.autotune(
     split_decode_configs(), key=["T_BUCKET", "N", "K", "R", "FUSE_SHRINK", "X_DROPOUT", "OUT_DROPOUT", "HAS_BIAS",
-                                 "WEIGHT_GRADS"],
+                                 "WEIGHT_GRADS", "SHRINK_SPLIT"],
     prune_configs_by=prune_split_decode(), do_bench=tune_bench)(_lora_decode_kernel))
 def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per_split: int, N: int,
                   unused: torch.Tensor, extra_counters: int = 0,
@@ -475,31 +575,37 @@ def split_buffers(launcher: TunedLauncher, key: tuple, device: torch.device, per
 
 def _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout: float,
                         out_dropout: float, fuse_shrink: bool, grads_of: tuple | None = None,
-                        accumulate: bool = False):
-    """The decode kernel into y (M, N) (onto its values with accumulate) and, with fuse_shrink, xa (M, R) fp32
-    (else xa is given). grads_of: (h (M, R) fp32, x2 (M, N), dk (K, R) fp32, dn (N, R) fp32) for the
-    backward's weight gradients."""
+                        accumulate: bool = False, shrink_programs: bool = False):
+    """The decode kernel into y (M, N) (onto its values with accumulate) and, with fuse_shrink or
+    shrink_programs, xa (M, R) fp32 (else xa is given). grads_of: (h (M, R) fp32, x2 (M, N), dk (K, R) fp32,
+    dn (N, R) fp32) for the backward's weight gradients."""
     M, K = x.shape
     N, R = weight.shape[0], lora_A.shape[0]
     bucket = t_bucket(M)
     weight_grads = grads_of is not None
+    split_shrink = decode_shrink_split(K, SHRINK_BLOCK_K.value, SHRINK_K_STEPS) if shrink_programs else 0
     key = (bucket, N, K, R, fuse_shrink, x_dropout > 0.0, out_dropout > 0.0, bias is None, weight_grads,
-           x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype)
+           x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype) + (("shrink", split_shrink) if split_shrink else ())
     if accumulate and _lora_decode.chosen(key) is None:
         return _accumulated(y, lambda out: _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, out, xa, seed,
-                                                               x_dropout, out_dropout, fuse_shrink, grads_of))
-    part, counters = split_buffers(_lora_decode, key, x.device, M * (N + R), N, y)
+                                                               x_dropout, out_dropout, fuse_shrink, grads_of,
+                                                               shrink_programs=shrink_programs))
+    block_r = rank_block(R)
+    part, counters = split_buffers(_lora_decode, key, x.device, M * (N + R), N, y,
+                                   extra_counters=3 if split_shrink else 0,
+                                   extra_workspace=split_shrink * M * block_r)
     h, x2, dk, dn = grads_of if weight_grads else (xa, y, xa, xa)
-    grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    grid = lambda meta: (split_shrink + cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     _lora_decode.launch(key, grid,
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, xa,
         seed if (x_dropout > 0.0 or out_dropout > 0.0) else y, h, x2, dk, dn, part, counters,
         M, N, K, R, bucket,
         *x.stride(), *weight.stride(), *lora_A.stride(), *lora_B.stride(), *y.stride(), *x2.stride(),
         scale / (1.0 - x_dropout), max(x_dropout, out_dropout),
-        FUSE_SHRINK=fuse_shrink, X_DROPOUT=fuse_shrink and x_dropout > 0.0, OUT_DROPOUT=out_dropout > 0.0,
-        HAS_BIAS=bias is not None, WEIGHT_GRADS=weight_grads, FP32_DOT=x.dtype == torch.float32,
-        ACCUMULATE=accumulate, BLOCK_M=max(16, next_pow2(M)), BLOCK_R=rank_block(R),
+        FUSE_SHRINK=fuse_shrink, X_DROPOUT=(fuse_shrink or shrink_programs) and x_dropout > 0.0,
+        OUT_DROPOUT=out_dropout > 0.0, HAS_BIAS=bias is not None, WEIGHT_GRADS=weight_grads,
+        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_M=max(16, next_pow2(M)), BLOCK_R=block_r,
+        SHRINK_SPLIT=split_shrink,
     )
 
 
@@ -833,8 +939,11 @@ def lora_matmul(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
                                                    after_shrink=own_shrink):
         return y, xa
     if M <= DECODE_MAX_T:
-        _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout, fuse_shrink,
-                            accumulate=accumulate)
+        # the one-launch forward's shrink on programs of its own (SHRINK_PROGRAMS, read per call) or in every
+        # program's K loop
+        programs = fuse_shrink and bool(SHRINK_PROGRAMS)
+        _lora_decode_launch(x, weight, lora_A, lora_B, scale, bias, y, xa, seed, x_dropout, out_dropout,
+                            fuse_shrink and not programs, accumulate=accumulate, shrink_programs=programs)
         return y, xa
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = t_bucket(M)

@@ -36,7 +36,8 @@ from . import lora as lora_kernels
 from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_layout, _tma_programs, base_k_step,
                    grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
                    tma_guarded_launch, tma_k_loop)
-from .split_state import arrive_last
+from .lora import SHRINK_BLOCK_K, SHRINK_K_STEPS, decode_shrink_split   # lora_multi's own: tests patch them here
+from .split_state import arrive_last, count_in, wait_count
 
 # The multi-adapter prefill runs on the Hopper TMA tile (_multi_matmul_tma_kernel, over the shrink's slot-sorted
 # copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
@@ -66,9 +67,6 @@ BLOCK_R = 16  # rank granularity: a slot of rank r costs ceil(r / 16) steps
 # Elements of the larger operand of a round's dot (RUNS x 16 ranks against the tile's rows or columns): 16 KB
 # of fp32, in registers before the dot (runs_expand, runs_shrink).
 ROUND_ELEMENTS = tl.constexpr(4096)
-# Reads of a counter a decode program waits on before it gives up (wait_count): ~1 s on an H100, far past any
-# launch's shrink.
-MAX_SPINS = tl.constexpr(1 << 20)
 
 
 @triton.jit
@@ -459,26 +457,6 @@ def expand_pair(lora, i, steps, slot, run, rank, offs_m, offs_n, mask_n, xa_ptr,
 
 
 @triton.jit
-def wait_count(ptr, total):
-    """Spin until the int32 counter at ptr reaches `total`, then what the programs that counted in stored before
-    (count_in) is visible to every thread of this one: the spinning read acquires, a CTA barrier follows. At
-    most MAX_SPINS reads: a counter that never fills gives wrong sums, not a hung GPU."""
-    seen = tl.atomic_add(ptr, 0, sem="acquire")
-    spins = 0
-    while (seen < total) & (spins < MAX_SPINS):
-        seen = tl.atomic_add(ptr, 0, sem="acquire")
-        spins += 1
-    tl.debug_barrier()
-
-
-@triton.jit
-def count_in(ptr):
-    """Add this program to the counter at ptr once every thread's stores are issued (release)."""
-    tl.debug_barrier()
-    tl.atomic_add(ptr, 1, sem="release")
-
-
-@triton.jit
 def expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs, first, step,
                     xa_ptr, b_ptr, ranks_ptr, ready_ptr, ready_total, stride_xm, stride_xk, stride_wn, stride_wk,
                     stride_xam, stride_xar, stride_bs, stride_bn, stride_br, WAIT_PRIOR: tl.constexpr,
@@ -689,10 +667,6 @@ def _multi_decode_kernel(
             stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak, stride_bs,
             stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS,
             FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SHRINK_SPLIT, SHRINK_ROUNDS)
-
-
-# the shrink programs' K step: A rows of a round side by side within ROUND_ELEMENTS (shrink_runs)
-SHRINK_BLOCK_K = tl.constexpr(128)
 
 
 @triton.jit
@@ -978,10 +952,9 @@ FUSED_SHRINK_RANKS = 64
 # its own (_decode_shrink_program) instead of a shrink launch, its memset and the gap before the matmul. Off until
 # the card has timed it (bench.lora_multi's ptlm_one_launch provider turns it on); PTLM_MULTI_SHRINK_PROGRAMS=1/0.
 SHRINK_PROGRAMS = os.environ.get("PTLM_MULTI_SHRINK_PROGRAMS", "0") == "1"
-# A shrink program's K steps (of SHRINK_BLOCK_K) in a round, and its rounds of runs at most: at T = 64 with 32
+# A shrink program's rounds of runs at most (K in kernels.lora's SHRINK_K_STEPS shares): at T = 64 with 32
 # adapters (16 rounds of 2 runs, K = 4096) 64 programs of 2 rounds x 4 steps, ~4 us of dependent loads each
 # while the matmul programs stream W.
-SHRINK_K_STEPS = 4
 SHRINK_MAX_ROUNDS = 8
 
 
@@ -1002,9 +975,9 @@ def decode_shrink_grid(M: int, K: int, runs: int, block_m: int) -> tuple[int, in
     """(K splits, round groups) of a decode launch's shrink programs (per 16 ranks): SHRINK_K_STEPS K steps a
     round, and the rounds of the most runs the rows can form shared out over at most SHRINK_MAX_ROUNDS groups
     (fewer groups than rounds is only slower). Read from the module per call (tests shrink them)."""
-    steps = cdiv(K, SHRINK_BLOCK_K.value)
     rounds = cdiv(runs, shrink_runs(1, block_m, SHRINK_BLOCK_K.value))
-    return max(1, min(16, cdiv(steps, SHRINK_K_STEPS))), max(1, min(SHRINK_MAX_ROUNDS, rounds))
+    return (decode_shrink_split(K, SHRINK_BLOCK_K.value, SHRINK_K_STEPS),
+            max(1, min(SHRINK_MAX_ROUNDS, rounds)))
 
 
 def lora_multi_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

@@ -2,6 +2,9 @@
 program to finish sum the partials (the split-K decode GEMMs, the bottleneck gradient chunks): no memset launch
 before them and no reduction launch after them.
 
+Also the counters a program waits on (wait_count / count_in): the decode kernels' shrink programs count their
+xa in, and the matmul programs of the same launch wait for it.
+
 Per (device, stream) one int32 counter buffer, zero between launches (each launch's last programs zero theirs
 again), and one fp32 workspace, grown as needed and never freed: a CUDA graph that captured a launch keeps
 pointing at them. Launches on one stream run in turn, so kernels share them.
@@ -13,6 +16,10 @@ import triton
 import triton.language as tl
 
 from .configs import next_pow2
+
+# Reads of a counter a program waits on before it gives up (wait_count): ~1 s on an H100, far past any wait
+# the kernels mean (a shrink beside a matmul).
+MAX_SPINS = tl.constexpr(1 << 20)
 
 _BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -39,3 +46,23 @@ def arrive_last(count_ptr, index, total):
     the counter (tl.atomic_xchg(count_ptr + index, 0)) for the next launch."""
     tl.debug_barrier()                 # every thread's partial is written before the count goes up
     return tl.atomic_add(count_ptr + index, 1, sem="acq_rel") == total - 1
+
+
+@triton.jit
+def wait_count(ptr, total):
+    """Spin until the int32 counter at ptr reaches `total`, then what the programs that counted in stored before
+    (count_in) is visible to every thread of this one: the spinning read acquires, a CTA barrier follows. At
+    most MAX_SPINS reads: a counter that never fills gives wrong sums, not a hung GPU."""
+    seen = tl.atomic_add(ptr, 0, sem="acquire")
+    spins = 0
+    while (seen < total) & (spins < MAX_SPINS):
+        seen = tl.atomic_add(ptr, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
+
+
+@triton.jit
+def count_in(ptr):
+    """Add this program to the counter at ptr once every thread's stores are issued (release)."""
+    tl.debug_barrier()
+    tl.atomic_add(ptr, 1, sem="release")

@@ -32,9 +32,10 @@ def test_lora_smoke_writes_rows_and_tables(tmp_path):
     assert data["meta"]["ptlm_backend"] == "reference"
     assert data["ceilings"]["copy_GBps"] > 0 and data["ceilings"]["gemm_TFLOPs"] > 0
     rows = data["rows"]
-    # 2 T x 2 modes x 5 providers, each with a positive time and a floor to compare against; ptlm_serial times
-    # anything only where the matmul would launch as the shrink's dependent (Hopper, T > 64)
-    assert len(rows) == 20
+    # 2 T x 2 modes x 6 providers, each with a positive time and a floor to compare against; ptlm_serial times
+    # anything only where the matmul would launch as the shrink's dependent (Hopper, T > 64),
+    # ptlm_shrink_programs only where the forward fuses its shrink (T <= 64, r <= 64: both T here)
+    assert len(rows) == 24
     assert {r["provider"] for r in rows} == set(lora.PROVIDERS) - {"ptlm_serial"}
     for r in rows:
         assert r["ms"] > 0 and r["floor_ms"] > 0, r
@@ -43,7 +44,8 @@ def test_lora_smoke_writes_rows_and_tables(tmp_path):
     with open(tmp_path / "lora.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     md = (tmp_path / "lora.md").read_text()
-    assert "| d_in | d_out | r | T | mode | timing | floor | cublas | eager | peft | ptlm | ptlm/cublas |" in md
+    assert ("| d_in | d_out | r | T | mode | timing | floor | cublas | eager | peft | ptlm | ptlm_shrink_programs "
+            "| ptlm/cublas |") in md
     assert "ptlm/cuBLAS <= 1.00" in md  # the target checks land in the notes
 
 

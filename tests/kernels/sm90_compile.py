@@ -67,7 +67,10 @@ LORA_DECODE = ({**{f"{p}_ptr": "x" for p in ("x", "w", "a", "b", "bias", "y", "x
                 dict(FUSE_SHRINK=False, X_DROPOUT=False, OUT_DROPOUT=False, HAS_BIAS=False, WEIGHT_GRADS=False,
                      ACCUMULATE=False, BLOCK_M=64),
                 dict(FUSE_SHRINK=True, X_DROPOUT=False, OUT_DROPOUT=True, HAS_BIAS=False, WEIGHT_GRADS=True,
-                     ACCUMULATE=True, BLOCK_M=64)])
+                     ACCUMULATE=True, BLOCK_M=64),
+                # the forward's shrink on the launch's own programs
+                dict(FUSE_SHRINK=False, X_DROPOUT=True, OUT_DROPOUT=False, HAS_BIAS=True, WEIGHT_GRADS=False,
+                     ACCUMULATE=False, BLOCK_M=16, SHRINK_SPLIT=8)])
 # the Hopper TMA matmul: forward layout with bias, and the backward's dx (W0 and A transposed, output dropout)
 LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_desc", "y_desc")},
                     "bias_ptr": "x", "seed_ptr": "*i64", "dropout_p": "fp32"},

@@ -217,6 +217,36 @@ def _check_decode(T, d_in, d_out, r, p, dtype):
     assert da.shape == a.shape and da.is_contiguous() and db.is_contiguous() and da.dtype == db.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,p", [(1, 37, 29, 1, 0.0), (13, 45, 70, 5, 0.25), (64, 70, 33, 17, 0.0),
+                                              (5, 19, 21, 40, 0.1)])
+def test_decode_forward_shrink_programs(T, d_in, d_out, r, p, dtype, decode_split, monkeypatch):
+    """The forward's shrink on the launch's own first programs (SHRINK_PROGRAMS: K steps of 16, one a program,
+    2 to 5 of them), the split-0 programs waiting for their xa; counters zero after it."""
+    import triton.language as tl
+    monkeypatch.setattr(K, "SHRINK_PROGRAMS", True)
+    monkeypatch.setattr(K, "SHRINK_BLOCK_K", tl.constexpr(16))       # the interpreter reads globals per call
+    monkeypatch.setattr(K, "SHRINK_K_STEPS", 1)
+    _check_decode(T, d_in, d_out, r, p, dtype)
+    assert any("shrink" in key for key in K._lora_decode.configs)   # the forward took them
+    assert not split_state(torch.device(DEVICE), 1, 0)[0].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T,d_in,d_out,r,p", [(1, 4096, 4096, 16, 0.0), (16, 4096, 11008, 16, 0.1),
+                                              (64, 11008, 4096, 64, 0.0)])
+def test_decode_forward_shrink_programs_realistic(T, d_in, d_out, r, p, dtype, decode_split, monkeypatch):
+    """The shrink programs' counters and waits on a GPU (the interpreter runs programs one after another)."""
+    monkeypatch.setattr(K, "SHRINK_PROGRAMS", True)
+    _check_decode(T, d_in, d_out, r, p, dtype)
+    x, w0, a, b = _lora_inputs(T, d_in, d_out, r, dtype)
+    first, _ = K.lora_matmul(x, w0, a, b, 1.0)
+    assert torch.equal(first, K.lora_matmul(x, w0, a, b, 1.0)[0])
+    assert not split_state(x.device, 1, 0)[0].any()
+
+
 def test_decode_split_counters_are_zero_after_each_launch(decode_split):
     """The split path's last program per column block zeroes its counter: back-to-back launches (as in a CUDA
     graph replay) start from zero and give the same result."""
