@@ -72,7 +72,7 @@ def multi_cases(d_in, d_out, T, device, sets):
     scales = torch.full((ADAPTERS,), 2.0, device=device)
     base = {"fwd": [lambda w=w: F.linear(x, w) for w in ws]}
     if M.decode_fuses_shrink(T, RANK):  # the op's path at a few tokens: the kernel shrinks for itself
-        ptlm = {"fwd": [lambda w=w: M.lora_multi_decode(x, w, a, b, idx, ranks, scales) for w in ws]}
+        ptlm = {"fwd": [lambda w=w: M.lora_multi_linear(x, w, a, b, idx, ranks, scales) for w in ws]}
     else:
         xa = M.lora_multi_shrink(x, a, idx, ranks, scales)
         ptlm = {"fwd": [lambda w=w: M.lora_multi_matmul(x, w, xa, b, idx, ranks) for w in ws]}

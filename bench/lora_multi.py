@@ -26,9 +26,11 @@ stacked A and B with torch.autograd.grad against a random dy, so nothing accumul
   ptlm_in_loop    T <= 64 where the op launches a shrink then the decode matmul: ptlm with the matmul's expand
                   inside its K loop, a round a K step (kernels.lora_multi.EXPAND_IN_LOOP on for the call, off by
                   default until timed) instead of the runs' rounds after the loop
-  ptlm_one_launch the same decodes as one launch: ptlm_in_loop with the shrink on the matmul launch's own first
-                  programs (kernels.lora_multi.SHRINK_PROGRAMS on for the call, off by default until timed), the
-                  matmul programs waiting for it before their last K steps, instead of a shrink launch and its memset
+  ptlm_one_launch the forward as one launch where the op launches a shrink then the pointer-tile matmul (those
+                  decodes, and prefill up to kernels.lora_multi.TMA_MIN_T tokens): the shrink on the matmul launch's
+                  own first programs (kernels.lora_multi.SHRINK_PROGRAMS on for the call, off by default until
+                  timed; at decode with EXPAND_IN_LOOP too), the matmul programs waiting for it before they expand,
+                  instead of a shrink launch and its memset
   ptlm_mean_rank  mixed ranks only: ptlm on the same rows with every adapter at the rows' mean rank (the mean of
                   r_a(t) over the rows with an adapter, rounded): the same LoRA flops at one rank
   gather_bmm      torch: each row's A and B gathered from the stack (padded to r_max), two bmm, added to
@@ -276,12 +278,19 @@ def in_loop_applies(shape: dict) -> bool:
     return shape["T"] <= DECODE_MAX_T and not multi_kernels.decode_fuses_shrink(shape["T"], r_max)
 
 
+def one_launch_applies(shape: dict) -> bool:
+    """ptlm_one_launch differs from ptlm: the decodes of in_loop_applies, and prefill on the pointer tile."""
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+    return in_loop_applies(shape) or DECODE_MAX_T < shape["T"] <= multi_kernels.TMA_MIN_T
+
+
 def make_calls(shape: dict, provider: str, mode: str, sets: list[MultiSet]):
     if ((provider == "peft" and not peft_applies(shape, mode))
             or (provider == "ptlm_mean_rank" and shape["r"] != "mixed")
             or (provider == "ptlm_tma" and (shape["T"] <= DECODE_MAX_T or sets[0].x.device.type != "cuda"))
             or (provider == "ptlm_serial" and not serial_applies(shape, sets[0].x))
-            or (provider in ("ptlm_in_loop", "ptlm_one_launch") and not in_loop_applies(shape))
+            or (provider == "ptlm_in_loop" and not in_loop_applies(shape))
+            or (provider == "ptlm_one_launch" and not one_launch_applies(shape))
             or (provider == "gather_bmm" and gather_bytes(shape, sets[0].x.element_size()) > GATHER_MAX_BYTES)):
         return None
     if provider == "ptlm_tma":  # forward and backward both on the TMA tile
@@ -490,7 +499,7 @@ def summary(rows: list[dict]) -> list[str]:
     timing = "graph" if any(t == "graph" for _, _, t, _ in cases) else "plain"   # plain rows are host-bound
     for other, what in (("ptlm_tma", "prefill, pointer tile / TMA tile over sorted rows"),
                         ("ptlm_in_loop", "decode, the expand after the K loop / inside it"),
-                        ("ptlm_one_launch", "decode, a shrink launch + the matmul / one launch, expand inside")):
+                        ("ptlm_one_launch", "a shrink launch + the matmul / one launch")):
         passes = [f"{_label(p)} {mode} {v['ptlm'] / v[other]:.2f}" for p, mode, t, v in cases
                   if t == timing and "ptlm" in v and other in v]
         if passes:

@@ -7,9 +7,11 @@ Three kernels, as for the single-adapter op, each reused by backward through str
 - matmul:      the base GEMM with every row block's adapters expanded in its epilogue: no d_out-wide LoRA
                product in memory; also dx = dy W0 + g A_a in backward. At decode one row block with K split
                across programs (W0 streamed once); at a few tokens of low rank the forward's shrink too, each
-               split expanding its own partial shrink (lora_multi_decode: one launch); at prefill on Hopper above
-               TMA_MIN_T tokens a persistent TMA tile over the shrink's slot-sorted copy of x (TMA cannot gather
-               rows; tma_sorted_rows), its output rows stored back to their tokens.
+               split expanding its own partial shrink (lora_multi_linear: one launch), and with SHRINK_PROGRAMS
+               at any T below the TMA tile's the forward's shrink on the launch's own first programs, which the
+               matmul programs wait for before they expand; at prefill on Hopper above TMA_MIN_T tokens a
+               persistent TMA tile over the shrink's slot-sorted copy of x (TMA cannot gather rows;
+               tma_sorted_rows), its output rows stored back to their tokens.
 - weight grad: per slot, sum over that slot's tokens of G[t]^T H[t] (dB_a = dy^T xa, dA_a^T = x^T g), over
                device-sorted segments so the work is one pass over the tokens whatever the number of slots.
 Row blocks walk the tokens in slot-sorted order, so a block's rows form a few runs of one slot each (slot_runs).
@@ -37,7 +39,7 @@ from .lora import (_accumulated, _descriptor, _dot, _dot_fp32, _keep_mask, _tma_
                    grouped_tile, split_buffers, split_k_arrive, split_k_program, split_k_total, store_split, store_tile,
                    tma_guarded_launch, tma_k_loop)
 from .lora import SHRINK_BLOCK_K, SHRINK_K_STEPS, decode_shrink_split   # lora_multi's own: tests patch them here
-from .split_state import arrive_last, count_in, wait_count
+from .split_state import arrive_last, count_in, split_state, wait_count
 
 # The multi-adapter prefill runs on the Hopper TMA tile (_multi_matmul_tma_kernel, over the shrink's slot-sorted
 # copy of x) above this many tokens, else on the one-pass pointer tile. H100, 2026-11-26 (4096 x 4096, 32 rank-16
@@ -338,12 +340,15 @@ def multi_matmul_tile(
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ACCUMULATE: tl.constexpr = False, WAIT_PRIOR: tl.constexpr = False, IN_LOOP: tl.constexpr = False,
+    WAIT_READY: tl.constexpr = False, count_ptr=None, ready_total=0, tiles=0,
 ):
     """Tile (pid_m, pid_n) of the matmul below; also one member's tile in kernels.lora_grouped. ACCUMULATE adds
     y's values (the grouped backward's dx over its members). IN_LOOP: the forward's expand inside the K loop
     (expanded_k_loop; the grouped decode's, under EXPAND_IN_LOOP).
     WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
-    the expand (nothing before reads what it writes)."""
+    the expand (nothing before reads what it writes). WAIT_READY: the launch's own shrink programs write xa
+    (_multi_matmul_kernel): wait until ready_total of them count in at count_ptr[0]; the last of the `tiles`
+    tiles past its expand zeroes count_ptr[0:2] for the next launch."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -373,9 +378,15 @@ def multi_matmul_tile(
         if not OUT_DROPOUT:
             if WAIT_PRIOR:
                 gdc_wait()
+            if WAIT_READY:
+                wait_count(count_ptr, ready_total)
             acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                               stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                               BLOCK_N)
+            if WAIT_READY:
+                if arrive_last(count_ptr, 1, tiles):
+                    tl.atomic_xchg(count_ptr, 0)
+                    tl.atomic_xchg(count_ptr + 1, 0)
     store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
@@ -494,25 +505,69 @@ def expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_h
 @triton.jit
 def _multi_matmul_kernel(
     x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
-    M, N, K, T_BUCKET,
+    a_ptr, scales_ptr, count_ptr,
+    M, N, K, WIDTH, T_BUCKET,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, stride_as, stride_ar, stride_ak,
     HAS_ORDER: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr,
     ACCUMULATE: tl.constexpr, WAIT_PRIOR: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SHRINK_BLOCK_T: tl.constexpr = 0, X_DROPOUT: tl.constexpr = False,
 ):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr,
-                      seed_ptr, bias_ptr, y_ptr, M, N, K,
-                      stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
-                      stride_br, stride_ym, stride_yn,
-                      HAS_ORDER, OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE,
-                      WAIT_PRIOR)
+    """The prefill matmul's tiles in grouped order. SHRINK_BLOCK_T > 0 (the forward in one launch,
+    SHRINK_PROGRAMS): the launch's first cdiv(M, SHRINK_BLOCK_T) x WIDTH / 16 programs shrink (each a row block's
+    16 ranks over all of K, written into xa once: no memset, no atomics) and count in; the tiles wait for all of
+    them after their K loop, before the expand (as the decode kernel's matmul programs do)."""
+    pid = tl.program_id(0)
+    if SHRINK_BLOCK_T > 0:
+        shrinks = tl.cdiv(M, SHRINK_BLOCK_T) * (WIDTH // BLOCK_R)
+        if pid < shrinks:
+            _prefill_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
+                                    dropouts_ptr, seed_ptr, count_ptr, M, K, WIDTH, stride_xm, stride_xk, stride_xam,
+                                    stride_xar, stride_as, stride_ar, stride_ak, HAS_ORDER, X_DROPOUT, FP32_DOT,
+                                    BLOCK_R, SHRINK_BLOCK_T)
+        else:
+            pid_m, pid_n = grouped_tile(pid - shrinks, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr,
+                              seed_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER,
+                              OUT_DROPOUT, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE,
+                              WAIT_PRIOR, False, True, count_ptr, shrinks, tl.num_programs(0) - shrinks)
+    else:
+        pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr,
+                          seed_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
+                          stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, OUT_DROPOUT,
+                          HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, ACCUMULATE, WAIT_PRIOR)
 
 
-_multi_matmul_prefill = TunedLauncher(triton.autotune(
-    prefill_matmul_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS"],  # ACCUMULATE shares
-    do_bench=tune_bench)(_multi_matmul_kernel))                                                   # the tiles
+@triton.jit
+def _prefill_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
+                            seed_ptr, count_ptr, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
+                            stride_as, stride_ar, stride_ak, HAS_ORDER: tl.constexpr, X_DROPOUT: tl.constexpr,
+                            FP32_DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Shrink program q of a prefill launch (_multi_matmul_kernel's SHRINK_BLOCK_T): xa of row block
+    q // (WIDTH / 16), ranks (q % (WIDTH / 16)) * 16.., over all of K (runs_shrink), then counted in at
+    count_ptr[0]."""
+    num_rb = WIDTH // BLOCK_R
+    pid_t = q // num_rb
+    rb = q % num_rb
+    offs_t, mask_t = _block_tokens(order_ptr, pid_t, M, HAS_ORDER, BLOCK_T)
+    slot = tl.load(idx_ptr + offs_t, mask=mask_t, other=-1)                                  # (BLOCK_T,)
+    run, runs = slot_runs(idx_ptr, order_ptr, pid_t, M, slot, HAS_ORDER, BLOCK_T)
+    acc = runs_shrink(tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr,
+                      seed_ptr, slot, run, runs, offs_t, rb * BLOCK_R, 0, 0, K, stride_xm, stride_xk, stride_as,
+                      stride_ar, stride_ak, X_DROPOUT, FP32_DOT, 1, 1, BLOCK_T, BLOCK_R, SHRINK_BLOCK_K)
+    acc *= row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    tl.store(xa_ptr + offs_t[:, None] * stride_xam + offs_r[None, :] * stride_xar, acc, mask=mask_t[:, None])
+    count_in(count_ptr)
+
+
+_multi_matmul_prefill = TunedLauncher(triton.autotune(                        # ACCUMULATE shares the tiles
+    prefill_matmul_configs(), key=["T_BUCKET", "N", "K", "HAS_ORDER", "OUT_DROPOUT", "HAS_BIAS", "SHRINK_BLOCK_T",
+                                   "X_DROPOUT"],
+    do_bench=tune_bench)(_multi_matmul_kernel))
 
 
 @triton.jit
@@ -876,31 +931,41 @@ def lora_multi_matmul(x: torch.Tensor, weight: torch.Tensor, xa: torch.Tensor, l
 
 
 def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y,
-                         accumulate: bool, wait_prior: bool = False) -> None:
+                         accumulate: bool, wait_prior: bool = False, lora_A=None, scales=None) -> None:
     """The fused matmul at prefill, on the pointer tile (accumulate: added to y's values).
-    wait_prior: launched as the dependent of the shrink just launched (lora_multi_matmul's after_shrink)."""
+    wait_prior: launched as the dependent of the shrink just launched (lora_multi_matmul's after_shrink).
+    With lora_A and scales, the launch's own shrink programs write xa first (dropouts: the forward's input
+    mask)."""
     M, N = y.shape
     K = x.shape[1]
+    shrinks = lora_A is not None
     key = (t_bucket(M), N, K, order is None, dropouts is None, bias is None, x.dtype, weight.dtype, lora_B.dtype)
+    key += ("shrink",) if shrinks else ()
     # tuning runs every candidate: into a temporary, added once
     if accumulate and _multi_matmul_prefill.chosen(key) is None:
         _accumulated(y, lambda out: _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order,
                                                          dropouts, seed, out, False))
         return
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+    width = xa.shape[1]
+    shrink_programs = cdiv(M, PREFILL_SHRINK_BLOCK_T) * (width // BLOCK_R) if shrinks else 0
+    grid = lambda meta: (shrink_programs + cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = key[0]
+    counters = split_state(x.device, 2, 0)[0] if shrinks else adapter_index
+    a = lora_A if shrinks else lora_B                           # read only by the shrink programs
     # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
-    sx, sw, sxa, sb, sy = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride()
+    sx, sw, sxa, sb, sy, sa = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride(), a.stride()
     _multi_matmul_prefill.launch(
         key,
         grid,
         x, weight, xa, lora_B, adapter_index, adapter_index if order is None else order, ranks,
         xa if dropouts is None else dropouts, adapter_index if seed is None else seed,
-        bias if bias is not None else y, y,
-        M, N, K, bucket,
-        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1],
-        HAS_ORDER=order is not None, OUT_DROPOUT=dropouts is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R, **wait_flags(wait_prior, x),
+        bias if bias is not None else y, y, a, xa if scales is None else scales, counters,
+        M, N, K, width, bucket,
+        sx[0], sx[1], sw[0], sw[1], sxa[0], sxa[1], sb[0], sb[1], sb[2], sy[0], sy[1], sa[0], sa[1], sa[2],
+        HAS_ORDER=order is not None, OUT_DROPOUT=not shrinks and dropouts is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32, ACCUMULATE=accumulate, BLOCK_R=BLOCK_R,
+        SHRINK_BLOCK_T=PREFILL_SHRINK_BLOCK_T if shrinks else 0, X_DROPOUT=shrinks and dropouts is not None,
+        **wait_flags(wait_prior and not shrinks, x),
     )
 
 
@@ -948,10 +1013,14 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
 # BLOCK_N columns a program, the fused shrink reads up to FUSED_SHRINK_RANKS / BLOCK_N of W's bytes in A from L2
 # (kernels.lora fuses up to rank 64 for one adapter, MAX_FUSED_RANK).
 FUSED_SHRINK_RANKS = 64
-# The forward at up to DECODE_MAX_T tokens beyond decode_fuses_shrink in one launch too, its shrink on programs of
-# its own (_decode_shrink_program) instead of a shrink launch, its memset and the gap before the matmul. Off until
-# the card has timed it (bench.lora_multi's ptlm_one_launch provider turns it on); PTLM_MULTI_SHRINK_PROGRAMS=1/0.
+# The forward in one launch at every T the pointer tiles serve too (beyond decode_fuses_shrink's few tokens): its
+# shrink on programs of its own that come first in the launch (_decode_shrink_program, _prefill_shrink_program)
+# instead of a shrink launch, its memset and the gap before the matmul; the matmul programs wait for xa only
+# before they expand. Off until the card has timed it (bench.lora_multi's ptlm_one_launch provider turns it on);
+# PTLM_MULTI_SHRINK_PROGRAMS=1 / 0.
 SHRINK_PROGRAMS = os.environ.get("PTLM_MULTI_SHRINK_PROGRAMS", "0") == "1"
+# Rows of a prefill shrink program (all of K, 16 ranks): at T = 1024 and rank 16, 16 programs.
+PREFILL_SHRINK_BLOCK_T = 64
 # A shrink program's rounds of runs at most (K in kernels.lora's SHRINK_K_STEPS shares): at T = 64 with 32
 # adapters (16 rounds of 2 runs, K = 4096) 64 programs of 2 rounds x 4 steps, ~4 us of dependent loads each
 # while the matmul programs stream W.
@@ -959,16 +1028,16 @@ SHRINK_MAX_ROUNDS = 8
 
 
 def decode_fuses_shrink(T: int, r_max: int) -> bool:
-    """Whether lora_multi_decode serves T tokens of slots up to rank r_max by expanding each split's own partial
+    """Whether lora_multi_linear serves T tokens of slots up to rank r_max by expanding each split's own partial
     shrink: a few tokens of low rank (T = 1..4 at rank 16, T = 1 at 64)."""
     return 0 < T and T * padded_rank(r_max) <= FUSED_SHRINK_RANKS
 
 
-def decode_one_launch(T: int, r_max: int) -> bool:
-    """Whether the forward over T tokens takes lora_multi_decode (one launch) rather than a shrink launch and
-    lora_multi_matmul: the few tokens decode_fuses_shrink takes, and with SHRINK_PROGRAMS (read per call) every
-    decode."""
-    return decode_fuses_shrink(T, r_max) or bool(SHRINK_PROGRAMS) and 0 < T <= DECODE_MAX_T
+def one_launch(T: int, r_max: int) -> bool:
+    """Whether the forward over T tokens takes lora_multi_linear (one launch) rather than a shrink launch and
+    lora_multi_matmul: the few tokens decode_fuses_shrink takes, and with SHRINK_PROGRAMS (read per call) any T
+    (the caller keeps the two launches where the TMA tile runs: tma_sorted_rows)."""
+    return decode_fuses_shrink(T, r_max) or bool(SHRINK_PROGRAMS) and T > 0
 
 
 def decode_shrink_grid(M: int, K: int, runs: int, block_m: int) -> tuple[int, int]:
@@ -980,18 +1049,23 @@ def decode_shrink_grid(M: int, K: int, runs: int, block_m: int) -> tuple[int, in
             max(1, min(SHRINK_MAX_ROUNDS, rounds)))
 
 
-def lora_multi_decode(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+def lora_multi_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                       adapter_index: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None = None, order: torch.Tensor | None = None,
                       dropouts: torch.Tensor | None = None,
                       seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, xa): lora_multi_matmul(x, weight, lora_multi_shrink(x, lora_A, ...), lora_B, ...) in one launch, for
-    the tokens decode_one_launch takes (a launch and its gap saved: at T = 1 the two launches cost 1.41x cuBLAS
-    against the one-adapter kernel's 1.09x, H100 2026-11-26). Arguments as those two take them."""
+    """(y, xa): lora_multi_matmul(x, weight, lora_multi_shrink(x, lora_A, ...), lora_B, ...) in one launch, on
+    the decode kernel or the prefill pointer tiles: a launch and its gap saved (at T = 1 the two launches cost
+    1.41x cuBLAS against the one-adapter kernel's 1.09x, H100 2026-11-26). Arguments as those two take them."""
     M, K = x.shape
     y = torch.empty((M, weight.shape[0]), device=x.device, dtype=x.dtype)
     xa = torch.empty((M, padded_rank(lora_A.shape[1])), device=x.device, dtype=torch.float32)
-    _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, lora_A, scales)
+    if M <= DECODE_MAX_T:
+        _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, lora_A,
+                             scales)
+    elif M > 0:
+        _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, order, dropouts, seed, y, False,
+                             lora_A=lora_A, scales=scales)
     return y, xa
 
 

@@ -97,10 +97,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, 
     """x (T, d_in) -> y (T, d_out), xa (T, r_pad) fp32 = s_a dropout_a(x) A_a^T per token (saved for backward)."""
     w = weight.t() if fan_in_fan_out else weight                                    # (d_out, d_in) view
     # row blocks walk the tokens in slot-sorted order: a block's rows form few runs of one slot
-    if multi_kernels.decode_one_launch(x.shape[0], lora_A.shape[1]):
-        return multi_kernels.lora_multi_decode(x, w, lora_A, lora_B, adapter_index, ranks, scales, bias, order,
-                                               dropouts, seed)
     xs = multi_kernels.tma_sorted_rows(x, w)          # Hopper prefill: the shrink sorts x's rows for TMA
+    if xs is None and multi_kernels.one_launch(x.shape[0], lora_A.shape[1]):
+        return multi_kernels.lora_multi_linear(x, w, lora_A, lora_B, adapter_index, ranks, scales, bias, order,
+                                               dropouts, seed)
     xa = multi_kernels.lora_multi_shrink(x, lora_A, adapter_index, ranks, scales, order, dropouts, seed, x_sorted=xs)
     return multi_kernels.lora_multi_matmul(x, w, xa, lora_B, adapter_index, ranks, bias, order, after_shrink=True,
                                            x_sorted=xs), xa

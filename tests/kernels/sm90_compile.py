@@ -82,11 +82,14 @@ LORA_MATMUL_TMA = ({**{d: _tma_desc for d in ("x_desc", "w_desc", "xa_desc", "b_
                          WAIT_PRIOR=False, NUM_SMS=132)])     # the base GEMM alone (kernels.lora_multi's prefill dx)
 MULTI_MATMUL = ({"x_ptr": "x", "w_ptr": "x", "b_ptr": "x", "bias_ptr": "x", "y_ptr": "x", "xa_ptr": "*fp32",
                  "idx_ptr": "*i32", "order_ptr": "*i32", "ranks_ptr": "*i32", "dropouts_ptr": "*fp32",
-                 "seed_ptr": "*i64"},
+                 "seed_ptr": "*i64", "a_ptr": "x", "scales_ptr": "*fp32", "count_ptr": "*i32"},
                 [dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, WAIT_PRIOR=True),
                  dict(HAS_ORDER=False, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=False, WAIT_PRIOR=False),
                  dict(HAS_ORDER=True, OUT_DROPOUT=True, HAS_BIAS=False, ACCUMULATE=True,  # the expand over y
-                      WAIT_PRIOR=False)])
+                      WAIT_PRIOR=False),
+                 # the forward in one launch: its own shrink programs, with input dropout
+                 dict(HAS_ORDER=True, OUT_DROPOUT=False, HAS_BIAS=True, ACCUMULATE=False, WAIT_PRIOR=False,
+                      SHRINK_BLOCK_T=64, X_DROPOUT=True)])
 
 
 def _multi_tma_desc(name: str, dtype: str, consts: dict) -> str:

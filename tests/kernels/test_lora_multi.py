@@ -234,10 +234,10 @@ def test_multi_decode_expand_in_loop_realistic(T, dtype, monkeypatch):
 
 
 def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, stages, shrink_programs=False):
-    """lora_multi_decode (one launch: each split expands its own partial shrink, column block 0's partials summed
-    into xa; with shrink_programs the launch's own shrink programs write xa) against float64 on poisoned outputs,
-    tokens as they come and slot-sorted; with input dropout against the shrink + matmul pair under the same seed.
-    K split `split` ways."""
+    """lora_multi_linear at decode (one launch: each split expands its own partial shrink, column block 0's
+    partials summed into xa; with shrink_programs the launch's own shrink programs write xa) against float64 on
+    poisoned outputs, tokens as they come and slot-sorted; with input dropout against the shrink + matmul pair
+    under the same seed. K split `split` ways."""
     import triton
     meta = {**M._multi_decode.autotuner.configs[0].kwargs, "SPLIT_K": split}
     monkeypatch.setattr(M._multi_decode.autotuner, "configs", [triton.Config(meta, num_warps=4, num_stages=stages)])
@@ -260,14 +260,14 @@ def _check_fused_decode(T, d_in, d_out, ranks, kind, split, dtype, monkeypatch, 
     y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
     for rows in (None, order):
         launches.clear()
-        y, xa = M.lora_multi_decode(x, w, a, b, idx, rk, scales, bias, rows)
+        y, xa = M.lora_multi_linear(x, w, a, b, idx, rk, scales, bias, rows)
         assert launches == [M._multi_decode]
         assert xa.shape == (T, M.padded_rank(r_max)) and not xa[:, r_max:].any()
         assert_matches(xa[:, :r_max], xa64, None, dtype, "fused decode xa")
         assert_matches(y, y64, None, dtype, "fused decode y")
 
     dropouts, seed = torch.rand(S, device=DEVICE) * 0.5, torch.tensor([21], device=DEVICE)
-    y, xa = M.lora_multi_decode(x, w, a, b, idx, rk, scales, None, order, dropouts, seed)
+    y, xa = M.lora_multi_linear(x, w, a, b, idx, rk, scales, None, order, dropouts, seed)
     xa_pair = M.lora_multi_shrink(x, a, idx, rk, scales, order, dropouts, seed)
     y_pair = M.lora_multi_matmul(x, w, xa_pair, b, idx, rk, None, order)
     assert_matches(xa, xa_pair.double(), None, dtype, "fused decode xa, input dropout")
@@ -298,8 +298,75 @@ def test_multi_decode_shrink_programs(T, ranks, kind, split, in_loop, monkeypatc
     monkeypatch.setattr(M, "SHRINK_K_STEPS", 1)
     monkeypatch.setattr(M, "SHRINK_MAX_ROUNDS", 3)
     monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))
-    assert M.decode_one_launch(T, max(ranks)) and M.decode_shrink_grid(13, 70, 13, 16) == (5, 3)
+    assert M.one_launch(T, max(ranks)) and M.decode_shrink_grid(13, 70, 13, 16) == (5, 3)
     _check_fused_decode(T, 70, 45, ranks, kind, split, torch.float32, monkeypatch, stages=1, shrink_programs=True)
+
+
+@pytest.mark.parametrize("T,kind", [(70, "random"), (70, "each"), (133, "none"), (100, "one")])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_multi_prefill_shrink_programs(T, kind, dropout, monkeypatch):
+    """The prefill forward in one launch (SHRINK_PROGRAMS): 64-row shrink programs (three rank blocks, mixed
+    ranks, -1 rows, no adapter at all) ahead of the pointer tiles, which wait for them before they expand;
+    against float64 on poisoned outputs, tokens as they come and slot-sorted, and with input dropout against the
+    shrink + matmul pair under the same seed; the counters zero after it."""
+    from ptlm_engine.kernels.split_state import split_state
+    monkeypatch.setattr(M, "SHRINK_PROGRAMS", True)
+    launches = record_launches(monkeypatch)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    torch.manual_seed(T)
+    ranks = [16, 5, 40, 9, 1]
+    S, r_max, d_in, d_out = len(ranks), max(ranks), 37, 41
+    a, b, rk, scales = lora_slots64(S, d_in, d_out, ranks)
+    a, b = a.to(DEVICE, torch.float32), b.to(DEVICE, torch.float32)
+    idx = _mapping(kind, T, S)
+    order, _ = M.token_segments(idx, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    x = torch.randn(T, d_in, device=DEVICE)
+    w = torch.randn(d_out, d_in, device=DEVICE) * d_in ** -0.5
+    bias = torch.randn(d_out, device=DEVICE)
+    assert M.one_launch(T, r_max)
+    if dropout:
+        dropouts, seed = torch.rand(S, device=DEVICE) * 0.5, torch.tensor([21], device=DEVICE)
+        y, xa = M.lora_multi_linear(x, w, a, b, idx, rk, scales, bias, order, dropouts, seed)
+        xa_pair = M.lora_multi_shrink(x, a, idx, rk, scales, order, dropouts, seed)
+        y_pair = M.lora_multi_matmul(x, w, xa_pair, b, idx, rk, bias, order)
+        assert_matches(xa, xa_pair.double(), None, torch.float32, "prefill one launch xa, input dropout")
+        assert_matches(y, y_pair.double(), None, torch.float32, "prefill one launch y, input dropout")
+        return
+    xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+    y64 = x.double() @ w.double().t() + bias.double() + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+    for rows in (None, order):
+        launches.clear()
+        y, xa = M.lora_multi_linear(x, w, a, b, idx, rk, scales, bias, rows)
+        assert launches == [M._multi_matmul_prefill]
+        assert xa.shape == (T, M.padded_rank(r_max)) and not xa[:, r_max:].any()
+        assert_matches(xa[:, :r_max], xa64, None, torch.float32, "prefill one launch xa")
+        assert_matches(y, y64, None, torch.float32, "prefill one launch y")
+        assert not split_state(x.device, 1, 0)[0].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [256, 1024])
+def test_multi_prefill_shrink_programs_realistic(T, dtype, monkeypatch):
+    """The prefill one launch at 4096 x 4096 with 32 rank-16 adapters on a GPU (the waits only happen there)."""
+    monkeypatch.setattr(M, "SHRINK_PROGRAMS", True)
+    torch.manual_seed(T)
+    _check(T, 4096, 4096, [16] * 32, dtype, "random")
+    S = 32
+    a, b, rk, scales = lora_slots64(S, 4096, 4096, [16] * 32)
+    a, b = a.to(DEVICE, dtype), b.to(DEVICE, dtype)
+    idx = _mapping("random", T, S)
+    order, _ = M.token_segments(idx, S)
+    x = torch.randn(T, 4096, device=DEVICE, dtype=dtype)
+    w = (torch.randn(4096, 4096, device=DEVICE) * 4096 ** -0.5).to(dtype)
+    y, xa = M.lora_multi_linear(x, w, a, b, idx, rk, scales, None, order)
+    xa_pair = M.lora_multi_shrink(x, a, idx, rk, scales, order)
+    assert_matches(xa, xa_pair.double(), None, dtype, "prefill one launch xa")
+    assert_matches(y, M.lora_multi_matmul(x, w, xa_pair, b, idx, rk, None, order).double(), None, dtype,
+                   "prefill one launch y")
 
 
 @pytest.mark.gpu
