@@ -341,25 +341,93 @@ def _lora_decode_kernel(
     (dA, rank-major as lora_A) in the epilogue, both in their buffers' dtypes: dx, dA and dB in one launch.
     """
     pid = tl.program_id(0)
-    if SHRINK_SPLIT > 0:
-        if pid < SHRINK_SPLIT:
-            _lora_shrink_program(pid, x_ptr, a_ptr, xa_ptr, seed_ptr, part_ptr + SPLIT_K * M * (N + R), count_ptr,
-                                 M, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak, scale, dropout_p, X_DROPOUT,
-                                 FP32_DOT, SHRINK_SPLIT, BLOCK_M, BLOCK_R)
+    if pid < SHRINK_SPLIT:
+        _lora_shrink_program(pid, x_ptr, a_ptr, xa_ptr, seed_ptr, part_ptr + SPLIT_K * M * (N + R), count_ptr, M, N,
+                             K, R, stride_xm, stride_xk, stride_ar, stride_ak, scale, dropout_p, X_DROPOUT, FP32_DOT,
+                             SHRINK_SPLIT, BLOCK_M, BLOCK_R)
+    else:  # a matmul program
+        pid_n, pid_k, k_lo, k_hi = split_k_program(pid - SHRINK_SPLIT, K, BLOCK_K, SPLIT_K)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        mask_r = offs_r < R
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if WEIGHT_GRADS:
+            h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
+                        other=0.0)                                                            # (BLOCK_M, BLOCK_R)
+            num_n = tl.cdiv(N, BLOCK_N)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm,
+                                               stride_xk, stride_wn, stride_wk, BLOCK_K)
+            acc = _dot(x, w, acc, FP32_DOT)
+            if FUSE_SHRINK:
+                a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                            mask=mask_r[None, :] & mask_k[:, None], other=0.0)                  # (BLOCK_K, BLOCK_R)
+                x_kept = x
+                if X_DROPOUT:
+                    x_kept = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+                xa = _dot(x_kept, a.to(x.dtype), xa, FP32_DOT)
+            if WEIGHT_GRADS:
+                if (k0 // BLOCK_K) % num_n == pid_n:  # these dk rows are this program's: x is on chip already
+                    dk = _dot_fp32(tl.trans(x).to(tl.float32), h, tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32),
+                                   FP32_DOT)
+                    tl.store(dk_ptr + offs_k[:, None] * R + offs_r[None, :], dk.to(dk_ptr.dtype.element_ty),
+                             mask=mask_k[:, None] & mask_r[None, :])
+
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if FUSE_SHRINK:
+            xa = tl.where(mask_r[None, :], xa * scale, 0.0)              # no NaN lanes past R (inf * 0): see the tile
+            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+                        mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # (BLOCK_R, BLOCK_N)
+            lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
         else:
-            _lora_decode_program(
-                pid - SHRINK_SPLIT, x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr,
-                dk_ptr, dn_ptr, part_ptr, count_ptr, M, N, K, R, T_BUCKET, stride_xm, stride_xk, stride_wn,
-                stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn, stride_x2m, stride_x2n,
-                scale, dropout_p, FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE,
-                BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K, SPLIT_K, SHRINK_SPLIT)
-    else:
-        _lora_decode_program(
-            pid, x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr, dk_ptr, dn_ptr, part_ptr,
-            count_ptr, M, N, K, R, T_BUCKET, stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-            stride_bn, stride_br, stride_ym, stride_yn, stride_x2m, stride_x2n, scale, dropout_p, FUSE_SHRINK,
-            X_DROPOUT, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE, BLOCK_M, BLOCK_R, BLOCK_N, BLOCK_K,
-            SPLIT_K, SHRINK_SPLIT)
+            if SHRINK_SPLIT > 0:  # split 0 alone expands: it waits for the shrink programs' xa, then counts out
+                if pid_k == 0:
+                    wait_count(count_ptr + tl.cdiv(N, 16) + 1, 1)
+            for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
+                offs_rr = r0 + offs_r
+                xa_given = tl.load(xa_ptr + offs_m[:, None] * R + offs_rr[None, :],
+                                   mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
+                b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
+                            mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
+                lora = _dot_fp32(xa_given, b.to(tl.float32), lora, FP32_DOT)
+        if SHRINK_SPLIT > 0:
+            if pid_k == 0:  # the last of them resets ready and done for the next launch
+                counters = count_ptr + tl.cdiv(N, 16)
+                if arrive_last(counters, 2, tl.cdiv(N, BLOCK_N)):
+                    tl.atomic_xchg(counters + 1, 0)
+                    tl.atomic_xchg(counters + 2, 0)
+        if OUT_DROPOUT:  # the mask is elementwise, so it applies to each split's part of the LoRA term
+            acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
+        else:
+            acc += lora
+
+        if SPLIT_K == 1:
+            _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
+                             xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
+                             FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE, BLOCK_N, BLOCK_R)
+        else:
+            # partials: (SPLIT_K, M, N) tiles, then (SPLIT_K, M, R) shrinks, fp32
+            xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * R + offs_r[None, :]
+            mask_xa = mask_m[:, None] & mask_r[None, :]
+            if FUSE_SHRINK:
+                if WEIGHT_GRADS or pid_n == 0:  # the same values from every column block: whichever finishes reads them
+                    tl.store(xa_part + pid_k * M * R, xa, mask=mask_xa)
+            if split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
+                acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K,
+                                    BLOCK_M, BLOCK_N)
+                xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                if FUSE_SHRINK:
+                    for s in tl.static_range(SPLIT_K):
+                        xa += tl.load(xa_part + s * M * R, mask=mask_xa, other=0.0, cache_modifier=".cg")
+                _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
+                                 xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m,
+                                 stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE,
+                                 BLOCK_N, BLOCK_R)
 
 
 @triton.jit
@@ -368,133 +436,37 @@ def _lora_shrink_program(q, x_ptr, a_ptr, xa_ptr, seed_ptr, ws_ptr, count_ptr, M
                          SHRINK_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
     """Shrink program q of a decode launch (_lora_decode_kernel's SHRINK_SPLIT): keep * x A^T over the q-th
     share of K (whole SHRINK_BLOCK_K steps) into ws (SHRINK_SPLIT, M, BLOCK_R) fp32; the last of them to arrive
-    sums the shares in order into xa (M, R), scaled, and counts it ready."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    k_share = tl.cdiv(tl.cdiv(K, SHRINK_BLOCK_K), SHRINK_SPLIT) * SHRINK_BLOCK_K
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(q * k_share, tl.minimum(K, (q + 1) * k_share), SHRINK_BLOCK_K):
-        offs_k = k0 + tl.arange(0, SHRINK_BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)                    # (BLOCK_M, SHRINK_BLOCK_K)
-        if X_DROPOUT:
-            x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
-        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                    mask=mask_r[None, :] & mask_k[:, None], other=0.0)                    # (SHRINK_BLOCK_K, BLOCK_R)
-        xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
-    part = ws_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :]                          # share 0's
-    tl.store(part + q * M * BLOCK_R, xa, mask=mask_m[:, None])
-    counters = count_ptr + tl.cdiv(N, 16)
-    if arrive_last(counters, 0, SHRINK_SPLIT):
-        tl.atomic_xchg(counters, 0)
-        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(SHRINK_SPLIT):
-            total += tl.load(part + s * M * BLOCK_R, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
-        # no NaN lanes past R (inf * 0): see the tile
-        tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], tl.where(mask_r[None, :], total * scale, 0.0),
-                 mask=mask_m[:, None] & mask_r[None, :])
-        count_in(counters + 1)
-
-
-@triton.jit
-def _lora_decode_program(
-    pid,
-    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, seed_ptr, h_ptr, x2_ptr, dk_ptr, dn_ptr, part_ptr, count_ptr,
-    M, N, K, R, T_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
-    stride_x2m, stride_x2n,
-    scale, dropout_p,
-    FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    WEIGHT_GRADS: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    SHRINK_SPLIT: tl.constexpr = 0,
-):
-    """Matmul program pid of _lora_decode_kernel."""
-    pid_n, pid_k, k_lo, k_hi = split_k_program(pid, K, BLOCK_K, SPLIT_K)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    mask_r = offs_r < R
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if WEIGHT_GRADS:
-        h = tl.load(h_ptr + offs_m[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mask_r[None, :],
-                    other=0.0)                                                            # (BLOCK_M, BLOCK_R)
-        num_n = tl.cdiv(N, BLOCK_N)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        x, w, offs_k, mask_k = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
-                                           stride_wn, stride_wk, BLOCK_K)
-        acc = _dot(x, w, acc, FP32_DOT)
-        if FUSE_SHRINK:
-            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                        mask=mask_r[None, :] & mask_k[:, None], other=0.0)                  # (BLOCK_K, BLOCK_R)
-            x_kept = x
-            if X_DROPOUT:
-                x_kept = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
-            xa = _dot(x_kept, a.to(x.dtype), xa, FP32_DOT)
-        if WEIGHT_GRADS:
-            if (k0 // BLOCK_K) % num_n == pid_n:  # these dk rows are this program's: x is on chip already
-                dk = _dot_fp32(tl.trans(x).to(tl.float32), h, tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32),
-                               FP32_DOT)
-                tl.store(dk_ptr + offs_k[:, None] * R + offs_r[None, :], dk.to(dk_ptr.dtype.element_ty),
-                         mask=mask_k[:, None] & mask_r[None, :])
-
-    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FUSE_SHRINK:
-        xa = tl.where(mask_r[None, :], xa * scale, 0.0)              # no NaN lanes past R (inf * 0): see the tile
-        b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                    mask=mask_n[None, :] & mask_r[:, None], other=0.0)                     # (BLOCK_R, BLOCK_N)
-        lora = _dot_fp32(xa, b.to(tl.float32), lora, FP32_DOT)
-    else:
-        if SHRINK_SPLIT > 0:  # split 0 alone expands: it waits for the shrink programs' xa, then counts out
-            if pid_k == 0:
-                wait_count(count_ptr + tl.cdiv(N, 16) + 1, 1)
-        for r0 in range(0, tl.where(pid_k == 0, R, 0), BLOCK_R):
-            offs_rr = r0 + offs_r
-            xa_given = tl.load(xa_ptr + offs_m[:, None] * R + offs_rr[None, :],
-                               mask=mask_m[:, None] & (offs_rr[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
-            b = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_rr[:, None] * stride_br,
-                        mask=mask_n[None, :] & (offs_rr[:, None] < R), other=0.0)           # (BLOCK_R, BLOCK_N)
-            lora = _dot_fp32(xa_given, b.to(tl.float32), lora, FP32_DOT)
+    sums the shares in order into xa (M, R), scaled, and counts it ready. Compiled to nothing without shrink
+    programs (the caller's branch is not taken)."""
     if SHRINK_SPLIT > 0:
-        if pid_k == 0:  # the last of them resets ready and done for the next launch
-            counters = count_ptr + tl.cdiv(N, 16)
-            if arrive_last(counters, 2, tl.cdiv(N, BLOCK_N)):
-                tl.atomic_xchg(counters + 1, 0)
-                tl.atomic_xchg(counters + 2, 0)
-    if OUT_DROPOUT:  # the mask is elementwise, so it applies to each split's part of the LoRA term
-        acc += tl.where(_keep_mask(seed_ptr, offs_m[:, None] * N + offs_n[None, :], dropout_p), lora, 0.0)
-    else:
-        acc += lora
-
-    if SPLIT_K == 1:
-        _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
-                         xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m, stride_x2n,
-                         FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE, BLOCK_N, BLOCK_R)
-    else:
-        # partials: (SPLIT_K, M, N) tiles, then (SPLIT_K, M, R) shrinks, fp32
-        xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * R + offs_r[None, :]
-        mask_xa = mask_m[:, None] & mask_r[None, :]
-        if FUSE_SHRINK:
-            if WEIGHT_GRADS or pid_n == 0:  # the same values from every column block: whichever finishes reads them
-                tl.store(xa_part + pid_k * M * R, xa, mask=mask_xa)
-        if split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
-            acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K,
-                                BLOCK_M, BLOCK_N)
-            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if FUSE_SHRINK:
-                for s in tl.static_range(SPLIT_K):
-                    xa += tl.load(xa_part + s * M * R, mask=mask_xa, other=0.0, cache_modifier=".cg")
-            _decode_epilogue(acc, xa, pid_n, offs_m, mask_m, offs_n, mask_n, offs_r, mask_r, N, R, bias_ptr, y_ptr,
-                             xa_ptr, x2_ptr, dn_ptr, seed_ptr, dropout_p, stride_ym, stride_yn, stride_x2m,
-                             stride_x2n, FUSE_SHRINK, OUT_DROPOUT, HAS_BIAS, WEIGHT_GRADS, FP32_DOT, ACCUMULATE,
-                             BLOCK_N, BLOCK_R)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_m = offs_m < M
+        mask_r = offs_r < R
+        k_share = tl.cdiv(tl.cdiv(K, SHRINK_BLOCK_K), SHRINK_SPLIT) * SHRINK_BLOCK_K
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(q * k_share, tl.minimum(K, (q + 1) * k_share), SHRINK_BLOCK_K):
+            offs_k = k0 + tl.arange(0, SHRINK_BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)                # (BLOCK_M, SHRINK_BLOCK_K)
+            if X_DROPOUT:
+                x = tl.where(_keep_mask(seed_ptr, offs_m[:, None] * K + offs_k[None, :], dropout_p), x, 0.0)
+            a = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                        mask=mask_r[None, :] & mask_k[:, None], other=0.0)                # (SHRINK_BLOCK_K, BLOCK_R)
+            xa = _dot(x, a.to(x.dtype), xa, FP32_DOT)
+        part = ws_ptr + offs_m[:, None] * BLOCK_R + offs_r[None, :]                          # share 0's
+        tl.store(part + q * M * BLOCK_R, xa, mask=mask_m[:, None])
+        counters = count_ptr + tl.cdiv(N, 16)
+        if arrive_last(counters, 0, SHRINK_SPLIT):
+            tl.atomic_xchg(counters, 0)
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in tl.static_range(SHRINK_SPLIT):
+                total += tl.load(part + s * M * BLOCK_R, mask=mask_m[:, None], other=0.0, cache_modifier=".cg")
+            # no NaN lanes past R (inf * 0): see the tile
+            tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], tl.where(mask_r[None, :], total * scale, 0.0),
+                     mask=mask_m[:, None] & mask_r[None, :])
+            count_in(counters + 1)
 
 
 @triton.jit

@@ -699,29 +699,80 @@ def _multi_decode_kernel(
     start in launch order (as CUTLASS's serial split-K relies on), so the shrink programs, which wait for
     nothing, hold their SMs before any matmul program waits."""
     pid = tl.program_id(0)
+    shrinks = 0
     if SHRINK_SPLIT > 0:
-        shrink = WIDTH // BLOCK_R * SHRINK_SPLIT * SHRINK_ROUNDS
-        if pid < shrink:
-            _decode_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
-                                   dropouts_ptr, seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr, M, N, K,
-                                   WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as, stride_ar,
-                                   stride_ak, HAS_ORDER, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_R,
-                                   BLOCK_M)
+        shrinks = WIDTH // BLOCK_R * SHRINK_SPLIT * SHRINK_ROUNDS
+    if pid < shrinks:
+        _decode_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
+                               seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr, M, N, K, WIDTH, stride_xm,
+                               stride_xk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak, HAS_ORDER,
+                               X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_R, BLOCK_M)
+    else:  # a matmul program
+        pid_n, pid_k, k_lo, k_hi = split_k_program(pid - shrinks, K, BLOCK_K, SPLIT_K)
+        offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+        run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if OUT_DROPOUT:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
+            if WAIT_PRIOR:
+                gdc_wait()
+            acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                              BLOCK_N)
+            acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
+        in_loop: tl.constexpr = IN_LOOP and not FUSE_SHRINK and not OUT_DROPOUT
+        shrink_programs: tl.constexpr = SHRINK_SPLIT > 0
+        counters = count_ptr + tl.cdiv(N, 16)       # after the column blocks': the shrink units', ready, done
+        units = WIDTH // BLOCK_R * SHRINK_ROUNDS
+        if in_loop:
+            acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs,
+                                  pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, counters + units, units, stride_xm,
+                                  stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn,
+                                  stride_br, WAIT_PRIOR, shrink_programs, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N,
+                                  BLOCK_K)
         else:
-            _decode_matmul_program(
-                pid - shrink, tl.num_programs(0) - shrink, x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr,
-                ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, WIDTH,
-                T_BUCKET, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar,
-                stride_ak, stride_bs, stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, FUSE_SHRINK, X_DROPOUT,
-                OUT_DROPOUT, HAS_BIAS, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K,
-                SHRINK_SPLIT, SHRINK_ROUNDS)
-    else:
-        _decode_matmul_program(
-            pid, tl.num_programs(0), x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
-            dropouts_ptr, seed_ptr, bias_ptr, y_ptr, part_ptr, count_ptr, M, N, K, WIDTH, T_BUCKET, stride_xm,
-            stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak, stride_bs,
-            stride_bn, stride_br, stride_ym, stride_yn, HAS_ORDER, FUSE_SHRINK, X_DROPOUT, OUT_DROPOUT, HAS_BIAS,
-            FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, SHRINK_SPLIT, SHRINK_ROUNDS)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
+                                         stride_wn, stride_wk, BLOCK_K)
+                acc = _dot(x, w, acc, FP32_DOT)
+        xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * WIDTH                 # (SPLIT_K, M, WIDTH) partials
+        if FUSE_SHRINK:
+            acc = _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr,
+                                     xa_part + pid_k * M * WIDTH, slot, run, runs, offs_m, mask_m, offs_n, mask_n,
+                                     pid_n, pid_k, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
+                                     stride_ar, stride_ak, stride_bs, stride_bn, stride_br, X_DROPOUT, FP32_DOT,
+                                     SPLIT_K, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+        elif not OUT_DROPOUT and not in_loop:
+            if WAIT_PRIOR:
+                gdc_wait()
+            if shrink_programs:
+                wait_count(counters + units, units)
+            acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
+                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
+                              BLOCK_N)
+        if shrink_programs:  # the last matmul program past its expand resets ready and done for the next launch
+            if arrive_last(counters, units + 1, tl.num_programs(0) - shrinks):
+                tl.atomic_xchg(counters + units, 0)
+                tl.atomic_xchg(counters + units + 1, 0)
+        if SPLIT_K == 1:
+            store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
+        elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
+            acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K, BLOCK_M,
+                                BLOCK_N)
+            store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
+            if FUSE_SHRINK:
+                if pid_n == 0:  # xa: the sum of column block 0's partial shrinks, in split order
+                    for r0 in range(0, WIDTH, BLOCK_R):
+                        offs_r = r0 + tl.arange(0, BLOCK_R)
+                        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                        for s in tl.static_range(SPLIT_K):
+                            xa += tl.load(xa_part + s * M * WIDTH + offs_r[None, :], mask=mask_m[:, None], other=0.0,
+                                          cache_modifier=".cg")
+                        tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
+                                 mask=mask_m[:, None])
 
 
 @triton.jit
@@ -735,113 +786,34 @@ def _decode_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_pt
     + ks) * WIDTH / 16 + rb), its partial stored into ws (SHRINK_SPLIT, M, WIDTH) fp32. The last of a unit's
     (rb, g) SHRINK_SPLIT programs to arrive sums the unit's partials into xa in split order (no atomics on xa:
     no memset, and the same bits every run) and counts the unit ready; unit g = 0 also writes zeros for the
-    rows without an adapter."""
-    num_rb = WIDTH // BLOCK_R
-    rb = q % num_rb
-    ks = q // num_rb % SHRINK_SPLIT
-    g = q // (num_rb * SHRINK_SPLIT)
-    offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
-    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
-    run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
-    acc = runs_shrink(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr,
-                      seed_ptr, slot, run, runs, offs_m, rb * BLOCK_R, ks, g, K, stride_xm, stride_xk, stride_as,
-                      stride_ar, stride_ak, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_M, BLOCK_R,
-                      SHRINK_BLOCK_K)
-    acc *= row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)
-    rows = mask_m & (shrink_round_rows(slot, run, g, SHRINK_ROUNDS, 1, BLOCK_M, SHRINK_BLOCK_K)
-                     | ((g == 0) & (slot < 0)))
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    part = ws_ptr + offs_m[:, None] * WIDTH + offs_r[None, :]                               # split 0's
-    tl.store(part + ks * M * WIDTH, acc, mask=rows[:, None])
-    counters = count_ptr + tl.cdiv(N, 16)
-    unit = g * num_rb + rb
-    if arrive_last(counters, unit, SHRINK_SPLIT):
-        tl.atomic_xchg(counters + unit, 0)
-        total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for s in tl.static_range(SHRINK_SPLIT):
-            total += tl.load(part + s * M * WIDTH, mask=rows[:, None], other=0.0, cache_modifier=".cg")
-        tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, total, mask=rows[:, None])
-        count_in(counters + num_rb * SHRINK_ROUNDS)
-
-
-@triton.jit
-def _decode_matmul_program(
-    pid, matmul_programs,
-    x_ptr, w_ptr, xa_ptr, a_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, bias_ptr,
-    y_ptr, part_ptr, count_ptr,
-    M, N, K, WIDTH, T_BUCKET,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
-    stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_ORDER: tl.constexpr, FUSE_SHRINK: tl.constexpr, X_DROPOUT: tl.constexpr, OUT_DROPOUT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, SHRINK_SPLIT: tl.constexpr = 0, SHRINK_ROUNDS: tl.constexpr = 1,
-):
-    """Matmul program pid of _multi_decode_kernel (of matmul_programs)."""
-    pid_n, pid_k, k_lo, k_hi = split_k_program(pid, K, BLOCK_K, SPLIT_K)
-    offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-
-    slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
-    run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if OUT_DROPOUT:  # backward dx: masked while the LoRA term is all acc holds, as the tile does
-        if WAIT_PRIOR:
-            gdc_wait()
-        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
-                          BLOCK_N)
-        acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
-    in_loop: tl.constexpr = IN_LOOP and not FUSE_SHRINK and not OUT_DROPOUT
-    shrink_programs: tl.constexpr = SHRINK_SPLIT > 0
-    counters = count_ptr + tl.cdiv(N, 16)       # after the column blocks': the shrink units', ready, done
-    units = WIDTH // BLOCK_R * SHRINK_ROUNDS
-    if in_loop:
-        acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs,
-                              pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, counters + units, units, stride_xm, stride_xk,
-                              stride_wn, stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br,
-                              WAIT_PRIOR, shrink_programs, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
-                                     stride_wn, stride_wk, BLOCK_K)
-            acc = _dot(x, w, acc, FP32_DOT)
-    xa_part = part_ptr + SPLIT_K * M * N + offs_m[:, None] * WIDTH                 # (SPLIT_K, M, WIDTH) partials
-    if FUSE_SHRINK:
-        acc = _expand_own_shrink(acc, x_ptr, a_ptr, b_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr, xa_ptr,
-                                 xa_part + pid_k * M * WIDTH, slot, run, runs, offs_m, mask_m, offs_n, mask_n, pid_n,
-                                 pid_k, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
-                                 stride_ar, stride_ak, stride_bs, stride_bn, stride_br, X_DROPOUT, FP32_DOT, SPLIT_K,
-                                 BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
-    elif not OUT_DROPOUT and not in_loop:
-        if WAIT_PRIOR:
-            gdc_wait()
-        if shrink_programs:
-            wait_count(counters + units, units)
-        acc = runs_expand(acc, slot, run, runs, pid_k, SPLIT_K, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
-                          stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
-                          BLOCK_N)
-    if shrink_programs:  # the last matmul program past its expand resets ready and done for the next launch
-        if arrive_last(counters, units + 1, matmul_programs):
-            tl.atomic_xchg(counters + units, 0)
-            tl.atomic_xchg(counters + units + 1, 0)
-    if SPLIT_K == 1:
-        store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
-    elif split_k_arrive(acc, part_ptr, count_ptr, pid_n, pid_k, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K):
-        acc = split_k_total(part_ptr, count_ptr, pid_n, offs_m, mask_m, offs_n, mask_n, M, N, SPLIT_K, BLOCK_M,
-                            BLOCK_N)
-        store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS)
-        if FUSE_SHRINK:
-            if pid_n == 0:  # xa: the sum of column block 0's partial shrinks, in split order
-                for r0 in range(0, WIDTH, BLOCK_R):
-                    offs_r = r0 + tl.arange(0, BLOCK_R)
-                    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    for s in tl.static_range(SPLIT_K):
-                        xa += tl.load(xa_part + s * M * WIDTH + offs_r[None, :], mask=mask_m[:, None], other=0.0,
-                                      cache_modifier=".cg")
-                    tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, xa,
-                             mask=mask_m[:, None])
+    rows without an adapter. Compiled to nothing without shrink programs (the caller's branch is not taken)."""
+    if SHRINK_SPLIT > 0:
+        num_rb = WIDTH // BLOCK_R
+        rb = q % num_rb
+        ks = q // num_rb % SHRINK_SPLIT
+        g = q // (num_rb * SHRINK_SPLIT)
+        offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
+        slot = tl.load(idx_ptr + offs_m, mask=mask_m, other=-1)                                  # (BLOCK_M,)
+        run, runs = slot_runs(idx_ptr, order_ptr, 0, M, slot, HAS_ORDER, BLOCK_M)
+        acc = runs_shrink(tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), x_ptr, a_ptr, ranks_ptr, dropouts_ptr,
+                          seed_ptr, slot, run, runs, offs_m, rb * BLOCK_R, ks, g, K, stride_xm, stride_xk, stride_as,
+                          stride_ar, stride_ak, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_M, BLOCK_R,
+                          SHRINK_BLOCK_K)
+        acc *= row_scale(slot, scales_ptr, dropouts_ptr, X_DROPOUT)
+        rows = mask_m & (shrink_round_rows(slot, run, g, SHRINK_ROUNDS, 1, BLOCK_M, SHRINK_BLOCK_K)
+                         | ((g == 0) & (slot < 0)))
+        offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        part = ws_ptr + offs_m[:, None] * WIDTH + offs_r[None, :]                               # split 0's
+        tl.store(part + ks * M * WIDTH, acc, mask=rows[:, None])
+        counters = count_ptr + tl.cdiv(N, 16)
+        unit = g * num_rb + rb
+        if arrive_last(counters, unit, SHRINK_SPLIT):
+            tl.atomic_xchg(counters + unit, 0)
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for s in tl.static_range(SHRINK_SPLIT):
+                total += tl.load(part + s * M * WIDTH, mask=rows[:, None], other=0.0, cache_modifier=".cg")
+            tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar, total, mask=rows[:, None])
+            count_in(counters + num_rb * SHRINK_ROUNDS)
 
 
 @triton.jit
