@@ -240,7 +240,8 @@ def summary(results: harness.Results, rows: list[dict], skipped: int, out: Path,
     lines = [f"ptlm_engine GPU suite on {m['card']}: torch {m['torch']}, triton {m['triton']}, "
              f"transformers {m['transformers']}, peft {m['peft']}, ptlm backend {m['ptlm_backend']}",
              f"ceilings: copy {c['copy_GBps'] / 1e3:.2f} TB/s (read+write), {c['gemm_dtype']} GEMM "
-             f"{c['gemm_TFLOPs']:.4g} TFLOP/s", ""]
+             f"{c['gemm_TFLOPs']:.4g} TFLOP/s; autotuner choices from "
+             f"{', '.join(Path(f).name for f in m.get('tuned_sources', [])) or 'no file'}", ""]
 
     def block(part: list[str], title: str | None = None):
         if part:
@@ -288,6 +289,7 @@ def main(argv: list[str] | None = None) -> harness.Results:
     def save():
         results.meta["wall_s"] = time.monotonic() - start
         results.meta["skipped_cases"] = skipped
+        results.meta["tuned_sources"] = tuned.SOURCES.get(meta["card"], [])   # a sibling card's file, say
         results.notes = target_notes(rows)
         harness.save(results, args.out, "results")
         tuned.save_tuned(args.out / "tuned.json", meta["card"])

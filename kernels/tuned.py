@@ -4,6 +4,10 @@ Tuning every kernel of a training step costs minutes on a fresh machine (335 s f
 H100); a key whose choice is known compiles that config alone. Choices come, per card (its CUDA device name),
 from three places, later ones over earlier:
 - the package: `tuned_configs/<card>.json` beside this file, the choices of the project's benchmark runs on that card;
+  a card without a file of its own takes the file of a card of the same architecture (compute capability and
+  multiprocessor count, each file's "arch"): an H200 runs the H100's choices (the same Hopper SMs, 132 of them,
+  with faster memory) instead of tuning every key from scratch, which took minutes of a GPU session
+  (PTLM_TUNED_SIBLINGS=0 turns that off);
 - this machine's cache, `$PTLM_TUNED_CACHE/<card>.json` (default ~/.cache/ptlm_engine/tuned; PTLM_TUNED_CACHE=0
   turns it off): every key tuned here is added to it as soon as it is tuned;
 - PTLM_TUNED=FILE (read at import) or `load_tuned(FILE)`: a run's saved choices (`save_tuned`, bench.gpu_suite's
@@ -31,6 +35,7 @@ LAUNCHERS: list = []                           # every TunedLauncher, in constru
 PRESETS: dict[str, dict[str, dict]] = {}       # kernel name -> key text -> config kwargs (num_warps, ... too)
 PACKAGED = Path(__file__).with_name("tuned_configs")   # <card>.json per card the project has tuned on
 _cards_loaded: set[str] = set()
+SOURCES: dict[str, list[str]] = {}             # card -> the files its choices were loaded from, in order
 _explicit: list[tuple[Path, dict]] = []       # load_tuned(path) without a card: applied again over each card's files
 
 
@@ -56,8 +61,8 @@ def save_tuned(path: str | Path, card: str) -> int:
     for launcher in LAUNCHERS:
         for key, (meta, _pre_hook) in launcher.configs.items():
             kernels.setdefault(launcher.name, {})[key_text(key)] = meta
-    Path(path).write_text(json.dumps({"card": card, "triton": triton.__version__, "kernels": kernels}, indent=1,
-                                     sort_keys=True))
+    Path(path).write_text(json.dumps({"card": card, "arch": current_arch(), "triton": triton.__version__,
+                                      "kernels": kernels}, indent=1, sort_keys=True))
     return sum(map(len, kernels.values()))
 
 
@@ -110,6 +115,28 @@ def current_card() -> str | None:
     return _device_name(torch.cuda.current_device())
 
 
+def current_arch() -> dict | None:
+    """What decides whether one card's choices fit another: {"capability": "9.0", "multiprocessors": 132} for the
+    current CUDA device; None where current_card is None."""
+    if current_card() is None or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"capability": f"{props.major}.{props.minor}", "multiprocessors": props.multi_processor_count}
+
+
+def sibling_file(arch: dict | None) -> Path | None:
+    """The package's file of a card with this architecture (the first by name), if any."""
+    if arch is None or os.environ.get("PTLM_TUNED_SIBLINGS", "1") == "0":
+        return None
+    for path in sorted(PACKAGED.glob("*.json")):
+        try:
+            if _read(path).get("arch") == arch:
+                return path
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def card_file(card: str) -> str:
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3.json'."""
     return re.sub(r"[^a-z0-9]+", "-", card.lower()).strip("-") + ".json"
@@ -130,11 +157,15 @@ def load_card(card: str) -> int:
     _cards_loaded.add(card)
     loaded = 0
     root = cache_dir()
-    for path in (PACKAGED / card_file(card), None if root is None else root / card_file(card)):
+    package = PACKAGED / card_file(card)
+    sibling = None if package.is_file() else sibling_file(current_arch())
+    for path in (sibling or package, None if root is None else root / card_file(card)):
         if path is None or not path.is_file():
             continue
         try:
-            loaded += load_tuned(path, card)
+            # a sibling's file names its own card: merged as this card's (load_tuned would refuse it)
+            loaded += _merge(_read(path)) if path == sibling else load_tuned(path, card)
+            SOURCES.setdefault(card, []).append(str(path))
         except (OSError, ValueError) as e:   # a torn or foreign file: tune as if it were not there
             warnings.warn(f"{path}: not loaded ({type(e).__name__}: {e})", stacklevel=2)
     for path, data in _explicit:                      # PTLM_TUNED / load_tuned(FILE): over the card's files
@@ -161,7 +192,7 @@ def remember(name: str, key: tuple, meta: dict) -> None:
             data = {}
         if data.get("card") != card:
             data = {"card": card, "kernels": {}}
-        data["triton"] = triton.__version__
+        data["triton"], data["arch"] = triton.__version__, current_arch()
         data["kernels"].setdefault(name, {})[key_text(key)] = meta
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")   # one per writer, then atomic
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))

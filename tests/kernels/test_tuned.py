@@ -121,6 +121,7 @@ def card_a(monkeypatch, tmp_path):
     monkeypatch.setattr(tuned, "PRESETS", {})
     monkeypatch.setattr(tuned, "_cards_loaded", set())
     monkeypatch.setattr(tuned, "_explicit", [])
+    monkeypatch.setattr(tuned, "SOURCES", {})
     monkeypatch.setattr(tuned, "current_card", lambda: CARD)
     (tmp_path / "cache").mkdir()
     (tmp_path / "package").mkdir()
@@ -191,3 +192,53 @@ def test_ptlm_tuned_file_wins_over_the_package_and_the_cache(card_a):
         tuned.preset("kern", key, offered)
 
 
+
+
+# ------------------------------------------------------------------ a card without a file: its architecture's
+HOPPER_132 = {"capability": "9.0", "multiprocessors": 132}
+
+
+def test_a_card_without_a_file_takes_a_file_of_its_architecture(card_a, monkeypatch):
+    """An H200 (no file of its own) runs the H100's packaged choices, the same SMs; a card of another
+    architecture does not, nor any card with PTLM_TUNED_SIBLINGS=0; the machine's cache of the card itself still
+    goes over them, and SOURCES says where the choices came from."""
+    offered, meta_a, meta_b = _offered()
+    key, other = (64, 40, 5), (128, 40, 5)
+    sibling = card_a / "package" / "card-b.json"
+    sibling.write_text(json.dumps({"card": "Card B", "arch": HOPPER_132, "kernels": {"kern": {
+        tuned.key_text(key): meta_a, tuned.key_text(other): meta_a}}}))
+    (card_a / "package" / "card-c.json").write_text(json.dumps(
+        {"card": "Card C", "arch": {"capability": "8.0", "multiprocessors": 108},
+         "kernels": {"kern": {tuned.key_text(key): meta_b}}}))
+    (card_a / "cache" / CARD_FILE).write_text(json.dumps(
+        {"card": CARD, "kernels": {"kern": {tuned.key_text(other): meta_b}}}))
+    monkeypatch.setattr(tuned, "current_arch", lambda: HOPPER_132)
+    assert tuned.preset("kern", key, offered) == (meta_a, None)
+    assert tuned.preset("kern", other, offered) == (meta_b, None)          # the card's own cache over it
+    assert tuned.SOURCES[CARD] == [str(sibling), str(card_a / "cache" / CARD_FILE)]
+
+    for arch, siblings in (({"capability": "9.0", "multiprocessors": 114}, "1"), (HOPPER_132, "0")):
+        monkeypatch.setattr(tuned, "current_arch", lambda: arch)
+        monkeypatch.setenv("PTLM_TUNED_SIBLINGS", siblings)
+        monkeypatch.setattr(tuned, "PRESETS", {})
+        tuned._cards_loaded.clear()
+        assert tuned.preset("kern", key, offered) is None
+
+
+def test_a_card_with_its_own_file_never_takes_a_sibling(card_a, monkeypatch):
+    offered, meta_a, meta_b = _offered()
+    key = (64, 40, 5)
+    (card_a / "package" / "card-b.json").write_text(json.dumps(
+        {"card": "Card B", "arch": HOPPER_132, "kernels": {"kern": {tuned.key_text(key): meta_a}}}))
+    (card_a / "package" / CARD_FILE).write_text(json.dumps({"card": CARD, "arch": HOPPER_132, "kernels": {}}))
+    monkeypatch.setattr(tuned, "current_arch", lambda: HOPPER_132)
+    assert tuned.preset("kern", key, offered) is None
+
+
+def test_the_packaged_files_name_their_architecture():
+    """Every packaged file says what it fits (the sibling lookup reads it), and saved files carry it too."""
+    files = sorted(tuned.PACKAGED.glob("*.json"))
+    assert files
+    for path in files:
+        arch = json.loads(path.read_text())["arch"]
+        assert set(arch) == {"capability", "multiprocessors"} and isinstance(arch["multiprocessors"], int)
