@@ -12,6 +12,9 @@ gradients of x and of every A and B with torch.autograd.grad):
   multi_grouped   one call of lora_linear_multi_grouped on the same batch
   multi_grouped_serial  Hopper: multi_grouped with its matmul an ordinary launch after the grouped shrink, not
                   the shrink's programmatic dependent (kernels.configs.PDL off for the call)
+  multi_grouped_one_launch  multi_grouped in one launch: every member's shrink on the matmul launch's own first
+                  programs (kernels.lora_multi.SHRINK_PROGRAMS, with EXPAND_IN_LOOP at decode, on for the call;
+                  off by default until timed), each member's tiles waiting for their own xa
   floor           not timed: max(bytes / copy bandwidth, flops / GEMM peak) with the ceilings of the same run
 
 Floor (b bytes per element, N = Σ d_out_g, x read once, as the grouped op does; A_used = adapters the rows use,
@@ -43,7 +46,8 @@ GROUPS = {"qkv": (4096, (4096, 4096, 4096)), "qkv_gqa": (4096, (4096, 1024, 1024
 SMOKE_GROUPS = {"qkv": (64, (64, 64, 64)), "qkv_gqa": (64, (64, 16, 16)), "gate_up": (64, (96, 96))}
 TOKENS = [1, 16, 64, 256, 1024, 4096]
 SMOKE_TOKENS = [1, 16]
-PROVIDERS = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped", "multi_grouped_serial"]
+PROVIDERS = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped", "multi_grouped_serial",
+             "multi_grouped_one_launch"]
 MODES = ["fwd", "fwd+bwd"]
 R = 16
 SCALE = 2.0
@@ -52,7 +56,8 @@ ADAPTERS = 32                      # the multi providers: uniform rows over this
 TABLE = harness.table_spec(keys=["group", "d_in", "d_outs", "T"],
                            ratios=[("grouped", "separate", "ms"), ("grouped", "cublas", "ms"),
                                    ("grouped", "floor", "ms"), ("multi_grouped", "multi_separate", "ms"),
-                                   ("multi_grouped", "cublas", "ms"), ("multi_grouped", "multi_grouped_serial", "ms")])
+                                   ("multi_grouped", "cublas", "ms"), ("multi_grouped", "multi_grouped_serial", "ms"),
+                                   ("multi_grouped", "multi_grouped_one_launch", "ms")])
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -126,7 +131,7 @@ def _forward(provider: str, s: GroupSet):
         return (lambda: fn.lora_linear_grouped(s.x, s.ws, nones, s.As, s.Bs, [SCALE] * len(s.ws))), lora
     if provider == "multi_separate":
         return (lambda: [fn.lora_linear_multi(s.x, s.ws[g], None, s.slots[g], s.index) for g in members]), multi
-    if provider in ("multi_grouped", "multi_grouped_serial"):  # the serial one: PDL off around it (make_calls)
+    if provider.startswith("multi_grouped"):  # the serial and one-launch ones: switched in make_calls
         return (lambda: fn.lora_linear_multi_grouped(s.x, s.ws, nones, s.slots, s.index)), multi
     raise ValueError(f"unknown provider {provider!r}")
 
@@ -138,6 +143,11 @@ def make_calls(shape: dict, provider: str, mode: str, sets: list[GroupSet]):
             return None
         calls = harness.mode_calls([(*_forward("multi_grouped", s), s.dys) for s in sets], mode)
         return [harness.with_setting(kernel_configs, "PDL", False, call) for call in calls]
+    if provider == "multi_grouped_one_launch":
+        from ptlm_engine.kernels import lora_multi as multi_kernels
+        calls = harness.mode_calls([(*_forward(provider, s), s.dys) for s in sets], mode)
+        calls = [harness.with_setting(multi_kernels, "EXPAND_IN_LOOP", True, call) for call in calls]
+        return [harness.with_setting(multi_kernels, "SHRINK_PROGRAMS", True, call) for call in calls]
     return harness.mode_calls([(*_forward(provider, s), s.dys) for s in sets], mode)
 
 
@@ -161,9 +171,11 @@ def summary(rows: list[dict]) -> list[str]:
         if row["op"] == OP and row.get("ms"):
             for timing in ("plain", "graph") if row["timing"] == "floor" else (row["timing"],):
                 by.setdefault((row["group"], row["mode"], timing, row["T"]), {})[row["provider"]] = row["ms"]
-    cols = ["floor", "cublas", "separate", "grouped", "multi_separate", "multi_grouped", "multi_grouped_serial"]
-    lines = [f"{'group':>8} {'mode':>7} {'timing':>6} {'T':>5} | " + " ".join(f"{c[:9]:>9}" for c in cols)
-             + " | grp/sep grp/cuB mgrp/msep"]
+    cols = {"floor": "floor", "cublas": "cublas", "separate": "separate", "grouped": "grouped",
+            "multi_separate": "m_sep", "multi_grouped": "m_grp", "multi_grouped_serial": "m_serial",
+            "multi_grouped_one_launch": "m_1launch"}
+    lines = [f"{'group':>8} {'mode':>7} {'timing':>6} {'T':>5} | " + " ".join(f"{c:>9}" for c in cols.values())
+             + " | grp/sep grp/cuB mgrp/msep mgrp/m1l"]
     for (group, mode, timing, t), v in by.items():
         if set(v) <= {"floor"}:
             continue
@@ -173,7 +185,8 @@ def summary(rows: list[dict]) -> list[str]:
         lines.append(f"{group:>8} {mode:>7} {timing:>6} {t:>5} | "
                      + " ".join(f"{v[c]:9.4f}" if c in v else f"{'-':>9}" for c in cols)
                      + f" | {ratio('grouped', 'separate')} {ratio('grouped', 'cublas')} "
-                       f"{ratio('multi_grouped', 'multi_separate')}")
+                       f"{ratio('multi_grouped', 'multi_separate')}  "
+                       f"{ratio('multi_grouped', 'multi_grouped_one_launch')}")
     return lines
 
 

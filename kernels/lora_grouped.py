@@ -17,6 +17,9 @@ token picks its slot, as in kernels.lora_multi):
   (after the one shared shrink, the first as its programmatic dependent), where every member has an adapter and
   meets TMA's layout rules; the multi-adapter op runs each member with adapters on kernels.lora_multi's TMA tile
   over the shrink's slot-sorted copy of x (made once for all members), one without on kernels.lora's base GEMM.
+  Under kernels.lora_multi.SHRINK_PROGRAMS the multi-adapter forward is one launch wherever the pointer tiles
+  run (lora_grouped_multi_linear): every member's shrink on the launch's first programs, each member's tiles
+  waiting on that member's own counter before they expand.
 The single-adapter op's backward at prefill adds two kernels over per-member inputs (each member's own dy):
 - shrink each: g_g = s_g / (1 - p_g) dy_g B_g for every member in one launch (members side by side in the grid);
   each member's dx GEMM then takes its g through kernels.lora.lora_matmul(xa=g_g).
@@ -42,15 +45,18 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, dependent_launch,
+from . import lora_multi as multi
+from .configs import (DECODE_MAX_T, TunedLauncher, cdiv, decode_matmul_configs, dependent_launch, next_pow2,
                       prefill_matmul_configs, prune_by_t, shrink_configs, t_bucket, tune_bench, weight_grad_configs)
 from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_default, grouped_tile,
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
-from .lora_multi import (TMA_MIN_T, _block_tokens, copy_sorted_rows, expand_in_loop, lora_multi_matmul,
+from .lora_multi import (TMA_MIN_T, _block_tokens, _decode_shrink_program, _prefill_shrink_program,
+                         copy_sorted_rows, expand_in_loop, lora_multi_matmul,
                          multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
                          shrink_round_pick, shrink_round_rows, shrink_round_step, shrink_round_x, shrink_runs,
                          slot_runs, wait_flags)
+from .split_state import split_state
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
 
@@ -651,15 +657,18 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
                        stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                        HAS_LORA: tl.constexpr, HAS_ORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
                        FP32_DOT: tl.constexpr, WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       WAIT_READY: tl.constexpr = False, ready_ptr=None, ready_total=0, tiles=0):
     """One member's tile: kernels.lora_multi's, or the bare base GEMM tile for a member none of the batch's
-    adapters reach (rows in batch order: each row's output is its own; it reads no xa, so waits for nothing)."""
+    adapters reach (rows in batch order: each row's output is its own; it reads no xa, so waits for nothing).
+    WAIT_READY: the member's xa comes from this launch's shrink programs (ready_total count in at ready_ptr)."""
     if HAS_LORA:
         multi_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, xa_ptr, idx_ptr,
                           bias_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_xam,
                           stride_xar, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
                           HAS_ORDER, False, HAS_BIAS, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-                          WAIT_PRIOR=WAIT_PRIOR, IN_LOOP=IN_LOOP)
+                          WAIT_PRIOR=WAIT_PRIOR, IN_LOOP=IN_LOOP, WAIT_READY=WAIT_READY, count_ptr=ready_ptr,
+                          ready_total=ready_total, tiles=tiles)
     else:
         lora_matmul_tile(pid_m, pid_n, x_ptr, w_ptr, w_ptr, xa_ptr, w_ptr, bias_ptr, y_ptr, idx_ptr, M, N, K, 0,
                          stride_xm, stride_xk, stride_wn, stride_wk, 0, 0, 0, 0, 0, 0, stride_ym, stride_yn, 1.0, 0.0,
@@ -667,49 +676,135 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
 
 
 @triton.jit
+def _shrink_share(M, WIDTH, HAS_LORA: tl.constexpr, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr,
+                  SHRINK_BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """(programs, units, arrivals) of one member's shrink programs in a one-launch forward: at decode
+    (SHRINK_SPLIT) units of 16 ranks x a round group, each SHRINK_SPLIT programs arriving at a counter of their
+    own; at prefill (SHRINK_BLOCK_T) one program a unit. The member's counters: its arrivals, then ready (units
+    count in there) and done (its tiles, which reset both)."""
+    programs = 0
+    units = 0
+    arrivals = 0
+    if HAS_LORA:
+        if SHRINK_SPLIT > 0:
+            units = WIDTH // BLOCK_R * SHRINK_ROUNDS
+            programs = units * SHRINK_SPLIT
+            arrivals = units
+        elif SHRINK_BLOCK_T > 0:
+            units = tl.cdiv(M, SHRINK_BLOCK_T) * (WIDTH // BLOCK_R)
+            programs = units
+    return programs, units, arrivals
+
+
+@triton.jit
+def _member_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr,
+                           ws_ptr, counters, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
+                           stride_ar, stride_ak, HAS_ORDER: tl.constexpr, X_DROPOUT: tl.constexpr,
+                           FP32_DOT: tl.constexpr, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr,
+                           SHRINK_BLOCK_M: tl.constexpr, SHRINK_BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Shrink program q of one member: kernels.lora_multi's decode or prefill shrink program over the member's A."""
+    if SHRINK_SPLIT > 0:
+        _decode_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
+                               seed_ptr, ws_ptr, counters, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
+                               stride_as, stride_ar, stride_ak, HAS_ORDER, X_DROPOUT, FP32_DOT, SHRINK_SPLIT,
+                               SHRINK_ROUNDS, BLOCK_R, SHRINK_BLOCK_M)
+    elif SHRINK_BLOCK_T > 0:
+        _prefill_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
+                                seed_ptr, counters, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
+                                stride_as, stride_ar, stride_ak, HAS_ORDER, X_DROPOUT, FP32_DOT, BLOCK_R,
+                                SHRINK_BLOCK_T)
+
+
+@triton.jit
 def _grouped_multi_matmul_kernel(
     x_ptr, idx_ptr, order_ptr,
-    w0_ptr, xa0_ptr, b0_ptr, ranks0_ptr, bias0_ptr, y0_ptr,
-    w1_ptr, xa1_ptr, b1_ptr, ranks1_ptr, bias1_ptr, y1_ptr,
-    w2_ptr, xa2_ptr, b2_ptr, ranks2_ptr, bias2_ptr, y2_ptr,
-    M, K, T_BUCKET, N0, N1, N2,
+    w0_ptr, xa0_ptr, b0_ptr, ranks0_ptr, bias0_ptr, y0_ptr, a0_ptr, scales0_ptr, dropouts0_ptr, seed0_ptr,
+    w1_ptr, xa1_ptr, b1_ptr, ranks1_ptr, bias1_ptr, y1_ptr, a1_ptr, scales1_ptr, dropouts1_ptr, seed1_ptr,
+    w2_ptr, xa2_ptr, b2_ptr, ranks2_ptr, bias2_ptr, y2_ptr, a2_ptr, scales2_ptr, dropouts2_ptr, seed2_ptr,
+    count_ptr, ws_ptr,
+    M, K, T_BUCKET, N0, N1, N2, WIDTH0, WIDTH1, WIDTH2,
     stride_xm, stride_xk,
     stride_w0n, stride_w0k, stride_xa0m, stride_xa0r, stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
+    stride_a0s, stride_a0r, stride_a0k,
     stride_w1n, stride_w1k, stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
+    stride_a1s, stride_a1r, stride_a1k,
     stride_w2n, stride_w2k, stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
+    stride_a2s, stride_a2r, stride_a2k,
     MEMBERS: tl.constexpr, HAS_ORDER: tl.constexpr, LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr,
     HAS_BIAS0: tl.constexpr, HAS_BIAS1: tl.constexpr, HAS_BIAS2: tl.constexpr, FP32_DOT: tl.constexpr,
     WAIT_PRIOR: tl.constexpr, IN_LOOP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DROP0: tl.constexpr = False, DROP1: tl.constexpr = False, DROP2: tl.constexpr = False,
+    SHRINK_SPLIT: tl.constexpr = 0, SHRINK_ROUNDS: tl.constexpr = 1, SHRINK_BLOCK_M: tl.constexpr = 16,
+    SHRINK_BLOCK_T: tl.constexpr = 0,
 ):
+    """Every member's tiles, member after member. With shrink programs (the forward in one launch,
+    kernels.lora_multi.SHRINK_PROGRAMS: SHRINK_SPLIT > 0 at decode, SHRINK_BLOCK_T > 0 at prefill) the launch's
+    first programs are the members' shrinks (member 0's, then 1's, then 2's: kernels.lora_multi's decode or
+    prefill shrink programs, each over its member's A with its own dropout DROP_g) writing each xa_g; a member's
+    tiles wait for its own shrink only, before they expand. Without, xa_g comes from lora_grouped_multi_shrink."""
     pid = tl.program_id(0)
+    shrinking: tl.constexpr = SHRINK_SPLIT > 0 or SHRINK_BLOCK_T > 0
+    programs0, units0, arrivals0 = _shrink_share(M, WIDTH0, LORA0 and shrinking, SHRINK_SPLIT, SHRINK_ROUNDS,
+                                                 SHRINK_BLOCK_T, BLOCK_R)
+    programs1, units1, arrivals1 = _shrink_share(M, WIDTH1, LORA1 and shrinking and MEMBERS > 1, SHRINK_SPLIT,
+                                                 SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
+    programs2, units2, arrivals2 = _shrink_share(M, WIDTH2, LORA2 and shrinking and MEMBERS > 2, SHRINK_SPLIT,
+                                                 SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
+    counters1 = count_ptr + (arrivals0 + 2 if LORA0 else 0)                          # each member's counters
+    counters2 = counters1 + (arrivals1 + 2 if LORA1 else 0)
+    ws1 = ws_ptr + SHRINK_SPLIT * M * WIDTH0                                    # each member's decode partials
+    ws2 = ws1 + SHRINK_SPLIT * M * WIDTH1
+    shrinks = programs0 + programs1 + programs2
     end0, end1 = _member_ends(M, N0, N1, BLOCK_M, BLOCK_N)
-    if pid < end0:
-        pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
-        _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr, bias0_ptr,
-                           y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k, stride_xa0m, stride_xa0r,
-                           stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
-                           LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N,
-                           BLOCK_K)
-    elif MEMBERS > 1:
-        if pid < end1:
-            pid_m, pid_n = grouped_tile(pid - end0, M, N1, BLOCK_M, BLOCK_N, GROUP_M)
-            _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
-                               bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
-                               stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m, stride_y1n,
-                               LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
-                               BLOCK_M, BLOCK_N, BLOCK_K)
-        elif MEMBERS > 2:
-            pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
-            _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
-                               bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
-                               stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m, stride_y2n,
-                               LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
-                               BLOCK_M, BLOCK_N, BLOCK_K)
+    if pid < shrinks:
+        if pid < programs0:
+            _member_shrink_program(pid, x_ptr, a0_ptr, xa0_ptr, idx_ptr, order_ptr, ranks0_ptr, scales0_ptr,
+                                   dropouts0_ptr, seed0_ptr, ws_ptr, count_ptr, M, K, WIDTH0, stride_xm, stride_xk,
+                                   stride_xa0m, stride_xa0r, stride_a0s, stride_a0r, stride_a0k, HAS_ORDER, DROP0,
+                                   FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_M, SHRINK_BLOCK_T, BLOCK_R)
+        elif pid < programs0 + programs1:
+            _member_shrink_program(pid - programs0, x_ptr, a1_ptr, xa1_ptr, idx_ptr, order_ptr, ranks1_ptr,
+                                   scales1_ptr, dropouts1_ptr, seed1_ptr, ws1, counters1, M, K, WIDTH1, stride_xm,
+                                   stride_xk, stride_xa1m, stride_xa1r, stride_a1s, stride_a1r, stride_a1k, HAS_ORDER,
+                                   DROP1, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_M, SHRINK_BLOCK_T,
+                                   BLOCK_R)
+        else:
+            _member_shrink_program(pid - programs0 - programs1, x_ptr, a2_ptr, xa2_ptr, idx_ptr, order_ptr,
+                                   ranks2_ptr, scales2_ptr, dropouts2_ptr, seed2_ptr, ws2, counters2, M, K, WIDTH2,
+                                   stride_xm, stride_xk, stride_xa2m, stride_xa2r, stride_a2s, stride_a2r, stride_a2k,
+                                   HAS_ORDER, DROP2, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_M,
+                                   SHRINK_BLOCK_T, BLOCK_R)
+    else:
+        pid -= shrinks
+        if pid < end0:
+            pid_m, pid_n = grouped_tile(pid, M, N0, BLOCK_M, BLOCK_N, GROUP_M)
+            _multi_member_tile(pid_m, pid_n, x_ptr, w0_ptr, xa0_ptr, b0_ptr, idx_ptr, order_ptr, ranks0_ptr,
+                               bias0_ptr, y0_ptr, M, N0, K, stride_xm, stride_xk, stride_w0n, stride_w0k,
+                               stride_xa0m, stride_xa0r, stride_b0s, stride_b0n, stride_b0r, stride_y0m, stride_y0n,
+                               LORA0, HAS_ORDER, HAS_BIAS0, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R, BLOCK_M, BLOCK_N,
+                               BLOCK_K, shrinking, count_ptr + arrivals0, units0, end0)
+        elif MEMBERS > 1:
+            if pid < end1:
+                pid_m, pid_n = grouped_tile(pid - end0, M, N1, BLOCK_M, BLOCK_N, GROUP_M)
+                _multi_member_tile(pid_m, pid_n, x_ptr, w1_ptr, xa1_ptr, b1_ptr, idx_ptr, order_ptr, ranks1_ptr,
+                                   bias1_ptr, y1_ptr, M, N1, K, stride_xm, stride_xk, stride_w1n, stride_w1k,
+                                   stride_xa1m, stride_xa1r, stride_b1s, stride_b1n, stride_b1r, stride_y1m,
+                                   stride_y1n, LORA1, HAS_ORDER, HAS_BIAS1, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, shrinking, counters1 + arrivals1, units1, end1 - end0)
+            elif MEMBERS > 2:
+                pid_m, pid_n = grouped_tile(pid - end1, M, N2, BLOCK_M, BLOCK_N, GROUP_M)
+                _multi_member_tile(pid_m, pid_n, x_ptr, w2_ptr, xa2_ptr, b2_ptr, idx_ptr, order_ptr, ranks2_ptr,
+                                   bias2_ptr, y2_ptr, M, N2, K, stride_xm, stride_xk, stride_w2n, stride_w2k,
+                                   stride_xa2m, stride_xa2r, stride_b2s, stride_b2n, stride_b2r, stride_y2m,
+                                   stride_y2n, LORA2, HAS_ORDER, HAS_BIAS2, FP32_DOT, WAIT_PRIOR, IN_LOOP, BLOCK_R,
+                                   BLOCK_M, BLOCK_N, BLOCK_K, shrinking, counters2 + arrivals2, units2,
+                                   tl.num_programs(0) - shrinks - end1)
 
 
 _MULTI_MATMUL_KEY = ["T_BUCKET", "K", "N0", "N1", "N2", "MEMBERS", "HAS_ORDER", "LORA0", "LORA1", "LORA2",
-                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "IN_LOOP"]
+                     "HAS_BIAS0", "HAS_BIAS1", "HAS_BIAS2", "IN_LOOP", "DROP0", "DROP1", "DROP2", "SHRINK_SPLIT",
+                     "SHRINK_BLOCK_T"]
 _grouped_multi_matmul_decode = TunedLauncher(triton.autotune(
     decode_matmul_configs(), key=_MULTI_MATMUL_KEY, prune_configs_by=prune_by_t("BLOCK_M"),
     do_bench=tune_bench)(_grouped_multi_matmul_kernel))
@@ -754,33 +849,103 @@ def lora_grouped_multi_matmul(x: torch.Tensor, weights: Sequence[torch.Tensor], 
 
     # with no adapter at all the members' base GEMMs need no sorted x
     on_tma = x_sorted is not None if any(has_lora) else M > DECODE_MAX_T and _tma_programs(x, M, TMA_MIN_T)
-    if on_tma and all(map(member_on_tma, range(G))):
-        return ys
+    if not (on_tma and all(map(member_on_tma, range(G)))):
+        _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases, order, ys, after_shrink)
+    return ys
+
+
+def grouped_one_launch(T: int) -> bool:
+    """Whether the forward over T tokens takes lora_grouped_multi_linear (one launch) rather than
+    lora_grouped_multi_shrink and lora_grouped_multi_matmul: under kernels.lora_multi.SHRINK_PROGRAMS (read per
+    call), wherever the pointer tiles run (the caller keeps the two launches where the TMA tiles run)."""
+    return bool(multi.SHRINK_PROGRAMS) and T > 0
+
+
+def lora_grouped_multi_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                              lora_As: Sequence[torch.Tensor | None], lora_Bs: Sequence[torch.Tensor | None],
+                              adapter_index: torch.Tensor, ranks: Sequence[torch.Tensor | None],
+                              scales: Sequence[torch.Tensor | None],
+                              biases: Sequence[torch.Tensor | None] | None = None,
+                              order: torch.Tensor | None = None,
+                              dropouts: Sequence[torch.Tensor | None] | None = None,
+                              seeds: Sequence[torch.Tensor | None] | None = None,
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """(ys, xas): lora_grouped_multi_matmul(x, weights, lora_grouped_multi_shrink(x, lora_As, ...), ...) in one
+    launch on the pointer tiles (decode or prefill): the members' shrinks on the launch's first programs, each
+    member's tiles waiting for its own xa before they expand (kernels.lora_multi.lora_multi_linear's scheme). A
+    member g with lora_As[g] None has no adapters (its xa is None). Arguments as those two take them."""
+    M, K = x.shape
+    G = len(weights)
+    dropouts = [None] * G if dropouts is None else list(dropouts)
+    seeds = [None] * G if seeds is None else list(seeds)
+    ys = [torch.empty((M, w.shape[0]), device=x.device, dtype=x.dtype) for w in weights]
+    xas = [None if a is None else torch.empty((M, padded_rank(a.shape[1])), device=x.device, dtype=torch.float32)
+           for a in lora_As]
+    if M > 0:
+        _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks,
+                              [None] * G if biases is None else list(biases), order, ys, False,
+                              (lora_As, scales, dropouts, seeds))
+    return ys, xas
+
+
+def _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases, order, ys, after_shrink: bool,
+                          shrinks: tuple | None = None) -> None:
+    """_grouped_multi_matmul_kernel into ys; with shrinks = (lora_As, scales, dropouts, seeds) the launch's own
+    shrink programs write xas first (dropouts: the forward's input masks), else xas are given."""
+    M, K = x.shape
+    G = len(weights)
+    has_lora = [b is not None for b in lora_Bs]
+    lora_As, scales, dropouts, seeds = shrinks if shrinks is not None else ([None] * G,) * 4
     fp32 = next((xa for xa in xas if xa is not None), None)   # the base-only tile's (unread) xa pointer: fp32
     if fp32 is None:
         fp32 = torch.empty(1, device=x.device, dtype=torch.float32)
-    members, strides = [], []
-    for g in range(G):
-        w, xa, b, y = weights[g], xas[g], lora_Bs[g], ys[g]
-        lora_g = has_lora[g]
-        members += [w, xa if lora_g else fp32, b if lora_g else w, ranks[g] if lora_g else adapter_index,
-                    y if biases[g] is None else biases[g], y]
-        strides += [*w.stride(), *(xa.stride() if lora_g else (0, 0)), *(b.stride() if lora_g else (0, 0, 0)),
-                    *y.stride()]
-    members += members[:6] * (MAX_MEMBERS - G)
-    strides += strides[:9] * (MAX_MEMBERS - G)
-    has_bias = [b is not None for b in biases]
     widths = [w.shape[0] for w in weights]
-    kernel = _grouped_multi_matmul_decode if M <= DECODE_MAX_T else _grouped_multi_matmul_prefill
+    ranks_w = [xa.shape[1] if lora_g and shrinks is not None else 0 for xa, lora_g in zip(xas, has_lora)]
+    decode = M <= DECODE_MAX_T
+    kernel = _grouped_multi_matmul_decode if decode else _grouped_multi_matmul_prefill
     bucket = t_bucket(M)
     in_loop = expand_in_loop(M)
+    drop = [p is not None for p in dropouts]
+    split_shrink, rounds, block_t, block_m = 0, 1, 0, 16
+    counters, workspace = 0, 0
+    if shrinks is not None and any(has_lora):
+        if decode:  # kernels.lora_multi's grid of decode shrink programs, per member
+            block_m = max(16, next_pow2(M))
+            slots = min(a.shape[0] for a in lora_As if a is not None)
+            split_shrink, rounds = multi.decode_shrink_grid(M, K, M if order is None else min(M, slots), block_m)
+            counters = sum(w // MULTI_BLOCK_R * rounds + 2 for w in ranks_w if w)
+            workspace = split_shrink * M * sum(ranks_w)
+        else:
+            block_t = multi.PREFILL_SHRINK_BLOCK_T
+            counters = 2 * sum(1 for w in ranks_w if w)
+    count, ws = split_state(x.device, counters, workspace) if counters else (adapter_index, fp32)
+    per_rank_block = split_shrink * rounds if decode else cdiv(M, block_t) if block_t else 0
+    shrink_programs = sum(w // MULTI_BLOCK_R for w in ranks_w) * per_rank_block
+    members, strides = [], []
+    for g in range(G):
+        w, xa, b, y, a = weights[g], xas[g], lora_Bs[g], ys[g], lora_As[g]
+        lora_g = has_lora[g]
+        reads_a = a is not None and lora_g
+        members += [w, xa if lora_g else fp32, b if lora_g else w, ranks[g] if lora_g else adapter_index,
+                    y if biases[g] is None else biases[g], y, a if reads_a else w,
+                    scales[g] if reads_a else fp32, dropouts[g] if drop[g] else fp32,
+                    seeds[g] if drop[g] else adapter_index]
+        strides += [*w.stride(), *(xa.stride() if lora_g else (0, 0)), *(b.stride() if lora_g else (0, 0, 0)),
+                    *y.stride(), *(a.stride() if reads_a else (0, 0, 0))]
+    members += members[:10] * (MAX_MEMBERS - G)
+    strides += strides[:12] * (MAX_MEMBERS - G)
+    has_bias = [b is not None for b in biases]
     key = (bucket, K, *widths, order is None, *has_lora, *has_bias, x.dtype, *(w.dtype for w in weights),
            *(b.dtype for b in lora_Bs if b is not None)) + (("in_loop",) if in_loop else ())
-    kernel.launch(key, _tile_grid(M, widths),
-        x, adapter_index, adapter_index if order is None else order, *members,
-        M, K, bucket, *_padded(widths, 0),
+    key += (("shrink", split_shrink, block_t, *drop) if shrink_programs else ())
+    tiles = _tile_grid(M, widths)
+    kernel.launch(key, lambda meta: (shrink_programs + tiles(meta)[0],),
+        x, adapter_index, adapter_index if order is None else order, *members, count, ws,
+        M, K, bucket, *_padded(widths, 0), *_padded(ranks_w, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
-        FP32_DOT=x.dtype == torch.float32, IN_LOOP=in_loop, BLOCK_R=MULTI_BLOCK_R, **wait_flags(after_shrink, x),
+        FP32_DOT=x.dtype == torch.float32, IN_LOOP=in_loop, BLOCK_R=MULTI_BLOCK_R,
+        **_flags("DROP", [d and shrink_programs > 0 for d in drop]),
+        SHRINK_SPLIT=split_shrink, SHRINK_ROUNDS=rounds, SHRINK_BLOCK_M=block_m, SHRINK_BLOCK_T=block_t,
+        **wait_flags(after_shrink, x),
     )
-    return ys

@@ -347,8 +347,8 @@ def multi_matmul_tile(
     (expanded_k_loop; the grouped decode's, under EXPAND_IN_LOOP).
     WAIT_PRIOR: launched as a dependent of the shrink that writes xa, which may still run: wait for it before
     the expand (nothing before reads what it writes). WAIT_READY: the launch's own shrink programs write xa
-    (_multi_matmul_kernel): wait until ready_total of them count in at count_ptr[0]; the last of the `tiles`
-    tiles past its expand zeroes count_ptr[0:2] for the next launch."""
+    (_multi_matmul_kernel, kernels.lora_grouped's multi matmul): wait until ready_total of them count in at
+    count_ptr[0]; the last of the `tiles` tiles past its expand zeroes count_ptr[0:2] for the next launch."""
     offs_m, mask_m = _block_tokens(order_ptr, pid_m, M, HAS_ORDER, BLOCK_M)               # token rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -367,9 +367,9 @@ def multi_matmul_tile(
         acc = _slot_dropout(acc, slot, offs_m, offs_n, N, dropouts_ptr, seed_ptr)
     if IN_LOOP and not OUT_DROPOUT:
         acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, 0, K, K, slot, run, runs, 0, 1,
-                              xa_ptr, b_ptr, ranks_ptr, idx_ptr, 0, stride_xm, stride_xk, stride_wn, stride_wk,
-                              stride_xam, stride_xar, stride_bs, stride_bn, stride_br, WAIT_PRIOR, False, FP32_DOT,
-                              BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
+                              xa_ptr, b_ptr, ranks_ptr, count_ptr, ready_total, stride_xm, stride_xk, stride_wn,
+                              stride_wk, stride_xam, stride_xar, stride_bs, stride_bn, stride_br, WAIT_PRIOR,
+                              WAIT_READY, FP32_DOT, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         for k0 in range(0, K, BLOCK_K):
             x, w, _, _ = base_k_step(x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k0, K, stride_xm, stride_xk,
@@ -383,10 +383,10 @@ def multi_matmul_tile(
             acc = runs_expand(acc, slot, run, runs, 0, 1, offs_m, offs_n, mask_n, xa_ptr, b_ptr, ranks_ptr,
                               stride_xam, stride_xar, stride_bs, stride_bn, stride_br, FP32_DOT, BLOCK_R, BLOCK_M,
                               BLOCK_N)
-            if WAIT_READY:
-                if arrive_last(count_ptr, 1, tiles):
-                    tl.atomic_xchg(count_ptr, 0)
-                    tl.atomic_xchg(count_ptr + 1, 0)
+    if WAIT_READY and not OUT_DROPOUT:  # the last tile past its expand resets ready and done for the next launch
+        if arrive_last(count_ptr, 1, tiles):
+            tl.atomic_xchg(count_ptr, 0)
+            tl.atomic_xchg(count_ptr + 1, 0)
     store_tile(acc, bias_ptr, y_ptr, offs_m, mask_m, offs_n, mask_n, stride_ym, stride_yn, HAS_BIAS, ACCUMULATE)
 
 
@@ -704,9 +704,9 @@ def _multi_decode_kernel(
         shrinks = WIDTH // BLOCK_R * SHRINK_SPLIT * SHRINK_ROUNDS
     if pid < shrinks:
         _decode_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
-                               seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr, M, N, K, WIDTH, stride_xm,
-                               stride_xk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak, HAS_ORDER,
-                               X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_R, BLOCK_M)
+                               seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr + tl.cdiv(N, 16), M, K,
+                               WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as, stride_ar, stride_ak,
+                               HAS_ORDER, X_DROPOUT, FP32_DOT, SHRINK_SPLIT, SHRINK_ROUNDS, BLOCK_R, BLOCK_M)
     else:  # a matmul program
         pid_n, pid_k, k_lo, k_hi = split_k_program(pid - shrinks, K, BLOCK_K, SPLIT_K)
         offs_m, mask_m = _block_tokens(order_ptr, 0, M, HAS_ORDER, BLOCK_M)                  # token rows
@@ -777,16 +777,17 @@ def _multi_decode_kernel(
 
 @triton.jit
 def _decode_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
-                           seed_ptr, ws_ptr, count_ptr, M, N, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
+                           seed_ptr, ws_ptr, counters, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar,
                            stride_as, stride_ar, stride_ak, HAS_ORDER: tl.constexpr, X_DROPOUT: tl.constexpr,
                            FP32_DOT: tl.constexpr, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Shrink program q of a decode launch (_multi_decode_kernel's SHRINK_SPLIT): ranks rb * 16.. over split ks
-    of K for the rows of rounds g, g + SHRINK_ROUNDS, ... of the block's runs (runs_shrink; q = (g * SHRINK_SPLIT
-    + ks) * WIDTH / 16 + rb), its partial stored into ws (SHRINK_SPLIT, M, WIDTH) fp32. The last of a unit's
-    (rb, g) SHRINK_SPLIT programs to arrive sums the unit's partials into xa in split order (no atomics on xa:
-    no memset, and the same bits every run) and counts the unit ready; unit g = 0 also writes zeros for the
-    rows without an adapter. Compiled to nothing without shrink programs (the caller's branch is not taken)."""
+    """Shrink program q of a decode launch (_multi_decode_kernel's SHRINK_SPLIT; also a member's in
+    kernels.lora_grouped): ranks rb * 16.. over split ks of K for the rows of rounds g, g + SHRINK_ROUNDS, ... of
+    the block's runs (runs_shrink; q = (g * SHRINK_SPLIT + ks) * WIDTH / 16 + rb), its partial stored into ws
+    (SHRINK_SPLIT, M, WIDTH) fp32. The last of a unit's (rb, g) SHRINK_SPLIT programs to arrive (at
+    counters[unit]) sums the unit's partials into xa in split order (no atomics on xa: no memset, and the same
+    bits every run) and counts the unit ready at counters[units]; unit g = 0 also writes zeros for the rows
+    without an adapter. Compiled to nothing without shrink programs (the caller's branch is not taken)."""
     if SHRINK_SPLIT > 0:
         num_rb = WIDTH // BLOCK_R
         rb = q % num_rb
@@ -805,7 +806,6 @@ def _decode_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_pt
         offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
         part = ws_ptr + offs_m[:, None] * WIDTH + offs_r[None, :]                               # split 0's
         tl.store(part + ks * M * WIDTH, acc, mask=rows[:, None])
-        counters = count_ptr + tl.cdiv(N, 16)
         unit = g * num_rb + rb
         if arrive_last(counters, unit, SHRINK_SPLIT):
             tl.atomic_xchg(counters + unit, 0)

@@ -345,6 +345,10 @@ def _multi_forward(x: Tensor, weights: list[Tensor], biases: list[Optional[Tenso
     member_seeds = _member_seeds(seeds, [p is not None for p in dropouts])
     xas: list[Optional[Tensor]] = [None] * len(weights)
     xs = multi_ops.multi_kernels.tma_sorted_rows(x, *ws) if live else None   # Hopper prefill: x's rows sorted for TMA
+    if live and xs is None and grouped_kernels.grouped_one_launch(x.shape[0]):
+        ys, xas = grouped_kernels.lora_grouped_multi_linear(x, ws, lora_As, lora_Bs, adapter_index, ranks, scales,
+                                                             biases, order, dropouts, member_seeds)
+        return ys, [_no_xa(x) if xa is None else xa for xa in xas]
     if live:
         shrunk = grouped_kernels.lora_grouped_multi_shrink(
             x, [lora_As[g] for g in live], adapter_index, [ranks[g] for g in live], [scales[g] for g in live], order,

@@ -38,3 +38,16 @@ def test_providers_compute_the_same_layers():
         for y, y_sep in zip(ys[grouped], ys[separate]):
             torch.testing.assert_close(y, y_sep)
     assert not torch.allclose(ys["grouped"][0], ys["cublas"][0])
+
+
+def test_the_one_launch_provider_turns_the_shrink_programs_on_for_its_calls_only(monkeypatch):
+    from types import SimpleNamespace
+
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+    seen = []
+    monkeypatch.setattr(lora_grouped, "_forward", lambda provider, s: (
+        lambda: seen.append((provider, multi_kernels.SHRINK_PROGRAMS, multi_kernels.EXPAND_IN_LOOP)), []))
+    (call,) = lora_grouped.make_calls({}, "multi_grouped_one_launch", "fwd", [SimpleNamespace(dys=None)])
+    call()
+    assert seen == [("multi_grouped_one_launch", True, True)]
+    assert (multi_kernels.SHRINK_PROGRAMS, multi_kernels.EXPAND_IN_LOOP) == (False, False)

@@ -113,11 +113,20 @@ GROUPED_MATMUL = ({"x_ptr": "x", **{f"{p}{g}_ptr": "x" for p in ("w", "a", "b", 
                   [dict(MEMBERS=3, FUSE0=True, FUSE1=False, FUSE2=False, DROP0=True, DROP1=False, DROP2=False,
                         HAS_BIAS0=True, HAS_BIAS1=False, HAS_BIAS2=True)])
 GROUPED_MULTI_MATMUL = ({"x_ptr": "x", "idx_ptr": "*i32", "order_ptr": "*i32",
-                         **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y") for g in range(3)},
-                         **{f"xa{g}_ptr": "*fp32" for g in range(3)}, **{f"ranks{g}_ptr": "*i32" for g in range(3)}},
+                         **{f"{p}{g}_ptr": "x" for p in ("w", "b", "bias", "y", "a") for g in range(3)},
+                         **{f"{p}{g}_ptr": "*fp32" for p in ("xa", "scales", "dropouts") for g in range(3)},
+                         **{f"ranks{g}_ptr": "*i32" for g in range(3)}, **{f"seed{g}_ptr": "*i64" for g in range(3)},
+                         "count_ptr": "*i32", "ws_ptr": "*fp32"},
                         [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=False, LORA2=True, HAS_BIAS0=True,
                               HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=True, IN_LOOP=in_loop)
-                         for in_loop in (False, True)])
+                         for in_loop in (False, True)]
+                        # the forward in one launch: the members' shrink programs at decode, then at prefill
+                        + [dict(MEMBERS=3, HAS_ORDER=True, LORA0=True, LORA1=True, LORA2=True, HAS_BIAS0=True,
+                                HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=False, IN_LOOP=True, DROP0=True,
+                                SHRINK_SPLIT=8, SHRINK_ROUNDS=4, SHRINK_BLOCK_M=64),
+                           dict(MEMBERS=2, HAS_ORDER=True, LORA0=True, LORA1=True, LORA2=False, HAS_BIAS0=False,
+                                HAS_BIAS1=False, HAS_BIAS2=False, WAIT_PRIOR=False, IN_LOOP=False, DROP1=True,
+                                SHRINK_BLOCK_T=64)])
 
 
 # bottleneck adapters (the multi-adapter kernels compile one copy of the adapter per width tile up to M_PAD's)

@@ -293,6 +293,112 @@ def test_grouped_multi_dropout_is_each_members_own_kernel_mask():
     assert not torch.allclose(xas[0], M.lora_multi_shrink(x, members[0][0], idx, members[0][2], members[0][3]))
 
 
+def _check_one_launch(T, d_in, d_outs, member_ranks, dtype, kind, monkeypatch, dropout=False):
+    """lora_grouped_multi_linear (SHRINK_PROGRAMS: the members' shrinks on the launch's first programs) on
+    poisoned outputs against float64, rows as they come and slot-sorted (decode) or sorted (prefill), one launch
+    each; with input dropout against the shrink + matmul pair under the same seeds; the counters zero after."""
+    from ptlm_engine.kernels.split_state import split_state
+    monkeypatch.setattr(M, "SHRINK_PROGRAMS", True)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    launches = record_launches(monkeypatch)
+    S = 4
+    members = [None if r is None else _slots(S, d_in, n, r, dtype) for n, r in zip(d_outs, member_ranks)]
+    ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
+    biases = [rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
+    x = rand(T, d_in, dtype=dtype)
+    idx = _mapping(kind, T, S)
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    order, _ = M.token_segments(idx, S)
+    As, Bs, ranks, scales = ([None if m is None else m[i] for m in members] for i in range(4))
+    kernel = G._grouped_multi_matmul_decode if T <= M.DECODE_MAX_T else G._grouped_multi_matmul_prefill
+    assert G.grouped_one_launch(T)
+    if dropout:
+        live = [g for g, m in enumerate(members) if m is not None]
+        dropouts = [None if m is None else torch.rand(S, device=DEVICE) * 0.5 for m in members]
+        seeds = [None if m is None else torch.tensor([20 + g], device=DEVICE) for g, m in enumerate(members)]
+        ys, xas = G.lora_grouped_multi_linear(x, ws, As, Bs, idx, ranks, scales, biases, order, dropouts, seeds)
+        assert not split_state(x.device, 1, 0)[0].any()
+        shrunk = G.lora_grouped_multi_shrink(x, [As[g] for g in live], idx, [ranks[g] for g in live],
+                                             [scales[g] for g in live], order, [dropouts[g] for g in live],
+                                             [seeds[g] for g in live])
+        pair_xas = [None] * len(d_outs)
+        for g, xa in zip(live, shrunk):
+            pair_xas[g] = xa
+        pair = G.lora_grouped_multi_matmul(x, ws, pair_xas, Bs, idx, ranks, biases, order)
+        for g in range(len(d_outs)):
+            if pair_xas[g] is not None:
+                assert_matches(xas[g], pair_xas[g].double(), None, dtype, f"member {g}'s xa, input dropout")
+            assert_matches(ys[g], pair[g].double(), None, dtype, f"member {g}'s y, input dropout")
+        return
+    for rows in (None, order) if T <= M.DECODE_MAX_T else (order,):
+        launches.clear()
+        ys, xas = G.lora_grouped_multi_linear(x, ws, As, Bs, idx, ranks, scales, biases, rows)
+        assert launches == [kernel]
+        assert not split_state(x.device, 1, 0)[0].any()
+        for g, (w, bias, m) in enumerate(zip(ws, biases, members)):
+            y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+            if m is None:
+                assert xas[g] is None
+            else:
+                a, b, _, sc = m
+                r_max = a.shape[1]
+                xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (sc.double()[slot] * has)[:, None]
+                assert xas[g].shape == (T, M.padded_rank(r_max)) and not xas[g][:, r_max:].any()
+                assert_matches(xas[g][:, :r_max], xa64, None, dtype, f"member {g}'s xa")
+                y64 = y64 + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+            assert_matches(ys[g], y64, None, dtype, f"member {g}'s y, sorted rows: {rows is not None}")
+
+
+ONE_LAUNCH_MEMBERS = {"k without slots": ([16, 4, 9, 1], None, [0, 20, 3, 0]),
+                      "three with slots": ([16, 4, 9, 1], [5, 5, 5, 5], [0, 20, 3, 0])}
+
+
+@pytest.mark.parametrize("in_loop", [False, True])
+@pytest.mark.parametrize("T,kind,members", [(13, "each", "k without slots"), (13, "random", "three with slots"),
+                                            (9, "none", "k without slots"), (6, "one", "three with slots")])
+def test_grouped_multi_decode_shrink_programs(T, kind, members, in_loop, monkeypatch):
+    """The grouped decode in one launch: every member's shrink programs (K steps of 16, one a program: 37
+    columns, 3 splits; rounds cut to 2 runs over up to 3 groups) ahead of the member tiles, which wait for their
+    own member's xa (counters and partials of their own); q with four slots of mixed ranks up to 20 (two rank
+    blocks), k without slots or with, v lacking two adapters (rank 0); the expand after the K loop or inside it."""
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", in_loop)
+    monkeypatch.setattr(M, "SHRINK_BLOCK_K", tl.constexpr(16))        # the interpreter reads globals per call
+    monkeypatch.setattr(M, "SHRINK_K_STEPS", 1)
+    monkeypatch.setattr(M, "SHRINK_MAX_ROUNDS", 3)
+    monkeypatch.setattr(M, "ROUND_ELEMENTS", tl.constexpr(1024))
+    assert M.decode_shrink_grid(13, 37, 13, 16) == (3, 3)
+    torch.manual_seed(T + in_loop)
+    _check_one_launch(T, 37, (41, 17, 17), ONE_LAUNCH_MEMBERS[members], torch.float32, kind, monkeypatch)
+
+
+@pytest.mark.parametrize("T,kind,members", [(70, "random", "k without slots"), (133, "each", "three with slots")])
+def test_grouped_multi_prefill_shrink_programs(T, kind, members, monkeypatch):
+    """The grouped prefill in one launch: 64-row shrink programs per member ahead of the pointer tiles."""
+    torch.manual_seed(T)
+    _check_one_launch(T, 37, (41, 17, 17), ONE_LAUNCH_MEMBERS[members], torch.float32, kind, monkeypatch)
+
+
+@pytest.mark.parametrize("T", [13, 70])
+def test_grouped_multi_shrink_programs_input_dropout(T, monkeypatch):
+    """Each member's input dropout in its own shrink programs: the pair's masks under the same seeds."""
+    torch.manual_seed(T)
+    _check_one_launch(T, 24, (20, 12), ([4, 8, 2, 0], [3, 3, 6, 1]), torch.float32, "random", monkeypatch,
+                      dropout=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("T", [1, 64, 1000])
+def test_grouped_multi_shrink_programs_realistic(T, monkeypatch):
+    """The grouped one launch at Llama q/k/v shapes in bf16 (the members' counters and waits only race on a GPU):
+    mixed ranks up to 128, a member without slots, slots a member lacks; decode with the in-loop expand."""
+    monkeypatch.setattr(M, "EXPAND_IN_LOOP", True)
+    torch.manual_seed(T)
+    _check_one_launch(T, 4096, (4096, 1024, 1024), ([8, 16, 64, 128], None, [16, 0, 16, 32]), torch.bfloat16,
+                      "random", monkeypatch)
+
+
 # --------------------------------------------------------------------------------------------------------- gpu
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
