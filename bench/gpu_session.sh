@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One device call of at most ~9 minutes on a Hopper card (H100, H200): install, the gpu-marked tests (bf16
-# correctness, sync-free
-# and CUDA-graph checks; no tuning: each shape takes its first config that fits), then bench.gpu_suite's
-# session profile. Writes 8 files to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json,
+# correctness, sync-free and CUDA-graph checks; no tuning: each shape takes its first config that fits), then
+# bench.gpu_suite's session profile. Writes 8 files to OUT (gpu_tests.log, suite.log, results.json/.csv/.md/.png, tuned.json,
 # triton-cache.txz, or its two parts .a / .b in place of the png); prints the suite's summary, then the test verdicts.
 #
 #   bash bench/gpu_session.sh OUT [--tests-s 100] [gpu_suite arguments, e.g. --phases multi,prefix --tuned FILE]
