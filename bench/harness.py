@@ -69,6 +69,8 @@ def environment(device: torch.device) -> dict:
         "ptlm_engine": _version("ptlm_engine"),
         "git_commit": _git_commit(),
         "PTLM_BACKEND": os.environ.get("PTLM_BACKEND"),
+        # every kernel switch the run was started with (PTLM_MULTI_SHRINK_PROGRAMS=1, PTLM_PDL=0, ...)
+        "ptlm_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("PTLM_")},
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -361,3 +361,11 @@ def test_gpu_suite_summary_counts_rows_the_deadline_left_untimed_as_skipped(tmp_
             {"op": "x", "provider": "b", "ms": None, "note": "RuntimeError: boom"}]
     lines = gpu_suite.summary(harness.Results(meta, ceilings, rows), rows, 3, tmp_path, 1.0)
     assert lines[-1].startswith("2 rows, 1 failed, 4 cases skipped for the budget;")
+
+
+def test_results_record_the_kernel_switches_of_the_run(monkeypatch):
+    """A row timed with PTLM_MULTI_SHRINK_PROGRAMS=1 (say) must say so in its file's meta."""
+    monkeypatch.setenv("PTLM_MULTI_SHRINK_PROGRAMS", "1")
+    monkeypatch.setenv("PTLM_PDL", "0")
+    env = harness.environment(torch.device("cpu"))
+    assert env["ptlm_env"]["PTLM_MULTI_SHRINK_PROGRAMS"] == "1" and env["ptlm_env"]["PTLM_PDL"] == "0"
