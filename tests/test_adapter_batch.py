@@ -298,8 +298,14 @@ def test_generate_with_static_cache_and_compiled_forward(tiny, backend, monkeypa
 
 
 @needs_triton
-def test_triton_kernels_through_the_layers(tiny, output, monkeypatch):
-    """The multi-adapter kernels with the token grouping shared by all layers: as the reference, with grads."""
+@pytest.mark.parametrize("one_launch", [False, True])
+def test_triton_kernels_through_the_layers(tiny, output, one_launch, monkeypatch):
+    """The multi-adapter kernels with the token grouping shared by all layers: as the reference, with grads; also
+    with every forward in one launch (PTLM_MULTI_SHRINK_PROGRAMS / PTLM_MULTI_IN_LOOP: the grouped q/k/v and
+    gate/up and the lone o/down projections alike), as the card's generation would run them."""
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+    monkeypatch.setattr(multi_kernels, "SHRINK_PROGRAMS", one_launch)
+    monkeypatch.setattr(multi_kernels, "EXPAND_IN_LOOP", one_launch)
     llama = _with_adapters(tiny, "llama", ["a", "b"])
     ids = _ids(3, length=5)
     results = []
