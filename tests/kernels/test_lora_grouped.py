@@ -182,16 +182,39 @@ def _mapping(kind, T, S):
     return (torch.arange(T, device=DEVICE, dtype=torch.int32) % (S + 1)) - 1   # "each": rows cycle through slots
 
 
-def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
-    S = 4
+def _multi_batch(T, d_in, d_outs, member_ranks, dtype, kind, S=4):
+    """A grouped multi-adapter batch: per member its stacked slots (A, B, ranks, scales) or None (no slots), its
+    W; a bias on member 0 only; x, the row -> slot mapping and the slot-sorted order."""
     members = [None if r is None else _slots(S, d_in, n, r, dtype) for n, r in zip(d_outs, member_ranks)]
     ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
     biases = [rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
     x = rand(T, d_in, dtype=dtype)
     idx = _mapping(kind, T, S)
-    has, slot = idx >= 0, idx.clamp_min(0).long()
-    live = [g for g, m in enumerate(members) if m is not None]
     order, _ = M.token_segments(idx, S)
+    return members, ws, biases, x, idx, order
+
+
+def _check_member(g, y, xa, x, idx, w, bias, member, dtype, what, y_lowp=None):
+    """Member g's y and xa (fp32, padded rank width; None without slots) against float64; y_lowp: PyTorch's own
+    low-precision result from the same xa, the tolerance's yardstick."""
+    has, slot = idx >= 0, idx.clamp_min(0).long()
+    y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
+    if member is None:
+        assert xa is None
+    else:
+        a, b, _, scales = member
+        r_max = a.shape[1]
+        xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
+        assert xa.shape == (x.shape[0], M.padded_rank(r_max)) and not xa[:, r_max:].any()
+        assert_matches(xa[:, :r_max], xa64, None, dtype, f"member {g}'s xa, {what}")
+        y64 = y64 + torch.einsum("tr,tor->to", xa64, b.double()[slot])
+    assert_matches(y, y64, y_lowp, dtype, f"member {g}'s y, {what}")
+
+
+def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
+    members, ws, biases, x, idx, order = _multi_batch(T, d_in, d_outs, member_ranks, dtype, kind)
+    slot = idx.clamp_min(0).long()
+    live = [g for g, m in enumerate(members) if m is not None]
     for rows in (None, order) if T <= M.DECODE_MAX_T else (order,):   # the op sorts the rows at prefill
         xs = None if rows is None else M.tma_sorted_rows(x, *ws)         # Hopper (or forced TMA): sorted for TMA
         shrunk = G.lora_grouped_multi_shrink(x, [members[g][0] for g in live], idx, [members[g][2] for g in live],
@@ -206,17 +229,11 @@ def _check_multi(T, d_in, d_outs, member_ranks, dtype, kind):
                                     [None if m is None else m[2] for m in members], biases, rows, outs=outs,
                                     x_sorted=xs)
         for g, (w, bias, m) in enumerate(zip(ws, biases, members)):
-            y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
             y_torch = x @ w.t() + (0 if bias is None else bias)
             if m is not None:
-                a, b, _, scales = m
-                r_max = a.shape[1]
-                xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (scales.double()[slot] * has)[:, None]
-                assert xas[g].shape == (T, M.padded_rank(r_max)) and not xas[g][:, r_max:].any()
-                assert_matches(xas[g][:, :r_max], xa64, None, dtype, f"member {g}'s xa")
-                y64 = y64 + torch.einsum("tr,tor->to", xa64, b.double()[slot])
-                y_torch = y_torch + torch.einsum("tr,tor->to", xas[g][:, :r_max].to(dtype), b[slot])
-            assert_matches(outs[g], y64, y_torch, dtype, f"member {g}'s y, sorted rows: {rows is not None}")
+                y_torch = y_torch + torch.einsum("tr,tor->to", xas[g][:, :m[0].shape[1]].to(dtype), m[1][slot])
+            _check_member(g, outs[g], xas[g], x, idx, w, bias, m, dtype, f"sorted rows: {rows is not None}",
+                          y_torch)
 
 
 @pytest.mark.parametrize("kind,dtype", [("random", torch.float32), ("each", torch.float16)]
@@ -302,19 +319,13 @@ def _check_one_launch(T, d_in, d_outs, member_ranks, dtype, kind, monkeypatch, d
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     launches = record_launches(monkeypatch)
-    S = 4
-    members = [None if r is None else _slots(S, d_in, n, r, dtype) for n, r in zip(d_outs, member_ranks)]
-    ws = [rand(n, d_in, dtype=dtype, scale=d_in ** -0.5) for n in d_outs]
-    biases = [rand(d_outs[0], dtype=dtype)] + [None] * (len(d_outs) - 1)
-    x = rand(T, d_in, dtype=dtype)
-    idx = _mapping(kind, T, S)
-    has, slot = idx >= 0, idx.clamp_min(0).long()
-    order, _ = M.token_segments(idx, S)
+    members, ws, biases, x, idx, order = _multi_batch(T, d_in, d_outs, member_ranks, dtype, kind)
     As, Bs, ranks, scales = ([None if m is None else m[i] for m in members] for i in range(4))
     kernel = G._grouped_multi_matmul_decode if T <= M.DECODE_MAX_T else G._grouped_multi_matmul_prefill
     assert G.grouped_one_launch(T)
     if dropout:
         live = [g for g, m in enumerate(members) if m is not None]
+        S = As[live[0]].shape[0]
         dropouts = [None if m is None else torch.rand(S, device=DEVICE) * 0.5 for m in members]
         seeds = [None if m is None else torch.tensor([20 + g], device=DEVICE) for g, m in enumerate(members)]
         ys, xas = G.lora_grouped_multi_linear(x, ws, As, Bs, idx, ranks, scales, biases, order, dropouts, seeds)
@@ -337,17 +348,7 @@ def _check_one_launch(T, d_in, d_outs, member_ranks, dtype, kind, monkeypatch, d
         assert launches == [kernel]
         assert not split_state(x.device, 1, 0)[0].any()
         for g, (w, bias, m) in enumerate(zip(ws, biases, members)):
-            y64 = x.double() @ w.double().t() + (0 if bias is None else bias.double())
-            if m is None:
-                assert xas[g] is None
-            else:
-                a, b, _, sc = m
-                r_max = a.shape[1]
-                xa64 = torch.einsum("ti,tri->tr", x.double(), a.double()[slot]) * (sc.double()[slot] * has)[:, None]
-                assert xas[g].shape == (T, M.padded_rank(r_max)) and not xas[g][:, r_max:].any()
-                assert_matches(xas[g][:, :r_max], xa64, None, dtype, f"member {g}'s xa")
-                y64 = y64 + torch.einsum("tr,tor->to", xa64, b.double()[slot])
-            assert_matches(ys[g], y64, None, dtype, f"member {g}'s y, sorted rows: {rows is not None}")
+            _check_member(g, ys[g], xas[g], x, idx, w, bias, m, dtype, f"one launch, sorted rows: {rows is not None}")
 
 
 ONE_LAUNCH_MEMBERS = {"k without slots": ([16, 4, 9, 1], None, [0, 20, 3, 0]),
