@@ -900,7 +900,7 @@ def _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases
     if fp32 is None:
         fp32 = torch.empty(1, device=x.device, dtype=torch.float32)
     widths = [w.shape[0] for w in weights]
-    ranks_w = [xa.shape[1] if lora_g and shrinks is not None else 0 for xa, lora_g in zip(xas, has_lora)]
+    shrink_widths = [xa.shape[1] if lora_g and shrinks is not None else 0 for xa, lora_g in zip(xas, has_lora)]
     decode = M <= DECODE_MAX_T
     kernel = _grouped_multi_matmul_decode if decode else _grouped_multi_matmul_prefill
     bucket = t_bucket(M)
@@ -913,14 +913,14 @@ def _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases
             block_m = max(16, next_pow2(M))
             slots = min(a.shape[0] for a in lora_As if a is not None)
             split_shrink, rounds = multi.decode_shrink_grid(M, K, M if order is None else min(M, slots), block_m)
-            counters = sum(w // MULTI_BLOCK_R * rounds + 2 for w in ranks_w if w)
-            workspace = split_shrink * M * sum(ranks_w)
+            counters = sum(w // MULTI_BLOCK_R * rounds + 2 for w in shrink_widths if w)
+            workspace = split_shrink * M * sum(shrink_widths)
         else:
             block_t = multi.PREFILL_SHRINK_BLOCK_T
-            counters = 2 * sum(1 for w in ranks_w if w)
+            counters = 2 * sum(1 for w in shrink_widths if w)
     count, ws = split_state(x.device, counters, workspace) if counters else (adapter_index, fp32)
     per_rank_block = split_shrink * rounds if decode else cdiv(M, block_t) if block_t else 0
-    shrink_programs = sum(w // MULTI_BLOCK_R for w in ranks_w) * per_rank_block
+    shrink_programs = sum(w // MULTI_BLOCK_R for w in shrink_widths) * per_rank_block
     members, strides = [], []
     for g in range(G):
         w, xa, b, y, a = weights[g], xas[g], lora_Bs[g], ys[g], lora_As[g]
@@ -941,7 +941,7 @@ def _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases
     tiles = _tile_grid(M, widths)
     kernel.launch(key, lambda meta: (shrink_programs + tiles(meta)[0],),
         x, adapter_index, adapter_index if order is None else order, *members, count, ws,
-        M, K, bucket, *_padded(widths, 0), *_padded(ranks_w, 0),
+        M, K, bucket, *_padded(widths, 0), *_padded(shrink_widths, 0),
         x.stride(0), x.stride(1), *strides,
         MEMBERS=G, HAS_ORDER=order is not None, **_flags("LORA", has_lora), **_flags("HAS_BIAS", has_bias),
         FP32_DOT=x.dtype == torch.float32, IN_LOOP=in_loop, BLOCK_R=MULTI_BLOCK_R,
