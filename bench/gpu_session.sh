@@ -45,16 +45,24 @@ if [ "$tests_s" -gt 0 ]; then
             "$lora_files -k not ($first_lora|dependent)")
     codes=""
     : >"$out/gpu_tests.log"
+    # Groups after the first in parallel worker processes (pytest-xdist, on the device image): the test phase is
+    # bound by Triton's compiles, one core each (s3 and s4 were cut at 60 / 90 s while compiling), and the host
+    # has 16. The first group stays serial: it decides PTLM_PDL. GPU_TEST_WORKERS=0: every group serial.
+    workers=${GPU_TEST_WORKERS:-8}
+    if [ "$workers" -gt 0 ] && ! python3 -c "import xdist" 2>/dev/null; then workers=0; fi
+    parallel=()
     for group in "${groups[@]}"; do
         left=$(( tests_s - ($(date +%s) - start) ))   # timeout 0 would mean no limit at all
         [ "$left" -gt 5 ] || break
         files=${group%% -k *}
         if [ "$files" != "$group" ]; then select=(-k "${group#* -k }"); select[1]=${select[1]//|/ or }; else select=(); fi
         # shellcheck disable=SC2086
+        # timeout signals its whole process group: the workers end with the run
         PTLM_AUTOTUNE=0 timeout "$left" python3 -m pytest -m gpu -v -p no:cacheprovider -rfE --tb=short \
-            $files ${select[@]+"${select[@]}"} >>"$out/gpu_tests.log" 2>&1
+            ${parallel[@]+"${parallel[@]}"} $files ${select[@]+"${select[@]}"} >>"$out/gpu_tests.log" 2>&1
         code=$?
         codes="$codes${codes:+, }$code"
+        if [ "$workers" -gt 0 ]; then parallel=(-n "$workers" --dist load); fi
         if [ "$group" = "${groups[0]}" ] && [ "$code" != 0 ]; then
             if [ "$code" = 124 ] && grep -q " PASSED" "$out/gpu_tests.log" &&
                     ! grep -qE " (FAILED|ERROR)" "$out/gpu_tests.log"; then
