@@ -9,6 +9,8 @@ B, batch 64, prompt 128 random tokens, 64 greedy new tokens. Providers:
   peft_mixed   HF PEFT, one adapter per row (`adapter_names=`, rows assigned round-robin over the 32)
   ptlm_one     ptlm_engine, the 32 adapters added, one active (`pe.set_active_adapter`)
   ptlm_mixed   ptlm_engine, the same rows inside `pe.adapter_batch(model, names)`
+  ptlm_mixed_one_launch  ptlm_mixed with every projection's forward in one launch (kernels.lora_multi's
+               SHRINK_PROGRAMS and EXPAND_IN_LOOP on while it runs, captured so; off by default until timed)
 
 Two loops, the same code for every provider (PEFT 0.21's `generate` is wrong under transformers 5, so no
 provider uses `generate`; the loops call the model's forward, with `adapter_names=` for peft_mixed):
@@ -56,7 +58,7 @@ from torch import nn
 from bench import harness, model_train
 
 OP = "llama_generate"
-PROVIDERS = ["base", "ptlm_one", "ptlm_mixed", "peft_one", "peft_mixed"]
+PROVIDERS = ["base", "ptlm_one", "ptlm_mixed", "ptlm_mixed_one_launch", "peft_one", "peft_mixed"]
 LOOPS = ["eager", "graph"]
 RANK, ALPHA = 16, 32
 # HF generate on the project's H100 (design notes), tok/s, and the targets of the multi-adapter issue.
@@ -71,7 +73,8 @@ LOGIT_CHECKS = ["logit_diff_vs_alone", "logit_diff_alone_vs_base", "flip_margin"
 
 TABLE = harness.table_spec(keys=["layers", "hidden", "batch", "prompt", "new_tokens", "r", "adapters"],
                            values=["tok_s"], ratios=[("ptlm_mixed", "base", "tok_s"),
-                                                     ("ptlm_mixed", "peft_mixed", "tok_s")])
+                                                     ("ptlm_mixed", "peft_mixed", "tok_s"),
+                                                     ("ptlm_mixed_one_launch", "ptlm_mixed", "tok_s")])
 
 
 def cache_argument() -> str:
@@ -134,10 +137,15 @@ def provider_setup(provider: str, model: nn.Module, names: list[str]):
         pe.set_active_adapter(model, names[0])
     elif provider == "peft_one":
         model.set_adapter(names[0])
-    if provider == "ptlm_mixed":
+    if provider.startswith("ptlm_mixed"):
         import ptlm_engine as pe
-        with pe.adapter_batch(model, names, static=True):   # a serving loop: each pool checked once, as generate
-            yield {}
+        from ptlm_engine.kernels import lora_multi as multi_kernels
+        one_launch = provider == "ptlm_mixed_one_launch"
+        with contextlib.ExitStack() as switches:
+            for name in ("SHRINK_PROGRAMS", "EXPAND_IN_LOOP") if one_launch else ():
+                switches.enter_context(harness.patched(multi_kernels, name, True))
+            with pe.adapter_batch(model, names, static=True):   # a serving loop: each pool checked once
+                yield {}
     elif provider == "peft_mixed":
         yield {"adapter_names": names}
     else:
@@ -459,7 +467,11 @@ def summary(rows: list[dict]) -> list[str]:
         best = max((ratio for _, ratio in vs_peft), default=None)
         verdict_peft = "" if best is None else f" (target >= {TARGET_MIXED_VS_PEFT:.0f}x: " + \
             ("PASS)" if best >= TARGET_MIXED_VS_PEFT else "FAIL)")
+        # the one-launch experiment (off by default until it wins) on the same line: the summary's lines are few
+        one_launch = [(t, by["ptlm_mixed_one_launch", t]["tok_s"] / by["base", t]["tok_s"]) for t in timings
+                      if ("ptlm_mixed_one_launch", t) in by and ("base", t) in by]
         lines.append("  ptlm_mixed/base " + " ".join(f"[{t}] {v:.2f}" for t, v in vs_base) + verdict
+                     + "".join(f"; one launch/base [{t}] {v:.2f}" for t, v in one_launch)
                      + "; ptlm_mixed/peft_mixed[eager] " + " ".join(f"[{t}] {v:.1f}x" for t, v in vs_peft)
                      + verdict_peft)
     mixed = next((r for r in rows if r["provider"] == "ptlm_mixed" and "bytes_bound" in r), None)

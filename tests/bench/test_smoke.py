@@ -249,7 +249,8 @@ def test_model_generate_smoke_loops_and_checks(tmp_path):
     assert 0 <= mixed["logit_diff_vs_alone"] < 1e-3 * mixed["logit_diff_alone_vs_base"] and mixed["flip_margin"] is None
     assert not any(k in r for r in results.rows if r is not mixed for k in model_generate.LOGIT_CHECKS)
     assert "logit diff alone vs base" in "\n".join(results.notes)
-    assert "ptlm_mixed/base" in "\n".join(results.notes)
+    assert "ptlm_mixed/base" in "\n".join(results.notes) and "one launch/base [static]" in "\n".join(results.notes)
+    assert by["ptlm_mixed_one_launch", "eager"]["adapters"] == 4
     assert 0 < mixed["bytes_bound"] < by["ptlm_one", "eager"]["bytes_bound"] < by["base", "eager"]["bytes_bound"] == 1
     assert "at one rate ptlm_mixed/base <=" in "\n".join(results.notes)
     assert json.loads((tmp_path / "model_generate.json").read_text())["rows"] == results.rows
@@ -381,3 +382,15 @@ def test_lora_multi_vllm_check_compares_overheads_over_cublas():
     # where the absolute 0.030 / 0.047 would pass
     (line,) = [ln for ln in lora_multi.target_checks([row("cublas", 0.011), row("ptlm", 0.030)]) if "vLLM" in ln]
     assert "0/1 pass; worst 1.28" in line
+
+
+def test_model_generate_one_launch_provider_turns_the_switches_on_while_it_runs(monkeypatch):
+    import contextlib
+
+    import ptlm_engine as pe
+    from ptlm_engine.kernels import lora_multi as multi_kernels
+    monkeypatch.setattr(pe, "adapter_batch", lambda *args, **kwargs: contextlib.nullcontext())
+    with model_generate.provider_setup("ptlm_mixed_one_launch", None, ["a"]):
+        assert multi_kernels.SHRINK_PROGRAMS and multi_kernels.EXPAND_IN_LOOP
+    with model_generate.provider_setup("ptlm_mixed", None, ["a"]):
+        assert not (multi_kernels.SHRINK_PROGRAMS or multi_kernels.EXPAND_IN_LOOP)
