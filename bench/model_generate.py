@@ -471,7 +471,7 @@ def summary(rows: list[dict]) -> list[str]:
         one_launch = [(t, by["ptlm_mixed_one_launch", t]["tok_s"] / by["base", t]["tok_s"]) for t in timings
                       if ("ptlm_mixed_one_launch", t) in by and ("base", t) in by]
         lines.append("  ptlm_mixed/base " + " ".join(f"[{t}] {v:.2f}" for t, v in vs_base) + verdict
-                     + "".join(f"; one launch/base [{t}] {v:.2f}" for t, v in one_launch)
+                     + ("; one launch/base " + " ".join(f"[{t}] {v:.2f}" for t, v in one_launch) if one_launch else "")
                      + "; ptlm_mixed/peft_mixed[eager] " + " ".join(f"[{t}] {v:.1f}x" for t, v in vs_peft)
                      + verdict_peft)
     mixed = next((r for r in rows if r["provider"] == "ptlm_mixed" and "bytes_bound" in r), None)

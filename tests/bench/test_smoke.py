@@ -249,7 +249,7 @@ def test_model_generate_smoke_loops_and_checks(tmp_path):
     assert 0 <= mixed["logit_diff_vs_alone"] < 1e-3 * mixed["logit_diff_alone_vs_base"] and mixed["flip_margin"] is None
     assert not any(k in r for r in results.rows if r is not mixed for k in model_generate.LOGIT_CHECKS)
     assert "logit diff alone vs base" in "\n".join(results.notes)
-    assert "ptlm_mixed/base" in "\n".join(results.notes) and "one launch/base [static]" in "\n".join(results.notes)
+    assert "ptlm_mixed/base" in "\n".join(results.notes) and "one launch/base [eager]" in "\n".join(results.notes)
     assert by["ptlm_mixed_one_launch", "eager"]["adapters"] == 4
     assert 0 < mixed["bytes_bound"] < by["ptlm_one", "eager"]["bytes_bound"] < by["base", "eager"]["bytes_bound"] == 1
     assert "at one rate ptlm_mixed/base <=" in "\n".join(results.notes)
