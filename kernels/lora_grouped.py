@@ -52,10 +52,9 @@ from .lora import (MAX_FUSED_RANK, _dot, _keep_mask, _tma_programs, fuse_shrink_
                    lora_matmul_tile, lora_matmul_tma, rank_block, store_split, weight_grad_pair)
 from .lora_multi import BLOCK_R as MULTI_BLOCK_R
 from .lora_multi import (TMA_MIN_T, _block_tokens, _decode_shrink_program, _prefill_shrink_program,
-                         copy_sorted_rows, expand_in_loop, lora_multi_matmul,
-                         multi_matmul_tile, padded_rank, per_row, round_runs, row_dropout, row_scale, shrink_round,
-                         shrink_round_pick, shrink_round_rows, shrink_round_step, shrink_round_x, shrink_runs,
-                         slot_runs, wait_flags)
+                         copy_sorted_rows, expand_in_loop, lora_multi_matmul, multi_matmul_tile, padded_rank, per_row,
+                         round_runs, row_dropout, row_scale, shrink_round, shrink_round_pick, shrink_round_rows,
+                         shrink_round_step, shrink_round_x, shrink_runs, shrink_share, slot_runs, wait_flags)
 from .split_state import split_state
 
 MAX_MEMBERS = 3  # q, k, v: the largest group of projections sharing one input in the supported models
@@ -676,27 +675,6 @@ def _multi_member_tile(pid_m, pid_n, x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order
 
 
 @triton.jit
-def _shrink_share(M, WIDTH, HAS_LORA: tl.constexpr, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr,
-                  SHRINK_BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(programs, units, arrivals) of one member's shrink programs in a one-launch forward: at decode
-    (SHRINK_SPLIT) units of 16 ranks x a round group, each SHRINK_SPLIT programs arriving at a counter of their
-    own; at prefill (SHRINK_BLOCK_T) one program a unit. The member's counters: its arrivals, then ready (units
-    count in there) and done (its tiles, which reset both)."""
-    programs = 0
-    units = 0
-    arrivals = 0
-    if HAS_LORA:
-        if SHRINK_SPLIT > 0:
-            units = WIDTH // BLOCK_R * SHRINK_ROUNDS
-            programs = units * SHRINK_SPLIT
-            arrivals = units
-        elif SHRINK_BLOCK_T > 0:
-            units = tl.cdiv(M, SHRINK_BLOCK_T) * (WIDTH // BLOCK_R)
-            programs = units
-    return programs, units, arrivals
-
-
-@triton.jit
 def _member_shrink_program(q, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr, seed_ptr,
                            ws_ptr, counters, M, K, WIDTH, stride_xm, stride_xk, stride_xam, stride_xar, stride_as,
                            stride_ar, stride_ak, HAS_ORDER: tl.constexpr, X_DROPOUT: tl.constexpr,
@@ -745,14 +723,12 @@ def _grouped_multi_matmul_kernel(
     tiles wait for its own shrink only, before they expand. Without, xa_g comes from lora_grouped_multi_shrink."""
     pid = tl.program_id(0)
     shrinking: tl.constexpr = SHRINK_SPLIT > 0 or SHRINK_BLOCK_T > 0
-    programs0, units0, arrivals0 = _shrink_share(M, WIDTH0, LORA0 and shrinking, SHRINK_SPLIT, SHRINK_ROUNDS,
-                                                 SHRINK_BLOCK_T, BLOCK_R)
-    programs1, units1, arrivals1 = _shrink_share(M, WIDTH1, LORA1 and shrinking and MEMBERS > 1, SHRINK_SPLIT,
-                                                 SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
-    programs2, units2, arrivals2 = _shrink_share(M, WIDTH2, LORA2 and shrinking and MEMBERS > 2, SHRINK_SPLIT,
-                                                 SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
-    counters1 = count_ptr + (arrivals0 + 2 if LORA0 else 0)                          # each member's counters
-    counters2 = counters1 + (arrivals1 + 2 if LORA1 else 0)
+    # WIDTH_g is 0 for a member whose xa the launch does not shrink (shrink_layout's widths): no programs
+    programs0, units0, arrivals0 = shrink_share(M, WIDTH0, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
+    programs1, units1, arrivals1 = shrink_share(M, WIDTH1, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
+    programs2, units2, arrivals2 = shrink_share(M, WIDTH2, SHRINK_SPLIT, SHRINK_ROUNDS, SHRINK_BLOCK_T, BLOCK_R)
+    counters1 = count_ptr + tl.where(programs0 > 0, arrivals0 + 2, 0)              # each member's counters
+    counters2 = counters1 + tl.where(programs1 > 0, arrivals1 + 2, 0)
     ws1 = ws_ptr + SHRINK_SPLIT * M * WIDTH0                                    # each member's decode partials
     ws2 = ws1 + SHRINK_SPLIT * M * WIDTH1
     shrinks = programs0 + programs1 + programs2
@@ -907,20 +883,17 @@ def _grouped_multi_launch(x, weights, xas, lora_Bs, adapter_index, ranks, biases
     in_loop = expand_in_loop(M)
     drop = [p is not None for p in dropouts]
     split_shrink, rounds, block_t, block_m = 0, 1, 0, 16
-    counters, workspace = 0, 0
     if shrinks is not None and any(has_lora):
         if decode:  # kernels.lora_multi's grid of decode shrink programs, per member
             block_m = max(16, next_pow2(M))
             slots = min(a.shape[0] for a in lora_As if a is not None)
             split_shrink, rounds = multi.decode_shrink_grid(M, K, M if order is None else min(M, slots), block_m)
-            counters = sum(w // MULTI_BLOCK_R * rounds + 2 for w in shrink_widths if w)
-            workspace = split_shrink * M * sum(shrink_widths)
         else:
             block_t = multi.PREFILL_SHRINK_BLOCK_T
-            counters = 2 * sum(1 for w in shrink_widths if w)
+    layouts = [multi.shrink_layout(M, w, split_shrink, rounds, block_t) for w in shrink_widths]
+    shrink_programs, counters = (sum(column) for column in zip(*layouts))
+    workspace = split_shrink * M * sum(shrink_widths)
     count, ws = split_state(x.device, counters, workspace) if counters else (adapter_index, fp32)
-    per_rank_block = split_shrink * rounds if decode else cdiv(M, block_t) if block_t else 0
-    shrink_programs = sum(w // MULTI_BLOCK_R for w in shrink_widths) * per_rank_block
     members, strides = [], []
     for g in range(G):
         w, xa, b, y, a = weights[g], xas[g], lora_Bs[g], ys[g], lora_As[g]

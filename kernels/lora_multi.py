@@ -503,6 +503,38 @@ def expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_h
 
 
 @triton.jit
+def shrink_share(M, WIDTH, SHRINK_SPLIT: tl.constexpr, SHRINK_ROUNDS: tl.constexpr, SHRINK_BLOCK_T: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """(programs, units, arrivals) of a launch's own shrink programs for one weight of WIDTH padded ranks
+    (shrink_layout on the host): at decode (SHRINK_SPLIT > 0, _decode_shrink_program) units of 16 ranks x a round
+    group, SHRINK_SPLIT programs each, arriving at a counter of the unit's own; at prefill (SHRINK_BLOCK_T > 0,
+    _prefill_shrink_program) one program a unit of SHRINK_BLOCK_T rows x 16 ranks; none without. The weight's
+    counters: its arrivals, then ready (the units count in there) and done (the tiles, which reset both)."""
+    programs = 0
+    units = 0
+    arrivals = 0
+    if SHRINK_SPLIT > 0:
+        units = WIDTH // BLOCK_R * SHRINK_ROUNDS
+        programs = units * SHRINK_SPLIT
+        arrivals = units
+    elif SHRINK_BLOCK_T > 0:
+        units = tl.cdiv(M, SHRINK_BLOCK_T) * (WIDTH // BLOCK_R)
+        programs = units
+    return programs, units, arrivals
+
+
+def shrink_layout(M: int, width: int, split: int, rounds: int, block_t: int) -> tuple[int, int]:
+    """(programs, counters) of shrink_share for one weight (width 0: none): what the launch adds to its grid and
+    to split_state's counters."""
+    if not width or not (split or block_t):
+        return 0, 0
+    if split:
+        units = width // BLOCK_R * rounds
+        return units * split, units + 2
+    return cdiv(M, block_t) * (width // BLOCK_R), 2
+
+
+@triton.jit
 def _multi_matmul_kernel(
     x_ptr, w_ptr, xa_ptr, b_ptr, idx_ptr, order_ptr, ranks_ptr, dropouts_ptr, seed_ptr, bias_ptr, y_ptr,
     a_ptr, scales_ptr, count_ptr,
@@ -520,7 +552,8 @@ def _multi_matmul_kernel(
     them after their K loop, before the expand (as the decode kernel's matmul programs do)."""
     pid = tl.program_id(0)
     if SHRINK_BLOCK_T > 0:
-        shrinks = tl.cdiv(M, SHRINK_BLOCK_T) * (WIDTH // BLOCK_R)
+        # named, not `_`: the K loops' `_` would carry a variable of another type
+        shrinks, units, arrivals = shrink_share(M, WIDTH, 0, 1, SHRINK_BLOCK_T, BLOCK_R)
         if pid < shrinks:
             _prefill_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr,
                                     dropouts_ptr, seed_ptr, count_ptr, M, K, WIDTH, stride_xm, stride_xk, stride_xam,
@@ -699,9 +732,8 @@ def _multi_decode_kernel(
     start in launch order (as CUTLASS's serial split-K relies on), so the shrink programs, which wait for
     nothing, hold their SMs before any matmul program waits."""
     pid = tl.program_id(0)
-    shrinks = 0
-    if SHRINK_SPLIT > 0:
-        shrinks = WIDTH // BLOCK_R * SHRINK_SPLIT * SHRINK_ROUNDS
+    # named, not `_`: the K loops' `_` would carry a variable of another type
+    shrinks, units, arrivals = shrink_share(M, WIDTH, SHRINK_SPLIT, SHRINK_ROUNDS, 0, BLOCK_R)
     if pid < shrinks:
         _decode_shrink_program(pid, x_ptr, a_ptr, xa_ptr, idx_ptr, order_ptr, ranks_ptr, scales_ptr, dropouts_ptr,
                                seed_ptr, part_ptr + SPLIT_K * M * (N + WIDTH), count_ptr + tl.cdiv(N, 16), M, K,
@@ -726,7 +758,6 @@ def _multi_decode_kernel(
         in_loop: tl.constexpr = IN_LOOP and not FUSE_SHRINK and not OUT_DROPOUT
         shrink_programs: tl.constexpr = SHRINK_SPLIT > 0
         counters = count_ptr + tl.cdiv(N, 16)       # after the column blocks': the shrink units', ready, done
-        units = WIDTH // BLOCK_R * SHRINK_ROUNDS
         if in_loop:
             acc = expanded_k_loop(acc, x_ptr, w_ptr, offs_m, mask_m, offs_n, mask_n, k_lo, k_hi, K, slot, run, runs,
                                   pid_k, SPLIT_K, xa_ptr, b_ptr, ranks_ptr, counters + units, units, stride_xm,
@@ -919,10 +950,10 @@ def _multi_matmul_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
                                                          dropouts, seed, out, False))
         return
     width = xa.shape[1]
-    shrink_programs = cdiv(M, PREFILL_SHRINK_BLOCK_T) * (width // BLOCK_R) if shrinks else 0
+    shrink_programs, shrink_counters = shrink_layout(M, width, 0, 1, PREFILL_SHRINK_BLOCK_T if shrinks else 0)
     grid = lambda meta: (shrink_programs + cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
     bucket = key[0]
-    counters = split_state(x.device, 2, 0)[0] if shrinks else adapter_index
+    counters = split_state(x.device, shrink_counters, 0)[0] if shrinks else adapter_index
     a = lora_A if shrinks else lora_B                           # read only by the shrink programs
     # one stride() tuple per tensor: each stride(i) call is a separate trip into torch
     sx, sw, sxa, sb, sy, sa = x.stride(), weight.stride(), xa.stride(), lora_B.stride(), y.stride(), a.stride()
@@ -961,12 +992,10 @@ def _multi_decode_launch(x, weight, xa, lora_B, adapter_index, ranks, bias, orde
     key = (bucket, N, K, order is None, fuse, dropouts is None, bias is None, x.dtype, weight.dtype,
            lora_B.dtype) + (("in_loop",) if in_loop else ())     # the tuned choices' keys stay as they were
     key += ("shrink", split_shrink) if split_shrink else ()    # the round groups follow the pool: not tuned apart
-    units = width // BLOCK_R * rounds
+    shrink_programs, shrink_counters = shrink_layout(M, width, split_shrink, rounds, 0)
     part, counters = split_buffers(_multi_decode, key, x.device, M * (N + width), N, y,
-                                   extra_counters=units + 2 if split_shrink else 0,
-                                   extra_workspace=split_shrink * M * width)
+                                   extra_counters=shrink_counters, extra_workspace=split_shrink * M * width)
     a = lora_A if shrinks else lora_B            # the kernel without a shrink reads no A, nor scales
-    shrink_programs = units * split_shrink
     sx, sw, sxa, sa, sb, sy = x.stride(), weight.stride(), xa.stride(), a.stride(), lora_B.stride(), y.stride()
     _multi_decode.launch(key, lambda meta: (shrink_programs + cdiv(N, meta["BLOCK_N"]) * meta["SPLIT_K"],),
         x, weight, xa, a, lora_B, adapter_index, adapter_index if order is None else order, ranks,
